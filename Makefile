@@ -1,0 +1,57 @@
+# tapnbd: `make run` serves a demo image, `make test` sets everything up and runs the checks.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+HOST   ?= 127.0.0.1
+PORT   ?= 10809
+DEMO   := var/demo.qcow
+
+# Debian packages the tests and benchmarks use: the real clients, the peers, FUSE and
+# the kernel VM harness (../shared/kernel-vm/run-guest).
+SYSTEM_PACKAGES := qemu-utils libnbd-bin python3-libnbd nbdfuse fio fuse3 e2fsprogs \
+	nbdkit nbd-server nbd-client bonnie++ util-linux procps \
+	qemu-system-x86 busybox-static kmod cpio socat
+
+.PHONY: run test deps venv lint typecheck pytest bench clean
+
+run: $(BIN)/tapnbd
+	@mkdir -p var
+	@test -e $(DEMO) || $(BIN)/tapnbd create $(DEMO) --size 1G
+	@echo "Serving $(DEMO) on nbd://$(HOST):$(PORT)/ (Ctrl-C stops it)"
+	@echo "  look at it:  nbdinfo nbd://$(HOST):$(PORT)/   (or: nbdinfo --map nbd://$(HOST):$(PORT)/)"
+	@echo "  mount it:    sudo $(BIN)/tapnbd attach $(DEMO)   then mkfs.ext4 and mount the device it prints"
+	@echo "     or:       nbdfuse /tmp/nbd nbd://$(HOST):$(PORT)/ & losetup -f --show /tmp/nbd/nbd"
+	exec $(BIN)/tapnbd serve $(DEMO) --bind $(HOST) --port $(PORT) --description "tapnbd demo image"
+
+deps:
+	@missing=$$(for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing: $$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+$(BIN)/tapnbd: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	@touch $@
+
+venv: $(BIN)/tapnbd
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: venv
+	$(BIN)/mypy
+
+pytest: venv
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+test: deps venv lint typecheck pytest
+
+bench: deps venv
+	$(BIN)/python -m bench $(BENCH_ARGS)
+
+clean:
+	rm -rf $(VENV) var .mypy_cache .pytest_cache .ruff_cache

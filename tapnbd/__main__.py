@@ -1,0 +1,3 @@
+from tapnbd.cli import main
+
+main()

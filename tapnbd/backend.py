@@ -1,0 +1,253 @@
+"""The Backend: what every front end talks to (nbdkit's server core, QEMU's BlockBackend).
+
+It sits between a front end (the NBD server, the Xen ring shim) and a driver stack and
+
+- asks the driver for its capabilities once and caches them;
+- validates every request (range, read-only, capability), so drivers only do I/O;
+- emulates what the driver lacks: zeroing by writing zeros, FUA by flushing, extents as
+  one data run, CACHE by reading;
+- maps driver errors to errnos the front ends can send;
+- serialises requests for drivers that declare ``parallel = False``;
+- counts operations, bytes, errors and latency for ``tapnbd stats``.
+
+Errors from here are always ``RequestError(errno)`` with one of EPERM, EIO, EINVAL,
+ENOSPC, EOVERFLOW or ENOTSUP, the set the NBD spec allows a server to send.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+from typing import TYPE_CHECKING
+
+from tapnbd.driver import BlockSize, Driver, Extent, ExtentFlags, FuaMode
+from tapnbd.errors import RequestError
+from tapnbd.stats import Stats
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
+#: Zeroes are emulated by writing this much at a time (nbdkit backend_zero).
+ZERO_CHUNK = 1 << 20
+_ZEROES = bytes(ZERO_CHUNK)
+
+#: errnos a front end may pass on as they are; anything else becomes EIO.
+_PASS_THROUGH = {errno.EPERM, errno.EIO, errno.EINVAL, errno.ENOSPC, errno.EOVERFLOW}
+#: "map EDQUOT and EFBIG to ENOSPC" (NBD spec, "Error values"); EROFS is EPERM.
+_REMAP = {errno.EDQUOT: errno.ENOSPC, errno.EFBIG: errno.ENOSPC, errno.EROFS: errno.EPERM}
+
+
+def request_errno(exc: BaseException) -> int:
+    """The errno to report for an exception raised while serving a request."""
+    if isinstance(exc, RequestError):
+        return exc.errno
+    if isinstance(exc, OSError) and exc.errno is not None:
+        err = _REMAP.get(exc.errno, exc.errno)
+        if err in _PASS_THROUGH:
+            return err
+        if err == errno.ENOTSUP:
+            # ENOTSUP is only for FAST_ZERO; the caller decides (see Backend.zero).
+            return errno.ENOTSUP
+    return errno.EIO
+
+
+class Backend:
+    """A validated, capability-complete view of one driver stack."""
+
+    def __init__(self, driver: Driver, *, read_only: bool = False) -> None:
+        self.driver = driver
+        self.size = driver.size()
+        self.read_only = read_only or not driver.can_write()
+        writable = not self.read_only
+        # Capabilities, asked once (nbdkit backend_can_*).
+        self.can_flush = driver.can_flush()
+        self.fua_mode = driver.can_fua() if writable else FuaMode.NONE
+        self.can_fua = self.fua_mode != FuaMode.NONE
+        self.can_trim = writable and driver.can_trim()
+        self.can_zero = writable
+        self.can_fast_zero = writable and driver.can_fast_zero()
+        self.can_extents = driver.can_extents()
+        self.can_cache = True  # emulated by reading when the driver has no cache()
+        self.can_multi_conn = driver.can_multi_conn()
+        self.is_rotational = driver.is_rotational()
+        self.block_size: BlockSize = driver.block_size()
+        self._native_cache = driver.can_cache()
+        self._lock = None if driver.parallel else asyncio.Lock()
+        self.stats = Stats()
+        self.closed = False
+
+    # Validation. The driver may rely on 0 <= offset < offset + length <= size.
+
+    def _check_range(self, offset: int, length: int, past_end: int) -> None:
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise RequestError(past_end, "request past the end of the disk")
+        if length == 0:
+            # Zero-length requests are unspecified; succeed without troubling the driver.
+            raise _Nothing
+
+    def _check_write(self, offset: int, length: int) -> None:
+        if self.read_only:
+            raise RequestError(errno.EPERM, "export is read-only")
+        # "write past the end -> ENOSPC" (NBD spec, "Error values")
+        self._check_range(offset, length, errno.ENOSPC)
+
+    async def _call(self, op: str, nbytes: int, fn: Callable[[], Awaitable[object]]) -> object:
+        """Run one driver call: serialise if needed, map errors, count it."""
+        t0 = self.stats.start()
+        try:
+            if self._lock is None:
+                result = await fn()
+            else:
+                async with self._lock:
+                    result = await fn()
+        except RequestError as e:
+            self.stats.fail(op, e.errno, t0)
+            raise
+        except Exception as e:
+            err = request_errno(e)
+            self.stats.fail(op, err, t0)
+            raise RequestError(err, str(e) or type(e).__name__) from e
+        self.stats.done(op, nbytes, t0)
+        return result
+
+    # Operations.
+
+    async def pread(self, offset: int, length: int) -> bytes | bytearray | memoryview:
+        try:
+            # "read past the end -> EINVAL"
+            self._check_range(offset, length, errno.EINVAL)
+        except _Nothing:
+            return b""
+        return await self._call("read", length, lambda: self.driver.pread(offset, length))  # type: ignore[return-value]
+
+    async def pwrite(self, offset: int, data: bytes | memoryview, fua: bool = False) -> None:
+        try:
+            self._check_write(offset, len(data))
+        except _Nothing:
+            return
+        await self._call("write", len(data), lambda: self._pwrite(offset, data, fua))
+
+    async def _pwrite(self, offset: int, data: bytes | memoryview, fua: bool) -> None:
+        native = fua and self.fua_mode == FuaMode.NATIVE
+        await self.driver.pwrite(offset, data, native)
+        if fua and not native:
+            await self.driver.flush()
+
+    async def flush(self) -> None:
+        if not self.can_flush:
+            return
+        await self._call("flush", 0, self.driver.flush)
+
+    async def trim(self, offset: int, length: int, fua: bool = False) -> None:
+        try:
+            self._check_write(offset, length)
+        except _Nothing:
+            return
+        if not self.can_trim:
+            raise RequestError(errno.EINVAL, "trim is not supported")
+        await self._call("trim", length, lambda: self._trim(offset, length, fua))
+
+    async def _trim(self, offset: int, length: int, fua: bool) -> None:
+        native = fua and self.fua_mode == FuaMode.NATIVE
+        await self.driver.trim(offset, length, native)
+        if fua and not native:
+            await self.driver.flush()
+
+    async def zero(
+        self,
+        offset: int,
+        length: int,
+        *,
+        may_trim: bool = True,
+        fua: bool = False,
+        fast: bool = False,
+    ) -> None:
+        try:
+            self._check_write(offset, length)
+        except _Nothing:
+            return
+        if fast and not self.can_fast_zero:
+            # "fail fast with ENOTSUP unless the zeroing is faster than a write"
+            raise RequestError(errno.ENOTSUP, "fast zero is not supported")
+        await self._call("zero", length, lambda: self._zero(offset, length, may_trim, fua, fast))
+
+    async def _zero(self, offset: int, length: int, may_trim: bool, fua: bool, fast: bool) -> None:
+        native = fua and self.fua_mode == FuaMode.NATIVE
+        if self.can_fast_zero:
+            try:
+                await self.driver.zero(offset, length, may_trim=may_trim, fua=native, fast=fast)
+            except OSError as e:
+                # Without FAST_ZERO a server "MUST NOT fail with ENOTSUP": fall back.
+                if e.errno != errno.ENOTSUP or fast:
+                    raise
+            else:
+                if fua and not native:
+                    await self.driver.flush()
+                return
+        end = offset + length
+        while offset < end:
+            n = min(ZERO_CHUNK, end - offset)
+            await self.driver.pwrite(offset, memoryview(_ZEROES)[:n], False)
+            offset += n
+        if fua:
+            await self.driver.flush()
+
+    async def extents(self, offset: int, length: int, req_one: bool = False) -> list[Extent]:
+        """Allocation status covering [offset, offset + length), trimmed to that range.
+
+        The result is never empty and never runs past the request (so REQ_ONE and the
+        NBD rule "the last extent may run past" are both satisfied by the front end).
+        """
+        try:
+            self._check_range(offset, length, errno.EINVAL)
+        except _Nothing:
+            raise RequestError(errno.EINVAL, "zero-length block status") from None
+        if not self.can_extents:
+            return [Extent(offset, length, ExtentFlags.DATA)]
+        got = await self._call("extents", 0, lambda: self.driver.extents(offset, length))
+        end = offset + length
+        out: list[Extent] = []
+        pos = offset
+        for e in got:  # type: ignore[attr-defined]
+            if e.offset != pos or e.length <= 0:
+                raise RequestError(errno.EIO, "driver returned non-contiguous extents")
+            n = min(e.length, end - pos)
+            if out and out[-1].flags == e.flags:
+                out[-1] = Extent(out[-1].offset, out[-1].length + n, e.flags)
+            else:
+                out.append(Extent(pos, n, e.flags))
+            pos += n
+            if pos >= end or (req_one and out):
+                break
+        if not out:
+            raise RequestError(errno.EIO, "driver returned no extents")
+        return out[:1] if req_one else out
+
+    async def cache(self, offset: int, length: int) -> None:
+        try:
+            self._check_range(offset, length, errno.EINVAL)
+        except _Nothing:
+            return
+        if self._native_cache:
+            await self._call("cache", length, lambda: self.driver.cache(offset, length))
+            return
+        end = offset + length
+        while offset < end:  # emulate by reading (nbdkit CACHE_EMULATE)
+            n = min(ZERO_CHUNK, end - offset)
+            await self._call("cache", n, lambda o=offset, n=n: self.driver.pread(o, n))  # type: ignore[misc]
+            offset += n
+
+    async def close(self) -> None:
+        """Flush and close the driver stack; idempotent."""
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            if self.can_flush and not self.read_only:
+                await self.driver.flush()
+        finally:
+            await self.driver.close()
+
+
+class _Nothing(Exception):
+    """A zero-length request: nothing to do, and nothing wrong."""

@@ -1,0 +1,74 @@
+"""``tapnbd serve``."""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated
+
+import typer
+
+from tapnbd import runtime
+from tapnbd.cli.app import app, errors_as_exit, fail
+from tapnbd.protocol.handshake import TLSMode
+from tapnbd.server.listener import DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_CONNECTIONS
+from tapnbd.server.standalone import ServeOptions, serve
+
+
+@app.command("serve")
+def serve_cmd(
+    images: Annotated[list[str], typer.Argument(help="Images to export (paths, or ram:SIZE).")],
+    name: Annotated[str | None, typer.Option(help="Export name, for a single image.")] = None,
+    read_only: Annotated[bool, typer.Option("--read-only", "-r", help="Refuse writes.")] = False,
+    fmt: Annotated[str, typer.Option("--format", "-f", help="auto, raw or qcow.")] = "auto",
+    description: Annotated[str, typer.Option(help="Export description.")] = "",
+    bind: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[
+        int | None,
+        typer.Option("--port", "-p", help="TCP port; 0 picks a free one. [default: 10809]"),
+    ] = None,
+    socket: Annotated[
+        str | None,
+        typer.Option("--socket", "-k", help="Unix socket path (TCP only if --port too)."),
+    ] = None,
+    pidfile: Annotated[str | None, typer.Option(help="Write the pid here once ready.")] = None,
+    tls: Annotated[TLSMode, typer.Option(help="TLS: off, on (offered) or require.")] = TLSMode.OFF,
+    tls_cert: Annotated[str | None, typer.Option(help="Server certificate (PEM).")] = None,
+    tls_key: Annotated[str | None, typer.Option(help="Server private key (PEM).")] = None,
+    tls_ca: Annotated[
+        str | None, typer.Option(help="CA certificate; clients must present one it signed.")
+    ] = None,
+    max_connections: Annotated[
+        int, typer.Option(help="Refuse clients beyond this many.")
+    ] = DEFAULT_MAX_CONNECTIONS,
+    handshake_timeout: Annotated[
+        float, typer.Option(help="Seconds a client has to finish the handshake.")
+    ] = DEFAULT_HANDSHAKE_TIMEOUT,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log connections.")] = False,
+) -> None:
+    """Serve images over NBD until SIGTERM or SIGINT; print each export's URI when ready."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.WARNING,
+        format="tapnbd: %(levelname)s %(message)s",
+    )
+    if port is not None and not 0 <= port <= 65535:
+        fail(f"invalid port {port}")
+    opts = ServeOptions(
+        images=images,
+        name=name,
+        read_only=read_only,
+        fmt=fmt,
+        description=description,
+        bind=bind,
+        port=port,
+        socket=socket,
+        pidfile=pidfile,
+        tls=tls,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        tls_ca=tls_ca,
+        max_connections=max_connections,
+        handshake_timeout=handshake_timeout,
+    )
+    with errors_as_exit():
+        code = runtime.run(serve(opts))
+    raise typer.Exit(code)

@@ -1,0 +1,185 @@
+"""Transmission phase: request decoding and reply encoding, with no I/O.
+
+``RequestDecoder`` turns the client's byte stream into ``Request`` tuples, WRITE
+payloads included. It keeps the stream in sync whatever the request says: a WRITE whose
+payload is too large to serve is still read to its end and handed up with
+``payload=None`` so the server can refuse it ("always drain a WRITE payload, even when
+rejecting the request", nbdkit skip_over_write_buffer). Only a bad magic, or a payload
+so large that reading it would be a denial of service, breaks the connection.
+
+The encoders return ``bytes`` headers; payloads are passed alongside so that a reply is
+written with one ``writelines`` call and never copied into a bigger buffer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import NamedTuple
+
+from tapnbd.driver import MAX_PAYLOAD
+from tapnbd.errors import ProtocolError
+from tapnbd.protocol import wire
+from tapnbd.protocol.consts import (
+    REQUEST_MAGIC,
+    SIMPLE_REPLY_MAGIC,
+    STRUCTURED_REPLY_MAGIC,
+    Cmd,
+    ReplyFlag,
+    ReplyType,
+)
+
+#: WRITE payloads above MAX_PAYLOAD but at most this are read and discarded, then
+#: refused; larger ones drop the connection ("Either side MAY treat a huge payload as
+#: DoS and hard-disconnect", proto.md "Size constraints").
+MAX_DRAIN = 2 * MAX_PAYLOAD
+
+_REQ = wire.REQUEST
+_REQ_SIZE = _REQ.size
+_COMPACT_AT = 1 << 20
+
+
+class Request(NamedTuple):
+    """One decoded request. ``payload`` is set for WRITE (None if it was too big)."""
+
+    flags: int
+    type: int
+    cookie: int
+    offset: int
+    length: int
+    payload: bytes | None = None
+
+
+class RequestDecoder:
+    """Incremental decoder of compact requests (28-byte header + WRITE payload)."""
+
+    def __init__(self, max_payload: int = MAX_PAYLOAD, max_drain: int = MAX_DRAIN) -> None:
+        self.max_payload = max_payload
+        self.max_drain = max_drain
+        self._buf = bytearray()
+        self._pos = 0
+        self._discard = 0  # bytes of an oversized WRITE payload still to skip
+        self._pending: Request | None = None  # an oversized WRITE, reported once drained
+
+    def feed(self, data: bytes) -> None:
+        if self._discard:
+            skip = min(self._discard, len(data))
+            self._discard -= skip
+            data = data[skip:]
+        self._buf += data
+
+    def buffered(self) -> int:
+        return len(self._buf) - self._pos
+
+    def next_request(self) -> Request | None:
+        """The next complete request, or None when more bytes are needed."""
+        if self._pending is not None:
+            if self._discard:
+                return None
+            req, self._pending = self._pending, None
+            return req
+        buf, pos = self._buf, self._pos
+        if len(buf) - pos < _REQ_SIZE:
+            self._compact()
+            return None
+        magic, flags, typ, cookie, offset, length = _REQ.unpack_from(buf, pos)
+        if magic != REQUEST_MAGIC:
+            raise ProtocolError(f"bad request magic {magic:#x}")
+        if typ != Cmd.WRITE:
+            self._pos = pos + _REQ_SIZE
+            return Request(flags, typ, cookie, offset, length)
+        if length > self.max_payload:
+            if length > self.max_drain:
+                raise ProtocolError(f"WRITE payload of {length} bytes is too large to drain")
+            # Skip what is buffered, then what is still to come.
+            self._pos = pos + _REQ_SIZE
+            have = min(length, len(buf) - self._pos)
+            self._pos += have
+            self._discard = length - have
+            self._pending = Request(flags, typ, cookie, offset, length, None)
+            return self.next_request()
+        end = pos + _REQ_SIZE + length
+        if len(buf) < end:
+            self._compact()
+            return None
+        payload = bytes(buf[pos + _REQ_SIZE : end])
+        self._pos = end
+        return Request(flags, typ, cookie, offset, length, payload)
+
+    def _compact(self) -> None:
+        if self._pos:
+            if self._pos == len(self._buf):
+                self._buf.clear()
+            elif self._pos >= _COMPACT_AT or self._pos * 2 >= len(self._buf):
+                del self._buf[: self._pos]
+            else:
+                return
+            self._pos = 0
+
+
+# Replies.
+
+
+def simple_reply(cookie: int, error: int = 0) -> bytes:
+    return wire.SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, error, cookie)
+
+
+def data_chunk(cookie: int, offset: int, length: int, done: bool = True) -> bytes:
+    """Header of an OFFSET_DATA chunk; ``length`` bytes of data follow it."""
+    return wire.CHUNK_OFFSET.pack(
+        STRUCTURED_REPLY_MAGIC,
+        ReplyFlag.DONE if done else 0,
+        ReplyType.OFFSET_DATA,
+        cookie,
+        8 + length,
+        offset,
+    )
+
+
+def hole_chunk(cookie: int, offset: int, length: int, done: bool = True) -> bytes:
+    return wire.CHUNK_HOLE.pack(
+        STRUCTURED_REPLY_MAGIC,
+        ReplyFlag.DONE if done else 0,
+        ReplyType.OFFSET_HOLE,
+        cookie,
+        12,
+        offset,
+        length,
+    )
+
+
+def none_chunk(cookie: int) -> bytes:
+    return wire.CHUNK.pack(STRUCTURED_REPLY_MAGIC, ReplyFlag.DONE, ReplyType.NONE, cookie, 0)
+
+
+def error_chunk(cookie: int, error: int, message: str = "", done: bool = True) -> bytes:
+    msg = message.encode()[:4096]
+    return (
+        wire.CHUNK_ERROR.pack(
+            STRUCTURED_REPLY_MAGIC,
+            ReplyFlag.DONE if done else 0,
+            ReplyType.ERROR,
+            cookie,
+            6 + len(msg),
+            error,
+            len(msg),
+        )
+        + msg
+    )
+
+
+def block_status_chunk(
+    cookie: int, context_id: int, extents: Iterable[tuple[int, int]], done: bool = True
+) -> bytes:
+    """A BLOCK_STATUS chunk: context id, then (length, flags) pairs."""
+    body = b"".join(wire.EXTENT.pack(length, flags) for length, flags in extents)
+    return (
+        wire.CHUNK.pack(
+            STRUCTURED_REPLY_MAGIC,
+            ReplyFlag.DONE if done else 0,
+            ReplyType.BLOCK_STATUS,
+            cookie,
+            4 + len(body),
+        )
+        + wire.U32.pack(context_id)
+        + body
+    )

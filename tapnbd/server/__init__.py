@@ -1,0 +1,1 @@
+"""The NBD front end: exports, the per-connection protocol shell, and listeners."""

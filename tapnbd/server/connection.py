@@ -1,0 +1,395 @@
+"""One NBD connection: a thin asyncio shell around the sans-I/O codec.
+
+Bytes go into ``Handshake`` and then ``RequestDecoder``; each request is checked for
+NBD-level rules (flags, sizes, negotiated features) and handed to the export's Backend,
+which checks ranges and capabilities. Requests run concurrently and reply in any order,
+matched by cookie. Each reply is written with a single ``write``/``writelines`` call from
+the loop thread, so replies are never interleaved.
+
+A request is started eagerly (tapnbd.runtime.eager_start): when the Backend answers
+without waiting, as it does for page-cache hits and RAM, the reply is written before
+the next request is even decoded, with no task created.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import socket
+from typing import TYPE_CHECKING, cast
+
+from tapnbd.errors import ProtocolError, RequestError
+from tapnbd.protocol.consts import Cmd, CmdFlag, TransmissionFlag
+from tapnbd.protocol.handshake import NEED_DATA, Abort, Handshake, Ready, StartTLS
+from tapnbd.protocol.transmission import (
+    RequestDecoder,
+    block_status_chunk,
+    data_chunk,
+    error_chunk,
+    hole_chunk,
+    simple_reply,
+)
+from tapnbd.runtime import eager_start
+
+if TYPE_CHECKING:
+    from tapnbd.backend import Backend
+    from tapnbd.protocol.transmission import Request
+    from tapnbd.server.exports import Export
+    from tapnbd.server.listener import NBDServer
+
+log = logging.getLogger("tapnbd.server")
+
+#: Requests in flight per connection before we stop reading from the socket.
+MAX_IN_FLIGHT = 64
+#: "SHOULD stay <= 2^20 extents per chunk" (CVE-2025-47711/47712 were about this).
+MAX_EXTENTS = 1 << 20
+
+_KNOWN_FLAGS = CmdFlag.FUA | CmdFlag.NO_HOLE | CmdFlag.DF | CmdFlag.REQ_ONE | CmdFlag.FAST_ZERO
+_WRITES = (Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES)
+_ZERO_PROBE = bytes(64)
+
+
+def _all_zero(data: bytes | bytearray | memoryview) -> bool:
+    # Cheap rejection on the first bytes; count() then runs at memchr speed.
+    n = len(data)
+    if n == 0 or data[: min(n, 64)] != _ZERO_PROBE[: min(n, 64)]:
+        return False
+    return bytes(data).count(0) == n if isinstance(data, memoryview) else data.count(0) == n
+
+
+class NBDConnection(asyncio.Protocol):
+    """Server side of one client connection."""
+
+    def __init__(self, server: NBDServer) -> None:
+        self.server = server
+        self.transport: asyncio.Transport | None = None
+        self.handshake = Handshake(
+            server.registry, tls=server.tls_mode, shutting_down=lambda: server.shutting_down
+        )
+        self.decoder: RequestDecoder | None = None
+        self.export: Export | None = None
+        self.backend: Backend | None = None
+        self.flags = TransmissionFlag(0)
+        self.structured = False
+        self.context_id = 0  # base:allocation's id, 0 when not negotiated
+        self.in_flight = 0
+        self.closing = False  # DISC received or server shutting down: read no more
+        self.peer = ""
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._timer: asyncio.TimerHandle | None = None
+        self._read_paused = False
+        self._write_paused = False
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    # asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses, but quack the same.
+        transport = cast("asyncio.Transport", transport)
+        self.transport = transport
+        self.peer = str(transport.get_extra_info("peername") or "unix")
+        if not self.server.admit(self):
+            log.warning(
+                "refusing %s: %d connections already", self.peer, self.server.max_connections
+            )
+            transport.close()
+            return
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        transport.write(self.handshake.greeting())
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(self.server.handshake_timeout, self._handshake_timeout)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self.closing = True
+        if self.export is not None:
+            self.export.connections -= 1
+            self.export.backend.stats.connections -= 1
+            self.export = None
+        self.server.forget(self)
+
+    def data_received(self, data: bytes) -> None:
+        if self.decoder is not None:
+            self.decoder.feed(data)
+            self._process()
+        else:
+            self._negotiate(data)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        self._update_reading()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._update_reading()
+
+    # Handshake
+
+    def _negotiate(self, data: bytes) -> None:
+        hs = self.handshake
+        assert self.transport is not None
+        try:
+            hs.receive_data(data)
+            while True:
+                event = hs.next_event()
+                out = hs.data_to_send()
+                if out:
+                    self.transport.write(out)
+                if event is NEED_DATA:
+                    return
+                if isinstance(event, Abort):
+                    self.transport.close()
+                    return
+                if isinstance(event, StartTLS):
+                    self._start_tls()
+                    return
+                if isinstance(event, Ready):
+                    self._enter_transmission(event, hs.leftover())
+                    return
+        except ProtocolError as e:
+            log.info("%s: dropped during handshake: %s", self.peer, e)
+            self.transport.abort()
+
+    def _handshake_timeout(self) -> None:
+        if self.decoder is None and self.transport is not None:
+            log.info("%s: handshake timed out", self.peer)
+            self.transport.abort()
+
+    def _start_tls(self) -> None:
+        assert self.transport is not None and self.server.ssl_context is not None
+        # Stop reading now: the ClientHello must reach the TLS layer, not the handshake.
+        self.transport.pause_reading()
+        eager_start(self._upgrade())
+
+    async def _upgrade(self) -> None:
+        assert self.transport is not None and self.server.ssl_context is not None
+        loop = asyncio.get_running_loop()
+        try:
+            tls = await loop.start_tls(
+                self.transport,
+                self,
+                self.server.ssl_context,
+                server_side=True,
+                ssl_handshake_timeout=self.server.handshake_timeout,
+            )
+        except Exception as e:
+            log.info("%s: TLS handshake failed: %s", self.peer, e)
+            self.transport.abort()
+            return
+        if tls is None:
+            return
+        self.transport = tls
+        self.handshake.tls_started()
+
+    def _enter_transmission(self, ready: Ready, leftover: bytes) -> None:
+        export = self.server.registry.get(ready.export.name)
+        assert self.transport is not None
+        if export is None:  # removed while we were negotiating
+            self.transport.abort()
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.export = export
+        self.backend = export.backend
+        export.connections += 1
+        export.backend.stats.connections += 1
+        self.flags = ready.flags
+        self.structured = ready.structured
+        self.context_id = next(iter(ready.meta_contexts), 0)
+        self.decoder = RequestDecoder()
+        log.debug("%s: transmission on %r", self.peer, export.name)
+        if leftover:
+            self.decoder.feed(leftover)
+            self._process()
+
+    # Transmission
+
+    def _process(self) -> None:
+        decoder = self.decoder
+        assert decoder is not None
+        while not self.closing:
+            try:
+                req = decoder.next_request()
+            except ProtocolError as e:
+                log.info("%s: dropped: %s", self.peer, e)
+                self.closing = True
+                assert self.transport is not None
+                self.transport.abort()
+                return
+            if req is None:
+                break
+            self._dispatch(req)
+        self._update_reading()
+
+    def _dispatch(self, req: Request) -> None:
+        if req.type == Cmd.DISC:
+            # "The server finishes outstanding requests ... and closes"; no reply.
+            self.closing = True
+            self._close_when_idle()
+            return
+        err = self._validate(req)
+        if err:
+            self._reply_error(req, err, "")
+            return
+        self.in_flight += 1
+        self._idle.clear()
+        task = eager_start(self._serve(req))
+        if task is not None:
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    def _validate(self, req: Request) -> int:
+        """NBD-level checks, in nbdkit's order; the Backend then checks the range."""
+        flags, typ = req.flags, req.type
+        backend = self.backend
+        assert backend is not None
+        if self.server.shutting_down:
+            return errno.ESHUTDOWN
+        if typ in _WRITES and backend.read_only:
+            return errno.EPERM  # "Write or trim on a read-only export -> EPERM"
+        if typ > Cmd.BLOCK_STATUS or flags & ~_KNOWN_FLAGS:
+            return errno.EINVAL  # unknown command or flag
+        if flags and (
+            (flags & CmdFlag.FUA and not self.flags & TransmissionFlag.SEND_FUA)
+            or (flags & CmdFlag.NO_HOLE and typ != Cmd.WRITE_ZEROES)
+            or (flags & CmdFlag.DF and (typ != Cmd.READ or not self.structured))
+            or (flags & CmdFlag.REQ_ONE and typ != Cmd.BLOCK_STATUS)
+            or (
+                flags & CmdFlag.FAST_ZERO and (typ != Cmd.WRITE_ZEROES or not backend.can_fast_zero)
+            )
+        ):
+            return errno.EINVAL  # a flag that does not apply to the command
+        if typ == Cmd.READ:
+            if req.length > backend.block_size.maximum:
+                return errno.EINVAL
+        elif typ == Cmd.WRITE:
+            if req.payload is None:  # over the payload limit; already drained
+                return errno.EINVAL
+        elif typ == Cmd.FLUSH:
+            if req.offset or req.length:
+                return errno.EINVAL  # "offset and length MUST be 0"
+        elif typ == Cmd.TRIM and not backend.can_trim:
+            return errno.EINVAL
+        elif typ == Cmd.BLOCK_STATUS and not self.context_id:
+            return errno.EINVAL  # no metadata context negotiated
+        return 0
+
+    async def _serve(self, req: Request) -> None:
+        backend = self.backend
+        assert backend is not None
+        typ = req.type
+        try:
+            if typ == Cmd.READ:
+                data = await backend.pread(req.offset, req.length)
+                self._reply_read(req, data)
+                return
+            fua = bool(req.flags & CmdFlag.FUA)
+            if typ == Cmd.WRITE:
+                assert req.payload is not None
+                await backend.pwrite(req.offset, req.payload, fua)
+            elif typ == Cmd.FLUSH:
+                await backend.flush()
+            elif typ == Cmd.TRIM:
+                await backend.trim(req.offset, req.length, fua)
+            elif typ == Cmd.WRITE_ZEROES:
+                await backend.zero(
+                    req.offset,
+                    req.length,
+                    may_trim=not req.flags & CmdFlag.NO_HOLE,
+                    fua=fua,
+                    fast=bool(req.flags & CmdFlag.FAST_ZERO),
+                )
+            elif typ == Cmd.CACHE:
+                await backend.cache(req.offset, req.length)
+            elif typ == Cmd.BLOCK_STATUS:
+                extents = await backend.extents(
+                    req.offset, req.length, req_one=bool(req.flags & CmdFlag.REQ_ONE)
+                )
+                self._write(
+                    block_status_chunk(
+                        req.cookie,
+                        self.context_id,
+                        [(e.length, int(e.flags)) for e in extents[:MAX_EXTENTS]],
+                    )
+                )
+                return
+            self._write(simple_reply(req.cookie))
+        except RequestError as e:
+            self._reply_error(req, e.errno, str(e))
+        except Exception:
+            log.exception("%s: request %s failed", self.peer, Cmd(typ).name)
+            self._reply_error(req, errno.EIO, "internal error")
+        finally:
+            self._request_done()
+
+    def _reply_read(self, req: Request, data: bytes | bytearray | memoryview) -> None:
+        if not self.structured:
+            self._write(simple_reply(req.cookie), data)
+        elif _all_zero(data):
+            # A run of zeros goes out as a hole: 32 bytes instead of the data.
+            self._write(hole_chunk(req.cookie, req.offset, len(data)))
+        else:
+            # One chunk, unfragmented, so DF is always honoured.
+            self._write(data_chunk(req.cookie, req.offset, len(data)), data)
+
+    def _reply_error(self, req: Request, err: int, message: str) -> None:
+        # "ENOTSUP only for FAST_ZERO"; "EOVERFLOW only for DF reads" (Error values).
+        if (err == errno.ENOTSUP and not req.flags & CmdFlag.FAST_ZERO) or (
+            err == errno.EOVERFLOW and not req.flags & CmdFlag.DF
+        ):
+            err = errno.EINVAL
+        if self.structured and req.type in (Cmd.READ, Cmd.BLOCK_STATUS):
+            # "READ MUST get a structured reply (even for an early EINVAL)"
+            self._write(error_chunk(req.cookie, err, message))
+        else:
+            self._write(simple_reply(req.cookie, err))
+
+    def _write(self, header: bytes, data: bytes | bytearray | memoryview | None = None) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if data is None:
+            transport.write(header)
+        elif len(data) <= 16384:
+            transport.write(header + data)
+        else:
+            transport.writelines((header, data))
+
+    def _request_done(self) -> None:
+        self.in_flight -= 1
+        if self.in_flight == 0:
+            self._idle.set()
+            if self.closing:
+                self._close_when_idle()
+        if self._read_paused:
+            self._update_reading()
+
+    def _update_reading(self) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        want_pause = self.closing or self._write_paused or self.in_flight >= MAX_IN_FLIGHT
+        if want_pause and not self._read_paused:
+            self._read_paused = True
+            transport.pause_reading()
+        elif not want_pause and self._read_paused:
+            self._read_paused = False
+            transport.resume_reading()
+
+    def _close_when_idle(self) -> None:
+        if self.in_flight == 0 and self.transport is not None:
+            self.transport.close()
+
+    async def drain(self) -> None:
+        """Stop taking requests, wait for those in flight, then close (server shutdown)."""
+        self.closing = True
+        self._update_reading()
+        await self._idle.wait()
+        if self.transport is not None:
+            self.transport.close()

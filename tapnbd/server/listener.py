@@ -1,0 +1,187 @@
+"""Listeners (TCP, unix socket, systemd socket activation) and graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import ssl
+import urllib.parse
+from dataclasses import dataclass
+
+from tapnbd.protocol.handshake import TLSMode
+from tapnbd.server.connection import NBDConnection
+from tapnbd.server.exports import ExportRegistry
+
+log = logging.getLogger("tapnbd.server")
+
+#: qemu-nbd's defaults after CVE-2024-7409: at most 100 clients, 10 s to finish the handshake.
+DEFAULT_MAX_CONNECTIONS = 100
+DEFAULT_HANDSHAKE_TIMEOUT = 10.0
+#: systemd's sd_listen_fds(3): passed sockets start at fd 3.
+SD_LISTEN_FDS_START = 3
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where a listener listens, for URIs."""
+
+    kind: str  # "tcp" or "unix"
+    host: str = ""
+    port: int = 0
+    path: str = ""
+
+    def uri(self, export: str, tls: bool = False) -> str:
+        name = urllib.parse.quote(export, safe="")
+        if self.kind == "unix":
+            scheme = "nbds+unix" if tls else "nbd+unix"
+            return f"{scheme}:///{name}?socket={self.path}"
+        host = self.host
+        if host in ("", "0.0.0.0"):
+            host = "localhost"
+        elif ":" in host:
+            host = f"[{host}]"
+        return f"{'nbds' if tls else 'nbd'}://{host}:{self.port}/{name}"
+
+
+def make_ssl_context(cert: str, key: str, ca: str | None) -> ssl.SSLContext:
+    """An X.509 server context; with ``ca``, clients must present a certificate it signed."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2  # "Implementations MUST support TLS 1.2"
+    ctx.load_cert_chain(cert, key)
+    if ca:
+        ctx.load_verify_locations(ca)
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+def activation_sockets() -> list[socket.socket]:
+    """Sockets passed by systemd-style socket activation (LISTEN_PID, LISTEN_FDS)."""
+    if os.environ.get("LISTEN_PID") != str(os.getpid()):
+        return []
+    count = int(os.environ.get("LISTEN_FDS", "0"))
+    for var in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(var, None)  # not inherited by children (sd_listen_fds unset_environment)
+    return [socket.socket(fileno=SD_LISTEN_FDS_START + i) for i in range(count)]
+
+
+class NBDServer:
+    """Accepts NBD connections for the exports in ``registry``."""
+
+    def __init__(
+        self,
+        registry: ExportRegistry,
+        *,
+        tls_mode: TLSMode = TLSMode.OFF,
+        ssl_context: ssl.SSLContext | None = None,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+    ) -> None:
+        if tls_mode is not TLSMode.OFF and ssl_context is None:
+            raise ValueError("TLS needs a certificate and key")
+        self.registry = registry
+        self.tls_mode = tls_mode
+        self.ssl_context = ssl_context
+        self.max_connections = max_connections
+        self.handshake_timeout = handshake_timeout
+        self.shutting_down = False
+        self.connections: set[NBDConnection] = set()
+        self.endpoints: list[Endpoint] = []
+        self._servers: list[asyncio.AbstractServer] = []
+
+    # Connection bookkeeping, called by NBDConnection.
+
+    def admit(self, conn: NBDConnection) -> bool:
+        if self.shutting_down or len(self.connections) >= self.max_connections:
+            return False
+        self.connections.add(conn)
+        return True
+
+    def forget(self, conn: NBDConnection) -> None:
+        self.connections.discard(conn)
+
+    def _factory(self) -> NBDConnection:
+        return NBDConnection(self)
+
+    # Listening.
+
+    async def listen_tcp(self, host: str, port: int) -> Endpoint:
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(
+            self._factory, host, port, backlog=1024, reuse_address=True
+        )
+        self._servers.append(server)
+        sockname = server.sockets[0].getsockname()
+        endpoint = Endpoint("tcp", host=host, port=sockname[1])
+        self.endpoints.append(endpoint)
+        return endpoint
+
+    async def listen_unix(self, path: str) -> Endpoint:
+        loop = asyncio.get_running_loop()
+        if os.path.exists(path):
+            _remove_stale_socket(path)
+        server = await loop.create_unix_server(self._factory, path, backlog=1024)
+        self._servers.append(server)
+        endpoint = Endpoint("unix", path=path)
+        self.endpoints.append(endpoint)
+        return endpoint
+
+    async def listen_sockets(self, socks: list[socket.socket]) -> list[Endpoint]:
+        loop = asyncio.get_running_loop()
+        out = []
+        for sock in socks:
+            if sock.family == socket.AF_UNIX:
+                server = await loop.create_unix_server(self._factory, sock=sock)
+                endpoint = Endpoint("unix", path=str(sock.getsockname()))
+            else:
+                server = await loop.create_server(self._factory, sock=sock)
+                addr = sock.getsockname()
+                endpoint = Endpoint("tcp", host=addr[0], port=addr[1])
+            self._servers.append(server)
+            self.endpoints.append(endpoint)
+            out.append(endpoint)
+        return out
+
+    def uris(self) -> list[str]:
+        tls = self.tls_mode is TLSMode.REQUIRE
+        return [ep.uri(export.name, tls) for ep in self.endpoints for export in self.registry]
+
+    async def shutdown(self, timeout: float = 30.0) -> None:
+        """Stop listening, let requests in flight finish, close connections and exports."""
+        self.shutting_down = True
+        for server in self._servers:
+            server.close()
+        conns = list(self.connections)
+        if conns:
+            _, pending = await asyncio.wait(
+                [asyncio.ensure_future(c.drain()) for c in conns], timeout=timeout
+            )
+            for task in pending:
+                task.cancel()
+        for server in self._servers:
+            await server.wait_closed()
+        for export in self.registry:
+            try:
+                await export.backend.close()
+            except Exception:
+                log.exception("closing export %r", export.name)
+        for ep in self.endpoints:
+            if ep.kind == "unix" and ep.path:
+                try:
+                    os.unlink(ep.path)
+                except OSError:
+                    pass
+
+
+def _remove_stale_socket(path: str) -> None:
+    """Remove a socket file nobody listens on; refuse to steal a live one."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        os.unlink(path)
+        return
+    finally:
+        probe.close()
+    raise OSError(98, f"{path}: address already in use")

@@ -1,0 +1,130 @@
+"""``tapnbd serve``: open images, listen, print URIs, serve until SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+from dataclasses import dataclass
+
+from formats import open_image
+from tapnbd.backend import Backend
+from tapnbd.driver import Driver
+from tapnbd.errors import TapnbdError
+from tapnbd.protocol.handshake import TLSMode
+from tapnbd.server.exports import Export, ExportRegistry
+from tapnbd.server.listener import (
+    DEFAULT_HANDSHAKE_TIMEOUT,
+    DEFAULT_MAX_CONNECTIONS,
+    NBDServer,
+    activation_sockets,
+    make_ssl_context,
+)
+
+log = logging.getLogger("tapnbd.server")
+
+
+@dataclass
+class ServeOptions:
+    images: list[str]
+    name: str | None = None
+    read_only: bool = False
+    fmt: str = "auto"
+    description: str = ""
+    bind: str = "127.0.0.1"
+    port: int | None = None
+    socket: str | None = None
+    pidfile: str | None = None
+    tls: TLSMode = TLSMode.OFF
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_ca: str | None = None
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
+
+
+def export_name(image: str) -> str:
+    """An export is named after its file (``ram:1G`` is named ``ram``)."""
+    if image.startswith("ram:"):
+        return "ram"
+    return os.path.basename(os.path.normpath(image))
+
+
+async def open_exports(opts: ServeOptions) -> ExportRegistry:
+    if opts.name is not None and len(opts.images) != 1:
+        raise TapnbdError("--name renames a single image's export; give exactly one image")
+    registry = ExportRegistry()
+    opened: list[Driver] = []
+    try:
+        for image in opts.images:
+            name = opts.name if opts.name is not None else export_name(image)
+            if registry.get(name) is not None and name:
+                raise TapnbdError(f"two images would both be exported as {name!r}; use --name")
+            driver = await open_image(image, fmt=opts.fmt, read_only=opts.read_only)
+            opened.append(driver)
+            description = opts.description or f"{image} ({driver.name})"
+            registry.add(
+                Export(name, Backend(driver, read_only=opts.read_only), image, description)
+            )
+    except BaseException:
+        for driver in opened:
+            await driver.close()
+        raise
+    return registry
+
+
+async def serve(opts: ServeOptions) -> int:
+    registry = await open_exports(opts)
+    ssl_context = None
+    if opts.tls is not TLSMode.OFF:
+        if not (opts.tls_cert and opts.tls_key):
+            raise TapnbdError("--tls on|require needs --tls-cert and --tls-key")
+        ssl_context = make_ssl_context(opts.tls_cert, opts.tls_key, opts.tls_ca)
+    server = NBDServer(
+        registry,
+        tls_mode=opts.tls,
+        ssl_context=ssl_context,
+        max_connections=opts.max_connections,
+        handshake_timeout=opts.handshake_timeout,
+    )
+    try:
+        passed = activation_sockets()
+        if passed:
+            await server.listen_sockets(passed)
+        else:
+            if opts.socket:
+                await server.listen_unix(opts.socket)
+            if opts.port is not None or not opts.socket:
+                await server.listen_tcp(opts.bind, 10809 if opts.port is None else opts.port)
+    except OSError as e:
+        await server.shutdown()
+        where = opts.socket if opts.socket and opts.port is None else f"{opts.bind}:{opts.port}"
+        raise TapnbdError(f"cannot listen on {where}: {e.strerror or e}") from None
+    # The pidfile is written once clients can connect (qemu-storage-daemon --pidfile).
+    if opts.pidfile:
+        with open(opts.pidfile, "w") as f:
+            f.write(f"{os.getpid()}\n")
+    # Ready: one URI per export, as nbdkit --print-uri; scripts wait for this line.
+    for uri in server.uris():
+        print(uri)
+    sys.stdout.flush()
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+        log.info("shutting down")
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        await server.shutdown()
+        if opts.pidfile:
+            try:
+                os.unlink(opts.pidfile)
+            except OSError:
+                pass
+    return 0
