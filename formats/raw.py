@@ -19,6 +19,7 @@ import fcntl
 import os
 import stat
 import struct
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 from tapnbd.driver import BlockSize, Driver, Extent, ExtentFlags, FuaMode
@@ -34,6 +35,11 @@ BLKZEROOUT = 0x127F
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+
+#: An inline buffered write slower than this means the kernel is throttling dirty pages
+#: (a slow disk); writes then go through the thread pool for WRITE_BACKOFF seconds.
+SLOW_WRITE = 0.002
+WRITE_BACKOFF = 1.0
 
 #: Blocking I/O runs here. Sized for queue depth, not for CPUs: the threads mostly wait.
 EXECUTOR = ThreadPoolExecutor(max_workers=16, thread_name_prefix="tapnbd-io")
@@ -89,6 +95,8 @@ class RawDriver(Driver):
         self._size = os.lseek(self.fd, 0, os.SEEK_END)
         # Fast paths switch themselves off on their first ENOTSUP/EINVAL (nbdkit file_zero).
         self._nowait = True
+        self._nowait_write = True
+        self._inline_after = 0.0
         self._punch = not self.is_block
         self._zero_range = not self.is_block
         self._seek_data = not self.is_block
@@ -120,7 +128,7 @@ class RawDriver(Driver):
         return buf
 
     async def pwrite(self, offset: int, data: bytes | memoryview, fua: bool = False) -> None:
-        if not fua and self._nowait:
+        if not fua and self._nowait_write:
             try:
                 n = os.pwritev(self.fd, [data], offset, os.RWF_NOWAIT)
             except BlockingIOError:
@@ -128,10 +136,20 @@ class RawDriver(Driver):
             except OSError as e:
                 if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
                     raise
-                self._nowait, n = False, 0
+                # Most file systems refuse RWF_NOWAIT on buffered writes.
+                self._nowait_write, n = False, 0
             if n == len(data):
                 return
             data, offset = memoryview(data)[n:], offset + n
+        elif not fua and time.monotonic() >= self._inline_after:
+            # Without RWF_NOWAIT, a buffered write is a copy into the page cache and
+            # returns at once, unless the kernel throttles dirty pages. Time it: one slow
+            # write sends the next second of writes to the thread pool.
+            t0 = time.monotonic()
+            _pwrite_all(self.fd, data, offset)
+            if (t1 := time.monotonic()) - t0 > SLOW_WRITE:
+                self._inline_after = t1 + WRITE_BACKOFF
+            return
         await self._blocking(_pwrite_all, self.fd, data, offset, os.RWF_DSYNC if fua else 0)
 
     async def flush(self) -> None:

@@ -101,7 +101,8 @@ class RequestDecoder:
         if len(buf) < end:
             self._compact()
             return None
-        payload = bytes(buf[pos + _REQ_SIZE : end])
+        with memoryview(buf) as view:  # one copy, not a bytearray slice and then bytes
+            payload = bytes(view[pos + _REQ_SIZE : end])
         self._pos = end
         return Request(flags, typ, cookie, offset, length, payload)
 

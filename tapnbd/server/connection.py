@@ -80,6 +80,7 @@ class NBDConnection(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._read_paused = False
         self._write_paused = False
+        self._cork: list[bytes | bytearray | memoryview] | None = None
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -212,19 +213,25 @@ class NBDConnection(asyncio.Protocol):
 
     def _process(self) -> None:
         decoder = self.decoder
-        assert decoder is not None
-        while not self.closing:
-            try:
+        assert decoder is not None and self.transport is not None
+        # Replies of requests that complete right away are corked and go out in one
+        # writelines call: one system call per batch of pipelined requests, not per reply.
+        self._cork = cork = []
+        try:
+            while not self.closing:
                 req = decoder.next_request()
-            except ProtocolError as e:
-                log.info("%s: dropped: %s", self.peer, e)
-                self.closing = True
-                assert self.transport is not None
-                self.transport.abort()
-                return
-            if req is None:
-                break
-            self._dispatch(req)
+                if req is None:
+                    break
+                self._dispatch(req)
+        except ProtocolError as e:
+            log.info("%s: dropped: %s", self.peer, e)
+            self.closing = True
+            self.transport.abort()
+            return
+        finally:
+            self._cork = None
+            if cork and not self.transport.is_closing():
+                self.transport.writelines(cork)
         self._update_reading()
 
     def _dispatch(self, req: Request) -> None:
@@ -351,6 +358,11 @@ class NBDConnection(asyncio.Protocol):
             self._write(simple_reply(req.cookie, err))
 
     def _write(self, header: bytes, data: bytes | bytearray | memoryview | None = None) -> None:
+        if self._cork is not None:
+            self._cork.append(header)
+            if data is not None:
+                self._cork.append(data)
+            return
         transport = self.transport
         if transport is None or transport.is_closing():
             return
