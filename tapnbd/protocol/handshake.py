@@ -187,8 +187,8 @@ class Handshake:
                 return NEED_DATA
             (flags,) = wire.CLIENT_FLAGS.unpack_from(self._buf)
             del self._buf[:4]
-            known = ClientFlag.FIXED_NEWSTYLE | ClientFlag.NO_ZEROES
-            if flags & ~known:
+            known = int(ClientFlag.FIXED_NEWSTYLE | ClientFlag.NO_ZEROES)
+            if flags & ~known:  # plain ints: ~ on an IntFlag would drop unknown bits
                 # "The server MUST drop the connection if the client sets an unknown flag"
                 self._fail(f"unknown client flags {flags:#x}")
             self.no_zeroes = bool(flags & ClientFlag.NO_ZEROES)

@@ -28,6 +28,7 @@ from tapnbd.protocol.transmission import (
     data_chunk,
     error_chunk,
     hole_chunk,
+    none_chunk,
     simple_reply,
 )
 from tapnbd.runtime import eager_start
@@ -42,10 +43,13 @@ log = logging.getLogger("tapnbd.server")
 
 #: Requests in flight per connection before we stop reading from the socket.
 MAX_IN_FLIGHT = 64
+#: Structured reads above this are split at this granularity into DATA and HOLE chunks.
+SPLIT_READ = 64 * 1024
 #: "SHOULD stay <= 2^20 extents per chunk" (CVE-2025-47711/47712 were about this).
 MAX_EXTENTS = 1 << 20
 
-_KNOWN_FLAGS = CmdFlag.FUA | CmdFlag.NO_HOLE | CmdFlag.DF | CmdFlag.REQ_ONE | CmdFlag.FAST_ZERO
+# A plain int: ~ on an IntFlag keeps only known bits, which would hide unknown ones.
+_KNOWN_FLAGS = int(CmdFlag.FUA | CmdFlag.NO_HOLE | CmdFlag.DF | CmdFlag.REQ_ONE | CmdFlag.FAST_ZERO)
 _WRITES = (Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES)
 _ZERO_PROBE = bytes(64)
 
@@ -55,7 +59,7 @@ def _all_zero(data: bytes | bytearray | memoryview) -> bool:
     n = len(data)
     if n == 0 or data[: min(n, 64)] != _ZERO_PROBE[: min(n, 64)]:
         return False
-    return bytes(data).count(0) == n if isinstance(data, memoryview) else data.count(0) == n
+    return (data.tobytes() if isinstance(data, memoryview) else data).count(0) == n
 
 
 class NBDConnection(asyncio.Protocol):
@@ -216,7 +220,8 @@ class NBDConnection(asyncio.Protocol):
         assert decoder is not None and self.transport is not None
         # Replies of requests that complete right away are corked and go out in one
         # writelines call: one system call per batch of pipelined requests, not per reply.
-        self._cork = cork = []
+        cork: list[bytes | bytearray | memoryview] = []
+        self._cork = cork
         try:
             while not self.closing:
                 req = decoder.next_request()
@@ -338,12 +343,36 @@ class NBDConnection(asyncio.Protocol):
     def _reply_read(self, req: Request, data: bytes | bytearray | memoryview) -> None:
         if not self.structured:
             self._write(simple_reply(req.cookie), data)
+        elif not data:
+            # A zero-length read: OFFSET_DATA needs at least one byte, so just finish.
+            self._write(none_chunk(req.cookie))
+        elif len(data) > SPLIT_READ and not req.flags & CmdFlag.DF:
+            self._reply_read_split(req, memoryview(data))
         elif _all_zero(data):
             # A run of zeros goes out as a hole: 32 bytes instead of the data.
             self._write(hole_chunk(req.cookie, req.offset, len(data)))
         else:
-            # One chunk, unfragmented, so DF is always honoured.
+            # One chunk, unfragmented, so DF is honoured.
             self._write(data_chunk(req.cookie, req.offset, len(data)), data)
+
+    def _reply_read_split(self, req: Request, view: memoryview) -> None:
+        """Send a large read as DATA and HOLE chunks, a hole for each zero piece."""
+        runs: list[tuple[bool, int, int]] = []  # (is_hole, start, end) within the read
+        for start in range(0, len(view), SPLIT_READ):
+            end = min(start + SPLIT_READ, len(view))
+            hole = _all_zero(view[start:end])
+            if runs and runs[-1][0] == hole:
+                runs[-1] = (hole, runs[-1][1], end)
+            else:
+                runs.append((hole, start, end))
+        last = len(runs) - 1
+        for i, (hole, start, end) in enumerate(runs):
+            offset = req.offset + start
+            if hole:
+                self._write(hole_chunk(req.cookie, offset, end - start, done=i == last))
+            else:
+                chunk = view[start:end]
+                self._write(data_chunk(req.cookie, offset, end - start, done=i == last), chunk)
 
     def _reply_error(self, req: Request, err: int, message: str) -> None:
         # "ENOTSUP only for FAST_ZERO"; "EOVERFLOW only for DF reads" (Error values).

@@ -1,0 +1,112 @@
+"""Test helpers: start ``tapnbd serve`` as a real process and talk to it with real clients."""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+#: libnbd's Python bindings are Debian's, for Debian's interpreter.
+SYSTEM_PYTHON = "/usr/bin/python3"
+
+
+def need(*tools: str) -> None:
+    """Skip the calling test unless every tool is installed (make test installs them)."""
+    missing = [t for t in tools if shutil.which(t) is None]
+    if missing:
+        pytest.skip(f"not installed: {', '.join(missing)} (make test installs them)")
+
+
+def need_root_devices() -> None:
+    """Skip unless we can use loop devices and FUSE as root."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root for losetup and mount")
+    if not os.path.exists("/dev/fuse") or not os.path.exists("/dev/loop-control"):
+        pytest.skip("needs /dev/fuse and /dev/loop-control")
+
+
+def tapnbd_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "tapnbd", *args]
+
+
+def run(
+    cmd: list[str], *, check: bool = True, timeout: float = 120, **kw: object
+) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kw)  # type: ignore[call-overload]
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(cmd)} exited {proc.returncode}\nstdout: {proc.stdout}\nstderr: {proc.stderr}"
+        )
+    return proc  # type: ignore[no-any-return]
+
+
+def nbdsh_script(script: str, *args: str, timeout: float = 60) -> object:
+    """Run a libnbd Python script under the system interpreter; it prints one JSON value."""
+    need(SYSTEM_PYTHON)
+    if run([SYSTEM_PYTHON, "-c", "import nbd"], check=False).returncode != 0:
+        pytest.skip("python3-libnbd is not installed")
+    out = run([SYSTEM_PYTHON, "-c", script, *args], timeout=timeout).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+@dataclass
+class Server:
+    """A running ``tapnbd serve``."""
+
+    proc: subprocess.Popen[str]
+    uris: list[str]
+    log: Path
+
+    @property
+    def uri(self) -> str:
+        return self.uris[0]
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+    def stderr(self) -> str:
+        return self.log.read_text()
+
+
+def start_server(args: list[str], log: Path, exports: int = 1, timeout: float = 30) -> Server:
+    """Start ``tapnbd serve ARGS`` and wait for its URI lines (nbdkit --print-uri style)."""
+    if "--port" not in args and "-p" not in args and "--socket" not in args:
+        args = [*args, "--port", "0"]
+    with open(log, "w") as err:
+        proc = subprocess.Popen(
+            tapnbd_cmd("serve", *args), stdout=subprocess.PIPE, stderr=err, text=True
+        )
+    assert proc.stdout is not None
+    # Read the raw fd: a buffered readline() could swallow lines select() then misses.
+    fd = proc.stdout.fileno()
+    buf = b""
+    deadline = time.monotonic() + timeout
+    while buf.count(b"\n") < exports:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            proc.kill()
+            raise AssertionError(f"server not ready in {timeout}s: {log.read_text()}")
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            proc.wait()
+            raise AssertionError(f"server exited {proc.returncode}: {log.read_text()}")
+        buf += chunk
+    uris = buf.decode().split()
+    return Server(proc, uris, log)
