@@ -100,6 +100,7 @@ class RawDriver(Driver):
         self._punch = not self.is_block
         self._zero_range = not self.is_block
         self._seek_data = not self.is_block
+        self._falloc = not self.is_block
 
     def size(self) -> int:
         return self._size
@@ -231,6 +232,33 @@ class RawDriver(Driver):
             else:
                 raise
         return out
+
+    def grow(self, length: int, *, allocate: bool = False) -> None:
+        """Extend the file to at least ``length`` bytes; never shrinks it. Synchronous.
+
+        For formats that append to their file (qcow): the call is one quick system call,
+        so making it without suspending keeps concurrent growers from racing. ``allocate``
+        reserves blocks with fallocate; otherwise ftruncate leaves a hole that reads as
+        zeros. A block device cannot grow: ENOSPC when it is too small.
+        """
+        if length <= self._size:
+            return
+        if self.is_block:
+            raise OSError(errno.ENOSPC, "block device is too small")
+        current = os.fstat(self.fd).st_size
+        if length > current:
+            grown = False
+            if allocate and self._falloc:
+                try:
+                    fallocate(self.fd, 0, current, length - current)
+                    grown = True
+                except OSError as e:
+                    if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                        raise
+                    self._falloc = False
+            if not grown:
+                os.ftruncate(self.fd, length)
+        self._size = max(length, current)
 
     async def cache(self, offset: int, length: int) -> None:
         os.posix_fadvise(self.fd, offset, length, os.POSIX_FADV_WILLNEED)
