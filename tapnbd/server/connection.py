@@ -158,7 +158,10 @@ class NBDConnection(asyncio.Protocol):
                     return
         except ProtocolError as e:
             log.info("%s: dropped during handshake: %s", self.peer, e)
-            self.transport.abort()
+            # Replies to the options before the offending one still go out; the
+            # handshake timer aborts the connection if the client never reads them.
+            self.transport.write(hs.data_to_send())
+            self.transport.close()
 
     def _handshake_timeout(self) -> None:
         if self.decoder is None and self.transport is not None:

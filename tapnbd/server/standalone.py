@@ -107,9 +107,12 @@ async def serve(opts: ServeOptions) -> int:
         with open(opts.pidfile, "w") as f:
             f.write(f"{os.getpid()}\n")
     # Ready: one URI per export, as nbdkit --print-uri; scripts wait for this line.
-    for uri in server.uris():
-        print(uri)
-    sys.stdout.flush()
+    # Not under socket activation: the activator knows the socket, and our stdout is
+    # often its own (nbdinfo -- [ tapnbd serve ... ] prints JSON there).
+    if not passed:
+        for uri in server.uris():
+            print(uri)
+        sys.stdout.flush()
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
