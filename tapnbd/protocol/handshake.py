@@ -18,6 +18,7 @@ Everything it may legitimately get wrong gets an error reply and the haggling go
 from __future__ import annotations
 
 import enum
+import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import NoReturn
@@ -413,7 +414,7 @@ def _parse_meta_request(data: bytes) -> tuple[str, list[str]] | None:
         if pos != len(data):
             return None
         return name, queries
-    except (ValueError, UnicodeDecodeError):  # struct.error is a ValueError
+    except (struct.error, UnicodeDecodeError):
         return None
 
 

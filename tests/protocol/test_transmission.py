@@ -1,0 +1,95 @@
+"""Request decoding and reply encoding, bytes in and bytes out."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tapnbd.errors import ProtocolError
+from tapnbd.protocol import transmission as tx
+from tapnbd.protocol.consts import REQUEST_MAGIC, Cmd
+
+
+def req(
+    cmd: int, offset: int, length: int, cookie: int = 1, flags: int = 0, payload: bytes = b""
+) -> bytes:
+    return struct.pack(">IHHQQI", REQUEST_MAGIC, flags, cmd, cookie, offset, length) + payload
+
+
+def decode_all(dec: tx.RequestDecoder) -> list[tx.Request]:
+    out = []
+    while (r := dec.next_request()) is not None:
+        out.append(r)
+    return out
+
+
+def test_requests_split_at_every_byte() -> None:
+    stream = (
+        req(Cmd.WRITE, 512, 5, 7, payload=b"hello")
+        + req(Cmd.READ, 0, 4096, 8)
+        + req(Cmd.FLUSH, 0, 0, 9)
+    )
+    dec = tx.RequestDecoder()
+    got = []
+    for i in range(len(stream)):
+        dec.feed(stream[i : i + 1])
+        got += decode_all(dec)
+    assert got == [
+        tx.Request(0, Cmd.WRITE, 7, 512, 5, b"hello"),
+        tx.Request(0, Cmd.READ, 8, 0, 4096),
+        tx.Request(0, Cmd.FLUSH, 9, 0, 0),
+    ]
+
+
+def test_oversized_write_is_drained_not_buffered() -> None:
+    dec = tx.RequestDecoder(max_payload=16, max_drain=64)
+    dec.feed(req(Cmd.WRITE, 0, 40, 1) + b"x" * 10)
+    assert dec.next_request() is None
+    dec.feed(b"y" * 30 + req(Cmd.READ, 0, 1, 2))
+    assert decode_all(dec) == [
+        tx.Request(0, Cmd.WRITE, 1, 0, 40, None),
+        tx.Request(0, Cmd.READ, 2, 0, 1),
+    ]
+    assert dec.buffered() == 0
+    dec.feed(req(Cmd.WRITE, 0, 65, 3))
+    with pytest.raises(ProtocolError):
+        dec.next_request()
+
+
+def test_bad_magic() -> None:
+    dec = tx.RequestDecoder()
+    dec.feed(b"\x00" * 28)
+    with pytest.raises(ProtocolError):
+        dec.next_request()
+
+
+def test_reply_layouts() -> None:
+    assert tx.simple_reply(5, 22) == struct.pack(">IIQ", 0x67446698, 22, 5)
+    assert tx.data_chunk(5, 4096, 100) == struct.pack(">IHHQIQ", 0x668E33EF, 1, 1, 5, 108, 4096)
+    assert tx.hole_chunk(5, 0, 512, done=False) == struct.pack(
+        ">IHHQIQI", 0x668E33EF, 0, 2, 5, 12, 0, 512
+    )
+    assert tx.none_chunk(5) == struct.pack(">IHHQI", 0x668E33EF, 1, 0, 5, 0)
+    assert (
+        tx.error_chunk(5, 22, "bad")
+        == struct.pack(">IHHQIIH", 0x668E33EF, 1, 32769, 5, 9, 22, 3) + b"bad"
+    )
+    bs = tx.block_status_chunk(5, 1, [(4096, 3), (512, 0)])
+    assert bs == struct.pack(">IHHQII", 0x668E33EF, 1, 5, 5, 20, 1) + struct.pack(
+        ">IIII", 4096, 3, 512, 0
+    )
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.binary(max_size=200), max_size=10))
+def test_arbitrary_bytes_only_raise_protocol_errors(chunks: list[bytes]) -> None:
+    dec = tx.RequestDecoder(max_payload=1024, max_drain=4096)
+    try:
+        for c in chunks:
+            dec.feed(c)
+            decode_all(dec)
+    except ProtocolError:
+        pass
