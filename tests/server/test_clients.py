@@ -173,6 +173,7 @@ def test_fio_verify_crc32c_four_connections(
             "--verify=crc32c",
             "--verify_fatal=1",
             "--do_verify=1",
+            "--verify_state_save=0",
             "--group_reporting",
             "--output-format=json",
         ],
