@@ -1,0 +1,267 @@
+"""blkif: the Xen block-device ring protocol's wire layout, sans I/O.
+
+Everything here is bytes in, values out: request and response structs for the x86-64
+ABI, op and status codes, ring geometry, and ``parse_request``, which turns one 112-byte
+ring entry into a checked request or a ``BadRequest`` carrying the status to answer
+with. No asyncio, no mmap; the ring, grants and the server live in sibling modules.
+
+References: xen/include/public/io/blkif.h and io/ring.h (2007, plus the later DISCARD
+and INDIRECT additions); Linux blkback ``dispatch_rw_block_io`` for the checks; the
+offsets are those in ../shared/spec/blktap.md section 4.2, measured with gcc on x86-64.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from dataclasses import dataclass
+from typing import NamedTuple
+
+PAGE_SIZE = 4096
+#: "sector_number, first_sect, last_sect and sectors are always 512-byte units,
+#: whatever sector-size says" (blkif.h, made explicit in 2009).
+SECTOR_SIZE = 512
+SECTORS_PER_PAGE = PAGE_SIZE // SECTOR_SIZE
+#: BLKIF_MAX_SEGMENTS_PER_REQUEST: "keeps the ring within a page".
+MAX_SEGMENTS = 11
+#: Largest transfer one request carries: 11 pages of 4 KiB.
+MAX_REQUEST_BYTES = MAX_SEGMENTS * PAGE_SIZE
+
+
+class Op(enum.IntEnum):
+    """BLKIF_OP_*; the feature key that advertises each is in FEATURE_KEYS."""
+
+    READ = 0
+    WRITE = 1
+    WRITE_BARRIER = 2
+    FLUSH_DISKCACHE = 3
+    RESERVED_1 = 4  # SLES "packet" command; never valid
+    DISCARD = 5
+    INDIRECT = 6  # not offered: no feature-max-indirect-segments
+
+
+class Status(enum.IntEnum):
+    """BLKIF_RSP_*."""
+
+    OKAY = 0
+    ERROR = -1
+    EOPNOTSUPP = -2
+
+
+class VdiskInfo(enum.IntFlag):
+    """VDISK_* bits of the ``info`` key."""
+
+    CDROM = 0x1
+    REMOVABLE = 0x2
+    READONLY = 0x4
+
+
+#: blkif_request_discard.flag
+DISCARD_SECURE = 0x1
+
+#: The xenstore key a backend writes to offer each optional op.
+FEATURE_KEYS = {
+    Op.WRITE_BARRIER: "feature-barrier",
+    Op.FLUSH_DISKCACHE: "feature-flush-cache",
+    Op.DISCARD: "feature-discard",
+}
+
+#: The ``protocol`` values meaning the x86-64 layout ("native" when the key is absent).
+PROTOCOL = "x86_64-abi"
+
+# struct blkif_request (x86-64): operation@0 nr_segments@1 handle@2 pad@4 id@8
+# sector_number@16 seg[11]@24, each seg {gref@0 first_sect@4 last_sect@5 pad@6}; 112 bytes.
+REQUEST_HEADER = struct.Struct("<BBH4xQQ")
+SEGMENT = struct.Struct("<IBB2x")
+REQUEST = struct.Struct("<BBH4xQQ" + "IBB2x" * MAX_SEGMENTS)
+# struct blkif_request_discard: operation@0 flag@1 handle@2 id@8 sector_number@16
+# nr_sectors@24; 32 bytes.
+DISCARD_REQUEST = struct.Struct("<BBH4xQQQ")
+# struct blkif_response: id@0 operation@8 pad@9 status@10 (int16); 16 bytes with tail pad.
+RESPONSE = struct.Struct("<QBxh4x")
+#: Offset of ``id`` in every request layout: the one field a bad request still yields.
+ID_OFFSET = 8
+ID = struct.Struct("<Q")
+
+assert REQUEST.size == 112 and RESPONSE.size == 16 and DISCARD_REQUEST.size == 32
+assert REQUEST_HEADER.size + MAX_SEGMENTS * SEGMENT.size == REQUEST.size
+
+# struct blkif_sring: req_prod@0 req_event@4 rsp_prod@8 rsp_event@12 pad[48]@16 ring[]@64
+RING_HEADER = struct.Struct("<IIII48x")
+RING_HEADER_SIZE = RING_HEADER.size
+#: A ring slot is the union of request and response.
+ENTRY_SIZE = max(REQUEST.size, RESPONSE.size)
+
+
+def ring_size(page_size: int = PAGE_SIZE, entry_size: int = ENTRY_SIZE) -> int:
+    """__RING_SIZE: the slots that fit after the header, rounded down to a power of two.
+
+    ring.h does the rounding with the __RD2..__RD32 macro cascade; this is the same
+    "highest set bit" in one step.
+    """
+    fit = (page_size - RING_HEADER_SIZE) // entry_size
+    if fit < 1:
+        raise ValueError(f"a {page_size}-byte page holds no {entry_size}-byte entries")
+    return 1 << (fit.bit_length() - 1)
+
+
+#: 32 on x86-64: (4096 - 64) / 112 = 36, rounded down.
+RING_SIZE = ring_size()
+
+
+class Segment(NamedTuple):
+    """One blkif_request_segment: sectors first_sect..last_sect (inclusive) of a page.
+
+    A NamedTuple, not a dataclass: up to 11 are built per request on the hot path.
+    """
+
+    gref: int
+    first_sect: int
+    last_sect: int
+
+    @property
+    def nsect(self) -> int:
+        return self.last_sect - self.first_sect + 1
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """A checked READ, WRITE, WRITE_BARRIER or FLUSH_DISKCACHE request."""
+
+    operation: Op
+    handle: int
+    id: int
+    sector_number: int
+    segments: tuple[Segment, ...]
+    #: Total sectors over all segments; they are consecutive on the disk.
+    nr_sectors: int
+
+
+@dataclass(frozen=True, slots=True)
+class DiscardRequest:
+    """A checked BLKIF_OP_DISCARD request."""
+
+    operation: Op
+    flag: int
+    handle: int
+    id: int
+    sector_number: int
+    nr_sectors: int
+
+
+@dataclass(frozen=True, slots=True)
+class Response:
+    """One blkif_response."""
+
+    id: int
+    operation: int
+    status: int
+
+
+class BadRequest(Exception):
+    """A request the backend refuses; answer ``id`` with ``status`` and carry on."""
+
+    def __init__(self, id: int, operation: int, status: Status, reason: str) -> None:
+        super().__init__(reason)
+        self.id = id
+        self.operation = operation
+        self.status = status
+        self.reason = reason
+
+
+_RW_OPS = frozenset({Op.READ, Op.WRITE, Op.WRITE_BARRIER, Op.FLUSH_DISKCACHE})
+#: Ops that may come with no data: an empty barrier or cache flush (blkback accepts
+#: nseg == 0 only with REQ_PREFLUSH).
+_EMPTY_OK = frozenset({Op.WRITE_BARRIER, Op.FLUSH_DISKCACHE})
+
+
+def parse_request(
+    raw: bytes | bytearray | memoryview, *, sectors: int, nr_grefs: int
+) -> Request | DiscardRequest:
+    """Decode and check one ring entry.
+
+    ``raw`` should be a private copy of the slot: the frontend can rewrite shared memory
+    at any time, so checking and then re-reading the slot would be a TOCTOU hole.
+    ``sectors`` is the disk size in 512-byte sectors, ``nr_grefs`` the size of the
+    frontend's grant table. Raises ``BadRequest`` with ERROR for a malformed request and
+    EOPNOTSUPP for an op this backend does not know.
+    """
+    fields = REQUEST.unpack_from(raw)
+    op_code, nseg, handle, req_id, sector = fields[:5]
+    try:
+        op = Op(op_code)
+    except ValueError:
+        raise BadRequest(
+            req_id, op_code, Status.EOPNOTSUPP, f"unknown operation {op_code}"
+        ) from None
+
+    if op is Op.DISCARD:
+        _, flag, handle, req_id, sector, count = DISCARD_REQUEST.unpack_from(raw)
+        if sector + count > sectors:
+            raise BadRequest(
+                req_id, op, Status.ERROR, f"discard of sectors {sector}+{count} past {sectors}"
+            )
+        return DiscardRequest(op, flag, handle, req_id, sector, count)
+    if op not in _RW_OPS:
+        raise BadRequest(req_id, op, Status.EOPNOTSUPP, f"operation {op.name} is not offered")
+
+    # blkback: "nseg == 0 && !PREFLUSH || nseg > BLKIF_MAX_SEGMENTS_PER_REQUEST" -> error
+    if nseg > MAX_SEGMENTS or (nseg == 0 and op not in _EMPTY_OK):
+        raise BadRequest(req_id, op, Status.ERROR, f"bad nr_segments {nseg}")
+    segments = []
+    total = 0
+    for i in range(nseg):
+        gref, first, last = fields[5 + 3 * i : 8 + 3 * i]
+        # blkback: "last_sect >= (XEN_PAGE_SIZE >> 9) || last_sect < first_sect" -> error
+        if last >= SECTORS_PER_PAGE or first > last:
+            raise BadRequest(req_id, op, Status.ERROR, f"segment {i}: bad sectors {first}..{last}")
+        if gref >= nr_grefs:
+            raise BadRequest(
+                req_id, op, Status.ERROR, f"segment {i}: grant ref {gref} outside the table"
+            )
+        segments.append(Segment(gref, first, last))
+        total += last - first + 1
+    # vbd_translate: "(sector_number + nr_sects) > vbd_sz" -> access denied
+    if nseg and sector + total > sectors:
+        raise BadRequest(
+            req_id, op, Status.ERROR, f"sectors {sector}+{total} past the end ({sectors})"
+        )
+    return Request(op, handle, req_id, sector, tuple(segments), total)
+
+
+def request_id(raw: bytes | bytearray | memoryview) -> int:
+    """The ``id`` of a ring entry, readable whatever else is wrong with it."""
+    return int(ID.unpack_from(raw, ID_OFFSET)[0])
+
+
+def pack_request(
+    operation: int,
+    id: int,
+    sector_number: int,
+    segments: list[tuple[int, int, int]] | tuple[tuple[int, int, int], ...] = (),
+    *,
+    handle: int = 0,
+    nr_segments: int | None = None,
+) -> bytes:
+    """Build a 112-byte request; ``nr_segments`` may lie (tests build bad requests)."""
+    if len(segments) > MAX_SEGMENTS:
+        raise ValueError(f"at most {MAX_SEGMENTS} segments fit in a request")
+    flat: list[int] = []
+    for seg in segments:
+        flat.extend(seg)
+    flat.extend([0, 0, 0] * (MAX_SEGMENTS - len(segments)))
+    nseg = len(segments) if nr_segments is None else nr_segments
+    return REQUEST.pack(operation, nseg, handle, id, sector_number, *flat)
+
+
+def pack_discard(
+    id: int, sector_number: int, nr_sectors: int, *, flag: int = 0, handle: int = 0
+) -> bytes:
+    """Build a discard request, padded to a full ring entry."""
+    return DISCARD_REQUEST.pack(Op.DISCARD, flag, handle, id, sector_number, nr_sectors).ljust(
+        ENTRY_SIZE, b"\0"
+    )
+
+
+def unpack_response(raw: bytes | bytearray | memoryview, offset: int = 0) -> Response:
+    return Response(*RESPONSE.unpack_from(raw, offset))

@@ -1,0 +1,235 @@
+"""Grant table emulation: a frontend's pages, shared with the backend by reference.
+
+In Xen a guest owns its memory and lists, in a grant table, which of its page frames
+another domain may map; the other domain maps a page by (domain, grant ref) and the
+hypervisor checks the entry. Here the "guest memory" and its grant table are one file
+that the frontend creates and both processes mmap::
+
+    page 0                 header: magic, owner domid, nr_grefs, nr_frames
+    page 1 ...             grant_entry_v1[nr_grefs]: {u16 flags; u16 domid; u32 frame}
+    after the entries      nr_frames data pages of 4 KiB ("guest memory")
+
+The frontend grants a frame (``GrantTable.grant``) and ends access when the request is
+done; the backend maps by ref (``GrantMapper.map``), which checks the entry as
+GNTTABOP_map_grant_ref does. Not emulated: the GTF_reading/GTF_writing busy bits, so a
+frontend that ends access to a page the backend is using is not stopped.
+
+References: xen/include/public/grant_table.h (grant_entry_v1, GTF_*, GNTST_*); Linux
+drivers/xen/grant-table.c (NR_RESERVED_ENTRIES, free-list allocation).
+"""
+
+from __future__ import annotations
+
+import enum
+import mmap
+import os
+import struct
+from typing import TYPE_CHECKING
+
+from tapnbd.xen.blkif import PAGE_SIZE
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+# grant_table.h
+GTF_INVALID = 0
+GTF_PERMIT_ACCESS = 1
+GTF_TYPE_MASK = 3
+GTF_READONLY = 1 << 2
+#: Refs 0..7 are reserved (console, xenstore); guests allocate from 8.
+GNTTAB_NR_RESERVED_ENTRIES = 8
+
+ENTRY = struct.Struct("<HHI")
+HEADER = struct.Struct("<8sHxxII")
+MAGIC = b"TAPGNT01"
+
+
+class GrantStatus(enum.IntEnum):
+    """GNTST_* results of a map operation."""
+
+    OKAY = 0
+    GENERAL_ERROR = -1
+    BAD_DOMAIN = -2
+    BAD_GNTREF = -3
+    PERMISSION_DENIED = -8
+    BAD_PAGE = -9
+
+
+class GrantError(Exception):
+    """A grant could not be mapped; ``status`` says why."""
+
+    def __init__(self, status: GrantStatus, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _round_up(n: int, to: int) -> int:
+    return (n + to - 1) // to * to
+
+
+def table_path(directory: str | Path, domid: int) -> str:
+    """Where domain ``domid``'s memory and grant table live."""
+    return os.path.join(directory, f"gnttab-{domid}")
+
+
+class _Layout:
+    """Offsets of the three regions, from the header's two counts."""
+
+    def __init__(self, nr_grefs: int, nr_frames: int) -> None:
+        self.nr_grefs = nr_grefs
+        self.nr_frames = nr_frames
+        self.entries = PAGE_SIZE
+        self.frames = self.entries + _round_up(nr_grefs * ENTRY.size, PAGE_SIZE)
+        self.size = self.frames + nr_frames * PAGE_SIZE
+
+
+class GrantTable:
+    """The frontend's side: owns the memory, allocates frames and grant refs."""
+
+    def __init__(self, path: str, mm: mmap.mmap, domid: int, layout: _Layout) -> None:
+        self.path = path
+        self.domid = domid
+        self.nr_grefs = layout.nr_grefs
+        self.nr_frames = layout.nr_frames
+        self._mm = mm
+        self._mem = memoryview(mm)
+        self._entries = layout.entries
+        self._frames = layout.frames
+        # Stacks, so recently freed (cache-warm) frames and refs are reused first.
+        self._free_frames = list(range(layout.nr_frames - 1, -1, -1))
+        self._free_refs = list(range(layout.nr_grefs - 1, GNTTAB_NR_RESERVED_ENTRIES - 1, -1))
+
+    @classmethod
+    def create(
+        cls, path: str, *, domid: int, nr_frames: int, nr_grefs: int | None = None
+    ) -> GrantTable:
+        """Make fresh memory and an empty table at ``path``, replacing any old one.
+
+        The file appears under its name only once complete, so a backend never maps a
+        half-made table; a backend still mapping an old one keeps its own inode.
+        """
+        if nr_grefs is None:
+            nr_grefs = nr_frames + GNTTAB_NR_RESERVED_ENTRIES
+        layout = _Layout(nr_grefs, nr_frames)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            os.ftruncate(fd, layout.size)
+            mm = mmap.mmap(fd, layout.size, mmap.MAP_SHARED)
+        finally:
+            os.close(fd)
+        HEADER.pack_into(mm, 0, MAGIC, domid, nr_grefs, nr_frames)
+        os.replace(tmp, path)
+        return cls(path, mm, domid, layout)
+
+    @property
+    def free_frames(self) -> int:
+        return len(self._free_frames)
+
+    @property
+    def free_refs(self) -> int:
+        return len(self._free_refs)
+
+    def frame(self, n: int) -> memoryview:
+        """Page ``n`` of the guest memory."""
+        off = self._frames + n * PAGE_SIZE
+        return self._mem[off : off + PAGE_SIZE]
+
+    def alloc_frame(self) -> int:
+        return self._free_frames.pop()
+
+    def free_frame(self, n: int) -> None:
+        self._free_frames.append(n)
+
+    def grant(self, frame: int, domid: int, *, readonly: bool) -> int:
+        """gnttab_grant_foreign_access: let ``domid`` map ``frame``; returns the ref.
+
+        ``readonly`` for pages the backend only reads (the data of a WRITE request).
+        """
+        ref = self._free_refs.pop()
+        self.grant_ref(ref, frame, domid, readonly=readonly)
+        return ref
+
+    def grant_ref(self, ref: int, frame: int, domid: int, *, readonly: bool) -> None:
+        """gnttab_grant_foreign_access_ref: fill an entry the caller allocated."""
+        off = self._entries + ref * ENTRY.size
+        # frame and domid before flags (the wmb() in gnttab_grant_foreign_access): one
+        # 8-byte store here, and the ref only reaches the backend through the ring.
+        flags = GTF_PERMIT_ACCESS | (GTF_READONLY if readonly else 0)
+        ENTRY.pack_into(self._mem, off, flags, domid, frame)
+
+    def end_access(self, ref: int) -> None:
+        """gnttab_end_foreign_access_ref, then give the ref back to the free list."""
+        ENTRY.pack_into(self._mem, self._entries + ref * ENTRY.size, GTF_INVALID, 0, 0)
+        self._free_refs.append(ref)
+
+    def close(self, *, unlink: bool = True) -> None:
+        self._mem.release()
+        try:
+            self._mm.close()
+        except BufferError:
+            pass  # a page view is still held; the mapping goes when it is collected
+        if unlink:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+
+
+class GrantMapper:
+    """The backend's side: maps another domain's granted pages by reference."""
+
+    def __init__(self, path: str, *, domid: int = 0, owner: int | None = None) -> None:
+        """Open ``owner``'s table at ``path``; ``domid`` is the mapping (backend) domain."""
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            size = os.fstat(fd).st_size
+            if size < PAGE_SIZE:
+                raise GrantError(GrantStatus.BAD_DOMAIN, f"{path}: not a grant table")
+            mm = mmap.mmap(fd, size, mmap.MAP_SHARED)
+        finally:
+            os.close(fd)
+        magic, table_owner, nr_grefs, nr_frames = HEADER.unpack_from(mm, 0)
+        layout = _Layout(nr_grefs, nr_frames)
+        if magic != MAGIC or layout.size > size or (owner is not None and owner != table_owner):
+            mm.close()
+            raise GrantError(GrantStatus.BAD_DOMAIN, f"{path}: not domain {owner}'s grant table")
+        self.path = path
+        self.domid = domid
+        self.owner = table_owner
+        self.nr_grefs = nr_grefs
+        self.nr_frames = nr_frames
+        self._mm = mm
+        self._mem = memoryview(mm)
+        self._entries = layout.entries
+        self._frames = layout.frames
+        self.maps = 0
+
+    def map(self, ref: int, *, readonly: bool) -> memoryview:
+        """GNTTABOP_map_grant_ref: the 4 KiB page behind ``ref``, after Xen's checks."""
+        if not 0 <= ref < self.nr_grefs:
+            raise GrantError(GrantStatus.BAD_GNTREF, f"grant ref {ref} is outside the table")
+        flags, domid, frame = ENTRY.unpack_from(self._mem, self._entries + ref * ENTRY.size)
+        if flags & GTF_TYPE_MASK != GTF_PERMIT_ACCESS:
+            raise GrantError(GrantStatus.BAD_GNTREF, f"grant ref {ref} is not granted")
+        if domid != self.domid:
+            raise GrantError(
+                GrantStatus.PERMISSION_DENIED, f"grant ref {ref} is for domain {domid}"
+            )
+        if not readonly and flags & GTF_READONLY:
+            raise GrantError(
+                GrantStatus.PERMISSION_DENIED, f"grant ref {ref} is read-only, mapped for write"
+            )
+        if frame >= self.nr_frames:
+            raise GrantError(GrantStatus.BAD_PAGE, f"grant ref {ref} names frame {frame}")
+        self.maps += 1
+        off = self._frames + frame * PAGE_SIZE
+        return self._mem[off : off + PAGE_SIZE]
+
+    def close(self) -> None:
+        """Unmap; pages still referenced by in-flight I/O keep the mapping alive."""
+        self._mem.release()
+        try:
+            self._mm.close()
+        except BufferError:
+            pass  # a slice is still in use; the mapping goes when it is collected
