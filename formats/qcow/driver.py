@@ -1,0 +1,893 @@
+"""QcowDriver: QCOW version 1 over a child driver, with blktap's allocation-optimised path.
+
+Theory of operation
+===================
+
+Address translation (spec §1.2): guest offset -> L1 entry (an L2 table's file offset)
+-> L2 entry (a data cluster's file offset, or a compressed cluster, or 0). The L1 table
+lives in memory as ``array('Q')``; L2 tables are loaded on demand into a small LRU.
+
+Allocation-optimised images (blktap's Xen extension, spec §2.4): the first write to an
+L1 slot allocates a whole *extent*, the L2 table followed directly by all its data
+clusters, and fills the table with their real offsets. Afterwards the *fast path*
+computes any data offset from the L1 entry alone (``fast_data_offset``) and never reads
+L2. The fast path is trusted only when the extension's MD5 of the L1 table matches, or,
+after a crash left it stale, when every L2 table has been read and found to hold exactly
+the extent layout. On a clean close the checksum is rewritten.
+
+Requests: reads and writes of allocated clusters go straight to the child with no lock
+and no suspension of their own; several may be in flight on one cluster. Allocation is
+synchronous bookkeeping (reserve file space, note the new offsets) plus I/O: a guest
+cluster being allocated is recorded in ``_pending`` so a second writer waits for the
+first instead of allocating it again.
+
+Crash safety, by flush epochs (the write-back metadata scheme of qcow2's cache):
+
+1. A data cluster is written before its L2 entry changes in memory; a new L2 table is
+   created in memory only.
+2. ``flush()`` takes the dirty metadata as one snapshot, writes the new L2 tables (not
+   yet referenced by anything on disk), syncs (data and tables are durable), then
+   writes the changed L2 entries and L1 entries and syncs again.
+
+So on disk an L2 entry never points at data that is not durable, and an L1 entry never
+points at an L2 table that is not durable; every write acknowledged before a completed
+FLUSH survives a crash, metadata included. A FUA write that needs metadata flushes.
+Space only ever grows at the end of the file, so a crash at worst leaks clusters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import errno
+import itertools
+import logging
+import zlib
+from array import array
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+from formats.qcow.geometry import compressed_location, l1_cksum, round_up
+from formats.qcow.layout import CKSUM_OFFSET, EXT_OFFSET, QCOW_OFLAG_COMPRESSED, XenFlags
+from formats.qcow.meta import QcowMeta, be_array, to_be_bytes
+from tapnbd.driver import BlockSize, Driver, Extent, ExtentFlags, FuaMode
+
+if TYPE_CHECKING:
+    from collections.abc import Coroutine
+
+log = logging.getLogger(__name__)
+
+# Kinds of run a guest range maps to.
+UNALLOC = 0  # no cluster: zeros, or the backing file
+DATA = 1  # a normal cluster at a host offset
+COMPRESSED = 2  # one compressed cluster; "host" is its L2 entry
+
+#: L2 entries that failed validation when their table was loaded are replaced in memory
+#: by this (a non-zero, unaligned offset no real entry has); using one fails with EIO.
+_BAD = 1
+#: L2 tables kept in memory (dirty ones are pinned and may exceed it).
+L2_CACHE_BYTES = 32 << 20
+#: Past this many tables with unwritten changes, write them back in the background.
+WRITEBACK_TABLES = 1024
+#: Block status answers at most this many extents per call; the client asks again.
+MAX_EXTENTS = 1024
+_ZERO_CHUNK = 1 << 20
+_ZEROES = bytes(_ZERO_CHUNK)
+_HOLE_ZERO = ExtentFlags.HOLE | ExtentFlags.ZERO
+
+
+@runtime_checkable
+class Growable(Protocol):
+    """A child that can extend its file in place (RawDriver.grow)."""
+
+    def grow(self, length: int, *, allocate: bool = False) -> None: ...
+
+
+class _Miss(Exception):
+    """The L2 table at ``l2off`` must be loaded before the lookup can answer."""
+
+    def __init__(self, l2off: int) -> None:
+        self.l2off = l2off
+
+
+def _eio(message: str) -> OSError:
+    return OSError(errno.EIO, message)
+
+
+class QcowDriver(Driver):
+    """A QCOW v1 image read and written through ``child``; ``backing`` fills holes."""
+
+    name = "qcow"
+
+    def __init__(
+        self,
+        child: Driver,
+        backing: Driver | None,
+        meta: QcowMeta,
+        *,
+        read_only: bool = False,
+        path: str = "",
+    ) -> None:
+        self.child = child
+        self.backing = backing
+        self.meta = meta
+        self.read_only = read_only
+        self.path = path
+        g = self.g = meta.geometry
+        self._size = g.size
+        self._cb = g.cluster_bits
+        self._cs = g.cluster_size
+        self._shift = g.shift
+        self._cov_mask = (1 << g.shift) - 1
+        self._l2_mask = g.l2_size - 1
+        self._data_off = g.l2_bytes
+        self.l1 = meta.l1
+        #: Fast path on: data offsets come from L1 alone (see the module docstring).
+        self._fast = False
+        #: Growth by sparse extension (SPARSE_FILE, the default) or by fallocate.
+        self._sparse = meta.ext is None or not meta.ext_applies or meta.ext.sparse
+        self._grow = child.grow if isinstance(child, Growable) else None
+        #: Next free cluster-aligned file offset: allocation only ever appends.
+        self._end = round_up(max(meta.file_size, meta.data_start), self._cs)
+        self._l2cache: OrderedDict[int, array[int]] = OrderedDict()
+        self._l2_cache_max = max(16, L2_CACHE_BYTES // g.l2_bytes)
+        self._loading: dict[int, asyncio.Future[None]] = {}
+        self._l2_sorted = sorted(e for e in self.l1 if e)
+        # Metadata not yet on disk (see "flush epochs" above).
+        self._dirty_l1: dict[int, int] = {}
+        self._dirty_l2: dict[int, dict[int, int]] = {}
+        self._new_l2: dict[int, array[int]] = {}
+        self._flushing: set[int] = set()
+        self._flush_active = False
+        self._flush_lock = asyncio.Lock()
+        self._writeback: asyncio.Task[None] | None = None
+        #: Guest clusters whose allocation is in flight.
+        self._pending: dict[int, asyncio.Future[None]] = {}
+        self._ccache_key = -1
+        self._ccache = b""
+        self._child_extents = child.can_extents()
+        self._backing_extents = backing is not None and backing.can_extents()
+        self._closed = False
+
+    # Open-time work: old-image conversion and the choice of the fast path.
+
+    async def prepare(self) -> None:
+        """Convert an old tapdisk image and decide whether the fast path may be used."""
+        m = self.meta
+        if m.ext_applies and m.ext is not None and not m.ext.l1_big_endian and not self.read_only:
+            await self._convert_old_image()
+        if not m.optimised or self.backing is not None:
+            return
+        if m.cksum_ok and self._extents_fit():
+            self._fast = True
+        elif await self._verify_extents():
+            log.info(
+                "%s: L1 checksum mismatch (not closed cleanly?); every extent checked, "
+                "fast path on",
+                self.path,
+            )
+            self._fast = True
+        else:
+            # "If it differs, the extension is ignored" (spec §2.2): the safe path.
+            log.warning("%s: L1 checksum mismatch; using the safe path", self.path)
+
+    async def _convert_old_image(self) -> None:
+        """Rewrite an old tapdisk image's L1 table big-endian and set the flag (spec §2.6).
+
+        The table goes first and is synced before the flag changes; a crash in between
+        leaves a big-endian table with the flag clear, which read_meta recognises.
+        """
+        m = self.meta
+        assert m.ext is not None
+        disk = to_be_bytes(self.l1)
+        if m.l1_native:
+            await self.child.pwrite(m.header.l1_table_offset, disk)
+            await self.child.flush()
+        # A checksum that matched the old bytes is carried over to the new ones.
+        cksum = l1_cksum(disk) if m.cksum_ok else m.ext.cksum
+        ext = type(m.ext)(
+            cksum, m.ext.min_cluster_alloc, m.ext.flags | XenFlags.EXTHDR_L1_BIG_ENDIAN
+        )
+        await self.child.pwrite(EXT_OFFSET, ext.build())
+        await self.child.flush()
+        if m.l1_native:
+            log.info("%s: converted an old tapdisk image's L1 table to big-endian", self.path)
+        m.ext, m.l1_disk, m.l1_native = ext, disk, False
+
+    def _extents_fit(self) -> bool:
+        """Every allocated extent lies inside the file and apart from the others."""
+        g, m = self.g, self.meta
+        span = g.l2_bytes + (g.l2_size << g.cluster_bits)
+        prev_end = m.data_start
+        for e in self._l2_sorted:
+            if e < prev_end or e + span > m.file_size:
+                return False
+            prev_end = e + span
+        return True
+
+    async def _verify_extents(self) -> bool:
+        """Read every L2 table: does each hold exactly its extent's offsets?"""
+        if not self._extents_fit():
+            return False
+        g = self.g
+        for e in self._l2_sorted:
+            t = be_array(await self.child.pread(e, g.l2_bytes))
+            first = e + g.l2_bytes
+            if t != array("Q", range(first, first + (g.l2_size << g.cluster_bits), g.cluster_size)):
+                return False
+        return True
+
+    # Capabilities.
+
+    def size(self) -> int:
+        return self._size
+
+    def can_write(self) -> bool:
+        return not self.read_only
+
+    def can_trim(self) -> bool:
+        return not self.read_only
+
+    def can_fast_zero(self) -> bool:
+        # With a backing file, zeroing an unallocated cluster means writing one.
+        return not self.read_only and self.backing is None
+
+    def can_fua(self) -> FuaMode:
+        return FuaMode.NATIVE
+
+    def can_extents(self) -> bool:
+        return True
+
+    def block_size(self) -> BlockSize:
+        return BlockSize(minimum=1, preferred=max(4096, self._cs))
+
+    @property
+    def fast_path(self) -> bool:
+        return self._fast
+
+    # Lookup.
+
+    def _lookup(self, pos: int, end: int) -> tuple[int, int, int]:
+        """(kind, host, length) of the run at ``pos``, from memory; raises _Miss.
+
+        A run never crosses an L1 slot. DATA runs are host-contiguous.
+        """
+        shift = self._shift
+        l1i = pos >> shift
+        lim = min(end, (l1i + 1) << shift)
+        l2off = self.l1[l1i]
+        if not l2off:
+            return UNALLOC, 0, lim - pos
+        if self._fast:
+            return DATA, l2off + self._data_off + (pos & self._cov_mask), lim - pos
+        cache = self._l2cache
+        t = cache.get(l2off)
+        if t is None:
+            raise _Miss(l2off)
+        cache.move_to_end(l2off)
+        cs = self._cs
+        i = (pos >> self._cb) & self._l2_mask
+        e = t[i]
+        n = cs - (pos & (cs - 1))
+        if not e:
+            i += 1
+            while pos + n < lim and not t[i]:
+                n += cs
+                i += 1
+            return UNALLOC, 0, min(n, lim - pos)
+        if e & QCOW_OFLAG_COMPRESSED:
+            return COMPRESSED, e, min(n, lim - pos)
+        if e == _BAD:
+            raise _eio(
+                f"L2 table at 0x{l2off:x}, entry {i}: cluster offset is outside the image "
+                "data area (corrupt image)"
+            )
+        host = e + (pos & (cs - 1))
+        nxt = e + cs
+        i += 1
+        while pos + n < lim and t[i] == nxt:
+            n += cs
+            nxt += cs
+            i += 1
+        return DATA, host, min(n, lim - pos)
+
+    async def _load_l2(self, l2off: int) -> None:
+        """Bring the L2 table at ``l2off`` into the cache (one reader per table)."""
+        waiting = self._loading.get(l2off)
+        if waiting is not None:
+            await waiting
+            return
+        if l2off in self._l2cache:
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._loading[l2off] = fut
+        try:
+            raw = await self.child.pread(l2off, self.g.l2_bytes)
+            t = be_array(raw)
+            self._check_l2(t, l2off)
+            self._cache_put(l2off, t)
+        finally:
+            del self._loading[l2off]
+            fut.set_result(None)  # waiters look again (and retry the read on failure)
+
+    def _check_l2(self, t: array[int], l2off: int) -> None:
+        """Mark entries pointing outside the data area or into an L2 table as _BAD."""
+        g = self.g
+        lo, hi, cs = self.meta.data_start, self._end, self._cs
+        tables, l2_bytes = self._l2_sorted, g.l2_bytes
+        bad = 0
+        for i, e in enumerate(t):
+            if not e:
+                continue
+            if e & QCOW_OFLAG_COMPRESSED:
+                off, n = compressed_location(e, g)
+                ok = lo <= off and n > 0 and off + n <= hi
+            else:
+                ok = not e & 511 and lo <= e and e + cs <= hi
+                if ok:
+                    j = bisect.bisect_right(tables, e + cs - 1) - 1
+                    ok = j < 0 or tables[j] + l2_bytes <= e
+            if not ok:
+                t[i] = _BAD
+                bad += 1
+        if bad:
+            log.warning(
+                "%s: L2 table at 0x%x has %d entries pointing outside the image data area; "
+                "requests touching them fail with EIO",
+                self.path,
+                l2off,
+                bad,
+            )
+
+    def _cache_put(self, l2off: int, t: array[int]) -> None:
+        cache = self._l2cache
+        cache[l2off] = t
+        if len(cache) > self._l2_cache_max:
+            for victim in list(itertools.islice(cache, 8)):
+                if not self._pinned(victim):
+                    del cache[victim]
+                    break
+
+    def _pinned(self, l2off: int) -> bool:
+        """A table with changes not yet on disk must stay in memory."""
+        return l2off in self._dirty_l2 or l2off in self._new_l2 or l2off in self._flushing
+
+    # Reads.
+
+    def pread(
+        self, offset: int, length: int
+    ) -> Coroutine[Any, Any, bytes | bytearray | memoryview]:
+        # The fast path in a plain function: no coroutine frame of our own, the child's
+        # read is the awaitable returned to the caller.
+        if self._fast:
+            shift = self._shift
+            l1i = offset >> shift
+            if (offset + length - 1) >> shift == l1i:
+                l2off = self.l1[l1i]
+                if l2off:
+                    return self.child.pread(
+                        l2off + self._data_off + (offset & self._cov_mask), length
+                    )
+        return self._pread(offset, length)
+
+    async def _pread(self, offset: int, length: int) -> bytes | bytearray | memoryview:
+        end = offset + length
+        buf: bytearray | None = None
+        pos = offset
+        while pos < end:
+            try:
+                kind, host, n = self._lookup(pos, end)
+            except _Miss as miss:
+                await self._load_l2(miss.l2off)
+                continue
+            if buf is None:
+                if n == length:  # one run: no copy
+                    if kind == DATA:
+                        return await self.child.pread(host, n)
+                    if kind == UNALLOC and self.backing is None:
+                        return bytes(n)
+                buf = bytearray(length)
+            o = pos - offset
+            if kind == DATA:
+                buf[o : o + n] = await self.child.pread(host, n)
+            elif kind == COMPRESSED:
+                data = await self._decompress(host)
+                c = pos & (self._cs - 1)
+                buf[o : o + n] = data[c : c + n]
+            elif self.backing is not None:
+                buf[o : o + n] = await self._read_backing(pos, n)
+            pos += n
+        assert buf is not None
+        return buf
+
+    async def _read_backing(self, pos: int, n: int) -> bytes | bytearray | memoryview:
+        """Backing data for [pos, pos + n): zeros past the backing file's end."""
+        assert self.backing is not None
+        bsize = self.backing.size()
+        if pos >= bsize:
+            return bytes(n)
+        m = min(n, bsize - pos)
+        data = await self.backing.pread(pos, m)
+        if m < n:
+            return bytes(data) + bytes(n - m)
+        return data
+
+    async def _decompress(self, entry: int) -> bytes:
+        """The cluster stored compressed by ``entry`` (the last one is cached)."""
+        if entry == self._ccache_key:
+            return self._ccache
+        off, csize = compressed_location(entry, self.g)
+        raw = await self.child.pread(off, csize)
+        # "a raw deflate stream with no zlib header: inflate uses inflateInit2(.., -12)"
+        # (spec §1.3); like QEMU, a stream cut short is fine if the cluster is complete.
+        try:
+            data = zlib.decompressobj(-12).decompress(bytes(raw), self._cs)
+        except zlib.error as e:
+            raise _eio(f"compressed cluster at 0x{off:x}: {e}") from None
+        if len(data) != self._cs:
+            raise _eio(f"compressed cluster at 0x{off:x} inflates to {len(data)} bytes")
+        self._ccache_key, self._ccache = entry, data
+        return data
+
+    # Writes.
+
+    def pwrite(
+        self, offset: int, data: bytes | memoryview, fua: bool = False
+    ) -> Coroutine[Any, Any, None]:
+        if self._fast and not (fua and self._meta_pending()):
+            shift = self._shift
+            l1i = offset >> shift
+            if (offset + len(data) - 1) >> shift == l1i:
+                l2off = self.l1[l1i]
+                if l2off:
+                    return self.child.pwrite(
+                        l2off + self._data_off + (offset & self._cov_mask), data, fua
+                    )
+        return self._pwrite(offset, data, fua)
+
+    async def _pwrite(self, offset: int, data: bytes | memoryview, fua: bool) -> None:
+        view = memoryview(data)
+        end = offset + len(view)
+        pos = offset
+        allocated = False
+        while pos < end:
+            try:
+                kind, host, n = self._lookup(pos, end)
+            except _Miss as miss:
+                await self._load_l2(miss.l2off)
+                continue
+            if kind == DATA:
+                o = pos - offset
+                await self.child.pwrite(host, view[o : o + n], fua)
+                pos += n
+            elif self._fast:
+                self._alloc_extent(pos >> self._shift)
+                allocated = True
+            else:
+                done = await self._alloc_write(pos, pos + n, kind, host, view, offset)
+                allocated = allocated or done > 0
+                pos += done
+        if fua and (allocated or self._meta_pending()):
+            await self.flush()
+
+    def _reserve(self, n: int) -> int:
+        """Claim ``n`` bytes at the end of the file and grow the file over them."""
+        if self._grow is None:
+            raise OSError(errno.ENOSPC, "the image file cannot grow")
+        host = self._end
+        self._grow(host + n, allocate=not self._sparse)
+        self._end = host + n
+        return host
+
+    def _new_table(self, l1i: int, table: array[int], l2off: int) -> None:
+        """Install a new L2 table (in memory; written by the next flush)."""
+        self.l1[l1i] = l2off
+        self._dirty_l1[l1i] = l2off
+        self._new_l2[l2off] = table
+        bisect.insort(self._l2_sorted, l2off)
+        if not self._fast:
+            self._cache_put(l2off, table)
+        self._maybe_writeback()
+
+    def _alloc_extent(self, l1i: int) -> None:
+        """Allocate an L2 table and all its data clusters at once (spec §2.4, step 5)."""
+        if self.l1[l1i]:
+            return
+        g = self.g
+        l2off = self._reserve(g.extent_bytes)
+        first = l2off + g.l2_bytes
+        table = array("Q", range(first, first + (g.l2_size << g.cluster_bits), g.cluster_size))
+        self._new_table(l1i, table, l2off)
+
+    async def _alloc_write(
+        self, pos: int, lim: int, kind: int, entry: int, view: memoryview, voff: int
+    ) -> int:
+        """Allocate clusters for [pos, lim) and write there; returns the bytes written.
+
+        0 means another request is allocating the first cluster: look again once it is
+        done. Compressed clusters are rewritten into a new cluster (QEMU does the same).
+        """
+        cb, cs = self._cb, self._cs
+        c0 = pos >> cb
+        waiting = self._pending.get(c0)
+        if waiting is not None:
+            await waiting
+            return 0
+        c_end = ((lim - 1) >> cb) + 1
+        k = 1
+        if self._pending:
+            while c0 + k < c_end and c0 + k not in self._pending:
+                k += 1
+        else:
+            k = c_end - c0
+        lim = min(lim, (c0 + k) << cb)
+
+        l1i = pos >> self._shift
+        l2off = self.l1[l1i]
+        if not l2off:
+            l2off = self._reserve(self.g.l2_alloc)
+            self._new_table(l1i, array("Q", bytes(self.g.l2_bytes)), l2off)
+        host = self._reserve(k * cs)
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        for c in range(c0, c0 + k):
+            self._pending[c] = fut
+        try:
+            head = pos - (c0 << cb)
+            tail = ((c0 + k) << cb) - lim
+            chunk = view[pos - voff : lim - voff]
+            if not head and not tail:
+                await self.child.pwrite(host, chunk)
+            else:
+                # Copy on write: the rest of a partly written cluster keeps what it read
+                # as before (the old compressed data, the backing file, or zeros).
+                buf = bytearray(k * cs)
+                if head:
+                    buf[:head] = await self._old_content(c0 << cb, head, kind, entry)
+                buf[head : head + len(chunk)] = chunk
+                if tail:
+                    buf[k * cs - tail :] = await self._old_content(lim, tail, kind, entry)
+                await self.child.pwrite(host, memoryview(buf))
+            t = self._l2cache.get(l2off)
+            if t is None:  # evicted while we wrote (it was clean)
+                await self._load_l2(l2off)
+                t = self._l2cache[l2off]
+            i0 = c0 & self._l2_mask
+            dirty = None if l2off in self._new_l2 else self._dirty_l2.setdefault(l2off, {})
+            for j in range(k):
+                t[i0 + j] = host + j * cs
+                if dirty is not None:
+                    dirty[i0 + j] = host + j * cs
+            self._maybe_writeback()
+        finally:
+            for c in range(c0, c0 + k):
+                del self._pending[c]
+            fut.set_result(None)
+        return lim - pos
+
+    async def _old_content(
+        self, pos: int, n: int, kind: int, entry: int
+    ) -> bytes | bytearray | memoryview:
+        """What [pos, pos + n) of a cluster being reallocated read as until now."""
+        if kind == COMPRESSED:
+            data = await self._decompress(entry)
+            c = pos & (self._cs - 1)
+            return data[c : c + n]
+        if self.backing is not None:
+            return await self._read_backing(pos, n)
+        return bytes(n)
+
+    # Zeroing and discard.
+
+    async def zero(
+        self, offset: int, length: int, *, may_trim: bool, fua: bool, fast: bool
+    ) -> None:
+        if fast and self.backing is not None:
+            raise OSError(errno.ENOTSUP, "zeroing needs writes over a backing file")
+        await self._zero(offset, length, may_trim=may_trim, discard=False)
+        if fua:
+            await self.flush()
+
+    async def trim(self, offset: int, length: int, fua: bool = False) -> None:
+        await self._zero(offset, length, may_trim=True, discard=True)
+        if fua:
+            await self.flush()
+
+    async def _zero(self, offset: int, length: int, *, may_trim: bool, discard: bool) -> None:
+        """Make [offset, offset + length) read as zeros, or just discard it.
+
+        Without a backing file a hole reads as zeros, so whole clusters may lose their L2
+        entries ("hole punching" in qcow terms). With one, a hole would show the backing
+        data: zeroes must be written. ``discard`` (TRIM) only frees what it can.
+        """
+        end = offset + length
+        cs = self._cs
+        pos = offset
+        while pos < end:
+            try:
+                kind, host, n = self._lookup(pos, end)
+            except _Miss as miss:
+                await self._load_l2(miss.l2off)
+                continue
+            if kind == UNALLOC:
+                if self.backing is not None and not discard:
+                    n = min(n, _ZERO_CHUNK)
+                    await self._pwrite(pos, memoryview(_ZEROES)[:n], False)
+                pos += n
+                continue
+            whole_a, whole_b = round_up(pos, cs), (pos + n) // cs * cs
+            if kind == COMPRESSED:
+                if whole_a == pos and whole_b == pos + n and self.backing is None and may_trim:
+                    self._clear(pos, n)
+                elif not discard:
+                    await self._pwrite(pos, memoryview(_ZEROES)[:n], False)
+            elif (self._fast or self.backing is not None) and not discard:
+                # Zero in place: the L2 entries stay (the fast path relies on them).
+                await self.child.zero(host, n, may_trim=may_trim, fua=False, fast=False)
+            elif self._fast or self.backing is not None:
+                await self._discard(host, n)
+            elif may_trim and whole_a < whole_b:
+                # Drop the entries first, then free the old clusters' space.
+                self._clear(whole_a, whole_b - whole_a)
+                await self._discard(host + whole_a - pos, whole_b - whole_a)
+                if not discard:
+                    if whole_a > pos:
+                        await self.child.zero(
+                            host, whole_a - pos, may_trim=True, fua=False, fast=False
+                        )
+                    if pos + n > whole_b:
+                        h = host + whole_b - pos
+                        await self.child.zero(
+                            h, pos + n - whole_b, may_trim=True, fua=False, fast=False
+                        )
+            elif not discard:
+                await self.child.zero(host, n, may_trim=may_trim, fua=False, fast=False)
+            pos += n
+
+    async def _discard(self, host: int, n: int) -> None:
+        """Give the space of [host, host + n) back to the file system, if it can."""
+        try:
+            await self.child.trim(host, n)
+        except OSError as e:
+            if e.errno != errno.ENOTSUP:
+                raise
+
+    def _clear(self, pos: int, n: int) -> None:
+        """Set the L2 entries of the whole clusters in [pos, pos + n) to 0 (unallocated)."""
+        l2off = self.l1[pos >> self._shift]
+        t = self._l2cache[l2off]  # present: the caller's lookup just used it
+        i0 = (pos >> self._cb) & self._l2_mask
+        dirty = None if l2off in self._new_l2 else self._dirty_l2.setdefault(l2off, {})
+        for i in range(i0, i0 + (n >> self._cb)):
+            t[i] = 0
+            if dirty is not None:
+                dirty[i] = 0
+        self._maybe_writeback()
+
+    # Block status.
+
+    async def extents(self, offset: int, length: int) -> list[Extent]:
+        end = offset + length
+        out: list[Extent] = []
+        pos = offset
+        while pos < end and len(out) < MAX_EXTENTS:
+            try:
+                kind, host, n = self._lookup(pos, end)
+            except _Miss as miss:
+                await self._load_l2(miss.l2off)
+                continue
+            if kind == UNALLOC:
+                if self.backing is None:
+                    _add(out, pos, n, _HOLE_ZERO)
+                else:
+                    await self._backing_status(out, pos, n)
+            elif kind == DATA and self._child_extents:
+                await self._host_status(out, pos, host, n)
+            else:
+                _add(out, pos, n, ExtentFlags.DATA)
+            pos += n
+        return out
+
+    async def _host_status(self, out: list[Extent], pos: int, host: int, n: int) -> None:
+        """Allocated clusters: data, or ZERO where the file holds a hole (never written)."""
+        done = 0
+        while done < n:
+            got = await self.child.extents(host + done, n - done)
+            if not got or got[0].offset != host + done:
+                _add(out, pos + done, n - done, ExtentFlags.DATA)
+                return
+            for e in got:
+                m = min(e.length, n - done)
+                _add(
+                    out,
+                    pos + done,
+                    m,
+                    ExtentFlags.ZERO if e.flags & ExtentFlags.ZERO else ExtentFlags.DATA,
+                )
+                done += m
+                if done >= n:
+                    return
+
+    async def _backing_status(self, out: list[Extent], pos: int, n: int) -> None:
+        """Unallocated here: the backing file's status, and HOLE|ZERO past its end."""
+        assert self.backing is not None
+        bsize = self.backing.size()
+        m = max(0, min(n, bsize - pos))
+        done = 0
+        while done < m:
+            if not self._backing_extents:
+                _add(out, pos, m, ExtentFlags.DATA)
+                break
+            got = await self.backing.extents(pos + done, m - done)
+            if not got or got[0].offset != pos + done:
+                _add(out, pos + done, m - done, ExtentFlags.DATA)
+                break
+            for e in got:
+                k = min(e.length, m - done)
+                _add(out, pos + done, k, e.flags)
+                done += k
+                if done >= m:
+                    break
+        if m < n:
+            _add(out, pos + m, n - m, _HOLE_ZERO)
+
+    # Flush and close.
+
+    def _meta_pending(self) -> bool:
+        return bool(self._dirty_l1 or self._dirty_l2 or self._new_l2 or self._flush_active)
+
+    def _maybe_writeback(self) -> None:
+        """Start a background flush once many tables hold unwritten changes."""
+        if len(self._dirty_l2) + len(self._new_l2) > WRITEBACK_TABLES and self._writeback is None:
+            self._writeback = asyncio.get_running_loop().create_task(self._write_back())
+
+    async def _write_back(self) -> None:
+        try:
+            await self.flush()
+        except Exception:
+            log.exception("%s: background metadata write-back failed", self.path)
+        finally:
+            self._writeback = None
+
+    async def flush(self) -> None:
+        """Make every completed write durable, metadata included (two syncs at most)."""
+        async with self._flush_lock:
+            l1, l2, new = self._dirty_l1, self._dirty_l2, self._new_l2
+            if not (l1 or l2 or new):
+                await self.child.flush()
+                return
+            self._dirty_l1, self._dirty_l2, self._new_l2 = {}, {}, {}
+            # Snapshot now: later changes belong to the next epoch.
+            tables = {off: to_be_bytes(t) for off, t in new.items()}
+            self._flushing = set(l2) | set(new)
+            self._flush_active = True
+            try:
+                for off, data in tables.items():
+                    await self.child.pwrite(off, data)
+                await self.child.flush()
+                for off, entries in l2.items():
+                    if off not in tables:
+                        for i, data in _runs(entries):
+                            await self.child.pwrite(off + 8 * i, data)
+                l1_off = self.meta.header.l1_table_offset
+                for i, data in _runs(l1):
+                    await self.child.pwrite(l1_off + 8 * i, data)
+                await self.child.flush()
+            except BaseException:
+                self._merge_back(l1, l2, new)
+                raise
+            finally:
+                self._flushing = set()
+                self._flush_active = False
+
+    def _merge_back(
+        self, l1: dict[int, int], l2: dict[int, dict[int, int]], new: dict[int, array[int]]
+    ) -> None:
+        """A flush failed: its snapshot is dirty again (newer changes win)."""
+        for i, v in l1.items():
+            self._dirty_l1.setdefault(i, v)
+        for off, entries in l2.items():
+            d = self._dirty_l2.setdefault(off, {})
+            for i, v in entries.items():
+                d.setdefault(i, v)
+        for off, t in new.items():
+            self._new_l2.setdefault(off, t)
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if not self.read_only:
+                if self._writeback is not None:
+                    await asyncio.gather(self._writeback, return_exceptions=True)
+                await self.flush()
+                if self._fast:
+                    await self._write_cksum()
+        finally:
+            await self.child.close()
+            if self.backing is not None:
+                await self.backing.close()
+
+    async def _write_cksum(self) -> None:
+        """tdqcow_close: rewrite the checksum when the fast path was in use (spec §2.3)."""
+        m = self.meta
+        assert m.ext is not None
+        disk = to_be_bytes(self.l1)
+        cksum = l1_cksum(disk)
+        if cksum != m.ext.cksum:
+            await self.child.pwrite(CKSUM_OFFSET, cksum.to_bytes(4, "big"))
+            await self.child.flush()
+            m.ext = type(m.ext)(cksum, m.ext.min_cluster_alloc, m.ext.flags)
+        m.l1_disk, m.cksum_ok = disk, True
+
+    # Facts for `tapnbd info`.
+
+    async def allocation(self) -> tuple[int, int]:
+        """(allocated clusters, of which compressed), counted from the tables."""
+        if self._fast:
+            return sum(1 for e in self.l1 if e) * self.g.l2_size, 0
+        alloc = comp = 0
+        for l2off in self._l2_sorted:
+            t = self._l2cache.get(l2off)
+            if t is None:
+                t = be_array(await self.child.pread(l2off, self.g.l2_bytes))
+            for e in t:
+                if e:
+                    alloc += 1
+                    if e & QCOW_OFLAG_COMPRESSED:
+                        comp += 1
+        return alloc, comp
+
+    def describe(self) -> dict[str, object]:
+        m, g, h = self.meta, self.g, self.meta.header
+        specific: dict[str, object] = {
+            "l2-bits": g.l2_bits,
+            "l1-size": g.l1_size,
+            "l1-table-offset": h.l1_table_offset,
+            "fast-path": self._fast,
+        }
+        if m.ext is not None:
+            specific["xen-extension"] = {
+                "honoured": m.ext_applies,
+                "cksum": f"0x{m.ext.cksum:08x}",
+                "cksum-matches": m.cksum_ok,
+                "min-cluster-alloc": m.ext.min_cluster_alloc,
+                "flags": int(m.ext.flags),
+                "sparse": m.ext.sparse,
+                "l1-big-endian": m.ext.l1_big_endian,
+                "optimised": m.optimised,
+            }
+        info: dict[str, object] = {
+            "format": self.name,
+            "virtual-size": self._size,
+            "cluster-size": self._cs,
+            "encrypted": False,
+            "format-specific": {"type": "qcow", "data": specific},
+        }
+        if m.backing_name is not None:
+            info["backing-filename"] = m.backing_name
+            if self.backing is not None:
+                info["full-backing-filename"] = getattr(self.backing, "path", m.backing_name)
+        return info
+
+
+def _add(out: list[Extent], pos: int, n: int, flags: ExtentFlags) -> None:
+    """Append an extent, merging it into the last one when the status is the same."""
+    if out and out[-1].flags == flags and out[-1].offset + out[-1].length == pos:
+        last = out[-1]
+        out[-1] = Extent(last.offset, last.length + n, flags)
+    else:
+        out.append(Extent(pos, n, flags))
+
+
+def _runs(entries: dict[int, int]) -> list[tuple[int, bytes]]:
+    """Dirty table entries as (first index, big-endian bytes) for each run of indices."""
+    out: list[tuple[int, bytes]] = []
+    idx = sorted(entries)
+    start = 0
+    for j in range(1, len(idx) + 1):
+        if j == len(idx) or idx[j] != idx[j - 1] + 1:
+            vals = array("Q", (entries[i] for i in idx[start:j]))
+            out.append((idx[start], to_be_bytes(vals)))
+            start = j
+    return out
