@@ -9,12 +9,15 @@ to within a factor of two (reported as the bucket's upper bound), and memory is 
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 
 #: Operations counted separately. Front ends name their requests with these.
 OPS = ("read", "write", "flush", "trim", "zero", "extents", "cache")
 _BUCKETS = 48  # 2^47 ns is about 39 hours
+#: TAPNBD_STATS=off starts every Stats disabled (to measure what counting costs).
+ENABLED_BY_DEFAULT = os.environ.get("TAPNBD_STATS", "on").lower() not in ("0", "off", "no", "false")
 
 
 @dataclass(slots=True)
@@ -52,7 +55,7 @@ class Stats:
         self.in_flight = 0
         self.connections = 0
         self.started = time.time()
-        self.enabled = True
+        self.enabled = ENABLED_BY_DEFAULT
 
     def start(self) -> int:
         if not self.enabled:
