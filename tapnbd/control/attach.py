@@ -147,7 +147,8 @@ def kernel_nbd_status(load: bool = True) -> tuple[bool, str]:
                 return True, "loaded the nbd module"
             time.sleep(0.02)
     why = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "no devices appeared"
-    return False, f"no /dev/nbd* devices and `modprobe nbd` failed ({why})"
+    why = re.sub(r"^modprobe: (FATAL|ERROR): ", "", why)
+    return False, f"no /dev/nbd* devices and the nbd module cannot be loaded: {why}"
 
 
 def fuse_status() -> tuple[bool, str]:
@@ -183,7 +184,7 @@ def choose_via(via: str) -> tuple[ViaName, str]:
         return "nbd", f"kernel nbd client ({nbd_why})"
     ok, fuse_why = fuse_status()
     if ok:
-        return "fuse", f"nbdfuse + losetup ({nbd_why})"
+        return "fuse", f"nbdfuse + losetup (the kernel nbd client is unavailable: {nbd_why})"
     raise AttachError(f"cannot attach: kernel nbd: {nbd_why}; fuse: {fuse_why}")
 
 

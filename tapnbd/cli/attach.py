@@ -1,0 +1,122 @@
+"""``tapnbd attach|detach|list``: images as local block devices (``xm block-attach``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from tapnbd.cli._control import JsonOpt, StateDirOpt, connect, human_size, image_spec, report
+from tapnbd.cli.app import app, errors_as_exit
+from tapnbd.control.messages import (
+    AttachReply,
+    AttachRequest,
+    DetachReply,
+    DetachRequest,
+    ListReply,
+    ListRequest,
+    Via,
+)
+
+console = Console()
+
+
+@app.command("attach")
+def attach_cmd(
+    image: Annotated[
+        str, typer.Argument(help="Image to attach (a path, ram:SIZE, or an export's name).")
+    ],
+    read_only: Annotated[
+        bool, typer.Option("--read-only", "-r", help="A read-only device.")
+    ] = False,
+    fmt: Annotated[str, typer.Option("--format", "-f", help="auto, raw or qcow.")] = "auto",
+    via: Annotated[
+        str,
+        typer.Option(help="auto (kernel nbd if it can, else nbdfuse), nbd or fuse."),
+    ] = "auto",
+    name: Annotated[
+        str | None, typer.Option(help="Export name. [default: the file's name]")
+    ] = None,
+    state_dir: StateDirOpt = None,
+) -> None:
+    """Attach an image as a local block device; print the device's path."""
+    if via not in ("auto", "nbd", "fuse"):
+        from tapnbd.cli.app import fail
+
+        fail(f"--via must be auto, nbd or fuse, not {via!r}")
+    spec = image if _is_export_name(image) else image_spec(image)
+    with errors_as_exit(), connect(state_dir) as conn:
+        req = AttachRequest(image=spec, name=name, read_only=read_only, format=fmt, via=_via(via))
+        reply = conn.call(req, AttachReply)
+    att = reply.attachment
+    mode = ", read-only" if att.read_only else ""
+    report(f"attached {att.image} as {att.device} via {reply.reason}{mode}")
+    print(att.device)
+
+
+@app.command("detach")
+def detach_cmd(
+    target: Annotated[
+        str, typer.Argument(help="The device (/dev/loop0), the image, or the export's name.")
+    ],
+    state_dir: StateDirOpt = None,
+) -> None:
+    """Detach a device (refused while it is mounted)."""
+    spec = target if _is_export_name(target) else os.path.abspath(target)
+    with errors_as_exit(), connect(state_dir, autostart=False) as conn:
+        reply = conn.call(DetachRequest(target=spec), DetachReply)
+    att = reply.attachment
+    report(f"detached {att.device} ({att.image})")
+    if reply.removed_export:
+        report(f"closed export {att.export!r}")
+
+
+@app.command("list")
+def list_cmd(state_dir: StateDirOpt = None, as_json: JsonOpt = False) -> None:
+    """Exports and attached devices: image, format, device, connections, read-only."""
+    with errors_as_exit(), connect(state_dir) as conn:
+        reply = conn.call(ListRequest(), ListReply)
+    if as_json:
+        print(json.dumps(dataclasses.asdict(reply), indent=2))
+        return
+    table = Table(title=None, box=None, header_style="bold", pad_edge=False)
+    for col in ("EXPORT", "IMAGE", "FORMAT", "SIZE", "DEVICE", "VIA", "CLIENTS", "RO"):
+        table.add_column(col, justify="right" if col in ("SIZE", "CLIENTS") else "left")
+    via = {a.device: a.via for a in reply.attachments}
+    for e in reply.exports:
+        table.add_row(
+            e.name,
+            e.image,
+            e.format,
+            human_size(e.size),
+            ", ".join(e.devices) or "-",
+            ", ".join(via.get(d, "") for d in e.devices) or "-",
+            str(e.clients),
+            "yes" if e.read_only else "no",
+        )
+    if not reply.exports:
+        report("no exports; add one with `tapnbd export add IMAGE` or `tapnbd attach IMAGE`")
+        return
+    console.print(table)
+
+
+def _is_export_name(target: str) -> bool:
+    """A bare word that names no file is taken as an export's name."""
+    return (
+        not target.startswith(("/", ".", "ram:"))
+        and "/" not in target
+        and not os.path.exists(target)
+    )
+
+
+def _via(value: str) -> Via:
+    if value == "nbd":
+        return "nbd"
+    if value == "fuse":
+        return "fuse"
+    return "auto"

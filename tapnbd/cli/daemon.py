@@ -1,0 +1,151 @@
+"""``tapnbd daemon start|stop|status``."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from tapnbd import runtime
+from tapnbd.cli._control import JsonOpt, StateDirOpt, client, report
+from tapnbd.cli.app import app, errors_as_exit, fail
+from tapnbd.control.daemon import DEFAULT_TCP, DaemonConfig, run_daemon
+from tapnbd.control.messages import ShutdownReply, ShutdownRequest, StatusReply, StatusRequest
+from tapnbd.control.state import default_state_dir
+from tapnbd.server.listener import DEFAULT_MAX_CONNECTIONS
+
+daemon_app = typer.Typer(
+    help="The control daemon: owns exports and attached devices (blktapctrl).",
+    no_args_is_help=True,
+)
+app.add_typer(daemon_app, name="daemon")
+console = Console()
+
+
+def _off(value: str | None) -> bool:
+    return value is not None and value.lower() in ("", "none", "off", "no")
+
+
+@daemon_app.command("start")
+def start_cmd(
+    state_dir: StateDirOpt = None,
+    tcp: Annotated[
+        str | None,
+        typer.Option(
+            envvar="TAPNBD_TCP",
+            help=f"Serve NBD on TCP HOST:PORT ('none' for no TCP). [default: {DEFAULT_TCP}]",
+            show_default=False,
+        ),
+    ] = None,
+    unix: Annotated[
+        bool, typer.Option("--unix/--no-unix", help="Serve NBD on nbd.sock in the state dir.")
+    ] = True,
+    metrics: Annotated[
+        str | None,
+        typer.Option(envvar="TAPNBD_METRICS", help="Serve Prometheus metrics on HOST:PORT."),
+    ] = None,
+    stats: Annotated[
+        bool, typer.Option("--stats/--no-stats", help="Count operations and latency.")
+    ] = True,
+    max_connections: Annotated[
+        int, typer.Option(help="Refuse NBD clients beyond this many.")
+    ] = DEFAULT_MAX_CONNECTIONS,
+    foreground: Annotated[
+        bool, typer.Option("--foreground", help="Run in this process instead of in the background.")
+    ] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log more.")] = False,
+) -> None:
+    """Start the daemon (other commands start it on their own when needed)."""
+    directory = state_dir or default_state_dir()
+    if foreground:
+        config = DaemonConfig(
+            state_dir=directory,
+            tcp=None if _off(tcp) else (tcp or DEFAULT_TCP),
+            tcp_explicit=tcp is not None,
+            unix=unix,
+            metrics=None if _off(metrics) else metrics,
+            stats=stats,
+            max_connections=max_connections,
+        )
+        with errors_as_exit():
+            code = runtime.run(run_daemon(config, verbose=verbose))
+        raise typer.Exit(code)
+    c = client(directory)
+    with errors_as_exit():
+        conn = c.try_connect()
+        if conn is not None:
+            with conn:
+                status = conn.call(StatusRequest(), StatusReply)
+            report(f"the daemon is already running (pid {status.pid}); its log is {status.log}")
+            return
+        c.recover()
+        args = ["--unix" if unix else "--no-unix", "--stats" if stats else "--no-stats"]
+        args += ["--max-connections", str(max_connections)]
+        if tcp is not None:
+            args += ["--tcp", tcp or "none"]
+        if metrics is not None:
+            args += ["--metrics", metrics or "none"]
+        if verbose:
+            args.append("--verbose")
+        with c.start(args) as conn:
+            status = conn.call(StatusRequest(), StatusReply)
+    _print_status(status)
+
+
+@daemon_app.command("stop")
+def stop_cmd(
+    state_dir: StateDirOpt = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Stop even if attached devices are still mounted.")
+    ] = False,
+) -> None:
+    """Detach every device, drain requests in flight, flush every image, and exit."""
+    c = client(state_dir)
+    with errors_as_exit():
+        status = c.status()
+        if status is None:
+            report("the daemon is not running")
+            return
+        with c.connect(autostart=False) as conn:
+            reply = conn.call(ShutdownRequest(force=force), ShutdownReply)
+        for device in reply.detached:
+            report(f"detached {device}")
+        for name in reply.flushed:
+            report(f"flushed and closed {name!r}")
+        if not c.wait_stopped():
+            fail(f"the daemon (pid {status.pid}) did not exit; see {status.log}")
+    report(f"stopped the daemon (pid {status.pid})")
+
+
+@daemon_app.command("status")
+def status_cmd(state_dir: StateDirOpt = None, as_json: JsonOpt = False) -> None:
+    """Say whether the daemon runs, where, and what it serves. Exit status 3 if it does not."""
+    with errors_as_exit():
+        status = client(state_dir).status()
+    if status is None:
+        if as_json:
+            print(json.dumps({"running": False}))
+        else:
+            report("the daemon is not running")
+        raise typer.Exit(3)
+    if as_json:
+        print(json.dumps({"running": True, **dataclasses.asdict(status)}, indent=2))
+        return
+    _print_status(status)
+
+
+def _print_status(status: StatusReply) -> None:
+    uptime = time.time() - status.started
+    console.print(f"[bold]tapnbd daemon[/] {status.version}, pid {status.pid}, up {uptime:.0f} s")
+    console.print(f"  state dir  {status.state_dir}", highlight=False)
+    console.print(f"  log        {status.log}", highlight=False)
+    console.print(f"  NBD        {', '.join(status.listen) or 'nowhere'}", highlight=False)
+    if status.metrics:
+        console.print(f"  metrics    http://{status.metrics}/metrics", highlight=False)
+    console.print(f"  exports    {status.exports}, attached devices {status.attachments}")
+    if not status.stats_enabled:
+        console.print("  statistics off")

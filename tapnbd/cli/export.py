@@ -1,0 +1,61 @@
+"""``tapnbd export add|remove``: exports added to and removed from the running daemon."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from tapnbd.cli._control import StateDirOpt, connect, human_size, image_spec, report
+from tapnbd.cli.app import app, errors_as_exit
+from tapnbd.control.messages import (
+    ExportAddReply,
+    ExportAddRequest,
+    ExportRemoveReply,
+    ExportRemoveRequest,
+)
+
+export_app = typer.Typer(help="Add and remove the daemon's NBD exports.", no_args_is_help=True)
+app.add_typer(export_app, name="export")
+
+
+@export_app.command("add")
+def add_cmd(
+    image: Annotated[str, typer.Argument(help="Image to export (a path, or ram:SIZE).")],
+    name: Annotated[
+        str | None, typer.Option(help="Export name. [default: the file's name]")
+    ] = None,
+    read_only: Annotated[bool, typer.Option("--read-only", "-r", help="Refuse writes.")] = False,
+    fmt: Annotated[str, typer.Option("--format", "-f", help="auto, raw or qcow.")] = "auto",
+    state_dir: StateDirOpt = None,
+) -> None:
+    """Export an image from the daemon; print its NBD URIs."""
+    with errors_as_exit(), connect(state_dir) as conn:
+        req = ExportAddRequest(image=image_spec(image), name=name, read_only=read_only, format=fmt)
+        export = conn.call(req, ExportAddReply).export
+    mode = "read-only" if export.read_only else "read-write"
+    report(
+        f"exported {export.image} as {export.name!r} "
+        f"({export.format}, {human_size(export.size)}, {mode})"
+    )
+    for uri in export.uris:
+        print(uri)
+
+
+@export_app.command("remove")
+def remove_cmd(
+    name: Annotated[str, typer.Argument(help="Export name.")],
+    force: Annotated[
+        bool,
+        typer.Option("--force", help="Detach its devices and disconnect its clients first."),
+    ] = False,
+    state_dir: StateDirOpt = None,
+) -> None:
+    """Stop exporting an image (refused while attached or in use, unless --force)."""
+    with errors_as_exit(), connect(state_dir, autostart=False) as conn:
+        reply = conn.call(ExportRemoveRequest(name=name, force=force), ExportRemoveReply)
+    for device in reply.detached:
+        report(f"detached {device}")
+    if reply.disconnected:
+        report(f"disconnected {reply.disconnected} client(s)")
+    report(f"removed export {reply.name!r}")
