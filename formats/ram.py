@@ -36,6 +36,9 @@ class RamDriver(Driver):
         return out
 
     async def pread(self, offset: int, length: int) -> bytes | bytearray:
+        return self.pread_nowait(offset, length)
+
+    def pread_nowait(self, offset: int, length: int) -> bytes | bytearray:
         runs = self._runs(offset, length)
         if len(runs) == 1:
             n, off, count = runs[0]
@@ -51,6 +54,9 @@ class RamDriver(Driver):
         return buf
 
     async def pwrite(self, offset: int, data: bytes | memoryview, fua: bool = False) -> None:
+        self.pwrite_nowait(offset, data)
+
+    def pwrite_nowait(self, offset: int, data: bytes | memoryview) -> bool:
         pos = 0
         for n, off, count in self._runs(offset, len(data)):
             page = self.pages.get(n)
@@ -58,6 +64,7 @@ class RamDriver(Driver):
                 page = self.pages[n] = bytearray(PAGE)
             page[off : off + count] = data[pos : pos + count]
             pos += count
+        return True
 
     async def flush(self) -> None:
         """Nothing to do: memory is as durable as a ram disk gets."""

@@ -109,6 +109,29 @@ class RawDriver(Driver):
         loop = asyncio.get_running_loop()
         return loop.run_in_executor(EXECUTOR, fn, *args)  # type: ignore[arg-type]
 
+    def pread_nowait(self, offset: int, length: int) -> bytearray | None:
+        if not self._nowait:
+            return None
+        buf = bytearray(length)
+        try:
+            n = os.preadv(self.fd, [buf], offset, os.RWF_NOWAIT)
+        except BlockingIOError:
+            return None
+        except OSError as e:
+            if e.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+                self._nowait = False
+            return None
+        return buf if n == length else None
+
+    def pwrite_nowait(self, offset: int, data: bytes | memoryview) -> bool:
+        if self._nowait_write or time.monotonic() < self._inline_after:
+            return False  # the async path tries RWF_NOWAIT, or the pool is in charge
+        t0 = time.monotonic()
+        _pwrite_all(self.fd, data, offset)
+        if (t1 := time.monotonic()) - t0 > SLOW_WRITE:
+            self._inline_after = t1 + WRITE_BACKOFF
+        return True
+
     async def pread(self, offset: int, length: int) -> bytearray:
         buf = bytearray(length)
         view = memoryview(buf)
@@ -142,14 +165,10 @@ class RawDriver(Driver):
             if n == len(data):
                 return
             data, offset = memoryview(data)[n:], offset + n
-        elif not fua and time.monotonic() >= self._inline_after:
+        elif not fua and self.pwrite_nowait(offset, data):
             # Without RWF_NOWAIT, a buffered write is a copy into the page cache and
-            # returns at once, unless the kernel throttles dirty pages. Time it: one slow
-            # write sends the next second of writes to the thread pool.
-            t0 = time.monotonic()
-            _pwrite_all(self.fd, data, offset)
-            if (t1 := time.monotonic()) - t0 > SLOW_WRITE:
-                self._inline_after = t1 + WRITE_BACKOFF
+            # returns at once, unless the kernel throttles dirty pages; pwrite_nowait
+            # times it, and one slow write sends the next second of writes to the pool.
             return
         await self._blocking(_pwrite_all, self.fd, data, offset, os.RWF_DSYNC if fua else 0)
 

@@ -112,6 +112,46 @@ class Backend:
 
     # Operations.
 
+    # The synchronous fast path (see Driver.pread_nowait): None/False means "use the
+    # async method", which also produces every error; so any doubt answers None.
+
+    def try_pread(self, offset: int, length: int) -> bytes | bytearray | None:
+        if offset < 0 or length <= 0 or offset + length > self.size or self._lock is not None:
+            return None
+        stats = self.stats
+        t0 = stats.start()
+        try:
+            data = self.driver.pread_nowait(offset, length)
+        except Exception:
+            data = None  # the async path reports the error properly
+        if data is None:
+            stats.abandon()
+            return None
+        stats.done("read", length, t0)
+        return data
+
+    def try_pwrite(self, offset: int, data: bytes | memoryview) -> bool:
+        length = len(data)
+        if (
+            self.read_only
+            or offset < 0
+            or length <= 0
+            or offset + length > self.size
+            or self._lock is not None
+        ):
+            return False
+        stats = self.stats
+        t0 = stats.start()
+        try:
+            done = self.driver.pwrite_nowait(offset, data)
+        except Exception:
+            done = False
+        if not done:
+            stats.abandon()
+            return False
+        stats.done("write", length, t0)
+        return True
+
     async def pread(self, offset: int, length: int) -> bytes | bytearray | memoryview:
         # The hot path, written out by hand: _call's closure and extra frame cost ~10%.
         if offset < 0 or length <= 0 or offset + length > self.size:

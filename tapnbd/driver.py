@@ -93,6 +93,19 @@ class Driver:
         """Write ``data`` at ``offset``; durable before return when ``fua`` (NATIVE only)."""
         raise NotImplementedError
 
+    # Optional synchronous fast paths. A request that a driver can answer at once (RAM,
+    # a page-cache hit, a qcow cluster whose address is known) is then served without
+    # a coroutine, which is a fifth of the cost of a 4 KiB request. Returning None/False
+    # means "not now": the caller falls back to the async method, which must then work.
+
+    def pread_nowait(self, offset: int, length: int) -> bytes | bytearray | None:
+        """The data, if it can be had without waiting; else None."""
+        return None
+
+    def pwrite_nowait(self, offset: int, data: bytes | memoryview) -> bool:
+        """Write without waiting (not FUA) and return True, or do nothing and return False."""
+        return False
+
     async def flush(self) -> None:
         """Make every completed write durable, metadata included."""
         raise NotImplementedError

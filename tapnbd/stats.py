@@ -63,6 +63,11 @@ class Stats:
         self.in_flight += 1
         return time.perf_counter_ns()
 
+    def abandon(self) -> None:
+        """Undo start() for a request that was handed on elsewhere, uncounted."""
+        if self.enabled:
+            self.in_flight -= 1
+
     def done(self, op: str, nbytes: int, t0: int) -> None:
         if not self.enabled:
             return

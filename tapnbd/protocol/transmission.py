@@ -33,6 +33,18 @@ from tapnbd.protocol.consts import (
 #: DoS and hard-disconnect", proto.md "Size constraints").
 MAX_DRAIN = 2 * MAX_PAYLOAD
 
+# Plain ints for the encoders: enum member access costs on every reply.
+_DONE = int(ReplyFlag.DONE)
+_T_NONE, _T_DATA, _T_HOLE = (
+    int(ReplyType.NONE),
+    int(ReplyType.OFFSET_DATA),
+    int(ReplyType.OFFSET_HOLE),
+)
+_T_ERROR, _T_BS = int(ReplyType.ERROR), int(ReplyType.BLOCK_STATUS)
+_SIMPLE = wire.SIMPLE_REPLY.pack
+_CHUNK_OFFSET = wire.CHUNK_OFFSET.pack
+_CHUNK_HOLE = wire.CHUNK_HOLE.pack
+
 _REQ = wire.REQUEST
 _REQ_SIZE = _REQ.size
 _COMPACT_AT = 1 << 20

@@ -56,10 +56,12 @@ _ZERO_PROBE = bytes(64)
 
 def _all_zero(data: bytes | bytearray | memoryview) -> bool:
     # Cheap rejection on the first bytes; count() then runs at memchr speed.
+    if isinstance(data, memoryview):
+        data = data.tobytes()
     n = len(data)
-    if n == 0 or data[: min(n, 64)] != _ZERO_PROBE[: min(n, 64)]:
-        return False
-    return (data.tobytes() if isinstance(data, memoryview) else data).count(0) == n
+    if n >= 64:
+        return data.startswith(_ZERO_PROBE) and data.count(0) == n
+    return n > 0 and data.count(0) == n
 
 
 class NBDConnection(asyncio.Protocol):
@@ -85,8 +87,7 @@ class NBDConnection(asyncio.Protocol):
         self._read_paused = False
         self._write_paused = False
         self._cork: list[bytes | bytearray | memoryview] | None = None
-        self._idle = asyncio.Event()
-        self._idle.set()
+        self._idle: asyncio.Future[None] | None = None  # set by drain() to wait for idleness
 
     # asyncio.Protocol
 
@@ -252,8 +253,20 @@ class NBDConnection(asyncio.Protocol):
         if err:
             self._reply_error(req, err, "")
             return
+        # The synchronous fast path: no coroutine when the driver can answer at once.
+        backend = self.backend
+        assert backend is not None
+        if req.type == Cmd.READ:
+            data = backend.try_pread(req.offset, req.length)
+            if data is not None:
+                self._reply_read(req, data)
+                return
+        elif req.type == Cmd.WRITE and not req.flags:
+            assert req.payload is not None
+            if backend.try_pwrite(req.offset, req.payload):
+                self._write(simple_reply(req.cookie))
+                return
         self.in_flight += 1
-        self._idle.clear()
         task = eager_start(self._serve(req))
         if task is not None:
             self._tasks.add(task)
@@ -264,6 +277,8 @@ class NBDConnection(asyncio.Protocol):
         flags, typ = req.flags, req.type
         backend = self.backend
         assert backend is not None
+        if typ == Cmd.READ and not flags and req.length <= backend.block_size.maximum:
+            return errno.ESHUTDOWN if self.server.shutting_down else 0  # the hot path
         if self.server.shutting_down:
             return errno.ESHUTDOWN
         if typ in _WRITES and backend.read_only:
@@ -407,10 +422,10 @@ class NBDConnection(asyncio.Protocol):
 
     def _request_done(self) -> None:
         self.in_flight -= 1
-        if self.in_flight == 0:
-            self._idle.set()
-            if self.closing:
-                self._close_when_idle()
+        if self.in_flight == 0 and self.closing:
+            if self._idle is not None and not self._idle.done():
+                self._idle.set_result(None)
+            self._close_when_idle()
         if self._read_paused:
             self._update_reading()
 
@@ -434,6 +449,8 @@ class NBDConnection(asyncio.Protocol):
         """Stop taking requests, wait for those in flight, then close (server shutdown)."""
         self.closing = True
         self._update_reading()
-        await self._idle.wait()
+        if self.in_flight:
+            self._idle = asyncio.get_running_loop().create_future()
+            await self._idle
         if self.transport is not None:
             self.transport.close()

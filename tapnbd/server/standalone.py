@@ -102,6 +102,11 @@ async def serve(opts: ServeOptions) -> int:
         await server.shutdown()
         where = opts.socket if opts.socket and opts.port is None else f"{opts.bind}:{opts.port}"
         raise TapnbdError(f"cannot listen on {where}: {e.strerror or e}") from None
+    # Handlers first: a script may signal us as soon as it reads the URI.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
     # The pidfile is written once clients can connect (qemu-storage-daemon --pidfile).
     if opts.pidfile:
         with open(opts.pidfile, "w") as f:
@@ -114,10 +119,6 @@ async def serve(opts: ServeOptions) -> int:
             print(uri)
         sys.stdout.flush()
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     try:
         await stop.wait()
         log.info("shutting down")
