@@ -6,6 +6,7 @@ from tapnbd.cli import (
     attach,  # noqa: F401
     daemon,  # noqa: F401
     export,  # noqa: F401
+    image,  # noqa: F401
     ring,  # noqa: F401
     serve,  # noqa: F401  (registers commands)
     stats,  # noqa: F401

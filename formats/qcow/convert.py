@@ -1,0 +1,140 @@
+"""``tapnbd convert``: copy an image into a new raw or qcow image (img2qcow, qcow2raw).
+
+Unlike blktap's tools it reads the source's block status and skips what is unallocated
+or known to be zero, and it skips blocks that read as zeros, so the copy stays sparse.
+Memory stays constant: at most ``DEPTH`` chunks of ``CHUNK`` bytes are in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from formats.qcow.create import create_qcow, create_raw
+from tapnbd.backend import Backend
+from tapnbd.driver import ExtentFlags
+from tapnbd.errors import ImageError
+
+#: Bytes read per request.
+CHUNK = 2 << 20
+#: Requests in flight.
+DEPTH = 4
+#: Zero detection granularity: blocks of zeros this big are not written.
+ZERO_BLOCK = 64 << 10
+_ZEROES = bytes(ZERO_BLOCK)
+#: Block status is asked for this much at a time.
+STATUS_WINDOW = 1 << 30
+
+OUTPUT_FORMATS = ("raw", "qcow")
+
+
+@dataclass
+class ConvertStats:
+    """What a conversion did."""
+
+    size: int = 0
+    written: int = 0
+    skipped: int = 0
+
+
+async def convert_image(
+    src: str,
+    dst: str,
+    out_fmt: str,
+    *,
+    src_fmt: str = "auto",
+    optimise: bool = True,
+    cluster_size: int | None = None,
+    progress: Callable[[int], None] | None = None,
+    start: Callable[[int], None] | None = None,
+) -> ConvertStats:
+    """Copy ``src`` (any supported format) to a new ``out_fmt`` image at ``dst``.
+
+    ``start`` is called with the source's size once it is open, ``progress`` with the
+    number of bytes of the source just dealt with.
+    """
+    from formats import open_image
+
+    if out_fmt not in OUTPUT_FORMATS:
+        raise ImageError(f"unknown output format {out_fmt!r}: use raw or qcow")
+    source = Backend(await open_image(src, fmt=src_fmt, read_only=True), read_only=True)
+    try:
+        size = source.size
+        if start is not None:
+            start(size)
+        if out_fmt == "raw":
+            create_raw(dst, size)
+        else:
+            await create_qcow(dst, size, optimise=optimise, cluster_size=cluster_size)
+        target = Backend(await open_image(dst, fmt=out_fmt))
+        try:
+            stats = await _copy(source, target, size, progress)
+            await target.flush()
+        finally:
+            await target.close()
+    finally:
+        await source.close()
+    return stats
+
+
+async def _copy(
+    source: Backend, target: Backend, size: int, progress: Callable[[int], None] | None
+) -> ConvertStats:
+    stats = ConvertStats(size=size)
+    slots = asyncio.Semaphore(DEPTH)
+    tasks: set[asyncio.Task[None]] = set()
+    failure: list[BaseException] = []
+
+    def done(n: int, written: int) -> None:
+        stats.written += written
+        stats.skipped += n - written
+        if progress is not None:
+            progress(n)
+
+    async def copy_chunk(pos: int, n: int) -> None:
+        try:
+            data = memoryview(await source.pread(pos, n))
+            written = 0
+            # Write only the runs of blocks that are not all zeros.
+            run_start = -1
+            for o in range(0, n + ZERO_BLOCK, ZERO_BLOCK):
+                block = data[o : o + ZERO_BLOCK]
+                zero = not block or block.tobytes() == _ZEROES[: len(block)]
+                if not zero and run_start < 0:
+                    run_start = o
+                elif zero and run_start >= 0:
+                    await target.pwrite(pos + run_start, data[run_start:o])
+                    written += o - run_start
+                    run_start = -1
+                if o >= n:
+                    break
+            done(n, written)
+        except BaseException as e:
+            failure.append(e)
+        finally:
+            slots.release()
+
+    pos = 0
+    while pos < size and not failure:
+        window = min(STATUS_WINDOW, size - pos)
+        for ext in await source.extents(pos, window):
+            if failure:
+                break
+            if ext.flags & ExtentFlags.ZERO:
+                done(ext.length, 0)
+                continue
+            p, end = ext.offset, ext.offset + ext.length
+            while p < end and not failure:
+                n = min(CHUNK, end - p)
+                await slots.acquire()
+                task = asyncio.get_running_loop().create_task(copy_chunk(p, n))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+                p += n
+        pos = ext.offset + ext.length
+    if tasks:
+        await asyncio.gather(*tasks)
+    if failure:
+        raise failure[0]
+    return stats

@@ -1,0 +1,266 @@
+"""``tapnbd create``, ``convert``, ``info`` and ``check``: blktap's qcow-create, img2qcow
+and qcow2raw, plus what ``qemu-img info``/``check`` tell about an image.
+
+The commands only parse their options and call the library (formats.qcow.*).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+
+from tapnbd import runtime
+from tapnbd.cli.app import app, errors_as_exit, fail
+from tapnbd.driver import Driver
+
+console = Console()
+
+
+def _size(text: str) -> int:
+    from formats import parse_size
+
+    return parse_size(text)
+
+
+@app.command("create")
+def create_cmd(
+    image: Annotated[str, typer.Argument(help="The image file to create (overwritten).")],
+    size: Annotated[
+        str | None,
+        typer.Option(
+            "--size", "-s", help="Virtual size: 10G, 512M... (default: the backing file's)."
+        ),
+    ] = None,
+    fmt: Annotated[str, typer.Option("--format", "-f", help="qcow or raw.")] = "qcow",
+    backing: Annotated[
+        str | None, typer.Option("--backing", "-b", help="Backing file (any format; qcow only).")
+    ] = None,
+    optimise: Annotated[
+        bool,
+        typer.Option(
+            "--optimise/--no-optimise",
+            help="Allocate whole extents and use the fast path (never with a backing file).",
+        ),
+    ] = True,
+    cluster_size: Annotated[
+        str | None, typer.Option("--cluster-size", help="512 to 64K, a power of two.")
+    ] = None,
+    reserve: Annotated[
+        bool, typer.Option("--reserve", "-r", help="Reserve the space now (not sparse).")
+    ] = False,
+) -> None:
+    """Create an empty image, as blktap's qcow-create did (optimised and sparse by default)."""
+    from formats.qcow.create import create_qcow, create_raw
+
+    with errors_as_exit():
+        nbytes = _size(size) if size is not None else None
+        csize = _size(cluster_size) if cluster_size is not None else None
+        if fmt == "raw":
+            if backing is not None:
+                fail("a raw image cannot have a backing file")
+            if nbytes is None:
+                fail("--size is required")
+            create_raw(image, nbytes, reserve=reserve)
+        elif fmt == "qcow":
+            runtime.run(
+                create_qcow(
+                    image,
+                    nbytes,
+                    backing=backing,
+                    optimise=optimise,
+                    cluster_size=csize,
+                    reserve=reserve,
+                )
+            )
+        else:
+            fail(f"unknown format {fmt!r}: use qcow or raw")
+
+
+@app.command("convert")
+def convert_cmd(
+    src: Annotated[str, typer.Argument(help="Source image (any supported format).")],
+    dst: Annotated[str, typer.Argument(help="Destination image (created, or overwritten).")],
+    out_fmt: Annotated[str, typer.Option("-O", "--output-format", help="raw or qcow.")] = "qcow",
+    src_fmt: Annotated[str, typer.Option("-f", "--format", help="Source format.")] = "auto",
+    optimise: Annotated[
+        bool, typer.Option("--optimise/--no-optimise", help="For a qcow destination.")
+    ] = True,
+    cluster_size: Annotated[
+        str | None, typer.Option("--cluster-size", help="For a qcow destination.")
+    ] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Copy an image into a new raw or qcow image, skipping zeros and holes."""
+    from formats.qcow.convert import convert_image
+
+    with errors_as_exit():
+        csize = _size(cluster_size) if cluster_size is not None else None
+        with Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            DownloadColumn(binary_units=True),
+            TimeRemainingColumn(),
+            console=Console(stderr=True),
+            disable=quiet,
+            transient=False,
+        ) as bar:
+            task = bar.add_task(os.path.basename(dst), total=None)
+
+            def progress(n: int) -> None:
+                bar.advance(task, n)
+
+            def start(total: int) -> None:
+                bar.update(task, total=total)
+
+            runtime.run(
+                convert_image(
+                    src,
+                    dst,
+                    out_fmt,
+                    src_fmt=src_fmt,
+                    optimise=optimise,
+                    cluster_size=csize,
+                    progress=progress,
+                    start=start,
+                )
+            )
+
+
+async def image_info(path: str, fmt: str = "auto") -> dict[str, object]:
+    """``qemu-img info``-style facts about an image and its backing chain."""
+    from formats import open_image
+
+    driver = await open_image(path, fmt=fmt, read_only=True)
+    try:
+        return await _describe(path, driver)
+    finally:
+        await driver.close()
+
+
+async def _describe(path: str, driver: Driver) -> dict[str, object]:
+    from formats.qcow.driver import QcowDriver
+
+    info: dict[str, object] = {"filename": path}
+    info.update(driver.describe())
+    try:
+        info["actual-size"] = os.stat(path).st_blocks * 512
+    except OSError:
+        pass
+    if isinstance(driver, QcowDriver):
+        alloc, comp = await driver.allocation()
+        info["allocated-clusters"] = alloc
+        info["allocated-size"] = alloc * driver.g.cluster_size
+        if comp:
+            info["compressed-clusters"] = comp
+        if driver.backing is not None:
+            bpath = str(info.get("full-backing-filename", ""))
+            info["backing-image"] = await _describe(bpath, driver.backing)
+    return info
+
+
+def _human(n: int) -> str:
+    v = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if v < 1024:
+            return f"{n} B" if unit == "B" else f"{v:.3g} {unit}"
+        v /= 1024
+    return f"{v:.3g} TiB"
+
+
+def _int(info: dict[str, object], key: str) -> int:
+    value = info.get(key, 0)
+    return value if isinstance(value, int) else 0
+
+
+def _print_info(info: dict[str, object], indent: str = "") -> None:
+    vsize = _int(info, "virtual-size")
+    lines = [
+        f"image: {info['filename']}",
+        f"file format: {info['format']}",
+        f"virtual size: {_human(vsize)} ({vsize} bytes)",
+    ]
+    if "actual-size" in info:
+        lines.append(f"disk size: {_human(_int(info, 'actual-size'))}")
+    if "cluster-size" in info:
+        lines.append(f"cluster_size: {info['cluster-size']}")
+    if "allocated-size" in info:
+        lines.append(f"allocated: {_human(_int(info, 'allocated-size'))}")
+    if "backing-filename" in info:
+        full = info.get("full-backing-filename", "")
+        extra = f" (actual path: {full})" if full and full != info["backing-filename"] else ""
+        lines.append(f"backing file: {info['backing-filename']}{extra}")
+    specific = info.get("format-specific")
+    if isinstance(specific, dict):
+        lines.append("Format specific information:")
+        data = specific.get("data", {})
+        for k, v in data.items():
+            if isinstance(v, dict):
+                lines.append(f"    {k}:")
+                lines.extend(f"        {k2}: {v2}" for k2, v2 in v.items())
+            else:
+                lines.append(f"    {k}: {v}")
+    for line in lines:
+        console.print(indent + line, highlight=False, soft_wrap=True)
+    backing = info.get("backing-image")
+    if isinstance(backing, dict):
+        console.print("")
+        _print_info(backing, indent)
+
+
+@app.command("info")
+def info_cmd(
+    image: Annotated[str, typer.Argument(help="The image.")],
+    fmt: Annotated[str, typer.Option("--format", "-f", help="auto, raw or qcow.")] = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Format, sizes, allocation, backing chain and the Xen extension of an image."""
+    with errors_as_exit():
+        info = runtime.run(image_info(image, fmt))
+    if as_json:
+        print(json.dumps(info, indent=2))
+    else:
+        _print_info(info)
+
+
+@app.command("check")
+def check_cmd(
+    image: Annotated[str, typer.Argument(help="The qcow image.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Check a qcow image: leaks, overlaps, pointers past the end, checksum.
+
+    Exit codes: 0 clean, 1 check failed, 2 corrupt, 3 leaked clusters, 4 checksum mismatch.
+    """
+    from formats import probe
+    from formats.qcow.check import check_qcow
+
+    with errors_as_exit():
+        if probe(image) != "qcow":
+            fail(f"{image}: not a qcow image (only qcow images can be checked)", 1)
+        res = runtime.run(check_qcow(image))
+    if as_json:
+        print(json.dumps(res.to_json(), indent=2))
+    else:
+        for msg in res.check_errors:
+            console.print(f"ERROR: {msg}", highlight=False, soft_wrap=True)
+        for msg in res.corruptions:
+            console.print(f"ERROR: {msg}", highlight=False, soft_wrap=True)
+        if res.corruption_count > len(res.corruptions):
+            console.print(f"... and {res.corruption_count - len(res.corruptions)} more errors")
+        for msg in res.notes:
+            console.print(f"note: {msg}", highlight=False, soft_wrap=True)
+        if res.exit_code in (0, 4):
+            console.print("No errors were found on the image.")
+        console.print(
+            f"{res.allocated_clusters} clusters allocated"
+            + (f" ({res.compressed_clusters} compressed)" if res.compressed_clusters else "")
+            + f", {res.leaked_clusters} leaked; cksum: {res.cksum or 'n/a'}",
+            highlight=False,
+        )
+        console.print(f"Image end offset: {res.image_end_offset}")
+    raise typer.Exit(res.exit_code)
