@@ -352,6 +352,37 @@ class QcowDriver(Driver):
         """A table with changes not yet on disk must stay in memory."""
         return l2off in self._dirty_l2 or l2off in self._new_l2 or l2off in self._flushing
 
+    # Synchronous fast paths (Driver.pread_nowait): a cluster whose address is known in
+    # memory is read or written by the child at once, if the child can.
+
+    def _host_now(self, offset: int, length: int) -> int:
+        """The host offset of [offset, offset + length) if it is one known data run, else -1."""
+        shift = self._shift
+        l1i = offset >> shift
+        if (offset + length - 1) >> shift != l1i:
+            return -1
+        l2off = self.l1[l1i]
+        if not l2off:
+            return -1
+        if self._fast:
+            return l2off + self._data_off + (offset & self._cov_mask)
+        try:
+            kind, host, n = self._lookup(offset, offset + length)
+        except (_Miss, OSError):
+            return -1
+        return host if kind == DATA and n == length else -1
+
+    def pread_nowait(self, offset: int, length: int) -> bytes | bytearray | None:
+        host = self._host_now(offset, length)
+        return None if host < 0 else self.child.pread_nowait(host, length)
+
+    def pwrite_nowait(self, offset: int, data: bytes | memoryview) -> bool:
+        if self._fast and not self.l1[offset >> self._shift] and not self.read_only:
+            # Allocating an extent is bookkeeping plus one quick system call.
+            self._alloc_extent(offset >> self._shift)
+        host = self._host_now(offset, len(data))
+        return host >= 0 and self.child.pwrite_nowait(host, data)
+
     # Reads.
 
     def pread(
