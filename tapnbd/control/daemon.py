@@ -272,6 +272,9 @@ class Daemon:
             pid, uid = peer_uid(writer.get_extra_info("socket"))
             if uid not in (0, os.geteuid()):
                 log.warning("refused control connection from pid %d, uid %d", pid, uid)
+                # Take its request first, so that it reads the refusal, not EPIPE.
+                with contextlib.suppress(TimeoutError, ValueError, asyncio.LimitOverrunError):
+                    await asyncio.wait_for(reader.readline(), timeout=2)
                 writer.write(
                     encode(ErrorReply(f"permission denied: uid {uid} does not own this daemon"))
                 )

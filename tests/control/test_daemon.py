@@ -1,0 +1,335 @@
+"""The daemon's life: start, status, stop, restore, crash recovery, its control socket,
+statistics and the Prometheus endpoint. Through the real CLI, as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tapnbd.control.messages import ErrorReply, StatusRequest, decode, encode
+from tapnbd.control.state import StateDir
+from tests.control.tap import Tapnbd, need_tools
+
+NOBODY = 65534
+
+
+def unix_uri(uris: str) -> str:
+    return next(u for u in uris.split() if u.startswith("nbd+unix://"))
+
+
+def qemu_io(uri: str, *commands: str) -> None:
+    need_tools("qemu-io")
+    args = ["qemu-io", "-f", "raw"]
+    for c in commands:
+        args += ["-c", c]
+    proc = subprocess.run([*args, uri], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "failed" not in proc.stdout, proc.stdout + proc.stderr
+
+
+def nbdfuse_pids(under: Path) -> list[int]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmd = f.read().split(b"\0")
+            with open(f"/proc/{entry}/stat") as f:
+                zombie = f.read().rsplit(")", 1)[1].split()[0] == "Z"
+        except OSError:
+            continue
+        if (
+            not zombie
+            and cmd[0].endswith(b"nbdfuse")
+            and any(str(under).encode() in a for a in cmd)
+        ):
+            out.append(int(entry))
+    return out
+
+
+def test_start_status_stop_and_restore(tap: Tapnbd) -> None:
+    proc = tap.run("daemon", "status")
+    assert proc.returncode == 3 and "not running" in proc.stderr
+    assert json.loads(tap.run("daemon", "status", "--json").stdout) == {"running": False}
+
+    started = tap.run("daemon", "start")
+    assert started.returncode == 0, started.stderr
+    assert (
+        "started the daemon" in started.stderr and str(tap.state / "tapnbd.log") in started.stderr
+    )
+    status = tap.status()
+    assert status["running"] and status["state_dir"] == str(tap.state)
+    assert f"unix:{tap.state}/nbd.sock" in status["listen"]
+    assert any(ep.startswith("tcp:127.0.0.1:") for ep in status["listen"])
+    assert "already running" in tap.run("daemon", "start").stderr
+
+    image = tap.image("keep.img", size="16M")
+    uris = tap.ok("export", "add", str(image), "--name", "keep")
+    assert any(u.startswith("nbd://127.0.0.1:") and u.endswith("/keep") for u in uris.split())
+    tap.ok("export", "add", "ram:8M", "--name", "scratch", "--read-only")
+    qemu_io(unix_uri(uris), "write -P 0x5a 1M 64k")
+
+    stopped = tap.run("daemon", "stop")
+    assert stopped.returncode == 0, stopped.stderr
+    assert "flushed and closed 'keep'" in stopped.stderr
+    assert f"stopped the daemon (pid {status['pid']})" in stopped.stderr
+    assert not StateDir(str(tap.state)).daemon_alive()
+    assert not (tap.state / "control.sock").exists()
+    with open(image, "rb") as f:
+        f.seek(1 << 20)
+        assert f.read(65536) == b"\x5a" * 65536  # on disk once stop returns
+    assert tap.run("daemon", "status").returncode == 3
+    assert "not running" in tap.run("daemon", "stop").stderr
+
+    # Any command brings it back, with the exports it had.
+    listed = tap.run("list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    assert "restored export 'keep'" in listed.stderr
+    exports = {e["name"]: e for e in json.loads(listed.stdout)["exports"]}
+    assert exports["keep"]["image"] == str(image) and not exports["keep"]["read_only"]
+    assert exports["scratch"]["read_only"] and exports["scratch"]["format"] == "ram"
+    assert tap.status()["pid"] != status["pid"]
+
+
+def test_export_add_refusals(tap: Tapnbd) -> None:
+    image = tap.image("dup.img", size="8M")
+    assert "not running" in tap.fails("export", "remove", "x")
+    tap.ok("export", "add", str(image))
+    assert "is already exported as 'dup.img'" in tap.fails("export", "add", str(image))
+    other = tap.image("sub.img", size="8M")
+    err = tap.fails("export", "add", str(other), "--name", "dup.img")
+    assert "an export named 'dup.img' already exists" in err
+    assert "no such file" in tap.fails("export", "add", str(tap.base / "missing.img"))
+    assert "cannot be empty" in tap.fails("export", "add", str(other), "--name", "")
+    # A relative path is the caller's, not the daemon's.
+    proc = subprocess.run(
+        [sys.executable, "-m", "tapnbd", "export", "add", "sub.img"],
+        capture_output=True,
+        text=True,
+        env=tap.env,
+        cwd=tap.base,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert {e["image"] for e in tap.list()["exports"]} == {str(image), str(other)}
+    tap.ok("export", "remove", "sub.img")
+    assert [e["name"] for e in tap.list()["exports"]] == ["dup.img"]
+
+
+def test_kill9_is_reported_cleaned_up_and_restarted(devtap: Tapnbd) -> None:
+    tap = devtap
+    keep = tap.image("keep.img", size="32M")
+    tap.ok("export", "add", str(keep), "--name", "keep")
+    device = tap.ok("attach", str(tap.image("tmp.img", size="32M"))).strip()
+    old_pid = tap.status()["pid"]
+    assert nbdfuse_pids(tap.state)
+    os.kill(old_pid, signal.SIGKILL)
+    while StateDir(str(tap.state)).daemon_alive():
+        time.sleep(0.01)
+
+    proc = tap.run("list", "--json")
+    assert proc.returncode == 0, proc.stderr
+    err = proc.stderr
+    assert f"the daemon (pid {old_pid}) is not running: it died" in err
+    assert f"detached {device}" in err
+    assert "stopped nbdfuse" in err
+    assert "removed stale control.sock" in err
+    assert "started the daemon" in err
+    assert "restored export 'keep'" in err
+    listed = json.loads(proc.stdout)
+    assert [e["name"] for e in listed["exports"]] == ["keep"]  # tmp.img was attach's own
+    assert listed["attachments"] == []
+    assert nbdfuse_pids(tap.state) == []
+    losetup = subprocess.run(["losetup", "-l", "-n"], capture_output=True, text=True).stdout
+    assert str(tap.state) not in losetup
+    assert tap.status()["pid"] != old_pid
+
+    # Again, but found by `daemon status`, which reports and cleans without restarting.
+    pid = tap.status()["pid"]
+    os.kill(pid, signal.SIGKILL)
+    while StateDir(str(tap.state)).daemon_alive():
+        time.sleep(0.01)
+    proc = tap.run("daemon", "status")
+    assert proc.returncode == 3
+    assert f"(pid {pid}) is not running: it died" in proc.stderr
+    assert not (tap.state / "control.sock").exists()
+    assert tap.run("daemon", "status").stderr.count("died") == 0  # nothing left to clean
+    assert [e["name"] for e in tap.list()["exports"]] == ["keep"]
+
+
+def _as_nobody(path: str) -> str:
+    """Connect to ``path`` as uid 65534 in a forked child; what happened, as text."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never return into pytest
+        result = "?"
+        try:
+            os.close(r)
+            os.setgroups([])
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.settimeout(10)
+            try:
+                s.connect(path)
+            except OSError as e:
+                result = f"connect: {e.strerror}"
+            else:
+                s.sendall(encode(StatusRequest()))
+                data = b""
+                while not data.endswith(b"\n"):
+                    chunk = s.recv(4096)
+                    if not chunk:
+                        break
+                    data += chunk
+                reply = decode(data) if data else None
+                result = (
+                    f"reply: {reply.message}"
+                    if isinstance(reply, ErrorReply)
+                    else f"reply: {reply}"
+                )
+        except BaseException as e:
+            result = f"error: {e!r}"
+        finally:
+            os.write(w, result.encode())
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r) as f:
+        out = f.read()
+    os.waitpid(pid, 0)
+    return out
+
+
+def test_control_socket_is_owner_only(tap: Tapnbd) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to connect as another uid")
+    tap.ok("daemon", "start")
+    control = str(tap.state / "control.sock")
+    assert stat.S_IMODE(os.stat(control).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(tap.state).st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(tap.state / "state.json").st_mode) == 0o600
+
+    assert _as_nobody(control) == "connect: Permission denied"
+    # Even with the file opened up, SO_PEERCRED keeps other users out.
+    os.chmod(tap.base, 0o711)
+    os.chmod(tap.state, 0o711)
+    os.chmod(control, 0o666)
+    try:
+        assert (
+            _as_nobody(control)
+            == f"reply: permission denied: uid {NOBODY} does not own this daemon"
+        )
+    finally:
+        os.chmod(control, 0o600)
+        os.chmod(tap.state, 0o700)
+        os.chmod(tap.base, 0o700)
+    assert "refused control connection" in tap.log_tail()
+    assert tap.status()["running"]  # and the owner still gets in
+
+
+def test_bad_requests_get_error_replies(tap: Tapnbd) -> None:
+    tap.ok("daemon", "start")
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(10)
+    s.connect(str(tap.state / "control.sock"))
+    f = s.makefile("rwb")
+    for line, error in (
+        (b"hello\n", "bad request: not a JSON message"),
+        (b'{"type":"export_add"}\n', "bad request: export_add: missing field 'image'"),
+        (b'{"type":"list_reply","exports":[],"attachments":[]}\n', "'list_reply' is not a request"),
+        (b'{"type":"export_add","image":"rel.img"}\n', "must be absolute"),
+    ):
+        f.write(line)
+        f.flush()
+        reply = decode(f.readline())
+        assert isinstance(reply, ErrorReply) and error in reply.message, reply
+    f.write(encode(StatusRequest()))  # the connection carries on after errors
+    f.flush()
+    assert json.loads(f.readline())["type"] == "status_reply"
+    s.close()
+
+
+def test_stats_counters_move(tap: Tapnbd) -> None:
+    image = tap.image("s.img", size="16M")
+    uri = unix_uri(tap.ok("export", "add", str(image), "--name", "s"))
+    before = tap.stats("s")
+    assert before["ops"]["write"]["ops"] == 0 and before["enabled"]
+    qemu_io(uri, "write -P 0xab 0 1M", "read -P 0xab 0 1M", "flush", "write -z 2M 64k")
+    after = tap.stats("s")
+    write, read, flush = (after["ops"][op] for op in ("write", "read", "flush"))
+    assert write["ops"] >= 1 and write["bytes"] >= 1 << 20
+    assert read["ops"] >= 1 and read["bytes"] >= 1 << 20
+    assert flush["ops"] >= 1
+    assert after["ops"]["zero"]["bytes"] + after["ops"]["trim"]["bytes"] >= 65536
+    assert 0 < read["p50_us"] <= read["p99_us"] <= read["max_us"]
+    assert after["in_flight"] == 0 and after["connections"] == 0
+    assert after["errors_by_errno"] == {}
+
+    table = tap.ok("stats")
+    assert "s.img" in table and "read" in table and "P99" in table
+    assert "no export named 'nope'" in tap.fails("stats", "nope")
+
+    # --watch: a document per interval until interrupted.
+    watch = subprocess.Popen(
+        [sys.executable, "-m", "tapnbd", "stats", "s", "--watch", "--json", "--interval", "0.2"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=tap.env,
+    )
+    tap.procs.append(watch)
+    time.sleep(0.3)
+    qemu_io(uri, "read 0 4k")
+    time.sleep(0.6)
+    watch.send_signal(signal.SIGINT)
+    out, err = watch.communicate(timeout=10)
+    assert watch.returncode == 0, err
+    docs = [json.loads(line) for line in out.splitlines()]
+    assert len(docs) >= 3
+    assert docs[-1][0]["ops"]["read"]["ops"] > docs[0][0]["ops"]["read"]["ops"]
+
+
+def test_statistics_can_be_turned_off(tap: Tapnbd) -> None:
+    tap.ok("daemon", "start", "--no-stats")
+    assert tap.status()["stats_enabled"] is False
+    uri = unix_uri(tap.ok("export", "add", "ram:4M", "--name", "r"))
+    qemu_io(uri, "write 0 64k", "read 0 64k")
+    stats = tap.stats("r")
+    assert stats["enabled"] is False and stats["ops"]["read"]["ops"] == 0
+
+
+def test_prometheus_endpoint(tap: Tapnbd) -> None:
+    tap.env["TAPNBD_METRICS"] = "127.0.0.1:0"
+    image = tap.image("p.img", size="8M")
+    uri = unix_uri(tap.ok("export", "add", str(image), "--name", 'p"1'))
+    qemu_io(uri, "write 0 8k", "read 0 8k", "read 0 4k")
+    address = tap.status()["metrics"]
+    assert address.startswith("127.0.0.1:")
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as resp:
+        assert resp.status == 200
+        assert resp.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+        text = resp.read().decode()
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            samples[name] = float(value)
+    assert samples['tapnbd_requests_total{export="p\\"1",op="read"}'] >= 2
+    assert samples['tapnbd_bytes_total{export="p\\"1",op="write"}'] >= 8192
+    assert samples['tapnbd_request_latency_p99_seconds{export="p\\"1",op="read"}'] > 0
+    assert samples["tapnbd_up"] == 1 and samples["tapnbd_exports"] == 1
+    assert "# TYPE tapnbd_requests_total counter" in text
+    with pytest.raises(urllib.error.HTTPError) as exc:
+        urllib.request.urlopen(f"http://{address}/other", timeout=10)
+    assert exc.value.code == 404
