@@ -43,6 +43,8 @@ log = logging.getLogger("tapnbd.server")
 
 #: Requests in flight per connection before we stop reading from the socket.
 MAX_IN_FLIGHT = 64
+#: Replies at least this big are written at once, not corked with the rest of a batch.
+UNCORK_AT = 128 * 1024
 #: Structured reads above this are split at this granularity into DATA and HOLE chunks.
 SPLIT_READ = 64 * 1024
 #: "SHOULD stay <= 2^20 extents per chunk" (CVE-2025-47711/47712 were about this).
@@ -55,12 +57,12 @@ _ZERO_PROBE = bytes(64)
 
 
 def _all_zero(data: bytes | bytearray | memoryview) -> bool:
-    # Cheap rejection on the first bytes; count() then runs at memchr speed.
+    # Cheap rejection on the first bytes (no copy); count() then runs at memchr speed.
+    n = len(data)
+    if n >= 64 and data[:64] != _ZERO_PROBE:
+        return False
     if isinstance(data, memoryview):
         data = data.tobytes()
-    n = len(data)
-    if n >= 64:
-        return data.startswith(_ZERO_PROBE) and data.count(0) == n
     return n > 0 and data.count(0) == n
 
 
@@ -238,9 +240,9 @@ class NBDConnection(asyncio.Protocol):
             self.transport.abort()
             return
         finally:
-            self._cork = None
-            if cork and not self.transport.is_closing():
-                self.transport.writelines(cork)
+            cork, self._cork = self._cork or [], None
+            if cork:
+                self._write_now(cork)
         self._update_reading()
 
     def _dispatch(self, req: Request) -> None:
@@ -405,10 +407,16 @@ class NBDConnection(asyncio.Protocol):
             self._write(simple_reply(req.cookie, err))
 
     def _write(self, header: bytes, data: bytes | bytearray | memoryview | None = None) -> None:
-        if self._cork is not None:
-            self._cork.append(header)
+        cork = self._cork
+        if cork is not None:
+            cork.append(header)
             if data is not None:
-                self._cork.append(data)
+                cork.append(data)
+                if len(data) >= UNCORK_AT:
+                    # A big reply goes out now, so the client is not kept waiting
+                    # while we read the next megabytes of the batch.
+                    self._cork = []
+                    self._write_now(cork)
             return
         transport = self.transport
         if transport is None or transport.is_closing():
@@ -419,6 +427,11 @@ class NBDConnection(asyncio.Protocol):
             transport.write(header + data)
         else:
             transport.writelines((header, data))
+
+    def _write_now(self, bufs: list[bytes | bytearray | memoryview]) -> None:
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.writelines(bufs)
 
     def _request_done(self) -> None:
         self.in_flight -= 1
