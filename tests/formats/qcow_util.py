@@ -1,0 +1,120 @@
+"""Helpers for the qcow tests: qemu-img/qemu-io as the referee, image builders."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from formats import open_image
+from formats.qcow import QcowDriver
+from formats.qcow.create import create_qcow
+from formats.qcow.layout import HEADER_SIZE, QcowHeader
+
+MiB = 1 << 20
+
+
+def need(*tools: str) -> None:
+    """Skip unless every tool is installed (``make deps`` installs them)."""
+    missing = [t for t in tools if shutil.which(t) is None]
+    if missing:
+        pytest.skip(f"not installed: {', '.join(missing)}")
+
+
+def run(*cmd: str | Path, check: bool = True, timeout: float = 120) -> str:
+    proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(map(str, cmd))} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+        )
+    return proc.stdout + proc.stderr
+
+
+def qemu_io(image: Path | str, *commands: str, fmt: str = "qcow") -> str:
+    """Run qemu-io commands; a failed ``read -P`` pattern check fails the test."""
+    need("qemu-io")
+    args: list[str] = ["qemu-io", "-f", fmt]
+    for c in commands:
+        args += ["-c", c]
+    out = run(*args, image)
+    assert "Pattern verification failed" not in out, out
+    assert "error" not in out.lower(), out
+    return out
+
+
+def qemu_img(*args: str | Path, check: bool = True) -> str:
+    need("qemu-img")
+    return run("qemu-img", *args, check=check)
+
+
+def compare(image: Path | str, raw: Path | str, fmt: str = "qcow") -> None:
+    """qemu-img compare: the qcow image reads exactly like the raw reference."""
+    qemu_img("compare", "-f", fmt, "-F", "raw", image, raw)
+
+
+async def make_qcow(
+    path: Path,
+    size: int | None = 64 * MiB,
+    *,
+    optimise: bool = True,
+    backing: Path | None = None,
+    cluster_size: int | None = None,
+    reserve: bool = False,
+) -> Path:
+    await create_qcow(
+        str(path),
+        size,
+        backing=str(backing) if backing else None,
+        optimise=optimise,
+        cluster_size=cluster_size,
+        reserve=reserve,
+    )
+    return path
+
+
+async def open_qcow(path: Path | str, *, read_only: bool = False) -> QcowDriver:
+    driver = await open_image(str(path), read_only=read_only)
+    assert isinstance(driver, QcowDriver)
+    return driver
+
+
+def make_raw(path: Path, size: int) -> Path:
+    with open(path, "wb") as f:
+        f.truncate(size)
+    return path
+
+
+def write_raw(path: Path, offset: int, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.pwrite(fd, data, offset)
+    finally:
+        os.close(fd)
+
+
+def read_header(path: Path) -> QcowHeader:
+    with open(path, "rb") as f:
+        return QcowHeader.parse(f.read(HEADER_SIZE))
+
+
+def patch(path: Path, offset: int, data: bytes) -> None:
+    """Overwrite bytes of an image file (to corrupt it)."""
+    write_raw(path, offset, data)
+
+
+def random_writes(
+    rng: random.Random, size: int, count: int, max_len: int = 256 << 10
+) -> list[tuple[int, bytes]]:
+    """Writes of assorted sizes and alignments, some crossing L1 slots (2 MiB)."""
+    out = []
+    for _ in range(count):
+        n = rng.choice([512, 4096, 4096, 65536, rng.randrange(1, max_len)])
+        off = rng.randrange(0, size - n)
+        if rng.random() < 0.5:
+            off &= ~4095
+        out.append((off, rng.randbytes(n)))
+    return out
