@@ -48,6 +48,11 @@ _CHUNK_HOLE = wire.CHUNK_HOLE.pack
 _REQ = wire.REQUEST
 _REQ_SIZE = _REQ.size
 _COMPACT_AT = 1 << 20
+_WRITE = int(Cmd.WRITE)
+#: Receive buffer for headers and small payloads.
+_SCRATCH = 256 * 1024
+#: WRITE payloads from this size are received in place (see RequestDecoder).
+_DIRECT_MIN = 64 * 1024
 
 
 class Request(NamedTuple):
@@ -58,11 +63,17 @@ class Request(NamedTuple):
     cookie: int
     offset: int
     length: int
-    payload: bytes | None = None
+    payload: bytes | memoryview | None = None
 
 
 class RequestDecoder:
-    """Incremental decoder of compact requests (28-byte header + WRITE payload)."""
+    """Incremental decoder of compact requests (28-byte header + WRITE payload).
+
+    Two ways in. ``feed(data)`` takes bytes (tests, the handshake's leftovers). The
+    ``get_buffer``/``buffer_updated`` pair serves asyncio's BufferedProtocol: a large
+    WRITE payload is then received straight into its own buffer, with no copy in
+    user space, which halves the cost of sequential writes.
+    """
 
     def __init__(self, max_payload: int = MAX_PAYLOAD, max_drain: int = MAX_DRAIN) -> None:
         self.max_payload = max_payload
@@ -71,10 +82,35 @@ class RequestDecoder:
         self._pos = 0
         self._discard = 0  # bytes of an oversized WRITE payload still to skip
         self._pending: Request | None = None  # an oversized WRITE, reported once drained
+        self._scratch = memoryview(bytearray(_SCRATCH))
+        # A big WRITE payload being filled in place: the request, its buffer, bytes in.
+        self._direct: Request | None = None
+        self._direct_buf = bytearray()
+        self._direct_fill = 0
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data)
+        while view:
+            buf = self.get_buffer(len(view))
+            n = min(len(buf), len(view))
+            buf[:n] = view[:n]
+            self.buffer_updated(n)
+            view = view[n:]
+
+    def get_buffer(self, sizehint: int = -1) -> memoryview:
+        """Where the next received bytes should go."""
+        if self._direct is not None:
+            return memoryview(self._direct_buf)[self._direct_fill :]
+        return self._scratch
+
+    def buffer_updated(self, nbytes: int) -> None:
+        """``nbytes`` were written into the last ``get_buffer()``."""
+        if self._direct is not None:
+            self._direct_fill += nbytes
+            return
+        data = self._scratch[:nbytes]
         if self._discard:
-            skip = min(self._discard, len(data))
+            skip = min(self._discard, nbytes)
             self._discard -= skip
             data = data[skip:]
         self._buf += data
@@ -84,6 +120,12 @@ class RequestDecoder:
 
     def next_request(self) -> Request | None:
         """The next complete request, or None when more bytes are needed."""
+        if self._direct is not None:
+            if self._direct_fill < len(self._direct_buf):
+                return None
+            req = self._direct._replace(payload=memoryview(self._direct_buf))
+            self._direct, self._direct_buf = None, bytearray()
+            return req
         if self._pending is not None:
             if self._discard:
                 return None
@@ -96,7 +138,7 @@ class RequestDecoder:
         magic, flags, typ, cookie, offset, length = _REQ.unpack_from(buf, pos)
         if magic != REQUEST_MAGIC:
             raise ProtocolError(f"bad request magic {magic:#x}")
-        if typ != Cmd.WRITE:
+        if typ != _WRITE:
             self._pos = pos + _REQ_SIZE
             return Request(flags, typ, cookie, offset, length)
         if length > self.max_payload:
@@ -109,14 +151,25 @@ class RequestDecoder:
             self._discard = length - have
             self._pending = Request(flags, typ, cookie, offset, length, None)
             return self.next_request()
-        end = pos + _REQ_SIZE + length
+        start = pos + _REQ_SIZE
+        end = start + length
         if len(buf) < end:
-            self._compact()
+            if length >= _DIRECT_MIN:
+                # Take what is here; the rest arrives straight into the payload buffer.
+                have = len(buf) - start
+                payload = bytearray(length)
+                payload[:have] = memoryview(buf)[start:]
+                self._pos = len(buf)
+                self._compact()
+                self._direct = Request(flags, typ, cookie, offset, length)
+                self._direct_buf, self._direct_fill = payload, have
+            else:
+                self._compact()
             return None
         with memoryview(buf) as view:  # one copy, not a bytearray slice and then bytes
-            payload = bytes(view[pos + _REQ_SIZE : end])
+            data = bytes(view[start:end])
         self._pos = end
-        return Request(flags, typ, cookie, offset, length, payload)
+        return Request(flags, typ, cookie, offset, length, data)
 
     def _compact(self) -> None:
         if self._pos:
@@ -133,35 +186,24 @@ class RequestDecoder:
 
 
 def simple_reply(cookie: int, error: int = 0) -> bytes:
-    return wire.SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, error, cookie)
+    return _SIMPLE(SIMPLE_REPLY_MAGIC, error, cookie)
 
 
 def data_chunk(cookie: int, offset: int, length: int, done: bool = True) -> bytes:
     """Header of an OFFSET_DATA chunk; ``length`` bytes of data follow it."""
-    return wire.CHUNK_OFFSET.pack(
-        STRUCTURED_REPLY_MAGIC,
-        ReplyFlag.DONE if done else 0,
-        ReplyType.OFFSET_DATA,
-        cookie,
-        8 + length,
-        offset,
+    return _CHUNK_OFFSET(
+        STRUCTURED_REPLY_MAGIC, _DONE if done else 0, _T_DATA, cookie, 8 + length, offset
     )
 
 
 def hole_chunk(cookie: int, offset: int, length: int, done: bool = True) -> bytes:
-    return wire.CHUNK_HOLE.pack(
-        STRUCTURED_REPLY_MAGIC,
-        ReplyFlag.DONE if done else 0,
-        ReplyType.OFFSET_HOLE,
-        cookie,
-        12,
-        offset,
-        length,
+    return _CHUNK_HOLE(
+        STRUCTURED_REPLY_MAGIC, _DONE if done else 0, _T_HOLE, cookie, 12, offset, length
     )
 
 
 def none_chunk(cookie: int) -> bytes:
-    return wire.CHUNK.pack(STRUCTURED_REPLY_MAGIC, ReplyFlag.DONE, ReplyType.NONE, cookie, 0)
+    return wire.CHUNK.pack(STRUCTURED_REPLY_MAGIC, _DONE, _T_NONE, cookie, 0)
 
 
 def error_chunk(cookie: int, error: int, message: str = "", done: bool = True) -> bytes:
@@ -169,8 +211,8 @@ def error_chunk(cookie: int, error: int, message: str = "", done: bool = True) -
     return (
         wire.CHUNK_ERROR.pack(
             STRUCTURED_REPLY_MAGIC,
-            ReplyFlag.DONE if done else 0,
-            ReplyType.ERROR,
+            _DONE if done else 0,
+            _T_ERROR,
             cookie,
             6 + len(msg),
             error,
@@ -188,8 +230,8 @@ def block_status_chunk(
     return (
         wire.CHUNK.pack(
             STRUCTURED_REPLY_MAGIC,
-            ReplyFlag.DONE if done else 0,
-            ReplyType.BLOCK_STATUS,
+            _DONE if done else 0,
+            _T_BS,
             cookie,
             4 + len(body),
         )

@@ -66,7 +66,7 @@ def _all_zero(data: bytes | bytearray | memoryview) -> bool:
     return n > 0 and data.count(0) == n
 
 
-class NBDConnection(asyncio.Protocol):
+class NBDConnection(asyncio.BufferedProtocol):
     """Server side of one client connection."""
 
     def __init__(self, server: NBDServer) -> None:
@@ -89,6 +89,7 @@ class NBDConnection(asyncio.Protocol):
         self._read_paused = False
         self._write_paused = False
         self._cork: list[bytes | bytearray | memoryview] | None = None
+        self._hs_buf = memoryview(bytearray(65536))
         self._idle: asyncio.Future[None] | None = None  # set by drain() to wait for idleness
 
     # asyncio.Protocol
@@ -121,12 +122,20 @@ class NBDConnection(asyncio.Protocol):
             self.export = None
         self.server.forget(self)
 
-    def data_received(self, data: bytes) -> None:
+    # A BufferedProtocol: the loop receives into the buffer we hand out, so a big WRITE
+    # payload lands in its own buffer without a copy (see RequestDecoder).
+
+    def get_buffer(self, sizehint: int) -> memoryview:
         if self.decoder is not None:
-            self.decoder.feed(data)
+            return self.decoder.get_buffer(sizehint)
+        return self._hs_buf
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self.decoder is not None:
+            self.decoder.buffer_updated(nbytes)
             self._process()
         else:
-            self._negotiate(data)
+            self._negotiate(bytes(self._hs_buf[:nbytes]))
 
     def pause_writing(self) -> None:
         self._write_paused = True

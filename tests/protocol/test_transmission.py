@@ -44,6 +44,25 @@ def test_requests_split_at_every_byte() -> None:
     ]
 
 
+def test_big_write_payload_is_received_in_place() -> None:
+    payload = bytes(range(256)) * 1024  # 256 KiB: over the in-place threshold
+    stream = req(Cmd.WRITE, 0, len(payload), 1, payload=payload) + req(Cmd.FLUSH, 0, 0, 2)
+    dec = tx.RequestDecoder()
+    got = []
+    pos = 0
+    for size in (10, 30, 1000, 70000, 1 << 20):  # as a BufferedProtocol would
+        buf = dec.get_buffer()
+        n = min(len(buf), size, len(stream) - pos)
+        buf[:n] = stream[pos : pos + n]
+        dec.buffer_updated(n)
+        pos += n
+        got += decode_all(dec)
+    dec.feed(stream[pos:])
+    got += decode_all(dec)
+    assert [(r.type, r.cookie) for r in got] == [(Cmd.WRITE, 1), (Cmd.FLUSH, 2)]
+    assert got[0].payload is not None and bytes(got[0].payload) == payload
+
+
 def test_oversized_write_is_drained_not_buffered() -> None:
     dec = tx.RequestDecoder(max_payload=16, max_drain=64)
     dec.feed(req(Cmd.WRITE, 0, 40, 1) + b"x" * 10)
