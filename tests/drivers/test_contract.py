@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from formats import open_image
 from formats.ram import RamDriver
 from formats.raw import RawDriver
 from tapnbd.backend import Backend
@@ -29,7 +30,36 @@ async def make_ram(tmp: Path) -> Driver:
     return RamDriver(SIZE)
 
 
-MAKERS: dict[str, Callable[[Path], object]] = {"raw": make_raw, "ram": make_ram}
+async def make_qcow_optimised(tmp: Path) -> Driver:
+    from formats.qcow.create import create_qcow
+
+    await create_qcow(str(tmp / "opt.qcow"), SIZE)
+    return await open_image(str(tmp / "opt.qcow"))
+
+
+async def make_qcow_normal(tmp: Path) -> Driver:
+    from formats.qcow.create import create_qcow
+
+    await create_qcow(str(tmp / "normal.qcow"), SIZE, optimise=False)
+    return await open_image(str(tmp / "normal.qcow"))
+
+
+async def make_qcow_overlay(tmp: Path) -> Driver:
+    from formats.qcow.create import create_qcow
+
+    base = await make_raw(tmp)
+    await base.close()
+    await create_qcow(str(tmp / "overlay.qcow"), backing=str(tmp / "raw.img"))
+    return await open_image(str(tmp / "overlay.qcow"))
+
+
+MAKERS: dict[str, Callable[[Path], object]] = {
+    "raw": make_raw,
+    "ram": make_ram,
+    "qcow-optimised": make_qcow_optimised,
+    "qcow-normal": make_qcow_normal,
+    "qcow-overlay": make_qcow_overlay,
+}
 
 
 @pytest.fixture(params=sorted(MAKERS))
