@@ -340,13 +340,22 @@ class QcowDriver(Driver):
             )
 
     def _cache_put(self, l2off: int, t: array[int]) -> None:
+        self._l2cache[l2off] = t
+        self._trim_cache(keep=l2off)
+
+    def _trim_cache(self, keep: int = 0) -> None:
+        """Drop the least recently used clean tables beyond the cache's size.
+
+        ``keep`` is the table just loaded: the caller is about to use it, and evicting it
+        (when dirty tables fill the cache) would send the caller round a load loop.
+        """
         cache = self._l2cache
-        cache[l2off] = t
-        if len(cache) > self._l2_cache_max:
-            for victim in list(itertools.islice(cache, 8)):
-                if not self._pinned(victim):
-                    del cache[victim]
-                    break
+        excess = len(cache) - self._l2_cache_max
+        if excess > 0:
+            oldest = itertools.islice(cache, excess + 64)
+            victims = [off for off in oldest if off != keep and not self._pinned(off)]
+            for victim in victims[:excess]:
+                del cache[victim]
 
     def _pinned(self, l2off: int) -> bool:
         """A table with changes not yet on disk must stay in memory."""
@@ -809,6 +818,7 @@ class QcowDriver(Driver):
             finally:
                 self._flushing = set()
                 self._flush_active = False
+                self._trim_cache()
 
     def _merge_back(
         self, l1: dict[int, int], l2: dict[int, dict[int, int]], new: dict[int, array[int]]
