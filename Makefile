@@ -50,6 +50,8 @@ pytest: venv
 
 test: deps venv lint typecheck pytest
 
+BENCH_ARGS ?= all
+
 bench: deps venv
 	$(BIN)/python -m bench $(BENCH_ARGS)
 

@@ -1,0 +1,184 @@
+"""``python -m bench``: the fio peer table and the blktap Bonnie table, in one command.
+
+    python -m bench fio               # every row, 5 s per cell (issue 2 and 3 tables)
+    python -m bench fio --only 'tapnbd-raw' --only '*-raw' --jobs randread
+    python -m bench bonnie            # the seed's Bonnie table (root, loop, FUSE)
+    python -m bench all               # both, one results directory
+    python -m bench fio --quick       # a smoke run: small image, 1 s cells (not a measurement)
+
+Results go to ``bench/results/DATE-HOST/`` as Markdown, CSV and (with matplotlib) PNG.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from bench import bonnie, fio
+from bench.images import MiB
+from bench.proc import BenchError, cleanup_on_signals
+from bench.report import machine, machine_markdown, run_dir
+from bench.servers import ServerOptions
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+console = Console()
+err = Console(stderr=True)
+
+OutOpt = Annotated[
+    Path | None,
+    typer.Option(help="Results directory (default: bench/results/DATE-HOST)."),
+]
+QuickOpt = Annotated[
+    bool, typer.Option(help="Smoke run: tiny image and short cells; the figures mean nothing.")
+]
+WorkOpt = Annotated[
+    Path | None,
+    typer.Option(help="Scratch directory for images (default: a temporary one under /var/tmp)."),
+]
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+@contextmanager
+def _workdir(given: Path | None) -> Iterator[Path]:
+    # /var/tmp, not /tmp: the images must live on a real file system, not tmpfs, for the
+    # Bonnie rows and for SEEK_DATA and fallocate to behave as they would in production.
+    if given is not None:
+        given.mkdir(parents=True, exist_ok=True)
+        yield given
+        return
+    path = Path(tempfile.mkdtemp(prefix="tapnbd-bench-", dir="/var/tmp"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _out(out: Path | None) -> Path:
+    return out if out is not None else run_dir(RESULTS)
+
+
+def _fio(
+    out: Path,
+    work: Path,
+    quick: bool,
+    only: list[str] | None,
+    jobs: list[str] | None,
+    runtime: float | None,
+    size_mib: int | None,
+    repeat: int,
+    qemu_shared: int,
+) -> fio.FioRun:
+    cfg = fio.FioConfig.quick_config() if quick else fio.FioConfig()
+    cfg.targets = fio.select(fio.TARGETS, only)
+    cfg.jobs = fio.select(fio.JOBS, jobs)
+    if not cfg.targets or not cfg.jobs:
+        raise typer.BadParameter("--only/--jobs select nothing")
+    if runtime is not None:
+        cfg.runtime = runtime
+    if size_mib is not None:
+        cfg.size = size_mib * MiB
+    cfg.repeat = repeat
+    cfg.options = ServerOptions(qemu_shared=qemu_shared)
+    r = fio.run_fio(cfg, work, err)
+    for t in [*fio.tables(r), fio.targets_table(r)]:
+        console.print(t.rich())
+    for path in fio.write_outputs(r, out, machine_markdown(machine())):
+        console.print(f"wrote {path}")
+    return r
+
+
+def _bonnie(
+    out: Path, work: Path, quick: bool, only: list[str] | None, file_mib: int | None
+) -> bonnie.BonnieRun:
+    cfg = bonnie.BonnieConfig.quick_config() if quick else bonnie.BonnieConfig()
+    cfg.rows = bonnie.select(bonnie.ROWS, only)
+    if not cfg.rows:
+        raise typer.BadParameter("--only selects no row")
+    if file_mib is not None:
+        cfg.file_mib = file_mib
+        cfg.ram_mib = max(file_mib // 4, 1)
+        cfg.image_size = max(cfg.image_size, 3 * file_mib * MiB)
+    r = bonnie.run_bonnie(cfg, work, err)
+    for t in (bonnie.summary_table(r), bonnie.full_table(r), bonnie.targets_table(r)):
+        console.print(t.rich())
+    for path in bonnie.write_outputs(r, out, machine_markdown(machine())):
+        console.print(f"wrote {path}")
+    return r
+
+
+def _failed(cells_with_errors: int) -> None:
+    if cells_with_errors:
+        err.print(f"[red]{cells_with_errors} cell(s) failed; see the Markdown for why")
+        raise typer.Exit(1)
+
+
+@app.command("fio")
+def fio_cmd(
+    quick: QuickOpt = False,
+    only: Annotated[
+        list[str] | None, typer.Option(help="Rows to run (glob on the key, e.g. '*-raw').")
+    ] = None,
+    jobs: Annotated[
+        list[str] | None, typer.Option(help="Jobs: seqread seqwrite randread randwrite.")
+    ] = None,
+    runtime: Annotated[float | None, typer.Option(help="Seconds per cell.")] = None,
+    size: Annotated[int | None, typer.Option(help="Image size in MiB.")] = None,
+    repeat: Annotated[int, typer.Option(help="Runs per cell; the median is reported.")] = 1,
+    qemu_shared: Annotated[int, typer.Option(help="qemu-nbd --shared (1 is its default).")] = 1,
+    out: OutOpt = None,
+    workdir: WorkOpt = None,
+) -> None:
+    """tapnbd against qemu-nbd, nbdkit and nbd-server: fio over NBD, one table, one run."""
+    with cleanup_on_signals(), _workdir(workdir) as work:
+        try:
+            r = _fio(_out(out), work, quick, only, jobs, runtime, size, repeat, qemu_shared)
+        except BenchError as e:
+            err.print(f"[red]bench: {e}")
+            raise typer.Exit(2) from None
+    _failed(sum(1 for c in r.cells if c.error))
+
+
+@app.command("bonnie")
+def bonnie_cmd(
+    quick: QuickOpt = False,
+    only: Annotated[list[str] | None, typer.Option(help="Rows to run (glob on the key).")] = None,
+    file_mib: Annotated[
+        int | None, typer.Option(help="bonnie++ file size in MiB (the seed used 2048).")
+    ] = None,
+    out: OutOpt = None,
+    workdir: WorkOpt = None,
+) -> None:
+    """The seed's Bonnie table: ext4 on each device, tapnbd rows beside loop and the peers."""
+    with cleanup_on_signals(), _workdir(workdir) as work:
+        try:
+            r = _bonnie(_out(out), work, quick, only, file_mib)
+        except BenchError as e:
+            err.print(f"[red]bench: {e}")
+            raise typer.Exit(2) from None
+    _failed(sum(1 for x in r.results if x.error))
+
+
+@app.command("all")
+def all_cmd(quick: QuickOpt = False, out: OutOpt = None, workdir: WorkOpt = None) -> None:
+    """fio, then Bonnie, into one results directory."""
+    dest = _out(out)
+    with cleanup_on_signals(), _workdir(workdir) as work:
+        try:
+            f = _fio(dest, work, quick, None, None, None, None, 1, 1)
+            b = _bonnie(dest, work, quick, None, None)
+        except BenchError as e:
+            err.print(f"[red]bench: {e}")
+            raise typer.Exit(2) from None
+    _failed(sum(1 for c in f.cells if c.error) + sum(1 for x in b.results if x.error))
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,568 @@
+"""The fio peer benchmark (issues 2 and 3): four jobs against every server, in one run.
+
+Each cell is one fio job with the nbd engine, exactly as ../shared/bench/peers.md runs it:
+
+    fio --name=J --ioengine=nbd --uri=URI --rw=RW --bs=BS --iodepth=QD \\
+        --size=1g --time_based --runtime=5 --group_reporting --output-format=json
+
+The raw rows serve one 1 GiB image of random data, warm in the page cache, with tapnbd
+and each peer in turn. The qcow rows (issue 3) serve qcow images of the same size, in both
+layouts (normal and allocation-optimised), "full" (every cluster written, filled with the
+same random data) and "fresh" (just created, so every write allocates; recreated before
+each write job, and not read, since reads would only see holes). tapnbd and qemu-nbd serve
+the same qcow files.
+
+The loop runs job by job, and inside a job server by server, so that drift on this shared
+two-core machine hits every server in a job alike. Each server is started for its cell and
+stopped after it. Ratios are only ever taken between cells of the same run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import json
+import statistics
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from bench import images
+from bench.images import GiB, MiB
+from bench.proc import BenchError, Unavailable, cpu_seconds, have, run, warm
+from bench.report import Table, bar_chart, fmt_ratio, ratio, write_csv
+from bench.servers import SERVERS, ServerOptions, serve, unavailable_reason
+from bench.ui import UI
+
+State = Literal["full", "fresh"]
+
+
+@dataclass(frozen=True)
+class FioJob:
+    key: str
+    label: str
+    rw: str
+    bs: str
+    iodepth: int
+    metric: Literal["MiB/s", "IOPS"]
+
+    @property
+    def writes(self) -> bool:
+        return "write" in self.rw
+
+
+JOBS: tuple[FioJob, ...] = (
+    FioJob("seqread", "seq read 1M QD8", "read", "1M", 8, "MiB/s"),
+    FioJob("seqwrite", "seq write 1M QD8", "write", "1M", 8, "MiB/s"),
+    FioJob("randread", "rand read 4k QD32", "randread", "4k", 32, "IOPS"),
+    FioJob("randwrite", "rand write 4k QD32", "randwrite", "4k", 32, "IOPS"),
+)
+
+
+@dataclass(frozen=True)
+class FioTarget:
+    """One row of the table: a server, an image layout and the image's state."""
+
+    key: str
+    label: str
+    server: str
+    layout: str
+    state: State = "full"
+
+    @property
+    def peer(self) -> bool:
+        return SERVERS[self.server].peer
+
+    @property
+    def group(self) -> str:
+        return "raw" if self.layout == images.RAW else f"{self.layout}-{self.state}"
+
+
+def _qcow_targets() -> list[FioTarget]:
+    out = []
+    states: tuple[State, ...] = ("full", "fresh")
+    for state in states:
+        for layout, short in ((images.QCOW_OPT, "opt"), (images.QCOW_NORMAL, "normal")):
+            name = images.IMAGE_LABELS[layout]
+            out += [
+                FioTarget(
+                    f"tapnbd-qcow-{short}-{state}",
+                    f"tapnbd {name}, {state}",
+                    "tapnbd",
+                    layout,
+                    state,
+                ),
+                FioTarget(
+                    f"qemu-nbd-qcow-{short}-{state}",
+                    f"qemu-nbd -f qcow, {name} file, {state}",
+                    "qemu-nbd",
+                    layout,
+                    state,
+                ),
+            ]
+    return out
+
+
+TARGETS: tuple[FioTarget, ...] = (
+    FioTarget("tapnbd-raw", "tapnbd raw", "tapnbd", images.RAW),
+    FioTarget("qemu-nbd-raw", "qemu-nbd -f raw", "qemu-nbd", images.RAW),
+    FioTarget("nbdkit-raw", "nbdkit file", "nbdkit", images.RAW),
+    FioTarget("nbd-server-raw", "nbd-server", "nbd-server", images.RAW),
+    *_qcow_targets(),
+)
+
+
+@dataclass
+class FioConfig:
+    size: int = 1 * GiB
+    runtime: float = 5.0
+    repeat: int = 1
+    targets: Sequence[FioTarget] = TARGETS
+    jobs: Sequence[FioJob] = JOBS
+    options: ServerOptions = field(default_factory=ServerOptions)
+    quick: bool = False
+
+    @classmethod
+    def quick_config(cls) -> FioConfig:
+        return cls(size=256 * MiB, runtime=1.0, quick=True)
+
+
+@dataclass
+class FioCell:
+    target: str
+    job: str
+    run: int
+    value: float | None = None  # MiB/s or IOPS, per the job's metric
+    bw_mib: float | None = None
+    iops: float | None = None
+    lat_mean_us: float | None = None
+    lat_p99_us: float | None = None
+    client_cpu_pct: float | None = None
+    server_cpu_pct: float | None = None
+    error: str = ""
+
+
+def fio_command(uri: str, job: FioJob, size: int, runtime: float) -> list[str]:
+    return [
+        "fio",
+        f"--name={job.key}",
+        "--ioengine=nbd",
+        f"--uri={uri}",
+        f"--rw={job.rw}",
+        f"--bs={job.bs}",
+        f"--iodepth={job.iodepth}",
+        f"--size={size}",
+        "--time_based",
+        f"--runtime={runtime:g}",
+        "--group_reporting",
+        "--output-format=json",
+    ]
+
+
+def parse_fio_json(text: str, job: FioJob) -> dict[str, float | None]:
+    """The figures we keep from fio's JSON (anything printed before the JSON is skipped)."""
+    start = text.find("{")
+    if start < 0:
+        raise BenchError(f"fio printed no JSON: {text[:200]!r}")
+    data: dict[str, Any] = json.loads(text[start:])
+    jobs = data.get("jobs") or []
+    if not jobs:
+        raise BenchError("fio's JSON has no jobs")
+    j = jobs[0]
+    if j.get("error"):
+        raise BenchError(f"fio job error {j['error']}")
+    side = j["write" if job.writes else "read"]
+    bw = float(side["bw_bytes"]) / MiB
+    iops = float(side["iops"])
+    clat = side.get("clat_ns") or side.get("lat_ns") or {}
+    mean = clat.get("mean")
+    pct = clat.get("percentile") or {}
+    p99 = pct.get("99.000000")
+    return {
+        "value": bw if job.metric == "MiB/s" else iops,
+        "bw_mib": bw,
+        "iops": iops,
+        "lat_mean_us": None if mean is None else float(mean) / 1000,
+        "lat_p99_us": None if p99 is None else float(p99) / 1000,
+        "client_cpu_pct": float(j.get("usr_cpu", 0.0)) + float(j.get("sys_cpu", 0.0)),
+    }
+
+
+def select(items: Sequence[Any], patterns: Sequence[str] | None) -> list[Any]:
+    """Items whose ``key`` matches any of the glob patterns (all items without patterns)."""
+    if not patterns:
+        return list(items)
+    return [i for i in items if any(fnmatch.fnmatch(i.key, p) for p in patterns)]
+
+
+@dataclass
+class FioRun:
+    config: FioConfig
+    cells: list[FioCell]
+    skipped: dict[str, str]  # target key -> why it did not run
+    notes: list[str]
+    elapsed: float = 0.0
+
+    def value(self, target: str, job: str) -> float | None:
+        values = [c.value for c in self.cells if c.target == target and c.job == job and c.value]
+        return statistics.median(values) if values else None
+
+    def cell(self, target: str, job: str, name: str) -> float | None:
+        values = [
+            getattr(c, name)
+            for c in self.cells
+            if c.target == target and c.job == job and getattr(c, name) is not None
+        ]
+        return statistics.median(values) if values else None
+
+    def error(self, target: str, job: str) -> str:
+        errs = [c.error for c in self.cells if c.target == target and c.job == job and c.error]
+        return errs[0] if errs else ""
+
+    @property
+    def ran(self) -> list[FioTarget]:
+        return [t for t in self.config.targets if t.key not in self.skipped]
+
+    def best_peer(self, group: str, job: str) -> tuple[FioTarget | None, float | None]:
+        best: tuple[FioTarget | None, float | None] = (None, None)
+        for t in self.ran:
+            if t.group == group and t.peer:
+                v = self.value(t.key, job)
+                if v is not None and (best[1] is None or v > best[1]):
+                    best = (t, v)
+        return best
+
+    def reference(self, target: FioTarget, job: str) -> float | None:
+        """What a row is compared with: the best peer among raw rows, qemu-nbd on the same
+        qcow file in the same state for qcow rows."""
+        return self.best_peer(target.group, job)[1]
+
+    def vs_tapnbd_raw(self, target: FioTarget, job: str) -> float | None:
+        return ratio(self.value(target.key, job), self.value("tapnbd-raw", job))
+
+
+# Running.
+
+
+@contextlib.contextmanager
+def _image_for(
+    target: FioTarget, cfg: FioConfig, workdir: Path, shared: dict[str, Path]
+) -> Iterator[Path]:
+    """The image a cell serves: the shared raw or full qcow image, or a fresh qcow one."""
+    if target.state == "full":
+        path = shared[target.layout]
+        warm(path)
+        yield path
+        return
+    path = workdir / f"fresh-{target.key}.qcow"
+    images.create_qcow(path, cfg.size, target.layout, workdir)
+    try:
+        yield path
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def _run_cell(
+    target: FioTarget,
+    job: FioJob,
+    cfg: FioConfig,
+    image: Path,
+    workdir: Path,
+    rep: int,
+) -> FioCell:
+    cell = FioCell(target.key, job.key, rep)
+    fmt = images.fmt_of(target.layout)
+    with serve(target.server, image, fmt, logdir=workdir / "logs", options=cfg.options) as s:
+        cpu0, t0 = cpu_seconds(s.pid), time.monotonic()
+        out = run(
+            fio_command(s.uri, job, cfg.size, cfg.runtime),
+            what=f"fio {job.key} against {target.label}",
+            timeout=cfg.runtime + 180,
+        )
+        cpu1, t1 = cpu_seconds(s.pid), time.monotonic()
+    figures = parse_fio_json(out, job)
+    for k, v in figures.items():
+        setattr(cell, k, v)
+    cell.server_cpu_pct = 100 * (cpu1 - cpu0) / max(t1 - t0, 1e-6)
+    return cell
+
+
+def plan(cfg: FioConfig) -> list[tuple[FioJob, FioTarget]]:
+    return [
+        (job, t)
+        for job in cfg.jobs
+        for t in cfg.targets
+        if t.state == "full" or job.writes  # a fresh image holds only holes to read
+    ]
+
+
+def run_fio(cfg: FioConfig, workdir: Path, ui_console: Any = None) -> FioRun:
+    """Run every cell of the plan; a failing cell is recorded, not fatal."""
+    if not have("fio"):
+        raise Unavailable("fio is not installed")
+    started = time.monotonic()
+    skipped: dict[str, str] = {}
+    notes: list[str] = []
+    for t in cfg.targets:
+        why = unavailable_reason(t.server, images.fmt_of(t.layout))
+        why = why or images.layout_unavailable(t.layout, workdir)
+        if t.server == "tapnbd" and t.layout != images.RAW and not why:
+            support = images.qcow_support(workdir)
+            why = None if support.serve else support.why
+        if why:
+            skipped[t.key] = why
+    runnable = [t for t in cfg.targets if t.key not in skipped]
+    cells: list[FioCell] = []
+    todo = [(j, t) for j, t in plan(cfg) if t.key not in skipped]
+    layouts_full = sorted({t.layout for t in runnable if t.state == "full"})
+    with UI("fio", len(todo) * cfg.repeat + len(layouts_full), ui_console) as ui:
+        shared: dict[str, Path] = {}
+        raw = workdir / "fio-random.raw"
+        ui.phase("images", f"{cfg.size // MiB} MiB of random data")
+        images.make_random(raw, cfg.size)
+        shared[images.RAW] = raw
+        notes.append(f"raw image: {cfg.size // MiB} MiB of random data, warm in the page cache")
+        if images.RAW in layouts_full:
+            ui.advance()
+        for layout in layouts_full:
+            if layout == images.RAW:
+                continue
+            path = workdir / f"fio-full-{layout}.qcow"
+            ui.phase("images", f"fill {images.IMAGE_LABELS[layout]} qcow")
+            try:
+                made = images.create_qcow(path, cfg.size, layout, workdir)
+                how = images.fill_qcow(path, raw, workdir)
+            except BenchError as e:
+                for t in runnable:
+                    if t.layout == layout and t.state == "full":
+                        skipped[t.key] = f"could not make the full image: {e}"
+                ui.advance()
+                continue
+            shared[layout] = path
+            notes.append(f"full {images.IMAGE_LABELS[layout]} image: {made}, filled by {how}")
+            ui.advance()
+        fresh_layouts = sorted({t.layout for t in runnable if t.state == "fresh"})
+        for layout in fresh_layouts:
+            how = "tapnbd create" if images.qcow_support(workdir).create else "qemu-img create"
+            notes.append(
+                f"fresh {images.IMAGE_LABELS[layout]} image: made by {how} before each write job"
+            )
+        for rep in range(cfg.repeat):
+            for job, target in todo:
+                if target.key in skipped:
+                    ui.advance()
+                    continue
+                ui.phase(
+                    target.label, f"{job.label}" + (f" (run {rep + 1})" if cfg.repeat > 1 else "")
+                )
+                try:
+                    with _image_for(target, cfg, workdir, shared) as image:
+                        cells.append(_run_cell(target, job, cfg, image, workdir, rep))
+                except BenchError as e:
+                    cells.append(FioCell(target.key, job.key, rep, error=str(e)))
+                    ui.log(f"[red]{target.label}, {job.label}: {e}")
+                ui.advance()
+    return FioRun(cfg, cells, skipped, notes, time.monotonic() - started)
+
+
+# Reporting.
+
+
+def _fmt_value(job: FioJob, v: float | None) -> str:
+    if v is None:
+        return ""
+    if job.metric == "IOPS":
+        return f"{v / 1000:.1f} k" if v >= 1000 else f"{v:.0f}"
+    return f"{v:.0f}"
+
+
+def tables(r: FioRun) -> list[Table]:
+    """The main table (every row, with each value's ratio to its reference), and the qcow
+    rows against tapnbd raw."""
+    jobs = list(r.config.jobs)
+    headers = ["server, image"]
+    for j in jobs:
+        headers += [f"{j.label} ({j.metric})", "x ref"]
+    main = Table("fio: every row, with its ratio to the reference (x ref)", headers)
+    for t in r.ran:
+        row = [t.label + ("" if t.peer else " **")]
+        for j in jobs:
+            if t.state == "fresh" and not j.writes:
+                row += ["(holes)", ""]
+                continue
+            v = r.value(t.key, j.key)
+            if v is None:
+                row += ["error" if r.error(t.key, j.key) else "", ""]
+                continue
+            row += [_fmt_value(j, v), fmt_ratio(ratio(v, r.reference(t, j.key)))]
+        main.rows.append(row)
+    out = [main]
+    qcow = [t for t in r.ran if t.layout != images.RAW]
+    if qcow and any(t.key == "tapnbd-raw" for t in r.ran):
+        q = Table(
+            "fio: qcow rows as a fraction of tapnbd raw in the same run",
+            ["server, image"] + [j.label for j in jobs],
+        )
+        for t in qcow:
+            row = [t.label]
+            for j in jobs:
+                if t.state == "fresh" and not j.writes:
+                    row.append("")
+                else:
+                    row.append(fmt_ratio(r.vs_tapnbd_raw(t, j.key)))
+            q.rows.append(row)
+        out.append(q)
+    return out
+
+
+def targets_table(r: FioRun) -> Table:
+    """The issue targets this run can speak to, with the ratios it measured."""
+    t = Table("fio targets (issues 2 and 3)", ["target", "measured", "met"], align=["l", "l", "l"])
+    jobs = list(r.config.jobs)
+    ran = {x.key for x in r.ran}
+    if "tapnbd-raw" in ran:
+        for j in jobs:
+            ref_t, ref_v = r.best_peer("raw", j.key)
+            v = ratio(r.value("tapnbd-raw", j.key), ref_v)
+            name = ref_t.label if ref_t else "?"
+            t.rows.append(
+                [
+                    f"tapnbd raw >= 1.0x best peer, {j.label}",
+                    f"{fmt_ratio(v)} (vs {name})",
+                    _met(v, 1.0),
+                ]
+            )
+    if "tapnbd-qcow-opt-full" in ran and "tapnbd-raw" in ran:
+        for j in jobs:
+            v = r.vs_tapnbd_raw(next(x for x in r.ran if x.key == "tapnbd-qcow-opt-full"), j.key)
+            t.rows.append(
+                [
+                    f"qcow optimised (full) >= 0.95x tapnbd raw, {j.label}",
+                    fmt_ratio(v),
+                    _met(v, 0.95),
+                ]
+            )
+    for layout, short in ((images.QCOW_OPT, "opt"), (images.QCOW_NORMAL, "normal")):
+        mine, theirs = f"tapnbd-qcow-{short}-fresh", f"qemu-nbd-qcow-{short}-fresh"
+        if mine in ran and theirs in ran:
+            for j in jobs:
+                if not j.writes:
+                    continue
+                v = ratio(r.value(mine, j.key), r.value(theirs, j.key))
+                t.rows.append(
+                    [
+                        f"allocating writes >= 10x qemu-nbd, {images.IMAGE_LABELS[layout]}, {j.label}",
+                        fmt_ratio(v),
+                        _met(v, 10.0),
+                    ]
+                )
+    return t
+
+
+def _met(v: float | None, goal: float) -> str:
+    if v is None:
+        return "n/a"
+    return "yes" if v >= goal else "no"
+
+
+def csv_rows(r: FioRun) -> list[dict[str, object]]:
+    rows: list[dict[str, object]] = []
+    by_key = {t.key: t for t in r.config.targets}
+    jobs = {j.key: j for j in r.config.jobs}
+    for c in r.cells:
+        t, j = by_key[c.target], jobs[c.job]
+        d = asdict(c)
+        ref = r.reference(t, j.key)
+        rows.append(
+            {
+                "target": t.key,
+                "label": t.label,
+                "server": t.server,
+                "image": t.layout,
+                "state": t.state,
+                "job": j.key,
+                "metric": j.metric,
+                **{
+                    k: d[k] for k in ("run", "value", "bw_mib", "iops", "lat_mean_us", "lat_p99_us")
+                },
+                "client_cpu_pct": c.client_cpu_pct,
+                "server_cpu_pct": c.server_cpu_pct,
+                "ratio_to_reference": ratio(c.value, ref),
+                "ratio_to_tapnbd_raw": ratio(c.value, r.value("tapnbd-raw", j.key)),
+                "error": c.error,
+            }
+        )
+    return rows
+
+
+def markdown(r: FioRun, machine_md: str) -> str:
+    cfg = r.config
+    parts = [
+        "# fio: tapnbd against its peers"
+        + (" (quick mode: not a measurement)" if cfg.quick else ""),
+        "",
+        machine_md,
+        "",
+        f"Each cell: one fio job of {cfg.runtime:g} s (nbd engine, one connection), "
+        f"`--size={cfg.size // MiB}M`, median of {cfg.repeat} run(s); "
+        f"the whole run took {r.elapsed:.0f} s. Sequential jobs in MiB/s, random jobs in IOPS.",
+        "",
+        "**x ref** is the row's ratio to its reference in the same run: for raw rows the best "
+        "peer (qemu-nbd, nbdkit, nbd-server) in that column; for qcow rows qemu-nbd serving "
+        "the same qcow file in the same state. Rows marked ** are tapnbd.",
+        "",
+    ]
+    for t in tables(r):
+        parts += [f"## {t.title}", "", t.markdown(), ""]
+    tt = targets_table(r)
+    if tt.rows:
+        parts += [f"## {tt.title}", "", tt.markdown(), ""]
+    parts += ["## Images and notes", ""]
+    parts += [f"- {n}" for n in r.notes]
+    parts += [
+        "- every server is started for its cell and stopped after it; jobs run one at a time, "
+        "each job against every server in turn",
+        "- peers run with their defaults: plain `qemu-nbd -f FMT -t` (one client, so no "
+        "multi-conn), `nbdkit file`, `nbd-server` from a config with `allowlist = true`",
+        "- server CPU is the server process's user+system time over the cell's wall time, "
+        "in the CSV (client and server share the two cores)",
+    ]
+    for key, why in r.skipped.items():
+        parts.append(f"- not run: `{key}`: {why}")
+    errors = [c for c in r.cells if c.error]
+    for c in errors:
+        parts.append(f"- error: `{c.target}` {c.job}: {c.error.splitlines()[0]}")
+    parts.append("")
+    return "\n".join(parts)
+
+
+def chart(r: FioRun, path: Path) -> str | None:
+    """Bars of each raw row's ratio to the best peer, per job."""
+    jobs = list(r.config.jobs)
+    raw = [t for t in r.ran if t.layout == images.RAW]
+    if not raw:
+        return "no raw rows ran"
+    series: dict[str, list[float | None]] = {}
+    for t in raw:
+        series[t.label] = [ratio(r.value(t.key, j.key), r.best_peer("raw", j.key)[1]) for j in jobs]
+    return bar_chart(
+        path,
+        title="fio, raw image: ratio to the best peer in the same run (higher is better)",
+        categories=[j.label for j in jobs],
+        series=series,
+        ylabel="x best peer",
+        reference=1.0,
+    )
+
+
+def write_outputs(r: FioRun, out: Path, machine_md: str) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    md, csvp, png = out / "fio.md", out / "fio.csv", out / "fio.png"
+    md.write_text(markdown(r, machine_md))
+    write_csv(csvp, csv_rows(r))
+    written = [md, csvp]
+    if chart(r, png) is None:
+        written.append(png)
+    return written
