@@ -77,3 +77,35 @@ def test_mkfs_mount_write_fsck(serve: Callable[..., Server], tmp_path: Path, spe
             assert tree_checksums(mnt) == sums
         finally:
             run(["umount", str(mnt)])
+
+
+@pytest.mark.root
+def test_raw_driver_serves_a_block_device(serve: Callable[..., Server], tmp_path: Path) -> None:
+    """The raw driver on /dev/loopN: size from the device, BLKDISCARD and BLKZEROOUT."""
+    need_root_devices()
+    need("losetup", "qemu-io", "nbdinfo")
+    backing = tmp_path / "backing.img"
+    backing.write_bytes(os.urandom(16 << 20))
+    dev = run(["losetup", "-f", "--show", str(backing)]).stdout.strip()
+    try:
+        server = serve(dev, "--name", "blk")
+        assert run(["nbdinfo", "--size", server.uri]).stdout.strip() == str(16 << 20)
+        cmds = [
+            "write -P 0x61 0 1M",
+            "write -z 1M 1M",
+            "discard 2M 1M",
+            "flush",
+            "read -P 0x61 0 1M",
+            "read -P 0 1M 1M",
+        ]
+        args = ["qemu-io", "-f", "raw"]
+        for c in cmds:
+            args += ["-c", c]
+        out = run([*args, server.uri]).stdout
+        assert "failed" not in out
+        server.stop()
+        with open(backing, "rb") as f:
+            head = f.read(2 << 20)
+        assert head == b"\x61" * (1 << 20) + bytes(1 << 20)
+    finally:
+        run(["losetup", "-d", dev], check=False)
