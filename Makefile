@@ -53,6 +53,7 @@ test: deps venv lint typecheck pytest
 BENCH_ARGS ?= all
 
 bench: deps venv
+	$(BIN)/pip install -q -e '.[dev,bench]'
 	$(BIN)/python -m bench $(BENCH_ARGS)
 
 clean:
