@@ -26,7 +26,6 @@ that needs a locked instruction, which ``mb()`` gets from a lock round trip.
 
 from __future__ import annotations
 
-import struct
 import threading
 
 from tapnbd.xen.blkif import ENTRY_SIZE, RING_HEADER_SIZE, ring_size
@@ -34,8 +33,6 @@ from tapnbd.xen.blkif import ENTRY_SIZE, RING_HEADER_SIZE, ring_size
 #: RING_IDX is a free-running unsigned int.
 U32 = 0xFFFFFFFF
 _U32 = U32
-_IDX = struct.Struct("<I")
-_REQ_PROD, _REQ_EVENT, _RSP_PROD, _RSP_EVENT = 0, 4, 8, 12
 
 _barrier = threading.Lock()
 
@@ -54,7 +51,7 @@ def mb() -> None:
 class SharedRing:
     """struct blkif_sring laid over ``buf`` (one page, shared with the other side)."""
 
-    __slots__ = ("buf", "entry_size", "mask", "nr_ents")
+    __slots__ = ("_idx", "buf", "entry_size", "mask", "nr_ents")
 
     def __init__(self, buf: memoryview, entry_size: int = ENTRY_SIZE) -> None:
         if buf.readonly:
@@ -63,13 +60,17 @@ class SharedRing:
         self.entry_size = entry_size
         self.nr_ents = ring_size(len(buf), entry_size)
         self.mask = self.nr_ents - 1
+        # The indices go through a native uint32 view: each access is one aligned 4-byte
+        # load or store. struct.pack_into would not do: CPython zeroes the target before
+        # packing into it, so the other side could read a 0 index in between.
+        self._idx = buf[:16].cast("I")
 
     def init(self, start: int = 0) -> None:
         """SHARED_RING_INIT: producers at 0, "both event fields to 1", padding cleared.
 
         ``start`` other than 0 is for tests that run the indices across 2**32.
         """
-        self.buf[:RING_HEADER_SIZE] = bytes(RING_HEADER_SIZE)
+        self.buf[:RING_HEADER_SIZE] = bytes(RING_HEADER_SIZE)  # before anyone attaches
         self.req_prod = self.rsp_prod = start & _U32
         self.req_event = self.rsp_event = (start + 1) & _U32
 
@@ -85,35 +86,35 @@ class SharedRing:
 
     @property
     def req_prod(self) -> int:
-        return int(_IDX.unpack_from(self.buf, _REQ_PROD)[0])
+        return self._idx[0]
 
     @req_prod.setter
     def req_prod(self, value: int) -> None:
-        _IDX.pack_into(self.buf, _REQ_PROD, value & _U32)
+        self._idx[0] = value & _U32
 
     @property
     def req_event(self) -> int:
-        return int(_IDX.unpack_from(self.buf, _REQ_EVENT)[0])
+        return self._idx[1]
 
     @req_event.setter
     def req_event(self, value: int) -> None:
-        _IDX.pack_into(self.buf, _REQ_EVENT, value & _U32)
+        self._idx[1] = value & _U32
 
     @property
     def rsp_prod(self) -> int:
-        return int(_IDX.unpack_from(self.buf, _RSP_PROD)[0])
+        return self._idx[2]
 
     @rsp_prod.setter
     def rsp_prod(self, value: int) -> None:
-        _IDX.pack_into(self.buf, _RSP_PROD, value & _U32)
+        self._idx[2] = value & _U32
 
     @property
     def rsp_event(self) -> int:
-        return int(_IDX.unpack_from(self.buf, _RSP_EVENT)[0])
+        return self._idx[3]
 
     @rsp_event.setter
     def rsp_event(self, value: int) -> None:
-        _IDX.pack_into(self.buf, _RSP_EVENT, value & _U32)
+        self._idx[3] = value & _U32
 
 
 def _notify(new: int, old: int, event: int) -> bool:
