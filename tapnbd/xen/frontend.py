@@ -329,6 +329,9 @@ class BlkFront:
         sector = offset // SECTOR_SIZE
         pos = 0
         first_page_off = page_offset
+        # Hold a reference while splitting: waiting for a free slot consumes responses,
+        # and the parts answered so far must not complete the I/O before the rest exist.
+        io.parts += 1
         while True:
             sid = self._slot()
             sh = self._shadow[sid]
@@ -367,6 +370,7 @@ class BlkFront:
             REQUEST_HEADER.pack_into(buf, slot, op, nseg, self.devid & 0xFFFF, sid, start_sector)
             self._queue(sid, io)
             if pos >= length:
+                self._release(io)
                 return
 
     def submit_read(self, offset: int, length: int, *, page_offset: int = 0) -> Io:
@@ -497,6 +501,10 @@ class BlkFront:
         self.responses += 1
         if status != Status.OKAY and io.status == Status.OKAY:
             io.status = status
+        self._release(io)
+
+    def _release(self, io: Io) -> None:
+        """Drop one reference to ``io``; the last one completes it."""
         io.parts -= 1
         if io.parts == 0:
             io.done = True

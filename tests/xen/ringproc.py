@@ -1,0 +1,76 @@
+"""Start ``tapnbd ring serve`` as a real process for the tests in this directory."""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from tapnbd.xen.xenstore import XenbusState, XenStore, backend_dir
+from tests.helpers import tapnbd_cmd
+
+BACKEND = backend_dir(1, 51712)
+
+
+@dataclass
+class RingServer:
+    """A running ``tapnbd ring serve``; ``path`` is the vbd directory."""
+
+    proc: subprocess.Popen[str]
+    path: Path
+    log: Path
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+    def stderr(self) -> str:
+        return self.log.read_text()
+
+    def state(self) -> XenbusState:
+        return XenStore(self.path).state(BACKEND)
+
+    def wait_state(self, *states: XenbusState, timeout: float = 10) -> XenbusState:
+        deadline = time.monotonic() + timeout
+        while (st := self.state()) not in states:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"backend is {st.name}, not {states}: {self.stderr()}")
+            time.sleep(0.01)
+        return st
+
+
+def start_ring(image: str, path: Path, log: Path, *args: str, timeout: float = 30) -> RingServer:
+    """Start the backend and wait for the line it prints once in InitWait."""
+    with open(log, "w") as err:
+        proc = subprocess.Popen(
+            tapnbd_cmd("ring", "serve", image, "--path", str(path), "--verbose", *args),
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+        )
+    assert proc.stdout is not None
+    fd = proc.stdout.fileno()
+    buf = b""
+    deadline = time.monotonic() + timeout
+    while not buf.endswith(b"\n"):
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            proc.kill()
+            raise AssertionError(f"ring server not ready in {timeout}s: {log.read_text()}")
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            proc.wait()
+            raise AssertionError(f"ring server exited {proc.returncode}: {log.read_text()}")
+        buf += chunk
+    assert Path(buf.decode().strip()) == path.resolve()
+    return RingServer(proc, path, log)
