@@ -254,6 +254,15 @@ def test_full_ring_and_event_suppression(ring: RingFactory) -> None:
         assert kicks * 10 < requests, (kicks, requests)
         assert events * 2 < requests, (events, requests)
 
+        # One I/O bigger than the ring (4 MiB: 94 requests of 11 pages) completes once,
+        # after its last part: parts answered while the rest wait for slots do not count.
+        calls: list[Io] = []
+        big = front.submit_write(0, pattern(0x5E, 4 * MiB))
+        big.callback = calls.append
+        front.wait(big)
+        assert calls == [big] and front.in_flight == 0
+        assert front.read(4 * MiB - 4096, 8192) == pattern(0x5E, 4096) + bytes(4096)
+
 
 def test_flush_barrier_and_discard(
     ring: RingFactory, serve: Callable[..., Server], tmp_path: Path
