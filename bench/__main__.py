@@ -5,6 +5,7 @@
     python -m bench bonnie            # the seed's Bonnie table (root, loop, FUSE)
     python -m bench all               # both, one results directory
     python -m bench fio --quick       # a smoke run: small image, 1 s cells (not a measurement)
+    python -m bench ring              # the blkif ring against NBD, same driver and image
 
 Results go to ``bench/results/DATE-HOST/`` as Markdown, CSV and (with matplotlib) PNG.
 """
@@ -12,6 +13,7 @@ Results go to ``bench/results/DATE-HOST/`` as Markdown, CSV and (with matplotlib
 from __future__ import annotations
 
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,7 +23,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from bench import bonnie, fio
+from bench import bonnie, fio, ring
 from bench.images import MiB
 from bench.proc import BenchError, cleanup_on_signals
 from bench.report import machine, machine_markdown, run_dir
@@ -164,6 +166,45 @@ def bonnie_cmd(
             err.print(f"[red]bench: {e}")
             raise typer.Exit(2) from None
     _failed(sum(1 for x in r.results if x.error))
+
+
+@app.command("ring")
+def ring_cmd(
+    quick: QuickOpt = False,
+    fmt: Annotated[str, typer.Option("--format", help="Image format: raw or qcow.")] = "raw",
+    jobs: Annotated[
+        list[str] | None, typer.Option(help="Jobs: seqread seqwrite randread randwrite.")
+    ] = None,
+    runtime: Annotated[float | None, typer.Option(help="Seconds per cell.")] = None,
+    size: Annotated[int | None, typer.Option(help="Image size in MiB.")] = None,
+    out: OutOpt = None,
+    workdir: WorkOpt = None,
+) -> None:
+    """The Xen blkif ring against NBD: the fio jobs through both, one image, one run."""
+    if fmt not in ("raw", "qcow"):
+        raise typer.BadParameter("--format must be raw or qcow")
+    cfg = ring.RingConfig.quick_config() if quick else ring.RingConfig()
+    cfg.fmt = "qcow" if fmt == "qcow" else "raw"
+    cfg.jobs = fio.select(fio.JOBS, jobs)
+    if not cfg.jobs:
+        raise typer.BadParameter("--jobs selects nothing")
+    if runtime is not None:
+        cfg.runtime = runtime
+    if size is not None:
+        cfg.size = size * MiB
+    command = " ".join(["python -m bench", *sys.argv[1:]])
+    dest = _out(out)
+    with cleanup_on_signals(), _workdir(workdir) as work:
+        try:
+            r = ring.run_ring(cfg, work, err)
+        except BenchError as e:
+            err.print(f"[red]bench: {e}")
+            raise typer.Exit(2) from None
+    for t in (ring.table(r), ring.cpu_table(r)):
+        console.print(t.rich())
+    for path in ring.write_outputs(r, dest, command, machine_markdown(machine())):
+        console.print(f"wrote {path}")
+    _failed(sum(1 for c in r.cells if c.error))
 
 
 @app.command("all")
