@@ -22,6 +22,7 @@ import struct
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+from tapnbd import buffers
 from tapnbd.driver import BlockSize, Driver, Extent, ExtentFlags, FuaMode
 from tapnbd.errors import ImageError
 
@@ -112,16 +113,19 @@ class RawDriver(Driver):
     def pread_nowait(self, offset: int, length: int) -> bytearray | None:
         if not self._nowait:
             return None
-        buf = bytearray(length)
+        buf = buffers.take(length)
         try:
             n = os.preadv(self.fd, [buf], offset, os.RWF_NOWAIT)
         except BlockingIOError:
-            return None
+            n = -1
         except OSError as e:
             if e.errno in (errno.EOPNOTSUPP, errno.EINVAL):
                 self._nowait = False
-            return None
-        return buf if n == length else None
+            n = -1
+        if n == length:
+            return buf
+        buffers.give(buf)
+        return None
 
     def pwrite_nowait(self, offset: int, data: bytes | memoryview) -> bool:
         if self._nowait_write or time.monotonic() < self._inline_after:
@@ -133,7 +137,7 @@ class RawDriver(Driver):
         return True
 
     async def pread(self, offset: int, length: int) -> bytearray:
-        buf = bytearray(length)
+        buf = buffers.take(length)
         view = memoryview(buf)
         done = 0
         if self._nowait:

@@ -90,7 +90,11 @@ class Driver:
         raise NotImplementedError
 
     async def pwrite(self, offset: int, data: bytes | memoryview, fua: bool = False) -> None:
-        """Write ``data`` at ``offset``; durable before return when ``fua`` (NATIVE only)."""
+        """Write ``data`` at ``offset``; durable before return when ``fua`` (NATIVE only).
+
+        ``data`` is lent: it is reused once pwrite returns, so keep no reference to it
+        (nbdkit's pwrite has the same rule for its buffer).
+        """
         raise NotImplementedError
 
     # Optional synchronous fast paths. A request that a driver can answer at once (RAM,

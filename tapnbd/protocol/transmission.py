@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import NamedTuple
 
+from tapnbd import buffers
 from tapnbd.driver import MAX_PAYLOAD
 from tapnbd.errors import ProtocolError
 from tapnbd.protocol import wire
@@ -157,7 +158,7 @@ class RequestDecoder:
             if length >= _DIRECT_MIN:
                 # Take what is here; the rest arrives straight into the payload buffer.
                 have = len(buf) - start
-                payload = bytearray(length)
+                payload = buffers.take(length)  # filled to the end before it is used
                 payload[:have] = memoryview(buf)[start:]
                 self._pos = len(buf)
                 self._compact()

@@ -16,9 +16,12 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import os
 import socket
 from typing import TYPE_CHECKING, cast
 
+from tapnbd import buffers
+from tapnbd.buffers import PooledBuffer
 from tapnbd.errors import ProtocolError, RequestError
 from tapnbd.protocol.consts import Cmd, CmdFlag, TransmissionFlag
 from tapnbd.protocol.handshake import NEED_DATA, Abort, Handshake, Ready, StartTLS
@@ -49,6 +52,8 @@ UNCORK_AT = 128 * 1024
 SPLIT_READ = 64 * 1024
 #: "SHOULD stay <= 2^20 extents per chunk" (CVE-2025-47711/47712 were about this).
 MAX_EXTENTS = 1 << 20
+#: Pieces in one writev (Linux's IOV_MAX is 1024).
+_MAX_IOV = 1024
 
 # A plain int: ~ on an IntFlag keeps only known bits, which would hide unknown ones.
 _KNOWN_FLAGS = int(CmdFlag.FUA | CmdFlag.NO_HOLE | CmdFlag.DF | CmdFlag.REQ_ONE | CmdFlag.FAST_ZERO)
@@ -90,6 +95,7 @@ class NBDConnection(asyncio.BufferedProtocol):
         self._write_paused = False
         self._cork: list[bytes | bytearray | memoryview] | None = None
         self._hs_buf = memoryview(bytearray(65536))
+        self._fd = -1
         self._idle: asyncio.Future[None] | None = None  # set by drain() to wait for idleness
 
     # asyncio.Protocol
@@ -108,6 +114,8 @@ class NBDConnection(asyncio.BufferedProtocol):
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if sock is not None:
+            self._fd = sock.fileno()  # for _send_lent; -1 again once TLS wraps the stream
         transport.write(self.handshake.greeting())
         loop = asyncio.get_running_loop()
         self._timer = loop.call_later(self.server.handshake_timeout, self._handshake_timeout)
@@ -184,6 +192,7 @@ class NBDConnection(asyncio.BufferedProtocol):
         assert self.transport is not None and self.server.ssl_context is not None
         # Stop reading now: the ClientHello must reach the TLS layer, not the handshake.
         self.transport.pause_reading()
+        self._fd = -1  # from now on every byte must go through TLS
         eager_start(self._upgrade())
 
     async def _upgrade(self) -> None:
@@ -275,6 +284,7 @@ class NBDConnection(asyncio.BufferedProtocol):
         elif req.type == Cmd.WRITE and not req.flags:
             assert req.payload is not None
             if backend.try_pwrite(req.offset, req.payload):
+                buffers.give(req.payload)
                 self._write(simple_reply(req.cookie))
                 return
         self.in_flight += 1
@@ -333,7 +343,11 @@ class NBDConnection(asyncio.BufferedProtocol):
             fua = bool(req.flags & CmdFlag.FUA)
             if typ == Cmd.WRITE:
                 assert req.payload is not None
-                await backend.pwrite(req.offset, req.payload, fua)
+                try:
+                    await backend.pwrite(req.offset, req.payload, fua)
+                finally:
+                    # Drivers keep no reference to a payload once pwrite returns.
+                    buffers.give(req.payload)
             elif typ == Cmd.FLUSH:
                 await backend.flush()
             elif typ == Cmd.TRIM:
@@ -371,21 +385,29 @@ class NBDConnection(asyncio.BufferedProtocol):
 
     def _reply_read(self, req: Request, data: bytes | bytearray | memoryview) -> None:
         if not self.structured:
-            self._write(simple_reply(req.cookie), data)
+            pieces: list[bytes | bytearray | memoryview] = [simple_reply(req.cookie), data]
         elif not data:
             # A zero-length read: OFFSET_DATA needs at least one byte, so just finish.
-            self._write(none_chunk(req.cookie))
+            pieces = [none_chunk(req.cookie)]
         elif len(data) > SPLIT_READ and not req.flags & CmdFlag.DF:
-            self._reply_read_split(req, memoryview(data))
+            pieces = self._split_read(req, memoryview(data))
         elif _all_zero(data):
             # A run of zeros goes out as a hole: 32 bytes instead of the data.
-            self._write(hole_chunk(req.cookie, req.offset, len(data)))
+            pieces = [hole_chunk(req.cookie, req.offset, len(data))]
         else:
             # One chunk, unfragmented, so DF is honoured.
-            self._write(data_chunk(req.cookie, req.offset, len(data)), data)
+            pieces = [data_chunk(req.cookie, req.offset, len(data)), data]
+        if type(data) is PooledBuffer:
+            self._send_lent(pieces, data)
+        elif len(pieces) == 2:
+            self._write(pieces[0], pieces[1])  # type: ignore[arg-type]
+        else:
+            for p in pieces:
+                self._write(p)  # type: ignore[arg-type]
 
-    def _reply_read_split(self, req: Request, view: memoryview) -> None:
-        """Send a large read as DATA and HOLE chunks, a hole for each zero piece."""
+    @staticmethod
+    def _split_read(req: Request, view: memoryview) -> list[bytes | bytearray | memoryview]:
+        """A large read as DATA and HOLE chunks, a hole for each zero piece."""
         runs: list[tuple[bool, int, int]] = []  # (is_hole, start, end) within the read
         for start in range(0, len(view), SPLIT_READ):
             end = min(start + SPLIT_READ, len(view))
@@ -395,13 +417,51 @@ class NBDConnection(asyncio.BufferedProtocol):
             else:
                 runs.append((hole, start, end))
         last = len(runs) - 1
+        pieces: list[bytes | bytearray | memoryview] = []
         for i, (hole, start, end) in enumerate(runs):
             offset = req.offset + start
             if hole:
-                self._write(hole_chunk(req.cookie, offset, end - start, done=i == last))
+                pieces.append(hole_chunk(req.cookie, offset, end - start, done=i == last))
             else:
-                chunk = view[start:end]
-                self._write(data_chunk(req.cookie, offset, end - start, done=i == last), chunk)
+                pieces.append(data_chunk(req.cookie, offset, end - start, done=i == last))
+                pieces.append(view[start:end])
+        return pieces
+
+    def _send_lent(self, pieces: list[bytes | bytearray | memoryview], buf: PooledBuffer) -> None:
+        """Send a reply whose data is a pooled buffer, then give the buffer back.
+
+        The buffer must not stay queued in the transport, so when the transport has
+        nothing queued the reply goes straight to the socket, and whatever the socket
+        does not take at once is copied before it is queued.
+        """
+        cork = self._cork
+        if cork:
+            self._cork = []
+            self._write_now(cork)  # replies before this one go first
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            buffers.give(buf)
+            return
+        if self._fd < 0 or len(pieces) > _MAX_IOV or transport.get_write_buffer_size():
+            # The socket is backed up: queue the reply as it is and let buf be collected,
+            # rather than copy it.
+            transport.writelines(pieces)
+            return
+        try:
+            sent = os.writev(self._fd, pieces)
+        except OSError:
+            sent = 0  # EAGAIN; any real error, the transport meets it too
+        rest: list[bytes | bytearray | memoryview] = []
+        for p in pieces:
+            if sent >= len(p):
+                sent -= len(p)
+                continue
+            rest.append(bytes(p[sent:]) if sent else bytes(p))
+            sent = 0
+        if rest:
+            transport.writelines(rest)
+        del pieces[:], rest  # drop the views of buf before it goes back
+        buffers.give(buf)
 
     def _reply_error(self, req: Request, err: int, message: str) -> None:
         # "ENOTSUP only for FAST_ZERO"; "EOVERFLOW only for DF reads" (Error values).

@@ -1,0 +1,31 @@
+"""The read-buffer pool: only its own buffers come back, and it stays bounded."""
+
+from __future__ import annotations
+
+from tapnbd import buffers
+
+
+def test_small_buffers_are_plain_and_zeroed() -> None:
+    buf = buffers.take(4096)
+    assert type(buf) is bytearray and buf == bytes(4096)
+    buffers.give(buf)  # ignored: not from the pool
+    assert 4096 not in buffers._free
+
+
+def test_big_buffers_are_reused_and_bounded() -> None:
+    size = buffers.POOL_MIN * 3
+    taken = [buffers.take(size) for _ in range(buffers.PER_SIZE + 4)]
+    assert all(type(b) is buffers.PooledBuffer for b in taken)
+    for b in taken:
+        buffers.give(b)
+    assert len(buffers._free[size]) == buffers.PER_SIZE
+    again = buffers.take(size)
+    assert any(again is b for b in taken)
+    buffers.give(bytearray(size))  # a stranger's bytearray never enters the pool
+    assert all(type(b) is buffers.PooledBuffer for b in buffers._free[size])
+
+
+def test_many_sizes_do_not_grow_the_pool() -> None:
+    for i in range(buffers.MAX_SIZES * 3):
+        buffers.give(buffers.take(buffers.POOL_MIN + 512 * i))
+    assert len(buffers._free) <= buffers.MAX_SIZES
