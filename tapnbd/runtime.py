@@ -51,12 +51,19 @@ def eager_start(coro: Coroutine[Any, Any, None]) -> asyncio.Task[None] | None:
     except BaseException:
         coro.close()
         raise
+    if getattr(yielded, "_asyncio_future_blocking", False):
+        # Until our task takes it, the future must look un-awaited: another coroutine
+        # awaiting the same future (a shared "allocation in flight" future) would
+        # otherwise fail with "await wasn't used with future". _resume sets it again.
+        yielded._asyncio_future_blocking = False
     return asyncio.get_running_loop().create_task(_resume(coro, yielded))
 
 
 @types.coroutine
 def _resume(coro: Coroutine[Any, Any, None], yielded: Any) -> Generator[Any, Any, None]:
     """Continue a started coroutine: re-yield what it yielded, forward sends and throws."""
+    if getattr(yielded, "_asyncio_future_blocking", None) is False:
+        yielded._asyncio_future_blocking = True  # as Future.__await__ left it
     while True:
         try:
             sent = yield yielded
