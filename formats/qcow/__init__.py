@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from contextvars import ContextVar
 
 from formats import Format
@@ -23,6 +24,11 @@ __all__ = ["FORMAT", "QcowDriver", "open_qcow", "probe", "resolve_backing"]
 MAX_CHAIN = 16
 #: Real paths of the images being opened in this chain, to catch loops.
 _chain: ContextVar[tuple[str, ...]] = ContextVar("qcow_chain", default=())
+#: Wraps each image file's driver before the format uses it (fault injection:
+#: formats.filters.at_file_layer, ``tapnbd serve --inject-at file``).
+file_filter: ContextVar[Callable[[Driver], Driver] | None] = ContextVar(
+    "qcow_file_filter", default=None
+)
 
 
 def probe(header: bytes) -> int:
@@ -51,7 +57,10 @@ async def open_qcow(path: str, read_only: bool) -> Driver:
         raise InvalidImageError(f"{path}: backing file loop ({' -> '.join((*chain, real))})")
     if len(chain) >= MAX_CHAIN:
         raise InvalidImageError(f"{path}: backing chain deeper than {MAX_CHAIN} images")
-    child = RawDriver(path, read_only=read_only)
+    child: Driver = RawDriver(path, read_only=read_only)
+    wrap = file_filter.get()
+    if wrap is not None:
+        child = wrap(child)
     backing: Driver | None = None
     token = _chain.set((*chain, real))
     try:

@@ -31,6 +31,9 @@ def serve_cmd(
         typer.Option("--socket", "-k", help="Unix socket path (TCP only if --port too)."),
     ] = None,
     pidfile: Annotated[str | None, typer.Option(help="Write the pid here once ready.")] = None,
+    stats_file: Annotated[
+        str | None, typer.Option(help="On exit, write each export's statistics here (JSON).")
+    ] = None,
     tls: Annotated[TLSMode, typer.Option(help="TLS: off, on (offered) or require.")] = TLSMode.OFF,
     tls_cert: Annotated[str | None, typer.Option(help="Server certificate (PEM).")] = None,
     tls_key: Annotated[str | None, typer.Option(help="Server private key (PEM).")] = None,
@@ -43,6 +46,22 @@ def serve_cmd(
     handshake_timeout: Annotated[
         float, typer.Option(help="Seconds a client has to finish the handshake.")
     ] = DEFAULT_HANDSHAKE_TIMEOUT,
+    inject_error: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Fault injection: fail ops with ERRNO at RATE, e.g. EIO:1% or "
+            "ENOSPC:100%:write,flush (ops: read write flush trim zero extents cache grow).",
+        ),
+    ] = None,
+    delay: Annotated[
+        list[str] | None, typer.Option(help="Fault injection: slow ops down, e.g. read=5ms.")
+    ] = None,
+    inject_at: Annotated[
+        str, typer.Option(help="Where faults go: export (in front) or file (under the format).")
+    ] = "export",
+    inject_error_file: Annotated[
+        str | None, typer.Option(help="Inject errors only while this file exists.")
+    ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log connections.")] = False,
 ) -> None:
     """Serve images over NBD until SIGTERM or SIGINT; print each export's URI when ready."""
@@ -62,12 +81,17 @@ def serve_cmd(
         port=port,
         socket=socket,
         pidfile=pidfile,
+        stats_file=stats_file,
         tls=tls,
         tls_cert=tls_cert,
         tls_key=tls_key,
         tls_ca=tls_ca,
         max_connections=max_connections,
         handshake_timeout=handshake_timeout,
+        inject_error=inject_error or [],
+        delay=delay or [],
+        inject_at=inject_at,
+        inject_error_file=inject_error_file,
     )
     with errors_as_exit():
         code = runtime.run(serve(opts))

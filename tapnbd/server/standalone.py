@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import signal
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from formats import open_image
+from formats.filters import FaultSpec, at_file_layer
 from tapnbd.backend import Backend
 from tapnbd.driver import Driver
 from tapnbd.errors import TapnbdError
@@ -37,12 +39,20 @@ class ServeOptions:
     port: int | None = None
     socket: str | None = None
     pidfile: str | None = None
+    stats_file: str | None = None  # each export's counters, as JSON at exit
     tls: TLSMode = TLSMode.OFF
     tls_cert: str | None = None
     tls_key: str | None = None
     tls_ca: str | None = None
     max_connections: int = DEFAULT_MAX_CONNECTIONS
     handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
+    # Fault injection (formats.filters): ERRNO:RATE[:OPS] rules, OP=TIME delays, where
+    # ("export": in front of the whole stack; "file": between a format and its file),
+    # and a file whose existence switches the errors on (nbdkit error-file).
+    inject_error: list[str] = field(default_factory=list)
+    delay: list[str] = field(default_factory=list)
+    inject_at: str = "export"
+    inject_error_file: str | None = None
 
 
 def export_name(image: str) -> str:
@@ -55,6 +65,16 @@ def export_name(image: str) -> str:
 async def open_exports(opts: ServeOptions) -> ExportRegistry:
     if opts.name is not None and len(opts.images) != 1:
         raise TapnbdError("--name renames a single image's export; give exactly one image")
+    faults = FaultSpec.parse(opts.inject_error, opts.delay, trigger=opts.inject_error_file)
+    if opts.inject_at not in ("export", "file"):
+        raise TapnbdError(f"--inject-at {opts.inject_at!r}: expected export or file")
+    at_file = bool(faults) and opts.inject_at == "file"
+    wrapped: list[Driver] = []  # files the fault filters went in front of
+
+    def wrap_file(child: Driver) -> Driver:
+        wrapped.append(child)
+        return faults.wrap(child)
+
     registry = ExportRegistry()
     opened: list[Driver] = []
     try:
@@ -62,8 +82,17 @@ async def open_exports(opts: ServeOptions) -> ExportRegistry:
             name = opts.name if opts.name is not None else export_name(image)
             if registry.get(name) is not None and name:
                 raise TapnbdError(f"two images would both be exported as {name!r}; use --name")
-            driver = await open_image(image, fmt=opts.fmt, read_only=opts.read_only)
+            wrapped.clear()
+            with at_file_layer(wrap_file if at_file else None):
+                driver = await open_image(image, fmt=opts.fmt, read_only=opts.read_only)
             opened.append(driver)
+            if at_file and not wrapped:
+                raise TapnbdError(
+                    f"{image}: --inject-at file needs an image format with a file under "
+                    f"it (qcow); a {driver.name} image has none, use --inject-at export"
+                )
+            if faults and not at_file:
+                driver = faults.wrap(driver)
             description = opts.description or f"{image} ({driver.name})"
             registry.add(
                 Export(name, Backend(driver, read_only=opts.read_only), image, description)
@@ -73,6 +102,15 @@ async def open_exports(opts: ServeOptions) -> ExportRegistry:
             await driver.close()
         raise
     return registry
+
+
+def write_stats(path: str, registry: ExportRegistry) -> None:
+    """Each export's final counters (Stats.snapshot), for scripts and tests to check."""
+    snapshot = {export.name: export.backend.stats.snapshot() for export in registry}
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(snapshot, f, indent=2)
+    os.replace(tmp, path)
 
 
 async def serve(opts: ServeOptions) -> int:
@@ -131,4 +169,6 @@ async def serve(opts: ServeOptions) -> int:
                 os.unlink(opts.pidfile)
             except OSError:
                 pass
+        if opts.stats_file:
+            write_stats(opts.stats_file, registry)  # after shutdown: nothing in flight
     return 0

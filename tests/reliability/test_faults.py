@@ -1,0 +1,209 @@
+"""Fault injection through ``tapnbd serve --inject-error/--delay``, seen by real clients.
+
+Driver errors must reach the client as the NBD errno the spec asks for (EDQUOT and
+EFBIG as ENOSPC, EROFS as EPERM, anything unknown as EIO), the connection must carry
+on, and a qcow image whose file fails under it half-way through writes and flushes
+must stay consistent: ``tapnbd check`` finds no corruption, qemu reads it, and every
+acknowledged write is there, live and after a kill -9.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import SYSTEM_PYTHON, Server, nbdsh_script, need, run, tapnbd_cmd
+from tests.reliability.crash import LAYOUTS, LOAD, Round, check_image
+from tests.reliability.model import Journal, verify
+
+ERRNOS = r"""
+import json, os, sys, nbd
+uri, trigger = sys.argv[1], sys.argv[2]
+h = nbd.NBD()
+h.connect_uri(uri)
+res = {}
+def probe(name, fn):
+    try:
+        fn()
+        res[name] = "OK"
+    except nbd.Error as e:
+        res[name] = e.errno
+probe("read", lambda: h.pread(4096, 0))
+probe("write", lambda: h.pwrite(b"\x07" * 4096, 0))
+probe("trim", lambda: h.trim(4096, 8192))
+probe("zero", lambda: h.zero(4096, 8192))
+probe("flush", lambda: h.flush())
+probe("cache", lambda: h.cache(4096, 0))
+probe("write_fua", lambda: h.pwrite(b"\x07" * 4096, 0, flags=nbd.CMD_FLAG_FUA))
+os.remove(trigger)  # faults off: the same connection must now work
+h.pwrite(b"\x09" * 65536, 0)
+h.flush()
+res["after"] = h.pread(65536, 0) == b"\x09" * 65536
+h.shutdown()
+print(json.dumps(res))
+"""
+
+
+def test_errnos_reach_the_client_and_the_connection_survives(
+    serve: Callable[..., Server], raw_image: Path, tmp_path: Path
+) -> None:
+    trigger = tmp_path / "faults-on"
+    trigger.touch()
+    server = serve(
+        str(raw_image),
+        "--inject-error-file", str(trigger),
+        "--inject-error", "EIO:100%:read",
+        "--inject-error", "EDQUOT:100%:write",  # NBD: "map EDQUOT and EFBIG to ENOSPC"
+        "--inject-error", "EROFS:100%:trim",  # EROFS is EPERM
+        "--inject-error", "ENOSPC:100%:zero",
+        "--inject-error", "ENOTTY:100%:flush,cache",  # not an NBD errno: EIO
+    )  # fmt: skip
+    res = nbdsh_script(ERRNOS, server.uri, str(trigger))
+    assert res == {
+        "read": "EIO",
+        "write": "ENOSPC",
+        "trim": "EPERM",
+        "zero": "ENOSPC",
+        "flush": "EIO",
+        "cache": "EIO",
+        "write_fua": "ENOSPC",
+        "after": True,
+    }
+
+
+def test_qemu_io_sees_the_errno(serve: Callable[..., Server], raw_image: Path) -> None:
+    need("qemu-io")
+    server = serve(str(raw_image), "--inject-error", "EPERM:100%:write")
+    out = run(["qemu-io", "-f", "raw", "-c", "write -P 0x5a 0 64k", "-c", "read 0 4k",
+               server.uri], check=False)  # fmt: skip
+    text = out.stdout + out.stderr
+    assert "write failed: Operation not permitted" in text
+    # The read after the failed write worked: qemu-io's connection survived.
+    assert "read 4096/4096 bytes at offset 0" in text
+
+
+RATE = r"""
+import json, sys, nbd
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+pattern = bytes(range(256)) * 16
+fails = good = bad = 0
+for i in range(300):
+    try:
+        data = h.pread(4096, 0)
+        good += data == pattern
+        bad += data != pattern
+    except nbd.Error as e:
+        assert e.errno == "EIO", e
+        fails += 1
+print(json.dumps({"fails": fails, "good": good, "bad": bad}))
+"""
+
+
+def test_error_rate(serve: Callable[..., Server], raw_image: Path) -> None:
+    raw_image.write_bytes(bytes(range(256)) * 16 * 16)  # 64 KiB, pattern in each 4 KiB
+    server = serve(str(raw_image), "--inject-error", "EIO:25%:read")
+    res = nbdsh_script(RATE, server.uri)
+    assert isinstance(res, dict)
+    # 300 reads at 25%: 75 expected, sd 7.5; these bounds fail once in ~10^9 runs.
+    assert 30 <= res["fails"] <= 130, res
+    assert res["good"] == 300 - res["fails"] and res["bad"] == 0
+
+
+DELAY = r"""
+import json, sys, time, nbd
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+def timed(fn):
+    t0 = time.monotonic()
+    fn()
+    return time.monotonic() - t0
+res = {
+    "write": min(timed(lambda: h.pwrite(b"x" * 4096, 0)) for _ in range(3)),
+    "read": min(timed(lambda: h.pread(4096, 0)) for _ in range(3)),
+    "flush": min(timed(lambda: h.flush()) for _ in range(3)),
+}
+# Delays are per request, not a lock: 8 reads in flight take about one delay.
+bufs = [nbd.Buffer(4096) for _ in range(8)]
+t0 = time.monotonic()
+pending = {h.aio_pread(b, 4096 * i) for i, b in enumerate(bufs)}
+while pending:
+    h.poll(-1)
+    pending = {c for c in pending if not h.aio_command_completed(c)}
+res["parallel"] = time.monotonic() - t0
+print(json.dumps(res))
+"""
+
+
+@pytest.mark.parametrize("fmt", ["raw", "qcow"])
+def test_delay(serve: Callable[..., Server], raw_image: Path, tmp_path: Path, fmt: str) -> None:
+    image = raw_image
+    if fmt == "qcow":
+        image = tmp_path / "d.qcow"
+        run(tapnbd_cmd("create", str(image), "--size", "64M"))
+    server = serve(str(image), "--delay", "read=250ms", "--delay", "flush=100ms")
+    res = nbdsh_script(DELAY, server.uri)
+    assert isinstance(res, dict)
+    assert res["read"] >= 0.25 and res["flush"] >= 0.1
+    assert res["write"] < 0.1  # not delayed
+    assert 0.25 <= res["parallel"] < 0.25 * 4
+
+
+def test_bad_fault_options_are_refused(raw_image: Path, tmp_path: Path) -> None:
+    cases = {
+        ("--inject-error", "EWHAT:1%"): "unknown errno",
+        ("--inject-error", "EIO:150%"): "rate must be",
+        ("--inject-error", "EIO:1%:scribble"): "unknown operation",
+        ("--delay", "read=soon"): "bad time",
+        ("--inject-at", "file", "--inject-error", "EIO:1%"): "--inject-at file needs",
+    }
+    for args, message in cases.items():
+        proc = run(tapnbd_cmd("serve", str(raw_image), "--port", "0", *args), check=False,
+                   timeout=30)  # fmt: skip
+        assert proc.returncode != 0 and message in proc.stderr, (args, proc.stderr)
+
+
+def _load(uri: str, *args: str, timeout: float = 120) -> Journal:
+    proc = subprocess.run([SYSTEM_PYTHON, str(LOAD), uri, *args], capture_output=True,
+                          timeout=timeout, check=False)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+    return Journal.from_json(json.loads(proc.stdout))
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_qcow_stays_consistent_when_its_file_fails(
+    serve: Callable[..., Server], tmp_path: Path, layout: str
+) -> None:
+    """EIO on 4% of the qcow file's writes, growths and syncs, under a write load."""
+    need("qemu-img", "nbdcopy")
+    image = tmp_path / "f.qcow"
+    run(tapnbd_cmd("create", str(image), "--size", "256M", *LAYOUTS[layout]))
+    server = serve(str(image), "--inject-at", "file",
+                   "--inject-error", "EIO:4%:write,grow,flush")  # fmt: skip
+    journal = _load(server.uri, "--count", "1500", "--region", str(64 << 20),
+                    "--flush-every", "24", "--seed", str(time.time_ns() % 1000))  # fmt: skip
+    assert not journal.dead and not journal.hang
+    assert set(journal.errors) == {"EIO"}, journal.errors  # nothing else, no disconnect
+    assert journal.count("err") > 0 and journal.count("ok") > 1000
+    assert journal.flush_errors and journal.flush_cuts  # some flushes failed, some not
+
+    # Live: every acknowledged write reads back (reads are not faulted).
+    live = tmp_path / "live.raw"
+    run(["nbdcopy", server.uri, str(live)])
+    v = verify(live, journal, crashed=False)
+    assert not v.failures, v.failures
+    assert v.must > 0
+
+    # Then the server dies with the faults still on: the crash model must hold too.
+    server.stop(9)
+    r = Round(layout, 0, 0.0)
+    work = tmp_path / "after"
+    work.mkdir()
+    check_image(image, journal, work, r)
+    assert r.ok, r.failures
+    assert r.must > 0

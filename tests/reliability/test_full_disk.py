@@ -1,0 +1,104 @@
+"""A qcow image on a file system that fills up: ENOSPC, never EIO or a hang; and back.
+
+The image lives on a small loop-mounted ext4 (or a size-limited tmpfs) beside a filler
+file. A write load bigger than the file system gets ENOSPC for what does not fit; the
+connection carries on; the image stays valid; once the filler is deleted the same
+server takes new allocating writes and a FLUSH again. Afterwards ``tapnbd check`` finds
+no corruption, qemu reads the image, and every acknowledged write is in it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import SYSTEM_PYTHON, Server, need, need_root_devices, run, tapnbd_cmd
+from tests.reliability.crash import CHECK_OK, LAYOUTS, LOAD
+from tests.reliability.model import Journal, verify
+
+FS_MIB = 48
+FILLER_MIB = 12
+#: The load aims at far more than the file system holds.
+REGION = 96 << 20
+
+
+@pytest.fixture(params=["ext4", "tmpfs"])
+def small_fs(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Path]:
+    need_root_devices()
+    need("mkfs.ext4", "mount", "umount")
+    point = tmp_path / "mnt"
+    point.mkdir()
+    if request.param == "ext4":
+        backing = tmp_path / "fs.img"
+        with open(backing, "wb") as f:
+            f.truncate(FS_MIB << 20)
+        run(["mkfs.ext4", "-q", "-F", "-m", "0", str(backing)])
+        run(["mount", "-o", "loop", str(backing), str(point)])
+    else:
+        run(["mount", "-t", "tmpfs", "-o", f"size={FS_MIB}m", "tmpfs", str(point)])
+    try:
+        yield point
+    finally:
+        subprocess.run(["umount", str(point)], capture_output=True, check=False)
+
+
+def _load(uri: str, *args: str) -> Journal:
+    proc = subprocess.run([SYSTEM_PYTHON, str(LOAD), uri, "--hang", "15", *args],
+                          capture_output=True, timeout=180, check=False)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+    return Journal.from_json(json.loads(proc.stdout))
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_full_disk_gives_enospc_and_recovers(
+    serve: Callable[..., Server], small_fs: Path, tmp_path: Path, layout: str
+) -> None:
+    need("qemu-img")
+    filler = small_fs / "filler"
+    with open(filler, "wb") as f:
+        f.write(os.urandom(1 << 20) * FILLER_MIB)
+    image = small_fs / "full.qcow"
+    run(tapnbd_cmd("create", str(image), "--size", "256M", *LAYOUTS[layout]))
+    server = serve(str(image))
+
+    # Fill it: about twice what fits.
+    full = _load(server.uri, "--count", "3000", "--region", str(REGION), "--max-len",
+                 "65536", "--flush-every", "64", "--final-flush", "--seed", "1")  # fmt: skip
+    assert not full.hang, "a request hung on the full file system"
+    assert not full.dead, f"the connection died: {full.dead}"
+    assert set(full.errors) == {"ENOSPC"}, full.errors  # never EIO
+    assert full.count("err") > 100 and full.count("ok") > 100
+
+    # Free space: the same server allocates again, and FLUSH works.
+    filler.unlink()
+    more = _load(server.uri, "--count", "150", "--region", str(REGION + (16 << 20)),
+                 "--start", str(REGION), "--final-flush", "--seed", "2",
+                 "--gen-base", str(len(full.writes)))  # fmt: skip
+    assert more.errors == {} and not more.flush_errors, more.errors
+    assert not more.dead and not more.hang
+    assert any(w.offset >= REGION for w in more.writes)
+    assert server.stop() == 0, server.stderr()[-2000:]
+
+    proc = run(tapnbd_cmd("check", str(image)), check=False)
+    assert proc.returncode in CHECK_OK, proc.stdout + proc.stderr
+    out = tmp_path / "full.raw"
+    run(["qemu-img", "convert", "-f", "qcow", "-O", "raw", str(image), str(out)])
+    both = Journal(
+        full.size,
+        full.writes + more.writes,
+        full.acks + more.acks,
+        [],
+        {},
+        [],
+        "",
+        False,
+    )
+    v = verify(out, both, crashed=False)
+    assert not v.failures, v.failures
+    assert v.must > 1000
