@@ -8,12 +8,13 @@ Memory stays constant: at most ``DEPTH`` chunks of ``CHUNK`` bytes are in flight
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from formats.qcow.create import create_qcow, create_raw
 from tapnbd.backend import Backend
-from tapnbd.driver import ExtentFlags
+from tapnbd.driver import Driver, ExtentFlags
 from tapnbd.errors import ImageError
 
 #: Bytes read per request.
@@ -58,8 +59,15 @@ async def convert_image(
 
     if out_fmt not in OUTPUT_FORMATS:
         raise ImageError(f"unknown output format {out_fmt!r}: use raw or qcow")
-    source = Backend(await open_image(src, fmt=src_fmt, read_only=True), read_only=True)
+    driver = await open_image(src, fmt=src_fmt, read_only=True)
+    source = Backend(driver, read_only=True)
     try:
+        # Creating the destination truncates it: it must not be a file being read.
+        if os.path.exists(dst) and any(os.path.samefile(dst, p) for p in _chain_paths(driver)):
+            raise ImageError(
+                f"{dst} is the source image or one of its backing files; "
+                "converting onto it would destroy the data being read"
+            )
         size = source.size
         if start is not None:
             start(size)
@@ -76,6 +84,18 @@ async def convert_image(
     finally:
         await source.close()
     return stats
+
+
+def _chain_paths(driver: Driver) -> list[str]:
+    """The files of an opened image and of its backing chain."""
+    paths: list[str] = []
+    d: object = driver
+    while d is not None:
+        path = getattr(d, "path", None)
+        if isinstance(path, str) and path and os.path.exists(path):
+            paths.append(path)
+        d = getattr(d, "backing", None)
+    return paths
 
 
 async def _copy(
