@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 from collections.abc import Callable
@@ -9,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from formats.qcow.check import check_qcow
+from formats.qcow.create import create_qcow
 from tests.helpers import Server, need, run
 
 
@@ -86,6 +89,64 @@ def test_nbdinfo_map_shows_holes_and_data(serve: Callable[..., Server], raw_imag
     assert sum(m["length"] for m in mapping) == 64 << 20
 
 
+def _qcow(path: Path, size: int, *, optimise: bool = True, backing: Path | None = None) -> Path:
+    asyncio.run(
+        create_qcow(str(path), size, optimise=optimise, backing=str(backing) if backing else None)
+    )
+    return path
+
+
+def _map(uri: str) -> list[tuple[int, int, int]]:
+    mapping = json.loads(run(["nbdinfo", "--map", "--json", uri]).stdout)
+    return [(m["offset"], m["length"], m["type"]) for m in mapping]
+
+
+def test_nbdinfo_map_qcow(serve: Callable[..., Server], tmp_path: Path) -> None:
+    """Block status from the qcow tables (type: 0 data, 2 zero, 3 hole|zero)."""
+    need("nbdinfo", "qemu-io")
+    MiB = 1 << 20
+    opt = _qcow(tmp_path / "opt.qcow", 8 * MiB)
+    normal = _qcow(tmp_path / "normal.qcow", 8 * MiB, optimise=False)
+    base = tmp_path / "base.raw"
+    with open(base, "wb") as f:
+        f.truncate(4 * MiB)  # shorter than the overlay
+        f.seek(1 * MiB)
+        f.write(b"b" * 65536)
+    over = _qcow(tmp_path / "over.qcow", 8 * MiB, backing=base)
+    server = serve(str(opt), str(normal), str(over), exports=3)
+    for uri in server.uris:
+        run(["qemu-io", "-f", "raw", "-c", "write -P 0x11 4k 8k", "-c", "write -P 0x22 3M 4k", uri])
+    o, n, v = (_map(u) for u in server.uris)
+    # Optimised: the first write preallocated the slot's whole extent (2 MiB); the
+    # clusters never written are provably zero (a hole in the file).
+    assert o == [
+        (0, 4096, 2),
+        (4096, 8192, 0),
+        (12288, 3 * MiB - 12288, 2),  # two extents, both allocated: one run
+        (3 * MiB, 4096, 0),
+        (3 * MiB + 4096, 1 * MiB - 4096, 2),
+        (4 * MiB, 4 * MiB, 3),
+    ]
+    # Normal, no backing file: unallocated is a hole that reads as zeros.
+    assert n == [
+        (0, 4096, 3),
+        (4096, 8192, 0),
+        (12288, 3 * MiB - 12288, 3),
+        (3 * MiB, 4096, 0),
+        (3 * MiB + 4096, 5 * MiB - 4096, 3),
+    ]
+    # Over a backing file: its data is data, its holes and past its end are holes.
+    assert v == [
+        (0, 4096, 3),
+        (4096, 8192, 0),
+        (12288, 1 * MiB - 12288, 3),
+        (1 * MiB, 65536, 0),
+        (1 * MiB + 65536, 2 * MiB - 65536, 3),
+        (3 * MiB, 4096, 0),
+        (3 * MiB + 4096, 5 * MiB - 4096, 3),
+    ]
+
+
 @pytest.mark.parametrize("spec", ["file", "ram"])
 def test_qemu_io_patterns(serve: Callable[..., Server], raw_image: Path, spec: str) -> None:
     need("qemu-io")
@@ -148,15 +209,19 @@ def test_nbdcopy_both_directions(serve: Callable[..., Server], tmp_path: Path) -
     assert out2.read_bytes() == src.read_bytes()
 
 
-@pytest.mark.parametrize("spec", ["file", "ram"])
+@pytest.mark.parametrize("spec", ["file", "ram", "qcow-optimised", "qcow-normal"])
 def test_fio_verify_crc32c_four_connections(
     serve: Callable[..., Server], tmp_path: Path, spec: str
 ) -> None:
     """32 requests in flight over 4 connections, every block verified."""
     need("fio")
     disk = tmp_path / "fio.img"
-    disk.write_bytes(bytes(64 << 20))
-    server = serve(str(disk) if spec == "file" else "ram:64M")
+    if spec.startswith("qcow"):
+        # Fresh images: every first write allocates, concurrently with the others.
+        _qcow(disk, 64 << 20, optimise=spec == "qcow-optimised")
+    else:
+        disk.write_bytes(bytes(64 << 20))
+    server = serve(str(disk) if spec != "ram" else "ram:64M")
     out = run(
         [
             "fio",
@@ -184,3 +249,11 @@ def test_fio_verify_crc32c_four_connections(
     assert job["error"] == 0
     assert job["write"]["io_bytes"] >= 64 << 20
     assert job["read"]["io_bytes"] >= 64 << 20  # the verify pass read everything back
+    if spec.startswith("qcow"):
+        # Closed cleanly, the image is consistent: no leaks, no overlaps, checksum written.
+        assert server.stop() == 0
+        res = asyncio.run(check_qcow(str(disk)))
+        assert res.exit_code == 0, res.to_json()
+        assert res.allocated_clusters > 0
+        if spec == "qcow-optimised":
+            assert res.cksum == "ok"
