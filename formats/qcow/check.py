@@ -17,7 +17,7 @@ from formats.qcow.geometry import compressed_location, round_up
 from formats.qcow.layout import QCOW_OFLAG_COMPRESSED
 from formats.qcow.meta import be_array, l1_problems, read_meta
 from formats.raw import RawDriver
-from tapnbd.errors import ImageError
+from tapnbd.errors import ImageError, UnsupportedImageError
 
 #: Findings listed in full up to this many; the rest are counted.
 MAX_LISTED = 20
@@ -97,6 +97,9 @@ async def check_qcow(path: str) -> CheckResult:
 async def _check(child: RawDriver, res: CheckResult) -> None:
     try:
         meta = await read_meta(child)
+    except UnsupportedImageError as err:  # qcow2, encryption: not corrupt, just not ours
+        res.check_errors.append(str(err))
+        return
     except ImageError as err:
         res.corrupt(str(err))
         return

@@ -169,7 +169,12 @@ class QcowDriver(Driver):
             self._fast = True
         else:
             # "If it differs, the extension is ignored" (spec §2.2): the safe path.
-            log.warning("%s: L1 checksum mismatch; using the safe path", self.path)
+            why = (
+                "extents overlap or run past the end of the file"
+                if m.cksum_ok
+                else "L1 checksum mismatch"
+            )
+            log.warning("%s: %s; using the safe path", self.path, why)
 
     async def _convert_old_image(self) -> None:
         """Rewrite an old tapdisk image's L1 table big-endian and set the flag (spec §2.6).
