@@ -11,11 +11,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.helpers import ROOT, need
 
 JOBS = ("seqread", "seqwrite", "randread", "randwrite")
 
 
+@pytest.mark.slow
 def test_bench_ring_quick(tmp_path: Path) -> None:
     need("fio")
     out = tmp_path / "out"
