@@ -12,7 +12,7 @@ SYSTEM_PACKAGES := qemu-utils libnbd-bin python3-libnbd nbdfuse fio fuse3 e2fspr
 	nbdkit nbd-server nbd-client bonnie++ util-linux procps \
 	qemu-system-x86 busybox-static kmod cpio socat
 
-.PHONY: run test deps venv lint typecheck pytest bench clean
+.PHONY: run test deps venv lint typecheck pytest bench crash soak clean
 
 run: $(BIN)/tapnbd
 	@mkdir -p var
@@ -55,6 +55,17 @@ BENCH_ARGS ?= all
 bench: deps venv
 	$(BIN)/pip install -q -e '.[dev,bench]'
 	$(BIN)/python -m bench $(BENCH_ARGS)
+
+# Reliability (issue 8): kill -9 during writes, 50 rounds per qcow layout plus 10 kills
+# of the daemon; and 100 fio connections with crc32c verification for 60 s, RSS checked.
+CRASH_ARGS ?= --rounds 50 --daemon 10
+SOAK_ARGS ?= --connections 100 --duration 60
+
+crash: deps venv
+	$(BIN)/python -m tests.reliability.crash $(CRASH_ARGS)
+
+soak: deps venv
+	$(BIN)/python -m bench.soak $(SOAK_ARGS)
 
 clean:
 	rm -rf $(VENV) var .mypy_cache .pytest_cache .ruff_cache

@@ -77,14 +77,27 @@ class Round:
         )
 
 
-def start_load(uri: str, seed: int, out: Path) -> subprocess.Popen[bytes]:
+def start_load(uri: str, seed: int, out: Path, region: int = REGION) -> subprocess.Popen[bytes]:
     with open(out, "wb") as f:
         return subprocess.Popen(
-            [SYSTEM_PYTHON, str(LOAD), uri, "--seed", str(seed), "--duration", "60",
-             "--region", str(REGION), "--qd", "16", "--flush-every", "48"],
+            [
+                SYSTEM_PYTHON,
+                str(LOAD),
+                uri,
+                "--seed",
+                str(seed),
+                "--duration",
+                "60",
+                "--region",
+                str(region),
+                "--qd",
+                "16",
+                "--flush-every",
+                "48",
+            ],
             stdout=f,
             stderr=subprocess.PIPE,
-        )  # fmt: skip
+        )
 
 
 def wait_load(load: subprocess.Popen[bytes], out: Path) -> Journal:
@@ -131,8 +144,9 @@ def check_image(image: Path, journal: Journal, work: Path, r: Round) -> None:
     if proc.returncode not in CHECK_OK:
         failures.append(f"tapnbd check exited {proc.returncode}: {proc.stdout}{proc.stderr}")
     qemu_raw = work / "qemu.raw"
-    proc = run(["qemu-img", "convert", "-f", "qcow", "-O", "raw", str(image), str(qemu_raw)],
-               check=False)  # fmt: skip
+    proc = run(
+        ["qemu-img", "convert", "-f", "qcow", "-O", "raw", str(image), str(qemu_raw)], check=False
+    )
     if proc.returncode != 0:
         failures.append(f"qemu-img convert failed: {proc.stderr}")
     else:
@@ -173,16 +187,24 @@ def fill_journal_figures(r: Round, j: Journal) -> None:
         r.failures = (*r.failures, f"writes failed before the kill: {unexpected}")
 
 
-def crash_round(work: Path, layout: str, seed: int) -> Round:
+def crash_round(
+    work: Path,
+    layout: str,
+    seed: int,
+    *,
+    size: str = SIZE,
+    region: int = REGION,
+    latest: float = 1.5,
+) -> Round:
     """One round against ``tapnbd serve`` (layout: optimised or normal)."""
     rng = random.Random(seed)
-    r = Round(layout, seed, kill_after=rng.uniform(0.2, 1.5))
+    r = Round(layout, seed, kill_after=rng.uniform(0.1, latest))
     t0 = time.monotonic()
     image = work / f"{layout}.qcow"
-    run(tapnbd_cmd("create", str(image), "--size", SIZE, *LAYOUTS[layout]))
+    run(tapnbd_cmd("create", str(image), "--size", size, *LAYOUTS[layout]))
     server = start_server([str(image)], work / "server.log")
     out = work / "journal.json"
-    load = start_load(server.uri, seed, out)
+    load = start_load(server.uri, seed, out, region)
     try:
         wait_writing(load, server.uri)
         time.sleep(r.kill_after)
@@ -255,8 +277,11 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=None)
     a = p.parse_args()
     master = random.Random(a.seed)
-    plan = [(lay, master.randrange(1 << 30)) for lay in a.layout or sorted(LAYOUTS)
-            for _ in range(a.rounds)]  # fmt: skip
+    plan = [
+        (lay, master.randrange(1 << 30))
+        for lay in a.layout or sorted(LAYOUTS)
+        for _ in range(a.rounds)
+    ]
     plan += [("daemon", master.randrange(1 << 30)) for _ in range(a.daemon)]
     results: list[Round] = []
     t0 = time.monotonic()
@@ -285,8 +310,10 @@ def main() -> int:
             f"stale checksum (check=4) in {sum(r.check == 4 for r in rs)}"
         )
     bad = [r for r in results if not r.ok]
-    print(f"\n{len(results)} kills in {time.monotonic() - t0:.0f}s: "
-          f"{len(bad)} failed, data lost: {'none' if not bad else 'SEE ABOVE'}")  # fmt: skip
+    print(
+        f"\n{len(results)} kills in {time.monotonic() - t0:.0f}s: "
+        f"{len(bad)} failed, data lost: {'none' if not bad else 'SEE ABOVE'}"
+    )
     return 1 if bad else 0
 
 

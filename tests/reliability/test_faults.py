@@ -56,13 +56,19 @@ def test_errnos_reach_the_client_and_the_connection_survives(
     trigger.touch()
     server = serve(
         str(raw_image),
-        "--inject-error-file", str(trigger),
-        "--inject-error", "EIO:100%:read",
-        "--inject-error", "EDQUOT:100%:write",  # NBD: "map EDQUOT and EFBIG to ENOSPC"
-        "--inject-error", "EROFS:100%:trim",  # EROFS is EPERM
-        "--inject-error", "ENOSPC:100%:zero",
-        "--inject-error", "ENOTTY:100%:flush,cache",  # not an NBD errno: EIO
-    )  # fmt: skip
+        "--inject-error-file",
+        str(trigger),
+        "--inject-error",
+        "EIO:100%:read",
+        "--inject-error",
+        "EDQUOT:100%:write",  # NBD: "map EDQUOT and EFBIG to ENOSPC"
+        "--inject-error",
+        "EROFS:100%:trim",  # EROFS is EPERM
+        "--inject-error",
+        "ENOSPC:100%:zero",
+        "--inject-error",
+        "ENOTTY:100%:flush,cache",  # not an NBD errno: EIO
+    )
     res = nbdsh_script(ERRNOS, server.uri, str(trigger))
     assert res == {
         "read": "EIO",
@@ -79,8 +85,10 @@ def test_errnos_reach_the_client_and_the_connection_survives(
 def test_qemu_io_sees_the_errno(serve: Callable[..., Server], raw_image: Path) -> None:
     need("qemu-io")
     server = serve(str(raw_image), "--inject-error", "EPERM:100%:write")
-    out = run(["qemu-io", "-f", "raw", "-c", "write -P 0x5a 0 64k", "-c", "read 0 4k",
-               server.uri], check=False)  # fmt: skip
+    out = run(
+        ["qemu-io", "-f", "raw", "-c", "write -P 0x5a 0 64k", "-c", "read 0 4k", server.uri],
+        check=False,
+    )
     text = out.stdout + out.stderr
     assert "write failed: Operation not permitted" in text
     # The read after the failed write worked: qemu-io's connection survived.
@@ -163,14 +171,16 @@ def test_bad_fault_options_are_refused(raw_image: Path, tmp_path: Path) -> None:
         ("--inject-at", "file", "--inject-error", "EIO:1%"): "--inject-at file needs",
     }
     for args, message in cases.items():
-        proc = run(tapnbd_cmd("serve", str(raw_image), "--port", "0", *args), check=False,
-                   timeout=30)  # fmt: skip
+        proc = run(
+            tapnbd_cmd("serve", str(raw_image), "--port", "0", *args), check=False, timeout=30
+        )
         assert proc.returncode != 0 and message in proc.stderr, (args, proc.stderr)
 
 
 def _load(uri: str, *args: str, timeout: float = 120) -> Journal:
-    proc = subprocess.run([SYSTEM_PYTHON, str(LOAD), uri, *args], capture_output=True,
-                          timeout=timeout, check=False)  # fmt: skip
+    proc = subprocess.run(
+        [SYSTEM_PYTHON, str(LOAD), uri, *args], capture_output=True, timeout=timeout, check=False
+    )
     assert proc.returncode == 0, proc.stderr.decode()[-3000:]
     return Journal.from_json(json.loads(proc.stdout))
 
@@ -183,10 +193,18 @@ def test_qcow_stays_consistent_when_its_file_fails(
     need("qemu-img", "nbdcopy")
     image = tmp_path / "f.qcow"
     run(tapnbd_cmd("create", str(image), "--size", "256M", *LAYOUTS[layout]))
-    server = serve(str(image), "--inject-at", "file",
-                   "--inject-error", "EIO:4%:write,grow,flush")  # fmt: skip
-    journal = _load(server.uri, "--count", "1500", "--region", str(64 << 20),
-                    "--flush-every", "24", "--seed", str(time.time_ns() % 1000))  # fmt: skip
+    server = serve(str(image), "--inject-at", "file", "--inject-error", "EIO:4%:write,grow,flush")
+    journal = _load(
+        server.uri,
+        "--count",
+        "1500",
+        "--region",
+        str(64 << 20),
+        "--flush-every",
+        "24",
+        "--seed",
+        str(time.time_ns() % 1000),
+    )
     assert not journal.dead and not journal.hang
     assert set(journal.errors) == {"EIO"}, journal.errors  # nothing else, no disconnect
     assert journal.count("err") > 0 and journal.count("ok") > 1000

@@ -48,8 +48,12 @@ def small_fs(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Path]:
 
 
 def _load(uri: str, *args: str) -> Journal:
-    proc = subprocess.run([SYSTEM_PYTHON, str(LOAD), uri, "--hang", "15", *args],
-                          capture_output=True, timeout=180, check=False)  # fmt: skip
+    proc = subprocess.run(
+        [SYSTEM_PYTHON, str(LOAD), uri, "--hang", "15", *args],
+        capture_output=True,
+        timeout=180,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr.decode()[-3000:]
     return Journal.from_json(json.loads(proc.stdout))
 
@@ -68,8 +72,20 @@ def test_full_disk_gives_enospc_and_recovers(
     server = serve(str(image))
 
     # Fill it: about twice what fits.
-    full = _load(server.uri, "--count", "3000", "--region", str(REGION), "--max-len",
-                 "65536", "--flush-every", "64", "--final-flush", "--seed", "1")  # fmt: skip
+    full = _load(
+        server.uri,
+        "--count",
+        "3000",
+        "--region",
+        str(REGION),
+        "--max-len",
+        "65536",
+        "--flush-every",
+        "64",
+        "--final-flush",
+        "--seed",
+        "1",
+    )
     assert not full.hang, "a request hung on the full file system"
     assert not full.dead, f"the connection died: {full.dead}"
     assert set(full.errors) == {"ENOSPC"}, full.errors  # never EIO
@@ -77,9 +93,20 @@ def test_full_disk_gives_enospc_and_recovers(
 
     # Free space: the same server allocates again, and FLUSH works.
     filler.unlink()
-    more = _load(server.uri, "--count", "150", "--region", str(REGION + (16 << 20)),
-                 "--start", str(REGION), "--final-flush", "--seed", "2",
-                 "--gen-base", str(len(full.writes)))  # fmt: skip
+    more = _load(
+        server.uri,
+        "--count",
+        "150",
+        "--region",
+        str(REGION + (16 << 20)),
+        "--start",
+        str(REGION),
+        "--final-flush",
+        "--seed",
+        "2",
+        "--gen-base",
+        str(len(full.writes)),
+    )
     assert more.errors == {} and not more.flush_errors, more.errors
     assert not more.dead and not more.hang
     assert any(w.offset >= REGION for w in more.writes)
