@@ -9,7 +9,7 @@ DEMO   := var/demo.qcow
 # Debian packages the tests and benchmarks use: the real clients, the peers, FUSE and
 # the kernel VM harness (../shared/kernel-vm/run-guest).
 SYSTEM_PACKAGES := qemu-utils libnbd-bin python3-libnbd nbdfuse fio fuse3 e2fsprogs \
-	nbdkit nbd-server nbd-client bonnie++ util-linux procps \
+	nbdkit nbd-server nbd-client bonnie++ nocache util-linux procps \
 	qemu-system-x86 busybox-static kmod cpio socat
 
 .PHONY: run test deps venv lint typecheck pytest bench crash soak clean

@@ -106,6 +106,7 @@ def _bonnie(
         raise typer.BadParameter("--only selects no row")
     if file_mib is not None:
         cfg.file_mib = file_mib
+        cfg.row_file_mib = {}
         cfg.ram_mib = max(file_mib // 4, 1)
         cfg.image_size = max(cfg.image_size, 3 * file_mib * MiB)
     r = bonnie.run_bonnie(cfg, work, err)

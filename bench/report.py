@@ -192,6 +192,7 @@ def machine() -> dict[str, str]:
         "kernel": platform.release(),
         "cpu": f"{os.cpu_count()} x {cpu}" if cpu else str(os.cpu_count()),
         "memory": mem,
+        "load average at start": " ".join(f"{x:.2f}" for x in os.getloadavg()),
         "python": platform.python_version(),
         "tapnbd": commit,
         "tapnbd event loop": os.environ.get("TAPNBD_LOOP", "default (uvloop if installed)"),

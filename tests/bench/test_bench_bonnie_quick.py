@@ -1,0 +1,64 @@
+"""The Bonnie harness in quick mode, end to end: attach, mkfs, bonnie++, tables (issue 6).
+
+Three of the seven rows (tap-raw, loop, qcow-opt), about 35 s: the tapnbd rows through the
+daemon's ``attach --via fuse``, and the kernel baseline. The peer rows share the nbdfuse
+path that tests/bench/test_bench_quick.py and the full run exercise.
+"""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import need, need_root_devices
+
+ROWS = {"tap-raw": "Tap raw", "loop": "Loop", "qcow-opt": "Qcow optimised"}
+
+
+def _number(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+@pytest.mark.root
+@pytest.mark.slow
+def test_bonnie_quick_gives_figures_for_each_row(tmp_path: Path) -> None:
+    need_root_devices()
+    need("bonnie++", "nbdfuse", "nocache", "mkfs.ext4", "losetup")
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "bench", "bonnie", "--quick"]
+    for key in ROWS:
+        cmd += ["--only", key]
+    cmd += ["--out", str(out), "--workdir", str(tmp_path / "work")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    rows = {r["row"]: r for r in csv.DictReader((out / "bonnie.csv").open())}
+    assert set(rows) == set(ROWS)
+    for key, row in rows.items():
+        assert row["error"] == "", (key, row["error"])
+        assert row["bonnie_csv"].startswith("1.98,"), key
+        assert row["caches"], key
+        # rewrite reads and writes every block, so even the kernel row takes long enough
+        # for bonnie to time it; READ and WRITE may be "+++++" (too fast to time) on Loop.
+        v = _number(row["rewrite_kps"])
+        assert v is not None and v > 0, (key, row)
+    for key in ("tap-raw", "qcow-opt"):
+        v = _number(rows[key]["write_kps"])
+        assert v is not None and v > 0, (key, rows[key])
+        assert rows[key]["loop_direct_io"] == "True", key
+        assert rows[key]["attach"] == "tapnbd attach --via fuse", key
+
+    summary = {r["row"]: r for r in csv.DictReader((out / "bonnie-summary.csv").open())}
+    assert _number(summary["qcow-opt"]["write_vs_tap_raw"]) is not None
+    md = (out / "bonnie.md").read_text()
+    for label in ROWS.values():
+        assert f"| {label} " in md, label
+    assert "drop_caches" in md and "nocache" in md
+    assert "Qcow optimised >= 0.95x Tap raw, block write" in md
