@@ -391,8 +391,7 @@ def test_convert(tmp_path: Path, source: Path, out: str, args: list[str]) -> Non
 
 
 def test_convert_flattens_a_backing_chain(tmp_path: Path, source: Path) -> None:
-    """qcow over qcow: the copy reads like the overlay, base data included; and back
-    from raw (convert reads any supported format)."""
+    """qcow over qcow: the copy reads like the overlay, base data included."""
     top = asyncio.run(make_qcow(tmp_path / "top.qcow", None, backing=source))
     qwrite(top, "write -P 0x77 512k 4k", "write -P 0x88 200M 64k")
     dst = tmp_path / "flat.qcow"
@@ -409,11 +408,6 @@ def test_convert_flattens_a_backing_chain(tmp_path: Path, source: Path) -> None:
         assert "is the source image or one of its backing files" in proc.stderr
     assert hashlib.sha256(source.read_bytes()).hexdigest() == before
     qemu_img("compare", "-f", "qcow", "-F", "qcow", top, dst)
-    raw = tmp_path / "flat.raw"
-    qemu_img("convert", "-f", "qcow", "-O", "raw", top, raw)
-    back = tmp_path / "back.qcow"
-    tapnbd("convert", "-q", raw, back, "-O", "qcow", "--no-optimise")
-    qemu_img("compare", "-f", "raw", "-F", "qcow", raw, back)
 
 
 def _run_measured(cmd: list[str]) -> tuple[float, int]:
