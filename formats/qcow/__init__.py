@@ -43,10 +43,14 @@ def probe(header: bytes) -> int:
 
 
 def resolve_backing(image_path: str, name: str) -> str:
-    """A backing name as stored is relative to the image's directory (as in QEMU)."""
+    """A backing name as stored is relative to the image's directory (as in QEMU).
+
+    Joined to the image path as given, not made absolute: QEMU's path_combine does the
+    same, so ``full-backing-filename`` in ``tapnbd info`` matches ``qemu-img info``.
+    """
     if os.path.isabs(name):
         return name
-    return os.path.join(os.path.dirname(os.path.abspath(image_path)), name)
+    return os.path.join(os.path.dirname(image_path), name)
 
 
 async def open_qcow(path: str, read_only: bool) -> Driver:

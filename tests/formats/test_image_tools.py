@@ -27,6 +27,7 @@ from tests.formats.qcow_util import (
     qemu_img,
     qemu_io,
     read_header,
+    write_raw,
 )
 from tests.formats.qcow_util import (
     run as qrun,
@@ -238,6 +239,22 @@ def test_info_allocation_and_checksum(tmp_path: Path) -> None:
     assert xen(i)["cksum"] == f"0x{cksum ^ 1:08x}"
     missing = tapnbd("info", tmp_path / "nope.qcow", check=False)
     assert missing.returncode == 1 and "no such file" in missing.stderr
+
+
+def test_info_relative_backing_agrees_with_qemu(tmp_path: Path) -> None:
+    """A qemu-made overlay naming its backing file relatively, looked at from elsewhere:
+    the backing file is found next to the image, and named as qemu names it."""
+    (tmp_path / "sub").mkdir()
+    base = make_raw(tmp_path / "sub" / "base.raw", 4 * MiB)
+    write_raw(base, MiB, b"r" * 4096)
+    top = tmp_path / "sub" / "top.qcow"
+    qemu_img("create", "-f", "qcow", "-b", "base.raw", "-F", "raw", top)
+    for image in ("sub/top.qcow", "./sub/../sub/top.qcow"):
+        ours = json.loads(run(tapnbd_cmd("info", "--json", image), cwd=tmp_path).stdout)
+        theirs = json.loads(run(["qemu-img", "info", "--output=json", image], cwd=tmp_path).stdout)
+        assert_agrees(ours, theirs)
+        assert ours["backing-filename"] == "base.raw"
+    qemu_io(top, "read -P 0x72 1M 4k")
 
 
 # check
