@@ -115,6 +115,12 @@ OPEN_FAILURES: list[tuple[str, Callable[[Path], None], type[ImageError], str]] =
         r"L1 entry 0 \(0x10\) points into the header or L1 table",
     ),
     (
+        "l2-table-overlaps-l1-table",
+        lambda p: _set_l1(p, 0, 0x1000),
+        InvalidImageError,
+        r"L1 entry 0 \(0x1000\) points into the header or L1 table \(which end at 0x1020\)",
+    ),
+    (
         "l2-tables-overlap",
         lambda p: _set_l1(p, 1, _l1(p, 0) + 8),
         InvalidImageError,
