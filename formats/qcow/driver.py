@@ -129,6 +129,13 @@ class QcowDriver(Driver):
         self._grow = child.grow if isinstance(child, Growable) else None
         #: Next free cluster-aligned file offset: allocation only ever appends.
         self._end = round_up(max(meta.file_size, meta.data_start), self._cs)
+        #: The end at open. A table as read from disk cannot rightly point past it unless
+        #: this driver has changed the table since (``_touched``): the file grows under
+        #: a corrupt pointer, which must not come to name a newly allocated cluster.
+        self._open_end = self._end
+        self._touched: set[int] = set()
+        #: Entries found bad on a table's first load, marked again if it is read again.
+        self._bad: dict[int, list[int]] = {}
         self._l2cache: OrderedDict[int, array[int]] = OrderedDict()
         self._l2_cache_max = max(16, L2_CACHE_BYTES // g.l2_bytes)
         self._loading: dict[int, asyncio.Future[None]] = {}
@@ -318,9 +325,14 @@ class QcowDriver(Driver):
     def _check_l2(self, t: array[int], l2off: int) -> None:
         """Mark entries pointing outside the data area or into an L2 table as _BAD."""
         g = self.g
-        lo, hi, cs = self.meta.data_start, self._end, self._cs
+        hi = self._end if l2off in self._touched else self._open_end
+        lo, cs = self.meta.data_start, self._cs
         tables, l2_bytes = self._l2_sorted, g.l2_bytes
-        bad = 0
+        known = self._bad.get(l2off)
+        if known:
+            for i in known:
+                t[i] = _BAD
+        bad: list[int] = []
         for i, e in enumerate(t):
             if not e:
                 continue
@@ -334,14 +346,15 @@ class QcowDriver(Driver):
                     ok = j < 0 or tables[j] + l2_bytes <= e
             if not ok:
                 t[i] = _BAD
-                bad += 1
-        if bad:
+                bad.append(i)
+        if bad and not known:
+            self._bad[l2off] = bad
             log.warning(
                 "%s: L2 table at 0x%x has %d entries pointing outside the image data area; "
                 "requests touching them fail with EIO",
                 self.path,
                 l2off,
-                bad,
+                len(bad),
             )
 
     def _cache_put(self, l2off: int, t: array[int]) -> None:
@@ -529,6 +542,7 @@ class QcowDriver(Driver):
         self.l1[l1i] = l2off
         self._dirty_l1[l1i] = l2off
         self._new_l2[l2off] = table
+        self._touched.add(l2off)
         bisect.insort(self._l2_sorted, l2off)
         if not self._fast:
             self._cache_put(l2off, table)
@@ -597,6 +611,7 @@ class QcowDriver(Driver):
                 await self._load_l2(l2off)
                 t = self._l2cache[l2off]
             i0 = c0 & self._l2_mask
+            self._touched.add(l2off)
             dirty = None if l2off in self._new_l2 else self._dirty_l2.setdefault(l2off, {})
             for j in range(k):
                 t[i0 + j] = host + j * cs
@@ -701,6 +716,7 @@ class QcowDriver(Driver):
         l2off = self.l1[pos >> self._shift]
         t = self._l2cache[l2off]  # present: the caller's lookup just used it
         i0 = (pos >> self._cb) & self._l2_mask
+        self._touched.add(l2off)
         dirty = None if l2off in self._new_l2 else self._dirty_l2.setdefault(l2off, {})
         for i in range(i0, i0 + (n >> self._cb)):
             t[i] = 0

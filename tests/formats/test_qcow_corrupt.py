@@ -345,6 +345,38 @@ async def test_bad_l2_entries_fail_with_eio(
         await d.close()
 
 
+async def test_pointer_past_the_end_stays_bad_after_the_file_grows(tmp_path: Path) -> None:
+    """An L2 entry pointing past the end of the file, in a table first read only after
+    other writes have grown the file over that offset: still EIO, never the new data
+    written there for another cluster (and never overwriting it)."""
+    img = await _base(tmp_path / "c.qcow")
+    target = _eof(img) + 8 * CS
+    _set_l2(img, 0, 0, target)
+    d = await open_qcow(img)
+    try:
+        # Slot 1 only (its table was read at open for B): 16 new clusters at the end.
+        for k in range(16):
+            await d.pwrite(B_OFF + (k + 1) * CS, bytes([0x40 + k]) * CS)
+        assert d._end > target  # the file now covers the bad pointer's offset
+        for op in (d.pread(A_OFF, CS), d.pwrite(A_OFF, b"x" * CS), d.extents(A_OFF, CS)):
+            with pytest.raises(OSError) as info:
+                await op
+            assert info.value.errno == errno.EIO
+        for k in range(16):
+            assert bytes(await d.pread(B_OFF + (k + 1) * CS, CS)) == bytes([0x40 + k]) * CS
+        # After a flush the clean tables may be dropped and read again: still EIO.
+        await d.flush()
+        d._l2_cache_max = 0
+        d._trim_cache()
+        assert not d._l2cache
+        with pytest.raises(OSError) as info:
+            await d.pread(A_OFF, CS)
+        assert info.value.errno == errno.EIO
+        assert bytes(await d.pread(B_OFF + 9 * CS, CS)) == bytes([0x48]) * CS
+    finally:
+        await d.close()
+
+
 async def test_optimised_image_truncated_falls_back_and_fails_requests(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
