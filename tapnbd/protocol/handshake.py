@@ -223,7 +223,7 @@ class Handshake:
             self._out.append(data)
 
     def _error(self, opt: int, rep: Rep, message: str) -> None:
-        self._reply(opt, rep, message.encode())
+        self._reply(opt, rep, wire.string(message))
 
     def _option(self, opt: int, data: bytes) -> Event | None:
         if self.tls_mode is TLSMode.REQUIRE and not self.tls_active:
@@ -234,6 +234,9 @@ class Handshake:
                 self._error(opt, Rep.ERR_TLS_REQD, "TLS is required: send STARTTLS first")
                 return None
         if self.shutting_down() and opt not in (Opt.ABORT,):
+            if opt == Opt.EXPORT_NAME:
+                # EXPORT_NAME has no error reply: hanging up is the only refusal.
+                self._fail("EXPORT_NAME while the server is shutting down")
             self._error(opt, Rep.ERR_SHUTDOWN, "server is shutting down")
             return None
         handler = _HANDLERS.get(opt)

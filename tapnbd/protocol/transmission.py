@@ -99,14 +99,16 @@ class RequestDecoder:
             view = view[n:]
 
     def get_buffer(self, sizehint: int = -1) -> memoryview:
-        """Where the next received bytes should go."""
-        if self._direct is not None:
+        """Where the next received bytes should go (never an empty buffer)."""
+        if self._filling():
             return memoryview(self._direct_buf)[self._direct_fill :]
+        # A complete payload not yet collected: what follows it queues up behind it
+        # (an empty buffer would hang feed() and is an error to asyncio).
         return self._scratch
 
     def buffer_updated(self, nbytes: int) -> None:
         """``nbytes`` were written into the last ``get_buffer()``."""
-        if self._direct is not None:
+        if self._filling():
             self._direct_fill += nbytes
             return
         data = self._scratch[:nbytes]
@@ -115,6 +117,9 @@ class RequestDecoder:
             self._discard -= skip
             data = data[skip:]
         self._buf += data
+
+    def _filling(self) -> bool:
+        return self._direct is not None and self._direct_fill < len(self._direct_buf)
 
     def buffered(self) -> int:
         return len(self._buf) - self._pos
@@ -149,6 +154,7 @@ class RequestDecoder:
             self._pos = pos + _REQ_SIZE
             have = min(length, len(buf) - self._pos)
             self._pos += have
+            self._compact()  # hold no consumed bytes while the rest is skipped
             self._discard = length - have
             self._pending = Request(flags, typ, cookie, offset, length, None)
             return self.next_request()
@@ -208,7 +214,7 @@ def none_chunk(cookie: int) -> bytes:
 
 
 def error_chunk(cookie: int, error: int, message: str = "", done: bool = True) -> bytes:
-    msg = message.encode()[:4096]
+    msg = wire.string(message)
     return (
         wire.CHUNK_ERROR.pack(
             STRUCTURED_REPLY_MAGIC,

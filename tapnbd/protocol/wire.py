@@ -27,3 +27,15 @@ CHUNK_OFFSET = struct.Struct(">IHHQIQ")  # chunk header + u64 offset (OFFSET_DAT
 CHUNK_HOLE = struct.Struct(">IHHQIQI")  # chunk header + offset + hole size
 CHUNK_ERROR = struct.Struct(">IHHQIIH")  # chunk header + error + message length
 EXTENT = struct.Struct(">II")
+
+
+def string(text: str, limit: int = 4096) -> bytes:
+    """``text`` as an NBD string: UTF-8, cut at a character boundary to ``limit`` bytes.
+
+    "MUST be at most 4096 bytes" (proto.md, Conventions); a cut inside a multi-byte
+    character would leave invalid UTF-8.
+    """
+    raw = text.encode()
+    if len(raw) <= limit:
+        return raw
+    return raw[:limit].decode("utf-8", "ignore").encode()
