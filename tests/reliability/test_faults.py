@@ -157,7 +157,8 @@ def test_delay(serve: Callable[..., Server], raw_image: Path, tmp_path: Path, fm
     server = serve(str(image), "--delay", "read=250ms", "--delay", "flush=100ms")
     res = nbdsh_script(DELAY, server.uri)
     assert isinstance(res, dict)
-    assert res["read"] >= 0.25 and res["flush"] >= 0.1
+    # The loop's timer may fire a hair early against the client's clock.
+    assert res["read"] >= 0.245 and res["flush"] >= 0.095
     assert res["write"] < 0.1  # not delayed
     assert 0.25 <= res["parallel"] < 0.25 * 4
 
