@@ -62,7 +62,9 @@ def serve_cmd(
     inject_error_file: Annotated[
         str | None, typer.Option(help="Inject errors only while this file exists.")
     ] = None,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log connections.")] = False,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Log connections and failed requests.")
+    ] = False,
 ) -> None:
     """Serve images over NBD until SIGTERM or SIGINT; print each export's URI when ready."""
     logging.basicConfig(

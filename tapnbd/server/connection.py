@@ -464,6 +464,15 @@ class NBDConnection(asyncio.BufferedProtocol):
         buffers.give(buf)
 
     def _reply_error(self, req: Request, err: int, message: str) -> None:
+        log.debug(
+            "%s: %s %d+%d: %s %s",
+            self.peer,
+            Cmd(req.type).name if req.type <= Cmd.BLOCK_STATUS else req.type,
+            req.offset,
+            req.length,
+            errno.errorcode.get(err, err),
+            message,
+        )
         # "ENOTSUP only for FAST_ZERO"; "EOVERFLOW only for DF reads" (Error values).
         if (err == errno.ENOTSUP and not req.flags & CmdFlag.FAST_ZERO) or (
             err == errno.EOVERFLOW and not req.flags & CmdFlag.DF
