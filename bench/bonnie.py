@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import os
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -143,6 +144,7 @@ class BonnieResult:
     caches: str = ""
     image: str = ""
     seconds: float = 0.0
+    load1: float | None = None  # the 1-minute load average when the row started
     csv_line: str = ""
     error: str = ""
 
@@ -261,7 +263,7 @@ def _device(
 def _run_row(
     row: BonnieRow, cfg: BonnieConfig, workdir: Path, state_dir: Path | None, ui: UI
 ) -> BonnieResult:
-    result = BonnieResult(row.key)
+    result = BonnieResult(row.key, load1=os.getloadavg()[0])
     started = time.monotonic()
     ext = "raw" if row.layout == images.RAW else "qcow"
     image = workdir / f"bonnie-{row.key}.{ext}"
@@ -470,8 +472,8 @@ def targets_table(r: BonnieRun) -> Table:
 def details_table(r: BonnieRun) -> Table:
     t = Table(
         "How each row was run",
-        ["row", "image", "device", "attach", "loop dio", "caches", "seconds", "server"],
-        align=["l", "l", "l", "l", "l", "l", "r", "l"],
+        ["row", "image", "device", "attach", "loop dio", "caches", "load", "seconds", "server"],
+        align=["l", "l", "l", "l", "l", "l", "r", "r", "l"],
     )
     by_key = {row.key: row for row in r.config.rows}
     for res in r.results:
@@ -484,6 +486,7 @@ def details_table(r: BonnieRun) -> Table:
                 res.how,
                 dio,
                 res.caches,
+                "" if res.load1 is None else f"{res.load1:.1f}",
                 f"{res.seconds:.0f}",
                 f"`{res.server}`" if res.server else "",
             ]
@@ -510,6 +513,7 @@ def csv_rows(r: BonnieRun) -> list[dict[str, object]]:
             attach=res.how,
             loop_direct_io=res.direct_io,
             caches=res.caches,
+            load1=res.load1,
             seconds=round(res.seconds, 1),
             error=res.error,
             bonnie_csv=res.csv_line,
@@ -538,6 +542,8 @@ def markdown(r: BonnieRun, machine_md: str) -> str:
         "- per-char columns are bonnie's putc/getc loop on a small file: CPU-bound, "
         "like the seed's (which ran at 50-90 % CPU)",
         "- `+++++` is bonnie's way of saying a phase finished too fast to time",
+        "- load: the 1-minute load average as the row started; the machine is shared, so "
+        "rows that ran under a higher load are slower for reasons of their own",
     ]
     for key, why in r.skipped.items():
         parts.append(f"- not run: `{key}`: {why}")

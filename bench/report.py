@@ -39,9 +39,10 @@ class Table:
         for row in self.rows:
             for i, cell in enumerate(row):
                 widths[i] = max(widths[i], len(esc(cell)))
+        # Delimiter cells span the padding too; a right-aligned one ends in its colon.
         sep = []
         for a, w in zip(self._align(), widths, strict=True):
-            w = max(w, 3)
+            w = max(w, 3) + 2
             sep.append("-" * (w - 1) + ":" if a == "r" else "-" * w)
 
         def line(cells: Sequence[str]) -> str:
@@ -51,7 +52,7 @@ class Table:
                 padded.append(c.rjust(max(w, 3)) if a == "r" else c.ljust(max(w, 3)))
             return "| " + " | ".join(padded) + " |"
 
-        out = [line(self.headers), "|" + "|".join(f"-{s}-" for s in sep) + "|"]
+        out = [line(self.headers), "|" + "|".join(sep) + "|"]
         out += [line(r) for r in self.rows]
         return "\n".join(out)
 
