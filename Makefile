@@ -12,7 +12,7 @@ SYSTEM_PACKAGES := qemu-utils libnbd-bin python3-libnbd nbdfuse fio fuse3 e2fspr
 	nbdkit nbd-server nbd-client bonnie++ nocache util-linux procps \
 	qemu-system-x86 busybox-static kmod cpio socat
 
-.PHONY: run test deps venv lint typecheck pytest bench crash soak clean
+.PHONY: run test deps venv lint typecheck pytest bench crash soak fuzz clean
 
 run: $(BIN)/tapnbd
 	@mkdir -p var
@@ -66,6 +66,16 @@ crash: deps venv
 
 soak: deps venv
 	$(BIN)/python -m bench.soak $(SOAK_ARGS)
+
+# Fuzzing (issue 8): FUZZ_RUNS inputs into the NBD codec (coverage-guided by atheris, the
+# optional `fuzz` extra) and mutated qcow images; make test runs a short budget of both.
+FUZZ_RUNS ?= 1000000
+QCOW_FUZZ_RUNS ?= 20000
+
+fuzz: deps venv
+	$(BIN)/pip install -q -e '.[dev,fuzz]' || echo "atheris did not install: random mutation only"
+	$(BIN)/python -m tests.fuzz nbd --runs $(FUZZ_RUNS)
+	$(BIN)/python -m tests.fuzz qcow --runs $(QCOW_FUZZ_RUNS)
 
 clean:
 	rm -rf $(VENV) var .mypy_cache .pytest_cache .ruff_cache

@@ -11,6 +11,8 @@ only finding is a checksum mismatch (the image works, on the safe path, spec §2
 
 from __future__ import annotations
 
+import os
+import zlib
 from dataclasses import dataclass, field
 
 from formats.qcow.geometry import compressed_location, round_up
@@ -105,6 +107,12 @@ async def _check(child: RawDriver, res: CheckResult) -> None:
         return
     g, fsize = meta.geometry, meta.file_size
     cs = res.cluster_size = g.cluster_size
+    if meta.backing_name is not None:
+        from formats.qcow import resolve_backing
+
+        # Opening the image opens its backing file; one that is not there fails it.
+        if not os.path.exists(resolve_backing(res.filename, meta.backing_name)):
+            res.check_errors.append(f"backing file {meta.backing_name[:256]!r} does not exist")
     res.image_end_offset = fsize
     if meta.ext_applies:
         res.cksum = "ok" if meta.cksum_ok else "mismatch"
@@ -179,6 +187,16 @@ async def _check(child: RawDriver, res: CheckResult) -> None:
         if start < prev_end:
             res.corrupt(f"{where}: compressed data overlaps that of {prev_where}")
         prev_end, prev_where = max(prev_end, stop), where
+        # Inflated as the driver does: a bad entry (a normal cluster's offset with bit 63
+        # set, say) points at bytes that are no deflate stream, and reads fail with EIO.
+        try:
+            data = zlib.decompressobj(-12).decompress(
+                bytes(await child.pread(start, stop - start)), cs
+            )
+        except zlib.error:
+            data = b""
+        if len(data) != cs:
+            res.corrupt(f"{where}: compressed data at 0x{start:x} does not inflate to a cluster")
         for c in range(start // cs, (stop - 1) // cs + 1):
             if refs[c] == 1:
                 res.corrupt(f"{where}: compressed data overlaps a cluster in normal use")

@@ -75,12 +75,19 @@ def run_atheris(runs: int, max_len: int) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(prog="python -m tests.fuzz")
-    p.add_argument("target", choices=["nbd"])
+    p.add_argument("target", choices=["nbd", "qcow"])
     p.add_argument("--runs", type=int, default=int(os.environ.get("FUZZ_RUNS", "100000")))
     p.add_argument("--engine", choices=["auto", "atheris", "random"], default="auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-len", type=int, default=4096)
     a = p.parse_args()
+    if a.target == "qcow":
+        from tests.fuzz import qcow_mutate
+
+        t0 = time.monotonic()
+        stats = qcow_mutate.campaign(a.runs, seed=a.seed)
+        print(f"qcow: {stats.summary()}, in {time.monotonic() - t0:.0f} s")
+        return
     engine = a.engine
     if engine == "auto":
         engine = "atheris" if importlib.util.find_spec("atheris") else "random"
