@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import json
+import os
 import statistics
 import time
 from collections.abc import Iterator, Sequence
@@ -274,6 +275,9 @@ def _run_cell(
 ) -> FioCell:
     cell = FioCell(target.key, job.key, rep)
     fmt = images.fmt_of(target.layout)
+    # Write back what earlier cells left dirty, so that no cell pays for another's
+    # writeback (a seq write cell dirties up to the whole image).
+    os.sync()
     with serve(target.server, image, fmt, logdir=workdir / "logs", options=cfg.options) as s:
         cpu0, t0 = cpu_seconds(s.pid), time.monotonic()
         out = run(
@@ -523,7 +527,8 @@ def markdown(r: FioRun, machine_md: str) -> str:
     parts += [f"- {n}" for n in r.notes]
     parts += [
         "- every server is started for its cell and stopped after it; jobs run one at a time, "
-        "each job against every server in turn",
+        "each job against every server in turn; `sync` before each cell, so that no cell "
+        "pays for the writeback of an earlier one",
         "- peers run with their defaults: plain `qemu-nbd -f FMT -t` (one client, so no "
         "multi-conn), `nbdkit file`, `nbd-server` from a config with `allowlist = true`",
         "- server CPU is the server process's user+system time over the cell's wall time, "
