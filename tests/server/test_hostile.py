@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 import socket
 import struct
 import time
 from collections.abc import Callable
 from pathlib import Path
-from urllib.parse import urlparse
+from urllib.parse import quote, urlparse
 
 import pytest
 
-from tests.helpers import Server, need, run
+from tests.helpers import Server, nbdsh_script, need, run
 from tests.server import rawclient as rc
 
 
@@ -220,3 +221,63 @@ def test_slow_clients_do_not_delay_others(serve: Callable[..., Server], slow: bo
     assert time.monotonic() - t0 < 2
     for s in socks:
         s.close()
+
+
+NAME_PROBE = r"""
+import errno, json, sys
+import nbd
+
+uri, names = sys.argv[1], json.loads(sys.argv[2])
+res = {}
+for name in names:
+    h = nbd.NBD()
+    h.set_opt_mode(True)
+    h.connect_uri(uri)
+    h.set_export_name(name)
+    try:
+        h.opt_info()
+        res[name] = ["OK", h.get_size()]
+    except nbd.Error as e:
+        res[name] = [errno.errorcode.get(e.errno, str(e.errno)), 0]
+    h.opt_abort()
+print(json.dumps(res))
+"""
+
+
+def test_export_names_never_become_paths(serve: Callable[..., Server], tmp_path: Path) -> None:
+    """Names are looked up in the server's table; a path in one opens nothing."""
+    need("nbdinfo")
+    served = tmp_path / "served"
+    served.mkdir()
+    disk = served / "disk.img"
+    disk.write_bytes(bytes(1 << 20))
+    secret = tmp_path / "secret.img"
+    secret.write_bytes(b"S" * (3 << 20))  # a size no export has, to spot a leak
+    server = serve(str(disk), "--name", "disk")
+    names = [
+        "../secret.img",
+        "../../secret.img",
+        str(secret),
+        "secret.img",
+        "/etc/passwd",
+        "./disk",
+        "disk/../disk",
+        str(disk),
+        "disk.img",
+        "%2e%2e/secret.img",
+    ]
+    res = nbdsh_script(NAME_PROBE, server.uri, json.dumps([*names, "disk", ""]))
+    assert isinstance(res, dict)
+    # NBD_REP_ERR_UNKNOWN, which libnbd reports as ENOENT, for every one of them.
+    assert {n: res[n][0] for n in names} == dict.fromkeys(names, "ENOENT")
+    assert res["disk"] == res[""] == ["OK", 1 << 20]
+    # nbdinfo with such a name in the URI fails too, and the server never opened them.
+    u = urlparse(server.uri)
+    for name in ("..%2Fsecret.img", quote(str(secret), safe="")):
+        assert run(["nbdinfo", f"nbd://{u.hostname}:{u.port}/{name}"], check=False).returncode
+    fds = {
+        os.readlink(f"/proc/{server.proc.pid}/fd/{fd}")
+        for fd in os.listdir(f"/proc/{server.proc.pid}/fd")
+    }
+    assert str(disk) in fds and str(secret) not in fds
+    assert "/etc/passwd" not in fds

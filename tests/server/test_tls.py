@@ -196,3 +196,99 @@ def test_client_certificate_required_with_ca(
     uri = f"nbds://localhost:{u.port}{u.path}?tls-certificates={nocert}"
     assert run(["nbdinfo", uri], check=False).returncode != 0
     assert run(["nbdinfo", "--size", tls_uri(server, pki)]).stdout.strip() == str(4 << 20)
+
+
+OPT_LIST_META, OPT_SET_META = 9, 10
+CMD_BLOCK_STATUS = 7
+
+
+def _meta_request(export: str, *queries: str) -> bytes:
+    raw = export.encode()
+    out = struct.pack(">I", len(raw)) + raw + struct.pack(">I", len(queries))
+    return out + b"".join(struct.pack(">I", len(q)) + q.encode() for q in queries)
+
+
+def _structured_reply(sock: socket.socket) -> tuple[int, int, bytes]:
+    """(type, cookie, payload) of one structured reply chunk."""
+    magic, _flags, typ, cookie, length = struct.unpack(">IHHQI", rc.recv_exact(sock, 20))
+    assert magic == rc.STRUCTURED_MAGIC, hex(magic)
+    return typ, cookie, rc.recv_exact(sock, length)
+
+
+def _block_status_after_tls(pki: Path, port: int, set_meta_before: bool) -> tuple[int, bytes]:
+    """SR (+ SET_META_CONTEXT) in plaintext, STARTTLS, SR and GO over TLS, BLOCK_STATUS.
+
+    Returns the reply chunk's type and payload. Only ``set_meta_before`` differs from
+    a run where the context is selected after STARTTLS (the control).
+    """
+    s = rc.connect("127.0.0.1", port)
+    rc.greet(s)
+    rc.send_option(s, rc.OPT_SR)
+    assert rc.read_reply(s)[1] == rc.REP_ACK
+    if set_meta_before:
+        rc.send_option(s, OPT_SET_META, _meta_request("ram", "base:allocation"))
+        assert [rc.read_reply(s)[1] for _ in range(2)] == [4, rc.REP_ACK]  # META_CONTEXT, ACK
+    rc.send_option(s, rc.OPT_STARTTLS)
+    assert rc.read_reply(s)[1] == rc.REP_ACK
+    ctx = ssl.create_default_context(cafile=str(pki / "ca-cert.pem"))
+    tls = ctx.wrap_socket(s, server_hostname="localhost")
+    rc.send_option(tls, rc.OPT_SR)
+    assert rc.read_reply(tls)[1] == rc.REP_ACK
+    if not set_meta_before:
+        rc.send_option(tls, OPT_SET_META, _meta_request("ram", "base:allocation"))
+        assert [rc.read_reply(tls)[1] for _ in range(2)] == [4, rc.REP_ACK]
+    size, flags = rc.go(tls, "ram")
+    assert size == 4 << 20 and flags & (1 << 7)  # SEND_DF: structured replies, this time
+    rc.request(tls, CMD_BLOCK_STATUS, 0, 65536, cookie=9)
+    typ, cookie, payload = _structured_reply(tls)
+    assert cookie == 9
+    tls.close()
+    return typ, payload
+
+
+def test_starttls_forgets_a_meta_context_set_before_it(
+    serve: Callable[..., Server], pki: Path
+) -> None:
+    """CVE-2021-3716's other half: base:allocation chosen in plaintext is gone after TLS."""
+    server = serve("ram:4M", *tls_args(pki, "on"))
+    port = urlparse(server.uri).port
+    assert port
+    typ, payload = _block_status_after_tls(pki, port, set_meta_before=True)
+    assert typ == 0x8001, typ  # NBD_REPLY_TYPE_ERROR: no context was negotiated
+    assert struct.unpack_from(">I", payload)[0] == errno.EINVAL
+    # The control: the same context chosen after STARTTLS gives a BLOCK_STATUS chunk.
+    typ, payload = _block_status_after_tls(pki, port, set_meta_before=False)
+    assert typ == 5, typ
+    context_id, length, flags = struct.unpack_from(">III", payload)
+    assert context_id != 0 and length == 65536 and flags == 3  # a hole that reads as zeros
+
+
+def test_require_refuses_every_option_before_starttls(
+    serve: Callable[..., Server], pki: Path
+) -> None:
+    """Every option code but STARTTLS, ABORT and EXPORT_NAME gets ERR_TLS_REQD, well-formed
+    or not; the client may still go on to STARTTLS and be served."""
+    server = serve("ram:4M", *tls_args(pki, "require"))
+    port = urlparse(server.uri).port
+    assert port
+    s = rc.connect("127.0.0.1", port)
+    rc.greet(s)
+    well_formed = {
+        rc.OPT_INFO: struct.pack(">I", 3) + b"ram" + b"\0\0",
+        rc.OPT_GO: struct.pack(">I", 3) + b"ram" + b"\0\0",
+        OPT_LIST_META: _meta_request("ram", "base:allocation"),
+        OPT_SET_META: _meta_request("ram", "base:allocation"),
+    }
+    codes = [c for c in range(13) if c not in (rc.OPT_EXPORT_NAME, rc.OPT_ABORT, rc.OPT_STARTTLS)]
+    for code in [*codes, 99, 1 << 31, (1 << 32) - 1]:
+        for data in {well_formed.get(code, b""), b"junk"}:
+            rc.send_option(s, code, data)
+            opt, rep, _ = rc.read_reply(s)
+            assert (opt, rep) == (code, rc.ERR_TLS_REQD), (code, data)
+    rc.send_option(s, rc.OPT_STARTTLS)
+    assert rc.read_reply(s)[1] == rc.REP_ACK
+    ctx = ssl.create_default_context(cafile=str(pki / "ca-cert.pem"))
+    tls = ctx.wrap_socket(s, server_hostname="localhost")
+    assert rc.go(tls, "ram")[0] == 4 << 20
+    rc.request(tls, rc.CMD_READ, 0, 8, cookie=2)
+    assert rc.simple_reply(tls, 8) == (0, 2, bytes(8))
