@@ -52,6 +52,8 @@ UNCORK_AT = 128 * 1024
 SPLIT_READ = 64 * 1024
 #: "SHOULD stay <= 2^20 extents per chunk" (CVE-2025-47711/47712 were about this).
 MAX_EXTENTS = 1 << 20
+#: Seconds a shutting-down server keeps reading, to answer requests with ESHUTDOWN.
+DRAIN_GRACE = 0.25
 #: Pieces in one writev (Linux's IOV_MAX is 1024).
 _MAX_IOV = 1024
 
@@ -537,7 +539,16 @@ class NBDConnection(asyncio.BufferedProtocol):
             self.transport.close()
 
     async def drain(self) -> None:
-        """Stop taking requests, wait for those in flight, then close (server shutdown)."""
+        """Server shutdown: answer what is already on the wire, then close.
+
+        "On shutdown the server SHOULD wait for requests in flight and MAY answer them and
+        later ones with ESHUTDOWN". For DRAIN_GRACE we keep reading and _validate answers
+        every new request with ESHUTDOWN, so a client that pipelined requests before it
+        learned of the shutdown (the kernel's, with no timeout, would wait for them
+        forever) gets an answer; then we stop reading and wait for those in flight.
+        """
+        if self.decoder is not None and not self.closing:
+            await asyncio.sleep(DRAIN_GRACE)
         self.closing = True
         self._update_reading()
         if self.in_flight:

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlparse
 
-from tests.helpers import Server, need, run, tapnbd_cmd
+from tests.helpers import Server, nbdsh_script, need, run, tapnbd_cmd
 
 
 def test_unix_socket_and_pidfile(
@@ -126,3 +126,33 @@ def test_read_only_serve_leaves_image_untouched(
     proc = run(["qemu-io", "-f", "raw", "-c", "write -P 1 0 4k", server.uri], check=False)
     assert proc.returncode != 0 or "failed" in proc.stdout + proc.stderr
     assert disk.read_bytes() == data
+
+
+ESHUTDOWN_SCRIPT = """
+import errno, json, os, signal, sys, time
+import nbd
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+h.pread(4096, 0)
+os.kill(int(sys.argv[2]), signal.SIGTERM)
+reads, err = 0, None
+deadline = time.monotonic() + 10
+while time.monotonic() < deadline:
+    try:
+        h.pread(4096, 0)
+        reads += 1
+    except nbd.Error as e:
+        err = e.errno
+        break
+h.shutdown()
+print(json.dumps({"errno": err, "reads": reads}))
+"""
+
+
+def test_requests_during_shutdown_get_eshutdown(serve: Callable[..., Server]) -> None:
+    """A request that arrives while the server drains is answered, with ESHUTDOWN."""
+    server = serve("ram:1M")
+    res = nbdsh_script(ESHUTDOWN_SCRIPT, server.uri, str(server.proc.pid))
+    assert isinstance(res, dict)
+    assert res["errno"] == "ESHUTDOWN", res  # libnbd names the errno
+    assert server.proc.wait(30) == 0
