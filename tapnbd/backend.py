@@ -91,7 +91,9 @@ class Backend:
         # "write past the end -> ENOSPC" (NBD spec, "Error values")
         self._check_range(offset, length, errno.ENOSPC)
 
-    async def _call(self, op: str, nbytes: int, fn: Callable[[], Awaitable[object]]) -> object:
+    async def _call(
+        self, op: str, nbytes: int, fn: Callable[[], Awaitable[object]], fua: bool = False
+    ) -> object:
         """Run one driver call: serialise if needed, map errors, count it."""
         t0 = self.stats.start()
         try:
@@ -107,7 +109,7 @@ class Backend:
             err = request_errno(e)
             self.stats.fail(op, err, t0)
             raise RequestError(err, str(e) or type(e).__name__) from e
-        self.stats.done(op, nbytes, t0)
+        self.stats.done(op, nbytes, t0, fua)
         return result
 
     # Operations.
@@ -177,7 +179,7 @@ class Backend:
             self._check_write(offset, len(data))
         except _Nothing:
             return
-        await self._call("write", len(data), lambda: self._pwrite(offset, data, fua))
+        await self._call("write", len(data), lambda: self._pwrite(offset, data, fua), fua)
 
     async def _pwrite(self, offset: int, data: bytes | memoryview, fua: bool) -> None:
         native = fua and self.fua_mode == FuaMode.NATIVE
@@ -197,7 +199,7 @@ class Backend:
             return
         if not self.can_trim:
             raise RequestError(errno.EINVAL, "trim is not supported")
-        await self._call("trim", length, lambda: self._trim(offset, length, fua))
+        await self._call("trim", length, lambda: self._trim(offset, length, fua), fua)
 
     async def _trim(self, offset: int, length: int, fua: bool) -> None:
         native = fua and self.fua_mode == FuaMode.NATIVE
@@ -221,7 +223,9 @@ class Backend:
         if fast and not self.can_fast_zero:
             # "fail fast with ENOTSUP unless the zeroing is faster than a write"
             raise RequestError(errno.ENOTSUP, "fast zero is not supported")
-        await self._call("zero", length, lambda: self._zero(offset, length, may_trim, fua, fast))
+        await self._call(
+            "zero", length, lambda: self._zero(offset, length, may_trim, fua, fast), fua
+        )
 
     async def _zero(self, offset: int, length: int, may_trim: bool, fua: bool, fast: bool) -> None:
         native = fua and self.fua_mode == FuaMode.NATIVE

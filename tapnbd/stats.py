@@ -27,6 +27,8 @@ class OpStats:
     ops: int = 0
     bytes: int = 0
     errors: int = 0
+    fua: int = 0  # requests that asked for FUA
+    max_bytes: int = 0  # the largest request
     max_ns: int = 0
     hist: list[int] = field(default_factory=lambda: [0] * _BUCKETS)
 
@@ -68,7 +70,7 @@ class Stats:
         if self.enabled:
             self.in_flight -= 1
 
-    def done(self, op: str, nbytes: int, t0: int) -> None:
+    def done(self, op: str, nbytes: int, t0: int, fua: bool = False) -> None:
         if not self.enabled:
             return
         self.in_flight -= 1
@@ -76,6 +78,10 @@ class Stats:
         s = self.ops[op]
         s.ops += 1
         s.bytes += nbytes
+        if nbytes > s.max_bytes:
+            s.max_bytes = nbytes
+        if fua:
+            s.fua += 1
         s.hist[min(dt.bit_length(), _BUCKETS - 1)] += 1
         if dt > s.max_ns:
             s.max_ns = dt
@@ -95,6 +101,8 @@ class Stats:
                 "ops": s.ops,
                 "bytes": s.bytes,
                 "errors": s.errors,
+                "fua": s.fua,
+                "max_bytes": s.max_bytes,
                 "p50_us": s.percentile(50) / 1000,
                 "p99_us": s.percentile(99) / 1000,
                 "max_us": s.max_ns / 1000,

@@ -75,6 +75,8 @@ class OpCounters:
     p50_us: float
     p99_us: float
     max_us: float
+    fua: int = 0  # requests with FUA
+    max_bytes: int = 0  # the largest request
 
 
 @dataclass(frozen=True, slots=True)

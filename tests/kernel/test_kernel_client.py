@@ -271,6 +271,9 @@ def test_kernel_requests_in_wire_and_stats(main_boot: MainBoot) -> None:
             wire = [n for c in conns for n in c.lengths(op)]
             assert (ops[op]["ops"], ops[op]["bytes"]) == (len(wire), sum(wire)), (name, op)
             assert ops[op]["errors"] == 0
+            assert ops[op]["max_bytes"] == max(wire, default=0), (name, op)
+        fua = sum(c.count("write", fua=True) for c in conns)
+        assert ops["write"]["fua"] == fua, name
         assert main_boot.stats[name]["connections"] == 0
     for name in FS_EXPORTS:
         s = summary[name]
