@@ -21,10 +21,14 @@ import stat
 import struct
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 from tapnbd import buffers
 from tapnbd.driver import BlockSize, Driver, Extent, ExtentFlags, FuaMode
 from tapnbd.errors import ImageError
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
 
 # linux/falloc.h
 FALLOC_FL_KEEP_SIZE = 0x01
@@ -132,6 +136,30 @@ class RawDriver(Driver):
             return False  # the async path tries RWF_NOWAIT, or the pool is in charge
         t0 = time.monotonic()
         _pwrite_all(self.fd, data, offset)
+        if (t1 := time.monotonic()) - t0 > SLOW_WRITE:
+            self._inline_after = t1 + WRITE_BACKOFF
+        return True
+
+    def preadv_nowait(self, offset: int, length: int, bufs: Sequence[memoryview]) -> bool:
+        if not self._nowait:
+            return False
+        try:
+            n = os.preadv(self.fd, bufs, offset, os.RWF_NOWAIT)
+        except BlockingIOError:
+            return False
+        except OSError as e:
+            if e.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+                self._nowait = False
+            return False
+        return n == length
+
+    def pwritev_nowait(self, offset: int, length: int, bufs: Sequence[memoryview]) -> bool:
+        if self._nowait_write or time.monotonic() < self._inline_after:
+            return False  # as pwrite_nowait
+        t0 = time.monotonic()
+        n = os.pwritev(self.fd, bufs, offset)
+        if n < length:  # short: finish from where it stopped
+            _pwrite_all(self.fd, b"".join(bufs)[n:], offset + n)
         if (t1 := time.monotonic()) - t0 > SLOW_WRITE:
             self._inline_after = t1 + WRITE_BACKOFF
         return True

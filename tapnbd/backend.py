@@ -25,7 +25,7 @@ from tapnbd.errors import RequestError
 from tapnbd.stats import Stats
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable
+    from collections.abc import Awaitable, Callable, Sequence
 
 #: Zeroes are emulated by writing this much at a time (nbdkit backend_zero).
 ZERO_CHUNK = 1 << 20
@@ -146,6 +146,44 @@ class Backend:
         t0 = stats.start()
         try:
             done = self.driver.pwrite_nowait(offset, data)
+        except Exception:
+            done = False
+        if not done:
+            stats.abandon()
+            return False
+        stats.done("write", length, t0)
+        return True
+
+    def try_preadv(self, offset: int, length: int, bufs: Sequence[memoryview]) -> bool:
+        """try_pread into caller's buffers, ``length`` bytes in all (Driver.preadv_nowait)."""
+        if offset < 0 or length <= 0 or offset + length > self.size or self._lock is not None:
+            return False
+        stats = self.stats
+        t0 = stats.start()
+        try:
+            done = self.driver.preadv_nowait(offset, length, bufs)
+        except Exception:
+            done = False
+        if not done:
+            stats.abandon()
+            return False
+        stats.done("read", length, t0)
+        return True
+
+    def try_pwritev(self, offset: int, length: int, bufs: Sequence[memoryview]) -> bool:
+        """try_pwrite from several buffers, ``length`` bytes in all."""
+        if (
+            self.read_only
+            or offset < 0
+            or length <= 0
+            or offset + length > self.size
+            or self._lock is not None
+        ):
+            return False
+        stats = self.stats
+        t0 = stats.start()
+        try:
+            done = self.driver.pwritev_nowait(offset, length, bufs)
         except Exception:
             done = False
         if not done:
