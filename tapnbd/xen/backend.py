@@ -35,22 +35,30 @@ import signal
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
+from tapnbd import buffers
 from tapnbd.errors import RequestError
 from tapnbd.runtime import eager_start
 from tapnbd.xen.blkif import (
     DISCARD_SECURE,
     ENTRY_SIZE,
+    FEATURE_INDIRECT,
     FEATURE_KEYS,
+    MAX_INDIRECT_SEGMENTS,
     PROTOCOL,
     RESPONSE,
     SECTOR_SIZE,
+    SEGMENT,
+    SEGMENTS_PER_INDIRECT_PAGE,
     BadRequest,
     DiscardRequest,
+    IndirectRequest,
     Op,
     Request,
     Status,
     VdiskInfo,
+    parse_indirect,
     parse_request,
+    request_id,
 )
 from tapnbd.xen.evtchn import EventChannel, EventChannelClosed, bind_interdomain
 from tapnbd.xen.grant import GrantError, GrantMapper, table_path
@@ -121,6 +129,7 @@ class RingConnection:
         self.sectors = backend.size // SECTOR_SIZE
         self.can_flush = backend.can_flush
         self.can_discard = backend.can_trim
+        self.max_indirect = MAX_INDIRECT_SEGMENTS
         #: Set when the frontend is gone: event channel closed, or its ring is bogus.
         self.lost = asyncio.Event()
         self.lost_reason = ""
@@ -203,33 +212,99 @@ class RingConnection:
                         if self._barrier:
                             self.stats.oo_req += 1
                         return
-                if not ring.final_check_for_requests():
+                # Answers made while consuming go out together, with at most one kick,
+                # sent after req_event is armed (as make_response orders them).
+                notify = self._publish()
+                more = ring.final_check_for_requests()
+                if notify:
+                    self._notify()
+                if not more:
                     return
         finally:
             self._kicking = False
+            self._push()
 
     def _dispatch(self, raw: bytes) -> None:
         try:
-            req = parse_request(raw, sectors=self.sectors, nr_grefs=self.grants.nr_grefs)
+            req = parse_request(
+                raw,
+                sectors=self.sectors,
+                nr_grefs=self.grants.nr_grefs,
+                max_indirect=self.max_indirect,
+            )
+            if isinstance(req, IndirectRequest):
+                req = self._resolve_indirect(req)
         except BadRequest as e:
             self.stats.bad_req += 1
             log.warning("bad request id %d op %d: %s", e.id, e.operation, e.reason)
             self._respond(e.id, e.operation, e.status)
             return
-        if req.operation is Op.WRITE_BARRIER:
+        except GrantError as e:
+            # An indirect page we cannot map: answered like a bad data page.
+            self.stats.err_req += 1
+            log.warning("request id %d: %s", request_id(raw), e)
+            self._respond(request_id(raw), raw[1], Status.ERROR)
+            return
+        op = req.operation
+        if op is Op.READ or op is Op.WRITE:
+            # The synchronous fast path (NBDConnection._dispatch does the same): a
+            # page-cache hit goes straight between the granted pages and the driver.
+            assert isinstance(req, Request)
+            try:
+                # Map before the I/O, as blkback does, so a bad grant costs no I/O. Data
+                # pages of a write are granted read-only (blkfront: rq_data_dir).
+                views = self.grants.map_segments(req.segments, readonly=op is Op.WRITE)
+            except GrantError as e:
+                self.stats.err_req += 1
+                log.warning("request id %d: %s", req.id, e)
+                self._respond(req.id, op, Status.ERROR)
+                return
+            offset = req.sector_number * SECTOR_SIZE
+            length = req.nr_sectors * SECTOR_SIZE
+            stats = self.stats
+            if op is Op.READ:
+                stats.rd_req += 1
+                stats.rd_sect += req.nr_sectors
+                if self.backend.try_preadv(offset, length, views):
+                    self._respond(req.id, op, Status.OKAY)
+                    return
+            else:
+                stats.wr_req += 1
+                stats.wr_sect += req.nr_sectors
+                if self.backend.try_pwritev(offset, length, views):
+                    self._respond(req.id, op, Status.OKAY)
+                    return
+            coro: Coroutine[Any, Any, None] = self._serve(req, None, views)
+        elif op is Op.WRITE_BARRIER:
             self._barrier = True
-            coro: Coroutine[Any, Any, None] = self._serve(req, list(self._tasks))
+            coro = self._serve(req, list(self._tasks), None)
         else:
-            coro = self._serve(req, None)
+            coro = self._serve(req, None, None)
         task = eager_start(coro)
         if task is not None:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    # Serving one request.
+    def _resolve_indirect(self, ireq: IndirectRequest) -> Request:
+        """Map the indirect pages and read the segment array out of them (a private copy)."""
+        nseg = ireq.nr_segments
+        parts = []
+        for i, gref in enumerate(ireq.indirect_grefs):
+            # blkback maps indirect pages read-only: it only reads the descriptors.
+            page = self.grants.map(gref, readonly=True)
+            n = min(nseg - i * SEGMENTS_PER_INDIRECT_PAGE, SEGMENTS_PER_INDIRECT_PAGE)
+            parts.append(page[: n * SEGMENT.size])
+        return parse_indirect(
+            ireq, b"".join(parts), sectors=self.sectors, nr_grefs=self.grants.nr_grefs
+        )
+
+    # Serving one request that may wait.
 
     async def _serve(
-        self, req: Request | DiscardRequest, before: list[asyncio.Task[None]] | None
+        self,
+        req: Request | DiscardRequest,
+        before: list[asyncio.Task[None]] | None,
+        views: list[memoryview] | None,
     ) -> None:
         status = Status.OKAY
         try:
@@ -237,8 +312,10 @@ class RingConnection:
                 await self._discard(req)
             elif before is not None:
                 await self._write_barrier(req, before)
+            elif views is not None:
+                await self._rw(req, views)
             else:
-                await self._rw(req)
+                await self._flush(req)
         except BadRequest as e:
             self.stats.bad_req += 1
             log.debug("request id %d: %s", req.id, e.reason)
@@ -260,24 +337,33 @@ class RingConnection:
                 self._barrier = False
                 self._schedule_kick()
         self._respond(req.id, req.operation, status)
+        if not self._kicking:
+            self._push()
 
-    async def _rw(self, req: Request) -> None:
-        op = req.operation
-        if op is Op.READ:
-            self.stats.rd_req += 1
-            self.stats.rd_sect += req.nr_sectors
-            await self._read(req)
+    async def _rw(self, req: Request, views: list[memoryview]) -> None:
+        """READ or WRITE that the fast path could not do: through the async Backend."""
+        offset = req.sector_number * SECTOR_SIZE
+        length = req.nr_sectors * SECTOR_SIZE
+        if req.operation is Op.READ:
+            data = await self.backend.pread(offset, length)
+            src = memoryview(data)
+            pos = 0
+            for view in views:
+                n = len(view)
+                view[:] = src[pos : pos + n]
+                pos += n
+            buffers.give(data)
             return
-        if op is Op.FLUSH_DISKCACHE:
-            # Linux blkback: FLUSH_DISKCACHE is REQ_PREFLUSH, then the data if any.
-            self.stats.f_req += 1
-            if not self.can_flush:
-                raise BadRequest(req.id, op, Status.EOPNOTSUPP, "feature-flush-cache is 0")
-            await self.backend.flush()
-            if req.segments:
-                await self._write(req, fua=False)
-            return
-        await self._write(req, fua=False)
+        await self.backend.pwrite(offset, views[0] if len(views) == 1 else b"".join(views))
+
+    async def _flush(self, req: Request) -> None:
+        # Linux blkback: FLUSH_DISKCACHE is REQ_PREFLUSH, then the data if any.
+        self.stats.f_req += 1
+        if not self.can_flush:
+            raise BadRequest(req.id, req.operation, Status.EOPNOTSUPP, "feature-flush-cache is 0")
+        await self.backend.flush()
+        if req.segments:
+            await self._write(req, fua=False)
 
     async def _write_barrier(self, req: Request, before: list[asyncio.Task[None]]) -> None:
         """BLKIF_OP_WRITE_BARRIER: after everything before it, before everything after.
@@ -294,29 +380,11 @@ class RingConnection:
         if req.segments:
             await self._write(req, fua=True)
 
-    async def _read(self, req: Request) -> None:
-        # Map before the I/O, as blkback does, so a bad grant costs no I/O.
-        pages = [self.grants.map(s.gref, readonly=False) for s in req.segments]
-        data = await self.backend.pread(
-            req.sector_number * SECTOR_SIZE, req.nr_sectors * SECTOR_SIZE
-        )
-        view = memoryview(data)
-        pos = 0
-        for seg, page in zip(req.segments, pages, strict=True):
-            a = seg.first_sect * SECTOR_SIZE
-            n = (seg.last_sect - seg.first_sect + 1) * SECTOR_SIZE
-            page[a : a + n] = view[pos : pos + n]
-            pos += n
-
     async def _write(self, req: Request, *, fua: bool) -> None:
         self.stats.wr_req += 1
         self.stats.wr_sect += req.nr_sectors
-        # Data pages of a write are granted read-only (blkfront: rq_data_dir).
-        parts = []
-        for seg in req.segments:
-            page = self.grants.map(seg.gref, readonly=True)
-            parts.append(page[seg.first_sect * SECTOR_SIZE : (seg.last_sect + 1) * SECTOR_SIZE])
-        data = parts[0] if len(parts) == 1 else b"".join(parts)
+        views = self.grants.map_segments(req.segments, readonly=True)
+        data = views[0] if len(views) == 1 else b"".join(views)
         await self.backend.pwrite(req.sector_number * SECTOR_SIZE, data, fua=fua)
 
     async def _discard(self, req: DiscardRequest) -> None:
@@ -332,21 +400,38 @@ class RingConnection:
     # Answering (blkback make_response).
 
     def _respond(self, req_id: int, operation: int, status: int) -> None:
+        """Put a response in the ring; ``_push`` publishes it."""
         if self._unmapped:
             return
         ring = self.ring
         sring = ring.sring
         RESPONSE.pack_into(sring.buf, sring.offset(ring.rsp_prod_pvt), req_id, operation, status)
         ring.rsp_prod_pvt = (ring.rsp_prod_pvt + 1) & U32
-        notify = ring.push_responses_and_check_notify()
-        if ring.rsp_prod_pvt == ring.req_cons:
-            # "Tail check for pending requests. Allows frontend to avoid notifications
-            # if requests are already in flight (lower overheads and promotes batching)."
-            more = ring.final_check_for_requests()
-        else:
-            more = ring.has_unconsumed_requests()
-        if more:
-            self._schedule_kick()
+
+    def _publish(self) -> bool:
+        """RING_PUSH_RESPONSES_AND_CHECK_NOTIFY, if there is anything to push."""
+        ring = self.ring
+        if self._unmapped or ring.rsp_prod_pvt == ring.sring.rsp_prod:
+            return False
+        return ring.push_responses_and_check_notify()
+
+    def _push(self) -> None:
+        """RING_PUSH_RESPONSES_AND_CHECK_NOTIFY for the responses made since the last push.
+
+        blkback pushes after each response; pushing once per batch consumed is the same
+        protocol with fewer barriers and, at most, one kick per batch.
+        """
+        ring = self.ring
+        notify = self._publish()
+        if not self._kicking and not self._unmapped:
+            if ring.rsp_prod_pvt == ring.req_cons:
+                # "Tail check for pending requests. Allows frontend to avoid notifications
+                # if requests are already in flight (lower overheads and promotes batching)."
+                more = ring.final_check_for_requests()
+            else:
+                more = ring.has_unconsumed_requests()
+            if more:
+                self._schedule_kick()
         if notify:
             self._notify()
 
@@ -456,6 +541,7 @@ class BlkifServer:
             keys[f"{self.be}/discard-granularity"] = b.block_size.preferred
             keys[f"{self.be}/discard-alignment"] = 0
             keys[f"{self.be}/discard-secure"] = 0
+        keys[f"{self.be}/{FEATURE_INDIRECT}"] = MAX_INDIRECT_SEGMENTS
         keys[f"{self.be}/state"] = int(XenbusState.INIT_WAIT)
         self.xs.write_many(keys)
         log.info("vbd %d/%d: backend INIT_WAIT in %s", self.domid, self.devid, self.directory)

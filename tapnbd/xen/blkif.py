@@ -26,6 +26,15 @@ SECTORS_PER_PAGE = PAGE_SIZE // SECTOR_SIZE
 MAX_SEGMENTS = 11
 #: Largest transfer one request carries: 11 pages of 4 KiB.
 MAX_REQUEST_BYTES = MAX_SEGMENTS * PAGE_SIZE
+#: BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST: indirect_grefs[] in an indirect request.
+MAX_INDIRECT_PAGES = 8
+#: Segment descriptors in one indirect page.
+SEGMENTS_PER_INDIRECT_PAGE = 512
+#: What we offer in ``feature-max-indirect-segments``: Linux blkback's
+#: MAX_INDIRECT_SEGMENTS, 1 MiB per request in 4 KiB pages.
+MAX_INDIRECT_SEGMENTS = 256
+#: The xenstore key of the indirect-segment feature.
+FEATURE_INDIRECT = "feature-max-indirect-segments"
 
 
 class Op(enum.IntEnum):
@@ -37,7 +46,7 @@ class Op(enum.IntEnum):
     FLUSH_DISKCACHE = 3
     RESERVED_1 = 4  # SLES "packet" command; never valid
     DISCARD = 5
-    INDIRECT = 6  # not offered: no feature-max-indirect-segments
+    INDIRECT = 6  # offered with feature-max-indirect-segments
 
 
 class Status(enum.IntEnum):
@@ -74,6 +83,10 @@ PROTOCOL = "x86_64-abi"
 REQUEST_HEADER = struct.Struct("<BBH4xQQ")
 SEGMENT = struct.Struct("<IBB2x")
 REQUEST = struct.Struct("<BBH4xQQ" + "IBB2x" * MAX_SEGMENTS)
+# struct blkif_request_indirect: operation@0 indirect_op@1 nr_segments@2 (u16) id@8
+# sector_number@16 handle@24 indirect_grefs[8]@28, pad to 64 bytes. Its segments are in
+# the indirect pages, 512 blkif_request_segment each.
+INDIRECT_REQUEST = struct.Struct("<BBH4xQQH2x8I4x")
 # struct blkif_request_discard: operation@0 flag@1 handle@2 id@8 sector_number@16
 # nr_sectors@24; 32 bytes.
 DISCARD_REQUEST = struct.Struct("<BBH4xQQQ")
@@ -84,6 +97,7 @@ ID_OFFSET = 8
 ID = struct.Struct("<Q")
 
 assert REQUEST.size == 112 and RESPONSE.size == 16 and DISCARD_REQUEST.size == 32
+assert INDIRECT_REQUEST.size == 64
 assert REQUEST_HEADER.size + MAX_SEGMENTS * SEGMENT.size == REQUEST.size
 
 # struct blkif_sring: req_prod@0 req_event@4 rsp_prod@8 rsp_event@12 pad[48]@16 ring[]@64
@@ -150,6 +164,19 @@ class DiscardRequest:
 
 
 @dataclass(frozen=True, slots=True)
+class IndirectRequest:
+    """A checked BLKIF_OP_INDIRECT header; its segments are still in the indirect pages."""
+
+    operation: Op  # indirect_op: READ or WRITE
+    handle: int
+    id: int
+    sector_number: int
+    nr_segments: int
+    #: The grant refs of the ceil(nr_segments / 512) indirect pages.
+    indirect_grefs: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class Response:
     """One blkif_response."""
 
@@ -176,18 +203,19 @@ _EMPTY_OK = frozenset({Op.WRITE_BARRIER, Op.FLUSH_DISKCACHE})
 
 
 def parse_request(
-    raw: bytes | bytearray | memoryview, *, sectors: int, nr_grefs: int
-) -> Request | DiscardRequest:
+    raw: bytes | bytearray | memoryview, *, sectors: int, nr_grefs: int, max_indirect: int = 0
+) -> Request | DiscardRequest | IndirectRequest:
     """Decode and check one ring entry.
 
     ``raw`` should be a private copy of the slot: the frontend can rewrite shared memory
     at any time, so checking and then re-reading the slot would be a TOCTOU hole.
     ``sectors`` is the disk size in 512-byte sectors, ``nr_grefs`` the size of the
-    frontend's grant table. Raises ``BadRequest`` with ERROR for a malformed request and
-    EOPNOTSUPP for an op this backend does not know.
+    frontend's grant table, ``max_indirect`` the feature-max-indirect-segments offered
+    (0: BLKIF_OP_INDIRECT is not). Raises ``BadRequest`` with ERROR for a malformed
+    request and EOPNOTSUPP for an op this backend does not know. An indirect request
+    comes back as an ``IndirectRequest``: map its pages, then ``parse_indirect``.
     """
-    fields = REQUEST.unpack_from(raw)
-    op_code, nseg, handle, req_id, sector = fields[:5]
+    op_code, nseg, handle, req_id, sector = REQUEST_HEADER.unpack_from(raw)
     try:
         op = Op(op_code)
     except ValueError:
@@ -202,31 +230,83 @@ def parse_request(
                 req_id, op, Status.ERROR, f"discard of sectors {sector}+{count} past {sectors}"
             )
         return DiscardRequest(op, flag, handle, req_id, sector, count)
+    if op is Op.INDIRECT and max_indirect:
+        return _parse_indirect_header(raw, max_indirect)
     if op not in _RW_OPS:
         raise BadRequest(req_id, op, Status.EOPNOTSUPP, f"operation {op.name} is not offered")
 
     # blkback: "nseg == 0 && !PREFLUSH || nseg > BLKIF_MAX_SEGMENTS_PER_REQUEST" -> error
     if nseg > MAX_SEGMENTS or (nseg == 0 and op not in _EMPTY_OK):
         raise BadRequest(req_id, op, Status.ERROR, f"bad nr_segments {nseg}")
-    segments = []
-    total = 0
-    for i in range(nseg):
-        gref, first, last = fields[5 + 3 * i : 8 + 3 * i]
-        # blkback: "last_sect >= (XEN_PAGE_SIZE >> 9) || last_sect < first_sect" -> error
-        if last >= SECTORS_PER_PAGE or first > last:
-            raise BadRequest(req_id, op, Status.ERROR, f"segment {i}: bad sectors {first}..{last}")
-        if gref >= nr_grefs:
-            raise BadRequest(
-                req_id, op, Status.ERROR, f"segment {i}: grant ref {gref} outside the table"
-            )
-        segments.append(Segment(gref, first, last))
-        total += last - first + 1
+    segments, total = _segments(raw, REQUEST_HEADER.size, nseg, req_id, op, nr_grefs)
     # vbd_translate: "(sector_number + nr_sects) > vbd_sz" -> access denied
     if nseg and sector + total > sectors:
         raise BadRequest(
             req_id, op, Status.ERROR, f"sectors {sector}+{total} past the end ({sectors})"
         )
-    return Request(op, handle, req_id, sector, tuple(segments), total)
+    return Request(op, handle, req_id, sector, segments, total)
+
+
+def _parse_indirect_header(
+    raw: bytes | bytearray | memoryview, max_indirect: int
+) -> IndirectRequest:
+    _, op_code, nseg, req_id, sector, handle, *grefs = INDIRECT_REQUEST.unpack_from(raw)
+    # blkback: "Invalid indirect operation" unless READ or WRITE; answered with it.
+    if op_code not in (Op.READ, Op.WRITE):
+        raise BadRequest(req_id, op_code, Status.ERROR, f"bad indirect_op {op_code}")
+    op = Op(op_code)
+    # blkback: "nseg == 0 || nseg > MAX_INDIRECT_SEGMENTS" -> error
+    if not 0 < nseg <= max_indirect:
+        raise BadRequest(req_id, op, Status.ERROR, f"bad indirect nr_segments {nseg}")
+    pages = -(-nseg // SEGMENTS_PER_INDIRECT_PAGE)  # INDIRECT_PAGES(nseg)
+    return IndirectRequest(op, handle, req_id, sector, nseg, tuple(grefs[:pages]))
+
+
+def parse_indirect(
+    ireq: IndirectRequest, descriptors: bytes, *, sectors: int, nr_grefs: int
+) -> Request:
+    """The request an indirect header and a private copy of its segment array make."""
+    op, req_id, sector = ireq.operation, ireq.id, ireq.sector_number
+    segments, total = _segments(descriptors, 0, ireq.nr_segments, req_id, op, nr_grefs)
+    if sector + total > sectors:
+        raise BadRequest(
+            req_id, op, Status.ERROR, f"sectors {sector}+{total} past the end ({sectors})"
+        )
+    return Request(op, ireq.handle, req_id, sector, segments, total)
+
+
+_SEGMENT_ARRAYS: dict[int, struct.Struct] = {}
+
+
+def _segment_array(n: int) -> struct.Struct:
+    """blkif_request_segment[n], compiled once per count."""
+    st = _SEGMENT_ARRAYS.get(n)
+    if st is None:
+        st = _SEGMENT_ARRAYS[n] = struct.Struct("<" + "IBB2x" * n)
+    return st
+
+
+def _segments(
+    raw: bytes | bytearray | memoryview, offset: int, nseg: int, req_id: int, op: int, nr_grefs: int
+) -> tuple[tuple[Segment, ...], int]:
+    """Decode and check ``nseg`` segments (only those: the unused slots are not looked at)."""
+    fields = _segment_array(nseg).unpack_from(raw, offset)
+    segments = []
+    total = 0
+    for i in range(0, 3 * nseg, 3):
+        gref, first, last = fields[i : i + 3]
+        # blkback: "last_sect >= (XEN_PAGE_SIZE >> 9) || last_sect < first_sect" -> error
+        if last >= SECTORS_PER_PAGE or first > last:
+            raise BadRequest(
+                req_id, op, Status.ERROR, f"segment {i // 3}: bad sectors {first}..{last}"
+            )
+        if gref >= nr_grefs:
+            raise BadRequest(
+                req_id, op, Status.ERROR, f"segment {i // 3}: grant ref {gref} outside the table"
+            )
+        segments.append(Segment(gref, first, last))
+        total += last - first + 1
+    return tuple(segments), total
 
 
 def request_id(raw: bytes | bytearray | memoryview) -> int:
@@ -252,6 +332,27 @@ def pack_request(
     flat.extend([0, 0, 0] * (MAX_SEGMENTS - len(segments)))
     nseg = len(segments) if nr_segments is None else nr_segments
     return REQUEST.pack(operation, nseg, handle, id, sector_number, *flat)
+
+
+def pack_indirect(
+    indirect_op: int,
+    id: int,
+    sector_number: int,
+    nr_segments: int,
+    indirect_grefs: list[int] | tuple[int, ...],
+    *,
+    handle: int = 0,
+) -> bytes:
+    """Build a BLKIF_OP_INDIRECT request, padded to a full ring entry."""
+    grefs = list(indirect_grefs) + [0] * (MAX_INDIRECT_PAGES - len(indirect_grefs))
+    return INDIRECT_REQUEST.pack(
+        Op.INDIRECT, indirect_op, nr_segments, id, sector_number, handle, *grefs
+    ).ljust(ENTRY_SIZE, b"\0")
+
+
+def pack_segments(segments: list[tuple[int, int, int]] | tuple[tuple[int, int, int], ...]) -> bytes:
+    """blkif_request_segment[], as an indirect page holds them."""
+    return _segment_array(len(segments)).pack(*(x for seg in segments for x in seg))
 
 
 def pack_discard(

@@ -26,9 +26,10 @@ import os
 import struct
 from typing import TYPE_CHECKING
 
-from tapnbd.xen.blkif import PAGE_SIZE
+from tapnbd.xen.blkif import PAGE_SIZE, SECTOR_SIZE
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
     from pathlib import Path
 
 # grant_table.h
@@ -205,8 +206,8 @@ class GrantMapper:
         self._frames = layout.frames
         self.maps = 0
 
-    def map(self, ref: int, *, readonly: bool) -> memoryview:
-        """GNTTABOP_map_grant_ref: the 4 KiB page behind ``ref``, after Xen's checks."""
+    def _frame_of(self, ref: int, readonly: bool) -> int:
+        """Xen's checks of a map request; the granted frame."""
         if not 0 <= ref < self.nr_grefs:
             raise GrantError(GrantStatus.BAD_GNTREF, f"grant ref {ref} is outside the table")
         flags, domid, frame = ENTRY.unpack_from(self._mem, self._entries + ref * ENTRY.size)
@@ -222,9 +223,42 @@ class GrantMapper:
             )
         if frame >= self.nr_frames:
             raise GrantError(GrantStatus.BAD_PAGE, f"grant ref {ref} names frame {frame}")
+        return int(frame)
+
+    def map(self, ref: int, *, readonly: bool) -> memoryview:
+        """GNTTABOP_map_grant_ref: the 4 KiB page behind ``ref``, after Xen's checks."""
+        frame = self._frame_of(ref, readonly)
         self.maps += 1
         off = self._frames + frame * PAGE_SIZE
         return self._mem[off : off + PAGE_SIZE]
+
+    def map_segments(
+        self, segments: Iterable[tuple[int, int, int]], *, readonly: bool
+    ) -> list[memoryview]:
+        """Map each (ref, first_sect, last_sect) and return the sectors they name.
+
+        Runs that are adjacent in memory come back as one buffer, as the block layer
+        merges bio_vecs, so a request of consecutive pages is one iovec for preadv.
+        """
+        frame_of = self._frame_of
+        base = self._frames
+        mem = self._mem
+        out: list[memoryview] = []
+        start = end = -1
+        n = 0
+        for ref, first, last in segments:
+            page = base + frame_of(ref, readonly) * PAGE_SIZE
+            a = page + first * SECTOR_SIZE
+            if a != end:
+                if end >= 0:
+                    out.append(mem[start:end])
+                start = a
+            end = page + (last + 1) * SECTOR_SIZE
+            n += 1
+        if end >= 0:
+            out.append(mem[start:end])
+        self.maps += n
+        return out
 
     def close(self) -> None:
         """Unmap; pages still referenced by in-flight I/O keep the mapping alive."""

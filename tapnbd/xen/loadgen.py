@@ -53,6 +53,8 @@ class JobResult:
     requests: int
     notifications: int
     events: int
+    #: CPU time (user + system) this process spent over the job.
+    cpu_seconds: float = 0.0
 
     @property
     def iops(self) -> float:
@@ -90,6 +92,7 @@ def run_job(front: BlkFront, job: Job) -> JobResult:
 
     requests0, kicks0, events0 = front.requests, front.notifications, front.events
     next_block = 0
+    cpu0 = time.process_time()
     t0 = time.perf_counter()
     deadline = t0 + job.runtime
     stopping = False
@@ -119,6 +122,7 @@ def run_job(front: BlkFront, job: Job) -> JobResult:
         if stopping and counts[1] == 0:
             break
     seconds = time.perf_counter() - t0
+    cpu = time.process_time() - cpu0
     return JobResult(
         job=job,
         ios=counts[0],
@@ -127,4 +131,5 @@ def run_job(front: BlkFront, job: Job) -> JobResult:
         requests=front.requests - requests0,
         notifications=front.notifications - kicks0,
         events=front.events - events0,
+        cpu_seconds=cpu,
     )

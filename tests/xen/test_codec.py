@@ -18,6 +18,7 @@ from tapnbd.xen.blkif import (
     RING_SIZE,
     BadRequest,
     DiscardRequest,
+    IndirectRequest,
     Op,
     Request,
     Status,
@@ -36,7 +37,7 @@ SECTORS = 1 << 20  # a 512 MiB disk
 NR_GREFS = 64
 
 
-def parse(raw: bytes) -> Request | DiscardRequest:
+def parse(raw: bytes) -> Request | DiscardRequest | IndirectRequest:
     return parse_request(raw, sectors=SECTORS, nr_grefs=NR_GREFS)
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tapnbd.xen.blkif import PAGE_SIZE, Op, Status, pack_discard, pack_request
+from tapnbd.xen.blkif import PAGE_SIZE, Op, Status, pack_discard, pack_indirect, pack_request
 from tapnbd.xen.frontend import BlkFront, Io, IOFailed
 from tapnbd.xen.xenstore import XenbusState
 from tests.helpers import ROOT, Server, need, run, tapnbd_cmd
@@ -173,7 +173,24 @@ def test_malformed_requests_get_errors_and_the_ring_keeps_serving(ring: RingFact
             ),
             ("discard past end", pack_discard(0, sectors - 1, 2), Status.ERROR),
             ("unknown op", pack_request(42, 0, 0, [(ref_rw, 0, 7)]), Status.EOPNOTSUPP),
-            ("indirect", pack_request(Op.INDIRECT, 0, 0, [(ref_rw, 0, 7)]), Status.EOPNOTSUPP),
+            ("indirect, 0 segments", pack_indirect(Op.READ, 0, 0, 0, [ref_ro]), Status.ERROR),
+            (
+                "indirect, 257 segments",
+                pack_indirect(Op.READ, 0, 0, 257, [ref_ro]),
+                Status.ERROR,
+            ),
+            ("indirect flush", pack_indirect(Op.FLUSH_DISKCACHE, 0, 0, 1, [ref_ro]), Status.ERROR),
+            (
+                "indirect page not granted",
+                pack_indirect(Op.READ, 0, 0, 1, [never_granted]),
+                Status.ERROR,
+            ),
+            (
+                # ref_ro's page holds 0xA5 bytes: segment 0 has first_sect 0xA5.
+                "indirect segment bad",
+                pack_indirect(Op.WRITE, 0, 0, 1, [ref_ro]),
+                Status.ERROR,
+            ),
             (
                 "gref outside the pool",
                 pack_request(Op.READ, 0, 0, [(grants.nr_grefs, 0, 7)]),
