@@ -212,17 +212,10 @@ class RingConnection:
                         if self._barrier:
                             self.stats.oo_req += 1
                         return
-                # Answers made while consuming go out together, with at most one kick,
-                # sent after req_event is armed (as make_response orders them).
-                notify = self._publish()
-                more = ring.final_check_for_requests()
-                if notify:
-                    self._notify()
-                if not more:
+                if not ring.final_check_for_requests():
                     return
         finally:
             self._kicking = False
-            self._push()
 
     def _dispatch(self, raw: bytes) -> None:
         try:
@@ -337,8 +330,6 @@ class RingConnection:
                 self._barrier = False
                 self._schedule_kick()
         self._respond(req.id, req.operation, status)
-        if not self._kicking:
-            self._push()
 
     async def _rw(self, req: Request, views: list[memoryview]) -> None:
         """READ or WRITE that the fast path could not do: through the async Backend."""
@@ -400,38 +391,23 @@ class RingConnection:
     # Answering (blkback make_response).
 
     def _respond(self, req_id: int, operation: int, status: int) -> None:
-        """Put a response in the ring; ``_push`` publishes it."""
         if self._unmapped:
             return
         ring = self.ring
         sring = ring.sring
         RESPONSE.pack_into(sring.buf, sring.offset(ring.rsp_prod_pvt), req_id, operation, status)
         ring.rsp_prod_pvt = (ring.rsp_prod_pvt + 1) & U32
-
-    def _publish(self) -> bool:
-        """RING_PUSH_RESPONSES_AND_CHECK_NOTIFY, if there is anything to push."""
-        ring = self.ring
-        if self._unmapped or ring.rsp_prod_pvt == ring.sring.rsp_prod:
-            return False
-        return ring.push_responses_and_check_notify()
-
-    def _push(self) -> None:
-        """RING_PUSH_RESPONSES_AND_CHECK_NOTIFY for the responses made since the last push.
-
-        blkback pushes after each response; pushing once per batch consumed is the same
-        protocol with fewer barriers and, at most, one kick per batch.
-        """
-        ring = self.ring
-        notify = self._publish()
-        if not self._kicking and not self._unmapped:
-            if ring.rsp_prod_pvt == ring.req_cons:
-                # "Tail check for pending requests. Allows frontend to avoid notifications
-                # if requests are already in flight (lower overheads and promotes batching)."
-                more = ring.final_check_for_requests()
-            else:
-                more = ring.has_unconsumed_requests()
-            if more:
-                self._schedule_kick()
+        # Pushed at once, as blkback does: a frontend that is awake on the other CPU
+        # takes each response as it comes rather than waiting for the whole batch.
+        notify = ring.push_responses_and_check_notify()
+        if ring.rsp_prod_pvt == ring.req_cons:
+            # "Tail check for pending requests. Allows frontend to avoid notifications
+            # if requests are already in flight (lower overheads and promotes batching)."
+            more = ring.final_check_for_requests()
+        else:
+            more = ring.has_unconsumed_requests()
+        if more:
+            self._schedule_kick()
         if notify:
             self._notify()
 

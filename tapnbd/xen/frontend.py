@@ -34,6 +34,7 @@ caller's buffers cannot be shared with another process.
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from collections.abc import Callable, Iterable
@@ -42,19 +43,23 @@ from typing import TYPE_CHECKING
 from tapnbd.xen.blkif import (
     DISCARD_REQUEST,
     DISCARD_SECURE,
+    FEATURE_INDIRECT,
     FEATURE_KEYS,
     ID,
     ID_OFFSET,
+    INDIRECT_REQUEST,
+    MAX_INDIRECT_SEGMENTS,
     MAX_SEGMENTS,
     PAGE_SIZE,
     PROTOCOL,
     REQUEST_HEADER,
     RESPONSE,
     SECTOR_SIZE,
-    SEGMENT,
+    SECTORS_PER_PAGE,
     Op,
     Status,
     VdiskInfo,
+    pack_segments,
 )
 from tapnbd.xen.evtchn import EventChannel, EventChannelClosed, UnboundPort
 from tapnbd.xen.grant import GrantTable, table_path
@@ -66,6 +71,18 @@ if TYPE_CHECKING:
 
 DEFAULT_DOMID = 1
 DEFAULT_DEVID = 51712
+
+
+#: Guest pages beyond the per-slot reservations, for callers that grant pages
+#: themselves (tests build requests by hand).
+SPARE_FRAMES = 16
+GRANT_ENTRY_SIZE = 8
+
+
+@functools.lru_cache(maxsize=4096)
+def _full_pages(ref: int, nseg: int) -> bytes:
+    """Segment descriptors for refs ref..ref+nseg-1, each a whole page (sectors 0..7)."""
+    return pack_segments([(ref + i, 0, SECTORS_PER_PAGE - 1) for i in range(nseg)])
 
 
 class BlkFrontError(Exception):
@@ -113,17 +130,29 @@ class Io:
 
 
 class _Shadow:
-    """blkfront's shadow entry: what a request in flight owns, indexed by its id."""
+    """blkfront's shadow entry: what a request in flight owns, indexed by its id.
 
-    __slots__ = ("data_off", "frames", "io", "refs", "segs")
+    Each id has its own run of consecutive frames and grant refs, so a request's data
+    is one contiguous stretch of memory (one copy in or out) and granting its pages or
+    ending access is one write to the grant table.
+    """
 
-    def __init__(self) -> None:
+    __slots__ = ("data_off", "frame", "io", "length", "mem_off", "nref", "ref", "ro", "rw")
+
+    def __init__(self, frame: int, ref: int) -> None:
         self.io: Io | None = None
-        self.refs: list[int] = []
-        self.frames: list[int] = []
-        #: (frame, byte offset in page, byte count) per segment, for copying reads out.
-        self.segs: list[tuple[int, int, int]] = []
+        #: First data frame and grant ref of this id; the indirect page is the run's last.
+        self.frame = frame
+        self.ref = ref
+        #: Grant refs in use (data pages, then the indirect page if any); 0 for none.
+        self.nref = 0
+        #: Where the data is in the guest memory, its length, and where in the Io it goes.
+        self.mem_off = 0
+        self.length = 0
         self.data_off = 0
+        #: grant_entry_v1 runs for the whole reservation, writable and read-only.
+        self.rw = b""
+        self.ro = b""
 
 
 class BlkFront:
@@ -136,6 +165,7 @@ class BlkFront:
         domid: int = DEFAULT_DOMID,
         devid: int = DEFAULT_DEVID,
         timeout: float = 10.0,
+        max_indirect_segments: int = MAX_INDIRECT_SEGMENTS,
     ) -> None:
         self.directory = os.fspath(directory)
         self.domid = domid
@@ -156,6 +186,12 @@ class BlkFront:
         self.evtchn: EventChannel
         self._shadow: list[_Shadow] = []
         self._free_ids: list[int] = []
+        #: The most segments we put in one BLKIF_OP_INDIRECT (Linux blkfront's
+        #: max_indirect_segments parameter); the backend's offer caps it. 0: none.
+        self.max_indirect_segments = max_indirect_segments
+        self.max_indirect = 0
+        self._per_slot = 0
+        self._mem = memoryview(b"")
         #: Ring requests published and notifications sent (for event-suppression tests).
         self.requests = 0
         self.responses = 0
@@ -204,22 +240,38 @@ class BlkFront:
         self.xs.switch_state(self.fe, XenbusState.INITIALISING)
         self._wait_backend([XenbusState.INIT_WAIT], "InitWait")
 
-        # Our memory: the ring page plus 11 pages per ring slot, so data pages never run out.
+        # BLKIF_OP_INDIRECT if the backend offers it (blkfront's blkfront_setup_indirect).
+        snap = self.xs.snapshot()
+        offered = int(snap.get(f"{self.be}/{FEATURE_INDIRECT}", "0") or 0)
+        self.max_indirect = min(offered, self.max_indirect_segments)
+        if self.max_indirect <= MAX_SEGMENTS:
+            self.max_indirect = 0
+        # Our memory: the ring page, then per ring slot the most pages one request can
+        # carry plus its indirect page, so data pages never run out; then some spare.
+        per_slot = max(self.max_indirect, MAX_SEGMENTS) + 1
         probe = SharedRing(memoryview(bytearray(PAGE_SIZE)))
         if nr_frames is None:
-            nr_frames = 1 + probe.nr_ents * MAX_SEGMENTS
+            nr_frames = 1 + probe.nr_ents * per_slot + SPARE_FRAMES
         self.grants = GrantTable.create(
             table_path(self.directory, self.domid), domid=self.domid, nr_frames=nr_frames
         )
         port: UnboundPort | None = None
         try:
-            ring_frame = self.grants.alloc_frame()
-            sring = SharedRing(self.grants.frame(ring_frame))
+            grants = self.grants
+            ring_frame = grants.alloc_frame()
+            sring = SharedRing(grants.frame(ring_frame))
             sring.init()
             self.ring = FrontRing(sring)
-            ring_ref = self.grants.grant(ring_frame, self.backend_id, readonly=False)
-            self._shadow = [_Shadow() for _ in range(sring.nr_ents)]
+            ring_ref = grants.grant(ring_frame, self.backend_id, readonly=False)
+            self._shadow = []
+            for _ in range(sring.nr_ents):
+                sh = _Shadow(grants.alloc_run(per_slot), grants.alloc_run(per_slot, refs=True))
+                sh.rw = grants.run_entries(sh.frame, per_slot, self.backend_id, readonly=False)
+                sh.ro = grants.run_entries(sh.frame, per_slot, self.backend_id, readonly=True)
+                self._shadow.append(sh)
             self._free_ids = list(range(sring.nr_ents - 1, -1, -1))
+            self._per_slot = per_slot
+            self._mem = grants.memory
             port = UnboundPort(self.directory, self.domid, self.backend_id)
             self.xs.write_many(
                 {
@@ -317,69 +369,87 @@ class BlkFront:
         data: memoryview | None,
         page_offset: int,
     ) -> None:
-        """Split [offset, offset+length) into ring requests of at most 11 segments.
+        """Split [offset, offset+length) into ring requests.
 
-        ``page_offset`` puts the start of the data that far into the first page, as a
-        bio whose first bio_vec does not start on a page boundary would.
+        At most 11 segments each, or ``max_indirect`` in a BLKIF_OP_INDIRECT for READ
+        and WRITE when the backend offers it (blkfront never makes a barrier or flush
+        indirect). ``page_offset`` puts the start of the data that far into the first
+        page, as a bio whose first bio_vec does not start on a page boundary would.
         """
         if page_offset % SECTOR_SIZE or not 0 <= page_offset < PAGE_SIZE:
             raise ValueError("page_offset must be a multiple of 512 below 4096")
-        grants = self.grants
+        indirect = self.max_indirect if op is Op.READ or op is Op.WRITE else 0
+        max_seg = indirect or MAX_SEGMENTS
         readonly = op is not Op.READ  # the backend only reads WRITE data
+        grants = self.grants
+        mem = self._mem
+        backend_id = self.backend_id
+        handle = self.devid & 0xFFFF
+        sring = self.ring.sring
+        buf = sring.buf
         sector = offset // SECTOR_SIZE
         pos = 0
-        first_page_off = page_offset
+        a = page_offset
         # Hold a reference while splitting: waiting for a free slot consumes responses,
         # and the parts answered so far must not complete the I/O before the rest exist.
         io.parts += 1
         while True:
             sid = self._slot()
             sh = self._shadow[sid]
-            refs = sh.refs
-            frames = sh.frames
-            segs = sh.segs
-            refs.clear()
-            frames.clear()
-            segs.clear()
-            sh.data_off = pos
-            sring = self.ring.sring
-            buf = sring.buf
+            # This part: from byte a of the first page, as far as max_seg pages reach.
+            n = min(max_seg * PAGE_SIZE - a, length - pos)
+            nseg = (a + n + PAGE_SIZE - 1) // PAGE_SIZE
+            mem_off = grants.frame_offset(sh.frame) + a
+            if data is not None:
+                mem[mem_off : mem_off + n] = data[pos : pos + n]
+            # Grant the pages, then describe them: (ref, first_sect, last_sect) each.
+            entries = sh.ro if readonly else sh.rw
+            grants.set_entries(sh.ref, entries[: nseg * GRANT_ENTRY_SIZE])
+            desc = bytearray(_full_pages(sh.ref, nseg))
+            desc[4] = a // SECTOR_SIZE  # first_sect of the first segment
+            desc[-3] = ((a + n - 1) % PAGE_SIZE) // SECTOR_SIZE  # last_sect of the last
             slot = sring.offset(self.ring.req_prod_pvt)
-            start_sector = sector
-            nseg = 0
-            while nseg < MAX_SEGMENTS and pos < length:
-                a = first_page_off
-                n = min(PAGE_SIZE - a, length - pos)
-                first_page_off = 0
-                frame = grants.alloc_frame()
-                page = grants.frame(frame)
-                if data is not None:
-                    page[a : a + n] = data[pos : pos + n]
-                ref = grants.grant(frame, self.backend_id, readonly=readonly)
-                first = a // SECTOR_SIZE
-                last = first + n // SECTOR_SIZE - 1
-                SEGMENT.pack_into(
-                    buf, slot + REQUEST_HEADER.size + nseg * SEGMENT.size, ref, first, last
+            if nseg > MAX_SEGMENTS:
+                # The segment array goes in the slot's indirect page, granted read-only.
+                iref = sh.ref + self._per_slot - 1
+                iframe = sh.frame + self._per_slot - 1
+                ioff = grants.frame_offset(iframe)
+                mem[ioff : ioff + len(desc)] = desc
+                grants.grant_ref(iref, iframe, backend_id, readonly=True)
+                INDIRECT_REQUEST.pack_into(
+                    buf, slot, Op.INDIRECT, op, nseg, sid, sector, handle, iref, 0, 0, 0, 0, 0, 0, 0
                 )
-                refs.append(ref)
-                frames.append(frame)
-                segs.append((frame, a, n))
-                pos += n
-                sector += n // SECTOR_SIZE
-                nseg += 1
-            REQUEST_HEADER.pack_into(buf, slot, op, nseg, self.devid & 0xFFFF, sid, start_sector)
+                sh.nref = self._per_slot  # end_run covers the refs in between; harmless
+            else:
+                buf[slot + REQUEST_HEADER.size : slot + REQUEST_HEADER.size + len(desc)] = desc
+                REQUEST_HEADER.pack_into(buf, slot, op, nseg, handle, sid, sector)
+                sh.nref = nseg
+            sh.mem_off = mem_off
+            sh.length = n
+            sh.data_off = pos
             self._queue(sid, io)
+            pos += n
+            sector += n // SECTOR_SIZE
+            a = 0
             if pos >= length:
                 self._release(io)
                 return
 
-    def submit_read(self, offset: int, length: int, *, page_offset: int = 0) -> Io:
-        """Queue a read; ``Io.result()`` is the data once done. Call ``push``/``wait``."""
+    def submit_read(
+        self, offset: int, length: int, *, page_offset: int = 0, into: bytearray | None = None
+    ) -> Io:
+        """Queue a read; ``Io.result()`` is the data once done. Call ``push``/``wait``.
+
+        ``into`` is a buffer of at least ``length`` bytes to receive the data (a caller
+        reusing its buffers saves an allocation per read); by default a new one.
+        """
         self._check_range(offset, length)
         if length == 0:
             raise ValueError("a read needs at least one sector")
+        if into is not None and len(into) < length:
+            raise ValueError("the buffer is smaller than the read")
         io = Io("read", offset, length)
-        io.data = bytearray(length)
+        io.data = bytearray(length) if into is None else into
         self._submit_rw(Op.READ, io, offset, length, None, page_offset)
         return io
 
@@ -406,10 +476,7 @@ class BlkFront:
 
     def _submit_empty(self, op: Op, io: Io) -> None:
         sid = self._slot()
-        sh = self._shadow[sid]
-        sh.refs.clear()
-        sh.frames.clear()
-        sh.segs.clear()
+        self._shadow[sid].nref = 0
         sring = self.ring.sring
         REQUEST_HEADER.pack_into(
             sring.buf, sring.offset(self.ring.req_prod_pvt), op, 0, self.devid & 0xFFFF, sid, 0
@@ -436,10 +503,7 @@ class BlkFront:
         self._check_range(offset, length)
         io = Io("discard", offset, length)
         sid = self._slot()
-        sh = self._shadow[sid]
-        sh.refs.clear()
-        sh.frames.clear()
-        sh.segs.clear()
+        self._shadow[sid].nref = 0
         sring = self.ring.sring
         DISCARD_REQUEST.pack_into(
             sring.buf,
@@ -461,10 +525,7 @@ class BlkFront:
         """
         io = Io("raw", 0, 0)
         sid = self._slot()
-        sh = self._shadow[sid]
-        sh.refs.clear()
-        sh.frames.clear()
-        sh.segs.clear()
+        self._shadow[sid].nref = 0
         sring = self.ring.sring
         off = sring.offset(self.ring.req_prod_pvt)
         sring.buf[off : off + len(raw)] = raw
@@ -486,17 +547,11 @@ class BlkFront:
         io = sh.io
         assert io is not None
         sh.io = None
-        grants = self.grants
-        for ref in sh.refs:
-            grants.end_access(ref)
-        if io.data is not None and status == Status.OKAY:
-            out = memoryview(io.data)
-            pos = sh.data_off
-            for frame, a, n in sh.segs:
-                out[pos : pos + n] = grants.frame(frame)[a : a + n]
-                pos += n
-        for frame in sh.frames:
-            grants.free_frame(frame)
+        if sh.nref:
+            self.grants.end_run(sh.ref, sh.nref)
+            if io.data is not None and status == Status.OKAY:
+                pos, n, m = sh.data_off, sh.length, sh.mem_off
+                memoryview(io.data)[pos : pos + n] = self._mem[m : m + n]
         self._free_ids.append(rsp_id)
         self.responses += 1
         if status != Status.OKAY and io.status == Status.OKAY:

@@ -43,6 +43,8 @@ GNTTAB_NR_RESERVED_ENTRIES = 8
 ENTRY = struct.Struct("<HHI")
 HEADER = struct.Struct("<8sHxxII")
 MAGIC = b"TAPGNT01"
+#: GTF_INVALID entries, to end access to a run of refs in one copy.
+_NO_ENTRIES = memoryview(bytes(PAGE_SIZE))
 
 
 class GrantStatus(enum.IntEnum):
@@ -131,6 +133,14 @@ class GrantTable:
     def free_refs(self) -> int:
         return len(self._free_refs)
 
+    @property
+    def memory(self) -> memoryview:
+        """The whole table file; ``frame_offset`` says where a page is in it."""
+        return self._mem
+
+    def frame_offset(self, n: int) -> int:
+        return self._frames + n * PAGE_SIZE
+
     def frame(self, n: int) -> memoryview:
         """Page ``n`` of the guest memory."""
         off = self._frames + n * PAGE_SIZE
@@ -158,6 +168,35 @@ class GrantTable:
         # 8-byte store here, and the ref only reaches the backend through the ring.
         flags = GTF_PERMIT_ACCESS | (GTF_READONLY if readonly else 0)
         ENTRY.pack_into(self._mem, off, flags, domid, frame)
+
+    def alloc_run(self, count: int, *, refs: bool = False) -> int:
+        """The first of ``count`` consecutive free frames (or refs), now allocated.
+
+        Takes the top of the free stack, which in a fresh table is consecutive; a
+        frontend reserves its per-slot pages this way right after creating the table.
+        """
+        free = self._free_refs if refs else self._free_frames
+        run = free[-count:][::-1]
+        if len(run) < count or run[-1] - run[0] != count - 1:
+            raise ValueError(f"no run of {count} free {'refs' if refs else 'frames'}")
+        del free[-count:]
+        return run[0]
+
+    def run_entries(self, frame: int, count: int, domid: int, *, readonly: bool) -> bytes:
+        """The grant_entry_v1 array granting frames frame..frame+count-1 to ``domid``."""
+        flags = GTF_PERMIT_ACCESS | (GTF_READONLY if readonly else 0)
+        return b"".join(ENTRY.pack(flags, domid, frame + i) for i in range(count))
+
+    def set_entries(self, ref: int, entries: bytes | memoryview) -> None:
+        """Write consecutive entries from ``ref`` on (from ``run_entries``): one copy."""
+        off = self._entries + ref * ENTRY.size
+        self._mem[off : off + len(entries)] = entries
+
+    def end_run(self, ref: int, count: int) -> None:
+        """gnttab_end_foreign_access_ref on ``count`` consecutive refs; they stay allocated."""
+        off = self._entries + ref * ENTRY.size
+        n = count * ENTRY.size
+        self._mem[off : off + n] = _NO_ENTRIES[:n] if n <= len(_NO_ENTRIES) else bytes(n)
 
     def end_access(self, ref: int) -> None:
         """gnttab_end_foreign_access_ref, then give the ref back to the free list."""

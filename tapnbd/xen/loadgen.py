@@ -2,8 +2,9 @@
 
 It keeps ``iodepth`` I/Os in flight for ``runtime`` seconds, as fio's time-based jobs
 do, so its numbers line up with ``fio --ioengine=nbd`` on the NBD side of a
-benchmark. Read data is copied out of the granted pages into the caller's buffer, as
-a real frontend's completion would, and written data is copied in.
+benchmark. Read data is copied out of the granted pages into the caller's buffer (one of
+``iodepth``, reused), as a real frontend's completion would, and written data is copied
+in.
 """
 
 from __future__ import annotations
@@ -83,12 +84,16 @@ def run_job(front: BlkFront, job: Job) -> JobResult:
     payload = os.urandom(job.bs) if write else b""
     counts = [0, 0]  # ios completed, ios in flight
     failed: list[Io] = []
+    # Read buffers are reused, as a guest's page cache reuses its pages.
+    free = [] if write else [bytearray(job.bs) for _ in range(job.iodepth)]
 
     def done(io: Io) -> None:
         counts[0] += 1
         counts[1] -= 1
         if io.status:
             failed.append(io)
+        if io.data is not None:
+            free.append(io.data)
 
     requests0, kicks0, events0 = front.requests, front.notifications, front.events
     next_block = 0
@@ -111,7 +116,7 @@ def run_job(front: BlkFront, job: Job) -> JobResult:
             if write:
                 io = front.submit_write(block * job.bs, payload)
             else:
-                io = front.submit_read(block * job.bs, job.bs)
+                io = front.submit_read(block * job.bs, job.bs, into=free.pop())
             io.callback = done
             counts[1] += 1
         front.wait_any()
