@@ -12,7 +12,9 @@ job, so that drift on the shared machine hits both alike. The vbd directory (xen
 grant table, event channel names) goes on tmpfs, where a Xen guest's memory would be.
 
 The ring has no TCP and no NBD framing in the way, but its client is Python (BlkFront),
-while fio's nbd engine is C (libnbd); the ratio is of the two whole paths as built.
+while fio's nbd engine is C (libnbd); the ratio is of the two whole paths as built. The
+ring uses BLKIF_OP_INDIRECT (a 1 MiB I/O is one request of 256 segments) as a Linux
+blkfront does when the backend offers feature-max-indirect-segments.
 """
 
 from __future__ import annotations
@@ -290,6 +292,30 @@ def cpu_table(r: RingRun) -> Table:
     return t
 
 
+def _us_per_io(cpu_pct: float | None, iops: float | None) -> float | None:
+    if cpu_pct is None or not iops:
+        return None
+    return cpu_pct / 100 / iops * 1e6
+
+
+def cpu_per_io_table(r: RingRun) -> Table:
+    t = Table(
+        "CPU per I/O, microseconds (the cell's CPU % over its IOPS)",
+        ["job", "NBD client", "NBD server", "ring client", "ring server"],
+    )
+    for job in r.config.jobs:
+        row = [job.label]
+        for path in PATHS:
+            c = r.cell(job.key, path)
+            ok = c is not None and not c.error
+            row += [
+                fmt_num(_us_per_io(c.client_cpu_pct, c.iops) if ok and c else None),
+                fmt_num(_us_per_io(c.server_cpu_pct, c.iops) if ok and c else None),
+            ]
+        t.rows.append(row)
+    return t
+
+
 def csv_rows(r: RingRun) -> list[dict[str, object]]:
     rows = []
     for c in r.cells:
@@ -313,7 +339,7 @@ def markdown(r: RingRun, command: str, machine_md: str) -> str:
         "the ring is faster.",
         "",
     ]
-    for t in (table(r), cpu_table(r)):
+    for t in (table(r), cpu_table(r), cpu_per_io_table(r)):
         parts += [f"## {t.title}", "", t.markdown(), ""]
     parts += ["## Notes", ""]
     parts += [f"- {n}" for n in r.notes]
