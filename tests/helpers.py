@@ -59,6 +59,18 @@ def nbdsh_script(script: str, *args: str, timeout: float = 60) -> object:
     return json.loads(out.strip().splitlines()[-1])
 
 
+def stop_process(proc: subprocess.Popen[str], sig: int, timeout: float) -> int:
+    """Signal ``proc`` and wait; SIGKILL it if it outlives ``timeout``."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
+
+
 @dataclass
 class Server:
     """A running ``tapnbd serve``."""
@@ -72,14 +84,7 @@ class Server:
         return self.uris[0]
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
+        return stop_process(self.proc, sig, timeout)
 
     def stderr(self) -> str:
         return self.log.read_text()

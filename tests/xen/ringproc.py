@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tapnbd.xen.xenstore import XenbusState, XenStore, backend_dir
-from tests.helpers import tapnbd_cmd
+from tests.helpers import stop_process, tapnbd_cmd
 
 BACKEND = backend_dir(1, 51712)
 
@@ -25,14 +25,7 @@ class RingServer:
     log: Path
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
+        return stop_process(self.proc, sig, timeout)
 
     def stderr(self) -> str:
         return self.log.read_text()
