@@ -19,8 +19,9 @@ run: $(BIN)/tapnbd
 	@test -e $(DEMO) || $(BIN)/tapnbd create $(DEMO) --size 1G
 	@echo "Serving $(DEMO) on nbd://$(HOST):$(PORT)/ (Ctrl-C stops it)"
 	@echo "  look at it:  nbdinfo nbd://$(HOST):$(PORT)/   (or: nbdinfo --map nbd://$(HOST):$(PORT)/)"
-	@echo "  mount it:    sudo $(BIN)/tapnbd attach $(DEMO)   then mkfs.ext4 and mount the device it prints"
-	@echo "     or:       nbdfuse /tmp/nbd nbd://$(HOST):$(PORT)/ & losetup -f --show /tmp/nbd/nbd"
+	@echo "  mount it:    mkdir -p /tmp/nbd && nbdfuse /tmp/nbd nbd://$(HOST):$(PORT)/ &"
+	@echo "               losetup -f --show /tmp/nbd/nbd   # then mkfs.ext4 and mount the /dev/loopN it prints"
+	@echo "     or, with this server stopped:  $(BIN)/tapnbd attach $(DEMO)   (the daemon serves it)"
 	exec $(BIN)/tapnbd serve $(DEMO) --bind $(HOST) --port $(PORT) --description "tapnbd demo image"
 
 deps:

@@ -97,6 +97,17 @@ class RawDriver(Driver):
         self.read_only = read_only
         st = os.fstat(self.fd)
         self.is_block = stat.S_ISBLK(st.st_mode)
+        if not read_only:
+            # Two writers would corrupt an image (two qcow drivers allocating the same
+            # clusters), so a writer holds an exclusive lock, as qemu does; readers
+            # (info, check, a backing file) need none. The kernel drops it if we die.
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(self.fd)
+                raise ImageError(
+                    f"{path}: in use: another process (or export) has it open for writing"
+                ) from None
         self._size = os.lseek(self.fd, 0, os.SEEK_END)
         # Fast paths switch themselves off on their first ENOTSUP/EINVAL (nbdkit file_zero).
         self._nowait = True

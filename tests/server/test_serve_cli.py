@@ -156,3 +156,21 @@ def test_requests_during_shutdown_get_eshutdown(serve: Callable[..., Server]) ->
     assert isinstance(res, dict)
     assert res["errno"] == "ESHUTDOWN", res  # libnbd names the errno
     assert server.proc.wait(30) == 0
+
+
+def test_one_writer_per_image(serve: Callable[..., Server], tmp_path: Path) -> None:
+    """A second writable open of an image is refused (two qcow writers would corrupt it);
+    read-only opens still work, and the lock goes with the process, even on kill -9."""
+    need("nbdinfo")
+    image = tmp_path / "w.qcow"
+    run(tapnbd_cmd("create", str(image), "--size", "16M"))
+    first = serve(str(image))
+    second = run(tapnbd_cmd("serve", str(image), "--port", "0"), check=False, timeout=30)
+    assert second.returncode != 0
+    assert "in use" in second.stderr and "w.qcow" in second.stderr
+    reader = serve(str(image), "--read-only")
+    assert run(["nbdinfo", "--size", reader.uri]).stdout.strip() == str(16 << 20)
+    assert run(tapnbd_cmd("info", str(image))).returncode == 0
+    first.stop(signal.SIGKILL)
+    again = serve(str(image))
+    assert run(["nbdinfo", "--size", again.uri]).stdout.strip() == str(16 << 20)
