@@ -88,7 +88,7 @@ class RawDriver(Driver):
 
     name = "raw"
 
-    def __init__(self, path: str, *, read_only: bool = False) -> None:
+    def __init__(self, path: str, *, read_only: bool = False, exclusive: bool = False) -> None:
         try:
             self.fd = os.open(path, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
         except OSError as e:
@@ -97,10 +97,12 @@ class RawDriver(Driver):
         self.read_only = read_only
         st = os.fstat(self.fd)
         self.is_block = stat.S_ISBLK(st.st_mode)
-        if not read_only:
-            # Two writers would corrupt an image (two qcow drivers allocating the same
-            # clusters), so a writer holds an exclusive lock, as qemu does; readers
-            # (info, check, a backing file) need none. The kernel drops it if we die.
+        if exclusive:
+            # Two writers would corrupt a format's metadata (two qcow drivers allocating
+            # the same clusters), so a format that writes takes an exclusive lock, as qemu
+            # does. Readers (info, check, backing files) need none, and a raw image is
+            # not locked, like nbdkit's file plugin: a server may hand over to its
+            # successor with no gap. The kernel drops the lock if we die.
             try:
                 fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:

@@ -61,7 +61,7 @@ async def open_qcow(path: str, read_only: bool) -> Driver:
         raise InvalidImageError(f"{path}: backing file loop ({' -> '.join((*chain, real))})")
     if len(chain) >= MAX_CHAIN:
         raise InvalidImageError(f"{path}: backing chain deeper than {MAX_CHAIN} images")
-    child: Driver = RawDriver(path, read_only=read_only)
+    child: Driver = RawDriver(path, read_only=read_only, exclusive=not read_only)
     wrap = file_filter.get()
     if wrap is not None:
         child = wrap(child)
