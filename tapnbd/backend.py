@@ -156,24 +156,16 @@ class Backend:
 
     def try_preadv(self, offset: int, length: int, bufs: Sequence[memoryview]) -> bool:
         """try_pread into caller's buffers, ``length`` bytes in all (Driver.preadv_nowait)."""
-        if offset < 0 or length <= 0 or offset + length > self.size or self._lock is not None:
-            return False
-        stats = self.stats
-        t0 = stats.start()
-        try:
-            done = self.driver.preadv_nowait(offset, length, bufs)
-        except Exception:
-            done = False
-        if not done:
-            stats.abandon()
-            return False
-        stats.done("read", length, t0)
-        return True
+        return self._try_vectored("read", offset, length, bufs)
 
     def try_pwritev(self, offset: int, length: int, bufs: Sequence[memoryview]) -> bool:
         """try_pwrite from several buffers, ``length`` bytes in all."""
+        return self._try_vectored("write", offset, length, bufs)
+
+    def _try_vectored(self, op: str, offset: int, length: int, bufs: Sequence[memoryview]) -> bool:
+        # try_pread and try_pwrite stay written out by hand: they are the NBD hot path.
         if (
-            self.read_only
+            (op == "write" and self.read_only)
             or offset < 0
             or length <= 0
             or offset + length > self.size
@@ -182,14 +174,18 @@ class Backend:
             return False
         stats = self.stats
         t0 = stats.start()
+        driver = self.driver
         try:
-            done = self.driver.pwritev_nowait(offset, length, bufs)
+            if op == "read":
+                done = driver.preadv_nowait(offset, length, bufs)
+            else:
+                done = driver.pwritev_nowait(offset, length, bufs)
         except Exception:
             done = False
         if not done:
             stats.abandon()
             return False
-        stats.done("write", length, t0)
+        stats.done(op, length, t0)
         return True
 
     async def pread(self, offset: int, length: int) -> bytes | bytearray | memoryview:

@@ -12,6 +12,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -115,3 +116,27 @@ def start_server(args: list[str], log: Path, exports: int = 1, timeout: float = 
         buf += chunk
     uris = buf.decode().split()
     return Server(proc, uris, log)
+
+
+def fio_verify(uri: str, *options: str, timeout: float = 300) -> dict[str, Any]:
+    """fio's nbd engine writing ``options``' pattern, then reading every block back and
+    checking its crc32c; returns fio's job report (its "error" must be 0)."""
+    need("fio")
+    out = run(
+        [
+            "fio",
+            "--name=verify",
+            "--ioengine=nbd",
+            f"--uri={uri}",
+            *options,
+            "--verify=crc32c",
+            "--verify_fatal=1",
+            "--do_verify=1",
+            "--verify_state_save=0",
+            "--group_reporting",
+            "--output-format=json",
+        ],
+        timeout=timeout,
+    ).stdout
+    job: dict[str, Any] = json.loads(out[out.index("{") :])["jobs"][0]
+    return job

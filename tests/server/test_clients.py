@@ -12,7 +12,7 @@ import pytest
 
 from formats.qcow.check import check_qcow
 from formats.qcow.create import create_qcow
-from tests.helpers import Server, need, run
+from tests.helpers import Server, fio_verify, need, run
 
 
 def test_nbdinfo_json_reports_capabilities(serve: Callable[..., Server], raw_image: Path) -> None:
@@ -222,30 +222,16 @@ def test_fio_verify_crc32c_four_connections(
     else:
         disk.write_bytes(bytes(64 << 20))
     server = serve(str(disk) if spec != "ram" else "ram:64M")
-    out = run(
-        [
-            "fio",
-            "--name=verify",
-            "--ioengine=nbd",
-            f"--uri={server.uri}",
-            "--rw=randwrite",
-            "--bs=4k",
-            "--bsrange=512-64k",
-            "--iodepth=8",
-            "--numjobs=4",
-            "--size=16m",
-            "--offset_increment=16m",
-            "--verify=crc32c",
-            "--verify_fatal=1",
-            "--do_verify=1",
-            "--verify_state_save=0",
-            "--group_reporting",
-            "--output-format=json",
-        ],
-        timeout=300,
-    ).stdout
-    result = json.loads(out[out.index("{") :])
-    job = result["jobs"][0]
+    job = fio_verify(
+        server.uri,
+        "--rw=randwrite",
+        "--bs=4k",
+        "--bsrange=512-64k",
+        "--iodepth=8",
+        "--numjobs=4",
+        "--size=16m",
+        "--offset_increment=16m",
+    )
     assert job["error"] == 0
     assert job["write"]["io_bytes"] >= 64 << 20
     assert job["read"]["io_bytes"] >= 64 << 20  # the verify pass read everything back
