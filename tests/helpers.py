@@ -140,3 +140,15 @@ def fio_verify(uri: str, *options: str, timeout: float = 300) -> dict[str, Any]:
     ).stdout
     job: dict[str, Any] = json.loads(out[out.index("{") :])["jobs"][0]
     return job
+
+
+def qemu_io(target: str | Path, *commands: str, fmt: str = "raw") -> str:
+    """Run qemu-io commands on a file or URI; a failed command or ``read -P`` check fails."""
+    need("qemu-io")
+    args: list[str] = ["qemu-io", "-f", fmt]
+    for c in commands:
+        args += ["-c", c]
+    out = run([*args, str(target)]).stdout
+    assert "Pattern verification failed" not in out, out
+    assert "failed" not in out and "error" not in out.lower(), out
+    return out

@@ -19,22 +19,14 @@ import pytest
 
 from tapnbd.control.messages import ErrorReply, StatusRequest, decode, encode
 from tapnbd.control.state import StateDir
-from tests.control.tap import Tapnbd, need_tools
+from tests.control.tap import Tapnbd
+from tests.helpers import qemu_io
 
 NOBODY = 65534
 
 
 def unix_uri(uris: str) -> str:
     return next(u for u in uris.split() if u.startswith("nbd+unix://"))
-
-
-def qemu_io(uri: str, *commands: str) -> None:
-    need_tools("qemu-io")
-    args = ["qemu-io", "-f", "raw"]
-    for c in commands:
-        args += ["-c", c]
-    proc = subprocess.run([*args, uri], capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0 and "failed" not in proc.stdout, proc.stdout + proc.stderr
 
 
 def nbdfuse_pids(under: Path) -> list[int]:

@@ -20,6 +20,7 @@ import pytest
 from tapnbd.xen.blkif import PAGE_SIZE, Op, Status, pack_discard, pack_indirect, pack_request
 from tapnbd.xen.frontend import BlkFront, Io, IOFailed
 from tapnbd.xen.xenstore import XenbusState
+from tests import helpers
 from tests.helpers import ROOT, Server, need, run, tapnbd_cmd
 from tests.xen.ringproc import RingServer, start_ring
 
@@ -52,11 +53,7 @@ def qcow_image(tmp_path: Path, size: str = "64M") -> Path:
 
 
 def qemu_io(uri: str, cmds: list[str]) -> str:
-    args = ["qemu-io", "-f", "raw"]
-    for c in cmds:
-        args += ["-c", c]
-    out = run([*args, uri]).stdout
-    assert "Pattern verification failed" not in out, out
+    out = helpers.qemu_io(uri, *cmds)
     assert out.count("read ") == sum(c.startswith("read") for c in cmds), out
     return out
 
