@@ -227,11 +227,7 @@ def _start_qemu_nbd(
     if options.qemu_shared != 1:
         cmd += ["-e", str(options.qemu_shared)]
     cmd.append(str(image))
-    proc = spawn(cmd, log=log)
-    _watch(proc, "qemu-nbd", log, _greets(transport, port, sock))
-    uri = tcp_uri(port, image.name) if transport == "tcp" else unix_uri(sock, image.name)
-    served = Served(SERVERS["qemu-nbd"], image, fmt, uri, proc.pid, cmd, log)
-    return served, lambda: _stop_checked(proc, "qemu-nbd", log)
+    return _launch("qemu-nbd", cmd, image, fmt, log, transport, port, sock)
 
 
 def _start_nbdkit(
@@ -247,11 +243,25 @@ def _start_nbdkit(
     cmd = ["nbdkit", "-f", "--exit-with-parent"]
     cmd += ["-i", HOST, "-p", str(port)] if transport == "tcp" else ["-U", str(sock)]
     cmd += ["file", f"file={image}"]
+    return _launch("nbdkit", cmd, image, fmt, log, transport, port, sock)
+
+
+def _launch(
+    key: str,
+    cmd: list[str],
+    image: Path,
+    fmt: str,
+    log: Path,
+    transport: Transport,
+    port: int,
+    sock: Path,
+) -> _Started:
+    """Start a peer that stays in the foreground and wait until it greets."""
     proc = spawn(cmd, log=log)
-    _watch(proc, "nbdkit", log, _greets(transport, port, sock))
+    _watch(proc, key, log, _greets(transport, port, sock))
     uri = tcp_uri(port, image.name) if transport == "tcp" else unix_uri(sock, image.name)
-    served = Served(SERVERS["nbdkit"], image, fmt, uri, proc.pid, cmd, log)
-    return served, lambda: _stop_checked(proc, "nbdkit", log)
+    served = Served(SERVERS[key], image, fmt, uri, proc.pid, cmd, log)
+    return served, lambda: _stop_checked(proc, key, log)
 
 
 def _start_nbd_server(
