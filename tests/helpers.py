@@ -99,23 +99,30 @@ def start_server(args: list[str], log: Path, exports: int = 1, timeout: float = 
         proc = subprocess.Popen(
             tapnbd_cmd("serve", *args), stdout=subprocess.PIPE, stderr=err, text=True
         )
+    uris = read_ready_lines(proc, exports, log, timeout, "server").split()
+    return Server(proc, uris, log)
+
+
+def read_ready_lines(
+    proc: subprocess.Popen[str], lines: int, log: Path, timeout: float, what: str
+) -> str:
+    """Wait for ``lines`` lines on ``proc``'s stdout (its "ready" announcement)."""
     assert proc.stdout is not None
     # Read the raw fd: a buffered readline() could swallow lines select() then misses.
     fd = proc.stdout.fileno()
     buf = b""
     deadline = time.monotonic() + timeout
-    while buf.count(b"\n") < exports:
+    while buf.count(b"\n") < lines:
         left = deadline - time.monotonic()
         if left <= 0 or not select.select([fd], [], [], left)[0]:
             proc.kill()
-            raise AssertionError(f"server not ready in {timeout}s: {log.read_text()}")
+            raise AssertionError(f"{what} not ready in {timeout}s: {log.read_text()}")
         chunk = os.read(fd, 4096)
         if not chunk:
             proc.wait()
-            raise AssertionError(f"server exited {proc.returncode}: {log.read_text()}")
+            raise AssertionError(f"{what} exited {proc.returncode}: {log.read_text()}")
         buf += chunk
-    uris = buf.decode().split()
-    return Server(proc, uris, log)
+    return buf.decode()
 
 
 def fio_verify(uri: str, *options: str, timeout: float = 300) -> dict[str, Any]:

@@ -57,6 +57,9 @@ DRAIN_GRACE = 0.25
 #: Pieces in one writev (Linux's IOV_MAX is 1024).
 _MAX_IOV = 1024
 
+#: One reply chunk: its header, and the data that follows it if any.
+_Part = tuple[bytes, bytes | bytearray | memoryview | None]
+
 # A plain int: ~ on an IntFlag keeps only known bits, which would hide unknown ones.
 _KNOWN_FLAGS = int(CmdFlag.FUA | CmdFlag.NO_HOLE | CmdFlag.DF | CmdFlag.REQ_ONE | CmdFlag.FAST_ZERO)
 _WRITES = (Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES)
@@ -387,28 +390,26 @@ class NBDConnection(asyncio.BufferedProtocol):
 
     def _reply_read(self, req: Request, data: bytes | bytearray | memoryview) -> None:
         if not self.structured:
-            pieces: list[bytes | bytearray | memoryview] = [simple_reply(req.cookie), data]
+            parts: list[_Part] = [(simple_reply(req.cookie), data)]
         elif not data:
             # A zero-length read: OFFSET_DATA needs at least one byte, so just finish.
-            pieces = [none_chunk(req.cookie)]
+            parts = [(none_chunk(req.cookie), None)]
         elif len(data) > SPLIT_READ and not req.flags & CmdFlag.DF:
-            pieces = self._split_read(req, memoryview(data))
+            parts = self._split_read(req, memoryview(data))
         elif _all_zero(data):
             # A run of zeros goes out as a hole: 32 bytes instead of the data.
-            pieces = [hole_chunk(req.cookie, req.offset, len(data))]
+            parts = [(hole_chunk(req.cookie, req.offset, len(data)), None)]
         else:
             # One chunk, unfragmented, so DF is honoured.
-            pieces = [data_chunk(req.cookie, req.offset, len(data)), data]
+            parts = [(data_chunk(req.cookie, req.offset, len(data)), data)]
         if type(data) is PooledBuffer:
-            self._send_lent(pieces, data)
-        elif len(pieces) == 2:
-            self._write(pieces[0], pieces[1])  # type: ignore[arg-type]
+            self._send_lent([p for part in parts for p in part if p is not None], data)
         else:
-            for p in pieces:
-                self._write(p)  # type: ignore[arg-type]
+            for header, payload in parts:
+                self._write(header, payload)
 
     @staticmethod
-    def _split_read(req: Request, view: memoryview) -> list[bytes | bytearray | memoryview]:
+    def _split_read(req: Request, view: memoryview) -> list[_Part]:
         """A large read as DATA and HOLE chunks, a hole for each zero piece."""
         runs: list[tuple[bool, int, int]] = []  # (is_hole, start, end) within the read
         for start in range(0, len(view), SPLIT_READ):
@@ -419,15 +420,15 @@ class NBDConnection(asyncio.BufferedProtocol):
             else:
                 runs.append((hole, start, end))
         last = len(runs) - 1
-        pieces: list[bytes | bytearray | memoryview] = []
+        parts: list[_Part] = []
         for i, (hole, start, end) in enumerate(runs):
             offset = req.offset + start
             if hole:
-                pieces.append(hole_chunk(req.cookie, offset, end - start, done=i == last))
+                parts.append((hole_chunk(req.cookie, offset, end - start, done=i == last), None))
             else:
-                pieces.append(data_chunk(req.cookie, offset, end - start, done=i == last))
-                pieces.append(view[start:end])
-        return pieces
+                header = data_chunk(req.cookie, offset, end - start, done=i == last)
+                parts.append((header, view[start:end]))
+        return parts
 
     def _send_lent(self, pieces: list[bytes | bytearray | memoryview], buf: PooledBuffer) -> None:
         """Send a reply whose data is a pooled buffer, then give the buffer back.

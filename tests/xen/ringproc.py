@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import select
 import signal
 import subprocess
 import time
@@ -11,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tapnbd.xen.xenstore import XenbusState, XenStore, backend_dir
-from tests.helpers import stop_process, tapnbd_cmd
+from tests.helpers import read_ready_lines, stop_process, tapnbd_cmd
 
 BACKEND = backend_dir(1, 51712)
 
@@ -51,19 +49,6 @@ def start_ring(image: str, path: Path, log: Path, *args: str, timeout: float = 3
             stderr=err,
             text=True,
         )
-    assert proc.stdout is not None
-    fd = proc.stdout.fileno()
-    buf = b""
-    deadline = time.monotonic() + timeout
-    while not buf.endswith(b"\n"):
-        left = deadline - time.monotonic()
-        if left <= 0 or not select.select([fd], [], [], left)[0]:
-            proc.kill()
-            raise AssertionError(f"ring server not ready in {timeout}s: {log.read_text()}")
-        chunk = os.read(fd, 4096)
-        if not chunk:
-            proc.wait()
-            raise AssertionError(f"ring server exited {proc.returncode}: {log.read_text()}")
-        buf += chunk
-    assert Path(buf.decode().strip()) == path.resolve()
+    line = read_ready_lines(proc, 1, log, timeout, "ring server")
+    assert Path(line.strip()) == path.resolve()
     return RingServer(proc, path, log)
