@@ -131,18 +131,25 @@ class RawDriver(Driver):
         if not self._nowait:
             return None
         buf = buffers.take(length)
-        try:
-            n = os.preadv(self.fd, [buf], offset, os.RWF_NOWAIT)
-        except BlockingIOError:
-            n = -1
-        except OSError as e:
-            if e.errno in (errno.EOPNOTSUPP, errno.EINVAL):
-                self._nowait = False
-            n = -1
-        if n == length:
+        if self._preadv_nowait([buf], offset) == length:
             return buf
         buffers.give(buf)
         return None
+
+    def _preadv_nowait(self, bufs: Sequence[memoryview | bytearray], offset: int) -> int:
+        """preadv with RWF_NOWAIT: the bytes read, or -1 where it would have to wait.
+
+        Other errors are raised; the caller's slow path meets them again and reports them.
+        """
+        try:
+            return os.preadv(self.fd, bufs, offset, os.RWF_NOWAIT)
+        except BlockingIOError:
+            return -1
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            self._nowait = False  # no RWF_NOWAIT here: the thread pool from now on
+            return -1
 
     def pwrite_nowait(self, offset: int, data: bytes | memoryview) -> bool:
         if self._nowait_write or time.monotonic() < self._inline_after:
@@ -154,17 +161,7 @@ class RawDriver(Driver):
         return True
 
     def preadv_nowait(self, offset: int, length: int, bufs: Sequence[memoryview]) -> bool:
-        if not self._nowait:
-            return False
-        try:
-            n = os.preadv(self.fd, bufs, offset, os.RWF_NOWAIT)
-        except BlockingIOError:
-            return False
-        except OSError as e:
-            if e.errno in (errno.EOPNOTSUPP, errno.EINVAL):
-                self._nowait = False
-            return False
-        return n == length
+        return self._nowait and self._preadv_nowait(bufs, offset) == length
 
     def pwritev_nowait(self, offset: int, length: int, bufs: Sequence[memoryview]) -> bool:
         if self._nowait_write or time.monotonic() < self._inline_after:
@@ -182,14 +179,7 @@ class RawDriver(Driver):
         view = memoryview(buf)
         done = 0
         if self._nowait:
-            try:
-                done = os.preadv(self.fd, [view], offset, os.RWF_NOWAIT)
-            except BlockingIOError:
-                pass
-            except OSError as e:
-                if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
-                    raise
-                self._nowait = False
+            done = max(self._preadv_nowait([view], offset), 0)
         if done < length:
             done += await self._blocking(_pread_all, self.fd, view[done:], offset + done)  # type: ignore[operator]
             if done < length:  # the file shrank under us; the rest reads as zeros

@@ -1,11 +1,12 @@
-"""Reusable buffers for big reads.
+"""Reusable buffers for big reads and WRITE payloads.
 
 A fresh 1 MiB bytearray costs a memset, page faults and cold caches; on this kind of
 machine that made sequential reads a third slower than reading into a warm buffer. A
 driver takes its read buffer here, and the NBD connection gives it back once the reply
 has left the process (``NBDConnection._send_lent``). WRITE payloads come from here too
-and go back when the driver's pwrite returns: drivers keep no reference to ``data``. Whoever does not give a buffer back
-just lets it be collected: giving back is an optimisation, never an obligation.
+and go back when the driver's pwrite returns: drivers keep no reference to ``data``.
+Whoever does not give a buffer back just lets it be collected: giving back is an
+optimisation, never an obligation.
 
 Only a buffer nobody else can still see may be given back: the connection never leaves
 a pooled buffer queued in the transport.
