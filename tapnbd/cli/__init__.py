@@ -1,20 +1,49 @@
-"""``tapnbd`` command line. Each module registers its commands on ``app``."""
+"""``tapnbd`` command line. Each module registers its commands on ``app``.
+
+Start-up imports only the module that defines the command being run, so ``tapnbd info``
+never pays for the daemon, attach or the ring (``--help`` and unknown names load all).
+"""
 
 from __future__ import annotations
 
-from tapnbd.cli import (
-    attach,  # noqa: F401
-    daemon,  # noqa: F401
-    export,  # noqa: F401
-    image,  # noqa: F401
-    ring,  # noqa: F401
-    serve,  # noqa: F401  (registers commands)
-    stats,  # noqa: F401
-)
+import importlib
+import sys
+
 from tapnbd.cli.app import app
 
-__all__ = ["app", "main"]
+__all__ = ["COMMANDS", "app", "load_commands", "main"]
+
+#: Top-level command name -> the module that registers it.
+COMMANDS: dict[str, str] = {
+    "serve": "serve",
+    "create": "image",
+    "convert": "image",
+    "info": "image",
+    "check": "image",
+    "attach": "attach",
+    "detach": "attach",
+    "list": "attach",
+    "stats": "stats",
+    "daemon": "daemon",
+    "export": "export",
+    "ring": "ring",
+}
+
+
+def load_commands(name: str | None = None) -> None:
+    """Import the module that defines ``name``, or every command module."""
+    modules = [COMMANDS[name]] if name in COMMANDS else sorted(set(COMMANDS.values()))
+    for module in modules:
+        importlib.import_module(f"tapnbd.cli.{module}")
+
+
+def _command_name(argv: list[str]) -> str | None:
+    # The first word that is not an option; the top level takes only flags.
+    return next((a for a in argv if not a.startswith("-")), None)
 
 
 def main() -> None:
+    argv = sys.argv[1:]
+    if not (argv and set(argv) <= {"--version", "-V"}):  # --version needs no command
+        load_commands(_command_name(argv))
     app()

@@ -25,7 +25,7 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a t
 
 def report(message: str) -> None:
     """Progress and notes go to stderr, so stdout stays clean for scripts."""
-    err_console.print(f"[dim]tapnbd:[/] {message}", highlight=False, soft_wrap=True)
+    err_console().print(f"[dim]tapnbd:[/] {message}", highlight=False, soft_wrap=True)
 
 
 def client(state_dir: str | None) -> Client:

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import NoReturn, TypeVar
+from functools import cache
+from typing import TYPE_CHECKING, NoReturn, TypeVar
 
 import typer
-from rich.console import Console
 
 from tapnbd.errors import TapnbdError
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 app = typer.Typer(
     name="tapnbd",
@@ -20,13 +23,21 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-err_console = Console(stderr=True)
+
+@cache
+def err_console() -> Console:
+    """The stderr console, made on first use (rich costs ~15 ms to import)."""
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
 T = TypeVar("T")
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
     """Print a one-line error and exit non-zero."""
-    err_console.print(f"[bold red]tapnbd:[/] {message}", highlight=False, soft_wrap=True)
+    err_console().print(f"[bold red]tapnbd:[/] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 

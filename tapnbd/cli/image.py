@@ -12,7 +12,6 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
 from tapnbd import runtime
 from tapnbd.cli.app import app, errors_as_exit, fail
@@ -96,6 +95,14 @@ def convert_cmd(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Copy an image into a new raw or qcow image, skipping zeros and holes."""
+    from rich.progress import (  # only convert draws a bar (rich.progress costs ~20 ms)
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
     from formats.qcow.convert import convert_image
 
     with errors_as_exit():
