@@ -24,11 +24,22 @@ run: $(BIN)/tapnbd
 	@echo "     or, with this server stopped:  $(BIN)/tapnbd attach $(DEMO)   (the daemon serves it)"
 	exec $(BIN)/tapnbd serve $(DEMO) --bind $(HOST) --port $(PORT) --description "tapnbd demo image"
 
+# A throwaway single-node Ceph for the rbd tests (tests/rbd/cluster.py), and qemu's rbd:
+# driver as their referee. Without recommends: the rest of Ceph is 10x the size.
+CEPH_PACKAGES := ceph-mon ceph-osd ceph-common qemu-block-extra
+
 deps:
 	@missing=$$(for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	ceph=$$(for p in $(CEPH_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing$$ceph" ]; then \
+		echo "installing: $$missing $$ceph"; \
+		apt-get update -qq; \
+	fi; \
 	if [ -n "$$missing" ]; then \
-		echo "installing: $$missing"; \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi; \
+	if [ -n "$$ceph" ]; then \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$ceph >/dev/null; \
 	fi
 
 $(BIN)/tapnbd: pyproject.toml

@@ -67,6 +67,12 @@ async def open_image(spec: str, *, fmt: str = "auto", read_only: bool = False) -
         from formats.ram import RamDriver
 
         return RamDriver(parse_size(spec[4:]))
+    if spec.startswith("rbd:"):
+        if fmt not in ("auto", "rbd"):
+            raise ImageError(f"{spec}: an rbd: name is always format rbd, not {fmt!r}")
+        from formats.rbd.driver import open_rbd
+
+        return await open_rbd(spec, read_only)
     if not os.path.exists(spec):
         raise ImageError(f"{spec}: no such file or device")
     name = probe(spec) if fmt == "auto" else fmt

@@ -27,7 +27,7 @@ _ZEROES = bytes(ZERO_BLOCK)
 #: Block status is asked for this much at a time.
 STATUS_WINDOW = 1 << 30
 
-OUTPUT_FORMATS = ("raw", "qcow")
+OUTPUT_FORMATS = ("raw", "qcow", "rbd")
 
 
 @dataclass
@@ -57,6 +57,8 @@ async def convert_image(
     """
     from formats import open_image
 
+    if dst.startswith("rbd:"):
+        out_fmt = "rbd"  # the name says where it goes
     if out_fmt not in OUTPUT_FORMATS:
         raise ImageError(f"unknown output format {out_fmt!r}: use raw or qcow")
     driver = await open_image(src, fmt=src_fmt, read_only=True)
@@ -71,7 +73,11 @@ async def convert_image(
         size = source.size
         if start is not None:
             start(size)
-        if out_fmt == "raw":
+        if out_fmt == "rbd":
+            from formats.rbd.driver import create_blocking
+
+            await asyncio.to_thread(create_blocking, dst, size)
+        elif out_fmt == "raw":
             create_raw(dst, size)
         else:
             await create_qcow(dst, size, optimise=optimise, cluster_size=cluster_size)

@@ -52,7 +52,7 @@ async def backing_facts(backing: str) -> tuple[str, int, int]:
         size = driver.size()
     finally:
         await driver.close()
-    mtime = int(os.stat(name).st_mtime) & 0xFFFFFFFF
+    mtime = 0 if _URL_LIKE.match(name) else int(os.stat(name).st_mtime) & 0xFFFFFFFF
     return name, size, mtime
 
 

@@ -59,7 +59,15 @@ def create_cmd(
     with errors_as_exit():
         nbytes = _size(size) if size is not None else None
         csize = _size(cluster_size) if cluster_size is not None else None
-        if fmt == "raw":
+        if image.startswith("rbd:"):
+            from formats.rbd.driver import create_blocking
+
+            if backing is not None:
+                fail("an rbd image cannot have a backing file here (use rbd clone)")
+            if nbytes is None:
+                fail("--size is required")
+            create_blocking(image, nbytes)
+        elif fmt == "raw":
             if backing is not None:
                 fail("a raw image cannot have a backing file")
             if nbytes is None:

@@ -62,6 +62,16 @@ def serve_cmd(
     inject_error_file: Annotated[
         str | None, typer.Option(help="Inject errors only while this file exists.")
     ] = None,
+    exclusive: Annotated[
+        bool,
+        typer.Option(
+            help="Shared images (rbd:): hold the exclusive lock; SIGUSR1 flushes and releases it."
+        ),
+    ] = False,
+    lock_wait: Annotated[
+        float,
+        typer.Option(help="With --exclusive: seconds to wait for the previous owner to release."),
+    ] = 0.0,
     verbose: Annotated[
         bool, typer.Option("--verbose", "-v", help="Log connections and failed requests.")
     ] = False,
@@ -94,6 +104,8 @@ def serve_cmd(
         delay=delay or [],
         inject_at=inject_at,
         inject_error_file=inject_error_file,
+        exclusive=exclusive,
+        lock_wait=lock_wait,
     )
     with errors_as_exit():
         code = runtime.run(serve(opts))

@@ -53,6 +53,10 @@ class ServeOptions:
     delay: list[str] = field(default_factory=list)
     inject_at: str = "export"
     inject_error_file: str | None = None
+    # Hand-over of shared images (rbd): take the exclusive lock at open, waiting up to
+    # lock_wait seconds for the previous host to release it (SIGUSR1 releases ours).
+    exclusive: bool = False
+    lock_wait: float = 0.0
 
 
 def export_name(image: str) -> str:
@@ -86,6 +90,8 @@ async def open_exports(opts: ServeOptions) -> ExportRegistry:
             with at_file_layer(wrap_file if at_file else None):
                 driver = await open_image(image, fmt=opts.fmt, read_only=opts.read_only)
             opened.append(driver)
+            if opts.exclusive:
+                await _acquire_exclusive(image, driver, opts.lock_wait)
             if at_file and not wrapped:
                 raise TapnbdError(
                     f"{image}: --inject-at file needs an image format with a file under "
@@ -102,6 +108,32 @@ async def open_exports(opts: ServeOptions) -> ExportRegistry:
             await driver.close()
         raise
     return registry
+
+
+async def _acquire_exclusive(image: str, driver: Driver, wait: float) -> None:
+    acquire = getattr(driver, "acquire", None)
+    if acquire is None:
+        raise TapnbdError(f"{image}: --exclusive is for shared images (rbd:), not {driver.name}")
+    if driver.can_write():
+        await acquire(wait)
+
+
+async def release_exclusive(registry: ExportRegistry) -> None:
+    """Hand-over: flush each shared image and give up its exclusive lock.
+
+    From then on a write that still reaches this host fails with EPERM (librbd refuses
+    it with EROFS), so nothing can land after the next host took over.
+    """
+    for export in registry:
+        driver = export.backend.driver
+        release = getattr(driver, "release", None)
+        if release is None:
+            continue
+        try:
+            await release()
+            log.info("%s: flushed and released the exclusive lock", export.name)
+        except OSError as e:
+            log.error("%s: releasing the exclusive lock failed: %s", export.name, e)
 
 
 def write_stats(path: str, registry: ExportRegistry) -> None:
@@ -145,6 +177,14 @@ async def serve(opts: ServeOptions) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    releases: set[asyncio.Task[None]] = set()
+
+    def on_release() -> None:
+        task = loop.create_task(release_exclusive(registry))
+        releases.add(task)
+        task.add_done_callback(releases.discard)
+
+    loop.add_signal_handler(signal.SIGUSR1, on_release)
     # The pidfile is written once clients can connect (qemu-storage-daemon --pidfile).
     if opts.pidfile:
         with open(opts.pidfile, "w") as f:
@@ -161,7 +201,7 @@ async def serve(opts: ServeOptions) -> int:
         await stop.wait()
         log.info("shutting down")
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
             loop.remove_signal_handler(sig)
         await server.shutdown()
         if opts.pidfile:
