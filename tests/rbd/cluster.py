@@ -120,6 +120,18 @@ class Cluster:
         self.run("ceph-osd", "-i", self.osd_id, timeout=120)
         self.wait_writable()
 
+    def wait_quorum(self, timeout: float = 120) -> None:
+        """Until the monitor answers commands (it says EPERM while it is still starting)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.run("ceph", "mon", "stat", timeout=30)
+                return
+            except (RuntimeError, subprocess.TimeoutExpired):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)  # polling a monitor that has no readiness event
+
     def wait_writable(self, timeout: float = 180) -> None:
         """Until a real object write to the pool succeeds (the cluster is serving)."""
         deadline = time.monotonic() + timeout
@@ -172,7 +184,7 @@ def start(d: Path) -> Cluster:
         )  # fmt: skip
         cluster.run("ceph-mon", "--mkfs", "-i", "a", "--monmap", str(d / "monmap"))
         cluster.run("ceph-mon", "-i", "a")
-        cluster.run("ceph", "mon", "stat", timeout=60)  # returns once there is a quorum
+        cluster.wait_quorum()
         osd_uuid = str(uuid.uuid4())
         cluster.osd_id = cluster.run("ceph", "osd", "new", osd_uuid).strip()
         cluster.run("ceph-osd", "-i", cluster.osd_id, "--mkfs", "--osd-uuid", osd_uuid, timeout=180)

@@ -23,7 +23,11 @@ def ceph_cluster() -> Iterator[ceph.Cluster]:
     if os.geteuid() != 0:
         pytest.skip("the test cluster's OSD needs root")
     d = Path(tempfile.mkdtemp(prefix="tapnbd-ceph-", dir="/var/tmp"))
-    cluster = ceph.start(d / "cluster")
+    try:
+        cluster = ceph.start(d / "cluster")
+    except BaseException:
+        d.rmdir()
+        raise
     old = os.environ.get("CEPH_CONF")
     os.environ["CEPH_CONF"] = str(cluster.conf)  # for every client the tests start
     try:

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import (
+    SYSTEM_PYTHON,
     Server,
     fio_verify,
     nbdsh_script,
@@ -185,6 +186,59 @@ def test_dead_osd_gives_eio_then_recovers(
         qemu_io(server.uris[0], "read -P 5 0 64k", "write -P 6 64k 4k", "flush")
     finally:
         server.stop()
+
+
+WRITE_UNTIL_KILLED = """
+import json, sys, nbd
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+flushed, errors = [], []
+for i in range(int(sys.argv[2])):
+    try:
+        h.pwrite(bytes([i % 251 + 1]) * 65536, i * 65536)
+        h.flush()
+        flushed.append(i)
+        print("flushed", i, flush=True)
+    except nbd.Error as e:
+        errors.append(e.errno)
+        if len(errors) >= 3:
+            break
+print(json.dumps({"flushed": flushed, "errors": errors}), flush=True)
+"""
+
+
+def test_osd_killed_during_writes(
+    rbd_image: str, ceph_cluster: ceph.Cluster, tmp_path: Path
+) -> None:
+    """Every error is a clean EIO, and after the OSD is back every flushed write reads back."""
+    need(SYSTEM_PYTHON)
+    server = start_server(
+        [rbd_image + ":rados_osd_op_timeout=3", "--socket", str(tmp_path / "s")],
+        tmp_path / "log",
+    )
+    writer = subprocess.Popen(
+        [SYSTEM_PYTHON, "-c", WRITE_UNTIL_KILLED, server.uri, "512"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert writer.stdout is not None
+    try:
+        for line in writer.stdout:  # kill the OSD once 20 writes are flushed
+            if line.startswith("flushed 19"):
+                ceph_cluster.kill_osd()
+                break
+        result = json.loads(writer.stdout.read().strip().splitlines()[-1])
+        writer.wait(timeout=120)
+    finally:
+        writer.kill()
+        ceph_cluster.start_osd()
+    assert result["errors"] and set(result["errors"]) == {"EIO"}, result
+    assert server.proc.poll() is None
+    flushed = result["flushed"]
+    assert len(flushed) >= 20
+    server.stop()
+    data = rbd_export(ceph_cluster, rbd_image, tmp_path / "after.raw")
+    for i in flushed:
+        assert data[i * 65536 : (i + 1) * 65536] == bytes([i % 251 + 1]) * 65536, i
 
 
 def test_unreachable_cluster_is_a_one_line_error(tmp_path: Path) -> None:
