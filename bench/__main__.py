@@ -23,7 +23,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from bench import bonnie, fio, ring
+from bench import bonnie, fio, rbd, ring
 from bench.images import MiB
 from bench.proc import BenchError, cleanup_on_signals
 from bench.report import machine, machine_markdown, run_dir
@@ -139,13 +139,48 @@ def fio_cmd(
     out: OutOpt = None,
     workdir: WorkOpt = None,
 ) -> None:
-    """tapnbd against qemu-nbd, nbdkit and nbd-server: fio over NBD, one table, one run."""
+    """tapnbd against qemu-nbd, nbdkit and nbd-server: fio over NBD, one table, one run.
+
+    ``--only rbd`` runs the Ceph RBD rows instead (tapnbd, qemu-nbd, fio's rbd engine).
+    """
+    if only == ["rbd"]:
+        _rbd_rows(_out(out), workdir, quick, jobs, runtime, size, repeat)
+        return
     with cleanup_on_signals(), _workdir(workdir) as work:
         try:
             r = _fio(_out(out), work, quick, only, jobs, runtime, size, repeat, qemu_shared)
         except BenchError as e:
             err.print(f"[red]bench: {e}")
             raise typer.Exit(2) from None
+    _failed(sum(1 for c in r.cells if c.error))
+
+
+def _rbd_rows(
+    out: Path,
+    workdir: Path | None,
+    quick: bool,
+    jobs: list[str] | None,
+    runtime: float | None,
+    size: int | None,
+    repeat: int,
+) -> None:
+    cfg = rbd.RbdConfig(size=256 * MiB, runtime=1.0) if quick else rbd.RbdConfig()
+    cfg.jobs = fio.select(fio.JOBS, jobs)
+    if runtime is not None:
+        cfg.runtime = runtime
+    if size is not None:
+        cfg.size = size * MiB
+    cfg.repeat = repeat
+    command = " ".join(["python -m bench", *sys.argv[1:]])
+    with cleanup_on_signals(), _workdir(workdir) as work:
+        try:
+            r = rbd.run_rbd(cfg, work, err)
+        except BenchError as e:
+            err.print(f"[red]bench: {e}")
+            raise typer.Exit(2) from None
+    console.print(rbd.table(r).rich())
+    for path in rbd.write_outputs(r, out, command, machine_markdown(machine())):
+        console.print(f"wrote {path}")
     _failed(sum(1 for c in r.cells if c.error))
 
 
