@@ -13,6 +13,7 @@ with ``call_soon_threadsafe``, so no thread is spent per request.
 from __future__ import annotations
 
 import asyncio
+import collections
 import ctypes
 import ctypes.util
 import errno
@@ -150,11 +151,24 @@ def check(ret: int, what: str) -> int:
 # Completions in flight: key -> (loop, future, objects kept alive until completion).
 _pending: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future[int], object]] = {}
 _keys = itertools.count(1)
+# Results handed over by librbd's thread, and the loops that have a drain scheduled:
+# a burst of completions costs the loop one wake-up, not one each.
+_done: collections.deque[tuple[asyncio.Future[int], int]] = collections.deque()
+_draining: set[asyncio.AbstractEventLoop] = set()
 
 
-def _deliver(fut: asyncio.Future[int], ret: int) -> None:
-    if not fut.done():
-        fut.set_result(ret)
+def _drain(loop: asyncio.AbstractEventLoop) -> None:
+    # Clear the flag before taking results, so a completion that arrives meanwhile
+    # either is taken here or schedules a drain of its own (never lost).
+    _draining.discard(loop)
+    keep: list[tuple[asyncio.Future[int], int]] = []
+    while _done:
+        fut, ret = _done.popleft()
+        if fut.get_loop() is not loop:
+            keep.append((fut, ret))  # another loop's (tests run several): put back
+        elif not fut.done():
+            fut.set_result(ret)
+    _done.extend(keep)
 
 
 @_CALLBACK  # type: ignore[untyped-decorator]
@@ -164,12 +178,16 @@ def _on_complete(completion: int, arg: int) -> None:
     ret = int(rbd.rbd_aio_get_return_value(completion))
     rbd.rbd_aio_release(completion)
     entry = _pending.pop(arg, None)
-    if entry is not None:
-        loop, fut, _keep = entry
+    if entry is None:
+        return
+    loop, fut, _keep = entry
+    _done.append((fut, ret))
+    if loop not in _draining:
+        _draining.add(loop)
         try:
-            loop.call_soon_threadsafe(_deliver, fut, ret)
+            loop.call_soon_threadsafe(_drain, loop)
         except RuntimeError:  # the loop closed while librbd worked
-            pass
+            _draining.discard(loop)
 
 
 async def aio(submit: Callable[[c_void_p], int], what: str, keep: object = None) -> int:
