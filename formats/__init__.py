@@ -67,6 +67,14 @@ async def open_image(spec: str, *, fmt: str = "auto", read_only: bool = False) -
         from formats.ram import RamDriver
 
         return RamDriver(parse_size(spec[4:]))
+    from formats.nbd import is_nbd
+
+    if is_nbd(spec):
+        if fmt not in ("auto", "nbd", "raw"):
+            raise ImageError(f"{spec}: an NBD export is served as it is, not as {fmt!r}")
+        from formats.nbd import open_nbd
+
+        return await open_nbd(spec, read_only)
     if spec.startswith("rbd:"):
         if fmt not in ("auto", "rbd"):
             raise ImageError(f"{spec}: an rbd: name is always format rbd, not {fmt!r}")

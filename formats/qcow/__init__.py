@@ -48,7 +48,7 @@ def resolve_backing(image_path: str, name: str) -> str:
     Joined to the image path as given, not made absolute: QEMU's path_combine does the
     same, so ``full-backing-filename`` in ``tapnbd info`` matches ``qemu-img info``.
     """
-    if os.path.isabs(name) or name.startswith("rbd:"):
+    if os.path.isabs(name) or name.startswith("rbd:") or "://" in name:
         return name
     return os.path.join(os.path.dirname(image_path), name)
 

@@ -27,7 +27,7 @@ _ZEROES = bytes(ZERO_BLOCK)
 #: Block status is asked for this much at a time.
 STATUS_WINDOW = 1 << 30
 
-OUTPUT_FORMATS = ("raw", "qcow", "rbd")
+OUTPUT_FORMATS = ("raw", "qcow", "rbd", "nbd")
 
 
 @dataclass
@@ -57,8 +57,12 @@ async def convert_image(
     """
     from formats import open_image
 
+    from formats.nbd import is_nbd
+
     if dst.startswith("rbd:"):
         out_fmt = "rbd"  # the name says where it goes
+    elif is_nbd(dst):
+        out_fmt = "nbd"  # an existing export: written over, as qemu-img convert -n
     if out_fmt not in OUTPUT_FORMATS:
         raise ImageError(f"unknown output format {out_fmt!r}: use raw or qcow")
     driver = await open_image(src, fmt=src_fmt, read_only=True)
@@ -73,7 +77,9 @@ async def convert_image(
         size = source.size
         if start is not None:
             start(size)
-        if out_fmt == "rbd":
+        if out_fmt == "nbd":
+            pass  # nothing to create; its size is checked once it is open
+        elif out_fmt == "rbd":
             from formats.rbd.driver import create_blocking
 
             await asyncio.to_thread(create_blocking, dst, size)
@@ -83,7 +89,10 @@ async def convert_image(
             await create_qcow(dst, size, optimise=optimise, cluster_size=cluster_size)
         target = Backend(await open_image(dst, fmt=out_fmt))
         try:
-            stats = await _copy(source, target, size, progress)
+            if target.size < size:
+                raise ImageError(f"{dst}: {target.size} bytes, too small for {size} bytes")
+            # An existing export may hold data: its zero runs must be written too.
+            stats = await _copy(source, target, size, progress, zero_target=out_fmt == "nbd")
             await target.flush()
         finally:
             await target.close()
@@ -105,7 +114,12 @@ def _chain_paths(driver: Driver) -> list[str]:
 
 
 async def _copy(
-    source: Backend, target: Backend, size: int, progress: Callable[[int], None] | None
+    source: Backend,
+    target: Backend,
+    size: int,
+    progress: Callable[[int], None] | None,
+    *,
+    zero_target: bool = False,
 ) -> ConvertStats:
     stats = ConvertStats(size=size)
     slots = asyncio.Semaphore(DEPTH)
@@ -133,6 +147,8 @@ async def _copy(
                     await target.pwrite(pos + run_start, data[run_start:o])
                     written += o - run_start
                     run_start = -1
+                if zero and zero_target and block:
+                    await target.zero(pos + o, len(block))
                 if o >= n:
                     break
             done(n, written)
@@ -148,6 +164,8 @@ async def _copy(
             if failure:
                 break
             if ext.flags & ExtentFlags.ZERO:
+                if zero_target:
+                    await target.zero(ext.offset, ext.length)
                 done(ext.length, 0)
                 continue
             p, end = ext.offset, ext.offset + ext.length

@@ -63,6 +63,10 @@ def export_name(image: str) -> str:
     """An export is named after its file (``ram:1G`` is named ``ram``)."""
     if image.startswith("ram:"):
         return "ram"
+    if "://" in image:  # an NBD URI: named after the upstream export
+        from formats.nbd import NbdUri
+
+        return NbdUri.parse(image).export or "nbd"
     return os.path.basename(os.path.normpath(image))
 
 

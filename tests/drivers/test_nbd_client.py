@@ -1,0 +1,246 @@
+"""The nbd driver: tapnbd as a client of nbdkit, qemu-nbd and another tapnbd (a proxy)."""
+
+from __future__ import annotations
+
+import json
+import random
+import socket
+import subprocess
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import (
+    Server,
+    fio_verify,
+    need,
+    qemu_io,
+    run,
+    start_server,
+    stop_process,
+    tapnbd_cmd,
+)
+from tests.server.test_tls import pki, tls_args  # noqa: F401  (pki is a fixture)
+
+MiB = 1 << 20
+
+
+def unix_uri(sock: Path, export: str = "") -> str:
+    return f"nbd+unix:///{export}?socket={sock}"
+
+
+def wait_for_socket(sock: Path, proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
+    """Until the upstream accepts connections (nbdkit and qemu-nbd print nothing)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"upstream exited {proc.returncode}")
+        try:
+            with socket.socket(socket.AF_UNIX) as s:
+                s.connect(str(sock))
+                return
+        except OSError:
+            time.sleep(0.05)  # the upstream gives no readiness signal we can wait on
+    raise AssertionError("upstream not listening")
+
+
+@pytest.fixture
+def nbdkit_memory(tmp_path: Path) -> Iterator[Path]:
+    need("nbdkit")
+    sock = tmp_path / "nbdkit.sock"
+    proc = subprocess.Popen(["nbdkit", "-f", "-U", str(sock), "memory", "64M"])
+    wait_for_socket(sock, proc)
+    yield sock
+    proc.terminate()
+    proc.wait(10)
+
+
+def map_of(uri: str) -> list[tuple[int, int, int]]:
+    return [
+        (e["offset"], e["length"], e["type"])
+        for e in json.loads(run(["nbdinfo", "--map", "--json", uri]).stdout)
+    ]
+
+
+def test_proxy_to_nbdkit(nbdkit_memory: Path, tmp_path: Path) -> None:
+    upstream = unix_uri(nbdkit_memory)
+    proxy = start_server(
+        [upstream, "--name", "up", "--socket", str(tmp_path / "p.sock")], tmp_path / "p.log"
+    )
+    try:
+        qemu_io(proxy.uri, "write -P 0x33 1M 2M", "write -z 8M 1M", "flush")
+        qemu_io(proxy.uri, "read -P 0x33 1M 2M", "read -P 0 8M 1M")
+        # The writes are upstream, and block status passes through unchanged.
+        qemu_io(upstream, "read -P 0x33 1M 2M")
+        assert map_of(proxy.uri) == map_of(upstream)
+        assert (1 << 20, 2 << 20, 0) in map_of(proxy.uri)
+        qemu_io(proxy.uri, "discard 1M 2M")
+        assert map_of(proxy.uri) == map_of(upstream)
+    finally:
+        proxy.stop()
+
+
+def test_proxy_to_qemu_nbd_qcow2_with_fio_verify(tmp_path: Path) -> None:
+    need("qemu-nbd", "qemu-img")
+    image = tmp_path / "disk.qcow2"
+    run(["qemu-img", "create", "-f", "qcow2", str(image), "64M"])
+    sock = tmp_path / "q.sock"
+    qemu = subprocess.Popen(["qemu-nbd", "-f", "qcow2", "-k", str(sock), "-x", "q", str(image)])
+    try:
+        wait_for_socket(sock, qemu)
+        proxy = start_server(
+            [unix_uri(sock, "q"), "--socket", str(tmp_path / "p.sock")], tmp_path / "p.log"
+        )
+        try:
+            job = fio_verify(proxy.uri, "--rw=randwrite", "--bs=4k", "--iodepth=8", "--size=8m")
+            assert job["error"] == 0
+        finally:
+            proxy.stop()
+    finally:
+        qemu.terminate()
+        qemu.wait(10)
+    run(["qemu-img", "check", str(image)])
+
+
+def test_chain_of_two_tapnbd_servers_uses_multi_conn(tmp_path: Path) -> None:
+    raw = tmp_path / "base.img"
+    raw.write_bytes(bytes(32 * MiB))
+    first = start_server([str(raw), "--socket", str(tmp_path / "a.sock")], tmp_path / "a.log")
+    second = start_server(
+        [first.uri, "--name", "b", "--socket", str(tmp_path / "b.sock")], tmp_path / "b.log"
+    )
+    seed = random.randrange(1 << 30)
+    print(f"seed={seed}")
+    rng = random.Random(seed)
+    try:
+        writes = [(rng.randrange(1, 255), rng.randrange(0, 31) * MiB) for _ in range(8)]
+        qemu_io(second.uri, *(f"write -P {p} {o} 64k" for p, o in writes), "flush")
+        info = json.loads(run(["nbdinfo", "--json", second.uri]).stdout)["exports"][0]
+        assert info["can_multi_conn"] is True
+        # The upstream allows multi-conn, so the client side opened several connections.
+        facts = json.loads(run(tapnbd_cmd("info", "--json", first.uri)).stdout)
+        assert facts["connections"] == 4
+    finally:
+        second.stop()
+        first.stop()
+    data = raw.read_bytes()
+    expected: dict[int, int] = {}
+    for p, o in writes:
+        expected[o] = p
+    for o, p in expected.items():
+        assert data[o : o + 65536] == bytes([p]) * 65536
+
+
+def test_convert_from_and_to_an_export(nbdkit_memory: Path, tmp_path: Path) -> None:
+    upstream = unix_uri(nbdkit_memory)
+    qemu_io(upstream, "write -P 0x44 0 1M", "write -P 0x55 40M 64k")
+    out = tmp_path / "copy.qcow"
+    run(tapnbd_cmd("convert", "-q", upstream, str(out)))
+    run(["qemu-img", "compare", "-f", "qcow", "-F", "raw", str(out), upstream])
+    # Into an export that already holds data: its zero runs are written too.
+    src = tmp_path / "src.img"
+    src.write_bytes(b"\x66" * MiB + bytes(63 * MiB))
+    run(tapnbd_cmd("convert", "-q", "-f", "raw", str(src), upstream))
+    run(["qemu-img", "compare", "-f", "raw", "-F", "raw", str(src), upstream])
+
+
+def test_info_and_qcow_backing_over_nbd(nbdkit_memory: Path, tmp_path: Path) -> None:
+    upstream = unix_uri(nbdkit_memory)
+    qemu_io(upstream, "write -P 0x77 0 2M")
+    info = json.loads(run(tapnbd_cmd("info", "--json", upstream)).stdout)
+    assert info["format"] == "nbd" and info["virtual-size"] == 64 * MiB
+    overlay = tmp_path / "o.qcow"
+    run(tapnbd_cmd("create", str(overlay), "-b", upstream))
+    server = start_server([str(overlay), "--socket", str(tmp_path / "o.sock")], tmp_path / "o.log")
+    try:
+        qemu_io(server.uri, "read -P 0x77 0 2M", "write -P 0x78 0 4k", "flush")
+    finally:
+        server.stop()
+    qemu_io(upstream, "read -P 0x77 0 2M")  # the backing export is untouched
+
+
+def test_tls_upstream(pki: Path, tmp_path: Path) -> None:  # noqa: F811
+    raw = tmp_path / "t.img"
+    raw.write_bytes(bytes(4 * MiB))
+    upstream = start_server(
+        [str(raw), "--bind", "127.0.0.1", "--port", "0", *tls_args(pki, "require")],
+        tmp_path / "u.log",
+    )
+    try:
+        port = upstream.uri.split(":")[2].split("/")[0]
+        uri = f"nbds://localhost:{port}/t.img?tls-certificates={pki}"
+        qemu_io_via = start_server(
+            [uri, "--name", "p", "--socket", str(tmp_path / "p.sock")], tmp_path / "p.log"
+        )
+        try:
+            qemu_io(qemu_io_via.uri, "write -P 9 0 64k", "flush", "read -P 9 0 64k")
+        finally:
+            qemu_io_via.stop()
+        # Without the CA the upstream's certificate is not trusted: a one-line error.
+        bad = run(tapnbd_cmd("info", f"nbds://localhost:{port}/t.img"), check=False)
+        assert bad.returncode == 1 and "certificate" in bad.stderr.lower(), bad.stderr
+    finally:
+        upstream.stop()
+    assert raw.read_bytes()[:65536] == b"\x09" * 65536
+
+
+def test_hostile_upstream_gives_eio_not_a_crash(tmp_path: Path) -> None:
+    """An upstream that answers a READ with garbage: the proxy's client gets EIO, and the
+    proxy stays up."""
+    sock = tmp_path / "evil.sock"
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(sock))
+    listener.listen(4)
+
+    def evil() -> None:
+        import struct
+
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            with conn:
+                conn.sendall(struct.pack(">QQH", 0x4E42444D41474943, 0x49484156454F5054, 3))
+                conn.recv(4)  # client flags
+                buf = b""
+                while True:  # answer every option: ACK, then INFO(EXPORT) + ACK for GO
+                    while len(buf) < 16:
+                        chunk = conn.recv(65536)
+                        if not chunk:
+                            break
+                        buf += chunk
+                    if len(buf) < 16:
+                        break
+                    _, opt, n = struct.unpack(">QII", buf[:16])
+                    buf = buf[16 + n :]
+                    if opt == 7:  # GO
+                        info = struct.pack(">HQH", 0, 1 << 20, 1 | 4)
+                        conn.sendall(
+                            struct.pack(">QIII", 0x3E889045565A9, opt, 3, len(info)) + info
+                        )
+                        conn.sendall(struct.pack(">QIII", 0x3E889045565A9, opt, 1, 0))
+                        break
+                    conn.sendall(struct.pack(">QIII", 0x3E889045565A9, opt, (1 << 31) + 1, 0))
+                conn.recv(28)  # a request
+                conn.sendall(b"\xde\xad\xbe\xef" * 8)  # not a reply
+
+    t = threading.Thread(target=evil, daemon=True)
+    t.start()
+    proxy: Server | None = None
+    try:
+        proxy = start_server(
+            [unix_uri(sock), "--name", "e", "--socket", str(tmp_path / "p.sock")],
+            tmp_path / "p.log",
+        )
+        failed = run(["qemu-io", "-f", "raw", "-c", "read 0 4k", proxy.uri], check=False)
+        assert "Input/output error" in failed.stdout + failed.stderr, failed
+        assert proxy.proc.poll() is None
+    finally:
+        if proxy is not None:
+            assert stop_process(proxy.proc, 15, 30) == 0
+        listener.close()
