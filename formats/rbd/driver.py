@@ -126,6 +126,7 @@ class RbdDriver(Driver):
         # Block status cache: (start, end, extents) of the last diff walk.
         self._extents_cache: tuple[int, int, list[Extent]] | None = None
         self._closed = False
+        self._aio = librbd.Completions(image)
 
     @classmethod
     async def open(
@@ -150,7 +151,7 @@ class RbdDriver(Driver):
     async def pread(self, offset: int, length: int) -> bytearray:
         buf = bytearray(length)
         cbuf = (ctypes.c_char * length).from_buffer(buf)
-        n = await librbd.aio(
+        n = await self._aio.call(
             lambda c: self._rbd.rbd_aio_read(self._image, offset, length, cbuf, c),
             "rbd read",
             keep=(buf, cbuf),
@@ -165,7 +166,7 @@ class RbdDriver(Driver):
         src: object = view if not view.readonly else bytearray(view)
         cbuf = (ctypes.c_char * len(view)).from_buffer(src)  # type: ignore[arg-type]
         self._invalidate(offset, len(view))
-        await librbd.aio(
+        await self._aio.call(
             lambda c: self._rbd.rbd_aio_write(self._image, offset, len(view), cbuf, c),
             "rbd write",
             keep=(src, cbuf),
@@ -174,14 +175,14 @@ class RbdDriver(Driver):
             await self.flush()
 
     async def flush(self) -> None:
-        await librbd.aio(lambda c: self._rbd.rbd_aio_flush(self._image, c), "rbd flush")
+        await self._aio.call(lambda c: self._rbd.rbd_aio_flush(self._image, c), "rbd flush")
 
     def can_fua(self) -> FuaMode:
         return FuaMode.NATIVE
 
     async def trim(self, offset: int, length: int, fua: bool = False) -> None:
         self._invalidate(offset, length)
-        await librbd.aio(
+        await self._aio.call(
             lambda c: self._rbd.rbd_aio_discard(self._image, offset, length, c), "rbd discard"
         )
         if fua:
@@ -192,7 +193,7 @@ class RbdDriver(Driver):
     ) -> None:
         # write_zeroes deallocates whole objects and zeroes partial ones: always cheap.
         self._invalidate(offset, length)
-        await librbd.aio(
+        await self._aio.call(
             lambda c: self._rbd.rbd_aio_write_zeroes(self._image, offset, length, c, 0, 0),
             "rbd write_zeroes",
         )
@@ -354,7 +355,8 @@ class RbdDriver(Driver):
         if self._closed:
             return
         self._closed = True
-        await asyncio.to_thread(self._close_blocking)
+        await asyncio.to_thread(self._close_blocking)  # rbd_close waits for in-flight I/O
+        self._aio.close()
 
     def _close_blocking(self) -> None:
         self._rbd.rbd_close(self._image)

@@ -5,15 +5,13 @@ only and is not on PyPI, so a project venv on another interpreter cannot import 
 its ``Image(exclusive=True)`` segfaults. The C ABI of librbd is stable (``rbd/librbd.h``),
 and ctypes needs nothing but the shared libraries.
 
-Asynchronous calls complete on a librbd thread. Each completion carries an integer key;
-the one C callback below looks the key up and hands the result to the waiting event loop
-with ``call_soon_threadsafe``, so no thread is spent per request.
+Asynchronous calls complete through an eventfd that the event loop watches (see
+``Completions``), so no thread is spent per request and no Python runs on librbd's.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import ctypes
 import ctypes.util
 import errno
@@ -33,8 +31,8 @@ RBD_LOCK_MODE_EXCLUSIVE = 0
 #: rbd_aio_write_zeroes: zero_flags and op_flags (none).
 _NO_FLAGS = 0
 
-#: void (*rbd_callback_t)(rbd_completion_t cb, void *arg)
-_CALLBACK = ctypes.CFUNCTYPE(None, c_void_p, c_void_p)
+#: rbd_set_image_notification: librbd writes to an eventfd when a completion is ready.
+EVENT_TYPE_EVENTFD = 2
 #: int (*cb)(uint64_t offset, size_t length, int exists, void *arg) for diff_iterate2.
 DIFF_CALLBACK = ctypes.CFUNCTYPE(c_int, c_uint64, c_size_t, c_int, c_void_p)
 
@@ -123,8 +121,12 @@ def _declare(rados: ctypes.CDLL, rbd: ctypes.CDLL) -> None:
                 c_void_p,
             ],
         ),
-        (rbd, "rbd_aio_create_completion"): (c_int, [c_void_p, _CALLBACK, P(c_void_p)]),
+        # The callback is always NULL (see Completions), so it is typed as a plain pointer.
+        (rbd, "rbd_aio_create_completion"): (c_int, [c_void_p, c_void_p, P(c_void_p)]),
         (rbd, "rbd_aio_get_return_value"): (ctypes.c_ssize_t, [c_void_p]),
+        (rbd, "rbd_aio_get_arg"): (c_void_p, [c_void_p]),
+        (rbd, "rbd_set_image_notification"): (c_int, [c_void_p, c_int, c_int]),
+        (rbd, "rbd_poll_io_events"): (c_int, [c_void_p, P(c_void_p), c_int]),
         (rbd, "rbd_aio_release"): (None, [c_void_p]),
         (rbd, "rbd_aio_read"): (c_int, [c_void_p, c_uint64, c_size_t, c_void_p, c_void_p]),
         (rbd, "rbd_aio_write"): (c_int, [c_void_p, c_uint64, c_size_t, c_void_p, c_void_p]),
@@ -148,62 +150,74 @@ def check(ret: int, what: str) -> int:
     return ret
 
 
-# Completions in flight: key -> (loop, future, objects kept alive until completion).
-_pending: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future[int], object]] = {}
-_keys = itertools.count(1)
-# Results handed over by librbd's thread, and the loops that have a drain scheduled:
-# a burst of completions costs the loop one wake-up, not one each.
-_done: collections.deque[tuple[asyncio.Future[int], int]] = collections.deque()
-_draining: set[asyncio.AbstractEventLoop] = set()
+class Completions:
+    """Asynchronous calls on one image, completed on the event loop's own thread.
 
+    librbd signals completions on an eventfd (``rbd_set_image_notification``) that the
+    loop watches; the loop then collects them with ``rbd_poll_io_events``. Python never
+    runs on librbd's threads, so a completion does not wait for the GIL (up to the 5 ms
+    switch interval while the loop is busy), and no thread wakes the loop per request.
+    """
 
-def _drain(loop: asyncio.AbstractEventLoop) -> None:
-    # Clear the flag before taking results, so a completion that arrives meanwhile
-    # either is taken here or schedules a drain of its own (never lost).
-    _draining.discard(loop)
-    keep: list[tuple[asyncio.Future[int], int]] = []
-    while _done:
-        fut, ret = _done.popleft()
-        if fut.get_loop() is not loop:
-            keep.append((fut, ret))  # another loop's (tests run several): put back
-        elif not fut.done():
-            fut.set_result(ret)
-    _done.extend(keep)
+    BATCH = 64
 
+    def __init__(self, image: c_void_p) -> None:
+        _, self._rbd = libs()
+        self._image = image
+        self._loop = asyncio.get_running_loop()
+        self._efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        ret = self._rbd.rbd_set_image_notification(image, self._efd, EVENT_TYPE_EVENTFD)
+        if ret < 0:
+            os.close(self._efd)
+            check(ret, "rbd_set_image_notification")
+        # key -> (future, objects kept alive until librbd is done with them)
+        self._pending: dict[int, tuple[asyncio.Future[int], object]] = {}
+        self._keys = itertools.count(1)
+        self._comps = (c_void_p * self.BATCH)()
+        self._loop.add_reader(self._efd, self._collect)
 
-@_CALLBACK  # type: ignore[untyped-decorator]
-def _on_complete(completion: int, arg: int) -> None:
-    # On a librbd thread: read the result, free the completion, wake the loop.
-    _, rbd = libs()
-    ret = int(rbd.rbd_aio_get_return_value(completion))
-    rbd.rbd_aio_release(completion)
-    entry = _pending.pop(arg, None)
-    if entry is None:
-        return
-    loop, fut, _keep = entry
-    _done.append((fut, ret))
-    if loop not in _draining:
-        _draining.add(loop)
+    async def call(self, submit: Callable[[c_void_p], int], what: str, keep: object = None) -> int:
+        """Run one rbd_aio_* call: ``submit(completion)`` starts it; return its result."""
+        fut: asyncio.Future[int] = self._loop.create_future()
+        key = next(self._keys)
+        completion = c_void_p()
+        # No callback: the completion is reported on the eventfd instead.
+        check(
+            self._rbd.rbd_aio_create_completion(c_void_p(key), None, ctypes.byref(completion)), what
+        )
+        self._pending[key] = (fut, keep)
+        ret = submit(completion)
+        if ret < 0:
+            self._pending.pop(key, None)
+            self._rbd.rbd_aio_release(completion)
+            check(ret, what)
+        return check(await fut, what)
+
+    def _collect(self) -> None:
+        # Reset the counter first: a completion that lands after the poll below
+        # signals the eventfd again, so none is left behind.
         try:
-            loop.call_soon_threadsafe(_drain, loop)
-        except RuntimeError:  # the loop closed while librbd worked
-            _draining.discard(loop)
+            os.eventfd_read(self._efd)
+        except BlockingIOError:
+            pass
+        rbd, comps = self._rbd, self._comps
+        while True:
+            n = rbd.rbd_poll_io_events(self._image, comps, self.BATCH)
+            for i in range(max(n, 0)):
+                c = comps[i]
+                key = rbd.rbd_aio_get_arg(c) or 0
+                ret = int(rbd.rbd_aio_get_return_value(c))
+                rbd.rbd_aio_release(c)
+                entry = self._pending.pop(key, None)
+                if entry is not None and not entry[0].done():
+                    entry[0].set_result(ret)
+            if n < self.BATCH:
+                return
 
+    @property
+    def in_flight(self) -> int:
+        return len(self._pending)
 
-async def aio(submit: Callable[[c_void_p], int], what: str, keep: object = None) -> int:
-    """Run one rbd_aio_* call: ``submit(completion)`` starts it; return its result."""
-    _, rbd = libs()
-    loop = asyncio.get_running_loop()
-    fut: asyncio.Future[int] = loop.create_future()
-    key = next(_keys)
-    completion = c_void_p()
-    check(
-        rbd.rbd_aio_create_completion(c_void_p(key), _on_complete, ctypes.byref(completion)), what
-    )
-    _pending[key] = (loop, fut, keep)
-    ret = submit(completion)
-    if ret < 0:
-        _pending.pop(key, None)
-        rbd.rbd_aio_release(completion)
-        check(ret, what)
-    return check(await fut, what)
+    def close(self) -> None:
+        self._loop.remove_reader(self._efd)
+        os.close(self._efd)
