@@ -1,7 +1,7 @@
 """rbd: a Ceph RBD image, through librbd's asynchronous calls (qemu's block/rbd.c shape).
 
-Every data call is an ``rbd_aio_*`` whose completion wakes the event loop (see
-``librbd.aio``); only opening, closing and block status, which librbd offers only as
+Every data call is an ``rbd_aio_*`` whose completion reaches the event loop through an
+eventfd (see ``librbd.Completions``); only opening, closing and block status, which librbd offers only as
 blocking calls, run on a worker thread. FUA is a write followed by a flush (librbd has
 no per-write FUA). Block status comes from ``rbd_diff_iterate2``, asked for at most
 ``EXTENTS_WINDOW`` bytes per call and cached until a write touches the range: an
