@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from formats.qcow.geometry import compressed_location, round_up
 from formats.qcow.l1 import be_array, data_ranges
 from formats.qcow.layout import QCOW_OFLAG_COMPRESSED
-from formats.qcow.meta import MAX_LISTED, Problems, read_meta
+from formats.qcow.meta import CKSUM_MAX_BYTES, MAX_LISTED, Problems, read_meta
 from formats.raw import RawDriver
 from tapnbd.errors import ImageError, UnsupportedImageError
 
@@ -90,7 +90,8 @@ class CheckResult:
     compressed_clusters: int = 0
     cluster_size: int = 0
     image_end_offset: int = 0
-    #: "ok", "mismatch", or None when the image has no honoured extension.
+    #: "ok", "mismatch", "unchecked" (an L1 table over CKSUM_MAX_BYTES), or None when
+    #: the image has no honoured extension.
     cksum: str | None = None
     #: The checksum guards the fast path of an allocation-optimised image.
     cksum_matters: bool = False
@@ -174,7 +175,7 @@ async def _check(child: RawDriver, res: CheckResult) -> None:
             res.check_errors.append(f"backing file {meta.backing_name[:256]!r} does not exist")
     res.image_end_offset = fsize
     if meta.ext_applies:
-        res.cksum = "ok" if meta.cksum_ok else "mismatch"
+        res.cksum = {True: "ok", False: "mismatch", None: "unchecked"}[meta.cksum_ok]
         res.cksum_matters = meta.optimised and not meta.header.backing_file_offset
         if meta.cksum_ok is False:
             res.notes.append(
@@ -185,6 +186,11 @@ async def _check(child: RawDriver, res: CheckResult) -> None:
                     else "(harmless: the image is not allocation-optimised)"
                 )
             )
+    if meta.ext_applies and meta.cksum_ok is None:
+        res.notes.append(
+            f"the L1 table is over {CKSUM_MAX_BYTES >> 20} MiB: its checksum is not checked "
+            "(an open verifies every extent before it uses the fast path)"
+        )
     if meta.l1_native:
         res.notes.append(
             "old tapdisk image: the L1 table is little-endian; a read-write open converts it"

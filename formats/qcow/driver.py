@@ -51,7 +51,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 from formats.qcow.geometry import compressed_location, round_up
 from formats.qcow.l1 import be_array, to_be_bytes
 from formats.qcow.layout import CKSUM_OFFSET, EXT_OFFSET, QCOW_OFLAG_COMPRESSED, XenFlags
-from formats.qcow.meta import QcowMeta
+from formats.qcow.meta import CKSUM_MAX_BYTES, QcowMeta
 from tapnbd.driver import BlockSize, Driver, Extent, ExtentFlags, FuaMode
 
 if TYPE_CHECKING:
@@ -171,9 +171,9 @@ class QcowDriver(Driver):
             self._fast = True
         elif await self._verify_extents():
             log.info(
-                "%s: L1 checksum mismatch (not closed cleanly?); every extent checked, "
-                "fast path on",
+                "%s: L1 checksum %s; every extent checked, fast path on",
                 self.path,
+                "mismatch (not closed cleanly?)" if m.cksum_ok is False else "not checked",
             )
             self._fast = True
         else:
@@ -182,6 +182,8 @@ class QcowDriver(Driver):
                 "extents overlap or run past the end of the file"
                 if m.cksum_ok
                 else "L1 checksum mismatch"
+                if m.cksum_ok is False
+                else "L1 table too large to checksum"
             )
             log.warning("%s: %s; using the safe path", self.path, why)
 
@@ -866,7 +868,9 @@ class QcowDriver(Driver):
                 if self._writeback is not None:
                     await asyncio.gather(self._writeback, return_exceptions=True)
                 await self.flush()
-                if self._fast:
+                if self._fast and self.meta.l1_end - self.meta.header.l1_table_offset <= (
+                    CKSUM_MAX_BYTES
+                ):
                     await self._write_cksum()
         finally:
             await self.child.close()
