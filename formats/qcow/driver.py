@@ -11,9 +11,10 @@ header may claim 2 GiB of table); L2 tables are loaded on demand into a small LR
 Allocation-optimised images (blktap's Xen extension, spec §2.4): the first write to an
 L1 slot allocates a whole *extent*, the L2 table followed directly by all its data
 clusters, and fills the table with their real offsets. Afterwards the *fast path*
-computes any data offset from the L1 entry alone (``fast_data_offset``) and never reads
-L2. The fast path is trusted only when the extension's MD5 of the L1 table matches, or,
-after a crash left it stale, when every L2 table has been read and found to hold exactly
+computes any data offset from the L1 entry alone (the L1 entry + ``l2_size * 8`` + the
+offset within the slot) and never reads L2. The fast path is trusted only when the
+extension's MD5 of the L1 table matches, or, after a crash left it stale (or the table
+is too large to checksum), when every L2 table has been read and found to hold exactly
 the extent layout. On a clean close the checksum is rewritten.
 
 Requests: reads and writes of allocated clusters go straight to the child with no lock
