@@ -20,6 +20,7 @@ from pathlib import Path
 
 from formats.qcow.geometry import MAX_L1_SIZE
 from formats.qcow.layout import QCOW_MAGIC, XEN_MAGIC
+from formats.qcow.meta import CKSUM_MAX_BYTES
 
 #: The largest L1 table a header may claim: 2**28 - 1 entries, 2 GiB of table.
 HUGE_L1 = MAX_L1_SIZE
@@ -58,8 +59,8 @@ def huge_l1(
     """An image whose header claims an ``l1_size``-entry L1 (2 GiB of table at most),
     all of it a hole in a sparse file: a few KiB on disk.
 
-    With ``ext``, blktap's extension too, optimised (min_cluster_alloc == l2_size) and
-    with the right checksum of the all-zero table, so an open has to check the checksum.
+    With ``ext``, blktap's extension too, optimised (min_cluster_alloc == l2_size), so
+    an open has the checksum to consider.
     """
     cluster_bits, l2_bits = 9, 6
     size = l1_size << (cluster_bits + l2_bits)
@@ -67,7 +68,8 @@ def huge_l1(
     l1_off = L1_OFF if not name else L1_OFF * 2
     head = header(size, l1_off=l1_off, backing=(L1_OFF, len(name)) if name else (0, 0))
     if ext and not name:
-        ck = _zero_cksum(l1_size * 8)
+        # The right checksum of the all-zero table, where an open would check it.
+        ck = _zero_cksum(l1_size * 8) if l1_size * 8 <= CKSUM_MAX_BYTES else 0
         head += struct.pack(">IIII", XEN_MAGIC, ck, 1 << l2_bits, 0x03)
     with open(path, "wb") as f:
         f.write(head)

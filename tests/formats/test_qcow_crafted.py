@@ -32,6 +32,8 @@ from formats.qcow.driver import QcowDriver
 from formats.qcow.geometry import MAX_L1_SIZE, Geometry
 from formats.qcow.l1 import PIECE_BYTES
 from formats.qcow.layout import QcowHeader
+from formats.qcow.meta import read_meta
+from formats.raw import RawDriver
 from tapnbd.errors import ImageError
 from tests.formats import crafted
 from tests.formats.qcow_util import MiB, make_qcow, need, open_qcow
@@ -271,3 +273,31 @@ def test_l1_fields_fuzzed(tmp_path: Path, image: _Crafted) -> None:
         entries = {}  # cannot write there; the header alone still claims it
     _write(path, head, l1_off, entries, file_len)
     asyncio.run(_open_crafted(path, naive_ok=small and l1_off + 8 * l1_size <= file_len))
+
+
+class _Counting(RawDriver):
+    """A read-only file child that counts the bytes read through it."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path, read_only=True)
+        self.bytes_read = 0
+
+    async def pread(self, offset: int, length: int) -> bytearray:
+        self.bytes_read += length
+        return await super().pread(offset, length)
+
+
+@pytest.mark.parametrize("ext", [False, True])
+async def test_open_reads_the_table_data_only(tmp_path: Path, ext: bool) -> None:
+    """A 64 MiB table in a hole (with the Xen checksum: hashed, not read) costs a read of
+    the header and nothing more; a 2 GiB one is no different."""
+    for entries in (8 << 20, crafted.HUGE_L1):
+        img = crafted.huge_l1(tmp_path / f"{entries}.qcow", entries, ext=ext)
+        child = _Counting(str(img))
+        try:
+            meta = await read_meta(child)
+        finally:
+            await child.close()
+        assert child.bytes_read <= 4096, (entries, child.bytes_read)
+        assert not meta.l1.pieces and meta.l1.count() == 0
+        assert meta.cksum_ok is (True if ext and entries == 8 << 20 else None)
