@@ -120,6 +120,15 @@ def bad_entries(path: Path, entries: int, value: int | None = None) -> Path:
     return path
 
 
+def overlapping(path: Path, entries: int) -> Path:
+    """An L1 of ``entries`` entries that all name the one L2 table the file has room for:
+    each looks valid on its own."""
+    end = L1_OFF + entries * 8
+    bad_entries(path, entries, value=end)
+    os.truncate(path, end + (8 << 6))
+    return path
+
+
 def sparse_16t(path: Path) -> Path:
     """A small valid image (16 TiB virtual, nothing allocated) in a 16 TiB sparse file
     (1 MiB short: ext4's limit), with 512-byte clusters: 2**35 of them in the file."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import signal
 import struct
 import subprocess
 import sys
@@ -56,14 +57,21 @@ _MEASURED = (
 def measured(*args: str) -> tuple[int, str, str, int]:
     """Run ``tapnbd ARGS`` under a fresh interpreter that reports its child's peak RSS:
     (exit code, stdout, stderr without the report, peak RSS in KiB)."""
-    proc = subprocess.run(
+    proc = subprocess.Popen(
         [sys.executable, "-c", _MEASURED, *tapnbd_cmd(*args)],
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=HANG_GUARD,
+        start_new_session=True,
     )
-    err, _, peak = proc.stderr.rstrip().rpartition("\npeak-rss-kib ")
-    return proc.returncode, proc.stdout, err, int(peak)
+    try:
+        out, err = proc.communicate(timeout=HANG_GUARD)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the wrapper and tapnbd under it
+        proc.communicate()
+        raise
+    err, _, peak = err.rstrip().rpartition("\npeak-rss-kib ")
+    return proc.returncode, out, err, int(peak)
 
 
 def vm_hwm_kib(pid: int) -> int:
@@ -140,6 +148,19 @@ def test_l1_full_of_bad_entries(tmp_path: Path) -> None:
     rc, out, err, peak = measured("serve", str(img), "--port", "0")
     assert rc == 1 and re.search(first, err) and "Traceback" not in err
     assert peak < RSS_LIMIT_KIB, f"serve peaked at {peak} KiB"
+
+
+def test_l1_of_entries_sharing_one_table(tmp_path: Path) -> None:
+    """4 Mi entries, each inside the file, all naming one L2 table: refused once more
+    are in use than the file has room for, before 4 Mi of them are held and sorted."""
+    img = crafted.overlapping(tmp_path / "o.qcow", 4 << 20)
+    rc, out, err, peak = measured("info", str(img))
+    assert rc == 1 and "Traceback" not in err, err
+    assert re.search(r"L1 table \(l1_size 4194304\): more than 1 entries are in use", err)
+    assert peak < RSS_LIMIT_KIB, f"info peaked at {peak} KiB"
+    rc, out, err, peak = measured("check", str(img))
+    assert rc == 2 and "more than 1 entries are in use" in out, out + err
+    assert peak < RSS_LIMIT_KIB, f"check peaked at {peak} KiB"
 
 
 def test_check_of_a_16_tib_sparse_file(tmp_path: Path) -> None:
