@@ -13,7 +13,7 @@ from contextvars import ContextVar
 from formats import Format
 from formats.qcow.driver import QcowDriver
 from formats.qcow.layout import QCOW_MAGIC, QCOW_VERSION
-from formats.qcow.meta import l1_problems, read_meta
+from formats.qcow.meta import read_meta
 from formats.raw import RawDriver
 from tapnbd.driver import Driver
 from tapnbd.errors import ImageError, InvalidImageError
@@ -69,10 +69,6 @@ async def open_qcow(path: str, read_only: bool) -> Driver:
     token = _chain.set((*chain, real))
     try:
         meta = await read_meta(child)
-        problems = l1_problems(meta)
-        if problems:
-            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-            raise InvalidImageError(problems[0] + more)
         if meta.backing_name:
             from formats import open_image
 

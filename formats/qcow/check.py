@@ -4,7 +4,11 @@ Every structure is mapped onto the file cluster by cluster: header and L1 table,
 tables, data clusters, compressed data (byte ranges, which may share clusters with each
 other but with nothing else). Reported: pointers past the end of the file or into the
 metadata, clusters used twice, unreferenced (leaked) clusters, and the Xen extension's
-checksum. Exit codes follow ``qemu-img check`` where they mean the same: 0 clean,
+checksum. Memory follows the metadata found, never the file's length or the header's
+claims (issue 11): findings are listed up to 20 and counted past that, the L1 table is
+read in pieces over the file's data, and the map of used clusters is made of pages
+created on first use. Leaks are counted only where the file holds data (SEEK_DATA), so
+a hole is never a leak: it takes no space. Exit codes follow ``qemu-img check`` where they mean the same: 0 clean,
 1 the check could not complete, 2 corruption, 3 leaked clusters only; and 4 when the
 only finding is a checksum mismatch (the image works, on the safe path, spec §2.2).
 """
@@ -16,13 +20,62 @@ import zlib
 from dataclasses import dataclass, field
 
 from formats.qcow.geometry import compressed_location, round_up
+from formats.qcow.l1 import be_array, data_ranges
 from formats.qcow.layout import QCOW_OFLAG_COMPRESSED
-from formats.qcow.meta import be_array, l1_problems, read_meta
+from formats.qcow.meta import CKSUM_MAX_BYTES, MAX_LISTED, Problems, read_meta
 from formats.raw import RawDriver
 from tapnbd.errors import ImageError, UnsupportedImageError
 
-#: Findings listed in full up to this many; the rest are counted.
-MAX_LISTED = 20
+__all__ = ["MAX_LISTED", "CheckResult", "ClusterUse", "check_qcow"]
+
+#: Clusters per page of the usage map (64 KiB of map).
+PAGE_BITS = 16
+PAGE = 1 << PAGE_BITS
+FREE, NORMAL, COMPRESSED = 0, 1, 2
+
+
+class ClusterUse:
+    """What each cluster of the file is used for: FREE, NORMAL or COMPRESSED data.
+
+    A page of the map is made when a cluster in it is first used, so a 16 TiB sparse
+    file with a few KiB of metadata costs a few pages, not a byte per cluster (4 GiB).
+    """
+
+    def __init__(self) -> None:
+        self.pages: dict[int, bytearray] = {}
+
+    def get(self, c: int) -> int:
+        page = self.pages.get(c >> PAGE_BITS)
+        return FREE if page is None else page[c & (PAGE - 1)]
+
+    def set(self, c: int, use: int) -> None:
+        page = self.pages.get(c >> PAGE_BITS)
+        if page is None:
+            page = self.pages[c >> PAGE_BITS] = bytearray(PAGE)
+        page[c & (PAGE - 1)] = use
+
+    def fill(self, lo: int, hi: int, use: int) -> None:
+        """Mark clusters [lo, hi)."""
+        while lo < hi:
+            k = lo >> PAGE_BITS
+            n = min(hi, (k + 1) << PAGE_BITS) - lo
+            page = self.pages.get(k)
+            if page is None:
+                page = self.pages[k] = bytearray(PAGE)
+            o = lo & (PAGE - 1)
+            page[o : o + n] = bytes([use]) * n
+            lo += n
+
+    def used(self, lo: int, hi: int) -> int:
+        """How many of clusters [lo, hi) are in use."""
+        n = 0
+        for k in range(lo >> PAGE_BITS, ((hi - 1) >> PAGE_BITS) + 1 if hi > lo else 0):
+            page = self.pages.get(k)
+            if page is not None:
+                a, b = max(lo, k << PAGE_BITS) - (k << PAGE_BITS), min(hi, (k + 1) << PAGE_BITS)
+                b -= k << PAGE_BITS
+                n += (b - a) - page.count(0, a, b)
+        return n
 
 
 @dataclass
@@ -30,14 +83,15 @@ class CheckResult:
     """What ``check_qcow`` found."""
 
     filename: str
-    corruptions: list[str] = field(default_factory=list)
-    corruption_count: int = 0
+    #: Corruptions: the first MAX_LISTED messages, and the count of all.
+    problems: Problems = field(default_factory=Problems)
     leaked_clusters: int = 0
     allocated_clusters: int = 0
     compressed_clusters: int = 0
     cluster_size: int = 0
     image_end_offset: int = 0
-    #: "ok", "mismatch", or None when the image has no honoured extension.
+    #: "ok", "mismatch", "unchecked" (an L1 table over CKSUM_MAX_BYTES), or None when
+    #: the image has no honoured extension.
     cksum: str | None = None
     #: The checksum guards the fast path of an allocation-optimised image.
     cksum_matters: bool = False
@@ -45,9 +99,15 @@ class CheckResult:
     check_errors: list[str] = field(default_factory=list)
 
     def corrupt(self, message: str) -> None:
-        self.corruption_count += 1
-        if len(self.corruptions) < MAX_LISTED:
-            self.corruptions.append(message)
+        self.problems.add(message)
+
+    @property
+    def corruptions(self) -> list[str]:
+        return self.problems.listed
+
+    @property
+    def corruption_count(self) -> int:
+        return self.problems.count
 
     @property
     def exit_code(self) -> int:
@@ -98,7 +158,7 @@ async def check_qcow(path: str) -> CheckResult:
 
 async def _check(child: RawDriver, res: CheckResult) -> None:
     try:
-        meta = await read_meta(child)
+        meta = await read_meta(child, res.problems)
     except UnsupportedImageError as err:  # qcow2, encryption: not corrupt, just not ours
         res.check_errors.append(str(err))
         return
@@ -115,7 +175,7 @@ async def _check(child: RawDriver, res: CheckResult) -> None:
             res.check_errors.append(f"backing file {meta.backing_name[:256]!r} does not exist")
     res.image_end_offset = fsize
     if meta.ext_applies:
-        res.cksum = "ok" if meta.cksum_ok else "mismatch"
+        res.cksum = {True: "ok", False: "mismatch", None: "unchecked"}[meta.cksum_ok]
         res.cksum_matters = meta.optimised and not meta.header.backing_file_offset
         if meta.cksum_ok is False:
             res.notes.append(
@@ -126,34 +186,30 @@ async def _check(child: RawDriver, res: CheckResult) -> None:
                     else "(harmless: the image is not allocation-optimised)"
                 )
             )
+    if meta.ext_applies and meta.cksum_ok is None:
+        res.notes.append(
+            f"the L1 table is over {CKSUM_MAX_BYTES >> 20} MiB: its checksum is not checked "
+            "(an open verifies every extent before it uses the fast path)"
+        )
     if meta.l1_native:
         res.notes.append(
             "old tapdisk image: the L1 table is little-endian; a read-write open converts it"
         )
-    for p in l1_problems(meta):
-        res.corrupt(p)
 
     end = round_up(fsize, cs)
-    nclusters = end // cs
-    # 1: normal use (metadata, tables, data clusters); 2: compressed data.
-    refs = bytearray(nclusters)
+    use = ClusterUse()
     # The header, extension, backing name and L1 table are one region.
-    for c in range(0, (meta.data_start - 1) // cs + 1):
-        refs[c] = 1
+    use.fill(0, (meta.data_start - 1) // cs + 1, NORMAL)
 
     def mark(start: int, length: int, what: str) -> None:
         for c in range(start // cs, (start + length - 1) // cs + 1):
-            if refs[c]:
+            if use.get(c):
                 res.corrupt(f"{what}: cluster at 0x{c * cs:x} is also used by something else")
-            refs[c] = 1
+            use.set(c, NORMAL)
 
-    bad_l1 = {
-        i for i, e in enumerate(meta.l1) if e and (e < meta.data_start or e + g.l2_bytes > fsize)
-    }
+    # Entries read_meta found bad are not in meta.l1: only tables inside the file.
     compressed: list[tuple[int, int, str]] = []
-    for i, l2off in enumerate(meta.l1):
-        if not l2off or i in bad_l1:
-            continue
+    for i, l2off in meta.l1.items():
         mark(l2off, g.l2_bytes, f"L2 table of L1 entry {i}")
         table = be_array(await child.pread(l2off, g.l2_bytes))
         for j, e in enumerate(table):
@@ -198,14 +254,17 @@ async def _check(child: RawDriver, res: CheckResult) -> None:
         if len(data) != cs:
             res.corrupt(f"{where}: compressed data at 0x{start:x} does not inflate to a cluster")
         for c in range(start // cs, (stop - 1) // cs + 1):
-            if refs[c] == 1:
+            if use.get(c) == NORMAL:
                 res.corrupt(f"{where}: compressed data overlaps a cluster in normal use")
-            refs[c] = 2
+            use.set(c, COMPRESSED)
 
-    # Leaks: unreferenced clusters past the page-rounded fixed metadata (qcow-create
-    # pads the L1 table to a page; that padding is not a leak).
+    # Leaks: unreferenced clusters that hold data, past the page-rounded fixed metadata
+    # (qcow-create pads the L1 table to a page; that padding is not a leak).
     first = round_up(round_up(meta.data_start, 4096), cs) // cs
-    res.leaked_clusters = refs.count(0, first) if first < nclusters else 0
+    async for start, n in data_ranges(child, 0, fsize):
+        lo, hi = max(first, start // cs), (start + n + cs - 1) // cs
+        if lo < hi:
+            res.leaked_clusters += (hi - lo) - use.used(lo, hi)
     if res.leaked_clusters:
         res.notes.append(
             f"{res.leaked_clusters} clusters are not referenced by any table (leaked, e.g. "

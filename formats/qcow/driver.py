@@ -5,14 +5,16 @@ Theory of operation
 
 Address translation (spec §1.2): guest offset -> L1 entry (an L2 table's file offset)
 -> L2 entry (a data cluster's file offset, or a compressed cluster, or 0). The L1 table
-lives in memory as ``array('Q')``; L2 tables are loaded on demand into a small LRU.
+lives in memory as an ``L1Table`` of 4 KiB pieces, only those holding entries (l1.py: a
+header may claim 2 GiB of table); L2 tables are loaded on demand into a small LRU.
 
 Allocation-optimised images (blktap's Xen extension, spec §2.4): the first write to an
 L1 slot allocates a whole *extent*, the L2 table followed directly by all its data
 clusters, and fills the table with their real offsets. Afterwards the *fast path*
-computes any data offset from the L1 entry alone (``fast_data_offset``) and never reads
-L2. The fast path is trusted only when the extension's MD5 of the L1 table matches, or,
-after a crash left it stale, when every L2 table has been read and found to hold exactly
+computes any data offset from the L1 entry alone (the L1 entry + ``l2_size * 8`` + the
+offset within the slot) and never reads L2. The fast path is trusted only when the
+extension's MD5 of the L1 table matches, or, after a crash left it stale (or the table
+is too large to checksum), when every L2 table has been read and found to hold exactly
 the extent layout. On a clean close the checksum is rewritten.
 
 Requests: reads and writes of allocated clusters go straight to the child with no lock
@@ -47,9 +49,10 @@ from array import array
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-from formats.qcow.geometry import compressed_location, l1_cksum, round_up
+from formats.qcow.geometry import compressed_location, round_up
+from formats.qcow.l1 import be_array, to_be_bytes
 from formats.qcow.layout import CKSUM_OFFSET, EXT_OFFSET, QCOW_OFLAG_COMPRESSED, XenFlags
-from formats.qcow.meta import QcowMeta, be_array, to_be_bytes
+from formats.qcow.meta import CKSUM_MAX_BYTES, QcowMeta
 from tapnbd.driver import BlockSize, Driver, Extent, ExtentFlags, FuaMode
 
 if TYPE_CHECKING:
@@ -139,7 +142,7 @@ class QcowDriver(Driver):
         self._l2cache: OrderedDict[int, array[int]] = OrderedDict()
         self._l2_cache_max = max(16, L2_CACHE_BYTES // g.l2_bytes)
         self._loading: dict[int, asyncio.Future[None]] = {}
-        self._l2_sorted = sorted(e for e in self.l1 if e)
+        self._l2_sorted = sorted(self.l1.values())
         # Metadata not yet on disk (see "flush epochs" above).
         self._dirty_l1: dict[int, int] = {}
         self._dirty_l2: dict[int, dict[int, int]] = {}
@@ -169,9 +172,9 @@ class QcowDriver(Driver):
             self._fast = True
         elif await self._verify_extents():
             log.info(
-                "%s: L1 checksum mismatch (not closed cleanly?); every extent checked, "
-                "fast path on",
+                "%s: L1 checksum %s; every extent checked, fast path on",
                 self.path,
+                "mismatch (not closed cleanly?)" if m.cksum_ok is False else "not checked",
             )
             self._fast = True
         else:
@@ -180,6 +183,8 @@ class QcowDriver(Driver):
                 "extents overlap or run past the end of the file"
                 if m.cksum_ok
                 else "L1 checksum mismatch"
+                if m.cksum_ok is False
+                else "L1 table too large to checksum"
             )
             log.warning("%s: %s; using the safe path", self.path, why)
 
@@ -191,12 +196,13 @@ class QcowDriver(Driver):
         """
         m = self.meta
         assert m.ext is not None
-        disk = to_be_bytes(self.l1)
         if m.l1_native:
-            await self.child.pwrite(m.header.l1_table_offset, disk)
+            # Only the pieces holding entries: a piece of zeros reads the same either way.
+            for off, data in self.l1.disk_pieces():
+                await self.child.pwrite(m.header.l1_table_offset + off, data)
             await self.child.flush()
         # A checksum that matched the old bytes is carried over to the new ones.
-        cksum = l1_cksum(disk) if m.cksum_ok else m.ext.cksum
+        cksum = self.l1.cksum() if m.cksum_ok else m.ext.cksum
         ext = type(m.ext)(
             cksum, m.ext.min_cluster_alloc, m.ext.flags | XenFlags.EXTHDR_L1_BIG_ENDIAN
         )
@@ -204,7 +210,7 @@ class QcowDriver(Driver):
         await self.child.flush()
         if m.l1_native:
             log.info("%s: converted an old tapdisk image's L1 table to big-endian", self.path)
-        m.ext, m.l1_disk, m.l1_native = ext, disk, False
+        m.ext, m.l1_native = ext, False
 
     def _extents_fit(self) -> bool:
         """Every allocated extent lies inside the file and apart from the others."""
@@ -863,7 +869,9 @@ class QcowDriver(Driver):
                 if self._writeback is not None:
                     await asyncio.gather(self._writeback, return_exceptions=True)
                 await self.flush()
-                if self._fast:
+                if self._fast and self.meta.l1_end - self.meta.header.l1_table_offset <= (
+                    CKSUM_MAX_BYTES
+                ):
                     await self._write_cksum()
         finally:
             await self.child.close()
@@ -874,20 +882,19 @@ class QcowDriver(Driver):
         """tdqcow_close: rewrite the checksum when the fast path was in use (spec §2.3)."""
         m = self.meta
         assert m.ext is not None
-        disk = to_be_bytes(self.l1)
-        cksum = l1_cksum(disk)
+        cksum = self.l1.cksum()
         if cksum != m.ext.cksum:
             await self.child.pwrite(CKSUM_OFFSET, cksum.to_bytes(4, "big"))
             await self.child.flush()
             m.ext = type(m.ext)(cksum, m.ext.min_cluster_alloc, m.ext.flags)
-        m.l1_disk, m.cksum_ok = disk, True
+        m.cksum_ok = True
 
     # Facts for `tapnbd info`.
 
     async def allocation(self) -> tuple[int, int]:
         """(allocated clusters, of which compressed), counted from the tables."""
         if self._fast:
-            return sum(1 for e in self.l1 if e) * self.g.l2_size, 0
+            return self.l1.count() * self.g.l2_size, 0
         alloc = comp = 0
         for l2off in self._l2_sorted:
             t = self._l2cache.get(l2off)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-from formats.qcow.layout import HEADER_SIZE, QCOW_OFLAG_COMPRESSED, QcowHeader
+from formats.qcow.layout import QcowHeader
 from tapnbd.errors import InvalidImageError
 
 MIN_CLUSTER_BITS = 9
@@ -135,43 +135,6 @@ class Geometry:
         return cls(h.size, h.cluster_bits, h.l2_bits, l1_size)
 
 
-def l1_index(offset: int, g: Geometry) -> int:
-    """reference: get_cluster_offset, ``offset >> (l2_bits + cluster_bits)``."""
-    return offset >> g.shift
-
-
-def l2_index(offset: int, g: Geometry) -> int:
-    """reference: get_cluster_offset, ``(offset >> cluster_bits) & (l2_size - 1)``."""
-    return (offset >> g.cluster_bits) & (g.l2_size - 1)
-
-
-def offset_in_cluster(offset: int, g: Geometry) -> int:
-    return offset & (g.cluster_size - 1)
-
-
-def is_compressed(entry: int) -> bool:
-    return bool(entry & QCOW_OFLAG_COMPRESSED)
-
-
 def compressed_location(entry: int, g: Geometry) -> tuple[int, int]:
     """(byte offset, compressed length) of a compressed L2 entry (spec §1.3)."""
     return entry & g.cluster_offset_mask, (entry >> (63 - g.cluster_bits)) & (g.cluster_size - 1)
-
-
-def compressed_entry(offset: int, csize: int, g: Geometry) -> int:
-    """The L2 entry for compressed data of ``csize`` bytes at ``offset``."""
-    return QCOW_OFLAG_COMPRESSED | (csize << (63 - g.cluster_bits)) | offset
-
-
-def fast_data_offset(l2_offset: int, offset: int, g: Geometry) -> int:
-    """Where the fast path finds guest ``offset`` in the extent that starts at ``l2_offset``.
-
-    reference: tapdisk get_cluster_offset with min_cluster_alloc == l2_size:
-    ``l2_offset + l2_size * 8 + l2_index * cluster_size`` (plus the offset in the cluster).
-    """
-    return l2_offset + g.l2_bytes + (offset & ((1 << g.shift) - 1))
-
-
-def header_end(has_extension: bool) -> int:
-    """First byte after the fixed headers."""
-    return HEADER_SIZE + (16 if has_extension else 0)

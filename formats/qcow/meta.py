@@ -8,13 +8,15 @@ References: ../shared/spec/blktap.md §1.1, §1.5, §1.7, §2.2, §2.3, §2.6.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import sys
 from array import array
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from formats.qcow.geometry import MAX_BACKING_NAME, Geometry, l1_cksum, round_up
+from formats.qcow.geometry import MAX_BACKING_NAME, Geometry, round_up
+from formats.qcow.l1 import PIECE_BITS, L1Table, be_array, read_pieces, to_be_bytes
 from formats.qcow.layout import (
     CRYPT_AES,
     CRYPT_NONE,
@@ -30,27 +32,46 @@ from tapnbd.errors import InvalidImageError, UnsupportedImageError
 if TYPE_CHECKING:
     from tapnbd.driver import Driver
 
+__all__ = ["MAX_LISTED", "Problems", "QcowMeta", "be_array", "read_meta", "to_be_bytes"]
+
 #: tapdisk reads the headers with one 512-byte (O_DIRECT) read.
 HEAD_READ = 512
-_LITTLE = sys.byteorder == "little"
+#: Problems listed in full up to this many; the rest are counted ("and N more").
+MAX_LISTED = 20
+#: The Xen extension's MD5 is checked for L1 tables up to this size: 8 Mi entries, 16 TiB
+#: at tapdisk's geometry, 0.1 s of hashing. A header may claim 2 GiB (3-5 s of MD5).
+CKSUM_MAX_BYTES = 64 << 20
 
 
-def be_array(data: bytes | bytearray | memoryview) -> array[int]:
-    """Big-endian 64-bit entries as a host-order ``array('Q')``."""
-    a = array("Q")
-    a.frombytes(data)
-    if _LITTLE:
-        a.byteswap()
-    return a
+class Problems:
+    """What is wrong with an image: the first ``limit`` messages, and a count of all.
 
+    An image can be wrong in millions of places (an L1 table of 16 Mi bad entries);
+    keeping a message for each would cost gigabytes.
+    """
 
-def to_be_bytes(a: array[int]) -> bytes:
-    """The inverse of be_array."""
-    if not _LITTLE:
-        return a.tobytes()
-    b = array("Q", a)
-    b.byteswap()
-    return b.tobytes()
+    def __init__(self, limit: int = MAX_LISTED) -> None:
+        self.limit = limit
+        self.listed: list[str] = []
+        self.count = 0
+
+    def add(self, message: str) -> None:
+        self.count += 1
+        if len(self.listed) < self.limit:
+            self.listed.append(message)
+
+    @property
+    def full(self) -> bool:
+        """No more messages are kept: later problems are only counted."""
+        return len(self.listed) >= self.limit
+
+    def __bool__(self) -> bool:
+        return self.count > 0
+
+    def summary(self) -> str:
+        """The first problem, and how many more there are."""
+        more = f" (and {self.count - 1} more)" if self.count > 1 else ""
+        return self.listed[0] + more
 
 
 @dataclass(slots=True)
@@ -64,19 +85,18 @@ class QcowMeta:
     #: Whether tapdisk would honour the extension: "only if backing_file_offset == 0 and
     #: l1_table_offset % 4096 == 0" (spec §2.2).
     ext_applies: bool
-    #: The L1 table in host order (converted if it was stored little-endian).
-    l1: array[int]
-    #: The L1 table's bytes exactly as on disk (what the checksum covers).
-    l1_disk: bytes
-    #: An "old tapdisk image": extension present, EXTHDR_L1_BIG_ENDIAN clear, and the
-    #: table really is in little-endian (host) order.
-    l1_native: bool
-    #: MD5 checksum of the on-disk L1 table matches the extension's (None: not applicable).
-    cksum_ok: bool | None
     backing_name: str | None
     file_size: int
     #: First byte past every fixed structure; L2 tables and data live at or beyond it.
     data_start: int
+    #: The L1 table in host order (converted if it was stored little-endian); entries
+    #: found bad by a check (``read_meta(problems=...)``) are left out, as zeros.
+    l1: L1Table = field(default_factory=lambda: L1Table(0))
+    #: An "old tapdisk image": extension present, EXTHDR_L1_BIG_ENDIAN clear, and the
+    #: table really is in little-endian (host) order.
+    l1_native: bool = False
+    #: MD5 checksum of the on-disk L1 table matches the extension's (None: not applicable).
+    cksum_ok: bool | None = None
 
     @property
     def l1_end(self) -> int:
@@ -109,13 +129,12 @@ def check_version_and_crypt(h: QcowHeader) -> None:
         raise InvalidImageError(f"crypt_method {h.crypt_method} is unknown (0 none, 1 AES)")
 
 
-def _plausible(l1: array[int], g: Geometry, start: int, file_size: int) -> bool:
-    """Every L1 entry is 0 or points at an L2 table that fits in the file."""
-    return all(e == 0 or (start <= e and e + g.l2_bytes <= file_size) for e in l1)
+async def read_meta(child: Driver, problems: Problems | None = None) -> QcowMeta:
+    """Read and check the header, the extension, the backing name and the L1 table.
 
-
-async def read_meta(child: Driver) -> QcowMeta:
-    """Read and check the header, the extension, the backing name and the L1 table."""
+    Without ``problems`` (an open) the first fault raises ImageError. With it (a check),
+    faults of the L1 table are added to it and the bad entries are left out.
+    """
     file_size = child.size()
     head = bytes(await child.pread(0, min(HEAD_READ, file_size))) if file_size else b""
     h = QcowHeader.parse(head)
@@ -166,67 +185,130 @@ async def read_meta(child: Driver) -> QcowMeta:
             backing_name = raw.decode("utf-8", "surrogateescape")
         data_start = max(data_start, off + n)
 
-    l1_disk = bytes(await child.pread(l1_off, l1_len))
-    l1 = be_array(l1_disk)
-    l1_native = False
+    meta = QcowMeta(
+        header=h,
+        geometry=g,
+        ext=ext,
+        ext_applies=ext_applies,
+        backing_name=backing_name,
+        file_size=file_size,
+        data_start=data_start,
+    )
+    native = False
     if ext_applies and ext is not None and not ext.l1_big_endian:
         # "If EXTHDR_L1_BIG_ENDIAN is clear, treat the image as an old tapdisk image"
         # whose L1 is in host (little-endian) order. A conversion cut short by a crash
         # leaves the table big-endian with the flag still clear, so believe the flag only
         # when the little-endian reading is the plausible one.
-        native = array("Q")
-        native.frombytes(l1_disk)
-        if not _LITTLE:  # pragma: no cover - tapdisk's images come from x86
-            native.byteswap()
-        if _plausible(native, g, data_start, file_size) or not _plausible(
-            l1, g, data_start, file_size
-        ):
-            l1, l1_native = native, any(native)
-
-    cksum_ok = None
-    if ext_applies and ext is not None:
-        cksum_ok = l1_cksum(l1_disk) == ext.cksum
-    return QcowMeta(
-        header=h,
-        geometry=g,
-        ext=ext,
-        ext_applies=ext_applies,
-        l1=l1,
-        l1_disk=l1_disk,
-        l1_native=l1_native,
-        cksum_ok=cksum_ok,
-        backing_name=backing_name,
-        file_size=file_size,
-        data_start=data_start,
-    )
+        be_ok, le_ok = await _plausible_orders(child, meta)
+        native = le_ok or not be_ok
+    # The checksum is the one pass over the whole claimed table (holes hashed as zeros):
+    # past CKSUM_MAX_BYTES it is not checked, and the fast path must verify every extent.
+    checked = ext_applies and l1_len <= CKSUM_MAX_BYTES
+    md5 = hashlib.md5(usedforsecurity=False) if checked else None
+    whole = await _load_l1(child, meta, native, md5, problems)
+    meta.l1_native = native and bool(meta.l1.pieces)
+    if md5 is not None and ext is not None and whole:
+        meta.cksum_ok = int.from_bytes(md5.digest()[:4], "little") == ext.cksum
+    return meta
 
 
-def l1_problems(meta: QcowMeta) -> list[str]:
-    """Every L1 entry that points outside the file, into metadata, or at a shared table."""
-    g, l1 = meta.geometry, meta.l1
-    problems: list[str] = []
-    seen: list[tuple[int, int]] = []
-    for i, e in enumerate(l1):
-        if not e:
-            continue
-        if e < meta.data_start:
-            problems.append(
-                f"L1 entry {i} (0x{e:x}) points into the header or L1 table "
-                f"(which end at 0x{meta.data_start:x})"
+def _entry_problem(meta: QcowMeta, i: int, e: int) -> str:
+    """What is wrong with L1 entry ``i`` (an L2 table offset outside the data area)."""
+    if e < meta.data_start:
+        return (
+            f"L1 entry {i} (0x{e:x}) points into the header or L1 table "
+            f"(which end at 0x{meta.data_start:x})"
+        )
+    return f"L1 entry {i} (0x{e:x}) points past the end of the file ({meta.file_size} bytes)"
+
+
+def _host_order(piece: bytes, native: bool) -> array[int]:
+    """A piece's entries: big-endian, or an old tapdisk image's little-endian (x86)."""
+    if not native:
+        return be_array(piece)
+    a = array("Q")
+    a.frombytes(piece)
+    if sys.byteorder != "little":  # pragma: no cover - tapdisk's images come from x86
+        a.byteswap()
+    return a
+
+
+async def _plausible_orders(child: Driver, meta: QcowMeta) -> tuple[bool, bool]:
+    """(big-endian, little-endian): does every entry of that reading fit in the file?"""
+    be_ok = le_ok = True
+    h, g = meta.header, meta.geometry
+    lo, hi = meta.data_start, meta.file_size - meta.geometry.l2_bytes
+    async for _, piece in read_pieces(child, h.l1_table_offset, g.l1_size):
+        be = be_array(piece)
+        le = _host_order(piece, True)
+        be_ok = be_ok and all(e == 0 or lo <= e <= hi for e in be)
+        le_ok = le_ok and all(e == 0 or lo <= e <= hi for e in le)
+        if not be_ok and not le_ok:
+            break
+    return be_ok, le_ok
+
+
+async def _load_l1(
+    child: Driver,
+    meta: QcowMeta,
+    native: bool,
+    md5: hashlib._Hash | None,
+    problems: Problems | None,
+) -> bool:
+    """Read the L1 table in pieces into ``meta.l1``, checking every entry; False if it
+    stopped early (a check of a table with too many entries).
+
+    Each entry in use must point at its own L2 table inside the file, so a valid table
+    has at most (file size - data start) / L2 table size of them: past that, tables must
+    overlap and reading stops, which bounds memory by the file, not by the header.
+    """
+    g = meta.geometry
+    l1 = meta.l1 = L1Table(g.l1_size)
+    room = max(0, meta.file_size - meta.data_start) // g.l2_bytes
+    used: list[tuple[int, int]] = []
+    report = problems if problems is not None else Problems(1)
+    lo, hi = meta.data_start, meta.file_size - g.l2_bytes
+    async for k, piece in read_pieces(child, meta.header.l1_table_offset, g.l1_size, md5):
+        entries = _host_order(piece, native)
+        base = k << PIECE_BITS
+        # In C-speed passes: a table of 16 Mi bad entries is counted, not looped over.
+        good = [j for j, e in enumerate(entries) if lo <= e <= hi]
+        bad = len(entries) - entries.count(0) - len(good)
+        if bad:
+            if problems is None:
+                j = next(j for j, e in enumerate(entries) if e and not lo <= e <= hi)
+                raise InvalidImageError(_entry_problem(meta, base + j, entries[j]))
+            if report.full:
+                report.count += bad
+            else:
+                for j, e in enumerate(entries):
+                    if e and not lo <= e <= hi:
+                        report.add(_entry_problem(meta, base + j, e))
+            kept = array("Q", bytes(8 * len(entries)))
+            for j in good:
+                kept[j] = entries[j]
+            entries = kept
+        used.extend((entries[j], base + j) for j in good)
+        if len(used) > room:
+            report.add(
+                f"L1 table (l1_size {g.l1_size}): more than {room} entries are in use, more "
+                "L2 tables than the file can hold, so some overlap; the rest is not read"
             )
-        elif e + g.l2_bytes > meta.file_size:
-            problems.append(
-                f"L1 entry {i} (0x{e:x}) points past the end of the file ({meta.file_size} bytes)"
-            )
-        else:
-            seen.append((e, i))
-    seen.sort()
-    for (a, i), (b, j) in itertools.pairwise(seen):
+            if problems is None:
+                raise InvalidImageError(report.summary())
+            return False
+        if good:
+            l1.pieces[k] = entries
+    used.sort()
+    for (a, i), (b, j) in itertools.pairwise(used):
         if b < a + g.l2_bytes:
-            problems.append(
+            report.add(
                 f"L1 entries {i} and {j} point to overlapping L2 tables (0x{a:x} and 0x{b:x})"
             )
-    return problems
+            if problems is None:
+                raise InvalidImageError(report.summary())
+    return True
 
 
 def metadata_end(meta: QcowMeta) -> int:
