@@ -208,6 +208,39 @@ class Backend:
         stats.done("read", length, t0)
         return data
 
+    async def reads_as_zero(self, offset: int, length: int) -> bool:
+        """Whether the driver's extents say the whole range reads as zeros.
+
+        A hint for front ends, which then answer without reading into a buffer (a hole
+        costs no memory); when True the request is counted as a read. Any doubt, an
+        error included, answers False and the caller reads as usual.
+        """
+        if (
+            not self.can_extents
+            or self._lock is not None
+            or offset < 0
+            or length <= 0
+            or offset + length > self.size
+        ):
+            return False
+        stats = self.stats
+        t0 = stats.start()
+        try:
+            got = await self.driver.extents(offset, length)
+        except Exception:
+            got = []
+        first = got[0] if got else None
+        if (
+            first is None
+            or not first.flags & ExtentFlags.ZERO
+            or first.offset > offset
+            or first.offset + first.length < offset + length
+        ):
+            stats.abandon()
+            return False
+        stats.done("read", length, t0)
+        return True
+
     async def pwrite(self, offset: int, data: bytes | memoryview, fua: bool = False) -> None:
         try:
             self._check_write(offset, len(data))
@@ -227,8 +260,12 @@ class Backend:
         await self._call("flush", 0, self.driver.flush)
 
     async def trim(self, offset: int, length: int, fua: bool = False) -> None:
+        if self.read_only:
+            raise RequestError(errno.EPERM, "export is read-only")
         try:
-            self._check_write(offset, length)
+            # "Read or trim past the end ... -> EINVAL"; ENOSPC is for WRITE and
+            # WRITE_ZEROES only (NBD spec, "Error values").
+            self._check_range(offset, length, errno.EINVAL)
         except _Nothing:
             return
         if not self.can_trim:
