@@ -68,17 +68,20 @@ def main() -> None:
         open_flood(args.uri, args.reads, args.length, args.structured) for _ in range(args.conns)
     ]
     time.sleep(args.hold)  # a measurement by hand: watch the server for this long
-    during = vm_kib(args.pid, "VmRSS")
+    held, peak = vm_kib(args.pid, "VmRSS"), vm_kib(args.pid, "VmHWM")
+    print(
+        f"conns={args.conns} reads={args.reads}x{args.length // MiB}MiB "
+        f"rss_before={before // 1024}MiB rss_held={held // 1024}MiB hwm={peak // 1024}MiB "
+        f"t={time.monotonic() - t0:.1f}s",
+        flush=True,
+    )
     for s in socks:
         s.close()
     time.sleep(1.0)
-    after = vm_kib(args.pid, "VmRSS")
-    print(
-        f"conns={args.conns} reads={args.reads}x{args.length // MiB}MiB "
-        f"rss_before={before // 1024}MiB rss_held={during // 1024}MiB "
-        f"hwm={vm_kib(args.pid, 'VmHWM') // 1024}MiB rss_after_close={after // 1024}MiB "
-        f"t={time.monotonic() - t0:.1f}s"
-    )
+    try:
+        print(f"rss_after_close={vm_kib(args.pid, 'VmRSS') // 1024}MiB")
+    except FileNotFoundError:
+        print("the server exited when the clients left")
 
 
 if __name__ == "__main__":
