@@ -111,6 +111,7 @@ class RawDriver(Driver):
                     f"{path}: in use: another process (or export) has it open for writing"
                 ) from None
         self._size = os.lseek(self.fd, 0, os.SEEK_END)
+        self._sync_error: OSError | None = None  # see flush
         # Fast paths switch themselves off on their first ENOTSUP/EINVAL (nbdkit file_zero).
         self._nowait = True
         self._nowait_write = True
@@ -205,10 +206,34 @@ class RawDriver(Driver):
             # returns at once, unless the kernel throttles dirty pages; pwrite_nowait
             # times it, and one slow write sends the next second of writes to the pool.
             return
-        await self._blocking(_pwrite_all, self.fd, data, offset, os.RWF_DSYNC if fua else 0)
+        if not fua:
+            await self._blocking(_pwrite_all, self.fd, data, offset, 0)
+            return
+        self._check_sync()
+        try:
+            await self._blocking(_pwrite_all, self.fd, data, offset, os.RWF_DSYNC)
+        except OSError as e:
+            self._sync_error = e  # RWF_DSYNC is a sync: its failure sticks as a flush's
+            raise
 
     async def flush(self) -> None:
-        await self._blocking(os.fdatasync, self.fd)
+        # A failed fdatasync sticks: the kernel reports a writeback error once and may
+        # have dropped the dirty pages, so a later fdatasync that succeeds would be a
+        # lie (PostgreSQL's "fsyncgate"). Every flush after a failure fails, unretried,
+        # until the image is reopened; formats that flush their file mid-request (qcow's
+        # flush epochs) meet the same error.
+        self._check_sync()
+        try:
+            await self._blocking(os.fdatasync, self.fd)
+        except OSError as e:
+            self._sync_error = e
+            raise
+
+    def _check_sync(self) -> None:
+        if self._sync_error is not None:
+            raise OSError(
+                errno.EIO, f"{self.path}: an earlier sync failed ({self._sync_error.strerror})"
+            )
 
     def can_fua(self) -> FuaMode:
         return FuaMode.NATIVE

@@ -8,7 +8,8 @@ It sits between a front end (the NBD server, the Xen ring shim) and a driver sta
   one data run, CACHE by reading;
 - maps driver errors to errnos the front ends can send;
 - serialises requests for drivers that declare ``parallel = False``;
-- counts operations, bytes, errors and latency for ``tapnbd stats``.
+- counts operations, bytes, errors and latency for ``tapnbd stats``;
+- makes a failed flush stick (see ``sync_failed``).
 
 Errors from here are always ``RequestError(errno)`` with one of EPERM, EIO, EINVAL,
 ENOSPC, EOVERFLOW or ENOTSUP, the set the NBD spec allows a server to send.
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import logging
 from typing import TYPE_CHECKING
 
 from tapnbd.driver import BlockSize, Driver, Extent, ExtentFlags, FuaMode
@@ -26,6 +28,8 @@ from tapnbd.stats import Stats
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Sequence
+
+log = logging.getLogger("tapnbd.backend")
 
 #: Zeroes are emulated by writing this much at a time (nbdkit backend_zero).
 ZERO_CHUNK = 1 << 20
@@ -75,6 +79,9 @@ class Backend:
         self._lock = None if driver.parallel else asyncio.Lock()
         self.stats = Stats()
         self.closed = False
+        self.name = ""  # the export's, for log messages; set by whoever names it
+        #: Set by the first failed flush or FUA request, never cleared (see sync_failed).
+        self.sync_error: str | None = None
 
     # Validation. The driver may rely on 0 <= offset < offset + length <= size.
 
@@ -95,6 +102,12 @@ class Backend:
         self, op: str, nbytes: int, fn: Callable[[], Awaitable[object]], fua: bool = False
     ) -> object:
         """Run one driver call: serialise if needed, map errors, count it."""
+        durable = fua or op == "flush"
+        if durable and self.sync_error is not None:
+            self.stats.fail(op, errno.EIO, self.stats.start())
+            raise RequestError(
+                errno.EIO, f"an earlier flush failed ({self.sync_error}); reopen the image"
+            )
         t0 = self.stats.start()
         try:
             if self._lock is None:
@@ -102,15 +115,37 @@ class Backend:
             else:
                 async with self._lock:
                     result = await fn()
-        except RequestError as e:
-            self.stats.fail(op, e.errno, t0)
-            raise
         except Exception as e:
             err = request_errno(e)
             self.stats.fail(op, err, t0)
+            # Any failed flush, and a FUA request's EIO (its sync failed; ENOSPC or EPERM
+            # refused the write itself), may have lost data that was written before.
+            if op == "flush" or (durable and err == errno.EIO):
+                self.sync_failed(op, e)
+            if isinstance(e, RequestError):
+                raise
             raise RequestError(err, str(e) or type(e).__name__) from e
         self.stats.done(op, nbytes, t0, fua)
         return result
+
+    def sync_failed(self, op: str, exc: BaseException) -> None:
+        """A flush (or a FUA request) failed: from now on every one fails with EIO.
+
+        PostgreSQL's "fsyncgate": after a failed fsync the kernel may already have
+        dropped the dirty pages and cleared the error, so a retry that succeeds proves
+        nothing. We never retry and report success; the export stays failed for
+        durability until an operator reopens the image (a new Backend).
+        """
+        if self.sync_error is not None:
+            return
+        self.sync_error = self.stats.sync_error = f"{op}: {exc}"
+        log.error(
+            "export %r: %s failed (%s): writes since the last good flush may be lost; "
+            "every later FLUSH and FUA request fails with EIO until the image is reopened",
+            self.name,
+            op,
+            exc,
+        )
 
     # Operations.
 
@@ -208,6 +243,39 @@ class Backend:
         stats.done("read", length, t0)
         return data
 
+    async def reads_as_zero(self, offset: int, length: int) -> bool:
+        """Whether the driver's extents say the whole range reads as zeros.
+
+        A hint for front ends, which then answer without reading into a buffer (a hole
+        costs no memory); when True the request is counted as a read. Any doubt, an
+        error included, answers False and the caller reads as usual.
+        """
+        if (
+            not self.can_extents
+            or self._lock is not None
+            or offset < 0
+            or length <= 0
+            or offset + length > self.size
+        ):
+            return False
+        stats = self.stats
+        t0 = stats.start()
+        try:
+            got = await self.driver.extents(offset, length)
+        except Exception:
+            got = []
+        first = got[0] if got else None
+        if (
+            first is None
+            or not first.flags & ExtentFlags.ZERO
+            or first.offset > offset
+            or first.offset + first.length < offset + length
+        ):
+            stats.abandon()
+            return False
+        stats.done("read", length, t0)
+        return True
+
     async def pwrite(self, offset: int, data: bytes | memoryview, fua: bool = False) -> None:
         try:
             self._check_write(offset, len(data))
@@ -227,8 +295,12 @@ class Backend:
         await self._call("flush", 0, self.driver.flush)
 
     async def trim(self, offset: int, length: int, fua: bool = False) -> None:
+        if self.read_only:
+            raise RequestError(errno.EPERM, "export is read-only")
         try:
-            self._check_write(offset, length)
+            # "Read or trim past the end ... -> EINVAL"; ENOSPC is for WRITE and
+            # WRITE_ZEROES only (NBD spec, "Error values").
+            self._check_range(offset, length, errno.EINVAL)
         except _Nothing:
             return
         if not self.can_trim:
@@ -333,7 +405,8 @@ class Backend:
             return
         self.closed = True
         try:
-            if self.can_flush and not self.read_only:
+            # After a failed flush another one proves nothing (see sync_failed).
+            if self.can_flush and not self.read_only and self.sync_error is None:
                 await self.driver.flush()
         finally:
             await self.driver.close()

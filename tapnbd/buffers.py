@@ -14,12 +14,21 @@ a pooled buffer queued in the transport.
 
 from __future__ import annotations
 
+from tapnbd.driver import MAX_PAYLOAD
+
 #: Smaller reads are cheap to allocate; pooling them would only cost a dict lookup.
 POOL_MIN = 128 * 1024
 #: Buffers kept per size; queue depth 8-32 of one request size is the common case.
 PER_SIZE = 8
 #: Sizes kept at once (a client that varies its request size must not grow the pool).
 MAX_SIZES = 8
+#: Bytes kept in all, whatever the sizes: two 32 MiB buffers, or 64 of 1 MiB.
+MAX_BYTES = 64 << 20
+
+#: Zeros to send from, shared and never written: a read that the driver's extents say
+#: is a hole is answered from here instead of from a fresh buffer. ``bytes(n)`` is
+#: calloc'd, so its pages are the kernel's shared zero page and cost no memory.
+ZEROES = memoryview(bytes(MAX_PAYLOAD))
 
 
 class PooledBuffer(bytearray):
@@ -29,14 +38,17 @@ class PooledBuffer(bytearray):
 
 
 _free: dict[int, list[PooledBuffer]] = {}
+_held = 0  # bytes in _free
 
 
 def take(length: int) -> bytearray:
     """A buffer of ``length`` bytes; only a small one is guaranteed to be zeroed."""
     if length < POOL_MIN:
         return bytearray(length)
+    global _held
     free = _free.get(length)
     if free:
+        _held -= length
         return free.pop()
     return PooledBuffer(length)
 
@@ -45,12 +57,16 @@ def give(buf: object) -> None:
     """Return ``buf`` (or the buffer a memoryview is over) if it came from the pool."""
     if type(buf) is memoryview:
         buf = buf.obj
+    global _held
     if type(buf) is not PooledBuffer:
         return
-    free = _free.get(len(buf))
+    size = len(buf)
+    free = _free.get(size)
     if free is None:
         if len(_free) >= MAX_SIZES:
             _free.clear()
-        free = _free[len(buf)] = []
-    if len(free) < PER_SIZE:
+            _held = 0
+        free = _free[size] = []
+    if len(free) < PER_SIZE and _held + size <= MAX_BYTES:
         free.append(buf)
+        _held += size

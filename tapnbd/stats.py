@@ -50,7 +50,15 @@ class OpStats:
 class Stats:
     """Counters for one export, shared by all its connections and front ends."""
 
-    __slots__ = ("connections", "enabled", "errors_by_errno", "in_flight", "ops", "started")
+    __slots__ = (
+        "connections",
+        "enabled",
+        "errors_by_errno",
+        "in_flight",
+        "ops",
+        "started",
+        "sync_error",
+    )
 
     def __init__(self) -> None:
         self.ops = {op: OpStats() for op in OPS}
@@ -59,6 +67,8 @@ class Stats:
         self.connections = 0
         self.started = time.time()
         self.enabled = ENABLED_BY_DEFAULT
+        #: Why the export can no longer promise durability (Backend.sync_failed), or None.
+        self.sync_error: str | None = None
 
     def start(self) -> int:
         if not self.enabled:
@@ -117,5 +127,6 @@ class Stats:
             "errors_by_errno": {str(k): v for k, v in sorted(self.errors_by_errno.items())},
             "in_flight": self.in_flight,
             "connections": self.connections,
+            "sync_error": self.sync_error,
             "uptime_s": round(time.time() - self.started, 3),
         }

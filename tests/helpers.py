@@ -90,6 +90,16 @@ class Server:
     def stderr(self) -> str:
         return self.log.read_text()
 
+    def wait_for_log(self, text: str, count: int = 1, timeout: float = 30) -> str:
+        """Wait until ``text`` appears ``count`` times in the server's log (an event the
+        server announces); fail, with the log, if it has not after ``timeout`` s."""
+        deadline = time.monotonic() + timeout
+        while (log := self.stderr()).count(text) < count:
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise AssertionError(f"{text!r} x{count} not logged in {timeout}s:\n{log}")
+            time.sleep(0.02)
+        return log
+
 
 def start_server(args: list[str], log: Path, exports: int = 1, timeout: float = 30) -> Server:
     """Start ``tapnbd serve ARGS`` and wait for its URI lines (nbdkit --print-uri style)."""

@@ -10,7 +10,12 @@ import typer
 from tapnbd import runtime
 from tapnbd.cli.app import app, errors_as_exit, fail
 from tapnbd.protocol.handshake import TLSMode
-from tapnbd.server.listener import DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_CONNECTIONS
+from tapnbd.server.budget import DEFAULT_PAYLOAD_BUDGET
+from tapnbd.server.listener import (
+    DEFAULT_HANDSHAKE_TIMEOUT,
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_HANDSHAKES,
+)
 from tapnbd.server.standalone import ServeOptions, serve
 
 
@@ -46,6 +51,17 @@ def serve_cmd(
     handshake_timeout: Annotated[
         float, typer.Option(help="Seconds a client has to finish the handshake.")
     ] = DEFAULT_HANDSHAKE_TIMEOUT,
+    max_handshakes: Annotated[
+        int,
+        typer.Option(help="Unfinished handshakes at once; past this the oldest is dropped."),
+    ] = DEFAULT_MAX_HANDSHAKES,
+    payload_budget: Annotated[
+        str,
+        typer.Option(
+            help="Payload bytes in flight, all clients together (reads being built, "
+            "writes being received); clients wait past it."
+        ),
+    ] = f"{DEFAULT_PAYLOAD_BUDGET >> 20}M",
     inject_error: Annotated[
         list[str] | None,
         typer.Option(
@@ -100,6 +116,8 @@ def serve_cmd(
         tls_ca=tls_ca,
         max_connections=max_connections,
         handshake_timeout=handshake_timeout,
+        max_handshakes=max_handshakes,
+        payload_budget=payload_budget,
         inject_error=inject_error or [],
         delay=delay or [],
         inject_at=inject_at,

@@ -124,6 +124,17 @@ class RequestDecoder:
     def buffered(self) -> int:
         return len(self._buf) - self._pos
 
+    def peek(self) -> tuple[int, int] | None:
+        """(type, length) of the request ``next_request`` returns next, once its header
+        is here and before it is taken (taking a WRITE allocates its payload buffer, so
+        a server can decide first whether it has the memory); None until then."""
+        if self._direct is not None or self._pending is not None:
+            return None  # already taken; its payload is still coming
+        if len(self._buf) - self._pos < _REQ_SIZE:
+            return None
+        _, _, typ, _, _, length = _REQ.unpack_from(self._buf, self._pos)
+        return typ, length
+
     def next_request(self) -> Request | None:
         """The next complete request, or None when more bytes are needed."""
         if self._direct is not None:

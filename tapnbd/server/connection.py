@@ -9,6 +9,21 @@ the loop thread, so replies are never interleaved.
 A request is started eagerly (tapnbd.runtime.eager_start): when the Backend answers
 without waiting, as it does for page-cache hits and RAM, the reply is written before
 the next request is even decoded, with no task created.
+
+Memory is bounded whatever the client does (issue 11). Before a request is decoded it
+is admitted (``_admit``): it counts as in flight, fast path included, and its payload
+(a READ's reply data, a WRITE's payload) is charged to this connection and to the
+server's ``PayloadBudget`` until its reply is handed to the transport. A connection
+stops decoding, and so stops reading from its socket, while
+
+- MAX_IN_FLIGHT requests are in flight, or MAX_CONN_PAYLOAD bytes of payload;
+- the server's budget is spent (it waits to be woken);
+- its reply backlog (what the transport holds, BACKLOG_HIGH at most before the
+  transport calls ``pause_writing``) is over the bound: a client that does not read
+  its replies gets no more of them built.
+
+So one connection holds at most MAX_CONN_PAYLOAD in flight plus one backlog, which is
+BACKLOG_HIGH plus the replies of what was in flight when it filled up.
 """
 
 from __future__ import annotations
@@ -35,6 +50,7 @@ from tapnbd.protocol.transmission import (
     simple_reply,
 )
 from tapnbd.runtime import eager_start
+from tapnbd.server.budget import PayloadBudget
 
 if TYPE_CHECKING:
     from tapnbd.backend import Backend
@@ -46,8 +62,16 @@ log = logging.getLogger("tapnbd.server")
 
 #: Requests in flight per connection before we stop reading from the socket.
 MAX_IN_FLIGHT = 64
-#: Replies at least this big are written at once, not corked with the rest of a batch.
+#: Payload bytes in flight per connection (reads being built, writes being received).
+MAX_CONN_PAYLOAD = 64 << 20
+#: Reply bytes queued in the transport above which we stop decoding (its high-water
+#: mark); decoding resumes below a quarter of it.
+BACKLOG_HIGH = 4 << 20
+#: Corked replies are written once they add up to this much.
 UNCORK_AT = 128 * 1024
+#: Reads at least this big ask the driver's extents first: a hole is then answered
+#: from the shared zeros (or as one OFFSET_HOLE chunk) without reading or allocating.
+HOLE_PROBE_MIN = 128 * 1024
 #: Structured reads above this are split at this granularity into DATA and HOLE chunks.
 SPLIT_READ = 64 * 1024
 #: "SHOULD stay <= 2^20 extents per chunk" (CVE-2025-47711/47712 were about this).
@@ -76,6 +100,13 @@ def _all_zero(data: bytes | bytearray | memoryview) -> bool:
     return n > 0 and data.count(0) == n
 
 
+def _payload_cost(typ: int, length: int, limit: int) -> int:
+    """Payload bytes a request will hold: its READ data or its WRITE payload."""
+    if (typ == Cmd.READ or typ == Cmd.WRITE) and length <= limit:
+        return length
+    return 0  # refused (EINVAL) or, for a WRITE, drained without being kept
+
+
 class NBDConnection(asyncio.BufferedProtocol):
     """Server side of one client connection."""
 
@@ -91,14 +122,20 @@ class NBDConnection(asyncio.BufferedProtocol):
         self.flags = TransmissionFlag(0)
         self.structured = False
         self.context_id = 0  # base:allocation's id, 0 when not negotiated
-        self.in_flight = 0
+        self.in_flight = 0  # admitted requests, fast path included
+        self.payload = 0  # payload bytes those hold (see PayloadBudget)
+        self.budget: PayloadBudget = server.budget
         self.closing = False  # DISC received or server shutting down: read no more
         self.peer = ""
         self._tasks: set[asyncio.Task[None]] = set()
         self._timer: asyncio.TimerHandle | None = None
         self._read_paused = False
         self._write_paused = False
+        self._blocked = False  # decoding stopped at a bound (see _admit)
+        self._processing = False
+        self._paid: int | None = None  # cost of the admitted request not yet decoded
         self._cork: list[bytes | bytearray | memoryview] | None = None
+        self._cork_bytes = 0
         self._hs_buf = memoryview(bytearray(65536))
         self._fd = -1
         self._idle: asyncio.Future[None] | None = None  # set by drain() to wait for idleness
@@ -116,6 +153,7 @@ class NBDConnection(asyncio.BufferedProtocol):
             )
             transport.close()
             return
+        transport.set_write_buffer_limits(high=BACKLOG_HIGH)
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -129,6 +167,10 @@ class NBDConnection(asyncio.BufferedProtocol):
         if self._timer is not None:
             self._timer.cancel()
         self.closing = True
+        self.budget.forget(self._budget_ready)
+        if self._paid is not None:  # admitted, never decoded (a WRITE cut short)
+            self._release(self._paid)
+            self._paid = None
         if self.export is not None:
             self.export.connections -= 1
             self.export.backend.stats.connections -= 1
@@ -156,7 +198,7 @@ class NBDConnection(asyncio.BufferedProtocol):
 
     def resume_writing(self) -> None:
         self._write_paused = False
-        self._update_reading()
+        self._unblock()
 
     # Handshake
 
@@ -187,6 +229,11 @@ class NBDConnection(asyncio.BufferedProtocol):
             # handshake timer aborts the connection if the client never reads them.
             self.transport.write(hs.data_to_send())
             self.transport.close()
+
+    def drop(self) -> None:
+        """Abort the connection (an unfinished handshake, to make room for another)."""
+        if self.transport is not None:
+            self.transport.abort()
 
     def _handshake_timeout(self) -> None:
         if self.decoder is None and self.transport is not None:
@@ -229,6 +276,7 @@ class NBDConnection(asyncio.BufferedProtocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        self.server.handshake_done(self)
         self.export = export
         self.backend = export.backend
         export.connections += 1
@@ -250,50 +298,104 @@ class NBDConnection(asyncio.BufferedProtocol):
         # Replies of requests that complete right away are corked and go out in one
         # writelines call: one system call per batch of pipelined requests, not per reply.
         cork: list[bytes | bytearray | memoryview] = []
-        self._cork = cork
+        self._cork, self._cork_bytes = cork, 0
+        self._processing, self._blocked = True, False
         try:
             while not self.closing:
+                if self._paid is None:
+                    # Admit the next request before decoding it: decoding a WRITE
+                    # allocates its payload buffer.
+                    head = decoder.peek()
+                    if head is None:
+                        break
+                    cost = _payload_cost(*head, decoder.max_payload)
+                    held_by = self._admit(cost)
+                    if held_by:
+                        log.debug("%s: decoding paused: %s", self.peer, held_by)
+                        self._blocked = True
+                        break
+                    self._paid = cost
                 req = decoder.next_request()
                 if req is None:
-                    break
-                self._dispatch(req)
+                    break  # a WRITE payload still arriving (already paid for)
+                cost, self._paid = self._paid, None
+                self._dispatch(req, cost)
         except ProtocolError as e:
             log.info("%s: dropped: %s", self.peer, e)
             self.closing = True
             self.transport.abort()
             return
         finally:
+            self._processing = False
             cork, self._cork = self._cork or [], None
             if cork:
                 self._write_now(cork)
         self._update_reading()
 
-    def _dispatch(self, req: Request) -> None:
+    def _admit(self, cost: int) -> str:
+        """Count a request as in flight and charge its payload, or say why not yet."""
+        if self._write_paused:
+            return "reply backlog"
+        if self.in_flight >= MAX_IN_FLIGHT:
+            return "requests in flight"
+        if cost:
+            if self.payload and self.payload + cost > MAX_CONN_PAYLOAD:
+                return "connection's payload in flight"
+            if not self.budget.take(cost):
+                self.budget.wait(self._budget_ready)
+                return "server's payload budget"
+            self.payload += cost
+        self.in_flight += 1
+        return ""
+
+    def _release(self, cost: int) -> None:
+        self.in_flight -= 1
+        if cost:
+            self.payload -= cost
+            self.budget.give(cost)
+
+    def _budget_ready(self) -> None:
+        self._unblock()
+
+    def _unblock(self) -> None:
+        """A bound was lifted: decode what is buffered, and read again if we can."""
+        if self._processing:
+            return  # the loop in _process is running and looks again itself
+        if self._blocked and self.decoder is not None and not self.closing:
+            self._process()
+        else:
+            self._update_reading()
+
+    def _dispatch(self, req: Request, cost: int) -> None:
+        """Serve an admitted request; every path ends in _request_done(cost)."""
         if req.type == Cmd.DISC:
             # "The server finishes outstanding requests ... and closes"; no reply.
             self.closing = True
-            self._close_when_idle()
+            self._request_done(cost)
             return
         err = self._validate(req)
         if err:
             self._reply_error(req, err, "")
+            self._request_done(cost)
             return
         # The synchronous fast path: no coroutine when the driver can answer at once.
         backend = self.backend
         assert backend is not None
         if req.type == Cmd.READ:
-            data = backend.try_pread(req.offset, req.length)
-            if data is not None:
-                self._reply_read(req, data)
-                return
+            if req.length < HOLE_PROBE_MIN or not backend.can_extents:
+                data = backend.try_pread(req.offset, req.length)
+                if data is not None:
+                    self._reply_read(req, data)
+                    self._request_done(cost)
+                    return
         elif req.type == Cmd.WRITE and not req.flags:
             assert req.payload is not None
             if backend.try_pwrite(req.offset, req.payload):
                 buffers.give(req.payload)
                 self._write(simple_reply(req.cookie))
+                self._request_done(cost)
                 return
-        self.in_flight += 1
-        task = eager_start(self._serve(req))
+        task = eager_start(self._serve(req, cost))
         if task is not None:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
@@ -332,16 +434,26 @@ class NBDConnection(asyncio.BufferedProtocol):
                 return errno.EINVAL  # "offset and length MUST be 0"
         elif typ == Cmd.TRIM and not backend.can_trim:
             return errno.EINVAL
+        elif typ == Cmd.CACHE and req.length > backend.block_size.maximum:
+            # CACHE has no payload, but is served by reading: capped like READ. "Commands
+            # without payload ... may ask for more than the maximum payload. The server
+            # SHOULD NOT disconnect; it MAY answer EOVERFLOW or EINVAL" (Size constraints).
+            return errno.EINVAL
         elif typ == Cmd.BLOCK_STATUS and not self.context_id:
             return errno.EINVAL  # no metadata context negotiated
         return 0
 
-    async def _serve(self, req: Request) -> None:
+    async def _serve(self, req: Request, cost: int) -> None:
         backend = self.backend
         assert backend is not None
         typ = req.type
         try:
             if typ == Cmd.READ:
+                if req.length >= HOLE_PROBE_MIN and await backend.reads_as_zero(
+                    req.offset, req.length
+                ):
+                    self._reply_zero(req)
+                    return
                 data = await backend.pread(req.offset, req.length)
                 self._reply_read(req, data)
                 return
@@ -386,7 +498,15 @@ class NBDConnection(asyncio.BufferedProtocol):
             log.exception("%s: request %s failed", self.peer, Cmd(typ).name)
             self._reply_error(req, errno.EIO, "internal error")
         finally:
-            self._request_done()
+            self._request_done(cost)
+
+    def _reply_zero(self, req: Request) -> None:
+        """A read of a hole: one OFFSET_HOLE chunk, or the shared zeros; no allocation."""
+        if self.structured:
+            # One chunk covers the whole read, so DF ("MUST NOT fragment") is honoured.
+            self._write(hole_chunk(req.cookie, req.offset, req.length))
+        else:
+            self._write(simple_reply(req.cookie), buffers.ZEROES[: req.length])
 
     def _reply_read(self, req: Request, data: bytes | bytearray | memoryview) -> None:
         if not self.structured:
@@ -439,7 +559,7 @@ class NBDConnection(asyncio.BufferedProtocol):
         """
         cork = self._cork
         if cork:
-            self._cork = []
+            self._cork, self._cork_bytes = [], 0
             self._write_now(cork)  # replies before this one go first
         transport = self.transport
         if transport is None or transport.is_closing():
@@ -491,13 +611,16 @@ class NBDConnection(asyncio.BufferedProtocol):
         cork = self._cork
         if cork is not None:
             cork.append(header)
+            self._cork_bytes += len(header)
             if data is not None:
                 cork.append(data)
-                if len(data) >= UNCORK_AT:
-                    # A big reply goes out now, so the client is not kept waiting
-                    # while we read the next megabytes of the batch.
-                    self._cork = []
-                    self._write_now(cork)
+                self._cork_bytes += len(data)
+            if self._cork_bytes >= UNCORK_AT:
+                # Big replies go out now, so the client is not kept waiting while we
+                # read the next megabytes of the batch, and the transport sees the
+                # backlog (pause_writing) before we decode more.
+                self._cork, self._cork_bytes = [], 0
+                self._write_now(cork)
             return
         transport = self.transport
         if transport is None or transport.is_closing():
@@ -514,20 +637,22 @@ class NBDConnection(asyncio.BufferedProtocol):
         if transport is not None and not transport.is_closing():
             transport.writelines(bufs)
 
-    def _request_done(self) -> None:
-        self.in_flight -= 1
+    def _request_done(self, cost: int) -> None:
+        self._release(cost)
         if self.in_flight == 0 and self.closing:
             if self._idle is not None and not self._idle.done():
                 self._idle.set_result(None)
             self._close_when_idle()
-        if self._read_paused:
-            self._update_reading()
+        elif self._blocked or self._read_paused:
+            self._unblock()
 
     def _update_reading(self) -> None:
         transport = self.transport
         if transport is None or transport.is_closing():
             return
-        want_pause = self.closing or self._write_paused or self.in_flight >= MAX_IN_FLIGHT
+        want_pause = (
+            self.closing or self._blocked or self._write_paused or self.in_flight >= MAX_IN_FLIGHT
+        )
         if want_pause and not self._read_paused:
             self._read_paused = True
             transport.pause_reading()

@@ -45,6 +45,7 @@ class Export:
     info: ExportInfo = field(init=False)
 
     def __post_init__(self) -> None:
+        self.backend.name = self.name
         bs = self.backend.block_size
         self.info = ExportInfo(
             name=self.name,

@@ -11,6 +11,7 @@ import urllib.parse
 from dataclasses import dataclass
 
 from tapnbd.protocol.handshake import TLSMode
+from tapnbd.server.budget import DEFAULT_PAYLOAD_BUDGET, PayloadBudget
 from tapnbd.server.connection import NBDConnection
 from tapnbd.server.exports import ExportRegistry
 
@@ -19,6 +20,10 @@ log = logging.getLogger("tapnbd.server")
 #: qemu-nbd's defaults after CVE-2024-7409: at most 100 clients, 10 s to finish the handshake.
 DEFAULT_MAX_CONNECTIONS = 100
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
+#: Unfinished handshakes, a lower cap of their own: past it the oldest is dropped, so
+#: clients that connect and stall hold at most this many slots and never lock out a
+#: client that completes its handshake.
+DEFAULT_MAX_HANDSHAKES = 16
 #: systemd's sd_listen_fds(3): passed sockets start at fd 3.
 SD_LISTEN_FDS_START = 3
 
@@ -77,6 +82,8 @@ class NBDServer:
         ssl_context: ssl.SSLContext | None = None,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+        max_handshakes: int = DEFAULT_MAX_HANDSHAKES,
+        payload_budget: int = DEFAULT_PAYLOAD_BUDGET,
     ) -> None:
         if tls_mode is not TLSMode.OFF and ssl_context is None:
             raise ValueError("TLS needs a certificate and key")
@@ -85,8 +92,12 @@ class NBDServer:
         self.ssl_context = ssl_context
         self.max_connections = max_connections
         self.handshake_timeout = handshake_timeout
+        self.max_handshakes = max(1, max_handshakes)
+        self.budget = PayloadBudget(payload_budget)
         self.shutting_down = False
         self.connections: set[NBDConnection] = set()
+        # Connections still in the handshake, oldest first (dicts keep insertion order).
+        self.handshaking: dict[NBDConnection, None] = {}
         self.endpoints: list[Endpoint] = []
         self._servers: list[asyncio.AbstractServer] = []
 
@@ -95,11 +106,25 @@ class NBDServer:
     def admit(self, conn: NBDConnection) -> bool:
         if self.shutting_down or len(self.connections) >= self.max_connections:
             return False
+        if len(self.handshaking) >= self.max_handshakes:
+            oldest = next(iter(self.handshaking))
+            log.warning(
+                "%d unfinished handshakes: dropping the oldest, %s",
+                len(self.handshaking),
+                oldest.peer,
+            )
+            self.handshaking.pop(oldest)
+            oldest.drop()
         self.connections.add(conn)
+        self.handshaking[conn] = None
         return True
+
+    def handshake_done(self, conn: NBDConnection) -> None:
+        self.handshaking.pop(conn, None)
 
     def forget(self, conn: NBDConnection) -> None:
         self.connections.discard(conn)
+        self.handshaking.pop(conn, None)
 
     def _factory(self) -> NBDConnection:
         return NBDConnection(self)

@@ -10,16 +10,18 @@ import signal
 import sys
 from dataclasses import dataclass, field
 
-from formats import open_image
+from formats import open_image, parse_size
 from formats.filters import FaultSpec, at_file_layer
 from tapnbd.backend import Backend
 from tapnbd.driver import Driver
 from tapnbd.errors import TapnbdError
 from tapnbd.protocol.handshake import TLSMode
+from tapnbd.server.budget import DEFAULT_PAYLOAD_BUDGET
 from tapnbd.server.exports import Export, ExportRegistry
 from tapnbd.server.listener import (
     DEFAULT_HANDSHAKE_TIMEOUT,
     DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_HANDSHAKES,
     NBDServer,
     activation_sockets,
     make_ssl_context,
@@ -46,6 +48,8 @@ class ServeOptions:
     tls_ca: str | None = None
     max_connections: int = DEFAULT_MAX_CONNECTIONS
     handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
+    max_handshakes: int = DEFAULT_MAX_HANDSHAKES
+    payload_budget: str = f"{DEFAULT_PAYLOAD_BUDGET >> 20}M"  # server-wide, see budget.py
     # Fault injection (formats.filters): ERRNO:RATE[:OPS] rules, OP=TIME delays, where
     # ("export": in front of the whole stack; "file": between a format and its file),
     # and a file whose existence switches the errors on (nbdkit error-file).
@@ -150,6 +154,9 @@ def write_stats(path: str, registry: ExportRegistry) -> None:
 
 
 async def serve(opts: ServeOptions) -> int:
+    budget = parse_size(opts.payload_budget)
+    if opts.max_handshakes < 1:
+        raise TapnbdError(f"--max-handshakes {opts.max_handshakes}: must be at least 1")
     registry = await open_exports(opts)
     ssl_context = None
     if opts.tls is not TLSMode.OFF:
@@ -162,6 +169,8 @@ async def serve(opts: ServeOptions) -> int:
         ssl_context=ssl_context,
         max_connections=opts.max_connections,
         handshake_timeout=opts.handshake_timeout,
+        max_handshakes=opts.max_handshakes,
+        payload_budget=budget,
     )
     try:
         passed = activation_sockets()

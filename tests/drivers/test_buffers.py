@@ -29,3 +29,21 @@ def test_many_sizes_do_not_grow_the_pool() -> None:
     for i in range(buffers.MAX_SIZES * 3):
         buffers.give(buffers.take(buffers.POOL_MIN + 512 * i))
     assert len(buffers._free) <= buffers.MAX_SIZES
+
+
+def test_pool_is_bounded_in_bytes() -> None:
+    # Eight 32 MiB buffers of one size would be 256 MiB kept for ever: MAX_BYTES caps it.
+    buffers._free.clear()
+    buffers._held = 0
+    size = 32 << 20
+    taken = [buffers.take(size) for _ in range(buffers.PER_SIZE)]
+    for b in taken:
+        buffers.give(b)
+    assert len(buffers._free[size]) * size <= buffers.MAX_BYTES
+    assert buffers._held == len(buffers._free[size]) * size
+    buffers.take(size)
+    assert buffers._held == len(buffers._free[size]) * size
+
+
+def test_shared_zeroes_are_read_only() -> None:
+    assert buffers.ZEROES.readonly and len(buffers.ZEROES) == 32 << 20

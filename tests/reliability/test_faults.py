@@ -37,13 +37,13 @@ probe("read", lambda: h.pread(4096, 0))
 probe("write", lambda: h.pwrite(b"\x07" * 4096, 0))
 probe("trim", lambda: h.trim(4096, 8192))
 probe("zero", lambda: h.zero(4096, 8192))
+probe("write_fua", lambda: h.pwrite(b"\x07" * 4096, 0, flags=nbd.CMD_FLAG_FUA))
 probe("flush", lambda: h.flush())
 probe("cache", lambda: h.cache(4096, 0))
-probe("write_fua", lambda: h.pwrite(b"\x07" * 4096, 0, flags=nbd.CMD_FLAG_FUA))
 os.remove(trigger)  # faults off: the same connection must now work
 h.pwrite(b"\x09" * 65536, 0)
-h.flush()
 res["after"] = h.pread(65536, 0) == b"\x09" * 65536
+probe("flush_after", lambda: h.flush())  # a failed flush sticks (test_sync_errors.py)
 h.shutdown()
 print(json.dumps(res))
 """
@@ -79,6 +79,7 @@ def test_errnos_reach_the_client_and_the_connection_survives(
         "cache": "EIO",
         "write_fua": "ENOSPC",
         "after": True,
+        "flush_after": "EIO",
     }
 
 
@@ -209,7 +210,9 @@ def test_qcow_stays_consistent_when_its_file_fails(
     assert not journal.dead and not journal.hang
     assert set(journal.errors) == {"EIO"}, journal.errors  # nothing else, no disconnect
     assert journal.count("err") > 0 and journal.count("ok") > 1000
-    assert journal.flush_errors and journal.flush_cuts  # some flushes failed, some not
+    # Some flush failed; from then on every flush fails (a failed flush sticks, see
+    # test_sync_errors.py), so how many succeeded first is up to the dice.
+    assert journal.flush_errors
 
     # Live: every acknowledged write reads back (reads are not faulted).
     live = tmp_path / "live.raw"
@@ -225,4 +228,4 @@ def test_qcow_stays_consistent_when_its_file_fails(
     work.mkdir()
     check_image(image, journal, work, r)
     assert r.ok, r.failures
-    assert r.must > 0
+    assert r.must > 0 or not journal.flush_cuts

@@ -206,6 +206,40 @@ def test_handshake_timeout_and_connection_cap(serve: Callable[..., Server]) -> N
     still_serves(server)
 
 
+def test_stalled_handshakes_cannot_lock_out_real_clients(serve: Callable[..., Server]) -> None:
+    """Unfinished handshakes have their own, lower cap (4 here, of 8 connections): past
+    it the oldest is dropped, so stallers that fill every slot they can get never keep
+    a client that completes its handshake out. (With only the connection cap, 8
+    stallers refused everyone until the handshake timeout, here a minute.)"""
+    server = serve(
+        "ram:1M",
+        "--max-connections",
+        "8",
+        "--max-handshakes",
+        "4",
+        "--handshake-timeout",
+        "60",
+        "--verbose",
+    )
+    host, port = addr(server)
+    stalled = [rc.connect(host, port) for _ in range(8)]
+    for s in stalled:
+        assert rc.recv_exact(s, 18)[:8] == rc.NBDMAGIC  # greeted, then silent
+    server.wait_for_log("unfinished handshakes: dropping the oldest", count=4)
+    script = r"""
+import json, sys, nbd
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+h.pwrite(b"\x07" * 4096, 0)
+print(json.dumps(h.pread(4096, 0) == b"\x07" * 4096))
+"""
+    assert nbdsh_script(script, server.uri) is True
+    # The first four stallers were the ones dropped, as the later ones arrived.
+    assert all(rc.closed_by_peer(s, within=5) for s in stalled[:4])
+    for s in stalled:
+        s.close()
+
+
 @pytest.mark.parametrize("slow", [True, False])
 def test_slow_clients_do_not_delay_others(serve: Callable[..., Server], slow: bool) -> None:
     server = serve("ram:1M", "--handshake-timeout", "3")

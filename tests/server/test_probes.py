@@ -40,6 +40,7 @@ probe("write_past_end", lambda: h.pwrite(b"x" * 512, size))
 probe("zero_past_end", lambda: h.zero(4096, size))
 probe("trim_past_end", lambda: h.trim(4096, size))
 probe("cache_past_end", lambda: h.cache(4096, size))
+probe("cache_over_max", lambda: h.cache((32 << 20) + 4096, 0))
 probe("block_status_past_end", lambda: h.block_status(4096, size, lambda *a: 0))
 probe("zero_length_read", lambda: h.pread(0, 0))
 probe("zero_length_write", lambda: h.pwrite(b"", 0))
@@ -98,13 +99,16 @@ def test_strict_mode_probes(serve: Callable[..., Server], raw_image: Path) -> No
     res = nbdsh_script(PROBES, rw.uri, ro.uri)
     assert isinstance(res, dict)
     expected = {
-        # NBD spec "Error values": read/trim past the end EINVAL, writes ENOSPC.
+        # NBD spec "Error values": read/trim past the end EINVAL, writes ENOSPC
+        # (ENOSPC is for WRITE and WRITE_ZEROES only).
         "read_past_end": "EINVAL",
         "read_straddling_end": "EINVAL",
         "write_past_end": "ENOSPC",
         "zero_past_end": "ENOSPC",
-        "trim_past_end": "ENOSPC",
+        "trim_past_end": "EINVAL",
         "cache_past_end": "EINVAL",
+        # CACHE is capped like READ, at the 32 MiB maximum payload.
+        "cache_over_max": "EINVAL",
         "block_status_past_end": "EINVAL",
         # Zero-length requests: unspecified, so succeed without disconnecting.
         "zero_length_read": "OK",
