@@ -11,11 +11,16 @@ import asyncio
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
+from formats.locks import locked_target
 from formats.qcow.create import create_qcow, create_raw
 from tapnbd.backend import Backend
 from tapnbd.driver import Driver, ExtentFlags
 from tapnbd.errors import ImageError
+
+if TYPE_CHECKING:
+    from formats import OpenRules
 
 #: Bytes read per request.
 CHUNK = 2 << 20
@@ -49,17 +54,20 @@ async def convert_image(
     cluster_size: int | None = None,
     progress: Callable[[int], None] | None = None,
     start: Callable[[int], None] | None = None,
+    rules: OpenRules | None = None,
 ) -> ConvertStats:
     """Copy ``src`` (any supported format) to a new ``out_fmt`` image at ``dst``.
 
     ``start`` is called with the source's size once it is open, ``progress`` with the
-    number of bytes of the source just dealt with.
+    number of bytes of the source just dealt with. ``rules`` are for opening the
+    source's chain; ``rules.share`` also skips the destination's lock.
     """
-    from formats import open_image
+    from formats import OpenRules, open_image
 
+    rules = rules or OpenRules()
     if out_fmt not in OUTPUT_FORMATS:
         raise ImageError(f"unknown output format {out_fmt!r}: use raw or qcow")
-    driver = await open_image(src, fmt=src_fmt, read_only=True)
+    driver = await open_image(src, fmt=src_fmt, read_only=True, rules=rules)
     source = Backend(driver, read_only=True)
     try:
         # Creating the destination truncates it: it must not be a file being read.
@@ -69,18 +77,24 @@ async def convert_image(
                 "converting onto it would destroy the data being read"
             )
         size = source.size
-        if start is not None:
-            start(size)
-        if out_fmt == "raw":
-            create_raw(dst, size)
-        else:
-            await create_qcow(dst, size, optimise=optimise, cluster_size=cluster_size)
-        target = Backend(await open_image(dst, fmt=out_fmt))
-        try:
-            stats = await _copy(source, target, size, progress)
-            await target.flush()
-        finally:
-            await target.close()
+        # The destination's lock is held from before it is truncated until the copy is
+        # flushed: an image in use is refused untouched (formats.locks).
+        with locked_target(dst, share=rules.share) as fd:
+            if start is not None:
+                start(size)
+            if out_fmt == "raw":
+                create_raw(dst, size, target_fd=fd)
+            else:
+                await create_qcow(
+                    dst, size, optimise=optimise, cluster_size=cluster_size, target_fd=fd
+                )
+            # Our fd holds the lock; the target's own open must not ask for it again.
+            target = Backend(await open_image(dst, fmt=out_fmt, rules=OpenRules(share=True)))
+            try:
+                stats = await _copy(source, target, size, progress)
+                await target.flush()
+            finally:
+                await target.close()
     finally:
         await source.close()
     return stats

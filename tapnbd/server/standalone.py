@@ -10,7 +10,7 @@ import signal
 import sys
 from dataclasses import dataclass, field
 
-from formats import open_image
+from formats import OpenRules, open_image
 from formats.filters import FaultSpec, at_file_layer
 from tapnbd.backend import Backend
 from tapnbd.driver import Driver
@@ -53,6 +53,8 @@ class ServeOptions:
     delay: list[str] = field(default_factory=list)
     inject_at: str = "export"
     inject_error_file: str | None = None
+    # The image trust rules (formats.OpenRules): backing format, probed chains, locks.
+    rules: OpenRules = field(default_factory=OpenRules)
 
 
 def export_name(image: str) -> str:
@@ -84,7 +86,9 @@ async def open_exports(opts: ServeOptions) -> ExportRegistry:
                 raise TapnbdError(f"two images would both be exported as {name!r}; use --name")
             wrapped.clear()
             with at_file_layer(wrap_file if at_file else None):
-                driver = await open_image(image, fmt=opts.fmt, read_only=opts.read_only)
+                driver = await open_image(
+                    image, fmt=opts.fmt, read_only=opts.read_only, rules=opts.rules
+                )
             opened.append(driver)
             if at_file and not wrapped:
                 raise TapnbdError(
