@@ -156,6 +156,14 @@ async def test_planted_header_through_the_daemon(tap: Tapnbd) -> None:
     assert clean.read_bytes()[:512] == bytes(512)
     assert "would probe as qcow" in tap.log_tail()
 
+    # A FIFO as a backing file: refused at once, and the daemon keeps serving.
+    fifo = tap.base / "fifo"
+    os.mkfifo(fifo)
+    over = make_overlay(tap.base, fifo)
+    err = tap.fails("export", "add", "-f", "qcow", str(over))
+    assert "is a FIFO" in err, err
+    qemu_io(uri, "read -P 0 0 4k")
+
 
 async def test_probed_backing_may_not_name_a_backing_file(tmp_path: Path) -> None:
     """base.raw <- mid.qcow <- top.qcow: mid is probed unless --backing-format says."""
