@@ -252,3 +252,17 @@ def test_backing_block_device_needs_an_option(tmp_path: Path) -> None:
         assert json.loads(run(tapnbd_cmd("info", "--json", dev)).stdout)["format"] == "raw"
     finally:
         subprocess.run(["losetup", "-d", dev], check=False)
+
+
+@pytest.mark.parametrize("cmd", ["info", "check", "serve", "convert"])
+def test_fifo_named_as_the_image_fails_fast(tmp_path: Path, cmd: str) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    args = {
+        "info": ["info", str(fifo)],
+        "check": ["check", str(fifo)],
+        "serve": ["serve", str(fifo), "--port", "0"],
+        "convert": ["convert", "-q", str(fifo), str(tmp_path / "out.qcow")],
+    }[cmd]
+    proc = run(tapnbd_cmd(*args), check=False, timeout=60)  # the timeout: hangs only
+    assert proc.returncode == 1 and "is a FIFO" in proc.stderr, proc.stderr
