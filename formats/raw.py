@@ -16,6 +16,7 @@ import ctypes
 import ctypes.util
 import errno
 import fcntl
+import functools
 import os
 import stat
 import struct
@@ -134,7 +135,7 @@ async def open_raw(path: str, read_only: bool) -> Driver:
     from formats import open_rules
 
     rules = open_rules()
-    return RawDriver(
+    return await RawDriver.open(
         path,
         read_only=read_only,
         exclusive=not read_only and not rules.share,
@@ -154,8 +155,12 @@ class RawDriver(Driver):
         read_only: bool = False,
         exclusive: bool = False,
         block_devices: bool = True,
+        fd: int | None = None,
     ) -> None:
-        self.fd = open_file(path, read_only=read_only, block_devices=block_devices)
+        # ``fd``: already opened by open_file (RawDriver.open does that off the loop).
+        if fd is None:
+            fd = open_file(path, read_only=read_only, block_devices=block_devices)
+        self.fd = fd
         self.path = path
         self.read_only = read_only
         st = os.fstat(self.fd)
@@ -180,6 +185,19 @@ class RawDriver(Driver):
         self._zero_range = not self.is_block
         self._seek_data = not self.is_block
         self._falloc = not self.is_block
+
+    @classmethod
+    async def open(
+        cls, path: str, *, read_only: bool, exclusive: bool, block_devices: bool
+    ) -> RawDriver:
+        """The driver, with the open and fstat done in the thread pool: a daemon
+        serving other exports never waits on an image's open(2) (NFS, a slow disk)."""
+        loop = asyncio.get_running_loop()
+        fd = await loop.run_in_executor(
+            EXECUTOR,
+            functools.partial(open_file, path, read_only=read_only, block_devices=block_devices),
+        )
+        return cls(path, read_only=read_only, exclusive=exclusive, fd=fd)
 
     def size(self) -> int:
         return self._size

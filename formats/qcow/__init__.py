@@ -64,7 +64,7 @@ async def open_qcow(path: str, read_only: bool) -> Driver:
     from formats import open_backing, open_rules
 
     rules = open_rules()
-    child: Driver = RawDriver(
+    child: Driver = await RawDriver.open(
         path,
         read_only=read_only,
         exclusive=not read_only and not rules.share,
