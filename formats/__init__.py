@@ -200,9 +200,9 @@ async def open_backing(name: str, path: str, fmt: str | None = None) -> Driver:
     admin allowed it: a guest that wrote a header into its raw disk must not make us
     open a host path (the CVE-2008-2004 class).
     """
-    cur = _opening.get()
-    if cur is None:
-        raise RuntimeError("open_backing is for a format's open, inside open_image")
+    # A format's open called directly, not through open_image: its caller chose the
+    # format, so the image counts as given, with the default rules.
+    cur = _opening.get() or _Opening(path, OpenRules(), probed=False, depth=0)
     if cur.probed and not cur.rules.allow_probed_backing:
         raise UnsafeBackingError(
             f"not opened: the format of {cur.path} was probed, not given, and a probed "
@@ -212,7 +212,11 @@ async def open_backing(name: str, path: str, fmt: str | None = None) -> Driver:
         )
     if fmt is None and cur.depth == 0 and cur.rules.backing_format is not None:
         fmt = cur.rules.backing_format
-    return await open_image(path, fmt=fmt or "auto", read_only=True)
+    token = _opening.set(cur)  # the same, unless made up above: depth 1 below it
+    try:
+        return await open_image(path, fmt=fmt or "auto", read_only=True)
+    finally:
+        _opening.reset(token)
 
 
 def _register_builtin() -> None:
