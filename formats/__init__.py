@@ -7,9 +7,13 @@ else claims the image (QEMU raw_probe).
 
 from __future__ import annotations
 
+import asyncio
 import os
+import re
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from contextvars import ContextVar
+from dataclasses import dataclass, replace
+from fractions import Fraction
 
 from tapnbd.driver import Driver
 from tapnbd.errors import ImageError
@@ -34,35 +38,119 @@ def register(fmt: Format) -> None:
     FORMATS[fmt.name] = fmt
 
 
-def parse_size(text: str) -> int:
-    """Parse ``1G``, ``512M``, ``4096`` (binary units, as qemu-img does)."""
-    units = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-    t = text.strip().upper().removesuffix("IB").removesuffix("B") if text else ""
-    num, unit = (t[:-1], t[-1]) if t and t[-1] in units else (t, "")
-    try:
-        value = int(float(num) * units[unit])
-    except ValueError:
-        raise ImageError(f"invalid size {text!r}: expected a number with K, M, G or T") from None
-    if value <= 0:
+#: Binary suffixes accepted by ``parse_size`` (qemu-img's K, M, G, T, P, E).
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
+_SIZE_UNITS["E"] = 1 << 60
+_SIZE_RE = re.compile(r"(?P<num>[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?P<unit>[KMGTPE]?)(?:I?B)?")
+
+
+def parse_size(text: str, *, allow_zero: bool = False) -> int:
+    """Parse ``1G``, ``512M``, ``1.5K``, ``4096`` (binary units, as qemu-img does).
+
+    Only digits with an optional fraction and a K, M, G, T, P or E suffix: no signs,
+    exponents, ``inf`` or ``nan``, and a fraction must come out as a whole number of
+    bytes (``0.5K`` is 512, ``0.3K`` is refused). Exact arithmetic, so ``1e400`` cannot
+    overflow a float on its way to a traceback.
+    """
+    m = _SIZE_RE.fullmatch(text.strip().upper()) if text else None
+    if m is None:
+        raise ImageError(
+            f"invalid size {text!r}: expected a number of bytes with an optional "
+            "K, M, G, T, P or E suffix (binary units)"
+        )
+    value = Fraction(m["num"]) * _SIZE_UNITS[m["unit"]]
+    if value.denominator != 1:
+        raise ImageError(f"invalid size {text!r}: not a whole number of bytes")
+    if value < 0 or (value == 0 and not allow_zero):
         raise ImageError(f"invalid size {text!r}: must be positive")
-    return value
+    return int(value)
 
 
-def probe(path: str) -> str:
-    """The name of the format that scores highest on ``path``'s first bytes."""
+@dataclass(frozen=True)
+class OpenRules:
+    """What the admin allowed for one ``open_image`` call and the chain under it.
+
+    The trust rules (README, "Security model"): a header we probed may be guest data,
+    so a backing name read from it is not followed unless the admin said so; backing
+    files are regular files (block devices on request); writable opens lock the image.
+    """
+
+    #: Format of the top image's backing file. QCOW v1 cannot record it, so without
+    #: this the backing file is probed, and then may not name a backing file itself.
+    backing_format: str | None = None
+    #: Follow backing names read from probed headers (the admin vouches for the chain).
+    allow_probed_backing: bool = False
+    #: Backing files may be block devices (a top image given by the admin always may).
+    allow_block_devices: bool = False
+    #: Writable opens take no lock (the admin shares the image on purpose).
+    share: bool = False
+    #: Whether the file being opened now may be a block device (set per file).
+    block_devices: bool = True
+
+
+@dataclass(frozen=True)
+class _Opening:
+    """The image whose format's ``open`` is running: its rules, and how it was named."""
+
+    path: str
+    rules: OpenRules
+    probed: bool
+    depth: int  # 0 for the image the admin named, 1 for its backing file, ...
+
+
+_opening: ContextVar[_Opening | None] = ContextVar("formats_opening", default=None)
+
+
+def open_rules() -> OpenRules:
+    """The rules for the file a format is opening now (defaults outside open_image)."""
+    cur = _opening.get()
+    return cur.rules if cur is not None else OpenRules()
+
+
+def _read_probe_bytes(path: str, block_devices: bool) -> bytes:
+    from formats.raw import open_file
+
+    fd = open_file(path, read_only=True, block_devices=block_devices)
     try:
-        with open(path, "rb") as f:
-            header = f.read(PROBE_SIZE)
+        return os.pread(fd, PROBE_SIZE, 0)
     except OSError as e:
         raise ImageError(f"{path}: {e.strerror}") from None
+    finally:
+        os.close(fd)
+
+
+def probe_bytes(header: bytes) -> str | None:
+    """The format that scores highest on ``header``, or None when none claims it."""
     name, score = max(((f.name, f.probe(header)) for f in FORMATS.values()), key=lambda x: x[1])
-    if score <= 0:
+    return name if score > 0 else None
+
+
+def probe(path: str, *, block_devices: bool = True) -> str:
+    """The name of the format that scores highest on ``path``'s first bytes.
+
+    The file is checked before it is read (formats.raw.open_file): a FIFO or a
+    directory is refused, never waited on.
+    """
+    name = probe_bytes(_read_probe_bytes(path, block_devices))
+    if name is None:
         raise ImageError(f"{path}: unknown image format")
     return name
 
 
-async def open_image(spec: str, *, fmt: str = "auto", read_only: bool = False) -> Driver:
-    """Open ``spec`` (a path, or ``ram:SIZE``) as a driver stack."""
+async def open_image(
+    spec: str,
+    *,
+    fmt: str = "auto",
+    read_only: bool = False,
+    rules: OpenRules | None = None,
+) -> Driver:
+    """Open ``spec`` (a path, or ``ram:SIZE``) as a driver stack.
+
+    ``driver.name`` is the format that was opened (probed or given), for callers that
+    persist it so that a restart opens the same format instead of probing again.
+    ``rules`` default to those of the image being opened around this call (a backing
+    chain), else to ``OpenRules()``: the safe choices.
+    """
     if spec.startswith("ram:"):
         from formats.ram import RamDriver
 
@@ -81,12 +169,68 @@ async def open_image(spec: str, *, fmt: str = "auto", read_only: bool = False) -
         from formats.rbd.driver import open_rbd
 
         return await open_rbd(spec, read_only)
-    if not os.path.exists(spec):
+    if not os.path.lexists(spec):
         raise ImageError(f"{spec}: no such file or device")
-    name = probe(spec) if fmt == "auto" else fmt
-    if name not in FORMATS:
+    outer = _opening.get()
+    if rules is None:
+        rules = outer.rules if outer is not None else OpenRules()
+    depth = outer.depth + 1 if outer is not None else 0
+    # The admin named the top image, so it may be a block device; a backing name comes
+    # from a header, so it may be one only when the admin allowed it.
+    rules = replace(rules, block_devices=depth == 0 or rules.allow_block_devices)
+    if fmt != "auto" and fmt not in FORMATS:
         raise ImageError(f"unknown format {fmt!r}; known: {', '.join(sorted(FORMATS))}")
-    return await FORMATS[name].open(spec, read_only)
+    probed = fmt == "auto"
+    if probed:
+        # Off the event loop: a slow disk must not stall a daemon serving other exports.
+        loop = asyncio.get_running_loop()
+        header = await loop.run_in_executor(None, _read_probe_bytes, spec, rules.block_devices)
+        name = probe_bytes(header)
+        if name is None:
+            raise ImageError(f"{spec}: unknown image format")
+    else:
+        name = fmt
+    token = _opening.set(_Opening(spec, rules, probed, depth))
+    try:
+        driver = await FORMATS[name].open(spec, read_only)
+    finally:
+        _opening.reset(token)
+    if probed and name == "raw" and not read_only:
+        from formats.guard import ProbedRawGuard
+
+        driver = ProbedRawGuard(driver, spec)
+    return driver
+
+
+class UnsafeBackingError(ImageError):
+    """A backing name the trust rules do not let us follow."""
+
+
+async def open_backing(name: str, path: str, fmt: str | None = None) -> Driver:
+    """Open the backing file ``name`` (resolved to ``path``) of the image being opened.
+
+    ``fmt`` is the backing format recorded in the image, for formats that record one
+    (QCOW v1 does not). A name read from a probed header is followed only when the
+    admin allowed it: a guest that wrote a header into its raw disk must not make us
+    open a host path (the CVE-2008-2004 class).
+    """
+    # A format's open called directly, not through open_image: its caller chose the
+    # format, so the image counts as given, with the default rules.
+    cur = _opening.get() or _Opening(path, OpenRules(), probed=False, depth=0)
+    if cur.probed and not cur.rules.allow_probed_backing:
+        raise UnsafeBackingError(
+            f"not opened: the format of {cur.path} was probed, not given, and a probed "
+            "header may be guest data, so the backing file it names is not followed "
+            "(give the image's format: --format for the image, --backing-format for its "
+            "backing file; or --allow-probed-backing-chain if you trust the whole chain)"
+        )
+    if fmt is None and cur.depth == 0 and cur.rules.backing_format is not None:
+        fmt = cur.rules.backing_format
+    token = _opening.set(cur)  # the same, unless made up above: depth 1 below it
+    try:
+        return await open_image(path, fmt=fmt or "auto", read_only=True)
+    finally:
+        _opening.reset(token)
 
 
 def _register_builtin() -> None:

@@ -16,6 +16,7 @@ import ctypes
 import ctypes.util
 import errno
 import fcntl
+import functools
 import os
 import stat
 import struct
@@ -74,13 +75,72 @@ def _pwrite_all(fd: int, data: bytes | memoryview, offset: int, flags: int = 0) 
         view, offset = view[n:], offset + n
 
 
+#: File types by ``stat.S_IFMT``, for refusals that say what the path was.
+_FILE_TYPES = {
+    stat.S_IFDIR: "a directory",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFBLK: "a block device",
+}
+
+
+def open_file(path: str, *, read_only: bool = True, block_devices: bool = True) -> int:
+    """Open an image file: a regular file, or a block device when ``block_devices``.
+
+    The path may come from an image header, so it is hostile until fstat says what it
+    is: the open is O_NONBLOCK (opening a FIFO would otherwise wait for a writer) and
+    O_NOCTTY, and anything but a regular file (or an allowed block device) is refused
+    before a byte is read. O_NONBLOCK is cleared after the check: it means nothing to
+    regular files and block devices, but say what we mean.
+    """
+    flags = os.O_RDONLY if read_only else os.O_RDWR
+    try:
+        fd = os.open(path, flags | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
+    except OSError as e:
+        raise ImageError(f"{path}: {e.strerror}") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not (stat.S_ISREG(mode) or (stat.S_ISBLK(mode) and block_devices)):
+            kind = _FILE_TYPES.get(stat.S_IFMT(mode), "not a regular file")
+            if stat.S_ISBLK(mode):
+                why = "a backing file is a block device only with --allow-block-devices"
+            else:
+                why = "only regular files and block devices are images"
+            raise ImageError(f"{path}: is {kind}; {why}")
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def lock_image(fd: int, path: str) -> None:
+    """Take the image's write lock (flock LOCK_EX, not waiting), or say who has it."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise ImageError(
+            f"{path}: in use: another process (or export) has it open for writing "
+            "(an image tool's --force-share, or serve's --share, skips the lock)"
+        ) from None
+
+
 def probe(header: bytes) -> int:
     """Anything is a raw image; score lowest so every real format wins (QEMU raw_probe)."""
     return 1
 
 
 async def open_raw(path: str, read_only: bool) -> Driver:
-    return RawDriver(path, read_only=read_only)
+    from formats import open_rules
+
+    rules = open_rules()
+    return await RawDriver.open(
+        path,
+        read_only=read_only,
+        exclusive=not read_only and not rules.share,
+        block_devices=rules.block_devices,
+    )
 
 
 class RawDriver(Driver):
@@ -88,28 +148,34 @@ class RawDriver(Driver):
 
     name = "raw"
 
-    def __init__(self, path: str, *, read_only: bool = False, exclusive: bool = False) -> None:
-        try:
-            self.fd = os.open(path, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
-        except OSError as e:
-            raise ImageError(f"{path}: {e.strerror}") from None
+    def __init__(
+        self,
+        path: str,
+        *,
+        read_only: bool = False,
+        exclusive: bool = False,
+        block_devices: bool = True,
+        fd: int | None = None,
+    ) -> None:
+        # ``fd``: already opened by open_file (RawDriver.open does that off the loop).
+        if fd is None:
+            fd = open_file(path, read_only=read_only, block_devices=block_devices)
+        self.fd = fd
         self.path = path
         self.read_only = read_only
         st = os.fstat(self.fd)
         self.is_block = stat.S_ISBLK(st.st_mode)
         if exclusive:
-            # Two writers would corrupt a format's metadata (two qcow drivers allocating
-            # the same clusters), so a format that writes takes an exclusive lock, as qemu
-            # does. Readers (info, check, backing files) need none, and a raw image is
-            # not locked, like nbdkit's file plugin: a server may hand over to its
-            # successor with no gap. The kernel drops the lock if we die.
+            # Two writers would corrupt an image (two qcow drivers allocating the same
+            # clusters, two servers under one guest file system), so every writable
+            # open takes an exclusive lock, as qemu does, unless the admin shares it.
+            # Readers (info, check, backing files) take none. The kernel drops the lock
+            # when we exit, so a successor can open the image once we are gone.
             try:
-                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+                lock_image(self.fd, path)
+            except BaseException:
                 os.close(self.fd)
-                raise ImageError(
-                    f"{path}: in use: another process (or export) has it open for writing"
-                ) from None
+                raise
         self._size = os.lseek(self.fd, 0, os.SEEK_END)
         self._sync_error: OSError | None = None  # see flush
         # Fast paths switch themselves off on their first ENOTSUP/EINVAL (nbdkit file_zero).
@@ -120,6 +186,19 @@ class RawDriver(Driver):
         self._zero_range = not self.is_block
         self._seek_data = not self.is_block
         self._falloc = not self.is_block
+
+    @classmethod
+    async def open(
+        cls, path: str, *, read_only: bool, exclusive: bool, block_devices: bool
+    ) -> RawDriver:
+        """The driver, with the open and fstat done in the thread pool: a daemon
+        serving other exports never waits on an image's open(2) (NFS, a slow disk)."""
+        loop = asyncio.get_running_loop()
+        fd = await loop.run_in_executor(
+            EXECUTOR,
+            functools.partial(open_file, path, read_only=read_only, block_devices=block_devices),
+        )
+        return cls(path, read_only=read_only, exclusive=exclusive, fd=fd)
 
     def size(self) -> int:
         return self._size

@@ -61,7 +61,15 @@ async def open_qcow(path: str, read_only: bool) -> Driver:
         raise InvalidImageError(f"{path}: backing file loop ({' -> '.join((*chain, real))})")
     if len(chain) >= MAX_CHAIN:
         raise InvalidImageError(f"{path}: backing chain deeper than {MAX_CHAIN} images")
-    child: Driver = RawDriver(path, read_only=read_only, exclusive=not read_only)
+    from formats import open_backing, open_rules
+
+    rules = open_rules()
+    child: Driver = await RawDriver.open(
+        path,
+        read_only=read_only,
+        exclusive=not read_only and not rules.share,
+        block_devices=rules.block_devices,
+    )
     wrap = file_filter.get()
     if wrap is not None:
         child = wrap(child)
@@ -70,11 +78,10 @@ async def open_qcow(path: str, read_only: bool) -> Driver:
     try:
         meta = await read_meta(child)
         if meta.backing_name:
-            from formats import open_image
-
             bpath = resolve_backing(path, meta.backing_name)
             try:
-                backing = await open_image(bpath, read_only=True)
+                # QCOW v1 records no backing format: open_backing applies the rules.
+                backing = await open_backing(meta.backing_name, bpath)
             except ImageError as e:
                 raise type(e)(f"backing file {meta.backing_name!r}: {e}") from None
         driver = QcowDriver(child, backing, meta, read_only=read_only, path=path)

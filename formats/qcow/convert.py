@@ -11,11 +11,16 @@ import asyncio
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
+from formats.locks import locked_target
 from formats.qcow.create import create_qcow, create_raw
 from tapnbd.backend import Backend
 from tapnbd.driver import Driver, ExtentFlags
 from tapnbd.errors import ImageError
+
+if TYPE_CHECKING:
+    from formats import OpenRules
 
 #: Bytes read per request.
 CHUNK = 2 << 20
@@ -49,23 +54,26 @@ async def convert_image(
     cluster_size: int | None = None,
     progress: Callable[[int], None] | None = None,
     start: Callable[[int], None] | None = None,
+    rules: OpenRules | None = None,
 ) -> ConvertStats:
     """Copy ``src`` (any supported format) to a new ``out_fmt`` image at ``dst``.
 
     ``start`` is called with the source's size once it is open, ``progress`` with the
-    number of bytes of the source just dealt with.
+    number of bytes of the source just dealt with. ``rules`` are for opening the
+    source's chain; ``rules.share`` also skips the destination's lock.
     """
-    from formats import open_image
+    from formats import OpenRules, open_image
 
     from formats.nbd import is_nbd
 
+    rules = rules or OpenRules()
     if dst.startswith("rbd:"):
         out_fmt = "rbd"  # the name says where it goes
     elif is_nbd(dst):
         out_fmt = "nbd"  # an existing export: written over, as qemu-img convert -n
     if out_fmt not in OUTPUT_FORMATS:
         raise ImageError(f"unknown output format {out_fmt!r}: use raw or qcow")
-    driver = await open_image(src, fmt=src_fmt, read_only=True)
+    driver = await open_image(src, fmt=src_fmt, read_only=True, rules=rules)
     source = Backend(driver, read_only=True)
     try:
         # Creating the destination truncates it: it must not be a file being read.
@@ -75,29 +83,53 @@ async def convert_image(
                 "converting onto it would destroy the data being read"
             )
         size = source.size
-        if start is not None:
-            start(size)
-        if out_fmt == "nbd":
-            pass  # nothing to create; its size is checked once it is open
-        elif out_fmt == "rbd":
-            from formats.rbd.driver import create_blocking
+        if out_fmt in ("nbd", "rbd"):
+            # Not a local file: nothing to lock here (RBD has its own exclusive lock).
+            if out_fmt == "rbd":
+                from formats.rbd.driver import create_blocking
 
-            await asyncio.to_thread(create_blocking, dst, size)
-        elif out_fmt == "raw":
-            create_raw(dst, size)
-        else:
-            await create_qcow(dst, size, optimise=optimise, cluster_size=cluster_size)
-        target = Backend(await open_image(dst, fmt=out_fmt))
-        try:
-            if target.size < size:
-                raise ImageError(f"{dst}: {target.size} bytes, too small for {size} bytes")
+                await asyncio.to_thread(create_blocking, dst, size)
+            if start is not None:
+                start(size)
+            target = Backend(await open_image(dst, fmt=out_fmt))
             # An existing export may hold data: its zero runs must be written too.
-            stats = await _copy(source, target, size, progress, zero_target=out_fmt == "nbd")
-            await target.flush()
-        finally:
-            await target.close()
+            stats = await _copy_into(target, source, size, progress, zero=out_fmt == "nbd")
+        else:
+            # The destination's lock is held from before it is truncated until the copy
+            # is flushed: an image in use is refused untouched (formats.locks).
+            with locked_target(dst, share=rules.share) as fd:
+                if start is not None:
+                    start(size)
+                if out_fmt == "raw":
+                    create_raw(dst, size, target_fd=fd)
+                else:
+                    await create_qcow(
+                        dst, size, optimise=optimise, cluster_size=cluster_size, target_fd=fd
+                    )
+                # Our fd holds the lock; the target's own open must not ask for it again.
+                target = Backend(await open_image(dst, fmt=out_fmt, rules=OpenRules(share=True)))
+                stats = await _copy_into(target, source, size, progress)
     finally:
         await source.close()
+    return stats
+
+
+async def _copy_into(
+    target: Backend,
+    source: Backend,
+    size: int,
+    progress: Callable[[int], None] | None,
+    *,
+    zero: bool = False,
+) -> ConvertStats:
+    """Copy into an opened target, flush it and close it."""
+    try:
+        if target.size < size:
+            raise ImageError(f"target is {target.size} bytes, too small for {size} bytes")
+        stats = await _copy(source, target, size, progress, zero_target=zero)
+        await target.flush()
+    finally:
+        await target.close()
     return stats
 
 

@@ -18,7 +18,10 @@ from __future__ import annotations
 
 import os
 import re
+from contextlib import ExitStack
+from typing import TYPE_CHECKING
 
+from formats.locks import locked_target
 from formats.qcow.geometry import (
     MAX_BACKING_NAME,
     Geometry,
@@ -38,16 +41,21 @@ from formats.qcow.layout import (
 from formats.raw import FALLOC_FL_KEEP_SIZE, fallocate
 from tapnbd.errors import ImageError
 
+if TYPE_CHECKING:
+    from formats import OpenRules
+
 #: "URL-like xx: names are kept as given" (blktap qcow_create)
 _URL_LIKE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
 
 
-async def backing_facts(backing: str) -> tuple[str, int, int]:
+async def backing_facts(
+    backing: str, backing_format: str = "auto", rules: OpenRules | None = None
+) -> tuple[str, int, int]:
     """(name to store, virtual size, mtime) of a backing file, opened to check it."""
     from formats import open_image
 
     name = backing if _URL_LIKE.match(backing) else os.path.realpath(backing)
-    driver = await open_image(name, read_only=True)
+    driver = await open_image(name, fmt=backing_format, read_only=True, rules=rules)
     try:
         size = driver.size()
     finally:
@@ -61,20 +69,28 @@ async def create_qcow(
     size: int | None = None,
     *,
     backing: str | None = None,
+    backing_format: str = "auto",
     optimise: bool = True,
     cluster_size: int | None = None,
     reserve: bool = False,
+    share: bool = False,
+    target_fd: int | None = None,
+    rules: OpenRules | None = None,
 ) -> Geometry:
     """Create a QCOW v1 image at ``path`` (overwriting it); returns its geometry.
 
     With a backing file the size defaults to the backing file's virtual size, as in
     blktap (which ignored the requested size altogether), and the image is never
     optimised: preallocated zero clusters would hide the backing data (spec §2.4).
+    ``backing_format`` is only checked here: QCOW v1 has nowhere to record it.
+
+    The image's lock is taken before anything is written (formats.locks), unless
+    ``share``, or the caller passes ``target_fd``, an fd whose lock it already holds.
     """
     name = b""
     mtime = 0
     if backing is not None:
-        stored, bsize, mtime = await backing_facts(backing)
+        stored, bsize, mtime = await backing_facts(backing, backing_format, rules)
         name = os.fsencode(stored)
         if len(name) > MAX_BACKING_NAME:
             raise ImageError(f"backing file name is {len(name)} bytes; at most 1023 fit")
@@ -106,8 +122,11 @@ async def create_qcow(
     )
     file_len = round_up(l1_off + g.l1_size * 8, 4096)
 
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-    try:
+    with ExitStack() as stack:
+        fd = target_fd
+        if fd is None:
+            fd = stack.enter_context(locked_target(path, share=share))
+        os.ftruncate(fd, 0)  # locked: nobody else is using it
         os.pwrite(fd, header.build() + ext.build() + name, 0)
         os.ftruncate(fd, file_len)  # the L1 table: zeros, as a hole
         if reserve:
@@ -118,15 +137,26 @@ async def create_qcow(
             except OSError as e:
                 raise ImageError(f"{path}: cannot reserve space: {e.strerror}") from None
         os.fsync(fd)
-    finally:
-        os.close(fd)
     return g
 
 
-def create_raw(path: str, size: int, *, reserve: bool = False) -> None:
-    """Create a raw image: sparse, or fully allocated with ``reserve``."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-    try:
+def create_raw(
+    path: str,
+    size: int,
+    *,
+    reserve: bool = False,
+    share: bool = False,
+    target_fd: int | None = None,
+) -> None:
+    """Create a raw image: sparse, or fully allocated with ``reserve``.
+
+    Locked first, as create_qcow.
+    """
+    with ExitStack() as stack:
+        fd = target_fd
+        if fd is None:
+            fd = stack.enter_context(locked_target(path, share=share))
+        os.ftruncate(fd, 0)
         if reserve:
             try:
                 fallocate(fd, 0, 0, size)
@@ -135,5 +165,3 @@ def create_raw(path: str, size: int, *, reserve: bool = False) -> None:
         else:
             os.ftruncate(fd, size)
         os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -8,14 +8,24 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 
 from tapnbd import runtime
+from tapnbd.cli._trust import (
+    AllowBlockOpt,
+    AllowProbedChainOpt,
+    BackingFormatOpt,
+    ForceShareOpt,
+    open_rules,
+)
 from tapnbd.cli.app import app, errors_as_exit, fail
 from tapnbd.driver import Driver
+
+if TYPE_CHECKING:
+    from formats import OpenRules
 
 console = Console()
 
@@ -52,8 +62,15 @@ def create_cmd(
     reserve: Annotated[
         bool, typer.Option("--reserve", "-r", help="Reserve the space now (not sparse).")
     ] = False,
+    backing_format: BackingFormatOpt = None,
+    allow_probed_chain: AllowProbedChainOpt = False,
+    allow_block_devices: AllowBlockOpt = False,
+    force_share: ForceShareOpt = False,
 ) -> None:
-    """Create an empty image, as blktap's qcow-create did (optimised and sparse by default)."""
+    """Create an empty image, as blktap's qcow-create did (optimised and sparse by default).
+
+    An image in use (locked by a server) is refused and left as it was.
+    """
     from formats.qcow.create import create_qcow, create_raw
 
     with errors_as_exit():
@@ -72,16 +89,21 @@ def create_cmd(
                 fail("a raw image cannot have a backing file")
             if nbytes is None:
                 fail("--size is required")
-            create_raw(image, nbytes, reserve=reserve)
+            create_raw(image, nbytes, reserve=reserve, share=force_share)
         elif fmt == "qcow":
+            # The backing file is checked by opening it: its chain follows the rules.
+            rules = open_rules(None, allow_probed_chain, allow_block_devices)
             runtime.run(
                 create_qcow(
                     image,
                     nbytes,
                     backing=backing,
+                    backing_format=backing_format or "auto",
                     optimise=optimise,
                     cluster_size=csize,
                     reserve=reserve,
+                    share=force_share,
+                    rules=rules,
                 )
             )
         else:
@@ -101,8 +123,15 @@ def convert_cmd(
         str | None, typer.Option("--cluster-size", help="For a qcow destination.")
     ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    backing_format: BackingFormatOpt = None,
+    allow_probed_chain: AllowProbedChainOpt = False,
+    allow_block_devices: AllowBlockOpt = False,
+    force_share: ForceShareOpt = False,
 ) -> None:
-    """Copy an image into a new raw or qcow image, skipping zeros and holes."""
+    """Copy an image into a new raw or qcow image, skipping zeros and holes.
+
+    The destination's lock is taken before it is truncated: an image in use is refused.
+    """
     from rich.progress import (  # only convert draws a bar (rich.progress costs ~20 ms)
         BarColumn,
         DownloadColumn,
@@ -142,15 +171,20 @@ def convert_cmd(
                     cluster_size=csize,
                     progress=progress,
                     start=start,
+                    rules=open_rules(
+                        backing_format, allow_probed_chain, allow_block_devices, force_share
+                    ),
                 )
             )
 
 
-async def image_info(path: str, fmt: str = "auto") -> dict[str, object]:
+async def image_info(
+    path: str, fmt: str = "auto", rules: OpenRules | None = None
+) -> dict[str, object]:
     """``qemu-img info``-style facts about an image and its backing chain."""
     from formats import open_image
 
-    driver = await open_image(path, fmt=fmt, read_only=True)
+    driver = await open_image(path, fmt=fmt, read_only=True, rules=rules)
     try:
         return await _describe(path, driver)
     finally:
@@ -232,10 +266,14 @@ def info_cmd(
     image: Annotated[str, typer.Argument(help="The image.")],
     fmt: Annotated[str, typer.Option("--format", "-f", help="auto, raw or qcow.")] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    backing_format: BackingFormatOpt = None,
+    allow_probed_chain: AllowProbedChainOpt = False,
+    allow_block_devices: AllowBlockOpt = False,
 ) -> None:
     """Format, sizes, allocation, backing chain and the Xen extension of an image."""
+    rules = open_rules(backing_format, allow_probed_chain, allow_block_devices)
     with errors_as_exit():
-        info = runtime.run(image_info(image, fmt))
+        info = runtime.run(image_info(image, fmt, rules))
     if as_json:
         print(json.dumps(info, indent=2))
     else:

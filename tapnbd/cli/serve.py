@@ -8,6 +8,13 @@ from typing import Annotated
 import typer
 
 from tapnbd import runtime
+from tapnbd.cli._trust import (
+    AllowBlockOpt,
+    AllowProbedChainOpt,
+    BackingFormatOpt,
+    ShareOpt,
+    open_rules,
+)
 from tapnbd.cli.app import app, errors_as_exit, fail
 from tapnbd.protocol.handshake import TLSMode
 from tapnbd.server.budget import DEFAULT_PAYLOAD_BUDGET
@@ -91,6 +98,10 @@ def serve_cmd(
     verbose: Annotated[
         bool, typer.Option("--verbose", "-v", help="Log connections and failed requests.")
     ] = False,
+    backing_format: BackingFormatOpt = None,
+    allow_probed_chain: AllowProbedChainOpt = False,
+    allow_block_devices: AllowBlockOpt = False,
+    share: ShareOpt = False,
 ) -> None:
     """Serve images over NBD until SIGTERM or SIGINT; print each export's URI when ready."""
     logging.basicConfig(
@@ -124,6 +135,7 @@ def serve_cmd(
         inject_error_file=inject_error_file,
         exclusive=exclusive,
         lock_wait=lock_wait,
+        rules=open_rules(backing_format, allow_probed_chain, allow_block_devices, share),
     )
     with errors_as_exit():
         code = runtime.run(serve(opts))

@@ -495,7 +495,7 @@ class Daemon:
             await driver.close()
             raise
         self.origin[name] = origin
-        self.formats[name] = fmt
+        self.formats[name] = driver.name  # what was opened, never "auto": no re-probe
         return export
 
     async def _remove_export(self, export: Export) -> None:

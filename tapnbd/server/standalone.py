@@ -10,7 +10,7 @@ import signal
 import sys
 from dataclasses import dataclass, field
 
-from formats import open_image, parse_size
+from formats import OpenRules, open_image, parse_size
 from formats.filters import FaultSpec, at_file_layer
 from tapnbd.backend import Backend
 from tapnbd.driver import Driver
@@ -61,6 +61,8 @@ class ServeOptions:
     # lock_wait seconds for the previous host to release it (SIGUSR1 releases ours).
     exclusive: bool = False
     lock_wait: float = 0.0
+    # The image trust rules (formats.OpenRules): backing format, probed chains, locks.
+    rules: OpenRules = field(default_factory=OpenRules)
 
 
 def export_name(image: str) -> str:
@@ -96,7 +98,9 @@ async def open_exports(opts: ServeOptions) -> ExportRegistry:
                 raise TapnbdError(f"two images would both be exported as {name!r}; use --name")
             wrapped.clear()
             with at_file_layer(wrap_file if at_file else None):
-                driver = await open_image(image, fmt=opts.fmt, read_only=opts.read_only)
+                driver = await open_image(
+                    image, fmt=opts.fmt, read_only=opts.read_only, rules=opts.rules
+                )
             opened.append(driver)
             if opts.exclusive:
                 await _acquire_exclusive(image, driver, opts.lock_wait)

@@ -50,7 +50,7 @@ async def make_qcow_overlay(tmp: Path) -> Driver:
     base = await make_raw(tmp)
     await base.close()
     await create_qcow(str(tmp / "overlay.qcow"), backing=str(tmp / "raw.img"))
-    return await open_image(str(tmp / "overlay.qcow"))
+    return await open_image(str(tmp / "overlay.qcow"), fmt="qcow")  # given: backing followed
 
 
 MAKERS: dict[str, Callable[[Path], object]] = {

@@ -57,7 +57,10 @@ def qwrite(image: Path, *commands: str, fmt: str = "qcow") -> None:
 
 
 def info(image: Path) -> dict[str, object]:
-    out: dict[str, object] = json.loads(tapnbd("info", "--json", image).stdout)
+    # The chains here are the test's own: it vouches for their headers.
+    out: dict[str, object] = json.loads(
+        tapnbd("info", "--json", "--allow-probed-backing-chain", image).stdout
+    )
     return out
 
 
@@ -152,7 +155,7 @@ def test_create_with_backing_is_normal(tmp_path: Path) -> None:
     # qemu reads the backing data through the new image.
     qemu_io(top, "read -P 0x42 1M 64k", "read -P 0 0 1M")
     # The human-readable form names the chain too.
-    out = tapnbd("info", top).stdout
+    out = tapnbd("info", "-F", "qcow", "-f", "qcow", top).stdout
     assert f"image: {top}" in out and "file format: qcow" in out
     assert "virtual size: 64 MiB (67108864 bytes)" in out
     assert f"backing file: {base.resolve()}" in out
@@ -250,7 +253,9 @@ def test_info_relative_backing_agrees_with_qemu(tmp_path: Path) -> None:
     top = tmp_path / "sub" / "top.qcow"
     qemu_img("create", "-f", "qcow", "-b", "base.raw", "-F", "raw", top)
     for image in ("sub/top.qcow", "./sub/../sub/top.qcow"):
-        ours = json.loads(run(tapnbd_cmd("info", "--json", image), cwd=tmp_path).stdout)
+        ours = json.loads(
+            run(tapnbd_cmd("info", "--json", "-f", "qcow", "-F", "raw", image), cwd=tmp_path).stdout
+        )
         theirs = json.loads(run(["qemu-img", "info", "--output=json", image], cwd=tmp_path).stdout)
         assert_agrees(ours, theirs)
         assert ours["backing-filename"] == "base.raw"
@@ -412,7 +417,7 @@ def test_convert_flattens_a_backing_chain(tmp_path: Path, source: Path) -> None:
     top = asyncio.run(make_qcow(tmp_path / "top.qcow", None, backing=source))
     qwrite(top, "write -P 0x77 512k 4k", "write -P 0x88 200M 64k")
     dst = tmp_path / "flat.qcow"
-    tapnbd("convert", "-q", top, dst, "-O", "qcow")
+    tapnbd("convert", "-q", "-f", "qcow", "-F", "qcow", top, dst, "-O", "qcow")
     qemu_img("compare", "-f", "qcow", "-F", "qcow", top, dst)
     assert "backing-filename" not in asyncio.run(image_info(str(dst)))
     # Onto a file being read (the image, a backing file through a symlink): refused.
@@ -420,7 +425,9 @@ def test_convert_flattens_a_backing_chain(tmp_path: Path, source: Path) -> None:
     link = tmp_path / "link.qcow"
     link.symlink_to(source)
     for target in (top, link):
-        proc = tapnbd("convert", "-q", top, target, "-O", "raw", check=False)
+        proc = tapnbd(
+            "convert", "-q", "--allow-probed-backing-chain", top, target, "-O", "raw", check=False
+        )
         assert proc.returncode == 1
         assert "is the source image or one of its backing files" in proc.stderr
     assert hashlib.sha256(source.read_bytes()).hexdigest() == before

@@ -178,6 +178,7 @@ def main_boot(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MainBoot]:
             str(sock),
             "--stats-file",
             str(stats_file),
+            "--allow-probed-backing-chain",  # over.qcow <- base.raw: made right here
         ],
         work / "server.log",
         exports=len(exports),
@@ -384,14 +385,14 @@ def test_server_restart_under_connected_guest(tmp_path: Path) -> None:
     def on_mark(name: str) -> None:
         if name != "restart":
             return
-        # The new server is ready before the old one stops, then takes over the path:
-        # the guest finds no gap, only new connections.
+        # The old server exits first (it holds the image's write lock until then), and
+        # the new one takes over the path: the guest sees only new connections.
+        assert servers[0].stop() == 0
         new = start_server(
             [str(image), "--socket", str(tmp_path / "new.sock"), "--description", "gen2"],
             tmp_path / "1.log",
         )
         servers.append(new)
-        assert servers[0].stop() == 0
         os.rename(tmp_path / "new.sock", sock)
 
     try:

@@ -113,7 +113,7 @@ def test_nbdinfo_map_qcow(serve: Callable[..., Server], tmp_path: Path) -> None:
         f.seek(1 * MiB)
         f.write(b"b" * 65536)
     over = _qcow(tmp_path / "over.qcow", 8 * MiB, backing=base)
-    server = serve(str(opt), str(normal), str(over), exports=3)
+    server = serve(str(opt), str(normal), str(over), "--allow-probed-backing-chain", exports=3)
     for uri in server.uris:
         run(["qemu-io", "-f", "raw", "-c", "write -P 0x11 4k 8k", "-c", "write -P 0x22 3M 4k", uri])
     o, n, v = (_map(u) for u in server.uris)

@@ -1,0 +1,67 @@
+"""The options that relax the image trust rules (README, "Security model").
+
+Each is something only the admin may say: the rules' defaults are the safe choices.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+if TYPE_CHECKING:
+    from formats import OpenRules
+
+BackingFormatOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--backing-format",
+        "-F",
+        help="Format of the image's backing file (QCOW v1 cannot record it); without "
+        "it the backing file is probed, and may not name a backing file itself.",
+    ),
+]
+AllowProbedChainOpt = Annotated[
+    bool,
+    typer.Option(
+        "--allow-probed-backing-chain",
+        help="Follow backing file names read from probed headers: you trust the chain.",
+    ),
+]
+AllowBlockOpt = Annotated[
+    bool,
+    typer.Option(
+        "--allow-block-devices", help="Backing files may be block devices, not only files."
+    ),
+]
+ForceShareOpt = Annotated[
+    bool,
+    typer.Option(
+        "--force-share",
+        "-U",
+        help="Write the image without taking its lock, even while it is in use.",
+    ),
+]
+ShareOpt = Annotated[
+    bool,
+    typer.Option(
+        "--share", help="Open images for writing without their lock (another writer is ok)."
+    ),
+]
+
+
+def open_rules(
+    backing_format: str | None = None,
+    allow_probed_chain: bool = False,
+    allow_block_devices: bool = False,
+    share: bool = False,
+) -> OpenRules:
+    """The OpenRules the options ask for."""
+    from formats import OpenRules
+
+    return OpenRules(
+        backing_format=backing_format,
+        allow_probed_backing=allow_probed_chain,
+        allow_block_devices=allow_block_devices,
+        share=share,
+    )
