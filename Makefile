@@ -62,7 +62,11 @@ bench: deps venv
 CRASH_ARGS ?= --rounds 50 --daemon 10
 SOAK_ARGS ?= --connections 100 --duration 60
 
+# Simulated power loss (issue 18): crash states under the qcow driver, per layout.
+POWERLOSS_ARGS ?= --states 3000
+
 crash: deps venv
+	$(BIN)/python -m tests.reliability.powerloss $(POWERLOSS_ARGS)
 	$(BIN)/python -m tests.reliability.crash $(CRASH_ARGS)
 
 soak: deps venv

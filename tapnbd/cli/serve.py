@@ -62,6 +62,9 @@ def serve_cmd(
     inject_error_file: Annotated[
         str | None, typer.Option(help="Inject errors only while this file exists.")
     ] = None,
+    inject_seed: Annotated[
+        int | None, typer.Option(help="Seed of the injected errors, to replay a run.")
+    ] = None,
     verbose: Annotated[
         bool, typer.Option("--verbose", "-v", help="Log connections and failed requests.")
     ] = False,
@@ -94,6 +97,7 @@ def serve_cmd(
         delay=delay or [],
         inject_at=inject_at,
         inject_error_file=inject_error_file,
+        inject_seed=inject_seed,
     )
     with errors_as_exit():
         code = runtime.run(serve(opts))

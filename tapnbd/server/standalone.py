@@ -53,6 +53,7 @@ class ServeOptions:
     delay: list[str] = field(default_factory=list)
     inject_at: str = "export"
     inject_error_file: str | None = None
+    inject_seed: int | None = None  # None: a fresh random sequence each run
 
 
 def export_name(image: str) -> str:
@@ -65,7 +66,9 @@ def export_name(image: str) -> str:
 async def open_exports(opts: ServeOptions) -> ExportRegistry:
     if opts.name is not None and len(opts.images) != 1:
         raise TapnbdError("--name renames a single image's export; give exactly one image")
-    faults = FaultSpec.parse(opts.inject_error, opts.delay, trigger=opts.inject_error_file)
+    faults = FaultSpec.parse(
+        opts.inject_error, opts.delay, trigger=opts.inject_error_file, seed=opts.inject_seed
+    )
     if opts.inject_at not in ("export", "file"):
         raise TapnbdError(f"--inject-at {opts.inject_at!r}: expected export or file")
     at_file = bool(faults) and opts.inject_at == "file"
