@@ -112,14 +112,46 @@ print(json.dumps({"fails": fails, "good": good, "bad": bad}))
 """
 
 
-def test_error_rate(serve: Callable[..., Server], raw_image: Path) -> None:
+def test_error_rate(serve: Callable[..., Server], raw_image: Path, seed: int) -> None:
     raw_image.write_bytes(bytes(range(256)) * 16 * 16)  # 64 KiB, pattern in each 4 KiB
-    server = serve(str(raw_image), "--inject-error", "EIO:25%:read")
+    # One client, one read at a time: the same seed injects the same faults.
+    server = serve(str(raw_image), "--inject-error", "EIO:25%:read", "--inject-seed", str(seed))
     res = nbdsh_script(RATE, server.uri)
     assert isinstance(res, dict)
     # 300 reads at 25%: 75 expected, sd 7.5; these bounds fail once in ~10^9 runs.
     assert 30 <= res["fails"] <= 130, res
     assert res["good"] == 300 - res["fails"] and res["bad"] == 0
+
+
+PATTERN = r"""
+import json, sys, nbd
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+out = ""
+for i in range(64):
+    try:
+        h.pread(512, 0)
+        out += "."
+    except nbd.Error:
+        out += "E"
+print(json.dumps(out))
+"""
+
+
+def test_inject_seed_replays_the_same_faults(
+    serve: Callable[..., Server], raw_image: Path, seed: int
+) -> None:
+    """Two servers with the same --inject-seed fail the same requests; another seed
+    fails others."""
+    patterns = []
+    for s in (seed, seed, seed + 1):
+        server = serve(str(raw_image), "--inject-error", "EIO:50%:read", "--inject-seed", str(s))
+        pattern = nbdsh_script(PATTERN, server.uri)
+        assert isinstance(pattern, str)
+        patterns.append(pattern)
+        server.stop()
+    assert patterns[0] == patterns[1] and "E" in patterns[0] and "." in patterns[0]
+    assert patterns[2] != patterns[0]  # 64 reads at 50%: equal once in 2^64
 
 
 DELAY = r"""
