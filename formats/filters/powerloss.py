@@ -21,6 +21,7 @@ file: the base content, every durable write, and the chosen subset of the others
 
 from __future__ import annotations
 
+import errno
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -131,8 +132,11 @@ class PowerLossRecorder(Driver):
         return True
 
     def grow(self, length: int, *, allocate: bool = False) -> None:
+        grow = getattr(self.child, "grow", None)
+        if grow is None:
+            raise OSError(errno.ENOSPC, "the file under the recorder cannot grow")
         size = self.child.size()
-        self.child.grow(length, allocate=allocate)  # type: ignore[attr-defined]
+        grow(length, allocate=allocate)
         if length > size:
             self._complete(self._issue(FileWrite(size, length - size, None, grow=True)))
 
