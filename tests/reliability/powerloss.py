@@ -61,7 +61,8 @@ class GuestOp:
     offset: int = 0
     length: int = 0
     fua: bool = False
-    nowait: bool = False  # try the synchronous path first, as the Backend does
+    #: write: try the synchronous path first, as the Backend does; zero: holes allowed.
+    nowait: bool = False
 
 
 def stamp(op: int, sector: int) -> bytes:
