@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import struct
 
+import pytest
+
+from tapnbd.errors import ProtocolError
 from tapnbd.protocol import transmission as tx
 from tapnbd.protocol.consts import STRUCTURED_REPLY_MAGIC, Cmd
 from tests.protocol.test_transmission import decode_all, req
@@ -51,3 +54,35 @@ def test_decoder_memory_stays_bounded() -> None:
         assert got + len(decode_all(dec)) == 2
         largest = max(largest, len(dec._buf))
     assert dec.buffered() == 0 and largest < 4 * len(one)
+
+
+def test_drain_limit_is_inclusive() -> None:
+    """An oversized WRITE up to max_drain bytes is drained; beyond, the client is dropped."""
+    dec = tx.RequestDecoder(max_payload=16, max_drain=64)
+    dec.feed(req(Cmd.WRITE, 0, 64, 1, payload=bytes(64)) + req(Cmd.FLUSH, 0, 0, 2))
+    assert [(r.cookie, r.payload) for r in decode_all(dec)] == [(1, None), (2, None)]
+    dec.feed(req(Cmd.WRITE, 0, 65, 3))
+    with pytest.raises(ProtocolError):
+        dec.next_request()
+
+
+def test_buffered_counts_what_is_not_yet_a_request() -> None:
+    dec = tx.RequestDecoder()
+    whole = req(Cmd.READ, 0, 512)
+    dec.feed(whole + whole[:10])
+    assert dec.buffered() == len(whole) + 10
+    assert decode_all(dec) and dec.buffered() == 10
+
+
+@pytest.mark.parametrize("size", [tx._DIRECT_MIN - 1, tx._DIRECT_MIN])
+def test_payloads_from_direct_min_are_received_in_place(size: int) -> None:
+    """From _DIRECT_MIN bytes a WRITE payload that arrives in pieces lands in its own
+    buffer (handed over as a memoryview); below, it is copied out of the stream."""
+    dec = tx.RequestDecoder()
+    stream = req(Cmd.WRITE, 0, size, 1, payload=b"p" * size)
+    dec.feed(stream[:100])
+    assert dec.next_request() is None
+    dec.feed(stream[100:])
+    (got,) = decode_all(dec)
+    assert bytes(got.payload or b"") == b"p" * size
+    assert isinstance(got.payload, memoryview) == (size >= tx._DIRECT_MIN)
