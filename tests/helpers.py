@@ -135,6 +135,20 @@ def read_ready_lines(
     return buf.decode()
 
 
+def open_fds(pid: int) -> int:
+    """How many file descriptors process ``pid`` holds (a server: one per connection)."""
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def wait_fds(pid: int, at_most: int, within: float = 30) -> int:
+    """Wait until ``pid`` holds at most ``at_most`` descriptors, e.g. until a server has
+    let go of closed connections; how many it holds. ``within`` only guards a hang."""
+    deadline = time.monotonic() + within
+    while (n := open_fds(pid)) > at_most and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return n
+
+
 def fio_verify(uri: str, *options: str, timeout: float = 300) -> dict[str, Any]:
     """fio's nbd engine writing ``options``' pattern, then reading every block back and
     checking its crc32c; returns fio's job report (its "error" must be 0)."""

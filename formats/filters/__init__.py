@@ -20,7 +20,7 @@ import asyncio
 import errno
 import os
 import random
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -275,11 +275,21 @@ def parse_delay(text: str) -> dict[str, float]:
 
 
 class DelayFilter(FilterDriver):
-    """Sleeps before each op listed in ``delays`` ({op: seconds}), then passes it on."""
+    """Sleeps before each op listed in ``delays`` ({op: seconds}), then passes it on.
 
-    def __init__(self, child: Driver, delays: Mapping[str, float]) -> None:
+    ``sleep`` is asyncio.sleep; a test passes its own to see each delay as an event.
+    """
+
+    def __init__(
+        self,
+        child: Driver,
+        delays: Mapping[str, float],
+        *,
+        sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
+    ) -> None:
         super().__init__(child)
         self.delays = {op: s for op, s in delays.items() if s > 0}
+        self.sleep = sleep
 
     def intercepts(self, op: str) -> bool:
         return op in self.delays
@@ -287,7 +297,7 @@ class DelayFilter(FilterDriver):
     async def before(self, op: str) -> None:
         seconds = self.delays.get(op)
         if seconds:
-            await asyncio.sleep(seconds)
+            await self.sleep(seconds)
 
 
 # Building stacks.

@@ -95,6 +95,9 @@ def serve_cmd(
         float,
         typer.Option(help="With --exclusive: seconds to wait for the previous owner to release."),
     ] = 0.0,
+    inject_seed: Annotated[
+        int | None, typer.Option(help="Seed of the injected errors, to replay a run.")
+    ] = None,
     verbose: Annotated[
         bool, typer.Option("--verbose", "-v", help="Log connections and failed requests.")
     ] = False,
@@ -136,6 +139,7 @@ def serve_cmd(
         exclusive=exclusive,
         lock_wait=lock_wait,
         rules=open_rules(backing_format, allow_probed_chain, allow_block_devices, share),
+        inject_seed=inject_seed,
     )
     with errors_as_exit():
         code = runtime.run(serve(opts))

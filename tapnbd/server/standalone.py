@@ -63,6 +63,7 @@ class ServeOptions:
     lock_wait: float = 0.0
     # The image trust rules (formats.OpenRules): backing format, probed chains, locks.
     rules: OpenRules = field(default_factory=OpenRules)
+    inject_seed: int | None = None  # None: a fresh random sequence each run
 
 
 def export_name(image: str) -> str:
@@ -79,7 +80,9 @@ def export_name(image: str) -> str:
 async def open_exports(opts: ServeOptions) -> ExportRegistry:
     if opts.name is not None and len(opts.images) != 1:
         raise TapnbdError("--name renames a single image's export; give exactly one image")
-    faults = FaultSpec.parse(opts.inject_error, opts.delay, trigger=opts.inject_error_file)
+    faults = FaultSpec.parse(
+        opts.inject_error, opts.delay, trigger=opts.inject_error_file, seed=opts.inject_seed
+    )
     if opts.inject_at not in ("export", "file"):
         raise TapnbdError(f"--inject-at {opts.inject_at!r}: expected export or file")
     at_file = bool(faults) and opts.inject_at == "file"

@@ -55,6 +55,11 @@ class Tapnbd:
             **os.environ,
             "TAPNBD_STATE_DIR": str(self.state),
             "TAPNBD_TCP": "127.0.0.1:0",  # never the well-known port
+            # The daemon the CLI spawns (cwd "/") imports this checkout, not whatever
+            # tapnbd the interpreter has installed.
+            "PYTHONPATH": os.pathsep.join(
+                [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
+            ),
         }
         self.env.pop("TAPNBD_METRICS", None)
         self.mounts: list[Path] = []

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -114,9 +113,10 @@ print(json.dumps({"fails": fails, "good": good, "bad": bad}))
 """
 
 
-def test_error_rate(serve: Callable[..., Server], raw_image: Path) -> None:
+def test_error_rate(serve: Callable[..., Server], raw_image: Path, seed: int) -> None:
     raw_image.write_bytes(bytes(range(256)) * 16 * 16)  # 64 KiB, pattern in each 4 KiB
-    server = serve(str(raw_image), "--inject-error", "EIO:25%:read")
+    # One client, one read at a time: the same seed injects the same faults.
+    server = serve(str(raw_image), "--inject-error", "EIO:25%:read", "--inject-seed", str(seed))
     res = nbdsh_script(RATE, server.uri)
     assert isinstance(res, dict)
     # 300 reads at 25%: 75 expected, sd 7.5; these bounds fail once in ~10^9 runs.
@@ -124,44 +124,74 @@ def test_error_rate(serve: Callable[..., Server], raw_image: Path) -> None:
     assert res["good"] == 300 - res["fails"] and res["bad"] == 0
 
 
+PATTERN = r"""
+import json, sys, nbd
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+out = ""
+for i in range(64):
+    try:
+        h.pread(512, 0)
+        out += "."
+    except nbd.Error:
+        out += "E"
+print(json.dumps(out))
+"""
+
+
+def test_inject_seed_replays_the_same_faults(
+    serve: Callable[..., Server], raw_image: Path, seed: int
+) -> None:
+    """Two servers with the same --inject-seed fail the same requests; another seed
+    fails others."""
+    patterns = []
+    for s in (seed, seed, seed + 1):
+        server = serve(str(raw_image), "--inject-error", "EIO:50%:read", "--inject-seed", str(s))
+        pattern = nbdsh_script(PATTERN, server.uri)
+        assert isinstance(pattern, str)
+        patterns.append(pattern)
+        server.stop()
+    assert patterns[0] == patterns[1] and "E" in patterns[0] and "." in patterns[0]
+    assert patterns[2] != patterns[0]  # 64 reads at 50%: equal once in 2^64
+
+
 DELAY = r"""
 import json, sys, time, nbd
 h = nbd.NBD()
 h.connect_uri(sys.argv[1])
-def timed(fn):
-    t0 = time.monotonic()
-    fn()
-    return time.monotonic() - t0
-res = {
-    "write": min(timed(lambda: h.pwrite(b"x" * 4096, 0)) for _ in range(3)),
-    "read": min(timed(lambda: h.pread(4096, 0)) for _ in range(3)),
-    "flush": min(timed(lambda: h.flush()) for _ in range(3)),
-}
-# Delays are per request, not a lock: 8 reads in flight take about one delay.
 bufs = [nbd.Buffer(4096) for _ in range(8)]
 t0 = time.monotonic()
-pending = {h.aio_pread(b, 4096 * i) for i, b in enumerate(bufs)}
-while pending:
+reads = [h.aio_pread(b, 4096 * i) for i, b in enumerate(bufs)]
+h.pwrite(b"x" * 4096, 65536)  # not delayed
+still_reading = sum(not h.aio_command_completed(c) for c in reads)
+done = {}
+while len(done) < len(reads):
     h.poll(-1)
-    pending = {c for c in pending if not h.aio_command_completed(c)}
-res["parallel"] = time.monotonic() - t0
-print(json.dumps(res))
+    for c in reads:
+        if c not in done and h.aio_command_completed(c):
+            done[c] = time.monotonic() - t0
+t1 = time.monotonic()
+h.flush()
+print(json.dumps({"still_reading": still_reading, "reads": sorted(done.values()),
+                  "flush": time.monotonic() - t1}))
 """
 
 
 @pytest.mark.parametrize("fmt", ["raw", "qcow"])
 def test_delay(serve: Callable[..., Server], raw_image: Path, tmp_path: Path, fmt: str) -> None:
+    """Delayed ops take at least their delay; an op not delayed overtakes them. (That
+    delays run concurrently is test_filters' business, where each sleep is an event.)"""
     image = raw_image
     if fmt == "qcow":
         image = tmp_path / "d.qcow"
         run(tapnbd_cmd("create", str(image), "--size", "64M"))
-    server = serve(str(image), "--delay", "read=250ms", "--delay", "flush=100ms")
+    server = serve(str(image), "--delay", "read=2s", "--delay", "flush=100ms")
     res = nbdsh_script(DELAY, server.uri)
     assert isinstance(res, dict)
-    # The loop's timer may fire a hair early against the client's clock.
-    assert res["read"] >= 0.245 and res["flush"] >= 0.095
-    assert res["write"] < 0.1  # not delayed
-    assert 0.25 <= res["parallel"] < 0.25 * 4
+    # The write was answered while all eight delayed reads were still waiting.
+    assert res["still_reading"] == 8, res
+    # Lower bounds only (the loop's timer may fire a hair early against the client's).
+    assert all(t >= 1.995 for t in res["reads"]) and res["flush"] >= 0.095, res
 
 
 def test_bad_fault_options_are_refused(raw_image: Path, tmp_path: Path) -> None:
@@ -189,13 +219,27 @@ def _load(uri: str, *args: str, timeout: float = 120) -> Journal:
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_qcow_stays_consistent_when_its_file_fails(
-    serve: Callable[..., Server], tmp_path: Path, layout: str
+    serve: Callable[..., Server], tmp_path: Path, layout: str, seed: int
 ) -> None:
-    """EIO on 4% of the qcow file's writes, growths and syncs, under a write load."""
+    """EIO on 4% of the qcow file's writes and growths and 30% of its syncs, under a
+    write load. Both the faults and the load are seeded (the ``seed`` fixture)."""
     need("qemu-img", "nbdcopy")
     image = tmp_path / "f.qcow"
     run(tapnbd_cmd("create", str(image), "--size", "256M", *LAYOUTS[layout]))
-    server = serve(str(image), "--inject-at", "file", "--inject-error", "EIO:4%:write,grow,flush")
+    server = serve(
+        str(image),
+        "--inject-at",
+        "file",
+        "--inject-seed",
+        str(seed),
+        "--inject-error",
+        "EIO:4%:write,grow",
+        # The load sends at least 62 FLUSHes, each one or two syncs of the file, so
+        # each fails with a chance of 30% to 51%: none fails with p < 0.7^62 = 3e-10,
+        # none succeeds with p < 0.51^62 = 1e-18, whatever the seed.
+        "--inject-error",
+        "EIO:30%:flush",
+    )
     journal = _load(
         server.uri,
         "--count",
@@ -205,7 +249,7 @@ def test_qcow_stays_consistent_when_its_file_fails(
         "--flush-every",
         "24",
         "--seed",
-        str(time.time_ns() % 1000),
+        str(seed),
     )
     assert not journal.dead and not journal.hang
     assert set(journal.errors) == {"EIO"}, journal.errors  # nothing else, no disconnect

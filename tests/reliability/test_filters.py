@@ -7,8 +7,8 @@ asked to) quickly.
 
 from __future__ import annotations
 
+import asyncio
 import errno
-import time
 from pathlib import Path
 
 import pytest
@@ -71,14 +71,37 @@ async def test_error_filter_rate_and_trigger(tmp_path: Path) -> None:
     assert backend.try_pread(0, 512) is not None  # reads are not faulted: fast path kept
 
 
+class Sleeps:
+    """A stand-in for asyncio.sleep: records each delay and holds it until released."""
+
+    def __init__(self) -> None:
+        self.asked: list[float] = []
+        self.release = asyncio.Event()
+        self.changed = asyncio.Event()
+
+    async def __call__(self, seconds: float) -> None:
+        self.asked.append(seconds)
+        self.changed.set()
+        await self.release.wait()
+
+    async def until(self, n: int) -> None:
+        while len(self.asked) < n:
+            self.changed.clear()
+            await asyncio.wait_for(self.changed.wait(), 10)
+
+
 async def test_delay_filter_delays_only_what_it_is_asked() -> None:
-    backend = Backend(DelayFilter(RamDriver(1 << 20), {"write": 0.05}))
-    t0 = time.monotonic()
-    await backend.pread(0, 4096)
-    t1 = time.monotonic()
-    await backend.pwrite(0, b"z" * 4096)
-    t2 = time.monotonic()
-    assert t1 - t0 < 0.04 <= 0.05 <= t2 - t1
+    sleeps = Sleeps()
+    backend = Backend(DelayFilter(RamDriver(1 << 20), {"write": 0.05}, sleep=sleeps))
+    await backend.pread(0, 4096)  # not delayed: completes with no sleep at all
+    assert sleeps.asked == []
+    # Eight writes are held in their delays at the same time (per request, no lock).
+    writes = [asyncio.ensure_future(backend.pwrite(i * 4096, b"z" * 4096)) for i in range(8)]
+    await sleeps.until(8)
+    assert sleeps.asked == [0.05] * 8 and not any(w.done() for w in writes)
+    assert bytes(await backend.pread(0, 4096)) == bytes(4096)  # reads pass them by
+    sleeps.release.set()
+    await asyncio.gather(*writes)
     assert bytes(await backend.pread(0, 4096)) == b"z" * 4096
 
 

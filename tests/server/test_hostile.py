@@ -5,16 +5,16 @@ from __future__ import annotations
 import errno
 import json
 import os
+import select
 import socket
 import struct
-import time
 from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import quote, urlparse
 
 import pytest
 
-from tests.helpers import Server, nbdsh_script, need, run
+from tests.helpers import Server, nbdsh_script, need, open_fds, run, wait_fds
 from tests.server import rawclient as rc
 
 
@@ -192,17 +192,18 @@ def test_pipelined_requests_all_answered(serve: Callable[..., Server], raw_image
 def test_handshake_timeout_and_connection_cap(serve: Callable[..., Server]) -> None:
     server = serve("ram:1M", "--max-connections", "3", "--handshake-timeout", "1.5")
     host, port = addr(server)
+    base_fds = open_fds(server.proc.pid)
     stalled = [rc.connect(host, port) for _ in range(3)]
     for s in stalled:
         rc.recv_exact(s, 18)  # greeted, then silent
-    t0 = time.monotonic()
     extra = rc.connect(host, port)
-    assert extra.recv(18) == b""  # refused at once: over the cap, no greeting
-    assert time.monotonic() - t0 < 1.0
+    # Refused over the cap: closed with no greeting (a client admitted later, or one
+    # reclaimed by the timeout, would have been greeted first).
+    assert extra.recv(18) == b""
     for s in stalled:
-        assert rc.closed_by_peer(s, within=5)  # reclaimed by the handshake timeout
-    assert time.monotonic() - t0 < 5
-    time.sleep(0.2)
+        assert rc.closed_by_peer(s, within=30)  # reclaimed by the handshake timeout
+    # Once the server has let go of them, there is room again.
+    assert wait_fds(server.proc.pid, base_fds) <= base_fds
     still_serves(server)
 
 
@@ -242,7 +243,9 @@ print(json.dumps(h.pread(4096, 0) == b"\x07" * 4096))
 
 @pytest.mark.parametrize("slow", [True, False])
 def test_slow_clients_do_not_delay_others(serve: Callable[..., Server], slow: bool) -> None:
-    server = serve("ram:1M", "--handshake-timeout", "3")
+    """A client is served while 50 others sit in the handshake: they are all still held
+    (greeted, not closed) when it is done."""
+    server = serve("ram:1M", "--handshake-timeout", "60")
     host, port = addr(server)
     socks = []
     for _ in range(50):
@@ -250,9 +253,10 @@ def test_slow_clients_do_not_delay_others(serve: Callable[..., Server], slow: bo
         if slow:
             s.sendall(b"\0")  # one byte of the client flags, then nothing
         socks.append(s)
-    t0 = time.monotonic()
+    for s in socks:
+        rc.recv_exact(s, 18)
     still_serves(server)
-    assert time.monotonic() - t0 < 2
+    assert not select.select(socks, [], [], 0)[0], "a waiting client was dropped"
     for s in socks:
         s.close()
 
