@@ -76,11 +76,12 @@ async def open_image(spec: str, *, fmt: str = "auto", read_only: bool = False) -
 
 
 def _register_builtin() -> None:
-    from formats import qcow, raw
+    from formats import qcow, qcow2, raw
 
     register(Format("raw", raw.probe, raw.open_raw))
     if hasattr(qcow, "FORMAT"):
         register(qcow.FORMAT)
+    register(qcow2.FORMAT)
 
 
 _register_builtin()
