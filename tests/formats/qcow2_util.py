@@ -69,11 +69,12 @@ def make_image(tmp: Path, kind: str) -> Path:
         qemu_io(base, "write -P 0x99 0 8M", fmt="qcow2")
         qemu_img("create", "-f", "qcow2", "-b", base.name, "-F", "qcow2", img, str(SIZE))
         qemu_io(img, "write -P 0x12 8384512 8192", fmt="qcow2")
-    elif kind == "snapshot":
+    elif kind.startswith("snapshot"):
         qemu_img("create", "-f", "qcow2", img, str(SIZE))
         write_patterns(img)
         qemu_img("snapshot", "-c", "snap1", img)
-        qemu_io(img, "write -P 0xf0 0 8k", "write -P 0xf1 10M 64k", fmt="qcow2")
+        if kind == "snapshot":  # else every table is still shared with the snapshot
+            qemu_io(img, "write -P 0xf0 0 8k", "write -P 0xf1 10M 64k", fmt="qcow2")
     else:
         raise ValueError(kind)
     return img
@@ -92,6 +93,7 @@ IMAGE_KINDS = [
     "chain",
     "short-backing",
     "snapshot",
+    "snapshot-shared",
 ]
 
 
