@@ -27,7 +27,7 @@ _ZEROES = bytes(ZERO_BLOCK)
 #: Block status is asked for this much at a time.
 STATUS_WINDOW = 1 << 30
 
-OUTPUT_FORMATS = ("raw", "qcow")
+OUTPUT_FORMATS = ("raw", "qcow", "qcow2")
 
 
 @dataclass
@@ -58,7 +58,7 @@ async def convert_image(
     from formats import open_image
 
     if out_fmt not in OUTPUT_FORMATS:
-        raise ImageError(f"unknown output format {out_fmt!r}: use raw or qcow")
+        raise ImageError(f"unknown output format {out_fmt!r}: use raw, qcow or qcow2")
     driver = await open_image(src, fmt=src_fmt, read_only=True)
     source = Backend(driver, read_only=True)
     try:
@@ -73,6 +73,10 @@ async def convert_image(
             start(size)
         if out_fmt == "raw":
             create_raw(dst, size)
+        elif out_fmt == "qcow2":
+            from formats.qcow2.create import create_qcow2
+
+            await create_qcow2(dst, size, cluster_size=cluster_size)
         else:
             await create_qcow(dst, size, optimise=optimise, cluster_size=cluster_size)
         target = Backend(await open_image(dst, fmt=out_fmt))

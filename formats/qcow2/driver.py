@@ -488,6 +488,26 @@ class Qcow2Driver(Driver):
         elif entry & OFFSET_MASK:
             self._decrefs.append(((entry & OFFSET_MASK) >> self._cb, 1))
 
+    async def preallocate(self) -> None:
+        """Give every unallocated guest cluster a data cluster (preallocation=metadata).
+
+        The file grows sparse: the clusters read as zeros until written.
+        """
+        cb, cs = self._cb, self._cs
+        clusters = (self._size + cs - 1) >> cb
+        per_table = self._l2_mask + 1
+        for l1i in range((clusters + per_table - 1) // per_table):
+            l2off, t = await self._writable_l2(l1i)
+            n = min(per_table, clusters - l1i * per_table)
+            free = [i for i in range(n) if not t[i]]
+            if not free:
+                continue
+            host = self._reserve(len(free) * cs)
+            await self._incref(host >> cb, len(free))
+            for j, i in enumerate(free):
+                self._set_l2(l2off, t, i, (host + j * cs) | OFLAG_COPIED)
+        await self.flush()
+
     # Refcounts.
 
     async def _refblock(self, ri: int) -> tuple[int, array[int]]:
