@@ -6,6 +6,7 @@ import json
 import random
 import struct
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -18,8 +19,8 @@ def tapnbd(*args: str | Path, check: bool = True) -> str:
     return run(tapnbd_cmd(*map(str, args)), check=check).stdout
 
 
-def qemu_info(img: Path) -> dict[str, object]:
-    out: dict[str, object] = json.loads(qemu_img("info", "--output=json", img))
+def qemu_info(img: Path) -> dict[str, Any]:
+    out: dict[str, Any] = json.loads(qemu_img("info", "--output=json", img))
     return out
 
 
