@@ -286,7 +286,7 @@ def check_cmd(
         elif fmt == "qcow":
             res = runtime.run(check_qcow(image))
         else:
-            fail(f"{image}: not a qcow or qcow2 image (only those can be checked)", 1)
+            fail(f"{image}: not a qcow image (only qcow and qcow2 images can be checked)", 1)
     if as_json:
         print(json.dumps(res.to_json(), indent=2))
     else:
