@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+from collections.abc import Callable
 
 import pytest
 
@@ -18,8 +19,12 @@ class Disk:
     def __init__(self) -> None:
         self.ops: list[tuple[str, int, bytes]] = []
         self.fail = 0
+        self.meanwhile: list[Callable[[], None]] = []
 
     async def write(self, off: int, data: bytes) -> None:
+        for change in self.meanwhile:  # a request changing metadata during the flush
+            change()
+        self.meanwhile = []
         if self.fail:
             self.fail -= 1
             raise OSError(errno.EIO, "injected")
@@ -56,10 +61,10 @@ async def test_failed_flush_merges_back_and_newer_records_win() -> None:
     j.record(0, 0, b"old", tag=7)
     j.record(1, 8, b"map", tag=7)
     disk.fail = 1
+    disk.meanwhile.append(lambda: j.record(0, 0, b"new", tag=7))
     with pytest.raises(OSError):
         await j.flush()
     assert j.busy(7)  # still pinned: its changes are not on disk
-    j.record(0, 0, b"new", tag=7)
     assert await j.flush()
     assert disk.ops == [("w", 0, b"new"), ("sync", 0, b""), ("w", 8, b"map"), ("sync", 0, b"")]
     assert not j.busy(7)
