@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
@@ -37,6 +37,11 @@ class TableCache(Generic[T]):
 
     def __contains__(self, offset: int) -> bool:
         return offset in self._tables
+
+    @property
+    def tables(self) -> Mapping[int, T]:
+        """The tables in memory by offset, for a hot path's direct ``.get`` (read-only)."""
+        return self._tables
 
     def get(self, offset: int) -> T | None:
         """The table at ``offset`` if it is in memory (no LRU bookkeeping: a hit is free)."""
