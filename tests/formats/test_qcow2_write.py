@@ -7,6 +7,7 @@ equal and ``qemu-img check`` must find ours clean (no leaks, no corruption).
 
 from __future__ import annotations
 
+import os
 import random
 import shutil
 from collections.abc import Callable
@@ -14,7 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.formats.qcow2_util import SIZE, check_clean, make_image
+from formats.filters import FilterDriver
+from formats.qcow import file_filter
+from formats.qcow2 import open_qcow2
+from formats.raw import RawDriver
+from tests.formats.qcow2_util import PATTERNS, SIZE, check_clean, make_image
 from tests.formats.qcow_util import need, qemu_img
 from tests.helpers import Server, fio_verify, qemu_io
 
@@ -120,4 +125,51 @@ def test_refcount_table_grows(
     run("nbdcopy", src, server.uri)
     assert server.stop() == 0
     qemu_img("compare", "-f", "qcow2", "-F", "raw", img, src)
+    check_clean(img)
+
+
+def test_snapshot_survives_in_place_sized_writes(
+    tmp_path: Path, serve: Callable[..., Server]
+) -> None:
+    """Small writes into clusters a snapshot shares, once their table is in memory (the
+    synchronous fast path): each must copy the cluster, never write it in place."""
+    img = make_image(tmp_path, "snapshot-shared")
+    before = tmp_path / "before.raw"
+    qemu_img("convert", "-O", "raw", img, before)
+    server = serve(str(img))
+    # The first write loads (and copies) the L2 table; the rest find it in memory.
+    cmds = [f"write -P 0x{i + 1:02x} {off + 512} 512" for i, (_, off, _) in enumerate(PATTERNS)]
+    qemu_io(server.uri, "write -P 0x01 0 512", *cmds, "write -P 0x09 5243392 4096")
+    assert server.stop() == 0
+    snap = tmp_path / "snap.raw"
+    qemu_img("convert", "-l", "snapshot.name=snap1", "-O", "raw", img, snap)
+    assert snap.read_bytes() == before.read_bytes()
+    check_clean(img)
+
+
+class _InlineWrites(FilterDriver):
+    """A file whose synchronous write path always works (the raw driver's, on file
+    systems that refuse RWF_NOWAIT for buffered writes)."""
+
+    def pwrite_nowait(self, offset: int, data: bytes | memoryview) -> bool:
+        assert isinstance(self.child, RawDriver)
+        os.pwrite(self.child.fd, data, offset)
+        return True
+
+
+async def test_fast_write_path_never_writes_a_shared_cluster(tmp_path: Path) -> None:
+    img = make_image(tmp_path, "snapshot-shared")
+    token = file_filter.set(_InlineWrites)
+    try:
+        d = await open_qcow2(str(img), False)
+    finally:
+        file_filter.reset(token)
+    try:
+        await d.pwrite(0, b"\x01" * 512)  # copies the L2 table and cluster 0
+        off = PATTERNS[1][1]
+        assert not d.pwrite_nowait(off, b"\x02" * 512)  # shared with snap1: no
+        assert d.pwrite_nowait(512, b"\x03" * 512)  # cluster 0 is ours now: yes
+        assert bytes(await d.pread(0, 1024)) == b"\x01" * 512 + b"\x03" * 512
+    finally:
+        await d.close()
     check_clean(img)
