@@ -234,11 +234,12 @@ async def open_backing(name: str, path: str, fmt: str | None = None) -> Driver:
 
 
 def _register_builtin() -> None:
-    from formats import qcow, raw
+    from formats import qcow, qcow2, raw
 
     register(Format("raw", raw.probe, raw.open_raw))
     if hasattr(qcow, "FORMAT"):
         register(qcow.FORMAT)
+    register(qcow2.FORMAT)
 
 
 _register_builtin()

@@ -32,7 +32,7 @@ _ZEROES = bytes(ZERO_BLOCK)
 #: Block status is asked for this much at a time.
 STATUS_WINDOW = 1 << 30
 
-OUTPUT_FORMATS = ("raw", "qcow", "rbd", "nbd")
+OUTPUT_FORMATS = ("raw", "qcow", "qcow2", "rbd", "nbd")
 
 
 @dataclass
@@ -63,7 +63,6 @@ async def convert_image(
     source's chain; ``rules.share`` also skips the destination's lock.
     """
     from formats import OpenRules, open_image
-
     from formats.nbd import is_nbd
 
     rules = rules or OpenRules()
@@ -72,7 +71,7 @@ async def convert_image(
     elif is_nbd(dst):
         out_fmt = "nbd"  # an existing export: written over, as qemu-img convert -n
     if out_fmt not in OUTPUT_FORMATS:
-        raise ImageError(f"unknown output format {out_fmt!r}: use raw or qcow")
+        raise ImageError(f"unknown output format {out_fmt!r}: use raw, qcow or qcow2")
     driver = await open_image(src, fmt=src_fmt, read_only=True, rules=rules)
     source = Backend(driver, read_only=True)
     try:
@@ -102,6 +101,10 @@ async def convert_image(
                     start(size)
                 if out_fmt == "raw":
                     create_raw(dst, size, target_fd=fd)
+                elif out_fmt == "qcow2":
+                    from formats.qcow2.create import create_qcow2
+
+                    await create_qcow2(dst, size, cluster_size=cluster_size, target_fd=fd)
                 else:
                     await create_qcow(
                         dst, size, optimise=optimise, cluster_size=cluster_size, target_fd=fd

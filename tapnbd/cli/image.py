@@ -45,10 +45,17 @@ def create_cmd(
             "--size", "-s", help="Virtual size: 10G, 512M... (default: the backing file's)."
         ),
     ] = None,
-    fmt: Annotated[str, typer.Option("--format", "-f", help="qcow or raw.")] = "qcow",
+    fmt: Annotated[str, typer.Option("--format", "-f", help="qcow, qcow2 or raw.")] = "qcow",
     backing: Annotated[
-        str | None, typer.Option("--backing", "-b", help="Backing file (any format; qcow only).")
+        str | None, typer.Option("--backing", "-b", help="Backing file (any format; qcow, qcow2).")
     ] = None,
+    backing_fmt: Annotated[
+        str | None,
+        typer.Option("--backing-format", "-F", help="qcow2: the backing file's format (stored)."),
+    ] = None,
+    preallocation: Annotated[
+        str, typer.Option("--preallocation", help="qcow2: off or metadata.")
+    ] = "off",
     optimise: Annotated[
         bool,
         typer.Option(
@@ -57,7 +64,8 @@ def create_cmd(
         ),
     ] = True,
     cluster_size: Annotated[
-        str | None, typer.Option("--cluster-size", help="512 to 64K, a power of two.")
+        str | None,
+        typer.Option("--cluster-size", help="A power of two: 512 to 64K (qcow), 2M (qcow2)."),
     ] = None,
     reserve: Annotated[
         bool, typer.Option("--reserve", "-r", help="Reserve the space now (not sparse).")
@@ -106,15 +114,30 @@ def create_cmd(
                     rules=rules,
                 )
             )
+        elif fmt == "qcow2":
+            from formats.qcow2.create import create_qcow2
+
+            runtime.run(
+                create_qcow2(
+                    image,
+                    nbytes,
+                    backing=backing,
+                    backing_fmt=backing_fmt,
+                    cluster_size=csize,
+                    preallocation=preallocation,
+                )
+            )
         else:
-            fail(f"unknown format {fmt!r}: use qcow or raw")
+            fail(f"unknown format {fmt!r}: use qcow, qcow2 or raw")
 
 
 @app.command("convert")
 def convert_cmd(
     src: Annotated[str, typer.Argument(help="Source image (any supported format).")],
     dst: Annotated[str, typer.Argument(help="Destination image (created, or overwritten).")],
-    out_fmt: Annotated[str, typer.Option("-O", "--output-format", help="raw or qcow.")] = "qcow",
+    out_fmt: Annotated[
+        str, typer.Option("-O", "--output-format", help="raw, qcow or qcow2.")
+    ] = "qcow",
     src_fmt: Annotated[str, typer.Option("-f", "--format", help="Source format.")] = "auto",
     optimise: Annotated[
         bool, typer.Option("--optimise/--no-optimise", help="For a qcow destination.")
@@ -193,6 +216,7 @@ async def image_info(
 
 async def _describe(path: str, driver: Driver) -> dict[str, object]:
     from formats.qcow.driver import QcowDriver
+    from formats.qcow2.driver import Qcow2Driver
 
     info: dict[str, object] = {"filename": path}
     info.update(driver.describe())
@@ -209,6 +233,9 @@ async def _describe(path: str, driver: Driver) -> dict[str, object]:
         if driver.backing is not None:
             bpath = str(info.get("full-backing-filename", ""))
             info["backing-image"] = await _describe(bpath, driver.backing)
+    elif isinstance(driver, Qcow2Driver) and driver.backing is not None:
+        bpath = str(info.get("full-backing-filename", ""))
+        info["backing-image"] = await _describe(bpath, driver.backing)
     return info
 
 
@@ -243,6 +270,16 @@ def _print_info(info: dict[str, object], indent: str = "") -> None:
         full = info.get("full-backing-filename", "")
         extra = f" (actual path: {full})" if full and full != info["backing-filename"] else ""
         lines.append(f"backing file: {info['backing-filename']}{extra}")
+    if "backing-filename-format" in info:
+        lines.append(f"backing file format: {info['backing-filename-format']}")
+    snapshots = info.get("snapshots")
+    if isinstance(snapshots, list) and snapshots:
+        lines.append("Snapshot list:")
+        lines.append(f"{'ID':<8}{'TAG':<20}{'VM SIZE':>10}  DATE (seconds since the epoch)")
+        lines.extend(
+            f"{s['id']:<8}{s['name']:<20}{s['vm-state-size']:>10}  {s['date-sec']}"
+            for s in snapshots
+        )
     specific = info.get("format-specific")
     if isinstance(specific, dict):
         lines.append("Format specific information:")
@@ -282,7 +319,7 @@ def info_cmd(
 
 @app.command("check")
 def check_cmd(
-    image: Annotated[str, typer.Argument(help="The qcow image.")],
+    image: Annotated[str, typer.Argument(help="The qcow or qcow2 image.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Check a qcow image: leaks, overlaps, pointers past the end, checksum.
@@ -290,12 +327,19 @@ def check_cmd(
     Exit codes: 0 clean, 1 check failed, 2 corrupt, 3 leaked clusters, 4 checksum mismatch.
     """
     from formats import probe
-    from formats.qcow.check import check_qcow
+    from formats.qcow.check import CheckResult, check_qcow
 
     with errors_as_exit():
-        if probe(image) != "qcow":
-            fail(f"{image}: not a qcow image (only qcow images can be checked)", 1)
-        res = runtime.run(check_qcow(image))
+        fmt = probe(image)
+        res: CheckResult
+        if fmt == "qcow2":
+            from formats.qcow2.check import check_qcow2
+
+            res = runtime.run(check_qcow2(image))
+        elif fmt == "qcow":
+            res = runtime.run(check_qcow(image))
+        else:
+            fail(f"{image}: not a qcow image (only qcow and qcow2 images can be checked)", 1)
     if as_json:
         print(json.dumps(res.to_json(), indent=2))
     else:

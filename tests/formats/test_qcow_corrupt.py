@@ -280,7 +280,7 @@ async def test_qemu_made_qcow2_and_encrypted_images_are_refused(tmp_path: Path) 
     q2 = tmp_path / "disk.qcow2"
     qemu_img("create", "-f", "qcow2", q2, "1M")
     with pytest.raises(UnsupportedImageError, match=r"version 3: this is a qcow2 image"):
-        await open_image(str(q2))  # probed: claimed by qcow to give the hint
+        await open_image(str(q2), fmt="qcow")  # probing picks qcow2 (test_qcow2_read.py)
     enc = tmp_path / "enc.qcow"
     qemu_img(
         "create",

@@ -1,0 +1,160 @@
+"""``tapnbd check`` for qcow2: every reference counted, then compared with the refcounts.
+
+Walks the header cluster, the refcount table and blocks, the snapshot table, and each L1
+table (the active one and every snapshot's) down to its L2 tables and data clusters,
+counting one reference per L1 table that reaches a cluster (as qemu counts them). A
+stored refcount above the count is a leak, one below it a corruption (qemu-img check's
+rule); so is a COPIED flag on an active entry whose refcount isn't 1, or a pointer past
+the end of the file. Exit codes as ``qemu-img check``: 0, 1, 2 corrupt, 3 leaks only.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from dataclasses import dataclass
+
+from formats.qcow.check import CheckResult
+from formats.qcow.meta import be_array
+from formats.qcow2.layout import (
+    L2E_RESERVED,
+    OFFSET_MASK,
+    OFLAG_COMPRESSED,
+    OFLAG_COPIED,
+    OFLAG_ZERO,
+    parse_snapshot,
+)
+from formats.qcow2.meta import read_meta
+from formats.qcow2.refcount import decode_block, entries_per_block
+from formats.raw import RawDriver
+
+
+@dataclass
+class Qcow2CheckResult(CheckResult):
+    """CheckResult, reported as qcow2."""
+
+    def to_json(self) -> dict[str, object]:
+        out = super().to_json()
+        out["format"] = "qcow2"
+        del out["cksum"]
+        return out
+
+
+async def check_qcow2(path: str) -> Qcow2CheckResult:
+    """Check ``path`` read-only."""
+    res = Qcow2CheckResult(filename=path)
+    child = RawDriver(path, read_only=True)
+    try:
+        meta = await read_meta(child)
+        h, cs, cb = meta.header, meta.cluster_size, meta.cluster_bits
+        res.cluster_size = cs
+        file_size = meta.file_size
+        refs: Counter[int] = Counter()
+
+        def add(off: int, n: int, what: str) -> bool:
+            if off + n > file_size:
+                res.corrupt(f"{what} at 0x{off:x} (+{n}) lies past the end of the file")
+                return False
+            for c in range(off >> cb, ((off + n - 1) >> cb) + 1):
+                refs[c] += 1
+            return True
+
+        add(0, cs, "header")
+        add(h.refcount_table_offset, h.refcount_table_clusters * cs, "refcount table")
+        if h.nb_snapshots:
+            data = bytes(
+                await child.pread(h.snapshots_offset, min(file_size - h.snapshots_offset, 64 << 20))
+            )
+            pos = 0
+            for _ in range(h.nb_snapshots):
+                _snap, pos = parse_snapshot(data, pos)
+            add(h.snapshots_offset, pos, "snapshot table")
+        c_off_mask = (1 << (62 - (cb - 8))) - 1
+        c_shift = 62 - (cb - 8)
+        c_nsect = (1 << (cb - 8)) - 1
+        tables: dict[int, object] = {}
+        copied_checks: list[tuple[int, str]] = []
+        l1s = [(meta.l1, h.l1_table_offset, True, "active")]
+        for s in meta.snapshots:
+            if s.l1_size * 8 > min(file_size, 32 << 20) or s.l1_table_offset % cs:
+                res.corrupt(f"snapshot {s.name!r}: L1 table 0x{s.l1_table_offset:x} is invalid")
+                continue
+            l1 = be_array(await child.pread(s.l1_table_offset, s.l1_size * 8))
+            l1s.append((l1, s.l1_table_offset, False, f"snapshot {s.name!r}"))
+        for l1, l1_off, active, name in l1s:
+            if len(l1):
+                add(l1_off, len(l1) * 8, f"{name} L1 table")
+            for i, e in enumerate(l1):
+                l2off = e & OFFSET_MASK
+                if not l2off:
+                    continue
+                if l2off % cs or not add(l2off, cs, f"{name} L1 entry {i}: L2 table"):
+                    res.corrupt(f"{name} L1 entry {i} (0x{e:x}) is invalid")
+                    continue
+                if active and e & OFLAG_COPIED:
+                    copied_checks.append((l2off >> cb, f"L1 entry {i}: L2 table 0x{l2off:x}"))
+                t = tables.get(l2off)
+                if t is None:
+                    t = tables[l2off] = be_array(await child.pread(l2off, cs))
+                assert isinstance(t, type(l1))
+                for j, le in enumerate(t):
+                    if not le:
+                        continue
+                    if le & OFLAG_COMPRESSED:
+                        off = le & c_off_mask
+                        n = (((le >> c_shift) & c_nsect) + 1) * 512 - (off & 511)
+                        n = min(n, file_size - off) if off < file_size else n
+                        add(off, n, f"{name} compressed cluster")
+                        if active:
+                            res.allocated_clusters += 1
+                            res.compressed_clusters += 1
+                        continue
+                    if le & L2E_RESERVED:
+                        res.corrupt(f"L2 table 0x{l2off:x} entry {j} (0x{le:x}): reserved bits set")
+                        continue
+                    off = le & OFFSET_MASK
+                    if not off:
+                        continue
+                    if off % cs or not add(off, cs, f"{name} data cluster"):
+                        res.corrupt(f"L2 table 0x{l2off:x} entry {j} (0x{le:x}) is invalid")
+                        continue
+                    if active and not le & OFLAG_ZERO:
+                        res.allocated_clusters += 1
+                    if active and le & OFLAG_COPIED:
+                        copied_checks.append((off >> cb, f"data cluster 0x{off:x}"))
+
+        # The refcounts as stored.
+        per_block = entries_per_block(cb, h.refcount_order)
+        stored: dict[int, int] = {}
+        for ri, be in enumerate(meta.reftable):
+            boff = be & OFFSET_MASK
+            if not boff:
+                continue
+            if boff % cs or not add(boff, cs, f"refcount block {ri}"):
+                res.corrupt(f"refcount table entry {ri} (0x{be:x}) is invalid")
+                continue
+            block = decode_block(await child.pread(boff, cs), h.refcount_order)
+            for i, v in enumerate(block):
+                if v:
+                    stored[ri * per_block + i] = v
+        file_clusters = (file_size + cs - 1) >> cb
+        for c in sorted(set(refs) | set(stored)):
+            have, want = stored.get(c, 0), refs.get(c, 0)
+            if have > want and c >= file_clusters:
+                continue  # qemu-img check ignores refcounts past the end of the file
+            if have > want:
+                res.leaked_clusters += 1
+                if want:
+                    res.notes.append(f"cluster {c}: refcount={have} reference={want}")
+            elif have < want:
+                res.corrupt(f"cluster {c}: refcount={have} reference={want}")
+        for c, what in copied_checks:
+            if stored.get(c, 0) != 1:
+                res.corrupt(f"OFLAG_COPIED {what}: refcount={stored.get(c, 0)}")
+        used = max(refs) + 1 if refs else 0
+        res.image_end_offset = max(used * cs, 0)
+    except OSError as e:
+        res.check_errors.append(f"{path}: {os.strerror(e.errno or 5)}")
+    finally:
+        await child.close()
+    return res

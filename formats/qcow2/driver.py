@@ -1,0 +1,797 @@
+"""Qcow2Driver: qcow2 versions 2 and 3 over a child driver, read and write.
+
+Theory of operation
+===================
+
+Translation ("Cluster mapping"): guest offset -> L1 entry (an L2 table's offset) -> L2
+entry: a data cluster's offset, a compressed cluster's descriptor, a zero cluster (v3's
+bit 0), or 0 (unallocated: the backing file shows through, or zeros). The L1 table is in
+memory; L2 tables and refcount blocks come and go through ``TableCache``s. Every walk
+over a guest range (read, write, zero, block status) goes through ``engine.runs.runs``
+over ``_lookup``, which answers from memory or asks for a table to be loaded.
+
+Allocation appends clusters at the end of the file and never reuses a freed one, so no
+two owners can ever share a cluster by mistake. Bit 63 of an entry (COPIED) says the
+refcount is exactly one: only such clusters and L2 tables are written in place. Anything
+else (a snapshot's, a compressed or zero cluster) is copied into a new cluster first,
+and the old one loses a reference.
+
+Crash safety, by flush epochs (``engine.journal``), with refcounts in them. Changes are
+made in memory, data first; ``flush`` writes them in stages, syncing after each:
+
+0. new L2 tables, new refcount blocks, changed refcount blocks (increments), a moved
+   refcount table: nothing on disk points at any of them yet;
+1. refcount table entries naming new blocks, and the header fields of a moved table;
+2. L2 and L1 entries: now the new clusters are named, and their refcounts are durable.
+
+"A refcount is incremented and durable before any L2 entry names the cluster." Clusters
+that lost a reference are decremented only after stage 2 is durable, then written and
+synced ("decrements after the pointers are gone"); a cluster whose refcount reaches 0 is
+then punched out of the file. A crash at any point leaves only leaked clusters, and
+every write acknowledged before a completed FLUSH reads back.
+
+References: QEMU docs/interop/qcow2.txt; block/qcow2-cluster.c, qcow2-refcount.c.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import struct
+import zlib
+from array import array
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+from formats.engine.backing import HOLE_ZERO, backing_status, read_backing
+from formats.engine.journal import Journal
+from formats.engine.runs import COMPRESSED, DATA, SHARED, UNALLOC, ZERO, Miss, add_extent, runs
+from formats.engine.table_cache import TableCache
+from formats.qcow.driver import Growable
+from formats.qcow.meta import be_array, to_be_bytes
+from formats.qcow2.layout import (
+    AUTOCLEAR_OFFSET,
+    L2E_RESERVED,
+    OFFSET_MASK,
+    OFLAG_COMPRESSED,
+    OFLAG_COPIED,
+    OFLAG_ZERO,
+    REFTABLE_FIELDS_OFFSET,
+    Incompatible,
+)
+from formats.qcow2.refcount import decode_block, encode_block, entries_per_block, max_refcount
+from tapnbd.driver import BlockSize, Driver, Extent, ExtentFlags, FuaMode
+
+if TYPE_CHECKING:
+    from collections.abc import Coroutine
+
+    from formats.qcow2.meta import Qcow2Meta
+
+log = logging.getLogger(__name__)
+
+#: Memory for L2 tables and refcount blocks (dirty ones are pinned and may exceed it).
+CACHE_BYTES = 32 << 20
+#: Block status answers at most this many extents per call; the client asks again.
+MAX_EXTENTS = 1024
+#: An L2 entry found bad when its table was read is replaced by this (reserved bit 1):
+#: using it fails with EIO, the rest of the table still works.
+_BAD = 2
+#: Journal stages (see the module docstring).
+S_NEW, S_REFTABLE, S_MAP = 0, 1, 2
+_ZERO_CHUNK = 1 << 20
+#: Bits of an L2 entry that make it anything but a plain data cluster.
+_NOT_PLAIN = OFLAG_COMPRESSED | OFLAG_ZERO | L2E_RESERVED
+
+
+def _eio(message: str) -> OSError:
+    return OSError(errno.EIO, message)
+
+
+class Qcow2Driver(Driver):
+    """A qcow2 image read and written through ``child``; ``backing`` fills holes."""
+
+    name = "qcow2"
+
+    def __init__(
+        self,
+        child: Driver,
+        backing: Driver | None,
+        meta: Qcow2Meta,
+        *,
+        read_only: bool = False,
+        path: str = "",
+    ) -> None:
+        h = meta.header
+        self.child = child
+        self.backing = backing
+        self.meta = meta
+        self.read_only = read_only
+        self.path = path
+        self._size = h.size
+        self._v3 = h.version >= 3
+        cb = self._cb = h.cluster_bits
+        cs = self._cs = 1 << cb
+        self._shift = cb + cb - 3  # bytes mapped by one L2 table, as a shift
+        self._l2_mask = (1 << (cb - 3)) - 1
+        self.l1 = meta.l1
+        self._l1_off = h.l1_table_offset
+        self.reftable = meta.reftable
+        self._rt_off = h.refcount_table_offset
+        self._rt_clusters = h.refcount_table_clusters
+        self._order = h.refcount_order
+        self._rb_bits = cb + 3 - self._order
+        self._rb_mask = entries_per_block(cb, self._order) - 1
+        self._rc_max = max_refcount(self._order)
+        # Compressed descriptors: "x = 62 - (cluster_bits - 8)".
+        x = 62 - (cb - 8)
+        self._c_off_mask = (1 << x) - 1
+        self._c_shift = x
+        self._c_nsect_mask = (1 << (cb - 8)) - 1
+        self._journal = Journal(3, self._meta_write, child.flush)
+        tables = max(16, CACHE_BYTES // cs)
+        self._l2: TableCache[array[int]] = TableCache(self._read_l2, tables, self._journal.busy)
+        self._rb: TableCache[array[int]] = TableCache(self._read_rb, tables, self._journal.busy)
+        self._l2_tables = self._l2.tables
+        self._grow = child.grow if isinstance(child, Growable) else None
+        #: Next free cluster: allocation only ever appends.
+        self._end = (meta.file_size + cs - 1) // cs * cs
+        #: A table as read from disk cannot rightly point past the end at open, unless
+        #: this driver changed it since (``_touched``).
+        self._open_end = self._end
+        self._touched: set[int] = set()
+        #: Guest clusters whose allocation is in flight.
+        self._pending: dict[int, asyncio.Future[None]] = {}
+        #: Host clusters that lost a reference, (first cluster index, count): decremented
+        #: once the tables no longer naming them are durable.
+        self._decrefs: list[tuple[int, int]] = []
+        self._flush_lock = asyncio.Lock()
+        self._ccache_key = -1
+        self._ccache = b""
+        self._closed = False
+
+    # Open-time work.
+
+    async def prepare(self) -> None:
+        """On a writable open, clear autoclear bits we don't maintain (qcow2.txt).
+
+        "An implementation may only write to an image with unknown auto-clear features
+        if it clears the respective bits from this field first." Bitmaps are not kept up
+        to date here either, so their bit goes too (qemu then ignores them).
+        """
+        h = self.meta.header
+        if self.read_only or not self._v3 or not h.autoclear_features:
+            return
+        await self.child.pwrite(AUTOCLEAR_OFFSET, bytes(8))
+        await self.child.flush()
+
+    # Capabilities.
+
+    def size(self) -> int:
+        return self._size
+
+    def can_write(self) -> bool:
+        return not self.read_only
+
+    def can_trim(self) -> bool:
+        return not self.read_only
+
+    def can_fast_zero(self) -> bool:
+        # Zero clusters make zeroing fast on v3; v2 over a backing file must write.
+        return not self.read_only and (self._v3 or self.backing is None)
+
+    def can_fua(self) -> FuaMode:
+        return FuaMode.NATIVE
+
+    def can_extents(self) -> bool:
+        return True
+
+    def block_size(self) -> BlockSize:
+        return BlockSize(minimum=1, preferred=max(4096, min(self._cs, 1 << 20)))
+
+    # Tables.
+
+    async def _read_l2(self, off: int) -> array[int]:
+        """Read an L2 table, marking entries that point outside the file as bad."""
+        t = be_array(await self.child.pread(off, self._cs))
+        limit = self._end if off in self._touched else self._open_end
+        cs = self._cs
+        for i, e in enumerate(t):
+            if not e:
+                continue
+            if e & OFLAG_COMPRESSED:
+                host = e & self._c_off_mask
+                bad = host < cs or host >= limit
+            else:
+                host = e & OFFSET_MASK
+                bad = bool(host) and (host % cs != 0 or host < cs or host + cs > limit)
+            if bad:
+                log.error("%s: L2 table 0x%x entry %d (0x%x) is invalid", self.path, off, i, e)
+                t[i] = _BAD
+        return t
+
+    async def _read_rb(self, off: int) -> array[int]:
+        return decode_block(await self.child.pread(off, self._cs), self._order)
+
+    async def _meta_write(self, off: int, data: bytes) -> None:
+        await self.child.pwrite(off, data)
+
+    # Lookup.
+
+    def _lookup(self, pos: int, end: int) -> tuple[int, int, int]:
+        """(kind, host, length) of the run at ``pos``, from memory; raises Miss.
+
+        A run never crosses an L2 table. DATA and SHARED runs are host-contiguous, and
+        ``host`` includes the offset into the cluster; a COMPRESSED run is one cluster
+        and ``host`` is its entry; a ZERO run that still holds a cluster is one cluster.
+        """
+        shift = self._shift
+        l1i = pos >> shift
+        lim = min(end, (l1i + 1) << shift)
+        l2off = self.l1[l1i] & OFFSET_MASK
+        if not l2off:
+            return UNALLOC, 0, lim - pos
+        t = self._l2.get(l2off)
+        if t is None:
+            raise Miss(l2off)
+        cb = self._cb
+        i = (pos >> cb) & self._l2_mask
+        in_cl = pos & (self._cs - 1)
+        e = t[i]
+        last = i + (((lim - 1) >> cb) - (pos >> cb))  # index of the last cluster asked
+        if e & OFLAG_COMPRESSED:
+            return COMPRESSED, e, min(lim - pos, self._cs - in_cl)
+        if e & L2E_RESERVED or (e & OFLAG_ZERO and not self._v3):
+            raise _eio(f"L2 table 0x{l2off:x} entry {i} (0x{e:x}) is invalid")
+        host = e & OFFSET_MASK
+        j = i + 1
+        if e & OFLAG_ZERO:
+            kind = ZERO
+            if not host:
+                while j <= last and t[j] == OFLAG_ZERO:
+                    j += 1
+        elif not host:
+            kind = UNALLOC
+            while j <= last and not t[j]:
+                j += 1
+        else:
+            kind = DATA if e & OFLAG_COPIED else SHARED
+            nxt = e + self._cs
+            while j <= last and t[j] == nxt:
+                j += 1
+                nxt += self._cs
+            host += in_cl
+        return kind, host, min(lim - pos, ((j - i) << cb) - in_cl)
+
+    def _load(self, off: int) -> Coroutine[Any, Any, array[int]]:
+        return self._l2.load(off)
+
+    # Synchronous fast paths.
+
+    def _host_now(self, offset: int, length: int, write: bool) -> int:
+        """The host offset of [offset, offset + length) if it is one known run, else -1.
+
+        The common case, inside one cluster whose table is in memory, is answered
+        inline: the full lookup costs as much again as the rest of a 4 KiB read.
+        """
+        in_cl = offset & (self._cs - 1)
+        if in_cl + length <= self._cs:
+            t = self._l2_tables.get(self.l1[offset >> self._shift] & OFFSET_MASK)
+            if t is None:
+                return -1
+            e = t[(offset >> self._cb) & self._l2_mask]
+            if e & _NOT_PLAIN or not e & OFFSET_MASK or (write and not e & OFLAG_COPIED):
+                return -1
+            return (e & OFFSET_MASK) + in_cl
+        try:
+            kind, host, n = self._lookup(offset, offset + length)
+        except (Miss, OSError):
+            return -1
+        if n != length or not (kind == DATA or (kind == SHARED and not write)):
+            return -1
+        return host
+
+    def pread_nowait(self, offset: int, length: int) -> bytes | bytearray | None:
+        host = self._host_now(offset, length, False)
+        return None if host < 0 else self.child.pread_nowait(host, length)
+
+    def pwrite_nowait(self, offset: int, data: bytes | memoryview) -> bool:
+        if self.read_only:
+            return False
+        host = self._host_now(offset, len(data), True)
+        return host >= 0 and self.child.pwrite_nowait(host, data)
+
+    # Reads.
+
+    async def pread(self, offset: int, length: int) -> bytes | bytearray | memoryview:
+        end = offset + length
+        while True:
+            try:
+                kind, host, n = self._lookup(offset, end)
+                break
+            except Miss as miss:
+                await self._l2.load(miss.offset)
+        if n == length:  # one run: no copy
+            if kind in (DATA, SHARED):
+                return await self.child.pread(host, n)
+            if kind == ZERO or (kind == UNALLOC and self.backing is None):
+                return bytes(n)
+        buf = bytearray(length)
+        pos = offset
+        async for kind, host, n in runs(self._lookup, self._load, offset, end):
+            o = pos - offset
+            if kind in (DATA, SHARED):
+                buf[o : o + n] = await self.child.pread(host, n)
+            elif kind == COMPRESSED:
+                c = pos & (self._cs - 1)
+                buf[o : o + n] = (await self._decompress(host))[c : c + n]
+            elif kind == UNALLOC and self.backing is not None:
+                buf[o : o + n] = await read_backing(self.backing, pos, n)
+            pos += n
+        return buf
+
+    def _compressed_location(self, entry: int) -> tuple[int, int]:
+        """(host offset, byte count) of a compressed cluster's data.
+
+        "Number of additional 512-byte sectors used for the compressed data, beyond the
+        sector containing the offset" (qcow2.txt).
+        """
+        off = entry & self._c_off_mask
+        nsect = ((entry >> self._c_shift) & self._c_nsect_mask) + 1
+        return off, nsect * 512 - (off & 511)
+
+    async def _decompress(self, entry: int) -> bytes:
+        """The cluster stored compressed by ``entry`` (the last one is cached)."""
+        if entry == self._ccache_key:
+            return self._ccache
+        if entry == _BAD:
+            raise _eio("invalid compressed cluster descriptor")
+        off, csize = self._compressed_location(entry)
+        # The last compressed cluster may end short of its last sector at the file's end.
+        csize = min(csize, self.child.size() - off)
+        if csize <= 0:
+            raise _eio(f"compressed cluster at 0x{off:x} lies past the end of the file")
+        raw = await self.child.pread(off, csize)
+        # qemu writes "raw deflate" (no zlib header) with a 4 KiB window: wbits -12.
+        try:
+            data = zlib.decompressobj(-12).decompress(bytes(raw), self._cs)
+        except zlib.error as e:
+            raise _eio(f"compressed cluster at 0x{off:x}: {e}") from None
+        if len(data) != self._cs:
+            raise _eio(f"compressed cluster at 0x{off:x} inflates to {len(data)} bytes")
+        self._ccache_key, self._ccache = entry, data
+        return data
+
+    async def _old_content(
+        self, pos: int, n: int, kind: int, host: int
+    ) -> bytes | bytearray | memoryview:
+        """What [pos, pos + n) read as before the cluster holding it is reallocated."""
+        if kind == COMPRESSED:
+            c = pos & (self._cs - 1)
+            return (await self._decompress(host))[c : c + n]
+        if kind == SHARED:
+            return await self.child.pread(host, n)
+        if kind == UNALLOC and self.backing is not None:
+            return await read_backing(self.backing, pos, n)
+        return bytes(n)
+
+    # Writes.
+
+    async def pwrite(self, offset: int, data: bytes | memoryview, fua: bool = False) -> None:
+        view = memoryview(data)
+        end = offset + len(view)
+        pos = offset
+        allocated = False
+        while pos < end:
+            try:
+                kind, host, n = self._lookup(pos, end)
+            except Miss as miss:
+                await self._l2.load(miss.offset)
+                continue
+            if kind == DATA:
+                o = pos - offset
+                await self.child.pwrite(host, view[o : o + n], fua)
+                pos += n
+            else:
+                done = await self._alloc_write(pos, pos + n, kind, host, view, offset)
+                allocated = allocated or done > 0
+                pos += done
+        if fua and (allocated or self._journal.pending):
+            await self.flush()
+
+    def _reserve(self, n: int) -> int:
+        """Claim ``n`` bytes (whole clusters) at the end of the file."""
+        if self._grow is None:
+            raise OSError(errno.ENOSPC, "the image file cannot grow")
+        host = self._end
+        self._grow(host + n)
+        self._end = host + n
+        return host
+
+    async def _writable_l2(self, l1i: int) -> tuple[int, array[int]]:
+        """The L2 table for L1 slot ``l1i``, made if absent and copied if shared."""
+        e = self.l1[l1i]
+        old = e & OFFSET_MASK
+        if old and e & OFLAG_COPIED:
+            return old, await self._l2.load(old)
+        # A copied table keeps any entries marked bad: they stay unusable.
+        table = array("Q", await self._l2.load(old)) if old else array("Q", bytes(self._cs))
+        new = self._reserve(self._cs)
+        await self._incref(new >> self._cb, 1)
+        if self.l1[l1i] != e:  # another request installed a table meanwhile
+            self._decrefs.append((new >> self._cb, 1))
+            return await self._writable_l2(l1i)
+        self._touched.add(new)
+        self._l2.put(new, table)
+        self._journal.record(S_NEW, new, lambda: to_be_bytes(table), tag=new)
+        self._set_l1(l1i, new | OFLAG_COPIED)
+        if old:
+            self._decrefs.append((old >> self._cb, 1))
+            self._l2.drop(old)
+        return new, table
+
+    def _set_l1(self, l1i: int, value: int) -> None:
+        self.l1[l1i] = value
+        self._journal.record(S_MAP, self._l1_off + 8 * l1i, value.to_bytes(8, "big"))
+
+    def _set_l2(self, l2off: int, t: array[int], i: int, value: int) -> None:
+        t[i] = value
+        if not self._journal.has(S_NEW, l2off):  # else the whole table is written
+            self._journal.record(S_MAP, l2off + 8 * i, value.to_bytes(8, "big"), tag=l2off)
+
+    async def _alloc_write(
+        self, pos: int, lim: int, kind: int, host: int, view: memoryview, voff: int
+    ) -> int:
+        """Write [pos, lim) into new clusters; returns the bytes written.
+
+        0 means another request is allocating the first cluster: look again once it is
+        done. The rest of a partly written cluster keeps what it read as before.
+        """
+        cb, cs = self._cb, self._cs
+        c0 = pos >> cb
+        waiting = self._pending.get(c0)
+        if waiting is not None:
+            await waiting
+            return 0
+        c_end = ((lim - 1) >> cb) + 1
+        k = 1
+        while c0 + k < c_end and c0 + k not in self._pending:
+            k += 1
+        lim = min(lim, (c0 + k) << cb)
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        for c in range(c0, c0 + k):
+            self._pending[c] = fut
+        try:
+            l1i = pos >> self._shift
+            await self._writable_l2(l1i)
+            new = self._reserve(k * cs)
+            await self._incref(new >> cb, k)
+            head = pos - (c0 << cb)
+            tail = ((c0 + k) << cb) - lim
+            chunk = view[pos - voff : lim - voff]
+            if not head and not tail:
+                await self.child.pwrite(new, chunk)
+            else:
+                buf = bytearray(k * cs)
+                old_host = host - head if kind == SHARED else host
+                if head:
+                    buf[:head] = await self._old_content(c0 << cb, head, kind, old_host)
+                buf[head : head + len(chunk)] = chunk
+                if tail:
+                    t_host = old_host + (lim - (c0 << cb)) if kind == SHARED else host
+                    buf[k * cs - tail :] = await self._old_content(lim, tail, kind, t_host)
+                await self.child.pwrite(new, memoryview(buf))
+            # The table may have been copied (a snapshot's) by another request meanwhile.
+            l2off, t = await self._writable_l2(l1i)
+            i0 = c0 & self._l2_mask
+            for j in range(k):
+                self._forget(t[i0 + j])
+                self._set_l2(l2off, t, i0 + j, (new + j * cs) | OFLAG_COPIED)
+        finally:
+            for c in range(c0, c0 + k):
+                del self._pending[c]
+            fut.set_result(None)
+        return lim - pos
+
+    def _forget(self, entry: int) -> None:
+        """The entry is being replaced: its cluster(s) lose a reference."""
+        if not entry or entry == _BAD:
+            return
+        if entry & OFLAG_COMPRESSED:
+            off, n = self._compressed_location(entry)
+            first = off >> self._cb
+            self._decrefs.append((first, ((off + n - 1) >> self._cb) - first + 1))
+        elif entry & OFFSET_MASK:
+            self._decrefs.append(((entry & OFFSET_MASK) >> self._cb, 1))
+
+    async def preallocate(self) -> None:
+        """Give every unallocated guest cluster a data cluster (preallocation=metadata).
+
+        The file grows sparse: the clusters read as zeros until written.
+        """
+        cb, cs = self._cb, self._cs
+        clusters = (self._size + cs - 1) >> cb
+        per_table = self._l2_mask + 1
+        for l1i in range((clusters + per_table - 1) // per_table):
+            l2off, t = await self._writable_l2(l1i)
+            n = min(per_table, clusters - l1i * per_table)
+            free = [i for i in range(n) if not t[i]]
+            if not free:
+                continue
+            host = self._reserve(len(free) * cs)
+            await self._incref(host >> cb, len(free))
+            for j, i in enumerate(free):
+                self._set_l2(l2off, t, i, (host + j * cs) | OFLAG_COPIED)
+        await self.flush()
+
+    # Refcounts.
+
+    async def _refblock(self, ri: int) -> tuple[int, array[int]]:
+        """The refcount block for reftable index ``ri``, created if absent."""
+        if ri >= len(self.reftable):
+            await self._grow_reftable(ri)
+        boff = self.reftable[ri] & OFFSET_MASK
+        if boff:
+            return boff, await self._rb.load(boff)
+        boff = self._reserve(self._cs)
+        block = decode_block(bytes(self._cs), self._order)
+        self._rb.put(boff, block)
+        self._touched.add(boff)
+        self.reftable[ri] = boff
+        self._journal.record(S_NEW, boff, partial(encode_block, block, self._order), tag=boff)
+        self._journal.record(S_REFTABLE, self._rt_off + 8 * ri, boff.to_bytes(8, "big"))
+        # The new block counts itself (or is counted by the block its cluster falls in).
+        await self._incref(boff >> self._cb, 1)
+        return boff, block
+
+    async def _incref(self, first: int, count: int) -> None:
+        """Refcount 0 -> 1 for ``count`` fresh clusters from index ``first``."""
+        for c in range(first, first + count):
+            boff, block = await self._refblock(c >> self._rb_bits)
+            i = c & self._rb_mask
+            if block[i]:
+                raise _eio(f"cluster 0x{c << self._cb:x} past the end has refcount {block[i]}")
+            block[i] = 1
+            if not self._journal.has(S_NEW, boff):
+                self._journal.record(
+                    S_NEW, boff, partial(encode_block, block, self._order), tag=boff
+                )
+
+    async def _grow_reftable(self, ri: int) -> None:
+        """Move the refcount table to a bigger place at the end of the file.
+
+        The new table is written whole in stage 0 and the header switches to it in
+        stage 1; the old table's clusters are freed after that.
+        """
+        old_off, old_clusters = self._rt_off, self._rt_clusters
+        entries = max(ri + 1, 2 * len(self.reftable))
+        clusters = (entries * 8 + self._cs - 1) >> self._cb
+        new_off = self._reserve(clusters * self._cs)
+        table = array("Q", self.reftable)
+        table.extend([0] * ((clusters << self._cb) // 8 - len(table)))
+        self.reftable = table
+        self._rt_off, self._rt_clusters = new_off, clusters
+        self._journal.record(S_NEW, new_off, lambda: to_be_bytes(self.reftable))
+        self._journal.record(
+            S_REFTABLE,
+            REFTABLE_FIELDS_OFFSET,
+            lambda: struct.pack(">QI", self._rt_off, self._rt_clusters),
+        )
+        await self._incref(new_off >> self._cb, clusters)
+        self._decrefs.append((old_off >> self._cb, old_clusters))
+
+    async def _apply_decrefs(self, decrefs: list[tuple[int, int]]) -> list[int]:
+        """Decrement in memory; returns the clusters whose refcount reached 0."""
+        freed: list[int] = []
+        for first, count in decrefs:
+            for c in range(first, first + count):
+                ri = c >> self._rb_bits
+                boff = self.reftable[ri] & OFFSET_MASK if ri < len(self.reftable) else 0
+                if not boff:
+                    log.error("%s: cluster 0x%x has no refcount block", self.path, c << self._cb)
+                    continue
+                block = await self._rb.load(boff)
+                i = c & self._rb_mask
+                if not block[i]:
+                    log.error("%s: cluster 0x%x refcount underflow", self.path, c << self._cb)
+                    continue
+                block[i] -= 1
+                if not block[i]:
+                    freed.append(c)
+                if not self._journal.has(S_NEW, boff):
+                    self._journal.record(
+                        S_NEW, boff, partial(encode_block, block, self._order), tag=boff
+                    )
+        return freed
+
+    # Zeroing and discard.
+
+    async def zero(
+        self, offset: int, length: int, *, may_trim: bool, fua: bool, fast: bool
+    ) -> None:
+        if fast and not self.can_fast_zero():
+            raise OSError(errno.ENOTSUP, "zeroing needs writes on a v2 image with a backing file")
+        await self._zero(offset, length, discard=False)
+        if fua:
+            await self.flush()
+
+    async def trim(self, offset: int, length: int, fua: bool = False) -> None:
+        await self._zero(offset, length, discard=True)
+        if fua:
+            await self.flush()
+
+    async def _zero(self, offset: int, length: int, *, discard: bool) -> None:
+        """Make [offset, offset + length) read as zeros, or (``discard``) free what it can.
+
+        Whole clusters become zero clusters (v3), or unallocated where nothing shows
+        through; a discard on an overlay never exposes the backing file's data. Partial
+        clusters are written with zeros (a discard leaves them alone).
+        """
+        end = offset + length
+        cs = self._cs
+        pos = offset
+        while pos < end:
+            try:
+                kind, _host, n = self._lookup(pos, end)
+            except Miss as miss:
+                await self._l2.load(miss.offset)
+                continue
+            a = min(pos + n, (pos + cs - 1) // cs * cs)
+            b = max(a, (pos + n) // cs * cs)
+            reads_zero = kind == ZERO or (kind == UNALLOC and self.backing is None)
+            if not discard and not reads_zero:
+                for s, e in ((pos, a), (b, pos + n)):
+                    if s < e:
+                        await self._write_zeros(s, e - s)
+            if a < b:
+                await self._zero_clusters(a, b, kind, discard)
+            pos += n
+
+    async def _write_zeros(self, pos: int, n: int) -> None:
+        zeros = memoryview(bytes(min(n, _ZERO_CHUNK)))
+        while n:
+            m = min(n, len(zeros))
+            await self.pwrite(pos, zeros[:m])
+            pos += m
+            n -= m
+
+    async def _zero_clusters(self, a: int, b: int, kind: int, discard: bool) -> None:
+        """Whole clusters [a, b) of one run: zero clusters, or unallocated."""
+        if kind == UNALLOC and self.backing is None:
+            return
+        if kind == ZERO and not discard:
+            return
+        if self.backing is not None and not self._v3:
+            # v2 has no zero clusters: over a backing file, zeros must be written.
+            if not discard:
+                await self._write_zeros(a, b - a)
+            return
+        value = OFLAG_ZERO if self.backing is not None else 0
+        if kind == UNALLOC and value == 0:
+            return
+        cb = self._cb
+        for c in range(a >> cb, b >> cb):
+            waiting = self._pending.get(c)
+            if waiting is not None:
+                await waiting
+        l2off, t = await self._writable_l2(a >> self._shift)
+        i0 = (a >> cb) & self._l2_mask
+        for i in range(i0, i0 + ((b - a) >> cb)):
+            self._forget(t[i])
+            self._set_l2(l2off, t, i, value)
+
+    # Block status.
+
+    async def extents(self, offset: int, length: int) -> list[Extent]:
+        out: list[Extent] = []
+        pos = offset
+        async for kind, host, n in runs(self._lookup, self._load, offset, offset + length):
+            if kind == UNALLOC:
+                if self.backing is None:
+                    add_extent(out, pos, n, HOLE_ZERO)
+                else:
+                    await backing_status(self.backing, out, pos, n)
+            elif kind == ZERO:
+                add_extent(out, pos, n, HOLE_ZERO)
+            elif kind in (DATA, SHARED) and self.child.can_extents():
+                await self._host_status(out, pos, host, n)
+            else:
+                add_extent(out, pos, n, ExtentFlags.DATA)
+            pos += n
+            if len(out) >= MAX_EXTENTS:
+                break
+        return out
+
+    async def _host_status(self, out: list[Extent], pos: int, host: int, n: int) -> None:
+        """Allocated clusters: data, or ZERO where the file holds a hole (never written)."""
+        done = 0
+        while done < n:
+            got = await self.child.extents(host + done, n - done)
+            if not got or got[0].offset != host + done:
+                add_extent(out, pos + done, n - done, ExtentFlags.DATA)
+                return
+            for e in got:
+                m = min(e.length, n - done)
+                flags = ExtentFlags.ZERO if e.flags & ExtentFlags.ZERO else ExtentFlags.DATA
+                add_extent(out, pos + done, m, flags)
+                done += m
+                if done >= n:
+                    return
+
+    # Flush and close.
+
+    async def flush(self) -> None:
+        """Make every completed write durable, metadata and decrements included."""
+        async with self._flush_lock:
+            decrefs, self._decrefs = self._decrefs, []
+            try:
+                if not await self._journal.flush():
+                    await self.child.flush()
+            except BaseException:
+                self._decrefs[:0] = decrefs
+                raise
+            if not decrefs:
+                return
+            # The pointers are gone on disk: now the refcounts may drop.
+            freed = await self._apply_decrefs(decrefs)
+            await self._journal.flush()
+            for c in freed:
+                try:
+                    await self.child.trim(c << self._cb, self._cs)
+                except OSError as e:
+                    if e.errno != errno.ENOTSUP:
+                        raise
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if not self.read_only:
+                await self.flush()
+        finally:
+            await self.child.close()
+            if self.backing is not None:
+                await self.backing.close()
+
+    # Facts for `tapnbd info`.
+
+    def describe(self) -> dict[str, object]:
+        """Keys as ``qemu-img info --output=json`` spells them for qcow2."""
+        m, h = self.meta, self.meta.header
+        data: dict[str, object] = {"compat": "1.1" if self._v3 else "0.10"}
+        if self._v3:
+            data["compression-type"] = "zlib"
+            data["lazy-refcounts"] = bool(h.compatible_features & 1)
+        data["refcount-bits"] = 1 << h.refcount_order
+        data["corrupt"] = bool(h.incompatible_features & Incompatible.CORRUPT)
+        if self._v3:
+            data["extended-l2"] = False
+        info: dict[str, object] = {
+            "format": self.name,
+            "virtual-size": self._size,
+            "cluster-size": self._cs,
+            "dirty-flag": bool(h.incompatible_features & Incompatible.DIRTY),
+            "format-specific": {"type": "qcow2", "data": data},
+        }
+        if m.snapshots:
+            info["snapshots"] = [
+                {
+                    "id": s.id_str,
+                    "name": s.name,
+                    "vm-state-size": s.vm_state_size,
+                    "date-sec": s.date_sec,
+                    "date-nsec": s.date_nsec,
+                    "vm-clock-sec": s.vm_clock_nsec // 1_000_000_000,
+                    "vm-clock-nsec": s.vm_clock_nsec % 1_000_000_000,
+                    "icount": int.from_bytes(s.extra[16:24], "big") if len(s.extra) >= 24 else -1,
+                }
+                for s in m.snapshots
+            ]
+        if m.backing_name is not None:
+            info["backing-filename"] = m.backing_name
+            if self.backing is not None:
+                info["full-backing-filename"] = getattr(self.backing, "path", m.backing_name)
+            if m.backing_format:
+                info["backing-filename-format"] = m.backing_format
+        return info

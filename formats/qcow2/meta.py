@@ -1,0 +1,314 @@
+"""Reading and checking a qcow2 image's fixed metadata at open.
+
+Header, header extensions, backing name, L1 table, refcount table and snapshot table.
+Everything here runs once per open, and every refusal names the field at fault. What is
+read is bounded by the file's size and by QEMU's own limits (32 MiB of L1 table, 8 MiB
+of refcount table, 64 MiB of snapshot table), so any header opens or is refused quickly
+and in bounded memory.
+
+References: QEMU docs/interop/qcow2.txt; QEMU block/qcow2.c ``qcow2_do_open``.
+"""
+
+from __future__ import annotations
+
+from array import array
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from formats.qcow.meta import be_array
+from formats.qcow2.layout import (
+    AUTOCLEAR_NAMES,
+    COMPRESSION_DEFLATE,
+    COMPRESSION_ZSTD,
+    INCOMPATIBLE_NAMES,
+    L1E_RESERVED,
+    MAX_BACKING_NAME,
+    MAX_CLUSTER_BITS,
+    MAX_L1_BYTES,
+    MAX_REFTABLE_BYTES,
+    MAX_SNAPSHOTS,
+    MAX_SNAPSHOTS_BYTES,
+    MIN_CLUSTER_BITS,
+    OFFSET_MASK,
+    V2_HEADER_SIZE,
+    V3_HEADER_SIZE,
+    Ext,
+    Incompatible,
+    Qcow2Header,
+    Snapshot,
+    parse_ext_header,
+    parse_feature_names,
+    parse_snapshot,
+)
+from tapnbd.errors import InvalidImageError, UnsupportedImageError
+
+if TYPE_CHECKING:
+    from tapnbd.driver import Driver
+
+
+@dataclass(slots=True)
+class Qcow2Meta:
+    """An image's fixed metadata, checked against the file's size."""
+
+    header: Qcow2Header
+    file_size: int
+    l1: array[int]
+    reftable: array[int]
+    backing_name: str | None = None
+    backing_format: str | None = None
+    feature_names: dict[tuple[int, int], str] = field(default_factory=dict)
+    snapshots: list[Snapshot] = field(default_factory=list)
+    #: Header extensions present, by type (unknown ones are kept as they are).
+    extensions: list[int] = field(default_factory=list)
+
+    @property
+    def cluster_bits(self) -> int:
+        return self.header.cluster_bits
+
+    @property
+    def cluster_size(self) -> int:
+        return 1 << self.header.cluster_bits
+
+
+def l1_entries_needed(size: int, cluster_bits: int) -> int:
+    """L1 entries that map ``size`` bytes: one per L2 table of cluster_size / 8 entries."""
+    shift = cluster_bits + cluster_bits - 3
+    return (size + (1 << shift) - 1) >> shift
+
+
+def feature_name(meta_names: dict[tuple[int, int], str], ftype: int, bit: int) -> str:
+    known = (INCOMPATIBLE_NAMES if ftype == 0 else AUTOCLEAR_NAMES).get(bit)
+    return meta_names.get((ftype, bit)) or known or f"unknown feature bit {bit}"
+
+
+def check_features(meta: Qcow2Meta, read_only: bool) -> None:
+    """Refuse by name every incompatible feature this driver doesn't implement.
+
+    "If an unknown bit is set in incompatible_features, the image must not be opened"
+    (qcow2.txt); the known ones we don't implement are refused the same way.
+    """
+    h = meta.header
+    bits = h.incompatible_features
+    if bits & Incompatible.CORRUPT and not read_only:
+        raise UnsupportedImageError(
+            "incompatible_features has the corrupt bit set: qemu found the metadata "
+            "inconsistent; open it read-only, or repair it (qemu-img check -r all)"
+        )
+    if bits & Incompatible.DIRTY and not read_only:
+        raise UnsupportedImageError(
+            "incompatible_features has the dirty bit set (lazy refcounts, not closed "
+            "cleanly): the refcounts may be wrong; repair them first with "
+            "`tapnbd check --repair` or `qemu-img check -r all`, or open it read-only"
+        )
+    if bits & Incompatible.COMPRESSION or h.compression_type != COMPRESSION_DEFLATE:
+        kind = (
+            "zstd"
+            if h.compression_type == COMPRESSION_ZSTD
+            else f"compression_type {h.compression_type}"
+        )
+        raise UnsupportedImageError(
+            f"incompatible feature 'compression type' ({kind}): only deflate-compressed "
+            "clusters are supported (convert it: qemu-img convert -O qcow2 -o "
+            "compression_type=zlib)"
+        )
+    for bit in range(64):
+        if bits & (1 << bit) and bit not in (0, 1, 3):
+            raise UnsupportedImageError(
+                f"incompatible feature '{feature_name(meta.feature_names, 0, bit)}' "
+                f"(incompatible_features bit {bit}) is not supported"
+            )
+    if h.crypt_method != 0:
+        raise UnsupportedImageError(
+            f"crypt_method {h.crypt_method}: the image is encrypted "
+            f"({'AES' if h.crypt_method == 1 else 'LUKS' if h.crypt_method == 2 else 'unknown'}); "
+            "encrypted images are not supported"
+        )
+    if Ext.DATA_FILE in meta.extensions:
+        raise UnsupportedImageError("header extension 'external data file' is not supported")
+
+
+async def read_meta(child: Driver) -> Qcow2Meta:
+    """Read and check the header, its extensions, the L1 and refcount tables."""
+    file_size = child.size()
+    head_len = min(file_size, 1 << MIN_CLUSTER_BITS)
+    head = bytes(await child.pread(0, head_len)) if head_len else b""
+    h = Qcow2Header.parse(head)
+    if h.version not in (2, 3):
+        raise UnsupportedImageError(f"version {h.version} is not a qcow2 version (2 or 3)")
+    cb = h.cluster_bits
+    if not MIN_CLUSTER_BITS <= cb <= MAX_CLUSTER_BITS:
+        raise InvalidImageError(
+            f"cluster_bits {cb} out of range (cluster size must be 512 B to 2 MiB: "
+            f"{MIN_CLUSTER_BITS}..{MAX_CLUSTER_BITS})"
+        )
+    cs = 1 << cb
+    if h.version >= 3:
+        if h.header_length < V3_HEADER_SIZE or h.header_length % 8:
+            raise InvalidImageError(
+                f"header_length {h.header_length} must be at least {V3_HEADER_SIZE} and a "
+                "multiple of 8"
+            )
+        if h.header_length > cs:
+            raise InvalidImageError(
+                f"header_length {h.header_length} is larger than the cluster size {cs}"
+            )
+        if h.refcount_order > 6:
+            raise InvalidImageError(f"refcount_order {h.refcount_order} is larger than 6")
+    # The first cluster holds the header, its extensions and the backing name.
+    if file_size > head_len:
+        head = bytes(await child.pread(0, min(file_size, cs)))
+    meta = Qcow2Meta(h, file_size, array("Q"), array("Q"))
+    _read_extensions(meta, head, cs)
+    _read_backing_name(meta, head, cs)
+    max_size = (MAX_L1_BYTES // 8) << (cb + cb - 3)
+    if h.size > max_size:
+        raise InvalidImageError(
+            f"size {h.size} is too large for cluster size {cs} (at most {max_size}: the L1 "
+            f"table would exceed {MAX_L1_BYTES} bytes)"
+        )
+
+    # L1 table.
+    need = l1_entries_needed(h.size, cb)
+    if h.l1_size < need:
+        raise InvalidImageError(
+            f"l1_size {h.l1_size} is too small for size {h.size} (needs {need} entries)"
+        )
+    if h.l1_size * 8 > MAX_L1_BYTES:
+        raise InvalidImageError(
+            f"l1_size {h.l1_size} is too large (at most {MAX_L1_BYTES // 8} entries)"
+        )
+    _check_area(
+        "l1_table_offset", h.l1_table_offset, h.l1_size * 8, cs, file_size, allow_empty=True
+    )
+    # Reading is bounded by the file: the area was checked to lie inside it.
+    if h.l1_size:
+        meta.l1 = be_array(await child.pread(h.l1_table_offset, h.l1_size * 8))
+
+    # Refcount table.
+    rt_bytes = h.refcount_table_clusters * cs
+    if rt_bytes > MAX_REFTABLE_BYTES:
+        raise InvalidImageError(
+            f"refcount_table_clusters {h.refcount_table_clusters} is too large "
+            f"(at most {MAX_REFTABLE_BYTES} bytes of table)"
+        )
+    if h.refcount_table_clusters == 0:
+        raise InvalidImageError("refcount_table_clusters is 0: the image has no refcount table")
+    _check_area("refcount_table_offset", h.refcount_table_offset, rt_bytes, cs, file_size)
+    meta.reftable = be_array(await child.pread(h.refcount_table_offset, rt_bytes))
+    _check_overlap(
+        "l1_table_offset", h.l1_table_offset, h.l1_size * 8,
+        "refcount_table_offset", h.refcount_table_offset, rt_bytes,
+    )  # fmt: skip
+
+    # Snapshot table.
+    if h.nb_snapshots > MAX_SNAPSHOTS:
+        raise InvalidImageError(
+            f"nb_snapshots {h.nb_snapshots} is too large (at most {MAX_SNAPSHOTS})"
+        )
+    if h.nb_snapshots:
+        if h.snapshots_offset % cs or h.snapshots_offset < cs or h.snapshots_offset >= file_size:
+            raise InvalidImageError(
+                f"snapshots_offset 0x{h.snapshots_offset:x} is not a cluster-aligned offset "
+                f"inside the file ({file_size} bytes) past the header"
+            )
+        n = min(file_size - h.snapshots_offset, MAX_SNAPSHOTS_BYTES)
+        data = bytes(await child.pread(h.snapshots_offset, n))
+        pos = 0
+        for _ in range(h.nb_snapshots):
+            snap, pos = parse_snapshot(data, pos)
+            meta.snapshots.append(snap)
+    _check_l1_entries(meta)
+    return meta
+
+
+def _check_area(
+    name: str, off: int, n: int, cs: int, file_size: int, allow_empty: bool = False
+) -> None:
+    """A metadata area: cluster-aligned, past the header cluster, inside the file."""
+    if allow_empty and n == 0:
+        return
+    if off % cs:
+        raise InvalidImageError(f"{name} 0x{off:x} is not aligned to the cluster size {cs}")
+    if off < cs:
+        raise InvalidImageError(f"{name} 0x{off:x} overlaps the header (the first cluster)")
+    if off + n > file_size:
+        raise InvalidImageError(
+            f"{name} 0x{off:x} (+{n} bytes) runs past the end of the file ({file_size} bytes)"
+        )
+
+
+def _check_overlap(a: str, aoff: int, alen: int, b: str, boff: int, blen: int) -> None:
+    if alen and blen and aoff < boff + blen and boff < aoff + alen:
+        raise InvalidImageError(f"{a} 0x{aoff:x} and {b} 0x{boff:x}: the tables overlap")
+
+
+def _read_extensions(meta: Qcow2Meta, head: bytes, cs: int) -> None:
+    """Header extensions follow the header, up to the end of the first cluster."""
+    h = meta.header
+    pos = h.header_length if h.version >= 3 else V2_HEADER_SIZE
+    end = min(len(head), cs)
+    if h.backing_file_offset and h.backing_file_offset < end:
+        end = h.backing_file_offset
+    while pos + 8 <= end:
+        ext_type, length = parse_ext_header(head[pos : pos + 8])
+        if ext_type == Ext.END:
+            return
+        data_at = pos + 8
+        if data_at + length > end:
+            raise InvalidImageError(
+                f"header extension 0x{ext_type:08x} (length {length}) at offset {pos} runs "
+                "past the end of the header cluster"
+            )
+        data = head[data_at : data_at + length]
+        meta.extensions.append(ext_type)
+        if ext_type == Ext.BACKING_FORMAT:
+            meta.backing_format = data.decode("ascii", "replace")
+        elif ext_type == Ext.FEATURE_TABLE:
+            meta.feature_names = parse_feature_names(data)
+        pos = data_at + length + (-length % 8)
+
+
+def _read_backing_name(meta: Qcow2Meta, head: bytes, cs: int) -> None:
+    h = meta.header
+    if not h.backing_file_offset:
+        return
+    off, n = h.backing_file_offset, h.backing_file_size
+    if n > MAX_BACKING_NAME:
+        raise InvalidImageError(f"backing_file_size {n} is too long (at most {MAX_BACKING_NAME})")
+    if off + n > cs or off + n > len(head):
+        raise InvalidImageError(
+            f"backing_file_offset 0x{off:x} (+{n} bytes) lies outside the header cluster"
+        )
+    if off < (h.header_length if h.version >= 3 else V2_HEADER_SIZE):
+        raise InvalidImageError(f"backing_file_offset 0x{off:x} overlaps the header")
+    if n:
+        meta.backing_name = head[off : off + n].decode("utf-8", "surrogateescape")
+
+
+def _check_l1_entries(meta: Qcow2Meta) -> None:
+    """Every L2 table named by the L1 table is cluster-aligned and inside the file."""
+    h, cs = meta.header, meta.cluster_size
+    rt_end = h.refcount_table_offset + h.refcount_table_clusters * cs
+    l1_end = h.l1_table_offset + h.l1_size * 8
+    for i, e in enumerate(meta.l1):
+        if not e:
+            continue
+        off = e & OFFSET_MASK
+        if e & L1E_RESERVED:
+            raise InvalidImageError(f"L1 entry {i} (0x{e:x}) has reserved bits set")
+        if off % cs:
+            raise InvalidImageError(
+                f"L1 entry {i} (0x{e:x}): L2 table offset not aligned to the cluster size {cs}"
+            )
+        if off < cs:
+            raise InvalidImageError(
+                f"L1 entry {i} (0x{e:x}) points into the header (the first cluster)"
+            )
+        if off + cs > meta.file_size:
+            raise InvalidImageError(
+                f"L1 entry {i} (0x{e:x}) points past the end of the file ({meta.file_size} bytes)"
+            )
+        if off < l1_end and h.l1_table_offset < off + cs:
+            raise InvalidImageError(f"L1 entry {i} (0x{e:x}) points into the L1 table")
+        if off < rt_end and h.refcount_table_offset < off + cs:
+            raise InvalidImageError(f"L1 entry {i} (0x{e:x}) points into the refcount table")

@@ -1,0 +1,116 @@
+"""``tapnbd create/info/convert/check`` on qcow2, with qemu-img as the referee."""
+
+from __future__ import annotations
+
+import json
+import random
+import struct
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.formats.qcow2_util import check_clean, make_image
+from tests.formats.qcow_util import need, qemu_img
+from tests.helpers import qemu_io, run, tapnbd_cmd
+
+
+def tapnbd(*args: str | Path, check: bool = True) -> str:
+    return run(tapnbd_cmd(*map(str, args)), check=check).stdout
+
+
+def qemu_info(img: Path) -> dict[str, Any]:
+    out: dict[str, Any] = json.loads(qemu_img("info", "--output=json", img))
+    return out
+
+
+@pytest.mark.parametrize(
+    "opts",
+    [(), ("--cluster-size", "512"), ("--cluster-size", "2M"), ("--preallocation", "metadata")],
+    ids=["default", "512", "2M", "metadata"],
+)
+def test_create_passes_qemu_check(tmp_path: Path, opts: tuple[str, ...]) -> None:
+    need("qemu-img", "qemu-io")
+    img = tmp_path / "new.qcow2"
+    tapnbd("create", "--format", "qcow2", "--size", "100M", *opts, img)
+    check_clean(img)
+    info = qemu_info(img)
+    assert info["virtual-size"] == 100 << 20
+    assert info["cluster-size"] == {"512": 512, "2M": 2 << 20}.get(opts[-1] if opts else "", 65536)
+    qemu_io(img, "write -P 0x61 1M 70k", "read -P 0x61 1M 70k", fmt="qcow2")
+    check_clean(img)
+
+
+def test_create_overlay_with_backing_format(tmp_path: Path) -> None:
+    need("qemu-img")
+    base = tmp_path / "base.raw"
+    base.write_bytes(random.Random(3).randbytes(1 << 20))
+    img = tmp_path / "top.qcow2"
+    tapnbd("create", "--format", "qcow2", "--backing", "base.raw", "-F", "raw", img)
+    info = qemu_info(img)
+    assert info["backing-filename"] == "base.raw"
+    assert info["backing-filename-format"] == "raw"
+    assert info["virtual-size"] == 1 << 20
+    qemu_img("compare", "-f", "qcow2", "-F", "raw", img, base)
+    check_clean(img)
+
+
+def test_info_json_keys_match_qemu(tmp_path: Path) -> None:
+    img = make_image(tmp_path, "snapshot")
+    ours = json.loads(tapnbd("info", "--json", img))
+    theirs = qemu_info(img)
+    for key in ("virtual-size", "cluster-size", "format", "dirty-flag"):
+        assert ours[key] == theirs[key], key
+    assert ours["format-specific"] == theirs["format-specific"]
+    assert [s["name"] for s in ours["snapshots"]] == [s["name"] for s in theirs["snapshots"]]
+    for ks, ts in zip(ours["snapshots"], theirs["snapshots"], strict=True):
+        assert ks == ts
+    text = tapnbd("info", img)
+    assert "snap1" in text
+
+
+def test_convert_both_ways(tmp_path: Path) -> None:
+    need("qemu-img")
+    src = make_image(tmp_path, "compressed")
+    raw = tmp_path / "out.raw"
+    tapnbd("convert", "-q", "-O", "raw", src, raw)
+    qemu_img("compare", "-f", "qcow2", "-F", "raw", src, raw)
+    back = tmp_path / "back.qcow2"
+    tapnbd("convert", "-q", "-O", "qcow2", raw, back)
+    qemu_img("compare", "-f", "qcow2", "-F", "raw", back, raw)
+    check_clean(back)
+
+
+def _refcount_block(img: Path) -> int:
+    with open(img, "rb") as f:
+        head = f.read(64)
+        (rt,) = struct.unpack(">Q", head[48:56])
+        f.seek(rt)
+        (block,) = struct.unpack(">Q", f.read(8))
+    return int(block)
+
+
+def test_check_finds_leaks_and_refcount_errors(tmp_path: Path) -> None:
+    need("qemu-img")
+    img = tmp_path / "c.qcow2"
+    tapnbd("create", "--format", "qcow2", "--size", "16M", img)
+    qemu_io(img, "write -P 0x11 0 64k", fmt="qcow2")
+    assert run(tapnbd_cmd("check", str(img)), check=False).returncode == 0
+    block = _refcount_block(img)
+    # Cluster 7 is unused (the file grows to 8 clusters): a refcount of 1 is a leak.
+    with open(img, "r+b") as f:
+        f.truncate(8 << 16)
+        f.seek(block + 2 * 7)
+        f.write(struct.pack(">H", 1))
+    assert run(["qemu-img", "check", str(img)], check=False).returncode == 3
+    proc = run(tapnbd_cmd("check", "--json", str(img)), check=False)
+    assert proc.returncode == 3
+    assert json.loads(proc.stdout)["leaks"] == 1
+    # Cluster 0 (the header) at refcount 0 is a corruption.
+    with open(img, "r+b") as f:
+        f.seek(block)
+        f.write(struct.pack(">H", 0))
+    assert run(["qemu-img", "check", str(img)], check=False).returncode == 2
+    proc = run(tapnbd_cmd("check", "--json", str(img)), check=False)
+    assert proc.returncode == 2
+    assert json.loads(proc.stdout)["corruptions"] == 1
