@@ -13,7 +13,8 @@ from rich.console import Console
 from tapnbd import runtime
 from tapnbd.cli._control import JsonOpt, StateDirOpt, client, report
 from tapnbd.cli.app import app, errors_as_exit, fail
-from tapnbd.control.daemon import DEFAULT_TCP, DaemonConfig, run_daemon
+from tapnbd.control.daemon import DEFAULT_TCP, DaemonConfig
+from tapnbd.control.main import run_daemon
 from tapnbd.control.messages import ShutdownReply, ShutdownRequest, StatusReply, StatusRequest
 from tapnbd.control.state import default_state_dir
 from tapnbd.server.listener import DEFAULT_MAX_CONNECTIONS
