@@ -110,7 +110,7 @@ class Daemon:
         self.server = NBDServer(self.registry, max_connections=config.max_connections)
         self.exports = Exports(self.server, self.registry, config.stats)
         self.exports.attach_socket = self.dir.attach_socket
-        self.attachments = Attachments(self.dir.run_dir, self.dir.attach_socket)
+        self.attachments = Attachments(self.dir.path, self.dir.run_dir, config.stats)
         self.lock = asyncio.Lock()
         self.stopping = False
         self.stopped = asyncio.Event()
@@ -136,9 +136,7 @@ class Daemon:
         """Clean up, restore, listen; the pidfile is written once everything is up."""
         d = self.dir
         previous = d.load()
-        self.notes += await asyncio.to_thread(
-            devices.cleanup_stale, previous.attachments, d.run_dir
-        )
+        self.notes += await asyncio.to_thread(self.attachments.adopt, previous.attachments)
         for name in d.remove_sockets():
             log.info("removed stale %s", name)
         self.notes += await persist.restore_exports(previous, self.exports)
@@ -188,22 +186,27 @@ class Daemon:
             f", metrics http://{self.metrics.address}/metrics" if self.metrics else "",
         )
 
-    async def stop(self, force: bool = True) -> ShutdownReply:
-        """Detach everything, drain, flush and close every image."""
+    async def stop(self, detach: bool = False, lazy: bool = False) -> ShutdownReply:
+        """Drain, flush and close every export; detach the devices too if ``detach``
+        (the caller has checked that none is in use), else leave them running."""
         self.stopping = True
         detached = []
-        for att in list(self.attachments):
-            try:
-                await self._detach(att, lazy=force)
-                detached.append(att.device)
-            except (TapnbdError, OSError) as e:
-                log.error("detaching %s: %s", att.device, e)
+        if detach:
+            for att in list(self.attachments):
+                try:
+                    await self._detach(att, lazy=lazy)
+                    detached.append(att.device)
+                except (TapnbdError, OSError) as e:
+                    log.error("detaching %s: %s", att.device, e)
+        kept = [a.device or a.image for a in self.attachments]
+        for device in kept:
+            log.info("left %s attached: its data path runs on its own", device)
         flushed = [e.name for e in self.registry]
         await self.server.shutdown()
         for name in flushed:
             log.info("flushed and closed %r", name)
         self._save()
-        return ShutdownReply(detached=detached, flushed=flushed)
+        return ShutdownReply(detached=detached, flushed=flushed, kept=kept)
 
     async def close(self) -> None:
         if self.control is not None:
@@ -232,15 +235,26 @@ class Daemon:
 
     async def on_list(self, req: ListRequest) -> ListReply:
         return ListReply(
-            exports=[self._record(e.name) for e in self.registry],
+            exports=[self._record(e.name) for e in self.registry]
+            + [Attachments.export_record(a) for a in self._tapdisk_only()],
             attachments=[Attachments.record(a) for a in self.attachments],
         )
 
     async def on_stats(self, req: StatsRequest) -> StatsReply:
         if req.name is not None:
+            if self.registry.get(req.name) is None:
+                for att in self._tapdisk_only():
+                    if att.export == req.name:
+                        return StatsReply([await self.attachments.stats(att)])
             export = self.exports.get(req.name)
             return StatsReply([self.exports.stats(export)])
-        return StatsReply([self.exports.stats(e) for e in self.registry])
+        out = [self.exports.stats(e) for e in self.registry]
+        for att in self._tapdisk_only():
+            try:
+                out.append(await self.attachments.stats(att))
+            except TapnbdError as e:
+                log.warning("no statistics for %r: %s", att.export, e)
+        return StatsReply(out)
 
     def prometheus(self) -> str:
         return prometheus_text(
@@ -288,7 +302,7 @@ class Daemon:
                     why = f"has {who}; use --force to disconnect them"
                 raise TapnbdError(f"export {export.name!r} {why}")
             for att in atts:
-                busy = await asyncio.to_thread(devices.busy_reason, att.device)
+                busy = await asyncio.to_thread(devices.attachment_busy, att)
                 if busy:
                     raise TapnbdError(f"cannot remove export {export.name!r}: {busy}")
             detached = []
@@ -308,59 +322,64 @@ class Daemon:
 
     async def on_attach(self, req: AttachRequest) -> AttachReply:
         async with self.lock:
-            export, created = await self.exports.for_attach(req)
-            try:
-                for other in self.attachments.of_export(export.name):
-                    raise TapnbdError(f"{export.image} is already attached as {other.device}")
-                via, reason = await asyncio.to_thread(devices.choose_via, req.via)
-                read_only = req.read_only or export.backend.read_only
-                if read_only and not req.read_only:
+            image = canonical_image(req.image) if req.image.startswith("/") else req.image
+            for other in self.attachments:
+                if other.export == req.image or (other.image == image and "ram:" not in image):
+                    raise TapnbdError(f"{other.image} is already attached as {other.device}")
+            existing, image, name = self.exports.attach_target(req, self.attachments.names())
+            via, reason = await asyncio.to_thread(devices.choose_via, req.via)
+            read_only = req.read_only
+            fmt = req.format
+            if existing is not None:
+                fmt = self.exports.formats.get(existing.name, fmt)
+                if existing.backend.read_only and not read_only:
+                    read_only = True
                     reason += "; read-only, as the export is"
-                att = self.attachments.new(export, via, read_only)
-                self._save()  # recorded before anything exists, so a crash is undone
-                try:
-                    await self.attachments.attach(att, export)
-                except BaseException:
-                    self.attachments.by_id.pop(att.id, None)
-                    self._save()
-                    raise
+            att = self.attachments.new(name, image, via, read_only)
+            self._save()  # recorded before anything exists, so a crash is undone
+            try:
+                await self.attachments.start(att, fmt, self._save)
             except BaseException:
-                if created:
-                    await self.exports.remove(export)
-                    self._save()
+                self.attachments.by_id.pop(att.id, None)
+                self._save()
                 raise
             self._save()
-            log.info("attached %r as %s via %s (%s)", export.name, att.device, via, reason)
-            return AttachReply(Attachments.record(att), reason=reason, created_export=created)
+            log.info(
+                "attached %r as %s via %s (%s), data path pid %d",
+                name,
+                att.device,
+                via,
+                reason,
+                att.tapdisk_pid,
+            )
+            return AttachReply(
+                Attachments.record(att), reason=reason, created_export=existing is None
+            )
 
     async def on_detach(self, req: DetachRequest) -> DetachReply:
         async with self.lock:
             att = self.attachments.find(req.target)
-            busy = await asyncio.to_thread(devices.busy_reason, att.device)
+            busy = await asyncio.to_thread(devices.attachment_busy, att)
             if busy:
                 raise TapnbdError(f"cannot detach: {busy}")
             await self._detach(att)
-            removed = False
-            export = self.registry.get(att.export)
-            if (
-                export is not None
-                and self.exports.origin.get(export.name) == "attach"
-                and not self.exports.clients(export)
-            ):
-                await self.exports.remove(export)
-                removed = True
-            self._save()
             log.info("detached %s (%r)", att.device, att.export)
+            # An export attach made lived in the tapdisk, and went with it.
+            removed = self.registry.get(att.export) is None
             return DetachReply(Attachments.record(att), removed_export=removed)
 
     async def on_shutdown(self, req: ShutdownRequest) -> ShutdownReply:
         async with self.lock:
-            if not req.force:
+            if req.all:
+                # Forced or not: detaching a mounted device loses its file system.
                 for att in self.attachments:
-                    busy = await asyncio.to_thread(devices.busy_reason, att.device)
+                    busy = await asyncio.to_thread(devices.attachment_busy, att)
                     if busy:
-                        raise TapnbdError(f"not stopping: {busy} (or use --force)")
-            return await self.stop(force=req.force)
+                        raise TapnbdError(
+                            f"not stopping: {busy}; or stop without --all, which leaves "
+                            "the devices running"
+                        )
+            return await self.stop(detach=req.all, lazy=req.force)
 
     # Helpers.
 
@@ -372,6 +391,10 @@ class Daemon:
         export = self.exports.get(name)
         devs = [a.device for a in self.attachments.of_export(name)]
         return self.exports.record(export, devs)
+
+    def _tapdisk_only(self) -> list[Attachment]:
+        """Attachments whose export is the tapdisk's alone (made by ``attach``)."""
+        return [a for a in self.attachments if self.registry.get(a.export) is None]
 
     def _save(self) -> None:
         persist.save(self.dir, self.exports, list(self.attachments))

@@ -107,8 +107,9 @@ class Exports:
         self.formats.pop(export.name, None)
         await export.backend.close()
 
-    async def for_attach(self, req: AttachRequest) -> tuple[Export, bool]:
-        """The export to attach (made now if needed), and whether it was made now."""
+    def attach_target(self, req: AttachRequest, taken: set[str]) -> tuple[Export | None, str, str]:
+        """What ``attach`` means: (the export it names, or None for a new image; the
+        image; the export's name, unique among ours and ``taken``)."""
         image = canonical_image(req.image) if req.image.startswith(("/", "ram:")) else req.image
         existing = self.of_image(image) if not image.startswith("ram:") else None
         if existing is None and not image.startswith(("/", "ram:")):
@@ -118,10 +119,15 @@ class Exports:
         if existing is not None:
             if req.name is not None and req.name != existing.name:
                 raise TapnbdError(f"{existing.image} is already exported as {existing.name!r}")
-            return existing, False
+            if existing.image.startswith("ram:"):
+                raise TapnbdError(
+                    f"export {existing.name!r} is a RAM disk in the daemon's memory, which a "
+                    "device's own data path cannot share; attach a new ram:SIZE instead"
+                )
+            return existing, existing.image, existing.name
         if req.name is not None:
             name = check_name(req.name)
-            if self.registry.get(name) is not None:
+            if self.registry.get(name) is not None or name in taken:
                 raise TapnbdError(
                     f"an export named {name!r} already exists; choose another with --name"
                 )
@@ -129,10 +135,10 @@ class Exports:
             base = check_name(export_name(image) or "disk")
             name = base
             for n in itertools.count(2):
-                if self.registry.get(name) is None:
+                if self.registry.get(name) is None and name not in taken:
                     break
                 name = f"{base}-{n}"
-        return await self.open(image, name, req.read_only, req.format, "attach"), True
+        return None, image, name
 
     def get(self, name: str) -> Export:
         export = self.registry.get(name) if name else None

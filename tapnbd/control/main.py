@@ -58,9 +58,9 @@ async def run_daemon(config: DaemonConfig, *, verbose: bool = False) -> int:
             for w in waiters:
                 w.cancel()
             if signalled.is_set() and not daemon.stopped.is_set():
-                log.info("signalled: stopping")
+                log.info("signalled: stopping (attached devices keep running)")
                 async with daemon.lock:
-                    await daemon.stop(force=True)
+                    await daemon.stop()
             await daemon.close()
             log.info("stopped")
         finally:
