@@ -13,7 +13,8 @@ from rich.console import Console
 from tapnbd import runtime
 from tapnbd.cli._control import JsonOpt, StateDirOpt, client, report
 from tapnbd.cli.app import app, errors_as_exit, fail
-from tapnbd.control.daemon import DEFAULT_TCP, DaemonConfig, run_daemon
+from tapnbd.control.daemon import DEFAULT_TCP, DaemonConfig
+from tapnbd.control.main import run_daemon
 from tapnbd.control.messages import ShutdownReply, ShutdownRequest, StatusReply, StatusRequest
 from tapnbd.control.state import default_state_dir
 from tapnbd.server.listener import DEFAULT_MAX_CONNECTIONS
@@ -99,21 +100,36 @@ def start_cmd(
 @daemon_app.command("stop")
 def stop_cmd(
     state_dir: StateDirOpt = None,
+    detach_all: Annotated[
+        bool,
+        typer.Option("--all", help="Detach every device too (refused while one is mounted)."),
+    ] = False,
     force: Annotated[
-        bool, typer.Option("--force", help="Stop even if attached devices are still mounted.")
+        bool,
+        typer.Option("--force", help="With --all: detach lazily; mounted devices still refuse."),
     ] = False,
 ) -> None:
-    """Detach every device, drain requests in flight, flush every image, and exit."""
+    """Drain requests in flight, flush every export, and exit.
+
+    Attached devices keep running (each has a data-path process of its own) and the
+    next daemon re-adopts them, unless --all is given.
+    """
     c = client(state_dir)
     with errors_as_exit():
         status = c.status()
+        if status is None and detach_all and c.has_attachments():
+            # The devices outlived their daemon: start one to re-adopt and detach them.
+            with c.connect() as conn:
+                status = conn.call(StatusRequest(), StatusReply)
         if status is None:
             report("the daemon is not running")
             return
         with c.connect(autostart=False) as conn:
-            reply = conn.call(ShutdownRequest(force=force), ShutdownReply)
+            reply = conn.call(ShutdownRequest(force=force, all=detach_all), ShutdownReply)
         for device in reply.detached:
             report(f"detached {device}")
+        for device in reply.kept:
+            report(f"left {device} attached (its data path runs on; `daemon stop --all` detaches)")
         for name in reply.flushed:
             report(f"flushed and closed {name!r}")
         if not c.wait_stopped():

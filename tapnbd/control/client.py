@@ -5,8 +5,9 @@
 1. If the control socket answers, that is it.
 2. If a daemon holds the pidfile lock but does not answer yet, it is starting: wait.
 3. Otherwise no daemon runs. If one left traces (a pid in the pidfile, sockets,
-   attachments in the state file) it died without cleaning up: say so, and clean up
-   (devices, nbdfuse, sockets) while holding the pidfile lock.
+   attachments in the state file) it died without cleaning up: say so, and remove its
+   sockets while holding the pidfile lock. Attached devices are left alone: their data
+   paths outlive the daemon, and the next one re-adopts them.
 4. Start a daemon (``python -m tapnbd daemon start --foreground`` in a new session,
    output to its log), wait until it answers, and say where its log is.
 """
@@ -22,7 +23,6 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
-from tapnbd.control import attach as devices
 from tapnbd.control.messages import (
     MAX_LINE,
     ErrorReply,
@@ -155,6 +155,13 @@ class Client:
         with conn:
             return conn.call(StatusRequest(), StatusReply)
 
+    def has_attachments(self) -> bool:
+        """Whether the state file records attached devices (running without a daemon)."""
+        try:
+            return bool(self.dir.load().attachments)
+        except TapnbdError:
+            return False
+
     # Starting.
 
     def start(self, args: list[str] | None = None) -> Connection:
@@ -230,15 +237,19 @@ class Client:
                 for p in (self.dir.control, self.dir.nbd_socket, self.dir.attach_socket)
                 if os.path.exists(p)
             ]
-            if pid is None and not sockets and not state.attachments:
-                return []
+            if pid is None and not sockets:
+                return []  # stopped cleanly (attachments it left run on their own)
             who = f"the daemon (pid {pid})" if pid else "the daemon"
             self.report(f"{who} is not running: it died without cleaning up; cleaning up")
-            notes = devices.cleanup_stale(state.attachments, self.dir.run_dir)
+            notes = []
             if state.attachments:
-                state.attachments = []
-                state.exports = [e for e in state.exports if e.origin == "export"]
-                self.dir.save(state)
+                # Their data paths run on their own; the next daemon re-adopts them (or
+                # undoes the dead ones that nothing uses). Never touched from here.
+                n = len(state.attachments)
+                notes.append(
+                    f"left {n} attached device{'s' if n != 1 else ''} as "
+                    f"{'they are' if n != 1 else 'it is'}, for the next daemon to re-adopt"
+                )
             removed = self.dir.remove_sockets()
             if removed:
                 notes.append(f"removed stale {', '.join(removed)}")

@@ -249,14 +249,19 @@ class ShutdownReply(Reply):
     TYPE: ClassVar[str] = "shutdown_reply"
     detached: list[str]
     flushed: list[str]
+    #: Attached devices left running (their data paths do not need the daemon).
+    kept: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
 class ShutdownRequest(Request):
     TYPE: ClassVar[str] = "shutdown"
     REPLY: ClassVar[type[Reply]] = ShutdownReply
-    #: Stop even with attached devices still mounted (they are detached lazily).
+    #: With ``all``: do not wait for a device's last users to let go (detach lazily).
+    #: A mounted device is never detached, forced or not.
     force: bool = False
+    #: Detach every device too; by default they keep running without the daemon.
+    all: bool = False
 
 
 #: Every message, by wire tag.

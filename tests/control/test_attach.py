@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
 import random
 import subprocess
@@ -179,8 +180,19 @@ def test_detach_refused_while_mounted(devtap: Tapnbd) -> None:
         err = tap.fails("detach", target)
         assert f"{dev} is mounted on {point}" in err, err
     assert tap.list()["attachments"][0]["device"] == dev
-    err = tap.fails("daemon", "stop")
-    assert "mounted" in err
+    for force in ((), ("--force",)):
+        err = tap.fails("daemon", "stop", "--all", *force)
+        assert f"not stopping: {dev} is mounted on {point}" in err, err
+    # A plain stop leaves the device to its own data path; the next daemon adopts it.
+    stopped = tap.run("daemon", "stop")
+    assert stopped.returncode == 0, stopped.stderr
+    assert f"left {dev} attached" in stopped.stderr
+    (point / "after-stop.txt").write_text("written with no daemon\n")
+    os.sync()
+    listed = tap.run("list", "--json")
+    assert "died" not in listed.stderr  # a clean stop is not a crash
+    assert f"re-adopted {dev}" in listed.stderr
+    assert json.loads(listed.stdout)["attachments"][0]["device"] == dev
     tap.umount(point)
     tap.ok("detach", dev)
     err = tap.fails("detach", dev)
