@@ -30,6 +30,7 @@ from tapnbd.errors import UnsafePathError
 __all__ = [
     "UnsafePathError",
     "atomic_write",
+    "check_private_dir",
     "ensure_private_dir",
     "open_private",
     "read_capped",
@@ -45,7 +46,7 @@ def _owner_ok(uid: int) -> bool:
     return uid == os.geteuid()
 
 
-def _check_private_dir(path: str, st: os.stat_result) -> None:
+def check_private_dir(path: str, st: os.stat_result) -> None:
     if stat.S_ISLNK(st.st_mode):
         raise UnsafePathError(f"{path}: is a symlink, not a directory")
     if not stat.S_ISDIR(st.st_mode):
@@ -92,7 +93,7 @@ def ensure_private_dir(path: str) -> None:
         os.mkdir(path, 0o700)
     except FileExistsError:
         pass
-    _check_private_dir(path, os.lstat(path))
+    check_private_dir(path, os.lstat(path))
 
 
 def _check_private_file(path: str, fd: int) -> None:

@@ -27,9 +27,9 @@ import signal
 import stat
 import subprocess
 import time
-from dataclasses import asdict, dataclass, fields
-from typing import Any, Literal
 
+from tapnbd.control.messages import Attachment
+from tapnbd.control.messages import ViaName as ViaName  # for callers that choose one
 from tapnbd.errors import TapnbdError
 
 #: nbd-client's default port, and the IANA one.
@@ -39,46 +39,9 @@ FUSE_FILE = "disk"
 #: Seconds to wait for nbdfuse to be ready, or to exit after its unmount.
 FUSE_TIMEOUT = 15.0
 
-ViaName = Literal["nbd", "fuse"]
-
 
 class AttachError(TapnbdError):
     """A device could not be attached or detached."""
-
-
-@dataclass
-class Attachment:
-    """One attached device and everything needed to undo it, even after a crash.
-
-    Recorded in the daemon's state file as soon as each resource exists, so a daemon
-    that dies half-way leaves enough behind for the next one to clean up.
-    """
-
-    id: str
-    export: str
-    image: str
-    via: ViaName
-    read_only: bool
-    device: str = ""
-    #: fuse: the FUSE mount point (a directory), the file in it, and nbdfuse's pid.
-    mountdir: str = ""
-    fuse_file: str = ""
-    fuse_pid: int = 0
-    #: The data-path process (``tapdisk``): its pid, directory and identity token, and
-    #: the image's format as it opened it and its size (for ``list`` without asking it).
-    tapdisk_pid: int = 0
-    tapdisk_dir: str = ""
-    token: str = ""
-    format: str = ""
-    size: int = 0
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, obj: dict[str, Any]) -> Attachment:
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in obj.items() if k in known})
 
 
 # The kernel nbd client.
@@ -626,7 +589,9 @@ def _sweep(prefix: str, spared: set[str]) -> list[str]:
             points = [_unescape(line.split()[4]) for line in f if len(line.split()) > 4]
         for point in points:
             if point.startswith(prefix) and not is_spared(point):
-                att = Attachment("", "", "", "fuse", False, mountdir=point)
+                att = Attachment(
+                    id="", export="", image="", via="fuse", read_only=False, mountdir=point
+                )
                 stop_nbdfuse(att, lazy=True)
                 notes.append(f"unmounted {point}")
     for pid_dir in glob.glob("/proc/[0-9]*"):

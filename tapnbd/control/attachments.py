@@ -24,11 +24,13 @@ import urllib.parse
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import msgspec
+
+from tapnbd import safefs
 from tapnbd.control import attach as devices
 from tapnbd.control import tapctl
-from tapnbd.control.attach import Attachment
 from tapnbd.control.exports import export_stats
-from tapnbd.control.messages import AttachmentRecord, ExportRecord, ExportStats
+from tapnbd.control.messages import Attachment, ExportRecord, ExportStats
 from tapnbd.errors import TapnbdError
 
 log = logging.getLogger("tapnbd.control")
@@ -74,7 +76,7 @@ class Attachments:
         ``save`` records each step, so that a daemon killed half-way leaves enough in
         its state file for the next one to adopt or undo what exists.
         """
-        os.makedirs(self.tapdisk_root, mode=0o700, exist_ok=True)
+        safefs.ensure_private_dir(self.tapdisk_root)
         att.tapdisk_dir = os.path.join(self.tapdisk_root, att.id)
         att.token = tapctl.new_token()
         proc, record = await asyncio.to_thread(
@@ -177,14 +179,9 @@ class Attachments:
         raise TapnbdError(f"nothing is attached as {target}")
 
     @staticmethod
-    def record(att: Attachment) -> AttachmentRecord:
-        return AttachmentRecord(
-            device=att.device,
-            export=att.export,
-            image=att.image,
-            via=att.via,
-            read_only=att.read_only,
-        )
+    def record(att: Attachment) -> Attachment:
+        """``att`` as replies show it: without the token that identifies its tapdisk."""
+        return msgspec.structs.replace(att, token="")
 
     @staticmethod
     def export_record(att: Attachment) -> ExportRecord:

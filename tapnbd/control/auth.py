@@ -7,16 +7,10 @@ the one that still holds if the socket's mode or directory is ever loosened.
 from __future__ import annotations
 
 import os
-import socket
-import struct
-from typing import Any
 
+from tapnbd.server.listener import peer_uid
 
-def peer_uid(sock: Any) -> tuple[int, int]:
-    """(pid, uid) of the process at the other end of a unix socket (SO_PEERCRED)."""
-    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    pid, uid, _gid = struct.unpack("3i", raw)
-    return pid, uid
+__all__ = ["allowed", "peer_uid"]
 
 
 def allowed(uid: int) -> bool:

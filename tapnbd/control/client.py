@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
+from tapnbd import safefs
 from tapnbd.control.messages import (
     MAX_LINE,
     ErrorReply,
@@ -32,6 +33,7 @@ from tapnbd.control.messages import (
     StatusRequest,
     decode,
     encode,
+    message_type,
 )
 from tapnbd.control.state import State, StateDir
 from tapnbd.errors import TapnbdError
@@ -63,7 +65,7 @@ class Connection:
             line = self._readline()
         except TimeoutError:
             raise TapnbdError(
-                f"the daemon did not answer {req.TYPE!r} in {timeout:.0f} s"
+                f"the daemon did not answer {message_type(req)!r} in {timeout:.0f} s"
             ) from None
         except (ConnectionError, BrokenPipeError) as e:
             raise TapnbdError(f"lost the connection to the daemon: {e}") from None
@@ -169,7 +171,7 @@ class Client:
         self.dir.create()
         cmd = [sys.executable, "-m", "tapnbd", "daemon", "start", "--foreground"]
         cmd += ["--state-dir", self.dir.path, *(args or [])]
-        logfd = os.open(self.dir.log, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        logfd = self.dir.open_log()
         with open(logfd, "ab") as logf:
             proc = subprocess.Popen(
                 cmd,
@@ -208,10 +210,10 @@ class Client:
 
     def _log_tail(self, lines: int = 3) -> str:
         try:
-            with open(self.dir.log, "rb") as f:
+            with open(safefs.open_private(self.dir.log, os.O_RDONLY), "rb") as f:
                 f.seek(max(0, os.fstat(f.fileno()).st_size - 4096))
                 text = f.read().decode(errors="replace")
-        except OSError:
+        except (OSError, TapnbdError):
             return "(no log)"
         tail = [line for line in text.splitlines() if line.strip()][-lines:]
         return " / ".join(tail) or "(empty log)"
@@ -220,7 +222,7 @@ class Client:
 
     def recover(self) -> list[str]:
         """If a dead daemon left traces, report it and clean them up. What was done."""
-        if not os.path.isdir(self.dir.path):
+        if not self.dir.check():  # refuses a directory that is not ours alone
             return []
         fd = self.dir.lock(wait=0.5) if os.path.exists(self.dir.pidfile) else None
         if os.path.exists(self.dir.pidfile) and fd is None:
@@ -235,7 +237,7 @@ class Client:
             sockets = [
                 p
                 for p in (self.dir.control, self.dir.nbd_socket, self.dir.attach_socket)
-                if os.path.exists(p)
+                if os.path.lexists(p)
             ]
             if pid is None and not sockets:
                 return []  # stopped cleanly (attachments it left run on their own)

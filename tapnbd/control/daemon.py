@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib.metadata
+import ipaddress
 import logging
 import os
 import time
@@ -33,12 +34,13 @@ from dataclasses import dataclass
 
 from tapnbd.control import attach as devices
 from tapnbd.control import persist
-from tapnbd.control.attach import Attachment
 from tapnbd.control.attachments import Attachments
+from tapnbd.control.auth import allowed
 from tapnbd.control.dispatch import Dispatcher, Handler
 from tapnbd.control.exports import Exports, canonical_image, check_name
 from tapnbd.control.messages import (
     MAX_LINE,
+    Attachment,
     AttachReply,
     AttachRequest,
     DetachReply,
@@ -61,8 +63,9 @@ from tapnbd.control.messages import (
 from tapnbd.control.metrics import MetricsServer, prometheus_text
 from tapnbd.control.state import StateDir
 from tapnbd.errors import TapnbdError
+from tapnbd.protocol.handshake import TLSMode
 from tapnbd.server.exports import ExportRegistry
-from tapnbd.server.listener import DEFAULT_MAX_CONNECTIONS, NBDServer
+from tapnbd.server.listener import DEFAULT_MAX_CONNECTIONS, NBDServer, make_ssl_context
 from tapnbd.server.standalone import export_name
 
 log = logging.getLogger("tapnbd.control")
@@ -72,23 +75,54 @@ try:  # the distribution's version: works however the package was installed
 except importlib.metadata.PackageNotFoundError:  # pragma: no cover - a bare checkout
     VERSION = "unknown"
 
-#: The daemon listens for NBD here unless told otherwise (the IANA port, loopback only).
-DEFAULT_TCP = "127.0.0.1:10809"
-
 
 @dataclass
 class DaemonConfig:
     state_dir: str
-    #: "HOST:PORT" for NBD over TCP, or None for none.
-    tcp: str | None = DEFAULT_TCP
-    #: Whether ``tcp`` was asked for; the default one is given up if its port is taken.
-    tcp_explicit: bool = False
+    #: "HOST:PORT" for NBD over TCP, or None (the default): NBD only on the 0600
+    #: unix socket. TCP needs TLS (``tls_cert`` and ``tls_key``) or ``insecure_tcp``.
+    tcp: str | None = None
+    #: Serve TCP without TLS: any local user (or any host, off loopback) can connect.
+    insecure_tcp: bool = False
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    #: With a CA, TCP clients must present a certificate it signed.
+    tls_ca: str | None = None
     #: NBD on ``nbd.sock`` in the state directory.
     unix: bool = True
-    #: "HOST:PORT" for the Prometheus endpoint, or None.
+    #: "unix:PATH" or "HOST:PORT" on loopback for the Prometheus endpoint, or None.
     metrics: str | None = None
+    #: Show image paths in NBD export descriptions.
+    expose_paths: bool = False
     stats: bool = True
     max_connections: int = DEFAULT_MAX_CONNECTIONS
+
+    def check(self) -> None:
+        """Refuse a configuration that would let other users in by accident."""
+        if self.tcp and not self.insecure_tcp and not (self.tls_cert and self.tls_key):
+            raise TapnbdError(
+                f"NBD on TCP {self.tcp} lets every local user (and, off loopback, every "
+                "host) read and write the exports: give --tls-cert and --tls-key (and "
+                "--tls-ca to ask for client certificates), or --insecure-tcp"
+            )
+        if (self.tls_cert or self.tls_key) and not self.tcp:
+            raise TapnbdError("--tls-cert and --tls-key are for --tcp")
+        if self.metrics and not self.metrics.startswith("unix:"):
+            host, _ = split_host_port(self.metrics, "metrics address")
+            if not is_loopback(host):
+                raise TapnbdError(
+                    f"metrics on {self.metrics}: serve them on unix:PATH or on a loopback "
+                    "address (127.0.0.1, ::1)"
+                )
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def split_host_port(text: str, what: str) -> tuple[str, int]:
@@ -107,9 +141,22 @@ class Daemon:
         self.config = config
         self.dir = StateDir(config.state_dir)
         self.registry = ExportRegistry()
-        self.server = NBDServer(self.registry, max_connections=config.max_connections)
+        config.check()
+        tls = bool(config.tcp and config.tls_cert and config.tls_key)
+        self.server = NBDServer(
+            self.registry,
+            max_connections=config.max_connections,
+            # TLS is the server's, so with TLS on TCP the unix socket asks for it too.
+            tls_mode=TLSMode.REQUIRE if tls else TLSMode.OFF,
+            ssl_context=(
+                make_ssl_context(config.tls_cert, config.tls_key, config.tls_ca)
+                if config.tls_cert and config.tls_key and tls
+                else None
+            ),
+        )
         self.exports = Exports(self.server, self.registry, config.stats)
         self.exports.attach_socket = self.dir.attach_socket
+        self.exports.expose_paths = config.expose_paths
         self.attachments = Attachments(self.dir.path, self.dir.run_dir, config.stats)
         self.lock = asyncio.Lock()
         self.stopping = False
@@ -144,26 +191,31 @@ class Daemon:
             log.info("%s", note)
         self._save()
 
-        self.exports.attach_endpoint = await self.server.listen_unix(d.attach_socket)
+        # The unix sockets are the owner's: 0600 from the start, and SO_PEERCRED checked
+        # (the owner and root only), as the control socket is.
+        self.exports.attach_endpoint = await self.server.listen_unix(
+            d.attach_socket, mode=0o600, allow=allowed
+        )
         if self.config.unix:
-            await self.server.listen_unix(d.nbd_socket)
+            await self.server.listen_unix(d.nbd_socket, mode=0o600, allow=allowed)
         if self.config.tcp:
             host, port = split_host_port(self.config.tcp, "NBD address")
             try:
                 await self.server.listen_tcp(host, port)
             except OSError as e:
-                if self.config.tcp_explicit or not self.config.unix:
-                    raise TapnbdError(
-                        f"cannot listen on {self.config.tcp}: {e.strerror or e}"
-                    ) from None
-                note = f"not serving NBD on TCP {self.config.tcp}: {e.strerror or e}"
-                self.notes.append(note)
-                log.warning("%s", note)
+                raise TapnbdError(
+                    f"cannot listen on {self.config.tcp}: {e.strerror or e}"
+                ) from None
+            if self.config.insecure_tcp:
+                log.warning("serving NBD on TCP %s without TLS (--insecure-tcp)", self.config.tcp)
         if self.config.metrics:
-            host, port = split_host_port(self.config.metrics, "metrics address")
             self.metrics = MetricsServer(self.prometheus)
             try:
-                await self.metrics.start(host, port)
+                if self.config.metrics.startswith("unix:"):
+                    await self.metrics.start_unix(self.config.metrics[5:])
+                else:
+                    host, port = split_host_port(self.config.metrics, "metrics address")
+                    await self.metrics.start(host, port)
             except OSError as e:
                 raise TapnbdError(
                     f"cannot listen on {self.config.metrics}: {e.strerror or e}"

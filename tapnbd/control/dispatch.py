@@ -23,6 +23,7 @@ from tapnbd.control.messages import (
     StatusRequest,
     decode,
     encode,
+    message_type,
 )
 from tapnbd.errors import TapnbdError
 
@@ -82,7 +83,7 @@ class Dispatcher:
             return ErrorReply(f"bad request: {e}"), None
         handler = self.handlers.get(type(req)) if isinstance(req, Request) else None
         if handler is None:
-            return ErrorReply(f"{req.TYPE!r} is not a request"), None
+            return ErrorReply(f"{message_type(req)!r} is not a request"), None
         if self.is_stopping() and not isinstance(req, StatusRequest):
             return ErrorReply("the daemon is stopping"), None
         try:
@@ -95,7 +96,7 @@ class Dispatcher:
             )
             return ErrorReply(text), None
         except Exception as e:
-            log.exception("handling %s", req.TYPE)
+            log.exception("handling %s", message_type(req))
             return ErrorReply(f"internal error: {type(e).__name__}: {e}"), None
         after = self.after_shutdown if isinstance(req, ShutdownRequest) else None
         return reply, after

@@ -71,6 +71,8 @@ class Exports:
         #: The private endpoint of the daemon's own attachments (not a client's).
         self.attach_endpoint: Endpoint | None = None
         self.attach_socket = ""
+        #: Whether NBD clients may see image paths in descriptions (``--expose-paths``).
+        self.expose_paths = False
 
     def __iter__(self) -> Iterator[Export]:
         return iter(self.registry)
@@ -83,7 +85,9 @@ class Exports:
         try:
             backend = Backend(driver, read_only=read_only)
             backend.stats.enabled = self.stats_enabled
-            export = Export(name, backend, image, f"{image} ({driver.name})")
+            # NBD_INFO_DESCRIPTION and LIST reach every client: no path unless configured.
+            shown = image if self.expose_paths else name
+            export = Export(name, backend, image, f"{shown} ({driver.name})")
             self.registry.add(export)
         except BaseException:
             await driver.close()

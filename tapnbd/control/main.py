@@ -16,10 +16,11 @@ from tapnbd.errors import TapnbdError
 log = logging.getLogger("tapnbd.control")
 
 
-def setup_logging(path: str, verbose: bool) -> None:
+def setup_logging(d: StateDir, verbose: bool) -> None:
     root = logging.getLogger("tapnbd")
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
-    handler = logging.FileHandler(path)
+    # Opened by safefs (no symlink followed), not by FileHandler's open(path).
+    handler = logging.StreamHandler(open(d.open_log(), "a", buffering=1))  # noqa: SIM115
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root.addHandler(handler)
     if sys.stderr.isatty():
@@ -37,7 +38,7 @@ async def run_daemon(config: DaemonConfig, *, verbose: bool = False) -> int:
     if pid_fd is None:
         raise TapnbdError(f"a daemon is already running for {d.path} (pid {d.read_pid()})")
     try:
-        setup_logging(d.log, verbose)
+        setup_logging(d, verbose)
         daemon = Daemon(config)
         loop = asyncio.get_running_loop()
         signalled = asyncio.Event()

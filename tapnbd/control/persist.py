@@ -5,9 +5,9 @@ from __future__ import annotations
 import logging
 from typing import Any, cast
 
-from tapnbd.control.attach import Attachment
 from tapnbd.control.exports import Exports
-from tapnbd.control.state import ExportEntry, State, StateDir
+from tapnbd.control.messages import Attachment, ExportRecord
+from tapnbd.control.state import State, StateDir
 from tapnbd.errors import TapnbdError
 
 log = logging.getLogger("tapnbd.control")
@@ -16,7 +16,7 @@ log = logging.getLogger("tapnbd.control")
 def snapshot(exports: Exports, attachments: list[Attachment]) -> State:
     return State(
         exports=[
-            ExportEntry(
+            ExportRecord(
                 name=e.name,
                 image=e.image,
                 format=exports.formats.get(e.name, "auto"),

@@ -20,8 +20,9 @@ import time
 from typing import Any
 
 from tapnbd.control import tapdisk
-from tapnbd.control.attach import AttachError, Attachment, cmdline, pid_alive, tail_of, wait_exit
+from tapnbd.control.attach import AttachError, cmdline, pid_alive, tail_of, wait_exit
 from tapnbd.control.auth import allowed, peer_uid
+from tapnbd.control.messages import Attachment
 
 #: Seconds for a tapdisk to open its image and listen.
 START_TIMEOUT = 30.0

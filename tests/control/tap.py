@@ -73,9 +73,9 @@ class Tapnbd:
         self.env = {
             **os.environ,
             "TAPNBD_STATE_DIR": str(self.state),
-            "TAPNBD_TCP": "127.0.0.1:0",  # never the well-known port
         }
         self.env.pop("TAPNBD_METRICS", None)
+        self.env.pop("TAPNBD_TCP", None)
         self.mounts: list[Path] = []
         self.procs: list[subprocess.Popen[Any]] = []
 
