@@ -17,6 +17,7 @@ from formats import open_image
 from tapnbd.backend import Backend
 from tapnbd.control.messages import AttachRequest, ExportRecord, ExportStats, OpCounters
 from tapnbd.errors import TapnbdError
+from tapnbd.protocol.handshake import TLSMode
 from tapnbd.server.exports import Export, ExportRegistry
 from tapnbd.server.listener import Endpoint, NBDServer
 from tapnbd.server.standalone import export_name
@@ -180,7 +181,9 @@ class Exports:
 
     def uris(self, export: Export) -> list[str]:
         return [
-            ep.uri(export.name) for ep in self.server.endpoints if ep is not self.attach_endpoint
+            ep.uri(export.name, tls=self.server.tls_mode is TLSMode.REQUIRE)
+            for ep in self.server.endpoints
+            if ep is not self.attach_endpoint
         ]
 
     def record(self, export: Export, devices: list[str]) -> ExportRecord:

@@ -40,7 +40,7 @@ import sys
 from typing import Any
 
 from formats import open_image
-from tapnbd import runtime
+from tapnbd import runtime, safefs
 from tapnbd.backend import Backend
 from tapnbd.control.auth import allowed, peer_uid
 from tapnbd.errors import TapnbdError
@@ -60,13 +60,8 @@ MAX_CONTROL_LINE = 4096
 
 def write_record(directory: str, record: dict[str, Any]) -> None:
     """``tapdisk.json``, atomically (a new file, renamed over the old one)."""
-    path = os.path.join(directory, RECORD)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    with open(fd, "w") as f:
-        json.dump(record, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
+    data = json.dumps(record, indent=2).encode() + b"\n"
+    safefs.atomic_write(os.path.join(directory, RECORD), data)
 
 
 class Tapdisk:

@@ -165,7 +165,8 @@ def test_tcp_with_tls_keeps_other_users_out(tap: Tapnbd, other: tuple[int, int])
         "daemon", "start", "--tcp", "127.0.0.1:0", "--tls-cert", str(cert), "--tls-key", str(key)
     )
     tcp = [ep for ep in tap.status()["listen"] if ep.startswith("tcp:")]
-    tap.ok("export", "add", "ram:1M", "--name", "sealed")
+    uris = tap.ok("export", "add", "ram:1M", "--name", "sealed").split()
+    assert uris and all(u.startswith("nbds") for u in uris), uris
     got = as_user(other, "nbdinfo", "--size", f"nbd://{tcp[0][4:]}/sealed")
     assert got.returncode != 0 and got.stdout.strip() != str(1 << 20), got
 
