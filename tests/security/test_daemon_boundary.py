@@ -111,6 +111,7 @@ def test_other_user_cannot_reach_exports_by_unix_socket(
     listing = run(["nbdinfo", "--list", uri]).stdout
     assert "vm1" in listing and str(image) not in listing, listing
 
+    assert (tap.state / "nbd.sock").stat().st_mode & 0o777 == 0o600
     write = ("qemu-io", "-f", "raw", "-c", "write -P 0x41 0 4k", uri)
     # The state directory is 0700: the other user cannot even reach the socket.
     assert as_user(other, "nbdinfo", "--list", uri).returncode != 0
@@ -316,3 +317,79 @@ def test_serve_pidfile_refuses_what_it_did_not_make(tap: Tapnbd, decoy: Path) ->
     finally:
         assert server.stop() == 0
     assert not pidfile.exists()
+
+
+async def test_listener_never_removes_what_is_not_a_socket(tmp_path: Path) -> None:
+    """Connecting to a regular file is refused just as to a dead socket; the listener
+    must not take that for a stale socket and unlink the file."""
+    from tapnbd.server.exports import ExportRegistry
+    from tapnbd.server.listener import NBDServer
+
+    victim = tmp_path / "precious"
+    victim.write_bytes(DECOY)
+    link = tmp_path / "link.sock"
+    link.symlink_to(victim)
+    server = NBDServer(ExportRegistry())
+    for path in (victim, link):
+        with pytest.raises(OSError, match="not a socket"):
+            await server.listen_unix(str(path), mode=0o600)
+    assert victim.read_bytes() == DECOY and link.is_symlink()
+    await server.shutdown()
+
+
+IMPOSTOR = r"""
+import socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.bind(sys.argv[1])
+s.listen(4)
+print("ready", flush=True)
+got = b""
+s.settimeout(30)
+try:
+    while True:
+        c, _ = s.accept()
+        c.settimeout(2)
+        try:
+            # Answer as a daemon would, then report what the client sent.
+            c.sendall(b'{"type":"list_reply","exports":[],"attachments":[]}\n')
+            got += c.recv(65536)
+        except OSError:
+            pass
+        c.close()
+        print(repr(got), flush=True)
+except OSError:
+    pass
+"""
+
+
+def test_client_refuses_a_daemon_of_another_user(tap: Tapnbd, other: tuple[int, int]) -> None:
+    """A control socket swapped for another user's: the client checks the daemon's
+    SO_PEERCRED before it sends anything, so root's CLI never talks to the impostor."""
+    theirs = tap.base / "theirs"
+    theirs.mkdir(mode=0o700)
+    os.chown(theirs, *other)
+    os.chmod(tap.base, 0o711)
+    uid, gid = other
+    impostor = subprocess.Popen(
+        ["/usr/bin/python3", "-c", IMPOSTOR, str(theirs / "control.sock")],
+        user=uid,
+        group=gid,
+        extra_groups=[],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert impostor.stdout is not None
+        assert impostor.stdout.readline().strip() == "ready"
+        tap.state.mkdir(mode=0o700)
+        # The same socket, now at the daemon's name in our own directory.
+        os.rename(theirs / "control.sock", tap.state / "control.sock")
+        proc = tap.run("list")
+        assert proc.returncode != 0
+        assert f"control.sock belongs to uid {uid}, not to us or root" in proc.stderr
+        got = impostor.stdout.readline().strip()
+        assert got == "b''", f"the impostor was sent {got}"
+    finally:
+        impostor.kill()
+        impostor.wait()
+        (tap.state / "control.sock").unlink(missing_ok=True)
