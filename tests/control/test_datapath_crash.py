@@ -16,6 +16,8 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -40,9 +42,14 @@ def written(point: Path) -> int:
     return total
 
 
-def wait_until(what: str, cond: object, fio: subprocess.Popen[str], timeout: float = 120) -> None:
+def grown(point: Path, mark: int) -> bool:
+    return written(point) >= mark
+
+
+def wait_until(
+    what: str, cond: Callable[[], bool], fio: subprocess.Popen[str], timeout: float = 120
+) -> None:
     """Poll ``cond`` (a callable) until true; fail if fio exits first or on a hang."""
-    assert callable(cond)
     deadline = time.monotonic() + timeout
     while not cond():
         assert fio.poll() is None, f"fio ended (status {fio.returncode}) before {what}"
@@ -89,7 +96,7 @@ def test_fio_on_ext4_survives_three_daemon_kills(devtap: Tapnbd) -> None:
     for round_ in range(1, 4):
         print(f"round {round_}: {written(point)} bytes written")
         mark = total * round_ // 5
-        wait_until(f"{mark} bytes written", lambda m=mark: written(point) >= m, fio)  # type: ignore[misc]
+        wait_until(f"{mark} bytes written", partial(grown, point, mark), fio)
         pid = tap.status()["pid"]
         os.killpg(os.getpgid(pid), signal.SIGKILL)  # the daemon and its whole group
         wait_until("the daemon to die", lambda: not sd.daemon_alive(), fio)
