@@ -9,8 +9,9 @@ attached export, ready for mkfs and mount, in one of two ways:
   directory, and ``losetup`` turns that file into ``/dev/loopN``.
 
 Everything here is synchronous and runs external commands. The daemon calls it from a
-worker thread, never on its event loop: the device's I/O comes back through the daemon's
-own NBD server, and a blocked loop would deadlock against itself.
+worker thread, never on its event loop. The device's NBD server is the attachment's own
+data-path process (``tapdisk``), so neither this code nor the device depends on the
+daemon staying alive.
 
 The nbd-client command line is built by a pure function (``nbd_client_command``) so it
 can be tested where the kernel path cannot run.

@@ -3,22 +3,27 @@
 blktap's blktapctrl, done with today's tools. One process per state directory (see
 ``state.py``) runs
 
-- the NBD server (tapnbd.server) on a unix socket in the state directory, on TCP if
-  configured, and on a private socket that only the daemon's own attachments use;
+- the NBD server (tapnbd.server) for ``export add``'s exports, on a unix socket in the
+  state directory and on TCP if configured;
 - the control socket, mode 0600, where each connection's peer is checked with
   SO_PEERCRED (``auth``) and then speaks request/reply pairs (``dispatch``,
   tapnbd.control.messages), one JSON line each;
 - optionally a Prometheus endpoint (tapnbd.control.metrics).
 
+Attached devices are not served from here: each has a data-path process of its own
+(``tapdisk``, started by ``attachments`` through ``tapctl``), so they keep working when
+the daemon dies, and a restarted daemon re-adopts them from its state file.
+
 The roles are split by module: ``exports`` (the images it serves), ``attachments``
-(devices), ``persist`` (the state file), ``main`` (the process). This module holds the
-daemon's life (start, stop) and its request handlers.
+(devices and their data paths), ``persist`` (the state file), ``main`` (the process).
+This module holds the daemon's life (start, stop) and its request handlers.
 
 Every change to exports or attachments is serialised by one lock and recorded in the
-state file before the reply goes out. On start the daemon cleans up after a predecessor
-that died (devices, nbdfuse, sockets) and opens the exports it recorded. ``daemon stop``
-detaches every device (fsync first), drains requests in flight, flushes and closes every
-image, and only then answers.
+state file before the reply goes out. On start the daemon re-adopts the data paths that
+still run, undoes those that died unless their device is in use, and opens the exports
+it recorded. ``daemon stop`` drains requests in flight, flushes and closes every export
+and leaves the devices running; ``--all`` detaches them first (fsync, then down), and
+is refused while any is mounted.
 """
 
 from __future__ import annotations
