@@ -11,10 +11,12 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from tapnbd.control import tapctl
-from tapnbd.control.attach import AttachError, Attachment, pid_alive
+from tapnbd.control.attach import AttachError, pid_alive
+from tapnbd.control.messages import Attachment
 from tests.helpers import need, qemu_io, run
 
 
@@ -80,13 +82,13 @@ def test_serves_records_and_stops(att: Attachment) -> None:
 
 
 def test_only_our_tapdisk_is_recognised(att: Attachment) -> None:
-    wrong_token = Attachment(**{**att.to_json(), "token": "0" * 32})
+    wrong_token = msgspec.structs.replace(att, token="0" * 32)
     assert "not the one recorded" in (tapctl.why_not_ours(wrong_token) or "")
-    someone_else = Attachment(**{**att.to_json(), "tapdisk_pid": os.getpid()})
+    someone_else = msgspec.structs.replace(att, tapdisk_pid=os.getpid())
     assert "no longer its data path" in (tapctl.why_not_ours(someone_else) or "")
-    other_dir = Attachment(**{**att.to_json(), "tapdisk_dir": att.tapdisk_dir + "x"})
+    other_dir = msgspec.structs.replace(att, tapdisk_dir=att.tapdisk_dir + "x")
     assert "no longer its data path" in (tapctl.why_not_ours(other_dir) or "")
-    gone = Attachment(**{**att.to_json(), "tapdisk_pid": 0})
+    gone = msgspec.structs.replace(att, tapdisk_pid=0)
     assert tapctl.why_not_ours(gone) == "it has no data-path process"
     assert tapctl.why_not_ours(att) is None
 
