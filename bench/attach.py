@@ -172,7 +172,7 @@ def tapnbd_daemon(state_dir: Path) -> Iterator[Path]:
     finally:
         try:
             run(
-                [*tap, "daemon", "stop", "--state-dir", str(state_dir), "--force"],
+                [*tap, "daemon", "stop", "--state-dir", str(state_dir), "--all", "--force"],
                 what="tapnbd daemon stop",
                 timeout=120,
             )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from typing import Annotated
@@ -21,6 +20,7 @@ from tapnbd.control.messages import (
     ListReply,
     ListRequest,
     Via,
+    to_builtins,
 )
 
 console = Console()
@@ -82,7 +82,7 @@ def list_cmd(state_dir: StateDirOpt = None, as_json: JsonOpt = False) -> None:
     with errors_as_exit(), connect(state_dir) as conn:
         reply = conn.call(ListRequest(), ListReply)
     if as_json:
-        print(json.dumps(dataclasses.asdict(reply), indent=2))
+        print(json.dumps(to_builtins(reply), indent=2))
         return
     table = Table(title=None, box=None, header_style="bold", pad_edge=False)
     for col in ("EXPORT", "IMAGE", "FORMAT", "SIZE", "DEVICE", "VIA", "CLIENTS", "RO"):

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
+import os
 import time
 from typing import Annotated
 
@@ -13,8 +13,15 @@ from rich.console import Console
 from tapnbd import runtime
 from tapnbd.cli._control import JsonOpt, StateDirOpt, client, report
 from tapnbd.cli.app import app, errors_as_exit, fail
-from tapnbd.control.daemon import DEFAULT_TCP, DaemonConfig, run_daemon
-from tapnbd.control.messages import ShutdownReply, ShutdownRequest, StatusReply, StatusRequest
+from tapnbd.control.daemon import DaemonConfig
+from tapnbd.control.main import run_daemon
+from tapnbd.control.messages import (
+    ShutdownReply,
+    ShutdownRequest,
+    StatusReply,
+    StatusRequest,
+    to_builtins,
+)
 from tapnbd.control.state import default_state_dir
 from tapnbd.server.listener import DEFAULT_MAX_CONNECTIONS
 
@@ -37,16 +44,33 @@ def start_cmd(
         str | None,
         typer.Option(
             envvar="TAPNBD_TCP",
-            help=f"Serve NBD on TCP HOST:PORT ('none' for no TCP). [default: {DEFAULT_TCP}]",
-            show_default=False,
+            help="Also serve NBD on TCP HOST:PORT (needs --tls-cert/--tls-key, or "
+            "--insecure-tcp). By default NBD is only on the 0600 unix socket.",
         ),
     ] = None,
+    insecure_tcp: Annotated[
+        bool,
+        typer.Option(
+            "--insecure-tcp", help="Serve --tcp without TLS: every local user can connect."
+        ),
+    ] = False,
+    tls_cert: Annotated[str | None, typer.Option(help="TLS certificate for --tcp (PEM).")] = None,
+    tls_key: Annotated[str | None, typer.Option(help="TLS private key for --tcp (PEM).")] = None,
+    tls_ca: Annotated[
+        str | None, typer.Option(help="CA certificate; TCP clients must present one it signed.")
+    ] = None,
+    expose_paths: Annotated[
+        bool, typer.Option("--expose-paths", help="Show image paths in NBD export descriptions.")
+    ] = False,
     unix: Annotated[
         bool, typer.Option("--unix/--no-unix", help="Serve NBD on nbd.sock in the state dir.")
     ] = True,
     metrics: Annotated[
         str | None,
-        typer.Option(envvar="TAPNBD_METRICS", help="Serve Prometheus metrics on HOST:PORT."),
+        typer.Option(
+            envvar="TAPNBD_METRICS",
+            help="Serve Prometheus metrics on unix:PATH (mode 0600) or on a loopback HOST:PORT.",
+        ),
     ] = None,
     stats: Annotated[
         bool, typer.Option("--stats/--no-stats", help="Count operations and latency.")
@@ -61,16 +85,22 @@ def start_cmd(
 ) -> None:
     """Start the daemon (other commands start it on their own when needed)."""
     directory = state_dir or default_state_dir()
+    config = DaemonConfig(
+        state_dir=directory,
+        tcp=None if _off(tcp) else tcp,
+        insecure_tcp=insecure_tcp,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        tls_ca=tls_ca,
+        expose_paths=expose_paths,
+        unix=unix,
+        metrics=None if _off(metrics) else metrics,
+        stats=stats,
+        max_connections=max_connections,
+    )
+    with errors_as_exit():
+        config.check()  # before anything starts: refused here, not in the daemon's log
     if foreground:
-        config = DaemonConfig(
-            state_dir=directory,
-            tcp=None if _off(tcp) else (tcp or DEFAULT_TCP),
-            tcp_explicit=tcp is not None,
-            unix=unix,
-            metrics=None if _off(metrics) else metrics,
-            stats=stats,
-            max_connections=max_connections,
-        )
         with errors_as_exit():
             code = runtime.run(run_daemon(config, verbose=verbose))
         raise typer.Exit(code)
@@ -87,6 +117,13 @@ def start_cmd(
         args += ["--max-connections", str(max_connections)]
         if tcp is not None:
             args += ["--tcp", tcp or "none"]
+        if insecure_tcp:
+            args.append("--insecure-tcp")
+        for flag, path in (("--tls-cert", tls_cert), ("--tls-key", tls_key), ("--tls-ca", tls_ca)):
+            if path:
+                args += [flag, os.path.abspath(path)]
+        if expose_paths:
+            args.append("--expose-paths")
         if metrics is not None:
             args += ["--metrics", metrics or "none"]
         if verbose:
@@ -99,21 +136,36 @@ def start_cmd(
 @daemon_app.command("stop")
 def stop_cmd(
     state_dir: StateDirOpt = None,
+    detach_all: Annotated[
+        bool,
+        typer.Option("--all", help="Detach every device too (refused while one is mounted)."),
+    ] = False,
     force: Annotated[
-        bool, typer.Option("--force", help="Stop even if attached devices are still mounted.")
+        bool,
+        typer.Option("--force", help="With --all: detach lazily; mounted devices still refuse."),
     ] = False,
 ) -> None:
-    """Detach every device, drain requests in flight, flush every image, and exit."""
+    """Drain requests in flight, flush every export, and exit.
+
+    Attached devices keep running (each has a data-path process of its own) and the
+    next daemon re-adopts them, unless --all is given.
+    """
     c = client(state_dir)
     with errors_as_exit():
         status = c.status()
+        if status is None and detach_all and c.has_attachments():
+            # The devices outlived their daemon: start one to re-adopt and detach them.
+            with c.connect() as conn:
+                status = conn.call(StatusRequest(), StatusReply)
         if status is None:
             report("the daemon is not running")
             return
         with c.connect(autostart=False) as conn:
-            reply = conn.call(ShutdownRequest(force=force), ShutdownReply)
+            reply = conn.call(ShutdownRequest(force=force, all=detach_all), ShutdownReply)
         for device in reply.detached:
             report(f"detached {device}")
+        for device in reply.kept:
+            report(f"left {device} attached (its data path runs on; `daemon stop --all` detaches)")
         for name in reply.flushed:
             report(f"flushed and closed {name!r}")
         if not c.wait_stopped():
@@ -133,7 +185,7 @@ def status_cmd(state_dir: StateDirOpt = None, as_json: JsonOpt = False) -> None:
             report("the daemon is not running")
         raise typer.Exit(3)
     if as_json:
-        print(json.dumps({"running": True, **dataclasses.asdict(status)}, indent=2))
+        print(json.dumps({"running": True, **to_builtins(status)}, indent=2))
         return
     _print_status(status)
 
@@ -145,7 +197,8 @@ def _print_status(status: StatusReply) -> None:
     console.print(f"  log        {status.log}", highlight=False)
     console.print(f"  NBD        {', '.join(status.listen) or 'nowhere'}", highlight=False)
     if status.metrics:
-        console.print(f"  metrics    http://{status.metrics}/metrics", highlight=False)
+        where = status.metrics if status.metrics.startswith("unix:") else f"http://{status.metrics}"
+        console.print(f"  metrics    {where}/metrics", highlight=False)
     console.print(f"  exports    {status.exports}, attached devices {status.attachments}")
     if not status.stats_enabled:
         console.print("  statistics off")

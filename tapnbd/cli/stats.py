@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import json
 import time
@@ -16,7 +15,7 @@ from rich.text import Text
 
 from tapnbd.cli._control import JsonOpt, StateDirOpt, connect, human_size
 from tapnbd.cli.app import app, errors_as_exit
-from tapnbd.control.messages import ExportStats, StatsReply, StatsRequest
+from tapnbd.control.messages import ExportStats, StatsReply, StatsRequest, to_builtins
 
 console = Console()
 #: Operations shown even when idle; the others only once they have been used.
@@ -100,7 +99,7 @@ def stats_cmd(
     with errors_as_exit(), connect(state_dir) as conn:
         reply = conn.call(StatsRequest(name=name), StatsReply)
         if as_json and not watch:
-            print(json.dumps([dataclasses.asdict(e) for e in reply.exports], indent=2))
+            print(json.dumps([to_builtins(e) for e in reply.exports], indent=2))
             return
         if not watch:
             console.print(render(reply.exports))
@@ -108,7 +107,7 @@ def stats_cmd(
         try:
             if as_json:  # one JSON document per line, each interval
                 while True:
-                    print(json.dumps([dataclasses.asdict(e) for e in reply.exports]), flush=True)
+                    print(json.dumps([to_builtins(e) for e in reply.exports]), flush=True)
                     time.sleep(interval)
                     reply = conn.call(StatsRequest(name=name), StatsReply)
             previous = {e.name: e for e in reply.exports}

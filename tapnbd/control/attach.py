@@ -9,8 +9,9 @@ attached export, ready for mkfs and mount, in one of two ways:
   directory, and ``losetup`` turns that file into ``/dev/loopN``.
 
 Everything here is synchronous and runs external commands. The daemon calls it from a
-worker thread, never on its event loop: the device's I/O comes back through the daemon's
-own NBD server, and a blocked loop would deadlock against itself.
+worker thread, never on its event loop. The device's NBD server is the attachment's own
+data-path process (``tapdisk``), so neither this code nor the device depends on the
+daemon staying alive.
 
 The nbd-client command line is built by a pure function (``nbd_client_command``) so it
 can be tested where the kernel path cannot run.
@@ -27,9 +28,9 @@ import signal
 import stat
 import subprocess
 import time
-from dataclasses import asdict, dataclass, fields
-from typing import Any, Literal
 
+from tapnbd.control.messages import Attachment
+from tapnbd.control.messages import ViaName as ViaName  # for callers that choose one
 from tapnbd.errors import TapnbdError
 
 #: nbd-client's default port, and the IANA one.
@@ -39,39 +40,9 @@ FUSE_FILE = "disk"
 #: Seconds to wait for nbdfuse to be ready, or to exit after its unmount.
 FUSE_TIMEOUT = 15.0
 
-ViaName = Literal["nbd", "fuse"]
-
 
 class AttachError(TapnbdError):
     """A device could not be attached or detached."""
-
-
-@dataclass
-class Attachment:
-    """One attached device and everything needed to undo it, even after a crash.
-
-    Recorded in the daemon's state file as soon as each resource exists, so a daemon
-    that dies half-way leaves enough behind for the next one to clean up.
-    """
-
-    id: str
-    export: str
-    image: str
-    via: ViaName
-    read_only: bool
-    device: str = ""
-    #: fuse: the FUSE mount point (a directory), the file in it, and nbdfuse's pid.
-    mountdir: str = ""
-    fuse_file: str = ""
-    fuse_pid: int = 0
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, obj: dict[str, Any]) -> Attachment:
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in obj.items() if k in known})
 
 
 # The kernel nbd client.
@@ -249,7 +220,9 @@ def start_nbdfuse(att: Attachment, *, uri: str, mountdir: str) -> subprocess.Pop
     try:
         while not os.path.exists(pidfile) or os.path.getsize(pidfile) == 0:
             if proc.poll() is not None:
-                raise AttachError(f"nbdfuse exited with status {proc.returncode}: {_tail(errfile)}")
+                raise AttachError(
+                    f"nbdfuse exited with status {proc.returncode}: {tail_of(errfile)}"
+                )
             if time.monotonic() > deadline:
                 raise AttachError(f"nbdfuse was not ready after {FUSE_TIMEOUT:.0f} s")
             time.sleep(0.01)
@@ -326,7 +299,7 @@ def stop_nbdfuse(
             time.sleep(0.05)  # EBUSY: a loop device is letting go of the file
     pid = proc.pid if proc is not None else att.fuse_pid
     if pid and (proc is not None or _is_nbdfuse(pid, mountdir)):
-        _wait_exit(pid, proc, patience=1.0 if lazy else FUSE_TIMEOUT)
+        wait_exit(pid, proc, patience=1.0 if lazy else FUSE_TIMEOUT)
     if mountdir:
         for leftover in (mountdir + ".pid", mountdir + ".err"):
             with contextlib.suppress(FileNotFoundError):
@@ -335,7 +308,7 @@ def stop_nbdfuse(
             os.rmdir(mountdir)
 
 
-def _wait_exit(pid: int, proc: subprocess.Popen[bytes] | None, patience: float) -> None:
+def wait_exit(pid: int, proc: subprocess.Popen[bytes] | None, patience: float) -> None:
     """Wait for nbdfuse to exit after its unmount; SIGTERM, then SIGKILL, if it does not."""
     for sig in (None, signal.SIGTERM, signal.SIGKILL):
         if sig is not None:
@@ -462,6 +435,45 @@ def busy_reason(device: str) -> str | None:
     return None
 
 
+def attachment_busy(att: Attachment) -> str | None:
+    """Why ``att`` must not be taken down now (its device, or its nbdfuse file, is in
+    use: mounted, stacked on, or looped again by someone else), or None."""
+    if att.device:
+        busy = busy_reason(att.device)
+        if busy:
+            return busy
+    if att.via == "fuse" and att.mountdir:
+        for device in loops_under(att.mountdir.rstrip("/") + "/"):
+            if device == att.device:
+                continue
+            busy = busy_reason(device)
+            return busy or f"{att.fuse_file} is in use by {device}"
+    return None
+
+
+def device_present(att: Attachment) -> bool:
+    """Whether ``att``'s device is still connected to something."""
+    if not att.device:
+        return False
+    if att.via == "nbd":
+        return os.path.exists(f"/sys/block/{os.path.basename(att.device)}/pid")
+    return loop_backing_file(att.device) is not None
+
+
+def loops_under(prefix: str) -> list[str]:
+    """Loop devices whose backing file is under ``prefix``."""
+    out = []
+    for backing in glob.glob("/sys/block/loop*/loop/backing_file"):
+        try:
+            with open(backing) as f:
+                path = f.read().strip()
+        except OSError:
+            continue
+        if path.startswith(prefix):
+            out.append("/dev/" + backing.split("/")[3])
+    return out
+
+
 def is_mountpoint(path: str) -> bool:
     target = os.path.realpath(path)
     try:
@@ -486,7 +498,7 @@ def pid_alive(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
-def _cmdline(pid: int) -> list[str]:
+def cmdline(pid: int) -> list[str]:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             return [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
@@ -496,7 +508,7 @@ def _cmdline(pid: int) -> list[str]:
 
 def _is_nbdfuse(pid: int, mountdir: str) -> bool:
     """Is ``pid`` still the nbdfuse we started for ``mountdir`` (pids get reused)?"""
-    cmd = _cmdline(pid)
+    cmd = cmdline(pid)
     return (
         pid_alive(pid)
         and bool(cmd)
@@ -508,80 +520,97 @@ def _is_nbdfuse(pid: int, mountdir: str) -> bool:
 # Cleaning up after a daemon that died.
 
 
-def cleanup_stale(records: list[Attachment], run_dir: str) -> list[str]:
-    """Undo attachments a dead daemon left behind; returns what was done, for the user.
+def cleanup_stale(
+    records: list[Attachment], run_dir: str, keep: list[Attachment] | None = None
+) -> list[str]:
+    """Undo attachments whose data path is gone; returns what was done, for the user.
 
-    Works from the records in the state file and also sweeps ``run_dir`` (where nbdfuse
-    mount points live) for loop devices, FUSE mounts and nbdfuse processes nobody
-    recorded, as a crash can come between making a resource and recording it.
+    Works from ``records`` and also sweeps ``run_dir`` (where nbdfuse mount points live)
+    for loop devices, FUSE mounts and nbdfuse processes nobody recorded, as a crash can
+    come between making a resource and recording it. What belongs to ``keep`` (the
+    attachments that still run) is not touched, and neither is anything in use: a
+    mounted device, or the FUSE mount under it, is left as it is with a note saying
+    where it is mounted (tearing it down would lose the file system's unwritten data).
     """
     notes: list[str] = []
     prefix = run_dir.rstrip("/") + "/"
     for att in records:
         try:
+            busy = attachment_busy(att)
+            if busy:
+                notes.append(f"left {att.device or att.image} attached: {busy}")
+                continue
             if att.via == "nbd":
-                if att.device and os.path.exists(f"/sys/block/{os.path.basename(att.device)}/pid"):
-                    busy = busy_reason(att.device)
-                    if busy:
-                        notes.append(f"left {att.device} connected: {busy}")
-                        continue
+                if device_present(att):
                     detach_nbd(att)
                     notes.append(f"disconnected {att.device} ({att.image})")
                 continue
-            if att.device and loop_backing_file(att.device) is not None:
-                busy = busy_reason(att.device)
-                if busy:
-                    notes.append(f"left {att.device} attached: {busy}")
-                    continue
-                if detach_loop(att.device, backing_prefix=prefix):
-                    notes.append(f"detached {att.device} ({att.image})")
+            if (
+                att.device
+                and loop_backing_file(att.device) is not None
+                and detach_loop(att.device, backing_prefix=prefix)
+            ):
+                notes.append(f"detached {att.device} ({att.image})")
             pid_was = att.fuse_pid if _is_nbdfuse(att.fuse_pid, att.mountdir or prefix) else 0
             stop_nbdfuse(att, lazy=True)
             if pid_was:
                 notes.append(f"stopped nbdfuse (pid {pid_was})")
         except (OSError, TapnbdError) as e:
             notes.append(f"could not clean up {att.device or att.image}: {e}")
-    notes += _sweep(prefix)
+    spared = {a.mountdir.rstrip("/") + "/" for a in (keep or []) if a.mountdir}
+    spared |= {a.mountdir.rstrip("/") + "/" for a in records if a.mountdir and attachment_busy(a)}
+    notes += _sweep(prefix, spared)
     return notes
 
 
-def _sweep(prefix: str) -> list[str]:
+def _sweep(prefix: str, spared: set[str]) -> list[str]:
+    """Take down what is under ``prefix`` but not under a ``spared`` mount point."""
     notes: list[str] = []
-    for backing in glob.glob("/sys/block/loop*/loop/backing_file"):
-        try:
-            with open(backing) as f:
-                path = f.read().strip()
-        except OSError:
+
+    def is_spared(path: str) -> bool:
+        return any((path.rstrip("/") + "/").startswith(s) for s in spared)
+
+    for device in loops_under(prefix):
+        backing = loop_backing_file(device) or ""
+        if is_spared(backing):
             continue
-        if not path.startswith(prefix):
-            continue
-        device = "/dev/" + backing.split("/")[3]
         busy = busy_reason(device)
         if busy:
             notes.append(f"left {device} attached: {busy}")
+            spared.add(os.path.dirname(backing).rstrip("/") + "/")
             continue
         try:
             if detach_loop(device, backing_prefix=prefix):
                 notes.append(f"detached {device}")
         except TapnbdError as e:
             notes.append(str(e))
+            spared.add(os.path.dirname(backing).rstrip("/") + "/")
     with contextlib.suppress(OSError):
         with open("/proc/self/mountinfo") as f:
             points = [_unescape(line.split()[4]) for line in f if len(line.split()) > 4]
         for point in points:
-            if point.startswith(prefix):
-                att = Attachment("", "", "", "fuse", False, mountdir=point)
+            if point.startswith(prefix) and not is_spared(point):
+                att = Attachment(
+                    id="", export="", image="", via="fuse", read_only=False, mountdir=point
+                )
                 stop_nbdfuse(att, lazy=True)
                 notes.append(f"unmounted {point}")
     for pid_dir in glob.glob("/proc/[0-9]*"):
         pid = int(os.path.basename(pid_dir))
-        cmd = _cmdline(pid)
-        if cmd and os.path.basename(cmd[0]) == "nbdfuse" and any(a.startswith(prefix) for a in cmd):
+        cmd = cmdline(pid)
+        if (
+            cmd
+            and os.path.basename(cmd[0]) == "nbdfuse"
+            and any(a.startswith(prefix) for a in cmd)
+            and not any(is_spared(a) for a in cmd if a.startswith(prefix))
+        ):
             _wait_exit_quick(pid)
             notes.append(f"stopped nbdfuse (pid {pid})")
     with contextlib.suppress(OSError):
         for entry in os.listdir(prefix):
             path = prefix + entry
+            if is_spared(path) or any(path.startswith(s.rstrip("/") + ".") for s in spared):
+                continue
             if os.path.isdir(path) and not is_mountpoint(path):
                 with contextlib.suppress(OSError):
                     os.rmdir(path)
@@ -618,7 +647,7 @@ def _run(cmd: list[str], what: str) -> str:
     return proc.stdout
 
 
-def _tail(path: str, limit: int = 500) -> str:
+def tail_of(path: str, limit: int = 500) -> str:
     try:
         with open(path, "rb") as f:
             text = f.read().decode(errors="replace").strip()

@@ -5,8 +5,9 @@
 1. If the control socket answers, that is it.
 2. If a daemon holds the pidfile lock but does not answer yet, it is starting: wait.
 3. Otherwise no daemon runs. If one left traces (a pid in the pidfile, sockets,
-   attachments in the state file) it died without cleaning up: say so, and clean up
-   (devices, nbdfuse, sockets) while holding the pidfile lock.
+   attachments in the state file) it died without cleaning up: say so, and remove its
+   sockets while holding the pidfile lock. Attached devices are left alone: their data
+   paths outlive the daemon, and the next one re-adopts them.
 4. Start a daemon (``python -m tapnbd daemon start --foreground`` in a new session,
    output to its log), wait until it answers, and say where its log is.
 """
@@ -22,7 +23,7 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
-from tapnbd.control import attach as devices
+from tapnbd import safefs
 from tapnbd.control.messages import (
     MAX_LINE,
     ErrorReply,
@@ -32,6 +33,7 @@ from tapnbd.control.messages import (
     StatusRequest,
     decode,
     encode,
+    message_type,
 )
 from tapnbd.control.state import State, StateDir
 from tapnbd.errors import TapnbdError
@@ -63,7 +65,7 @@ class Connection:
             line = self._readline()
         except TimeoutError:
             raise TapnbdError(
-                f"the daemon did not answer {req.TYPE!r} in {timeout:.0f} s"
+                f"the daemon did not answer {message_type(req)!r} in {timeout:.0f} s"
             ) from None
         except (ConnectionError, BrokenPipeError) as e:
             raise TapnbdError(f"lost the connection to the daemon: {e}") from None
@@ -155,6 +157,13 @@ class Client:
         with conn:
             return conn.call(StatusRequest(), StatusReply)
 
+    def has_attachments(self) -> bool:
+        """Whether the state file records attached devices (running without a daemon)."""
+        try:
+            return bool(self.dir.load().attachments)
+        except TapnbdError:
+            return False
+
     # Starting.
 
     def start(self, args: list[str] | None = None) -> Connection:
@@ -162,7 +171,7 @@ class Client:
         self.dir.create()
         cmd = [sys.executable, "-m", "tapnbd", "daemon", "start", "--foreground"]
         cmd += ["--state-dir", self.dir.path, *(args or [])]
-        logfd = os.open(self.dir.log, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        logfd = self.dir.open_log()
         with open(logfd, "ab") as logf:
             proc = subprocess.Popen(
                 cmd,
@@ -201,10 +210,10 @@ class Client:
 
     def _log_tail(self, lines: int = 3) -> str:
         try:
-            with open(self.dir.log, "rb") as f:
+            with open(safefs.open_private(self.dir.log, os.O_RDONLY), "rb") as f:
                 f.seek(max(0, os.fstat(f.fileno()).st_size - 4096))
                 text = f.read().decode(errors="replace")
-        except OSError:
+        except (OSError, TapnbdError):
             return "(no log)"
         tail = [line for line in text.splitlines() if line.strip()][-lines:]
         return " / ".join(tail) or "(empty log)"
@@ -213,7 +222,7 @@ class Client:
 
     def recover(self) -> list[str]:
         """If a dead daemon left traces, report it and clean them up. What was done."""
-        if not os.path.isdir(self.dir.path):
+        if not self.dir.check():  # refuses a directory that is not ours alone
             return []
         fd = self.dir.lock(wait=0.5) if os.path.exists(self.dir.pidfile) else None
         if os.path.exists(self.dir.pidfile) and fd is None:
@@ -228,17 +237,21 @@ class Client:
             sockets = [
                 p
                 for p in (self.dir.control, self.dir.nbd_socket, self.dir.attach_socket)
-                if os.path.exists(p)
+                if os.path.lexists(p)
             ]
-            if pid is None and not sockets and not state.attachments:
-                return []
+            if pid is None and not sockets:
+                return []  # stopped cleanly (attachments it left run on their own)
             who = f"the daemon (pid {pid})" if pid else "the daemon"
             self.report(f"{who} is not running: it died without cleaning up; cleaning up")
-            notes = devices.cleanup_stale(state.attachments, self.dir.run_dir)
+            notes = []
             if state.attachments:
-                state.attachments = []
-                state.exports = [e for e in state.exports if e.origin == "export"]
-                self.dir.save(state)
+                # Their data paths run on their own; the next daemon re-adopts them (or
+                # undoes the dead ones that nothing uses). Never touched from here.
+                n = len(state.attachments)
+                notes.append(
+                    f"left {n} attached device{'s' if n != 1 else ''} as "
+                    f"{'they are' if n != 1 else 'it is'}, for the next daemon to re-adopt"
+                )
             removed = self.dir.remove_sockets()
             if removed:
                 notes.append(f"removed stale {', '.join(removed)}")

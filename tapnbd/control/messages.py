@@ -1,25 +1,31 @@
-"""Control messages: one request/reply pair per operation, one JSON line each.
+"""Control messages and the records they carry, declared once with msgspec.
 
 blktap's ``tapdisk-message.h`` pairs every request with its answer (``TAPDISK_MESSAGE_OPEN``
-and ``..._OPEN_RSP``); so do we. A message is a frozen dataclass; on the wire it is one
-line of JSON, an object with a ``type`` tag and the dataclass's fields::
+and ``..._OPEN_RSP``); so do we. A message is a msgspec Struct tagged with its wire
+name; on the wire it is one line of JSON, an object with a ``type`` tag and the fields::
 
     {"type": "export_add", "image": "/srv/disk.img", "name": null, "read_only": false, ...}
 
-Decoding is strict: unknown tags, missing or extra fields and fields of the wrong type
-are all refused with a ``MessageError`` naming the field, so neither side ever acts on
-a half-understood message. Any request may be answered with ``ErrorReply`` instead of
-its own reply; the client raises it as a ``TapnbdError``.
+The same declarations are the schema of the state file (``state.py``): an export or an
+attachment is one record type whether it is sent, listed or saved.
+
+Decoding is strict and done by msgspec, in C: unknown tags, missing or extra fields and
+fields of the wrong type are refused with a ``MessageError`` naming the field (``at
+$.field``), so neither side acts on a half-understood message. Two limits come first:
+a line longer than ``MAX_LINE`` is refused before it is parsed, and as no field is of an
+untyped kind, nesting is refused at the first level the schema does not expect. msgspec
+raises RecursionError (cleanly, it checks Python's recursion limit) only when it must
+skip or build deeply nested untyped values; that too becomes a MessageError.
+
+Any request may be answered with ``ErrorReply`` instead of its own reply; the client
+raises it as a ``TapnbdError``.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import types
-import typing
-from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar, Union
+
+import msgspec
 
 from tapnbd.errors import TapnbdError
 
@@ -27,46 +33,66 @@ from tapnbd.errors import TapnbdError
 MAX_LINE = 1 << 20
 
 Via = Literal["auto", "nbd", "fuse"]
+ViaName = Literal["nbd", "fuse"]
+#: "export" (``tapnbd export add``) or "attach" (made by ``tapnbd attach``, removed by
+#: its detach).
+Origin = Literal["export", "attach"]
 
 
 class MessageError(TapnbdError):
-    """A control message could not be decoded."""
+    """A control message (or the state file) could not be decoded."""
 
 
-# Records carried inside replies.
+class Record(msgspec.Struct, forbid_unknown_fields=True):
+    """Base of the records carried in messages and kept in the state file."""
 
 
-@dataclass(frozen=True, slots=True)
-class AttachmentRecord:
-    """A local block device carrying an export."""
+# Records.
 
-    device: str
+
+class Attachment(Record, kw_only=True):
+    """One attached device and everything needed to undo or re-adopt it, even after a
+    crash. Recorded in the state file as soon as each resource exists, so a daemon that
+    dies half-way leaves enough behind for the next one; ``list`` shows the same record
+    (without its token)."""
+
+    id: str
     export: str
     image: str
-    via: Literal["nbd", "fuse"]
+    via: ViaName
     read_only: bool
+    device: str = ""
+    #: fuse: the FUSE mount point (a directory), the file in it, and nbdfuse's pid.
+    mountdir: str = ""
+    fuse_file: str = ""
+    fuse_pid: int = 0
+    #: The data-path process (``tapdisk``): its pid, directory and identity token, and
+    #: the image's format as it opened it and its size (for ``list`` without asking it).
+    tapdisk_pid: int = 0
+    tapdisk_dir: str = ""
+    token: str = ""
+    format: str = ""
+    size: int = 0
 
 
-@dataclass(frozen=True, slots=True)
-class ExportRecord:
-    """One export, as ``tapnbd list`` shows it."""
+class ExportRecord(Record, kw_only=True):
+    """One export. The state file needs the first five fields to open it again (the
+    others stay at their defaults there); ``list`` fills in what is live."""
 
     name: str
     image: str
+    #: The format asked for (state file) or opened as (``list``).
     format: str
-    size: int
     read_only: bool
+    origin: Origin = "export"
+    size: int = 0
     #: NBD connections other than the ones carrying attachments.
-    clients: int
-    devices: list[str]
-    uris: list[str]
-    #: "export" (``tapnbd export add``) or "attach" (made by ``tapnbd attach``, removed
-    #: by its detach).
-    origin: Literal["export", "attach"]
+    clients: int = 0
+    devices: list[str] = []
+    uris: list[str] = []
 
 
-@dataclass(frozen=True, slots=True)
-class OpCounters:
+class OpCounters(Record):
     """Counters for one operation (see tapnbd.stats)."""
 
     ops: int
@@ -79,8 +105,7 @@ class OpCounters:
     max_bytes: int = 0  # the largest request
 
 
-@dataclass(frozen=True, slots=True)
-class ExportStats:
+class ExportStats(Record):
     """Live statistics of one export."""
 
     name: str
@@ -97,36 +122,33 @@ class ExportStats:
 # Messages.
 
 
-@dataclass(frozen=True, slots=True)
-class Message:
-    """Base of every control message. ``TYPE`` is the wire tag."""
-
-    TYPE: ClassVar[str] = ""
+class Message(msgspec.Struct, tag_field="type", forbid_unknown_fields=True):
+    """Base of every control message; its ``tag`` is its wire name (``message_type``)."""
 
 
-@dataclass(frozen=True, slots=True)
 class Reply(Message):
     """Base of replies."""
 
 
-@dataclass(frozen=True, slots=True)
 class Request(Message):
     """Base of requests. ``REPLY`` is the reply that answers it."""
 
     REPLY: ClassVar[type[Reply]] = Reply
 
 
-@dataclass(frozen=True, slots=True)
-class ErrorReply(Reply):
+def message_type(msg: Message | type[Message]) -> str:
+    """The wire tag of a message or message class."""
+    cls = msg if isinstance(msg, type) else type(msg)
+    return str(cls.__struct_config__.tag)
+
+
+class ErrorReply(Reply, tag="error"):
     """The request failed; ``message`` says why, for a human."""
 
-    TYPE: ClassVar[str] = "error"
     message: str
 
 
-@dataclass(frozen=True, slots=True)
-class StatusReply(Reply):
-    TYPE: ClassVar[str] = "status_reply"
+class StatusReply(Reply, tag="status_reply"):
     pid: int
     version: str
     state_dir: str
@@ -139,24 +161,18 @@ class StatusReply(Reply):
     attachments: int
     stats_enabled: bool
     #: What the daemon cleaned up or could not restore when it started.
-    notes: list[str] = field(default_factory=list)
+    notes: list[str] = []
 
 
-@dataclass(frozen=True, slots=True)
-class StatusRequest(Request):
-    TYPE: ClassVar[str] = "status"
+class StatusRequest(Request, tag="status"):
     REPLY: ClassVar[type[Reply]] = StatusReply
 
 
-@dataclass(frozen=True, slots=True)
-class ExportAddReply(Reply):
-    TYPE: ClassVar[str] = "export_add_reply"
+class ExportAddReply(Reply, tag="export_add_reply"):
     export: ExportRecord
 
 
-@dataclass(frozen=True, slots=True)
-class ExportAddRequest(Request):
-    TYPE: ClassVar[str] = "export_add"
+class ExportAddRequest(Request, tag="export_add"):
     REPLY: ClassVar[type[Reply]] = ExportAddReply
     image: str
     name: str | None = None
@@ -164,62 +180,46 @@ class ExportAddRequest(Request):
     format: str = "auto"
 
 
-@dataclass(frozen=True, slots=True)
-class ExportRemoveReply(Reply):
-    TYPE: ClassVar[str] = "export_remove_reply"
+class ExportRemoveReply(Reply, tag="export_remove_reply"):
     name: str
     detached: list[str]
     disconnected: int
 
 
-@dataclass(frozen=True, slots=True)
-class ExportRemoveRequest(Request):
-    TYPE: ClassVar[str] = "export_remove"
+class ExportRemoveRequest(Request, tag="export_remove"):
     REPLY: ClassVar[type[Reply]] = ExportRemoveReply
     name: str
     force: bool = False
 
 
-@dataclass(frozen=True, slots=True)
-class ListReply(Reply):
-    TYPE: ClassVar[str] = "list_reply"
+class ListReply(Reply, tag="list_reply"):
     exports: list[ExportRecord]
-    attachments: list[AttachmentRecord]
+    attachments: list[Attachment]
 
 
-@dataclass(frozen=True, slots=True)
-class ListRequest(Request):
-    TYPE: ClassVar[str] = "list"
+class ListRequest(Request, tag="list"):
     REPLY: ClassVar[type[Reply]] = ListReply
 
 
-@dataclass(frozen=True, slots=True)
-class StatsReply(Reply):
-    TYPE: ClassVar[str] = "stats_reply"
+class StatsReply(Reply, tag="stats_reply"):
     exports: list[ExportStats]
 
 
-@dataclass(frozen=True, slots=True)
-class StatsRequest(Request):
-    TYPE: ClassVar[str] = "stats"
+class StatsRequest(Request, tag="stats"):
     REPLY: ClassVar[type[Reply]] = StatsReply
     #: One export, or all of them.
     name: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class AttachReply(Reply):
-    TYPE: ClassVar[str] = "attach_reply"
-    attachment: AttachmentRecord
+class AttachReply(Reply, tag="attach_reply"):
+    attachment: Attachment
     #: Why this path (kernel nbd or nbdfuse) was taken.
     reason: str
     #: Whether the export was made for this attachment (and goes with its detach).
     created_export: bool
 
 
-@dataclass(frozen=True, slots=True)
-class AttachRequest(Request):
-    TYPE: ClassVar[str] = "attach"
+class AttachRequest(Request, tag="attach"):
     REPLY: ClassVar[type[Reply]] = AttachReply
     #: An image path, ``ram:SIZE``, or the name of an existing export.
     image: str
@@ -229,39 +229,36 @@ class AttachRequest(Request):
     via: Via = "auto"
 
 
-@dataclass(frozen=True, slots=True)
-class DetachReply(Reply):
-    TYPE: ClassVar[str] = "detach_reply"
-    attachment: AttachmentRecord
+class DetachReply(Reply, tag="detach_reply"):
+    attachment: Attachment
     removed_export: bool
 
 
-@dataclass(frozen=True, slots=True)
-class DetachRequest(Request):
-    TYPE: ClassVar[str] = "detach"
+class DetachRequest(Request, tag="detach"):
     REPLY: ClassVar[type[Reply]] = DetachReply
     #: A device path (/dev/loop0), an image path, or an export name.
     target: str
 
 
-@dataclass(frozen=True, slots=True)
-class ShutdownReply(Reply):
-    TYPE: ClassVar[str] = "shutdown_reply"
+class ShutdownReply(Reply, tag="shutdown_reply"):
     detached: list[str]
     flushed: list[str]
+    #: Attached devices left running (their data paths do not need the daemon).
+    kept: list[str] = []
 
 
-@dataclass(frozen=True, slots=True)
-class ShutdownRequest(Request):
-    TYPE: ClassVar[str] = "shutdown"
+class ShutdownRequest(Request, tag="shutdown"):
     REPLY: ClassVar[type[Reply]] = ShutdownReply
-    #: Stop even with attached devices still mounted (they are detached lazily).
+    #: With ``all``: do not wait for a device's last users to let go (detach lazily).
+    #: A mounted device is never detached, forced or not.
     force: bool = False
+    #: Detach every device too; by default they keep running without the daemon.
+    all: bool = False
 
 
 #: Every message, by wire tag.
 MESSAGES: dict[str, type[Message]] = {
-    cls.TYPE: cls
+    message_type(cls): cls
     for cls in (
         ErrorReply,
         StatusRequest,
@@ -286,14 +283,38 @@ MESSAGES: dict[str, type[Message]] = {
 
 # The codec.
 
+_encoder = msgspec.json.Encoder()
+#: Any message: the union of every tagged Struct, built from the table above.
+_decoder: msgspec.json.Decoder[Any] = msgspec.json.Decoder(Union[tuple(MESSAGES.values())])  # noqa: UP007
+
 
 def encode(msg: Message) -> bytes:
     """One JSON line: ``{"type": TAG, field: value, ...}\\n``."""
-    body = {"type": msg.TYPE, **dataclasses.asdict(msg)}
-    return json.dumps(body, separators=(",", ":"), allow_nan=False).encode() + b"\n"
+    return _encoder.encode(msg) + b"\n"
+
+
+def to_builtins(obj: object) -> Any:
+    """A message or record as plain JSON-ready values, without the wire tag (for the
+    CLI's ``--json`` output)."""
+    out = msgspec.to_builtins(obj)
+    if isinstance(obj, Message):
+        out.pop("type", None)
+    return out
 
 
 M = TypeVar("M", bound=Message)
+
+
+def decode_as(data: bytes | str, schema: type[Any], what: str) -> Any:
+    """``data`` decoded strictly as ``schema``; MessageError naming ``what`` and the field."""
+    try:
+        return msgspec.json.decode(data, type=schema)
+    except msgspec.ValidationError as e:
+        raise MessageError(f"{what}: {e}") from None
+    except msgspec.DecodeError as e:
+        raise MessageError(f"{what}: not JSON: {e}") from None
+    except RecursionError:
+        raise MessageError(f"{what}: nested too deeply") from None
 
 
 def decode(line: bytes | str, expect: type[M] | None = None) -> Message:
@@ -301,105 +322,14 @@ def decode(line: bytes | str, expect: type[M] | None = None) -> Message:
     if len(line) > MAX_LINE:
         raise MessageError(f"message longer than {MAX_LINE} bytes")
     try:
-        obj = json.loads(line)
-    except (ValueError, UnicodeDecodeError) as e:
+        msg = _decoder.decode(line)
+    except msgspec.ValidationError as e:
+        raise MessageError(str(e)) from None
+    except msgspec.DecodeError as e:
         raise MessageError(f"not a JSON message: {e}") from None
-    if not isinstance(obj, dict):
-        raise MessageError("a message must be a JSON object")
-    tag = obj.pop("type", None)
-    if not isinstance(tag, str):
-        raise MessageError("message has no 'type'")
-    cls = MESSAGES.get(tag)
-    if cls is None:
-        raise MessageError(f"unknown message type {tag!r}")
-    if expect is not None and cls is not expect and cls is not ErrorReply:
-        raise MessageError(f"expected {expect.TYPE!r}, got {tag!r}")
-    msg = _build(cls, obj, tag)
+    except RecursionError:
+        raise MessageError("message nested too deeply") from None
     assert isinstance(msg, Message)
+    if expect is not None and not isinstance(msg, (expect, ErrorReply)):
+        raise MessageError(f"expected {message_type(expect)!r}, got {message_type(msg)!r}")
     return msg
-
-
-def _build(cls: type[Any], obj: object, where: str) -> Any:
-    """Construct dataclass ``cls`` from a JSON object, checking every field."""
-    if not isinstance(obj, dict):
-        raise MessageError(f"{where}: expected an object")
-    hints = _hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    extra = set(obj) - set(fields)
-    if extra:
-        raise MessageError(f"{where}: unknown field {sorted(extra)[0]!r}")
-    kwargs = {}
-    for name, f in fields.items():
-        if name not in obj:
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise MessageError(f"{where}: missing field {name!r}")
-            continue
-        kwargs[name] = _check(hints[name], obj[name], f"{where}.{name}")
-    return cls(**kwargs)
-
-
-_HINTS: dict[type[Any], dict[str, Any]] = {}
-
-
-def _hints(cls: type[Any]) -> dict[str, Any]:
-    hints = _HINTS.get(cls)
-    if hints is None:
-        hints = _HINTS[cls] = typing.get_type_hints(cls)
-    return hints
-
-
-def _check(tp: Any, value: object, where: str) -> Any:
-    """``value`` converted to type ``tp``, or MessageError."""
-    origin = typing.get_origin(tp)
-    if tp is type(None):
-        if value is None:
-            return None
-    elif origin in (types.UnionType, typing.Union):
-        for alt in typing.get_args(tp):
-            try:
-                return _check(alt, value, where)
-            except MessageError:
-                pass
-    elif origin is Literal:
-        if value in typing.get_args(tp) and isinstance(value, str):
-            return value
-        choices = ", ".join(repr(a) for a in typing.get_args(tp))
-        raise MessageError(f"{where}: expected one of {choices}, got {value!r}")
-    elif origin is list:
-        if isinstance(value, list):
-            (item,) = typing.get_args(tp)
-            return [_check(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
-    elif origin is dict:
-        if isinstance(value, dict):
-            _, item = typing.get_args(tp)
-            return {k: _check(item, v, f"{where}[{k!r}]") for k, v in value.items()}
-    elif dataclasses.is_dataclass(tp):
-        return _build(typing.cast("type[Any]", tp), value, where)
-    elif tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif tp is str:
-        if isinstance(value, str):
-            return value
-    else:  # pragma: no cover - a message declared a type the codec does not know
-        raise MessageError(f"{where}: cannot decode type {tp!r}")
-    raise MessageError(f"{where}: expected {_name(tp)}, got {type(value).__name__}")
-
-
-def _name(tp: Any) -> str:
-    if tp is type(None):
-        return "null"
-    origin = typing.get_origin(tp)
-    if origin in (types.UnionType, typing.Union):
-        return " or ".join(_name(a) for a in typing.get_args(tp))
-    if origin is list:
-        return "a list"
-    if origin is dict or dataclasses.is_dataclass(tp):
-        return "an object"
-    return str(getattr(tp, "__name__", tp))

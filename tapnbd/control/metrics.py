@@ -1,6 +1,8 @@
 """Statistics in the Prometheus text exposition format (version 0.0.4), and its server.
 
-Served on ``--metrics HOST:PORT`` at ``/metrics`` by a few lines of asyncio: one
+Served on ``--metrics unix:PATH`` (a 0600 socket: ``curl --unix-socket PATH
+http://x/metrics``) or on ``--metrics HOST:PORT`` on loopback, never by default, at
+``/metrics`` by a few lines of asyncio: one
 request per connection, GET only, no keep-alive, which is all a scraper needs.
 Counters carry ``_total``; latency percentiles are gauges in seconds, as the histogram
 behind them (tapnbd.stats) keeps no sum for a Prometheus summary.
@@ -11,9 +13,11 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import os
 from collections.abc import Callable
 
 from tapnbd.control.messages import ExportStats
+from tapnbd.server.listener import remove_stale_socket
 
 log = logging.getLogger("tapnbd.control")
 
@@ -111,6 +115,19 @@ class MetricsServer:
         sockname = self._server.sockets[0].getsockname()
         shown = f"[{sockname[0]}]" if ":" in sockname[0] else sockname[0]
         self.address = f"{shown}:{sockname[1]}"
+        return self.address
+
+    async def start_unix(self, path: str) -> str:
+        """Serve on a unix socket at ``path``, mode 0600 (chmod or chown it to let a
+        scraper of another user in)."""
+        if os.path.lexists(path):
+            remove_stale_socket(path)
+        old = os.umask(0o177)
+        try:
+            self._server = await asyncio.start_unix_server(self._serve, path)
+        finally:
+            os.umask(old)
+        self.address = f"unix:{path}"
         return self.address
 
     async def close(self) -> None:

@@ -1,9 +1,11 @@
 """The state directory: where the daemon keeps its socket, pidfile, log and state file.
 
-One directory (default ``/run/tapnbd``; ``--state-dir`` or ``TAPNBD_STATE_DIR``) holds::
+One directory (default ``/run/tapnbd``; ``--state-dir`` or ``TAPNBD_STATE_DIR``), mode
+0700 and refused if it is not ours alone (``tapnbd.safefs``), holds::
 
     control.sock   the control socket, mode 0600
-    nbd.sock       NBD for clients on this host (``nbd+unix:///NAME?socket=...``)
+    nbd.sock       NBD for the owner's clients on this host, mode 0600 and SO_PEERCRED
+                   checked (``nbd+unix:///NAME?socket=...``)
     attach.sock    NBD for the daemon's own attachments, so they are told from clients
     tapnbd.pid     the pidfile, locked with flock(2) for as long as the daemon lives
     tapnbd.log     the daemon's log
@@ -20,18 +22,21 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import json
 import os
+import stat
 import time
-from dataclasses import dataclass, field
-from typing import Any, Literal
 
-from tapnbd.control.attach import Attachment
-from tapnbd.errors import TapnbdError
+import msgspec
+
+from tapnbd import safefs
+from tapnbd.control.messages import Attachment, ExportRecord, MessageError, decode_as
+from tapnbd.errors import TapnbdError, UnsafePathError
 
 STATE_VERSION = 1
 #: AF_UNIX paths are limited to 108 bytes including the NUL (sun_path).
 MAX_SOCKET_PATH = 107
+#: The largest state file read back (thousands of exports fit); a bigger one is not ours.
+MAX_STATE = 16 << 20
 
 
 def default_state_dir() -> str:
@@ -45,25 +50,21 @@ def default_state_dir() -> str:
     return "/run/tapnbd"
 
 
-@dataclass
-class ExportEntry:
-    """An export as the state file records it: enough to open it again."""
+class State(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """The state file: the same records the control messages carry."""
 
-    name: str
-    image: str
-    format: str
-    read_only: bool
-    origin: Literal["export", "attach"] = "export"
-
-
-@dataclass
-class State:
-    exports: list[ExportEntry] = field(default_factory=list)
-    attachments: list[Attachment] = field(default_factory=list)
+    version: int = STATE_VERSION
+    exports: list[ExportRecord] = []
+    attachments: list[Attachment] = []
 
 
 class StateDir:
-    """Paths in the state directory, the state file and the pidfile lock."""
+    """Paths in the state directory, the state file and the pidfile lock.
+
+    Every file here is opened through ``tapnbd.safefs``: the directory is ours alone
+    (0700, refused if another user made it or others can write it) and no name in it is
+    followed if it is a symlink.
+    """
 
     def __init__(self, path: str) -> None:
         self.path = os.path.abspath(path)
@@ -76,53 +77,55 @@ class StateDir:
         self.run_dir = os.path.join(self.path, "attach")
 
     def create(self) -> None:
-        os.makedirs(self.path, mode=0o700, exist_ok=True)
-        os.makedirs(self.run_dir, mode=0o700, exist_ok=True)
+        """Make (or check) the directory and its ``attach/``; UnsafePathError if either is
+        not ours alone."""
         for sock in (self.control, self.nbd_socket, self.attach_socket):
             if len(os.fsencode(sock)) > MAX_SOCKET_PATH:
                 raise TapnbdError(
                     f"state directory {self.path} is too long for a unix socket path "
                     f"({len(os.fsencode(sock))} > {MAX_SOCKET_PATH} bytes); use a shorter one"
                 )
+        safefs.ensure_private_dir(self.path)
+        safefs.ensure_private_dir(self.run_dir)
+
+    def check(self) -> bool:
+        """Whether the directory exists; UnsafePathError if it does and is not ours alone
+        (a client must not trust, or start a daemon in, someone else's directory)."""
+        try:
+            st = os.lstat(self.path)
+        except FileNotFoundError:
+            return False
+        safefs.check_private_dir(self.path, st)
+        return True
+
+    def open_log(self) -> int:
+        """The log, opened for appending (never through a symlink)."""
+        return safefs.open_private(self.log, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
 
     # The state file.
 
     def load(self) -> State:
         try:
-            with open(self.state) as f:
-                obj = json.load(f)
+            data = safefs.read_capped(self.state, MAX_STATE)
         except FileNotFoundError:
             return State()
-        except (OSError, ValueError) as e:
+        except UnsafePathError as e:
+            raise TapnbdError(f"refusing the state file: {e}") from None
+        except OSError as e:
             raise TapnbdError(f"{self.state}: unreadable state file: {e}") from None
-        if not isinstance(obj, dict) or obj.get("version") != STATE_VERSION:
-            raise TapnbdError(f"{self.state}: not a version {STATE_VERSION} state file")
         try:
-            exports = [ExportEntry(**e) for e in obj.get("exports", [])]
-            attachments = [Attachment.from_json(a) for a in obj.get("attachments", [])]
-        except TypeError as e:
-            raise TapnbdError(f"{self.state}: malformed state file: {e}") from None
-        return State(exports, attachments)
+            state: State = decode_as(data, State, self.state)
+        except MessageError as e:
+            raise TapnbdError(f"malformed state file {e}") from None
+        if state.version != STATE_VERSION:
+            raise TapnbdError(f"{self.state}: not a version {STATE_VERSION} state file")
+        return state
 
     def save(self, state: State) -> None:
-        """Write the state file atomically: a temporary file, fsync, rename, fsync dir."""
-        obj: dict[str, Any] = {
-            "version": STATE_VERSION,
-            "exports": [vars(e) for e in state.exports],
-            "attachments": [a.to_json() for a in state.attachments],
-        }
-        tmp = f"{self.state}.{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.state)
-        dirfd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dirfd)
-        finally:
-            os.close(dirfd)
+        """Write the state file atomically: an unpredictably named temporary file,
+        fsync, rename, fsync dir."""
+        data = msgspec.json.format(msgspec.json.encode(state), indent=2) + b"\n"
+        safefs.atomic_write(self.state, data)
 
     # The pidfile.
 
@@ -131,7 +134,7 @@ class StateDir:
 
         Retries for ``wait`` seconds: a client probing the lock holds it for an instant.
         """
-        fd = os.open(self.pidfile, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = safefs.open_private(self.pidfile, os.O_RDWR | os.O_CREAT)
         deadline = time.monotonic() + wait
         while True:
             try:
@@ -149,16 +152,16 @@ class StateDir:
 
     def read_pid(self) -> int | None:
         try:
-            with open(self.pidfile) as f:
-                text = f.read().strip()
-        except OSError:
+            text = safefs.read_capped(self.pidfile, safefs.MAX_PIDFILE).decode(errors="replace")
+        except (OSError, UnsafePathError):
             return None
+        text = text.strip()
         return int(text) if text.isdigit() else None
 
     def daemon_alive(self) -> bool:
         """Whether a daemon holds the pidfile lock."""
         try:
-            fd = os.open(self.pidfile, os.O_RDONLY | os.O_CLOEXEC)
+            fd = safefs.open_private(self.pidfile, os.O_RDONLY)
         except FileNotFoundError:
             return False
         try:
@@ -179,9 +182,18 @@ class StateDir:
         os.ftruncate(fd, 0)
 
     def remove_sockets(self) -> list[str]:
-        """Remove sockets a dead daemon left; returns their names."""
+        """Remove sockets a dead daemon left; returns their names. Anything else at
+        those names (a symlink to someone's socket, a file) was not left by a daemon:
+        UnsafePathError."""
         gone = []
         for path in (self.control, self.nbd_socket, self.attach_socket):
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                continue
+            if not stat.S_ISSOCK(st.st_mode):
+                what = "a symlink" if stat.S_ISLNK(st.st_mode) else "not a socket"
+                raise UnsafePathError(f"{path}: is {what}; remove it if you put it there")
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
                 gone.append(os.path.basename(path))

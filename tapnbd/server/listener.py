@@ -7,8 +7,12 @@ import logging
 import os
 import socket
 import ssl
+import stat
+import struct
 import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, cast
 
 from tapnbd.protocol.handshake import TLSMode
 from tapnbd.server.budget import DEFAULT_PAYLOAD_BUDGET, PayloadBudget
@@ -59,6 +63,31 @@ def make_ssl_context(cert: str, key: str, ca: str | None) -> ssl.SSLContext:
         ctx.load_verify_locations(ca)
         ctx.verify_mode = ssl.CERT_REQUIRED
     return ctx
+
+
+def peer_uid(sock: Any) -> tuple[int, int]:
+    """(pid, uid) of the process at the other end of a unix socket (SO_PEERCRED)."""
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, _gid = struct.unpack("3i", raw)
+    return pid, uid
+
+
+class PeerCheckedConnection(NBDConnection):
+    """A connection on a unix socket whose peer's uid must pass ``allow`` (checked with
+    SO_PEERCRED before the greeting); any other peer is dropped without a byte."""
+
+    def __init__(self, server: NBDServer, allow: Callable[[int], bool]) -> None:
+        super().__init__(server)
+        self._allow = allow
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        sock = transport.get_extra_info("socket")
+        pid, uid = peer_uid(sock) if sock is not None else (0, -1)
+        if not self._allow(uid):
+            log.warning("refused NBD connection from pid %d, uid %d", pid, uid)
+            cast("asyncio.Transport", transport).abort()
+            return
+        super().connection_made(transport)
 
 
 def activation_sockets() -> list[socket.socket]:
@@ -142,11 +171,24 @@ class NBDServer:
         self.endpoints.append(endpoint)
         return endpoint
 
-    async def listen_unix(self, path: str) -> Endpoint:
+    async def listen_unix(
+        self, path: str, *, mode: int | None = None, allow: Callable[[int], bool] | None = None
+    ) -> Endpoint:
+        """Listen on ``path``. With ``mode``, the socket is created with that mode (no
+        window in which it is more open); with ``allow``, each peer's uid must pass it."""
         loop = asyncio.get_running_loop()
-        if os.path.exists(path):
-            _remove_stale_socket(path)
-        server = await loop.create_unix_server(self._factory, path, backlog=1024)
+        if os.path.lexists(path):
+            remove_stale_socket(path)
+
+        def factory() -> NBDConnection:
+            return PeerCheckedConnection(self, allow) if allow else NBDConnection(self)
+
+        old = os.umask(0o777 & ~mode) if mode is not None else None
+        try:
+            server = await loop.create_unix_server(factory, path, backlog=1024)
+        finally:
+            if old is not None:
+                os.umask(old)
         self._servers.append(server)
         endpoint = Endpoint("unix", path=path)
         self.endpoints.append(endpoint)
@@ -199,8 +241,12 @@ class NBDServer:
                     pass
 
 
-def _remove_stale_socket(path: str) -> None:
-    """Remove a socket file nobody listens on; refuse to steal a live one."""
+def remove_stale_socket(path: str) -> None:
+    """Remove a socket file nobody listens on; refuse to steal a live one, and never
+    remove anything that is not a socket (connecting to a regular file is refused just
+    as to a dead socket, and the path may name any file)."""
+    if not stat.S_ISSOCK(os.lstat(path).st_mode):
+        raise OSError(17, f"{path}: exists and is not a socket; not removing it")
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         probe.connect(path)

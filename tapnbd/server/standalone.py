@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from formats import OpenRules, open_image, parse_size
 from formats.filters import FaultSpec, at_file_layer
+from tapnbd import safefs
 from tapnbd.backend import Backend
 from tapnbd.driver import Driver
 from tapnbd.errors import TapnbdError
@@ -205,10 +206,18 @@ async def serve(opts: ServeOptions) -> int:
         task.add_done_callback(releases.discard)
 
     loop.add_signal_handler(signal.SIGUSR1, on_release)
-    # The pidfile is written once clients can connect (qemu-storage-daemon --pidfile).
+    # The pidfile is written once clients can connect (qemu-storage-daemon --pidfile),
+    # with O_EXCL: only a stale pidfile of ours is replaced, nothing else (safefs).
     if opts.pidfile:
-        with open(opts.pidfile, "w") as f:
-            f.write(f"{os.getpid()}\n")
+        try:
+            safefs.write_pidfile(opts.pidfile)
+        except (OSError, TapnbdError) as e:
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+                loop.remove_signal_handler(sig)
+            await server.shutdown()
+            if isinstance(e, TapnbdError):
+                raise
+            raise TapnbdError(f"--pidfile {opts.pidfile}: {e.strerror or e}") from None
     # Ready: one URI per export, as nbdkit --print-uri; scripts wait for this line.
     # Not under socket activation: the activator knows the socket, and our stdout is
     # often its own (nbdinfo -- [ tapnbd serve ... ] prints JSON there).
@@ -225,10 +234,7 @@ async def serve(opts: ServeOptions) -> int:
             loop.remove_signal_handler(sig)
         await server.shutdown()
         if opts.pidfile:
-            try:
-                os.unlink(opts.pidfile)
-            except OSError:
-                pass
+            safefs.remove_pidfile(opts.pidfile)  # only if it still holds our pid
         if opts.stats_file:
             write_stats(opts.stats_file, registry)  # after shutdown: nothing in flight
     return 0

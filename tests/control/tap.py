@@ -21,9 +21,10 @@ from typing import Any
 
 import pytest
 
-from tapnbd.control.attach import cleanup_stale
+from tapnbd.control.attach import cleanup_stale, cmdline, pid_alive
 from tapnbd.control.client import Client
 from tapnbd.control.state import StateDir
+from tapnbd.control.tapdisk import MODULE
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -45,6 +46,24 @@ def need_devices() -> None:
     need_tools("nbdfuse", "losetup", "fusermount3", "mkfs.ext4", "fsck.ext4", "mount", "umount")
 
 
+def tapdisk_pids(state: Path) -> list[int]:
+    """The data-path processes (tapnbd.control.tapdisk) serving under ``state``."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or not pid_alive(int(entry)):
+            continue
+        cmd = cmdline(int(entry))
+        if MODULE in cmd and any(a.startswith(f"{state}/") for a in cmd):
+            out.append(int(entry))
+    return out
+
+
+def kill_tapdisks(state: Path) -> None:
+    for pid in tapdisk_pids(state):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
 class Tapnbd:
     """The CLI, pointed at one state directory."""
 
@@ -54,7 +73,6 @@ class Tapnbd:
         self.env = {
             **os.environ,
             "TAPNBD_STATE_DIR": str(self.state),
-            "TAPNBD_TCP": "127.0.0.1:0",  # never the well-known port
             # The daemon the CLI spawns (cwd "/") imports this checkout, not whatever
             # tapnbd the interpreter has installed.
             "PYTHONPATH": os.pathsep.join(
@@ -62,6 +80,7 @@ class Tapnbd:
             ),
         }
         self.env.pop("TAPNBD_METRICS", None)
+        self.env.pop("TAPNBD_TCP", None)
         self.mounts: list[Path] = []
         self.procs: list[subprocess.Popen[Any]] = []
 
@@ -148,7 +167,7 @@ class Tapnbd:
         sd = StateDir(str(self.state))
         if sd.daemon_alive():
             with contextlib.suppress(subprocess.TimeoutExpired):
-                self.run("daemon", "stop", "--force", timeout=90)
+                self.run("daemon", "stop", "--all", "--force", timeout=90)
         if sd.daemon_alive():
             pid = sd.read_pid()
             if pid:
@@ -159,5 +178,6 @@ class Tapnbd:
                 time.sleep(0.05)
         if self.state.exists():
             Client(str(self.state), report=lambda msg: None).recover()
+            kill_tapdisks(self.state)  # data paths outlive the daemon: end ours
             cleanup_stale([], str(self.state / "attach"))
         shutil.rmtree(self.base, ignore_errors=True)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
 import random
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -13,7 +15,10 @@ from pathlib import Path
 import pytest
 
 import formats
-from tests.control.tap import Tapnbd
+from tapnbd.control.attach import pid_alive
+from tapnbd.control.state import StateDir
+from tests.control.tap import Tapnbd, tapdisk_pids
+from tests.control.test_daemon import nbdfuse_pids
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
@@ -179,8 +184,19 @@ def test_detach_refused_while_mounted(devtap: Tapnbd) -> None:
         err = tap.fails("detach", target)
         assert f"{dev} is mounted on {point}" in err, err
     assert tap.list()["attachments"][0]["device"] == dev
-    err = tap.fails("daemon", "stop")
-    assert "mounted" in err
+    for force in ((), ("--force",)):
+        err = tap.fails("daemon", "stop", "--all", *force)
+        assert f"not stopping: {dev} is mounted on {point}" in err, err
+    # A plain stop leaves the device to its own data path; the next daemon adopts it.
+    stopped = tap.run("daemon", "stop")
+    assert stopped.returncode == 0, stopped.stderr
+    assert f"left {dev} attached" in stopped.stderr
+    (point / "after-stop.txt").write_text("written with no daemon\n")
+    os.sync()
+    listed = tap.run("list", "--json")
+    assert "died" not in listed.stderr  # a clean stop is not a crash
+    assert f"re-adopted {dev}" in listed.stderr
+    assert json.loads(listed.stdout)["attachments"][0]["device"] == dev
     tap.umount(point)
     tap.ok("detach", dev)
     err = tap.fails("detach", dev)
@@ -236,3 +252,43 @@ def test_export_remove_refused_while_attached_or_connected(devtap: Tapnbd) -> No
     assert tap.list()["exports"] == []
     assert backing_under(tap.state) == []
     assert "no export named 'vol'" in tap.fails("export", "remove", "vol")
+
+
+def test_dead_data_path_under_a_mount_is_left_alone(devtap: Tapnbd) -> None:
+    """The daemon and the data path both die under a mounted file system: the next
+    daemon must not unmount or detach anything, say where it is mounted, and let
+    `detach` finish once it is unmounted."""
+    tap = devtap
+    image = tap.image("dead.img", size="64M")
+    dev = attach(tap, str(image))
+    mkfs(dev)
+    point = tap.mount(dev)
+    (point / "f.txt").write_text("x\n")
+    os.sync()
+    (tapdisk,) = tapdisk_pids(tap.state)
+    pid = tap.status()["pid"]
+    os.kill(pid, signal.SIGKILL)
+    os.kill(tapdisk, signal.SIGKILL)
+    sd = StateDir(str(tap.state))
+    while sd.daemon_alive() or pid_alive(tapdisk):
+        time.sleep(0.01)
+
+    proc = tap.run("list", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert f"left {dev} attached: {dev} is mounted on {point}; unmount it first" in proc.stderr
+    assert f"its data path (pid {tapdisk}) is gone" in proc.stderr
+    assert f"unmount it, then `tapnbd detach {dev}`" in proc.stderr
+    assert [a["device"] for a in json.loads(proc.stdout)["attachments"]] == [dev]
+    # Untouched: still mounted, the loop device still on its FUSE file. (nbdfuse itself
+    # may have exited when its server died; that is not ours to undo.)
+    assert os.path.ismount(point), proc.stderr
+    assert "unmounted" not in proc.stderr and "stopped nbdfuse" not in proc.stderr
+    assert "detached" not in proc.stderr
+    assert backing_under(tap.state) == [dev]
+    assert f"cannot detach: {dev} is mounted on {point}" in tap.fails("detach", dev)
+
+    subprocess.run(["umount", str(point)], capture_output=True, timeout=120, check=True)
+    tap.mounts.remove(point)
+    tap.ok("detach", dev)
+    assert tap.list()["attachments"] == [] and nbdfuse_pids(tap.state) == []
+    assert backing_under(tap.state) == []

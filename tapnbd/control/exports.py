@@ -1,0 +1,205 @@
+"""The daemon's exports: open, name, find, describe and close the images it serves.
+
+An export is an image opened once (a driver stack under a Backend) and registered by
+name with the daemon's NBD server. ``origin`` says who made it: ``export add`` (kept
+until removed, restored after a restart) or ``attach`` (closed with its last device).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+from collections.abc import Iterator
+from typing import Any, cast
+
+from formats import open_image
+from tapnbd.backend import Backend
+from tapnbd.control.messages import AttachRequest, ExportRecord, ExportStats, OpCounters
+from tapnbd.errors import TapnbdError
+from tapnbd.protocol.handshake import TLSMode
+from tapnbd.server.exports import Export, ExportRegistry
+from tapnbd.server.listener import Endpoint, NBDServer
+from tapnbd.server.standalone import export_name
+
+#: Longest export name accepted (the NBD spec's limit on names is 4096 bytes).
+MAX_NAME = 256
+
+
+def canonical_image(spec: str) -> str:
+    """How an image is identified: its real path, or the ``ram:SIZE`` spec as given."""
+    if spec.startswith("ram:"):
+        return spec
+    if not os.path.isabs(spec):
+        raise TapnbdError(f"image path {spec!r} must be absolute (the client resolves it)")
+    return os.path.realpath(spec)
+
+
+def check_name(name: str) -> str:
+    if not name:
+        raise TapnbdError("an export name cannot be empty")
+    if len(name.encode()) > MAX_NAME or not name.isprintable():
+        raise TapnbdError(f"invalid export name {name!r}: printable, at most {MAX_NAME} bytes")
+    return name
+
+
+def export_stats(
+    name: str, image: str, fmt: str, snap: dict[str, Any], enabled: bool
+) -> ExportStats:
+    """A Stats snapshot (``tapnbd.stats``) as the control protocol carries it."""
+    return ExportStats(
+        name=name,
+        image=image,
+        format=fmt,
+        ops={op: OpCounters(**c) for op, c in snap["ops"].items()},
+        errors_by_errno=dict(snap["errors_by_errno"]),
+        in_flight=snap["in_flight"],
+        connections=snap["connections"],
+        uptime_s=snap["uptime_s"],
+        enabled=enabled,
+    )
+
+
+class Exports:
+    """The registry of the daemon's exports, with who made each and its format."""
+
+    def __init__(self, server: NBDServer, registry: ExportRegistry, stats: bool) -> None:
+        self.server = server
+        self.registry = registry
+        self.stats_enabled = stats
+        self.origin: dict[str, str] = {}  # export name -> "export" | "attach"
+        self.formats: dict[str, str] = {}  # export name -> format asked for
+        #: The private endpoint of the daemon's own attachments (not a client's).
+        self.attach_endpoint: Endpoint | None = None
+        self.attach_socket = ""
+        #: Whether NBD clients may see image paths in descriptions (``--expose-paths``).
+        self.expose_paths = False
+
+    def __iter__(self) -> Iterator[Export]:
+        return iter(self.registry)
+
+    def __len__(self) -> int:
+        return len(self.registry)
+
+    async def open(self, image: str, name: str, read_only: bool, fmt: str, origin: str) -> Export:
+        driver = await open_image(image, fmt=fmt, read_only=read_only)
+        try:
+            backend = Backend(driver, read_only=read_only)
+            backend.stats.enabled = self.stats_enabled
+            # NBD_INFO_DESCRIPTION and LIST reach every client: no path unless configured.
+            shown = image if self.expose_paths else name
+            export = Export(name, backend, image, f"{shown} ({driver.name})")
+            self.registry.add(export)
+        except BaseException:
+            await driver.close()
+            raise
+        self.origin[name] = origin
+        self.formats[name] = driver.name  # what was opened, never "auto": no re-probe
+        return export
+
+    async def remove(self, export: Export) -> None:
+        """Take the export out of the registry, disconnect its clients, flush, close."""
+        if self.registry.get(export.name) is export:
+            self.registry.remove(export.name)
+        conns = [c for c in self.server.connections if c.export is export]
+        if conns:
+            _, pending = await asyncio.wait(
+                [asyncio.ensure_future(c.drain()) for c in conns], timeout=30
+            )
+            for task in pending:
+                task.cancel()
+        self.origin.pop(export.name, None)
+        self.formats.pop(export.name, None)
+        await export.backend.close()
+
+    def attach_target(self, req: AttachRequest, taken: set[str]) -> tuple[Export | None, str, str]:
+        """What ``attach`` means: (the export it names, or None for a new image; the
+        image; the export's name, unique among ours and ``taken``)."""
+        image = canonical_image(req.image) if req.image.startswith(("/", "ram:")) else req.image
+        existing = self.of_image(image) if not image.startswith("ram:") else None
+        if existing is None and not image.startswith(("/", "ram:")):
+            existing = self.registry.get(image)  # the name of an export
+            if existing is None:
+                raise TapnbdError(f"no image or export named {req.image!r}")
+        if existing is not None:
+            if req.name is not None and req.name != existing.name:
+                raise TapnbdError(f"{existing.image} is already exported as {existing.name!r}")
+            if existing.image.startswith("ram:"):
+                raise TapnbdError(
+                    f"export {existing.name!r} is a RAM disk in the daemon's memory, which a "
+                    "device's own data path cannot share; attach a new ram:SIZE instead"
+                )
+            return existing, existing.image, existing.name
+        if req.name is not None:
+            name = check_name(req.name)
+            if self.registry.get(name) is not None or name in taken:
+                raise TapnbdError(
+                    f"an export named {name!r} already exists; choose another with --name"
+                )
+        else:
+            base = check_name(export_name(image) or "disk")
+            name = base
+            for n in itertools.count(2):
+                if self.registry.get(name) is None and name not in taken:
+                    break
+                name = f"{base}-{n}"
+        return None, image, name
+
+    def get(self, name: str) -> Export:
+        export = self.registry.get(name) if name else None
+        if export is None:
+            raise TapnbdError(f"no export named {name!r}")
+        return export
+
+    def of_image(self, image: str) -> Export | None:
+        for export in self.registry:
+            if export.image == image:
+                return export
+        return None
+
+    def _is_attachment_conn(self, conn: Any) -> bool:
+        transport = conn.transport
+        if transport is None:
+            return False
+        return str(transport.get_extra_info("sockname") or "") == self.attach_socket
+
+    def clients(self, export: Export) -> list[Any]:
+        """NBD connections to ``export`` other than those carrying its attachments."""
+        return [
+            c
+            for c in self.server.connections
+            if c.export is export and not self._is_attachment_conn(c)
+        ]
+
+    def listen(self) -> list[str]:
+        out = []
+        for ep in self.server.endpoints:
+            if ep is self.attach_endpoint:
+                continue
+            out.append(f"unix:{ep.path}" if ep.kind == "unix" else f"tcp:{ep.host}:{ep.port}")
+        return out
+
+    def uris(self, export: Export) -> list[str]:
+        return [
+            ep.uri(export.name, tls=self.server.tls_mode is TLSMode.REQUIRE)
+            for ep in self.server.endpoints
+            if ep is not self.attach_endpoint
+        ]
+
+    def record(self, export: Export, devices: list[str]) -> ExportRecord:
+        return ExportRecord(
+            name=export.name,
+            image=export.image,
+            format=export.format,
+            size=export.backend.size,
+            read_only=export.backend.read_only,
+            clients=len(self.clients(export)),
+            devices=devices,
+            uris=self.uris(export),
+            origin=cast("Any", self.origin.get(export.name, "export")),
+        )
+
+    def stats(self, export: Export) -> ExportStats:
+        stats = export.backend.stats
+        snap = cast("dict[str, Any]", stats.snapshot())
+        return export_stats(export.name, export.image, export.format, snap, stats.enabled)

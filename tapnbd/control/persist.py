@@ -1,0 +1,48 @@
+"""The daemon's state on disk: what it records after every change, and restores on start."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, cast
+
+from tapnbd.control.exports import Exports
+from tapnbd.control.messages import Attachment, ExportRecord
+from tapnbd.control.state import State, StateDir
+from tapnbd.errors import TapnbdError
+
+log = logging.getLogger("tapnbd.control")
+
+
+def snapshot(exports: Exports, attachments: list[Attachment]) -> State:
+    return State(
+        exports=[
+            ExportRecord(
+                name=e.name,
+                image=e.image,
+                format=exports.formats.get(e.name, "auto"),
+                read_only=e.backend.read_only,
+                origin=cast("Any", exports.origin.get(e.name, "export")),
+            )
+            for e in exports
+        ],
+        attachments=list(attachments),
+    )
+
+
+def save(state_dir: StateDir, exports: Exports, attachments: list[Attachment]) -> None:
+    state_dir.save(snapshot(exports, attachments))
+
+
+async def restore_exports(previous: State, exports: Exports) -> list[str]:
+    """Open again the exports ``export add`` made; notes for the user."""
+    notes = []
+    for entry in previous.exports:
+        if entry.origin != "export":
+            continue  # made by an attach that is gone now
+        try:
+            await exports.open(entry.image, entry.name, entry.read_only, entry.format, "export")
+        except (TapnbdError, OSError) as e:
+            notes.append(f"could not restore export {entry.name!r} ({entry.image}): {e}")
+        else:
+            notes.append(f"restored export {entry.name!r} ({entry.image})")
+    return notes

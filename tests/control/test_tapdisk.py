@@ -1,0 +1,119 @@
+"""The data-path process on its own: started as the daemon starts it, served to a real
+NBD client, recognised (or not) by pid, command line and token, hostile control lines
+answered, and stopped with a flush. No root needed."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from tapnbd.control import tapctl
+from tapnbd.control.attach import AttachError, pid_alive
+from tapnbd.control.messages import Attachment
+from tests.helpers import need, qemu_io, run
+
+
+@pytest.fixture
+def att() -> Iterator[Attachment]:
+    base = Path(tempfile.mkdtemp(prefix="tnbd-tap-", dir="/tmp"))
+    image = base / "disk.img"
+    image.write_bytes(bytes(1 << 20))
+    a = Attachment(id="1", export="disk", image=str(image), via="fuse", read_only=False)
+    a.tapdisk_dir = str(base / "tap")
+    a.token = tapctl.new_token()
+    proc, record = tapctl.spawn(
+        a.tapdisk_dir,
+        image=a.image,
+        name=a.export,
+        fmt="auto",
+        read_only=False,
+        stats=True,
+        token=a.token,
+    )
+    a.tapdisk_pid = proc.pid
+    a.format = record["format"]
+    try:
+        yield a
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        for p in sorted(base.rglob("*"), reverse=True):
+            p.unlink() if not p.is_dir() else p.rmdir()
+        base.rmdir()
+
+
+def test_serves_records_and_stops(att: Attachment) -> None:
+    need("qemu-io", "nbdinfo")
+    assert att.format == "raw"  # detected, not "auto"
+    record = json.loads((Path(att.tapdisk_dir) / "tapdisk.json").read_text())
+    assert record["pid"] == att.tapdisk_pid and record["token"] == att.token
+    assert record["image"] == att.image and record["socket"] == tapctl.nbd_socket(att)
+    for name in ("nbd.sock", "ctl.sock", "tapdisk.json"):
+        assert os.stat(Path(att.tapdisk_dir) / name).st_mode & 0o077 == 0, name
+
+    uri = f"nbd+unix:///disk?socket={tapctl.nbd_socket(att)}"
+    qemu_io(uri, "write -P 0x5c 64k 64k")
+    info = json.loads(run(["nbdinfo", "--json", uri]).stdout)
+    assert info["exports"][0]["export-size"] == 1 << 20
+    assert att.image not in info["exports"][0].get("description", "")  # no paths leak
+
+    att.device, att.mountdir = "/dev/loop9", "/somewhere"
+    tapctl.tell_device(att)
+    record = json.loads((Path(att.tapdisk_dir) / "tapdisk.json").read_text())
+    assert (record["device"], record["mountdir"]) == ("/dev/loop9", "/somewhere")
+    stats = tapctl.stats(att)
+    assert stats["snapshot"]["ops"]["write"]["ops"] >= 1
+
+    assert tapctl.why_not_ours(att) is None
+    tapctl.stop(att, None)
+    assert not pid_alive(att.tapdisk_pid)
+    assert not os.path.exists(att.tapdisk_dir)
+    with open(att.image, "rb") as f:
+        f.seek(64 << 10)
+        assert f.read(64 << 10) == b"\x5c" * (64 << 10)  # flushed to the file
+
+
+def test_only_our_tapdisk_is_recognised(att: Attachment) -> None:
+    wrong_token = msgspec.structs.replace(att, token="0" * 32)
+    assert "not the one recorded" in (tapctl.why_not_ours(wrong_token) or "")
+    someone_else = msgspec.structs.replace(att, tapdisk_pid=os.getpid())
+    assert "no longer its data path" in (tapctl.why_not_ours(someone_else) or "")
+    other_dir = msgspec.structs.replace(att, tapdisk_dir=att.tapdisk_dir + "x")
+    assert "no longer its data path" in (tapctl.why_not_ours(other_dir) or "")
+    gone = msgspec.structs.replace(att, tapdisk_pid=0)
+    assert tapctl.why_not_ours(gone) == "it has no data-path process"
+    assert tapctl.why_not_ours(att) is None
+
+
+def test_hostile_control_lines_get_errors(att: Attachment) -> None:
+    def ask(line: bytes) -> dict[str, object]:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(10)
+            s.connect(tapctl.control_socket(att))
+            s.sendall(line)
+            data = b""
+            while not data.endswith(b"\n"):
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+        reply = json.loads(data)
+        assert isinstance(reply, dict)
+        return reply
+
+    assert "error" in ask(b"[" * 3000 + b"\n")  # deep nesting: no RecursionError
+    assert "error" in ask(b"x" * 10000 + b"\n")  # over-long
+    assert "error" in ask(b'{"op": "format-disk"}\n')
+    assert "error" in ask(b'{"op": "device", "device": 7}\n')
+    assert "error" in ask(b'"status"\n')
+    with pytest.raises(AttachError, match="unknown op"):
+        tapctl.request(tapctl.control_socket(att), "nope")
+    assert tapctl.why_not_ours(att) is None  # still serving
