@@ -14,10 +14,15 @@ vbd directory, the domain and the port, and writes the port number to xenstore
 connects. Abstract names have no path-length limit beyond 107 bytes and no file to
 clean up. A closed socket is also how each side learns that the other has died:
 the kernel closes it when the process exits, even on SIGKILL.
+
+The first byte on a new channel, from the frontend, carries its memory (grant.py) as an
+SCM_RIGHTS file descriptor; every later byte is a kick.
 """
 
 from __future__ import annotations
 
+import array
+import asyncio
 import os
 import select
 import socket
@@ -28,6 +33,9 @@ if TYPE_CHECKING:
 
 _DRAIN = 4096
 _MAX_PORT = 4096
+#: Room for a few descriptors, so extra ones a hostile peer sends arrive (and are closed)
+#: rather than being lost to MSG_CTRUNC.
+_FD_ROOM = socket.CMSG_SPACE(8 * array.array("i").itemsize)
 
 
 class EventChannelClosed(ConnectionError):
@@ -70,6 +78,45 @@ class EventChannel:
         except OSError as e:
             raise EventChannelClosed(f"event channel {self.port}: {e.strerror}") from None
         self.sent += 1
+
+    def send_fd(self, fd: int) -> None:
+        """Hand ``fd`` to the peer: the frontend's memory, sent once after the bind."""
+        fds = array.array("i", [fd])
+        self.sock.sendmsg([b"\0"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds.tobytes())])
+
+    async def receive_fd(self, timeout: float) -> int:
+        """The descriptor the peer sends first (``send_fd``); the caller owns it.
+
+        Waits without blocking the loop. Raises EventChannelClosed if the peer goes, or
+        sends a byte without exactly one descriptor; TimeoutError after ``timeout``.
+        """
+        loop = asyncio.get_running_loop()
+        readable: asyncio.Future[None] = loop.create_future()
+        fileno = self.sock.fileno()
+
+        def wake() -> None:
+            if not readable.done():
+                readable.set_result(None)
+
+        loop.add_reader(fileno, wake)
+        try:
+            await asyncio.wait_for(readable, timeout)
+        finally:
+            loop.remove_reader(fileno)
+        try:
+            data, ancdata, _, _ = self.sock.recvmsg(1, _FD_ROOM, socket.MSG_CMSG_CLOEXEC)
+        except OSError as e:
+            raise EventChannelClosed(f"event channel {self.port}: {e.strerror}") from None
+        fds = array.array("i")
+        for level, kind, payload in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+        if len(fds) == 1 and data:
+            return fds[0]
+        for fd in fds:
+            os.close(fd)
+        what = "closed" if not data else f"sent {len(fds)} descriptors, not 1"
+        raise EventChannelClosed(f"event channel {self.port}: peer {what}")
 
     def consume(self) -> bool:
         """Clear the pending bit: read every kick that has arrived. False once closed."""
@@ -131,11 +178,18 @@ class UnboundPort:
 
     def accept(self, timeout: float) -> EventChannel:
         """Wait for the backend's bind; the result is the connected channel."""
+        channel = self.try_accept(timeout)
+        if channel is None:
+            raise TimeoutError(f"backend did not bind event channel {self.port}")
+        return channel
+
+    def try_accept(self, timeout: float) -> EventChannel | None:
+        """The backend's bind if it comes within ``timeout`` seconds, else None."""
         self._listener.settimeout(timeout)
         try:
             sock, _ = self._listener.accept()
         except TimeoutError:
-            raise TimeoutError(f"backend did not bind event channel {self.port}") from None
+            return None
         return EventChannel(sock, self.port)
 
     def close(self) -> None:

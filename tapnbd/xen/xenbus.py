@@ -35,7 +35,7 @@ from tapnbd.xen.blkif import (
     VdiskInfo,
 )
 from tapnbd.xen.evtchn import EventChannelClosed, bind_interdomain
-from tapnbd.xen.grant import GrantError, GrantMapper, table_path
+from tapnbd.xen.grant import GrantError, GrantMapper
 from tapnbd.xen.ring import BackRing, SharedRing
 from tapnbd.xen.xenstore import XenbusState, XenStore, backend_dir, frontend_dir, state_of
 
@@ -53,6 +53,8 @@ DEFAULT_DEVID = 51712
 #: How often the backend looks at the frontend's state while connected. The event
 #: channel reports a death at once; this only paces noticing a polite Closing.
 WATCH_INTERVAL = 0.02
+#: How long a frontend that bound its event channel has to send its memory.
+CONNECT_TIMEOUT = 5.0
 
 
 class ConnectError(Exception):
@@ -142,8 +144,12 @@ class VbdServer:
         self.xs.write_many(keys)
         log.info("vbd %d/%d: backend INIT_WAIT in %s", self.domid, self.devid, self.directory)
 
-    def _connect(self, snap: dict[str, str]) -> BlkBack:
-        """Map the frontend's ring and bind its event channel (blkback connect_ring)."""
+    async def _connect(self, snap: dict[str, str]) -> BlkBack:
+        """Bind the frontend's event channel, take its memory, map its ring.
+
+        blkback's connect_ring, with one step of ours: the frontend's memory arrives as
+        a sealed memfd over the event channel (grant.py says why).
+        """
         try:
             ring_ref = int(snap[f"{self.fe}/ring-ref"])
             port = int(snap[f"{self.fe}/event-channel"])
@@ -153,15 +159,20 @@ class VbdServer:
         if protocol != PROTOCOL:
             raise ConnectError(f"unsupported protocol {protocol!r}, only {PROTOCOL!r}")
         try:
-            grants = GrantMapper(table_path(self.directory, self.domid), domid=0, owner=self.domid)
-        except (OSError, GrantError) as e:
-            raise ConnectError(f"cannot open the frontend's grant table: {e}") from None
-        try:
-            sring = SharedRing(grants.map(ring_ref, readonly=False))
             evtchn = bind_interdomain(self.directory, self.domid, port)
-        except (GrantError, EventChannelClosed, ValueError) as e:
-            grants.close()
+        except (EventChannelClosed, ValueError, OverflowError) as e:
             raise ConnectError(str(e)) from None
+        grants: GrantMapper | None = None
+        try:
+            fd = await evtchn.receive_fd(CONNECT_TIMEOUT)
+            grants = GrantMapper(fd, domid=0, owner=self.domid)
+            sring = SharedRing(grants.map(ring_ref, readonly=False))
+        except (GrantError, EventChannelClosed, TimeoutError, ValueError) as e:
+            if grants is not None:
+                grants.close()
+            evtchn.close()
+            what = str(e) or "sent no memory in time"
+            raise ConnectError(f"frontend's memory refused: {what}") from None
         # BACK_RING_INIT: our private indices start at 0, as SHARED_RING_INIT left them.
         return BlkBack(self.backend, BackRing(sring), grants, evtchn, self.stats)
 
@@ -202,7 +213,7 @@ class VbdServer:
                 if snap is None:
                     break
                 try:
-                    conn = self._connect(snap)
+                    conn = await self._connect(snap)
                 except ConnectError as e:
                     log.warning("vbd %d/%d: connect failed: %s", self.domid, self.devid, e)
                     self._switch(XenbusState.CLOSED)

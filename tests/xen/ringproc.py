@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,6 +13,8 @@ from tapnbd.xen.xenstore import XenbusState, XenStore, backend_dir
 from tests.helpers import read_ready_lines, stop_process, tapnbd_cmd
 
 BACKEND = backend_dir(1, 51712)
+
+RingFactory = Callable[..., "RingServer"]
 
 
 @dataclass

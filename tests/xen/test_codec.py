@@ -7,6 +7,8 @@ notify rules, and each malformed request on its own.
 
 from __future__ import annotations
 
+import fcntl
+import os
 import struct
 from pathlib import Path
 
@@ -15,6 +17,7 @@ import pytest
 from tapnbd.xen.blkif import (
     ENTRY_SIZE,
     MAX_SEGMENTS,
+    PAGE_SIZE,
     RING_SIZE,
     BadRequest,
     DiscardRequest,
@@ -29,7 +32,14 @@ from tapnbd.xen.blkif import (
     ring_size,
     unpack_response,
 )
-from tapnbd.xen.grant import GrantError, GrantMapper, GrantStatus, GrantTable
+from tapnbd.xen.grant import (
+    HEADER,
+    MAGIC,
+    GrantError,
+    GrantMapper,
+    GrantStatus,
+    GrantTable,
+)
 from tapnbd.xen.ring import U32, BackRing, FrontRing, SharedRing
 from tapnbd.xen.xenstore import XenbusState, XenStore
 
@@ -270,10 +280,9 @@ def test_notify_is_only_for_an_event_inside_the_pushed_range() -> None:
 # Grant tables
 
 
-def test_grant_table_shares_pages_and_checks_like_xen(tmp_path: Path) -> None:
-    path = str(tmp_path / "gnttab-3")
-    table = GrantTable.create(path, domid=3, nr_frames=4)
-    mapper = GrantMapper(path, domid=0, owner=3)
+def test_grant_table_shares_pages_and_checks_like_xen() -> None:
+    table = GrantTable.create(domid=3, nr_frames=4)
+    mapper = GrantMapper(os.dup(table.fd), domid=0, owner=3)
     try:
         assert (mapper.nr_grefs, mapper.nr_frames) == (12, 4)
         frame = table.alloc_frame()
@@ -303,12 +312,44 @@ def test_grant_table_shares_pages_and_checks_like_xen(tmp_path: Path) -> None:
         table.end_access(ref)
         with pytest.raises(GrantError):
             mapper.map(ref, readonly=False)
-        with pytest.raises(GrantError):
-            GrantMapper(path, owner=4)
+        with pytest.raises(GrantError, match="domid 3, not 4"):
+            GrantMapper(os.dup(table.fd), owner=4)
+        # The seals hold: the frontend cannot pull pages from under the mapping.
+        with pytest.raises(PermissionError):
+            os.ftruncate(table.fd, PAGE_SIZE)
     finally:
         mapper.close()
         table.close()
-    assert not Path(path).exists()
+
+
+def test_grant_mapper_refuses_memory_that_can_shrink(tmp_path: Path) -> None:
+    """Memory that could be truncated under the mapping (SIGBUS) is never mapped."""
+    unsealed = GrantTable.create(domid=1, nr_frames=2, seals=0)
+    grow_only = GrantTable.create(domid=1, nr_frames=2, seals=fcntl.F_SEAL_GROW)
+    plain = tmp_path / "gnttab-1"
+    plain.write_bytes(bytes(unsealed.memory))
+    try:
+        # GrantMapper takes each descriptor over (and closes it).
+        for fd in (os.dup(unsealed.fd), os.dup(grow_only.fd), os.open(plain, os.O_RDWR)):
+            with pytest.raises(GrantError, match="not a memfd sealed with F_SEAL_SHRINK"):
+                GrantMapper(fd, owner=1)
+    finally:
+        unsealed.close()
+        grow_only.close()
+
+
+def test_grant_mapper_checks_the_header_against_the_memory() -> None:
+    table = GrantTable.create(domid=2, nr_frames=2)
+    try:
+        # A header that claims more frames than the memory holds.
+        HEADER.pack_into(table.memory, 0, MAGIC, 2, 10, 1000)
+        with pytest.raises(GrantError, match="nr_frames 1000 need"):
+            GrantMapper(os.dup(table.fd), owner=2)
+        HEADER.pack_into(table.memory, 0, b"NOTGRANT", 2, 10, 2)
+        with pytest.raises(GrantError, match="no grant table"):
+            GrantMapper(os.dup(table.fd), owner=2)
+    finally:
+        table.close()
 
 
 def test_xenstore_transactions_and_states(tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -22,28 +22,10 @@ from tapnbd.xen.frontend import BlkFront, Io, IOFailed
 from tapnbd.xen.xenstore import XenbusState
 from tests import helpers
 from tests.helpers import ROOT, Server, need, run, tapnbd_cmd
-from tests.xen.ringproc import RingServer, start_ring
+from tests.xen.ringproc import RingFactory
 
 MiB = 1 << 20
 DISK = 64 * MiB
-
-RingFactory = Callable[..., RingServer]
-
-
-@pytest.fixture
-def ring(tmp_path: Path) -> Iterator[RingFactory]:
-    """``ring(image, *args)`` starts a backend in tmp_path/vbd; all stop after the test."""
-    servers: list[RingServer] = []
-
-    def start(image: str, *args: str) -> RingServer:
-        n = len(servers)
-        server = start_ring(image, tmp_path / f"vbd{n}", tmp_path / f"ring{n}.log", *args)
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        server.stop()
 
 
 def qcow_image(tmp_path: Path, size: str = "64M") -> Path:
