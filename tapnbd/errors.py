@@ -36,3 +36,8 @@ class InvalidImageError(ImageError):
 
 class UnsupportedImageError(ImageError):
     """The image is valid but uses a feature tapnbd refuses (encryption, qcow2)."""
+
+
+class UnsafePathError(TapnbdError):
+    """A file or directory we were to trust is not ours alone (a symlink, another
+    user's, writable by others); the message names the path and the reason."""
