@@ -7,6 +7,7 @@ import os
 import signal
 from typing import TYPE_CHECKING
 
+from tapnbd.safefs import ensure_private_dir
 from tapnbd.xen.xenbus import DEFAULT_DEVID, DEFAULT_DOMID, VbdServer
 
 if TYPE_CHECKING:
@@ -31,7 +32,9 @@ async def serve_image(
     from formats import open_image
     from tapnbd.backend import Backend
 
-    os.makedirs(directory, exist_ok=True)
+    # The vbd directory holds the xenstore that decides what we map and write: ours
+    # alone (made 0700, or an existing one that is ours and not writable by others).
+    ensure_private_dir(os.fspath(directory))
     driver = await open_image(image, fmt=fmt, read_only=read_only)
     backend = Backend(driver, read_only=read_only)
     server = VbdServer(backend, directory, domid=domid, devid=devid, params=image, once=once)

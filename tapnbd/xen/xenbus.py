@@ -37,7 +37,14 @@ from tapnbd.xen.blkif import (
 from tapnbd.xen.evtchn import EventChannelClosed, bind_interdomain
 from tapnbd.xen.grant import GrantError, GrantMapper
 from tapnbd.xen.ring import BackRing, SharedRing
-from tapnbd.xen.xenstore import XenbusState, XenStore, backend_dir, frontend_dir, state_of
+from tapnbd.xen.xenstore import (
+    XenbusState,
+    XenStore,
+    XenStoreError,
+    backend_dir,
+    frontend_dir,
+    state_of,
+)
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -102,7 +109,20 @@ class VbdServer:
 
     def _switch(self, state: XenbusState) -> None:
         log.info("vbd %d/%d: backend %s", self.domid, self.devid, state.name)
-        self.xs.switch_state(self.be, state)
+        self._write({f"{self.be}/state": int(state)})
+
+    def _write(self, values: dict[str, str | int]) -> bool:
+        """One xenstore transaction; a store we cannot write is logged, not fatal.
+
+        Whoever planted the symlink or garbage that refuses the write may take it away,
+        and the next write then goes through; the frontend meanwhile sees no change.
+        """
+        try:
+            self.xs.write_many(values)
+        except XenStoreError as e:
+            log.error("vbd %d/%d: xenstore write refused: %s", self.domid, self.devid, e)
+            return False
+        return True
 
     # The handshake.
 
@@ -141,7 +161,7 @@ class VbdServer:
             keys[f"{self.be}/discard-secure"] = 0
         keys[f"{self.be}/{FEATURE_INDIRECT}"] = MAX_INDIRECT_SEGMENTS
         keys[f"{self.be}/state"] = int(XenbusState.INIT_WAIT)
-        self.xs.write_many(keys)
+        self.xs.write_many(keys)  # at start: a store we cannot write is fatal
         log.info("vbd %d/%d: backend INIT_WAIT in %s", self.domid, self.devid, self.directory)
 
     async def _connect(self, snap: dict[str, str]) -> BlkBack:
@@ -179,7 +199,7 @@ class VbdServer:
     def _publish_disk(self) -> None:
         b = self.backend
         info = VdiskInfo(0) if not b.read_only else VdiskInfo.READONLY
-        self.xs.write_many(
+        self._write(
             {
                 f"{self.be}/sectors": b.size // SECTOR_SIZE,
                 f"{self.be}/sector-size": SECTOR_SIZE,

@@ -8,12 +8,19 @@ well-behaved frontend doing I/O through it.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import signal
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
 
 from tapnbd.xen.frontend import BlkFront
 from tapnbd.xen.xenstore import XenbusState
-from tests.helpers import ROOT
+from tests.helpers import ROOT, stop_process, tapnbd_cmd
 from tests.xen.ringproc import RingFactory, RingServer
 
 #: A frontend whose memory is a memfd without seals (as a plain file would be): once
@@ -79,3 +86,163 @@ def test_frontend_memory_that_can_shrink_is_refused(ring: RingFactory) -> None:
     assert "not a memfd sealed with F_SEAL_SHRINK" in backend.stderr()
     backend.wait_state(XenbusState.CLOSED, XenbusState.INIT_WAIT)
     still_serves(backend)
+
+
+# The vbd directory and xenstore.json.
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def plant(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` at once, as a frontend rewriting the store would."""
+    tmp = path.with_name(path.name + ".attack")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def refused_to_serve(path: Path, log: Path) -> str:
+    """Run ``ring serve`` on ``path``, which must exit non-zero before it is ready."""
+    with open(log, "w") as err:
+        proc = subprocess.Popen(
+            tapnbd_cmd("ring", "serve", "ram:1M", "--path", str(path), "--verbose"),
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+        )
+    assert proc.stdout is not None
+    ready = proc.stdout.readline()  # the ready line, or "" when it exits
+    if ready:
+        stop_process(proc, signal.SIGTERM, 20)
+    assert not ready, f"ring serve accepted {path}: {log.read_text()}"
+    assert proc.wait(20) != 0
+    return log.read_text()
+
+
+def test_garbage_and_endless_xenstore_are_rejected(ring: RingFactory, tmp_path: Path) -> None:
+    """Each bad store is logged once and the backend goes on; memory stays bounded."""
+    backend = ring("ram:16M")
+    store = backend.path / "xenstore.json"
+    good = store.read_bytes()
+    attacks: list[tuple[str, bytes, str]] = [
+        ("not JSON", b'{"/local/domain/1/x": ', "not JSON"),
+        ("nested arrays", b"[" * 200_000, "not JSON"),
+        ("nested objects", b'{"/a":' * 100_000, "not JSON"),
+        ("a list", b'["/local/domain/1/device/vbd/51712/state", "3"]', "a JSON list"),
+        ("a number value", b'{"/local/domain/1/device/vbd/51712/state": 3}', "value is a int"),
+        ("a relative key", b'{"state": "3"}', "not an absolute path"),
+        ("a huge value", json.dumps({"/local/x": "v" * 5000}).encode(), "longer than 4096"),
+        (
+            "too many keys",
+            json.dumps({f"/k/{i}": "" for i in range(5000)}).encode(),
+            "5000 keys",
+        ),
+    ]
+    for n, (name, data, why) in enumerate(attacks, 1):
+        plant(store, data)
+        backend.wait_log("rejected", n)
+        assert why in backend.stderr().splitlines()[-1], name
+    # Endless: a 256 MiB (sparse) file is never read to its end.
+    with open(store.with_name("endless"), "wb") as f:
+        f.truncate(256 << 20)
+    os.replace(store.with_name("endless"), store)
+    backend.wait_log("rejected", len(attacks) + 1)
+    assert backend.peak_rss() < 128 << 20, backend.peak_rss()
+    plant(store, good)  # the vandal goes; a good frontend connects
+    still_serves(backend)
+
+
+def test_symlinked_store_at_closing_is_neither_read_nor_written_through(
+    ring: RingFactory, tmp_path: Path
+) -> None:
+    """xenstore.json swapped for a symlink to a private file while the frontend closes.
+
+    Following it would copy the private file's keys into the new store, and writing
+    through it would change the private file.
+    """
+    backend = ring("ram:16M")
+    store = backend.path / "xenstore.json"
+    secret = tmp_path / "secret.json"
+    front = BlkFront(backend.path).connect()
+    front.write(0, pattern(1, 4096))
+    keys = json.loads(store.read_bytes())
+    keys[f"{front.fe}/state"] = str(int(XenbusState.CLOSING))
+    keys["/local/domain/0/secret"] = "root-only"
+    secret.write_text(json.dumps(keys))
+    secret.chmod(0o600)
+    before = sha256(secret)
+    link = backend.path / "swap"
+    link.symlink_to(secret)
+    os.replace(link, store)
+    # The frontend dies with the store swapped: the backend goes Closing and Closed.
+    front.evtchn.close()
+    front.grants.close()
+    backend.wait_state(XenbusState.CLOSED)
+    assert not store.is_symlink()
+    assert store.stat().st_mode & 0o777 == 0o600
+    assert "secret" not in store.read_text()
+    assert sha256(secret) == before
+    still_serves(backend)
+
+
+def test_symlinks_at_temp_names_are_not_written_through(ring: RingFactory, tmp_path: Path) -> None:
+    """The old temp name was DIR/xenstore.json.PID.tmp: a symlink there must not be used."""
+    backend = ring("ram:16M")
+    decoy = tmp_path / "decoy"
+    decoy.write_bytes(b"precious\n")
+    before = sha256(decoy)
+    for name in (f"xenstore.json.{backend.proc.pid}.tmp", "xenstore.json.tmp"):
+        (backend.path / name).symlink_to(decoy)
+    still_serves(backend)  # the backend writes its states a few times
+    backend.wait_state(XenbusState.CLOSED)
+    assert sha256(decoy) == before
+    assert not (backend.path / "xenstore.json").is_symlink()
+
+
+def test_symlink_at_the_lock_is_refused(tmp_path: Path) -> None:
+    """A dangling symlink at xenstore.lock must not make ``ring serve`` create its target."""
+    vbd = tmp_path / "vbd"
+    vbd.mkdir(mode=0o700)
+    target = tmp_path / "created-by-the-backend"
+    (vbd / "xenstore.lock").symlink_to(target)
+    err = refused_to_serve(vbd, tmp_path / "ring.log")
+    assert "xenstore.lock" in err
+    assert not target.exists()
+
+
+def test_vbd_directory_others_can_write_is_refused(tmp_path: Path) -> None:
+    vbd = tmp_path / "vbd"
+    vbd.mkdir()
+    vbd.chmod(0o777)
+    err = refused_to_serve(vbd, tmp_path / "ring.log")
+    assert str(vbd) in err
+    assert os.listdir(vbd) == []
+
+
+def test_vbd_directory_of_another_user_is_refused(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to give a directory away")
+    vbd = tmp_path / "vbd"
+    vbd.mkdir(mode=0o700)
+    os.chown(vbd, 65534, 65534)  # nobody
+    err = refused_to_serve(vbd, tmp_path / "ring.log")
+    assert str(vbd) in err
+    assert os.listdir(vbd) == []
+
+
+def test_vbd_directory_that_is_a_symlink_is_refused(tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir(mode=0o700)
+    vbd = tmp_path / "vbd"
+    vbd.symlink_to(elsewhere)
+    err = refused_to_serve(vbd, tmp_path / "ring.log")
+    assert str(vbd) in err
+    assert os.listdir(elsewhere) == []
+
+
+def test_vbd_directory_is_made_private(ring: RingFactory) -> None:
+    backend = ring("ram:1M")
+    st = backend.path.stat()
+    assert st.st_mode & 0o777 == 0o700 and st.st_uid == os.geteuid()
+    assert (backend.path / "xenstore.json").stat().st_mode & 0o777 == 0o600
