@@ -15,6 +15,12 @@ connects. Abstract names have no path-length limit beyond 107 bytes and no file 
 clean up. A closed socket is also how each side learns that the other has died:
 the kernel closes it when the process exits, even on SIGKILL.
 
+Abstract names are open to every local user: anyone may bind a port's name before the
+frontend does, or connect to the frontend's listener before the backend. So each side
+checks the peer's uid (SO_PEERCRED) before it trusts the channel: the backend only
+binds to its own uid's frontend, and the frontend only hands its memory to the vbd
+directory's owner or root.
+
 The first byte on a new channel, from the frontend, carries its memory (grant.py) as an
 SCM_RIGHTS file descriptor; every later byte is a kick.
 """
@@ -26,6 +32,7 @@ import asyncio
 import os
 import select
 import socket
+import struct
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -36,13 +43,16 @@ _MAX_PORT = 4096
 #: Room for a few descriptors, so extra ones a hostile peer sends arrive (and are closed)
 #: rather than being lost to MSG_CTRUNC.
 _FD_ROOM = socket.CMSG_SPACE(8 * array.array("i").itemsize)
+#: struct ucred: pid, uid, gid.
+_UCRED = struct.Struct("iII")
 
 
 class EventChannelClosed(ConnectionError):
     """The other end of the event channel has gone away."""
 
 
-def _address(directory: str | Path, domid: int, port: int) -> str:
+def port_address(directory: str | Path, domid: int, port: int) -> str:
+    """The abstract socket name of ``domid``'s event channel ``port`` in a vbd."""
     st = os.stat(directory)
     return f"\0tapnbd-evtchn/{st.st_dev:x}:{st.st_ino:x}/{domid}/{port}"
 
@@ -67,6 +77,12 @@ class EventChannel:
 
     def fileno(self) -> int:
         return self.sock.fileno()
+
+    @property
+    def peer_uid(self) -> int:
+        """The uid of the process at the other end, as the kernel saw it connect."""
+        creds = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+        return int(_UCRED.unpack(creds)[1])
 
     def notify(self) -> None:
         """notify_remote_via_evtchn: ring the peer's doorbell."""
@@ -166,7 +182,7 @@ class UnboundPort:
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         for port in range(1, _MAX_PORT):
             try:
-                self._listener.bind(_address(directory, domid, port))
+                self._listener.bind(port_address(directory, domid, port))
             except OSError:
                 continue
             self.port = port
@@ -203,7 +219,7 @@ def bind_interdomain(
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     sock.settimeout(timeout)
     try:
-        sock.connect(_address(directory, remote_domid, remote_port))
+        sock.connect(port_address(directory, remote_domid, remote_port))
     except OSError as e:
         sock.close()
         raise EventChannelClosed(

@@ -314,10 +314,15 @@ class BlkFront:
     def _accept_bind(self, port: UnboundPort) -> EventChannel:
         """The backend's bind of our event channel, unless it refuses us first."""
         deadline = time.monotonic() + self.timeout
+        # Our memory goes only to the vbd directory's owner (the backend) or root.
+        trusted = {0, os.geteuid(), os.stat(self.directory).st_uid}
         while True:
             channel = port.try_accept(0.005)
             if channel is not None:
-                return channel
+                if channel.peer_uid in trusted:
+                    return channel
+                channel.close()  # another user connected to our port first
+                continue
             st = self.xs.state(self.be)
             if st in (XenbusState.CLOSING, XenbusState.CLOSED):
                 raise BlkFrontError(f"backend {self.be} refused the connection (see its log)")

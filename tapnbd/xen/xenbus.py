@@ -182,6 +182,10 @@ class VbdServer:
             evtchn = bind_interdomain(self.directory, self.domid, port)
         except (EventChannelClosed, ValueError, OverflowError) as e:
             raise ConnectError(str(e)) from None
+        if (uid := evtchn.peer_uid) != os.geteuid():
+            # Someone else's process bound the port's abstract name first.
+            evtchn.close()
+            raise ConnectError(f"event channel {port} is bound by uid {uid}, not ours")
         grants: GrantMapper | None = None
         try:
             fd = await evtchn.receive_fd(CONNECT_TIMEOUT)

@@ -18,8 +18,10 @@ from pathlib import Path
 
 import pytest
 
+from tapnbd.xen.blkif import PROTOCOL
+from tapnbd.xen.evtchn import port_address
 from tapnbd.xen.frontend import BlkFront
-from tapnbd.xen.xenstore import XenbusState
+from tapnbd.xen.xenstore import XenbusState, XenStore, frontend_dir
 from tests.helpers import ROOT, stop_process, tapnbd_cmd
 from tests.xen.ringproc import RingFactory, RingServer
 
@@ -246,3 +248,55 @@ def test_vbd_directory_is_made_private(ring: RingFactory) -> None:
     st = backend.path.stat()
     assert st.st_mode & 0o777 == 0o700 and st.st_uid == os.geteuid()
     assert (backend.path / "xenstore.json").stat().st_mode & 0o777 == 0o600
+
+
+# The event channel's abstract socket names are open to every local user.
+
+#: Runs as another user: binds the name of a frontend's event channel port before the
+#: frontend does, and waits for the backend to connect.
+_SQUATTER = """
+import socket, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.bind(sys.argv[1].encode("latin-1").replace(b"@", b"\\0", 1))
+s.listen(1)
+print("listening", flush=True)
+conn, _ = s.accept()
+print("bound by the backend", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_event_channel_bound_by_another_user_is_refused(ring: RingFactory) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to run a process as another user")
+    backend = ring("ram:16M")
+    port = 4000
+    address = port_address(backend.path, 1, port).replace("\0", "@", 1)
+    squatter = subprocess.Popen(
+        ["/usr/bin/python3", "-c", _SQUATTER, address],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        user=65534,
+        cwd="/",
+    )
+    try:
+        assert squatter.stdout is not None
+        assert squatter.stdout.readline() == "listening\n"
+        # A frontend (of ours) names that port; the backend finds a stranger behind it.
+        fe = frontend_dir(1, 51712)
+        XenStore(backend.path).write_many(
+            {
+                f"{fe}/ring-ref": 8,
+                f"{fe}/event-channel": port,
+                f"{fe}/protocol": PROTOCOL,
+                f"{fe}/state": int(XenbusState.INITIALISED),
+            }
+        )
+        backend.wait_state(XenbusState.CLOSED)
+        assert "event channel 4000 is bound by uid 65534, not ours" in backend.stderr()
+    finally:
+        assert squatter.stdin is not None
+        squatter.stdin.close()
+        squatter.wait(10)
+    still_serves(backend)
