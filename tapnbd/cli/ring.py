@@ -128,15 +128,17 @@ def status_cmd(
     devid: DevidOpt = 51712,
 ) -> None:
     """Show the vbd's xenstore keys and both sides' states."""
-    from tapnbd.xen.xenstore import XenStore, backend_dir, frontend_dir
+    from tapnbd.xen.xenstore import XenStore, backend_dir, frontend_dir, ls_of, state_of
 
     xs = XenStore(path)
     if not xs.exists():
         fail(f"{path}: no xenstore here; is `tapnbd ring serve` running?")
+    with errors_as_exit():
+        snap = xs.load()  # a store the backend would reject is reported, not shown
     for title, d in (
         ("backend", backend_dir(domid, devid)),
         ("frontend", frontend_dir(domid, devid)),
     ):
-        print(f"{title} {d}: {xs.state(d).name}")
-        for key, value in sorted(xs.ls(d).items()):
+        print(f"{title} {d}: {state_of(snap, d).name}")
+        for key, value in sorted(ls_of(snap, d).items()):
             print(f"  {key} = {value}")

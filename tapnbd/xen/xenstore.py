@@ -161,12 +161,7 @@ class XenStore:
 
     def ls(self, path: str) -> dict[str, str]:
         """The keys directly under ``path``, by name."""
-        prefix = path.rstrip("/") + "/"
-        return {
-            k[len(prefix) :]: v
-            for k, v in self.snapshot().items()
-            if k.startswith(prefix) and "/" not in k[len(prefix) :]
-        }
+        return ls_of(self.snapshot(), path)
 
     # Writing: each call is one transaction.
 
@@ -266,3 +261,13 @@ def state_of(snapshot: Mapping[str, str], directory: str) -> XenbusState:
         return XenbusState(int(snapshot.get(f"{directory}/state", "0")))
     except ValueError:
         return XenbusState.UNKNOWN
+
+
+def ls_of(snapshot: Mapping[str, str], path: str) -> dict[str, str]:
+    """The keys directly under ``path`` in a snapshot, by name."""
+    prefix = path.rstrip("/") + "/"
+    return {
+        k[len(prefix) :]: v
+        for k, v in snapshot.items()
+        if k.startswith(prefix) and "/" not in k[len(prefix) :]
+    }

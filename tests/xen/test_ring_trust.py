@@ -22,7 +22,7 @@ from tapnbd.xen.blkif import PROTOCOL
 from tapnbd.xen.evtchn import port_address
 from tapnbd.xen.frontend import BlkFront
 from tapnbd.xen.xenstore import XenbusState, XenStore, frontend_dir
-from tests.helpers import ROOT, stop_process, tapnbd_cmd
+from tests.helpers import ROOT, run, stop_process, tapnbd_cmd
 from tests.xen.ringproc import RingFactory, RingServer
 
 #: A frontend whose memory is a memfd without seals (as a plain file would be): once
@@ -127,6 +127,8 @@ def test_garbage_and_endless_xenstore_are_rejected(ring: RingFactory, tmp_path: 
     backend = ring("ram:16M")
     store = backend.path / "xenstore.json"
     good = store.read_bytes()
+    status = tapnbd_cmd("ring", "status", "--path", str(backend.path))
+    assert "backend /local/domain/0/backend/tap/1/51712: INIT_WAIT" in run(status).stdout
     attacks: list[tuple[str, bytes, str]] = [
         ("not JSON", b'{"/local/domain/1/x": ', "not JSON"),
         ("nested arrays", b"[" * 200_000, "not JSON"),
@@ -145,6 +147,9 @@ def test_garbage_and_endless_xenstore_are_rejected(ring: RingFactory, tmp_path: 
         plant(store, data)
         backend.wait_log("rejected", n)
         assert why in backend.stderr().splitlines()[-1], name
+    # `ring status` says what is wrong rather than showing the last valid copy.
+    shown = run(status, check=False)
+    assert shown.returncode != 0 and "5000 keys, more than 4096" in shown.stderr, shown
     # Endless: a 256 MiB (sparse) file is never read to its end.
     with open(store.with_name("endless"), "wb") as f:
         f.truncate(256 << 20)
