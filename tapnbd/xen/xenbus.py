@@ -60,6 +60,8 @@ DEFAULT_DEVID = 51712
 #: How often the backend looks at the frontend's state while connected. The event
 #: channel reports a death at once; this only paces noticing a polite Closing.
 WATCH_INTERVAL = 0.02
+#: How long a state change waits for a xenstore lock that someone else holds.
+LOCK_TIMEOUT = 1.0
 #: How long a frontend that bound its event channel has to send its memory.
 CONNECT_TIMEOUT = 5.0
 
@@ -107,18 +109,19 @@ class VbdServer:
         """Until the backend is in InitWait for the first time."""
         await self._ready.wait()
 
-    def _switch(self, state: XenbusState) -> None:
+    async def _switch(self, state: XenbusState) -> None:
         log.info("vbd %d/%d: backend %s", self.domid, self.devid, state.name)
-        self._write({f"{self.be}/state": int(state)})
+        await self._write({f"{self.be}/state": int(state)})
 
-    def _write(self, values: dict[str, str | int]) -> bool:
+    async def _write(self, values: dict[str, str | int]) -> bool:
         """One xenstore transaction; a store we cannot write is logged, not fatal.
 
-        Whoever planted the symlink or garbage that refuses the write may take it away,
-        and the next write then goes through; the frontend meanwhile sees no change.
+        Whoever planted the symlink or garbage, or holds the lock, that refuses the
+        write may let go, and the next write then goes through; the frontend meanwhile
+        sees no change.
         """
         try:
-            self.xs.write_many(values)
+            await self.xs.write_many_async(values, timeout=LOCK_TIMEOUT)
         except XenStoreError as e:
             log.error("vbd %d/%d: xenstore write refused: %s", self.domid, self.devid, e)
             return False
@@ -200,10 +203,10 @@ class VbdServer:
         # BACK_RING_INIT: our private indices start at 0, as SHARED_RING_INIT left them.
         return BlkBack(self.backend, BackRing(sring), grants, evtchn, self.stats)
 
-    def _publish_disk(self) -> None:
+    async def _publish_disk(self) -> None:
         b = self.backend
         info = VdiskInfo(0) if not b.read_only else VdiskInfo.READONLY
-        self._write(
+        await self._write(
             {
                 f"{self.be}/sectors": b.size // SECTOR_SIZE,
                 f"{self.be}/sector-size": SECTOR_SIZE,
@@ -240,20 +243,20 @@ class VbdServer:
                     conn = await self._connect(snap)
                 except ConnectError as e:
                     log.warning("vbd %d/%d: connect failed: %s", self.domid, self.devid, e)
-                    self._switch(XenbusState.CLOSED)
+                    await self._switch(XenbusState.CLOSED)
                 else:
                     await self._serve(conn)
                 if self.once or not await self._await_reconnect():
                     break
         finally:
             if self.state != XenbusState.CLOSED:
-                self._switch(XenbusState.CLOSED)
+                await self._switch(XenbusState.CLOSED)
 
     async def _serve(self, conn: BlkBack) -> None:
         self.stats.connections += 1
         self.connection = conn
         conn.start()
-        self._publish_disk()
+        await self._publish_disk()
         lost = conn.lost
         gone = (XenbusState.CLOSING, XenbusState.CLOSED, XenbusState.INITIALISING)
 
@@ -269,7 +272,7 @@ class VbdServer:
                 log.warning("vbd %d/%d: cleaning up after the frontend", self.domid, self.devid)
             await conn.quiesce()
             conn.unmap()
-            self._switch(XenbusState.CLOSING)
+            await self._switch(XenbusState.CLOSING)
             if fe_state is XenbusState.CLOSING and not lost.is_set():
                 # The frontend finishes with Closed; its event channel closing also counts.
                 await self._watch(
@@ -283,7 +286,7 @@ class VbdServer:
         finally:
             conn.unbind()
             self.connection = None
-            self._switch(XenbusState.CLOSED)
+            await self._switch(XenbusState.CLOSED)
 
     async def _await_reconnect(self) -> bool:
         """Closed until a frontend is Initialising again ("prepare for reconnect")."""
@@ -292,5 +295,5 @@ class VbdServer:
         )
         if got is None:
             return False
-        self._switch(XenbusState.INIT_WAIT)
+        await self._switch(XenbusState.INIT_WAIT)
         return True

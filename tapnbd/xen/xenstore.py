@@ -49,6 +49,9 @@ MAX_PATH = 3072
 MAX_VALUE = 4096
 #: A vbd's handshake needs a few dozen keys; this leaves room for several vbds.
 MAX_KEYS = 4096
+#: How long a write waits for another writer's lock, and how often it looks.
+LOCK_TIMEOUT = 5.0
+LOCK_POLL = 0.002
 #: A full store of the biggest keys and values would not fit; a real one is ~2 KiB.
 MAX_STORE_SIZE = 1 << 20
 
@@ -57,6 +60,18 @@ log = logging.getLogger("tapnbd.xen")
 
 class XenStoreError(TapnbdError):
     """xenstore.json (or its lock) is unsafe or malformed; the message says how."""
+
+
+def _try_lock(fd: int) -> bool:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def _held(timeout: float) -> str:
+    return f"cannot lock the xenstore: {LOCK} held by another writer for {timeout:g}s"
 
 
 def parse_store(data: bytes) -> dict[str, str]:
@@ -174,29 +189,68 @@ class XenStore:
         *,
         remove: Iterable[str] = (),
         clear: bool = False,
+        timeout: float = LOCK_TIMEOUT,
     ) -> None:
-        """Remove the subtrees in ``remove`` (everything if ``clear``), then write."""
+        """Remove the subtrees in ``remove`` (everything if ``clear``), then write.
+
+        XenStoreError if the lock is not ours within ``timeout`` seconds.
+        """
+        fd = self._open_lock()
         try:
-            fd = open_private(self._lock_path, os.O_RDWR | os.O_CREAT)
-        except (OSError, UnsafePathError) as e:
-            raise XenStoreError(f"cannot lock the xenstore: {e}") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            data = {} if clear else self.snapshot()
-            for prefix in remove:
-                p = prefix.rstrip("/")
-                for k in [k for k in data if k == p or k.startswith(p + "/")]:
-                    del data[k]
-            for k, v in values.items():
-                data[k] = str(v)
-            text = json.dumps(data, indent=0, sort_keys=True).encode()
-            try:
-                atomic_write(self.path, text, mode=0o600)
-            except (OSError, UnsafePathError) as e:
-                raise XenStoreError(f"cannot write the xenstore: {e}") from None
-            self._last_good = data
+            deadline = time.monotonic() + timeout
+            while not _try_lock(fd):
+                if time.monotonic() >= deadline:
+                    raise XenStoreError(_held(timeout))
+                time.sleep(LOCK_POLL)
+            self._write_locked(values, remove, clear)
         finally:
             os.close(fd)  # releases the flock
+
+    async def write_many_async(
+        self,
+        values: Mapping[str, str | int],
+        *,
+        remove: Iterable[str] = (),
+        timeout: float = LOCK_TIMEOUT,
+    ) -> None:
+        """``write_many`` that waits for the lock without blocking the event loop.
+
+        Whoever holds the lock (a frontend shares it) cannot stall the backend's data
+        path, and cannot hold a state change back for more than ``timeout`` seconds.
+        """
+        fd = self._open_lock()
+        try:
+            deadline = time.monotonic() + timeout
+            while not _try_lock(fd):
+                if time.monotonic() >= deadline:
+                    raise XenStoreError(_held(timeout))
+                await asyncio.sleep(LOCK_POLL)
+            self._write_locked(values, remove, False)
+        finally:
+            os.close(fd)
+
+    def _open_lock(self) -> int:
+        try:
+            return open_private(self._lock_path, os.O_RDWR | os.O_CREAT)
+        except (OSError, UnsafePathError) as e:
+            raise XenStoreError(f"cannot lock the xenstore: {e}") from None
+
+    def _write_locked(
+        self, values: Mapping[str, str | int], remove: Iterable[str], clear: bool
+    ) -> None:
+        data = {} if clear else self.snapshot()
+        for prefix in remove:
+            p = prefix.rstrip("/")
+            for k in [k for k in data if k == p or k.startswith(p + "/")]:
+                del data[k]
+        for k, v in values.items():
+            data[k] = str(v)
+        text = json.dumps(data, indent=0, sort_keys=True).encode()
+        try:
+            atomic_write(self.path, text, mode=0o600)
+        except (OSError, UnsafePathError) as e:
+            raise XenStoreError(f"cannot write the xenstore: {e}") from None
+        self._last_good = data
 
     def rm(self, path: str) -> None:
         self.write_many({}, remove=[path])

@@ -8,6 +8,7 @@ well-behaved frontend doing I/O through it.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -304,4 +305,24 @@ def test_event_channel_bound_by_another_user_is_refused(ring: RingFactory) -> No
         assert squatter.stdin is not None
         squatter.stdin.close()
         squatter.wait(10)
+    still_serves(backend)
+
+
+def test_a_held_xenstore_lock_does_not_stall_the_backend(ring: RingFactory) -> None:
+    """The lock is shared with the frontend, which may take it and never let go."""
+    backend = ring("ram:16M")
+    front = BlkFront(backend.path).connect()
+    lock = os.open(backend.path / "xenstore.lock", os.O_RDWR)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        # The frontend dies while its lock is held: the backend's Closing must wait.
+        front.evtchn.close()
+        front.grants.close()
+        backend.wait_log("frontend lost")
+        backend.wait_log("xenstore write refused")
+        assert "xenstore.lock held by another writer" in backend.stderr()
+        assert backend.proc.poll() is None
+    finally:
+        os.close(lock)
+    backend.wait_state(XenbusState.CLOSED)
     still_serves(backend)
