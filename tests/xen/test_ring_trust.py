@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from tapnbd.xen.blkif import PROTOCOL
-from tapnbd.xen.evtchn import port_address
+from tapnbd.xen.evtchn import UnboundPort, bind_interdomain, port_address
 from tapnbd.xen.frontend import BlkFront
 from tapnbd.xen.xenstore import XenbusState, XenStore, frontend_dir
 from tests.helpers import ROOT, run, stop_process, tapnbd_cmd
@@ -326,3 +326,45 @@ def test_a_held_xenstore_lock_does_not_stall_the_backend(ring: RingFactory) -> N
         os.close(lock)
     backend.wait_state(XenbusState.CLOSED)
     still_serves(backend)
+
+
+_INTRUDER = """
+import socket, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.connect(sys.argv[1].encode("latin-1").replace(b"@", b"\\0", 1))
+print("connected", flush=True)
+print("got", s.recv(1, socket.MSG_WAITALL), flush=True)
+"""
+
+
+def test_frontend_hands_its_memory_only_to_the_backend(tmp_path: Path) -> None:
+    """Another user who connects to the frontend's port first gets nothing."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to run a process as another user")
+    vbd = tmp_path / "vbd"
+    vbd.mkdir(mode=0o700)
+    front = BlkFront(vbd, timeout=10)
+    port = UnboundPort(vbd, 1, 0)
+    address = port_address(vbd, 1, port.port).replace("\0", "@", 1)
+    intruder = subprocess.Popen(
+        ["/usr/bin/python3", "-c", _INTRUDER, address],
+        stdout=subprocess.PIPE,
+        text=True,
+        user=65534,
+        cwd="/",
+    )
+    backend = None
+    try:
+        assert intruder.stdout is not None
+        assert intruder.stdout.readline() == "connected\n"
+        backend = bind_interdomain(vbd, 1, port.port)  # the real backend, after it
+        channel = front._accept_bind(port)
+        assert channel.peer_uid == os.geteuid()
+        channel.close()
+        # The intruder's connection was closed without a byte (or a descriptor).
+        assert intruder.stdout.readline() == "got b''\n"
+    finally:
+        port.close()
+        if backend is not None:
+            backend.close()
+        intruder.wait(10)
