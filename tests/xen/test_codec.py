@@ -37,7 +37,7 @@ from tapnbd.xen.blkif import (
     ring_size,
     unpack_response,
 )
-from tapnbd.xen.evtchn import EventChannel, EventChannelClosed
+from tapnbd.xen.evtchn import EventChannel, EventChannelClosed, UnboundPort, bind_interdomain
 from tapnbd.xen.grant import (
     HEADER,
     MAGIC,
@@ -464,3 +464,18 @@ def test_store_goes_on_with_the_last_valid_copy(
     xs.write_many({"/a/ring-ref": 8})
     assert json.loads(store.read_bytes()) == {"/a/state": "4", "/a/ring-ref": "8"}
     assert store.stat().st_mode & 0o777 == 0o600
+
+
+def test_binding_a_port_that_never_accepts_fails_at_once(tmp_path: Path) -> None:
+    """A frontend's listener with a full backlog must not hold the backend's loop up."""
+    port = UnboundPort(tmp_path, 1, 0)
+    queued: list[EventChannel] = []
+    try:
+        # The listener's backlog is 1 (the kernel lets one more in): fills within 16.
+        with pytest.raises(EventChannelClosed, match="Resource temporarily unavailable"):
+            for _ in range(16):
+                queued.append(bind_interdomain(tmp_path, 1, port.port))
+    finally:
+        for channel in queued:
+            channel.close()
+        port.close()
