@@ -13,7 +13,7 @@ from tapnbd import runtime
 from tapnbd.cli.app import app, errors_as_exit, fail
 
 if TYPE_CHECKING:
-    from tapnbd.xen.backend import BlkifServer
+    from tapnbd.xen.xenbus import VbdServer
 
 ring = typer.Typer(
     help="Serve an image over an emulated Xen blkif shared ring, as blkback/blktap did.",
@@ -54,14 +54,14 @@ def serve_cmd(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log the handshake.")] = False,
 ) -> None:
     """Serve IMAGE as a blkif vbd in DIR until SIGTERM/SIGINT; print DIR when ready."""
-    from tapnbd.xen.backend import serve_image
+    from tapnbd.xen.app import serve_image
 
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING,
         format="tapnbd: %(levelname)s %(message)s",
     )
 
-    def ready(server: BlkifServer) -> None:
+    def ready(server: VbdServer) -> None:
         print(os.path.abspath(path), flush=True)
 
     with errors_as_exit():
@@ -128,15 +128,17 @@ def status_cmd(
     devid: DevidOpt = 51712,
 ) -> None:
     """Show the vbd's xenstore keys and both sides' states."""
-    from tapnbd.xen.xenstore import XenStore, backend_dir, frontend_dir
+    from tapnbd.xen.xenstore import XenStore, backend_dir, frontend_dir, ls_of, state_of
 
     xs = XenStore(path)
     if not xs.exists():
         fail(f"{path}: no xenstore here; is `tapnbd ring serve` running?")
+    with errors_as_exit():
+        snap = xs.load()  # a store the backend would reject is reported, not shown
     for title, d in (
         ("backend", backend_dir(domid, devid)),
         ("frontend", frontend_dir(domid, devid)),
     ):
-        print(f"{title} {d}: {xs.state(d).name}")
-        for key, value in sorted(xs.ls(d).items()):
+        print(f"{title} {d}: {state_of(snap, d).name}")
+        for key, value in sorted(ls_of(snap, d).items()):
             print(f"  {key} = {value}")

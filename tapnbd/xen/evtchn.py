@@ -14,13 +14,25 @@ vbd directory, the domain and the port, and writes the port number to xenstore
 connects. Abstract names have no path-length limit beyond 107 bytes and no file to
 clean up. A closed socket is also how each side learns that the other has died:
 the kernel closes it when the process exits, even on SIGKILL.
+
+Abstract names are open to every local user: anyone may bind a port's name before the
+frontend does, or connect to the frontend's listener before the backend. So each side
+checks the peer's uid (SO_PEERCRED) before it trusts the channel: the backend only
+binds to its own uid's frontend, and the frontend only hands its memory to the vbd
+directory's owner or root.
+
+The first byte on a new channel, from the frontend, carries its memory (grant.py) as an
+SCM_RIGHTS file descriptor; every later byte is a kick.
 """
 
 from __future__ import annotations
 
+import array
+import asyncio
 import os
 import select
 import socket
+import struct
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -28,13 +40,19 @@ if TYPE_CHECKING:
 
 _DRAIN = 4096
 _MAX_PORT = 4096
+#: Room for a few descriptors, so extra ones a hostile peer sends arrive (and are closed)
+#: rather than being lost to MSG_CTRUNC.
+_FD_ROOM = socket.CMSG_SPACE(8 * array.array("i").itemsize)
+#: struct ucred: pid, uid, gid.
+_UCRED = struct.Struct("iII")
 
 
 class EventChannelClosed(ConnectionError):
     """The other end of the event channel has gone away."""
 
 
-def _address(directory: str | Path, domid: int, port: int) -> str:
+def port_address(directory: str | Path, domid: int, port: int) -> str:
+    """The abstract socket name of ``domid``'s event channel ``port`` in a vbd."""
     st = os.stat(directory)
     return f"\0tapnbd-evtchn/{st.st_dev:x}:{st.st_ino:x}/{domid}/{port}"
 
@@ -60,6 +78,12 @@ class EventChannel:
     def fileno(self) -> int:
         return self.sock.fileno()
 
+    @property
+    def peer_uid(self) -> int:
+        """The uid of the process at the other end, as the kernel saw it connect."""
+        creds = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+        return int(_UCRED.unpack(creds)[1])
+
     def notify(self) -> None:
         """notify_remote_via_evtchn: ring the peer's doorbell."""
         try:
@@ -70,6 +94,45 @@ class EventChannel:
         except OSError as e:
             raise EventChannelClosed(f"event channel {self.port}: {e.strerror}") from None
         self.sent += 1
+
+    def send_fd(self, fd: int) -> None:
+        """Hand ``fd`` to the peer: the frontend's memory, sent once after the bind."""
+        fds = array.array("i", [fd])
+        self.sock.sendmsg([b"\0"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds.tobytes())])
+
+    async def receive_fd(self, timeout: float) -> int:
+        """The descriptor the peer sends first (``send_fd``); the caller owns it.
+
+        Waits without blocking the loop. Raises EventChannelClosed if the peer goes, or
+        sends a byte without exactly one descriptor; TimeoutError after ``timeout``.
+        """
+        loop = asyncio.get_running_loop()
+        readable: asyncio.Future[None] = loop.create_future()
+        fileno = self.sock.fileno()
+
+        def wake() -> None:
+            if not readable.done():
+                readable.set_result(None)
+
+        loop.add_reader(fileno, wake)
+        try:
+            await asyncio.wait_for(readable, timeout)
+        finally:
+            loop.remove_reader(fileno)
+        try:
+            data, ancdata, _, _ = self.sock.recvmsg(1, _FD_ROOM, socket.MSG_CMSG_CLOEXEC)
+        except OSError as e:
+            raise EventChannelClosed(f"event channel {self.port}: {e.strerror}") from None
+        fds = array.array("i")
+        for level, kind, payload in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+        if len(fds) == 1 and data:
+            return fds[0]
+        for fd in fds:
+            os.close(fd)
+        what = "closed" if not data else f"sent {len(fds)} descriptors, not 1"
+        raise EventChannelClosed(f"event channel {self.port}: peer {what}")
 
     def consume(self) -> bool:
         """Clear the pending bit: read every kick that has arrived. False once closed."""
@@ -119,7 +182,7 @@ class UnboundPort:
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         for port in range(1, _MAX_PORT):
             try:
-                self._listener.bind(_address(directory, domid, port))
+                self._listener.bind(port_address(directory, domid, port))
             except OSError:
                 continue
             self.port = port
@@ -131,25 +194,35 @@ class UnboundPort:
 
     def accept(self, timeout: float) -> EventChannel:
         """Wait for the backend's bind; the result is the connected channel."""
+        channel = self.try_accept(timeout)
+        if channel is None:
+            raise TimeoutError(f"backend did not bind event channel {self.port}")
+        return channel
+
+    def try_accept(self, timeout: float) -> EventChannel | None:
+        """The backend's bind if it comes within ``timeout`` seconds, else None."""
         self._listener.settimeout(timeout)
         try:
             sock, _ = self._listener.accept()
         except TimeoutError:
-            raise TimeoutError(f"backend did not bind event channel {self.port}") from None
+            return None
         return EventChannel(sock, self.port)
 
     def close(self) -> None:
         self._listener.close()
 
 
-def bind_interdomain(
-    directory: str | Path, remote_domid: int, remote_port: int, *, timeout: float = 5.0
-) -> EventChannel:
-    """EVTCHNOP_bind_interdomain: connect to the frontend's unbound port."""
+def bind_interdomain(directory: str | Path, remote_domid: int, remote_port: int) -> EventChannel:
+    """EVTCHNOP_bind_interdomain: connect to the frontend's unbound port.
+
+    Never waits: a unix socket connects at once to a listener with room in its backlog,
+    and a listener without room (one that never accepts) fails with EAGAIN rather than
+    holding the backend up.
+    """
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    sock.settimeout(timeout)
+    sock.setblocking(False)
     try:
-        sock.connect(_address(directory, remote_domid, remote_port))
+        sock.connect(port_address(directory, remote_domid, remote_port))
     except OSError as e:
         sock.close()
         raise EventChannelClosed(

@@ -15,7 +15,8 @@ What it does is what Linux blkfront did in 2007 (../shared/spec/blktap.md 3.4, 4
 
 - connect: wait for the backend's InitWait, make the shared ring in a page of its own
   memory (SHARED_RING_INIT, FRONT_RING_INIT), grant it, allocate an unbound event
-  channel, write ``ring-ref``/``event-channel``/``protocol``, go to Initialised, and
+  channel, write ``ring-ref``/``event-channel``/``protocol``, go to Initialised, hand
+  the memory (a sealed memfd) to the backend when it binds the channel, and
   once the backend is Connected read ``sectors``, ``info``, ``sector-size`` and the
   ``feature-*`` keys and go to Connected;
 - each request: grant one page per segment (read-only for WRITE data: the backend only
@@ -27,7 +28,7 @@ What it does is what Linux blkfront did in 2007 (../shared/spec/blktap.md 3.4, 4
   sleeping on the event channel;
 - when the ring is full, wait for responses (blkfront stops its queue).
 
-Pages come from the frontend's own memory (the grant table file), so the user's data
+Pages come from the frontend's own memory (the grant table memfd), so the user's data
 is copied in and out: a guest's bio pages would be granted directly, but a Python
 caller's buffers cannot be shared with another process.
 """
@@ -62,7 +63,7 @@ from tapnbd.xen.blkif import (
     pack_segments,
 )
 from tapnbd.xen.evtchn import EventChannel, EventChannelClosed, UnboundPort
-from tapnbd.xen.grant import GrantTable, table_path
+from tapnbd.xen.grant import GrantTable
 from tapnbd.xen.ring import U32, FrontRing, SharedRing
 from tapnbd.xen.xenstore import XenbusState, XenStore, frontend_dir, state_of
 
@@ -252,10 +253,9 @@ class BlkFront:
         probe = SharedRing(memoryview(bytearray(PAGE_SIZE)))
         if nr_frames is None:
             nr_frames = 1 + probe.nr_ents * per_slot + SPARE_FRAMES
-        self.grants = GrantTable.create(
-            table_path(self.directory, self.domid), domid=self.domid, nr_frames=nr_frames
-        )
+        self.grants = self._create_memory(nr_frames)
         port: UnboundPort | None = None
+        channel: EventChannel | None = None
         try:
             grants = self.grants
             ring_frame = grants.alloc_frame()
@@ -281,13 +281,17 @@ class BlkFront:
                     f"{self.fe}/state": int(XenbusState.INITIALISED),
                 }
             )
+            channel = self._accept_bind(port)
+            channel.send_fd(grants.fd)
             snap = self._wait_backend(
                 [XenbusState.CONNECTED, XenbusState.CLOSING, XenbusState.CLOSED], "Connected"
             )
             if state_of(snap, self.be) != XenbusState.CONNECTED:
                 raise BlkFrontError(f"backend {self.be} refused the connection (see its log)")
-            self.evtchn = port.accept(self.timeout)
+            self.evtchn = channel
         except BaseException:
+            if channel is not None:
+                channel.close()
             self.grants.close()
             raise
         finally:
@@ -302,6 +306,28 @@ class BlkFront:
         self.xs.switch_state(self.fe, XenbusState.CONNECTED)
         self.connected = True
         return self
+
+    def _create_memory(self, nr_frames: int) -> GrantTable:
+        """Our memory and grant table (tests override this to misbehave)."""
+        return GrantTable.create(domid=self.domid, nr_frames=nr_frames)
+
+    def _accept_bind(self, port: UnboundPort) -> EventChannel:
+        """The backend's bind of our event channel, unless it refuses us first."""
+        deadline = time.monotonic() + self.timeout
+        # Our memory goes only to the vbd directory's owner (the backend) or root.
+        trusted = {0, os.geteuid(), os.stat(self.directory).st_uid}
+        while True:
+            channel = port.try_accept(0.005)
+            if channel is not None:
+                if channel.peer_uid in trusted:
+                    return channel
+                channel.close()  # another user connected to our port first
+                continue
+            st = self.xs.state(self.be)
+            if st in (XenbusState.CLOSING, XenbusState.CLOSED):
+                raise BlkFrontError(f"backend {self.be} refused the connection (see its log)")
+            if time.monotonic() > deadline:
+                raise BlkFrontError(f"backend {self.be} is {st.name}, did not bind the channel")
 
     def close(self) -> None:
         """Finish what is in flight, then Closing -> Closed, then free everything."""
@@ -319,7 +345,7 @@ class BlkFront:
             self.xs.switch_state(self.fe, XenbusState.CLOSED)
         finally:
             self.evtchn.close()
-            self.grants.close(unlink=True)
+            self.grants.close()
 
     # Counters.
 

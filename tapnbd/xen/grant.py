@@ -2,8 +2,8 @@
 
 In Xen a guest owns its memory and lists, in a grant table, which of its page frames
 another domain may map; the other domain maps a page by (domain, grant ref) and the
-hypervisor checks the entry. Here the "guest memory" and its grant table are one file
-that the frontend creates and both processes mmap::
+hypervisor checks the entry. Here the "guest memory" and its grant table are one
+memfd that the frontend creates and both processes mmap::
 
     page 0                 header: magic, owner domid, nr_grefs, nr_frames
     page 1 ...             grant_entry_v1[nr_grefs]: {u16 flags; u16 domid; u32 frame}
@@ -14,6 +14,14 @@ done; the backend maps by ref (``GrantMapper.map``), which checks the entry as
 GNTTABOP_map_grant_ref does. Not emulated: the GTF_reading/GTF_writing busy bits, so a
 frontend that ends access to a page the backend is using is not stopped.
 
+The memory is not a file in the vbd directory but a memfd sealed against shrinking
+and growing, handed to the backend over the event channel (SCM_RIGHTS). A mapped file
+that shrinks turns the backend's next access of the lost pages into SIGBUS, which
+would let any frontend kill it; a sealed memfd cannot shrink, and the backend refuses
+memory without the seal (memfd_create(2): "F_SEAL_SHRINK ... the file size cannot be
+reduced"). Seals are never removed, so checking them once, before fstat, holds for
+the mapping's whole life.
+
 References: xen/include/public/grant_table.h (grant_entry_v1, GTF_*, GNTST_*); Linux
 drivers/xen/grant-table.c (NR_RESERVED_ENTRIES, free-list allocation).
 """
@@ -21,8 +29,10 @@ drivers/xen/grant-table.c (NR_RESERVED_ENTRIES, free-list allocation).
 from __future__ import annotations
 
 import enum
+import fcntl
 import mmap
 import os
+import stat
 import struct
 from typing import TYPE_CHECKING
 
@@ -30,7 +40,6 @@ from tapnbd.xen.blkif import PAGE_SIZE, SECTOR_SIZE
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
-    from pathlib import Path
 
 # grant_table.h
 GTF_INVALID = 0
@@ -43,6 +52,10 @@ GNTTAB_NR_RESERVED_ENTRIES = 8
 ENTRY = struct.Struct("<HHI")
 HEADER = struct.Struct("<8sHxxII")
 MAGIC = b"TAPGNT01"
+#: The seals a frontend puts on its memory; the backend needs F_SEAL_SHRINK.
+SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+#: The most memory a backend maps for one frontend (the default table is ~36 MiB).
+MAX_TABLE_SIZE = 1 << 30
 #: GTF_INVALID entries, to end access to a run of refs in one copy.
 _NO_ENTRIES = memoryview(bytes(PAGE_SIZE))
 
@@ -70,11 +83,6 @@ def _round_up(n: int, to: int) -> int:
     return (n + to - 1) // to * to
 
 
-def table_path(directory: str | Path, domid: int) -> str:
-    """Where domain ``domid``'s memory and grant table live."""
-    return os.path.join(directory, f"gnttab-{domid}")
-
-
 class _Layout:
     """Offsets of the three regions, from the header's two counts."""
 
@@ -89,8 +97,9 @@ class _Layout:
 class GrantTable:
     """The frontend's side: owns the memory, allocates frames and grant refs."""
 
-    def __init__(self, path: str, mm: mmap.mmap, domid: int, layout: _Layout) -> None:
-        self.path = path
+    def __init__(self, fd: int, mm: mmap.mmap, domid: int, layout: _Layout) -> None:
+        #: The memfd, to hand to the backend (``EventChannel.send_fd``).
+        self.fd = fd
         self.domid = domid
         self.nr_grefs = layout.nr_grefs
         self.nr_frames = layout.nr_frames
@@ -104,26 +113,23 @@ class GrantTable:
 
     @classmethod
     def create(
-        cls, path: str, *, domid: int, nr_frames: int, nr_grefs: int | None = None
+        cls, *, domid: int, nr_frames: int, nr_grefs: int | None = None, seals: int = SEALS
     ) -> GrantTable:
-        """Make fresh memory and an empty table at ``path``, replacing any old one.
-
-        The file appears under its name only once complete, so a backend never maps a
-        half-made table; a backend still mapping an old one keeps its own inode.
-        """
+        """Make fresh memory (a memfd, sealed with ``seals``) and an empty table in it."""
         if nr_grefs is None:
             nr_grefs = nr_frames + GNTTAB_NR_RESERVED_ENTRIES
         layout = _Layout(nr_grefs, nr_frames)
-        tmp = f"{path}.{os.getpid()}.tmp"
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        fd = os.memfd_create(f"tapnbd-gnttab-{domid}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
             os.ftruncate(fd, layout.size)
+            if seals:
+                fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
             mm = mmap.mmap(fd, layout.size, mmap.MAP_SHARED)
-        finally:
+        except BaseException:
             os.close(fd)
+            raise
         HEADER.pack_into(mm, 0, MAGIC, domid, nr_grefs, nr_frames)
-        os.replace(tmp, path)
-        return cls(path, mm, domid, layout)
+        return cls(fd, mm, domid, layout)
 
     @property
     def free_frames(self) -> int:
@@ -203,38 +209,72 @@ class GrantTable:
         ENTRY.pack_into(self._mem, self._entries + ref * ENTRY.size, GTF_INVALID, 0, 0)
         self._free_refs.append(ref)
 
-    def close(self, *, unlink: bool = True) -> None:
+    def close(self) -> None:
         self._mem.release()
         try:
             self._mm.close()
         except BufferError:
             pass  # a page view is still held; the mapping goes when it is collected
-        if unlink:
-            try:
-                os.unlink(self.path)
-            except FileNotFoundError:
-                pass
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _map_sealed(fd: int) -> mmap.mmap:
+    """mmap all of a memfd that cannot shrink, or raise GrantError saying why not."""
+    try:
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    except OSError:
+        seals = -1  # not shmem: a plain file can be truncated under the mapping
+    if seals < 0 or not seals & fcntl.F_SEAL_SHRINK:
+        raise GrantError(
+            GrantStatus.BAD_DOMAIN,
+            "the frontend's memory is not a memfd sealed with F_SEAL_SHRINK",
+        )
+    # The size can no longer shrink, so what fstat says stays mapped.
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or not PAGE_SIZE <= st.st_size <= MAX_TABLE_SIZE:
+        raise GrantError(
+            GrantStatus.BAD_DOMAIN,
+            f"the frontend's memory is {st.st_size} bytes, not {PAGE_SIZE}..{MAX_TABLE_SIZE}",
+        )
+    try:
+        return mmap.mmap(fd, st.st_size, mmap.MAP_SHARED)
+    except OSError as e:
+        raise GrantError(
+            GrantStatus.GENERAL_ERROR, f"cannot map the frontend's memory: {e}"
+        ) from None
 
 
 class GrantMapper:
     """The backend's side: maps another domain's granted pages by reference."""
 
-    def __init__(self, path: str, *, domid: int = 0, owner: int | None = None) -> None:
-        """Open ``owner``'s table at ``path``; ``domid`` is the mapping (backend) domain."""
-        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    def __init__(self, fd: int, *, domid: int = 0, owner: int | None = None) -> None:
+        """Map ``owner``'s memory from ``fd``; ``domid`` is the mapping (backend) domain.
+
+        Takes ``fd`` over: it is closed on return, and the mapping stays.
+        """
         try:
-            size = os.fstat(fd).st_size
-            if size < PAGE_SIZE:
-                raise GrantError(GrantStatus.BAD_DOMAIN, f"{path}: not a grant table")
-            mm = mmap.mmap(fd, size, mmap.MAP_SHARED)
+            mm = _map_sealed(fd)
         finally:
             os.close(fd)
         magic, table_owner, nr_grefs, nr_frames = HEADER.unpack_from(mm, 0)
         layout = _Layout(nr_grefs, nr_frames)
-        if magic != MAGIC or layout.size > size or (owner is not None and owner != table_owner):
+        if magic != MAGIC:
             mm.close()
-            raise GrantError(GrantStatus.BAD_DOMAIN, f"{path}: not domain {owner}'s grant table")
-        self.path = path
+            raise GrantError(GrantStatus.BAD_DOMAIN, "the frontend's memory has no grant table")
+        if layout.size > (size := len(mm)):
+            mm.close()
+            raise GrantError(
+                GrantStatus.BAD_DOMAIN,
+                f"grant table header: nr_grefs {nr_grefs} and nr_frames {nr_frames} need "
+                f"{layout.size} bytes, the memory has {size}",
+            )
+        if owner is not None and owner != table_owner:
+            mm.close()
+            raise GrantError(
+                GrantStatus.BAD_DOMAIN, f"grant table header: domid {table_owner}, not {owner}"
+            )
         self.domid = domid
         self.owner = table_owner
         self.nr_grefs = nr_grefs

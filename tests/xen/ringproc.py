@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,6 +13,8 @@ from tapnbd.xen.xenstore import XenbusState, XenStore, backend_dir
 from tests.helpers import read_ready_lines, stop_process, tapnbd_cmd
 
 BACKEND = backend_dir(1, 51712)
+
+RingFactory = Callable[..., "RingServer"]
 
 
 @dataclass
@@ -27,6 +30,22 @@ class RingServer:
 
     def stderr(self) -> str:
         return self.log.read_text()
+
+    def wait_log(self, text: str, count: int = 1, timeout: float = 10) -> None:
+        """Until the backend has logged ``count`` lines containing ``text``."""
+        deadline = time.monotonic() + timeout
+        while self.stderr().count(text) < count:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"backend did not log {text!r} x{count}: {self.stderr()}")
+            time.sleep(0.01)
+
+    def peak_rss(self) -> int:
+        """The backend's peak resident memory in bytes (VmHWM)."""
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+        raise AssertionError("no VmHWM")
 
     def state(self) -> XenbusState:
         return XenStore(self.path).state(BACKEND)

@@ -7,6 +7,13 @@ notify rules, and each malformed request on its own.
 
 from __future__ import annotations
 
+import array
+import fcntl
+import json
+import logging
+import os
+import re
+import socket
 import struct
 from pathlib import Path
 
@@ -15,6 +22,7 @@ import pytest
 from tapnbd.xen.blkif import (
     ENTRY_SIZE,
     MAX_SEGMENTS,
+    PAGE_SIZE,
     RING_SIZE,
     BadRequest,
     DiscardRequest,
@@ -29,9 +37,17 @@ from tapnbd.xen.blkif import (
     ring_size,
     unpack_response,
 )
-from tapnbd.xen.grant import GrantError, GrantMapper, GrantStatus, GrantTable
+from tapnbd.xen.evtchn import EventChannel, EventChannelClosed, UnboundPort, bind_interdomain
+from tapnbd.xen.grant import (
+    HEADER,
+    MAGIC,
+    GrantError,
+    GrantMapper,
+    GrantStatus,
+    GrantTable,
+)
 from tapnbd.xen.ring import U32, BackRing, FrontRing, SharedRing
-from tapnbd.xen.xenstore import XenbusState, XenStore
+from tapnbd.xen.xenstore import XenbusState, XenStore, XenStoreError, parse_store
 
 SECTORS = 1 << 20  # a 512 MiB disk
 NR_GREFS = 64
@@ -270,10 +286,9 @@ def test_notify_is_only_for_an_event_inside_the_pushed_range() -> None:
 # Grant tables
 
 
-def test_grant_table_shares_pages_and_checks_like_xen(tmp_path: Path) -> None:
-    path = str(tmp_path / "gnttab-3")
-    table = GrantTable.create(path, domid=3, nr_frames=4)
-    mapper = GrantMapper(path, domid=0, owner=3)
+def test_grant_table_shares_pages_and_checks_like_xen() -> None:
+    table = GrantTable.create(domid=3, nr_frames=4)
+    mapper = GrantMapper(os.dup(table.fd), domid=0, owner=3)
     try:
         assert (mapper.nr_grefs, mapper.nr_frames) == (12, 4)
         frame = table.alloc_frame()
@@ -303,12 +318,44 @@ def test_grant_table_shares_pages_and_checks_like_xen(tmp_path: Path) -> None:
         table.end_access(ref)
         with pytest.raises(GrantError):
             mapper.map(ref, readonly=False)
-        with pytest.raises(GrantError):
-            GrantMapper(path, owner=4)
+        with pytest.raises(GrantError, match="domid 3, not 4"):
+            GrantMapper(os.dup(table.fd), owner=4)
+        # The seals hold: the frontend cannot pull pages from under the mapping.
+        with pytest.raises(PermissionError):
+            os.ftruncate(table.fd, PAGE_SIZE)
     finally:
         mapper.close()
         table.close()
-    assert not Path(path).exists()
+
+
+def test_grant_mapper_refuses_memory_that_can_shrink(tmp_path: Path) -> None:
+    """Memory that could be truncated under the mapping (SIGBUS) is never mapped."""
+    unsealed = GrantTable.create(domid=1, nr_frames=2, seals=0)
+    grow_only = GrantTable.create(domid=1, nr_frames=2, seals=fcntl.F_SEAL_GROW)
+    plain = tmp_path / "gnttab-1"
+    plain.write_bytes(bytes(unsealed.memory))
+    try:
+        # GrantMapper takes each descriptor over (and closes it).
+        for fd in (os.dup(unsealed.fd), os.dup(grow_only.fd), os.open(plain, os.O_RDWR)):
+            with pytest.raises(GrantError, match="not a memfd sealed with F_SEAL_SHRINK"):
+                GrantMapper(fd, owner=1)
+    finally:
+        unsealed.close()
+        grow_only.close()
+
+
+def test_grant_mapper_checks_the_header_against_the_memory() -> None:
+    table = GrantTable.create(domid=2, nr_frames=2)
+    try:
+        # A header that claims more frames than the memory holds.
+        HEADER.pack_into(table.memory, 0, MAGIC, 2, 10, 1000)
+        with pytest.raises(GrantError, match="nr_frames 1000 need"):
+            GrantMapper(os.dup(table.fd), owner=2)
+        HEADER.pack_into(table.memory, 0, b"NOTGRANT", 2, 10, 2)
+        with pytest.raises(GrantError, match="no grant table"):
+            GrantMapper(os.dup(table.fd), owner=2)
+    finally:
+        table.close()
 
 
 def test_xenstore_transactions_and_states(tmp_path: Path) -> None:
@@ -324,3 +371,111 @@ def test_xenstore_transactions_and_states(tmp_path: Path) -> None:
     assert xs.wait(lambda s: s.get(f"{d}/state"), timeout=1) == "3"
     with pytest.raises(TimeoutError):
         xs.wait(lambda s: None, timeout=0.05)
+
+
+# The memory hand-over on the event channel
+
+
+async def test_event_channel_takes_exactly_one_descriptor() -> None:
+    """A byte with one descriptor is the memory; none, two, or a closed peer is refused."""
+    cases: list[tuple[str, list[int], str]] = [
+        ("one", [0], ""),
+        ("none", [], "sent 0 descriptors, not 1"),
+        ("two", [0, 1], "sent 2 descriptors, not 1"),
+        ("closed", [], "peer closed"),
+    ]
+    for name, fds, error in cases:
+        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        front, back = EventChannel(a, 1), EventChannel(b, 1)
+        opened = [os.memfd_create(f"case-{i}") for i in fds]
+        try:
+            if name == "closed":
+                front.close()
+            else:
+                payload = array.array("i", opened).tobytes()
+                ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, payload)] if opened else []
+                a.sendmsg([b"\0"], ancillary)
+            before = set(os.listdir("/proc/self/fd"))
+            if not error:
+                fd = await back.receive_fd(5)
+                assert os.fstat(fd).st_ino == os.fstat(opened[0]).st_ino
+                os.close(fd)
+                continue
+            with pytest.raises(EventChannelClosed, match=error):
+                await back.receive_fd(5)
+            # Descriptors that came with a refused message are closed, not leaked.
+            assert set(os.listdir("/proc/self/fd")) <= before, name
+        finally:
+            for fd in opened:
+                os.close(fd)
+            front.close()
+            back.close()
+
+
+async def test_event_channel_waits_for_the_memory_without_blocking() -> None:
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    back = EventChannel(b, 1)
+    try:
+        with pytest.raises(TimeoutError):
+            await back.receive_fd(0.05)
+    finally:
+        back.close()
+        a.close()
+
+
+# xenstore.json as hostile input
+
+
+@pytest.mark.parametrize(
+    ("data", "why"),
+    [
+        (b"", "not JSON"),
+        (b"\xff\xfe", "not JSON"),
+        (b"[" * 100_000, "not JSON"),
+        (b'"just a string"', "a JSON str, not an object"),
+        (b'{"/a": null}', "/a: value is a NoneType, not a string"),
+        (b'{"/a": {"b": "c"}}', "/a: value is a dict, not a string"),
+        (b'{"a": "b"}', "key 'a' is not an absolute path"),
+        (json.dumps({"/" + "k" * 3072: ""}).encode(), "is not an absolute path of at most 3072"),
+        (json.dumps({"/a": "v" * 4097}).encode(), "/a: value is longer than 4096"),
+        (json.dumps({f"/{i}": "" for i in range(4097)}).encode(), "4097 keys, more than 4096"),
+    ],
+    ids=lambda v: v if isinstance(v, str) else None,
+)
+def test_parse_store_names_what_is_wrong(data: bytes, why: str) -> None:
+    with pytest.raises(XenStoreError, match=re.escape(why)):
+        parse_store(data)
+
+
+def test_store_goes_on_with_the_last_valid_copy(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    xs = XenStore(tmp_path)
+    xs.write_many({"/a/state": 4})
+    store = tmp_path / "xenstore.json"
+    store.write_bytes(b"[[[")
+    with caplog.at_level(logging.WARNING, logger="tapnbd.xen"):
+        for _ in range(3):
+            assert xs.snapshot() == {"/a/state": "4"}
+    assert len(caplog.records) == 1  # one line per new reason, not one per poll
+    with pytest.raises(XenStoreError, match="not JSON"):
+        xs.load()
+    # A write goes on from the last valid copy and replaces the garbage.
+    xs.write_many({"/a/ring-ref": 8})
+    assert json.loads(store.read_bytes()) == {"/a/state": "4", "/a/ring-ref": "8"}
+    assert store.stat().st_mode & 0o777 == 0o600
+
+
+def test_binding_a_port_that_never_accepts_fails_at_once(tmp_path: Path) -> None:
+    """A frontend's listener with a full backlog must not hold the backend's loop up."""
+    port = UnboundPort(tmp_path, 1, 0)
+    queued: list[EventChannel] = []
+    try:
+        # The listener's backlog is 1 (the kernel lets one more in): fills within 16.
+        with pytest.raises(EventChannelClosed, match="Resource temporarily unavailable"):
+            for _ in range(16):
+                queued.append(bind_interdomain(tmp_path, 1, port.port))
+    finally:
+        for channel in queued:
+            channel.close()
+        port.close()

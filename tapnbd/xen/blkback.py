@@ -1,21 +1,10 @@
-"""The blkif backend: serve one vbd's shared ring over a tapnbd Backend.
+"""blkback's data path: one connected frontend's ring, served over a tapnbd Backend.
 
-This is blkback's (and the 2007 kernel blktap's) job, done in userspace over the same
-Backend the NBD server uses, so both front ends share validation, capabilities and
-statistics, and neither calls a driver directly.
-
-Lifecycle (``BlkifServer.run``), following the 2007 Linux drivers' xenbus dance:
-
-1. As the toolstack, create the backend and frontend directories in Initialising.
-2. As blkback's probe, write the ``feature-*`` keys and go to InitWait.
-3. When the frontend is Initialised, read ``ring-ref``, ``event-channel`` and
-   ``protocol``, map the ring through the grant table, bind the event channel, write
-   ``sectors``, ``sector-size`` and ``info``, and go to Connected.
-4. Serve (``RingConnection``) until the frontend goes to Closing, or its event channel
-   closes because it died. Then stop taking requests, let those in flight finish, unmap,
-   and go to Closing and Closed.
-5. When a frontend is back in Initialising, go to InitWait for the reconnect (or, with
-   ``once``, exit).
+This is blkback's (and the 2007 kernel blktap's) request loop, done in userspace over
+the same Backend the NBD server uses, so both front ends share validation,
+capabilities and statistics, and neither calls a driver directly. The xenbus handshake
+that sets a connection up and tears it down is ``xenbus.py``; this module only turns
+ring requests into Backend calls and answers them.
 
 Serving follows blkback's ``do_block_io_op``/``make_response``: consume every published
 request (copying each slot before checking it), answer each as it completes with
@@ -30,8 +19,6 @@ import asyncio
 import contextlib
 import errno
 import logging
-import os
-import signal
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
@@ -41,10 +28,7 @@ from tapnbd.runtime import eager_start
 from tapnbd.xen.blkif import (
     DISCARD_SECURE,
     ENTRY_SIZE,
-    FEATURE_INDIRECT,
-    FEATURE_KEYS,
     MAX_INDIRECT_SEGMENTS,
-    PROTOCOL,
     RESPONSE,
     SECTOR_SIZE,
     SEGMENT,
@@ -55,37 +39,27 @@ from tapnbd.xen.blkif import (
     Op,
     Request,
     Status,
-    VdiskInfo,
     parse_indirect,
     parse_request,
     request_id,
 )
-from tapnbd.xen.evtchn import EventChannel, EventChannelClosed, bind_interdomain
-from tapnbd.xen.grant import GrantError, GrantMapper, table_path
-from tapnbd.xen.ring import U32, BackRing, SharedRing
-from tapnbd.xen.xenstore import XenbusState, XenStore, backend_dir, frontend_dir, state_of
+from tapnbd.xen.evtchn import EventChannelClosed
+from tapnbd.xen.grant import GrantError
+from tapnbd.xen.ring import U32
 
 if TYPE_CHECKING:
     from collections.abc import Coroutine
-    from pathlib import Path
     from typing import Any
 
     from tapnbd.backend import Backend
+    from tapnbd.xen.evtchn import EventChannel
+    from tapnbd.xen.grant import GrantMapper
+    from tapnbd.xen.ring import BackRing
 
 log = logging.getLogger("tapnbd.xen")
 
-#: The guest's domain id and its first disk, xvda = (202 << 8) | 0.
-DEFAULT_DOMID = 1
-DEFAULT_DEVID = 51712
-#: How often the backend looks at the frontend's state while connected. The event
-#: channel reports a death at once; this only paces noticing a polite Closing.
-WATCH_INTERVAL = 0.02
 #: How long in-flight requests may take to finish once the frontend has gone.
 DRAIN_TIMEOUT = 10.0
-
-
-class ConnectError(Exception):
-    """The frontend's ring, grants or event channel could not be set up."""
 
 
 @dataclass(slots=True)
@@ -110,7 +84,7 @@ class RingStats:
         return asdict(self)
 
 
-class RingConnection:
+class BlkBack:
     """One connected frontend: its ring, grant mapping and event channel."""
 
     def __init__(
@@ -437,242 +411,3 @@ class RingConnection:
         with contextlib.suppress(ValueError, OSError):
             self._loop.remove_reader(self.evtchn.fileno())
         self.evtchn.close()
-
-
-class BlkifServer:
-    """Serves one vbd over ``backend``, one frontend at a time, in ``directory``."""
-
-    def __init__(
-        self,
-        backend: Backend,
-        directory: str | Path,
-        *,
-        domid: int = DEFAULT_DOMID,
-        devid: int = DEFAULT_DEVID,
-        params: str = "",
-        once: bool = False,
-    ) -> None:
-        self.backend = backend
-        self.directory = os.fspath(directory)
-        self.domid = domid
-        self.devid = devid
-        self.params = params
-        self.once = once
-        self.xs = XenStore(self.directory)
-        self.be = backend_dir(domid, devid)
-        self.fe = frontend_dir(domid, devid)
-        self.stats = RingStats()
-        self.connection: RingConnection | None = None
-        self._stop = asyncio.Event()
-        self._ready = asyncio.Event()
-
-    @property
-    def state(self) -> XenbusState:
-        return self.xs.state(self.be)
-
-    def stop(self) -> None:
-        """Ask ``run`` to disconnect politely and return."""
-        self._stop.set()
-
-    async def wait_ready(self) -> None:
-        """Until the backend is in InitWait for the first time."""
-        await self._ready.wait()
-
-    def _switch(self, state: XenbusState) -> None:
-        log.info("vbd %d/%d: backend %s", self.domid, self.devid, state.name)
-        self.xs.switch_state(self.be, state)
-
-    # The handshake.
-
-    def _create_device(self) -> None:
-        """The toolstack's part, then blkback's probe: both directories, then InitWait."""
-        b = self.backend
-        writable = not b.read_only
-        self.xs.write_many(
-            {
-                f"{self.be}/frontend": self.fe,
-                f"{self.be}/frontend-id": self.domid,
-                f"{self.be}/params": self.params,
-                f"{self.be}/type": "tap",
-                f"{self.be}/mode": "w" if writable else "r",
-                f"{self.be}/dev": "xvda",
-                f"{self.be}/state": int(XenbusState.INITIALISING),
-                f"{self.fe}/backend": self.be,
-                f"{self.fe}/backend-id": 0,
-                f"{self.fe}/virtual-device": self.devid,
-                f"{self.fe}/device-type": "disk",
-                f"{self.fe}/state": int(XenbusState.INITIALISING),
-            },
-            remove=[self.be, self.fe],
-        )
-        features = {
-            Op.WRITE_BARRIER: b.can_flush and writable,
-            Op.FLUSH_DISKCACHE: b.can_flush and writable,
-            Op.DISCARD: b.can_trim,
-        }
-        keys: dict[str, str | int] = {
-            f"{self.be}/{FEATURE_KEYS[op]}": int(on) for op, on in features.items()
-        }
-        if b.can_trim:
-            keys[f"{self.be}/discard-granularity"] = b.block_size.preferred
-            keys[f"{self.be}/discard-alignment"] = 0
-            keys[f"{self.be}/discard-secure"] = 0
-        keys[f"{self.be}/{FEATURE_INDIRECT}"] = MAX_INDIRECT_SEGMENTS
-        keys[f"{self.be}/state"] = int(XenbusState.INIT_WAIT)
-        self.xs.write_many(keys)
-        log.info("vbd %d/%d: backend INIT_WAIT in %s", self.domid, self.devid, self.directory)
-
-    def _connect(self, snap: dict[str, str]) -> RingConnection:
-        """Map the frontend's ring and bind its event channel (blkback connect_ring)."""
-        try:
-            ring_ref = int(snap[f"{self.fe}/ring-ref"])
-            port = int(snap[f"{self.fe}/event-channel"])
-        except (KeyError, ValueError) as e:
-            raise ConnectError(f"frontend wrote no usable ring-ref/event-channel: {e}") from None
-        protocol = snap.get(f"{self.fe}/protocol", PROTOCOL)
-        if protocol != PROTOCOL:
-            raise ConnectError(f"unsupported protocol {protocol!r}, only {PROTOCOL!r}")
-        try:
-            grants = GrantMapper(table_path(self.directory, self.domid), domid=0, owner=self.domid)
-        except (OSError, GrantError) as e:
-            raise ConnectError(f"cannot open the frontend's grant table: {e}") from None
-        try:
-            sring = SharedRing(grants.map(ring_ref, readonly=False))
-            evtchn = bind_interdomain(self.directory, self.domid, port)
-        except (GrantError, EventChannelClosed, ValueError) as e:
-            grants.close()
-            raise ConnectError(str(e)) from None
-        # BACK_RING_INIT: our private indices start at 0, as SHARED_RING_INIT left them.
-        return RingConnection(self.backend, BackRing(sring), grants, evtchn, self.stats)
-
-    def _publish_disk(self) -> None:
-        b = self.backend
-        info = VdiskInfo(0) if not b.read_only else VdiskInfo.READONLY
-        self.xs.write_many(
-            {
-                f"{self.be}/sectors": b.size // SECTOR_SIZE,
-                f"{self.be}/sector-size": SECTOR_SIZE,
-                f"{self.be}/info": int(info),
-                f"{self.be}/state": int(XenbusState.CONNECTED),
-            }
-        )
-        log.info("vbd %d/%d: backend CONNECTED", self.domid, self.devid)
-
-    async def _watch(self, check: Any, wake: asyncio.Event | None = None) -> Any:
-        """Poll xenstore until ``check`` answers or we are asked to stop (None)."""
-        stop = self._stop
-
-        def check_or_stop(snap: dict[str, str]) -> object | None:
-            if stop.is_set():
-                return False
-            got: object | None = check(snap)
-            return got
-
-        got = await self.xs.wait_async(check_or_stop, interval=WATCH_INTERVAL, wake=wake)
-        return None if got is False else got
-
-    async def run(self) -> None:
-        self._create_device()
-        self._ready.set()
-        try:
-            while not self._stop.is_set():
-                snap = await self._watch(
-                    lambda s: s if state_of(s, self.fe) == XenbusState.INITIALISED else None
-                )
-                if snap is None:
-                    break
-                try:
-                    conn = self._connect(snap)
-                except ConnectError as e:
-                    log.warning("vbd %d/%d: connect failed: %s", self.domid, self.devid, e)
-                    self._switch(XenbusState.CLOSED)
-                else:
-                    await self._serve(conn)
-                if self.once or not await self._await_reconnect():
-                    break
-        finally:
-            if self.state != XenbusState.CLOSED:
-                self._switch(XenbusState.CLOSED)
-
-    async def _serve(self, conn: RingConnection) -> None:
-        self.stats.connections += 1
-        self.connection = conn
-        conn.start()
-        self._publish_disk()
-        lost = conn.lost
-        gone = (XenbusState.CLOSING, XenbusState.CLOSED, XenbusState.INITIALISING)
-
-        def closing(snap: dict[str, str]) -> XenbusState | None:
-            st = state_of(snap, self.fe)
-            if st in gone:
-                return st
-            return XenbusState.UNKNOWN if lost.is_set() else None
-
-        fe_state = await self._watch(closing, wake=lost)
-        try:
-            if lost.is_set():
-                log.warning("vbd %d/%d: cleaning up after the frontend", self.domid, self.devid)
-            await conn.quiesce()
-            conn.unmap()
-            self._switch(XenbusState.CLOSING)
-            if fe_state is XenbusState.CLOSING and not lost.is_set():
-                # The frontend finishes with Closed; its event channel closing also counts.
-                await self._watch(
-                    lambda s: (
-                        True
-                        if lost.is_set() or state_of(s, self.fe) != XenbusState.CLOSING
-                        else None
-                    ),
-                    wake=lost,
-                )
-        finally:
-            conn.unbind()
-            self.connection = None
-            self._switch(XenbusState.CLOSED)
-
-    async def _await_reconnect(self) -> bool:
-        """Closed until a frontend is Initialising again ("prepare for reconnect")."""
-        got = await self._watch(
-            lambda s: True if state_of(s, self.fe) == XenbusState.INITIALISING else None
-        )
-        if got is None:
-            return False
-        self._switch(XenbusState.INIT_WAIT)
-        return True
-
-
-async def serve_image(
-    image: str,
-    directory: str | Path,
-    *,
-    fmt: str = "auto",
-    read_only: bool = False,
-    once: bool = False,
-    domid: int = DEFAULT_DOMID,
-    devid: int = DEFAULT_DEVID,
-    on_ready: Any = None,
-) -> RingStats:
-    """Open ``image`` and serve it as vbd ``domid``/``devid`` until SIGINT/SIGTERM."""
-    from formats import open_image
-    from tapnbd.backend import Backend
-
-    os.makedirs(directory, exist_ok=True)
-    driver = await open_image(image, fmt=fmt, read_only=read_only)
-    backend = Backend(driver, read_only=read_only)
-    server = BlkifServer(backend, directory, domid=domid, devid=devid, params=image, once=once)
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, server.stop)
-    try:
-        task = asyncio.ensure_future(server.run())
-        ready = asyncio.ensure_future(server.wait_ready())
-        await asyncio.wait([task, ready], return_when=asyncio.FIRST_COMPLETED)
-        if ready.done() and on_ready is not None:
-            on_ready(server)
-        ready.cancel()
-        await task
-    finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
-        await backend.close()
-    return server.stats
