@@ -14,10 +14,11 @@ References: ../shared/spec/blktap.md §1.2 (L1 entries), §2.3 (checksum), §2.6
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import sys
 from array import array
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 from tapnbd.driver import ExtentFlags
@@ -159,6 +160,17 @@ async def data_ranges(child: Driver, offset: int, length: int) -> AsyncIterator[
         if pos == start:  # an answer that does not start at pos, or no answer
             yield pos, end - pos
             return
+
+
+async def tables_with_data(child: Driver, tables: Sequence[int], length: int) -> AsyncIterator[int]:
+    """The offsets in ``tables`` (sorted) of tables of ``length`` bytes that overlap the
+    child's data, in order; the others lie in holes and read as zeros."""
+    nxt = 0
+    async for start, n in data_ranges(child, 0, child.size()):
+        i = max(nxt, bisect.bisect_left(tables, start - length + 1))
+        nxt = max(i, bisect.bisect_left(tables, start + n))
+        for k in range(i, nxt):
+            yield tables[k]
 
 
 async def read_pieces(
