@@ -50,7 +50,7 @@ from collections import OrderedDict
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from formats.qcow.geometry import compressed_location, round_up
-from formats.qcow.l1 import be_array, tables_with_data, to_be_bytes
+from formats.qcow.l1 import PIECE_BITS, PIECE_MASK, be_array, tables_with_data, to_be_bytes
 from formats.qcow.layout import CKSUM_OFFSET, EXT_OFFSET, QCOW_OFLAG_COMPRESSED, XenFlags
 from formats.qcow.meta import CKSUM_MAX_BYTES, QcowMeta
 from tapnbd.driver import BlockSize, Driver, Extent, ExtentFlags, FuaMode
@@ -125,6 +125,7 @@ class QcowDriver(Driver):
         self._l2_mask = g.l2_size - 1
         self._data_off = g.l2_bytes
         self.l1 = meta.l1
+        self._l1_pieces = meta.l1.pieces
         #: Fast path on: data offsets come from L1 alone (see the module docstring).
         self._fast = False
         #: Growth by sparse extension (SPARSE_FILE, the default) or by fallocate.
@@ -274,7 +275,8 @@ class QcowDriver(Driver):
         shift = self._shift
         l1i = pos >> shift
         lim = min(end, (l1i + 1) << shift)
-        l2off = self.l1[l1i]
+        p = self._l1_pieces.get(l1i >> PIECE_BITS)  # self.l1[l1i], inlined (hot)
+        l2off = p[l1i & PIECE_MASK] if p is not None else 0
         if not l2off:
             return UNALLOC, 0, lim - pos
         if self._fast:
@@ -395,7 +397,8 @@ class QcowDriver(Driver):
         l1i = offset >> shift
         if (offset + length - 1) >> shift != l1i:
             return -1
-        l2off = self.l1[l1i]
+        p = self._l1_pieces.get(l1i >> PIECE_BITS)  # self.l1[l1i], inlined (hot)
+        l2off = p[l1i & PIECE_MASK] if p is not None else 0
         if not l2off:
             return -1
         if self._fast:
@@ -428,7 +431,8 @@ class QcowDriver(Driver):
             shift = self._shift
             l1i = offset >> shift
             if (offset + length - 1) >> shift == l1i:
-                l2off = self.l1[l1i]
+                p = self._l1_pieces.get(l1i >> PIECE_BITS)  # self.l1[l1i], inlined (hot)
+                l2off = p[l1i & PIECE_MASK] if p is not None else 0
                 if l2off:
                     return self.child.pread(
                         l2off + self._data_off + (offset & self._cov_mask), length
@@ -503,7 +507,8 @@ class QcowDriver(Driver):
             shift = self._shift
             l1i = offset >> shift
             if (offset + len(data) - 1) >> shift == l1i:
-                l2off = self.l1[l1i]
+                p = self._l1_pieces.get(l1i >> PIECE_BITS)  # self.l1[l1i], inlined (hot)
+                l2off = p[l1i & PIECE_MASK] if p is not None else 0
                 if l2off:
                     return self.child.pwrite(
                         l2off + self._data_off + (offset & self._cov_mask), data, fua
