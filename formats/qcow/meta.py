@@ -287,6 +287,8 @@ async def _load_l1(
                 continue
             good, bad = list(range(len(entries))), 0
             used -= len(entries)
+        elif min(entries) > hi or max(entries) < lo:  # every entry in use is out of range
+            good, bad = [], len(entries) - entries.count(0)
         else:
             good = [j for j, e in enumerate(entries) if lo <= e <= hi]
             bad = len(entries) - entries.count(0) - len(good)
