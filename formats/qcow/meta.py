@@ -278,20 +278,16 @@ async def _load_l1(
     async for k, piece in read_pieces(child, meta.header.l1_table_offset, g.l1_size, md5):
         entries = _host_order(piece, native)
         base = k << PIECE_BITS
-        # In C-speed passes: a table of 16 Mi bad entries is counted, not looped over.
-        if not entries.count(0) and lo <= min(entries) and max(entries) <= hi:
-            used += len(entries)  # the usual piece: every entry in use, and in range
-            if used <= room:
-                l1.pieces[k] = entries
-                tables.add(entries)
-                continue
-            good, bad = list(range(len(entries))), 0
-            used -= len(entries)
-        elif min(entries) > hi or max(entries) < lo:  # every entry in use is out of range
-            good, bad = [], len(entries) - entries.count(0)
+        # In C-speed passes where possible: a piece of 512 entries all in use and in range
+        # (the usual case) or all out of range (16 Mi bad entries) is not looped over.
+        zeros = entries.count(0)
+        if not zeros and lo <= min(entries) and max(entries) <= hi:
+            good: Sequence[int] = range(len(entries))
+        elif min(entries) > hi or max(entries) < lo:
+            good = ()
         else:
             good = [j for j, e in enumerate(entries) if lo <= e <= hi]
-            bad = len(entries) - entries.count(0) - len(good)
+        bad = len(entries) - zeros - len(good)
         if bad:
             if problems is None:
                 j = next(j for j, e in enumerate(entries) if e and not lo <= e <= hi)
@@ -318,7 +314,7 @@ async def _load_l1(
             return False
         if good:
             l1.pieces[k] = entries
-            tables.add([entries[j] for j in good])
+            tables.add(entries if bad == 0 and not zeros else [entries[j] for j in good])
     meta.l2_tables = tables.sorted()
     l2_bytes, t = g.l2_bytes, meta.l2_tables
     if len(t) < 2 or min(map(operator.sub, itertools.islice(t, 1, None), t)) >= l2_bytes:
@@ -328,7 +324,8 @@ async def _load_l1(
             if report.full:  # finding the indices is a scan of the table: only to list
                 report.count += 1
                 continue
-            i, j = _index_of(l1, a), _index_of(l1, b, not_index=_index_of(l1, a))
+            i = _index_of(l1, a)
+            j = _index_of(l1, b, not_index=i)
             report.add(
                 f"L1 entries {i} and {j} point to overlapping L2 tables (0x{a:x} and 0x{b:x})"
             )
