@@ -93,22 +93,14 @@ class L1Table:
                 if e:
                     yield base + j, e
 
-    def values(self) -> Iterator[int]:
-        """Every non-zero entry (L2 table offsets), in index order."""
-        return (e for _, e in self.items())
-
     def count(self) -> int:
         """Non-zero entries."""
         return sum(len(p) - p.count(0) for p in self.pieces.values())
 
-    def disk_pieces(self, *, native: bool = False) -> Iterator[tuple[int, bytes]]:
-        """(byte offset in the table, bytes as stored) of every stored piece.
-
-        Big-endian unless ``native`` (an old tapdisk image's host order, spec §2.6).
-        """
+    def disk_pieces(self) -> Iterator[tuple[int, bytes]]:
+        """(byte offset in the table, big-endian bytes) of every stored piece."""
         for k in sorted(self.pieces):
-            p = self.pieces[k]
-            yield k * PIECE_BYTES, p.tobytes() if native else to_be_bytes(p)
+            yield k * PIECE_BYTES, to_be_bytes(self.pieces[k])
 
     def cksum(self) -> int:
         """The extension's checksum of this table stored big-endian (spec §2.3)."""
