@@ -6,8 +6,9 @@ single check has run, and a backing chain multiplies it (issue 11). So the table
 in pieces of ``PIECE`` entries (4 KiB), the file's holes are skipped (they read as zeros)
 and a piece of zeros is never kept: memory is proportional to the entries the file
 really holds, and time to the table's allocated bytes, never to the size the header
-claims. The only pass over the whole claimed length is the optional MD5 of the Xen
-extension (spec §2.3), which hashes holes from one shared zero buffer.
+claims. The only pass over the whole claimed length is the MD5 of the Xen extension
+(spec §2.3), which hashes holes from one shared zero buffer, and which meta.py skips
+for tables over CKSUM_MAX_BYTES (64 MiB).
 
 References: ../shared/spec/blktap.md §1.2 (L1 entries), §2.3 (checksum), §2.6 (byte order).
 """
