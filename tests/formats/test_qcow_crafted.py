@@ -4,7 +4,7 @@ Each hostile image (tests/formats/crafted.py) goes through the real CLI in a chi
 process: ``tapnbd info``, ``tapnbd check``, and ``tapnbd serve`` asked by nbdinfo. The
 assertion is the child's peak RSS (its own getrusage, or VmHWM from /proc while the
 server runs) and the message; time limits only guard against hangs. On the code before
-this change these images took 0.4-4.2 GiB and 8-37 s each (12.6 GiB for a chain of
+this change these images took 0.4-4.1 GiB and 8-37 s each (12 GiB for a chain of
 three), or ended in a MemoryError.
 
 Then the L1 fields are fuzzed in-process with hypothesis: an open succeeds with a table
