@@ -20,7 +20,7 @@ import zlib
 from dataclasses import dataclass, field
 
 from formats.qcow.geometry import compressed_location, round_up
-from formats.qcow.l1 import be_array, data_ranges
+from formats.qcow.l1 import be_array, data_ranges, tables_with_data
 from formats.qcow.layout import QCOW_OFLAG_COMPRESSED
 from formats.qcow.meta import CKSUM_MAX_BYTES, MAX_LISTED, Problems, read_meta
 from formats.raw import RawDriver
@@ -207,10 +207,27 @@ async def _check(child: RawDriver, res: CheckResult) -> None:
                 res.corrupt(f"{what}: cluster at 0x{c * cs:x} is also used by something else")
             use.set(c, NORMAL)
 
-    # Entries read_meta found bad are not in meta.l1: only tables inside the file.
+    # L2 tables, in file order. read_meta checked that they lie in the data area and
+    # apart from each other (entries found bad are left out); a table may still share a
+    # cluster with the fixed metadata or with the table before it.
+    last = (meta.data_start - 1) // cs
+    run = last + 1  # clusters [run, last] are tables not yet marked: one fill per run
+    span = g.l2_bytes - 1
+    for l2off in meta.l2_tables:
+        c0, c1 = l2off // cs, (l2off + span) // cs
+        if c0 <= last:
+            res.corrupt(
+                f"L2 table at 0x{l2off:x}: cluster at 0x{c0 * cs:x} is also used by something else"
+            )
+        elif c0 > last + 1:
+            use.fill(run, last + 1, NORMAL)
+            run = c0
+        if c1 > last:
+            last = c1
+    use.fill(run, last + 1, NORMAL)
+    # Their entries. A table in a hole of the file reads as zeros: it names nothing.
     compressed: list[tuple[int, int, str]] = []
-    for i, l2off in meta.l1.items():
-        mark(l2off, g.l2_bytes, f"L2 table of L1 entry {i}")
+    async for l2off in tables_with_data(child, meta.l2_tables, g.l2_bytes):
         table = be_array(await child.pread(l2off, g.l2_bytes))
         for j, e in enumerate(table):
             if not e:

@@ -50,7 +50,7 @@ from collections import OrderedDict
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from formats.qcow.geometry import compressed_location, round_up
-from formats.qcow.l1 import be_array, to_be_bytes
+from formats.qcow.l1 import PIECE_BITS, PIECE_MASK, be_array, tables_with_data, to_be_bytes
 from formats.qcow.layout import CKSUM_OFFSET, EXT_OFFSET, QCOW_OFLAG_COMPRESSED, XenFlags
 from formats.qcow.meta import CKSUM_MAX_BYTES, QcowMeta
 from tapnbd.driver import BlockSize, Driver, Extent, ExtentFlags, FuaMode
@@ -125,6 +125,7 @@ class QcowDriver(Driver):
         self._l2_mask = g.l2_size - 1
         self._data_off = g.l2_bytes
         self.l1 = meta.l1
+        self._l1_pieces = meta.l1.pieces
         #: Fast path on: data offsets come from L1 alone (see the module docstring).
         self._fast = False
         #: Growth by sparse extension (SPARSE_FILE, the default) or by fallocate.
@@ -142,7 +143,8 @@ class QcowDriver(Driver):
         self._l2cache: OrderedDict[int, array[int]] = OrderedDict()
         self._l2_cache_max = max(16, L2_CACHE_BYTES // g.l2_bytes)
         self._loading: dict[int, asyncio.Future[None]] = {}
-        self._l2_sorted = sorted(self.l1.values())
+        #: L2 table offsets, sorted (an array: 8 bytes each).
+        self._l2_sorted = meta.l2_tables
         # Metadata not yet on disk (see "flush epochs" above).
         self._dirty_l1: dict[int, int] = {}
         self._dirty_l2: dict[int, dict[int, int]] = {}
@@ -273,7 +275,8 @@ class QcowDriver(Driver):
         shift = self._shift
         l1i = pos >> shift
         lim = min(end, (l1i + 1) << shift)
-        l2off = self.l1[l1i]
+        p = self._l1_pieces.get(l1i >> PIECE_BITS)  # self.l1[l1i], inlined (hot)
+        l2off = p[l1i & PIECE_MASK] if p is not None else 0
         if not l2off:
             return UNALLOC, 0, lim - pos
         if self._fast:
@@ -394,7 +397,8 @@ class QcowDriver(Driver):
         l1i = offset >> shift
         if (offset + length - 1) >> shift != l1i:
             return -1
-        l2off = self.l1[l1i]
+        p = self._l1_pieces.get(l1i >> PIECE_BITS)  # self.l1[l1i], inlined (hot)
+        l2off = p[l1i & PIECE_MASK] if p is not None else 0
         if not l2off:
             return -1
         if self._fast:
@@ -427,7 +431,8 @@ class QcowDriver(Driver):
             shift = self._shift
             l1i = offset >> shift
             if (offset + length - 1) >> shift == l1i:
-                l2off = self.l1[l1i]
+                p = self._l1_pieces.get(l1i >> PIECE_BITS)  # self.l1[l1i], inlined (hot)
+                l2off = p[l1i & PIECE_MASK] if p is not None else 0
                 if l2off:
                     return self.child.pread(
                         l2off + self._data_off + (offset & self._cov_mask), length
@@ -502,7 +507,8 @@ class QcowDriver(Driver):
             shift = self._shift
             l1i = offset >> shift
             if (offset + len(data) - 1) >> shift == l1i:
-                l2off = self.l1[l1i]
+                p = self._l1_pieces.get(l1i >> PIECE_BITS)  # self.l1[l1i], inlined (hot)
+                l2off = p[l1i & PIECE_MASK] if p is not None else 0
                 if l2off:
                     return self.child.pwrite(
                         l2off + self._data_off + (offset & self._cov_mask), data, fua
@@ -892,19 +898,28 @@ class QcowDriver(Driver):
     # Facts for `tapnbd info`.
 
     async def allocation(self) -> tuple[int, int]:
-        """(allocated clusters, of which compressed), counted from the tables."""
+        """(allocated clusters, of which compressed), counted from the tables.
+
+        Tables in memory are counted there; on disk, only tables the file holds data
+        for are read. A table in a hole reads as zeros: nothing allocated. An image may
+        name millions of tables in a sparse file, and reading each would take minutes.
+        """
         if self._fast:
             return self.l1.count() * self.g.l2_size, 0
+        l2_bytes = self.g.l2_bytes
         alloc = comp = 0
-        for l2off in self._l2_sorted:
-            t = self._l2cache.get(l2off)
-            if t is None:
-                t = be_array(await self.child.pread(l2off, self.g.l2_bytes))
-            for e in t:
-                if e:
-                    alloc += 1
-                    if e & QCOW_OFLAG_COMPRESSED:
-                        comp += 1
+
+        def count(t: array[int]) -> None:
+            nonlocal alloc, comp
+            alloc += len(t) - t.count(0)
+            comp += sum(1 for e in t if e & QCOW_OFLAG_COMPRESSED)
+
+        memory = {**self._l2cache, **self._new_l2}
+        for t in memory.values():
+            count(t)
+        async for l2off in tables_with_data(self.child, self._l2_sorted, l2_bytes):
+            if l2off not in memory:
+                count(be_array(await self.child.pread(l2off, l2_bytes)))
         return alloc, comp
 
     def describe(self) -> dict[str, object]:

@@ -6,18 +6,20 @@ single check has run, and a backing chain multiplies it (issue 11). So the table
 in pieces of ``PIECE`` entries (4 KiB), the file's holes are skipped (they read as zeros)
 and a piece of zeros is never kept: memory is proportional to the entries the file
 really holds, and time to the table's allocated bytes, never to the size the header
-claims. The only pass over the whole claimed length is the optional MD5 of the Xen
-extension (spec §2.3), which hashes holes from one shared zero buffer.
+claims. The only pass over the whole claimed length is the MD5 of the Xen extension
+(spec §2.3), which hashes holes from one shared zero buffer, and which meta.py skips
+for tables over CKSUM_MAX_BYTES (64 MiB).
 
 References: ../shared/spec/blktap.md §1.2 (L1 entries), §2.3 (checksum), §2.6 (byte order).
 """
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import sys
 from array import array
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 from tapnbd.driver import ExtentFlags
@@ -92,22 +94,14 @@ class L1Table:
                 if e:
                     yield base + j, e
 
-    def values(self) -> Iterator[int]:
-        """Every non-zero entry (L2 table offsets), in index order."""
-        return (e for _, e in self.items())
-
     def count(self) -> int:
         """Non-zero entries."""
         return sum(len(p) - p.count(0) for p in self.pieces.values())
 
-    def disk_pieces(self, *, native: bool = False) -> Iterator[tuple[int, bytes]]:
-        """(byte offset in the table, bytes as stored) of every stored piece.
-
-        Big-endian unless ``native`` (an old tapdisk image's host order, spec §2.6).
-        """
+    def disk_pieces(self) -> Iterator[tuple[int, bytes]]:
+        """(byte offset in the table, big-endian bytes) of every stored piece."""
         for k in sorted(self.pieces):
-            p = self.pieces[k]
-            yield k * PIECE_BYTES, p.tobytes() if native else to_be_bytes(p)
+            yield k * PIECE_BYTES, to_be_bytes(self.pieces[k])
 
     def cksum(self) -> int:
         """The extension's checksum of this table stored big-endian (spec §2.3)."""
@@ -159,6 +153,17 @@ async def data_ranges(child: Driver, offset: int, length: int) -> AsyncIterator[
         if pos == start:  # an answer that does not start at pos, or no answer
             yield pos, end - pos
             return
+
+
+async def tables_with_data(child: Driver, tables: Sequence[int], length: int) -> AsyncIterator[int]:
+    """The offsets in ``tables`` (sorted) of tables of ``length`` bytes that overlap the
+    child's data, in order; the others lie in holes and read as zeros."""
+    nxt = 0
+    async for start, n in data_ranges(child, 0, child.size()):
+        i = max(nxt, bisect.bisect_left(tables, start - length + 1))
+        nxt = max(i, bisect.bisect_left(tables, start + n))
+        for k in range(i, nxt):
+            yield tables[k]
 
 
 async def read_pieces(

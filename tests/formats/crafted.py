@@ -8,6 +8,7 @@ Also a command, to measure an image with the real CLI::
 
     python -m tests.formats.crafted huge-l1 /tmp/h.qcow [--chain 3] [--ext]
     python -m tests.formats.crafted bad-entries /tmp/b.qcow --entries 16777216
+    python -m tests.formats.crafted many-tables /tmp/m.qcow --entries 8388608
     python -m tests.formats.crafted sparse-16t /tmp/s.qcow
 """
 
@@ -129,6 +130,21 @@ def overlapping(path: Path, entries: int) -> Path:
     return path
 
 
+def many_tables(path: Path, entries: int) -> Path:
+    """A written L1 of ``entries`` entries, each naming its own L2 table, every table in
+    the hole that follows: valid, and ``entries`` * 8 bytes of real metadata."""
+    end = L1_OFF + entries * 8
+    with open(path, "wb") as f:
+        f.write(header(entries << 15))
+        f.seek(L1_OFF)
+        step = 65536
+        for s in range(0, entries, step):
+            n = min(step, entries - s)
+            f.write(struct.pack(f">{n}Q", *range(end + s * 512, end + (s + n) * 512, 512)))
+        f.truncate(end + entries * 512)
+    return path
+
+
 def sparse_16t(path: Path) -> Path:
     """A small valid image (16 TiB virtual, nothing allocated) in a 16 TiB sparse file
     (1 MiB short: ext4's limit), with 512-byte clusters: 2**35 of them in the file."""
@@ -140,7 +156,7 @@ def sparse_16t(path: Path) -> Path:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("case", choices=["huge-l1", "bad-entries", "sparse-16t"])
+    ap.add_argument("case", choices=["huge-l1", "bad-entries", "many-tables", "sparse-16t"])
     ap.add_argument("path", type=Path)
     ap.add_argument("--chain", type=int, default=1, help="huge-l1: images in the chain")
     ap.add_argument("--ext", action="store_true", help="huge-l1: with an optimised extension")
@@ -153,6 +169,8 @@ def main() -> None:
             huge_l1(a.path, a.entries, ext=a.ext)
     elif a.case == "bad-entries":
         bad_entries(a.path, a.entries)
+    elif a.case == "many-tables":
+        many_tables(a.path, a.entries)
     else:
         sparse_16t(a.path)
 
