@@ -146,7 +146,7 @@ def test_hole_reads_do_not_allocate(serve: Callable[..., Server], structured: bo
     the shared zeros, never a fresh 32 MiB buffer each."""
     server = serve("ram:4G", "--verbose")
     base = hwm(server)
-    reads = 100 if structured else 30
+    reads = 100 if structured else 10
     s = open_flood(server.uri, reads=reads, length=32 * MiB, structured=structured)
     s.settimeout(60)
     for _ in range(reads):
