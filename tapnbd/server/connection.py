@@ -268,6 +268,7 @@ class NBDConnection(asyncio.BufferedProtocol):
             return
         if tls is None:
             return
+        tls.set_write_buffer_limits(high=BACKLOG_HIGH)  # the same backlog bound as before
         self.transport = tls
         self.handshake.tls_started()
 
