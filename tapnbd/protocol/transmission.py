@@ -142,6 +142,13 @@ class RequestDecoder:
         still arriving (or being skipped)."""
         return self._direct or self._pending
 
+    def drop_taken(self) -> Request | None:
+        """Forget the ``taken()`` request (the server reads no more), and its buffer."""
+        req = self.taken()
+        self._direct, self._direct_buf, self._direct_fill = None, bytearray(), 0
+        self._pending, self._discard = None, 0
+        return req
+
     def next_request(self) -> Request | None:
         """The next complete request, or None when more bytes are needed."""
         if self._direct is not None:

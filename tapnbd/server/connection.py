@@ -172,9 +172,7 @@ class NBDConnection(asyncio.BufferedProtocol):
             self._timer.cancel()
         self.closing = True
         self.budget.forget(self._budget_ready)
-        taken = self.decoder.taken() if self.decoder is not None else None
-        if taken is not None:  # admitted, never served: a WRITE cut short
-            self._release(_payload_cost(taken.type, taken.length))
+        self._drop_taken()
         if self.export is not None:
             self.export.connections -= 1
             self.export.backend.stats.connections -= 1
@@ -345,6 +343,12 @@ class NBDConnection(asyncio.BufferedProtocol):
         log.debug("%s: decoding paused: %s", self.peer, why)
         self._blocked = True
         return False
+
+    def _drop_taken(self) -> None:
+        """We read no more: a WRITE admitted but still being received is never served."""
+        taken = self.decoder.drop_taken() if self.decoder is not None else None
+        if taken is not None:
+            self._release(_payload_cost(taken.type, taken.length))
 
     def _release(self, cost: int) -> None:
         self.in_flight -= 1
@@ -679,6 +683,7 @@ class NBDConnection(asyncio.BufferedProtocol):
             await asyncio.sleep(DRAIN_GRACE)
         self.closing = True
         self._update_reading()
+        self._drop_taken()  # its payload will not be read: do not wait for it
         if self.in_flight:
             self._idle = asyncio.get_running_loop().create_future()
             await self._idle

@@ -195,6 +195,8 @@ class NBDServer:
             _, pending = await asyncio.wait(
                 [asyncio.ensure_future(c.drain()) for c in conns], timeout=timeout
             )
+            if pending:
+                log.warning("%d connections did not drain in %g s", len(pending), timeout)
             for task in pending:
                 task.cancel()
         for server in self._servers:

@@ -214,3 +214,21 @@ def test_write_payloads_wait_for_the_budget(serve: Callable[..., Server], tmp_pa
     with open(image, "rb") as written:
         written.seek(11 * 32 * MiB)
         assert written.read(32 * MiB) == payload
+
+
+def test_sigterm_with_a_write_half_received(serve: Callable[..., Server]) -> None:
+    """A WRITE admitted while its payload is still arriving is not waited for at
+    shutdown: the server stops reading, so it would never complete (it held the drain
+    for its whole 30 s timeout)."""
+    server = serve("ram:64M", "--verbose")
+    u = urlparse(server.uri)
+    assert u.hostname and u.port
+    s = rc.connect(u.hostname, u.port)
+    rc.greet(s)
+    rc.go(s, "ram")
+    rc.request(s, rc.CMD_READ, 0, 4096, cookie=1)
+    assert rc.simple_reply(s, 4096)[0] == 0  # in transmission, served
+    rc.request(s, rc.CMD_WRITE, 0, 1 << 20, cookie=2, payload=b"x" * 1000)  # 1 MiB promised
+    assert server.stop(signal.SIGTERM, timeout=60) == 0
+    assert "did not drain" not in server.stderr()
+    s.close()
