@@ -171,7 +171,7 @@ class NBDConnection(asyncio.BufferedProtocol):
         if self._timer is not None:
             self._timer.cancel()
         self.closing = True
-        self.budget.forget(self._budget_ready)
+        self.budget.forget(self._unblock)
         self._drop_taken()
         if self.export is not None:
             self.export.connections -= 1
@@ -333,7 +333,7 @@ class NBDConnection(asyncio.BufferedProtocol):
             if self.payload and self.payload + length > MAX_CONN_PAYLOAD:
                 return self._hold("connection's payload in flight")
             if not self.budget.take(length):
-                self.budget.wait(self._budget_ready)
+                self.budget.wait(self._unblock)
                 return self._hold("server's payload budget")
             self.payload += length
         self.in_flight += 1
@@ -355,9 +355,6 @@ class NBDConnection(asyncio.BufferedProtocol):
         if cost:
             self.payload -= cost
             self.budget.give(cost)
-
-    def _budget_ready(self) -> None:
-        self._unblock()
 
     def _unblock(self) -> None:
         """A bound was lifted: decode what is buffered, and read again if we can."""
