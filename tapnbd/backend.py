@@ -118,9 +118,12 @@ class Backend:
         except Exception as e:
             err = request_errno(e)
             self.stats.fail(op, err, t0)
-            # Any failed flush, and a FUA request's EIO (its sync failed; ENOSPC or EPERM
-            # refused the write itself), may have lost data that was written before.
-            if op == "flush" or (durable and err == errno.EIO):
+            # EIO from a flush or a FUA request: the sync failed, and writes acknowledged
+            # before it may be lost. ENOSPC (a format that could not write its metadata,
+            # a full disk) or EPERM refused the request itself: nothing acknowledged was
+            # lost, and a later flush may succeed once there is room. (The raw driver
+            # makes any failure of fdatasync itself stick, as EIO.)
+            if durable and err == errno.EIO:
                 self.sync_failed(op, e)
             if isinstance(e, RequestError):
                 raise
@@ -129,7 +132,7 @@ class Backend:
         return result
 
     def sync_failed(self, op: str, exc: BaseException) -> None:
-        """A flush (or a FUA request) failed: from now on every one fails with EIO.
+        """A flush (or a FUA request) failed with EIO: from now on every one fails so.
 
         PostgreSQL's "fsyncgate": after a failed fsync the kernel may already have
         dropped the dirty pages and cleared the error, so a retry that succeeds proves
