@@ -76,6 +76,10 @@ class Backend:
         self.is_rotational = driver.is_rotational()
         self.block_size: BlockSize = driver.block_size()
         self._native_cache = driver.can_cache()
+        # Holes are answered from extents without a read, except when a filter in front
+        # (formats.filters: injected faults or delays) must see every read.
+        intercepts = getattr(driver, "intercepts", None)
+        self._zero_hint = self.can_extents and not (callable(intercepts) and intercepts("read"))
         self._lock = None if driver.parallel else asyncio.Lock()
         self.stats = Stats()
         self.closed = False
@@ -254,7 +258,7 @@ class Backend:
         error included, answers False and the caller reads as usual.
         """
         if (
-            not self.can_extents
+            not self._zero_hint
             or self._lock is not None
             or offset < 0
             or length <= 0

@@ -232,3 +232,20 @@ def test_sigterm_with_a_write_half_received(serve: Callable[..., Server]) -> Non
     assert server.stop(signal.SIGTERM, timeout=60) == 0
     assert "did not drain" not in server.stderr()
     s.close()
+
+
+def test_injected_read_faults_still_reach_hole_reads(serve: Callable[..., Server]) -> None:
+    """The hole path answers from extents without reading, but not past a fault filter
+    that must see every read: a 1 MiB READ of a hole still gets the injected EIO."""
+    server = serve("ram:64M", "--inject-error", "EIO:100%:read")
+    script = r"""
+import errno, json, sys, nbd
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+try:
+    h.pread(1 << 20, 0)
+    print(json.dumps("OK"))
+except nbd.Error as e:
+    print(json.dumps(errno.errorcode.get(e.errno, str(e.errno))))
+"""
+    assert nbdsh_script(script, server.uri) == "EIO"
