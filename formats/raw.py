@@ -292,7 +292,8 @@ class RawDriver(Driver):
         try:
             await self._blocking(_pwrite_all, self.fd, data, offset, os.RWF_DSYNC)
         except OSError as e:
-            self._sync_error = e  # RWF_DSYNC is a sync: its failure sticks as a flush's
+            if e.errno == errno.EIO:  # the sync part failed (ENOSPC refused the write)
+                self._sync_error = e
             raise
 
     async def flush(self) -> None:

@@ -76,6 +76,10 @@ class Backend:
         self.is_rotational = driver.is_rotational()
         self.block_size: BlockSize = driver.block_size()
         self._native_cache = driver.can_cache()
+        # Holes are answered from extents without a read, except when a filter in front
+        # (formats.filters: injected faults or delays) must see every read.
+        intercepts = getattr(driver, "intercepts", None)
+        self._zero_hint = self.can_extents and not (callable(intercepts) and intercepts("read"))
         self._lock = None if driver.parallel else asyncio.Lock()
         self.stats = Stats()
         self.closed = False
@@ -118,9 +122,12 @@ class Backend:
         except Exception as e:
             err = request_errno(e)
             self.stats.fail(op, err, t0)
-            # Any failed flush, and a FUA request's EIO (its sync failed; ENOSPC or EPERM
-            # refused the write itself), may have lost data that was written before.
-            if op == "flush" or (durable and err == errno.EIO):
+            # EIO from a flush or a FUA request: the sync failed, and writes acknowledged
+            # before it may be lost. ENOSPC (a format that could not write its metadata,
+            # a full disk) or EPERM refused the request itself: nothing acknowledged was
+            # lost, and a later flush may succeed once there is room. (The raw driver
+            # makes any failure of fdatasync itself stick, as EIO.)
+            if durable and err == errno.EIO:
                 self.sync_failed(op, e)
             if isinstance(e, RequestError):
                 raise
@@ -129,7 +136,7 @@ class Backend:
         return result
 
     def sync_failed(self, op: str, exc: BaseException) -> None:
-        """A flush (or a FUA request) failed: from now on every one fails with EIO.
+        """A flush (or a FUA request) failed with EIO: from now on every one fails so.
 
         PostgreSQL's "fsyncgate": after a failed fsync the kernel may already have
         dropped the dirty pages and cleared the error, so a retry that succeeds proves
@@ -251,7 +258,7 @@ class Backend:
         error included, answers False and the caller reads as usual.
         """
         if (
-            not self.can_extents
+            not self._zero_hint
             or self._lock is not None
             or offset < 0
             or length <= 0

@@ -19,6 +19,7 @@ from tapnbd.cli.app import app, errors_as_exit, fail
 from tapnbd.protocol.handshake import TLSMode
 from tapnbd.server.budget import DEFAULT_PAYLOAD_BUDGET
 from tapnbd.server.listener import (
+    DEFAULT_HANDSHAKE_GRACE,
     DEFAULT_HANDSHAKE_TIMEOUT,
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_HANDSHAKES,
@@ -62,6 +63,10 @@ def serve_cmd(
         int,
         typer.Option(help="Unfinished handshakes at once; past this the oldest is dropped."),
     ] = DEFAULT_MAX_HANDSHAKES,
+    handshake_grace: Annotated[
+        float,
+        typer.Option(help="Seconds an unfinished handshake is safe from being dropped."),
+    ] = DEFAULT_HANDSHAKE_GRACE,
     payload_budget: Annotated[
         str,
         typer.Option(
@@ -131,6 +136,7 @@ def serve_cmd(
         max_connections=max_connections,
         handshake_timeout=handshake_timeout,
         max_handshakes=max_handshakes,
+        handshake_grace=handshake_grace,
         payload_budget=payload_budget,
         inject_error=inject_error or [],
         delay=delay or [],

@@ -13,7 +13,7 @@ written with one ``writelines`` call and never copied into a bigger buffer.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
 from tapnbd import buffers
@@ -67,8 +67,18 @@ class Request(NamedTuple):
     payload: bytes | memoryview | None = None
 
 
+#: Asked ``(type, length)`` before a request is taken; False leaves it unread for now.
+Admit = Callable[[int, int], bool]
+
+
 class RequestDecoder:
     """Incremental decoder of compact requests (28-byte header + WRITE payload).
+
+    With ``admit``, each request is offered to it before it is taken: once its header
+    is here, and for a WRITE once its payload is here or is about to be received into
+    a buffer of its own (allocated only after ``admit`` said yes). A request refused is
+    left in the buffer and offered again on the next ``next_request`` call, so a
+    server can stop decoding when it has no room, and go on later.
 
     Two ways in. ``feed(data)`` takes bytes (tests, the handshake's leftovers). The
     ``get_buffer``/``buffer_updated`` pair serves asyncio's BufferedProtocol: a large
@@ -76,7 +86,10 @@ class RequestDecoder:
     user space, which halves the cost of sequential writes.
     """
 
-    def __init__(self, max_payload: int = MAX_PAYLOAD, max_drain: int = MAX_DRAIN) -> None:
+    def __init__(
+        self, max_payload: int = MAX_PAYLOAD, max_drain: int = MAX_DRAIN, admit: Admit | None = None
+    ) -> None:
+        self.admit = admit
         self.max_payload = max_payload
         self.max_drain = max_drain
         self._buf = bytearray()
@@ -124,16 +137,17 @@ class RequestDecoder:
     def buffered(self) -> int:
         return len(self._buf) - self._pos
 
-    def peek(self) -> tuple[int, int] | None:
-        """(type, length) of the request ``next_request`` returns next, once its header
-        is here and before it is taken (taking a WRITE allocates its payload buffer, so
-        a server can decide first whether it has the memory); None until then."""
-        if self._direct is not None or self._pending is not None:
-            return None  # already taken; its payload is still coming
-        if len(self._buf) - self._pos < _REQ_SIZE:
-            return None
-        _, _, typ, _, _, length = _REQ.unpack_from(self._buf, self._pos)
-        return typ, length
+    def taken(self) -> Request | None:
+        """A request admitted and taken but not returned yet: a WRITE whose payload is
+        still arriving (or being skipped)."""
+        return self._direct or self._pending
+
+    def drop_taken(self) -> Request | None:
+        """Forget the ``taken()`` request (the server reads no more), and its buffer."""
+        req = self.taken()
+        self._direct, self._direct_buf, self._direct_fill = None, bytearray(), 0
+        self._pending, self._discard = None, 0
+        return req
 
     def next_request(self) -> Request | None:
         """The next complete request, or None when more bytes are needed."""
@@ -155,12 +169,17 @@ class RequestDecoder:
         magic, flags, typ, cookie, offset, length = _REQ.unpack_from(buf, pos)
         if magic != REQUEST_MAGIC:
             raise ProtocolError(f"bad request magic {magic:#x}")
+        admit = self.admit
         if typ != _WRITE:
+            if admit is not None and not admit(typ, length):
+                return None
             self._pos = pos + _REQ_SIZE
             return Request(flags, typ, cookie, offset, length)
         if length > self.max_payload:
             if length > self.max_drain:
                 raise ProtocolError(f"WRITE payload of {length} bytes is too large to drain")
+            if admit is not None and not admit(typ, length):
+                return None
             # Skip what is buffered, then what is still to come.
             self._pos = pos + _REQ_SIZE
             have = min(length, len(buf) - self._pos)
@@ -173,6 +192,8 @@ class RequestDecoder:
         end = start + length
         if len(buf) < end:
             if length >= _DIRECT_MIN:
+                if admit is not None and not admit(typ, length):
+                    return None
                 # Take what is here; the rest arrives straight into the payload buffer.
                 have = len(buf) - start
                 payload = buffers.take(length)  # filled to the end before it is used
@@ -182,7 +203,9 @@ class RequestDecoder:
                 self._direct = Request(flags, typ, cookie, offset, length)
                 self._direct_buf, self._direct_fill = payload, have
             else:
-                self._compact()
+                self._compact()  # a small payload: offered once it is all here
+            return None
+        if admit is not None and not admit(typ, length):
             return None
         with memoryview(buf) as view:  # one copy, not a bytearray slice and then bytes
             data = bytes(view[start:end])

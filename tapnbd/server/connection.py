@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, cast
 
 from tapnbd import buffers
 from tapnbd.buffers import PooledBuffer
+from tapnbd.driver import MAX_PAYLOAD
 from tapnbd.errors import ProtocolError, RequestError
 from tapnbd.protocol.consts import Cmd, CmdFlag, TransmissionFlag
 from tapnbd.protocol.handshake import NEED_DATA, Abort, Handshake, Ready, StartTLS
@@ -87,6 +88,7 @@ _Part = tuple[bytes, bytes | bytearray | memoryview | None]
 # A plain int: ~ on an IntFlag keeps only known bits, which would hide unknown ones.
 _KNOWN_FLAGS = int(CmdFlag.FUA | CmdFlag.NO_HOLE | CmdFlag.DF | CmdFlag.REQ_ONE | CmdFlag.FAST_ZERO)
 _WRITES = (Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES)
+_WRITE = int(Cmd.WRITE)  # READ is 0, WRITE 1: "typ <= _WRITE" is "a READ or a WRITE"
 _ZERO_PROBE = bytes(64)
 
 
@@ -100,9 +102,12 @@ def _all_zero(data: bytes | bytearray | memoryview) -> bool:
     return n > 0 and data.count(0) == n
 
 
-def _payload_cost(typ: int, length: int, limit: int) -> int:
-    """Payload bytes a request will hold: its READ data or its WRITE payload."""
-    if (typ == Cmd.READ or typ == Cmd.WRITE) and length <= limit:
+def _payload_cost(typ: int, length: int) -> int:
+    """Payload bytes a request holds: its READ data or its WRITE payload.
+
+    Written out inline in ``_admit`` and ``_process``, the hot path; keep them the same.
+    """
+    if typ <= _WRITE and length <= MAX_PAYLOAD:
         return length
     return 0  # refused (EINVAL) or, for a WRITE, drained without being kept
 
@@ -133,7 +138,6 @@ class NBDConnection(asyncio.BufferedProtocol):
         self._write_paused = False
         self._blocked = False  # decoding stopped at a bound (see _admit)
         self._processing = False
-        self._paid: int | None = None  # cost of the admitted request not yet decoded
         self._cork: list[bytes | bytearray | memoryview] | None = None
         self._cork_bytes = 0
         self._hs_buf = memoryview(bytearray(65536))
@@ -167,10 +171,8 @@ class NBDConnection(asyncio.BufferedProtocol):
         if self._timer is not None:
             self._timer.cancel()
         self.closing = True
-        self.budget.forget(self._budget_ready)
-        if self._paid is not None:  # admitted, never decoded (a WRITE cut short)
-            self._release(self._paid)
-            self._paid = None
+        self.budget.forget(self._unblock)
+        self._drop_taken()
         if self.export is not None:
             self.export.connections -= 1
             self.export.backend.stats.connections -= 1
@@ -264,6 +266,7 @@ class NBDConnection(asyncio.BufferedProtocol):
             return
         if tls is None:
             return
+        tls.set_write_buffer_limits(high=BACKLOG_HIGH)  # the same backlog bound as before
         self.transport = tls
         self.handshake.tls_started()
 
@@ -284,7 +287,7 @@ class NBDConnection(asyncio.BufferedProtocol):
         self.flags = ready.flags
         self.structured = ready.structured
         self.context_id = next(iter(ready.meta_contexts), 0)
-        self.decoder = RequestDecoder()
+        self.decoder = RequestDecoder(admit=self._admit)
         log.debug("%s: transmission on %r", self.peer, export.name)
         if leftover:
             self.decoder.feed(leftover)
@@ -302,24 +305,13 @@ class NBDConnection(asyncio.BufferedProtocol):
         self._processing, self._blocked = True, False
         try:
             while not self.closing:
-                if self._paid is None:
-                    # Admit the next request before decoding it: decoding a WRITE
-                    # allocates its payload buffer.
-                    head = decoder.peek()
-                    if head is None:
-                        break
-                    cost = _payload_cost(*head, decoder.max_payload)
-                    held_by = self._admit(cost)
-                    if held_by:
-                        log.debug("%s: decoding paused: %s", self.peer, held_by)
-                        self._blocked = True
-                        break
-                    self._paid = cost
+                # None: more bytes needed, or _admit refused the next request.
                 req = decoder.next_request()
                 if req is None:
-                    break  # a WRITE payload still arriving (already paid for)
-                cost, self._paid = self._paid, None
-                self._dispatch(req, cost)
+                    break
+                # _payload_cost, inline: this loop is the hot path.
+                length = req.length
+                self._dispatch(req, length if req.type <= _WRITE and length <= MAX_PAYLOAD else 0)
         except ProtocolError as e:
             log.info("%s: dropped: %s", self.peer, e)
             self.closing = True
@@ -332,30 +324,37 @@ class NBDConnection(asyncio.BufferedProtocol):
                 self._write_now(cork)
         self._update_reading()
 
-    def _admit(self, cost: int) -> str:
-        """Count a request as in flight and charge its payload, or say why not yet."""
-        if self._write_paused:
-            return "reply backlog"
-        if self.in_flight >= MAX_IN_FLIGHT:
-            return "requests in flight"
-        if cost:
-            if self.payload and self.payload + cost > MAX_CONN_PAYLOAD:
-                return "connection's payload in flight"
-            if not self.budget.take(cost):
-                self.budget.wait(self._budget_ready)
-                return "server's payload budget"
-            self.payload += cost
+    def _admit(self, typ: int, length: int) -> bool:
+        """The decoder asks before it takes a request (before a WRITE's payload buffer
+        exists): count it as in flight and charge its payload, or stop decoding."""
+        if self._write_paused or self.in_flight >= MAX_IN_FLIGHT:
+            return self._hold("reply backlog" if self._write_paused else "requests in flight")
+        if typ <= _WRITE and length <= MAX_PAYLOAD:  # _payload_cost, inline
+            if self.payload and self.payload + length > MAX_CONN_PAYLOAD:
+                return self._hold("connection's payload in flight")
+            if not self.budget.take(length):
+                self.budget.wait(self._unblock)
+                return self._hold("server's payload budget")
+            self.payload += length
         self.in_flight += 1
-        return ""
+        return True
+
+    def _hold(self, why: str) -> bool:
+        log.debug("%s: decoding paused: %s", self.peer, why)
+        self._blocked = True
+        return False
+
+    def _drop_taken(self) -> None:
+        """We read no more: a WRITE admitted but still being received is never served."""
+        taken = self.decoder.drop_taken() if self.decoder is not None else None
+        if taken is not None:
+            self._release(_payload_cost(taken.type, taken.length))
 
     def _release(self, cost: int) -> None:
         self.in_flight -= 1
         if cost:
             self.payload -= cost
             self.budget.give(cost)
-
-    def _budget_ready(self) -> None:
-        self._unblock()
 
     def _unblock(self) -> None:
         """A bound was lifted: decode what is buffered, and read again if we can."""
@@ -386,14 +385,15 @@ class NBDConnection(asyncio.BufferedProtocol):
                 data = backend.try_pread(req.offset, req.length)
                 if data is not None:
                     self._reply_read(req, data)
-                    self._request_done(cost)
+                    # Inside _process and not closing: _request_done's checks are moot.
+                    self._release(cost)
                     return
         elif req.type == Cmd.WRITE and not req.flags:
             assert req.payload is not None
             if backend.try_pwrite(req.offset, req.payload):
                 buffers.give(req.payload)
                 self._write(simple_reply(req.cookie))
-                self._request_done(cost)
+                self._release(cost)
                 return
         task = eager_start(self._serve(req, cost))
         if task is not None:
@@ -638,7 +638,10 @@ class NBDConnection(asyncio.BufferedProtocol):
             transport.writelines(bufs)
 
     def _request_done(self, cost: int) -> None:
-        self._release(cost)
+        self.in_flight -= 1  # _release, inline: the hot path
+        if cost:
+            self.payload -= cost
+            self.budget.give(cost)
         if self.in_flight == 0 and self.closing:
             if self._idle is not None and not self._idle.done():
                 self._idle.set_result(None)
@@ -677,6 +680,7 @@ class NBDConnection(asyncio.BufferedProtocol):
             await asyncio.sleep(DRAIN_GRACE)
         self.closing = True
         self._update_reading()
+        self._drop_taken()  # its payload will not be read: do not wait for it
         if self.in_flight:
             self._idle = asyncio.get_running_loop().create_future()
             await self._idle

@@ -20,6 +20,7 @@ from tapnbd.protocol.handshake import TLSMode
 from tapnbd.server.budget import DEFAULT_PAYLOAD_BUDGET
 from tapnbd.server.exports import Export, ExportRegistry
 from tapnbd.server.listener import (
+    DEFAULT_HANDSHAKE_GRACE,
     DEFAULT_HANDSHAKE_TIMEOUT,
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_HANDSHAKES,
@@ -50,6 +51,7 @@ class ServeOptions:
     max_connections: int = DEFAULT_MAX_CONNECTIONS
     handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
     max_handshakes: int = DEFAULT_MAX_HANDSHAKES
+    handshake_grace: float = DEFAULT_HANDSHAKE_GRACE
     payload_budget: str = f"{DEFAULT_PAYLOAD_BUDGET >> 20}M"  # server-wide, see budget.py
     # Fault injection (formats.filters): ERRNO:RATE[:OPS] rules, OP=TIME delays, where
     # ("export": in front of the whole stack; "file": between a format and its file),
@@ -178,6 +180,7 @@ async def serve(opts: ServeOptions) -> int:
         max_connections=opts.max_connections,
         handshake_timeout=opts.handshake_timeout,
         max_handshakes=opts.max_handshakes,
+        handshake_grace=opts.handshake_grace,
         payload_budget=budget,
     )
     try:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from formats import raw
 from formats.raw import RawDriver
 
 
@@ -43,5 +44,30 @@ def test_failed_fdatasync_is_never_retried(tmp_path: Path, monkeypatch: pytest.M
         reopened = RawDriver(str(path))  # reopening is how an operator clears it
         await reopened.flush()
         await reopened.close()
+
+    asyncio.run(main())
+
+
+def test_a_refused_fua_write_does_not_stick(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ENOSPC on an RWF_DSYNC write refused the write (a full disk); it lost nothing
+    acknowledged before, so later flushes go on (test_full_disk.py recovers so)."""
+    path = tmp_path / "disk.img"
+    path.write_bytes(bytes(1 << 20))
+
+    def full(fd: int, data: object, offset: int, flags: int = 0) -> None:
+        raise OSError(errno.ENOSPC, "no space left")
+
+    async def main() -> None:
+        drv = RawDriver(str(path))
+        with monkeypatch.context() as m:
+            m.setattr(raw, "_pwrite_all", full)
+            with pytest.raises(OSError) as e:
+                await drv.pwrite(0, b"y" * 4096, fua=True)
+            assert e.value.errno == errno.ENOSPC
+        await drv.flush()
+        await drv.pwrite(0, b"y" * 4096, fua=True)
+        await drv.close()
 
     asyncio.run(main())

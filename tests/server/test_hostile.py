@@ -14,7 +14,7 @@ from urllib.parse import quote, urlparse
 
 import pytest
 
-from tests.helpers import Server, nbdsh_script, need, open_fds, run, wait_fds
+from tests.helpers import Server, fio_verify, nbdsh_script, need, open_fds, run, wait_fds
 from tests.server import rawclient as rc
 
 
@@ -220,6 +220,8 @@ def test_stalled_handshakes_cannot_lock_out_real_clients(serve: Callable[..., Se
         "4",
         "--handshake-timeout",
         "60",
+        "--handshake-grace",
+        "0",  # no young handshake is spared (test_handshake_burst checks the grace)
         "--verbose",
     )
     host, port = addr(server)
@@ -241,11 +243,30 @@ print(json.dumps(h.pread(4096, 0) == b"\x07" * 4096))
         s.close()
 
 
+def test_handshake_burst_is_not_dropped(serve: Callable[..., Server]) -> None:
+    """Real clients connecting all at once (fio, 24 threads, 24 connections) may exceed
+    the handshake cap: handshakes younger than the grace are never dropped."""
+    server = serve("ram:32M", "--max-handshakes", "2")
+    job = fio_verify(
+        server.uri,
+        "--thread",
+        "--numjobs=24",
+        "--rw=randwrite",
+        "--bs=4k",
+        "--iodepth=2",
+        "--size=1M",
+        "--offset_increment=1M",
+    )
+    assert job["error"] == 0
+    assert "dropping the oldest" not in server.stderr()
+
+
 @pytest.mark.parametrize("slow", [True, False])
 def test_slow_clients_do_not_delay_others(serve: Callable[..., Server], slow: bool) -> None:
     """A client is served while 50 others sit in the handshake: they are all still held
     (greeted, not closed) when it is done."""
-    server = serve("ram:1M", "--handshake-timeout", "60")
+    # 50 unfinished handshakes are what this test is about: above the default cap of 16.
+    server = serve("ram:1M", "--handshake-timeout", "60", "--max-handshakes", "100")
     host, port = addr(server)
     socks = []
     for _ in range(50):

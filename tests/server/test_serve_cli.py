@@ -103,6 +103,8 @@ def test_errors_are_one_line_and_nonzero(tmp_path: Path) -> None:
     assert fails("ram:1M", "--tls", "bogus")  # typer's own message
     assert "needs --tls-cert" in fails("ram:1M", "--tls", "require", "--port", "0")
     assert "invalid size" in fails("ram:lots", "--port", "0")
+    assert "invalid size" in fails("ram:1M", "--payload-budget", "0", "--port", "0")
+    assert "at least 1" in fails("ram:1M", "--max-handshakes", "0", "--port", "0")
     for err in (fails(str(tmp_path / "missing.img"), "--port", "0"),):
         assert len(err.splitlines()) == 1
 
