@@ -3,6 +3,12 @@
 Probing is a contest of scores, as in QEMU's block layer: each format scores the first
 bytes of an image, and the highest wins. raw scores 1 so that it wins only when nothing
 else claims the image (QEMU raw_probe).
+
+The image trust rules live here too (README, "Security model"): ``open_image`` takes
+the admin's ``OpenRules`` and remembers, for the format's ``open`` running under it,
+whether the format was probed. A format opens its file with ``RawDriver.open`` and the
+flags ``open_rules()`` gives (lock, block devices), and its backing file with
+``open_backing``, which refuses a name read from a probed header.
 """
 
 from __future__ import annotations

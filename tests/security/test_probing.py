@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from formats.qcow.create import create_qcow
-from tests.control.tap import Tapnbd
+from tests.control.tap import Tapnbd, need_devices
 from tests.helpers import nbdsh_script, qemu_io, run, start_server, tapnbd_cmd
 
 MiB = 1 << 20
@@ -163,6 +163,16 @@ async def test_planted_header_through_the_daemon(tap: Tapnbd) -> None:
     err = tap.fails("export", "add", "-f", "qcow", str(over))
     assert "is a FIFO" in err, err
     qemu_io(uri, "read -P 0 0 4k")
+
+
+async def test_planted_header_through_attach(tap: Tapnbd) -> None:
+    """``attach`` makes its export through the same open: refused, no device made."""
+    need_devices()
+    planted = raw_disk(tap.base, await evil_sector(tap.base))
+    err = tap.fails("attach", str(planted))
+    assert REFUSED in err, err
+    secret_absent(err, tap.log_tail())
+    assert tap.list()["attachments"] == []
 
 
 async def test_probed_backing_may_not_name_a_backing_file(tmp_path: Path) -> None:
