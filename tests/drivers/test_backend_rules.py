@@ -11,7 +11,7 @@ import pytest
 
 from formats.ram import RamDriver
 from tapnbd.backend import ZERO_CHUNK, Backend, request_errno
-from tapnbd.driver import FuaMode
+from tapnbd.driver import Extent, ExtentFlags, FuaMode
 from tapnbd.errors import RequestError
 
 SIZE = 4 * ZERO_CHUNK
@@ -157,3 +157,116 @@ def test_errnos_are_mapped_as_the_spec_asks() -> None:
     assert request_errno(OSError(errno.ENOTTY, "")) == errno.EIO
     assert request_errno(ValueError("no errno")) == errno.EIO
     assert request_errno(RequestError(errno.EOVERFLOW, "")) == errno.EOVERFLOW
+
+
+class Scripted(RamDriver):
+    """Answers block status with a given list, zeroes natively (or says ENOTSUP), and
+    fails on demand."""
+
+    def __init__(self, extents: list[Extent], fua: FuaMode = FuaMode.EMULATE) -> None:
+        super().__init__(SIZE)
+        self.answer = extents
+        self.fua = fua
+        self.log: list[tuple[object, ...]] = []
+        self.zero_errno = 0
+        self.read_error: OSError | None = None
+
+    def can_fua(self) -> FuaMode:
+        return self.fua
+
+    async def extents(self, offset: int, length: int) -> list[Extent]:
+        return self.answer
+
+    async def zero(
+        self, offset: int, length: int, *, may_trim: bool, fua: bool, fast: bool
+    ) -> None:
+        self.log.append(("zero", offset, length, fua, fast))
+        if self.zero_errno:
+            raise OSError(self.zero_errno, "")
+        await super().zero(offset, length, may_trim=may_trim, fua=fua, fast=fast)
+
+    async def pwrite(self, offset: int, data: bytes | memoryview, fua: bool = False) -> None:
+        self.log.append(("write", offset, len(data), fua))
+        await super().pwrite(offset, data, fua)
+
+    async def pread(self, offset: int, length: int) -> bytes | bytearray:
+        if self.read_error is not None:
+            raise self.read_error
+        return await super().pread(offset, length)
+
+    async def flush(self) -> None:
+        self.log.append(("flush",))
+
+
+D, H = ExtentFlags.DATA, ExtentFlags.HOLE | ExtentFlags.ZERO
+
+
+async def test_extents_are_merged_trimmed_and_checked() -> None:
+    d = Scripted([Extent(50, 50, D), Extent(100, 100, D), Extent(200, 1000, H)])
+    b = Backend(d)
+    assert await b.extents(50, 300) == [Extent(50, 150, D), Extent(200, 150, H)]
+    assert await b.extents(50, 300, req_one=True) == [Extent(50, 50, D)]  # the first only
+    for bad in ([Extent(51, 10, D)], [Extent(50, 0, D)], []):
+        d.answer = bad
+        with pytest.raises(RequestError) as e:
+            await b.extents(50, 300)
+        assert e.value.errno == errno.EIO, bad
+    with pytest.raises(RequestError):
+        await b.extents(0, 0)  # zero-length block status
+
+
+@pytest.mark.parametrize("mode", [FuaMode.EMULATE, FuaMode.NATIVE])
+async def test_native_zero_and_its_fallback(mode: FuaMode) -> None:
+    d = Scripted([], mode)
+    b = Backend(d)
+    native = mode == FuaMode.NATIVE
+    await b.zero(0, 4096, fua=True)
+    assert d.log == [("zero", 0, 4096, native, False)] + ([] if native else [("flush",)])
+    d.log.clear()
+    d.zero_errno = errno.ENOTSUP  # the driver cannot: written as zeros instead
+    await b.zero(0, 4096)
+    assert d.log == [("zero", 0, 4096, False, False), ("write", 0, 4096, False)]
+    d.log.clear()
+    with pytest.raises(RequestError) as e:
+        await b.zero(0, 4096, fast=True)  # FAST_ZERO: fail rather than write
+    assert e.value.errno == errno.ENOTSUP and d.log == [("zero", 0, 4096, False, True)]
+    d.zero_errno = errno.EIO
+    with pytest.raises(RequestError) as e:
+        await b.zero(0, 4096)
+    assert e.value.errno == errno.EIO
+
+
+async def test_errors_are_counted_and_named() -> None:
+    d = Scripted([])
+    b = Backend(d)
+    d.read_error = OSError(errno.EIO, "")
+    with pytest.raises(RequestError) as e:
+        await b.pread(0, 512)
+    assert e.value.errno == errno.EIO and str(e.value)  # a message even with none given
+    d.read_error = OSError(errno.ENOTTY, "")
+    with pytest.raises(RequestError) as e:
+        await Backend(d, read_only=True).pread(0, 512)
+    assert e.value.errno == errno.EIO  # not an NBD errno
+    with pytest.raises(RequestError) as e:
+        await b.pwrite(SIZE, b"x")
+    assert e.value.errno == errno.ENOSPC  # "write past the end -> ENOSPC"
+    with pytest.raises(RequestError) as e:
+        await b.trim(SIZE - 1, 2)
+    assert e.value.errno == errno.ENOSPC
+    assert b.stats.ops["read"].errors == 1 and b.stats.ops["write"].errors == 0
+    assert b.stats.errors_by_errno == {errno.EIO: 1} and b.stats.in_flight == 0
+
+
+def test_vectored_fast_paths() -> None:
+    b = Backend(Logged())
+    data = [memoryview(b"a" * 512), memoryview(b"b" * 512)]
+    assert b.try_pwritev(SIZE - 1024, 1024, data)
+    out = [memoryview(bytearray(512)), memoryview(bytearray(512))]
+    assert b.try_preadv(SIZE - 1024, 1024, out)
+    assert bytes(out[0]) + bytes(out[1]) == b"a" * 512 + b"b" * 512
+    assert not b.try_preadv(SIZE - 1023, 1024, out) and not b.try_preadv(-1, 1024, out)
+    assert not b.try_pwritev(0, 0, []) and not b.try_preadv(0, 0, [])
+    w, r = b.stats.ops["write"], b.stats.ops["read"]
+    assert (w.ops, w.bytes, r.ops, r.bytes) == (1, 1024, 1, 1024) and b.stats.in_flight == 0
+    ro = Backend(Logged(), read_only=True)
+    assert not ro.try_pwritev(0, 1024, data) and ro.try_preadv(0, 1024, out)
