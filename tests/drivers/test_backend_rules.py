@@ -6,6 +6,7 @@ path counted. (make mutate on tapnbd/backend.py found these untested.)"""
 from __future__ import annotations
 
 import errno
+from collections.abc import Sequence
 
 import pytest
 
@@ -270,3 +271,73 @@ def test_vectored_fast_paths() -> None:
     assert (w.ops, w.bytes, r.ops, r.bytes) == (1, 1024, 1, 1024) and b.stats.in_flight == 0
     ro = Backend(Logged(), read_only=True)
     assert not ro.try_pwritev(0, 1024, data) and ro.try_preadv(0, 1024, out)
+
+
+class Declining(RamDriver):
+    """Every synchronous path declines or fails: the Backend must fall back, uncounted."""
+
+    def __init__(self, fail: bool) -> None:
+        super().__init__(SIZE)
+        self.fail = fail
+
+    # RamDriver always answers (its signature says so); this one declines, as Driver may.
+    def pread_nowait(self, offset: int, length: int) -> bytes | bytearray | None:  # type: ignore[override]
+        if self.fail:
+            raise OSError(errno.EIO, "")
+        return None
+
+    def pwrite_nowait(self, offset: int, data: bytes | memoryview) -> bool:
+        if self.fail:
+            raise OSError(errno.EIO, "")
+        return False
+
+    def preadv_nowait(self, offset: int, length: int, bufs: Sequence[memoryview]) -> bool:
+        return self.pread_nowait(offset, length) is not None
+
+    def pwritev_nowait(self, offset: int, length: int, bufs: Sequence[memoryview]) -> bool:
+        return self.pwrite_nowait(offset, bufs[0])
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_declined_fast_paths_fall_back_uncounted(fail: bool) -> None:
+    b = Backend(Declining(fail))
+    buf = [memoryview(bytearray(512))]
+    assert b.try_pread(0, 512) is None and not b.try_pwrite(0, b"x" * 512)
+    assert not b.try_preadv(0, 512, buf) and not b.try_pwritev(0, 512, buf)
+    assert b.stats.in_flight == 0
+    assert b.stats.ops["read"].ops == 0 and b.stats.ops["write"].ops == 0
+
+
+async def test_zero_length_requests_do_nothing_and_one_byte_does() -> None:
+    d = Logged()
+    b = Backend(d)
+    for offset in (0, SIZE):
+        assert await b.pread(offset, 0) == b""
+        await b.pwrite(offset, b"")
+        await b.trim(offset, 0)
+        await b.zero(offset, 0)
+        await b.cache(offset, 0)
+    assert d.log == []
+    assert b.try_pwrite(0, b"q") and b.try_pread(0, 1) == b"q"
+    one = [memoryview(bytearray(1))]
+    assert b.try_pwritev(1, 1, [memoryview(b"r")]) and b.try_preadv(1, 1, one)
+    assert bytes(one[0]) == b"r"
+
+
+async def test_capabilities_and_native_cache() -> None:
+    b = Backend(Logged())
+    assert b.can_fua and b.can_cache and b.can_flush and not b.can_fast_zero
+    assert not Backend(Logged(), read_only=True).can_fua
+    logged: list[tuple[int, int]] = []
+
+    class Caching(RamDriver):
+        async def cache(self, offset: int, length: int) -> None:
+            logged.append((offset, length))
+
+    c = Backend(Caching(SIZE))
+    await c.cache(4096, 8192)
+    assert logged == [(4096, 8192)] and c.stats.ops["cache"].bytes == 8192
+    await c.flush()
+    await c.extents(0, 4096)
+    assert c.stats.ops["flush"].bytes == 0 and c.stats.ops["extents"].bytes == 0
+    assert c.stats.ops["extents"].ops == 1
