@@ -207,6 +207,10 @@ async def test_extents_are_merged_trimmed_and_checked() -> None:
     b = Backend(d)
     assert await b.extents(50, 300) == [Extent(50, 150, D), Extent(200, 150, H)]
     assert await b.extents(50, 300, req_one=True) == [Extent(50, 50, D)]  # the first only
+    assert await b.extents(50, 150) == [Extent(50, 150, D)]  # nothing past the end
+    d.answer = [Extent(50, 1, D), Extent(51, 1000, H)]  # a one-byte extent is fine
+    assert await b.extents(50, 10) == [Extent(50, 1, D), Extent(51, 9, H)]
+    d.answer = [Extent(50, 50, D), Extent(100, 100, D), Extent(200, 1000, H)]
     for bad in ([Extent(51, 10, D)], [Extent(50, 0, D)], []):
         d.answer = bad
         with pytest.raises(RequestError) as e:
