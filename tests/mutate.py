@@ -37,7 +37,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 #: Module -> the tests that should catch a change to it (fast ones: seconds each).
 TARGETS: dict[str, list[str]] = {
-    "tapnbd/backend.py": ["tests/drivers/test_contract.py", "tests/reliability/test_filters.py"],
+    "tapnbd/backend.py": [
+        "tests/drivers/test_contract.py",
+        "tests/drivers/test_backend_rules.py",
+        "tests/reliability/test_filters.py",
+    ],
     "tapnbd/protocol/transmission.py": [
         "tests/protocol/test_transmission.py",
         "tests/protocol/test_transmission_edges.py",

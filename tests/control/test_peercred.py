@@ -4,8 +4,10 @@ and a broken uid check went unnoticed)."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -14,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from tapnbd.control.messages import MAX_LINE, StatusRequest, encode
 from tests.control.tap import ROOT, Tapnbd
 from tests.control.test_daemon import NOBODY, _as_nobody
 
@@ -56,6 +59,7 @@ class DaemonProcess:
 
 
 def test_peercred_refuses_other_users_in_the_checkout_under_test(tap: Tapnbd) -> None:
+    """Also: the refused connection is closed, and an over-long line is answered."""
     if os.geteuid() != 0:
         pytest.skip("needs root to connect as another uid")
     daemon = DaemonProcess(tap)
@@ -76,6 +80,8 @@ def test_peercred_refuses_other_users_in_the_checkout_under_test(tap: Tapnbd) ->
     os.chmod(control, 0o666)
     try:
         got = _as_nobody(control)
+        # The refusal is the last thing on that connection: the daemon closes it.
+        assert _as_nobody_until_eof(control) == 1
     finally:
         os.chmod(control, 0o600)
         os.chmod(tap.state, 0o700)
@@ -83,3 +89,44 @@ def test_peercred_refuses_other_users_in_the_checkout_under_test(tap: Tapnbd) ->
     assert got == f"reply: permission denied: uid {NOBODY} does not own this daemon"
     assert tap.status()["pid"] == daemon.proc.pid  # the owner still gets in, to this daemon
     assert "refused control connection" in tap.log_tail()
+
+    # The owner's over-long line gets a reply, not a silent hang-up.
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(30)
+        s.connect(control)
+        s.sendall(b"x" * (MAX_LINE + 2) + b"\n")
+        reply = s.makefile("rb").readline()
+    assert reply and "message too long" in json.loads(reply)["message"], reply
+
+
+def _as_nobody_until_eof(path: str) -> int:
+    """As uid 65534: send a request, read to the end; the number of reply lines, or -1
+    if the daemon did not close the connection within 30 s."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never return into pytest
+        result = -2
+        try:
+            os.close(r)
+            os.setgroups([])
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                s.settimeout(30)
+                s.connect(path)
+                s.sendall(encode(StatusRequest()))
+                data = b""
+                try:
+                    while chunk := s.recv(4096):
+                        data += chunk
+                    result = data.count(b"\n")
+                except TimeoutError:
+                    result = -1
+        finally:
+            os.write(w, str(result).encode())
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r) as f:
+        out = f.read()
+    os.waitpid(pid, 0)
+    return int(out)

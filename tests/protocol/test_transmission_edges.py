@@ -8,6 +8,7 @@ import struct
 
 import pytest
 
+from tapnbd.driver import MAX_PAYLOAD
 from tapnbd.errors import ProtocolError
 from tapnbd.protocol import transmission as tx
 from tapnbd.protocol.consts import STRUCTURED_REPLY_MAGIC, Cmd
@@ -71,7 +72,7 @@ def test_buffered_counts_what_is_not_yet_a_request() -> None:
     whole = req(Cmd.READ, 0, 512)
     dec.feed(whole + whole[:10])
     assert dec.buffered() == len(whole) + 10
-    assert decode_all(dec) and dec.buffered() == 10
+    assert dec.next_request() is not None and dec.buffered() == 10
 
 
 @pytest.mark.parametrize("size", [tx._DIRECT_MIN - 1, tx._DIRECT_MIN])
@@ -82,7 +83,20 @@ def test_payloads_from_direct_min_are_received_in_place(size: int) -> None:
     stream = req(Cmd.WRITE, 0, size, 1, payload=b"p" * size)
     dec.feed(stream[:100])
     assert dec.next_request() is None
-    dec.feed(stream[100:])
-    (got,) = decode_all(dec)
-    assert bytes(got.payload or b"") == b"p" * size
+    dec.feed(stream[100:] + req(Cmd.FLUSH, 0, 0, 2))  # the next request right behind it
+    got, flush = decode_all(dec)
+    assert bytes(got.payload or b"") == b"p" * size and flush.cookie == 2
     assert isinstance(got.payload, memoryview) == (size >= tx._DIRECT_MIN)
+
+
+def test_default_limits() -> None:
+    """32 MiB payloads (the spec's minimum to support); an oversized WRITE is drained up
+    to 64 MiB (README, Hardening), past that the client is dropped at its header."""
+    assert MAX_PAYLOAD == 32 << 20
+    dec = tx.RequestDecoder()
+    dec.feed(req(Cmd.WRITE, 0, 64 << 20, 1))
+    assert dec.next_request() is None  # draining
+    dec = tx.RequestDecoder()
+    dec.feed(req(Cmd.WRITE, 0, (64 << 20) + 1, 1))
+    with pytest.raises(ProtocolError):
+        dec.next_request()
