@@ -49,6 +49,7 @@ async def convert_image(
     cluster_size: int | None = None,
     progress: Callable[[int], None] | None = None,
     start: Callable[[int], None] | None = None,
+    compress: bool = False,
 ) -> ConvertStats:
     """Copy ``src`` (any supported format) to a new ``out_fmt`` image at ``dst``.
 
@@ -59,6 +60,8 @@ async def convert_image(
 
     if out_fmt not in OUTPUT_FORMATS:
         raise ImageError(f"unknown output format {out_fmt!r}: use raw, qcow or qcow2")
+    if compress and out_fmt != "qcow2":
+        raise ImageError("compressed output (-c) is for qcow2 only")
     driver = await open_image(src, fmt=src_fmt, read_only=True)
     source = Backend(driver, read_only=True)
     try:
@@ -81,7 +84,7 @@ async def convert_image(
             await create_qcow(dst, size, optimise=optimise, cluster_size=cluster_size)
         target = Backend(await open_image(dst, fmt=out_fmt))
         try:
-            stats = await _copy(source, target, size, progress)
+            stats = await _copy(source, target, size, progress, compress)
             await target.flush()
         finally:
             await target.close()
@@ -103,7 +106,11 @@ def _chain_paths(driver: Driver) -> list[str]:
 
 
 async def _copy(
-    source: Backend, target: Backend, size: int, progress: Callable[[int], None] | None
+    source: Backend,
+    target: Backend,
+    size: int,
+    progress: Callable[[int], None] | None,
+    compress: bool = False,
 ) -> ConvertStats:
     stats = ConvertStats(size=size)
     slots = asyncio.Semaphore(DEPTH)
@@ -115,6 +122,26 @@ async def _copy(
         stats.skipped += n - written
         if progress is not None:
             progress(n)
+
+    async def write(pos: int, data: memoryview) -> None:
+        if not compress:
+            await target.pwrite(pos, data)
+            return
+        # qcow2 -c: whole clusters go compressed, the ragged edges the normal way.
+        from formats.qcow2.driver import Qcow2Driver
+
+        driver = target.driver
+        assert isinstance(driver, Qcow2Driver)
+        cs = driver.cluster_size
+        o = 0
+        while o < len(data):
+            p = pos + o
+            m = min(len(data) - o, cs - p % cs)
+            if p % cs == 0 and (m == cs or p + m == size):
+                await driver.write_compressed(p, data[o : o + m])
+            else:
+                await target.pwrite(p, data[o : o + m])
+            o += m
 
     async def copy_chunk(pos: int, n: int) -> None:
         try:
@@ -128,7 +155,7 @@ async def _copy(
                 if not zero and run_start < 0:
                     run_start = o
                 elif zero and run_start >= 0:
-                    await target.pwrite(pos + run_start, data[run_start:o])
+                    await write(pos + run_start, data[run_start:o])
                     written += o - run_start
                     run_start = -1
                 if o >= n:

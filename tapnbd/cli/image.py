@@ -117,8 +117,11 @@ def convert_cmd(
         str | None, typer.Option("--cluster-size", help="For a qcow destination.")
     ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    compress: Annotated[
+        bool, typer.Option("--compress", "-c", help="qcow2: write compressed clusters.")
+    ] = False,
 ) -> None:
-    """Copy an image into a new raw or qcow image, skipping zeros and holes."""
+    """Copy an image into a new raw, qcow or qcow2 image, skipping zeros and holes."""
     from formats.qcow.convert import convert_image
 
     with errors_as_exit():
@@ -150,6 +153,7 @@ def convert_cmd(
                     cluster_size=csize,
                     progress=progress,
                     start=start,
+                    compress=compress,
                 )
             )
 

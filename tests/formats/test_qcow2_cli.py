@@ -114,3 +114,24 @@ def test_check_finds_leaks_and_refcount_errors(tmp_path: Path) -> None:
     proc = run(tapnbd_cmd("check", "--json", str(img)), check=False)
     assert proc.returncode == 2
     assert json.loads(proc.stdout)["corruptions"] == 1
+
+
+@pytest.mark.parametrize("cluster_size", ["512", "65536"])
+def test_convert_compressed(tmp_path: Path, cluster_size: str) -> None:
+    """convert -c: compressible clusters packed compressed, the rest written plain."""
+    need("qemu-img")
+    rng = random.Random(11)
+    print("seed 11")
+    raw = tmp_path / "src.raw"
+    data = bytearray(3 << 20)
+    for i in range(0, len(data) - 70000, 150000):
+        if rng.random() < 0.5:
+            data[i : i + 70000] = bytes([rng.randrange(256)]) * 70000  # compresses
+        else:
+            data[i : i + 70000] = rng.randbytes(70000)  # does not
+    raw.write_bytes(bytes(data) + b"tail" * 384)  # no multiple of a 64K cluster
+    out = tmp_path / "c.qcow2"
+    tapnbd("convert", "-q", "-c", "-O", "qcow2", "--cluster-size", cluster_size, raw, out)
+    qemu_img("compare", "-f", "qcow2", "-F", "raw", out, raw)
+    report = check_clean(out)
+    assert isinstance(report["compressed-clusters"], int) and report["compressed-clusters"] > 0
