@@ -272,6 +272,10 @@ def info_cmd(
 def check_cmd(
     image: Annotated[str, typer.Argument(help="The qcow or qcow2 image.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    repair: Annotated[
+        bool,
+        typer.Option("--repair", help="qcow2: set refcounts to the references, clear dirty."),
+    ] = False,
 ) -> None:
     """Check a qcow image: leaks, overlaps, pointers past the end, checksum.
 
@@ -286,7 +290,9 @@ def check_cmd(
         if fmt == "qcow2":
             from formats.qcow2.check import check_qcow2
 
-            res = runtime.run(check_qcow2(image))
+            res = runtime.run(check_qcow2(image, repair=repair))
+        elif repair:
+            fail(f"{image}: --repair is for qcow2 images", 1)
         elif fmt == "qcow":
             res = runtime.run(check_qcow(image))
         else:

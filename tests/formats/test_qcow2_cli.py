@@ -135,3 +135,25 @@ def test_convert_compressed(tmp_path: Path, cluster_size: str) -> None:
     qemu_img("compare", "-f", "qcow2", "-F", "raw", out, raw)
     report = check_clean(out)
     assert isinstance(report["compressed-clusters"], int) and report["compressed-clusters"] > 0
+
+
+def test_dirty_image_repaired_then_opens_writable(tmp_path: Path) -> None:
+    """qemu with lazy refcounts killed mid-work leaves the dirty bit and missing
+    refcounts: refused for writing, repaired by check --repair, then qemu finds it clean."""
+    need("qemu-img", "qemu-io")
+    img = tmp_path / "dirty.qcow2"
+    qemu_img("create", "-f", "qcow2", "-o", "lazy_refcounts=on", img, "16M")
+    run(
+        ["qemu-io", "-f", "qcow2", "-c", "write -P 0x42 0 1M", "-c", "sigraise 9", str(img)],
+        check=False,
+    )
+    assert qemu_info(img)["dirty-flag"] is True
+    proc = run(tapnbd_cmd("serve", "--port", "0", str(img)), check=False, timeout=30)
+    assert proc.returncode != 0 and "check --repair" in proc.stderr
+    assert run(tapnbd_cmd("check", str(img)), check=False).returncode == 2
+    proc = run(tapnbd_cmd("check", "--repair", str(img)), check=False)
+    assert proc.returncode == 0, proc.stdout
+    assert qemu_info(img)["dirty-flag"] is False
+    check_clean(img)
+    qemu_io(img, "read -P 0x42 0 1M", "write -P 0x43 2M 64k", fmt="qcow2")
+    check_clean(img)
