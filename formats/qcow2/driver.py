@@ -527,6 +527,8 @@ class Qcow2Driver(Driver):
                 continue
             host = self._reserve(len(free) * cs)
             await self._incref(host >> cb, len(free))
+            # The table may have left the cache while the refcounts loaded: fetch again.
+            l2off, t = await self._writable_l2(l1i)
             for j, i in enumerate(free):
                 self._set_l2(l2off, t, i, (host + j * cs) | OFLAG_COPIED)
         await self.flush()
