@@ -476,8 +476,12 @@ class Qcow2Driver(Driver):
             head = pos - (c0 << cb)
             tail = ((c0 + k) << cb) - lim
             chunk = view[pos - voff : lim - voff]
-            if not head and not tail:
-                await self.child.pwrite(new, chunk)
+            # A fresh cluster lies past the file's old end: it is a hole and reads as
+            # zeros already, so zeros around the data need no writing (qemu zeroes the
+            # cluster with fallocate instead of writing it, for the same reason).
+            zeros = kind == ZERO or (kind == UNALLOC and self.backing is None)
+            if zeros or (not head and not tail):
+                await self.child.pwrite(new + head, chunk)
             else:
                 buf = bytearray(k * cs)
                 old_host = host - head if kind == SHARED else host
