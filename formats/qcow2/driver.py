@@ -406,12 +406,13 @@ class Qcow2Driver(Driver):
         if fua and (allocated or self._journal.pending):
             await self.flush()
 
-    def _reserve(self, n: int) -> int:
-        """Claim ``n`` bytes (whole clusters) at the end of the file."""
+    def _reserve(self, n: int, allocate: bool = False) -> int:
+        """Claim ``n`` bytes (whole clusters) at the end of the file (``allocate``: with
+        fallocate, else as a hole)."""
         if self._grow is None:
             raise OSError(errno.ENOSPC, "the image file cannot grow")
         host = self._end
-        self._grow(host + n)
+        self._grow(host + n, allocate=allocate)
         self._end = host + n
         return host
 
@@ -515,10 +516,12 @@ class Qcow2Driver(Driver):
         elif entry & OFFSET_MASK:
             self._decrefs.append(((entry & OFFSET_MASK) >> self._cb, 1))
 
-    async def preallocate(self) -> None:
-        """Give every unallocated guest cluster a data cluster (preallocation=metadata).
+    async def preallocate(self, mode: str = "metadata") -> None:
+        """Give every unallocated guest cluster a data cluster.
 
-        The file grows sparse: the clusters read as zeros until written.
+        ``metadata``: the file grows sparse and the clusters read as zeros until
+        written; ``falloc``: their space is reserved with fallocate; ``full``: zeros are
+        written to them too (qemu-img's preallocation modes).
         """
         cb, cs = self._cb, self._cs
         clusters = (self._size + cs - 1) >> cb
@@ -529,8 +532,12 @@ class Qcow2Driver(Driver):
             free = [i for i in range(n) if not t[i]]
             if not free:
                 continue
-            host = self._reserve(len(free) * cs)
+            host = self._reserve(len(free) * cs, allocate=mode != "metadata")
             await self._incref(host >> cb, len(free))
+            if mode == "full":
+                zeros = bytes(min(len(free) * cs, _ZERO_CHUNK))
+                for off in range(host, host + len(free) * cs, len(zeros)):
+                    await self.child.pwrite(off, zeros[: host + len(free) * cs - off])
             # The table may have left the cache while the refcounts loaded: fetch again.
             l2off, t = await self._writable_l2(l1i)
             for j, i in enumerate(free):

@@ -45,7 +45,7 @@ def create_cmd(
         typer.Option("--backing-format", "-F", help="qcow2: the backing file's format (stored)."),
     ] = None,
     preallocation: Annotated[
-        str, typer.Option("--preallocation", help="qcow2: off or metadata.")
+        str, typer.Option("--preallocation", help="qcow2: off, metadata, falloc or full.")
     ] = "off",
     optimise: Annotated[
         bool,

@@ -26,8 +26,15 @@ def qemu_info(img: Path) -> dict[str, Any]:
 
 @pytest.mark.parametrize(
     "opts",
-    [(), ("--cluster-size", "512"), ("--cluster-size", "2M"), ("--preallocation", "metadata")],
-    ids=["default", "512", "2M", "metadata"],
+    [
+        (),
+        ("--cluster-size", "512"),
+        ("--cluster-size", "2M"),
+        ("--preallocation", "metadata"),
+        ("--preallocation", "falloc"),
+        ("--preallocation", "full"),
+    ],
+    ids=["default", "512", "2M", "metadata", "falloc", "full"],
 )
 def test_create_passes_qemu_check(tmp_path: Path, opts: tuple[str, ...]) -> None:
     need("qemu-img", "qemu-io")
@@ -36,6 +43,10 @@ def test_create_passes_qemu_check(tmp_path: Path, opts: tuple[str, ...]) -> None
     check_clean(img)
     info = qemu_info(img)
     assert info["virtual-size"] == 100 << 20
+    if opts[-1:] in (("falloc",), ("full",)):  # the data's space is reserved on disk
+        assert info["actual-size"] >= 100 << 20
+    elif opts[-1:] == ("metadata",):
+        assert info["actual-size"] < 10 << 20
     assert info["cluster-size"] == {"512": 512, "2M": 2 << 20}.get(opts[-1] if opts else "", 65536)
     qemu_io(img, "write -P 0x61 1M 70k", "read -P 0x61 1M 70k", fmt="qcow2")
     check_clean(img)
