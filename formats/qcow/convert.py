@@ -55,6 +55,7 @@ async def convert_image(
     progress: Callable[[int], None] | None = None,
     start: Callable[[int], None] | None = None,
     rules: OpenRules | None = None,
+    compress: bool = False,
 ) -> ConvertStats:
     """Copy ``src`` (any supported format) to a new ``out_fmt`` image at ``dst``.
 
@@ -72,6 +73,8 @@ async def convert_image(
         out_fmt = "nbd"  # an existing export: written over, as qemu-img convert -n
     if out_fmt not in OUTPUT_FORMATS:
         raise ImageError(f"unknown output format {out_fmt!r}: use raw, qcow or qcow2")
+    if compress and out_fmt != "qcow2":
+        raise ImageError("compressed output (-c) is for qcow2 only")
     driver = await open_image(src, fmt=src_fmt, read_only=True, rules=rules)
     source = Backend(driver, read_only=True)
     try:
@@ -111,7 +114,7 @@ async def convert_image(
                     )
                 # Our fd holds the lock; the target's own open must not ask for it again.
                 target = Backend(await open_image(dst, fmt=out_fmt, rules=OpenRules(share=True)))
-                stats = await _copy_into(target, source, size, progress)
+                stats = await _copy_into(target, source, size, progress, compress=compress)
     finally:
         await source.close()
     return stats
@@ -124,12 +127,13 @@ async def _copy_into(
     progress: Callable[[int], None] | None,
     *,
     zero: bool = False,
+    compress: bool = False,
 ) -> ConvertStats:
     """Copy into an opened target, flush it and close it."""
     try:
         if target.size < size:
             raise ImageError(f"target is {target.size} bytes, too small for {size} bytes")
-        stats = await _copy(source, target, size, progress, zero_target=zero)
+        stats = await _copy(source, target, size, progress, zero_target=zero, compress=compress)
         await target.flush()
     finally:
         await target.close()
@@ -155,6 +159,7 @@ async def _copy(
     progress: Callable[[int], None] | None,
     *,
     zero_target: bool = False,
+    compress: bool = False,
 ) -> ConvertStats:
     stats = ConvertStats(size=size)
     slots = asyncio.Semaphore(DEPTH)
@@ -166,6 +171,26 @@ async def _copy(
         stats.skipped += n - written
         if progress is not None:
             progress(n)
+
+    async def write(pos: int, data: memoryview) -> None:
+        if not compress:
+            await target.pwrite(pos, data)
+            return
+        # qcow2 -c: whole clusters go compressed, the ragged edges the normal way.
+        from formats.qcow2.driver import Qcow2Driver
+
+        driver = target.driver
+        assert isinstance(driver, Qcow2Driver)
+        cs = driver.cluster_size
+        o = 0
+        while o < len(data):
+            p = pos + o
+            m = min(len(data) - o, cs - p % cs)
+            if p % cs == 0 and (m == cs or p + m == size):
+                await driver.write_compressed(p, data[o : o + m])
+            else:
+                await target.pwrite(p, data[o : o + m])
+            o += m
 
     async def copy_chunk(pos: int, n: int) -> None:
         try:
@@ -179,7 +204,7 @@ async def _copy(
                 if not zero and run_start < 0:
                     run_start = o
                 elif zero and run_start >= 0:
-                    await target.pwrite(pos + run_start, data[run_start:o])
+                    await write(pos + run_start, data[run_start:o])
                     written += o - run_start
                     run_start = -1
                 if zero and zero_target and block:

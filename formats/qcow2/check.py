@@ -17,16 +17,19 @@ from dataclasses import dataclass
 from formats.qcow.check import CheckResult
 from formats.qcow.meta import be_array
 from formats.qcow2.layout import (
+    INCOMPATIBLE_OFFSET,
     L2E_RESERVED,
     OFFSET_MASK,
     OFLAG_COMPRESSED,
     OFLAG_COPIED,
     OFLAG_ZERO,
+    Incompatible,
     parse_snapshot,
 )
-from formats.qcow2.meta import read_meta
-from formats.qcow2.refcount import decode_block, entries_per_block
+from formats.qcow2.meta import Qcow2Meta, read_meta
+from formats.qcow2.refcount import decode_block, encode_block, entries_per_block, max_refcount
 from formats.raw import RawDriver
+from tapnbd.errors import ImageError
 
 
 @dataclass
@@ -40,10 +43,17 @@ class Qcow2CheckResult(CheckResult):
         return out
 
 
-async def check_qcow2(path: str) -> Qcow2CheckResult:
-    """Check ``path`` read-only."""
+async def check_qcow2(path: str, repair: bool = False) -> Qcow2CheckResult:
+    """Check ``path`` (read-only unless ``repair``).
+
+    ``repair`` sets every refcount that disagrees with the references to the count of
+    references (leaks freed, missing increments made: what a crash with lazy refcounts
+    leaves), then clears the dirty bit, and checks again. A reference whose refcount
+    block does not exist cannot be repaired here.
+    """
     res = Qcow2CheckResult(filename=path)
-    child = RawDriver(path, read_only=True)
+    child = RawDriver(path, read_only=not repair, exclusive=repair)
+    fixes: dict[int, int] = {}
     try:
         meta = await read_meta(child)
         h, cs, cb = meta.header, meta.cluster_size, meta.cluster_bits
@@ -142,6 +152,8 @@ async def check_qcow2(path: str) -> Qcow2CheckResult:
             have, want = stored.get(c, 0), refs.get(c, 0)
             if have > want and c >= file_clusters:
                 continue  # qemu-img check ignores refcounts past the end of the file
+            if have != want:
+                fixes[c] = want
             if have > want:
                 res.leaked_clusters += 1
                 if want:
@@ -153,8 +165,39 @@ async def check_qcow2(path: str) -> Qcow2CheckResult:
                 res.corrupt(f"OFLAG_COPIED {what}: refcount={stored.get(c, 0)}")
         used = max(refs) + 1 if refs else 0
         res.image_end_offset = max(used * cs, 0)
+        if repair and not res.check_errors:
+            await _repair(child, meta, fixes, per_block)
     except OSError as e:
         res.check_errors.append(f"{path}: {os.strerror(e.errno or 5)}")
     finally:
         await child.close()
+    if repair and not res.check_errors:
+        after = await check_qcow2(path)
+        after.notes.insert(0, f"repaired {len(fixes)} refcounts; the dirty bit is clear")
+        return after
     return res
+
+
+async def _repair(child: RawDriver, meta: Qcow2Meta, fixes: dict[int, int], per_block: int) -> None:
+    """Write the corrected refcounts, sync, then clear the dirty bit."""
+    h, cs = meta.header, meta.cluster_size
+    by_block: dict[int, list[tuple[int, int]]] = {}
+    for c, want in fixes.items():
+        by_block.setdefault(c // per_block, []).append((c % per_block, want))
+    limit = max_refcount(h.refcount_order)
+    for ri, changes in by_block.items():
+        boff = meta.reftable[ri] & OFFSET_MASK if ri < len(meta.reftable) else 0
+        if not boff:
+            raise ImageError(
+                f"cluster {ri * per_block + changes[0][0]} is referenced but has no refcount "
+                "block; repair it with qemu-img check -r all"
+            )
+        block = decode_block(await child.pread(boff, cs), h.refcount_order)
+        for i, want in changes:
+            block[i] = min(want, limit)
+        await child.pwrite(boff, encode_block(block, h.refcount_order))
+    await child.flush()
+    if h.incompatible_features & Incompatible.DIRTY:
+        bits = h.incompatible_features & ~Incompatible.DIRTY
+        await child.pwrite(INCOMPATIBLE_OFFSET, bits.to_bytes(8, "big"))
+        await child.flush()

@@ -3,7 +3,8 @@
 The first cluster holds the header, the header extensions (backing format, feature name
 table) and the backing name; then the refcount table, the refcount blocks and the L1
 table, each cluster-aligned. Every cluster so far has refcount 1. ``metadata``
-preallocation then gives every guest cluster an L2 entry and a (sparse) data cluster.
+preallocation then gives every guest cluster an L2 entry and a data cluster: sparse
+(``metadata``), reserved with fallocate (``falloc``), or written with zeros (``full``).
 
 References: QEMU docs/interop/qcow2.txt; block/qcow2.c ``qcow2_co_create``.
 """
@@ -34,7 +35,7 @@ from tapnbd.errors import ImageError
 DEFAULT_CLUSTER_SIZE = 65536
 #: Refcounts are 16-bit unless asked otherwise (qemu's default).
 DEFAULT_REFCOUNT_ORDER = 4
-PREALLOCATION = ("off", "metadata")
+PREALLOCATION = ("off", "metadata", "falloc", "full")
 
 
 def _clusters(n: int, cs: int) -> int:
@@ -66,7 +67,7 @@ async def create_qcow2(
     if cs != 1 << cb or not MIN_CLUSTER_BITS <= cb <= MAX_CLUSTER_BITS:
         raise ImageError(f"cluster size {cs} must be a power of two from 512 B to 2 MiB")
     if preallocation not in PREALLOCATION:
-        raise ImageError(f"preallocation {preallocation!r}: use {' or '.join(PREALLOCATION)}")
+        raise ImageError(f"preallocation {preallocation!r}: use {', '.join(PREALLOCATION)}")
     if compat not in ("0.10", "1.1"):
         raise ImageError(f"compat {compat!r}: use 0.10 (version 2) or 1.1 (version 3)")
     version = 3 if compat == "1.1" else 2
@@ -147,7 +148,7 @@ async def create_qcow2(
             pos += os.pwrite(fd, data[pos:], pos)
         os.ftruncate(fd, l1_off + l1_clusters * cs)
         os.fsync(fd)
-        if preallocation == "metadata":
+        if preallocation != "off":
             from formats import OpenRules, open_image
             from formats.qcow2.driver import Qcow2Driver
 
@@ -155,6 +156,6 @@ async def create_qcow2(
             d = await open_image(path, fmt="qcow2", rules=OpenRules(share=True))
             try:
                 assert isinstance(d, Qcow2Driver)
-                await d.preallocate()
+                await d.preallocate(preallocation)
             finally:
                 await d.close()

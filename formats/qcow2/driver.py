@@ -146,6 +146,9 @@ class Qcow2Driver(Driver):
         #: once the tables no longer naming them are durable.
         self._decrefs: list[tuple[int, int]] = []
         self._flush_lock = asyncio.Lock()
+        #: Compressed writes: one at a time, packed from ``_zpos`` on.
+        self._compress_lock = asyncio.Lock()
+        self._zpos = 0
         self._ccache_key = -1
         self._ccache = b""
         self._closed = False
@@ -169,6 +172,10 @@ class Qcow2Driver(Driver):
 
     def size(self) -> int:
         return self._size
+
+    @property
+    def cluster_size(self) -> int:
+        return self._cs
 
     def can_write(self) -> bool:
         return not self.read_only
@@ -399,12 +406,13 @@ class Qcow2Driver(Driver):
         if fua and (allocated or self._journal.pending):
             await self.flush()
 
-    def _reserve(self, n: int) -> int:
-        """Claim ``n`` bytes (whole clusters) at the end of the file."""
+    def _reserve(self, n: int, allocate: bool = False) -> int:
+        """Claim ``n`` bytes (whole clusters) at the end of the file (``allocate``: with
+        fallocate, else as a hole)."""
         if self._grow is None:
             raise OSError(errno.ENOSPC, "the image file cannot grow")
         host = self._end
-        self._grow(host + n)
+        self._grow(host + n, allocate=allocate)
         self._end = host + n
         return host
 
@@ -469,8 +477,12 @@ class Qcow2Driver(Driver):
             head = pos - (c0 << cb)
             tail = ((c0 + k) << cb) - lim
             chunk = view[pos - voff : lim - voff]
-            if not head and not tail:
-                await self.child.pwrite(new, chunk)
+            # A fresh cluster lies past the file's old end: it is a hole and reads as
+            # zeros already, so zeros around the data need no writing (qemu zeroes the
+            # cluster with fallocate instead of writing it, for the same reason).
+            zeros = kind == ZERO or (kind == UNALLOC and self.backing is None)
+            if zeros or (not head and not tail):
+                await self.child.pwrite(new + head, chunk)
             else:
                 buf = bytearray(k * cs)
                 old_host = host - head if kind == SHARED else host
@@ -504,10 +516,12 @@ class Qcow2Driver(Driver):
         elif entry & OFFSET_MASK:
             self._decrefs.append(((entry & OFFSET_MASK) >> self._cb, 1))
 
-    async def preallocate(self) -> None:
-        """Give every unallocated guest cluster a data cluster (preallocation=metadata).
+    async def preallocate(self, mode: str = "metadata") -> None:
+        """Give every unallocated guest cluster a data cluster.
 
-        The file grows sparse: the clusters read as zeros until written.
+        ``metadata``: the file grows sparse and the clusters read as zeros until
+        written; ``falloc``: their space is reserved with fallocate; ``full``: zeros are
+        written to them too (qemu-img's preallocation modes).
         """
         cb, cs = self._cb, self._cs
         clusters = (self._size + cs - 1) >> cb
@@ -518,11 +532,67 @@ class Qcow2Driver(Driver):
             free = [i for i in range(n) if not t[i]]
             if not free:
                 continue
-            host = self._reserve(len(free) * cs)
+            host = self._reserve(len(free) * cs, allocate=mode != "metadata")
             await self._incref(host >> cb, len(free))
+            if mode == "full":
+                zeros = bytes(min(len(free) * cs, _ZERO_CHUNK))
+                for off in range(host, host + len(free) * cs, len(zeros)):
+                    await self.child.pwrite(off, zeros[: host + len(free) * cs - off])
+            # The table may have left the cache while the refcounts loaded: fetch again.
+            l2off, t = await self._writable_l2(l1i)
             for j, i in enumerate(free):
                 self._set_l2(l2off, t, i, (host + j * cs) | OFLAG_COPIED)
         await self.flush()
+
+    async def write_compressed(self, offset: int, data: bytes | memoryview) -> bool:
+        """Write one whole guest cluster compressed, if it is unallocated and shrinks.
+
+        Returns False after writing it the normal way instead (qemu does the same when
+        the data does not shrink below ``cluster_size - 1``). Compressed clusters are
+        packed one after the other into host clusters, each holding one reference per
+        compressed cluster in it (qemu's ``qcow2_alloc_bytes``); one at a time, so two
+        writers never share a host cluster's first reference.
+        """
+        cs, cb = self._cs, self._cb
+        assert offset % cs == 0 and len(data) <= cs
+        z = zlib.compressobj(6, zlib.DEFLATED, -12)
+        packed = z.compress(bytes(data).ljust(cs, b"\0")) + z.flush()
+        async with self._compress_lock:
+            try:
+                kind, _host, _n = self._lookup(offset, offset + len(data))
+            except Miss as miss:
+                await self._l2.load(miss.offset)
+                kind, _host, _n = self._lookup(offset, offset + len(data))
+            if len(packed) >= cs - 1 or kind != UNALLOC or (offset >> cb) in self._pending:
+                await self.pwrite(offset, data)
+                return False
+            used = self._zpos & (cs - 1)
+            fresh = not used or cs - used < len(packed)
+            if fresh:
+                self._zpos = self._reserve(cs)
+            off = self._zpos
+            self._zpos += len(packed)
+            if fresh:
+                await self._incref(off >> cb, 1)
+            else:
+                await self._addref(off >> cb)
+            await self.child.pwrite(off, packed)
+            nsect = ((off + len(packed) - 1) >> 9) - (off >> 9)
+            l2off, t = await self._writable_l2(offset >> self._shift)
+            i = (offset >> cb) & self._l2_mask
+            self._forget(t[i])
+            self._set_l2(l2off, t, i, OFLAG_COMPRESSED | (nsect << self._c_shift) | off)
+        return True
+
+    async def _addref(self, c: int) -> None:
+        """One more reference to cluster ``c``, which already has some."""
+        boff, block = await self._refblock(c >> self._rb_bits)
+        i = c & self._rb_mask
+        if not block[i] or block[i] >= self._rc_max:
+            raise _eio(f"cluster 0x{c << self._cb:x} has refcount {block[i]}: cannot add one")
+        block[i] += 1
+        if not self._journal.has(S_NEW, boff):
+            self._journal.record(S_NEW, boff, partial(encode_block, block, self._order), tag=boff)
 
     # Refcounts.
 

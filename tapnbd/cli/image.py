@@ -54,7 +54,7 @@ def create_cmd(
         typer.Option("--backing-format", "-F", help="qcow2: the backing file's format (stored)."),
     ] = None,
     preallocation: Annotated[
-        str, typer.Option("--preallocation", help="qcow2: off or metadata.")
+        str, typer.Option("--preallocation", help="qcow2: off, metadata, falloc or full.")
     ] = "off",
     optimise: Annotated[
         bool,
@@ -150,8 +150,11 @@ def convert_cmd(
     allow_probed_chain: AllowProbedChainOpt = False,
     allow_block_devices: AllowBlockOpt = False,
     force_share: ForceShareOpt = False,
+    compress: Annotated[
+        bool, typer.Option("--compress", "-c", help="qcow2: write compressed clusters.")
+    ] = False,
 ) -> None:
-    """Copy an image into a new raw or qcow image, skipping zeros and holes.
+    """Copy an image into a new raw, qcow or qcow2 image, skipping zeros and holes.
 
     The destination's lock is taken before it is truncated: an image in use is refused.
     """
@@ -197,6 +200,7 @@ def convert_cmd(
                     rules=open_rules(
                         backing_format, allow_probed_chain, allow_block_devices, force_share
                     ),
+                    compress=compress,
                 )
             )
 
@@ -321,6 +325,10 @@ def info_cmd(
 def check_cmd(
     image: Annotated[str, typer.Argument(help="The qcow or qcow2 image.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    repair: Annotated[
+        bool,
+        typer.Option("--repair", help="qcow2: set refcounts to the references, clear dirty."),
+    ] = False,
 ) -> None:
     """Check a qcow image: leaks, overlaps, pointers past the end, checksum.
 
@@ -335,7 +343,9 @@ def check_cmd(
         if fmt == "qcow2":
             from formats.qcow2.check import check_qcow2
 
-            res = runtime.run(check_qcow2(image))
+            res = runtime.run(check_qcow2(image, repair=repair))
+        elif repair:
+            fail(f"{image}: --repair is for qcow2 images", 1)
         elif fmt == "qcow":
             res = runtime.run(check_qcow(image))
         else:

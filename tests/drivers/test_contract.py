@@ -53,12 +53,30 @@ async def make_qcow_overlay(tmp: Path) -> Driver:
     return await open_image(str(tmp / "overlay.qcow"), fmt="qcow")  # given: backing followed
 
 
+async def make_qcow2(tmp: Path) -> Driver:
+    from formats.qcow2.create import create_qcow2
+
+    await create_qcow2(str(tmp / "d.qcow2"), SIZE, cluster_size=4096)
+    return await open_image(str(tmp / "d.qcow2"))
+
+
+async def make_qcow2_overlay(tmp: Path) -> Driver:
+    from formats.qcow2.create import create_qcow2
+
+    base = await make_raw(tmp)
+    await base.close()
+    await create_qcow2(str(tmp / "overlay.qcow2"), None, backing="raw.img", backing_fmt="raw")
+    return await open_image(str(tmp / "overlay.qcow2"))
+
+
 MAKERS: dict[str, Callable[[Path], object]] = {
     "raw": make_raw,
     "ram": make_ram,
     "qcow-optimised": make_qcow_optimised,
     "qcow-normal": make_qcow_normal,
     "qcow-overlay": make_qcow_overlay,
+    "qcow2": make_qcow2,
+    "qcow2-overlay": make_qcow2_overlay,
 }
 
 

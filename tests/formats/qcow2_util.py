@@ -69,6 +69,28 @@ def make_image(tmp: Path, kind: str) -> Path:
         qemu_io(base, "write -P 0x99 0 8M", fmt="qcow2")
         qemu_img("create", "-f", "qcow2", "-b", base.name, "-F", "qcow2", img, str(SIZE))
         qemu_io(img, "write -P 0x12 8384512 8192", fmt="qcow2")
+    elif kind in ("qcow-backing", "probed-backing"):
+        base = tmp / "base.qcow"
+        qemu_img("create", "-f", "qcow", base, str(SIZE))
+        qemu_io(base, "write -P 0x71 0 3M", "write -P 0x72 9M 100k", fmt="qcow")
+        qemu_img("create", "-f", "qcow2", "-b", base.name, "-F", "qcow", img)
+        write_patterns(img)
+        if kind == "probed-backing":
+            # Rename the backing format extension to an unknown type: the format is
+            # then probed, as for images made before qemu stored it.
+            head = bytearray(img.read_bytes()[:4096])
+            at = head.index(bytes.fromhex("e2792aca"))
+            with open(img, "r+b") as f:
+                f.seek(at)
+                f.write(bytes.fromhex("e2792acb"))
+    elif kind == "raw-declared-backing":
+        # The header says raw: the backing file is read as raw bytes although they look
+        # like a qcow2 image (never re-probed: the trust rule).
+        base = tmp / "looks-like.qcow2"
+        qemu_img("create", "-f", "qcow2", base, str(SIZE))
+        qemu_io(base, "write -P 0x73 0 1M", fmt="qcow2")
+        qemu_img("create", "-f", "qcow2", "-b", base.name, "-F", "raw", img, str(SIZE))
+        qemu_io(img, "write -P 0x74 64k 4k", fmt="qcow2")
     elif kind.startswith("snapshot"):
         qemu_img("create", "-f", "qcow2", img, str(SIZE))
         write_patterns(img)
@@ -94,6 +116,9 @@ IMAGE_KINDS = [
     "short-backing",
     "snapshot",
     "snapshot-shared",
+    "qcow-backing",
+    "probed-backing",
+    "raw-declared-backing",
 ]
 
 

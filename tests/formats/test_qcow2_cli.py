@@ -26,8 +26,15 @@ def qemu_info(img: Path) -> dict[str, Any]:
 
 @pytest.mark.parametrize(
     "opts",
-    [(), ("--cluster-size", "512"), ("--cluster-size", "2M"), ("--preallocation", "metadata")],
-    ids=["default", "512", "2M", "metadata"],
+    [
+        (),
+        ("--cluster-size", "512"),
+        ("--cluster-size", "2M"),
+        ("--preallocation", "metadata"),
+        ("--preallocation", "falloc"),
+        ("--preallocation", "full"),
+    ],
+    ids=["default", "512", "2M", "metadata", "falloc", "full"],
 )
 def test_create_passes_qemu_check(tmp_path: Path, opts: tuple[str, ...]) -> None:
     need("qemu-img", "qemu-io")
@@ -36,6 +43,10 @@ def test_create_passes_qemu_check(tmp_path: Path, opts: tuple[str, ...]) -> None
     check_clean(img)
     info = qemu_info(img)
     assert info["virtual-size"] == 100 << 20
+    if opts[-1:] in (("falloc",), ("full",)):  # the data's space is reserved on disk
+        assert info["actual-size"] >= 100 << 20
+    elif opts[-1:] == ("metadata",):
+        assert info["actual-size"] < 10 << 20
     assert info["cluster-size"] == {"512": 512, "2M": 2 << 20}.get(opts[-1] if opts else "", 65536)
     qemu_io(img, "write -P 0x61 1M 70k", "read -P 0x61 1M 70k", fmt="qcow2")
     check_clean(img)
@@ -114,3 +125,46 @@ def test_check_finds_leaks_and_refcount_errors(tmp_path: Path) -> None:
     proc = run(tapnbd_cmd("check", "--json", str(img)), check=False)
     assert proc.returncode == 2
     assert json.loads(proc.stdout)["corruptions"] == 1
+
+
+@pytest.mark.parametrize("cluster_size", ["512", "65536"])
+def test_convert_compressed(tmp_path: Path, cluster_size: str) -> None:
+    """convert -c: compressible clusters packed compressed, the rest written plain."""
+    need("qemu-img")
+    rng = random.Random(11)
+    print("seed 11")
+    raw = tmp_path / "src.raw"
+    data = bytearray(3 << 20)
+    for i in range(0, len(data) - 70000, 150000):
+        if rng.random() < 0.5:
+            data[i : i + 70000] = bytes([rng.randrange(256)]) * 70000  # compresses
+        else:
+            data[i : i + 70000] = rng.randbytes(70000)  # does not
+    raw.write_bytes(bytes(data) + b"tail" * 384)  # no multiple of a 64K cluster
+    out = tmp_path / "c.qcow2"
+    tapnbd("convert", "-q", "-c", "-O", "qcow2", "--cluster-size", cluster_size, raw, out)
+    qemu_img("compare", "-f", "qcow2", "-F", "raw", out, raw)
+    report = check_clean(out)
+    assert isinstance(report["compressed-clusters"], int) and report["compressed-clusters"] > 0
+
+
+def test_dirty_image_repaired_then_opens_writable(tmp_path: Path) -> None:
+    """qemu with lazy refcounts killed mid-work leaves the dirty bit and missing
+    refcounts: refused for writing, repaired by check --repair, then qemu finds it clean."""
+    need("qemu-img", "qemu-io")
+    img = tmp_path / "dirty.qcow2"
+    qemu_img("create", "-f", "qcow2", "-o", "lazy_refcounts=on", img, "16M")
+    run(
+        ["qemu-io", "-f", "qcow2", "-c", "write -P 0x42 0 1M", "-c", "sigraise 9", str(img)],
+        check=False,
+    )
+    assert qemu_info(img)["dirty-flag"] is True
+    proc = run(tapnbd_cmd("serve", "--port", "0", str(img)), check=False, timeout=30)
+    assert proc.returncode != 0 and "check --repair" in proc.stderr
+    assert run(tapnbd_cmd("check", str(img)), check=False).returncode == 2
+    proc = run(tapnbd_cmd("check", "--repair", str(img)), check=False)
+    assert proc.returncode == 0, proc.stdout
+    assert qemu_info(img)["dirty-flag"] is False
+    check_clean(img)
+    qemu_io(img, "read -P 0x42 0 1M", "write -P 0x43 2M 64k", fmt="qcow2")
+    check_clean(img)
