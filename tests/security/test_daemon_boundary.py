@@ -393,3 +393,30 @@ def test_client_refuses_a_daemon_of_another_user(tap: Tapnbd, other: tuple[int, 
         impostor.kill()
         impostor.wait()
         (tap.state / "control.sock").unlink(missing_ok=True)
+
+
+@pytest.mark.parametrize(
+    ("content", "match"),
+    [
+        (
+            b'{"version":1,"exports":[{"name":"x","image":"/x","format":"raw","read_only":"no"}]}',
+            r"Expected `bool`, got `str` - at `\$.exports\[0\].read_only`",
+        ),
+        (b'{"version":1,"exports":[],"attachments":[],"extra":1}', "unknown field `extra`"),
+        (b'{"version":1,"exports":' + b"[" * 100_000, "malformed state file"),
+        (None, "larger than 16777216 bytes"),
+    ],
+    ids=["wrong-type", "unknown-field", "deep", "huge"],
+)
+def test_corrupt_state_file_named(tap: Tapnbd, content: bytes | None, match: str) -> None:
+    """A state file that is not ours to trust stops the daemon with the field at fault."""
+    tap.state.mkdir(mode=0o700)
+    path = tap.state / "state.json"
+    if content is None:
+        with open(path, "wb") as f:
+            f.truncate((16 << 20) + 1)  # sparse: costs no disk
+    else:
+        path.write_bytes(content)
+    proc = tap.run("daemon", "start")
+    assert proc.returncode != 0
+    assert re.search(match, proc.stderr + tap.log_tail()), proc.stderr + tap.log_tail()
