@@ -253,6 +253,7 @@ def test_unsafe_state_directory_refused(
         ("attach.sock", "attach.sock: is a symlink"),
         ("nbd.sock", "nbd.sock: is a symlink"),
         ("control.sock", "control.sock: is a symlink"),
+        ("attach", "attach: is a symlink"),
     ],
 )
 @pytest.mark.parametrize("dangling", [False, True], ids=["to-decoy", "dangling"])
@@ -267,6 +268,34 @@ def test_planted_symlink_refused(
     assert sha(decoy) == before
     assert not (tap.base / "would-be-created").exists()
     assert (tap.state / name).is_symlink()  # left for the admin to see
+
+
+def test_other_user_cannot_reach_a_data_path(tap: Tapnbd, other: tuple[int, int]) -> None:
+    """An attachment's tapdisk serves its image on a socket of its own: 0600 and
+    SO_PEERCRED checked, like the daemon's."""
+    from tests.control.tap import need_devices
+
+    need_devices()
+    need("nbdinfo")
+    device = tap.ok("attach", "ram:16M", "--via", "fuse").strip()
+    assert device.startswith("/dev/")
+    (tapdir,) = (tap.state / "tapdisk").iterdir()
+    sock = tapdir / "nbd.sock"
+    assert sock.stat().st_mode & 0o777 == 0o600
+    uri = f"nbd+unix:///?socket={sock}"
+    for d in (tap.base, tap.state, tap.state / "tapdisk", tapdir):
+        os.chmod(d, 0o711)
+    os.chmod(sock, 0o666)
+    try:
+        got = as_user(other, "nbdinfo", "--size", uri)
+    finally:
+        os.chmod(sock, 0o600)
+        for d in (tapdir, tap.state / "tapdisk", tap.state, tap.base):
+            os.chmod(d, 0o700)
+    assert got.returncode != 0 and got.stdout.strip() != str(16 << 20), got
+    assert run(["nbdinfo", "--size", uri]).stdout.strip() == str(16 << 20)
+    assert "refused NBD connection from pid" in (tapdir / "tapdisk.log").read_text()
+    tap.ok("detach", device)
 
 
 def test_predictable_temp_names_are_not_used(tap: Tapnbd, decoy: Path) -> None:
