@@ -135,6 +135,14 @@ def test_other_user_cannot_reach_exports_by_unix_socket(
     run(["nbdinfo", "--list", uri])  # the owner still gets in
 
 
+def test_paths_only_when_configured(tap: Tapnbd) -> None:
+    need("nbdinfo")
+    tap.ok("daemon", "start", "--expose-paths")
+    image = tap.image("shown.img", size="1M")
+    tap.ok("export", "add", str(image), "--name", "shown")
+    assert str(image) in run(["nbdinfo", "--list", unix_uri(tap, "shown")]).stdout
+
+
 def test_no_tcp_unless_asked(tap: Tapnbd, other: tuple[int, int]) -> None:
     need("nbdinfo")
     # TCP without TLS is refused up front, and names the way out.
