@@ -240,7 +240,7 @@ class Daemon:
             os.getpid(),
             d.control,
             ", ".join(self.exports.listen()),
-            f", metrics http://{self.metrics.address}/metrics" if self.metrics else "",
+            f", metrics {self.metrics.address} /metrics" if self.metrics else "",
         )
 
     async def stop(self, detach: bool = False, lazy: bool = False) -> ShutdownReply:
