@@ -26,7 +26,7 @@ from tapnbd.errors import TapnbdError
 #: The longest line either side accepts (a list of many exports fits easily).
 MAX_LINE = 1 << 20
 
-Via = Literal["auto", "nbd", "fuse"]
+Via = Literal["auto", "nbd", "fuse", "socket"]
 
 
 class MessageError(TapnbdError):
@@ -43,7 +43,7 @@ class AttachmentRecord:
     device: str
     export: str
     image: str
-    via: Literal["nbd", "fuse"]
+    via: Literal["nbd", "fuse", "socket"]
     read_only: bool
 
 
