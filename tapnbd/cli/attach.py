@@ -37,7 +37,10 @@ def attach_cmd(
     fmt: Annotated[str, typer.Option("--format", "-f", help="auto, raw or qcow.")] = "auto",
     via: Annotated[
         str,
-        typer.Option(help="auto (kernel nbd if it can, else nbdfuse), nbd or fuse."),
+        typer.Option(
+            help="auto (kernel nbd if it can, else nbdfuse), nbd, fuse, or socket (no "
+            "local device: print the data path's NBD socket, for a VM)."
+        ),
     ] = "auto",
     name: Annotated[
         str | None, typer.Option(help="Export name. [default: the file's name]")
@@ -45,10 +48,10 @@ def attach_cmd(
     state_dir: StateDirOpt = None,
 ) -> None:
     """Attach an image as a local block device; print the device's path."""
-    if via not in ("auto", "nbd", "fuse"):
+    if via not in ("auto", "nbd", "fuse", "socket"):
         from tapnbd.cli.app import fail
 
-        fail(f"--via must be auto, nbd or fuse, not {via!r}")
+        fail(f"--via must be auto, nbd, fuse or socket, not {via!r}")
     spec = image if _is_export_name(image) else image_spec(image)
     with errors_as_exit(), connect(state_dir) as conn:
         req = AttachRequest(image=spec, name=name, read_only=read_only, format=fmt, via=_via(via))
@@ -119,4 +122,6 @@ def _via(value: str) -> Via:
         return "nbd"
     if value == "fuse":
         return "fuse"
+    if value == "socket":
+        return "socket"
     return "auto"

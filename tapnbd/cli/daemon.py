@@ -197,8 +197,12 @@ def _print_status(status: StatusReply) -> None:
     console.print(f"  log        {status.log}", highlight=False)
     console.print(f"  NBD        {', '.join(status.listen) or 'nowhere'}", highlight=False)
     if status.metrics:
-        where = status.metrics if status.metrics.startswith("unix:") else f"http://{status.metrics}"
-        console.print(f"  metrics    {where}/metrics", highlight=False)
+        where = (
+            f"{status.metrics} (GET /metrics)"
+            if status.metrics.startswith("unix:")
+            else f"http://{status.metrics}/metrics"
+        )
+        console.print(f"  metrics    {where}", highlight=False)
     console.print(f"  exports    {status.exports}, attached devices {status.attachments}")
     if not status.stats_enabled:
         console.print("  statistics off")

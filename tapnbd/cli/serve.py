@@ -43,7 +43,13 @@ def serve_cmd(
         str | None,
         typer.Option("--socket", "-k", help="Unix socket path (TCP only if --port too)."),
     ] = None,
-    pidfile: Annotated[str | None, typer.Option(help="Write the pid here once ready.")] = None,
+    pidfile: Annotated[
+        str | None,
+        typer.Option(
+            help="Write the pid here once ready; an existing file is refused unless it is "
+            "a stale pidfile of ours. Removed on exit if it still holds our pid."
+        ),
+    ] = None,
     stats_file: Annotated[
         str | None, typer.Option(help="On exit, write each export's statistics here (JSON).")
     ] = None,

@@ -143,13 +143,15 @@ def choose_via(via: str) -> tuple[ViaName, str]:
         if not ok:
             raise AttachError(f"cannot attach with the kernel nbd client: {why}")
         return "nbd", f"kernel nbd client (forced; {why})"
+    if via == "socket":
+        return "socket", "the data path's NBD socket, for a VM's client (no local device)"
     if via == "fuse":
         ok, why = fuse_status()
         if not ok:
             raise AttachError(f"cannot attach with nbdfuse: {why}")
         return "fuse", "nbdfuse + losetup (forced)"
     if via != "auto":
-        raise AttachError(f"unknown attach path {via!r}: use auto, nbd or fuse")
+        raise AttachError(f"unknown attach path {via!r}: use auto, nbd, fuse or socket")
     ok, nbd_why = kernel_nbd_status()
     if ok:
         return "nbd", f"kernel nbd client ({nbd_why})"
@@ -438,7 +440,7 @@ def busy_reason(device: str) -> str | None:
 def attachment_busy(att: Attachment) -> str | None:
     """Why ``att`` must not be taken down now (its device, or its nbdfuse file, is in
     use: mounted, stacked on, or looped again by someone else), or None."""
-    if att.device:
+    if att.device and att.via != "socket":
         busy = busy_reason(att.device)
         if busy:
             return busy
@@ -453,7 +455,7 @@ def attachment_busy(att: Attachment) -> str | None:
 
 def device_present(att: Attachment) -> bool:
     """Whether ``att``'s device is still connected to something."""
-    if not att.device:
+    if not att.device or att.via == "socket":
         return False
     if att.via == "nbd":
         return os.path.exists(f"/sys/block/{os.path.basename(att.device)}/pid")

@@ -96,7 +96,9 @@ class Attachments:
         save()
         try:
             socket_path = tapctl.nbd_socket(att)
-            if att.via == "nbd":
+            if att.via == "socket":
+                att.device = socket_path  # a VM's NBD client connects here
+            elif att.via == "nbd":
                 await asyncio.to_thread(devices.attach_nbd, att, socket=socket_path, connections=4)
             else:
                 quoted = urllib.parse.quote(att.export, safe="")
@@ -116,15 +118,29 @@ class Attachments:
 
         The caller has checked ``attachment_busy``: nothing here looks at mounts.
         """
-        if att.device:
+        if att.device and att.via != "socket":
             await asyncio.to_thread(devices.flush_device, att.device)
         if att.via == "nbd":
             await asyncio.to_thread(devices.detach_nbd, att)
-        else:
+        elif att.via == "fuse":
             proc = self.fuse_procs.pop(att.id, None)
             await asyncio.to_thread(devices.detach_fuse, att, proc, lazy=lazy)
         await asyncio.to_thread(tapctl.stop, att, self.tap_procs.pop(att.id, None))
         self.by_id.pop(att.id, None)
+
+    async def busy(self, att: Attachment) -> str | None:
+        """Why ``att`` must not be taken down now, or None: its device is in use
+        (``attachment_busy``), or, for a socket, a client (a VM) is connected to it."""
+        if att.via != "socket":
+            return await asyncio.to_thread(devices.attachment_busy, att)
+        if tapctl.why_not_ours(att) is not None:
+            return None  # nothing serves it any more
+        snap = (await asyncio.to_thread(tapctl.stats, att)).get("snapshot", {})
+        n = snap.get("connections", 0) if isinstance(snap, dict) else 0
+        if n:
+            s = "s" if n != 1 else ""
+            return f"{att.device} has {n} client{s} connected (a VM's disk?); disconnect first"
+        return None
 
     # After a restart.
 

@@ -240,7 +240,7 @@ class Daemon:
             os.getpid(),
             d.control,
             ", ".join(self.exports.listen()),
-            f", metrics http://{self.metrics.address}/metrics" if self.metrics else "",
+            f", metrics {self.metrics.address} /metrics" if self.metrics else "",
         )
 
     async def stop(self, detach: bool = False, lazy: bool = False) -> ShutdownReply:
@@ -359,7 +359,7 @@ class Daemon:
                     why = f"has {who}; use --force to disconnect them"
                 raise TapnbdError(f"export {export.name!r} {why}")
             for att in atts:
-                busy = await asyncio.to_thread(devices.attachment_busy, att)
+                busy = await self.attachments.busy(att)
                 if busy:
                     raise TapnbdError(f"cannot remove export {export.name!r}: {busy}")
             detached = []
@@ -416,7 +416,7 @@ class Daemon:
     async def on_detach(self, req: DetachRequest) -> DetachReply:
         async with self.lock:
             att = self.attachments.find(req.target)
-            busy = await asyncio.to_thread(devices.attachment_busy, att)
+            busy = await self.attachments.busy(att)
             if busy:
                 raise TapnbdError(f"cannot detach: {busy}")
             await self._detach(att)
@@ -430,7 +430,7 @@ class Daemon:
             if req.all:
                 # Forced or not: detaching a mounted device loses its file system.
                 for att in self.attachments:
-                    busy = await asyncio.to_thread(devices.attachment_busy, att)
+                    busy = await self.attachments.busy(att)
                     if busy:
                         raise TapnbdError(
                             f"not stopping: {busy}; or stop without --all, which leaves "

@@ -32,8 +32,9 @@ from tapnbd.errors import TapnbdError
 #: The longest line either side accepts (a list of many exports fits easily).
 MAX_LINE = 1 << 20
 
-Via = Literal["auto", "nbd", "fuse"]
-ViaName = Literal["nbd", "fuse"]
+Via = Literal["auto", "nbd", "fuse", "socket"]
+#: "socket": no local device; the data path's NBD socket is for a VM (blktap's guests).
+ViaName = Literal["nbd", "fuse", "socket"]
 #: "export" (``tapnbd export add``) or "attach" (made by ``tapnbd attach``, removed by
 #: its detach).
 Origin = Literal["export", "attach"]

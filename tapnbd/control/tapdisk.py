@@ -92,7 +92,8 @@ class Tapdisk:
         ctl_sock = os.path.join(self.dir, CONTROL_SOCKET)
         old = os.umask(0o177)
         try:
-            await self.server.listen_unix(nbd_sock)
+            # The device's client runs as the daemon's user (or root): nobody else.
+            await self.server.listen_unix(nbd_sock, mode=0o600, allow=allowed)
             self.control = await asyncio.start_unix_server(
                 self._client, ctl_sock, limit=MAX_CONTROL_LINE
             )

@@ -237,7 +237,7 @@ def daemon_round(work: Path, seed: int) -> Round:
         run(tapnbd_cmd("create", str(image), "--size", SIZE, *LAYOUTS[layout]))
         tap.ok("daemon", "start")
         uris = tap.ok("export", "add", str(image), "--name", "crash").split()
-        uri = next(u for u in uris if u.startswith("nbd://"))
+        uri = next(u for u in uris if u.startswith("nbd+unix://"))  # NBD is unix-only by default
         pid = tap.status()["pid"]
         out = work / "journal.json"
         load = start_load(uri, seed, out)

@@ -135,6 +135,14 @@ def test_other_user_cannot_reach_exports_by_unix_socket(
     run(["nbdinfo", "--list", uri])  # the owner still gets in
 
 
+def test_paths_only_when_configured(tap: Tapnbd) -> None:
+    need("nbdinfo")
+    tap.ok("daemon", "start", "--expose-paths")
+    image = tap.image("shown.img", size="1M")
+    tap.ok("export", "add", str(image), "--name", "shown")
+    assert str(image) in run(["nbdinfo", "--list", unix_uri(tap, "shown")]).stdout
+
+
 def test_no_tcp_unless_asked(tap: Tapnbd, other: tuple[int, int]) -> None:
     need("nbdinfo")
     # TCP without TLS is refused up front, and names the way out.
@@ -253,6 +261,7 @@ def test_unsafe_state_directory_refused(
         ("attach.sock", "attach.sock: is a symlink"),
         ("nbd.sock", "nbd.sock: is a symlink"),
         ("control.sock", "control.sock: is a symlink"),
+        ("attach", "attach: is a symlink"),
     ],
 )
 @pytest.mark.parametrize("dangling", [False, True], ids=["to-decoy", "dangling"])
@@ -267,6 +276,34 @@ def test_planted_symlink_refused(
     assert sha(decoy) == before
     assert not (tap.base / "would-be-created").exists()
     assert (tap.state / name).is_symlink()  # left for the admin to see
+
+
+def test_other_user_cannot_reach_a_data_path(tap: Tapnbd, other: tuple[int, int]) -> None:
+    """An attachment's tapdisk serves its image on a socket of its own: 0600 and
+    SO_PEERCRED checked, like the daemon's."""
+    from tests.control.tap import need_devices
+
+    need_devices()
+    need("nbdinfo")
+    device = tap.ok("attach", "ram:16M", "--via", "fuse").strip()
+    assert device.startswith("/dev/")
+    (tapdir,) = (tap.state / "tapdisk").iterdir()
+    sock = tapdir / "nbd.sock"
+    assert sock.stat().st_mode & 0o777 == 0o600
+    uri = f"nbd+unix:///?socket={sock}"
+    for d in (tap.base, tap.state, tap.state / "tapdisk", tapdir):
+        os.chmod(d, 0o711)
+    os.chmod(sock, 0o666)
+    try:
+        got = as_user(other, "nbdinfo", "--size", uri)
+    finally:
+        os.chmod(sock, 0o600)
+        for d in (tapdir, tap.state / "tapdisk", tap.state, tap.base):
+            os.chmod(d, 0o700)
+    assert got.returncode != 0 and got.stdout.strip() != str(16 << 20), got
+    assert run(["nbdinfo", "--size", uri]).stdout.strip() == str(16 << 20)
+    assert "refused NBD connection from pid" in (tapdir / "tapdisk.log").read_text()
+    tap.ok("detach", device)
 
 
 def test_predictable_temp_names_are_not_used(tap: Tapnbd, decoy: Path) -> None:
@@ -393,3 +430,30 @@ def test_client_refuses_a_daemon_of_another_user(tap: Tapnbd, other: tuple[int, 
         impostor.kill()
         impostor.wait()
         (tap.state / "control.sock").unlink(missing_ok=True)
+
+
+@pytest.mark.parametrize(
+    ("content", "match"),
+    [
+        (
+            b'{"version":1,"exports":[{"name":"x","image":"/x","format":"raw","read_only":"no"}]}',
+            r"Expected `bool`, got `str` - at `\$.exports\[0\].read_only`",
+        ),
+        (b'{"version":1,"exports":[],"attachments":[],"extra":1}', "unknown field `extra`"),
+        (b'{"version":1,"exports":' + b"[" * 100_000, "malformed state file"),
+        (None, "larger than 16777216 bytes"),
+    ],
+    ids=["wrong-type", "unknown-field", "deep", "huge"],
+)
+def test_corrupt_state_file_named(tap: Tapnbd, content: bytes | None, match: str) -> None:
+    """A state file that is not ours to trust stops the daemon with the field at fault."""
+    tap.state.mkdir(mode=0o700)
+    path = tap.state / "state.json"
+    if content is None:
+        with open(path, "wb") as f:
+            f.truncate((16 << 20) + 1)  # sparse: costs no disk
+    else:
+        path.write_bytes(content)
+    proc = tap.run("daemon", "start")
+    assert proc.returncode != 0
+    assert re.search(match, proc.stderr + tap.log_tail()), proc.stderr + tap.log_tail()
