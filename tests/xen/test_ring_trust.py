@@ -123,7 +123,7 @@ def refused_to_serve(path: Path, log: Path) -> str:
     return log.read_text()
 
 
-def test_garbage_and_endless_xenstore_are_rejected(ring: RingFactory, tmp_path: Path) -> None:
+def test_garbage_and_endless_xenstore_are_rejected(ring: RingFactory) -> None:
     """Each bad store is logged once and the backend goes on; memory stays bounded."""
     backend = ring("ram:16M")
     store = backend.path / "xenstore.json"
@@ -157,6 +157,11 @@ def test_garbage_and_endless_xenstore_are_rejected(ring: RingFactory, tmp_path: 
     os.replace(store.with_name("endless"), store)
     backend.wait_log("rejected", len(attacks) + 1)
     assert backend.peak_rss() < 128 << 20, backend.peak_rss()
+    # A FIFO, which an open for reading would wait on forever.
+    os.mkfifo(store.with_name("fifo"), 0o600)
+    os.replace(store.with_name("fifo"), store)
+    backend.wait_log("rejected", len(attacks) + 2)
+    assert "is not a regular file" in backend.stderr().splitlines()[-1]
     plant(store, good)  # the vandal goes; a good frontend connects
     still_serves(backend)
 
