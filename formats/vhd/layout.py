@@ -259,7 +259,7 @@ def parse_batmap_header(raw: bytes) -> BatmapHeader | None:
     return BatmapHeader(off, size, version, ck)
 
 
-def batmap_checksum(data: bytes, version: int) -> int:
+def batmap_checksum(data: bytes | bytearray, version: int) -> int:
     """blktap2's batmap checksum: version 1.1 summed the bytes as signed chars."""
     total = sum(data)
     if version == BATMAP_V1_1:
