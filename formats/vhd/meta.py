@@ -254,14 +254,6 @@ def _check_blocks(meta: VhdMeta, regions: list[tuple[int, int, str]], path: str)
     bs = meta.header.block_size
     span = bitmap_bytes(bs) + bs
     end = meta.footer_offset
-    used = [e for e in meta.bat if e != BAT_UNUSED]
-    # A cheap bound first, so a hostile BAT of millions of entries is refused without
-    # sorting: that many blocks cannot fit in the file without overlapping.
-    if len(used) * span > end:
-        raise InvalidImageError(
-            f"{path}: BAT: {len(used)} blocks of {span} bytes cannot fit in "
-            f"{end} bytes of file (overlapping blocks)"
-        )
     spans: list[tuple[int, int, str]] = list(regions)
     for i, e in enumerate(meta.bat):
         if e == BAT_UNUSED:
@@ -272,6 +264,14 @@ def _check_blocks(meta: VhdMeta, regions: list[tuple[int, int, str]], path: str)
                 f"{path}: BAT entry {i} (sector 0x{e:x}) is past the end of the file"
             )
         spans.append((off, span, f"BAT entry {i}"))
+    # A cheap bound before sorting, so a hostile BAT of millions of entries inside a
+    # small file is refused at once: that many blocks cannot fit without overlapping.
+    used = len(spans) - len(regions)
+    if used * span > end:
+        raise InvalidImageError(
+            f"{path}: BAT: {used} blocks of {span} bytes cannot fit in "
+            f"{end} bytes of file (overlapping blocks)"
+        )
     spans.sort()
     for (a, alen, aname), (b, _blen, bname) in itertools.pairwise(spans):
         if a + alen > b:
