@@ -87,7 +87,10 @@ async def open_vhd(path: str, read_only: bool) -> Driver:
                     f"dynamic header parent unique id {meta.header.parent_uuid.hex()} does "
                     f"not match the parent's unique id {puuid.hex()}"
                 )
-        return VhdDriver(child, parent, meta, read_only=read_only, path=path)
+        driver = VhdDriver(child, parent, meta, read_only=read_only, path=path)
+        if not read_only:
+            await driver.prepare()
+        return driver
     except BaseException as e:
         if parent is not None:
             await parent.close()

@@ -42,7 +42,12 @@ async def check_vhd(path: str) -> VhdCheckResult:
             res.corrupt(str(e))
             return res
         if meta.footer_from_copy:
-            res.corrupt("the footer at the end of the file is missing or bad (copy at 0 used)")
+            # What a crash between a block's allocation and the next flush leaves: the
+            # copy has the same contents, and a writable open puts the footer back.
+            res.notes.append(
+                "the footer at the end of the file is missing (copy at 0 used); "
+                "a writable open rewrites it"
+            )
         h = meta.header
         res.image_end_offset = meta.footer_offset + FOOTER_SIZE
         if h is None:

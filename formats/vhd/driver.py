@@ -83,6 +83,8 @@ class VhdDriver(Driver):
         self._grow = child.grow if isinstance(child, Growable) else None
         self._closed = False
         self._flush_lock = asyncio.Lock()
+        #: The footer at the end is owed (blocks were added, or it was missing at open).
+        self._grown = meta.footer_from_copy and not read_only
         if self._fixed:
             return
         h = meta.header
@@ -102,10 +104,13 @@ class VhdDriver(Driver):
         #: flush's snapshot.
         self._dirty_bitmaps: set[int] = set()
         self._dirty_bat: set[int] = set()
-        #: The footer at the end is owed (blocks were added, or it was missing at open).
-        self._grown = meta.footer_from_copy and not read_only
         #: Per-block locks for writes that allocate or set bitmap bits.
         self._locks: dict[int, asyncio.Lock] = {}
+
+    async def prepare(self) -> None:
+        """On a writable open, put back a footer that a crash left missing at the end."""
+        if self._grown:
+            await self.flush()
 
     def size(self) -> int:
         return self._size
@@ -118,6 +123,16 @@ class VhdDriver(Driver):
 
     def can_extents(self) -> bool:
         return True
+
+    def can_fast_zero(self) -> bool:
+        return False
+
+    async def zero(
+        self, offset: int, length: int, *, may_trim: bool, fua: bool, fast: bool
+    ) -> None:
+        """VHD has no zero blocks, and a bit once set is never cleared (the batmap stays
+        true): zeros are written, by the Backend's emulation (ENOTSUP)."""
+        raise OSError(errno.ENOTSUP, "VHD has no zero blocks: write zeros")
 
     def block_size(self) -> BlockSize:
         return BlockSize(minimum=1, preferred=4096)
