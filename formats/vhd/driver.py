@@ -106,6 +106,7 @@ class VhdDriver(Driver):
         self._dirty_bat: set[int] = set()
         #: Per-block locks for writes that allocate or set bitmap bits.
         self._locks: dict[int, asyncio.Lock] = {}
+        self._lock_users: dict[int, int] = {}
 
     async def prepare(self) -> None:
         """On a writable open, put back a footer that a crash left missing at the end."""
@@ -259,13 +260,19 @@ class VhdDriver(Driver):
         except Miss:
             pass
         b = pos >> self._bb
-        lock = self._locks.setdefault(b, asyncio.Lock())
+        lock = self._locks.get(b)
+        if lock is None:
+            lock = self._locks[b] = asyncio.Lock()
+        self._lock_users[b] = self._lock_users.get(b, 0) + 1
         try:
             async with lock:
                 await self._write_slow(b, pos, chunk)
         finally:
-            if not lock.locked() and self._locks.get(b) is lock:
-                del self._locks[b]
+            # Dropped only when nobody holds or waits for it (a waiter woken by the
+            # release has not taken the lock yet, but still counts).
+            self._lock_users[b] -= 1
+            if not self._lock_users[b]:
+                del self._lock_users[b], self._locks[b]
 
     async def _write_slow(self, b: int, pos: int, chunk: memoryview) -> None:
         bstart = b << self._bb

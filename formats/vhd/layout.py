@@ -37,9 +37,9 @@ MAX_BLOCK_SIZE = 256 << 20
 MAX_SECTORS = 0xFF000000
 #: The spec's largest geometry, 65535 cylinders, 16 heads, 255 sectors per track.
 MAX_GEOMETRY = 65535 * 16 * 255
-#: A BAT entry names a sector, so blocks live below 2 TiB of file; 2040 GiB of 512-byte
-#: blocks would need 4 Mi entries (16 MiB of BAT): the bound on max_table_entries.
-MAX_TABLE_ENTRIES = 1 << 22
+#: The bound on max_table_entries: 2040 GiB in the default 2 MiB blocks needs 1,044,480
+#: (4 MiB of BAT). Smaller blocks serve proportionally smaller disks.
+MAX_TABLE_ENTRIES = 1 << 20
 #: Seconds from the Unix epoch to the VHD epoch, January 1, 2000 12:00:00 AM UTC.
 VHD_EPOCH = 946684800
 #: Parent locator data is a path: anything longer is refused.
