@@ -69,9 +69,15 @@ async def check_vhd(path: str) -> VhdCheckResult:
             bh = meta.batmap_header
             meta_end = max(meta_end, bh.offset + bh.sectors * SECTOR)
         meta_end = (meta_end + SECTOR - 1) // SECTOR * SECTOR
-        free = meta.footer_offset - meta_end - len(used) * span
-        if free >= span:
-            res.leaked_clusters = free // span
+        # Gaps between blocks: small ones are alignment padding, a gap that could hold a
+        # block is space reserved for one that a crash left unnamed.
+        pos, free = meta_end, 0
+        for off in [*sorted(used), meta.footer_offset]:
+            if off - pos >= span:
+                res.leaked_clusters += (off - pos) // span
+                free += off - pos
+            pos = max(pos, off + span)
+        if free:
             res.notes.append(f"{free} bytes of the file are used by no block")
         if meta.batmap is not None:
             res.notes.append("blktap2 batmap present and valid")

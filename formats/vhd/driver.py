@@ -48,6 +48,8 @@ if TYPE_CHECKING:
 #: Memory for sector bitmaps (dirty ones are pinned and may exceed it).
 CACHE_BYTES = 32 << 20
 MAX_EXTENTS = 1024
+#: Where a new block's data starts in the file.
+DATA_ALIGN = 4096
 #: Journal stages.
 S_BITMAP, S_BAT, S_FOOTER = 0, 1, 2
 
@@ -318,9 +320,11 @@ class VhdDriver(Driver):
     def _allocate(self, b: int) -> None:
         """Give block ``b`` space where the footer is; the footer moves after it.
 
-        Synchronous, so two blocks can never get the same place.
+        The block's data starts on a 4 KiB boundary (its bitmap just before), as tapdisk
+        places blocks for O_DIRECT: a 4 KiB guest read is then one page of the file, not
+        two. Synchronous, so two blocks can never get the same place.
         """
-        boff = self._end
+        boff = self._end + (-(self._end + self._bm) & (DATA_ALIGN - 1))
         self._end = boff + self._bm + self._bs
         if self._grow is not None:
             self._grow(self._end + SECTOR)
