@@ -303,7 +303,7 @@ class VhdDriver(Driver):
                 buf[end - a :] = await self._read_unallocated(end, z - end)
             out = memoryview(buf)
         await self.child.pwrite(boff + self._bm + (a - bstart), out)
-        if bm is not None:
+        if bm is not None and not all(bit(s) for s in range(s0, s1 + 1)):
             # The data is written: now the bits may say so.
             for s in range(s0, s1 + 1):
                 bm[s >> 3] |= 0x80 >> (s & 7)
