@@ -48,7 +48,7 @@ def _random_writes(rng: random.Random, size: int, count: int) -> list[str]:
     return cmds
 
 
-@pytest.mark.parametrize("maker", ["qemu", "tapnbd"])
+@pytest.mark.parametrize("maker", ["qemu", "tapnbd", "qemu-fixed"])
 def test_writes_match_qemu(
     tmp_path: Path, serve: Callable[..., Server], seed: int, maker: str
 ) -> None:
@@ -57,6 +57,8 @@ def test_writes_match_qemu(
     ours, theirs = tmp_path / "ours.vhd", tmp_path / "theirs.vhd"
     if maker == "qemu":
         qemu_vhd(ours)
+    elif maker == "qemu-fixed":
+        qemu_vhd(ours, subformat="fixed")
     else:
         asyncio.run(create_vhd(str(ours), SIZE))
     shutil.copy(ours, theirs)
