@@ -239,3 +239,18 @@ def test_hostile_bat_is_refused_fast(tmp_path: Path, seed: int) -> None:
         last = (size - 512 - (2 << 20) - 512) // 512
         f.write(struct.pack(f">{n}I", *(rng.randrange(8192, last) for _ in range(n))))
     refused(img, "BAT entry", "overlap")
+
+
+def test_block_next_to_the_bat_opens_one_sector_into_it_does_not(tmp_path: Path) -> None:
+    """The edges of the metadata check: adjacent is fine, one sector over is refused."""
+    img = _dynamic(tmp_path / "d.vhd")
+    toff = struct.unpack_from(">Q", img.read_bytes(), 512 + H_TABLE_OFFSET)[0]
+    bat_end = toff + 512  # 8 entries, padded to a sector
+    with open(img, "r+b") as f:
+        f.seek(toff)
+        f.write(struct.pack(">I", bat_end // 512))  # block 0 right after the BAT
+    asyncio.run(_open(img))
+    with open(img, "r+b") as f:
+        f.seek(toff)
+        f.write(struct.pack(">I", bat_end // 512 - 1))  # its last sector
+    refused(img, "BAT entry 0", "overlaps the BAT")
