@@ -41,7 +41,8 @@ def refused(path: Path, *words: str) -> str:
     with pytest.raises(ImageError) as err:
         asyncio.run(_open(path))
     assert time.monotonic() - t0 < 5
-    msg = str(err.value)
+    # Without the directory: a test's name in its tmp path must not match a word.
+    msg = str(err.value).replace(str(path.parent), "")
     for w in words:
         assert w in msg, msg
     return msg
@@ -164,11 +165,12 @@ def test_parent_locator_loop(tmp_path: Path) -> None:
         (b"file://seed.vhd", b"file://a.vhd\0\0\0"),
         ("seed.vhd".encode("utf-16-le"), "a.vhd\0\0\0".encode("utf-16-le")),
     ]:
-        at = raw.find(old)
+        at = raw.find(old, 1536)  # in the locators' data, not the header's name
         assert at > 0
         raw[at : at + len(old)] = new
     b.write_bytes(bytes(raw))
-    refused(a, "loop")
+    msg = refused(a, "parent locator loop (")
+    assert "checksum" not in msg
 
 
 def test_locator_out_of_bounds(tmp_path: Path) -> None:
