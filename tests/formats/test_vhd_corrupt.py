@@ -256,3 +256,56 @@ def test_block_next_to_the_bat_opens_one_sector_into_it_does_not(tmp_path: Path)
         f.seek(toff)
         f.write(struct.pack(">I", bat_end // 512 - 1))  # its last sector
     refused(img, "BAT entry 0", "overlaps the BAT")
+
+
+def test_block_over_the_batmap(tmp_path: Path) -> None:
+    from tests.formats.test_vhd_read import _add_batmap
+
+    img = tmp_path / "b.vhd"
+    asyncio.run(create_vhd(str(img), SIZE))
+    _add_batmap(img, 0)
+    raw = img.read_bytes()
+    toff = struct.unpack_from(">Q", raw, 512 + H_TABLE_OFFSET)[0]
+    batmap_at = toff + 512 + 512  # after the BAT's sector and the batmap's header
+    span = (2 << 20) + 512
+    img.write_bytes(raw[:-512] + bytes(span) + raw[-512:])  # room for one block
+    with open(img, "r+b") as f:
+        f.seek(toff)
+        f.write(struct.pack(">I", batmap_at // 512))
+    refused(img, "BAT entry 0", "overlaps the batmap")
+
+
+def _locators(top: Path) -> list[tuple[int, int, int, int]]:
+    """(platform code, data space, data length, data offset) of the 8 locators."""
+    raw = top.read_bytes()
+    return [struct.unpack_from(">IIIxxxxQ", raw, 512 + 576 + 24 * i) for i in range(8)]
+
+
+def test_parent_found_by_each_locator(tmp_path: Path) -> None:
+    """MacX, W2ru, W2ku are each enough alone; a drive-letter path is not followed."""
+    base, top = tmp_path / "base.vhd", tmp_path / "top.vhd"
+    _dynamic(base)
+    asyncio.run(create_vhd(str(top), None, backing="base.vhd"))
+    locs = _locators(top)
+    codes = [c for c, *_ in locs if c]
+    assert [c.to_bytes(4, "big") for c in codes] == [b"MacX", b"W2ru", b"W2ku"]
+    clean = top.read_bytes()
+    for keep in range(3):
+        top.write_bytes(clean)
+        for i in range(3):
+            if i != keep:
+                patch_header(top, 576 + 24 * i, bytes(4))  # platform code: none
+        patch_header(top, 64, bytes(512))  # no parent name in the header either
+        asyncio.run(_open(top))
+    # Only a W2ku naming a Windows drive: there is nothing here to open.
+    top.write_bytes(clean)
+    _code, _space, _n, off = locs[2]
+    name = "C:\\vhds\\base.vhd".encode("utf-16-le")
+    with open(top, "r+b") as f:
+        f.seek(off)
+        f.write(name)
+    patch_header(top, 576 + 24 * 2 + 8, struct.pack(">I", len(name)))
+    for i in range(2):
+        patch_header(top, 576 + 24 * i, bytes(4))
+    patch_header(top, 64, bytes(512))
+    refused(top, "no parent found")
