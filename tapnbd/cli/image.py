@@ -233,7 +233,19 @@ async def image_info(
 
     driver = await open_image(path, fmt=fmt, read_only=True, rules=rules)
     try:
-        return await _describe(path, driver)
+        info = await _describe(path, driver)
+        # A fixed VHD has its only footer at the end, which probing never reads.
+        if (
+            fmt == "auto"
+            and driver.name == "raw"
+            and driver.size() >= 512
+            and bytes(await driver.pread(driver.size() - 512, 8)) == b"conectix"
+        ):
+            info["note"] = (
+                "probed as raw, but the last 512 bytes are a VHD footer: if this is "
+                "a fixed VHD, give --format vhd"
+            )
+        return info
     finally:
         await driver.close()
 
@@ -315,6 +327,8 @@ def _print_info(info: dict[str, object], indent: str = "") -> None:
                 lines.extend(f"        {k2}: {v2}" for k2, v2 in v.items())
             else:
                 lines.append(f"    {k}: {v}")
+    if "note" in info:
+        lines.append(f"note: {info['note']}")
     for line in lines:
         console.print(indent + line, highlight=False, soft_wrap=True)
     backing = info.get("backing-image")

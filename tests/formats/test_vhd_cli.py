@@ -128,3 +128,11 @@ def test_cli_chain_read_by_libvhdi(tmp_path: Path) -> None:
     assert expected.read_bytes() == b"\x33" * (8 * MiB)
     with vhdimount(top, tmp_path / "mnt") as view:
         assert view.read_bytes() == expected.read_bytes()
+
+
+def test_info_says_a_probed_fixed_vhd_may_be_one(tmp_path: Path) -> None:
+    img = tmp_path / "f.vhd"
+    tapnbd("create", "-f", "vhd", "--subformat", "fixed", "-s", "8M", img)
+    out = tapnbd("info", img)
+    assert "file format: raw" in out and "give --format vhd" in out
+    assert "give --format vhd" not in tapnbd("info", "-f", "vhd", img)
