@@ -18,6 +18,7 @@ from formats import open_image, probe
 from formats.vhd import VhdDriver
 from formats.vhd.create import create_vhd
 from formats.vhd.layout import BATMAP_COOKIE, BATMAP_V1_2, batmap_checksum
+from tapnbd.driver import Extent, ExtentFlags
 from tests.formats.qcow2_util import nbd_map
 from tests.formats.qcow_util import need, qemu_img, run
 from tests.formats.vhd_util import (
@@ -149,7 +150,7 @@ def test_partial_sector_write_copies_nothing(tmp_path: Path) -> None:
     """A differencing disk keeps only the sectors written; the bitmap says which."""
     base, top = tmp_path / "base.vhd", tmp_path / "top.vhd"
 
-    async def main() -> tuple[bytes, list[object]]:
+    async def main() -> tuple[bytes, list[Extent], list[bytes | None]]:
         await create_vhd(str(base), SIZE)
         d = await open_image(str(base), fmt="vhd")
         await d.pwrite(0, b"P" * (4 * MiB))
@@ -158,24 +159,41 @@ def test_partial_sector_write_copies_nothing(tmp_path: Path) -> None:
         d = await open_image(str(top), fmt="vhd")
         try:
             await d.pwrite(10_003, b"x" * 7)  # inside sector 19
+            await d.pwrite(4096 + 100, b"y" * 5)  # inside sector 8
             await d.flush()
-            return bytes(await d.pread(0, 4 * MiB)), list(await d.extents(0, 4 * MiB))
+            # The synchronous path answers only for runs that are all this image's.
+            nowait = [d.pread_nowait(off, n) for off, n in ((19 * 512, 512), (19 * 512, 1024))]
+            got = bytes(await d.pread(0, 4 * MiB))
+            return (
+                got,
+                list(await d.extents(0, 8 * MiB)),
+                [None if x is None else bytes(x) for x in nowait],
+            )
         finally:
             await d.close()
 
-    data, _extents = asyncio.run(main())
+    data, extents, nowait = asyncio.run(main())
     want = bytearray(b"P" * (4 * MiB))
     want[10_003:10_010] = b"x" * 7
+    want[4196:4201] = b"y" * 5
     assert data == bytes(want)
+    assert nowait == [bytes(want[19 * 512 : 20 * 512]), None]
+    # Data over the parent's data, then the parent's holes.
+    assert extents == [
+        Extent(0, 4 * MiB, ExtentFlags.DATA),
+        Extent(4 * MiB, 4 * MiB, ExtentFlags.HOLE | ExtentFlags.ZERO),
+    ]
     entries = bat(top)
     assert entries[1] == 0xFFFFFFFF  # the untouched block was not copied
     raw = top.read_bytes()
     boff = entries[0] * 512
     bitmap = raw[boff : boff + 512]
-    assert bitmap[2] == 0x10 and bitmap.count(0) == 511  # sector 19 only
+    # Sectors 8 and 19 only.
+    assert bitmap[1] == 0x80 and bitmap[2] == 0x10 and bitmap.count(0) == 510
     # Its data: the sector, filled from the parent around the 7 bytes; nothing else.
-    sector = raw[boff + 512 + 19 * 512 : boff + 512 + 20 * 512]
-    assert sector == bytes(want[19 * 512 : 20 * 512])
+    for s in (8, 19):
+        sector = raw[boff + 512 + s * 512 : boff + 512 + (s + 1) * 512]
+        assert sector == bytes(want[s * 512 : (s + 1) * 512])
 
 
 def _add_batmap(img: Path, full_block: int) -> None:
