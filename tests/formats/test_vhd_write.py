@@ -134,6 +134,8 @@ def test_kill9_during_writes(tmp_path: Path, seed: int) -> None:
     qemu_img("convert", "-f", "vpc", "-O", "raw", image, qemu_raw)
     v = verify(qemu_raw, journal, crashed=True)
     assert not v.failures, v.failures
+    r.sectors, r.must, r.newer = v.sectors, v.must, v.newer
+    assert r.durable > 0 and v.must > 0  # the check had flushed writes to hold to
     ours = tmp_path / "ours.raw"
     server = start_server([str(image), "--format", "vhd"], tmp_path / "reopen.log")
     try:
