@@ -209,13 +209,20 @@ class VhdDriver(Driver):
         if self._fixed:
             return await self.child.pread(offset, length)
         end = offset + length
+        try:
+            kind, host, n = self._lookup(offset, end)
+            if n == length:  # one run, the common case: no generator, no copy
+                if kind == DATA:
+                    return await self.child.pread(host, n)
+                if self.backing is None:
+                    return bytes(n)
+        except Miss:
+            pass
         buf = bytearray(length)
         pos = offset
         async for kind, host, n in runs(self._lookup, self._bitmaps.load, offset, end):
             o = pos - offset
             if kind == DATA:
-                if n == length:
-                    return await self.child.pread(host, n)
                 buf[o : o + n] = await self.child.pread(host, n)
             elif self.backing is not None:
                 buf[o : o + n] = await read_backing(self.backing, pos, n)
@@ -344,6 +351,12 @@ class VhdDriver(Driver):
             if self.child.can_extents():
                 return await self.child.extents(offset, length)
             return [Extent(offset, length, ExtentFlags.DATA)]
+        try:
+            kind, _host, n = self._lookup(offset, offset + length)
+            if n == length and (kind == DATA or self.backing is None):
+                return [Extent(offset, n, ExtentFlags.DATA if kind == DATA else HOLE_ZERO)]
+        except Miss:
+            pass
         out: list[Extent] = []
         pos = offset
         async for kind, _host, n in runs(self._lookup, self._bitmaps.load, offset, offset + length):
