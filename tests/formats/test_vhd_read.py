@@ -160,9 +160,14 @@ def test_partial_sector_write_copies_nothing(tmp_path: Path) -> None:
         try:
             await d.pwrite(10_003, b"x" * 7)  # inside sector 19
             await d.pwrite(4096 + 100, b"y" * 5)  # inside sector 8
+            await d.pwrite(20 * 512 + 412, b"h" * 100)  # the tail of sector 20
+            await d.pwrite(22 * 512, b"w" * 512)  # all of sector 22, then
+            await d.pwrite(21 * 512, b"t" * 10)  # the head of 21: 22 stays as written
             await d.flush()
+            # A run wholly the parent's, in a block the child never wrote.
+            assert bytes(await d.pread(2 * MiB, 4096)) == b"P" * 4096
             # The synchronous path answers only for runs that are all this image's.
-            nowait = [d.pread_nowait(off, n) for off, n in ((19 * 512, 512), (19 * 512, 1024))]
+            nowait = [d.pread_nowait(off, n) for off, n in ((19 * 512, 512), (22 * 512, 1024))]
             got = bytes(await d.pread(0, 4 * MiB))
             return (
                 got,
@@ -176,6 +181,9 @@ def test_partial_sector_write_copies_nothing(tmp_path: Path) -> None:
     want = bytearray(b"P" * (4 * MiB))
     want[10_003:10_010] = b"x" * 7
     want[4196:4201] = b"y" * 5
+    want[20 * 512 + 412 : 21 * 512] = b"h" * 100
+    want[22 * 512 : 23 * 512] = b"w" * 512
+    want[21 * 512 : 21 * 512 + 10] = b"t" * 10
     assert data == bytes(want)
     assert nowait == [bytes(want[19 * 512 : 20 * 512]), None]
     # Data over the parent's data, then the parent's holes.
@@ -188,10 +196,10 @@ def test_partial_sector_write_copies_nothing(tmp_path: Path) -> None:
     raw = top.read_bytes()
     boff = entries[0] * 512
     bitmap = raw[boff : boff + 512]
-    # Sectors 8 and 19 only.
-    assert bitmap[1] == 0x80 and bitmap[2] == 0x10 and bitmap.count(0) == 510
+    # Sectors 8 and 19 to 22 only.
+    assert bitmap[1] == 0x80 and bitmap[2] == 0x1E and bitmap.count(0) == 510
     # Its data: the sector, filled from the parent around the 7 bytes; nothing else.
-    for s in (8, 19):
+    for s in (8, 19, 20, 21, 22):
         sector = raw[boff + 512 + s * 512 : boff + 512 + (s + 1) * 512]
         assert sector == bytes(want[s * 512 : (s + 1) * 512])
 
