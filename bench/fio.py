@@ -106,12 +106,27 @@ def _qcow_targets() -> list[FioTarget]:
     return out
 
 
+def _vhd_targets() -> list[FioTarget]:
+    """tapnbd and qemu-nbd (-f vpc) on the same dynamic VHD, full and fresh (issue 17)."""
+    out = []
+    states: tuple[State, ...] = ("full", "fresh")
+    for state in states:
+        out += [
+            FioTarget(f"tapnbd-vhd-{state}", f"tapnbd dynamic vhd, {state}", "tapnbd",
+                      images.VHD, state),
+            FioTarget(f"qemu-nbd-vhd-{state}", f"qemu-nbd -f vpc, dynamic vhd, {state}",
+                      "qemu-nbd", images.VHD, state),
+        ]  # fmt: skip
+    return out
+
+
 TARGETS: tuple[FioTarget, ...] = (
     FioTarget("tapnbd-raw", "tapnbd raw", "tapnbd", images.RAW),
     FioTarget("qemu-nbd-raw", "qemu-nbd -f raw", "qemu-nbd", images.RAW),
     FioTarget("nbdkit-raw", "nbdkit file", "nbdkit", images.RAW),
     FioTarget("nbd-server-raw", "nbd-server", "nbd-server", images.RAW),
     *_qcow_targets(),
+    *_vhd_targets(),
 )
 
 
@@ -257,8 +272,8 @@ def _image_for(
         warm(path)
         yield path
         return
-    path = workdir / f"fresh-{target.key}.qcow"
-    images.create_qcow(path, cfg.size, target.layout, workdir)
+    path = workdir / f"fresh-{target.key}.{images.fmt_of(target.layout)}"
+    images.create_image(path, cfg.size, target.layout, workdir)
     try:
         yield path
     finally:
@@ -312,7 +327,7 @@ def run_fio(cfg: FioConfig, workdir: Path, ui_console: Any = None) -> FioRun:
     for t in cfg.targets:
         why = unavailable_reason(t.server, images.fmt_of(t.layout))
         why = why or images.layout_unavailable(t.layout, workdir)
-        if t.server == "tapnbd" and t.layout != images.RAW and not why:
+        if t.server == "tapnbd" and t.layout not in (images.RAW, images.VHD) and not why:
             support = images.qcow_support(workdir)
             why = None if support.serve else support.why
         if why:
@@ -333,11 +348,14 @@ def run_fio(cfg: FioConfig, workdir: Path, ui_console: Any = None) -> FioRun:
         for layout in layouts_full:
             if layout == images.RAW:
                 continue
-            path = workdir / f"fio-full-{layout}.qcow"
-            ui.phase("images", f"fill {images.IMAGE_LABELS[layout]} qcow")
+            path = workdir / f"fio-full-{layout}.{images.fmt_of(layout)}"
+            ui.phase("images", f"fill {images.IMAGE_LABELS[layout]}")
             try:
-                made = images.create_qcow(path, cfg.size, layout, workdir)
-                how = images.fill_qcow(path, raw, workdir)
+                made = images.create_image(path, cfg.size, layout, workdir)
+                if layout == images.VHD:
+                    how = images.fill_vhd(path, raw, workdir)
+                else:
+                    how = images.fill_qcow(path, raw, workdir)
             except BenchError as e:
                 for t in runnable:
                     if t.layout == layout and t.state == "full":
@@ -349,7 +367,11 @@ def run_fio(cfg: FioConfig, workdir: Path, ui_console: Any = None) -> FioRun:
             ui.advance()
         fresh_layouts = sorted({t.layout for t in runnable if t.state == "fresh"})
         for layout in fresh_layouts:
-            how = "tapnbd create" if images.qcow_support(workdir).create else "qemu-img create"
+            how = (
+                "tapnbd create"
+                if layout == images.VHD or images.qcow_support(workdir).create
+                else "qemu-img create"
+            )
             notes.append(
                 f"fresh {images.IMAGE_LABELS[layout]} image: made by {how} before each write job"
             )
@@ -462,6 +484,25 @@ def targets_table(r: FioRun) -> Table:
                         _met(v, 10.0),
                     ]
                 )
+    for state in ("full", "fresh"):
+        mine, theirs = f"tapnbd-vhd-{state}", f"qemu-nbd-vhd-{state}"
+        if mine in ran and theirs in ran:
+            for j in jobs:
+                if state == "fresh" and not j.writes:
+                    continue
+                v = ratio(r.value(mine, j.key), r.value(theirs, j.key))
+                t.rows.append(
+                    [
+                        f"vhd ({state}) >= 1.0x qemu-nbd -f vpc, {j.label}",
+                        fmt_ratio(v),
+                        _met(v, 1.0),
+                    ]
+                )
+    if "tapnbd-vhd-full" in ran and "tapnbd-raw" in ran:
+        vhd = next(x for x in r.ran if x.key == "tapnbd-vhd-full")
+        for j in jobs:
+            v = r.vs_tapnbd_raw(vhd, j.key)
+            t.rows.append([f"vhd (full) >= 0.9x tapnbd raw, {j.label}", fmt_ratio(v), _met(v, 0.9)])
     return t
 
 

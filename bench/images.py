@@ -24,12 +24,29 @@ GiB = 1 << 30
 RAW = "raw"
 QCOW_NORMAL = "qcow-normal"
 QCOW_OPT = "qcow-opt"
+#: A dynamic VHD (issue 17), made by ``tapnbd create --format vhd``.
+VHD = "vhd"
 
-IMAGE_LABELS = {RAW: "raw", QCOW_NORMAL: "qcow normal", QCOW_OPT: "qcow optimised"}
+IMAGE_LABELS = {
+    RAW: "raw",
+    QCOW_NORMAL: "qcow normal",
+    QCOW_OPT: "qcow optimised",
+    VHD: "dynamic vhd",
+}
 
 
 def fmt_of(layout: str) -> str:
-    return "raw" if layout == RAW else "qcow"
+    return layout if layout in (RAW, VHD) else "qcow"
+
+
+def create_vhd(path: Path, size: int) -> str:
+    """An empty dynamic VHD (2 MiB blocks) made by tapnbd; qemu-nbd serves it as vpc."""
+    path.unlink(missing_ok=True)
+    run(
+        [*tapnbd_command(), "create", "--format", "vhd", "--size", str(size), str(path)],
+        what="tapnbd create --format vhd",
+    )
+    return "tapnbd create --format vhd"
 
 
 def make_random(path: Path, size: int, chunk: int = 4 * MiB) -> None:
@@ -107,7 +124,18 @@ def create_image(path: Path, size: int, layout: str, workdir: Path) -> str:
     if layout == RAW:
         make_sparse(path, size)
         return "sparse file"
+    if layout == VHD:
+        return create_vhd(path, size)
     return create_qcow(path, size, layout, workdir)
+
+
+def fill_vhd(path: Path, source: Path, workdir: Path) -> str:
+    """Write all of ``source`` (raw) into the VHD ``path`` through tapnbd serve."""
+    if not have("nbdcopy"):
+        raise Unavailable("nbdcopy is not installed")
+    with serve("tapnbd", path, VHD, logdir=workdir / "logs") as s:
+        run(["nbdcopy", "--flush", str(source), s.uri], what=f"fill {path.name}", timeout=1800)
+    return "nbdcopy through tapnbd serve"
 
 
 def fill_qcow(path: Path, source: Path, workdir: Path) -> str:
@@ -132,7 +160,7 @@ def fill_qcow(path: Path, source: Path, workdir: Path) -> str:
 
 def layout_unavailable(layout: str, workdir: Path) -> str | None:
     """Why images of ``layout`` cannot be made here, or None."""
-    if layout == RAW:
+    if layout in (RAW, VHD):
         return None
     support = qcow_support(workdir)
     if support.create:

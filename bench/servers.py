@@ -58,8 +58,8 @@ class ServerKind:
 SERVERS: dict[str, ServerKind] = {
     k.key: k
     for k in (
-        ServerKind("tapnbd", "tapnbd", ("raw", "qcow"), "tapnbd", peer=False),
-        ServerKind("qemu-nbd", "qemu-nbd", ("raw", "qcow"), "qemu-nbd", peer=True),
+        ServerKind("tapnbd", "tapnbd", ("raw", "qcow", "vhd"), "tapnbd", peer=False),
+        ServerKind("qemu-nbd", "qemu-nbd", ("raw", "qcow", "vhd"), "qemu-nbd", peer=True),
         ServerKind("nbdkit", "nbdkit file", ("raw",), "nbdkit", peer=True),
         ServerKind("nbd-server", "nbd-server", ("raw",), "nbd-server", peer=True),
     )
@@ -222,7 +222,8 @@ def _start_qemu_nbd(
     options: ServerOptions,
 ) -> _Started:
     port, sock = _address(transport, logdir, n)
-    cmd = ["qemu-nbd", "-f", fmt, "-t", "-x", image.name]
+    # qemu calls VHD "vpc".
+    cmd = ["qemu-nbd", "-f", "vpc" if fmt == "vhd" else fmt, "-t", "-x", image.name]
     cmd += ["-b", HOST, "-p", str(port)] if transport == "tcp" else ["-k", str(sock)]
     if options.qemu_shared != 1:
         cmd += ["-e", str(options.qemu_shared)]

@@ -246,6 +246,9 @@ def _register_builtin() -> None:
     if hasattr(qcow, "FORMAT"):
         register(qcow.FORMAT)
     register(qcow2.FORMAT)
+    from formats import vhd
+
+    register(vhd.FORMAT)
 
 
 _register_builtin()

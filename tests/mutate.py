@@ -56,6 +56,15 @@ TARGETS: dict[str, list[str]] = {
         "tests/reliability/test_powerloss.py",
     ],
     "tapnbd/xen/blkif.py": ["tests/xen/test_codec.py"],
+    "formats/vhd/driver.py": [
+        "tests/formats/test_vhd_read.py::test_partial_sector_write_copies_nothing",
+        "tests/formats/test_vhd_read.py::test_block_sizes_read_by_qemu",
+        "tests/formats/test_vhd_write.py::test_power_cuts",
+    ],
+    "formats/vhd/meta.py": [
+        "tests/formats/test_vhd_corrupt.py",
+        "tests/formats/test_vhd_read.py::test_batmap_is_read",
+    ],
     # Control auth: the SO_PEERCRED check (use --function _client, or peer_uid).
     "tapnbd/control/daemon.py": [
         "tests/control/test_peercred.py",

@@ -32,7 +32,7 @@ _ZEROES = bytes(ZERO_BLOCK)
 #: Block status is asked for this much at a time.
 STATUS_WINDOW = 1 << 30
 
-OUTPUT_FORMATS = ("raw", "qcow", "qcow2", "rbd", "nbd")
+OUTPUT_FORMATS = ("raw", "qcow", "qcow2", "vhd", "rbd", "nbd")
 
 
 @dataclass
@@ -71,8 +71,10 @@ async def convert_image(
         out_fmt = "rbd"  # the name says where it goes
     elif is_nbd(dst):
         out_fmt = "nbd"  # an existing export: written over, as qemu-img convert -n
+    if out_fmt == "vpc":
+        out_fmt = "vhd"  # qemu's name for it
     if out_fmt not in OUTPUT_FORMATS:
-        raise ImageError(f"unknown output format {out_fmt!r}: use raw, qcow or qcow2")
+        raise ImageError(f"unknown output format {out_fmt!r}: use raw, qcow, qcow2 or vhd")
     if compress and out_fmt != "qcow2":
         raise ImageError("compressed output (-c) is for qcow2 only")
     driver = await open_image(src, fmt=src_fmt, read_only=True, rules=rules)
@@ -108,6 +110,10 @@ async def convert_image(
                     from formats.qcow2.create import create_qcow2
 
                     await create_qcow2(dst, size, cluster_size=cluster_size, target_fd=fd)
+                elif out_fmt == "vhd":
+                    from formats.vhd.create import create_vhd
+
+                    await create_vhd(dst, size, block_size=cluster_size, target_fd=fd)
                 else:
                     await create_qcow(
                         dst, size, optimise=optimise, cluster_size=cluster_size, target_fd=fd

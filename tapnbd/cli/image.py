@@ -45,9 +45,14 @@ def create_cmd(
             "--size", "-s", help="Virtual size: 10G, 512M... (default: the backing file's)."
         ),
     ] = None,
-    fmt: Annotated[str, typer.Option("--format", "-f", help="qcow, qcow2 or raw.")] = "qcow",
+    fmt: Annotated[
+        str, typer.Option("--format", "-f", help="qcow, qcow2, vhd (or vpc) or raw.")
+    ] = "qcow",
     backing: Annotated[
-        str | None, typer.Option("--backing", "-b", help="Backing file (any format; qcow, qcow2).")
+        str | None,
+        typer.Option(
+            "--backing", "-b", help="Backing file (any format; qcow, qcow2; vhd: a VHD parent)."
+        ),
     ] = None,
     backing_fmt: Annotated[
         str | None,
@@ -65,8 +70,14 @@ def create_cmd(
     ] = True,
     cluster_size: Annotated[
         str | None,
-        typer.Option("--cluster-size", help="A power of two: 512 to 64K (qcow), 2M (qcow2)."),
+        typer.Option(
+            "--cluster-size",
+            help="A power of two: 512 to 64K (qcow), 2M (qcow2); vhd: block size, 2M default.",
+        ),
     ] = None,
+    subformat: Annotated[
+        str, typer.Option("--subformat", help="vhd: dynamic (default) or fixed.")
+    ] = "dynamic",
     reserve: Annotated[
         bool, typer.Option("--reserve", "-r", help="Reserve the space now (not sparse).")
     ] = False,
@@ -127,8 +138,21 @@ def create_cmd(
                     preallocation=preallocation,
                 )
             )
+        elif fmt in ("vhd", "vpc"):
+            from formats.vhd.create import create_vhd
+
+            runtime.run(
+                create_vhd(
+                    image,
+                    nbytes,
+                    subformat=subformat,
+                    backing=backing,
+                    block_size=csize,
+                    share=force_share,
+                )
+            )
         else:
-            fail(f"unknown format {fmt!r}: use qcow, qcow2 or raw")
+            fail(f"unknown format {fmt!r}: use qcow, qcow2, vhd or raw")
 
 
 @app.command("convert")
@@ -136,7 +160,7 @@ def convert_cmd(
     src: Annotated[str, typer.Argument(help="Source image (any supported format).")],
     dst: Annotated[str, typer.Argument(help="Destination image (created, or overwritten).")],
     out_fmt: Annotated[
-        str, typer.Option("-O", "--output-format", help="raw, qcow or qcow2.")
+        str, typer.Option("-O", "--output-format", help="raw, qcow, qcow2 or vhd (vpc).")
     ] = "qcow",
     src_fmt: Annotated[str, typer.Option("-f", "--format", help="Source format.")] = "auto",
     optimise: Annotated[
@@ -213,7 +237,19 @@ async def image_info(
 
     driver = await open_image(path, fmt=fmt, read_only=True, rules=rules)
     try:
-        return await _describe(path, driver)
+        info = await _describe(path, driver)
+        # A fixed VHD has its only footer at the end, which probing never reads.
+        if (
+            fmt == "auto"
+            and driver.name == "raw"
+            and driver.size() >= 512
+            and bytes(await driver.pread(driver.size() - 512, 8)) == b"conectix"
+        ):
+            info["note"] = (
+                "probed as raw, but the last 512 bytes are a VHD footer: if this is "
+                "a fixed VHD, give --format vhd"
+            )
+        return info
     finally:
         await driver.close()
 
@@ -221,6 +257,7 @@ async def image_info(
 async def _describe(path: str, driver: Driver) -> dict[str, object]:
     from formats.qcow.driver import QcowDriver
     from formats.qcow2.driver import Qcow2Driver
+    from formats.vhd.driver import VhdDriver
 
     info: dict[str, object] = {"filename": path}
     info.update(driver.describe())
@@ -237,7 +274,7 @@ async def _describe(path: str, driver: Driver) -> dict[str, object]:
         if driver.backing is not None:
             bpath = str(info.get("full-backing-filename", ""))
             info["backing-image"] = await _describe(bpath, driver.backing)
-    elif isinstance(driver, Qcow2Driver) and driver.backing is not None:
+    elif isinstance(driver, (Qcow2Driver, VhdDriver)) and driver.backing is not None:
         bpath = str(info.get("full-backing-filename", ""))
         info["backing-image"] = await _describe(bpath, driver.backing)
     return info
@@ -294,6 +331,8 @@ def _print_info(info: dict[str, object], indent: str = "") -> None:
                 lines.extend(f"        {k2}: {v2}" for k2, v2 in v.items())
             else:
                 lines.append(f"    {k}: {v}")
+    if "note" in info:
+        lines.append(f"note: {info['note']}")
     for line in lines:
         console.print(indent + line, highlight=False, soft_wrap=True)
     backing = info.get("backing-image")
@@ -323,12 +362,15 @@ def info_cmd(
 
 @app.command("check")
 def check_cmd(
-    image: Annotated[str, typer.Argument(help="The qcow or qcow2 image.")],
+    image: Annotated[str, typer.Argument(help="The qcow, qcow2 or vhd image.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     repair: Annotated[
         bool,
         typer.Option("--repair", help="qcow2: set refcounts to the references, clear dirty."),
     ] = False,
+    fmt: Annotated[
+        str, typer.Option("--format", "-f", help="auto, or vhd for a fixed VHD.")
+    ] = "auto",
 ) -> None:
     """Check a qcow image: leaks, overlaps, pointers past the end, checksum.
 
@@ -338,9 +380,14 @@ def check_cmd(
     from formats.qcow.check import CheckResult, check_qcow
 
     with errors_as_exit():
-        fmt = probe(image)
+        if fmt == "auto":
+            fmt = probe(image)
         res: CheckResult
-        if fmt == "qcow2":
+        if fmt in ("vhd", "vpc"):
+            from formats.vhd.check import check_vhd
+
+            res = runtime.run(check_vhd(image))
+        elif fmt == "qcow2":
             from formats.qcow2.check import check_qcow2
 
             res = runtime.run(check_qcow2(image, repair=repair))
@@ -349,7 +396,7 @@ def check_cmd(
         elif fmt == "qcow":
             res = runtime.run(check_qcow(image))
         else:
-            fail(f"{image}: not a qcow image (only qcow and qcow2 images can be checked)", 1)
+            fail(f"{image}: not a qcow image (only qcow, qcow2 and vhd images can be checked)", 1)
     if as_json:
         print(json.dumps(res.to_json(), indent=2))
     else:
