@@ -70,7 +70,9 @@ class Attachments:
 
     # Making and taking down.
 
-    async def start(self, att: Attachment, fmt: str, save: Callable[[], None]) -> None:
+    async def start(
+        self, att: Attachment, fmt: str, save: Callable[[], None], *, share: bool = False
+    ) -> None:
         """Start the tapdisk, then the device on its socket; undone if either fails.
 
         ``save`` records each step, so that a daemon killed half-way leaves enough in
@@ -88,6 +90,7 @@ class Attachments:
             read_only=att.read_only,
             stats=self.stats_enabled,
             token=att.token,
+            share=share,
         )
         self.tap_procs[att.id] = proc
         att.tapdisk_pid = proc.pid

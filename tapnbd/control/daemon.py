@@ -395,7 +395,10 @@ class Daemon:
             att = self.attachments.new(name, image, via, read_only)
             self._save()  # recorded before anything exists, so a crash is undone
             try:
-                await self.attachments.start(att, fmt, self._save)
+                # A raw export of ours and the device's data path may share the file
+                # (one page cache); a qcow's tables may not, so its lock stays.
+                share = existing is not None and fmt == "raw"
+                await self.attachments.start(att, fmt, self._save, share=share)
             except BaseException as e:
                 self.attachments.by_id.pop(att.id, None)
                 self._save()

@@ -45,6 +45,7 @@ def spawn(
     read_only: bool,
     stats: bool,
     token: str,
+    share: bool = False,
 ) -> tuple[subprocess.Popen[bytes], dict[str, Any]]:
     """Start a tapdisk in a session of its own and wait for its ready record."""
     with contextlib.suppress(FileNotFoundError):
@@ -52,6 +53,8 @@ def spawn(
     os.mkdir(directory, 0o700)
     cmd = [sys.executable, "-m", tapdisk.MODULE, directory, "--image", image, "--name", name]
     cmd += ["--token", token, "--format", fmt]
+    if share:
+        cmd.append("--share")
     if read_only:
         cmd.append("--read-only")
     if not stats:

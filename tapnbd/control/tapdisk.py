@@ -39,7 +39,7 @@ import signal
 import sys
 from typing import Any
 
-from formats import open_image
+from formats import OpenRules, open_image
 from tapnbd import runtime, safefs
 from tapnbd.backend import Backend
 from tapnbd.control.auth import allowed, peer_uid
@@ -78,7 +78,9 @@ class Tapdisk:
 
     async def start(self) -> None:
         a = self.args
-        driver = await open_image(a.image, fmt=a.format, read_only=a.read_only)
+        driver = await open_image(
+            a.image, fmt=a.format, read_only=a.read_only, rules=OpenRules(share=a.share)
+        )
         try:
             backend = Backend(driver, read_only=a.read_only)
             backend.stats.enabled = a.stats
@@ -212,6 +214,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--token", required=True)
     p.add_argument("--format", default="auto")
     p.add_argument("--read-only", action="store_true")
+    p.add_argument("--share", action="store_true", help="skip the image lock (raw exports)")
     p.add_argument("--no-stats", dest="stats", action="store_false")
     return p.parse_args(argv)
 

@@ -155,7 +155,9 @@ def test_info_and_qcow_backing_over_nbd(nbdkit_memory: Path, tmp_path: Path) -> 
     assert info["format"] == "nbd" and info["virtual-size"] == 64 * MiB
     overlay = tmp_path / "o.qcow"
     run(tapnbd_cmd("create", str(overlay), "-b", upstream))
-    server = start_server([str(overlay), "--socket", str(tmp_path / "o.sock")], tmp_path / "o.log")
+    server = start_server(
+        [str(overlay), "--format", "qcow", "--socket", str(tmp_path / "o.sock")], tmp_path / "o.log"
+    )
     try:
         qemu_io(server.uri, "read -P 0x77 0 2M", "write -P 0x78 0 4k", "flush")
     finally:

@@ -21,7 +21,7 @@ def test_qemu_image_reads_back(tmp_path: Path, serve: Callable[..., Server], kin
     need("nbdcopy", "nbdinfo")
     img = make_image(tmp_path, kind)
     expected = qemu_raw(img, tmp_path / "qemu.raw")
-    server = serve(str(img), "--read-only")
+    server = serve(str(img), "--read-only", "--format", "qcow2")
     out = tmp_path / "nbd.raw"
     run("nbdcopy", server.uri, out)
     assert out.read_bytes() == expected

@@ -78,7 +78,7 @@ def test_writes_match_qemu(tmp_path: Path, serve: Callable[..., Server], kind: s
     seed = random.randrange(1 << 32)
     print("seed", seed)
     cmds = _commands(seed, _cluster(kind))
-    server = serve(str(img))
+    server = serve(str(img), "--format", "qcow2")
     qemu_io(server.uri, *cmds, "flush")
     assert server.stop() == 0
     qemu_io(ref, *cmds, fmt="qcow2")

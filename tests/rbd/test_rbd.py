@@ -135,9 +135,11 @@ def test_qcow_overlay_on_rbd_backing(rbd_image: str, tmp_path: Path) -> None:
     qemu_io(rbd_image, "write -P 0x11 0 2M")
     overlay = tmp_path / "overlay.qcow"
     run(tapnbd_cmd("create", str(overlay), "-b", rbd_image))
-    info = json.loads(run(tapnbd_cmd("info", "--json", str(overlay))).stdout)
+    info = json.loads(run(tapnbd_cmd("info", "--json", "-f", "qcow", str(overlay))).stdout)
     assert info["backing-filename"] == rbd_image
-    server = start_server([str(overlay), "--socket", str(tmp_path / "s")], tmp_path / "log")
+    server = start_server(
+        [str(overlay), "--format", "qcow", "--socket", str(tmp_path / "s")], tmp_path / "log"
+    )
     try:
         qemu_io(server.uri, "read -P 0x11 0 2M", "write -P 0x22 0 64k", "flush")
         qemu_io(server.uri, "read -P 0x22 0 64k", "read -P 0x11 64k 1M")
