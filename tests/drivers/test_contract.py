@@ -66,7 +66,7 @@ async def make_qcow2_overlay(tmp: Path) -> Driver:
     base = await make_raw(tmp)
     await base.close()
     await create_qcow2(str(tmp / "overlay.qcow2"), None, backing="raw.img", backing_fmt="raw")
-    return await open_image(str(tmp / "overlay.qcow2"))
+    return await open_image(str(tmp / "overlay.qcow2"), fmt="qcow2")  # given
 
 
 MAKERS: dict[str, Callable[[Path], object]] = {
