@@ -143,6 +143,14 @@ def probe(path: str, *, block_devices: bool = True) -> str:
     return name
 
 
+def is_local_path(spec: str) -> bool:
+    """False for image names that are not files here (``ram:``, ``rbd:``, NBD URIs):
+    those are kept as given, never made absolute or resolved."""
+    from formats.nbd import is_nbd
+
+    return not (spec.startswith(("ram:", "rbd:")) or is_nbd(spec))
+
+
 async def open_image(
     spec: str,
     *,

@@ -39,7 +39,9 @@ def connect(state_dir: str | None, autostart: bool = True) -> Connection:
 
 def image_spec(image: str) -> str:
     """Images go to the daemon as absolute paths: its working directory is not ours."""
-    if image.startswith("ram:"):
+    from formats import is_local_path
+
+    if not is_local_path(image):
         return image
     return os.path.abspath(image)
 

@@ -111,7 +111,7 @@ def list_cmd(state_dir: StateDirOpt = None, as_json: JsonOpt = False) -> None:
 def _is_export_name(target: str) -> bool:
     """A bare word that names no file is taken as an export's name."""
     return (
-        not target.startswith(("/", ".", "ram:"))
+        not target.startswith(("/", ".", "ram:", "rbd:"))
         and "/" not in target
         and not os.path.exists(target)
     )

@@ -13,7 +13,7 @@ import os
 from collections.abc import Iterator
 from typing import Any, cast
 
-from formats import open_image
+from formats import is_local_path, open_image
 from tapnbd.backend import Backend
 from tapnbd.control.messages import AttachRequest, ExportRecord, ExportStats, OpCounters
 from tapnbd.errors import TapnbdError
@@ -27,8 +27,8 @@ MAX_NAME = 256
 
 
 def canonical_image(spec: str) -> str:
-    """How an image is identified: its real path, or the ``ram:SIZE`` spec as given."""
-    if spec.startswith("ram:"):
+    """How an image is identified: its real path, or a ``ram:``/``rbd:``/NBD name as given."""
+    if not is_local_path(spec):
         return spec
     if not os.path.isabs(spec):
         raise TapnbdError(f"image path {spec!r} must be absolute (the client resolves it)")
@@ -115,9 +115,10 @@ class Exports:
     def attach_target(self, req: AttachRequest, taken: set[str]) -> tuple[Export | None, str, str]:
         """What ``attach`` means: (the export it names, or None for a new image; the
         image; the export's name, unique among ours and ``taken``)."""
-        image = canonical_image(req.image) if req.image.startswith(("/", "ram:")) else req.image
+        named = req.image.startswith("/") or not is_local_path(req.image)  # not an export
+        image = canonical_image(req.image) if named else req.image
         existing = self.of_image(image) if not image.startswith("ram:") else None
-        if existing is None and not image.startswith(("/", "ram:")):
+        if existing is None and not named:
             existing = self.registry.get(image)  # the name of an export
             if existing is None:
                 raise TapnbdError(f"no image or export named {req.image!r}")
