@@ -45,13 +45,17 @@ def test_bonnie_quick_gives_figures_for_each_row(tmp_path: Path) -> None:
         assert row["error"] == "", (key, row["error"])
         assert row["bonnie_csv"].startswith("1.98,"), key
         assert row["caches"], key
-    # On the Loop row every phase may finish too fast for bonnie to time ("+++++") at
-    # the quick size on a quiet machine; the rows through tapnbd take long enough.
+    # At the quick size a phase may finish too fast for bonnie to time it ("+++++"), on
+    # any row when the machine is quiet (the CSV then has no figure): so each phase is a
+    # positive figure or empty, and every tapnbd row times at least one of them.
+    phases = ("putc_kps", "write_kps", "rewrite_kps")
     for key in ("tap-raw", "qcow-opt"):
-        v = _number(rows[key]["rewrite_kps"])
-        assert v is not None and v > 0, (key, rows[key])
-        v = _number(rows[key]["write_kps"])
-        assert v is not None and v > 0, (key, rows[key])
+        figures = {p: rows[key][p] for p in phases}
+        for text in figures.values():
+            v = _number(text)
+            assert text == "" or (v is not None and v > 0), (key, figures)
+        timed = [p for p, text in figures.items() if _number(text) is not None]
+        assert timed, (key, rows[key])
         assert rows[key]["loop_direct_io"] == "True", key
         assert rows[key]["attach"] == "tapnbd attach --via fuse", key
 

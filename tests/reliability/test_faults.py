@@ -272,4 +272,6 @@ def test_qcow_stays_consistent_when_its_file_fails(
     work.mkdir()
     check_image(image, journal, work, r)
     assert r.ok, r.failures
-    assert r.must > 0 or not journal.flush_cuts
+    # The copy was checked sector by sector. (Not ``r.must > 0``: the writes before the
+    # one flush that succeeded may all have been overwritten since, seed 2016384396.)
+    assert r.sectors > 0 and r.sectors == v.sectors
