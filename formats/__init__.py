@@ -35,6 +35,9 @@ class Format:
     name: str
     probe: Callable[[bytes], int]
     open: Callable[[str, bool], Awaitable[Driver]]
+    #: Opens an image read-only at an internal snapshot (id or name), for formats that
+    #: keep them (qcow2); None for the others.
+    open_snapshot: Callable[[str, str], Awaitable[Driver]] | None = None
 
 
 FORMATS: dict[str, Format] = {}
@@ -157,14 +160,23 @@ async def open_image(
     fmt: str = "auto",
     read_only: bool = False,
     rules: OpenRules | None = None,
+    snapshot: str | None = None,
 ) -> Driver:
     """Open ``spec`` (a path, or ``ram:SIZE``) as a driver stack.
+
+    ``snapshot`` (an id or a name) opens a qcow2 image read-only as it was at that
+    internal snapshot (qemu-nbd's ``--load-snapshot``); other formats refuse it.
 
     ``driver.name`` is the format that was opened (probed or given), for callers that
     persist it so that a restart opens the same format instead of probing again.
     ``rules`` default to those of the image being opened around this call (a backing
     chain), else to ``OpenRules()``: the safe choices.
     """
+    if snapshot is not None and not is_local_path(spec):
+        hint = " (name an RBD snapshot as rbd:POOL/IMAGE@SNAP)" if spec.startswith("rbd:") else ""
+        raise ImageError(
+            f"{spec}: --snapshot {snapshot!r}: only qcow2 images have internal snapshots{hint}"
+        )
     if spec.startswith("ram:"):
         from formats.ram import RamDriver
 
@@ -204,9 +216,18 @@ async def open_image(
             raise ImageError(f"{spec}: unknown image format")
     else:
         name = fmt
+    open_snapshot = FORMATS[name].open_snapshot
+    if snapshot is not None and open_snapshot is None:
+        raise ImageError(
+            f"{spec}: --snapshot {snapshot!r}: a {name} image has no internal snapshots "
+            "(only qcow2 images have them)"
+        )
     token = _opening.set(_Opening(spec, rules, probed, depth))
     try:
-        driver = await FORMATS[name].open(spec, read_only)
+        if snapshot is not None and open_snapshot is not None:
+            driver = await open_snapshot(spec, snapshot)
+        else:
+            driver = await FORMATS[name].open(spec, read_only)
     finally:
         _opening.reset(token)
     if probed and name == "raw" and not read_only:

@@ -1,7 +1,8 @@
 """qcow2, versions 2 (compat 0.10) and 3 (compat 1.1).
 
-``FORMAT`` registers the format: ``probe`` scores an image's first bytes and
-``open_qcow2`` opens one and, through ``formats.open_image``, its backing chain.
+``FORMAT`` registers the format: ``probe`` scores an image's first bytes,
+``open_qcow2`` opens one and, through ``formats.open_image``, its backing chain, and
+``open_qcow2_snapshot`` opens one at an internal snapshot, read-only.
 """
 
 from __future__ import annotations
@@ -12,10 +13,11 @@ from formats.qcow import resolve_backing
 from formats.qcow2.driver import Qcow2Driver
 from formats.qcow2.layout import QCOW2_MAGIC
 from formats.qcow2.meta import check_features, read_meta
+from formats.qcow2.snapshot import find_snapshot, snapshot_meta
 from tapnbd.driver import Driver
 from tapnbd.errors import ImageError
 
-__all__ = ["FORMAT", "Qcow2Driver", "open_qcow2", "probe"]
+__all__ = ["FORMAT", "Qcow2Driver", "open_qcow2", "open_qcow2_snapshot", "probe"]
 
 
 def probe(header: bytes) -> int:
@@ -25,8 +27,12 @@ def probe(header: bytes) -> int:
     return 100 if int.from_bytes(header[4:8], "big") in (2, 3) else 0
 
 
-async def open_qcow2(path: str, read_only: bool) -> Driver:
-    """Open a qcow2 image and its backing chain (backing files read-only)."""
+async def open_qcow2(path: str, read_only: bool, snapshot: str | None = None) -> Driver:
+    """Open a qcow2 image and its backing chain (backing files read-only).
+
+    With ``snapshot`` (an id or a name), the image is seen as it was when that internal
+    snapshot was taken; that needs ``read_only``.
+    """
     from formats import open_backing
 
     async with image_file(path, read_only) as child:
@@ -34,6 +40,11 @@ async def open_qcow2(path: str, read_only: bool) -> Driver:
         try:
             meta = await read_meta(child)
             check_features(meta, read_only)
+            if snapshot is not None:
+                if not read_only:
+                    raise ValueError("a snapshot is opened read-only")
+                snap = find_snapshot(meta.snapshots, snapshot, path)
+                meta = await snapshot_meta(child, meta, snap)
             if meta.backing_name:
                 bpath = resolve_backing(path, meta.backing_name)
                 # A backing format named in the header is used as it is, never re-probed.
@@ -50,4 +61,9 @@ async def open_qcow2(path: str, read_only: bool) -> Driver:
             raise
 
 
-FORMAT = Format("qcow2", probe, open_qcow2)
+async def open_qcow2_snapshot(path: str, snapshot: str) -> Driver:
+    """Open a qcow2 image read-only, as it was at the internal snapshot ``snapshot``."""
+    return await open_qcow2(path, True, snapshot)
+
+
+FORMAT = Format("qcow2", probe, open_qcow2, open_snapshot=open_qcow2_snapshot)

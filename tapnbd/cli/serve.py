@@ -109,6 +109,15 @@ def serve_cmd(
     inject_seed: Annotated[
         int | None, typer.Option(help="Seed of the injected errors, to replay a run.")
     ] = None,
+    snapshot: Annotated[
+        str | None,
+        typer.Option(
+            "--snapshot",
+            "-l",
+            help="Serve this internal qcow2 snapshot (id or name) read-only, as "
+            "qemu-nbd --load-snapshot does.",
+        ),
+    ] = None,
     verbose: Annotated[
         bool, typer.Option("--verbose", "-v", help="Log connections and failed requests.")
     ] = False,
@@ -152,6 +161,7 @@ def serve_cmd(
         lock_wait=lock_wait,
         rules=open_rules(backing_format, allow_probed_chain, allow_block_devices, share),
         inject_seed=inject_seed,
+        snapshot=snapshot,
     )
     with errors_as_exit():
         code = runtime.run(serve(opts))

@@ -67,6 +67,8 @@ class ServeOptions:
     # The image trust rules (formats.OpenRules): backing format, probed chains, locks.
     rules: OpenRules = field(default_factory=OpenRules)
     inject_seed: int | None = None  # None: a fresh random sequence each run
+    # An internal qcow2 snapshot (id or name) to serve read-only (qemu-nbd -l).
+    snapshot: str | None = None
 
 
 def export_name(image: str) -> str:
@@ -83,6 +85,10 @@ def export_name(image: str) -> str:
 async def open_exports(opts: ServeOptions) -> ExportRegistry:
     if opts.name is not None and len(opts.images) != 1:
         raise TapnbdError("--name renames a single image's export; give exactly one image")
+    if opts.snapshot is not None and len(opts.images) != 1:
+        raise TapnbdError("--snapshot serves one image's snapshot; give exactly one image")
+    # A snapshot is served read-only, as qemu-nbd's --load-snapshot does.
+    read_only = opts.read_only or opts.snapshot is not None
     faults = FaultSpec.parse(
         opts.inject_error, opts.delay, trigger=opts.inject_error_file, seed=opts.inject_seed
     )
@@ -105,7 +111,11 @@ async def open_exports(opts: ServeOptions) -> ExportRegistry:
             wrapped.clear()
             with at_file_layer(wrap_file if at_file else None):
                 driver = await open_image(
-                    image, fmt=opts.fmt, read_only=opts.read_only, rules=opts.rules
+                    image,
+                    fmt=opts.fmt,
+                    read_only=read_only,
+                    rules=opts.rules,
+                    snapshot=opts.snapshot,
                 )
             opened.append(driver)
             if opts.exclusive:
@@ -117,10 +127,11 @@ async def open_exports(opts: ServeOptions) -> ExportRegistry:
                 )
             if faults and not at_file:
                 driver = faults.wrap(driver)
-            description = opts.description or f"{image} ({driver.name})"
-            registry.add(
-                Export(name, Backend(driver, read_only=opts.read_only), image, description)
+            what = (
+                driver.name if opts.snapshot is None else f"{driver.name} snapshot {opts.snapshot}"
             )
+            description = opts.description or f"{image} ({what})"
+            registry.add(Export(name, Backend(driver, read_only=read_only), image, description))
     except BaseException:
         for driver in opened:
             await driver.close()

@@ -1,0 +1,86 @@
+"""Serving an internal snapshot: find it by id or name, and switch to its L1 table.
+
+As qemu-nbd ``-l`` does (QEMU block/qcow2-snapshot.c ``qcow2_snapshot_load_tmp``): the
+image is opened read-only and the active L1 table is replaced by the snapshot's, read
+and checked like the active one. Everything else stays the image's: the virtual size
+(a snapshot's L1 table shorter than the image maps nothing past its end, which reads
+through to the backing file or as zeros), the backing file and the refcounts. Lookups
+by id come first, then by name (QEMU ``bdrv_snapshot_load_tmp_by_id_or_name``).
+"""
+
+from __future__ import annotations
+
+from array import array
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+from formats.qcow.meta import be_array
+from formats.qcow2.layout import MAX_L1_BYTES, Snapshot
+from formats.qcow2.meta import _check_area, _check_l1_entries, l1_entries_needed
+from tapnbd.errors import ImageError, InvalidImageError
+
+if TYPE_CHECKING:
+    from formats.qcow2.meta import Qcow2Meta
+    from tapnbd.driver import Driver
+
+#: Snapshots named in the "not found" message, at most (an image may have 65536).
+_LISTED = 20
+
+
+class SnapshotNotFoundError(ImageError):
+    """No internal snapshot has the id or name asked for."""
+
+
+def describe_snapshot(snap: Snapshot) -> str:
+    return f"{snap.name!r} (id {snap.id_str})"
+
+
+def find_snapshot(snapshots: list[Snapshot], key: str, path: str) -> Snapshot:
+    """The snapshot whose id is ``key``, else the one whose name is ``key``."""
+    for field in ("id_str", "name"):
+        for snap in snapshots:
+            if getattr(snap, field) == key:
+                return snap
+    if not snapshots:
+        raise SnapshotNotFoundError(f"{path}: no snapshot {key!r}: the image has no snapshots")
+    shown = ", ".join(describe_snapshot(s) for s in snapshots[:_LISTED])
+    more = f" and {len(snapshots) - _LISTED} more" if len(snapshots) > _LISTED else ""
+    raise SnapshotNotFoundError(
+        f"{path}: no snapshot with id or name {key!r}; the image has {shown}{more}"
+    )
+
+
+async def snapshot_meta(child: Driver, meta: Qcow2Meta, snap: Snapshot) -> Qcow2Meta:
+    """``meta`` with the snapshot's L1 table in place of the active one.
+
+    The snapshot table entry is as hostile as the header: its L1 table must lie inside
+    the file, within qemu's size limit, and its entries pass the checks the active
+    table's do; every refusal names the snapshot and the field.
+    """
+    h, cs = meta.header, meta.cluster_size
+    where = f"snapshot {describe_snapshot(snap)}"
+    if snap.l1_size * 8 > MAX_L1_BYTES:
+        raise InvalidImageError(
+            f"{where}: l1_size {snap.l1_size} is too large (at most {MAX_L1_BYTES // 8} entries)"
+        )
+    try:
+        _check_area(
+            "l1_table_offset", snap.l1_table_offset, snap.l1_size * 8, cs, meta.file_size,
+            allow_empty=True,
+        )  # fmt: skip
+    except InvalidImageError as e:
+        raise InvalidImageError(f"{where}: {e}") from None
+    l1 = array("Q")
+    if snap.l1_size:
+        l1 = be_array(await child.pread(snap.l1_table_offset, snap.l1_size * 8))
+    # Entries past the snapshot's table map nothing (qemu: "l1_index >= s->l1_size").
+    need = l1_entries_needed(h.size, h.cluster_bits)
+    if len(l1) < need:
+        l1.extend([0] * (need - len(l1)))
+    header = replace(h, l1_table_offset=snap.l1_table_offset, l1_size=snap.l1_size)
+    out = replace(meta, header=header, l1=l1)
+    try:
+        _check_l1_entries(out)
+    except InvalidImageError as e:
+        raise InvalidImageError(f"{where}: {e}") from None
+    return out

@@ -1,0 +1,267 @@
+"""``tapnbd serve --snapshot``: an internal qcow2 snapshot served read-only.
+
+The snapshots are made by ``qemu-img snapshot -c`` and the image changed after them by
+qemu-io; qemu is the referee: nbdcopy's copy through tapnbd must equal ``qemu-img convert
+-l SNAPSHOT -O raw`` byte for byte, and block status must match qemu-nbd ``-l``'s.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import struct
+import subprocess
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from tests.formats.qcow2_util import SIZE, nbd_map, write_patterns
+from tests.formats.qcow_util import need, qemu_img, run
+from tests.helpers import Server, nbdsh_script, qemu_io, tapnbd_cmd
+
+MiB = 1 << 20
+
+
+def snapshot_image(tmp: Path, name: str = "snap.qcow2", *create: str) -> Path:
+    """s1 over the patterns; then changes; s2; then more changes, a zero and a discard.
+
+    The second snapshot is named "1", so the id "1" and the name "1" are different
+    snapshots (ids are looked up first, as qemu does).
+    """
+    need("qemu-img", "qemu-io")
+    img = tmp / name
+    qemu_img("create", "-f", "qcow2", *create, img, str(SIZE))
+    write_patterns(img)
+    qemu_img("snapshot", "-c", "s1", img)
+    qemu_io(img, "write -P 0xf0 0 8k", "write -P 0xf1 10M 64k", "write -z 5M 64k", fmt="qcow2")
+    qemu_img("snapshot", "-c", "1", img)
+    qemu_io(img, "write -P 0xf2 1M 3M", "discard 9M 1M", "write -z 10M 32k", fmt="qcow2")
+    return img
+
+
+def qemu_snapshot_raw(img: Path, snapshot: str, out: Path) -> bytes:
+    """What qemu reads at the snapshot (``-l`` takes an id or a name, id first)."""
+    qemu_img("convert", "-l", snapshot, "-O", "raw", img, out)
+    return out.read_bytes()
+
+
+def copy_out(uri: str, out: Path) -> bytes:
+    need("nbdcopy")
+    run("nbdcopy", uri, out)
+    return out.read_bytes()
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def serve_fails(*args: str) -> str:
+    """``tapnbd serve ARGS`` must exit 1 without serving; its error message."""
+    proc = subprocess.run(
+        tapnbd_cmd("serve", *args, "--port", "0"), capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 1, (proc.returncode, proc.stdout, proc.stderr)
+    assert not proc.stdout, proc.stdout  # no URI: nothing was served
+    return proc.stderr
+
+
+@contextmanager
+def qemu_nbd(img: Path, snapshot: str, sock: Path) -> Iterator[str]:
+    """qemu-nbd -l serving the snapshot; --fork returns once the socket listens."""
+    need("qemu-nbd")
+    pidfile = sock.with_suffix(".pid")
+    run(
+        "qemu-nbd", "--fork", "--persistent", "--read-only", "-f", "qcow2", "-l", snapshot,
+        "--pid-file", pidfile, "-k", sock, img,
+    )  # fmt: skip
+    pid = int(pidfile.read_text())
+    try:
+        yield f"nbd+unix:///?socket={sock}"
+    finally:
+        os.kill(pid, signal.SIGTERM)
+
+
+@pytest.mark.parametrize(
+    ("key", "qemu_key"),
+    [("s1", "snapshot.name=s1"), ("1", "1"), ("2", "snapshot.id=2"), ("s1", "snapshot.id=1")],
+    ids=["name", "id-before-name", "id", "name-is-id-1"],
+)
+def test_snapshot_reads_as_qemu_does(
+    tmp_path: Path, serve: Callable[..., Server], key: str, qemu_key: str
+) -> None:
+    img = snapshot_image(tmp_path)
+    expected = qemu_snapshot_raw(img, qemu_key, tmp_path / "qemu.raw")
+    qemu_img("convert", "-O", "raw", img, tmp_path / "now.raw")
+    assert expected != (tmp_path / "now.raw").read_bytes()  # the snapshot is not the image
+    server = serve(str(img), "--snapshot", key, "--format", "qcow2")
+    assert copy_out(server.uri, tmp_path / "nbd.raw") == expected
+
+
+def test_block_status_matches_qemu_nbd(tmp_path: Path, serve: Callable[..., Server]) -> None:
+    """The snapshot's tables, not the active ones, answer BLOCK_STATUS (zero clusters,
+    unallocated ranges, data), as qemu-nbd -l answers it."""
+    need("nbdinfo")
+    img = snapshot_image(tmp_path)
+    server = serve(str(img), "--snapshot", "s1")
+    with qemu_nbd(img, "snapshot.name=s1", tmp_path / "q.sock") as theirs:
+        assert copy_out(theirs, tmp_path / "q.raw") == copy_out(server.uri, tmp_path / "t.raw")
+        assert nbd_map(server.uri) == nbd_map(theirs)
+    # And they differ from the active image's map, so the test can tell the two apart.
+    active = serve(str(img), "--read-only", "--name", "now")
+    assert nbd_map(active.uri) != nbd_map(server.uri)
+
+
+def test_read_only_export_refuses_writes_with_eperm(
+    tmp_path: Path, serve: Callable[..., Server]
+) -> None:
+    """NBD_FLAG_READ_ONLY is set; writes, zeroes and trims sent anyway (libnbd's strict
+    mode off) get EPERM from the server; the image file is left as it was."""
+    img = snapshot_image(tmp_path)
+    before = sha(img)
+    server = serve(str(img), "--snapshot", "s1")
+    got = nbdsh_script(
+        """
+import json, sys, nbd
+h = nbd.NBD()
+h.set_strict_mode(0)
+h.connect_uri(sys.argv[1])
+out = {"ro": h.is_read_only()}
+for op, call in (
+    ("write", lambda: h.pwrite(b"x" * 4096, 0)),
+    ("zero", lambda: h.zero(4096, 0)),
+    ("trim", lambda: h.trim(4096, 0)),
+):
+    try:
+        call()
+        out[op] = "ok"
+    except nbd.Error as e:
+        # "command failed" is the server's reply; libnbd's own refusals say otherwise.
+        out[op] = [e.errno, "command failed" in e.string]
+out["read"] = h.pread(4, 0).hex()
+print(json.dumps(out))
+""",
+        server.uri,
+    )
+    eperm = ["EPERM", True]
+    assert got == {"ro": True, "write": eperm, "zero": eperm, "trim": eperm, "read": "abababab"}
+    server.stop()
+    assert sha(img) == before
+    # Nothing was locked or dirtied: qemu opens the image for writing and finds it clean.
+    qemu_img("check", img)
+
+
+def test_snapshot_of_an_image_grown_after_it(tmp_path: Path, serve: Callable[..., Server]) -> None:
+    """The image's size is served, as qemu does: the snapshot's shorter L1 table maps
+    nothing past its end, which reads as zeros."""
+    img = snapshot_image(tmp_path, "grow.qcow2", "-o", "cluster_size=4096")
+    qemu_img("resize", img, str(SIZE + 64 * MiB))
+    qemu_io(img, "write -P 0x5c 70M 1M", fmt="qcow2")
+    expected = qemu_snapshot_raw(img, "s1", tmp_path / "qemu.raw")
+    assert len(expected) == SIZE + 64 * MiB
+    server = serve(str(img), "--snapshot", "s1")
+    assert copy_out(server.uri, tmp_path / "nbd.raw") == expected
+
+
+def test_snapshot_of_an_overlay_reads_through_its_backing_file(
+    tmp_path: Path, serve: Callable[..., Server]
+) -> None:
+    need("qemu-img", "qemu-io")
+    base = tmp_path / "base.raw"
+    run("truncate", "-s", str(SIZE), base)
+    qemu_io(base, "write -P 0x33 0 16M", fmt="raw")
+    img = tmp_path / "over.qcow2"
+    qemu_img("create", "-f", "qcow2", "-b", base.name, "-F", "raw", img)
+    qemu_io(img, "write -P 0x44 1M 1M", fmt="qcow2")
+    qemu_img("snapshot", "-c", "before", img)
+    qemu_io(img, "write -P 0x55 0 4M", "write -z 8M 1M", fmt="qcow2")
+    expected = qemu_snapshot_raw(img, "before", tmp_path / "qemu.raw")
+    server = serve(str(img), "--snapshot", "before", "--format", "qcow2")
+    assert copy_out(server.uri, tmp_path / "nbd.raw") == expected
+
+
+def test_unknown_snapshot_names_it_and_lists_the_others(tmp_path: Path) -> None:
+    img = snapshot_image(tmp_path)
+    err = serve_fails(str(img), "--snapshot", "nope")
+    assert "no snapshot with id or name 'nope'" in err, err
+    assert "'s1' (id 1)" in err and "'1' (id 2)" in err, err
+    plain = tmp_path / "plain.qcow2"
+    qemu_img("create", "-f", "qcow2", plain, "1M")
+    err = serve_fails(str(plain), "--snapshot", "s1")
+    assert "no snapshot 's1': the image has no snapshots" in err, err
+
+
+@pytest.mark.parametrize("fmt", ["raw", "qcow", "vpc", "ram"])
+def test_snapshot_refused_on_other_formats(tmp_path: Path, fmt: str) -> None:
+    need("qemu-img")
+    if fmt == "ram":
+        image, name = "ram:1M", "ram"
+    else:
+        path = tmp_path / f"disk.{fmt}"
+        qemu_img("create", "-f", fmt, path, "1M")
+        image, name = str(path), {"vpc": "vhd"}.get(fmt, fmt)
+    err = serve_fails(image, "--snapshot", "s1")
+    assert "--snapshot 's1'" in err and "only qcow2 images have" in err, err
+    if fmt != "ram":
+        assert f"a {name} image has no internal snapshots" in err, err
+
+
+def test_snapshot_takes_one_image(tmp_path: Path) -> None:
+    img = snapshot_image(tmp_path)
+    err = serve_fails(str(img), "ram:1M", "--snapshot", "s1")
+    assert "give exactly one image" in err, err
+
+
+def _first_snapshot_entry(img: Path) -> int:
+    """File offset of the first snapshot table entry."""
+    with open(img, "rb") as f:
+        f.seek(64)
+        return int(struct.unpack(">Q", f.read(8))[0])
+
+
+def _patch(img: Path, offset: int, fmt: str, value: int) -> None:
+    with open(img, "r+b") as f:
+        f.seek(offset)
+        f.write(struct.pack(fmt, value))
+
+
+@pytest.mark.parametrize(
+    ("field_at", "fmt", "value", "message"),
+    [
+        (
+            0,
+            ">Q",
+            1 << 40,
+            r"snapshot 's1' \(id 1\): l1_table_offset 0x10000000000 .* past the end",
+        ),
+        (0, ">Q", 0x10200, r"snapshot 's1' \(id 1\): l1_table_offset 0x10200 is not aligned"),
+        (0, ">Q", 0, r"snapshot 's1' \(id 1\): l1_table_offset 0x0 overlaps the header"),
+        (8, ">I", 1 << 24, r"snapshot 's1' \(id 1\): l1_size 16777216 is too large"),
+    ],
+    ids=["l1-past-eof", "l1-unaligned", "l1-in-header", "l1-size-huge"],
+)
+def test_corrupt_snapshot_entry_is_refused_naming_the_field(
+    tmp_path: Path, field_at: int, fmt: str, value: int, message: str
+) -> None:
+    import re
+
+    img = snapshot_image(tmp_path)
+    _patch(img, _first_snapshot_entry(img) + field_at, fmt, value)
+    err = serve_fails(str(img), "--snapshot", "s1")
+    assert re.search(message, err), err
+
+
+def test_corrupt_snapshot_l1_entry_is_refused(tmp_path: Path) -> None:
+    img = snapshot_image(tmp_path)
+    entry = _first_snapshot_entry(img)
+    with open(img, "rb") as f:
+        f.seek(entry)
+        l1_off = struct.unpack(">Q", f.read(8))[0]
+    _patch(img, l1_off, ">Q", (1 << 63) | (1 << 44))  # an L2 table far past the end
+    err = serve_fails(str(img), "--snapshot", "s1")
+    assert "snapshot 's1' (id 1): L1 entry 0" in err and "past the end of the file" in err, err
+    # The other snapshot and the active image still open.
+    assert json.loads(run("qemu-img", "info", "--output=json", img))["format"] == "qcow2"
