@@ -164,8 +164,9 @@ async def open_image(
 ) -> Driver:
     """Open ``spec`` (a path, or ``ram:SIZE``) as a driver stack.
 
-    ``snapshot`` (an id or a name) opens a qcow2 image read-only as it was at that
-    internal snapshot (qemu-nbd's ``--load-snapshot``); other formats refuse it.
+    ``snapshot`` (an id or a name) opens a qcow2 image as it was at that internal
+    snapshot (qemu-nbd's ``--load-snapshot``), read-only whatever ``read_only`` says;
+    other formats refuse it.
 
     ``driver.name`` is the format that was opened (probed or given), for callers that
     persist it so that a restart opens the same format instead of probing again.

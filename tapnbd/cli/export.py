@@ -27,13 +27,25 @@ def add_cmd(
     ] = None,
     read_only: Annotated[bool, typer.Option("--read-only", "-r", help="Refuse writes.")] = False,
     fmt: Annotated[str, typer.Option("--format", "-f", help="auto, raw or qcow.")] = "auto",
+    snapshot: Annotated[
+        str | None,
+        typer.Option(
+            "--snapshot",
+            "-l",
+            help="Export this internal qcow2 snapshot (id or name), read-only.",
+        ),
+    ] = None,
     state_dir: StateDirOpt = None,
 ) -> None:
     """Export an image from the daemon; print its NBD URIs."""
     with errors_as_exit(), connect(state_dir) as conn:
-        req = ExportAddRequest(image=image_spec(image), name=name, read_only=read_only, format=fmt)
+        req = ExportAddRequest(
+            image=image_spec(image), name=name, read_only=read_only, format=fmt, snapshot=snapshot
+        )
         export = conn.call(req, ExportAddReply).export
     mode = "read-only" if export.read_only else "read-write"
+    if export.snapshot is not None:
+        mode = f"snapshot {export.snapshot!r}, {mode}"
     report(
         f"exported {export.image} as {export.name!r} "
         f"({export.format}, {human_size(export.size)}, {mode})"

@@ -337,7 +337,9 @@ class Daemon:
                 raise TapnbdError(
                     f"an export named {name!r} already exists; choose another with --name"
                 )
-            export = await self.exports.open(image, name, req.read_only, req.format, "export")
+            export = await self.exports.open(
+                image, name, req.read_only, req.format, "export", req.snapshot
+            )
             self._save()
             log.info("added export %r (%s, %s)", name, image, export.format)
             return ExportAddReply(self._record(name))

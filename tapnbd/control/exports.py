@@ -69,6 +69,7 @@ class Exports:
         self.stats_enabled = stats
         self.origin: dict[str, str] = {}  # export name -> "export" | "attach"
         self.formats: dict[str, str] = {}  # export name -> format asked for
+        self.snapshots: dict[str, str] = {}  # export name -> qcow2 snapshot served
         #: The private endpoint of the daemon's own attachments (not a client's).
         self.attach_endpoint: Endpoint | None = None
         self.attach_socket = ""
@@ -81,8 +82,17 @@ class Exports:
     def __len__(self) -> int:
         return len(self.registry)
 
-    async def open(self, image: str, name: str, read_only: bool, fmt: str, origin: str) -> Export:
-        driver = await open_image(image, fmt=fmt, read_only=read_only)
+    async def open(
+        self,
+        image: str,
+        name: str,
+        read_only: bool,
+        fmt: str,
+        origin: str,
+        snapshot: str | None = None,
+    ) -> Export:
+        # A snapshot opens read-only, so the Backend is read-only too.
+        driver = await open_image(image, fmt=fmt, read_only=read_only, snapshot=snapshot)
         try:
             backend = Backend(driver, read_only=read_only)
             backend.stats.enabled = self.stats_enabled
@@ -95,6 +105,8 @@ class Exports:
             raise
         self.origin[name] = origin
         self.formats[name] = driver.name  # what was opened, never "auto": no re-probe
+        if snapshot is not None:
+            self.snapshots[name] = snapshot
         return export
 
     async def remove(self, export: Export) -> None:
@@ -110,6 +122,7 @@ class Exports:
                 task.cancel()
         self.origin.pop(export.name, None)
         self.formats.pop(export.name, None)
+        self.snapshots.pop(export.name, None)
         await export.backend.close()
 
     def attach_target(self, req: AttachRequest, taken: set[str]) -> tuple[Export | None, str, str]:
@@ -198,6 +211,7 @@ class Exports:
             devices=devices,
             uris=self.uris(export),
             origin=cast("Any", self.origin.get(export.name, "export")),
+            snapshot=self.snapshots.get(export.name),
         )
 
     def stats(self, export: Export) -> ExportStats:

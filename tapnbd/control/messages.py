@@ -86,6 +86,8 @@ class ExportRecord(Record, kw_only=True):
     format: str
     read_only: bool
     origin: Origin = "export"
+    #: The internal qcow2 snapshot served (read-only), if any.
+    snapshot: str | None = None
     size: int = 0
     #: NBD connections other than the ones carrying attachments.
     clients: int = 0
@@ -179,6 +181,7 @@ class ExportAddRequest(Request, tag="export_add"):
     name: str | None = None
     read_only: bool = False
     format: str = "auto"
+    snapshot: str | None = None
 
 
 class ExportRemoveReply(Reply, tag="export_remove_reply"):

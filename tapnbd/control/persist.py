@@ -22,6 +22,7 @@ def snapshot(exports: Exports, attachments: list[Attachment]) -> State:
                 format=exports.formats.get(e.name, "auto"),
                 read_only=e.backend.read_only,
                 origin=cast("Any", exports.origin.get(e.name, "export")),
+                snapshot=exports.snapshots.get(e.name),
             )
             for e in exports
         ],
@@ -40,7 +41,9 @@ async def restore_exports(previous: State, exports: Exports) -> list[str]:
         if entry.origin != "export":
             continue  # made by an attach that is gone now
         try:
-            await exports.open(entry.image, entry.name, entry.read_only, entry.format, "export")
+            await exports.open(
+                entry.image, entry.name, entry.read_only, entry.format, "export", entry.snapshot
+            )
         except (TapnbdError, OSError) as e:
             notes.append(f"could not restore export {entry.name!r} ({entry.image}): {e}")
         else:

@@ -87,8 +87,6 @@ async def open_exports(opts: ServeOptions) -> ExportRegistry:
         raise TapnbdError("--name renames a single image's export; give exactly one image")
     if opts.snapshot is not None and len(opts.images) != 1:
         raise TapnbdError("--snapshot serves one image's snapshot; give exactly one image")
-    # A snapshot is served read-only, as qemu-nbd's --load-snapshot does.
-    read_only = opts.read_only or opts.snapshot is not None
     faults = FaultSpec.parse(
         opts.inject_error, opts.delay, trigger=opts.inject_error_file, seed=opts.inject_seed
     )
@@ -113,8 +111,9 @@ async def open_exports(opts: ServeOptions) -> ExportRegistry:
                 driver = await open_image(
                     image,
                     fmt=opts.fmt,
-                    read_only=read_only,
+                    read_only=opts.read_only,
                     rules=opts.rules,
+                    # A snapshot opens read-only, so the Backend is read-only too.
                     snapshot=opts.snapshot,
                 )
             opened.append(driver)
@@ -131,7 +130,9 @@ async def open_exports(opts: ServeOptions) -> ExportRegistry:
                 driver.name if opts.snapshot is None else f"{driver.name} snapshot {opts.snapshot}"
             )
             description = opts.description or f"{image} ({what})"
-            registry.add(Export(name, Backend(driver, read_only=read_only), image, description))
+            registry.add(
+                Export(name, Backend(driver, read_only=opts.read_only), image, description)
+            )
     except BaseException:
         for driver in opened:
             await driver.close()

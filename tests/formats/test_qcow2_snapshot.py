@@ -10,15 +10,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import struct
 import subprocess
+import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
+from tests.control.tap import Tapnbd
 from tests.formats.qcow2_util import SIZE, nbd_map, write_patterns
 from tests.formats.qcow_util import need, qemu_img, run
 from tests.helpers import Server, nbdsh_script, qemu_io, tapnbd_cmd
@@ -265,3 +268,35 @@ def test_corrupt_snapshot_l1_entry_is_refused(tmp_path: Path) -> None:
     assert "snapshot 's1' (id 1): L1 entry 0" in err and "past the end of the file" in err, err
     # The other snapshot and the active image still open.
     assert json.loads(run("qemu-img", "info", "--output=json", img))["format"] == "qcow2"
+
+
+@pytest.fixture
+def tap() -> Iterator[Tapnbd]:
+    """A private daemon state directory (tests/control/tap.py), cleaned up after."""
+    t = Tapnbd(Path(tempfile.mkdtemp(prefix="tnbd-", dir="/tmp")))
+    try:
+        yield t
+    finally:
+        t.cleanup()
+
+
+def test_daemon_export_add_snapshot_survives_a_restart(tmp_path: Path, tap: Tapnbd) -> None:
+    """``export add --snapshot``: read-only, listed with its snapshot, and restored with
+    it after the daemon stops and comes back."""
+    img = snapshot_image(tmp_path)
+    expected = qemu_snapshot_raw(img, "s1", tmp_path / "qemu.raw")
+    uris = tap.ok("export", "add", str(img), "--snapshot", "s1", "--format", "qcow2")
+    uri = next(u for u in uris.split() if u.startswith("nbd+unix://"))
+    assert copy_out(uri, tmp_path / "a.raw") == expected
+    (listed,) = tap.list()["exports"]
+    assert listed["snapshot"] == "s1" and listed["read_only"] and listed["format"] == "qcow2"
+    other = tmp_path / "other.qcow2"  # one export per image: a copy
+    shutil.copyfile(img, other)
+    err = tap.fails("export", "add", str(other), "--snapshot", "x")
+    assert "no snapshot with id or name 'x'" in err and "'s1' (id 1)" in err, err
+    assert tap.run("daemon", "stop").returncode == 0
+    again = tap.run("list", "--json")
+    assert "restored export 'snap.qcow2'" in again.stderr, again.stderr
+    (listed,) = json.loads(again.stdout)["exports"]
+    assert listed["snapshot"] == "s1" and listed["read_only"]
+    assert copy_out(uri, tmp_path / "b.raw") == expected
