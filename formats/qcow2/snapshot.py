@@ -5,7 +5,8 @@ image is opened read-only and the active L1 table is replaced by the snapshot's,
 and checked like the active one. Everything else stays the image's: the virtual size
 (a snapshot's L1 table shorter than the image maps nothing past its end, which reads
 through to the backing file or as zeros), the backing file and the refcounts. Lookups
-by id come first, then by name (QEMU ``bdrv_snapshot_load_tmp_by_id_or_name``).
+by id come first, then by name (QEMU ``bdrv_snapshot_load_tmp_by_id_or_name``), and
+qemu-nbd's ``snapshot.id=ID,snapshot.name=NAME`` spelling is understood too.
 """
 
 from __future__ import annotations
@@ -35,11 +36,31 @@ def describe_snapshot(snap: Snapshot) -> str:
     return f"{snap.name!r} (id {snap.id_str})"
 
 
+def _wanted(key: str) -> list[tuple[str | None, str | None]]:
+    """The (id, name) pairs ``key`` asks for, in the order they are tried.
+
+    qemu-nbd's ``-l`` spellings: ``ID_OR_NAME`` (an id first, then a name), or
+    ``snapshot.id=ID``, ``snapshot.name=NAME`` or both, comma-separated (both must match).
+    """
+    if not key.startswith("snapshot."):
+        return [(key, None), (None, key)]
+    opts: dict[str, str] = {}
+    for part in key.split(","):
+        opt, eq, value = part.partition("=")
+        if opt not in ("snapshot.id", "snapshot.name") or not eq or opt in opts:
+            raise ImageError(
+                f"snapshot {key!r}: expected an id or a name, or snapshot.id=ID and/or "
+                "snapshot.name=NAME separated by a comma"
+            )
+        opts[opt] = value
+    return [(opts.get("snapshot.id"), opts.get("snapshot.name"))]
+
+
 def find_snapshot(snapshots: list[Snapshot], key: str, path: str) -> Snapshot:
-    """The snapshot whose id is ``key``, else the one whose name is ``key``."""
-    for field in ("id_str", "name"):
+    """The snapshot ``key`` names (see ``_wanted``): by id, else by name."""
+    for want_id, want_name in _wanted(key):
         for snap in snapshots:
-            if getattr(snap, field) == key:
+            if want_id in (None, snap.id_str) and want_name in (None, snap.name):
                 return snap
     if not snapshots:
         raise SnapshotNotFoundError(f"{path}: no snapshot {key!r}: the image has no snapshots")

@@ -32,7 +32,8 @@ def add_cmd(
         typer.Option(
             "--snapshot",
             "-l",
-            help="Export this internal qcow2 snapshot (id or name), read-only.",
+            help="Export this internal qcow2 snapshot read-only: an id or a name, or "
+            "snapshot.id=ID,snapshot.name=NAME.",
         ),
     ] = None,
     state_dir: StateDirOpt = None,

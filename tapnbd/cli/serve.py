@@ -114,8 +114,8 @@ def serve_cmd(
         typer.Option(
             "--snapshot",
             "-l",
-            help="Serve this internal qcow2 snapshot (id or name) read-only, as "
-            "qemu-nbd --load-snapshot does.",
+            help="Serve this internal qcow2 snapshot read-only, as qemu-nbd "
+            "--load-snapshot does: an id or a name, or snapshot.id=ID,snapshot.name=NAME.",
         ),
     ] = None,
     verbose: Annotated[

@@ -90,8 +90,16 @@ def qemu_nbd(img: Path, snapshot: str, sock: Path) -> Iterator[str]:
 
 @pytest.mark.parametrize(
     ("key", "qemu_key"),
-    [("s1", "snapshot.name=s1"), ("1", "1"), ("2", "snapshot.id=2"), ("s1", "snapshot.id=1")],
-    ids=["name", "id-before-name", "id", "name-is-id-1"],
+    [
+        ("s1", "snapshot.name=s1"),
+        ("1", "1"),
+        ("2", "snapshot.id=2"),
+        ("s1", "snapshot.id=1"),
+        ("snapshot.name=1", "snapshot.name=1"),
+        ("snapshot.id=1", "snapshot.id=1"),
+        ("snapshot.id=2,snapshot.name=1", "snapshot.id=2,snapshot.name=1"),
+    ],
+    ids=["name", "id-before-name", "id", "name-is-id-1", "opt-name", "opt-id", "opt-both"],
 )
 def test_snapshot_reads_as_qemu_does(
     tmp_path: Path, serve: Callable[..., Server], key: str, qemu_key: str
@@ -191,6 +199,12 @@ def test_unknown_snapshot_names_it_and_lists_the_others(tmp_path: Path) -> None:
     err = serve_fails(str(img), "--snapshot", "nope")
     assert "no snapshot with id or name 'nope'" in err, err
     assert "'s1' (id 1)" in err and "'1' (id 2)" in err, err
+    # qemu-nbd's spelling: both given, both must match.
+    err = serve_fails(str(img), "--snapshot", "snapshot.id=1,snapshot.name=1")
+    assert "no snapshot with id or name 'snapshot.id=1,snapshot.name=1'" in err, err
+    for bad in ("snapshot.id", "snapshot.size=1", "snapshot.id=1,snapshot.id=2"):
+        err = serve_fails(str(img), "--snapshot", bad)
+        assert f"snapshot {bad!r}: expected an id or a name" in err, err
     plain = tmp_path / "plain.qcow2"
     qemu_img("create", "-f", "qcow2", plain, "1M")
     err = serve_fails(str(plain), "--snapshot", "s1")
