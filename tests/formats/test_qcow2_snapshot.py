@@ -7,6 +7,7 @@ qemu-io; qemu is the referee: nbdcopy's copy through tapnbd must equal ``qemu-im
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -15,12 +16,17 @@ import signal
 import struct
 import subprocess
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
 
+from formats.qcow2 import open_qcow2_snapshot
+from tapnbd.errors import ImageError
 from tests.control.tap import Tapnbd
 from tests.formats.qcow2_util import SIZE, nbd_map, write_patterns
 from tests.formats.qcow_util import need, qemu_img, run
@@ -314,3 +320,97 @@ def test_daemon_export_add_snapshot_survives_a_restart(tmp_path: Path, tap: Tapn
     (listed,) = json.loads(again.stdout)["exports"]
     assert listed["snapshot"] == "s1" and listed["read_only"]
     assert copy_out(uri, tmp_path / "b.raw") == expected
+
+
+@pytest.mark.parametrize(
+    "create",
+    [("-o", "compat=0.10"), ("-o", "cluster_size=512"), ("-o", "refcount_bits=64")],
+    ids=["v2", "cluster-512", "refcount-64"],
+)
+def test_snapshot_of_other_image_kinds(
+    tmp_path: Path, serve: Callable[..., Server], create: tuple[str, ...]
+) -> None:
+    img = snapshot_image(tmp_path, "kind.qcow2", *create)
+    for key in ("s1", "1"):
+        server = serve(str(img), "--snapshot", key, "--name", key)
+        expected = qemu_snapshot_raw(img, key, tmp_path / f"qemu-{key}.raw")
+        assert copy_out(server.uri, tmp_path / f"nbd-{key}.raw") == expected
+
+
+def test_snapshot_sharing_compressed_clusters(tmp_path: Path, serve: Callable[..., Server]) -> None:
+    """A compressed image's snapshot, its clusters since rewritten in the active image."""
+    src = snapshot_image(tmp_path, "src.qcow2")
+    img = tmp_path / "z.qcow2"
+    qemu_img("convert", "-c", "-O", "qcow2", src, img)  # the active image, compressed
+    qemu_img("snapshot", "-c", "packed", img)
+    qemu_io(img, "write -P 0x3c 0 2M", "write -z 9M 2M", fmt="qcow2")
+    expected = qemu_snapshot_raw(img, "packed", tmp_path / "qemu.raw")
+    server = serve(str(img), "--snapshot", "packed")
+    assert copy_out(server.uri, tmp_path / "nbd.raw") == expected
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small image with one snapshot, 4 KiB clusters: its snapshot table and the
+    snapshot's L1 and L2 tables lie within the first few dozen clusters."""
+    need("qemu-img", "qemu-io")
+    img = tmp_path_factory.mktemp("snapfuzz") / "pristine.qcow2"
+    qemu_img("create", "-f", "qcow2", "-o", "cluster_size=4096", img, "4M")
+    qemu_io(img, "write -P 0x61 0 20k", "write -z 1M 8k", fmt="qcow2")
+    qemu_img("snapshot", "-c", "s", img)
+    qemu_io(img, "write -P 0x62 0 8k", "write -P 0x63 3M 4k", fmt="qcow2")
+    return img
+
+
+@settings(
+    max_examples=120,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+    derandomize=True,
+)
+@given(
+    patches=st.lists(
+        st.tuples(st.integers(0, 63), st.binary(min_size=1, max_size=8)), min_size=1, max_size=3
+    ),
+    l1_patch=st.none() | st.tuples(st.integers(0, 7), st.binary(min_size=1, max_size=8)),
+)
+async def test_fuzzed_snapshot_entries_fail_cleanly(
+    pristine: Path,
+    tmp_path: Path,
+    patches: list[tuple[int, bytes]],
+    l1_patch: tuple[int, bytes] | None,
+) -> None:
+    """Hostile bytes in the snapshot table entry (its fixed part, id and name) and in
+    the snapshot's L1 table: opening at the snapshot fails with an ImageError, quickly,
+    or works; reads and block status then succeed or fail with EIO."""
+    img = tmp_path / "fuzz.qcow2"
+    shutil.copy(pristine, img)
+    entry = _first_snapshot_entry(img)
+    with open(img, "rb") as f:
+        f.seek(entry)
+        l1_off = struct.unpack(">Q", f.read(8))[0]
+    with open(img, "r+b") as f:
+        for off, data in patches:
+            f.seek(entry + off)
+            f.write(data)
+        if l1_patch is not None:
+            f.seek(l1_off + l1_patch[0])
+            f.write(l1_patch[1])
+    t0 = time.monotonic()
+    try:
+        d = await open_qcow2_snapshot(str(img), "s")
+    except ImageError as e:
+        assert time.monotonic() - t0 < 5
+        event(f"refused: {str(e).split(': ', 2)[-1][:20]}")
+        return
+    assert time.monotonic() - t0 < 5
+    event("opened")
+    try:
+        assert not d.can_write()
+        for off in range(0, d.size(), 1 << 20):
+            with contextlib.suppress(OSError):
+                await d.pread(off, 1 << 20)
+        with contextlib.suppress(OSError):
+            await d.extents(0, d.size())
+    finally:
+        await d.close()
