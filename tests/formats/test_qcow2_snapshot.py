@@ -26,6 +26,8 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from formats.qcow2 import open_qcow2_snapshot
+from formats.qcow2.layout import Snapshot
+from formats.qcow2.snapshot import SnapshotNotFoundError, find_snapshot
 from tapnbd.errors import ImageError
 from tests.control.tap import Tapnbd
 from tests.formats.qcow2_util import SIZE, nbd_map, write_patterns
@@ -205,16 +207,33 @@ def test_unknown_snapshot_names_it_and_lists_the_others(tmp_path: Path) -> None:
     err = serve_fails(str(img), "--snapshot", "nope")
     assert "no snapshot with id or name 'nope'" in err, err
     assert "'s1' (id 1)" in err and "'1' (id 2)" in err, err
-    # qemu-nbd's spelling: both given, both must match.
-    err = serve_fails(str(img), "--snapshot", "snapshot.id=1,snapshot.name=1")
-    assert "no snapshot with id or name 'snapshot.id=1,snapshot.name=1'" in err, err
-    for bad in ("snapshot.id", "snapshot.size=1", "snapshot.id=1,snapshot.id=2"):
-        err = serve_fails(str(img), "--snapshot", bad)
-        assert f"snapshot {bad!r}: expected an id or a name" in err, err
     plain = tmp_path / "plain.qcow2"
     qemu_img("create", "-f", "qcow2", plain, "1M")
     err = serve_fails(str(plain), "--snapshot", "s1")
     assert "no snapshot 's1': the image has no snapshots" in err, err
+
+
+def _snap(id_str: str, name: str) -> Snapshot:
+    return Snapshot(0x10000, 1, id_str, name, 0, 0, 0, 0)
+
+
+def test_find_snapshot_spellings() -> None:
+    """qemu-nbd's -l spellings: ID_OR_NAME (id first), snapshot.id=, snapshot.name=,
+    both (both must match); anything else is refused."""
+    a, b = _snap("1", "s1"), _snap("2", "1")
+    snaps = [a, b]
+    assert find_snapshot(snaps, "1", "img") is a
+    assert find_snapshot(snaps, "s1", "img") is a
+    assert find_snapshot(snaps, "snapshot.name=1", "img") is b
+    assert find_snapshot(snaps, "snapshot.id=2,snapshot.name=1", "img") is b
+    with pytest.raises(SnapshotNotFoundError, match="no snapshot with id or name"):
+        find_snapshot(snaps, "snapshot.id=1,snapshot.name=1", "img")
+    for bad in ("snapshot.id", "snapshot.size=1", "snapshot.id=1,snapshot.id=2"):
+        with pytest.raises(ImageError, match=f"snapshot '{bad}': expected an id or a name"):
+            find_snapshot(snaps, bad, "img")
+    many = [_snap(str(i), f"n{i}") for i in range(1, 31)]
+    with pytest.raises(SnapshotNotFoundError, match=r"'n20' \(id 20\) and 10 more$"):
+        find_snapshot(many, "x", "img")
 
 
 @pytest.mark.parametrize("fmt", ["raw", "qcow", "vpc", "ram"])
