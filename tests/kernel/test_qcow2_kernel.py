@@ -16,6 +16,9 @@ relay (tests/kernel/wire.py):
 On the host, after the server has exited: ``qemu-img check`` finds every image clean,
 and debugfs, on qemu-img's raw copy, finds exactly the files the guest checksummed.
 The bases are left as they were.
+
+A second, short boot mounts a snapshot of ``over-q2.qcow2`` taken after the first,
+served with ``serve --snapshot`` while the active image has been scribbled over.
 """
 
 from __future__ import annotations
@@ -207,3 +210,45 @@ def test_snapshot_taken_before_the_boot_reads_as_the_base(boot: Boot) -> None:
     assert ours.read_bytes() == base
     info = json.loads(run(tapnbd_cmd("info", "-f", "qcow2", "--json", str(img))).stdout)
     assert [s["name"] for s in info["snapshots"]] == ["pristine"]
+
+
+SNAPSHOT_SCRIPT = """
+t boot
+nbd-client $S $P /dev/nbd0 -N over-q2.qcow2 >/dev/null || fail "attach snapshot"
+mount -t ext4 -o ro /dev/nbd0 /mnt || fail "mount snapshot"
+sums /mnt snap
+umount /mnt || fail "umount snapshot"
+fsck.ext4 -fn /dev/nbd0 >/dev/null || fail "fsck snapshot"
+if dd if=/dev/zero of=/dev/nbd0 bs=4k count=1 oflag=direct 2>/dev/null; then
+  fail "a write to the snapshot succeeded"
+fi
+echo "@@RO refused"
+nbd-client -d /dev/nbd0 || fail "detach snapshot"
+t end
+"""
+
+
+def test_guest_mounts_a_snapshot_taken_after_its_writes(boot: Boot) -> None:
+    """After the main boot: qemu-img snapshots the overlay and qemu-io scribbles over
+    the active image; ``serve --snapshot`` still gives the guest the ext4 it left,
+    read-only (the kernel client sees NBD_FLAG_READ_ONLY), and changes nothing."""
+    img = boot.images["over-q2.qcow2"]
+    _qemu_img("snapshot", "-c", "after-guest", img)
+    run(["qemu-io", "-f", "qcow2", "-c", "write -P 0xee 0 64M", str(img)])
+    before = sha256(img.read_bytes())
+    sock = boot.work / "snap.sock"
+    server = start_server(
+        [str(img), "--snapshot", "after-guest", "--format", "qcow2", "--socket", str(sock)],
+        boot.work / "snap-server.log",
+    )
+    work = boot.work / "snap-boot"
+    work.mkdir()
+    try:
+        result = run_guest(sock, SNAPSHOT_SCRIPT, work)
+    finally:
+        assert server.stop() == 0, server.stderr()
+    assert result.rc == 0, result.console()
+    assert result.tagged("RO") == [["refused"]]
+    assert result.sums("snap") == boot.run.sums("over-q2.qcow2")
+    assert sha256(img.read_bytes()) == before
+    check_clean(img)
