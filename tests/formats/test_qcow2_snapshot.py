@@ -433,3 +433,25 @@ async def test_fuzzed_snapshot_entries_fail_cleanly(
             await d.extents(0, d.size())
     finally:
         await d.close()
+
+
+def test_snapshot_of_a_dirty_image(tmp_path: Path, serve: Callable[..., Server]) -> None:
+    """A VM died with lazy refcounts on (the dirty bit set, refcounts stale): its
+    snapshots can still be served, read-only, without repairing the image."""
+    img = snapshot_image(tmp_path, "dirty.qcow2", "-o", "lazy_refcounts=on")
+    need("qemu-io")
+    # qemu-io's abort leaves the image as a crash would: dirty.
+    proc = subprocess.run(
+        ["qemu-io", "-f", "qcow2", "-c", "write -P 0x9d 0 2M", "-c", "abort", str(img)],
+        capture_output=True,
+        timeout=60,
+    )
+    assert proc.returncode != 0
+    info = json.loads(qemu_img("info", "--output=json", img))
+    assert info["dirty-flag"] is True
+    before = sha(img)
+    expected = qemu_snapshot_raw(img, "s1", tmp_path / "qemu.raw")
+    server = serve(str(img), "--snapshot", "s1")
+    assert copy_out(server.uri, tmp_path / "nbd.raw") == expected
+    server.stop()
+    assert sha(img) == before  # not repaired, not cleaned: untouched
