@@ -71,13 +71,24 @@ def sha(path: Path) -> str:
 
 
 def serve_fails(*args: str) -> str:
-    """``tapnbd serve ARGS`` must exit 1 without serving; its error message."""
-    proc = subprocess.run(
-        tapnbd_cmd("serve", *args, "--port", "0"), capture_output=True, text=True, timeout=60
-    )
-    assert proc.returncode == 1, (proc.returncode, proc.stdout, proc.stderr)
-    assert not proc.stdout, proc.stdout  # no URI: nothing was served
-    return proc.stderr
+    """``tapnbd serve ARGS`` must exit 1 without serving; its error message.
+
+    A URI line on stdout means it served: that fails at once, without waiting."""
+    with subprocess.Popen(
+        tapnbd_cmd("serve", *args, "--port", "0"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as proc:
+        assert proc.stdout is not None and proc.stderr is not None
+        uri = proc.stdout.readline()  # a URI, or "" when it exits
+        if uri:
+            proc.kill()
+        err = proc.stderr.read()
+        code = proc.wait(60)
+    assert not uri, f"served {uri.strip()}: {err}"
+    assert code == 1, (code, err)
+    return err
 
 
 @contextmanager
