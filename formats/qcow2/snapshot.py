@@ -26,14 +26,25 @@ if TYPE_CHECKING:
 
 #: Snapshots named in the "not found" message, at most (an image may have 65536).
 _LISTED = 20
+#: Characters of a snapshot's name or id shown in a message (they may be 64 KiB long).
+_SHOWN = 64
 
 
 class SnapshotNotFoundError(ImageError):
     """No internal snapshot has the id or name asked for."""
 
 
+def _shown(text: str) -> str:
+    """A name from the image, quoted with its control characters escaped (it may hold
+    terminal escapes) and cut short."""
+    return repr(text[:_SHOWN]) + ("..." if len(text) > _SHOWN else "")
+
+
 def describe_snapshot(snap: Snapshot) -> str:
-    return f"{snap.name!r} (id {snap.id_str})"
+    ident = snap.id_str
+    if not (ident.isprintable() and len(ident) <= _SHOWN and "'" not in ident):
+        ident = _shown(ident)
+    return f"{_shown(snap.name)} (id {ident})"
 
 
 def _wanted(key: str) -> list[tuple[str | None, str | None]]:
@@ -63,11 +74,13 @@ def find_snapshot(snapshots: list[Snapshot], key: str, path: str) -> Snapshot:
             if want_id in (None, snap.id_str) and want_name in (None, snap.name):
                 return snap
     if not snapshots:
-        raise SnapshotNotFoundError(f"{path}: no snapshot {key!r}: the image has no snapshots")
+        raise SnapshotNotFoundError(
+            f"{path}: no snapshot {_shown(key)}: the image has no snapshots"
+        )
     shown = ", ".join(describe_snapshot(s) for s in snapshots[:_LISTED])
     more = f" and {len(snapshots) - _LISTED} more" if len(snapshots) > _LISTED else ""
     raise SnapshotNotFoundError(
-        f"{path}: no snapshot with id or name {key!r}; the image has {shown}{more}"
+        f"{path}: no snapshot with id or name {_shown(key)}; the image has {shown}{more}"
     )
 
 

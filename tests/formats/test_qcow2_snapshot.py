@@ -242,6 +242,11 @@ def test_find_snapshot_spellings() -> None:
     for bad in ("snapshot.id", "snapshot.size=1", "snapshot.id=1,snapshot.id=2"):
         with pytest.raises(ImageError, match=f"snapshot '{bad}': expected an id or a name"):
             find_snapshot(snaps, bad, "img")
+    # Names and ids come from the image: escapes are quoted, long ones cut.
+    hostile = [_snap("\x1b[2J", "\x1b]0;owned\x07" + "x" * 70000)]
+    with pytest.raises(SnapshotNotFoundError) as err:
+        find_snapshot(hostile, "x", "img")
+    assert "\x1b" not in str(err.value) and len(str(err.value)) < 300, str(err.value)
     many = [_snap(str(i), f"n{i}") for i in range(1, 31)]
     with pytest.raises(SnapshotNotFoundError, match=r"'n20' \(id 20\) and 10 more$"):
         find_snapshot(many, "x", "img")
