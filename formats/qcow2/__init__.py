@@ -13,7 +13,7 @@ from formats.qcow import resolve_backing
 from formats.qcow2.driver import Qcow2Driver
 from formats.qcow2.layout import QCOW2_MAGIC
 from formats.qcow2.meta import check_features, read_meta
-from formats.qcow2.snapshot import find_snapshot, snapshot_meta
+from formats.qcow2.snapshot import at_snapshot
 from tapnbd.driver import Driver
 from tapnbd.errors import ImageError
 
@@ -31,8 +31,10 @@ async def open_qcow2(path: str, read_only: bool, snapshot: str | None = None) ->
     """Open a qcow2 image and its backing chain (backing files read-only).
 
     With ``snapshot`` (an id or a name), the image is seen as it was when that internal
-    snapshot was taken; that needs ``read_only``.
+    snapshot was taken (``open_qcow2_snapshot``: only ever read-only).
     """
+    if snapshot is not None and not read_only:
+        raise ValueError("an internal snapshot is only ever opened read-only")
     from formats import open_backing
 
     async with image_file(path, read_only) as child:
@@ -40,11 +42,7 @@ async def open_qcow2(path: str, read_only: bool, snapshot: str | None = None) ->
         try:
             meta = await read_meta(child)
             check_features(meta, read_only)
-            if snapshot is not None:
-                if not read_only:
-                    raise ValueError("a snapshot is opened read-only")
-                snap = find_snapshot(meta.snapshots, snapshot, path)
-                meta = await snapshot_meta(child, meta, snap)
+            meta = await at_snapshot(child, meta, snapshot, path)
             if meta.backing_name:
                 bpath = resolve_backing(path, meta.backing_name)
                 # A backing format named in the header is used as it is, never re-probed.

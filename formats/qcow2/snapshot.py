@@ -84,6 +84,13 @@ def find_snapshot(snapshots: list[Snapshot], key: str, path: str) -> Snapshot:
     )
 
 
+async def at_snapshot(child: Driver, meta: Qcow2Meta, key: str | None, path: str) -> Qcow2Meta:
+    """``meta`` as it was at the snapshot ``key`` names; as it is when ``key`` is None."""
+    if key is None:
+        return meta
+    return await snapshot_meta(child, meta, find_snapshot(meta.snapshots, key, path))
+
+
 async def snapshot_meta(child: Driver, meta: Qcow2Meta, snap: Snapshot) -> Qcow2Meta:
     """``meta`` with the snapshot's L1 table in place of the active one.
 
