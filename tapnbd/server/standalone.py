@@ -85,13 +85,13 @@ def export_name(image: str) -> str:
 async def open_exports(opts: ServeOptions) -> ExportRegistry:
     if opts.name is not None and len(opts.images) != 1:
         raise TapnbdError("--name renames a single image's export; give exactly one image")
-    if opts.snapshot is not None and len(opts.images) != 1:
-        raise TapnbdError("--snapshot serves one image's snapshot; give exactly one image")
     faults = FaultSpec.parse(
         opts.inject_error, opts.delay, trigger=opts.inject_error_file, seed=opts.inject_seed
     )
     if opts.inject_at not in ("export", "file"):
         raise TapnbdError(f"--inject-at {opts.inject_at!r}: expected export or file")
+    if opts.snapshot is not None and len(opts.images) != 1:
+        raise TapnbdError("--snapshot serves one image's snapshot; give exactly one image")
     at_file = bool(faults) and opts.inject_at == "file"
     wrapped: list[Driver] = []  # files the fault filters went in front of
 
