@@ -257,6 +257,11 @@ def _register_builtin() -> None:
     from formats import vhd
 
     register(vhd.FORMAT)
+    # qemu's name for VHD: accepted by --format, never the probe's answer.
+    register(replace(vhd.FORMAT, name="vpc", probe=lambda _head: 0))
+    from formats.foreign import register_all
+
+    register_all()
 
 
 _register_builtin()
