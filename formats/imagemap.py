@@ -169,9 +169,15 @@ async def layer_status(layer: Driver, pos: int, end: int, name: str) -> _Status:
         return await _plain_status(d, pos, end, name, isinstance(d, NbdDriver))
     kind, host, n = run
     child = getattr(d, "child", None)
+    from formats.vhd.driver import VhdDriver
+
+    vhd = isinstance(d, VhdDriver)
+    if vhd and kind not in (DATA, SHARED) and backing_of(d) is None:
+        # A VHD with no parent: qemu's vpc calls a free block allocated zeros.
+        return _Status(n, True, zero=True)
     if kind in (DATA, SHARED):
         zero = False
-        if isinstance(child, Driver):
+        if isinstance(child, Driver) and not vhd:  # qemu's vpc does not ask the file
             zero, n = await _host_zero(child, host, n)
         return _Status(n, True, zero=zero, data=True, offset=host, filename=name)
     if kind == COMPRESSED:

@@ -24,10 +24,8 @@ if TYPE_CHECKING:
 
 #: qemu-img compare's buffer: the most it reads of each image at once.
 IO_BUF_SIZE = 2 << 20
-#: compare_buffers' unit (qemu-img reports a content mismatch at a sector's start).
+#: qemu-img reports a content mismatch at the start of the first sector that differs.
 SECTOR = 512
-#: check_empty_sectors' step (find_nonzero looks at 4 KiB at a time).
-ZERO_STEP = 4096
 
 
 async def _open(spec: str, fmt: str, rules: OpenRules) -> Driver:
@@ -58,10 +56,10 @@ def map_cmd(
     output: OutputOpt = "human",
     as_json: JsonOpt = False,
     start_at: Annotated[
-        str, typer.Option("--start-at", metavar="OFFSET", help="Start at this offset.")
+        str, typer.Option("--start-offset", "-s", metavar="OFFSET", help="Start at this offset.")
     ] = "0",
     max_length: Annotated[
-        str | None, typer.Option("--max-length", metavar="LEN", help="Map at most this much.")
+        str | None, typer.Option("--max-length", "-l", metavar="LEN", help="Map at most this much.")
     ] = None,
     backing_format: BackingFormatOpt = None,
     allow_probed_chain: AllowProbedChainOpt = False,
@@ -104,12 +102,10 @@ def _status(e: MapEntry) -> tuple[bool, bool, bool, bool]:
 
 
 async def _nonzero_at(driver: Driver, pos: int, n: int) -> int | None:
-    """qemu-img's check_empty_sectors: the 4 KiB step holding the first nonzero byte."""
+    """qemu-img's check_empty_sectors: the sector holding the first nonzero byte."""
     data = bytes(await driver.pread(pos, n))
-    for i in range(0, n, ZERO_STEP):
-        if data[i : i + ZERO_STEP].count(0) != len(data[i : i + ZERO_STEP]):
-            return pos + i
-    return None
+    first = len(data) - len(data.lstrip(b"\0"))
+    return None if first == len(data) else pos + first // SECTOR * SECTOR
 
 
 async def compare_drivers(
