@@ -251,6 +251,8 @@ def test_measure_matches_qemu_img(tmp_path: Path, seed: int) -> None:
         ["-O", "qcow2", "--size", "1G"],
         ["-O", "qcow2", "--size", "100M", "-o", "cluster_size=4k,refcount_bits=64"],
         ["-O", "qcow2", "--size", "3T", "-o", "cluster_size=2M"],
+        # Small clusters, wide refcounts: the refcount blocks need refcounts themselves.
+        ["-O", "qcow2", "--size", "100M", "-o", "cluster_size=512,refcount_bits=64"],
         ["-O", "raw", "--size", "1000"],
         ["-O", "qcow2", "-f", "qcow2", "top.qcow2"],
         ["-O", "qcow2", "-o", "compat=0.10", "-f", "qcow2", "top.qcow2"],
