@@ -157,6 +157,20 @@ def test_map_preallocated_metadata_asks_the_file(tmp_path: Path) -> None:
     assert '"zero": true, "data": true' in want
 
 
+@pytest.mark.parametrize("fmt", ["qcow2", "qcow"])
+def test_map_over_a_raw_backing_file(tmp_path: Path, seed: int, fmt: str) -> None:
+    """A raw layer allocates everything: its holes are present zeros, with offsets."""
+    rng = random.Random(seed)
+    sh(tmp_path, "qemu-img", "create", "-f", "raw", "b.raw", "4M")
+    qio(tmp_path, "raw", "b.raw", *random_writes(rng, 4 * MiB, 3, 64 << 10))
+    sh(tmp_path, "qemu-img", "create", "-f", fmt, "-b", "b.raw", "-F", "raw", "o.img", "6M")
+    qio(tmp_path, fmt, "o.img", *random_writes(rng, 6 * MiB, 3, 64 << 10))
+    for output in ("json", "human"):
+        want = sh(tmp_path, "qemu-img", "map", "-f", fmt, f"--output={output}", "o.img").stdout
+        got = tap(tmp_path, "map", "-f", fmt, "-F", "raw", f"--output={output}", "o.img").stdout
+        assert got == want, f"{got}\nqemu-img:\n{want}"
+
+
 @pytest.mark.parametrize(
     ("fmt", "ours", "unit"), [("raw", "raw", 4096), ("qcow", "qcow", 4096), ("vpc", "vhd", 512)]
 )
