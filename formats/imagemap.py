@@ -13,10 +13,11 @@ answer may shorten the run; ``image_map`` merges neighbours the way qemu-img doe
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 
-from tapnbd.driver import Driver, ExtentFlags
+from tapnbd.driver import Driver, Extent, ExtentFlags
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,13 +93,36 @@ def layer_name(driver: Driver, default: str) -> str:
     return path if isinstance(path, str) else default
 
 
-async def _plain_status(d: Driver, pos: int, end: int, name: str, has_offset: bool) -> _Status:
+class ExtentCache:
+    """The extents a plain layer last reported, so that a walk over a file with many
+    extents asks for them once, not once per run (a raw file answers for the whole
+    range at every call)."""
+
+    def __init__(self) -> None:
+        self._by_driver: dict[int, tuple[list[int], list[Extent]]] = {}
+
+    async def at(self, d: Driver, pos: int, end: int) -> Extent:
+        """The extent holding ``pos`` (it may end after ``end``)."""
+        cached = self._by_driver.get(id(d))
+        if cached is not None:
+            starts, extents = cached
+            i = bisect_right(starts, pos) - 1
+            if i >= 0 and pos < extents[i].offset + extents[i].length:
+                return extents[i]
+        extents = await d.extents(pos, end - pos)
+        self._by_driver[id(d)] = ([e.offset for e in extents], extents)
+        return extents[0]
+
+
+async def _plain_status(
+    d: Driver, pos: int, end: int, name: str, has_offset: bool, cache: ExtentCache
+) -> _Status:
     """A layer that allocates everything (a raw file, an NBD export, RAM)."""
     if not d.can_extents():
         return _Status(end - pos, True, data=True, offset=pos if has_offset else None)
-    first = (await d.extents(pos, end - pos))[0]
+    first = await cache.at(d, pos, end)
     n = min(end, first.offset + first.length) - pos
-    if first.offset != pos or n <= 0:  # a driver that answered another question
+    if first.offset > pos or n <= 0:  # a driver that answered another question
         return _Status(end - pos, True, data=True, offset=pos if has_offset else None)
     return _Status(
         n,
@@ -150,7 +174,7 @@ async def _first_run(d: Driver, pos: int, end: int) -> tuple[int, int, int] | No
     return None
 
 
-async def layer_status(layer: Driver, pos: int, end: int, name: str) -> _Status:
+async def layer_status(layer: Driver, pos: int, end: int, name: str, cache: ExtentCache) -> _Status:
     """What ``layer`` alone (not its backing file) holds at ``pos``."""
     from formats.engine.runs import COMPRESSED, DATA, SHARED, ZERO
     from formats.raw import RawDriver
@@ -160,13 +184,13 @@ async def layer_status(layer: Driver, pos: int, end: int, name: str) -> _Status:
     run = await _first_run(d, pos, end)
     if run is None:
         if isinstance(d, RawDriver):
-            return await _plain_status(d, pos, end, name, True)
+            return await _plain_status(d, pos, end, name, True, cache)
         child = getattr(d, "child", None)
         if getattr(d, "_fixed", False) and isinstance(child, Driver):  # a fixed VHD
-            return await _plain_status(child, pos, end, name, True)
+            return await _plain_status(child, pos, end, name, True, cache)
         from formats.nbd import NbdDriver
 
-        return await _plain_status(d, pos, end, name, isinstance(d, NbdDriver))
+        return await _plain_status(d, pos, end, name, isinstance(d, NbdDriver), cache)
     kind, host, n = run
     child = getattr(d, "child", None)
     from formats.vhd.driver import VhdDriver
@@ -190,10 +214,11 @@ async def layer_status(layer: Driver, pos: int, end: int, name: str) -> _Status:
 
 async def block_status(top: Driver, pos: int, end: int, top_name: str) -> AsyncIterator[MapEntry]:
     """One unmerged entry per layer answer over [pos, end)."""
+    cache = ExtentCache()
     while pos < end:
         layer, name, depth, lim = top, top_name, 0, end
         while True:
-            st = await layer_status(layer, pos, lim, name)
+            st = await layer_status(layer, pos, lim, name, cache)
             lim = pos + st.length
             if st.allocated:
                 entry = MapEntry(
@@ -225,12 +250,17 @@ async def image_map(
     return out
 
 
+def _json_scalar(v: object) -> str:
+    """An int or a bool as JSON (json.dumps per value costs more than the walk)."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    return str(v)
+
+
 def format_json(entries: list[MapEntry]) -> str:
     """The JSON text, one entry a line, as ``qemu-img map --output=json`` prints it."""
-    import json
-
     lines = [
-        "{ " + ", ".join(f"{json.dumps(k)}: {json.dumps(v)}" for k, v in e.to_json().items()) + "}"
+        "{ " + ", ".join(f'"{k}": {_json_scalar(v)}' for k, v in e.to_json().items()) + "}"
         for e in entries
     ]
     return "[" + ",\n".join(lines) + "]"
