@@ -434,3 +434,42 @@ def test_guard_refuses_foreign_magics_on_a_probed_raw_disk(
     trusted: Server = serve(str(disk), "--format", "raw")
     res = nbdsh_script(GUARD_SCRIPT, trusted.uri)
     assert isinstance(res, dict) and set(res.values()) == {"ok"}
+
+
+def test_map_asks_a_raw_file_for_its_extents_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file with many extents is walked in one pass, not one pass per run."""
+    import asyncio
+
+    from formats import open_image
+    from formats.imagemap import image_map
+    from tapnbd.driver import Extent
+
+    path = tmp_path / "many.raw"
+    fd = os.open(path, os.O_CREAT | os.O_RDWR)
+    try:
+        os.ftruncate(fd, 500 * 8192)
+        for i in range(500):
+            os.pwrite(fd, b"x" * 4096, i * 8192)
+    finally:
+        os.close(fd)
+
+    async def walk() -> tuple[int, int]:
+        driver = await open_image(str(path), fmt="raw", read_only=True)
+        calls = 0
+        extents = driver.extents
+
+        async def counted(offset: int, length: int) -> list[Extent]:
+            nonlocal calls
+            calls += 1
+            return await extents(offset, length)
+
+        monkeypatch.setattr(driver, "extents", counted)
+        try:
+            return len(await image_map(driver, str(path))), calls
+        finally:
+            await driver.close()
+
+    entries, calls = asyncio.run(walk())
+    assert entries == 1000 and calls == 1
