@@ -193,7 +193,10 @@ async def open_image(
     # from a header, so it may be one only when the admin allowed it.
     rules = replace(rules, block_devices=depth == 0 or rules.allow_block_devices)
     if fmt != "auto" and fmt not in FORMATS:
-        raise ImageError(f"unknown format {fmt!r}; known: {', '.join(sorted(FORMATS))}")
+        from formats.foreign import FOREIGN
+
+        known = ", ".join(sorted(set(FORMATS) - set(FOREIGN)))
+        raise ImageError(f"unknown format {fmt!r}; known: {known}")
     probed = fmt == "auto"
     if probed:
         # Off the event loop: a slow disk must not stall a daemon serving other exports.
