@@ -202,6 +202,9 @@ def test_map_of_an_nbd_export(tmp_path: Path, seed: int, serve: Callable[..., Se
     qrows = sh(tmp_path, "qemu-img", "map", uri).stdout.splitlines()
     assert [r.split()[:3] for r in rows] == [r.split()[:3] for r in qrows]
     assert all(r.split()[3].startswith("nbd://") for r in rows[1:])
+    # measure reads the export's block status too.
+    want_m = sh(tmp_path, "qemu-img", "measure", "--output=json", "-O", "qcow2", uri).stdout
+    assert tap(tmp_path, "measure", "--output=json", "-O", "qcow2", uri).stdout == want_m
 
 
 # compare
