@@ -248,7 +248,7 @@ def test_compare_matches_qemu_img(tmp_path: Path, seed: int, serve: Callable[...
         sh(tmp_path, "qemu-img", "convert", "-O", fmt, "top.raw", name)
         sh(tmp_path, "qemu-img", "convert", "-f", fmt, "-O", "raw", name, f"{name}.raw")
         compare_both(tmp_path, "-F", "raw", name, f"{name}.raw")
-        compare_both(tmp_path, "-F", "raw", name, "other.raw")
+        compare_both(tmp_path, "-f", fmt, "-F", "raw", name, "other.raw")  # vpc: VHD's name
     # An NBD export against a file.
     server: Server = serve(str(tmp_path / "top.raw"), "--read-only")
     assert compare_both(tmp_path, "-F", "raw", server.uri, "top.raw")[0] == 0
