@@ -13,6 +13,7 @@ answer may shorten the run; ``image_map`` merges neighbours the way qemu-img doe
 
 from __future__ import annotations
 
+import errno
 from bisect import bisect_right
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
@@ -219,6 +220,8 @@ async def block_status(top: Driver, pos: int, end: int, top_name: str) -> AsyncI
         layer, name, depth, lim = top, top_name, 0, end
         while True:
             st = await layer_status(layer, pos, lim, name, cache)
+            if st.length <= 0:  # the walk would never end
+                raise OSError(errno.EIO, f"{name}: no block status at offset {pos}")
             lim = pos + st.length
             if st.allocated:
                 entry = MapEntry(
