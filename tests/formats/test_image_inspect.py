@@ -476,3 +476,26 @@ def test_map_asks_a_raw_file_for_its_extents_once(
 
     entries, calls = asyncio.run(walk())
     assert entries == 1000 and calls == 1
+
+
+def test_map_and_compare_of_a_corrupt_qcow2_fail_cleanly(tmp_path: Path) -> None:
+    """A hostile L2 entry (reserved bits set) is a one-line error naming the table."""
+    sh(tmp_path, "qemu-img", "create", "-f", "qcow2", "bad.qcow2", "1M")
+    qio(tmp_path, "qcow2", "bad.qcow2", "write -P 1 0 64k")
+    with open(tmp_path / "bad.qcow2", "r+b") as f:
+        f.seek(40)
+        l1 = int.from_bytes(f.read(8), "big")
+        f.seek(l1)
+        l2 = int.from_bytes(f.read(8), "big") & ((1 << 56) - 512)
+        f.seek(l2)
+        entry = int.from_bytes(f.read(8), "big")
+        f.seek(l2)
+        f.write((entry | 0x2).to_bytes(8, "big"))  # a reserved bit
+    sh(tmp_path, "qemu-img", "create", "-f", "raw", "zero.raw", "1M")
+    for args, code in (
+        (["map", "-f", "qcow2", "bad.qcow2"], 1),
+        (["compare", "-f", "qcow2", "bad.qcow2", "zero.raw"], 2),
+    ):
+        proc = tap(tmp_path, *args, check=False)
+        assert proc.returncode == code, (args, proc.returncode, proc.stderr)
+        assert "L2 table" in proc.stderr and "Traceback" not in proc.stderr
