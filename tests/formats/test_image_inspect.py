@@ -59,12 +59,17 @@ def qio(cwd: Path, fmt: str, image: str, *commands: str) -> None:
     sh(cwd, *args, image)
 
 
-def random_writes(rng: random.Random, size: int, count: int, unit: int) -> list[str]:
-    """qemu-io writes of whole ``unit``s at seeded places, with seeded patterns."""
-    out = []
-    for _ in range(count):
+def random_writes(
+    rng: random.Random, size: int, count: int, unit: int, avoid: tuple[int, int] = (0, 0)
+) -> list[str]:
+    """qemu-io writes of whole ``unit``s at seeded places, with seeded patterns, none
+    touching [avoid)."""
+    out: list[str] = []
+    while len(out) < count:
         n = rng.randint(1, 3) * unit
         off = rng.randrange(0, size - n, unit)
+        if off < avoid[1] and avoid[0] < off + n:
+            continue
         out.append(f"write -P {rng.randint(1, 255)} {off} {n}")
     return out
 
@@ -93,7 +98,8 @@ def qcow2_chain(tmp_path: Path, rng: random.Random) -> None:
         tmp_path,
         "qcow2",
         "top.qcow2",
-        *random_writes(rng, 6 * MiB, 5, 64 << 10),
+        # qemu writes a compressed cluster only where nothing is allocated yet.
+        *random_writes(rng, 6 * MiB, 5, 64 << 10, avoid=(3 * MiB, 3 * MiB + (64 << 10))),
         "write -z 0 64k",
         "write -z 5M 128k",
         "discard 1M 64k",
@@ -499,3 +505,12 @@ def test_map_and_compare_of_a_corrupt_qcow2_fail_cleanly(tmp_path: Path) -> None
         proc = tap(tmp_path, *args, check=False)
         assert proc.returncode == code, (args, proc.returncode, proc.stderr)
         assert "L2 table" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_check_counts_zero_clusters_that_keep_their_cluster(tmp_path: Path) -> None:
+    """qemu-img check counts a zero cluster still holding its cluster as allocated."""
+    sh(tmp_path, "qemu-img", "create", "-f", "qcow2", "z.qcow2", "1M")
+    qio(tmp_path, "qcow2", "z.qcow2", "write -P 1 0 128k", "write -z 0 64k")
+    want = json.loads(sh(tmp_path, "qemu-img", "check", "--output=json", "z.qcow2").stdout)
+    got = json.loads(tap(tmp_path, "check", "--output=json", "z.qcow2").stdout)
+    assert got["allocated-clusters"] == want["allocated-clusters"] == 2
