@@ -234,8 +234,7 @@ async def _source_facts(
     driver = await _open(spec, fmt, rules)
     try:
         entries = await image_map(driver, spec)
-        described = unwrap(driver).describe() if hasattr(unwrap(driver), "describe") else {}
-        specific = described.get("format-specific")
+        specific = unwrap(driver).describe().get("format-specific")
         v3 = (
             isinstance(specific, dict)
             and specific.get("type") == "qcow2"

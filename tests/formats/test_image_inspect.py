@@ -322,6 +322,14 @@ def test_measure_is_enough_for_qcow_and_vhd(tmp_path: Path, seed: int, fmt: str)
     full_used = os.stat(tmp_path / f"full.{fmt}").st_size
     assert full_used <= empty["fully-allocated"] < full_used + 2 * MiB
     assert empty["required"] < 64 << 10
+    if fmt == "vhd":  # a fixed VHD is its disk and a footer, from the start
+        fixed = json.loads(
+            tap(tmp_path, "measure", "--output=json", "-O", "vpc", "-o", "subformat=fixed",
+                "--size", "9M").stdout
+        )  # fmt: skip
+        tap(tmp_path, "create", "-f", "vhd", "--subformat", "fixed", "-s", "9M", "fixed.vhd")
+        used = os.stat(tmp_path / "fixed.vhd").st_size
+        assert used == fixed["required"] == fixed["fully-allocated"]
 
 
 # info
