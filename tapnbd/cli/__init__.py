@@ -20,9 +20,6 @@ COMMANDS: dict[str, str] = {
     "convert": "image",
     "info": "image",
     "check": "image",
-    "map": "inspect",
-    "compare": "inspect",
-    "measure": "inspect",
     "attach": "attach",
     "detach": "attach",
     "list": "attach",
@@ -30,6 +27,9 @@ COMMANDS: dict[str, str] = {
     "daemon": "daemon",
     "export": "export",
     "ring": "ring",
+    "map": "inspect",
+    "compare": "inspect",
+    "measure": "inspect",
 }
 
 
