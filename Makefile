@@ -12,7 +12,7 @@ SYSTEM_PACKAGES := qemu-utils libnbd-bin python3-libnbd nbdfuse fio fuse3 e2fspr
 	nbdkit nbd-server nbd-client bonnie++ nocache util-linux procps \
 	qemu-system-x86 busybox-static kmod cpio socat libvhdi-utils
 
-.PHONY: run test deps venv lint typecheck pytest bench crash soak fuzz mutate clean
+.PHONY: run test deps venv lint typecheck pytest bench crash soak fuzz mutate clean docs
 
 run: $(BIN)/tapnbd
 	@mkdir -p var
@@ -104,3 +104,7 @@ mutate: deps venv
 
 clean:
 	rm -rf $(VENV) var .mypy_cache .pytest_cache .ruff_cache
+
+# The command reference, generated from the CLI (a test checks it is up to date).
+docs: venv
+	$(BIN)/python -m tapnbd.cli.docs --output docs/commands.md

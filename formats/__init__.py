@@ -206,7 +206,10 @@ async def open_image(
     # from a header, so it may be one only when the admin allowed it.
     rules = replace(rules, block_devices=depth == 0 or rules.allow_block_devices)
     if fmt != "auto" and fmt not in FORMATS:
-        raise ImageError(f"unknown format {fmt!r}; known: {', '.join(sorted(FORMATS))}")
+        from formats.foreign import FOREIGN
+
+        known = ", ".join(sorted(set(FORMATS) - set(FOREIGN)))
+        raise ImageError(f"unknown format {fmt!r}; known: {known}")
     probed = fmt == "auto"
     if probed:
         # Off the event loop: a slow disk must not stall a daemon serving other exports.
@@ -279,6 +282,11 @@ def _register_builtin() -> None:
     from formats import vhd
 
     register(vhd.FORMAT)
+    # qemu's name for VHD: accepted by --format, never the probe's answer.
+    register(replace(vhd.FORMAT, name="vpc", probe=lambda _head: 0))
+    from formats.foreign import register_all
+
+    register_all()
 
 
 _register_builtin()

@@ -22,7 +22,6 @@ from formats.qcow2.layout import (
     OFFSET_MASK,
     OFLAG_COMPRESSED,
     OFLAG_COPIED,
-    OFLAG_ZERO,
     Incompatible,
     parse_snapshot,
 )
@@ -128,7 +127,7 @@ async def check_qcow2(path: str, repair: bool = False) -> Qcow2CheckResult:
                     if off % cs or not add(off, cs, f"{name} data cluster"):
                         res.corrupt(f"L2 table 0x{l2off:x} entry {j} (0x{le:x}) is invalid")
                         continue
-                    if active and not le & OFLAG_ZERO:
+                    if active:  # a zero cluster that keeps its cluster counts (as qemu's)
                         res.allocated_clusters += 1
                     if active and le & OFLAG_COPIED:
                         copied_checks.append((off >> cb, f"data cluster 0x{off:x}"))

@@ -27,6 +27,9 @@ COMMANDS: dict[str, str] = {
     "daemon": "daemon",
     "export": "export",
     "ring": "ring",
+    "map": "inspect",
+    "compare": "inspect",
+    "measure": "inspect",
 }
 
 

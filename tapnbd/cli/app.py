@@ -42,14 +42,14 @@ def fail(message: str, code: int = 1) -> NoReturn:
 
 
 @contextmanager
-def errors_as_exit() -> Iterator[None]:
+def errors_as_exit(code: int = 1) -> Iterator[None]:
     """Turn TapnbdError and OSError into a one-line error (the CLI boundary)."""
     try:
         yield
     except TapnbdError as e:
-        fail(str(e))
+        fail(str(e), code)
     except OSError as e:
-        fail(f"{e.filename + ': ' if e.filename else ''}{e.strerror or e}")
+        fail(f"{e.filename + ': ' if e.filename else ''}{e.strerror or e}", code)
 
 
 def wrap(fn: Callable[[], T]) -> T:

@@ -6,7 +6,6 @@ The commands only parse their options and call the library (formats.qcow.*).
 
 from __future__ import annotations
 
-import json
 import os
 from typing import TYPE_CHECKING, Annotated
 
@@ -14,6 +13,7 @@ import typer
 from rich.console import Console
 
 from tapnbd import runtime
+from tapnbd.cli._output import JsonOpt, OutputOpt, human_value, print_json, wants_json
 from tapnbd.cli._trust import (
     AllowBlockOpt,
     AllowProbedChainOpt,
@@ -328,9 +328,9 @@ def _print_info(info: dict[str, object], indent: str = "") -> None:
         for k, v in data.items():
             if isinstance(v, dict):
                 lines.append(f"    {k}:")
-                lines.extend(f"        {k2}: {v2}" for k2, v2 in v.items())
+                lines.extend(f"        {k2}: {human_value(v2)}" for k2, v2 in v.items())
             else:
-                lines.append(f"    {k}: {v}")
+                lines.append(f"    {k}: {human_value(v)}")
     if "note" in info:
         lines.append(f"note: {info['note']}")
     for line in lines:
@@ -341,21 +341,40 @@ def _print_info(info: dict[str, object], indent: str = "") -> None:
         _print_info(backing, indent)
 
 
+def backing_chain(info: dict[str, object]) -> list[dict[str, object]]:
+    """The chain as qemu-img info --backing-chain lists it: one flat entry per image."""
+    chain: list[dict[str, object]] = []
+    node: object = info
+    while isinstance(node, dict):
+        entry = dict(node)
+        node = entry.pop("backing-image", None)
+        chain.append(entry)
+    return chain
+
+
 @app.command("info")
 def info_cmd(
     image: Annotated[str, typer.Argument(help="The image.")],
     fmt: Annotated[str, typer.Option("--format", "-f", help="auto, raw or qcow.")] = "auto",
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    output: OutputOpt = "human",
+    as_json: JsonOpt = False,
+    chain: Annotated[
+        bool,
+        typer.Option(
+            "--backing-chain", help="Every image of the chain (JSON: a list, as qemu-img)."
+        ),
+    ] = False,
     backing_format: BackingFormatOpt = None,
     allow_probed_chain: AllowProbedChainOpt = False,
     allow_block_devices: AllowBlockOpt = False,
 ) -> None:
     """Format, sizes, allocation, backing chain and the Xen extension of an image."""
+    use_json = wants_json(output, as_json)
     rules = open_rules(backing_format, allow_probed_chain, allow_block_devices)
     with errors_as_exit():
         info = runtime.run(image_info(image, fmt, rules))
-    if as_json:
-        print(json.dumps(info, indent=2))
+    if use_json:
+        print_json(backing_chain(info) if chain else info)
     else:
         _print_info(info)
 
@@ -363,7 +382,8 @@ def info_cmd(
 @app.command("check")
 def check_cmd(
     image: Annotated[str, typer.Argument(help="The qcow, qcow2 or vhd image.")],
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    output: OutputOpt = "human",
+    as_json: JsonOpt = False,
     repair: Annotated[
         bool,
         typer.Option("--repair", help="qcow2: set refcounts to the references, clear dirty."),
@@ -379,6 +399,7 @@ def check_cmd(
     from formats import probe
     from formats.qcow.check import CheckResult, check_qcow
 
+    use_json = wants_json(output, as_json)
     with errors_as_exit():
         if fmt == "auto":
             fmt = probe(image)
@@ -397,8 +418,8 @@ def check_cmd(
             res = runtime.run(check_qcow(image))
         else:
             fail(f"{image}: not a qcow image (only qcow, qcow2 and vhd images can be checked)", 1)
-    if as_json:
-        print(json.dumps(res.to_json(), indent=2))
+    if use_json:
+        print_json(res.to_json())
     else:
         for msg in res.check_errors:
             console.print(f"ERROR: {msg}", highlight=False, soft_wrap=True)
