@@ -123,3 +123,97 @@ def test_fio_on_ext4_survives_three_daemon_kills(devtap: Tapnbd) -> None:
     assert fsck.returncode == 0, fsck.stdout + fsck.stderr
     tap.ok("detach", device)
     assert tapdisk_pids(tap.state) == [] and nbdfuse_pids(tap.state) == []
+
+
+# The kernel-VM variant: the guest's own kernel nbd client on the data path's socket.
+
+MiB = 1 << 20
+VM_IMAGE = 128 * MiB
+#: The file system takes the first 120 MiB; the host rings the guest at 124 MiB.
+FS_BLOCKS = 120 * MiB // 4096
+BELL = 124 * MiB
+
+VM_SCRIPT = f"""
+t boot
+nbd-client $S $P /dev/nbd0 -N vmcrash.img -t 30 >/dev/null || fail attach
+mkfs.ext4 -q -F -b 4096 /dev/nbd0 {FS_BLOCKS} || fail mkfs
+mount -t ext4 -o noatime /dev/nbd0 /mnt && mkdir /mnt/d || fail mount
+# Writes go on, each file synced, until the host has killed its daemon three times;
+# 64 files written over and over, so the file system never fills up.
+writer() {{
+  i=0
+  while [ ! -f /tmp/stop ]; do
+    dd if=/dev/urandom of=/mnt/d/w$((i % 64)) bs=64k count=4 conv=fsync 2>/dev/null \\
+      || {{ echo "@@FAIL write $i"; return 1; }}
+    i=$((i+1))
+    echo $i > /tmp/count
+  done
+  echo "@@WROTE $i"
+}}
+echo 0 > /tmp/count
+writer & W=$!
+for r in 1 2 3; do
+  # Progress first (three more files), then the kill, while the writer keeps going.
+  want=$(($(cat /tmp/count) + 3))
+  until [ $(cat /tmp/count) -ge $want ]; do sleep 0.1; done
+  echo "@@MARK kill$r"
+  # 4 KiB direct reads: the kernel's nbd device may have 4 KiB logical blocks.
+  n=0
+  until dd if=/dev/nbd0 bs=4096 skip={BELL // 4096} count=1 iflag=direct 2>/dev/null \\
+      | grep -q RING$r; do
+    n=$((n+1)); [ $n -gt 1500 ] && fail "no bell $r"; sleep 0.2
+  done
+done
+touch /tmp/stop
+wait $W || fail writer
+sync
+sums /mnt/d data
+umount /mnt && fsck.ext4 -fn /dev/nbd0 >/dev/null || fail fsck
+nbd-client -d /dev/nbd0 >/dev/null 2>&1
+t end
+"""
+
+
+@pytest.mark.vm
+def test_vm_disk_survives_three_daemon_kills(tap: Tapnbd, tmp_path: Path) -> None:
+    from tests.kernel.vm import ext4_files, need_vm, run_guest
+
+    need_vm()
+    image = tap.base / "vmcrash.img"
+    with open(image, "wb") as f:
+        f.truncate(VM_IMAGE)
+    sock = tap.ok("attach", "--via", "socket", str(image)).strip()
+    (tapdisk,) = tapdisk_pids(tap.state)
+    sd = StateDir(str(tap.state))
+    kills: list[int] = []
+
+    def on_mark(name: str) -> None:
+        if not name.startswith("kill"):
+            return
+        r = int(name[4:])
+        if r == 1:  # the guest's disk: detaching it under the VM is refused
+            assert "1 client connected" in tap.fails("detach", sock)
+        pid = tap.status()["pid"]
+        os.killpg(os.getpgid(pid), signal.SIGKILL)
+        while sd.daemon_alive():
+            time.sleep(0.01)
+        listed = tap.run("list", "--json")
+        assert listed.returncode == 0, listed.stderr
+        assert f"re-adopted {sock}" in listed.stderr, listed.stderr
+        assert [a["device"] for a in json.loads(listed.stdout)["attachments"]] == [sock]
+        assert tapdisk_pids(tap.state) == [tapdisk]
+        kills.append(pid)
+        with open(image, "r+b") as f:  # past the file system: the guest's doorbell
+            f.seek(BELL)
+            f.write(f"RING{r}".encode())
+
+    result = run_guest(Path(sock), VM_SCRIPT, tmp_path, on_mark, timeout=600)
+    assert result.rc == 0, result.console()
+    assert len(kills) == 3 and not result.tagged("FAIL"), result.console()
+    (wrote,) = result.tagged("WROTE")
+    assert int(wrote[0]) >= 9
+    data = result.sums("data")
+    assert len(data) == min(64, int(wrote[0]))
+    assert ext4_files(image, "/d", tmp_path) == data  # e2fsck -fn, then the files' bytes
+    tap.ok("detach", sock)
+    assert tapdisk_pids(tap.state) == []
