@@ -261,9 +261,11 @@ class Daemon:
                 log.warning("no statistics for %r: %s", att.export, e)
         return StatsReply(out)
 
-    def prometheus(self) -> str:
+    async def prometheus(self) -> str:
+        # The attachments' exports too: their counters live in their data paths.
+        stats = (await self.on_stats(StatsRequest(name=None))).exports
         return prometheus_text(
-            [self.exports.stats(e) for e in self.registry],
+            stats,
             {
                 "up": 1,
                 "exports": len(self.registry),

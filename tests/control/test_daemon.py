@@ -346,3 +346,39 @@ def test_prometheus_endpoint(tap: Tapnbd) -> None:
     with pytest.raises(urllib.error.HTTPError) as exc:
         urllib.request.urlopen(f"http://{address}/other", timeout=10)
     assert exc.value.code == 404
+
+
+def test_socket_attachment_outlives_the_daemon_with_its_counters(tap: Tapnbd) -> None:
+    """`attach --via socket` (a data path with no local device, as for a VM): list,
+    stats and metrics see it, a kill -9 of the daemon loses none of its counters, and
+    detach ends its process. No root needed."""
+    tap.env["TAPNBD_METRICS"] = "127.0.0.1:0"
+    sock = tap.ok("attach", "--via", "socket", "ram:8M").strip()
+    assert sock == str(tap.state / "tapdisk" / "1" / "nbd.sock")
+    assert stat.S_IMODE(os.stat(sock).st_mode) == 0o600
+    qemu_io(f"nbd+unix:///ram?socket={sock}", "write -P 7 0 64k", "read -P 7 0 64k")
+    (export,) = tap.list()["exports"]
+    assert (export["name"], export["format"], export["devices"]) == ("ram", "ram", [sock])
+    assert export["origin"] == "attach" and export["uris"] == []
+    before = tap.stats("ram")["ops"]
+    assert before["write"]["ops"] >= 1 and before["write"]["bytes"] == 65536
+    with urllib.request.urlopen(f"http://{tap.status()['metrics']}/metrics", timeout=10) as r:
+        assert 'tapnbd_bytes_total{export="ram",op="write"} 65536' in r.read().decode()
+
+    (tapdisk,) = tapdisk_pids(tap.state)
+    os.kill(tap.status()["pid"], signal.SIGKILL)
+    while StateDir(str(tap.state)).daemon_alive():
+        time.sleep(0.01)
+    proc = tap.run("stats", "ram", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert f"re-adopted {sock}" in proc.stderr
+    (after,) = json.loads(proc.stdout)
+    assert after["ops"]["write"] == before["write"]  # the same process, its counters kept
+    assert tapdisk_pids(tap.state) == [tapdisk]
+    qemu_io(f"nbd+unix:///ram?socket={sock}", "read -P 7 0 64k")  # the RAM disk too
+
+    done = tap.run("detach", sock)
+    assert done.returncode == 0, done.stderr
+    assert "closed export 'ram'" in done.stderr
+    assert tapdisk_pids(tap.state) == [] and not os.path.exists(sock)
+    assert tap.list()["exports"] == []
