@@ -546,6 +546,10 @@ def cmdline(pid: int) -> list[str]:
         return []
 
 
+def all_pids() -> list[int]:
+    return [int(e) for e in os.listdir("/proc") if e.isdigit() and pid_alive(int(e))]
+
+
 def _is_nbdfuse(pid: int, mountdir: str) -> bool:
     """Is ``pid`` still the nbdfuse we started for ``mountdir`` (pids get reused)?"""
     cmd = cmdline(pid)

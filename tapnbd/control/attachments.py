@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from tapnbd.control import attach as devices
-from tapnbd.control import tapctl
+from tapnbd.control import tapctl, tapdisk
 from tapnbd.control.attach import Attachment
 from tapnbd.control.exports import export_stats
 from tapnbd.control.messages import AttachmentRecord, ExportRecord, ExportStats
@@ -171,8 +171,34 @@ class Attachments:
                 )
             elif att.tapdisk_dir:
                 shutil.rmtree(att.tapdisk_dir, ignore_errors=True)
+        notes += self._stop_strays()
         ids = [int(i) for i in self.by_id if i.isdigit()]
         self.ids = itertools.count(max(ids, default=0) + 1)
+        return notes
+
+    def _stop_strays(self) -> list[str]:
+        """Stop tapdisks under our directory that no record owns (a daemon killed
+        between starting one and recording it), unless an nbdfuse still uses one."""
+        notes = []
+        owned = {a.tapdisk_dir for a in self.by_id.values()}
+        root = self.tapdisk_root.rstrip("/") + "/"
+        procs = [(pid, devices.cmdline(pid)) for pid in devices.all_pids()]
+        for pid, cmd in procs:
+            if tapdisk.MODULE not in cmd:
+                continue
+            dirs = [a for a in cmd if a.startswith(root)]
+            if not dirs or dirs[0] in owned:
+                continue
+            used = any(
+                c and os.path.basename(c[0]) == "nbdfuse" and any(dirs[0] + "/" in a for a in c)
+                for _, c in procs
+            )
+            if used:
+                notes.append(f"left the data path at {dirs[0]} (pid {pid}): nbdfuse uses it")
+                continue
+            devices.wait_exit(pid, None, patience=0.0)  # SIGTERM: it flushes and exits
+            shutil.rmtree(dirs[0], ignore_errors=True)
+            notes.append(f"stopped a data path nobody recorded (pid {pid}, {dirs[0]})")
         return notes
 
     # Describing.

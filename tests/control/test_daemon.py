@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from tapnbd.control import tapctl
 from tapnbd.control.messages import ErrorReply, StatusRequest, decode, encode
 from tapnbd.control.state import StateDir
 from tests.control.tap import Tapnbd, tapdisk_pids
@@ -382,3 +383,29 @@ def test_socket_attachment_outlives_the_daemon_with_its_counters(tap: Tapnbd) ->
     assert "closed export 'ram'" in done.stderr
     assert tapdisk_pids(tap.state) == [] and not os.path.exists(sock)
     assert tap.list()["exports"] == []
+
+
+def test_a_data_path_nobody_recorded_is_stopped(tap: Tapnbd) -> None:
+    """A daemon killed between starting a tapdisk and recording it leaves a stray; the
+    next daemon stops it (it flushes on SIGTERM) rather than leaving it forever."""
+    tap.ok("daemon", "start")
+    tap.ok("daemon", "stop")
+    stray = tap.state / "tapdisk" / "7"
+    image = tap.image("stray.img", size="1M")
+    stray.parent.mkdir(mode=0o700, exist_ok=True)
+    proc, _ = tapctl.spawn(
+        str(stray),
+        image=str(image),
+        name="stray",
+        fmt="auto",
+        read_only=False,
+        stats=True,
+        token=tapctl.new_token(),
+    )
+    tap.procs.append(proc)
+    assert tapdisk_pids(tap.state) == [proc.pid]
+    started = tap.run("daemon", "start")
+    assert started.returncode == 0, started.stderr
+    assert f"stopped a data path nobody recorded (pid {proc.pid}" in started.stderr
+    assert proc.wait(timeout=30) == 0  # a clean exit: it flushed and closed
+    assert not stray.exists()
