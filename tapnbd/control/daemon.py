@@ -346,9 +346,16 @@ class Daemon:
             self._save()  # recorded before anything exists, so a crash is undone
             try:
                 await self.attachments.start(att, fmt, self._save)
-            except BaseException:
+            except BaseException as e:
                 self.attachments.by_id.pop(att.id, None)
                 self._save()
+                if existing is not None and isinstance(e, TapnbdError) and "in use" in str(e):
+                    # A writable qcow is locked by the daemon's own export of it.
+                    raise TapnbdError(
+                        f"{e}: the daemon's export {name!r} holds it, and a device needs "
+                        f"a data path of its own; `tapnbd export remove {name}`, then "
+                        f"`tapnbd attach {image}`"
+                    ) from None
                 raise
             self._save()
             log.info(
