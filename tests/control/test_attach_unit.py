@@ -79,8 +79,13 @@ def test_nbd_client_refuses(kwargs: dict[str, object], error: str) -> None:
 
 
 def test_choose_via_unknown() -> None:
-    with pytest.raises(AttachError, match="use auto, nbd or fuse"):
+    with pytest.raises(AttachError, match="use auto, nbd, fuse or socket"):
         devices.choose_via("usb")
+
+
+def test_choose_via_socket_needs_no_device() -> None:
+    via, why = devices.choose_via("socket")
+    assert via == "socket" and "no local device" in why
 
 
 def test_choose_via_nbd_refused_with_reason_when_unavailable() -> None:
