@@ -114,7 +114,6 @@ class Daemon:
         self.registry = ExportRegistry()
         self.server = NBDServer(self.registry, max_connections=config.max_connections)
         self.exports = Exports(self.server, self.registry, config.stats)
-        self.exports.attach_socket = self.dir.attach_socket
         self.attachments = Attachments(self.dir.path, self.dir.run_dir, config.stats)
         self.lock = asyncio.Lock()
         self.stopping = False
@@ -149,7 +148,6 @@ class Daemon:
             log.info("%s", note)
         self._save()
 
-        self.exports.attach_endpoint = await self.server.listen_unix(d.attach_socket)
         if self.config.unix:
             await self.server.listen_unix(d.nbd_socket)
         if self.config.tcp:
