@@ -579,6 +579,12 @@ def cleanup_stale(
     notes: list[str] = []
     prefix = run_dir.rstrip("/") + "/"
     for att in records:
+        if att.mountdir and (
+            not att.mountdir.startswith(prefix) or os.path.realpath(att.mountdir) != att.mountdir
+        ):
+            # The record names a mount point outside ours: not ours to unmount.
+            notes.append(f"ignored a recorded mount point outside {prefix}: {att.mountdir!r}")
+            continue
         try:
             busy = attachment_busy(att)
             if busy:

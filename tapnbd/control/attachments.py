@@ -18,7 +18,6 @@ import asyncio
 import itertools
 import logging
 import os
-import shutil
 import subprocess
 import urllib.parse
 from collections.abc import Callable, Iterator
@@ -108,7 +107,8 @@ class Attachments:
             save()
             await asyncio.to_thread(tapctl.tell_device, att)
         except BaseException:
-            await asyncio.to_thread(tapctl.stop, att, self.tap_procs.pop(att.id, None))
+            spawned = self.tap_procs.pop(att.id, None)
+            await asyncio.to_thread(tapctl.stop, att, spawned, self.tapdisk_root)
             raise
 
     async def detach(self, att: Attachment, lazy: bool = False) -> None:
@@ -123,7 +123,8 @@ class Attachments:
         elif att.via == "fuse":
             proc = self.fuse_procs.pop(att.id, None)
             await asyncio.to_thread(devices.detach_fuse, att, proc, lazy=lazy)
-        await asyncio.to_thread(tapctl.stop, att, self.tap_procs.pop(att.id, None))
+        proc = self.tap_procs.pop(att.id, None)
+        await asyncio.to_thread(tapctl.stop, att, proc, self.tapdisk_root)
         self.by_id.pop(att.id, None)
 
     async def busy(self, att: Attachment) -> str | None:
@@ -169,8 +170,8 @@ class Attachments:
                     f"{att.device} ({att.image}) is still attached but {why}; its I/O "
                     f"fails: unmount it, then `tapnbd detach {att.device}`"
                 )
-            elif att.tapdisk_dir:
-                shutil.rmtree(att.tapdisk_dir, ignore_errors=True)
+            elif att.tapdisk_dir and not tapctl.remove_dir(att.tapdisk_dir, self.tapdisk_root):
+                notes.append(f"ignored a recorded data-path directory {att.tapdisk_dir!r}")
         notes += self._stop_strays()
         ids = [int(i) for i in self.by_id if i.isdigit()]
         self.ids = itertools.count(max(ids, default=0) + 1)
@@ -197,7 +198,7 @@ class Attachments:
                 notes.append(f"left the data path at {dirs[0]} (pid {pid}): nbdfuse uses it")
                 continue
             devices.wait_exit(pid, None, patience=0.0)  # SIGTERM: it flushes and exits
-            shutil.rmtree(dirs[0], ignore_errors=True)
+            tapctl.remove_dir(dirs[0], self.tapdisk_root)
             notes.append(f"stopped a data path nobody recorded (pid {pid}, {dirs[0]})")
         return notes
 

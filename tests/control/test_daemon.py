@@ -409,3 +409,25 @@ def test_a_data_path_nobody_recorded_is_stopped(tap: Tapnbd) -> None:
     assert f"stopped a data path nobody recorded (pid {proc.pid}" in started.stderr
     assert proc.wait(timeout=30) == 0  # a clean exit: it flushed and closed
     assert not stray.exists()
+
+
+def test_a_recorded_data_path_directory_outside_ours_is_never_deleted(tap: Tapnbd) -> None:
+    """The state file names each tapdisk's directory; a record that points elsewhere
+    (planted, or corrupt) must not make the daemon delete it."""
+    tap.ok("daemon", "start")
+    tap.ok("daemon", "stop")
+    victim = tap.base / "victim"
+    victim.mkdir()
+    (victim / "keep.txt").write_text("mine\n")
+    sneaky = tap.state / "tapdisk" / ".." / ".." / "victim"
+    state = json.loads((tap.state / "state.json").read_text())
+    for i, where in enumerate((victim, sneaky), start=1):
+        record: dict[str, object] = {"id": str(i), "export": f"x{i}", "image": "ram:1M"}
+        record |= {"via": "socket", "read_only": False, "tapdisk_pid": 0}
+        record["tapdisk_dir"] = str(where)
+        state["attachments"].append(record)
+    (tap.state / "state.json").write_text(json.dumps(state))
+    started = tap.run("daemon", "start")
+    assert started.returncode == 0, started.stderr
+    assert started.stderr.count("ignored a recorded data-path directory") == 2
+    assert (victim / "keep.txt").read_text() == "mine\n"
