@@ -579,8 +579,9 @@ def cleanup_stale(
     notes: list[str] = []
     prefix = run_dir.rstrip("/") + "/"
     for att in records:
-        if att.mountdir and (
-            not att.mountdir.startswith(prefix) or os.path.realpath(att.mountdir) != att.mountdir
+        if att.mountdir and not (
+            att.mountdir.startswith(prefix)
+            and os.path.realpath(att.mountdir).startswith(os.path.realpath(prefix) + "/")
         ):
             # The record names a mount point outside ours: not ours to unmount.
             notes.append(f"ignored a recorded mount point outside {prefix}: {att.mountdir!r}")

@@ -41,7 +41,8 @@ def remove_dir(directory: str, root: str) -> bool:
         os.path.dirname(directory) != root.rstrip("/")
         or not os.path.basename(directory).isdigit()
         or os.path.islink(directory)
-        or os.path.realpath(directory) != directory
+        or os.path.realpath(directory)
+        != os.path.join(os.path.realpath(root), os.path.basename(directory))
     ):
         return False
     shutil.rmtree(directory, ignore_errors=True)
