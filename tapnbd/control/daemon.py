@@ -160,7 +160,6 @@ class Daemon:
             ),
         )
         self.exports = Exports(self.server, self.registry, config.stats)
-        self.exports.attach_socket = self.dir.attach_socket
         self.exports.expose_paths = config.expose_paths
         self.attachments = Attachments(self.dir.path, self.dir.run_dir, config.stats)
         self.lock = asyncio.Lock()
@@ -196,11 +195,8 @@ class Daemon:
             log.info("%s", note)
         self._save()
 
-        # The unix sockets are the owner's: 0600 from the start, and SO_PEERCRED checked
+        # The unix socket is the owner's: 0600 from the start, and SO_PEERCRED checked
         # (the owner and root only), as the control socket is.
-        self.exports.attach_endpoint = await self.server.listen_unix(
-            d.attach_socket, mode=0o600, allow=allowed
-        )
         if self.config.unix:
             await self.server.listen_unix(d.nbd_socket, mode=0o600, allow=allowed)
         if self.config.tcp:
@@ -313,9 +309,11 @@ class Daemon:
                 log.warning("no statistics for %r: %s", att.export, e)
         return StatsReply(out)
 
-    def prometheus(self) -> str:
+    async def prometheus(self) -> str:
+        # The attachments' exports too: their counters live in their data paths.
+        stats = (await self.on_stats(StatsRequest(name=None))).exports
         return prometheus_text(
-            [self.exports.stats(e) for e in self.registry],
+            stats,
             {
                 "up": 1,
                 "exports": len(self.registry),

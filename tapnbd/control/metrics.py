@@ -14,7 +14,7 @@ import asyncio
 import errno
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from tapnbd.control.messages import ExportStats
 from tapnbd.server.listener import remove_stale_socket
@@ -105,7 +105,7 @@ def prometheus_text(exports: list[ExportStats], daemon: dict[str, float]) -> str
 class MetricsServer:
     """A minimal HTTP/1.0-style responder for ``GET /metrics``."""
 
-    def __init__(self, render: Callable[[], str]) -> None:
+    def __init__(self, render: Callable[[], Awaitable[str]]) -> None:
         self.render = render
         self._server: asyncio.AbstractServer | None = None
         self.address = ""
@@ -145,7 +145,7 @@ class MetricsServer:
             elif parts[1].split("?", 1)[0] not in ("/metrics", "/"):
                 status, body, ctype = "404 Not Found", "try /metrics\n", "text/plain"
             else:
-                status, body, ctype = "200 OK", self.render(), CONTENT_TYPE
+                status, body, ctype = "200 OK", await self.render(), CONTENT_TYPE
             data = body.encode()
             writer.write(
                 f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\n"
