@@ -53,6 +53,12 @@ def serve_cmd(
     stats_file: Annotated[
         str | None, typer.Option(help="On exit, write each export's statistics here (JSON).")
     ] = None,
+    metrics: Annotated[
+        str | None,
+        typer.Option(
+            help="Serve Prometheus metrics on unix:PATH (mode 0600) or a loopback HOST:PORT."
+        ),
+    ] = None,
     tls: Annotated[TLSMode, typer.Option(help="TLS: off, on (offered) or require.")] = TLSMode.OFF,
     tls_cert: Annotated[str | None, typer.Option(help="Server certificate (PEM).")] = None,
     tls_key: Annotated[str | None, typer.Option(help="Server private key (PEM).")] = None,
@@ -135,6 +141,7 @@ def serve_cmd(
         socket=socket,
         pidfile=pidfile,
         stats_file=stats_file,
+        metrics=metrics,
         tls=tls,
         tls_cert=tls_cert,
         tls_key=tls_key,

@@ -31,7 +31,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib.metadata
-import ipaddress
 import logging
 import os
 import time
@@ -65,7 +64,7 @@ from tapnbd.control.messages import (
     StatusReply,
     StatusRequest,
 )
-from tapnbd.control.metrics import MetricsServer, prometheus_text
+from tapnbd.control.metrics import MetricsServer, check_address, prometheus_text, split_host_port
 from tapnbd.control.state import StateDir
 from tapnbd.errors import TapnbdError
 from tapnbd.protocol.handshake import TLSMode
@@ -112,31 +111,8 @@ class DaemonConfig:
             )
         if (self.tls_cert or self.tls_key) and not self.tcp:
             raise TapnbdError("--tls-cert and --tls-key are for --tcp")
-        if self.metrics and not self.metrics.startswith("unix:"):
-            host, _ = split_host_port(self.metrics, "metrics address")
-            if not is_loopback(host):
-                raise TapnbdError(
-                    f"metrics on {self.metrics}: serve them on unix:PATH or on a loopback "
-                    "address (127.0.0.1, ::1)"
-                )
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def split_host_port(text: str, what: str) -> tuple[str, int]:
-    """``HOST:PORT``, ``[V6]:PORT`` or ``:PORT`` (all interfaces)."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise TapnbdError(f"invalid {what} {text!r}: expected HOST:PORT")
-    host = host.strip("[]") or "0.0.0.0"
-    return host, int(port)
+        if self.metrics:
+            check_address(self.metrics)
 
 
 class Daemon:
@@ -211,16 +187,7 @@ class Daemon:
                 log.warning("serving NBD on TCP %s without TLS (--insecure-tcp)", self.config.tcp)
         if self.config.metrics:
             self.metrics = MetricsServer(self.prometheus)
-            try:
-                if self.config.metrics.startswith("unix:"):
-                    await self.metrics.start_unix(self.config.metrics[5:])
-                else:
-                    host, port = split_host_port(self.config.metrics, "metrics address")
-                    await self.metrics.start(host, port)
-            except OSError as e:
-                raise TapnbdError(
-                    f"cannot listen on {self.config.metrics}: {e.strerror or e}"
-                ) from None
+            await self.metrics.listen(self.config.metrics)
         old = os.umask(0o177)
         try:
             self.control = await asyncio.start_unix_server(

@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from formats import OpenRules, open_image, parse_size
 from formats.filters import FaultSpec, at_file_layer
@@ -29,6 +30,9 @@ from tapnbd.server.listener import (
     make_ssl_context,
 )
 
+if TYPE_CHECKING:
+    from tapnbd.control.metrics import MetricsServer
+
 log = logging.getLogger("tapnbd.server")
 
 
@@ -44,6 +48,7 @@ class ServeOptions:
     socket: str | None = None
     pidfile: str | None = None
     stats_file: str | None = None  # each export's counters, as JSON at exit
+    metrics: str | None = None  # Prometheus endpoint: unix:PATH or a loopback HOST:PORT
     tls: TLSMode = TLSMode.OFF
     tls_cert: str | None = None
     tls_key: str | None = None
@@ -163,6 +168,31 @@ def write_stats(path: str, registry: ExportRegistry) -> None:
     os.replace(tmp, path)
 
 
+async def start_metrics(spec: str, registry: ExportRegistry) -> MetricsServer:
+    """The Prometheus endpoint of ``serve --metrics``, as the daemon's (same checks)."""
+    from tapnbd.control.exports import export_stats
+    from tapnbd.control.metrics import MetricsServer, check_address, prometheus_text
+
+    check_address(spec)
+
+    async def render() -> str:
+        stats = [
+            export_stats(
+                e.name,
+                e.image,
+                e.backend.driver.name,
+                e.backend.stats.snapshot(),
+                e.backend.stats.enabled,
+            )
+            for e in registry
+        ]
+        return prometheus_text(stats, {"up": 1, "exports": len(registry)})
+
+    server = MetricsServer(render)
+    await server.listen(spec)
+    return server
+
+
 async def serve(opts: ServeOptions) -> int:
     budget = parse_size(opts.payload_budget)
     if opts.max_handshakes < 1:
@@ -196,6 +226,13 @@ async def serve(opts: ServeOptions) -> int:
         await server.shutdown()
         where = opts.socket if opts.socket and opts.port is None else f"{opts.bind}:{opts.port}"
         raise TapnbdError(f"cannot listen on {where}: {e.strerror or e}") from None
+    metrics = None
+    if opts.metrics:
+        try:
+            metrics = await start_metrics(opts.metrics, registry)
+        except BaseException:
+            await server.shutdown()
+            raise
     # Handlers first: a script may signal us as soon as it reads the URI.
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -236,6 +273,8 @@ async def serve(opts: ServeOptions) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
             loop.remove_signal_handler(sig)
         await server.shutdown()
+        if metrics is not None:
+            await metrics.close()
         if opts.pidfile:
             safefs.remove_pidfile(opts.pidfile)  # only if it still holds our pid
         if opts.stats_file:
