@@ -1,0 +1,69 @@
+"""Plain ``--help`` for every command: no typer metavars, no rich boxes, no internal
+words; ``-V`` is ``--version``; ``python -m bench`` takes ``-h``."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from typer.main import get_command
+from typer.testing import CliRunner
+
+from tapnbd.cli import app, load_commands
+
+#: What must never show: typer's type metavars (<bool>, <str>, <list[str]>), its
+#: {image} usage, rich's box drawing, and words only this project's history knows.
+FORBIDDEN = re.compile(r"<[a-z][a-z\[\], |]*>|\{[a-z_]+\}|[─│╭╮╰╯┏┃━]|\bissues?\b|\bseed's\b", re.I)
+
+
+def command_paths() -> Iterator[list[str]]:
+    load_commands()
+
+    def walk(cmd: Any, path: list[str]) -> Iterator[list[str]]:
+        yield path
+        for name, sub in sorted(getattr(cmd, "commands", {}).items()):
+            yield from walk(sub, [*path, name])
+
+    yield from walk(get_command(app), [])
+
+
+PATHS = list(command_paths())
+
+
+def test_every_command_is_covered() -> None:
+    names = {" ".join(p) for p in PATHS}
+    assert {"serve", "daemon start", "export add", "stats", "convert", "check"} <= names
+
+
+@pytest.mark.parametrize("path", PATHS, ids=lambda p: " ".join(p) or "tapnbd")
+def test_help_is_plain(path: list[str]) -> None:
+    out = CliRunner().invoke(app, [*path, "--help"], terminal_width=200).output
+    assert out.startswith("Usage: "), out
+    bad = FORBIDDEN.findall(out)
+    assert not bad, f"{bad} in:\n{out}"
+    # Not padded to the terminal's width: no line ends in spaces.
+    assert not [line for line in out.splitlines() if line != line.rstrip()], out
+
+
+def test_short_version_is_long_version() -> None:
+    def run(flag: str) -> str:
+        cmd = [sys.executable, "-m", "tapnbd", flag]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=True)
+        return proc.stdout
+
+    long = run("--version")
+    assert long.startswith("tapnbd ") and run("-V") == long
+
+
+def test_bench_takes_h() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "-h"], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("Usage: ")
+    assert not FORBIDDEN.findall(proc.stdout), proc.stdout
+    assert "--out" in proc.stdout or "results" in proc.stdout
