@@ -12,7 +12,7 @@ from rich.console import Console
 
 from tapnbd import runtime
 from tapnbd.cli._control import JsonOpt, StateDirOpt, client, report
-from tapnbd.cli.app import app, errors_as_exit, fail
+from tapnbd.cli.app import PLAIN, app, errors_as_exit, fail
 from tapnbd.control.daemon import DaemonConfig
 from tapnbd.control.main import run_daemon
 from tapnbd.control.messages import (
@@ -26,6 +26,7 @@ from tapnbd.control.state import default_state_dir
 from tapnbd.server.listener import DEFAULT_MAX_CONNECTIONS
 
 daemon_app = typer.Typer(
+    rich_markup_mode=PLAIN,
     help="The control daemon: owns exports and attached devices (blktapctrl).",
     no_args_is_help=True,
 )
