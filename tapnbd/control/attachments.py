@@ -230,16 +230,16 @@ class Attachments:
         return msgspec.structs.replace(att, token="")
 
     @staticmethod
-    def export_record(att: Attachment) -> ExportRecord:
-        """The export a tapdisk serves, as ``list`` shows it: no clients, no URIs (its
-        socket is the device's alone)."""
+    def export_record(att: Attachment, clients: int = 0) -> ExportRecord:
+        """The export a tapdisk serves, as ``list`` shows it: ``clients`` connections
+        to its data path and no URIs (its socket is the device's alone)."""
         return ExportRecord(
             name=att.export,
             image=att.image,
             format=att.format,
             size=att.size,
             read_only=att.read_only,
-            clients=0,
+            clients=clients,
             devices=[att.device] if att.device else [],
             uris=[],
             origin="attach",

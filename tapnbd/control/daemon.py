@@ -254,10 +254,18 @@ class Daemon:
         )
 
     async def on_list(self, req: ListRequest) -> ListReply:
+        exports = [self._record(e.name) for e in self.registry]
+        for att in self._tapdisk_only():
+            # Clients as `stats` counts them: every connection to its data path (an
+            # nbdfuse or nbd-client device has several), so the two commands agree.
+            try:
+                clients = (await self.attachments.stats(att)).connections
+            except TapnbdError as e:
+                log.warning("no client count for %r: %s", att.export, e)
+                clients = 0
+            exports.append(Attachments.export_record(att, clients))
         return ListReply(
-            exports=[self._record(e.name) for e in self.registry]
-            + [Attachments.export_record(a) for a in self._tapdisk_only()],
-            attachments=[Attachments.record(a) for a in self.attachments],
+            exports=exports, attachments=[Attachments.record(a) for a in self.attachments]
         )
 
     async def on_stats(self, req: StatsRequest) -> StatsReply:
