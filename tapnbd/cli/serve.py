@@ -29,7 +29,13 @@ from tapnbd.server.standalone import ServeOptions, serve
 
 @app.command("serve")
 def serve_cmd(
-    images: Annotated[list[str], typer.Argument(help="Images to export (paths, or ram:SIZE).")],
+    images: Annotated[
+        list[str],
+        typer.Argument(
+            help="Images to export (paths, ram:SIZE, rbd:POOL/IMAGE, nbd:// URIs), each "
+            "named after its file, or NAME=IMAGE."
+        ),
+    ],
     name: Annotated[str | None, typer.Option(help="Export name, for a single image.")] = None,
     read_only: Annotated[bool, typer.Option("--read-only", "-r", help="Refuse writes.")] = False,
     fmt: Annotated[str, typer.Option("--format", "-f", help="auto, raw or qcow.")] = "auto",

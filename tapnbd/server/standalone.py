@@ -85,9 +85,25 @@ def export_name(image: str) -> str:
     return os.path.basename(os.path.normpath(image))
 
 
+def split_named(arg: str) -> tuple[str | None, str]:
+    """``NAME=IMAGE`` -> (NAME, IMAGE); anything else -> (None, arg).
+
+    A path may hold ``=`` too, so the form counts only when NAME has no ``/`` or ``:``
+    (which rules out paths, ``ram:``, ``rbd:`` and URIs with their ``?k=v``) and ``arg``
+    is not an existing file.
+    """
+    name, sep, image = arg.partition("=")
+    if not sep or not name or not image or "/" in name or ":" in name or os.path.lexists(arg):
+        return None, arg
+    return name, image
+
+
 async def open_exports(opts: ServeOptions) -> ExportRegistry:
+    named = [split_named(arg) for arg in opts.images]
     if opts.name is not None and len(opts.images) != 1:
-        raise TapnbdError("--name renames a single image's export; give exactly one image")
+        raise TapnbdError("--name renames a single image's export; name several with NAME=IMAGE")
+    if opts.name is not None and named[0][0] is not None:
+        raise TapnbdError(f"{opts.images[0]}: named twice (NAME=IMAGE and --name)")
     faults = FaultSpec.parse(
         opts.inject_error, opts.delay, trigger=opts.inject_error_file, seed=opts.inject_seed
     )
@@ -103,10 +119,15 @@ async def open_exports(opts: ServeOptions) -> ExportRegistry:
     registry = ExportRegistry()
     opened: list[Driver] = []
     try:
-        for image in opts.images:
-            name = opts.name if opts.name is not None else export_name(image)
+        for given, image in named:
+            name = opts.name if opts.name is not None else given
+            if name is None:
+                name = export_name(image)
             if registry.get(name) is not None and name:
-                raise TapnbdError(f"two images would both be exported as {name!r}; use --name")
+                raise TapnbdError(
+                    f"two images would both be exported as {name!r}; name them with "
+                    f"NAME=IMAGE, e.g. a={image}"
+                )
             wrapped.clear()
             with at_file_layer(wrap_file if at_file else None):
                 driver = await open_image(
