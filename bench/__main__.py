@@ -79,6 +79,7 @@ def _out(out: Path | None) -> Path:
             "bench: matplotlib is not installed, so no PNG charts (Markdown and CSV only); "
             "`make bench` installs it (pip install -e '.[bench]')",
             highlight=False,
+            markup=False,  # "[bench]" is text, not a style
         )
     return out if out is not None else run_dir(RESULTS)
 

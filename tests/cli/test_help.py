@@ -3,10 +3,12 @@ words; ``-V`` is ``--version``; ``python -m bench`` takes ``-h``."""
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -67,3 +69,18 @@ def test_bench_takes_h() -> None:
     assert proc.stdout.startswith("Usage: ")
     assert not FORBIDDEN.findall(proc.stdout), proc.stdout
     assert "--out" in proc.stdout or "results" in proc.stdout
+
+
+def test_bench_says_when_matplotlib_is_missing(tmp_path: Path) -> None:
+    if importlib.util.find_spec("matplotlib") is not None:
+        pytest.skip("matplotlib is installed here")
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "fio", "--only", "no-such-row", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode != 0  # the row selects nothing; the note comes first
+    err = " ".join(proc.stderr.split())
+    assert "matplotlib is not installed" in err and "make bench" in err, proc.stderr
+    assert ".[bench]" in err
