@@ -111,3 +111,13 @@ def test_daemon_start_refuses_options_it_would_ignore(tap: Tapnbd) -> None:
     tap.env["TAPNBD_METRICS"] = "127.0.0.1:0"
     assert tap.run("daemon", "start").returncode == 0
     json.dumps(tap.status())
+
+
+def test_list_and_stats_agree_on_an_nbdfuse_device(devtap: Tapnbd) -> None:
+    """The issue's case: list said 0 clients where stats said 4 connections."""
+    image = devtap.image("f.img", size="16M")
+    device = devtap.ok("attach", "--via", "fuse", str(image)).strip()
+    assert device.startswith("/dev/loop"), device
+    listed, connections = counts(devtap, "f.img")
+    assert listed == connections >= 1, (listed, connections)
+    devtap.ok("detach", device)
