@@ -84,3 +84,12 @@ def test_bench_says_when_matplotlib_is_missing(tmp_path: Path) -> None:
     err = " ".join(proc.stderr.split())
     assert "matplotlib is not installed" in err and "make bench" in err, proc.stderr
     assert ".[bench]" in err
+
+
+@pytest.mark.parametrize("command", ["fio", "bonnie", "ring", "all"])
+def test_bench_command_help_is_plain(command: str) -> None:
+    from bench.__main__ import app as bench_app
+
+    out = CliRunner().invoke(bench_app, [command, "-h"], terminal_width=200).output
+    assert out.startswith("Usage: ") and "--out" in out, out
+    assert not FORBIDDEN.findall(out), out
