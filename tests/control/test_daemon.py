@@ -367,7 +367,15 @@ def test_prometheus_endpoint(tap: Tapnbd) -> None:
             samples[name] = float(value)
     assert samples['tapnbd_requests_total{export="p\\"1",op="read"}'] >= 2
     assert samples['tapnbd_bytes_total{export="p\\"1",op="write"}'] >= 8192
-    assert samples['tapnbd_request_latency_p99_seconds{export="p\\"1",op="read"}'] > 0
+    # Latency is a histogram: as many observations as reads, and time spent.
+    reads = samples['tapnbd_requests_total{export="p\\"1",op="read"}']
+    assert samples['tapnbd_request_duration_seconds_count{export="p\\"1",op="read"}'] == reads
+    assert (
+        samples['tapnbd_request_duration_seconds_bucket{export="p\\"1",op="read",le="+Inf"}']
+        == reads
+    )
+    assert samples['tapnbd_request_duration_seconds_sum{export="p\\"1",op="read"}'] > 0
+    assert "# TYPE tapnbd_request_duration_seconds histogram" in text
     assert samples["tapnbd_up"] == 1 and samples["tapnbd_exports"] == 1
     assert "# TYPE tapnbd_requests_total counter" in text
     with pytest.raises(urllib.error.HTTPError) as exc:
