@@ -91,7 +91,12 @@ def stats_cmd(
     name: Annotated[str | None, typer.Argument(help="One export. [default: all]")] = None,
     as_json: JsonOpt = False,
     watch: Annotated[
-        bool, typer.Option("--watch", "-w", help="A live table, updated each second.")
+        bool,
+        typer.Option(
+            "--watch",
+            "-w",
+            help="A live table, updated each interval; into a pipe, a document per interval.",
+        ),
     ] = False,
     interval: Annotated[
         float, typer.Option(help="Seconds between updates with --watch.", min=0.1)
