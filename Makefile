@@ -10,7 +10,7 @@ DEMO   := var/demo.qcow
 # the kernel VM harness (../shared/kernel-vm/run-guest).
 SYSTEM_PACKAGES := qemu-utils libnbd-bin python3-libnbd nbdfuse fio fuse3 e2fsprogs \
 	nbdkit nbd-server nbd-client bonnie++ nocache util-linux procps \
-	qemu-system-x86 busybox-static kmod cpio socat libvhdi-utils
+	qemu-system-x86 busybox-static kmod cpio socat libvhdi-utils curl
 
 .PHONY: run test deps venv lint typecheck pytest bench crash soak fuzz mutate clean docs
 

@@ -1,17 +1,20 @@
-"""``python -m bench``: the fio peer table and the blktap Bonnie table, in one command.
+"""Benchmarks: tapnbd beside qemu-nbd, nbdkit and nbd-server, and the blktap Bonnie table.
 
-    python -m bench fio               # every row, 5 s per cell (issue 2 and 3 tables)
+\b
+    python -m bench fio               # every row, 5 s per cell
     python -m bench fio --only 'tapnbd-raw' --only '*-raw' --jobs randread
-    python -m bench bonnie            # the seed's Bonnie table (root, loop, FUSE)
+    python -m bench bonnie            # blktap's Bonnie table (root, loop, FUSE)
     python -m bench all               # both, one results directory
     python -m bench fio --quick       # a smoke run: small image, 1 s cells (not a measurement)
     python -m bench ring              # the blkif ring against NBD, same driver and image
 
-Results go to ``bench/results/DATE-HOST/`` as Markdown, CSV and (with matplotlib) PNG.
+Results go to --out, by default bench/results/DATE-HOST/ (ignored by git: add a run
+you quote with git add -f), as Markdown, CSV and, with matplotlib, PNG charts.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
 import sys
 import tempfile
@@ -28,14 +31,21 @@ from bench.images import MiB
 from bench.proc import BenchError, cleanup_on_signals
 from bench.report import machine, machine_markdown, run_dir
 from bench.servers import ServerOptions
+from tapnbd.cli.app import PLAIN
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help=__doc__,
+    rich_markup_mode=PLAIN,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
 console = Console()
 err = Console(stderr=True)
 
 OutOpt = Annotated[
     Path | None,
-    typer.Option(help="Results directory (default: bench/results/DATE-HOST)."),
+    typer.Option(help="Results directory (default: bench/results/DATE-HOST, ignored by git)."),
 ]
 QuickOpt = Annotated[
     bool, typer.Option(help="Smoke run: tiny image and short cells; the figures mean nothing.")
@@ -64,6 +74,13 @@ def _workdir(given: Path | None) -> Iterator[Path]:
 
 
 def _out(out: Path | None) -> Path:
+    if importlib.util.find_spec("matplotlib") is None:
+        err.print(
+            "bench: matplotlib is not installed, so no PNG charts (Markdown and CSV only); "
+            "`make bench` installs it (pip install -e '.[bench]')",
+            highlight=False,
+            markup=False,  # "[bench]" is text, not a style
+        )
     return out if out is not None else run_dir(RESULTS)
 
 
@@ -189,12 +206,12 @@ def bonnie_cmd(
     quick: QuickOpt = False,
     only: Annotated[list[str] | None, typer.Option(help="Rows to run (glob on the key).")] = None,
     file_mib: Annotated[
-        int | None, typer.Option(help="bonnie++ file size in MiB (the seed used 2048).")
+        int | None, typer.Option(help="bonnie++ file size in MiB (blktap's table used 2048).")
     ] = None,
     out: OutOpt = None,
     workdir: WorkOpt = None,
 ) -> None:
-    """The seed's Bonnie table: ext4 on each device, tapnbd rows beside loop and the peers."""
+    """blktap's Bonnie table: ext4 on each device, tapnbd rows beside loop and the peers."""
     with cleanup_on_signals(), _workdir(workdir) as work:
         try:
             r = _bonnie(_out(out), work, quick, only, file_mib)

@@ -125,6 +125,7 @@ TARGETS: tuple[FioTarget, ...] = (
     FioTarget("qemu-nbd-raw", "qemu-nbd -f raw", "qemu-nbd", images.RAW),
     FioTarget("nbdkit-raw", "nbdkit file", "nbdkit", images.RAW),
     FioTarget("nbd-server-raw", "nbd-server", "nbd-server", images.RAW),
+    FioTarget("tapnbd-raw-nostats", "tapnbd raw, statistics off", "tapnbd-nostats", images.RAW),
     *_qcow_targets(),
     *_vhd_targets(),
 )
@@ -460,6 +461,10 @@ def targets_table(r: FioRun) -> Table:
                     _met(v, 1.0),
                 ]
             )
+    if "tapnbd-raw-nostats" in ran and "tapnbd-raw" in ran:
+        for j in jobs:
+            v = ratio(r.value("tapnbd-raw", j.key), r.value("tapnbd-raw-nostats", j.key))
+            t.rows.append([f"statistics on/off >= 0.98, {j.label}", fmt_ratio(v), _met(v, 0.98)])
     if "tapnbd-qcow-opt-full" in ran and "tapnbd-raw" in ran:
         for j in jobs:
             v = r.vs_tapnbd_raw(next(x for x in r.ran if x.key == "tapnbd-qcow-opt-full"), j.key)

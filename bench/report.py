@@ -115,7 +115,7 @@ def bar_chart(
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return "matplotlib is not installed (pip install '.[bench]')"
+        return "matplotlib is not installed (`make bench` installs it)"
     names = list(series)
     n = max(len(names), 1)
     width = 0.8 / n

@@ -18,7 +18,9 @@ The peers run the way ../shared/bench/peers.md ran them, which is their defaults
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
+import os
 import subprocess
 import urllib.parse
 from collections.abc import Callable, Iterator
@@ -59,6 +61,8 @@ SERVERS: dict[str, ServerKind] = {
     k.key: k
     for k in (
         ServerKind("tapnbd", "tapnbd", ("raw", "qcow", "vhd"), "tapnbd", peer=False),
+        # The same server with TAPNBD_STATS=off: what counting costs (issue 15).
+        ServerKind("tapnbd-nostats", "tapnbd, statistics off", ("raw",), "tapnbd", peer=False),
         ServerKind("qemu-nbd", "qemu-nbd", ("raw", "qcow", "vhd"), "qemu-nbd", peer=True),
         ServerKind("nbdkit", "nbdkit file", ("raw",), "nbdkit", peer=True),
         ServerKind("nbd-server", "nbd-server", ("raw",), "nbd-server", peer=True),
@@ -94,7 +98,7 @@ def unavailable_reason(key: str, fmt: str) -> str | None:
     kind = SERVERS[key]
     if fmt not in kind.formats:
         return f"{kind.label} does not serve {fmt}"
-    if key != "tapnbd" and not have(kind.tool):
+    if kind.tool != "tapnbd" and not have(kind.tool):
         return f"{kind.tool} is not installed"
     return None
 
@@ -126,7 +130,7 @@ def serve(
     n = next(_counter)
     log = logdir / f"{key}-{n}.log"
     starter = _STARTERS[key]
-    attempts = 3 if transport == "tcp" and key != "tapnbd" else 1
+    attempts = 3 if transport == "tcp" and SERVERS[key].tool != "tapnbd" else 1
     for attempt in range(attempts):
         try:
             served, stopper = starter(image, fmt, logdir, log, n, transport, options)
@@ -177,6 +181,7 @@ def _start_tapnbd(
     n: int,
     transport: Transport,
     options: ServerOptions,
+    key: str = "tapnbd",
 ) -> _Started:
     out = logdir / f"tapnbd-{n}.uri"
     cmd = [*tapnbd_command(), "serve", str(image), "--format", fmt]
@@ -186,7 +191,8 @@ def _start_tapnbd(
         sock = logdir / f"nbd-{n}.sock"
         sock.unlink(missing_ok=True)
         cmd += ["--socket", str(sock)]
-    proc = spawn(cmd, log=log, stdout=out)
+    env = {**os.environ, "TAPNBD_STATS": "off"} if key == "tapnbd-nostats" else None
+    proc = spawn(cmd, log=log, stdout=out, env=env)
 
     def uri_line() -> str | None:
         try:
@@ -200,7 +206,7 @@ def _start_tapnbd(
     _watch(proc, "tapnbd serve", log, lambda: uri_line() is not None)
     uri = uri_line()
     assert uri is not None
-    served = Served(SERVERS["tapnbd"], image, fmt, uri, proc.pid, cmd, log)
+    served = Served(SERVERS[key], image, fmt, uri, proc.pid, cmd, log)
     return served, lambda: _stop_checked(proc, "tapnbd serve", log)
 
 
@@ -328,6 +334,7 @@ _STARTERS: dict[
     Callable[[Path, str, Path, Path, int, Transport, ServerOptions], _Started],
 ] = {
     "tapnbd": _start_tapnbd,
+    "tapnbd-nostats": functools.partial(_start_tapnbd, key="tapnbd-nostats"),
     "qemu-nbd": _start_qemu_nbd,
     "nbdkit": _start_nbdkit,
     "nbd-server": _start_nbd_server,

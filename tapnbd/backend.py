@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 from tapnbd.driver import BlockSize, Driver, Extent, ExtentFlags, FuaMode
 from tapnbd.errors import RequestError
-from tapnbd.stats import Stats
+from tapnbd.stats import Stats, now
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Sequence
@@ -163,15 +163,14 @@ class Backend:
         if offset < 0 or length <= 0 or offset + length > self.size or self._lock is not None:
             return None
         stats = self.stats
-        t0 = stats.start()
+        t0 = now() if stats.enabled else 0
         try:
             data = self.driver.pread_nowait(offset, length)
         except Exception:
             data = None  # the async path reports the error properly
         if data is None:
-            stats.abandon()
             return None
-        stats.done("read", length, t0)
+        stats.done_inline("read", length, t0)
         return data
 
     def try_pwrite(self, offset: int, data: bytes | memoryview) -> bool:
@@ -185,15 +184,14 @@ class Backend:
         ):
             return False
         stats = self.stats
-        t0 = stats.start()
+        t0 = now() if stats.enabled else 0
         try:
             done = self.driver.pwrite_nowait(offset, data)
         except Exception:
             done = False
         if not done:
-            stats.abandon()
             return False
-        stats.done("write", length, t0)
+        stats.done_inline("write", length, t0)
         return True
 
     def try_preadv(self, offset: int, length: int, bufs: Sequence[memoryview]) -> bool:
@@ -215,7 +213,7 @@ class Backend:
         ):
             return False
         stats = self.stats
-        t0 = stats.start()
+        t0 = now() if stats.enabled else 0
         driver = self.driver
         try:
             if op == "read":
@@ -225,9 +223,8 @@ class Backend:
         except Exception:
             done = False
         if not done:
-            stats.abandon()
             return False
-        stats.done(op, length, t0)
+        stats.done_inline(op, length, t0)
         return True
 
     async def pread(self, offset: int, length: int) -> bytes | bytearray | memoryview:

@@ -8,17 +8,53 @@ from functools import cache
 from typing import TYPE_CHECKING, NoReturn, TypeVar
 
 import typer
+from typer import core as typer_core
 
 from tapnbd.errors import TapnbdError
 
 if TYPE_CHECKING:
     from rich.console import Console
 
+#: Plain help (click's formatter): no rich boxes padded to the terminal's width.
+PLAIN = None
+
+
+def _plain_metavars() -> None:
+    """Help shows ``--port PORT`` and ``IMAGES...``, as click and qemu-img do, where
+    typer 0.2x prints Python types (``<str>``, ``<list[str]>``) and ``{images}``."""
+
+    def option_type(self: typer_core.TyperOption, ctx: object) -> str:
+        desc = self.type_descriptor
+        choices = desc.choices if desc.is_choice else None
+        if choices:
+            return "[" + "|".join(str(getattr(c, "value", c)) for c in choices) + "]"
+        return (self.name or "value").upper()
+
+    def argument_name(self: typer_core.TyperArgument) -> str:
+        name = self.metavar or (self.name or "arg").upper()
+        return name + ("..." if self.nargs != 1 else "")
+
+    def argument_usage(self: typer_core.TyperArgument) -> str:
+        name = argument_name(self)
+        return name if self.required else f"[{name}]"
+
+    # Only where this typer has the hooks; another version keeps its own display.
+    if hasattr(typer_core.TyperOption, "display_type"):
+        typer_core.TyperOption.display_type = option_type  # type: ignore[method-assign,assignment]
+    if hasattr(typer_core.TyperArgument, "_usage_display_name"):
+        typer_core.TyperArgument.display_type = lambda self, ctx: ""  # type: ignore[method-assign]
+        typer_core.TyperArgument._rich_display_name = argument_name  # type: ignore[method-assign]
+        typer_core.TyperArgument._usage_display_name = argument_usage  # type: ignore[method-assign]
+
+
+_plain_metavars()
+
 app = typer.Typer(
     name="tapnbd",
     help="blktap's toolset on today's plumbing: serve, attach and manage disk images over NBD.",
     no_args_is_help=True,
-    rich_markup_mode="rich",
+    rich_markup_mode=PLAIN,
+    add_completion=False,
     context_settings={"help_option_names": ["-h", "--help"]},
     pretty_exceptions_enable=False,
 )
@@ -69,7 +105,12 @@ def _version(value: bool) -> None:
 @app.callback()
 def _main(
     version: bool = typer.Option(
-        False, "--version", callback=_version, is_eager=True, help="Show the version and exit."
+        False,
+        "--version",
+        "-V",
+        callback=_version,
+        is_eager=True,
+        help="Show the version and exit.",
     ),
 ) -> None:
     """blktap's toolset on today's plumbing: serve, attach and manage disk images over NBD."""

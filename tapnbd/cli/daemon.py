@@ -12,7 +12,7 @@ from rich.console import Console
 
 from tapnbd import runtime
 from tapnbd.cli._control import JsonOpt, StateDirOpt, client, report
-from tapnbd.cli.app import app, errors_as_exit, fail
+from tapnbd.cli.app import PLAIN, app, errors_as_exit, fail
 from tapnbd.control.daemon import DaemonConfig
 from tapnbd.control.main import run_daemon
 from tapnbd.control.messages import (
@@ -26,6 +26,7 @@ from tapnbd.control.state import default_state_dir
 from tapnbd.server.listener import DEFAULT_MAX_CONNECTIONS
 
 daemon_app = typer.Typer(
+    rich_markup_mode=PLAIN,
     help="The control daemon: owns exports and attached devices (blktapctrl).",
     no_args_is_help=True,
 )
@@ -37,8 +38,20 @@ def _off(value: str | None) -> bool:
     return value is not None and value.lower() in ("", "none", "off", "no")
 
 
+def _given(ctx: typer.Context, *, but: tuple[str, ...]) -> list[str]:
+    """The options typed on the command line (not from the environment or defaults)."""
+    return [
+        p.opts[0] if p.opts else str(p.name)
+        for p in ctx.command.params
+        if p.name not in but
+        and p.name is not None
+        and getattr(ctx.get_parameter_source(p.name), "name", "") == "COMMANDLINE"
+    ]
+
+
 @daemon_app.command("start")
 def start_cmd(
+    ctx: typer.Context,
     state_dir: StateDirOpt = None,
     tcp: Annotated[
         str | None,
@@ -110,7 +123,15 @@ def start_cmd(
         if conn is not None:
             with conn:
                 status = conn.call(StatusRequest(), StatusReply)
-            report(f"the daemon is already running (pid {status.pid}); its log is {status.log}")
+            running = f"the daemon is already running (pid {status.pid}); its log is {status.log}"
+            ignored = _given(ctx, but=("state_dir",))
+            if ignored:
+                # Options a running daemon cannot take must not vanish silently.
+                fail(
+                    f"{running}: {', '.join(ignored)} would be ignored; stop it first "
+                    "(tapnbd daemon stop) to start it with new options"
+                )
+            report(running)
             return
         c.recover()
         args = ["--unix" if unix else "--no-unix", "--stats" if stats else "--no-stats"]

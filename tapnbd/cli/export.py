@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from tapnbd.cli._control import StateDirOpt, connect, human_size, image_spec, report
-from tapnbd.cli.app import app, errors_as_exit
+from tapnbd.cli.app import PLAIN, app, errors_as_exit
 from tapnbd.control.messages import (
     ExportAddReply,
     ExportAddRequest,
@@ -15,7 +15,9 @@ from tapnbd.control.messages import (
     ExportRemoveRequest,
 )
 
-export_app = typer.Typer(help="Add and remove the daemon's NBD exports.", no_args_is_help=True)
+export_app = typer.Typer(
+    rich_markup_mode=PLAIN, help="Add and remove the daemon's NBD exports.", no_args_is_help=True
+)
 app.add_typer(export_app, name="export")
 
 

@@ -194,7 +194,7 @@ def convert_cmd(
 
     with errors_as_exit():
         csize = _size(cluster_size) if cluster_size is not None else None
-        with Progress(
+        bar = Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
             DownloadColumn(binary_units=True),
@@ -202,15 +202,19 @@ def convert_cmd(
             console=Console(stderr=True),
             disable=quiet,
             transient=False,
-        ) as bar:
-            task = bar.add_task(os.path.basename(dst), total=None)
+        )
+        task = bar.add_task(os.path.basename(dst), total=None)
 
-            def progress(n: int) -> None:
-                bar.advance(task, n)
+        def progress(n: int) -> None:
+            bar.advance(task, n)
 
-            def start(total: int) -> None:
-                bar.update(task, total=total)
+        def start(total: int) -> None:
+            # Drawn once the source is open and sized: a missing source fails bare.
+            bar.update(task, total=total)
+            if not bar.live.is_started:
+                bar.start()
 
+        try:
             runtime.run(
                 convert_image(
                     src,
@@ -227,6 +231,9 @@ def convert_cmd(
                     compress=compress,
                 )
             )
+        finally:
+            if bar.live.is_started:
+                bar.stop()
 
 
 async def image_info(
@@ -431,6 +438,9 @@ def check_cmd(
             console.print(f"note: {msg}", highlight=False, soft_wrap=True)
         if res.exit_code in (0, 4):
             console.print("No errors were found on the image.")
+        counted = res.allocated_clusters or res.image_end_offset or res.corruption_count
+        if res.check_errors and not counted:
+            raise typer.Exit(res.exit_code)  # nothing was checked: no summary of zeros
         console.print(
             f"{res.allocated_clusters} clusters allocated"
             + (f" ({res.compressed_clusters} compressed)" if res.compressed_clusters else "")

@@ -10,12 +10,13 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from tapnbd import runtime
-from tapnbd.cli.app import app, errors_as_exit, fail
+from tapnbd.cli.app import PLAIN, app, errors_as_exit, fail
 
 if TYPE_CHECKING:
     from tapnbd.xen.xenbus import VbdServer
 
 ring = typer.Typer(
+    rich_markup_mode=PLAIN,
     help="Serve an image over an emulated Xen blkif shared ring, as blkback/blktap did.",
     no_args_is_help=True,
 )

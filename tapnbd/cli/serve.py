@@ -29,7 +29,13 @@ from tapnbd.server.standalone import ServeOptions, serve
 
 @app.command("serve")
 def serve_cmd(
-    images: Annotated[list[str], typer.Argument(help="Images to export (paths, or ram:SIZE).")],
+    images: Annotated[
+        list[str],
+        typer.Argument(
+            help="Images to export (paths, ram:SIZE, rbd:POOL/IMAGE, nbd:// URIs), each "
+            "named after its file, or NAME=IMAGE."
+        ),
+    ],
     name: Annotated[str | None, typer.Option(help="Export name, for a single image.")] = None,
     read_only: Annotated[bool, typer.Option("--read-only", "-r", help="Refuse writes.")] = False,
     fmt: Annotated[str, typer.Option("--format", "-f", help="auto, raw or qcow.")] = "auto",
@@ -52,6 +58,12 @@ def serve_cmd(
     ] = None,
     stats_file: Annotated[
         str | None, typer.Option(help="On exit, write each export's statistics here (JSON).")
+    ] = None,
+    metrics: Annotated[
+        str | None,
+        typer.Option(
+            help="Serve Prometheus metrics on unix:PATH (mode 0600) or a loopback HOST:PORT."
+        ),
     ] = None,
     tls: Annotated[TLSMode, typer.Option(help="TLS: off, on (offered) or require.")] = TLSMode.OFF,
     tls_cert: Annotated[str | None, typer.Option(help="Server certificate (PEM).")] = None,
@@ -144,6 +156,7 @@ def serve_cmd(
         socket=socket,
         pidfile=pidfile,
         stats_file=stats_file,
+        metrics=metrics,
         tls=tls,
         tls_cert=tls_cert,
         tls_key=tls_key,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import sys
 import time
 from typing import Annotated
 
@@ -18,6 +19,8 @@ from tapnbd.cli.app import app, errors_as_exit
 from tapnbd.control.messages import ExportStats, StatsReply, StatsRequest, to_builtins
 
 console = Console()
+#: The line that opens each document ``--watch`` writes into a pipe.
+WATCH_HEADER = "# tapnbd stats"
 #: Operations shown even when idle; the others only once they have been used.
 MAIN_OPS = ("read", "write", "flush")
 
@@ -88,7 +91,12 @@ def stats_cmd(
     name: Annotated[str | None, typer.Argument(help="One export. [default: all]")] = None,
     as_json: JsonOpt = False,
     watch: Annotated[
-        bool, typer.Option("--watch", "-w", help="A live table, updated each second.")
+        bool,
+        typer.Option(
+            "--watch",
+            "-w",
+            help="A live table, updated each interval; into a pipe, a document per interval.",
+        ),
     ] = False,
     interval: Annotated[
         float, typer.Option(help="Seconds between updates with --watch.", min=0.1)
@@ -112,6 +120,17 @@ def stats_cmd(
                     reply = conn.call(StatsRequest(name=name), StatsReply)
             previous = {e.name: e for e in reply.exports}
             last = time.monotonic()
+            if not console.is_terminal:
+                # Into a pipe or file a live table would show only its last frame: a
+                # document per interval instead, each opened by a header line.
+                while True:
+                    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+                    print(f"{WATCH_HEADER} {stamp}")
+                    console.print(render(reply.exports, previous, time.monotonic() - last))
+                    sys.stdout.flush()
+                    previous, last = {e.name: e for e in reply.exports}, time.monotonic()
+                    time.sleep(interval)
+                    reply = conn.call(StatsRequest(name=name), StatsReply)
             with Live(render(reply.exports), console=console, auto_refresh=False) as live:
                 while True:
                     time.sleep(interval)

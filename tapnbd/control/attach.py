@@ -508,6 +508,10 @@ def cmdline(pid: int) -> list[str]:
         return []
 
 
+def all_pids() -> list[int]:
+    return [int(e) for e in os.listdir("/proc") if e.isdigit() and pid_alive(int(e))]
+
+
 def _is_nbdfuse(pid: int, mountdir: str) -> bool:
     """Is ``pid`` still the nbdfuse we started for ``mountdir`` (pids get reused)?"""
     cmd = cmdline(pid)
@@ -537,6 +541,13 @@ def cleanup_stale(
     notes: list[str] = []
     prefix = run_dir.rstrip("/") + "/"
     for att in records:
+        if att.mountdir and not (
+            att.mountdir.startswith(prefix)
+            and os.path.realpath(att.mountdir).startswith(os.path.realpath(prefix) + "/")
+        ):
+            # The record names a mount point outside ours: not ours to unmount.
+            notes.append(f"ignored a recorded mount point outside {prefix}: {att.mountdir!r}")
+            continue
         try:
             busy = attachment_busy(att)
             if busy:

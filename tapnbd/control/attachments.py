@@ -18,7 +18,6 @@ import asyncio
 import itertools
 import logging
 import os
-import shutil
 import subprocess
 import urllib.parse
 from collections.abc import Callable, Iterator
@@ -28,7 +27,7 @@ import msgspec
 
 from tapnbd import safefs
 from tapnbd.control import attach as devices
-from tapnbd.control import tapctl
+from tapnbd.control import tapctl, tapdisk
 from tapnbd.control.exports import export_stats
 from tapnbd.control.messages import Attachment, ExportRecord, ExportStats
 from tapnbd.errors import TapnbdError
@@ -113,7 +112,8 @@ class Attachments:
             save()
             await asyncio.to_thread(tapctl.tell_device, att)
         except BaseException:
-            await asyncio.to_thread(tapctl.stop, att, self.tap_procs.pop(att.id, None))
+            spawned = self.tap_procs.pop(att.id, None)
+            await asyncio.to_thread(tapctl.stop, att, spawned, self.tapdisk_root)
             raise
 
     async def detach(self, att: Attachment, lazy: bool = False) -> None:
@@ -128,7 +128,8 @@ class Attachments:
         elif att.via == "fuse":
             proc = self.fuse_procs.pop(att.id, None)
             await asyncio.to_thread(devices.detach_fuse, att, proc, lazy=lazy)
-        await asyncio.to_thread(tapctl.stop, att, self.tap_procs.pop(att.id, None))
+        proc = self.tap_procs.pop(att.id, None)
+        await asyncio.to_thread(tapctl.stop, att, proc, self.tapdisk_root)
         self.by_id.pop(att.id, None)
 
     async def busy(self, att: Attachment) -> str | None:
@@ -174,10 +175,36 @@ class Attachments:
                     f"{att.device} ({att.image}) is still attached but {why}; its I/O "
                     f"fails: unmount it, then `tapnbd detach {att.device}`"
                 )
-            elif att.tapdisk_dir:
-                shutil.rmtree(att.tapdisk_dir, ignore_errors=True)
+            elif att.tapdisk_dir and not tapctl.remove_dir(att.tapdisk_dir, self.tapdisk_root):
+                notes.append(f"ignored a recorded data-path directory {att.tapdisk_dir!r}")
+        notes += self._stop_strays()
         ids = [int(i) for i in self.by_id if i.isdigit()]
         self.ids = itertools.count(max(ids, default=0) + 1)
+        return notes
+
+    def _stop_strays(self) -> list[str]:
+        """Stop tapdisks under our directory that no record owns (a daemon killed
+        between starting one and recording it), unless an nbdfuse still uses one."""
+        notes = []
+        owned = {a.tapdisk_dir for a in self.by_id.values()}
+        root = self.tapdisk_root.rstrip("/") + "/"
+        procs = [(pid, devices.cmdline(pid)) for pid in devices.all_pids()]
+        for pid, cmd in procs:
+            if tapdisk.MODULE not in cmd:
+                continue
+            dirs = [a for a in cmd if a.startswith(root)]
+            if not dirs or dirs[0] in owned:
+                continue
+            used = any(
+                c and os.path.basename(c[0]) == "nbdfuse" and any(dirs[0] + "/" in a for a in c)
+                for _, c in procs
+            )
+            if used:
+                notes.append(f"left the data path at {dirs[0]} (pid {pid}): nbdfuse uses it")
+                continue
+            devices.wait_exit(pid, None, patience=0.0)  # SIGTERM: it flushes and exits
+            tapctl.remove_dir(dirs[0], self.tapdisk_root)
+            notes.append(f"stopped a data path nobody recorded (pid {pid}, {dirs[0]})")
         return notes
 
     # Describing.
@@ -203,16 +230,16 @@ class Attachments:
         return msgspec.structs.replace(att, token="")
 
     @staticmethod
-    def export_record(att: Attachment) -> ExportRecord:
-        """The export a tapdisk serves, as ``list`` shows it: no clients, no URIs (its
-        socket is the device's alone)."""
+    def export_record(att: Attachment, clients: int = 0) -> ExportRecord:
+        """The export a tapdisk serves, as ``list`` shows it: ``clients`` connections
+        to its data path and no URIs (its socket is the device's alone)."""
         return ExportRecord(
             name=att.export,
             image=att.image,
             format=att.format,
             size=att.size,
             read_only=att.read_only,
-            clients=0,
+            clients=clients,
             devices=[att.device] if att.device else [],
             uris=[],
             origin="attach",

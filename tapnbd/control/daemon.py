@@ -31,7 +31,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib.metadata
-import ipaddress
 import logging
 import os
 import time
@@ -65,7 +64,7 @@ from tapnbd.control.messages import (
     StatusReply,
     StatusRequest,
 )
-from tapnbd.control.metrics import MetricsServer, prometheus_text
+from tapnbd.control.metrics import MetricsServer, check_address, prometheus_text, split_host_port
 from tapnbd.control.state import StateDir
 from tapnbd.errors import TapnbdError
 from tapnbd.protocol.handshake import TLSMode
@@ -112,31 +111,8 @@ class DaemonConfig:
             )
         if (self.tls_cert or self.tls_key) and not self.tcp:
             raise TapnbdError("--tls-cert and --tls-key are for --tcp")
-        if self.metrics and not self.metrics.startswith("unix:"):
-            host, _ = split_host_port(self.metrics, "metrics address")
-            if not is_loopback(host):
-                raise TapnbdError(
-                    f"metrics on {self.metrics}: serve them on unix:PATH or on a loopback "
-                    "address (127.0.0.1, ::1)"
-                )
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def split_host_port(text: str, what: str) -> tuple[str, int]:
-    """``HOST:PORT``, ``[V6]:PORT`` or ``:PORT`` (all interfaces)."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise TapnbdError(f"invalid {what} {text!r}: expected HOST:PORT")
-    host = host.strip("[]") or "0.0.0.0"
-    return host, int(port)
+        if self.metrics:
+            check_address(self.metrics)
 
 
 class Daemon:
@@ -160,7 +136,6 @@ class Daemon:
             ),
         )
         self.exports = Exports(self.server, self.registry, config.stats)
-        self.exports.attach_socket = self.dir.attach_socket
         self.exports.expose_paths = config.expose_paths
         self.attachments = Attachments(self.dir.path, self.dir.run_dir, config.stats)
         self.lock = asyncio.Lock()
@@ -196,11 +171,8 @@ class Daemon:
             log.info("%s", note)
         self._save()
 
-        # The unix sockets are the owner's: 0600 from the start, and SO_PEERCRED checked
+        # The unix socket is the owner's: 0600 from the start, and SO_PEERCRED checked
         # (the owner and root only), as the control socket is.
-        self.exports.attach_endpoint = await self.server.listen_unix(
-            d.attach_socket, mode=0o600, allow=allowed
-        )
         if self.config.unix:
             await self.server.listen_unix(d.nbd_socket, mode=0o600, allow=allowed)
         if self.config.tcp:
@@ -215,16 +187,7 @@ class Daemon:
                 log.warning("serving NBD on TCP %s without TLS (--insecure-tcp)", self.config.tcp)
         if self.config.metrics:
             self.metrics = MetricsServer(self.prometheus)
-            try:
-                if self.config.metrics.startswith("unix:"):
-                    await self.metrics.start_unix(self.config.metrics[5:])
-                else:
-                    host, port = split_host_port(self.config.metrics, "metrics address")
-                    await self.metrics.start(host, port)
-            except OSError as e:
-                raise TapnbdError(
-                    f"cannot listen on {self.config.metrics}: {e.strerror or e}"
-                ) from None
+            await self.metrics.listen(self.config.metrics)
         old = os.umask(0o177)
         try:
             self.control = await asyncio.start_unix_server(
@@ -291,10 +254,18 @@ class Daemon:
         )
 
     async def on_list(self, req: ListRequest) -> ListReply:
+        exports = [self._record(e.name) for e in self.registry]
+        for att in self._tapdisk_only():
+            # Clients as `stats` counts them: every connection to its data path (an
+            # nbdfuse or nbd-client device has several), so the two commands agree.
+            try:
+                clients = (await self.attachments.stats(att)).connections
+            except TapnbdError as e:
+                log.warning("no client count for %r: %s", att.export, e)
+                clients = 0
+            exports.append(Attachments.export_record(att, clients))
         return ListReply(
-            exports=[self._record(e.name) for e in self.registry]
-            + [Attachments.export_record(a) for a in self._tapdisk_only()],
-            attachments=[Attachments.record(a) for a in self.attachments],
+            exports=exports, attachments=[Attachments.record(a) for a in self.attachments]
         )
 
     async def on_stats(self, req: StatsRequest) -> StatsReply:
@@ -313,9 +284,11 @@ class Daemon:
                 log.warning("no statistics for %r: %s", att.export, e)
         return StatsReply(out)
 
-    def prometheus(self) -> str:
+    async def prometheus(self) -> str:
+        # The attachments' exports too: their counters live in their data paths.
+        stats = (await self.on_stats(StatsRequest(name=None))).exports
         return prometheus_text(
-            [self.exports.stats(e) for e in self.registry],
+            stats,
             {
                 "up": 1,
                 "exports": len(self.registry),

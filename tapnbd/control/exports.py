@@ -19,7 +19,7 @@ from tapnbd.control.messages import AttachRequest, ExportRecord, ExportStats, Op
 from tapnbd.errors import TapnbdError
 from tapnbd.protocol.handshake import TLSMode
 from tapnbd.server.exports import Export, ExportRegistry
-from tapnbd.server.listener import Endpoint, NBDServer
+from tapnbd.server.listener import NBDServer
 from tapnbd.server.standalone import export_name
 
 #: Longest export name accepted (the NBD spec's limit on names is 4096 bytes).
@@ -70,9 +70,6 @@ class Exports:
         self.origin: dict[str, str] = {}  # export name -> "export" | "attach"
         self.formats: dict[str, str] = {}  # export name -> format asked for
         self.snapshots: dict[str, str] = {}  # export name -> qcow2 snapshot served
-        #: The private endpoint of the daemon's own attachments (not a client's).
-        self.attach_endpoint: Endpoint | None = None
-        self.attach_socket = ""
         #: Whether NBD clients may see image paths in descriptions (``--expose-paths``).
         self.expose_paths = False
 
@@ -171,34 +168,19 @@ class Exports:
                 return export
         return None
 
-    def _is_attachment_conn(self, conn: Any) -> bool:
-        transport = conn.transport
-        if transport is None:
-            return False
-        return str(transport.get_extra_info("sockname") or "") == self.attach_socket
-
     def clients(self, export: Export) -> list[Any]:
-        """NBD connections to ``export`` other than those carrying its attachments."""
-        return [
-            c
-            for c in self.server.connections
-            if c.export is export and not self._is_attachment_conn(c)
-        ]
+        """NBD connections to ``export`` (devices are served by their own data paths)."""
+        return [c for c in self.server.connections if c.export is export]
 
     def listen(self) -> list[str]:
         out = []
         for ep in self.server.endpoints:
-            if ep is self.attach_endpoint:
-                continue
             out.append(f"unix:{ep.path}" if ep.kind == "unix" else f"tcp:{ep.host}:{ep.port}")
         return out
 
     def uris(self, export: Export) -> list[str]:
-        return [
-            ep.uri(export.name, tls=self.server.tls_mode is TLSMode.REQUIRE)
-            for ep in self.server.endpoints
-            if ep is not self.attach_endpoint
-        ]
+        tls = self.server.tls_mode is TLSMode.REQUIRE
+        return [ep.uri(export.name, tls=tls) for ep in self.server.endpoints]
 
     def record(self, export: Export, devices: list[str]) -> ExportRecord:
         return ExportRecord(

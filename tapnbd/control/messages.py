@@ -106,6 +106,10 @@ class OpCounters(Record):
     max_us: float
     fua: int = 0  # requests with FUA
     max_bytes: int = 0  # the largest request
+    sum_ns: int = 0  # latencies added up, for the Prometheus histogram's _sum
+    #: Latency buckets (tapnbd.stats): bucket i counts 2**(i-1) < ns <= 2**i; trailing
+    #: empty buckets are left off.
+    hist: list[int] = msgspec.field(default_factory=list)
 
 
 class ExportStats(Record):

@@ -4,26 +4,71 @@ Served on ``--metrics unix:PATH`` (a 0600 socket: ``curl --unix-socket PATH
 http://x/metrics``) or on ``--metrics HOST:PORT`` on loopback, never by default, at
 ``/metrics`` by a few lines of asyncio: one
 request per connection, GET only, no keep-alive, which is all a scraper needs.
-Counters carry ``_total``; latency percentiles are gauges in seconds, as the histogram
-behind them (tapnbd.stats) keeps no sum for a Prometheus summary.
+Counters carry ``_total``. Latency is a real histogram per export and operation
+(``tapnbd_request_duration_seconds_bucket{le=...}``, ``_sum``, ``_count``), its bounds
+the power-of-two buckets tapnbd.stats counts into, from about 1 us to 34 s, so
+``histogram_quantile()`` works on it; ``_count`` is the requests that succeeded.
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno
+import ipaddress
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from tapnbd.control.messages import ExportStats
+from tapnbd.errors import TapnbdError
 from tapnbd.server.listener import remove_stale_socket
 
 log = logging.getLogger("tapnbd.control")
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-#: Operations whose latency is exported (the rest are rare).
-LATENCY_OPS = ("read", "write", "flush")
+#: The histogram's bounds: buckets 2**10 ns (1.024 us) to 2**35 ns (34.4 s) of
+#: tapnbd.stats, whose bucket i holds 2**(i-1) < ns <= 2**i. Fixed, so series stay.
+LE_BUCKETS = range(10, 36)
+
+
+def _cumulative(hist: list[int]) -> list[int]:
+    """Requests at or under each bound of LE_BUCKETS."""
+    out = []
+    total = sum(hist[: LE_BUCKETS[0]])
+    for i in LE_BUCKETS:
+        if i < len(hist):
+            total += hist[i]
+        out.append(total)
+    return out
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def split_host_port(text: str, what: str) -> tuple[str, int]:
+    """``HOST:PORT``, ``[V6]:PORT`` or ``:PORT`` (all interfaces)."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise TapnbdError(f"invalid {what} {text!r}: expected HOST:PORT")
+    host = host.strip("[]") or "0.0.0.0"
+    return host, int(port)
+
+
+def check_address(spec: str) -> None:
+    """Refuse a metrics address other users could reach: unix:PATH or loopback only."""
+    if spec.startswith("unix:"):
+        return
+    host, _ = split_host_port(spec, "metrics address")
+    if not is_loopback(host):
+        raise TapnbdError(
+            f"metrics on {spec}: serve them on unix:PATH or on a loopback address (127.0.0.1, ::1)"
+        )
 
 
 def _label(value: str) -> str:
@@ -46,20 +91,17 @@ def prometheus_text(exports: list[ExportStats], daemon: dict[str, float]) -> str
     for key, value in daemon.items():
         family(f"tapnbd_{key}", "gauge", key.replace("_", " ").capitalize() + ".", [("", value)])
 
-    def per_op(
-        attr: str, scale: float = 1, ops: tuple[str, ...] | None = None
-    ) -> list[tuple[str, float]]:
+    def per_op(attr: str, per: int = 1) -> list[tuple[str, float]]:
         rows: list[tuple[str, float]] = []
         for e in exports:
             for op, c in e.ops.items():
-                if ops is None or op in ops:
-                    value = getattr(c, attr)
-                    rows.append(
-                        (
-                            f'{{export="{_label(e.name)}",op="{op}"}}',
-                            value * scale if scale != 1 else value,
-                        )
+                value = getattr(c, attr)
+                rows.append(
+                    (
+                        f'{{export="{_label(e.name)}",op="{op}"}}',
+                        value / per if per != 1 else value,
                     )
+                )
         return rows
 
     family("tapnbd_requests_total", "counter", "Requests completed, by operation.", per_op("ops"))
@@ -73,13 +115,23 @@ def prometheus_text(exports: list[ExportStats], daemon: dict[str, float]) -> str
             name = errno.errorcode.get(int(num), num) if num.isdigit() else num
             by_errno.append((f'{{export="{_label(e.name)}",errno="{_label(name)}"}}', count))
     family("tapnbd_errors_by_errno_total", "counter", "Requests failed, by errno.", by_errno)
-    for q in ("p50", "p99", "max"):
-        family(
-            f"tapnbd_request_latency_{q}_seconds",
-            "gauge",
-            f"Request latency, {q} since the export was opened (power-of-two buckets).",
-            per_op(f"{q}_us", 1e-6, LATENCY_OPS),
-        )
+    name = "tapnbd_request_duration_seconds"
+    out.append(f"# HELP {name} Request latency of requests that succeeded, by operation.")
+    out.append(f"# TYPE {name} histogram")
+    for e in exports:
+        for op, c in e.ops.items():
+            labels = f'export="{_label(e.name)}",op="{op}"'
+            for i, n in zip(LE_BUCKETS, _cumulative(c.hist), strict=True):
+                out.append(f'{name}_bucket{{{labels},le="{_num((1 << i) / 1e9)}"}} {n}')
+            out.append(f'{name}_bucket{{{labels},le="+Inf"}} {c.ops}')
+            out.append(f"{name}_sum{{{labels}}} {_num(c.sum_ns / 1e9)}")
+            out.append(f"{name}_count{{{labels}}} {c.ops}")
+    family(
+        "tapnbd_request_duration_max_seconds",
+        "gauge",
+        "The slowest request since the export was opened.",
+        per_op("max_us", 1_000_000),
+    )
     exports_labels = [(f'{{export="{_label(e.name)}"}}', e) for e in exports]
     family(
         "tapnbd_requests_in_flight",
@@ -105,7 +157,7 @@ def prometheus_text(exports: list[ExportStats], daemon: dict[str, float]) -> str
 class MetricsServer:
     """A minimal HTTP/1.0-style responder for ``GET /metrics``."""
 
-    def __init__(self, render: Callable[[], str]) -> None:
+    def __init__(self, render: Callable[[], Awaitable[str]]) -> None:
         self.render = render
         self._server: asyncio.AbstractServer | None = None
         self.address = ""
@@ -130,6 +182,16 @@ class MetricsServer:
         self.address = f"unix:{path}"
         return self.address
 
+    async def listen(self, spec: str) -> str:
+        """Serve on ``unix:PATH`` or ``HOST:PORT``; an error names ``spec``."""
+        try:
+            if spec.startswith("unix:"):
+                return await self.start_unix(spec[5:])
+            host, port = split_host_port(spec, "metrics address")
+            return await self.start(host, port)
+        except OSError as e:
+            raise TapnbdError(f"cannot listen on {spec}: {e.strerror or e}") from None
+
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()
@@ -145,7 +207,7 @@ class MetricsServer:
             elif parts[1].split("?", 1)[0] not in ("/metrics", "/"):
                 status, body, ctype = "404 Not Found", "try /metrics\n", "text/plain"
             else:
-                status, body, ctype = "200 OK", self.render(), CONTENT_TYPE
+                status, body, ctype = "200 OK", await self.render(), CONTENT_TYPE
             data = body.encode()
             writer.write(
                 f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\n"

@@ -6,7 +6,7 @@ One directory (default ``/run/tapnbd``; ``--state-dir`` or ``TAPNBD_STATE_DIR``)
     control.sock   the control socket, mode 0600
     nbd.sock       NBD for the owner's clients on this host, mode 0600 and SO_PEERCRED
                    checked (``nbd+unix:///NAME?socket=...``)
-    attach.sock    NBD for the daemon's own attachments, so they are told from clients
+    attach.sock    left by older daemons (their attachments' NBD); removed if stale
     tapnbd.pid     the pidfile, locked with flock(2) for as long as the daemon lives
     tapnbd.log     the daemon's log
     state.json     exports and attachments, rewritten atomically on every change

@@ -32,6 +32,24 @@ STOP_TIMEOUT = 120.0
 MAX_REPLY = 1 << 20
 
 
+def remove_dir(directory: str, root: str) -> bool:
+    """Remove a tapdisk's directory, if it is one: ``ROOT/ID`` exactly, a real directory.
+
+    Its path comes from the state file or a process's command line, so it is checked
+    before anything is deleted: never ``..``, a symlink, or anything outside ``root``.
+    """
+    if (
+        os.path.dirname(directory) != root.rstrip("/")
+        or not os.path.basename(directory).isdigit()
+        or os.path.islink(directory)
+        or os.path.realpath(directory)
+        != os.path.join(os.path.realpath(root), os.path.basename(directory))
+    ):
+        return False
+    shutil.rmtree(directory, ignore_errors=True)
+    return True
+
+
 def new_token() -> str:
     return secrets.token_hex(16)
 
@@ -184,7 +202,7 @@ def tell_device(att: Attachment) -> None:
     request(control_socket(att), "device", device=att.device, mountdir=att.mountdir)
 
 
-def stop(att: Attachment, proc: subprocess.Popen[bytes] | None) -> None:
+def stop(att: Attachment, proc: subprocess.Popen[bytes] | None, root: str) -> None:
     """Ask the tapdisk to drain, flush and exit; wait for it; remove its directory."""
     pid = att.tapdisk_pid
     alive = why_not_ours(att) is None
@@ -194,4 +212,4 @@ def stop(att: Attachment, proc: subprocess.Popen[bytes] | None) -> None:
     elif proc is not None:
         wait_exit(pid, proc, patience=1.0)
     if att.tapdisk_dir:
-        shutil.rmtree(att.tapdisk_dir, ignore_errors=True)
+        remove_dir(att.tapdisk_dir, root)

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
+from tapnbd.errors import TapnbdError
 from tapnbd.protocol.handshake import TLSMode
 from tapnbd.server.budget import DEFAULT_PAYLOAD_BUDGET, PayloadBudget
 from tapnbd.server.connection import NBDConnection
@@ -63,9 +64,28 @@ def make_ssl_context(cert: str, key: str, ca: str | None) -> ssl.SSLContext:
     """An X.509 server context; with ``ca``, clients must present a certificate it signed."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2  # "Implementations MUST support TLS 1.2"
-    ctx.load_cert_chain(cert, key)
+    # ssl names no file in its errors ("No such file or directory", "PEM lib"): we do.
+    for what, path in (("--tls-cert", cert), ("--tls-key", key), ("--tls-ca", ca)):
+        if path:
+            try:
+                with open(path, "rb"):
+                    pass
+            except OSError as e:
+                raise TapnbdError(f"{what} {path}: {e.strerror or e}") from None
+    try:
+        ctx.load_cert_chain(cert, key)
+    except ssl.SSLError as e:
+        raise TapnbdError(
+            f"--tls-cert {cert} / --tls-key {key}: not a PEM certificate and its private "
+            f"key ({e.reason or e})"
+        ) from None
     if ca:
-        ctx.load_verify_locations(ca)
+        try:
+            ctx.load_verify_locations(ca)
+        except ssl.SSLError as e:
+            raise TapnbdError(
+                f"--tls-ca {ca}: not a PEM CA certificate ({e.reason or e})"
+            ) from None
         ctx.verify_mode = ssl.CERT_REQUIRED
     return ctx
 

@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from formats import OpenRules, open_image, parse_size
 from formats.filters import FaultSpec, at_file_layer
@@ -29,6 +30,9 @@ from tapnbd.server.listener import (
     make_ssl_context,
 )
 
+if TYPE_CHECKING:
+    from tapnbd.control.metrics import MetricsServer
+
 log = logging.getLogger("tapnbd.server")
 
 
@@ -44,6 +48,7 @@ class ServeOptions:
     socket: str | None = None
     pidfile: str | None = None
     stats_file: str | None = None  # each export's counters, as JSON at exit
+    metrics: str | None = None  # Prometheus endpoint: unix:PATH or a loopback HOST:PORT
     tls: TLSMode = TLSMode.OFF
     tls_cert: str | None = None
     tls_key: str | None = None
@@ -82,9 +87,25 @@ def export_name(image: str) -> str:
     return os.path.basename(os.path.normpath(image))
 
 
+def split_named(arg: str) -> tuple[str | None, str]:
+    """``NAME=IMAGE`` -> (NAME, IMAGE); anything else -> (None, arg).
+
+    A path may hold ``=`` too, so the form counts only when NAME has no ``/`` or ``:``
+    (which rules out paths, ``ram:``, ``rbd:`` and URIs with their ``?k=v``) and ``arg``
+    is not an existing file.
+    """
+    name, sep, image = arg.partition("=")
+    if not sep or not name or not image or "/" in name or ":" in name or os.path.lexists(arg):
+        return None, arg
+    return name, image
+
+
 async def open_exports(opts: ServeOptions) -> ExportRegistry:
+    named = [split_named(arg) for arg in opts.images]
     if opts.name is not None and len(opts.images) != 1:
-        raise TapnbdError("--name renames a single image's export; give exactly one image")
+        raise TapnbdError("--name renames a single image's export; name several with NAME=IMAGE")
+    if opts.name is not None and named[0][0] is not None:
+        raise TapnbdError(f"{opts.images[0]}: named twice (NAME=IMAGE and --name)")
     faults = FaultSpec.parse(
         opts.inject_error, opts.delay, trigger=opts.inject_error_file, seed=opts.inject_seed
     )
@@ -102,10 +123,15 @@ async def open_exports(opts: ServeOptions) -> ExportRegistry:
     registry = ExportRegistry()
     opened: list[Driver] = []
     try:
-        for image in opts.images:
-            name = opts.name if opts.name is not None else export_name(image)
+        for given, image in named:
+            name = opts.name if opts.name is not None else given
+            if name is None:
+                name = export_name(image)
             if registry.get(name) is not None and name:
-                raise TapnbdError(f"two images would both be exported as {name!r}; use --name")
+                raise TapnbdError(
+                    f"two images would both be exported as {name!r}; name them with "
+                    f"NAME=IMAGE, e.g. a={image}"
+                )
             wrapped.clear()
             with at_file_layer(wrap_file if at_file else None):
                 driver = await open_image(
@@ -175,6 +201,31 @@ def write_stats(path: str, registry: ExportRegistry) -> None:
     os.replace(tmp, path)
 
 
+async def start_metrics(spec: str, registry: ExportRegistry) -> MetricsServer:
+    """The Prometheus endpoint of ``serve --metrics``, as the daemon's (same checks)."""
+    from tapnbd.control.exports import export_stats
+    from tapnbd.control.metrics import MetricsServer, check_address, prometheus_text
+
+    check_address(spec)
+
+    async def render() -> str:
+        stats = [
+            export_stats(
+                e.name,
+                e.image,
+                e.backend.driver.name,
+                e.backend.stats.snapshot(),
+                e.backend.stats.enabled,
+            )
+            for e in registry
+        ]
+        return prometheus_text(stats, {"up": 1, "exports": len(registry)})
+
+    server = MetricsServer(render)
+    await server.listen(spec)
+    return server
+
+
 async def serve(opts: ServeOptions) -> int:
     budget = parse_size(opts.payload_budget)
     if opts.max_handshakes < 1:
@@ -208,6 +259,13 @@ async def serve(opts: ServeOptions) -> int:
         await server.shutdown()
         where = opts.socket if opts.socket and opts.port is None else f"{opts.bind}:{opts.port}"
         raise TapnbdError(f"cannot listen on {where}: {e.strerror or e}") from None
+    metrics = None
+    if opts.metrics:
+        try:
+            metrics = await start_metrics(opts.metrics, registry)
+        except BaseException:
+            await server.shutdown()
+            raise
     # Handlers first: a script may signal us as soon as it reads the URI.
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -248,6 +306,8 @@ async def serve(opts: ServeOptions) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
             loop.remove_signal_handler(sig)
         await server.shutdown()
+        if metrics is not None:
+            await metrics.close()
         if opts.pidfile:
             safefs.remove_pidfile(opts.pidfile)  # only if it still holds our pid
         if opts.stats_file:

@@ -157,10 +157,8 @@ def test_prometheus_text() -> None:
     assert 'tapnbd_requests_total{export="we\\"ird\\\\name",op="read"} 3' in lines
     assert 'tapnbd_bytes_total{export="we\\"ird\\\\name",op="read"} 12288' in lines
     assert 'tapnbd_errors_by_errno_total{export="we\\"ird\\\\name",errno="EIO"} 1' in lines
-    assert (
-        'tapnbd_request_latency_p99_seconds{export="we\\"ird\\\\name",op="read"} 1.6e-05' in lines
-    )
-    assert not any("latency" in line and 'op="trim"' in line for line in lines)
+    assert 'tapnbd_request_duration_max_seconds{export="we\\"ird\\\\name",op="read"} 2e-05' in lines
+    assert 'tapnbd_request_duration_seconds_count{export="we\\"ird\\\\name",op="trim"} 0' in lines
     assert 'tapnbd_requests_in_flight{export="we\\"ird\\\\name"} 2' in lines
     assert "tapnbd_up 1" in lines
     for line in lines:  # every sample line is NAME{LABELS} VALUE

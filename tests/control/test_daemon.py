@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from tapnbd.control import tapctl
 from tapnbd.control.messages import MAX_LINE, ErrorReply, StatusRequest, decode, encode
 from tapnbd.control.state import StateDir
 from tests.control.tap import Tapnbd, tapdisk_pids
@@ -366,9 +367,101 @@ def test_prometheus_endpoint(tap: Tapnbd) -> None:
             samples[name] = float(value)
     assert samples['tapnbd_requests_total{export="p\\"1",op="read"}'] >= 2
     assert samples['tapnbd_bytes_total{export="p\\"1",op="write"}'] >= 8192
-    assert samples['tapnbd_request_latency_p99_seconds{export="p\\"1",op="read"}'] > 0
+    # Latency is a histogram: as many observations as reads, and time spent.
+    reads = samples['tapnbd_requests_total{export="p\\"1",op="read"}']
+    assert samples['tapnbd_request_duration_seconds_count{export="p\\"1",op="read"}'] == reads
+    assert (
+        samples['tapnbd_request_duration_seconds_bucket{export="p\\"1",op="read",le="+Inf"}']
+        == reads
+    )
+    assert samples['tapnbd_request_duration_seconds_sum{export="p\\"1",op="read"}'] > 0
+    assert "# TYPE tapnbd_request_duration_seconds histogram" in text
     assert samples["tapnbd_up"] == 1 and samples["tapnbd_exports"] == 1
     assert "# TYPE tapnbd_requests_total counter" in text
     with pytest.raises(urllib.error.HTTPError) as exc:
         urllib.request.urlopen(f"http://{address}/other", timeout=10)
     assert exc.value.code == 404
+
+
+def test_socket_attachment_outlives_the_daemon_with_its_counters(tap: Tapnbd) -> None:
+    """`attach --via socket` (a data path with no local device, as for a VM): list,
+    stats and metrics see it, a kill -9 of the daemon loses none of its counters, and
+    detach ends its process. No root needed."""
+    tap.env["TAPNBD_METRICS"] = "127.0.0.1:0"
+    sock = tap.ok("attach", "--via", "socket", "ram:8M").strip()
+    assert sock == str(tap.state / "tapdisk" / "1" / "nbd.sock")
+    assert stat.S_IMODE(os.stat(sock).st_mode) == 0o600
+    qemu_io(f"nbd+unix:///ram?socket={sock}", "write -P 7 0 64k", "read -P 7 0 64k")
+    (export,) = tap.list()["exports"]
+    assert (export["name"], export["format"], export["devices"]) == ("ram", "ram", [sock])
+    assert export["origin"] == "attach" and export["uris"] == []
+    before = tap.stats("ram")["ops"]
+    assert before["write"]["ops"] >= 1 and before["write"]["bytes"] == 65536
+    with urllib.request.urlopen(f"http://{tap.status()['metrics']}/metrics", timeout=10) as r:
+        assert 'tapnbd_bytes_total{export="ram",op="write"} 65536' in r.read().decode()
+
+    (tapdisk,) = tapdisk_pids(tap.state)
+    os.kill(tap.status()["pid"], signal.SIGKILL)
+    while StateDir(str(tap.state)).daemon_alive():
+        time.sleep(0.01)
+    proc = tap.run("stats", "ram", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert f"re-adopted {sock}" in proc.stderr
+    (after,) = json.loads(proc.stdout)
+    assert after["ops"]["write"] == before["write"]  # the same process, its counters kept
+    assert tapdisk_pids(tap.state) == [tapdisk]
+    qemu_io(f"nbd+unix:///ram?socket={sock}", "read -P 7 0 64k")  # the RAM disk too
+
+    done = tap.run("detach", sock)
+    assert done.returncode == 0, done.stderr
+    assert "closed export 'ram'" in done.stderr
+    assert tapdisk_pids(tap.state) == [] and not os.path.exists(sock)
+    assert tap.list()["exports"] == []
+
+
+def test_a_data_path_nobody_recorded_is_stopped(tap: Tapnbd) -> None:
+    """A daemon killed between starting a tapdisk and recording it leaves a stray; the
+    next daemon stops it (it flushes on SIGTERM) rather than leaving it forever."""
+    tap.ok("daemon", "start")
+    tap.ok("daemon", "stop")
+    stray = tap.state / "tapdisk" / "7"
+    image = tap.image("stray.img", size="1M")
+    stray.parent.mkdir(mode=0o700, exist_ok=True)
+    proc, _ = tapctl.spawn(
+        str(stray),
+        image=str(image),
+        name="stray",
+        fmt="auto",
+        read_only=False,
+        stats=True,
+        token=tapctl.new_token(),
+    )
+    tap.procs.append(proc)
+    assert tapdisk_pids(tap.state) == [proc.pid]
+    started = tap.run("daemon", "start")
+    assert started.returncode == 0, started.stderr
+    assert f"stopped a data path nobody recorded (pid {proc.pid}" in started.stderr
+    assert proc.wait(timeout=30) == 0  # a clean exit: it flushed and closed
+    assert not stray.exists()
+
+
+def test_a_recorded_data_path_directory_outside_ours_is_never_deleted(tap: Tapnbd) -> None:
+    """The state file names each tapdisk's directory; a record that points elsewhere
+    (planted, or corrupt) must not make the daemon delete it."""
+    tap.ok("daemon", "start")
+    tap.ok("daemon", "stop")
+    victim = tap.base / "victim"
+    victim.mkdir()
+    (victim / "keep.txt").write_text("mine\n")
+    sneaky = tap.state / "tapdisk" / ".." / ".." / "victim"
+    state = json.loads((tap.state / "state.json").read_text())
+    for i, where in enumerate((victim, sneaky), start=1):
+        record: dict[str, object] = {"id": str(i), "export": f"x{i}", "image": "ram:1M"}
+        record |= {"via": "socket", "read_only": False, "tapdisk_pid": 0}
+        record["tapdisk_dir"] = str(where)
+        state["attachments"].append(record)
+    (tap.state / "state.json").write_text(json.dumps(state))
+    started = tap.run("daemon", "start")
+    assert started.returncode == 0, started.stderr
+    assert started.stderr.count("ignored a recorded data-path directory") == 2
+    assert (victim / "keep.txt").read_text() == "mine\n"

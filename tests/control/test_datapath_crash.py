@@ -175,6 +175,7 @@ t end
 
 
 @pytest.mark.vm
+@pytest.mark.timeout(900)  # a software-emulated VM on a loaded machine
 def test_vm_disk_survives_three_daemon_kills(tap: Tapnbd, tmp_path: Path) -> None:
     from tests.kernel.vm import ext4_files, need_vm, run_guest
 

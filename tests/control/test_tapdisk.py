@@ -26,7 +26,8 @@ def att() -> Iterator[Attachment]:
     image = base / "disk.img"
     image.write_bytes(bytes(1 << 20))
     a = Attachment(id="1", export="disk", image=str(image), via="fuse", read_only=False)
-    a.tapdisk_dir = str(base / "tap")
+    (base / "tapdisk").mkdir()
+    a.tapdisk_dir = str(base / "tapdisk" / "1")
     a.token = tapctl.new_token()
     proc, record = tapctl.spawn(
         a.tapdisk_dir,
@@ -73,7 +74,7 @@ def test_serves_records_and_stops(att: Attachment) -> None:
     assert stats["snapshot"]["ops"]["write"]["ops"] >= 1
 
     assert tapctl.why_not_ours(att) is None
-    tapctl.stop(att, None)
+    tapctl.stop(att, None, os.path.dirname(att.tapdisk_dir))
     assert not pid_alive(att.tapdisk_pid)
     assert not os.path.exists(att.tapdisk_dir)
     with open(att.image, "rb") as f:
