@@ -1,0 +1,325 @@
+"""The commands that change an image in place (``tapnbd rebase|commit|resize``), backing
+names kept as given, and options refused where they do not apply: run as processes,
+with qemu-img's own command on a copy of the same image as the referee (qemu-img
+compare of the two results, qemu-img check clean), or qemu-io reading back where
+qemu-img cannot handle QCOW v1.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.formats.qcow_util import need, qemu_img
+from tests.helpers import run, start_server, tapnbd_cmd
+
+MiB = 1 << 20
+
+
+@pytest.fixture(autouse=True)
+def _tools() -> None:
+    need("qemu-img", "qemu-io")
+
+
+def tapnbd(*args: str | Path, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return run(tapnbd_cmd(*map(str, args)), check=check)
+
+
+def qwrite(image: Path, fmt: str, *commands: str) -> None:
+    """qemu-io writes (``write -P 1 0 1M``), without per-allocation syncs."""
+    args: list[str] = ["qemu-io", "-f", fmt, "-t", "unsafe"]
+    for c in commands:
+        args += ["-c", c]
+    run([*args, str(image)])
+
+
+def qcreate(image: Path, fmt: str, size: int | None = None, *opts: str) -> Path:
+    qemu_img("create", "-q", "-f", fmt, *opts, image, *([str(size)] if size else []))
+    return image
+
+
+def same(a: Path, b: Path, fa: str, fb: str) -> None:
+    """qemu-img compare: equal guest contents (exit 0), else the assertion shows why."""
+    qemu_img("compare", "-f", fa, "-F", fb, a, b)
+
+
+def qinfo(image: Path, fmt: str) -> dict[str, object]:
+    out = json.loads(qemu_img("info", "-f", fmt, "--output=json", image))
+    assert isinstance(out, dict)
+    return out
+
+
+def snapshot(image: Path, fmt: str, out: Path) -> Path:
+    """The image's guest contents as a raw file, read by qemu-img."""
+    qemu_img("convert", "-f", fmt, "-O", "raw", image, out)
+    return out
+
+
+# Backing names kept as given (issue 16: create stored an absolute path).
+
+
+@pytest.mark.parametrize("fmt", ["qcow", "qcow2"])
+def test_create_keeps_a_relative_backing_name_and_the_chain_moves(tmp_path: Path, fmt: str) -> None:
+    d = tmp_path / "a"
+    (d / "sub").mkdir(parents=True)
+    qcreate(d / "base.raw", "raw", 4 * MiB)
+    qwrite(d / "base.raw", "raw", "write -P 7 0 4M")
+    tapnbd("create", "-f", fmt, d / "sub/o", "-b", "../base.raw", "-F", "raw")
+    qcreate(d / "sub/q", fmt, None, "-b", "../base.raw", "-F", "raw")
+    ours, theirs = qinfo(d / "sub/o", fmt), qinfo(d / "sub/q", fmt)
+    assert ours["backing-filename"] == theirs["backing-filename"] == "../base.raw"
+    assert ours["full-backing-filename"] == theirs["full-backing-filename"]
+    moved = tmp_path / "b"
+    shutil.move(d, moved)
+    # Still opens, through qemu and through tapnbd, and reads the base's bytes.
+    run(["qemu-io", "-f", fmt, "-c", "read -P 7 0 4M", str(moved / "sub/o")])
+    out = json.loads(tapnbd("info", "-f", fmt, "-F", "raw", "--json", moved / "sub/o").stdout)
+    assert out["backing-filename"] == "../base.raw"
+
+
+# Options that do not apply are refused, naming the option.
+
+
+@pytest.mark.parametrize(
+    ("args", "flag"),
+    [
+        (["-f", "qcow", "-b", "BASE", "-F", "raw", "--optimise"], "--optimise"),
+        (["-f", "raw", "-s", "1M", "--cluster-size", "64K"], "--cluster-size"),
+        (["-f", "qcow", "-s", "1M", "--preallocation", "full"], "--preallocation"),
+        (["-f", "vhd", "-s", "1M", "--preallocation", "metadata"], "--preallocation"),
+        (["-f", "qcow2", "-s", "1M", "--reserve"], "--reserve"),
+        (["-f", "qcow2", "-s", "1M", "--subformat", "fixed"], "--subformat"),
+        (["-f", "raw", "-s", "1M", "--no-optimise"], "--no-optimise"),
+        (["-f", "raw", "-s", "1M", "-b", "BASE"], "--backing"),
+        (["-f", "qcow2", "-s", "1M", "-F", "raw"], "--backing-format"),
+    ],
+)
+def test_create_refuses_options_that_do_not_apply(
+    tmp_path: Path, args: list[str], flag: str
+) -> None:
+    base = qcreate(tmp_path / "base.raw", "raw", MiB)
+    image = tmp_path / "img"
+    proc = tapnbd("create", image, *[str(base) if a == "BASE" else a for a in args], check=False)
+    assert proc.returncode == 1, proc.stderr
+    assert flag in proc.stderr
+    assert not image.exists()
+
+
+def test_convert_refuses_compression_for_a_format_without_it(tmp_path: Path) -> None:
+    src = qcreate(tmp_path / "s.raw", "raw", MiB)
+    proc = tapnbd("convert", "-q", "-O", "qcow", "-c", src, tmp_path / "d", check=False)
+    assert proc.returncode == 1
+    assert "(-c)" in proc.stderr
+
+
+# rebase
+
+
+def _chain(tmp_path: Path, fmt: str) -> tuple[Path, Path]:
+    """base (1s everywhere) <- overlay (3s at 3M), and a new base (2s at 1M-2M)."""
+    base = qcreate(tmp_path / "base.qcow2", "qcow2", 4 * MiB)
+    qwrite(base, "qcow2", "write -P 1 0 4M")
+    new = qcreate(tmp_path / "new.qcow2", "qcow2", 4 * MiB)
+    qwrite(new, "qcow2", "write -P 1 0 1M", "write -P 2 1M 1M")
+    top = tmp_path / f"o.{fmt}"
+    tapnbd("create", "-f", fmt, top, "-b", "base.qcow2", "-F", "qcow2")
+    qwrite(top, fmt, "write -P 3 3M 64k", "write -P 4 2500k 4k")
+    return top, new
+
+
+def test_rebase_qcow2_matches_qemu_img(tmp_path: Path) -> None:
+    top, _new = _chain(tmp_path, "qcow2")
+    ref = tmp_path / "ref.qcow2"
+    shutil.copy(top, ref)
+    tapnbd("rebase", "-f", "qcow2", top, "-b", "new.qcow2", "-F", "qcow2")
+    qemu_img("rebase", "-f", "qcow2", ref, "-b", "new.qcow2", "-F", "qcow2")
+    same(top, ref, "qcow2", "qcow2")
+    ours = qinfo(top, "qcow2")
+    assert ours["backing-filename"] == "new.qcow2"
+    assert ours["backing-filename-format"] == "qcow2"
+    qemu_img("check", "-f", "qcow2", top)
+    # And standalone: -b "".
+    tapnbd("rebase", "-f", "qcow2", top, "-b", "")
+    qemu_img("rebase", "-f", "qcow2", ref, "-b", "")
+    same(top, ref, "qcow2", "qcow2")
+    assert "backing-filename" not in qinfo(top, "qcow2")
+    qemu_img("check", "-f", "qcow2", top)
+
+
+def test_rebase_unsafe_changes_the_name_only(tmp_path: Path) -> None:
+    top, _new = _chain(tmp_path, "qcow2")
+    ref = tmp_path / "ref.qcow2"
+    shutil.copy(top, ref)
+    tapnbd("rebase", "-u", "-f", "qcow2", top, "-b", "new.qcow2", "-F", "qcow2")
+    qemu_img("rebase", "-u", "-f", "qcow2", ref, "-b", "new.qcow2", "-F", "qcow2")
+    same(top, ref, "qcow2", "qcow2")
+    # The name only: what shows through is now the new base's (2s at 1M).
+    run(["qemu-io", "-f", "qcow2", "-c", "read -P 2 1M 1M", str(top)])
+
+
+def test_rebase_qcow_v1_keeps_what_the_guest_reads(tmp_path: Path) -> None:
+    top, _new = _chain(tmp_path, "qcow")
+    before = snapshot(top, "qcow", tmp_path / "before.raw")
+    tapnbd("rebase", "-f", "qcow", top, "-b", "new.qcow2", "-F", "qcow2")
+    assert qinfo(top, "qcow")["backing-filename"] == "new.qcow2"
+    same(top, before, "qcow", "raw")  # qemu-img rebase cannot change a QCOW v1 name
+    tapnbd("check", top)
+    tapnbd("rebase", "-f", "qcow", top, "-b", "")
+    assert "backing-filename" not in qinfo(top, "qcow")
+    same(top, before, "qcow", "raw")
+    # Standalone again, blktap's extension is honoured: its checksum was recomputed.
+    out = json.loads(tapnbd("check", "--json", top).stdout)
+    assert (out["exit-code"], out["cksum"]) == (0, "ok")
+
+
+def test_rebase_refuses_an_image_in_use_and_leaves_it(tmp_path: Path) -> None:
+    top, _new = _chain(tmp_path, "qcow2")
+    before = top.read_bytes()
+    server = start_server([str(top), "--format", "qcow2"], tmp_path / "serve.log")
+    try:
+        proc = tapnbd("rebase", "-f", "qcow2", top, "-b", "new.qcow2", check=False)
+    finally:
+        server.stop()
+    assert proc.returncode == 1
+    assert "in use" in proc.stderr
+    assert top.read_bytes() == before
+
+
+def test_rebase_refuses_vhd_and_names_too_long_for_qcow_v1(tmp_path: Path) -> None:
+    base = qcreate(tmp_path / "b.vhd", "vpc", MiB)
+    tapnbd("create", "-f", "vhd", tmp_path / "o.vhd", "-b", base.name)
+    proc = tapnbd("rebase", "-f", "vhd", tmp_path / "o.vhd", "-b", "x", check=False)
+    assert proc.returncode == 1
+    assert "VHD" in proc.stderr
+    # qemu-img puts a QCOW v1 L1 table right after the name: no room for a longer one.
+    raw = qcreate(tmp_path / "r", "raw", MiB)
+    q = qcreate(tmp_path / "q.qcow", "qcow", None, "-b", raw.name, "-F", "raw")
+    before = q.read_bytes()
+    long_name = "x" * 40 + ".raw"
+    shutil.copy(raw, tmp_path / long_name)
+    proc = tapnbd("rebase", "-u", "-f", "qcow", q, "-b", long_name, "-F", "raw", check=False)
+    assert proc.returncode == 1
+    assert "does not fit" in proc.stderr
+    assert q.read_bytes() == before
+
+
+# commit
+
+
+@pytest.mark.parametrize("keep", [False, True])
+@pytest.mark.parametrize("fmt", ["qcow2", "qcow"])
+def test_commit_matches_qemu_img(tmp_path: Path, fmt: str, keep: bool) -> None:
+    images = {}
+    for who in ("ours", "ref"):
+        d = tmp_path / who
+        d.mkdir()
+        base = qcreate(d / "base.raw", "raw", 4 * MiB)
+        qwrite(base, "raw", "write -P 1 0 4M")
+        top = qcreate(d / "top", fmt, None, "-b", "base.raw", "-F", "raw")
+        qwrite(top, fmt, "write -P 5 1M 100k", "write -z 3M 64k", "write -P 6 4000k 96k")
+        images[who] = (base, top)
+    flags = ["-d"] if keep else []
+    tapnbd("commit", "-q", "-f", fmt, *flags, images["ours"][1])
+    qemu_img("commit", "-q", "-f", fmt, *flags, images["ref"][1])
+    same(images["ours"][0], images["ref"][0], "raw", "raw")
+    same(images["ours"][1], images["ref"][1], fmt, fmt)
+    alloc = json.loads(qemu_img("map", "-f", fmt, "--output=json", images["ours"][1]))
+    in_top = [e for e in alloc if e["depth"] == 0 and e["data"]]
+    assert bool(in_top) == keep  # emptied unless -d
+    if fmt == "qcow2":
+        qemu_img("check", "-f", "qcow2", images["ours"][1])
+
+
+def test_commit_into_a_deeper_base(tmp_path: Path) -> None:
+    images = {}
+    for who in ("ours", "ref"):
+        d = tmp_path / who
+        d.mkdir()
+        base = qcreate(d / "base.qcow2", "qcow2", 4 * MiB)
+        qwrite(base, "qcow2", "write -P 1 0 4M")
+        mid = qcreate(d / "mid.qcow2", "qcow2", None, "-b", "base.qcow2", "-F", "qcow2")
+        qwrite(mid, "qcow2", "write -P 2 0 1M")
+        top = qcreate(d / "top.qcow2", "qcow2", None, "-b", "mid.qcow2", "-F", "qcow2")
+        qwrite(top, "qcow2", "write -P 3 512k 1M")
+        images[who] = (base, top)
+    ours, ref = images["ours"], images["ref"]
+    tapnbd("commit", "-q", "-f", "qcow2", "-b", ours[0], ours[1])
+    qemu_img("commit", "-q", "-f", "qcow2", "-b", ref[0], ref[1])
+    same(ours[0], ref[0], "qcow2", "qcow2")
+    same(ours[1], ref[1], "qcow2", "qcow2")
+    qemu_img("check", "-f", "qcow2", ours[0])
+
+
+# resize
+
+
+@pytest.mark.parametrize(
+    ("fmt", "steps"),
+    [
+        ("raw", ["+3M", "--shrink -3500K", "5M"]),
+        ("qcow2", ["+3M", "--shrink -3500K", "5M", "--shrink 1M"]),
+    ],
+)
+def test_resize_matches_qemu_img(tmp_path: Path, fmt: str, steps: list[str]) -> None:
+    ours = qcreate(tmp_path / "ours", fmt, MiB)
+    qwrite(ours, fmt, "write -P 7 0 1M")
+    ref = tmp_path / "ref"
+    shutil.copy(ours, ref)
+    for step in steps:
+        *flags, size = step.split()
+        tapnbd("resize", "-q", "-f", fmt, *flags, ours, size)
+        qemu_img("resize", "-q", "-f", fmt, *flags, ref, "--", size)
+        assert qinfo(ours, fmt)["virtual-size"] == qinfo(ref, fmt)["virtual-size"]
+        same(ours, ref, fmt, fmt)
+        if fmt == "qcow2":
+            qemu_img("check", "-f", "qcow2", ours)
+
+
+def test_resize_refuses_to_shrink_without_the_flag(tmp_path: Path) -> None:
+    image = qcreate(tmp_path / "i.qcow2", "qcow2", 4 * MiB)
+    before = image.read_bytes()
+    proc = tapnbd("resize", "-f", "qcow2", image, "-1M", check=False)
+    assert proc.returncode == 1
+    assert "--shrink" in proc.stderr
+    assert image.read_bytes() == before
+
+
+def test_resize_grown_overlay_hides_a_larger_backing_file(tmp_path: Path) -> None:
+    base = qcreate(tmp_path / "base.raw", "raw", 4 * MiB)
+    qwrite(base, "raw", "write -P 1 0 4M")
+    ours = qcreate(tmp_path / "o.qcow2", "qcow2", MiB, "-b", "base.raw", "-F", "raw")
+    ref = tmp_path / "ref.qcow2"
+    shutil.copy(ours, ref)
+    tapnbd("resize", "-q", "-f", "qcow2", ours, "3M")
+    qemu_img("resize", "-q", "-f", "qcow2", ref, "3M")
+    same(ours, ref, "qcow2", "qcow2")
+    run(["qemu-io", "-f", "qcow2", "-c", "read -P 1 0 1M", "-c", "read -P 0 1M 2M", str(ours)])
+
+
+def test_resize_grows_a_qcow_v1_image_in_place(tmp_path: Path) -> None:
+    image = tmp_path / "v.qcow"
+    tapnbd("create", image, "-s", "1M")
+    qwrite(image, "qcow", "write -P 7 0 1M")
+    tapnbd("resize", "-q", image, "64M")
+    assert qinfo(image, "qcow")["virtual-size"] == 64 * MiB
+    run(["qemu-io", "-f", "qcow", "-c", "read -P 7 0 1M", "-c", "read -P 0 1M 63M", str(image)])
+    qwrite(image, "qcow", "write -P 8 60M 1M")
+    run(["qemu-io", "-f", "qcow", "-c", "read -P 8 60M 1M", str(image)])
+    # The L1 table cannot grow past the first data cluster; and no shrinking.
+    for size, message in (("5G", "L1"), ("--shrink 32M", "cannot shrink")):
+        *flags, value = size.split()
+        proc = tapnbd("resize", *flags, image, value, check=False)
+        assert proc.returncode == 1
+        assert message in proc.stderr
+
+
+def test_resize_refuses_vhd(tmp_path: Path) -> None:
+    image = tmp_path / "d.vhd"
+    tapnbd("create", "-f", "vhd", image, "-s", "4M")
+    proc = tapnbd("resize", "-f", "vhd", image, "+1M", check=False)
+    assert proc.returncode == 1
+    assert "VHD" in proc.stderr
