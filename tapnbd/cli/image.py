@@ -374,7 +374,11 @@ def check_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     repair: Annotated[
         bool,
-        typer.Option("--repair", help="qcow2: set refcounts to the references, clear dirty."),
+        typer.Option(
+            "--repair",
+            help="qcow2: set refcounts to the references, clear dirty; qcow: free leaked "
+            "clusters, rewrite the L1 checksum.",
+        ),
     ] = False,
     fmt: Annotated[
         str, typer.Option("--format", "-f", help="auto, or vhd for a fixed VHD.")
@@ -394,13 +398,17 @@ def check_cmd(
         if fmt in ("vhd", "vpc"):
             from formats.vhd.check import check_vhd
 
+            if repair:
+                fail(f"{image}: --repair is for qcow and qcow2 images", 1)
             res = runtime.run(check_vhd(image))
         elif fmt == "qcow2":
             from formats.qcow2.check import check_qcow2
 
             res = runtime.run(check_qcow2(image, repair=repair))
-        elif repair:
-            fail(f"{image}: --repair is for qcow2 images", 1)
+        elif fmt == "qcow" and repair:
+            from formats.qcow.repair import repair_qcow
+
+            res = runtime.run(repair_qcow(image))
         elif fmt == "qcow":
             res = runtime.run(check_qcow(image))
         else:

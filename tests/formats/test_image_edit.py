@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.formats.qcow_util import need, qemu_img
+from tests.formats.qcow_util import need, patch, qemu_img, read_header
 from tests.helpers import run, start_server, tapnbd_cmd
 
 MiB = 1 << 20
@@ -323,3 +324,94 @@ def test_resize_refuses_vhd(tmp_path: Path) -> None:
     proc = tapnbd("resize", "-f", "vhd", image, "+1M", check=False)
     assert proc.returncode == 1
     assert "VHD" in proc.stderr
+
+
+# check --repair
+
+
+def _kill9_after_writes(tmp_path: Path, image: Path, fmt: str) -> None:
+    """Serve ``image``, write through qemu-io (each write answered), then kill -9."""
+    server = start_server([str(image), "--format", fmt], tmp_path / "serve.log")
+    try:
+        run(
+            [
+                "qemu-io",
+                "-f",
+                "raw",
+                "-c",
+                "write -P 9 0 3M",
+                "-c",
+                "write -P 8 20M 1M",
+                "-c",
+                "write -z 1M 64k",
+                server.uri,
+            ]
+        )
+    finally:
+        assert server.stop(signal.SIGKILL) == -signal.SIGKILL
+
+
+def test_repair_qcow_after_kill9_fixes_the_checksum(tmp_path: Path) -> None:
+    image = tmp_path / "k.qcow"
+    tapnbd("create", image, "-s", "64M")  # allocation-optimised: the fast path
+    _kill9_after_writes(tmp_path, image, "qcow")
+    assert tapnbd("check", image, check=False).returncode == 4  # checksum left stale
+    copy = tmp_path / "copy.qcow"
+    shutil.copy(image, copy)
+    proc = tapnbd("check", "--repair", image)
+    assert "repaired" in proc.stdout
+    out = json.loads(tapnbd("check", "--json", image).stdout)
+    assert (out["exit-code"], out["cksum"]) == (0, "ok")
+    same(image, copy, "qcow", "qcow")
+    run(["qemu-io", "-f", "qcow", "-c", "read -P 9 0 1M", "-c", "read -P 8 20M 1M", str(image)])
+
+
+def test_repair_qcow_frees_leaked_clusters(tmp_path: Path) -> None:
+    """Leaks at the end (cut off) and in the middle (punched out), as a crash between
+    an allocation and its table write leaves them."""
+    image = tmp_path / "l.qcow"
+    tapnbd("create", image, "-s", "8M", "--no-optimise", "--cluster-size", "4K")
+    qwrite(image, "qcow", "write -P 5 0 1M", "write -P 6 4M 64k")
+    h = read_header(image)
+    # Unhook the L2 entry of the first data cluster of the 4M write: a leak in the middle.
+    l1 = image.read_bytes()[h.l1_table_offset : h.l1_table_offset + 8 * 4]
+    l2off = int.from_bytes(l1[8 * (4 * MiB >> (h.cluster_bits + h.l2_bits)) :][:8], "big")
+    entry = l2off + 8 * ((4 * MiB >> h.cluster_bits) & ((1 << h.l2_bits) - 1))
+    patch(image, entry, bytes(8))
+    with open(image, "ab") as f:  # clusters the file grew by, never referenced
+        f.write(b"\x01" * 3 * 4096)
+    out = json.loads(tapnbd("check", "--json", image, check=False).stdout)
+    assert (out["exit-code"], out["leaks"]) == (3, 4)
+    copy = tmp_path / "copy.qcow"
+    shutil.copy(image, copy)
+    size = image.stat().st_size
+    tapnbd("check", "--repair", image)
+    out = json.loads(tapnbd("check", "--json", image).stdout)
+    assert (out["exit-code"], out["leaks"]) == (0, 0)
+    assert image.stat().st_size == size - 3 * 4096
+    same(image, copy, "qcow", "qcow")
+    # The space is used again: a new L2 table and cluster land where the leak was.
+    qwrite(image, "qcow", "write -P 7 6M 4k")
+    assert image.stat().st_size == size - 4096
+    tapnbd("check", image)
+
+
+def test_repair_qcow2_after_kill9_agrees_with_qemu_img(tmp_path: Path) -> None:
+    image = tmp_path / "k.qcow2"
+    tapnbd("create", "-f", "qcow2", image, "-s", "64M")
+    _kill9_after_writes(tmp_path, image, "qcow2")
+    assert tapnbd("check", image, check=False).returncode in (0, 3)
+    copy = tmp_path / "copy.qcow2"
+    shutil.copy(image, copy)
+    tapnbd("check", "--repair", image)
+    tapnbd("check", image)
+    qemu_img("check", "-f", "qcow2", image)
+    same(image, copy, "qcow2", "qcow2")
+
+
+def test_repair_refuses_vhd(tmp_path: Path) -> None:
+    image = tmp_path / "d.vhd"
+    tapnbd("create", "-f", "vhd", image, "-s", "4M")
+    proc = tapnbd("check", "--repair", image, check=False)
+    assert proc.returncode == 1
+    assert "--repair" in proc.stderr
