@@ -21,7 +21,7 @@ from tapnbd.cli._trust import (
     ForceShareOpt,
     open_rules,
 )
-from tapnbd.cli.app import app, errors_as_exit, fail
+from tapnbd.cli.app import app, err_console, errors_as_exit, fail
 from tapnbd.driver import Driver
 
 if TYPE_CHECKING:
@@ -241,9 +241,13 @@ async def image_info(
     path: str, fmt: str = "auto", rules: OpenRules | None = None
 ) -> dict[str, object]:
     """``qemu-img info``-style facts about an image and its backing chain."""
-    from formats import open_image
+    from formats.salvage import open_for_info
 
-    driver = await open_image(path, fmt=fmt, read_only=True, rules=rules)
+    # A damaged image is shown as far as it can be, as qemu-img info does (exit 0).
+    driver, warnings = await open_for_info(path, fmt, rules)
+    for warning in warnings:
+        where = "" if warning.startswith(path) else f"{path}: "
+        err_console().print(f"warning: {where}{warning}", highlight=False, soft_wrap=True)
     try:
         info = await _describe(path, driver)
         # A fixed VHD has its only footer at the end, which probing never reads.

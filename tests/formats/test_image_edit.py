@@ -415,3 +415,46 @@ def test_repair_refuses_vhd(tmp_path: Path) -> None:
     proc = tapnbd("check", "--repair", image, check=False)
     assert proc.returncode == 1
     assert "--repair" in proc.stderr
+
+
+# info on damaged images: the header and a warning, exit 0, as qemu-img info
+
+
+@pytest.mark.parametrize("fmt", ["qcow", "qcow2", "vhd"])
+def test_info_of_an_overlay_whose_backing_file_is_missing(tmp_path: Path, fmt: str) -> None:
+    base = qcreate(tmp_path / "base", "vpc" if fmt == "vhd" else "raw", MiB)
+    image = tmp_path / "o"
+    extra = [] if fmt == "vhd" else ["-F", "raw"]
+    tapnbd("create", "-f", fmt, image, "-b", "base", *extra)
+    whole = json.loads(tapnbd("info", "--json", "-f", fmt, *extra, image).stdout)
+    base.unlink()
+    qfmt = "vpc" if fmt == "vhd" else fmt
+    assert subprocess.run(["qemu-img", "info", "-f", qfmt, image]).returncode == 0
+    proc = tapnbd("info", "-f", fmt, image)
+    assert proc.stderr.startswith("warning:") and "the backing chain is not shown" in proc.stderr
+    assert "backing file: base" in proc.stdout
+    out = json.loads(tapnbd("info", "--json", "-f", fmt, image).stdout)
+    assert out["virtual-size"] == whole["virtual-size"]
+    assert out["backing-filename"] == whole["backing-filename"]
+    assert "full-backing-filename" not in out
+
+
+def test_info_of_a_qcow_with_a_bad_l1_entry(tmp_path: Path) -> None:
+    image = tmp_path / "g.qcow"
+    tapnbd("create", image, "-s", "64M")
+    qwrite(image, "qcow", "write -P 1 0 3M")
+    h = read_header(image)
+    patch(image, h.l1_table_offset + 8, (0x7FFFFFFF000).to_bytes(8, "big"))
+    assert subprocess.run(["qemu-img", "info", "-f", "qcow", image]).returncode == 0
+    proc = tapnbd("info", image)
+    assert "L1 entry 1 (0x7fffffff000) points past the end of the file" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert "virtual size: 64 MiB" in proc.stdout
+    # The entry is left out, the rest is counted: the first 2 MiB extent only.
+    out = json.loads(tapnbd("info", "--json", image).stdout)
+    assert out["allocated-size"] == 2 * MiB
+    # A refused chain is not damage: info still fails on a probed overlay (issue 11).
+    over = tmp_path / "over.qcow"
+    tapnbd("create", over, "-b", qcreate(tmp_path / "b.raw", "raw", MiB), "-F", "raw")
+    proc = tapnbd("info", over, check=False)
+    assert proc.returncode == 1 and "was probed, not given" in proc.stderr
