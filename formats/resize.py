@@ -63,6 +63,8 @@ async def resize_image(
                 f"{path}: {new} bytes is smaller than the image ({current} bytes): give "
                 "--shrink to drop the data past the new end"
             )
+        if kind == "qcow" and new < current:
+            raise ImageError(f"{path}: a QCOW v1 image cannot shrink (qemu-img cannot either)")
         if kind != "raw" and new % 512:
             raise ImageError(f"{path}: a {kind} image's size must be a multiple of 512 bytes")
         if new == current:
@@ -71,6 +73,10 @@ async def resize_image(
             os.ftruncate(fd, new)
             os.fsync(fd)
             return current, new
+        if kind == "qcow2":
+            from formats.qcow2.resize import check_qcow2_size
+
+            check_qcow2_size(fd, path, new)
         if new < current:
             await _discard_tail(path, fmt, new, current, rules)
         if kind == "qcow":

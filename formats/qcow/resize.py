@@ -48,7 +48,7 @@ async def grow_qcow(fd: int, path: str, size: int) -> None:
     h = QcowHeader.parse(os.pread(fd, 48, 0))
     old, new = Geometry.from_header(h), Geometry.from_header(replace(h, size=size))
     if size < h.size:
-        raise ImageError(f"{path}: a QCOW v1 image cannot shrink (qemu-img cannot either)")
+        raise ImageError(f"{path}: a QCOW v1 image cannot shrink")
     lowest, cksum_ok = await _first_referenced(path)
     l1_end = h.l1_table_offset + new.l1_size * 8
     if l1_end > lowest:
