@@ -298,12 +298,19 @@ def test_resize_matches_qemu_img(tmp_path: Path, fmt: str, steps: list[str]) -> 
             qemu_img("check", "-f", "qcow2", ours)
 
 
-def test_resize_refuses_to_shrink_without_the_flag(tmp_path: Path) -> None:
+def test_resize_refuses_to_shrink_without_the_flag_or_with_snapshots(tmp_path: Path) -> None:
     image = qcreate(tmp_path / "i.qcow2", "qcow2", 4 * MiB)
+    qwrite(image, "qcow2", "write -P 1 0 4M")
     before = image.read_bytes()
     proc = tapnbd("resize", "-f", "qcow2", image, "-1M", check=False)
     assert proc.returncode == 1
     assert "--shrink" in proc.stderr
+    assert image.read_bytes() == before
+    qemu_img("snapshot", "-c", "s1", image)
+    before = image.read_bytes()
+    proc = tapnbd("resize", "--shrink", "-f", "qcow2", image, "-1M", check=False)
+    assert proc.returncode == 1
+    assert "snapshots" in proc.stderr
     assert image.read_bytes() == before
 
 
