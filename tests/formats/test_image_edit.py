@@ -485,3 +485,39 @@ def test_info_of_a_qcow_with_a_bad_l1_entry(tmp_path: Path) -> None:
     tapnbd("create", over, "-b", qcreate(tmp_path / "b.raw", "raw", MiB), "-F", "raw")
     proc = tapnbd("info", over, check=False)
     assert proc.returncode == 1 and "was probed, not given" in proc.stderr
+
+
+def test_commit_vhd_differencing_disk(tmp_path: Path) -> None:
+    """qemu has no differencing VHDs: the overlay is written through tapnbd serve, and
+    qemu-img reads the committed (dynamic) parent back."""
+    base = tmp_path / "base.vhd"
+    tapnbd("create", "-f", "vhd", base, "-s", "8M")
+    qwrite(base, "vpc", "write -P 1 0 8M")
+    top = tmp_path / "o.vhd"
+    tapnbd("create", "-f", "vhd", top, "-b", base.name)
+    server = start_server([str(top), "--format", "vhd"], tmp_path / "serve.log")
+    try:
+        run(
+            [
+                "qemu-io",
+                "-f",
+                "raw",
+                "-c",
+                "write -P 5 1M 100k",
+                "-c",
+                "write -P 6 7M 512",
+                server.uri,
+            ]
+        )
+    finally:
+        assert server.stop() == 0
+    expect = tmp_path / "expect.raw"
+    tapnbd("convert", "-q", "-f", "vhd", "-O", "raw", top, expect)
+    tapnbd("commit", "-q", "-f", "vhd", top)
+    same(base, expect, "vpc", "raw")
+    out = json.loads(tapnbd("info", "--json", "-f", "vhd", top).stdout)
+    assert out["backing-filename"] == "base.vhd"
+    got = tmp_path / "got.raw"
+    tapnbd("convert", "-q", "-f", "vhd", "-O", "raw", top, got)
+    assert got.read_bytes() == expect.read_bytes()
+    assert "0 clusters allocated" in tapnbd("check", top).stdout  # emptied
