@@ -1,5 +1,5 @@
-"""``tapnbd resize``: a new virtual size for raw, QCOW v1 and qcow2 images (qemu-img
-resize).
+"""``tapnbd resize``: a new virtual size for raw, QCOW v1, qcow2 and VHD images
+(qemu-img resize).
 
 The size is absolute (``10G``), or relative to the current one (``+1G``, ``-512M``).
 Shrinking must be asked for (``shrink``, qemu-img's ``--shrink``) and drops the data
@@ -8,8 +8,8 @@ where a larger backing file would show something there: it is
 zeroed through the driver, as QEMU's truncate does (BDRV_REQ_ZERO_WRITE) when a
 backing file is longer than the old size.
 
-A dynamic VHD's block table was sized for the disk at creation, and qemu-img cannot
-resize one either: refused. Every write happens under the image's lock.
+A dynamic VHD grows as far as its block table can in place (formats.vhd.resize);
+qemu-img cannot resize a VHD at all. Every write happens under the image's lock.
 """
 
 from __future__ import annotations
@@ -48,13 +48,10 @@ async def resize_image(
     """Resize the image at ``path``; returns (old size, new size)."""
     rules = replace(rules or OpenRules(), share=True)  # we hold the lock ourselves
     kind = image_format(path, fmt)
-    if kind in ("vhd", "vpc"):
-        raise ImageError(
-            f"{path}: a VHD's block table is sized when it is created: resize refuses it "
-            "(qemu-img cannot resize one either); convert it to a new image of the size"
-        )
-    if kind not in ("raw", "qcow", "qcow2"):
-        raise ImageError(f"{path}: resize is for raw, qcow and qcow2 images, not {kind}")
+    if kind == "vpc":
+        kind = "vhd"
+    if kind not in ("raw", "qcow", "qcow2", "vhd"):
+        raise ImageError(f"{path}: resize is for raw, qcow, qcow2 and vhd images, not {kind}")
     with locked_target(path, share=share) as fd:
         current = await _current_size(path, fmt, rules)
         new = target_size(current, size)
@@ -63,8 +60,8 @@ async def resize_image(
                 f"{path}: {new} bytes is smaller than the image ({current} bytes): give "
                 "--shrink to drop the data past the new end"
             )
-        if kind == "qcow" and new < current:
-            raise ImageError(f"{path}: a QCOW v1 image cannot shrink (qemu-img cannot either)")
+        if kind in ("qcow", "vhd") and new < current:
+            raise ImageError(f"{path}: a {kind} image cannot shrink (qemu-img cannot either)")
         if kind != "raw" and new % 512:
             raise ImageError(f"{path}: a {kind} image's size must be a multiple of 512 bytes")
         if new == current:
@@ -83,6 +80,10 @@ async def resize_image(
             from formats.qcow.resize import grow_qcow
 
             await grow_qcow(fd, path, new)
+        elif kind == "vhd":
+            from formats.vhd.resize import grow_vhd
+
+            await grow_vhd(fd, path, new)
         else:
             from formats.qcow2.resize import set_qcow2_size
 

@@ -345,12 +345,27 @@ def test_resize_grows_a_qcow_v1_image_in_place(tmp_path: Path) -> None:
         assert image.read_bytes() == before
 
 
-def test_resize_refuses_vhd(tmp_path: Path) -> None:
+def test_resize_grows_a_dynamic_vhd_in_place(tmp_path: Path) -> None:
+    """qemu-img cannot resize a VHD: it is the reader (virtual size, contents)."""
     image = tmp_path / "d.vhd"
-    tapnbd("create", "-f", "vhd", image, "-s", "4M")
-    proc = tapnbd("resize", "-f", "vhd", image, "+1M", check=False)
-    assert proc.returncode == 1
-    assert "VHD" in proc.stderr
+    tapnbd("create", "-f", "vhd", image, "-s", "8M")
+    qwrite(image, "vpc", "write -P 3 0 8M")
+    orig = tmp_path / "orig.vhd"
+    shutil.copy(image, orig)
+    tapnbd("resize", "-q", "-f", "vhd", image, "100M")
+    assert qinfo(image, "vpc")["virtual-size"] == 100 * MiB
+    same(image, orig, "vpc", "vpc")  # equal, and the grown part reads as zeros
+    qwrite(image, "vpc", "write -P 4 90M 1M")
+    run(["qemu-io", "-f", "vpc", "-c", "read -P 4 90M 1M", "-c", "read -P 3 0 8M", str(image)])
+    tapnbd("check", image)
+    # 2 MiB blocks: the table's sector holds 128 entries, 256 MiB; and no shrinking.
+    before = image.read_bytes()
+    for size, message in (("1G", "the table can grow to 128"), ("--shrink 50M", "cannot shrink")):
+        *flags, value = size.split()
+        proc = tapnbd("resize", "-f", "vhd", *flags, image, value, check=False)
+        assert proc.returncode == 1
+        assert message in proc.stderr
+        assert image.read_bytes() == before
 
 
 # check --repair
