@@ -536,3 +536,30 @@ def test_commit_vhd_differencing_disk(tmp_path: Path) -> None:
     tapnbd("convert", "-q", "-f", "vhd", "-O", "raw", top, got)
     assert got.read_bytes() == expect.read_bytes()
     assert "0 clusters allocated" in tapnbd("check", top).stdout  # emptied
+
+
+def test_resize_keeps_an_optimised_qcow_on_its_fast_path(tmp_path: Path) -> None:
+    """Written and closed by tapnbd (checksum right), grown, served again: the checksum
+    covers the longer table, and the new range is allocated by whole extents."""
+    image = tmp_path / "f.qcow"
+    tapnbd("create", image, "-s", "4M")
+
+    def serve_write(*commands: str) -> None:
+        server = start_server([str(image), "--format", "qcow"], tmp_path / "serve.log")
+        try:
+            args = ["qemu-io", "-f", "raw"]
+            for c in commands:
+                args += ["-c", c]
+            run([*args, server.uri])
+        finally:
+            assert server.stop() == 0
+        assert "safe path" not in server.stderr()
+
+    serve_write("write -P 1 0 4M")
+    tapnbd("resize", "-q", image, "64M")
+    out = json.loads(tapnbd("check", "--json", image).stdout)
+    assert (out["exit-code"], out["cksum"]) == (0, "ok")
+    serve_write("write -P 2 60M 1M")
+    out = json.loads(tapnbd("check", "--json", image).stdout)
+    assert (out["exit-code"], out["cksum"]) == (0, "ok")
+    run(["qemu-io", "-f", "qcow", "-c", "read -P 1 0 4M", "-c", "read -P 2 60M 1M", str(image)])
