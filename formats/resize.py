@@ -122,11 +122,17 @@ async def _zero_grown(path: str, fmt: str, old: int, new: int, rules: OpenRules)
     file the new clusters are unallocated and read as zeros already (the tail of the
     old last cluster is left as it is, as qemu-img leaves it).
     """
-    d = await open_image(path, fmt=fmt, read_only=False, rules=rules)
+    d = await open_image(path, fmt=fmt, read_only=True, rules=rules)
     try:
         backing: Driver | None = getattr(d, "backing", None)
-        if backing is not None and backing.size() > old:
-            await d.zero(old, new - old, may_trim=True, fua=False, fast=False)
+        longer = backing is not None and backing.size() > old
+    finally:
+        await d.close()
+    if not longer:
+        return  # nothing shows through: no writable open (it would touch the checksum)
+    d = await open_image(path, fmt=fmt, read_only=False, rules=rules)
+    try:
+        await d.zero(old, new - old, may_trim=True, fua=False, fast=False)
         await d.flush()
     finally:
         await d.close()
