@@ -22,7 +22,7 @@ from formats.engine.backing import read_backing
 from formats.engine.topmap import unallocated_ranges
 from formats.locks import locked_target
 from formats.qcow import resolve_backing
-from tapnbd.driver import Driver
+from tapnbd.driver import Driver, ExtentFlags
 from tapnbd.errors import ImageError
 
 #: Bytes compared per read.
@@ -99,6 +99,9 @@ async def _copy_differences(path: str, fmt: str, new: Driver | None, rules: Open
             pos, end = start, start + n
             while pos < end:
                 m = min(end - pos, CHUNK)
+                if await _reads_zero(top, pos, m) and await _reads_zero(new, pos, m):
+                    pos += m  # zeros on both sides, by block status: nothing to read
+                    continue
                 old = bytes(await top.pread(pos, m))
                 now = bytes(await read_backing(new, pos, m)) if new is not None else bytes(m)
                 if old != now:
@@ -107,6 +110,26 @@ async def _copy_differences(path: str, fmt: str, new: Driver | None, rules: Open
         await top.flush()
     finally:
         await top.close()
+
+
+async def _reads_zero(d: Driver | None, pos: int, n: int) -> bool:
+    """Whether block status says [pos, pos + n) of ``d`` reads as zeros (None: no file)."""
+    if d is None or pos >= d.size():
+        return True
+    if not d.can_extents():
+        return False
+    end = min(pos + n, d.size())
+    while pos < end:
+        got = await d.extents(pos, end - pos)
+        if not got or got[0].offset != pos:
+            return False
+        for e in got:
+            if not e.flags & ExtentFlags.ZERO:
+                return False
+            pos = e.offset + e.length
+            if pos >= end:
+                break
+    return True
 
 
 async def _write_changed(top: Driver, pos: int, old: bytes, now: bytes, cs: int) -> None:
