@@ -61,6 +61,12 @@ async def rebase_image(
         raise ImageError(f"{path}: a {fmt} image has no backing file to change")
     where = resolve_backing(path, backing) if backing else ""
     with locked_target(path, share=share) as fd:
+        # The header is checked by an open before a byte of it is rewritten (also for
+        # -u, which reads no data): a hostile header must fail with a message.
+        alone = await open_image(
+            path, fmt=asked, read_only=True, rules=replace(rules, no_backing=True)
+        )
+        await alone.close()
         new: Driver | None = None
         try:
             if backing and (not unsafe or backing_format is None):

@@ -22,7 +22,7 @@ from formats.qcow.layout import (
     QcowHeader,
     XenExtension,
 )
-from tapnbd.errors import ImageError
+from tapnbd.errors import ImageError, InvalidImageError
 
 
 def write_backing(fd: int, name: str, mtime: int) -> None:
@@ -33,6 +33,14 @@ def write_backing(fd: int, name: str, mtime: int) -> None:
     raw = os.fsencode(name)
     if len(raw) > MAX_BACKING_NAME:
         raise ImageError(f"backing file name is {len(raw)} bytes; at most {MAX_BACKING_NAME}")
+    if h.backing_file_offset and (
+        h.backing_file_size > MAX_BACKING_NAME
+        or h.backing_file_offset + h.backing_file_size > h.l1_table_offset
+    ):
+        raise InvalidImageError(
+            f"backing_file_offset 0x{h.backing_file_offset:x} (+{h.backing_file_size} "
+            "bytes) does not lie before the L1 table"
+        )
     start = EXT_OFFSET + EXT_SIZE if ext is not None else HEADER_SIZE
     room = h.l1_table_offset - start
     if len(raw) > room:

@@ -74,7 +74,7 @@ def write_backing(fd: int, name: str, fmt: str | None) -> None:
         )
     new = replace(h, backing_file_offset=name_at if raw else 0, backing_file_size=len(raw)).build()
     # Everything up to the old name's end is rewritten; what follows it was zeros.
-    old_end = max(h.backing_file_offset + h.backing_file_size, len(new) + len(exts))
+    old_end = min(cs, max(h.backing_file_offset + h.backing_file_size, len(new) + len(exts)))
     region = (new + exts + raw).ljust(max(old_end, name_at + len(raw)), b"\0")
     os.pwrite(fd, region, 0)
     os.fsync(fd)

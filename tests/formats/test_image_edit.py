@@ -563,3 +563,20 @@ def test_resize_keeps_an_optimised_qcow_on_its_fast_path(tmp_path: Path) -> None
     out = json.loads(tapnbd("check", "--json", image).stdout)
     assert (out["exit-code"], out["cksum"]) == (0, "ok")
     run(["qemu-io", "-f", "qcow", "-c", "read -P 1 0 4M", "-c", "read -P 2 60M 1M", str(image)])
+
+
+@pytest.mark.parametrize("fmt", ["qcow", "qcow2"])
+def test_rebase_unsafe_of_a_hostile_header_is_refused_naming_the_field(
+    tmp_path: Path, fmt: str
+) -> None:
+    """-u reads no data, but the header is still checked before it is rewritten: a
+    backing name length of 4 GiB must not become a 4 GiB write."""
+    qcreate(tmp_path / "b.raw", "raw", MiB)
+    image = tmp_path / "o"
+    tapnbd("create", "-f", fmt, image, "-b", "b.raw", "-F", "raw")
+    patch(image, 16, (0xFFFFFFFF).to_bytes(4, "big"))  # backing_file_size, both formats
+    before = image.read_bytes()
+    proc = tapnbd("rebase", "-u", "-f", fmt, image, "-b", "b.raw", "-F", "raw", check=False)
+    assert proc.returncode == 1
+    assert "backing_file_size" in proc.stderr and "Traceback" not in proc.stderr
+    assert image.read_bytes() == before
