@@ -28,7 +28,7 @@ from tapnbd.errors import ImageError
 #: Bytes compared per read.
 CHUNK = 1 << 20
 #: The formats whose backing name this module can change.
-REBASE_FORMATS = ("qcow", "qcow2")
+REBASE_FORMATS = ("qcow", "qcow2", "vhd")
 
 
 def image_format(path: str, fmt: str) -> str:
@@ -51,12 +51,12 @@ async def rebase_image(
     """Make ``backing`` ("" for none) the backing file of the image at ``path``."""
     rules = rules or OpenRules()
     asked, fmt = fmt, image_format(path, fmt)
-    if fmt in ("vhd", "vpc"):
-        raise ImageError(
-            f"{path}: a VHD's parent is named by its UUID and timestamp as well as its "
-            "locators, so rebase does not change it (qemu-img cannot either); convert the "
-            "image instead"
-        )
+    if fmt == "vpc":
+        fmt = "vhd"
+    if fmt == "vhd" and not backing:
+        from formats.vhd.rebase import refuse_standalone
+
+        refuse_standalone(path)
     if fmt not in REBASE_FORMATS:
         raise ImageError(f"{path}: a {fmt} image has no backing file to change")
     where = resolve_backing(path, backing) if backing else ""
@@ -77,6 +77,8 @@ async def rebase_image(
                         where, fmt=backing_format or "auto", read_only=True, rules=rules
                     )
                     backing_format = backing_format or new.name
+                    if fmt == "vhd" and new.name != "vhd":
+                        raise ImageError(f"{where}: a VHD's parent must be a VHD, not {new.name}")
             if not unsafe:
                 # A probed image is opened as probed: the trust rules then apply to its
                 # backing name (formats.open_backing).
@@ -88,6 +90,10 @@ async def rebase_image(
             from formats.qcow2.rebase import write_backing as write_qcow2
 
             write_qcow2(fd, backing, backing_format if backing else None)
+        elif fmt == "vhd":
+            from formats.vhd.rebase import write_parent
+
+            await write_parent(fd, path, backing, where)
         else:
             from formats.qcow.rebase import write_backing as write_qcow
 

@@ -207,12 +207,41 @@ def test_a_changing_command_refuses_an_image_in_use_and_leaves_it(
     assert {p: p.read_bytes() for p in images} == before
 
 
-def test_rebase_refuses_vhd_and_names_too_long_for_qcow_v1(tmp_path: Path) -> None:
-    base = qcreate(tmp_path / "b.vhd", "vpc", MiB)
-    tapnbd("create", "-f", "vhd", tmp_path / "o.vhd", "-b", base.name)
-    proc = tapnbd("rebase", "-f", "vhd", tmp_path / "o.vhd", "-b", "x", check=False)
-    assert proc.returncode == 1
-    assert "VHD" in proc.stderr
+def test_rebase_vhd_differencing_disk(tmp_path: Path) -> None:
+    """qemu has no differencing VHDs: tapnbd serve writes, tapnbd convert reads back
+    (an open checks the parent's UUID against the child's header)."""
+    base, new = tmp_path / "base.vhd", tmp_path / "new.vhd"
+    for image, pattern in ((base, "write -P 1 0 8M"), (new, "write -P 2 2M 2M")):
+        tapnbd("create", "-f", "vhd", image, "-s", "8M")
+        qwrite(image, "vpc", pattern)
+    top = tmp_path / "o.vhd"
+    tapnbd("create", "-f", "vhd", top, "-b", base.name)
+    server = start_server([str(top), "--format", "vhd"], tmp_path / "serve.log")
+    try:
+        run(["qemu-io", "-f", "raw", "-c", "write -P 5 1M 100k", server.uri])
+    finally:
+        assert server.stop() == 0
+    before, after = tmp_path / "before.raw", tmp_path / "after.raw"
+    tapnbd("convert", "-q", "-f", "vhd", "-O", "raw", top, before)
+    tapnbd("rebase", "-f", "vhd", top, "-b", new.name)
+    tapnbd("convert", "-q", "-f", "vhd", "-O", "raw", top, after)
+    assert after.read_bytes() == before.read_bytes()
+    out = json.loads(tapnbd("info", "--json", "-f", "vhd", top).stdout)
+    assert out["backing-filename"] == "new.vhd"
+    tapnbd("check", top)
+    # Standalone, or a name longer than the locator's space: refused, nothing changed.
+    deep = tmp_path / ("d" * 200) / ("e" * 200) / ("f" * 200)
+    deep.mkdir(parents=True)
+    shutil.copy(new, deep / "new.vhd")
+    was = top.read_bytes()
+    for name, message in (("", "standalone"), (str(deep / "new.vhd"), "does not fit")):
+        proc = tapnbd("rebase", "-u", "-f", "vhd", top, "-b", name, check=False)
+        assert proc.returncode == 1
+        assert message in proc.stderr
+        assert top.read_bytes() == was
+
+
+def test_rebase_refuses_names_too_long_for_qcow_v1(tmp_path: Path) -> None:
     # qemu-img puts a QCOW v1 L1 table right after the name: no room for a longer one.
     raw = qcreate(tmp_path / "r", "raw", MiB)
     q = qcreate(tmp_path / "q.qcow", "qcow", None, "-b", raw.name, "-F", "raw")
