@@ -2,7 +2,8 @@
 
 What the overlay holds itself (formats.engine.topmap), and with ``base`` what every
 image above the base holds, is copied into the base image; ranges that read as zeros
-are zeroed there. Then, as qemu-img commit does by default, the overlay is emptied so
+are zeroed there (a base smaller than the overlay is grown first, as qemu-img commit
+grows it). Then, as qemu-img commit does by default, the overlay is emptied so
 that it shows the base through again; ``keep`` (``-d``) leaves it as it was, and a base
 below the immediate backing file always does (qemu-img: "-b implies -d").
 
@@ -83,6 +84,11 @@ async def commit_image(
             size = top.size()
             runs = complement(await unallocated_ranges(top, chain[at - 1]), size)
             facts = top.describe()
+            if base_driver.size() < size:
+                # As qemu-img commit: the base grows to the overlay's size first.
+                from formats.resize import resize_image
+
+                await resize_image(base_path, str(size), fmt=base_fmt, share=share, rules=rules)
             # The base's lock first: a base in use by a server is refused untouched.
             target = await open_image(
                 base_path, fmt=base_fmt, read_only=False, rules=replace(rules, share=share)
@@ -101,8 +107,7 @@ async def commit_image(
 async def _copy(top: Driver, target: Driver, runs: list[tuple[int, int]], size: int) -> int:
     if target.size() < size and any(s + n > target.size() for s, n in runs):
         raise ImageError(
-            f"the base image ({target.size()} bytes) is smaller than the overlay "
-            f"({size} bytes): resize it first (tapnbd resize)"
+            f"the base image ({target.size()} bytes) is smaller than the overlay ({size} bytes)"
         )
     copied = 0
     for start, n in runs:

@@ -609,3 +609,21 @@ def test_rebase_unsafe_of_a_hostile_header_is_refused_naming_the_field(
     assert proc.returncode == 1
     assert "backing_file_size" in proc.stderr and "Traceback" not in proc.stderr
     assert image.read_bytes() == before
+
+
+def test_commit_grows_a_smaller_base_as_qemu_img(tmp_path: Path) -> None:
+    images = {}
+    for who in ("ours", "ref"):
+        d = tmp_path / who
+        d.mkdir()
+        base = qcreate(d / "b.qcow2", "qcow2", MiB)
+        qwrite(base, "qcow2", "write -P 1 0 1M")
+        top = qcreate(d / "o.qcow2", "qcow2", 4 * MiB, "-b", "b.qcow2", "-F", "qcow2")
+        qwrite(top, "qcow2", "write -P 3 3M 64k")
+        images[who] = (base, top)
+    tapnbd("commit", "-q", "-f", "qcow2", images["ours"][1])
+    qemu_img("commit", "-q", "-f", "qcow2", images["ref"][1])
+    assert qinfo(images["ours"][0], "qcow2")["virtual-size"] == 4 * MiB
+    same(images["ours"][0], images["ref"][0], "qcow2", "qcow2")
+    same(images["ours"][1], images["ref"][1], "qcow2", "qcow2")
+    qemu_img("check", "-f", "qcow2", images["ours"][0])
