@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 from fractions import Fraction
 
 from tapnbd.driver import Driver
-from tapnbd.errors import ImageError
+from tapnbd.errors import ImageError, MissingImageError
 
 #: Bytes read from the start of an image for probing.
 PROBE_SIZE = 512
@@ -95,6 +95,8 @@ class OpenRules:
     share: bool = False
     #: Whether the file being opened now may be a block device (set per file).
     block_devices: bool = True
+    #: Open no backing file at all: the image alone, to describe a damaged chain.
+    no_backing: bool = False
 
 
 @dataclass(frozen=True)
@@ -197,7 +199,7 @@ async def open_image(
 
         return await open_rbd(spec, read_only)
     if not os.path.lexists(spec):
-        raise ImageError(f"{spec}: no such file or device")
+        raise MissingImageError(f"{spec}: no such file or device")
     outer = _opening.get()
     if rules is None:
         rules = outer.rules if outer is not None else OpenRules()
@@ -245,7 +247,7 @@ class UnsafeBackingError(ImageError):
     """A backing name the trust rules do not let us follow."""
 
 
-async def open_backing(name: str, path: str, fmt: str | None = None) -> Driver:
+async def open_backing(name: str, path: str, fmt: str | None = None) -> Driver | None:
     """Open the backing file ``name`` (resolved to ``path``) of the image being opened.
 
     ``fmt`` is the backing format recorded in the image, for formats that record one
@@ -256,6 +258,8 @@ async def open_backing(name: str, path: str, fmt: str | None = None) -> Driver:
     # A format's open called directly, not through open_image: its caller chose the
     # format, so the image counts as given, with the default rules.
     cur = _opening.get() or _Opening(path, OpenRules(), probed=False, depth=0)
+    if cur.rules.no_backing:
+        return None  # the caller's driver reads the image alone, as qemu's NO_BACKING
     if cur.probed and not cur.rules.allow_probed_backing:
         raise UnsafeBackingError(
             f"not opened: the format of {cur.path} was probed, not given, and a probed "

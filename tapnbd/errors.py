@@ -34,6 +34,10 @@ class InvalidImageError(ImageError):
     """The image is corrupt or not of the claimed format."""
 
 
+class MissingImageError(ImageError):
+    """The image (or a backing file it names) does not exist."""
+
+
 class UnsupportedImageError(ImageError):
     """The image is valid but uses a feature tapnbd refuses (encryption, qcow2)."""
 

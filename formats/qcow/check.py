@@ -97,6 +97,9 @@ class CheckResult:
     cksum_matters: bool = False
     notes: list[str] = field(default_factory=list)
     check_errors: list[str] = field(default_factory=list)
+    #: For a repair: the clusters found in use, and the first one a leak may be.
+    usage: ClusterUse | None = field(default=None, repr=False)
+    leak_from: int = 0
 
     def corrupt(self, message: str) -> None:
         self.problems.add(message)
@@ -278,6 +281,7 @@ async def _check(child: RawDriver, res: CheckResult) -> None:
     # Leaks: unreferenced clusters that hold data, past the page-rounded fixed metadata
     # (qcow-create pads the L1 table to a page; that padding is not a leak).
     first = round_up(round_up(meta.data_start, 4096), cs) // cs
+    res.usage, res.leak_from = use, first
     async for start, n in data_ranges(child, 0, fsize):
         lo, hi = max(first, start // cs), (start + n + cs - 1) // cs
         if lo < hi:

@@ -49,19 +49,26 @@ _URL_LIKE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
 
 
 async def backing_facts(
-    backing: str, backing_format: str = "auto", rules: OpenRules | None = None
+    path: str, backing: str, backing_format: str = "auto", rules: OpenRules | None = None
 ) -> tuple[str, int, int]:
-    """(name to store, virtual size, mtime) of a backing file, opened to check it."""
-    from formats import open_image
+    """(name to store, virtual size, mtime) of the backing file of the image ``path``.
 
-    name = backing if _URL_LIKE.match(backing) else os.path.realpath(backing)
-    driver = await open_image(name, fmt=backing_format, read_only=True, rules=rules)
+    The name is stored as given, relative or absolute, as qemu-img does: a relative name
+    is relative to the image's directory (formats.qcow.resolve_backing), so a directory
+    holding a whole chain can move. The file is opened to check it.
+    """
+    from formats import open_image
+    from formats.qcow import resolve_backing
+
+    url = _URL_LIKE.match(backing) is not None
+    where = backing if url else resolve_backing(path, backing)
+    driver = await open_image(where, fmt=backing_format, read_only=True, rules=rules)
     try:
         size = driver.size()
     finally:
         await driver.close()
-    mtime = 0 if _URL_LIKE.match(name) else int(os.stat(name).st_mtime) & 0xFFFFFFFF
-    return name, size, mtime
+    mtime = 0 if url else int(os.stat(where).st_mtime) & 0xFFFFFFFF
+    return backing, size, mtime
 
 
 async def create_qcow(
@@ -90,7 +97,7 @@ async def create_qcow(
     name = b""
     mtime = 0
     if backing is not None:
-        stored, bsize, mtime = await backing_facts(backing, backing_format, rules)
+        stored, bsize, mtime = await backing_facts(path, backing, backing_format, rules)
         name = os.fsencode(stored)
         if len(name) > MAX_BACKING_NAME:
             raise ImageError(f"backing file name is {len(name)} bytes; at most 1023 fit")

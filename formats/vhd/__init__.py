@@ -29,9 +29,12 @@ def probe(header: bytes) -> int:
     return 100 if header[:8] == FOOTER_COOKIE else 0
 
 
-async def _open_parent(path: str, driver_meta_paths: list[tuple[str, str]]) -> Driver:
+async def _open_parent(path: str, driver_meta_paths: list[tuple[str, str]]) -> Driver | None:
     """The first parent locator that names an existing file, opened as VHD."""
-    from formats import open_backing
+    from formats import open_backing, open_rules
+
+    if open_rules().no_backing:
+        return None
 
     tried: list[str] = []
     for platform, name in driver_meta_paths:
@@ -59,10 +62,12 @@ async def open_vhd(path: str, read_only: bool) -> Driver:
             if meta.disk_type == DiskType.DIFFERENCING:
                 assert meta.header is not None
                 parent = await _open_parent(path, meta.parent_paths)
-                if not isinstance(parent, VhdDriver):
+                if parent is None:
+                    pass  # opened alone (OpenRules.no_backing)
+                elif not isinstance(parent, VhdDriver):
                     raise InvalidImageError(f"parent {meta.header.parent_name!r} is not a VHD")
-                puuid = parent.meta.footer.uuid
-                if puuid != meta.header.parent_uuid:
+                elif parent.meta.footer.uuid != meta.header.parent_uuid:
+                    puuid = parent.meta.footer.uuid
                     raise InvalidImageError(
                         f"dynamic header parent unique id {meta.header.parent_uuid.hex()} "
                         f"does not match the parent's unique id {puuid.hex()}"

@@ -21,7 +21,7 @@ from tapnbd.cli._trust import (
     ForceShareOpt,
     open_rules,
 )
-from tapnbd.cli.app import app, errors_as_exit, fail
+from tapnbd.cli.app import app, err_console, errors_as_exit, fail
 from tapnbd.driver import Driver
 
 if TYPE_CHECKING:
@@ -54,20 +54,17 @@ def create_cmd(
             "--backing", "-b", help="Backing file (any format; qcow, qcow2; vhd: a VHD parent)."
         ),
     ] = None,
-    backing_fmt: Annotated[
-        str | None,
-        typer.Option("--backing-format", "-F", help="qcow2: the backing file's format (stored)."),
-    ] = None,
     preallocation: Annotated[
-        str, typer.Option("--preallocation", help="qcow2: off, metadata, falloc or full.")
-    ] = "off",
+        str | None, typer.Option("--preallocation", help="qcow2: off, metadata, falloc or full.")
+    ] = None,
     optimise: Annotated[
-        bool,
+        bool | None,
         typer.Option(
             "--optimise/--no-optimise",
-            help="Allocate whole extents and use the fast path (never with a backing file).",
+            help="qcow: allocate whole extents and use the fast path (the default without "
+            "a backing file; refused with one).",
         ),
-    ] = True,
+    ] = None,
     cluster_size: Annotated[
         str | None,
         typer.Option(
@@ -76,8 +73,8 @@ def create_cmd(
         ),
     ] = None,
     subformat: Annotated[
-        str, typer.Option("--subformat", help="vhd: dynamic (default) or fixed.")
-    ] = "dynamic",
+        str | None, typer.Option("--subformat", help="vhd: dynamic (default) or fixed.")
+    ] = None,
     reserve: Annotated[
         bool, typer.Option("--reserve", "-r", help="Reserve the space now (not sparse).")
     ] = False,
@@ -91,7 +88,18 @@ def create_cmd(
     An image in use (locked by a server) is refused and left as it was.
     """
     from formats.qcow.create import create_qcow, create_raw
+    from tapnbd.cli.image_flags import refuse_create_flags
 
+    refuse_create_flags(
+        "rbd" if image.startswith("rbd:") else fmt,
+        backing=backing,
+        backing_format=backing_format,
+        preallocation=preallocation,
+        optimise=optimise,
+        cluster_size=cluster_size,
+        subformat=subformat,
+        reserve=reserve,
+    )
     with errors_as_exit():
         nbytes = _size(size) if size is not None else None
         csize = _size(cluster_size) if cluster_size is not None else None
@@ -118,7 +126,7 @@ def create_cmd(
                     nbytes,
                     backing=backing,
                     backing_format=backing_format or "auto",
-                    optimise=optimise,
+                    optimise=optimise is not False,
                     cluster_size=csize,
                     reserve=reserve,
                     share=force_share,
@@ -133,9 +141,9 @@ def create_cmd(
                     image,
                     nbytes,
                     backing=backing,
-                    backing_fmt=backing_fmt,
+                    backing_fmt=backing_format,
                     cluster_size=csize,
-                    preallocation=preallocation,
+                    preallocation=preallocation or "off",
                 )
             )
         elif fmt in ("vhd", "vpc"):
@@ -145,7 +153,7 @@ def create_cmd(
                 create_vhd(
                     image,
                     nbytes,
-                    subformat=subformat,
+                    subformat=subformat or "dynamic",
                     backing=backing,
                     block_size=csize,
                     share=force_share,
@@ -240,9 +248,13 @@ async def image_info(
     path: str, fmt: str = "auto", rules: OpenRules | None = None
 ) -> dict[str, object]:
     """``qemu-img info``-style facts about an image and its backing chain."""
-    from formats import open_image
+    from formats.salvage import open_for_info
 
-    driver = await open_image(path, fmt=fmt, read_only=True, rules=rules)
+    # A damaged image is shown as far as it can be, as qemu-img info does (exit 0).
+    driver, warnings = await open_for_info(path, fmt, rules)
+    for warning in warnings:
+        where = "" if warning.startswith(path) else f"{path}: "
+        err_console().print(f"warning: {where}{warning}", highlight=False, soft_wrap=True)
     try:
         info = await _describe(path, driver)
         # A fixed VHD has its only footer at the end, which probing never reads.
@@ -393,7 +405,11 @@ def check_cmd(
     as_json: JsonOpt = False,
     repair: Annotated[
         bool,
-        typer.Option("--repair", help="qcow2: set refcounts to the references, clear dirty."),
+        typer.Option(
+            "--repair",
+            help="qcow2: set refcounts to the references, clear dirty; qcow: free leaked "
+            "clusters, rewrite the L1 checksum.",
+        ),
     ] = False,
     fmt: Annotated[
         str, typer.Option("--format", "-f", help="auto, or vhd for a fixed VHD.")
@@ -414,13 +430,17 @@ def check_cmd(
         if fmt in ("vhd", "vpc"):
             from formats.vhd.check import check_vhd
 
+            if repair:
+                fail(f"{image}: --repair is for qcow and qcow2 images", 1)
             res = runtime.run(check_vhd(image))
         elif fmt == "qcow2":
             from formats.qcow2.check import check_qcow2
 
             res = runtime.run(check_qcow2(image, repair=repair))
-        elif repair:
-            fail(f"{image}: --repair is for qcow2 images", 1)
+        elif fmt == "qcow" and repair:
+            from formats.qcow.repair import repair_qcow
+
+            res = runtime.run(repair_qcow(image))
         elif fmt == "qcow":
             res = runtime.run(check_qcow(image))
         else:
