@@ -7,13 +7,11 @@
 from __future__ import annotations
 
 from formats import Format
-from formats.engine.opening import image_file
-from formats.qcow import resolve_backing
+from formats.engine.image import open_backing_file, open_format
 from formats.qcow2.driver import Qcow2Driver
 from formats.qcow2.layout import QCOW2_MAGIC
-from formats.qcow2.meta import check_features, read_meta
+from formats.qcow2.meta import Qcow2Meta, check_features, read_meta
 from tapnbd.driver import Driver
-from tapnbd.errors import ImageError
 
 __all__ = ["FORMAT", "Qcow2Driver", "open_qcow2", "probe"]
 
@@ -27,27 +25,23 @@ def probe(header: bytes) -> int:
 
 async def open_qcow2(path: str, read_only: bool) -> Driver:
     """Open a qcow2 image and its backing chain (backing files read-only)."""
-    from formats import open_backing
 
-    async with image_file(path, read_only) as child:
-        backing: Driver | None = None
-        try:
-            meta = await read_meta(child)
-            check_features(meta, read_only)
-            if meta.backing_name:
-                bpath = resolve_backing(path, meta.backing_name)
-                # A backing format named in the header is used as it is, never re-probed.
-                try:
-                    backing = await open_backing(meta.backing_name, bpath, meta.backing_format)
-                except ImageError as e:
-                    raise type(e)(f"backing file {meta.backing_name!r}: {e}") from None
-            driver = Qcow2Driver(child, backing, meta, read_only=read_only, path=path)
-            await driver.prepare()
-            return driver
-        except BaseException:
-            if backing is not None:
-                await backing.close()
-            raise
+    async def checked_meta(child: Driver) -> Qcow2Meta:
+        meta = await read_meta(child)
+        check_features(meta, read_only)
+        return meta
+
+    async def backing_of(meta: Qcow2Meta) -> Driver | None:
+        name = meta.backing_name
+        # A backing format named in the header is used as it is, never re-probed.
+        return await open_backing_file(path, name, meta.backing_format) if name else None
+
+    async def make(child: Driver, backing: Driver | None, meta: Qcow2Meta) -> Driver:
+        driver = Qcow2Driver(child, backing, meta, read_only=read_only, path=path)
+        await driver.prepare()
+        return driver
+
+    return await open_format(path, read_only, checked_meta, backing_of, make)
 
 
 FORMAT = Format("qcow2", probe, open_qcow2)
