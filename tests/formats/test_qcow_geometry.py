@@ -111,6 +111,10 @@ async def test_fast_path_reads_match_qemu(
             if not d.pwrite_nowait(off, data):
                 await d.pwrite(off, data)
         await d.flush()
+        if flat:  # the flat list agrees with L1 after the allocations (spec §2.4)
+            assert d._bases == [
+                d.l1[i] + d.g.l2_bytes if d.l1[i] else 0 for i in range(d.g.l1_size)
+            ]
     finally:
         await d.close()
     raw = tmp_path / "f.raw"
