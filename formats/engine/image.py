@@ -10,7 +10,7 @@ file, its backing file (opened and closed on error), the driver and its ``prepar
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Generic, Protocol, TypeVar, runtime_checkable
+from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
 
 from formats.engine.opening import image_file
 from tapnbd.driver import Driver, FuaMode
@@ -20,6 +20,7 @@ from tapnbd.errors import ImageError
 CACHE_BYTES = 32 << 20
 
 M = TypeVar("M")
+M_contra = TypeVar("M_contra", contravariant=True)
 
 
 @runtime_checkable
@@ -68,6 +69,9 @@ class ImageDriver(Driver, Generic[M]):
     def can_extents(self) -> bool:
         return True
 
+    async def prepare(self) -> None:
+        """Open-time work once the driver exists (repairs a writable open owes)."""
+
     async def finish(self) -> None:
         """The last writes of a writable image before its file closes (a flush)."""
         await self.flush()
@@ -85,28 +89,45 @@ class ImageDriver(Driver, Generic[M]):
                 await self.backing.close()
 
 
+class DriverType(Protocol[M_contra]):
+    """An ImageDriver subclass, as its constructor."""
+
+    def __call__(
+        self,
+        child: Driver,
+        backing: Driver | None,
+        meta: M_contra,
+        /,
+        *,
+        read_only: bool = False,
+        path: str = "",
+    ) -> ImageDriver[Any]: ...
+
+
 async def open_format(
     path: str,
     read_only: bool,
     read_meta: Callable[[Driver], Awaitable[M]],
     backing_of: Callable[[M], Awaitable[Driver | None]],
-    make: Callable[[Driver, Driver | None, M], Awaitable[Driver]],
+    driver_type: DriverType[M],
     *,
     link: str = "backing file",
     chain_name: str = "backing chain",
 ) -> Driver:
     """Open the image at ``path``: its metadata, its backing file, then the driver.
 
-    ``backing_of(meta)`` opens the backing file (or gives None); an ImageError from it
-    is named after the link. ``make`` builds and prepares the driver. On any failure
-    the backing file and the image file are closed again.
+    ``backing_of(meta)`` opens the backing file (or gives None). The driver is made
+    with ``driver_type`` and prepared. On any failure the backing file and the image
+    file are closed again.
     """
     async with image_file(path, read_only, link=link, chain_name=chain_name) as child:
         backing: Driver | None = None
         try:
             meta = await read_meta(child)
             backing = await backing_of(meta)
-            return await make(child, backing, meta)
+            driver = driver_type(child, backing, meta, read_only=read_only, path=path)
+            await driver.prepare()
+            return driver
         except BaseException:
             if backing is not None:
                 await backing.close()

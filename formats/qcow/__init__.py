@@ -60,12 +60,7 @@ async def open_qcow(path: str, read_only: bool) -> Driver:
         name = meta.backing_name
         return await open_backing_file(path, name) if name else None
 
-    async def make(child: Driver, backing: Driver | None, meta: QcowMeta) -> Driver:
-        driver = QcowDriver(child, backing, meta, read_only=read_only, path=path)
-        await driver.prepare()
-        return driver
-
-    return await open_format(path, read_only, read_meta, backing_of, make)
+    return await open_format(path, read_only, read_meta, backing_of, QcowDriver)
 
 
 FORMAT = Format("qcow", probe, open_qcow)

@@ -36,12 +36,7 @@ async def open_qcow2(path: str, read_only: bool) -> Driver:
         # A backing format named in the header is used as it is, never re-probed.
         return await open_backing_file(path, name, meta.backing_format) if name else None
 
-    async def make(child: Driver, backing: Driver | None, meta: Qcow2Meta) -> Driver:
-        driver = Qcow2Driver(child, backing, meta, read_only=read_only, path=path)
-        await driver.prepare()
-        return driver
-
-    return await open_format(path, read_only, checked_meta, backing_of, make)
+    return await open_format(path, read_only, checked_meta, backing_of, Qcow2Driver)
 
 
 FORMAT = Format("qcow2", probe, open_qcow2)

@@ -73,14 +73,14 @@ async def open_vhd(path: str, read_only: bool) -> Driver:
             raise
         return parent
 
-    async def make(child: Driver, parent: Driver | None, meta: VhdMeta) -> Driver:
-        driver = VhdDriver(child, parent, meta, read_only=read_only, path=path)
-        if not read_only:
-            await driver.prepare()
-        return driver
-
     return await open_format(
-        path, read_only, meta_of, parent_of, make, link="parent locator", chain_name="parent chain"
+        path,
+        read_only,
+        meta_of,
+        parent_of,
+        VhdDriver,
+        link="parent locator",
+        chain_name="parent chain",
     )
 
 

@@ -102,7 +102,9 @@ class VhdDriver(ImageDriver["VhdMeta"]):
         self._lock_users: dict[int, int] = {}
 
     async def prepare(self) -> None:
-        """On a writable open, put back a footer that a crash left missing at the end."""
+        """On a writable open, put back a footer that a crash left missing at the end.
+
+        (A read-only open owes nothing: ``_grown`` is then False.)"""
         if self._grown:
             await self.flush()
 
