@@ -487,7 +487,6 @@ class QcowDriver(ImageDriver[QcowMeta]):
         view = memoryview(data)
         end = offset + len(view)
         pos = offset
-        allocated = False
         while pos < end:
             kind, host, n = await self._run_at(pos, end)
             if kind == DATA:
@@ -496,12 +495,11 @@ class QcowDriver(ImageDriver[QcowMeta]):
                 pos += n
             elif self._fast:
                 self._alloc_extent(pos >> self._shift)
-                allocated = True
             else:
-                done = await self._alloc_write(pos, pos + n, kind, host, view, offset)
-                allocated = allocated or done > 0
-                pos += done
-        if fua and (allocated or self._journal.pending):
+                pos += await self._alloc_write(pos, pos + n, kind, host, view, offset)
+        # An allocation is in the journal until a flush has made it and its data durable
+        # (data_first), so a FUA write that allocated always finds it pending here.
+        if fua and self._journal.pending:
             await self.flush()
 
     def _reserve(self, n: int) -> int:

@@ -281,6 +281,23 @@ async def test_zero_with_backing_writes_zeroes(tmp_path: Path) -> None:
     compare(img, ref)
 
 
+async def test_driver_zero_over_backing_writes_zeroes_in_chunks(tmp_path: Path) -> None:
+    """The driver's own zero (the Backend writes zeros itself here, as can_fast_zero is
+    off): an unallocated run over a backing file longer than one chunk of zeros."""
+    base = make_raw(tmp_path / "base.raw", 8 * MiB)
+    write_raw(base, 0, b"B" * (8 * MiB))
+    img = await make_qcow(tmp_path / "c.qcow", backing=base, size=None, optimise=False)
+    d = await open_qcow(img)
+    await d.zero(1000, 3 * MiB, may_trim=True, fua=False, fast=False)
+    got = bytes(await d.pread(0, 4 * MiB))
+    assert got == b"B" * 1000 + bytes(3 * MiB) + b"B" * (MiB - 1000)
+    await d.close()
+    ref = make_raw(tmp_path / "ref.raw", 8 * MiB)
+    write_raw(ref, 0, b"B" * (8 * MiB))
+    write_raw(ref, 1000, bytes(3 * MiB))
+    compare(img, ref)
+
+
 async def test_zero_optimised_keeps_extents(tmp_path: Path) -> None:
     img = await make_qcow(tmp_path / "o.qcow", 8 * MiB)
     d = await open_qcow(img)
