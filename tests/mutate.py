@@ -53,6 +53,7 @@ TARGETS: dict[str, list[str]] = {
     "formats/qcow/driver.py": [
         "tests/formats/test_qcow_driver.py",
         "tests/formats/test_qcow_flush_retry.py",
+        "tests/formats/test_qcow_geometry.py",
         "tests/reliability/test_powerloss.py",
     ],
     "tapnbd/xen/blkif.py": ["tests/xen/test_codec.py"],

@@ -7,6 +7,10 @@ an earlier stage (for qcow2: new tables and refcounts, then refcount-table entri
 L2 and L1 entries). Records made while a flush runs belong to the next epoch. If a flush
 fails, its records are merged back (newer ones win) and the next flush tries again.
 
+A format whose records point at guest data written before the flush (QCOW v1's L2
+entries name data clusters) asks for ``data_first``: the first stage is then synced even
+when it has no records of its own, so the data is durable before anything names it.
+
 A record is keyed by its file offset, so recording the same place twice keeps the last
 value. Its value is either bytes or a function giving them; functions are called when
 the epoch is taken, so a whole table recorded early is written as it is at the flush.
@@ -27,7 +31,10 @@ Syncer: TypeAlias = Callable[[], Awaitable[None]]
 class Journal:
     """Pending metadata writes in ``stages`` ordered groups, for one file."""
 
-    def __init__(self, stages: int, write: Writer, sync: Syncer) -> None:
+    def __init__(
+        self, stages: int, write: Writer, sync: Syncer, *, data_first: bool = False
+    ) -> None:
+        self._data_first = data_first
         self._records: list[dict[int, Value]] = [{} for _ in range(stages)]
         self._write = write
         self._sync = sync
@@ -54,10 +61,15 @@ class Journal:
         return any(self._records) or self._lock.locked()
 
     @property
+    def tables(self) -> int:
+        """Tables (tags) with records not yet written, for a write-back threshold."""
+        return len(self._tags)
+
+    @property
     def size(self) -> int:
         return sum(len(r) for r in self._records)
 
-    async def flush(self, before_sync: Callable[[int], Awaitable[None]] | None = None) -> bool:
+    async def flush(self) -> bool:
         """Write every stage of the current epoch, syncing after each non-empty one.
 
         Returns False when there was nothing to write (the caller may still sync data).
@@ -73,8 +85,10 @@ class Journal:
                 snap = [
                     {off: v() if callable(v) else v for off, v in recs.items()} for recs in taken
                 ]
-                for writes in snap:
+                for stage, writes in enumerate(snap):
                     if not writes:
+                        if stage == 0 and self._data_first:
+                            await self._sync()
                         continue
                     for off, data in _coalesce(writes):
                         await self._write(off, data)

@@ -9,12 +9,12 @@ from __future__ import annotations
 import os
 
 from formats import Format
-from formats.engine.opening import MAX_CHAIN, file_filter, image_file
+from formats.engine.image import open_backing_file, open_format
+from formats.engine.opening import MAX_CHAIN, file_filter
 from formats.qcow.driver import QcowDriver
 from formats.qcow.layout import QCOW_MAGIC, QCOW_VERSION
-from formats.qcow.meta import read_meta
+from formats.qcow.meta import QcowMeta, read_meta
 from tapnbd.driver import Driver
-from tapnbd.errors import ImageError
 
 __all__ = [
     "FORMAT",
@@ -54,26 +54,13 @@ def resolve_backing(image_path: str, name: str) -> str:
 
 async def open_qcow(path: str, read_only: bool) -> Driver:
     """Open a QCOW v1 image and its backing chain (backing files read-only)."""
-    from formats import open_backing
 
-    async with image_file(path, read_only) as child:
-        backing: Driver | None = None
-        try:
-            meta = await read_meta(child)
-            if meta.backing_name:
-                bpath = resolve_backing(path, meta.backing_name)
-                try:
-                    # QCOW v1 records no backing format: open_backing applies the rules.
-                    backing = await open_backing(meta.backing_name, bpath)
-                except ImageError as e:
-                    raise type(e)(f"backing file {meta.backing_name!r}: {e}") from None
-            driver = QcowDriver(child, backing, meta, read_only=read_only, path=path)
-            await driver.prepare()
-            return driver
-        except BaseException:
-            if backing is not None:
-                await backing.close()
-            raise
+    async def backing_of(meta: QcowMeta) -> Driver | None:
+        # QCOW v1 records no backing format: open_backing applies the rules.
+        name = meta.backing_name
+        return await open_backing_file(path, name) if name else None
+
+    return await open_format(path, read_only, read_meta, backing_of, QcowDriver)
 
 
 FORMAT = Format("qcow", probe, open_qcow)

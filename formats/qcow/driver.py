@@ -6,16 +6,20 @@ Theory of operation
 Address translation (spec §1.2): guest offset -> L1 entry (an L2 table's file offset)
 -> L2 entry (a data cluster's file offset, or a compressed cluster, or 0). The L1 table
 lives in memory as an ``L1Table`` of 4 KiB pieces, only those holding entries (l1.py: a
-header may claim 2 GiB of table); L2 tables are loaded on demand into a small LRU.
+header may claim 2 GiB of table); L2 tables come and go through an
+``engine.table_cache.TableCache``. Every walk over a guest range (read, write, zero,
+block status) goes through ``engine.runs`` over ``_lookup``, which answers from memory
+or asks for a table to be loaded.
 
 Allocation-optimised images (blktap's Xen extension, spec §2.4): the first write to an
 L1 slot allocates a whole *extent*, the L2 table followed directly by all its data
 clusters, and fills the table with their real offsets. Afterwards the *fast path*
 computes any data offset from the L1 entry alone (the L1 entry + ``l2_size * 8`` + the
-offset within the slot) and never reads L2. The fast path is trusted only when the
-extension's MD5 of the L1 table matches, or, after a crash left it stale (or the table
-is too large to checksum), when every L2 table has been read and found to hold exactly
-the extent layout. On a clean close the checksum is rewritten.
+offset within the slot) and never reads L2; ``_bases`` keeps that data base per L1 slot
+in a plain list (0: unallocated), so a request costs one list index. The fast path is
+trusted only when the extension's MD5 of the L1 table matches, or, after a crash left it
+stale (or the table is too large to checksum), when every L2 table has been read and
+found to hold exactly the extent layout. On a clean close the checksum is rewritten.
 
 Requests: reads and writes of allocated clusters go straight to the child with no lock
 and no suspension of their own; several may be in flight on one cluster. Allocation is
@@ -23,13 +27,15 @@ synchronous bookkeeping (reserve file space, note the new offsets) plus I/O: a g
 cluster being allocated is recorded in ``_pending`` so a second writer waits for the
 first instead of allocating it again.
 
-Crash safety, by flush epochs (the write-back metadata scheme of qcow2's cache):
+Crash safety, by flush epochs (``engine.journal``, the write-back metadata scheme of
+qcow2's cache):
 
 1. A data cluster is written before its L2 entry changes in memory; a new L2 table is
    created in memory only.
 2. ``flush()`` takes the dirty metadata as one snapshot, writes the new L2 tables (not
-   yet referenced by anything on disk), syncs (data and tables are durable), then
-   writes the changed L2 entries and L1 entries and syncs again.
+   yet referenced by anything on disk), syncs (data and tables are durable: the
+   journal's ``data_first``), then writes the changed L2 entries and L1 entries and
+   syncs again.
 
 So on disk an L2 entry never points at data that is not durable, and an L1 entry never
 points at an L2 table that is not durable; every write acknowledged before a completed
@@ -42,62 +48,64 @@ from __future__ import annotations
 import asyncio
 import bisect
 import errno
-import itertools
 import logging
-import zlib
+import os
 from array import array
-from collections import OrderedDict
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from functools import partial
+from typing import TYPE_CHECKING, Any
 
+from formats.engine.backing import HOLE_ZERO, backing_status, read_backing
+from formats.engine.compressed import Inflater
+from formats.engine.image import Growable, ImageDriver, cache_tables
+from formats.engine.journal import Journal
+from formats.engine.runs import (
+    COMPRESSED,
+    DATA,
+    UNALLOC,
+    Miss,
+    add_extent,
+    host_status,
+    run_at,
+    runs,
+)
+from formats.engine.table_cache import TableCache
 from formats.qcow.geometry import compressed_location, round_up
 from formats.qcow.l1 import PIECE_BITS, PIECE_MASK, be_array, tables_with_data, to_be_bytes
 from formats.qcow.layout import CKSUM_OFFSET, EXT_OFFSET, QCOW_OFLAG_COMPRESSED, XenFlags
 from formats.qcow.meta import CKSUM_MAX_BYTES, QcowMeta
-from tapnbd.driver import BlockSize, Driver, Extent, ExtentFlags, FuaMode
+from formats.raw import RawDriver
+from tapnbd import buffers
+from tapnbd.driver import BlockSize, Driver, Extent, ExtentFlags
 
 if TYPE_CHECKING:
     from collections.abc import Coroutine
 
-log = logging.getLogger(__name__)
+__all__ = ["COMPRESSED", "DATA", "UNALLOC", "Growable", "QcowDriver"]
 
-# Kinds of run a guest range maps to.
-UNALLOC = 0  # no cluster: zeros, or the backing file
-DATA = 1  # a normal cluster at a host offset
-COMPRESSED = 2  # one compressed cluster; "host" is its L2 entry
+log = logging.getLogger(__name__)
 
 #: L2 entries that failed validation when their table was loaded are replaced in memory
 #: by this (a non-zero, unaligned offset no real entry has); using one fails with EIO.
 _BAD = 1
-#: L2 tables kept in memory (dirty ones are pinned and may exceed it).
-L2_CACHE_BYTES = 32 << 20
 #: Past this many tables with unwritten changes, write them back in the background.
 WRITEBACK_TABLES = 1024
 #: Block status answers at most this many extents per call; the client asks again.
 MAX_EXTENTS = 1024
+#: The fast path's flat list of data bases is kept for L1 tables up to this many
+#: entries (8 MiB of list, 2 TiB at tapdisk's geometry); a larger table (a header may
+#: claim 2**28 entries) takes the general lookup, which reads the sparse L1Table.
+FLAT_L1_MAX = 1 << 20
+#: Journal stages: new L2 tables, then the L2 and L1 entries that name them and data.
+S_NEW, S_MAP = 0, 1
 _ZERO_CHUNK = 1 << 20
 _ZEROES = bytes(_ZERO_CHUNK)
-_HOLE_ZERO = ExtentFlags.HOLE | ExtentFlags.ZERO
-
-
-@runtime_checkable
-class Growable(Protocol):
-    """A child that can extend its file in place (RawDriver.grow)."""
-
-    def grow(self, length: int, *, allocate: bool = False) -> None: ...
-
-
-class _Miss(Exception):
-    """The L2 table at ``l2off`` must be loaded before the lookup can answer."""
-
-    def __init__(self, l2off: int) -> None:
-        self.l2off = l2off
 
 
 def _eio(message: str) -> OSError:
     return OSError(errno.EIO, message)
 
 
-class QcowDriver(Driver):
+class QcowDriver(ImageDriver[QcowMeta]):
     """A QCOW v1 image read and written through ``child``; ``backing`` fills holes."""
 
     name = "qcow"
@@ -111,13 +119,9 @@ class QcowDriver(Driver):
         read_only: bool = False,
         path: str = "",
     ) -> None:
-        self.child = child
-        self.backing = backing
-        self.meta = meta
-        self.read_only = read_only
-        self.path = path
-        g = self.g = meta.geometry
-        self._size = g.size
+        g = meta.geometry
+        super().__init__(child, backing, meta, g.size, read_only=read_only, path=path)
+        self.g = g
         self._cb = g.cluster_bits
         self._cs = g.cluster_size
         self._shift = g.shift
@@ -126,11 +130,15 @@ class QcowDriver(Driver):
         self._data_off = g.l2_bytes
         self.l1 = meta.l1
         self._l1_pieces = meta.l1.pieces
+        self._l1_off = meta.header.l1_table_offset
         #: Fast path on: data offsets come from L1 alone (see the module docstring).
         self._fast = False
+        #: With the fast path on: each L1 slot's data base, 0 where unallocated.
+        self._bases: list[int] | None = None
+        #: The child when it is exactly the raw driver: the fast path reads its file.
+        self._raw = child if type(child) is RawDriver else None
         #: Growth by sparse extension (SPARSE_FILE, the default) or by fallocate.
         self._sparse = meta.ext is None or not meta.ext_applies or meta.ext.sparse
-        self._grow = child.grow if isinstance(child, Growable) else None
         #: Next free cluster-aligned file offset: allocation only ever appends.
         self._end = round_up(max(meta.file_size, meta.data_start), self._cs)
         #: The end at open. A table as read from disk cannot rightly point past it unless
@@ -140,26 +148,18 @@ class QcowDriver(Driver):
         self._touched: set[int] = set()
         #: Entries found bad on a table's first load, marked again if it is read again.
         self._bad: dict[int, list[int]] = {}
-        self._l2cache: OrderedDict[int, array[int]] = OrderedDict()
-        self._l2_cache_max = max(16, L2_CACHE_BYTES // g.l2_bytes)
-        self._loading: dict[int, asyncio.Future[None]] = {}
+        self._journal = Journal(2, self._meta_write, child.flush, data_first=True)
+        self._l2: TableCache[array[int]] = TableCache(
+            self._read_l2, cache_tables(g.l2_bytes), self._journal.busy
+        )
+        self._l2_tables = self._l2.tables
         #: L2 table offsets, sorted (an array: 8 bytes each).
         self._l2_sorted = meta.l2_tables
-        # Metadata not yet on disk (see "flush epochs" above).
-        self._dirty_l1: dict[int, int] = {}
-        self._dirty_l2: dict[int, dict[int, int]] = {}
-        self._new_l2: dict[int, array[int]] = {}
-        self._flushing: set[int] = set()
-        self._flush_active = False
-        self._flush_lock = asyncio.Lock()
         self._writeback: asyncio.Task[None] | None = None
         #: Guest clusters whose allocation is in flight.
         self._pending: dict[int, asyncio.Future[None]] = {}
-        self._ccache_key = -1
-        self._ccache = b""
+        self._inflater = Inflater(child, self._cs)
         self._child_extents = child.can_extents()
-        self._backing_extents = backing is not None and backing.can_extents()
-        self._closed = False
 
     # Open-time work: old-image conversion and the choice of the fast path.
 
@@ -171,14 +171,14 @@ class QcowDriver(Driver):
         if not m.optimised or self.backing is not None:
             return
         if m.cksum_ok and self._extents_fit():
-            self._fast = True
+            self._fast_on()
         elif await self._verify_extents():
             log.info(
                 "%s: L1 checksum %s; every extent checked, fast path on",
                 self.path,
                 "mismatch (not closed cleanly?)" if m.cksum_ok is False else "not checked",
             )
-            self._fast = True
+            self._fast_on()
         else:
             # "If it differs, the extension is ignored" (spec §2.2): the safe path.
             why = (
@@ -189,6 +189,15 @@ class QcowDriver(Driver):
                 else "L1 table too large to checksum"
             )
             log.warning("%s: %s; using the safe path", self.path, why)
+
+    def _fast_on(self) -> None:
+        """Turn the fast path on, with the flat list of data bases if L1 is not huge."""
+        self._fast = True
+        if self.g.l1_size <= FLAT_L1_MAX:
+            bases = [0] * self.g.l1_size
+            for i, e in self.l1.items():
+                bases[i] = e + self._data_off
+            self._bases = bases
 
     async def _convert_old_image(self) -> None:
         """Rewrite an old tapdisk image's L1 table big-endian and set the flag (spec §2.6).
@@ -237,13 +246,7 @@ class QcowDriver(Driver):
                 return False
         return True
 
-    # Capabilities.
-
-    def size(self) -> int:
-        return self._size
-
-    def can_write(self) -> bool:
-        return not self.read_only
+    # Capabilities (the others come with ImageDriver).
 
     def can_trim(self) -> bool:
         return not self.read_only
@@ -251,12 +254,6 @@ class QcowDriver(Driver):
     def can_fast_zero(self) -> bool:
         # With a backing file, zeroing an unallocated cluster means writing one.
         return not self.read_only and self.backing is None
-
-    def can_fua(self) -> FuaMode:
-        return FuaMode.NATIVE
-
-    def can_extents(self) -> bool:
-        return True
 
     def block_size(self) -> BlockSize:
         return BlockSize(minimum=1, preferred=max(4096, self._cs))
@@ -268,7 +265,7 @@ class QcowDriver(Driver):
     # Lookup.
 
     def _lookup(self, pos: int, end: int) -> tuple[int, int, int]:
-        """(kind, host, length) of the run at ``pos``, from memory; raises _Miss.
+        """(kind, host, length) of the run at ``pos``, from memory; raises Miss.
 
         A run never crosses an L1 slot. DATA runs are host-contiguous.
         """
@@ -281,11 +278,9 @@ class QcowDriver(Driver):
             return UNALLOC, 0, lim - pos
         if self._fast:
             return DATA, l2off + self._data_off + (pos & self._cov_mask), lim - pos
-        cache = self._l2cache
-        t = cache.get(l2off)
+        t = self._l2_tables.get(l2off)
         if t is None:
-            raise _Miss(l2off)
-        cache.move_to_end(l2off)
+            raise Miss(l2off)
         cs = self._cs
         i = (pos >> self._cb) & self._l2_mask
         e = t[i]
@@ -312,24 +307,17 @@ class QcowDriver(Driver):
             i += 1
         return DATA, host, min(n, lim - pos)
 
-    async def _load_l2(self, l2off: int) -> None:
-        """Bring the L2 table at ``l2off`` into the cache (one reader per table)."""
-        waiting = self._loading.get(l2off)
-        if waiting is not None:
-            await waiting
-            return
-        if l2off in self._l2cache:
-            return
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._loading[l2off] = fut
-        try:
-            raw = await self.child.pread(l2off, self.g.l2_bytes)
-            t = be_array(raw)
-            self._check_l2(t, l2off)
-            self._cache_put(l2off, t)
-        finally:
-            del self._loading[l2off]
-            fut.set_result(None)  # waiters look again (and retry the read on failure)
+    def _load(self, l2off: int) -> Coroutine[Any, Any, array[int]]:
+        return self._l2.load(l2off)
+
+    async def _run_at(self, pos: int, end: int) -> tuple[int, int, int]:
+        return await run_at(self._lookup, self._load, pos, end)
+
+    async def _read_l2(self, l2off: int) -> array[int]:
+        """Read the L2 table at ``l2off`` for the cache, bad entries marked."""
+        t = be_array(await self.child.pread(l2off, self.g.l2_bytes))
+        self._check_l2(t, l2off)
+        return t
 
     def _check_l2(self, t: array[int], l2off: int) -> None:
         """Mark entries pointing outside the data area or into an L2 table as _BAD."""
@@ -366,59 +354,74 @@ class QcowDriver(Driver):
                 len(bad),
             )
 
-    def _cache_put(self, l2off: int, t: array[int]) -> None:
-        self._l2cache[l2off] = t
-        self._trim_cache(keep=l2off)
+    async def _meta_write(self, off: int, data: bytes) -> None:
+        await self.child.pwrite(off, data)
 
-    def _trim_cache(self, keep: int = 0) -> None:
-        """Drop the least recently used clean tables beyond the cache's size.
-
-        ``keep`` is the table just loaded: the caller is about to use it, and evicting it
-        (when dirty tables fill the cache) would send the caller round a load loop.
-        """
-        cache = self._l2cache
-        excess = len(cache) - self._l2_cache_max
-        if excess > 0:
-            oldest = itertools.islice(cache, excess + 64)
-            victims = [off for off in oldest if off != keep and not self._pinned(off)]
-            for victim in victims[:excess]:
-                del cache[victim]
-
-    def _pinned(self, l2off: int) -> bool:
-        """A table with changes not yet on disk must stay in memory."""
-        return l2off in self._dirty_l2 or l2off in self._new_l2 or l2off in self._flushing
+    def _set_l2(self, l2off: int, t: array[int], i: int, value: int) -> None:
+        """Change entry ``i`` of the L2 table at ``l2off``, owed to the next flush."""
+        t[i] = value
+        if not self._journal.has(S_NEW, l2off):  # else the whole table is written
+            self._journal.record(S_MAP, l2off + 8 * i, value.to_bytes(8, "big"), tag=l2off)
 
     # Synchronous fast paths (Driver.pread_nowait): a cluster whose address is known in
     # memory is read or written by the child at once, if the child can.
 
     def _host_now(self, offset: int, length: int) -> int:
         """The host offset of [offset, offset + length) if it is one known data run, else -1."""
-        shift = self._shift
-        l1i = offset >> shift
-        if (offset + length - 1) >> shift != l1i:
-            return -1
-        p = self._l1_pieces.get(l1i >> PIECE_BITS)  # self.l1[l1i], inlined (hot)
-        l2off = p[l1i & PIECE_MASK] if p is not None else 0
-        if not l2off:
-            return -1
-        if self._fast:
-            return l2off + self._data_off + (offset & self._cov_mask)
         try:
             kind, host, n = self._lookup(offset, offset + length)
-        except (_Miss, OSError):
+        except (Miss, OSError):
             return -1
         return host if kind == DATA and n == length else -1
 
     def pread_nowait(self, offset: int, length: int) -> bytes | bytearray | None:
-        host = self._host_now(offset, length)
-        return None if host < 0 else self.child.pread_nowait(host, length)
+        bases = self._bases
+        if bases is None:
+            host = self._host_now(offset, length)
+            return None if host < 0 else self.child.pread_nowait(host, length)
+        # The fast path, written out: this is most of a 4 KiB read's cost (issue 15).
+        shift = self._shift
+        l1i = offset >> shift
+        base = bases[l1i]
+        if not base or (offset + length - 1) >> shift != l1i:
+            return None
+        host = base + (offset & self._cov_mask)
+        raw = self._raw
+        if raw is None:
+            return self.child.pread_nowait(host, length)
+        # RawDriver.pread_nowait inlined: one preadv that the page cache answers or the
+        # kernel refuses (EAGAIN); any other error is met again, and reported, by pread.
+        if not raw._nowait:
+            return None
+        buf = buffers.take(length)
+        try:
+            done = os.preadv(raw.fd, [buf], host, os.RWF_NOWAIT)
+        except OSError:
+            done = -1
+        if done == length:
+            return buf
+        buffers.give(buf)
+        return None
 
     def pwrite_nowait(self, offset: int, data: bytes | memoryview) -> bool:
-        if self._fast and not self.l1[offset >> self._shift] and not self.read_only:
+        if self.read_only:
+            return False
+        bases = self._bases
+        if bases is None:
+            if self._fast and not self.l1[offset >> self._shift]:
+                self._alloc_extent(offset >> self._shift)
+            host = self._host_now(offset, len(data))
+            return host >= 0 and self.child.pwrite_nowait(host, data)
+        shift = self._shift
+        l1i = offset >> shift
+        if (offset + len(data) - 1) >> shift != l1i:
+            return False
+        base = bases[l1i]
+        if not base:
             # Allocating an extent is bookkeeping plus one quick system call.
-            self._alloc_extent(offset >> self._shift)
-        host = self._host_now(offset, len(data))
-        return host >= 0 and self.child.pwrite_nowait(host, data)
+            self._alloc_extent(l1i)
+            base = bases[l1i]
+        return self.child.pwrite_nowait(base + (offset & self._cov_mask), data)
 
     # Reads.
 
@@ -427,35 +430,27 @@ class QcowDriver(Driver):
     ) -> Coroutine[Any, Any, bytes | bytearray | memoryview]:
         # The fast path in a plain function: no coroutine frame of our own, the child's
         # read is the awaitable returned to the caller.
-        if self._fast:
+        bases = self._bases
+        if bases is not None:
             shift = self._shift
             l1i = offset >> shift
             if (offset + length - 1) >> shift == l1i:
-                p = self._l1_pieces.get(l1i >> PIECE_BITS)  # self.l1[l1i], inlined (hot)
-                l2off = p[l1i & PIECE_MASK] if p is not None else 0
-                if l2off:
-                    return self.child.pread(
-                        l2off + self._data_off + (offset & self._cov_mask), length
-                    )
+                base = bases[l1i]
+                if base:
+                    return self.child.pread(base + (offset & self._cov_mask), length)
         return self._pread(offset, length)
 
     async def _pread(self, offset: int, length: int) -> bytes | bytearray | memoryview:
         end = offset + length
-        buf: bytearray | None = None
+        kind, host, n = await self._run_at(offset, end)
+        if n == length:  # one run: no copy
+            if kind == DATA:
+                return await self.child.pread(host, n)
+            if kind == UNALLOC and self.backing is None:
+                return bytes(n)
+        buf = bytearray(length)
         pos = offset
-        while pos < end:
-            try:
-                kind, host, n = self._lookup(pos, end)
-            except _Miss as miss:
-                await self._load_l2(miss.l2off)
-                continue
-            if buf is None:
-                if n == length:  # one run: no copy
-                    if kind == DATA:
-                        return await self.child.pread(host, n)
-                    if kind == UNALLOC and self.backing is None:
-                        return bytes(n)
-                buf = bytearray(length)
+        async for kind, host, n in runs(self._lookup, self._load, offset, end):
             o = pos - offset
             if kind == DATA:
                 buf[o : o + n] = await self.child.pread(host, n)
@@ -464,80 +459,47 @@ class QcowDriver(Driver):
                 c = pos & (self._cs - 1)
                 buf[o : o + n] = data[c : c + n]
             elif self.backing is not None:
-                buf[o : o + n] = await self._read_backing(pos, n)
+                buf[o : o + n] = await read_backing(self.backing, pos, n)
             pos += n
-        assert buf is not None
         return buf
 
-    async def _read_backing(self, pos: int, n: int) -> bytes | bytearray | memoryview:
-        """Backing data for [pos, pos + n): zeros past the backing file's end."""
-        assert self.backing is not None
-        bsize = self.backing.size()
-        if pos >= bsize:
-            return bytes(n)
-        m = min(n, bsize - pos)
-        data = await self.backing.pread(pos, m)
-        if m < n:
-            return bytes(data) + bytes(n - m)
-        return data
-
     async def _decompress(self, entry: int) -> bytes:
-        """The cluster stored compressed by ``entry`` (the last one is cached)."""
-        if entry == self._ccache_key:
-            return self._ccache
+        """The cluster stored compressed by ``entry`` (spec §1.3)."""
         off, csize = compressed_location(entry, self.g)
-        raw = await self.child.pread(off, csize)
-        # "a raw deflate stream with no zlib header: inflate uses inflateInit2(.., -12)"
-        # (spec §1.3); like QEMU, a stream cut short is fine if the cluster is complete.
-        try:
-            data = zlib.decompressobj(-12).decompress(bytes(raw), self._cs)
-        except zlib.error as e:
-            raise _eio(f"compressed cluster at 0x{off:x}: {e}") from None
-        if len(data) != self._cs:
-            raise _eio(f"compressed cluster at 0x{off:x} inflates to {len(data)} bytes")
-        self._ccache_key, self._ccache = entry, data
-        return data
+        return await self._inflater.cluster(entry, off, csize)
 
     # Writes.
 
     def pwrite(
         self, offset: int, data: bytes | memoryview, fua: bool = False
     ) -> Coroutine[Any, Any, None]:
-        if self._fast and not (fua and self._meta_pending()):
+        bases = self._bases
+        if bases is not None and not (fua and self._journal.pending):
             shift = self._shift
             l1i = offset >> shift
             if (offset + len(data) - 1) >> shift == l1i:
-                p = self._l1_pieces.get(l1i >> PIECE_BITS)  # self.l1[l1i], inlined (hot)
-                l2off = p[l1i & PIECE_MASK] if p is not None else 0
-                if l2off:
-                    return self.child.pwrite(
-                        l2off + self._data_off + (offset & self._cov_mask), data, fua
-                    )
+                base = bases[l1i]
+                if base:
+                    return self.child.pwrite(base + (offset & self._cov_mask), data, fua)
         return self._pwrite(offset, data, fua)
 
     async def _pwrite(self, offset: int, data: bytes | memoryview, fua: bool) -> None:
         view = memoryview(data)
         end = offset + len(view)
         pos = offset
-        allocated = False
         while pos < end:
-            try:
-                kind, host, n = self._lookup(pos, end)
-            except _Miss as miss:
-                await self._load_l2(miss.l2off)
-                continue
+            kind, host, n = await self._run_at(pos, end)
             if kind == DATA:
                 o = pos - offset
                 await self.child.pwrite(host, view[o : o + n], fua)
                 pos += n
             elif self._fast:
                 self._alloc_extent(pos >> self._shift)
-                allocated = True
             else:
-                done = await self._alloc_write(pos, pos + n, kind, host, view, offset)
-                allocated = allocated or done > 0
-                pos += done
-        if fua and (allocated or self._meta_pending()):
+                pos += await self._alloc_write(pos, pos + n, kind, host, view, offset)
+        # An allocation is in the journal until a flush has made it and its data durable
+        # (data_first), so a FUA write that allocated always finds it pending here.
+        if fua and self._journal.pending:
             await self.flush()
 
     def _reserve(self, n: int) -> int:
@@ -552,12 +514,14 @@ class QcowDriver(Driver):
     def _new_table(self, l1i: int, table: array[int], l2off: int) -> None:
         """Install a new L2 table (in memory; written by the next flush)."""
         self.l1[l1i] = l2off
-        self._dirty_l1[l1i] = l2off
-        self._new_l2[l2off] = table
+        self._journal.record(S_MAP, self._l1_off + 8 * l1i, l2off.to_bytes(8, "big"))
+        self._journal.record(S_NEW, l2off, partial(to_be_bytes, table), tag=l2off)
         self._touched.add(l2off)
         bisect.insort(self._l2_sorted, l2off)
+        if self._bases is not None:
+            self._bases[l1i] = l2off + self._data_off
         if not self._fast:
-            self._cache_put(l2off, table)
+            self._l2.put(l2off, table)
         self._maybe_writeback()
 
     def _alloc_extent(self, l1i: int) -> None:
@@ -618,17 +582,12 @@ class QcowDriver(Driver):
                 if tail:
                     buf[k * cs - tail :] = await self._old_content(lim, tail, kind, entry)
                 await self.child.pwrite(host, memoryview(buf))
-            t = self._l2cache.get(l2off)
-            if t is None:  # evicted while we wrote (it was clean)
-                await self._load_l2(l2off)
-                t = self._l2cache[l2off]
+            # Evicted while we wrote (it was clean)? Then read again.
+            t = self._l2.get(l2off) or await self._l2.load(l2off)
             i0 = c0 & self._l2_mask
             self._touched.add(l2off)
-            dirty = None if l2off in self._new_l2 else self._dirty_l2.setdefault(l2off, {})
             for j in range(k):
-                t[i0 + j] = host + j * cs
-                if dirty is not None:
-                    dirty[i0 + j] = host + j * cs
+                self._set_l2(l2off, t, i0 + j, host + j * cs)
             self._maybe_writeback()
         finally:
             for c in range(c0, c0 + k):
@@ -645,7 +604,7 @@ class QcowDriver(Driver):
             c = pos & (self._cs - 1)
             return data[c : c + n]
         if self.backing is not None:
-            return await self._read_backing(pos, n)
+            return await read_backing(self.backing, pos, n)
         return bytes(n)
 
     # Zeroing and discard.
@@ -671,19 +630,14 @@ class QcowDriver(Driver):
         entries ("hole punching" in qcow terms). With one, a hole would show the backing
         data: zeroes must be written. ``discard`` (TRIM) only frees what it can.
         """
-        end = offset + length
         cs = self._cs
         pos = offset
-        while pos < end:
-            try:
-                kind, host, n = self._lookup(pos, end)
-            except _Miss as miss:
-                await self._load_l2(miss.l2off)
-                continue
+        async for kind, host, n in runs(self._lookup, self._load, offset, offset + length):
             if kind == UNALLOC:
                 if self.backing is not None and not discard:
-                    n = min(n, _ZERO_CHUNK)
-                    await self._pwrite(pos, memoryview(_ZEROES)[:n], False)
+                    for p in range(pos, pos + n, _ZERO_CHUNK):
+                        k = min(_ZERO_CHUNK, pos + n - p)
+                        await self._pwrite(p, memoryview(_ZEROES)[:k], False)
                 pos += n
                 continue
             whole_a, whole_b = round_up(pos, cs), (pos + n) // cs * cs
@@ -726,91 +680,38 @@ class QcowDriver(Driver):
     def _clear(self, pos: int, n: int) -> None:
         """Set the L2 entries of the whole clusters in [pos, pos + n) to 0 (unallocated)."""
         l2off = self.l1[pos >> self._shift]
-        t = self._l2cache[l2off]  # present: the caller's lookup just used it
+        t = self._l2_tables[l2off]  # present: the caller's lookup just used it
         i0 = (pos >> self._cb) & self._l2_mask
         self._touched.add(l2off)
-        dirty = None if l2off in self._new_l2 else self._dirty_l2.setdefault(l2off, {})
         for i in range(i0, i0 + (n >> self._cb)):
-            t[i] = 0
-            if dirty is not None:
-                dirty[i] = 0
+            self._set_l2(l2off, t, i, 0)
         self._maybe_writeback()
 
     # Block status.
 
     async def extents(self, offset: int, length: int) -> list[Extent]:
-        end = offset + length
         out: list[Extent] = []
         pos = offset
-        while pos < end and len(out) < MAX_EXTENTS:
-            try:
-                kind, host, n = self._lookup(pos, end)
-            except _Miss as miss:
-                await self._load_l2(miss.l2off)
-                continue
+        async for kind, host, n in runs(self._lookup, self._load, offset, offset + length):
             if kind == UNALLOC:
                 if self.backing is None:
-                    _add(out, pos, n, _HOLE_ZERO)
+                    add_extent(out, pos, n, HOLE_ZERO)
                 else:
-                    await self._backing_status(out, pos, n)
+                    await backing_status(self.backing, out, pos, n)
             elif kind == DATA and self._child_extents:
-                await self._host_status(out, pos, host, n)
+                await host_status(self.child, out, pos, host, n)
             else:
-                _add(out, pos, n, ExtentFlags.DATA)
+                add_extent(out, pos, n, ExtentFlags.DATA)
             pos += n
+            if len(out) >= MAX_EXTENTS:
+                break
         return out
-
-    async def _host_status(self, out: list[Extent], pos: int, host: int, n: int) -> None:
-        """Allocated clusters: data, or ZERO where the file holds a hole (never written)."""
-        done = 0
-        while done < n:
-            got = await self.child.extents(host + done, n - done)
-            if not got or got[0].offset != host + done:
-                _add(out, pos + done, n - done, ExtentFlags.DATA)
-                return
-            for e in got:
-                m = min(e.length, n - done)
-                _add(
-                    out,
-                    pos + done,
-                    m,
-                    ExtentFlags.ZERO if e.flags & ExtentFlags.ZERO else ExtentFlags.DATA,
-                )
-                done += m
-                if done >= n:
-                    return
-
-    async def _backing_status(self, out: list[Extent], pos: int, n: int) -> None:
-        """Unallocated here: the backing file's status, and HOLE|ZERO past its end."""
-        assert self.backing is not None
-        bsize = self.backing.size()
-        m = max(0, min(n, bsize - pos))
-        done = 0
-        while done < m:
-            if not self._backing_extents:
-                _add(out, pos, m, ExtentFlags.DATA)
-                break
-            got = await self.backing.extents(pos + done, m - done)
-            if not got or got[0].offset != pos + done:
-                _add(out, pos + done, m - done, ExtentFlags.DATA)
-                break
-            for e in got:
-                k = min(e.length, m - done)
-                _add(out, pos + done, k, e.flags)
-                done += k
-                if done >= m:
-                    break
-        if m < n:
-            _add(out, pos + m, n - m, _HOLE_ZERO)
 
     # Flush and close.
 
-    def _meta_pending(self) -> bool:
-        return bool(self._dirty_l1 or self._dirty_l2 or self._new_l2 or self._flush_active)
-
     def _maybe_writeback(self) -> None:
         """Start a background flush once many tables hold unwritten changes."""
-        if len(self._dirty_l2) + len(self._new_l2) > WRITEBACK_TABLES and self._writeback is None:
+        if self._journal.tables > WRITEBACK_TABLES and self._writeback is None:
             self._writeback = asyncio.get_running_loop().create_task(self._write_back())
 
     async def _write_back(self) -> None:
@@ -823,66 +724,19 @@ class QcowDriver(Driver):
 
     async def flush(self) -> None:
         """Make every completed write durable, metadata included (two syncs at most)."""
-        async with self._flush_lock:
-            l1, l2, new = self._dirty_l1, self._dirty_l2, self._new_l2
-            if not (l1 or l2 or new):
-                await self.child.flush()
-                return
-            self._dirty_l1, self._dirty_l2, self._new_l2 = {}, {}, {}
-            # Snapshot now: later changes belong to the next epoch.
-            tables = {off: to_be_bytes(t) for off, t in new.items()}
-            self._flushing = set(l2) | set(new)
-            self._flush_active = True
-            try:
-                for off, data in tables.items():
-                    await self.child.pwrite(off, data)
-                await self.child.flush()
-                for off, entries in l2.items():
-                    if off not in tables:
-                        for i, data in _runs(entries):
-                            await self.child.pwrite(off + 8 * i, data)
-                l1_off = self.meta.header.l1_table_offset
-                for i, data in _runs(l1):
-                    await self.child.pwrite(l1_off + 8 * i, data)
-                await self.child.flush()
-            except BaseException:
-                self._merge_back(l1, l2, new)
-                raise
-            finally:
-                self._flushing = set()
-                self._flush_active = False
-                self._trim_cache()
-
-    def _merge_back(
-        self, l1: dict[int, int], l2: dict[int, dict[int, int]], new: dict[int, array[int]]
-    ) -> None:
-        """A flush failed: its snapshot is dirty again (newer changes win)."""
-        for i, v in l1.items():
-            self._dirty_l1.setdefault(i, v)
-        for off, entries in l2.items():
-            d = self._dirty_l2.setdefault(off, {})
-            for i, v in entries.items():
-                d.setdefault(i, v)
-        for off, t in new.items():
-            self._new_l2.setdefault(off, t)
-
-    async def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
         try:
-            if not self.read_only:
-                if self._writeback is not None:
-                    await asyncio.gather(self._writeback, return_exceptions=True)
-                await self.flush()
-                if self._fast and self.meta.l1_end - self.meta.header.l1_table_offset <= (
-                    CKSUM_MAX_BYTES
-                ):
-                    await self._write_cksum()
+            if not await self._journal.flush():
+                await self.child.flush()
         finally:
-            await self.child.close()
-            if self.backing is not None:
-                await self.backing.close()
+            self._l2.trim()  # tables written are no longer pinned
+
+    async def finish(self) -> None:
+        """Flush, and rewrite the checksum if the fast path was used (spec §2.3)."""
+        if self._writeback is not None:
+            await asyncio.gather(self._writeback, return_exceptions=True)
+        await self.flush()
+        if self._fast and self.meta.l1_end - self._l1_off <= CKSUM_MAX_BYTES:
+            await self._write_cksum()
 
     async def _write_cksum(self) -> None:
         """tdqcow_close: rewrite the checksum when the fast path was in use (spec §2.3)."""
@@ -914,7 +768,8 @@ class QcowDriver(Driver):
             alloc += len(t) - t.count(0)
             comp += sum(1 for e in t if e & QCOW_OFLAG_COMPRESSED)
 
-        memory = {**self._l2cache, **self._new_l2}
+        # Tables with unwritten changes are pinned in the cache (new ones included).
+        memory = dict(self._l2_tables)
         for t in memory.values():
             count(t)
         async for l2off in tables_with_data(self.child, self._l2_sorted, l2_bytes):
@@ -953,25 +808,3 @@ class QcowDriver(Driver):
             if self.backing is not None:
                 info["full-backing-filename"] = getattr(self.backing, "path", m.backing_name)
         return info
-
-
-def _add(out: list[Extent], pos: int, n: int, flags: ExtentFlags) -> None:
-    """Append an extent, merging it into the last one when the status is the same."""
-    if out and out[-1].flags == flags and out[-1].offset + out[-1].length == pos:
-        last = out[-1]
-        out[-1] = Extent(last.offset, last.length + n, flags)
-    else:
-        out.append(Extent(pos, n, flags))
-
-
-def _runs(entries: dict[int, int]) -> list[tuple[int, bytes]]:
-    """Dirty table entries as (first index, big-endian bytes) for each run of indices."""
-    out: list[tuple[int, bytes]] = []
-    idx = sorted(entries)
-    start = 0
-    for j in range(1, len(idx) + 1):
-        if j == len(idx) or idx[j] != idx[j - 1] + 1:
-            vals = array("Q", (entries[i] for i in idx[start:j]))
-            out.append((idx[start], to_be_bytes(vals)))
-            start = j
-    return out

@@ -8,14 +8,12 @@
 from __future__ import annotations
 
 from formats import Format
-from formats.engine.opening import image_file
-from formats.qcow import resolve_backing
+from formats.engine.image import open_backing_file, open_format
 from formats.qcow2.driver import Qcow2Driver
 from formats.qcow2.layout import QCOW2_MAGIC
-from formats.qcow2.meta import check_features, read_meta
+from formats.qcow2.meta import Qcow2Meta, check_features, read_meta
 from formats.qcow2.snapshot import at_snapshot
 from tapnbd.driver import Driver
-from tapnbd.errors import ImageError
 
 __all__ = ["FORMAT", "Qcow2Driver", "open_qcow2", "open_qcow2_snapshot", "probe"]
 
@@ -35,28 +33,18 @@ async def open_qcow2(path: str, read_only: bool, snapshot: str | None = None) ->
     """
     if snapshot is not None and not read_only:
         raise ValueError("an internal snapshot is only ever opened read-only")
-    from formats import open_backing
 
-    async with image_file(path, read_only) as child:
-        backing: Driver | None = None
-        try:
-            meta = await read_meta(child)
-            check_features(meta, read_only)
-            meta = await at_snapshot(child, meta, snapshot, path)
-            if meta.backing_name:
-                bpath = resolve_backing(path, meta.backing_name)
-                # A backing format named in the header is used as it is, never re-probed.
-                try:
-                    backing = await open_backing(meta.backing_name, bpath, meta.backing_format)
-                except ImageError as e:
-                    raise type(e)(f"backing file {meta.backing_name!r}: {e}") from None
-            driver = Qcow2Driver(child, backing, meta, read_only=read_only, path=path)
-            await driver.prepare()
-            return driver
-        except BaseException:
-            if backing is not None:
-                await backing.close()
-            raise
+    async def checked_meta(child: Driver) -> Qcow2Meta:
+        meta = await read_meta(child)
+        check_features(meta, read_only)
+        return await at_snapshot(child, meta, snapshot, path)
+
+    async def backing_of(meta: Qcow2Meta) -> Driver | None:
+        name = meta.backing_name
+        # A backing format named in the header is used as it is, never re-probed.
+        return await open_backing_file(path, name, meta.backing_format) if name else None
+
+    return await open_format(path, read_only, checked_meta, backing_of, Qcow2Driver)
 
 
 async def open_qcow2_snapshot(path: str, snapshot: str) -> Driver:

@@ -45,10 +45,21 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from formats.engine.backing import HOLE_ZERO, backing_status, read_backing
+from formats.engine.compressed import Inflater
+from formats.engine.image import ImageDriver, cache_tables
 from formats.engine.journal import Journal
-from formats.engine.runs import COMPRESSED, DATA, SHARED, UNALLOC, ZERO, Miss, add_extent, runs
+from formats.engine.runs import (
+    COMPRESSED,
+    DATA,
+    SHARED,
+    UNALLOC,
+    ZERO,
+    Miss,
+    add_extent,
+    host_status,
+    runs,
+)
 from formats.engine.table_cache import TableCache
-from formats.qcow.driver import Growable
 from formats.qcow.meta import be_array, to_be_bytes
 from formats.qcow2.layout import (
     AUTOCLEAR_OFFSET,
@@ -61,7 +72,7 @@ from formats.qcow2.layout import (
     Incompatible,
 )
 from formats.qcow2.refcount import decode_block, encode_block, entries_per_block, max_refcount
-from tapnbd.driver import BlockSize, Driver, Extent, ExtentFlags, FuaMode
+from tapnbd.driver import BlockSize, Driver, Extent, ExtentFlags
 
 if TYPE_CHECKING:
     from collections.abc import Coroutine
@@ -70,8 +81,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: Memory for L2 tables and refcount blocks (dirty ones are pinned and may exceed it).
-CACHE_BYTES = 32 << 20
 #: Block status answers at most this many extents per call; the client asks again.
 MAX_EXTENTS = 1024
 #: An L2 entry found bad when its table was read is replaced by this (reserved bit 1):
@@ -88,7 +97,7 @@ def _eio(message: str) -> OSError:
     return OSError(errno.EIO, message)
 
 
-class Qcow2Driver(Driver):
+class Qcow2Driver(ImageDriver["Qcow2Meta"]):
     """A qcow2 image read and written through ``child``; ``backing`` fills holes."""
 
     name = "qcow2"
@@ -103,12 +112,7 @@ class Qcow2Driver(Driver):
         path: str = "",
     ) -> None:
         h = meta.header
-        self.child = child
-        self.backing = backing
-        self.meta = meta
-        self.read_only = read_only
-        self.path = path
-        self._size = h.size
+        super().__init__(child, backing, meta, h.size, read_only=read_only, path=path)
         self._v3 = h.version >= 3
         cb = self._cb = h.cluster_bits
         cs = self._cs = 1 << cb
@@ -129,11 +133,10 @@ class Qcow2Driver(Driver):
         self._c_shift = x
         self._c_nsect_mask = (1 << (cb - 8)) - 1
         self._journal = Journal(3, self._meta_write, child.flush)
-        tables = max(16, CACHE_BYTES // cs)
+        tables = cache_tables(cs)
         self._l2: TableCache[array[int]] = TableCache(self._read_l2, tables, self._journal.busy)
         self._rb: TableCache[array[int]] = TableCache(self._read_rb, tables, self._journal.busy)
         self._l2_tables = self._l2.tables
-        self._grow = child.grow if isinstance(child, Growable) else None
         #: Next free cluster: allocation only ever appends.
         self._end = (meta.file_size + cs - 1) // cs * cs
         #: A table as read from disk cannot rightly point past the end at open, unless
@@ -149,9 +152,7 @@ class Qcow2Driver(Driver):
         #: Compressed writes: one at a time, packed from ``_zpos`` on.
         self._compress_lock = asyncio.Lock()
         self._zpos = 0
-        self._ccache_key = -1
-        self._ccache = b""
-        self._closed = False
+        self._inflater = Inflater(child, cs)
 
     # Open-time work.
 
@@ -170,15 +171,9 @@ class Qcow2Driver(Driver):
 
     # Capabilities.
 
-    def size(self) -> int:
-        return self._size
-
     @property
     def cluster_size(self) -> int:
         return self._cs
-
-    def can_write(self) -> bool:
-        return not self.read_only
 
     def can_trim(self) -> bool:
         return not self.read_only
@@ -186,12 +181,6 @@ class Qcow2Driver(Driver):
     def can_fast_zero(self) -> bool:
         # Zero clusters make zeroing fast on v3; v2 over a backing file must write.
         return not self.read_only and (self._v3 or self.backing is None)
-
-    def can_fua(self) -> FuaMode:
-        return FuaMode.NATIVE
-
-    def can_extents(self) -> bool:
-        return True
 
     def block_size(self) -> BlockSize:
         return BlockSize(minimum=1, preferred=max(4096, min(self._cs, 1 << 20)))
@@ -348,26 +337,11 @@ class Qcow2Driver(Driver):
         return off, nsect * 512 - (off & 511)
 
     async def _decompress(self, entry: int) -> bytes:
-        """The cluster stored compressed by ``entry`` (the last one is cached)."""
-        if entry == self._ccache_key:
-            return self._ccache
+        """The cluster stored compressed by ``entry`` (engine.compressed)."""
         if entry == _BAD:
             raise _eio("invalid compressed cluster descriptor")
         off, csize = self._compressed_location(entry)
-        # The last compressed cluster may end short of its last sector at the file's end.
-        csize = min(csize, self.child.size() - off)
-        if csize <= 0:
-            raise _eio(f"compressed cluster at 0x{off:x} lies past the end of the file")
-        raw = await self.child.pread(off, csize)
-        # qemu writes "raw deflate" (no zlib header) with a 4 KiB window: wbits -12.
-        try:
-            data = zlib.decompressobj(-12).decompress(bytes(raw), self._cs)
-        except zlib.error as e:
-            raise _eio(f"compressed cluster at 0x{off:x}: {e}") from None
-        if len(data) != self._cs:
-            raise _eio(f"compressed cluster at 0x{off:x} inflates to {len(data)} bytes")
-        self._ccache_key, self._ccache = entry, data
-        return data
+        return await self._inflater.cluster(entry, off, csize)
 
     async def _old_content(
         self, pos: int, n: int, kind: int, host: int
@@ -764,29 +738,13 @@ class Qcow2Driver(Driver):
             elif kind == ZERO:
                 add_extent(out, pos, n, HOLE_ZERO)
             elif kind in (DATA, SHARED) and self.child.can_extents():
-                await self._host_status(out, pos, host, n)
+                await host_status(self.child, out, pos, host, n)
             else:
                 add_extent(out, pos, n, ExtentFlags.DATA)
             pos += n
             if len(out) >= MAX_EXTENTS:
                 break
         return out
-
-    async def _host_status(self, out: list[Extent], pos: int, host: int, n: int) -> None:
-        """Allocated clusters: data, or ZERO where the file holds a hole (never written)."""
-        done = 0
-        while done < n:
-            got = await self.child.extents(host + done, n - done)
-            if not got or got[0].offset != host + done:
-                add_extent(out, pos + done, n - done, ExtentFlags.DATA)
-                return
-            for e in got:
-                m = min(e.length, n - done)
-                flags = ExtentFlags.ZERO if e.flags & ExtentFlags.ZERO else ExtentFlags.DATA
-                add_extent(out, pos + done, m, flags)
-                done += m
-                if done >= n:
-                    return
 
     # Flush and close.
 
@@ -811,18 +769,6 @@ class Qcow2Driver(Driver):
                 except OSError as e:
                     if e.errno != errno.ENOTSUP:
                         raise
-
-    async def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        try:
-            if not self.read_only:
-                await self.flush()
-        finally:
-            await self.child.close()
-            if self.backing is not None:
-                await self.backing.close()
 
     # Facts for `tapnbd info`.
 

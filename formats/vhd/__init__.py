@@ -13,11 +13,11 @@ from __future__ import annotations
 import os
 
 from formats import Format
-from formats.engine.opening import image_file
+from formats.engine.image import open_format
 from formats.qcow import resolve_backing
 from formats.vhd.driver import VhdDriver
 from formats.vhd.layout import FOOTER_COOKIE, DiskType
-from formats.vhd.meta import read_meta
+from formats.vhd.meta import VhdMeta, read_meta
 from tapnbd.driver import Driver
 from tapnbd.errors import ImageError, InvalidImageError
 
@@ -53,33 +53,40 @@ async def _open_parent(path: str, driver_meta_paths: list[tuple[str, str]]) -> D
 
 async def open_vhd(path: str, read_only: bool) -> Driver:
     """Open a VHD and, for a differencing disk, its parent chain (parents read-only)."""
-    async with image_file(
-        path, read_only, link="parent locator", chain_name="parent chain"
-    ) as child:
-        parent: Driver | None = None
+
+    async def meta_of(child: Driver) -> VhdMeta:
+        return await read_meta(child, path)
+
+    async def parent_of(meta: VhdMeta) -> Driver | None:
+        if meta.disk_type != DiskType.DIFFERENCING:
+            return None
+        assert meta.header is not None
+        parent = await _open_parent(path, meta.parent_paths)
+        if parent is None:
+            return None  # opened alone (OpenRules.no_backing)
         try:
-            meta = await read_meta(child, path)
-            if meta.disk_type == DiskType.DIFFERENCING:
-                assert meta.header is not None
-                parent = await _open_parent(path, meta.parent_paths)
-                if parent is None:
-                    pass  # opened alone (OpenRules.no_backing)
-                elif not isinstance(parent, VhdDriver):
-                    raise InvalidImageError(f"parent {meta.header.parent_name!r} is not a VHD")
-                elif parent.meta.footer.uuid != meta.header.parent_uuid:
-                    puuid = parent.meta.footer.uuid
-                    raise InvalidImageError(
-                        f"dynamic header parent unique id {meta.header.parent_uuid.hex()} "
-                        f"does not match the parent's unique id {puuid.hex()}"
-                    )
-            driver = VhdDriver(child, parent, meta, read_only=read_only, path=path)
-            if not read_only:
-                await driver.prepare()
-            return driver
+            if not isinstance(parent, VhdDriver):
+                raise InvalidImageError(f"parent {meta.header.parent_name!r} is not a VHD")
+            puuid = parent.meta.footer.uuid
+            if puuid != meta.header.parent_uuid:
+                raise InvalidImageError(
+                    f"dynamic header parent unique id {meta.header.parent_uuid.hex()} "
+                    f"does not match the parent's unique id {puuid.hex()}"
+                )
         except BaseException:
-            if parent is not None:
-                await parent.close()
+            await parent.close()
             raise
+        return parent
+
+    return await open_format(
+        path,
+        read_only,
+        meta_of,
+        parent_of,
+        VhdDriver,
+        link="parent locator",
+        chain_name="parent chain",
+    )
 
 
 FORMAT = Format("vhd", probe, open_vhd)

@@ -35,18 +35,16 @@ from array import array
 from typing import TYPE_CHECKING
 
 from formats.engine.backing import HOLE_ZERO, backing_status, read_backing
+from formats.engine.image import ImageDriver, cache_tables
 from formats.engine.journal import Journal
 from formats.engine.runs import DATA, UNALLOC, Miss, add_extent, runs
 from formats.engine.table_cache import TableCache
-from formats.qcow.driver import Growable
 from formats.vhd.layout import BAT_UNUSED, SECTOR, DiskType, bitmap_bytes
-from tapnbd.driver import BlockSize, Driver, Extent, ExtentFlags, FuaMode
+from tapnbd.driver import BlockSize, Driver, Extent, ExtentFlags
 
 if TYPE_CHECKING:
     from formats.vhd.meta import VhdMeta
 
-#: Memory for sector bitmaps (dirty ones are pinned and may exceed it).
-CACHE_BYTES = 32 << 20
 MAX_EXTENTS = 1024
 #: Where a new block's data starts in the file.
 DATA_ALIGN = 4096
@@ -58,7 +56,7 @@ def _eio(message: str) -> OSError:
     return OSError(errno.EIO, message)
 
 
-class VhdDriver(Driver):
+class VhdDriver(ImageDriver["VhdMeta"]):
     """A VHD read and written through ``child``; ``parent`` fills a differencing disk."""
 
     name = "vhd"
@@ -72,18 +70,11 @@ class VhdDriver(Driver):
         read_only: bool = False,
         path: str = "",
     ) -> None:
-        self.child = child
-        self.backing = parent
-        self.meta = meta
-        self.read_only = read_only
-        self.path = path
-        self._size = meta.size
+        super().__init__(child, parent, meta, meta.size, read_only=read_only, path=path)
         self._fixed = meta.disk_type == DiskType.FIXED
         self._diff = meta.disk_type == DiskType.DIFFERENCING
         self._footer = meta.footer.build()
         self._journal = Journal(3, self._meta_write, child.flush)
-        self._grow = child.grow if isinstance(child, Growable) else None
-        self._closed = False
         self._flush_lock = asyncio.Lock()
         #: The footer at the end is owed (blocks were added, or it was missing at open).
         self._grown = meta.footer_from_copy and not read_only
@@ -100,7 +91,7 @@ class VhdDriver(Driver):
         #: Where the next block goes: the footer's place.
         self._end = meta.footer_offset
         self._bitmaps: TableCache[bytearray] = TableCache(
-            self._read_bitmap, CACHE_BYTES // self._bm, self._pinned
+            self._read_bitmap, cache_tables(self._bm), self._pinned
         )
         #: Bitmaps (by file offset) and BAT entries (by block) changed since the last
         #: flush's snapshot.
@@ -111,21 +102,11 @@ class VhdDriver(Driver):
         self._lock_users: dict[int, int] = {}
 
     async def prepare(self) -> None:
-        """On a writable open, put back a footer that a crash left missing at the end."""
+        """On a writable open, put back a footer that a crash left missing at the end.
+
+        (A read-only open owes nothing: ``_grown`` is then False.)"""
         if self._grown:
             await self.flush()
-
-    def size(self) -> int:
-        return self._size
-
-    def can_write(self) -> bool:
-        return not self.read_only
-
-    def can_fua(self) -> FuaMode:
-        return FuaMode.NATIVE
-
-    def can_extents(self) -> bool:
-        return True
 
     def can_fast_zero(self) -> bool:
         return False
@@ -409,18 +390,6 @@ class VhdDriver(Driver):
                 self._dirty_bat |= dirty_bat
                 self._grown = self._grown or grown
                 raise
-
-    async def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        try:
-            if not self.read_only:
-                await self.flush()
-        finally:
-            await self.child.close()
-            if self.backing is not None:
-                await self.backing.close()
 
     # Facts for `tapnbd info`.
 

@@ -55,6 +55,23 @@ async def test_stages_in_order_each_synced_and_adjacent_records_joined() -> None
     assert not await j.flush()  # nothing left
 
 
+async def test_data_first_syncs_before_the_first_pointer() -> None:
+    """QCOW v1's L2 entries name data written before the flush: with ``data_first`` an
+    empty first stage is still synced before them (one sync per stage, two in all)."""
+    disk = Disk()
+    j = Journal(2, disk.write, disk.sync, data_first=True)
+    j.record(1, 8, b"entry", tag=3)
+    assert j.tables == 1
+    assert await j.flush()
+    assert disk.ops == [("sync", 0, b""), ("w", 8, b"entry"), ("sync", 0, b"")]
+    assert j.tables == 0
+    disk.ops.clear()
+    j = Journal(2, disk.write, disk.sync)  # without it: the write, then one sync
+    j.record(1, 8, b"entry")
+    assert await j.flush()
+    assert disk.ops == [("w", 8, b"entry"), ("sync", 0, b"")]
+
+
 async def test_failed_flush_merges_back_and_newer_records_win() -> None:
     disk = Disk()
     j = Journal(2, disk.write, disk.sync)

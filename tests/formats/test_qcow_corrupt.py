@@ -366,9 +366,9 @@ async def test_pointer_past_the_end_stays_bad_after_the_file_grows(tmp_path: Pat
             assert bytes(await d.pread(B_OFF + (k + 1) * CS, CS)) == bytes([0x40 + k]) * CS
         # After a flush the clean tables may be dropped and read again: still EIO.
         await d.flush()
-        d._l2_cache_max = 0
-        d._trim_cache()
-        assert not d._l2cache
+        d._l2._max = 0
+        d._l2.trim()
+        assert not len(d._l2)
         with pytest.raises(OSError) as info:
             await d.pread(A_OFF, CS)
         assert info.value.errno == errno.EIO

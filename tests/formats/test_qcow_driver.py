@@ -66,7 +66,7 @@ async def open_on(child: RawDriver, backing: QcowDriver | RawDriver | None = Non
 
 
 def cached_clusters(d: QcowDriver) -> int:
-    return sum(1 for t in d._l2cache.values() for e in t if e)
+    return sum(1 for t in d._l2_tables.values() for e in t if e)
 
 
 # Concurrency.
@@ -141,7 +141,7 @@ async def test_metadata_order_data_then_l2_then_l1(tmp_path: Path) -> None:
     l1_off = d.meta.header.l1_table_offset
     await d.pwrite(3 * MiB, b"x" * 4096)
     l2off = d.l1[1]
-    host = d._l2cache[l2off][(3 * MiB >> 12) & 511]
+    host = d._l2_tables[l2off][(3 * MiB >> 12) & 511]
     # Nothing but the data has been written before the flush.
     assert [e[1] for e in child.log] == [host]
     await d.flush()
@@ -155,7 +155,7 @@ async def test_metadata_order_data_then_l2_then_l1(tmp_path: Path) -> None:
     # Another allocation in the same table: data, sync, then the single L2 entry.
     child.log.clear()
     await d.pwrite(3 * MiB + 8192, b"y" * 4096)
-    host2 = d._l2cache[l2off][((3 * MiB + 8192) >> 12) & 511]
+    host2 = d._l2_tables[l2off][((3 * MiB + 8192) >> 12) & 511]
     await d.flush()
     ops = child.log
     entry = l2off + 8 * (((3 * MiB + 8192) >> 12) & 511)
@@ -189,7 +189,7 @@ async def test_fua_makes_metadata_durable(tmp_path: Path) -> None:
     assert len([op for op in child.log if op[0] == "flush"]) == 2
     child.log.clear()
     await d.pwrite(0, b"g" * 4096, fua=True)  # in place, metadata clean: FUA write only
-    assert child.log == [("fua", d._l2cache[d.l1[0]][0], 4096)]
+    assert child.log == [("fua", d._l2_tables[d.l1[0]][0], 4096)]
     await d.close()
 
 
@@ -278,6 +278,23 @@ async def test_zero_with_backing_writes_zeroes(tmp_path: Path) -> None:
     write_raw(ref, 0, b"B" * (8 * MiB))
     write_raw(ref, 1000, bytes(70000))
     write_raw(ref, MiB, bytes(4096))
+    compare(img, ref)
+
+
+async def test_driver_zero_over_backing_writes_zeroes_in_chunks(tmp_path: Path) -> None:
+    """The driver's own zero (the Backend writes zeros itself here, as can_fast_zero is
+    off): an unallocated run over a backing file longer than one chunk of zeros."""
+    base = make_raw(tmp_path / "base.raw", 8 * MiB)
+    write_raw(base, 0, b"B" * (8 * MiB))
+    img = await make_qcow(tmp_path / "c.qcow", backing=base, size=None, optimise=False)
+    d = await open_qcow(img)
+    await d.zero(1000, 3 * MiB, may_trim=True, fua=False, fast=False)
+    got = bytes(await d.pread(0, 4 * MiB))
+    assert got == b"B" * 1000 + bytes(3 * MiB) + b"B" * (MiB - 1000)
+    await d.close()
+    ref = make_raw(tmp_path / "ref.raw", 8 * MiB)
+    write_raw(ref, 0, b"B" * (8 * MiB))
+    write_raw(ref, 1000, bytes(3 * MiB))
     compare(img, ref)
 
 
@@ -430,14 +447,14 @@ async def test_small_cache_with_pinned_dirty_tables(
 ) -> None:
     img = await make_qcow(tmp_path / "n.qcow", 128 * MiB, optimise=False)
     d = await open_qcow(img)
-    d._l2_cache_max = 4
+    d._l2._max = 4
     for i in range(64):  # 64 L1 slots, each a new (pinned) table
         await d.pwrite(i * 2 * MiB + 512, bytes([i + 1]) * 512)
-    assert len(d._l2cache) == 64
+    assert len(d._l2) == 64
     await d.flush()
     for i in range(64):
         assert bytes(await d.pread(i * 2 * MiB + 512, 512)) == bytes([i + 1]) * 512
-    assert len(d._l2cache) <= 8
+    assert len(d._l2) <= 8
     for i in range(0, 64, 3):  # rewrite in place and allocate more, under eviction
         await d.pwrite(i * 2 * MiB + 8192, bytes([i + 2]) * 4096)
     await d.close()
@@ -458,7 +475,7 @@ async def test_background_write_back(tmp_path: Path, monkeypatch: pytest.MonkeyP
     task = d._writeback
     assert task is not None
     await asyncio.wait_for(asyncio.shield(task), 30)  # the write-back itself, not a sleep
-    assert d._writeback is None and len(d._new_l2) < 10
+    assert d._writeback is None and d._journal.tables < 10
     await d.close()
 
 

@@ -72,7 +72,7 @@ async def test_failed_flush_rewrites_its_metadata_next_time(tmp_path: Path) -> N
     written = dict(child.writes)
     # The retry wrote the new table, the L2 entry and the L1 entry of the failed epoch.
     assert d.l1[1] in written
-    assert int.from_bytes(written[table0 + 8 * 5], "big") == d._l2cache[table0][5]
+    assert int.from_bytes(written[table0 + 8 * 5], "big") == d._l2_tables[table0][5]
     assert int.from_bytes(written[l1_off + 8], "big") == d.l1[1]
     await d.close()
 

@@ -13,9 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from formats.qcow.driver import DATA, UNALLOC, QcowDriver, _Miss
+from formats.engine.runs import DATA, UNALLOC, Miss
+from formats.qcow import driver as qdriver
+from formats.qcow.driver import QcowDriver
 from formats.qcow.geometry import Geometry
-from tests.formats.qcow_util import MiB, make_qcow, open_qcow, random_writes
+from formats.raw import RawDriver
+from tests.formats.qcow_util import MiB, make_qcow, need, open_qcow, qemu_img, random_writes
 
 
 def l1_index(offset: int, g: Geometry) -> int:
@@ -77,9 +80,60 @@ async def test_driver_lookup_matches_the_spec(tmp_path: Path, optimise: bool) ->
                 try:
                     kind, host, _n = d._lookup(pos, pos + 1)
                     break
-                except _Miss as miss:  # load the table, look again
-                    await d._load_l2(miss.l2off)
+                except Miss as miss:  # load the table, look again
+                    await d._load(miss.offset)
             want = await _host(img, d, pos)
             assert (kind, host) == ((DATA, want) if want else (UNALLOC, 0)), (seed, pos)
+    finally:
+        await d.close()
+
+
+@pytest.mark.parametrize("layout", ["flat-bases", "sparse-l1", "normal"])
+async def test_fast_path_reads_match_qemu(
+    tmp_path: Path, layout: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The synchronous answers (``pread_nowait``; with the raw preadv inlined on the fast
+    path) and ``pread`` against qemu's reading of the same image. ``sparse-l1`` is an L1
+    table too large for the flat list of data bases (FLAT_L1_MAX): the general lookup;
+    ``normal`` has no fast path: answers from the L2 tables in memory."""
+    need("qemu-img")
+    flat, optimise = layout == "flat-bases", layout != "normal"
+    if layout == "sparse-l1":
+        monkeypatch.setattr(qdriver, "FLAT_L1_MAX", 0)
+    seed = random.randrange(1 << 32)
+    print(f"seed {seed}")
+    rng = random.Random(seed)
+    size = 16 * MiB
+    img = await make_qcow(tmp_path / "f.qcow", size, optimise=optimise)
+    d = await open_qcow(img)
+    try:
+        assert d.fast_path == optimise and (d._bases is not None) == flat
+        for off, data in random_writes(rng, size, 20):
+            # Allocating writes through the synchronous path where they fit one slot.
+            if not d.pwrite_nowait(off, data):
+                await d.pwrite(off, data)
+        await d.flush()
+        if flat:  # the flat list agrees with L1 after the allocations (spec §2.4)
+            assert d._bases == [
+                d.l1[i] + d.g.l2_bytes if d.l1[i] else 0 for i in range(d.g.l1_size)
+            ]
+    finally:
+        await d.close()
+    raw = tmp_path / "f.raw"
+    qemu_img("convert", "-f", "qcow", "-O", "raw", str(img), str(raw))
+    want = raw.read_bytes()
+    d = await open_qcow(img, read_only=True)
+    try:
+        assert d.fast_path == optimise and type(d.child) is RawDriver
+        answered = 0
+        for _ in range(300):
+            n = rng.choice((512, 4096, 65536))
+            pos = rng.randrange(size - n)
+            got = d.pread_nowait(pos, n)
+            if got is not None:
+                answered += 1
+                assert bytes(got) == want[pos : pos + n], (seed, pos, n)
+            assert bytes(await d.pread(pos, n)) == want[pos : pos + n], (seed, pos, n)
+        assert answered > 0  # the file is in the page cache: most reads are answered
     finally:
         await d.close()
