@@ -33,6 +33,7 @@ import errno
 import logging
 import os
 import socket
+from collections import deque
 from typing import TYPE_CHECKING, cast
 
 from tapnbd import buffers
@@ -49,7 +50,7 @@ from tapnbd.protocol.transmission import (
 )
 from tapnbd.runtime import eager_start
 from tapnbd.server.budget import PayloadBudget
-from tapnbd.server.iothreads import THREAD_MIN, Done, IOThreads, Job, Wire
+from tapnbd.server.iothreads import THREAD_MIN, THREADS, Done, IOThreads, Job, Wire
 from tapnbd.server.replies import flatten, read_parts, zero_parts
 
 if TYPE_CHECKING:
@@ -96,7 +97,9 @@ _NOT_DF = _KNOWN_FLAGS & ~int(CmdFlag.DF)
 def _payload_cost(typ: int, length: int) -> int:
     """Payload bytes a request holds: its READ data or its WRITE payload.
 
-    Written out inline in ``_admit`` and ``_process``, the hot path; keep them the same.
+    Written out inline in ``_admit``, the hot path; keep them the same. (``_admit``
+    charges a READ for the I/O threads later, in ``_pump``: never a WRITE, which is
+    all ``_drop_taken`` asks about.)
     """
     if typ <= _WRITE and length <= MAX_PAYLOAD:
         return length
@@ -139,6 +142,8 @@ class NBDConnection(asyncio.BufferedProtocol):
         self._read_fd = -1
         self._wire: Wire | None = None
         self._iot: IOThreads | None = None
+        self._waiting: deque[Job] = deque()  # READs for the threads, not charged yet
+        self._charged = 0  # what _admit charged for the request the decoder returns next
 
     # asyncio.Protocol
 
@@ -169,8 +174,14 @@ class NBDConnection(asyncio.BufferedProtocol):
         self.closing = True
         self.budget.forget(self._unblock)
         self._drop_taken()
+        self.budget.forget(self._pump)
         if self._iot is not None:
             self._iot.stop()  # jobs still queued report back, and release their charge
+            while self._waiting:
+                job = self._waiting.popleft()
+                if self.backend is not None:
+                    self.backend.stats.abandon()
+                self._request_done(job.charged)
         if self.export is not None:
             self.export.connections -= 1
             self.export.backend.stats.connections -= 1
@@ -309,9 +320,7 @@ class NBDConnection(asyncio.BufferedProtocol):
                 req = decoder.next_request()
                 if req is None:
                     break
-                # _payload_cost, inline: this loop is the hot path.
-                length = req.length
-                self._dispatch(req, length if req.type <= _WRITE and length <= MAX_PAYLOAD else 0)
+                self._dispatch(req, self._charged)
         except ProtocolError as e:
             log.info("%s: dropped: %s", self.peer, e)
             self.closing = True
@@ -329,13 +338,20 @@ class NBDConnection(asyncio.BufferedProtocol):
         exists): count it as in flight and charge its payload, or stop decoding."""
         if self._write_paused or self.in_flight >= MAX_IN_FLIGHT:
             return self._hold("reply backlog" if self._write_paused else "requests in flight")
+        self._charged = 0
         if typ <= _WRITE and length <= MAX_PAYLOAD:  # _payload_cost, inline
+            if typ == 0 and length >= THREAD_MIN and self._iot is not None:
+                # The I/O threads' READs are charged when a thread takes them (_pump):
+                # one queued behind a client that does not read holds no memory.
+                self.in_flight += 1
+                return True
             if self.payload and self.payload + length > MAX_CONN_PAYLOAD:
                 return self._hold("connection's payload in flight")
             if not self.budget.take(length):
                 self.budget.wait(self._unblock)
                 return self._hold("server's payload budget")
             self.payload += length
+            self._charged = length
         self.in_flight += 1
         return True
 
@@ -413,8 +429,26 @@ class NBDConnection(asyncio.BufferedProtocol):
             iot = self._start_threads()
             if iot is None:
                 return False
-        iot.submit(Job(req, cost, backend.stats.start()))
+        self._waiting.append(Job(req, cost, backend.stats.start()))
+        self._pump()
         return True
+
+    def _pump(self) -> None:
+        """Give waiting READs to free threads, charging each to the budget as it goes."""
+        iot, wire, waiting = self._iot, self._wire, self._waiting
+        if iot is None or wire is None:
+            return
+        while waiting and iot.submitted < THREADS and not wire.stalled and not iot.stopped:
+            job = waiting[0]
+            if not job.charged:
+                n = job.req.length
+                if not self.budget.take(n):
+                    self.budget.wait(self._pump)
+                    return
+                self.payload += n
+                job.charged = n
+            waiting.popleft()
+            iot.submit(job)
 
     def _start_threads(self) -> IOThreads | None:
         """Hand the socket over to a Wire, if the transport has nothing queued."""
@@ -445,6 +479,8 @@ class NBDConnection(asyncio.BufferedProtocol):
         """An I/O thread finished a job (on the loop): count it and release its charge."""
         job = done.job
         backend = self.backend
+        if self._iot is not None:
+            self._iot.submitted -= 1
         if backend is not None:
             if done.err == errno.ESHUTDOWN:
                 backend.stats.abandon()  # never served: the connection went away
@@ -453,7 +489,8 @@ class NBDConnection(asyncio.BufferedProtocol):
                 self._reply_error(job.req, done.err, done.message)
             else:
                 backend.stats.done("read", job.req.length, job.t0)
-        self._request_done(job.cost)
+        self._request_done(job.charged)
+        self._pump()
 
     def _wire_changed(self) -> None:
         """The Wire's socket filled up or drained, or broke (on the loop)."""
@@ -464,6 +501,15 @@ class NBDConnection(asyncio.BufferedProtocol):
             if self.transport is not None:
                 self.transport.abort()
             return
+        if wire.stalled and self._iot is not None:
+            # Jobs queued behind a full socket give their charge back until it drains.
+            for job in reversed(self._iot.reclaim()):
+                self.payload -= job.charged
+                self.budget.give(job.charged)
+                job.charged = 0
+                self._waiting.appendleft(job)
+        else:
+            self._pump()
         limit = BACKLOG_HIGH // 4 if self._write_paused else BACKLOG_HIGH
         wire.paused = paused = wire.stalled or wire.backlog > limit
         # Look again: a thread that drained before it saw ``paused`` did not tell us.

@@ -40,7 +40,6 @@ import select
 import socket
 import threading
 from collections import deque
-from queue import SimpleQueue
 from typing import TYPE_CHECKING, NamedTuple
 
 from formats.raw import pread_all
@@ -67,12 +66,15 @@ MAX_IOV = 1024
 Piece = bytes | bytearray | memoryview
 
 
-class Job(NamedTuple):
+class Job:
     """One READ for a thread, and what the loop needs back when it is done."""
 
-    req: Request
-    cost: int  # payload charged at admission
-    t0: int  # Stats.start()
+    __slots__ = ("charged", "req", "t0")
+
+    def __init__(self, req: Request, charged: int, t0: int) -> None:
+        self.req = req
+        self.charged = charged  # payload charged to the budget, set and cleared on the loop
+        self.t0 = t0  # Stats.start()
 
 
 class Done(NamedTuple):
@@ -274,7 +276,10 @@ class IOThreads:
         self.file_fd = os.dup(file_fd)
         self.structured = structured
         self.seek_holes = seek_holes
-        self.jobs: SimpleQueue[Job | None] = SimpleQueue()
+        self.jobs: deque[Job | None] = deque()
+        self._ready = threading.Condition()
+        #: Jobs given to the threads and not reported back (on the loop only).
+        self.submitted = 0
         self.stopped = False
         self._done = done
         self._alive = THREADS
@@ -287,18 +292,40 @@ class IOThreads:
             ).start()
 
     def submit(self, job: Job) -> None:
-        self.jobs.put(job)
+        self.submitted += 1
+        with self._ready:
+            self.jobs.append(job)
+            self._ready.notify()
+
+    def reclaim(self) -> list[Job]:
+        """Take back the jobs no thread has started (the socket is full: a job queued
+        behind it would hold its payload charge for as long as the client waits)."""
+        with self._ready:
+            jobs = [j for j in self.jobs if j is not None]
+            if len(jobs) == len(self.jobs):
+                self.jobs.clear()
+            else:
+                return []  # stopping: the threads report them
+        self.submitted -= len(jobs)
+        return jobs
+
+    def _take(self) -> Job | None:
+        with self._ready:
+            while not self.jobs:
+                self._ready.wait()
+            return self.jobs.popleft()
 
     def stop(self) -> None:
         """Called on the loop when the connection ends (see module doc)."""
         self.stopped = True
-        for _ in range(THREADS):
-            self.jobs.put(None)
+        with self._ready:
+            self.jobs.extend([None] * THREADS)
+            self._ready.notify_all()
         self.wire.kill()
 
     def _run(self, slot: int) -> None:
         try:
-            while (job := self.jobs.get()) is not None:
+            while (job := self._take()) is not None:
                 self.busy[slot] = True
                 try:
                     self._serve(job)
