@@ -49,6 +49,7 @@ from tapnbd.protocol.transmission import (
     simple_reply,
 )
 from tapnbd.runtime import eager_start
+from tapnbd.server import iothreads
 from tapnbd.server.budget import PayloadBudget
 from tapnbd.server.iothreads import THREAD_MIN, THREADS, Done, IOThreads, Job, Wire
 from tapnbd.server.replies import flatten, read_parts, zero_parts
@@ -80,9 +81,10 @@ DRAIN_GRACE = 0.25
 #: Seconds a shutting-down server waits for a client that reads none of its replies
 #: (no byte written to its socket meanwhile) before it drops the connection.
 DRAIN_STALL = 2.0
-#: SO_SNDBUF for connections with I/O threads (0: the kernel's autotuning); issue 15's
-#: prototype gained with 4 MiB. TAPNBD_SNDBUF overrides it, to measure.
-SNDBUF = int(os.environ.get("TAPNBD_SNDBUF", "0"))
+#: SO_SNDBUF for connections with I/O threads (0: the kernel's autotuning, which
+#: stays smaller): a thread's 1 MiB reply then fits while the other is sent. Measured
+#: (README, "I/O threads"); TAPNBD_SNDBUF overrides it, to measure again.
+SNDBUF = int(os.environ.get("TAPNBD_SNDBUF", str(4 << 20)))
 #: Pieces in one writev (Linux's IOV_MAX is 1024).
 _MAX_IOV = 1024
 
@@ -297,7 +299,8 @@ class NBDConnection(asyncio.BufferedProtocol):
         self.structured = ready.structured
         self.context_id = next(iter(ready.meta_contexts), 0)
         self.decoder = RequestDecoder(admit=self._admit)
-        if self._fd >= 0 and export.backend.driver.parallel:  # TLS keeps the inline path
+        if self._fd >= 0 and export.backend.driver.parallel and iothreads.ENABLED:
+            # (TLS keeps the inline path: every byte must go through the SSL object.)
             self._read_fd = export.backend.driver.read_fd()
         log.debug("%s: transmission on %r", self.peer, export.name)
         if leftover:

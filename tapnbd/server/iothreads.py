@@ -58,8 +58,10 @@ log = logging.getLogger("tapnbd.server")
 #: READs at least this big go to the threads; smaller ones stay on the loop, where a
 #: page-cache hit costs one system call and no hop (random 4k reads are faster there).
 THREAD_MIN = 128 * 1024
-#: Threads per connection: one reads while the other sends.
+#: Threads per connection: one reads while the other sends. TAPNBD_IO_THREADS=0 keeps
+#: every request on the loop (to measure what the threads gain).
 THREADS = 2
+ENABLED = os.environ.get("TAPNBD_IO_THREADS", "2") != "0"
 #: Pieces in one writev (Linux's IOV_MAX is 1024).
 MAX_IOV = 1024
 
