@@ -4,7 +4,9 @@ Bytes go into ``Handshake`` and then ``RequestDecoder``; each request is checked
 NBD-level rules (flags, sizes, negotiated features) and handed to the export's Backend,
 which checks ranges and capabilities. Requests run concurrently and reply in any order,
 matched by cookie. Each reply is written with a single ``write``/``writelines`` call from
-the loop thread, so replies are never interleaved.
+the loop thread, so replies are never interleaved. Big READs on a plain file (raw) go to
+two I/O threads per connection instead (tapnbd.server.iothreads); from then on every
+reply leaves through the connection's ``Wire``, which writes whole replies one at a time.
 
 A request is started eagerly (tapnbd.runtime.eager_start): when the Backend answers
 without waiting, as it does for page-cache hits and RAM, the reply is written before
