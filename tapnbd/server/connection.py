@@ -503,6 +503,8 @@ class NBDConnection(asyncio.BufferedProtocol):
         if wire is None:
             return
         if wire.broken:
+            if self.closing:
+                self._request_done(0, count=False)  # a drain() waiting for the Wire ends
             if self.transport is not None:
                 self.transport.abort()
             return
@@ -522,6 +524,8 @@ class NBDConnection(asyncio.BufferedProtocol):
         if paused != self._write_paused:
             # Either way decoding looks again, so a connection held at another bound
             # now says it waits for its reply backlog, as the transport path does.
+            if wire.stalled:
+                log.debug("%s: socket full: replies wait for the client", self.peer)
             self._write_paused = paused
             self._unblock()
         if self.closing:
@@ -815,7 +819,7 @@ class NBDConnection(asyncio.BufferedProtocol):
         the in-flight count when they are queued).
         """
         written = -1
-        while not idle.done():
+        while not idle.done() and not wire.broken:
             if written == wire.written:
                 wire.kill()  # the blocked threads' sends fail; their requests finish
             written = wire.written

@@ -182,3 +182,16 @@ def test_sigterm_with_threads_blocked_in_send(serve: Callable[..., Server], tmp_
     assert "did not drain" not in server.stderr()
     for s in floods:
         s.close()
+
+
+def test_sigterm_with_every_read_handed_over(serve: Callable[..., Server], tmp_path: Path) -> None:
+    """Nothing in flight, both threads blocked sending to a client that reads nothing:
+    the shutdown still drops it and ends."""
+    disk = tmp_path / "disk.img"
+    seeded_image(disk, 64 * MiB)
+    server = serve(str(disk), "--format", "raw", "--verbose")
+    flood = open_flood(server.uri, reads=2, length=16 * MiB)
+    server.wait_for_log(f"{flood.getsockname()}: socket full: replies wait for the client")
+    assert server.stop(signal.SIGTERM, timeout=60) == 0
+    assert "did not drain" not in server.stderr()
+    flood.close()
