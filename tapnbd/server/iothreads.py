@@ -18,11 +18,13 @@ written to again):
   so a reply appended while a thread held the lock is never left behind.
 
 What the loop still owns: admission, the payload budget, in-flight counts and
-statistics. A thread reports each finished request back with ``call_soon_threadsafe``
-and the connection releases its charge there, on the loop, as for any other request;
-a buffer is charged until its reply has left for the socket. A thread that has to wait
-for the socket says so once (``stalled``), and the connection stops decoding, as it
-does when a transport calls ``pause_writing``.
+statistics. The connection charges a READ when it gives it to a thread (at most
+THREADS at a time); the thread reports back with ``call_soon_threadsafe`` once the
+reply is read and handed to the socket, the point where the loop path hands a reply
+to its transport, and the connection releases the charge there, on the loop. A thread
+that has to wait for the socket says so once (``stalled``): the connection stops
+decoding, as it does when a transport calls ``pause_writing``, and takes back the
+READs still queued (``reclaim``), so a client that does not read holds no charge.
 
 The threads read a ``dup`` of the image's descriptor and write a ``dup`` of the
 socket's, closed when the last thread leaves: a descriptor closed under them (an export
