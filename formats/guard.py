@@ -72,6 +72,9 @@ class ProbedRawGuard(FilterDriver):
     def preadv_nowait(self, offset: int, length: int, bufs: Sequence[memoryview]) -> bool:
         return self.child.preadv_nowait(offset, length, bufs)
 
+    def read_fd(self) -> int:
+        return self.child.read_fd()  # reads are not guarded
+
     async def pwrite(self, offset: int, data: bytes | memoryview, fua: bool = False) -> None:
         if offset >= PROBE_SIZE:
             await self.child.pwrite(offset, data, fua)

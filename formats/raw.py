@@ -57,7 +57,7 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
         raise OSError(err, os.strerror(err))
 
 
-def _pread_all(fd: int, buf: memoryview, offset: int) -> int:
+def pread_all(fd: int, buf: memoryview, offset: int) -> int:
     """Blocking read into ``buf`` until full or EOF; returns the bytes read."""
     done = 0
     while done < len(buf):
@@ -231,6 +231,9 @@ class RawDriver(Driver):
             self._nowait = False  # no RWF_NOWAIT here: the thread pool from now on
             return -1
 
+    def read_fd(self) -> int:
+        return self.fd
+
     def pwrite_nowait(self, offset: int, data: bytes | memoryview) -> bool:
         if self._nowait_write or time.monotonic() < self._inline_after:
             return False  # the async path tries RWF_NOWAIT, or the pool is in charge
@@ -261,7 +264,7 @@ class RawDriver(Driver):
         if self._nowait:
             done = max(self._preadv_nowait([view], offset), 0)
         if done < length:
-            done += await self._blocking(_pread_all, self.fd, view[done:], offset + done)  # type: ignore[operator]
+            done += await self._blocking(pread_all, self.fd, view[done:], offset + done)  # type: ignore[operator]
             if done < length:  # the file shrank under us; the rest reads as zeros
                 view[done:] = bytes(length - done)
         return buf

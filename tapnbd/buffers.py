@@ -9,10 +9,13 @@ Whoever does not give a buffer back just lets it be collected: giving back is an
 optimisation, never an obligation.
 
 Only a buffer nobody else can still see may be given back: the connection never leaves
-a pooled buffer queued in the transport.
+a pooled buffer queued in the transport. The connections' I/O threads take and give
+too (tapnbd.server.iothreads), so the pool has a lock.
 """
 
 from __future__ import annotations
+
+import threading
 
 from tapnbd.driver import MAX_PAYLOAD
 
@@ -39,6 +42,7 @@ class PooledBuffer(bytearray):
 
 _free: dict[int, list[PooledBuffer]] = {}
 _held = 0  # bytes in _free
+_lock = threading.Lock()
 
 
 def take(length: int) -> bytearray:
@@ -46,10 +50,11 @@ def take(length: int) -> bytearray:
     if length < POOL_MIN:
         return bytearray(length)
     global _held
-    free = _free.get(length)
-    if free:
-        _held -= length
-        return free.pop()
+    with _lock:
+        free = _free.get(length)
+        if free:
+            _held -= length
+            return free.pop()
     return PooledBuffer(length)
 
 
@@ -61,12 +66,13 @@ def give(buf: object) -> None:
     if type(buf) is not PooledBuffer:
         return
     size = len(buf)
-    free = _free.get(size)
-    if free is None:
-        if len(_free) >= MAX_SIZES:
-            _free.clear()
-            _held = 0
-        free = _free[size] = []
-    if len(free) < PER_SIZE and _held + size <= MAX_BYTES:
-        free.append(buf)
-        _held += size
+    with _lock:
+        free = _free.get(size)
+        if free is None:
+            if len(_free) >= MAX_SIZES:
+                _free.clear()
+                _held = 0
+            free = _free[size] = []
+        if len(free) < PER_SIZE and _held + size <= MAX_BYTES:
+            free.append(buf)
+            _held += size

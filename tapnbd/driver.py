@@ -135,6 +135,16 @@ class Driver:
         """Write ``bufs`` (``length`` bytes in all) without waiting, as pwrite_nowait."""
         return self.pwrite_nowait(offset, bufs[0] if len(bufs) == 1 else b"".join(bufs))
 
+    def read_fd(self) -> int:
+        """A descriptor whose bytes at every offset are this driver's, or -1.
+
+        Only a driver whose read is a plain pread of one file at the same offsets
+        says yes (raw): the connection's I/O threads then read it themselves, off
+        the loop (tapnbd.server.iothreads). Filters say no unless they override it,
+        so nothing they must see is bypassed.
+        """
+        return -1
+
     async def flush(self) -> None:
         """Make every completed write durable, metadata included."""
         raise NotImplementedError

@@ -4,7 +4,9 @@ Bytes go into ``Handshake`` and then ``RequestDecoder``; each request is checked
 NBD-level rules (flags, sizes, negotiated features) and handed to the export's Backend,
 which checks ranges and capabilities. Requests run concurrently and reply in any order,
 matched by cookie. Each reply is written with a single ``write``/``writelines`` call from
-the loop thread, so replies are never interleaved.
+the loop thread, so replies are never interleaved. Big READs on a plain file (raw) go to
+two I/O threads per connection instead (tapnbd.server.iothreads); from then on every
+reply leaves through the connection's ``Wire``, which writes whole replies one at a time.
 
 A request is started eagerly (tapnbd.runtime.eager_start): when the Backend answers
 without waiting, as it does for page-cache hits and RAM, the reply is written before
@@ -33,6 +35,7 @@ import errno
 import logging
 import os
 import socket
+from collections import deque
 from typing import TYPE_CHECKING, cast
 
 from tapnbd import buffers
@@ -44,14 +47,14 @@ from tapnbd.protocol.handshake import NEED_DATA, Abort, Handshake, Ready, StartT
 from tapnbd.protocol.transmission import (
     RequestDecoder,
     block_status_chunk,
-    data_chunk,
     error_chunk,
-    hole_chunk,
-    none_chunk,
     simple_reply,
 )
 from tapnbd.runtime import eager_start
+from tapnbd.server import iothreads
 from tapnbd.server.budget import PayloadBudget
+from tapnbd.server.iothreads import THREAD_MIN, THREADS, Done, IOThreads, Job, Wire
+from tapnbd.server.replies import flatten, read_parts, zero_parts
 
 if TYPE_CHECKING:
     from tapnbd.backend import Backend
@@ -73,39 +76,34 @@ UNCORK_AT = 128 * 1024
 #: Reads at least this big ask the driver's extents first: a hole is then answered
 #: from the shared zeros (or as one OFFSET_HOLE chunk) without reading or allocating.
 HOLE_PROBE_MIN = 128 * 1024
-#: Structured reads above this are split at this granularity into DATA and HOLE chunks.
-SPLIT_READ = 64 * 1024
 #: "SHOULD stay <= 2^20 extents per chunk" (CVE-2025-47711/47712 were about this).
 MAX_EXTENTS = 1 << 20
 #: Seconds a shutting-down server keeps reading, to answer requests with ESHUTDOWN.
 DRAIN_GRACE = 0.25
+#: Seconds a shutting-down server waits for a client that reads none of its replies
+#: (no byte written to its socket meanwhile) before it drops the connection.
+DRAIN_STALL = 2.0
+#: SO_SNDBUF for connections with I/O threads (0: the kernel's autotuning, which
+#: stays smaller): a thread's 1 MiB reply then fits while the other is sent. Measured
+#: (README, "I/O threads"); TAPNBD_SNDBUF overrides it, to measure again.
+SNDBUF = int(os.environ.get("TAPNBD_SNDBUF", str(4 << 20)))
 #: Pieces in one writev (Linux's IOV_MAX is 1024).
 _MAX_IOV = 1024
 
-#: One reply chunk: its header, and the data that follows it if any.
-_Part = tuple[bytes, bytes | bytearray | memoryview | None]
 
 # A plain int: ~ on an IntFlag keeps only known bits, which would hide unknown ones.
 _KNOWN_FLAGS = int(CmdFlag.FUA | CmdFlag.NO_HOLE | CmdFlag.DF | CmdFlag.REQ_ONE | CmdFlag.FAST_ZERO)
 _WRITES = (Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES)
 _WRITE = int(Cmd.WRITE)  # READ is 0, WRITE 1: "typ <= _WRITE" is "a READ or a WRITE"
-_ZERO_PROBE = bytes(64)
-
-
-def _all_zero(data: bytes | bytearray | memoryview) -> bool:
-    # Cheap rejection on the first bytes (no copy); count() then runs at memchr speed.
-    n = len(data)
-    if n >= 64 and data[:64] != _ZERO_PROBE:
-        return False
-    if isinstance(data, memoryview):
-        data = data.tobytes()
-    return n > 0 and data.count(0) == n
+_NOT_DF = _KNOWN_FLAGS & ~int(CmdFlag.DF)
 
 
 def _payload_cost(typ: int, length: int) -> int:
     """Payload bytes a request holds: its READ data or its WRITE payload.
 
-    Written out inline in ``_admit`` and ``_process``, the hot path; keep them the same.
+    Written out inline in ``_admit``, the hot path; keep them the same. (``_admit``
+    charges a READ for the I/O threads later, in ``_pump``: never a WRITE, which is
+    all ``_drop_taken`` asks about.)
     """
     if typ <= _WRITE and length <= MAX_PAYLOAD:
         return length
@@ -143,6 +141,13 @@ class NBDConnection(asyncio.BufferedProtocol):
         self._hs_buf = memoryview(bytearray(65536))
         self._fd = -1
         self._idle: asyncio.Future[None] | None = None  # set by drain() to wait for idleness
+        # I/O threads (tapnbd.server.iothreads): the image's descriptor when this
+        # connection may use them, and, once it does, the socket they share.
+        self._read_fd = -1
+        self._wire: Wire | None = None
+        self._iot: IOThreads | None = None
+        self._waiting: deque[Job] = deque()  # READs for the threads, not charged yet
+        self._charged = 0  # what _admit charged for the request the decoder returns next
 
     # asyncio.Protocol
 
@@ -173,6 +178,14 @@ class NBDConnection(asyncio.BufferedProtocol):
         self.closing = True
         self.budget.forget(self._unblock)
         self._drop_taken()
+        self.budget.forget(self._pump)
+        if self._iot is not None:
+            self._iot.stop()  # jobs still queued report back, and release their charge
+            while self._waiting:
+                job = self._waiting.popleft()
+                if self.backend is not None:
+                    self.backend.stats.abandon()
+                self._request_done(job.charged)
         if self.export is not None:
             self.export.connections -= 1
             self.export.backend.stats.connections -= 1
@@ -288,6 +301,9 @@ class NBDConnection(asyncio.BufferedProtocol):
         self.structured = ready.structured
         self.context_id = next(iter(ready.meta_contexts), 0)
         self.decoder = RequestDecoder(admit=self._admit)
+        if self._fd >= 0 and export.backend.driver.parallel and iothreads.ENABLED:
+            # (TLS keeps the inline path: every byte must go through the SSL object.)
+            self._read_fd = export.backend.driver.read_fd()
         log.debug("%s: transmission on %r", self.peer, export.name)
         if leftover:
             self.decoder.feed(leftover)
@@ -309,9 +325,7 @@ class NBDConnection(asyncio.BufferedProtocol):
                 req = decoder.next_request()
                 if req is None:
                     break
-                # _payload_cost, inline: this loop is the hot path.
-                length = req.length
-                self._dispatch(req, length if req.type <= _WRITE and length <= MAX_PAYLOAD else 0)
+                self._dispatch(req, self._charged)
         except ProtocolError as e:
             log.info("%s: dropped: %s", self.peer, e)
             self.closing = True
@@ -329,13 +343,20 @@ class NBDConnection(asyncio.BufferedProtocol):
         exists): count it as in flight and charge its payload, or stop decoding."""
         if self._write_paused or self.in_flight >= MAX_IN_FLIGHT:
             return self._hold("reply backlog" if self._write_paused else "requests in flight")
+        self._charged = 0
         if typ <= _WRITE and length <= MAX_PAYLOAD:  # _payload_cost, inline
+            if typ == 0 and length >= THREAD_MIN and self._iot is not None:
+                # The I/O threads' READs are charged when a thread takes them (_pump):
+                # one queued behind a client that does not read holds no memory.
+                self.in_flight += 1
+                return True
             if self.payload and self.payload + length > MAX_CONN_PAYLOAD:
                 return self._hold("connection's payload in flight")
             if not self.budget.take(length):
                 self.budget.wait(self._unblock)
                 return self._hold("server's payload budget")
             self.payload += length
+            self._charged = length
         self.in_flight += 1
         return True
 
@@ -381,6 +402,8 @@ class NBDConnection(asyncio.BufferedProtocol):
         backend = self.backend
         assert backend is not None
         if req.type == Cmd.READ:
+            if req.length >= THREAD_MIN and self._read_fd >= 0 and self._threaded(req, cost):
+                return
             if req.length < HOLE_PROBE_MIN or not backend.can_extents:
                 data = backend.try_pread(req.offset, req.length)
                 if data is not None:
@@ -399,6 +422,114 @@ class NBDConnection(asyncio.BufferedProtocol):
         if task is not None:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+
+    def _threaded(self, req: Request, cost: int) -> bool:
+        """Queue a big READ to the I/O threads; False to serve it on the loop."""
+        backend = self.backend
+        assert backend is not None
+        if req.offset + req.length > backend.size or req.flags & _NOT_DF:
+            return False  # the loop's path gives the errors
+        iot = self._iot
+        if iot is None:
+            iot = self._start_threads()
+            if iot is None:
+                return False
+        self._waiting.append(Job(req, cost, backend.stats.start()))
+        self._pump()
+        return True
+
+    def _pump(self) -> None:
+        """Give waiting READs to free threads, charging each to the budget as it goes."""
+        iot, wire, waiting = self._iot, self._wire, self._waiting
+        if iot is None or wire is None:
+            return
+        while waiting and iot.submitted < THREADS and not wire.stalled and not iot.stopped:
+            job = waiting[0]
+            if not job.charged:
+                n = job.req.length
+                if not self.budget.take(n):
+                    self.budget.wait(self._pump)
+                    return
+                self.payload += n
+                job.charged = n
+            waiting.popleft()
+            iot.submit(job)
+
+    def _start_threads(self) -> IOThreads | None:
+        """Hand the socket over to a Wire, if the transport has nothing queued."""
+        cork = self._cork
+        if cork:
+            self._cork, self._cork_bytes = [], 0
+            self._write_now(cork)  # replies before this one go first, by the transport
+        transport, backend = self.transport, self.backend
+        assert backend is not None
+        if transport is None or transport.is_closing() or transport.get_write_buffer_size():
+            return None  # bytes the transport holds would go after ours: not now
+        if SNDBUF:
+            sock = transport.get_extra_info("socket")
+            if sock is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SNDBUF)
+        log.debug("%s: big reads go to I/O threads", self.peer)
+        self._wire = Wire(asyncio.get_running_loop(), self._fd, self._wire_changed)
+        self._iot = IOThreads(
+            self._wire,
+            self._read_fd,
+            structured=self.structured,
+            seek_holes=backend.can_extents,
+            done=self._io_done,
+        )
+        return self._iot
+
+    def _io_done(self, done: Done) -> None:
+        """An I/O thread finished a job (on the loop): count it and release its charge."""
+        job = done.job
+        backend = self.backend
+        if self._iot is not None:
+            self._iot.submitted -= 1
+        if backend is not None:
+            if done.err == errno.ESHUTDOWN:
+                backend.stats.abandon()  # never served: the connection went away
+            elif done.err:
+                backend.stats.fail("read", done.err, job.t0)
+                self._reply_error(job.req, done.err, done.message)
+            else:
+                backend.stats.done("read", job.req.length, job.t0)
+        self._request_done(job.charged)
+        self._pump()
+
+    def _wire_changed(self) -> None:
+        """The Wire's socket filled up or drained, or broke (on the loop)."""
+        wire = self._wire
+        if wire is None:
+            return
+        if wire.broken:
+            if self.closing:
+                self._request_done(0, count=False)  # a drain() waiting for the Wire ends
+            if self.transport is not None:
+                self.transport.abort()
+            return
+        if wire.stalled and self._iot is not None:
+            # Jobs queued behind a full socket give their charge back until it drains.
+            for job in reversed(self._iot.reclaim()):
+                self.payload -= job.charged
+                self.budget.give(job.charged)
+                job.charged = 0
+                self._waiting.appendleft(job)
+        else:
+            self._pump()
+        limit = BACKLOG_HIGH // 4 if self._write_paused else BACKLOG_HIGH
+        wire.paused = paused = wire.stalled or wire.backlog > limit
+        # Look again: a thread that drained before it saw ``paused`` did not tell us.
+        wire.paused = paused = paused and (wire.stalled or wire.backlog > limit)
+        if paused != self._write_paused:
+            # Either way decoding looks again, so a connection held at another bound
+            # now says it waits for its reply backlog, as the transport path does.
+            if wire.stalled:
+                log.debug("%s: socket full: replies wait for the client", self.peer)
+            self._write_paused = paused
+            self._unblock()
+        if self.closing:
+            self._request_done(0, count=False)
 
     def _validate(self, req: Request) -> int:
         """NBD-level checks, in nbdkit's order; the Backend then checks the range."""
@@ -452,7 +583,8 @@ class NBDConnection(asyncio.BufferedProtocol):
                 if req.length >= HOLE_PROBE_MIN and await backend.reads_as_zero(
                     req.offset, req.length
                 ):
-                    self._reply_zero(req)
+                    for header, payload in zero_parts(req, self.structured):
+                        self._write(header, payload)
                     return
                 data = await backend.pread(req.offset, req.length)
                 self._reply_read(req, data)
@@ -500,55 +632,13 @@ class NBDConnection(asyncio.BufferedProtocol):
         finally:
             self._request_done(cost)
 
-    def _reply_zero(self, req: Request) -> None:
-        """A read of a hole: one OFFSET_HOLE chunk, or the shared zeros; no allocation."""
-        if self.structured:
-            # One chunk covers the whole read, so DF ("MUST NOT fragment") is honoured.
-            self._write(hole_chunk(req.cookie, req.offset, req.length))
-        else:
-            self._write(simple_reply(req.cookie), buffers.ZEROES[: req.length])
-
     def _reply_read(self, req: Request, data: bytes | bytearray | memoryview) -> None:
-        if not self.structured:
-            parts: list[_Part] = [(simple_reply(req.cookie), data)]
-        elif not data:
-            # A zero-length read: OFFSET_DATA needs at least one byte, so just finish.
-            parts = [(none_chunk(req.cookie), None)]
-        elif len(data) > SPLIT_READ and not req.flags & CmdFlag.DF:
-            parts = self._split_read(req, memoryview(data))
-        elif _all_zero(data):
-            # A run of zeros goes out as a hole: 32 bytes instead of the data.
-            parts = [(hole_chunk(req.cookie, req.offset, len(data)), None)]
-        else:
-            # One chunk, unfragmented, so DF is honoured.
-            parts = [(data_chunk(req.cookie, req.offset, len(data)), data)]
+        parts = read_parts(req, data, self.structured)
         if type(data) is PooledBuffer:
-            self._send_lent([p for part in parts for p in part if p is not None], data)
+            self._send_lent(flatten(parts), data)
         else:
             for header, payload in parts:
                 self._write(header, payload)
-
-    @staticmethod
-    def _split_read(req: Request, view: memoryview) -> list[_Part]:
-        """A large read as DATA and HOLE chunks, a hole for each zero piece."""
-        runs: list[tuple[bool, int, int]] = []  # (is_hole, start, end) within the read
-        for start in range(0, len(view), SPLIT_READ):
-            end = min(start + SPLIT_READ, len(view))
-            hole = _all_zero(view[start:end])
-            if runs and runs[-1][0] == hole:
-                runs[-1] = (hole, runs[-1][1], end)
-            else:
-                runs.append((hole, start, end))
-        last = len(runs) - 1
-        parts: list[_Part] = []
-        for i, (hole, start, end) in enumerate(runs):
-            offset = req.offset + start
-            if hole:
-                parts.append((hole_chunk(req.cookie, offset, end - start, done=i == last), None))
-            else:
-                header = data_chunk(req.cookie, offset, end - start, done=i == last)
-                parts.append((header, view[start:end]))
-        return parts
 
     def _send_lent(self, pieces: list[bytes | bytearray | memoryview], buf: PooledBuffer) -> None:
         """Send a reply whose data is a pooled buffer, then give the buffer back.
@@ -563,6 +653,11 @@ class NBDConnection(asyncio.BufferedProtocol):
             self._write_now(cork)  # replies before this one go first
         transport = self.transport
         if transport is None or transport.is_closing():
+            buffers.give(buf)
+            return
+        if self._wire is not None:
+            self._wire_send([bytes(p) for p in pieces])  # queued: a copy, buf goes back
+            del pieces[:]
             buffers.give(buf)
             return
         if self._fd < 0 or len(pieces) > _MAX_IOV or transport.get_write_buffer_size():
@@ -625,7 +720,9 @@ class NBDConnection(asyncio.BufferedProtocol):
         transport = self.transport
         if transport is None or transport.is_closing():
             return
-        if data is None:
+        if self._wire is not None:
+            self._wire_send([header] if data is None else [header, data])
+        elif data is None:
             transport.write(header)
         elif len(data) <= 16384:
             transport.write(header + data)
@@ -635,19 +732,40 @@ class NBDConnection(asyncio.BufferedProtocol):
     def _write_now(self, bufs: list[bytes | bytearray | memoryview]) -> None:
         transport = self.transport
         if transport is not None and not transport.is_closing():
-            transport.writelines(bufs)
+            if self._wire is not None:
+                self._wire_send(bufs)
+            else:
+                transport.writelines(bufs)
 
-    def _request_done(self, cost: int) -> None:
-        self.in_flight -= 1  # _release, inline: the hot path
+    def _wire_send(self, parts: list[bytes | bytearray | memoryview]) -> None:
+        wire = self._wire
+        assert wire is not None
+        wire.send(parts)
+        if not self._write_paused and wire.backlog > BACKLOG_HIGH:
+            self._wire_changed()
+
+    def _request_done(self, cost: int, count: bool = True) -> None:
+        if count:
+            self.in_flight -= 1  # _release, inline: the hot path
         if cost:
             self.payload -= cost
             self.budget.give(cost)
         if self.in_flight == 0 and self.closing:
+            if not self._wire_quiet():
+                return  # the Wire writes them first, then calls _wire_changed
             if self._idle is not None and not self._idle.done():
                 self._idle.set_result(None)
             self._close_when_idle()
         elif self._blocked or self._read_paused:
             self._unblock()
+
+    def _wire_quiet(self) -> bool:
+        """Nothing left to write by the Wire: no reply pending, no thread with a job."""
+        wire, iot = self._wire, self._iot
+        if wire is None or iot is None or wire.broken:
+            return True
+        wire.closing = True  # before looking (see iothreads: settle)
+        return not wire.pending and not any(iot.busy)
 
     def _update_reading(self) -> None:
         transport = self.transport
@@ -681,8 +799,28 @@ class NBDConnection(asyncio.BufferedProtocol):
         self.closing = True
         self._update_reading()
         self._drop_taken()  # its payload will not be read: do not wait for it
-        if self.in_flight:
-            self._idle = asyncio.get_running_loop().create_future()
-            await self._idle
+        wire = self._wire
+        if self.in_flight or not self._wire_quiet():
+            self._idle = idle = asyncio.get_running_loop().create_future()
+            if wire is None:
+                await idle
+            else:
+                await self._wait_or_stall(idle, wire)
         if self.transport is not None:
             self.transport.close()
+
+    @staticmethod
+    async def _wait_or_stall(idle: asyncio.Future[None], wire: Wire) -> None:
+        """Wait for ``idle`` while the client reads; drop it once it stops reading.
+
+        An I/O thread blocked on a full socket holds its request in flight until the
+        client reads, which a hostile one never does: without a bound, shutdown would
+        wait for it for ever (the transport path has no such wait: its replies leave
+        the in-flight count when they are queued).
+        """
+        written = -1
+        while not idle.done() and not wire.broken:
+            if written == wire.written:
+                wire.kill()  # the blocked threads' sends fail; their requests finish
+            written = wire.written
+            await asyncio.wait([idle], timeout=DRAIN_STALL)

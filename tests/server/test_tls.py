@@ -292,3 +292,21 @@ def test_require_refuses_every_option_before_starttls(
     assert rc.go(tls, "ram")[0] == 4 << 20
     rc.request(tls, rc.CMD_READ, 0, 8, cookie=2)
     assert rc.simple_reply(tls, 8) == (0, 2, bytes(8))
+
+
+def test_tls_keeps_big_reads_on_the_loop(
+    serve: Callable[..., Server], pki: Path, tmp_path: Path
+) -> None:
+    """Every byte of a TLS connection goes through the SSL object, so its big READs
+    never go to the I/O threads, which write the socket; a plaintext one's do."""
+    need("nbdcopy")
+    disk, tls_out, plain_out = tmp_path / "d.img", tmp_path / "t.img", tmp_path / "p.img"
+    data = bytes(range(256)) * (16 << 12)  # 16 MiB
+    disk.write_bytes(data)
+    server = serve(str(disk), "--format", "raw", "--verbose", *tls_args(pki, "on"))
+    run(["nbdcopy", "--request-size=1048576", tls_uri(server, pki), str(tls_out)])
+    assert tls_out.read_bytes() == data
+    assert "big reads go to I/O threads" not in server.stderr()
+    run(["nbdcopy", "--request-size=1048576", server.uri, str(plain_out)])
+    assert plain_out.read_bytes() == data
+    server.wait_for_log("big reads go to I/O threads")
