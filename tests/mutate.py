@@ -55,7 +55,7 @@ TARGETS: dict[str, list[str]] = {
         "tests/formats/test_qcow_flush_retry.py",
         "tests/reliability/test_powerloss.py",
     ],
-    "tapnbd/xen/blkif.py": ["tests/xen/test_codec.py"],
+    "tapnbd/xen/blkif.py": ["tests/xen/test_blkif_abi.py", "tests/xen/test_codec.py"],
     "formats/vhd/driver.py": [
         "tests/formats/test_vhd_read.py::test_partial_sector_write_copies_nothing",
         "tests/formats/test_vhd_read.py::test_block_sizes_read_by_qemu",

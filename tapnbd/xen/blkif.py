@@ -99,7 +99,10 @@ RESPONSE = struct.Struct("<QBxh4x")
 ID_OFFSET = 8
 ID = struct.Struct("<Q")
 
-assert REQUEST.size == 112 and RESPONSE.size == 16 and DISCARD_REQUEST.size == 32
+# One assert per layout, so that each can fail on its own.
+assert REQUEST.size == 112
+assert RESPONSE.size == 16
+assert DISCARD_REQUEST.size == 32
 assert INDIRECT_REQUEST.size == 64
 assert REQUEST_HEADER.size + MAX_SEGMENTS * SEGMENT.size == REQUEST.size
 
