@@ -230,6 +230,9 @@ def ring_cmd(
     ] = None,
     runtime: Annotated[float | None, typer.Option(help="Seconds per cell.")] = None,
     size: Annotated[int | None, typer.Option(help="Image size in MiB.")] = None,
+    repeat: Annotated[
+        int, typer.Option(min=1, help="Run every job N times, interleaved; report medians.")
+    ] = 1,
     out: OutOpt = None,
     workdir: WorkOpt = None,
 ) -> None:
@@ -245,6 +248,7 @@ def ring_cmd(
         cfg.runtime = runtime
     if size is not None:
         cfg.size = size * MiB
+    cfg.repeat = repeat
     command = " ".join(["python -m bench", *sys.argv[1:]])
     dest = _out(out)
     with cleanup_on_signals(), _workdir(workdir) as work:

@@ -8,7 +8,9 @@ Both paths serve one image with the same driver, in one run, job by job:
 
 The jobs are the fio table's four (1M sequential at QD8, 4k random at QD32, read and
 write). Each server is started for its cell and stopped after it, NBD then ring within a
-job, so that drift on the shared machine hits both alike. The vbd directory (xenstore,
+job, so that drift on the shared machine hits both alike. ``--repeat N`` runs all the
+jobs N times over, interleaved, and the tables give the median of each figure and the
+ratio of each repeat (on a machine others load, one repeat is not a measurement). The vbd directory (xenstore,
 grant table, event channel names) goes on tmpfs, where a Xen guest's memory would be.
 
 The ring has no TCP and no NBD framing in the way, but its client is Python (BlkFront),
@@ -23,6 +25,7 @@ import json
 import os
 import resource
 import shutil
+import statistics
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
@@ -63,6 +66,8 @@ class RingConfig:
     fmt: Literal["raw", "qcow"] = "raw"
     jobs: Sequence[FioJob] = JOBS
     quick: bool = False
+    #: Times every job is run through both paths (interleaved); figures are medians.
+    repeat: int = 1
 
     @classmethod
     def quick_config(cls) -> RingConfig:
@@ -73,6 +78,8 @@ class RingConfig:
 class RingCell:
     job: str
     path: str
+    #: Which repeat of the job this cell is (0-based).
+    rep: int = 0
     value: float | None = None  # MiB/s or IOPS, per the job's metric
     bw_mib: float | None = None
     iops: float | None = None
@@ -92,15 +99,30 @@ class RingRun:
     notes: list[str] = field(default_factory=list)
     elapsed: float = 0.0
 
-    def cell(self, job: str, path: str) -> RingCell | None:
-        for c in self.cells:
-            if c.job == job and c.path == path:
-                return c
+    def ok_cells(self, job: str, path: str) -> list[RingCell]:
+        """The cells of ``job`` through ``path`` that ran, one per repeat."""
+        return [c for c in self.cells if c.job == job and c.path == path and not c.error]
+
+    def median(self, job: str, path: str, field: str) -> float | None:
+        """The median over the repeats of one figure of the cell."""
+        got = [v for c in self.ok_cells(job, path) if (v := getattr(c, field)) is not None]
+        return float(statistics.median(got)) if got else None
+
+    def value(self, job: str, path: str, rep: int | None = None) -> float | None:
+        """The cell's figure in repeat ``rep``, or the median over all repeats."""
+        if rep is None:
+            return self.median(job, path, "value")
+        for c in self.ok_cells(job, path):
+            if c.rep == rep:
+                return c.value
         return None
 
-    def value(self, job: str, path: str) -> float | None:
-        c = self.cell(job, path)
-        return None if c is None or c.error else c.value
+    def ratios(self, job: str) -> list[float | None]:
+        """ring / NBD of each repeat, in the order they ran."""
+        return [
+            ratio(self.value(job, "ring", i), self.value(job, "nbd", i))
+            for i in range(self.config.repeat)
+        ]
 
 
 def _children_cpu() -> float:
@@ -181,8 +203,10 @@ def _timed(cmd: list[str], what: str, pid: int, timeout: float) -> tuple[str, fl
     return text, 100 * (c1 - c0) / wall, 100 * (s1 - s0) / wall
 
 
-def _run_cell(job: FioJob, path: Route, cfg: RingConfig, image: Path, workdir: Path) -> RingCell:
-    cell = RingCell(job.key, path)
+def _run_cell(
+    job: FioJob, path: Route, cfg: RingConfig, image: Path, workdir: Path, rep: int = 0
+) -> RingCell:
+    cell = RingCell(job.key, path, rep)
     logs = workdir / "logs"
     timeout = cfg.runtime + 120
     figures: dict[str, Any]
@@ -224,19 +248,22 @@ def run_ring(cfg: RingConfig, workdir: Path, ui_console: Any = None) -> RingRun:
         raise Unavailable("fio is not installed")
     started = time.monotonic()
     cells: list[RingCell] = []
-    with UI("ring vs NBD", 1 + len(cfg.jobs) * len(PATHS), ui_console) as ui:
+    steps = 1 + cfg.repeat * len(cfg.jobs) * len(PATHS)
+    with UI("ring vs NBD", steps, ui_console) as ui:
         ui.phase("image", f"{cfg.size // MiB} MiB {cfg.fmt}")
         image, note = _make_image(cfg, workdir)
         ui.advance()
-        for job in cfg.jobs:
-            for path in PATHS:
-                ui.phase(LABELS[path], job.label)
-                try:
-                    cells.append(_run_cell(job, path, cfg, image, workdir))
-                except BenchError as e:
-                    cells.append(RingCell(job.key, path, error=str(e)))
-                    ui.log(f"[red]{LABELS[path]}, {job.label}: {e}")
-                ui.advance()
+        for rep in range(cfg.repeat):
+            for job in cfg.jobs:
+                for path in PATHS:
+                    what = job.label + (f" ({rep + 1}/{cfg.repeat})" if cfg.repeat > 1 else "")
+                    ui.phase(LABELS[path], what)
+                    try:
+                        cells.append(_run_cell(job, path, cfg, image, workdir, rep))
+                    except BenchError as e:
+                        cells.append(RingCell(job.key, path, rep, error=str(e)))
+                        ui.log(f"[red]{LABELS[path]}, {what}: {e}")
+                    ui.advance()
     return RingRun(cfg, cells, [note], time.monotonic() - started)
 
 
@@ -252,26 +279,29 @@ def _fmt(job: FioJob, v: float | None) -> str:
 
 
 def table(r: RingRun) -> Table:
-    t = Table(
-        "Ring against NBD, same driver and image",
-        ["job", "unit", "NBD", "ring", "ring / NBD", "kicks / req", "events / req"],
-    )
+    repeats = r.config.repeat > 1
+    title = "Ring against NBD, same driver and image"
+    columns = ["job", "unit", "NBD", "ring", "ring / NBD", "kicks / req", "events / req"]
+    if repeats:
+        title += f" (medians of {r.config.repeat} repeats)"
+        columns[4] = "ring / NBD, median"
+        columns.insert(5, "each repeat")
+    t = Table(title, columns)
     for job in r.config.jobs:
         nbd, ring = r.value(job.key, "nbd"), r.value(job.key, "ring")
-        c = r.cell(job.key, "ring")
+        cells = r.ok_cells(job.key, "ring")
+        requests = sum(c.requests or 0 for c in cells)
         per_req: list[str] = ["", ""]
-        if c is not None and c.requests:
-            per_req = [f"{(c.kicks or 0) / c.requests:.3f}", f"{(c.events or 0) / c.requests:.3f}"]
-        t.rows.append(
-            [
-                job.label,
-                job.metric,
-                _fmt(job, nbd),
-                _fmt(job, ring),
-                fmt_ratio(ratio(ring, nbd)),
-                *per_req,
-            ]
-        )
+        if requests:
+            kicks = sum(c.kicks or 0 for c in cells)
+            events = sum(c.events or 0 for c in cells)
+            per_req = [f"{kicks / requests:.3f}", f"{events / requests:.3f}"]
+        each = [x for x in r.ratios(job.key) if x is not None]
+        row = [job.label, job.metric, _fmt(job, nbd), _fmt(job, ring)]
+        row.append(fmt_ratio(statistics.median(each) if each else None))
+        if repeats:
+            row.append(" ".join(fmt_ratio(x) for x in each))
+        t.rows.append([*row, *per_req])
     return t
 
 
@@ -283,10 +313,9 @@ def cpu_table(r: RingRun) -> Table:
     for job in r.config.jobs:
         row = [job.label]
         for path in PATHS:
-            c = r.cell(job.key, path)
             row += [
-                fmt_num(None if c is None else c.client_cpu_pct),
-                fmt_num(None if c is None else c.server_cpu_pct),
+                fmt_num(r.median(job.key, path, "client_cpu_pct")),
+                fmt_num(r.median(job.key, path, "server_cpu_pct")),
             ]
         t.rows.append(row)
     return t
@@ -306,12 +335,12 @@ def cpu_per_io_table(r: RingRun) -> Table:
     for job in r.config.jobs:
         row = [job.label]
         for path in PATHS:
-            c = r.cell(job.key, path)
-            ok = c is not None and not c.error
-            row += [
-                fmt_num(_us_per_io(c.client_cpu_pct, c.iops) if ok and c else None),
-                fmt_num(_us_per_io(c.server_cpu_pct, c.iops) if ok and c else None),
-            ]
+            cells = r.ok_cells(job.key, path)
+            for side in ("client_cpu_pct", "server_cpu_pct"):
+                per_io = [
+                    v for c in cells if (v := _us_per_io(getattr(c, side), c.iops)) is not None
+                ]
+                row.append(fmt_num(statistics.median(per_io) if per_io else None))
         t.rows.append(row)
     return t
 
@@ -320,7 +349,7 @@ def csv_rows(r: RingRun) -> list[dict[str, object]]:
     rows = []
     for c in r.cells:
         d: dict[str, object] = asdict(c)
-        other = r.value(c.job, "nbd")
+        other = r.value(c.job, "nbd", c.rep)
         d["ratio_to_nbd"] = ratio(c.value, other) if not c.error else None
         rows.append(d)
     return rows
@@ -334,7 +363,9 @@ def markdown(r: RingRun, command: str, machine_md: str) -> str:
         machine_md,
         "",
         f"Command: `{command}`. Each cell: one job of {cfg.runtime:g} s over the first "
-        f"{cfg.size // MiB} MiB of a {cfg.fmt} image; the whole run took {r.elapsed:.0f} s. "
+        f"{cfg.size // MiB} MiB of a {cfg.fmt} image, every job {cfg.repeat} time(s) "
+        "through both paths, interleaved (figures are medians over the repeats); "
+        f"the whole run took {r.elapsed:.0f} s. "
         "Sequential jobs in MiB/s, random jobs in IOPS. **ring / NBD** above 1 means "
         "the ring is faster.",
         "",

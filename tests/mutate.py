@@ -56,7 +56,13 @@ TARGETS: dict[str, list[str]] = {
         "tests/formats/test_qcow_geometry.py",
         "tests/reliability/test_powerloss.py",
     ],
-    "tapnbd/xen/blkif.py": ["tests/xen/test_codec.py"],
+    "tapnbd/xen/blkif.py": ["tests/xen/test_blkif_abi.py", "tests/xen/test_codec.py"],
+    # The grant checks and persistent grants (use --function _page_of, map_segments, ...).
+    "tapnbd/xen/grant.py": [
+        "tests/xen/test_grant_map.py",
+        "tests/xen/test_codec.py",
+        "tests/xen/test_ring_persistent.py",
+    ],
     "formats/vhd/driver.py": [
         "tests/formats/test_vhd_read.py::test_partial_sector_write_copies_nothing",
         "tests/formats/test_vhd_read.py::test_block_sizes_read_by_qemu",

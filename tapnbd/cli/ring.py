@@ -10,6 +10,12 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from tapnbd import runtime
+from tapnbd.cli._trust import (
+    AllowBlockOpt,
+    AllowProbedChainOpt,
+    BackingFormatOpt,
+    open_rules,
+)
 from tapnbd.cli.app import PLAIN, app, errors_as_exit, fail
 
 if TYPE_CHECKING:
@@ -53,6 +59,9 @@ def serve_cmd(
     domid: DomidOpt = 1,
     devid: DevidOpt = 51712,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log the handshake.")] = False,
+    backing_format: BackingFormatOpt = None,
+    allow_probed_chain: AllowProbedChainOpt = False,
+    allow_block_devices: AllowBlockOpt = False,
 ) -> None:
     """Serve IMAGE as a blkif vbd in DIR until SIGTERM/SIGINT; print DIR when ready."""
     from tapnbd.xen.app import serve_image
@@ -75,6 +84,7 @@ def serve_cmd(
                 once=once,
                 domid=domid,
                 devid=devid,
+                rules=open_rules(backing_format, allow_probed_chain, allow_block_devices),
                 on_ready=ready,
             )
         )

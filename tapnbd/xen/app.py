@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from pathlib import Path
     from typing import Any
 
+    from formats import OpenRules
     from tapnbd.xen.blkback import RingStats
 
 
@@ -26,16 +27,20 @@ async def serve_image(
     once: bool = False,
     domid: int = DEFAULT_DOMID,
     devid: int = DEFAULT_DEVID,
+    rules: OpenRules | None = None,
     on_ready: Any = None,
 ) -> RingStats:
-    """Open ``image`` and serve it as vbd ``domid``/``devid`` until SIGINT/SIGTERM."""
+    """Open ``image`` and serve it as vbd ``domid``/``devid`` until SIGINT/SIGTERM.
+
+    ``rules`` relax the image trust rules as ``serve``'s options do (default: the safe ones).
+    """
     from formats import open_image
     from tapnbd.backend import Backend
 
     # The vbd directory holds the xenstore that decides what we map and write: ours
     # alone (made 0700, or an existing one that is ours and not writable by others).
     ensure_private_dir(os.fspath(directory))
-    driver = await open_image(image, fmt=fmt, read_only=read_only)
+    driver = await open_image(image, fmt=fmt, read_only=read_only, rules=rules)
     backend = Backend(driver, read_only=read_only)
     server = VbdServer(backend, directory, domid=domid, devid=devid, params=image, once=once)
     loop = asyncio.get_running_loop()

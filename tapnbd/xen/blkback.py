@@ -7,10 +7,12 @@ that sets a connection up and tears it down is ``xenbus.py``; this module only t
 ring requests into Backend calls and answers them.
 
 Serving follows blkback's ``do_block_io_op``/``make_response``: consume every published
-request (copying each slot before checking it), answer each as it completes with
-RING_PUSH_RESPONSES_AND_CHECK_NOTIFY, and arm ``req_event`` with
+request (copying each slot before checking it), and arm ``req_event`` with
 RING_FINAL_CHECK_FOR_REQUESTS only when the ring is drained. Requests run concurrently
-and are started eagerly, so a page-cache hit is answered without creating a task.
+and are started eagerly, so a page-cache hit is answered without creating a task. The
+responses of a batch that completes while it is consumed are published together, with
+one RING_PUSH_RESPONSES_AND_CHECK_NOTIFY and at most one kick, when the batch is
+drained (a response that waits for I/O is pushed as it completes).
 """
 
 from __future__ import annotations
@@ -186,10 +188,22 @@ class BlkBack:
                         if self._barrier:
                             self.stats.oo_req += 1
                         return
-                if not ring.final_check_for_requests():
+                # The batch is drained: publish its responses together, and look again
+                # for requests published meanwhile (arming req_event if there are none)
+                # before the kick, so that a frontend it wakes finds req_event armed.
+                notify = (
+                    ring.rsp_prod_pvt != sring.rsp_prod and ring.push_responses_and_check_notify()
+                )
+                more = ring.final_check_for_requests()
+                if notify:
+                    self._notify()
+                if not more:
                     return
         finally:
             self._kicking = False
+            if ring.rsp_prod_pvt != sring.rsp_prod and not self._unmapped:
+                # Left early (a barrier, a lost frontend): what was answered goes now.
+                self._push_responses()
 
     def _dispatch(self, raw: bytes) -> None:
         try:
@@ -371,8 +385,13 @@ class BlkBack:
         sring = ring.sring
         RESPONSE.pack_into(sring.buf, sring.offset(ring.rsp_prod_pvt), req_id, operation, status)
         ring.rsp_prod_pvt = (ring.rsp_prod_pvt + 1) & U32
-        # Pushed at once, as blkback does: a frontend that is awake on the other CPU
-        # takes each response as it comes rather than waiting for the whole batch.
+        if not self._kicking:
+            # Completed on its own (after I/O): pushed at once.
+            self._push_responses()
+
+    def _push_responses(self) -> None:
+        """RING_PUSH_RESPONSES_AND_CHECK_NOTIFY over what is answered; kick if asked."""
+        ring = self.ring
         notify = ring.push_responses_and_check_notify()
         if ring.rsp_prod_pvt == ring.req_cons:
             # "Tail check for pending requests. Allows frontend to avoid notifications

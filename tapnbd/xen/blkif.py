@@ -35,6 +35,9 @@ SEGMENTS_PER_INDIRECT_PAGE = 512
 MAX_INDIRECT_SEGMENTS = 256
 #: The xenstore key of the indirect-segment feature.
 FEATURE_INDIRECT = "feature-max-indirect-segments"
+#: Written by both ends; when both say 1 "the frontend will reuse the same grants for
+#: all transactions, allowing the backend to map them with write access" (blkif.h).
+FEATURE_PERSISTENT = "feature-persistent"
 
 
 class Op(enum.IntEnum):
@@ -96,7 +99,10 @@ RESPONSE = struct.Struct("<QBxh4x")
 ID_OFFSET = 8
 ID = struct.Struct("<Q")
 
-assert REQUEST.size == 112 and RESPONSE.size == 16 and DISCARD_REQUEST.size == 32
+# One assert per layout, so that each can fail on its own.
+assert REQUEST.size == 112
+assert RESPONSE.size == 16
+assert DISCARD_REQUEST.size == 32
 assert INDIRECT_REQUEST.size == 64
 assert REQUEST_HEADER.size + MAX_SEGMENTS * SEGMENT.size == REQUEST.size
 
@@ -121,6 +127,10 @@ def ring_size(page_size: int = PAGE_SIZE, entry_size: int = ENTRY_SIZE) -> int:
 
 #: 32 on x86-64: (4096 - 64) / 112 = 36, rounded down.
 RING_SIZE = ring_size()
+#: Grants a backend keeps mapped persistently. blkif.h: "ideally it should be RING_SIZE *
+#: BLKIF_MAX_SEGMENTS_PER_REQUEST"; with indirect requests a full ring holds up to 256
+#: data pages and an indirect page per slot, so that many (8224: a dict entry each).
+MAX_PERSISTENT_GRANTS = RING_SIZE * (MAX_INDIRECT_SEGMENTS + 1)
 
 
 class Segment(NamedTuple):

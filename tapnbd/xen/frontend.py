@@ -22,6 +22,9 @@ What it does is what Linux blkfront did in 2007 (../shared/spec/blktap.md 3.4, 4
 - each request: grant one page per segment (read-only for WRITE data: the backend only
   reads it), fill ``first_sect``/``last_sect``, and keep a shadow copy indexed by the
   request id; a transfer bigger than 11 pages becomes several requests;
+- with ``feature-persistent`` (both ends offer it): grant every slot's pages once, for
+  write access, at connect, and never end access while connected; a request then
+  writes no grant entries at all (blkfront's persistent ``grants`` list);
 - publish with RING_PUSH_REQUESTS_AND_CHECK_NOTIFY, kicking the backend only if asked;
 - on completion (``blkif_interrupt``): consume responses, end grant access, copy read
   data out, and re-arm ``rsp_event`` with RING_FINAL_CHECK_FOR_RESPONSES before
@@ -46,6 +49,7 @@ from tapnbd.xen.blkif import (
     DISCARD_SECURE,
     FEATURE_INDIRECT,
     FEATURE_KEYS,
+    FEATURE_PERSISTENT,
     ID,
     ID_OFFSET,
     INDIRECT_REQUEST,
@@ -167,6 +171,7 @@ class BlkFront:
         devid: int = DEFAULT_DEVID,
         timeout: float = 10.0,
         max_indirect_segments: int = MAX_INDIRECT_SEGMENTS,
+        persistent: bool = True,
     ) -> None:
         self.directory = os.fspath(directory)
         self.domid = domid
@@ -191,6 +196,10 @@ class BlkFront:
         #: max_indirect_segments parameter); the backend's offer caps it. 0: none.
         self.max_indirect_segments = max_indirect_segments
         self.max_indirect = 0
+        #: Whether we offer feature-persistent (blkfront's feature_persistent
+        #: parameter), and whether it is in use (the backend offered it too).
+        self.offer_persistent = persistent
+        self.persistent = False
         self._per_slot = 0
         self._mem = memoryview(b"")
         #: Ring requests published and notifications sent (for event-suppression tests).
@@ -247,6 +256,9 @@ class BlkFront:
         self.max_indirect = min(offered, self.max_indirect_segments)
         if self.max_indirect <= MAX_SEGMENTS:
             self.max_indirect = 0
+        self.persistent = self.offer_persistent and (
+            snap.get(f"{self.be}/{FEATURE_PERSISTENT}") == "1"
+        )
         # Our memory: the ring page, then per ring slot the most pages one request can
         # carry plus its indirect page, so data pages never run out; then some spare.
         per_slot = max(self.max_indirect, MAX_SEGMENTS) + 1
@@ -269,6 +281,9 @@ class BlkFront:
                 sh.rw = grants.run_entries(sh.frame, per_slot, self.backend_id, readonly=False)
                 sh.ro = grants.run_entries(sh.frame, per_slot, self.backend_id, readonly=True)
                 self._shadow.append(sh)
+                if self.persistent:
+                    # Granted once for write access, data and indirect page alike.
+                    grants.set_entries(sh.ref, sh.rw)
             self._free_ids = list(range(sring.nr_ents - 1, -1, -1))
             self._per_slot = per_slot
             self._mem = grants.memory
@@ -278,6 +293,7 @@ class BlkFront:
                     f"{self.fe}/ring-ref": ring_ref,
                     f"{self.fe}/event-channel": port.port,
                     f"{self.fe}/protocol": PROTOCOL,
+                    f"{self.fe}/{FEATURE_PERSISTENT}": int(self.offer_persistent),
                     f"{self.fe}/state": int(XenbusState.INITIALISED),
                 }
             )
@@ -407,6 +423,7 @@ class BlkFront:
         indirect = self.max_indirect if op is Op.READ or op is Op.WRITE else 0
         max_seg = indirect or MAX_SEGMENTS
         readonly = op is not Op.READ  # the backend only reads WRITE data
+        persistent = self.persistent
         grants = self.grants
         mem = self._mem
         backend_id = self.backend_id
@@ -428,9 +445,11 @@ class BlkFront:
             mem_off = grants.frame_offset(sh.frame) + a
             if data is not None:
                 mem[mem_off : mem_off + n] = data[pos : pos + n]
-            # Grant the pages, then describe them: (ref, first_sect, last_sect) each.
-            entries = sh.ro if readonly else sh.rw
-            grants.set_entries(sh.ref, entries[: nseg * GRANT_ENTRY_SIZE])
+            # Grant the pages (unless they stay granted), then describe them: (ref,
+            # first_sect, last_sect) each.
+            if not persistent:
+                entries = sh.ro if readonly else sh.rw
+                grants.set_entries(sh.ref, entries[: nseg * GRANT_ENTRY_SIZE])
             desc = bytearray(_full_pages(sh.ref, nseg))
             desc[4] = a // SECTOR_SIZE  # first_sect of the first segment
             desc[-3] = ((a + n - 1) % PAGE_SIZE) // SECTOR_SIZE  # last_sect of the last
@@ -441,7 +460,8 @@ class BlkFront:
                 iframe = sh.frame + self._per_slot - 1
                 ioff = grants.frame_offset(iframe)
                 mem[ioff : ioff + len(desc)] = desc
-                grants.grant_ref(iref, iframe, backend_id, readonly=True)
+                if not persistent:
+                    grants.grant_ref(iref, iframe, backend_id, readonly=True)
                 INDIRECT_REQUEST.pack_into(
                     buf, slot, Op.INDIRECT, op, nseg, sid, sector, handle, iref, 0, 0, 0, 0, 0, 0, 0
                 )
@@ -574,7 +594,8 @@ class BlkFront:
         assert io is not None
         sh.io = None
         if sh.nref:
-            self.grants.end_run(sh.ref, sh.nref)
+            if not self.persistent:
+                self.grants.end_run(sh.ref, sh.nref)
             if io.data is not None and status == Status.OKAY:
                 pos, n, m = sh.data_off, sh.length, sh.mem_off
                 memoryview(io.data)[pos : pos + n] = self._mem[m : m + n]

@@ -56,6 +56,8 @@ MAGIC = b"TAPGNT01"
 SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 #: The most memory a backend maps for one frontend (the default table is ~36 MiB).
 MAX_TABLE_SIZE = 1 << 30
+#: The persistent-grant map of a mapper that keeps none (never written).
+_NOTHING_KEPT: dict[int, int] = {}
 #: GTF_INVALID entries, to end access to a run of refs in one copy.
 _NO_ENTRIES = memoryview(bytes(PAGE_SIZE))
 
@@ -284,6 +286,10 @@ class GrantMapper:
         self._entries = layout.entries
         self._frames = layout.frames
         self.maps = 0
+        #: feature-persistent: ref -> offset of its page, for grants mapped once and
+        #: kept (``persist``); None when every map checks the table entry.
+        self._persistent: dict[int, int] | None = None
+        self._max_persistent = 0
 
     def _frame_of(self, ref: int, readonly: bool) -> int:
         """Xen's checks of a map request; the granted frame."""
@@ -304,11 +310,43 @@ class GrantMapper:
             raise GrantError(GrantStatus.BAD_PAGE, f"grant ref {ref} names frame {frame}")
         return int(frame)
 
+    def persist(self, limit: int) -> None:
+        """Map grants persistently from now on (both ends offered ``feature-persistent``).
+
+        The first map of a ref checks its entry as Xen does, always for write access
+        (blkif.h note 8: "the frontend driver has to allow the backend driver to map all
+        grants with write access, even when they should be mapped read-only"), and keeps
+        the page; later maps of the ref reuse it without reading the table again, as
+        blkback's persistent_gnts tree does. A frontend that re-grants a kept ref to
+        another frame, or revokes it, still gets the page it first granted: that is
+        what Xen does while a grant stays mapped, and the page was checked to be its
+        own. At most ``limit`` refs are kept, so a frontend that hands new refs every
+        time costs no memory; past the limit every map checks the table again.
+        """
+        self._persistent = {}
+        self._max_persistent = limit
+
+    @property
+    def persistent(self) -> int:
+        """Grants kept mapped (0 when not persistent)."""
+        return len(self._persistent) if self._persistent is not None else 0
+
+    def _page_of(self, ref: int, readonly: bool) -> int:
+        """Offset of the page behind ``ref`` in the mapping, after Xen's checks."""
+        kept = self._persistent
+        if kept is None:
+            return self._frames + self._frame_of(ref, readonly) * PAGE_SIZE
+        off = kept.get(ref)
+        if off is None:
+            off = self._frames + self._frame_of(ref, False) * PAGE_SIZE
+            if len(kept) < self._max_persistent:
+                kept[ref] = off
+        return off
+
     def map(self, ref: int, *, readonly: bool) -> memoryview:
         """GNTTABOP_map_grant_ref: the 4 KiB page behind ``ref``, after Xen's checks."""
-        frame = self._frame_of(ref, readonly)
+        off = self._page_of(ref, readonly)
         self.maps += 1
-        off = self._frames + frame * PAGE_SIZE
         return self._mem[off : off + PAGE_SIZE]
 
     def map_segments(
@@ -319,14 +357,16 @@ class GrantMapper:
         Runs that are adjacent in memory come back as one buffer, as the block layer
         merges bio_vecs, so a request of consecutive pages is one iovec for preadv.
         """
-        frame_of = self._frame_of
-        base = self._frames
+        page_of = self._page_of
+        kept = self._persistent if self._persistent is not None else _NOTHING_KEPT
         mem = self._mem
         out: list[memoryview] = []
         start = end = -1
         n = 0
         for ref, first, last in segments:
-            page = base + frame_of(ref, readonly) * PAGE_SIZE
+            page = kept.get(ref)
+            if page is None:
+                page = page_of(ref, readonly)
             a = page + first * SECTOR_SIZE
             if a != end:
                 if end >= 0:

@@ -4,7 +4,7 @@ It keeps ``iodepth`` I/Os in flight for ``runtime`` seconds, as fio's time-based
 do, so its numbers line up with ``fio --ioengine=nbd`` on the NBD side of a
 benchmark. Read data is copied out of the granted pages into the caller's buffer (one of
 ``iodepth``, reused), as a real frontend's completion would, and written data is copied
-in.
+in. Each I/O is published as soon as it is queued, as blkfront does.
 """
 
 from __future__ import annotations
@@ -119,6 +119,10 @@ def run_job(front: BlkFront, job: Job) -> JobResult:
                 io = front.submit_read(block * job.bs, job.bs, into=free.pop())
             io.callback = done
             counts[1] += 1
+            # Published at once, as blkfront's queue_rq flushes each request: an idle
+            # backend is kicked by the first of a refill and works while the rest are
+            # built (the kick only goes if it armed req_event, so a busy one gets none).
+            front.push()
         front.wait_any()
         if failed:
             failed[0].result()  # raises IOFailed

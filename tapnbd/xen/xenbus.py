@@ -4,8 +4,8 @@ Lifecycle (``VbdServer.run``), following the 2007 Linux drivers' xenbus dance:
 
 1. As the toolstack, create the backend and frontend directories in Initialising.
 2. As blkback's probe, write the ``feature-*`` keys and go to InitWait.
-3. When the frontend is Initialised, read ``ring-ref``, ``event-channel`` and
-   ``protocol``, map the ring through the grant table, bind the event channel, write
+3. When the frontend is Initialised, read ``ring-ref``, ``event-channel``,
+   ``protocol`` and ``feature-persistent``, map the ring through the grant table, bind the event channel, write
    ``sectors``, ``sector-size`` and ``info``, and go to Connected.
 4. Serve (``blkback.BlkBack``) until the frontend goes to Closing, or its event channel
    closes because it died. Then stop taking requests, let those in flight finish,
@@ -28,7 +28,9 @@ from tapnbd.xen.blkback import BlkBack, RingStats
 from tapnbd.xen.blkif import (
     FEATURE_INDIRECT,
     FEATURE_KEYS,
+    FEATURE_PERSISTENT,
     MAX_INDIRECT_SEGMENTS,
+    MAX_PERSISTENT_GRANTS,
     PROTOCOL,
     SECTOR_SIZE,
     Op,
@@ -163,6 +165,7 @@ class VbdServer:
             keys[f"{self.be}/discard-alignment"] = 0
             keys[f"{self.be}/discard-secure"] = 0
         keys[f"{self.be}/{FEATURE_INDIRECT}"] = MAX_INDIRECT_SEGMENTS
+        keys[f"{self.be}/{FEATURE_PERSISTENT}"] = 1
         keys[f"{self.be}/state"] = int(XenbusState.INIT_WAIT)
         self.xs.write_many(keys)  # at start: a store we cannot write is fatal
         log.info("vbd %d/%d: backend INIT_WAIT in %s", self.domid, self.devid, self.directory)
@@ -200,6 +203,10 @@ class VbdServer:
             evtchn.close()
             what = str(e) or "sent no memory in time"
             raise ConnectError(f"frontend's memory refused: {what}") from None
+        if snap.get(f"{self.fe}/{FEATURE_PERSISTENT}") == "1":
+            # blkback's connect_ring: persistent only when both ends said so.
+            grants.persist(MAX_PERSISTENT_GRANTS)
+            log.info("vbd %d/%d: persistent grants", self.domid, self.devid)
         # BACK_RING_INIT: our private indices start at 0, as SHARED_RING_INIT left them.
         return BlkBack(self.backend, BackRing(sring), grants, evtchn, self.stats)
 

@@ -41,3 +41,45 @@ def test_bench_ring_quick(tmp_path: Path) -> None:
     assert "quick mode" in md and "ring / NBD" in md
     for label in ("seq read 1M QD8", "rand write 4k QD32"):
         assert f"| {label} " in md, label
+
+
+def test_repeats_are_reported_as_medians_and_per_repeat_ratios() -> None:
+    """``--repeat``: each figure is the median over the repeats, each repeat's ratio is
+    of the cells of that repeat, and a failed cell counts in neither."""
+    from bench.fio import JOBS as FIO_JOBS
+    from bench.ring import RingCell, RingConfig, RingRun, cpu_per_io_table, csv_rows, table
+
+    job = next(j for j in FIO_JOBS if j.key == "randread")
+    cfg = RingConfig(jobs=[job], repeat=3)
+    figures = {  # rep: (nbd IOPS, ring IOPS)
+        0: (1000.0, 500.0),
+        1: (2000.0, 3000.0),
+        2: (4000.0, 2000.0),
+    }
+    cells = []
+    for rep, (nbd, ring) in figures.items():
+        cells.append(RingCell(job.key, "nbd", rep, value=nbd, iops=nbd, server_cpu_pct=10.0))
+        cells.append(
+            RingCell(
+                job.key,
+                "ring",
+                rep,
+                value=ring,
+                iops=ring,
+                server_cpu_pct=10.0,
+                requests=100,
+                kicks=rep,
+                events=2 * rep,
+            )
+        )
+    cells.append(RingCell(job.key, "ring", 3, value=1e9, error="died"))
+    r = RingRun(cfg, cells)
+    assert r.value(job.key, "nbd") == 2000.0 and r.value(job.key, "ring") == 2000.0
+    assert r.ratios(job.key) == [0.5, 1.5, 0.5]
+    (row,) = table(r).rows
+    assert row[4] == "0.50" and row[5] == "0.50 1.50 0.50", row
+    assert row[6:] == ["0.010", "0.020"], row  # 3 kicks, 6 events over 300 requests
+    (cpu,) = cpu_per_io_table(r).rows
+    assert cpu[2] == "50" and cpu[4] == "50", cpu  # 10 % of a core at 2000 IOPS, medians
+    by_rep = {(d["path"], d["rep"]): d["ratio_to_nbd"] for d in csv_rows(r)}
+    assert by_rep[("ring", 1)] == 1.5 and by_rep[("ring", 3)] is None

@@ -1,0 +1,138 @@
+"""Persistent grants (``feature-persistent``): granted once, kept mapped, still checked.
+
+blkif.h: with both ends offering it, "the frontend will reuse the same grants for all
+transactions, allowing the backend to map them with write access". The frontend
+grants its pages once; the backend checks each ref the first time it maps it and
+keeps the page. A hostile frontend that claims the feature and then hands other
+grants, moves or revokes them, must still not get the backend to touch a page it did
+not grant, nor to keep more than MAX_PERSISTENT_GRANTS refs.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+
+from tapnbd.xen.blkif import PAGE_SIZE, Op, Status, pack_request
+from tapnbd.xen.frontend import BlkFront
+from tapnbd.xen.grant import GrantError, GrantMapper, GrantStatus, GrantTable
+from tests.xen.ringproc import RingFactory
+
+MiB = 1 << 20
+
+
+def pattern(byte: int, n: int) -> bytes:
+    return bytes([byte]) * n
+
+
+def _entries(front: BlkFront) -> bytes:
+    """The frontend's grant entries, as the backend would read them."""
+    start = PAGE_SIZE
+    return bytes(front.grants.memory[start : front.grants.frame_offset(0)])
+
+
+@pytest.mark.parametrize("persistent", [True, False])
+def test_persistent_grants_are_written_once(ring: RingFactory, persistent: bool, seed: int) -> None:
+    """With the feature no request writes a grant entry; without it, I/O still works."""
+    rng = random.Random(seed)  # the seed fixture prints it on failure
+    backend = ring("ram:64M")
+    with BlkFront(backend.path, persistent=persistent) as front:
+        assert front.persistent is persistent
+        table = _entries(front)
+        # 4 KiB (one segment), 44 KiB (11: a full direct request), 1 MiB (indirect).
+        blocks = [(rng.randrange(64 * MiB // bs) * bs, bs) for bs in (4096, 45056, MiB) * 20]
+        data = {}
+        ios = []
+        for i, (off, n) in enumerate(blocks):
+            data[off] = (n, pattern(i & 0xFF, n))
+            ios.append(front.submit_write(off, data[off][1]))
+        front.wait(ios)
+        for io in ios:
+            io.result()
+        for off, (n, want) in data.items():
+            if all(o == off or o + m <= off or off + n <= o for o, (m, _) in data.items()):
+                assert front.read(off, n) == want, f"{n} bytes at {off} (seed {seed})"
+        if persistent:
+            # Granted at connect for write access, never rewritten or revoked.
+            assert _entries(front) == table
+    connected = "persistent grants" in backend.stderr()
+    assert connected is persistent
+
+
+def test_persistent_frontend_cannot_steer_the_backend(ring: RingFactory) -> None:
+    """Read-only grants, moved and revoked refs, refs and frames out of range."""
+    backend = ring("ram:8M")
+    with BlkFront(backend.path) as front:
+        assert front.persistent
+        front.write(0, pattern(0x11, 4096) + pattern(0x22, 4096) + pattern(0x33, 4096))
+        grants = front.grants
+        a, b, ro = grants.alloc_frame(), grants.alloc_frame(), grants.alloc_frame()
+        grants.frame(ro)[:] = pattern(0xA5, PAGE_SIZE)
+        ref = grants.grant(a, 0, readonly=False)
+        ref_ro = grants.grant(ro, 0, readonly=True)
+        outside = grants.grant(0, 0, readonly=False)
+        grants.grant_ref(outside, grants.nr_frames, 0, readonly=False)  # past the memory
+
+        def raw(op: Op, sector: int, gref: int) -> Status:
+            io = front.submit_raw(pack_request(op, 0, sector, [(gref, 0, 7)]))
+            front.wait(io)
+            return Status(io.status)
+
+        # Persistent grants are mapped for write access, so a read-only one is refused
+        # even for write data (blkback maps them without GNTMAP_readonly).
+        assert raw(Op.WRITE, 64, ref_ro) == Status.ERROR
+        assert raw(Op.READ, 0, outside) == Status.ERROR
+        assert raw(Op.READ, 0, grants.nr_grefs) == Status.ERROR
+        # First use maps and keeps frame a.
+        assert raw(Op.READ, 0, ref) == Status.OKAY
+        assert bytes(grants.frame(a)) == pattern(0x11, 4096)
+        # The ref now names frame b: the backend keeps the page it mapped, as Xen keeps
+        # a mapped grant, and b (never granted) is not written.
+        grants.grant_ref(ref, b, 0, readonly=False)
+        assert raw(Op.READ, 8, ref) == Status.OKAY
+        assert bytes(grants.frame(a)) == pattern(0x22, 4096)
+        assert bytes(grants.frame(b)) == bytes(4096)
+        # Revoked, or pointed past the memory: still the kept page, nothing else.
+        grants.end_access(ref)
+        assert raw(Op.READ, 16, ref) == Status.OKAY
+        assert bytes(grants.frame(a)) == pattern(0x33, 4096)
+        grants.grant_ref(ref, grants.nr_frames + 100, 0, readonly=False)
+        assert raw(Op.WRITE, 24, ref) == Status.OKAY
+        assert front.read(24 * 512, 4096) == pattern(0x33, 4096)
+        assert bytes(grants.frame(b)) == bytes(4096)
+        # And the ring goes on serving a well-behaved stream.
+        front.write(MiB, pattern(0x5C, 3 * 4096))
+        assert front.read(MiB, 3 * 4096) == pattern(0x5C, 3 * 4096)
+    assert backend.proc.poll() is None
+
+
+def test_grant_mapper_keeps_at_most_its_limit() -> None:
+    """In-process: the first map of a ref is checked, the kept set is bounded, and a
+    ref past the limit is checked again on every map."""
+    table = GrantTable.create(domid=3, nr_frames=12)
+    mapper = GrantMapper(os.dup(table.fd), domid=0, owner=3)
+    try:
+        mapper.persist(4)
+        refs = [table.grant(table.alloc_frame(), 0, readonly=False) for _ in range(8)]
+        for i, r in enumerate(refs):
+            table.frame(i)[:1] = bytes([i])
+            (view,) = mapper.map_segments([(r, 0, 7)], readonly=True)
+            assert view[0] == i
+        assert mapper.persistent == 4
+        # Kept: refs[0] still maps after revocation. Not kept: refs[7] is checked.
+        table.end_access(refs[0])
+        table.end_access(refs[7])
+        assert mapper.map(refs[0], readonly=False)[0] == 0
+        with pytest.raises(GrantError) as info:
+            mapper.map(refs[7], readonly=False)
+        assert info.value.status is GrantStatus.BAD_GNTREF
+        ro = table.grant(table.alloc_frame(), 0, readonly=True)
+        with pytest.raises(GrantError) as info:
+            mapper.map_segments([(ro, 0, 7)], readonly=True)
+        assert info.value.status is GrantStatus.PERMISSION_DENIED
+        assert mapper.persistent == 4
+    finally:
+        mapper.close()
+        table.close()
