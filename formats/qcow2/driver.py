@@ -38,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import os
 import struct
 import zlib
 from array import array
@@ -61,6 +62,7 @@ from formats.qcow2.layout import (
     Incompatible,
 )
 from formats.qcow2.refcount import decode_block, encode_block, entries_per_block, max_refcount
+from formats.raw import RawDriver
 from tapnbd.driver import BlockSize, Driver, Extent, ExtentFlags, FuaMode
 
 if TYPE_CHECKING:
@@ -80,6 +82,10 @@ _BAD = 2
 #: Journal stages (see the module docstring).
 S_NEW, S_REFTABLE, S_MAP = 0, 1, 2
 _ZERO_CHUNK = 1 << 20
+#: The file grows this far ahead of need, as a hole: one ftruncate per this many bytes
+#: of allocation instead of an fstat and an ftruncate per allocating write. Space past
+#: the last cluster with a refcount is nothing to qemu-img check (it is not counted).
+GROW_AHEAD = 4 << 20
 #: Bits of an L2 entry that make it anything but a plain data cluster.
 _NOT_PLAIN = OFLAG_COMPRESSED | OFLAG_ZERO | L2E_RESERVED
 
@@ -136,6 +142,9 @@ class Qcow2Driver(Driver):
         self._grow = child.grow if isinstance(child, Growable) else None
         #: Next free cluster: allocation only ever appends.
         self._end = (meta.file_size + cs - 1) // cs * cs
+        #: How far the file has been grown (``GROW_AHEAD``); 0 turns growing ahead off.
+        self._grown = self._end
+        self._grow_ahead = GROW_AHEAD
         #: A table as read from disk cannot rightly point past the end at open, unless
         #: this driver changed it since (``_touched``).
         self._open_end = self._end
@@ -306,7 +315,66 @@ class Qcow2Driver(Driver):
         if self.read_only:
             return False
         host = self._host_now(offset, len(data), True)
-        return host >= 0 and self.child.pwrite_nowait(host, data)
+        if host >= 0:
+            return self.child.pwrite_nowait(host, data)
+        return self._alloc_now(offset, data)
+
+    def _alloc_now(self, offset: int, data: bytes | memoryview) -> bool:
+        """An allocating write done without waiting, when everything it needs is in memory.
+
+        Only for clusters that read as zeros (unallocated with no backing file, or zero
+        clusters without a host cluster): the new clusters lie past the file's old end,
+        holes that read as zeros already, so only the data is written. The data goes
+        first; the refcounts and L2 entries are then set in memory and recorded in the
+        journal, which makes the refcounts durable before the entries (module docstring).
+        """
+        cb, cs = self._cb, self._cs
+        n = len(data)
+        c0, c1 = offset >> cb, (offset + n - 1) >> cb
+        if (c0 ^ c1) >> (cb - 3) or self._grow is None:
+            return False  # crosses an L2 table, or the file cannot grow
+        l1e = self.l1[offset >> self._shift]
+        if not l1e & OFLAG_COPIED:
+            return False
+        l2off = l1e & OFFSET_MASK
+        t = self._l2_tables.get(l2off)
+        if t is None:
+            return False
+        i0 = c0 & self._l2_mask
+        i1 = i0 + c1 - c0
+        pending = self._pending
+        for i in range(i0, i1 + 1):
+            e = t[i]
+            if e and (e != OFLAG_ZERO or not self._v3):
+                return False
+            if not e and self.backing is not None:
+                return False
+        if pending and any(c in pending for c in range(c0, c1 + 1)):
+            return False
+        k = c1 - c0 + 1
+        host = self._end
+        h0, h1 = host >> cb, (host >> cb) + k - 1
+        ri = h0 >> self._rb_bits
+        if ri != h1 >> self._rb_bits or ri >= len(self.reftable):
+            return False
+        boff = self.reftable[ri] & OFFSET_MASK
+        block = self._rb.get(boff) if boff else None
+        if block is None:
+            return False
+        b0 = h0 & self._rb_mask
+        if any(block[b0 : b0 + k]):
+            return False  # the async path reports it
+        self._reserve(k * cs)
+        if not self.child.pwrite_nowait(host + (offset & (cs - 1)), data):
+            self._end = host  # nothing refers to the clusters yet: give them back
+            return False
+        for b in range(b0, b0 + k):
+            block[b] = 1
+        if not self._journal.has(S_NEW, boff):
+            self._journal.record(S_NEW, boff, partial(encode_block, block, self._order), tag=boff)
+        for j in range(k):
+            self._set_l2(l2off, t, i0 + j, (host + (j << cb)) | OFLAG_COPIED)
+        return True
 
     # Reads.
 
@@ -412,8 +480,12 @@ class Qcow2Driver(Driver):
         if self._grow is None:
             raise OSError(errno.ENOSPC, "the image file cannot grow")
         host = self._end
-        self._grow(host + n, allocate=allocate)
-        self._end = host + n
+        end = host + n
+        if allocate or end > self._grown:
+            grown = end if allocate else end + self._grow_ahead
+            self._grow(grown, allocate=allocate)
+            self._grown = max(self._grown, grown)
+        self._end = end
         return host
 
     async def _writable_l2(self, l1i: int) -> tuple[int, array[int]]:
@@ -526,6 +598,9 @@ class Qcow2Driver(Driver):
         cb, cs = self._cb, self._cs
         clusters = (self._size + cs - 1) >> cb
         per_table = self._l2_mask + 1
+        if mode != "metadata":
+            # Space grown ahead as a hole would not be reserved by fallocate later.
+            self._grow_ahead = 0
         for l1i in range((clusters + per_table - 1) // per_table):
             l2off, t = await self._writable_l2(l1i)
             n = min(per_table, clusters - l1i * per_table)
@@ -616,16 +691,22 @@ class Qcow2Driver(Driver):
 
     async def _incref(self, first: int, count: int) -> None:
         """Refcount 0 -> 1 for ``count`` fresh clusters from index ``first``."""
-        for c in range(first, first + count):
-            boff, block = await self._refblock(c >> self._rb_bits)
-            i = c & self._rb_mask
-            if block[i]:
-                raise _eio(f"cluster 0x{c << self._cb:x} past the end has refcount {block[i]}")
-            block[i] = 1
+        c, end = first, first + count
+        while c < end:
+            ri = c >> self._rb_bits
+            boff, block = await self._refblock(ri)
+            stop = min(end, (ri + 1) << self._rb_bits)  # one refcount block at a time
+            i0 = c & self._rb_mask
+            for i in range(i0, i0 + stop - c):
+                if block[i]:
+                    at = (c + i - i0) << self._cb
+                    raise _eio(f"cluster 0x{at:x} past the end has refcount {block[i]}")
+                block[i] = 1
             if not self._journal.has(S_NEW, boff):
                 self._journal.record(
                     S_NEW, boff, partial(encode_block, block, self._order), tag=boff
                 )
+            c = stop
 
     async def _grow_reftable(self, ri: int) -> None:
         """Move the refcount table to a bigger place at the end of the file.
@@ -819,10 +900,20 @@ class Qcow2Driver(Driver):
         try:
             if not self.read_only:
                 await self.flush()
+                self._trim_ahead()
         finally:
             await self.child.close()
             if self.backing is not None:
                 await self.backing.close()
+
+    def _trim_ahead(self) -> None:
+        """A clean close gives back the space grown ahead (``GROW_AHEAD``), so the file
+        ends at its last cluster as qemu leaves it. After a crash it stays: a hole past
+        every refcount, which qemu-img check does not count."""
+        child = self.child
+        if self._grown > self._end and isinstance(child, RawDriver) and not child.is_block:
+            os.ftruncate(child.fd, self._end)
+            self._grown = self._end
 
     # Facts for `tapnbd info`.
 
