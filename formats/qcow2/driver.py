@@ -309,7 +309,22 @@ class Qcow2Driver(Driver):
 
     def pread_nowait(self, offset: int, length: int) -> bytes | bytearray | None:
         host = self._host_now(offset, length, False)
-        return None if host < 0 else self.child.pread_nowait(host, length)
+        if host >= 0:
+            return self.child.pread_nowait(host, length)
+        return None if self.backing is None else self._backing_now(offset, length)
+
+    def _backing_now(self, offset: int, length: int) -> bytes | bytearray | None:
+        """An overlay's read of one unallocated run, from the backing file at once."""
+        assert self.backing is not None
+        if offset + length > self.backing.size():
+            return None  # partly past the backing file's end: read_backing pads it
+        try:
+            kind, _host, n = self._lookup(offset, offset + length)
+        except (Miss, OSError):
+            return None
+        if kind != UNALLOC or n != length:
+            return None
+        return self.backing.pread_nowait(offset, length)
 
     def pwrite_nowait(self, offset: int, data: bytes | memoryview) -> bool:
         if self.read_only:
@@ -391,6 +406,8 @@ class Qcow2Driver(Driver):
                 return await self.child.pread(host, n)
             if kind == ZERO or (kind == UNALLOC and self.backing is None):
                 return bytes(n)
+            if kind == UNALLOC and self.backing is not None:
+                return await read_backing(self.backing, offset, n)
         buf = bytearray(length)
         pos = offset
         async for kind, host, n in runs(self._lookup, self._load, offset, end):

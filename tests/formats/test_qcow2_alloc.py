@@ -69,3 +69,27 @@ def test_allocating_writes_match_qemu_and_the_file_ends_at_its_last_cluster(
     end = report["image-end-offset"]
     assert isinstance(end, int) and end > 2 * GROW_AHEAD
     assert img.stat().st_size == end
+
+
+def test_overlay_reads_in_small_requests_match_qemu(
+    tmp_path: Path, serve: Callable[..., Server]
+) -> None:
+    """Small reads of an overlay are served from the backing file inline where nothing is
+    allocated (pread_nowait); nbdcopy in 4 KiB requests must see what qemu sees."""
+    need("qemu-img", "qemu-io", "nbdcopy")
+    seed = random.randrange(1 << 32)
+    print("seed", seed)
+    rng = random.Random(seed)
+    base = tmp_path / "base.raw"
+    base.write_bytes(rng.randbytes(4 << 20) + bytes(4 << 20) + rng.randbytes(3 << 20))
+    img = tmp_path / "overlay.qcow2"
+    qemu_img("create", "-f", "qcow2", "-b", base, "-F", "raw", img, str(12 << 20))
+    writes = [f"write -P 0x{rng.randrange(1, 256):02x} {rng.randrange(0, 12 << 20)} 5000"
+              for _ in range(20)]  # fmt: skip
+    qemu_io(img, *writes, fmt="qcow2")
+    expected = tmp_path / "qemu.raw"
+    qemu_img("convert", "-O", "raw", img, expected)
+    server = serve(str(img), "--read-only", "--format", "qcow2")
+    out = tmp_path / "nbd.raw"
+    run(["nbdcopy", "--request-size=4096", server.uri, str(out)])
+    assert out.read_bytes() == expected.read_bytes()
