@@ -10,8 +10,11 @@ memory; L2 tables and refcount blocks come and go through ``TableCache``s. Every
 over a guest range (read, write, zero, block status) goes through ``engine.runs.runs``
 over ``_lookup``, which answers from memory or asks for a table to be loaded.
 
-Allocation appends clusters at the end of the file and never reuses a freed one, so no
-two owners can ever share a cluster by mistake. Bit 63 of an entry (COPIED) says the
+Allocation appends clusters at the end of the file, or takes back a single cluster that
+was freed (as qemu's free_cluster_index search): only once the flush that made its
+refcount 0 durable has completed; before that, a crash could leave an old L2 entry on
+disk naming it beside the new one. A reused cluster is written whole (it may hold old
+data where punching is not supported). Bit 63 of an entry (COPIED) says the
 refcount is exactly one: only such clusters and L2 tables are written in place. Anything
 else (a snapshot's, a compressed or zero cluster) is copied into a new cluster first,
 and the old one loses a reference.
@@ -37,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import heapq
 import logging
 import os
 import struct
@@ -145,6 +149,9 @@ class Qcow2Driver(Driver):
         #: How far the file has been grown (``GROW_AHEAD``); 0 turns growing ahead off.
         self._grown = self._end
         self._grow_ahead = GROW_AHEAD
+        #: Freed host clusters (indices, a heap: lowest first) whose refcount 0 is
+        #: durable: they may be handed out again.
+        self._reusable: list[int] = []
         #: A table as read from disk cannot rightly point past the end at open, unless
         #: this driver changed it since (``_touched``).
         self._open_end = self._end
@@ -346,8 +353,10 @@ class Qcow2Driver(Driver):
         cb, cs = self._cb, self._cs
         n = len(data)
         c0, c1 = offset >> cb, (offset + n - 1) >> cb
-        if (c0 ^ c1) >> (cb - 3) or self._grow is None:
-            return False  # crosses an L2 table, or the file cannot grow
+        if (c0 ^ c1) >> (cb - 3) or self._grow is None or self._reusable:
+            # crosses an L2 table, or the file cannot grow, or a freed cluster is due
+            # for reuse (the asynchronous path takes it)
+            return False
         l1e = self.l1[offset >> self._shift]
         if not l1e & OFLAG_COPIED:
             return False
@@ -494,6 +503,8 @@ class Qcow2Driver(Driver):
     def _reserve(self, n: int, allocate: bool = False) -> int:
         """Claim ``n`` bytes (whole clusters) at the end of the file (``allocate``: with
         fallocate, else as a hole)."""
+        if n == self._cs and not allocate and self._reusable:
+            return heapq.heappop(self._reusable) << self._cb
         if self._grow is None:
             raise OSError(errno.ENOSPC, "the image file cannot grow")
         host = self._end
@@ -561,7 +572,9 @@ class Qcow2Driver(Driver):
         try:
             l1i = pos >> self._shift
             await self._writable_l2(l1i)
+            old_end = self._end
             new = self._reserve(k * cs)
+            reused = new < old_end  # a freed cluster: not a hole, so written whole
             await self._incref(new >> cb, k)
             head = pos - (c0 << cb)
             tail = ((c0 + k) << cb) - lim
@@ -570,7 +583,7 @@ class Qcow2Driver(Driver):
             # zeros already, so zeros around the data need no writing (qemu zeroes the
             # cluster with fallocate instead of writing it, for the same reason).
             zeros = kind == ZERO or (kind == UNALLOC and self.backing is None)
-            if zeros or (not head and not tail):
+            if (zeros and not reused) or (not head and not tail):
                 await self.child.pwrite(new + head, chunk)
             else:
                 buf = bytearray(k * cs)
@@ -909,6 +922,10 @@ class Qcow2Driver(Driver):
                 except OSError as e:
                     if e.errno != errno.ENOTSUP:
                         raise
+            # Their refcount 0 is durable now (and so is the end of every L2 entry that
+            # named them): from here on they may be handed out again.
+            for c in freed:
+                heapq.heappush(self._reusable, c)
 
     async def close(self) -> None:
         if self._closed:

@@ -3,12 +3,18 @@ file grown ahead of need, judged by qemu-io on a copy and by qemu-img check."""
 
 from __future__ import annotations
 
+import errno
+import json
 import random
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from formats.qcow2.driver import GROW_AHEAD
+from formats.filters import FilterDriver
+from formats.qcow import file_filter
+from formats.qcow2 import open_qcow2
+from formats.qcow2.driver import GROW_AHEAD, Qcow2Driver
+from formats.raw import RawDriver
 from tests.formats.qcow2_util import check_clean
 from tests.formats.qcow_util import need, qemu_img
 from tests.helpers import Server, qemu_io, run
@@ -93,3 +99,90 @@ def test_overlay_reads_in_small_requests_match_qemu(
     out = tmp_path / "nbd.raw"
     run(["nbdcopy", "--request-size=4096", server.uri, str(out)])
     assert out.read_bytes() == expected.read_bytes()
+
+
+def _qemu_io_writeback(uri: str, cmds: list[str]) -> None:
+    args = ["qemu-io", "-f", "raw", "-t", "writeback"]
+    for c in cmds:
+        args += ["-c", c]
+    out = run([*args, uri]).stdout
+    assert "failed" not in out and "error" not in out.lower(), out
+
+
+def test_freed_clusters_are_reused_after_the_flush(
+    tmp_path: Path, serve: Callable[..., Server]
+) -> None:
+    """Write, discard, flush, write elsewhere: the new clusters are the freed ones, so the
+    file does not grow; qemu-io doing the same on a copy reads the same."""
+    need("qemu-img", "qemu-io")
+    img = tmp_path / "reuse.qcow2"
+    qemu_img("create", "-f", "qcow2", img, str(SIZE))
+    ref = tmp_path / "ref.qcow2"
+    seed = random.randrange(1 << 32)
+    print("seed", seed)
+    rng = random.Random(seed)
+    first = [f"write -P 0x{rng.randrange(1, 256):02x} {i * CLUSTER + 512} 4096" for i in range(24)]
+    server = serve(str(img), "--format", "qcow2")
+    _qemu_io_writeback(server.uri, [*first, "flush"])
+    assert server.stop() == 0
+    size = img.stat().st_size
+    shutil.copy(img, ref)
+    # 4k writes in guest clusters never written, a few of them partial; a freed
+    # cluster holds old data unless it was punched, and must read as zeros around it.
+    second = [f"discard 0 {16 * CLUSTER}", "flush"] + [
+        f"write -P 0x{rng.randrange(1, 256):02x} {(100 + i) * CLUSTER + rng.randrange(0, 60000)} 4096"
+        for i in range(16)
+    ]
+    server = serve(str(img), "--format", "qcow2")
+    _qemu_io_writeback(server.uri, [*second, "flush"])
+    assert server.stop() == 0
+    qemu_io(ref, *second, fmt="qcow2")
+    qemu_img("compare", "-f", "qcow2", "-F", "qcow2", img, ref)
+    check_clean(img)
+    assert img.stat().st_size == size
+
+
+def _host_of(img: Path, guest: int) -> int:
+    """Where qemu-img map (-U: the image is open) says a guest cluster's data lies."""
+    for e in json.loads(qemu_img("map", "-U", "--output=json", img)):
+        if e["start"] <= guest < e["start"] + e["length"] and "offset" in e:
+            return int(e["offset"]) + guest - int(e["start"])
+    raise AssertionError(f"guest offset {guest} is not allocated")
+
+
+class _NoPunch(FilterDriver):
+    """A file that cannot punch holes: a freed cluster keeps its old bytes."""
+
+    async def trim(self, offset: int, length: int, fua: bool = False) -> None:
+        raise OSError(errno.ENOTSUP, "no hole punching here")
+
+    def grow(self, length: int, *, allocate: bool = False) -> None:
+        assert isinstance(self.child, RawDriver)
+        self.child.grow(length, allocate=allocate)
+
+
+async def test_a_reused_cluster_reads_as_zeros_around_new_data(tmp_path: Path) -> None:
+    need("qemu-img")
+    img = tmp_path / "nopunch.qcow2"
+    qemu_img("create", "-f", "qcow2", img, str(SIZE))
+    token = file_filter.set(lambda d: _NoPunch(d) if isinstance(d, RawDriver) else d)
+    try:
+        d = await open_qcow2(str(img), False)
+    finally:
+        file_filter.reset(token)
+    assert isinstance(d, Qcow2Driver)
+    try:
+        await d.pwrite(0, b"\xaa" * CLUSTER)
+        await d.flush()
+        host = _host_of(img, 0)
+        await d.trim(0, CLUSTER)
+        await d.flush()  # host cluster of guest cluster 0: refcount 0, durable, not punched
+        await d.pwrite(10 * CLUSTER + 8192, b"\x55" * 4096)  # takes it back
+        await d.flush()
+        assert _host_of(img, 10 * CLUSTER) == host
+        want = bytes(8192) + b"\x55" * 4096 + bytes(CLUSTER - 8192 - 4096)
+        assert bytes(await d.pread(10 * CLUSTER, CLUSTER)) == want
+        assert bytes(await d.pread(0, CLUSTER)) == bytes(CLUSTER)
+    finally:
+        await d.close()
+    check_clean(img)
