@@ -353,9 +353,9 @@ class Qcow2Driver(Driver):
         cb, cs = self._cb, self._cs
         n = len(data)
         c0, c1 = offset >> cb, (offset + n - 1) >> cb
-        if (c0 ^ c1) >> (cb - 3) or self._grow is None or self._reusable:
+        if (c0 ^ c1) >> (cb - 3) or self._grow is None or (c0 == c1 and self._reusable):
             # crosses an L2 table, or the file cannot grow, or a freed cluster is due
-            # for reuse (the asynchronous path takes it)
+            # for reuse (single clusters only: the asynchronous path takes it)
             return False
         l1e = self.l1[offset >> self._shift]
         if not l1e & OFLAG_COPIED:
