@@ -12,6 +12,12 @@ same random data) and "fresh" (just created, so every write allocates; recreated
 each write job, and not read, since reads would only see holes). tapnbd and qemu-nbd serve
 the same qcow files.
 
+The qcow2 rows (issue 13) are the same three ways round: "full" (every cluster written),
+"fresh" (allocating writes), and "overlay": an empty qcow2 overlay on the raw image,
+made anew for every cell, so reads go through to the raw file and every write allocates
+(a 4k write copies the rest of its 64 KiB cluster up from the raw file). qemu-nbd serves
+qcow2 with ``--cache=writeback --aio=threads``.
+
 The loop runs job by job, and inside a job server by server, so that drift on this shared
 two-core machine hits every server in a job alike. Each server is started for its cell and
 stopped after it. Ratios are only ever taken between cells of the same run.
@@ -37,7 +43,7 @@ from bench.report import Table, bar_chart, fmt_ratio, ratio, write_csv
 from bench.servers import SERVERS, ServerOptions, serve, unavailable_reason
 from bench.ui import UI
 
-State = Literal["full", "fresh"]
+State = Literal["full", "fresh", "overlay"]
 
 
 @dataclass(frozen=True)
@@ -120,6 +126,23 @@ def _vhd_targets() -> list[FioTarget]:
     return out
 
 
+def _qcow2_targets() -> list[FioTarget]:
+    """tapnbd and qemu-nbd on the same qcow2 file: full, fresh, and an overlay (issue 13)."""
+    states: tuple[tuple[State, str, str], ...] = (
+        ("full", images.QCOW2, "full"),
+        ("fresh", images.QCOW2, "fresh"),
+        ("overlay", images.QCOW2_OVERLAY, "overlay on raw"),
+    )
+    out = []
+    for state, layout, what in states:
+        out += [
+            FioTarget(f"tapnbd-qcow2-{state}", f"tapnbd qcow2, {what}", "tapnbd", layout, state),
+            FioTarget(f"qemu-nbd-qcow2-{state}", f"qemu-nbd -f qcow2, {what}", "qemu-nbd",
+                      layout, state),
+        ]  # fmt: skip
+    return out
+
+
 TARGETS: tuple[FioTarget, ...] = (
     FioTarget("tapnbd-raw", "tapnbd raw", "tapnbd", images.RAW),
     FioTarget("qemu-nbd-raw", "qemu-nbd -f raw", "qemu-nbd", images.RAW),
@@ -128,6 +151,7 @@ TARGETS: tuple[FioTarget, ...] = (
     FioTarget("tapnbd-raw-nostats", "tapnbd raw, statistics off", "tapnbd-nostats", images.RAW),
     *_qcow_targets(),
     *_vhd_targets(),
+    *_qcow2_targets(),
 )
 
 
@@ -267,7 +291,17 @@ class FioRun:
 def _image_for(
     target: FioTarget, cfg: FioConfig, workdir: Path, shared: dict[str, Path]
 ) -> Iterator[Path]:
-    """The image a cell serves: the shared raw or full qcow image, or a fresh qcow one."""
+    """The image a cell serves: the shared raw or full qcow image, or a fresh qcow one, or
+    a fresh overlay on the shared raw image."""
+    if target.state == "overlay":
+        path = workdir / f"overlay-{target.key}.qcow2"
+        images.create_qcow2(path, cfg.size, backing=shared[images.RAW])
+        warm(shared[images.RAW])
+        try:
+            yield path
+        finally:
+            path.unlink(missing_ok=True)
+        return
     if target.state == "full":
         path = shared[target.layout]
         warm(path)
@@ -314,7 +348,7 @@ def plan(cfg: FioConfig) -> list[tuple[FioJob, FioTarget]]:
         (job, t)
         for job in cfg.jobs
         for t in cfg.targets
-        if t.state == "full" or job.writes  # a fresh image holds only holes to read
+        if t.state != "fresh" or job.writes  # a fresh image holds only holes to read
     ]
 
 
@@ -328,7 +362,7 @@ def run_fio(cfg: FioConfig, workdir: Path, ui_console: Any = None) -> FioRun:
     for t in cfg.targets:
         why = unavailable_reason(t.server, images.fmt_of(t.layout))
         why = why or images.layout_unavailable(t.layout, workdir)
-        if t.server == "tapnbd" and t.layout not in (images.RAW, images.VHD) and not why:
+        if t.server == "tapnbd" and t.layout in (images.QCOW_OPT, images.QCOW_NORMAL) and not why:
             support = images.qcow_support(workdir)
             why = None if support.serve else support.why
         if why:
@@ -355,6 +389,8 @@ def run_fio(cfg: FioConfig, workdir: Path, ui_console: Any = None) -> FioRun:
                 made = images.create_image(path, cfg.size, layout, workdir)
                 if layout == images.VHD:
                     how = images.fill_vhd(path, raw, workdir)
+                elif layout == images.QCOW2:
+                    how = images.fill_qcow2(path, raw)
                 else:
                     how = images.fill_qcow(path, raw, workdir)
             except BenchError as e:
@@ -369,12 +405,19 @@ def run_fio(cfg: FioConfig, workdir: Path, ui_console: Any = None) -> FioRun:
         fresh_layouts = sorted({t.layout for t in runnable if t.state == "fresh"})
         for layout in fresh_layouts:
             how = (
-                "tapnbd create"
+                "qemu-img create"
+                if layout == images.QCOW2
+                else "tapnbd create"
                 if layout == images.VHD or images.qcow_support(workdir).create
                 else "qemu-img create"
             )
             notes.append(
                 f"fresh {images.IMAGE_LABELS[layout]} image: made by {how} before each write job"
+            )
+        if any(t.state == "overlay" for t in runnable):
+            notes.append(
+                "qcow2 overlay: an empty qcow2 (qemu-img create -b RAW -F raw) on the raw "
+                "image, made before every cell"
             )
         for rep in range(cfg.repeat):
             for job, target in todo:
@@ -489,6 +532,7 @@ def targets_table(r: FioRun) -> Table:
                         _met(v, 10.0),
                     ]
                 )
+    _qcow2_goals(r, t)
     for state in ("full", "fresh"):
         mine, theirs = f"tapnbd-vhd-{state}", f"qemu-nbd-vhd-{state}"
         if mine in ran and theirs in ran:
@@ -509,6 +553,33 @@ def targets_table(r: FioRun) -> Table:
             v = r.vs_tapnbd_raw(vhd, j.key)
             t.rows.append([f"vhd (full) >= 0.9x tapnbd raw, {j.label}", fmt_ratio(v), _met(v, 0.9)])
     return t
+
+
+def _qcow2_goals(r: FioRun, t: Table) -> None:
+    """Issue 13: tapnbd qcow2 >= 1.0x qemu-nbd on the same file on every row, and >= 0.9x
+    tapnbd raw on every allocated row."""
+    ran = {x.key: x for x in r.ran}
+    for state in ("full", "fresh", "overlay"):
+        mine, theirs = f"tapnbd-qcow2-{state}", f"qemu-nbd-qcow2-{state}"
+        if mine not in ran or theirs not in ran:
+            continue
+        for j in r.config.jobs:
+            if state == "fresh" and not j.writes:
+                continue
+            v = ratio(r.value(mine, j.key), r.value(theirs, j.key))
+            t.rows.append(
+                [
+                    f"qcow2 ({state}) >= 1.0x qemu-nbd -f qcow2, {j.label}",
+                    fmt_ratio(v),
+                    _met(v, 1.0),
+                ]
+            )
+    if "tapnbd-qcow2-full" in ran and "tapnbd-raw" in ran:
+        for j in r.config.jobs:
+            v = r.vs_tapnbd_raw(ran["tapnbd-qcow2-full"], j.key)
+            t.rows.append(
+                [f"qcow2 (full) >= 0.9x tapnbd raw, {j.label}", fmt_ratio(v), _met(v, 0.9)]
+            )
 
 
 def _met(v: float | None, goal: float) -> str:
@@ -560,8 +631,8 @@ def markdown(r: FioRun, machine_md: str) -> str:
         f"the whole run took {r.elapsed:.0f} s. Sequential jobs in MiB/s, random jobs in IOPS.",
         "",
         "**x ref** is the row's ratio to its reference in the same run: for raw rows the best "
-        "peer (qemu-nbd, nbdkit, nbd-server) in that column; for qcow rows qemu-nbd serving "
-        "the same qcow file in the same state. Rows marked ** are tapnbd.",
+        "peer (qemu-nbd, nbdkit, nbd-server) in that column; for qcow, qcow2 and vhd rows "
+        "qemu-nbd serving the same file in the same state. Rows marked ** are tapnbd.",
         "",
     ]
     for t in tables(r):
@@ -576,7 +647,8 @@ def markdown(r: FioRun, machine_md: str) -> str:
         "each job against every server in turn; `sync` before each cell, so that no cell "
         "pays for the writeback of an earlier one",
         "- peers run with their defaults: plain `qemu-nbd -f FMT -t` (one client, so no "
-        "multi-conn), `nbdkit file`, `nbd-server` from a config with `allowlist = true`",
+        "multi-conn; qcow2 with `--cache=writeback --aio=threads`), `nbdkit file`, "
+        "`nbd-server` from a config with `allowlist = true`",
         "- server CPU is the server process's user+system time over the cell's wall time, "
         "in the CSV (client and server share the two cores)",
     ]

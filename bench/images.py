@@ -5,6 +5,9 @@ the normal layout, the default for blktap's allocation-optimised one). Without i
 the normal layout can be made, with ``qemu-img create -f qcow``, so that the qemu-nbd
 qcow rows still run. A "full" qcow image is filled with the same random data as the raw
 image, through tapnbd when it serves qcow, else with ``qemu-img convert``.
+
+qcow2 images (issue 13) are made by ``qemu-img create -f qcow2`` (64 KiB clusters) and
+filled by ``qemu-img convert -n``; the overlay is an empty qcow2 on the raw image.
 """
 
 from __future__ import annotations
@@ -26,17 +29,47 @@ QCOW_NORMAL = "qcow-normal"
 QCOW_OPT = "qcow-opt"
 #: A dynamic VHD (issue 17), made by ``tapnbd create --format vhd``.
 VHD = "vhd"
+#: qcow2 (issue 13), 64 KiB clusters, and an empty qcow2 overlay on the raw image.
+QCOW2 = "qcow2"
+QCOW2_OVERLAY = "qcow2-overlay"
 
 IMAGE_LABELS = {
     RAW: "raw",
     QCOW_NORMAL: "qcow normal",
     QCOW_OPT: "qcow optimised",
     VHD: "dynamic vhd",
+    QCOW2: "qcow2",
+    QCOW2_OVERLAY: "qcow2 overlay on raw",
 }
 
 
 def fmt_of(layout: str) -> str:
+    if layout in (QCOW2, QCOW2_OVERLAY):
+        return "qcow2"
     return layout if layout in (RAW, VHD) else "qcow"
+
+
+def create_qcow2(path: Path, size: int, backing: Path | None = None) -> str:
+    """An empty qcow2 image made by qemu-img (the peer's own tool, so both servers start
+    from a file neither of them wrote), optionally an overlay on a raw ``backing``."""
+    if not have("qemu-img"):
+        raise Unavailable("qemu-img is not installed")
+    path.unlink(missing_ok=True)
+    cmd = ["qemu-img", "create", "-q", "-f", "qcow2"]
+    if backing is not None:
+        cmd += ["-b", str(backing.resolve()), "-F", "raw"]
+    run([*cmd, str(path), str(size)], what="qemu-img create -f qcow2")
+    return "qemu-img create -f qcow2" + (" -b RAW -F raw" if backing is not None else "")
+
+
+def fill_qcow2(path: Path, source: Path) -> str:
+    """Every cluster of the qcow2 image ``path`` written with the raw ``source``."""
+    run(
+        ["qemu-img", "convert", "-n", "-f", "raw", "-O", "qcow2", str(source), str(path)],
+        what=f"fill {path.name}",
+        timeout=1800,
+    )
+    return "qemu-img convert -n"
 
 
 def create_vhd(path: Path, size: int) -> str:
@@ -126,6 +159,8 @@ def create_image(path: Path, size: int, layout: str, workdir: Path) -> str:
         return "sparse file"
     if layout == VHD:
         return create_vhd(path, size)
+    if layout == QCOW2:
+        return create_qcow2(path, size)
     return create_qcow(path, size, layout, workdir)
 
 
@@ -162,6 +197,8 @@ def layout_unavailable(layout: str, workdir: Path) -> str | None:
     """Why images of ``layout`` cannot be made here, or None."""
     if layout in (RAW, VHD):
         return None
+    if layout in (QCOW2, QCOW2_OVERLAY):
+        return None if have("qemu-img") else "qemu-img is not installed"
     support = qcow_support(workdir)
     if support.create:
         return None

@@ -9,7 +9,8 @@ always the image's file name, so every URI has the same shape.
 The peers run the way ../shared/bench/peers.md ran them, which is their defaults:
 
 - ``qemu-nbd -f FMT -t -x NAME`` with the default ``--shared=1``: one client at a time,
-  and so no multi-conn (``--qemu-shared N`` turns on multi-conn for N clients);
+  and so no multi-conn (``--qemu-shared N`` turns on multi-conn for N clients); for
+  qcow2 with ``--cache=writeback --aio=threads`` too, as issue 13 measured it;
 - ``nbdkit file file=IMAGE``: its default thread pool, multi-conn advertised;
 - ``nbd-server`` from a generated config (with ``allowlist = true`` so that LIST works),
   daemonised, one process per client, multi-conn advertised.
@@ -60,10 +61,10 @@ class ServerKind:
 SERVERS: dict[str, ServerKind] = {
     k.key: k
     for k in (
-        ServerKind("tapnbd", "tapnbd", ("raw", "qcow", "vhd"), "tapnbd", peer=False),
+        ServerKind("tapnbd", "tapnbd", ("raw", "qcow", "qcow2", "vhd"), "tapnbd", peer=False),
         # The same server with TAPNBD_STATS=off: what counting costs (issue 15).
         ServerKind("tapnbd-nostats", "tapnbd, statistics off", ("raw",), "tapnbd", peer=False),
-        ServerKind("qemu-nbd", "qemu-nbd", ("raw", "qcow", "vhd"), "qemu-nbd", peer=True),
+        ServerKind("qemu-nbd", "qemu-nbd", ("raw", "qcow", "qcow2", "vhd"), "qemu-nbd", peer=True),
         ServerKind("nbdkit", "nbdkit file", ("raw",), "nbdkit", peer=True),
         ServerKind("nbd-server", "nbd-server", ("raw",), "nbd-server", peer=True),
     )
@@ -233,6 +234,10 @@ def _start_qemu_nbd(
     cmd += ["-b", HOST, "-p", str(port)] if transport == "tcp" else ["-k", str(sock)]
     if options.qemu_shared != 1:
         cmd += ["-e", str(options.qemu_shared)]
+    if fmt == "qcow2":
+        # How qemu is run in production (issue 13's reference): the page cache, and a
+        # thread pool for I/O.
+        cmd += ["--cache=writeback", "--aio=threads"]
     cmd.append(str(image))
     return _launch("qemu-nbd", cmd, image, fmt, log, transport, port, sock)
 

@@ -10,8 +10,11 @@ memory; L2 tables and refcount blocks come and go through ``TableCache``s. Every
 over a guest range (read, write, zero, block status) goes through ``engine.runs.runs``
 over ``_lookup``, which answers from memory or asks for a table to be loaded.
 
-Allocation appends clusters at the end of the file and never reuses a freed one, so no
-two owners can ever share a cluster by mistake. Bit 63 of an entry (COPIED) says the
+Allocation appends clusters at the end of the file, or takes back a single cluster that
+was freed (as qemu's free_cluster_index search): only once the flush that made its
+refcount 0 durable has completed; before that, a crash could leave an old L2 entry on
+disk naming it beside the new one. A reused cluster is written whole (it may hold old
+data where punching is not supported). Bit 63 of an entry (COPIED) says the
 refcount is exactly one: only such clusters and L2 tables are written in place. Anything
 else (a snapshot's, a compressed or zero cluster) is copied into a new cluster first,
 and the old one loses a reference.
@@ -37,7 +40,9 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import heapq
 import logging
+import os
 import struct
 import zlib
 from array import array
@@ -72,6 +77,7 @@ from formats.qcow2.layout import (
     Incompatible,
 )
 from formats.qcow2.refcount import decode_block, encode_block, entries_per_block, max_refcount
+from formats.raw import RawDriver
 from tapnbd.driver import BlockSize, Driver, Extent, ExtentFlags
 
 if TYPE_CHECKING:
@@ -89,6 +95,10 @@ _BAD = 2
 #: Journal stages (see the module docstring).
 S_NEW, S_REFTABLE, S_MAP = 0, 1, 2
 _ZERO_CHUNK = 1 << 20
+#: The file grows this far ahead of need, as a hole: one ftruncate per this many bytes
+#: of allocation instead of an fstat and an ftruncate per allocating write. Space past
+#: the last cluster with a refcount is nothing to qemu-img check (it is not counted).
+GROW_AHEAD = 4 << 20
 #: Bits of an L2 entry that make it anything but a plain data cluster.
 _NOT_PLAIN = OFLAG_COMPRESSED | OFLAG_ZERO | L2E_RESERVED
 
@@ -132,13 +142,22 @@ class Qcow2Driver(ImageDriver["Qcow2Meta"]):
         self._c_off_mask = (1 << x) - 1
         self._c_shift = x
         self._c_nsect_mask = (1 << (cb - 8)) - 1
-        self._journal = Journal(3, self._meta_write, child.flush)
+        # data_first: an L2 entry can name data without a refcount change in its epoch
+        # (a write into a preallocated zero cluster clears only the flag), so the data
+        # is synced before the entries even when the first stage is empty.
+        self._journal = Journal(3, self._meta_write, child.flush, data_first=True)
         tables = cache_tables(cs)
         self._l2: TableCache[array[int]] = TableCache(self._read_l2, tables, self._journal.busy)
         self._rb: TableCache[array[int]] = TableCache(self._read_rb, tables, self._journal.busy)
         self._l2_tables = self._l2.tables
         #: Next free cluster: allocation only ever appends.
         self._end = (meta.file_size + cs - 1) // cs * cs
+        #: How far the file has been grown (``GROW_AHEAD``); 0 turns growing ahead off.
+        self._grown = self._end
+        self._grow_ahead = GROW_AHEAD
+        #: Freed host clusters (indices, a heap: lowest first) whose refcount 0 is
+        #: durable: they may be handed out again.
+        self._reusable: list[int] = []
         #: A table as read from disk cannot rightly point past the end at open, unless
         #: this driver changed it since (``_touched``).
         self._open_end = self._end
@@ -289,13 +308,89 @@ class Qcow2Driver(ImageDriver["Qcow2Meta"]):
 
     def pread_nowait(self, offset: int, length: int) -> bytes | bytearray | None:
         host = self._host_now(offset, length, False)
-        return None if host < 0 else self.child.pread_nowait(host, length)
+        if host >= 0:
+            return self.child.pread_nowait(host, length)
+        return None if self.backing is None else self._backing_now(offset, length)
+
+    def _backing_now(self, offset: int, length: int) -> bytes | bytearray | None:
+        """An overlay's read of one unallocated run, from the backing file at once."""
+        assert self.backing is not None
+        if offset + length > self.backing.size():
+            return None  # partly past the backing file's end: read_backing pads it
+        try:
+            kind, _host, n = self._lookup(offset, offset + length)
+        except (Miss, OSError):
+            return None
+        if kind != UNALLOC or n != length:
+            return None
+        return self.backing.pread_nowait(offset, length)
 
     def pwrite_nowait(self, offset: int, data: bytes | memoryview) -> bool:
         if self.read_only:
             return False
         host = self._host_now(offset, len(data), True)
-        return host >= 0 and self.child.pwrite_nowait(host, data)
+        if host >= 0:
+            return self.child.pwrite_nowait(host, data)
+        return self._alloc_now(offset, data)
+
+    def _alloc_now(self, offset: int, data: bytes | memoryview) -> bool:
+        """An allocating write done without waiting, when everything it needs is in memory.
+
+        Only for clusters that read as zeros (unallocated with no backing file, or zero
+        clusters without a host cluster): the new clusters lie past the file's old end,
+        holes that read as zeros already, so only the data is written. The data goes
+        first; the refcounts and L2 entries are then set in memory and recorded in the
+        journal, which makes the refcounts durable before the entries (module docstring).
+        """
+        cb, cs = self._cb, self._cs
+        n = len(data)
+        c0, c1 = offset >> cb, (offset + n - 1) >> cb
+        if (c0 ^ c1) >> (cb - 3) or self._grow is None or (c0 == c1 and self._reusable):
+            # crosses an L2 table, or the file cannot grow, or a freed cluster is due
+            # for reuse (single clusters only: the asynchronous path takes it)
+            return False
+        l1e = self.l1[offset >> self._shift]
+        if not l1e & OFLAG_COPIED:
+            return False
+        l2off = l1e & OFFSET_MASK
+        t = self._l2_tables.get(l2off)
+        if t is None:
+            return False
+        i0 = c0 & self._l2_mask
+        i1 = i0 + c1 - c0
+        pending = self._pending
+        for i in range(i0, i1 + 1):
+            e = t[i]
+            if e and (e != OFLAG_ZERO or not self._v3):
+                return False
+            if not e and self.backing is not None:
+                return False
+        if pending and any(c in pending for c in range(c0, c1 + 1)):
+            return False
+        k = c1 - c0 + 1
+        host = self._end
+        h0, h1 = host >> cb, (host >> cb) + k - 1
+        ri = h0 >> self._rb_bits
+        if ri != h1 >> self._rb_bits or ri >= len(self.reftable):
+            return False
+        boff = self.reftable[ri] & OFFSET_MASK
+        block = self._rb.get(boff) if boff else None
+        if block is None:
+            return False
+        b0 = h0 & self._rb_mask
+        if any(block[b0 : b0 + k]):
+            return False  # the async path reports it
+        self._reserve(k * cs)
+        if not self.child.pwrite_nowait(host + (offset & (cs - 1)), data):
+            self._end = host  # nothing refers to the clusters yet: give them back
+            return False
+        for b in range(b0, b0 + k):
+            block[b] = 1
+        if not self._journal.has(S_NEW, boff):
+            self._journal.record(S_NEW, boff, partial(encode_block, block, self._order), tag=boff)
+        for j in range(k):
+            self._set_l2(l2off, t, i0 + j, (host + (j << cb)) | OFLAG_COPIED)
+        return True
 
     # Reads.
 
@@ -312,6 +407,8 @@ class Qcow2Driver(ImageDriver["Qcow2Meta"]):
                 return await self.child.pread(host, n)
             if kind == ZERO or (kind == UNALLOC and self.backing is None):
                 return bytes(n)
+            if kind == UNALLOC and self.backing is not None:
+                return await read_backing(self.backing, offset, n)
         buf = bytearray(length)
         pos = offset
         async for kind, host, n in runs(self._lookup, self._load, offset, end):
@@ -383,11 +480,17 @@ class Qcow2Driver(ImageDriver["Qcow2Meta"]):
     def _reserve(self, n: int, allocate: bool = False) -> int:
         """Claim ``n`` bytes (whole clusters) at the end of the file (``allocate``: with
         fallocate, else as a hole)."""
+        if n == self._cs and not allocate and self._reusable:
+            return heapq.heappop(self._reusable) << self._cb
         if self._grow is None:
             raise OSError(errno.ENOSPC, "the image file cannot grow")
         host = self._end
-        self._grow(host + n, allocate=allocate)
-        self._end = host + n
+        end = host + n
+        if allocate or end > self._grown:
+            grown = end if allocate else end + self._grow_ahead
+            self._grow(grown, allocate=allocate)
+            self._grown = max(self._grown, grown)
+        self._end = end
         return host
 
     async def _writable_l2(self, l1i: int) -> tuple[int, array[int]]:
@@ -446,7 +549,9 @@ class Qcow2Driver(ImageDriver["Qcow2Meta"]):
         try:
             l1i = pos >> self._shift
             await self._writable_l2(l1i)
+            old_end = self._end
             new = self._reserve(k * cs)
+            reused = new < old_end  # a freed cluster: not a hole, so written whole
             await self._incref(new >> cb, k)
             head = pos - (c0 << cb)
             tail = ((c0 + k) << cb) - lim
@@ -455,7 +560,7 @@ class Qcow2Driver(ImageDriver["Qcow2Meta"]):
             # zeros already, so zeros around the data need no writing (qemu zeroes the
             # cluster with fallocate instead of writing it, for the same reason).
             zeros = kind == ZERO or (kind == UNALLOC and self.backing is None)
-            if zeros or (not head and not tail):
+            if (zeros and not reused) or (not head and not tail):
                 await self.child.pwrite(new + head, chunk)
             else:
                 buf = bytearray(k * cs)
@@ -500,6 +605,9 @@ class Qcow2Driver(ImageDriver["Qcow2Meta"]):
         cb, cs = self._cb, self._cs
         clusters = (self._size + cs - 1) >> cb
         per_table = self._l2_mask + 1
+        if mode != "metadata":
+            # Space grown ahead as a hole would not be reserved by fallocate later.
+            self._grow_ahead = 0
         for l1i in range((clusters + per_table - 1) // per_table):
             l2off, t = await self._writable_l2(l1i)
             n = min(per_table, clusters - l1i * per_table)
@@ -590,16 +698,22 @@ class Qcow2Driver(ImageDriver["Qcow2Meta"]):
 
     async def _incref(self, first: int, count: int) -> None:
         """Refcount 0 -> 1 for ``count`` fresh clusters from index ``first``."""
-        for c in range(first, first + count):
-            boff, block = await self._refblock(c >> self._rb_bits)
-            i = c & self._rb_mask
-            if block[i]:
-                raise _eio(f"cluster 0x{c << self._cb:x} past the end has refcount {block[i]}")
-            block[i] = 1
+        c, end = first, first + count
+        while c < end:
+            ri = c >> self._rb_bits
+            boff, block = await self._refblock(ri)
+            stop = min(end, (ri + 1) << self._rb_bits)  # one refcount block at a time
+            i0 = c & self._rb_mask
+            for i in range(i0, i0 + stop - c):
+                if block[i]:
+                    at = (c + i - i0) << self._cb
+                    raise _eio(f"cluster 0x{at:x} past the end has refcount {block[i]}")
+                block[i] = 1
             if not self._journal.has(S_NEW, boff):
                 self._journal.record(
                     S_NEW, boff, partial(encode_block, block, self._order), tag=boff
                 )
+            c = stop
 
     async def _grow_reftable(self, ri: int) -> None:
         """Move the refcount table to a bigger place at the end of the file.
@@ -769,6 +883,23 @@ class Qcow2Driver(ImageDriver["Qcow2Meta"]):
                 except OSError as e:
                     if e.errno != errno.ENOTSUP:
                         raise
+            # Their refcount 0 is durable now (and so is the end of every L2 entry that
+            # named them): from here on they may be handed out again.
+            for c in freed:
+                heapq.heappush(self._reusable, c)
+
+    async def finish(self) -> None:
+        await self.flush()
+        self._trim_ahead()
+
+    def _trim_ahead(self) -> None:
+        """A clean close gives back the space grown ahead (``GROW_AHEAD``), so the file
+        ends at its last cluster as qemu leaves it. After a crash it stays: a hole past
+        every refcount, which qemu-img check does not count."""
+        child = self.child
+        if self._grown > self._end and isinstance(child, RawDriver) and not child.is_block:
+            os.ftruncate(child.fd, self._end)
+            self._grown = self._end
 
     # Facts for `tapnbd info`.
 
