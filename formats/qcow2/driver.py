@@ -142,9 +142,10 @@ class Qcow2Driver(ImageDriver["Qcow2Meta"]):
         self._c_off_mask = (1 << x) - 1
         self._c_shift = x
         self._c_nsect_mask = (1 << (cb - 8)) - 1
-        # data_first: an L2 entry can name data without a refcount change in its epoch
-        # (a write into a preallocated zero cluster clears only the flag), so the data
-        # is synced before the entries even when the first stage is empty.
+        # data_first: should an epoch ever name new data without a refcount record of
+        # its own, the data is still synced before the entries. Today every such epoch
+        # has one (a write into a zero cluster that keeps its offset moves to a new
+        # cluster), so this costs no sync; it keeps the rule from hanging on that.
         self._journal = Journal(3, self._meta_write, child.flush, data_first=True)
         tables = cache_tables(cs)
         self._l2: TableCache[array[int]] = TableCache(self._read_l2, tables, self._journal.busy)
