@@ -40,7 +40,10 @@ async def open_for_info(
         )
         return alone, [f"{problem}; the backing chain is not shown"]
     except InvalidImageError:
-        if (fmt if fmt != "auto" else probe(path)) != "qcow":
+        kind = fmt if fmt != "auto" else probe(path)
+        if kind == "qcow2":
+            return await _qcow2_leaving_out_bad_entries(path, problem)
+        if kind != "qcow":
             raise problem from None
     return await _qcow_leaving_out_bad_entries(path, problem)
 
@@ -64,6 +67,32 @@ async def _qcow_leaving_out_bad_entries(path: str, problem: ImageError) -> tuple
     await driver.prepare()
     # One line, however many entries are bad (a crafted table may hold millions).
     warnings = [f"{found.summary()}; bad L1 entries are left out (they read as holes)"]
+    if meta.backing_name:
+        warnings.append("the backing chain is not shown")
+    return driver, warnings
+
+
+async def _qcow2_leaving_out_bad_entries(
+    path: str, problem: ImageError
+) -> tuple[Driver, list[str]]:
+    from formats.qcow2.driver import Qcow2Driver
+    from formats.qcow2.meta import check_features, read_meta
+    from formats.raw import RawDriver
+
+    child = RawDriver(path, read_only=True)
+    try:
+        bad: list[str] = []
+        meta = await read_meta(child, bad)  # a bad header or table still fails here
+        check_features(meta, True)
+        if not bad:
+            raise problem
+        driver = Qcow2Driver(child, None, meta, read_only=True, path=path)
+    except BaseException:
+        await child.close()
+        raise problem from None
+    await driver.prepare()
+    more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+    warnings = [f"{bad[0]}{more}; bad L1 entries are left out (they read as holes)"]
     if meta.backing_name:
         warnings.append("the backing chain is not shown")
     return driver, warnings

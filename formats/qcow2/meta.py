@@ -127,8 +127,11 @@ def check_features(meta: Qcow2Meta, read_only: bool) -> None:
         raise UnsupportedImageError("header extension 'external data file' is not supported")
 
 
-async def read_meta(child: Driver) -> Qcow2Meta:
-    """Read and check the header, its extensions, the L1 and refcount tables."""
+async def read_meta(child: Driver, bad_l1: list[str] | None = None) -> Qcow2Meta:
+    """Read and check the header, its extensions, the L1 and refcount tables.
+
+    With ``bad_l1``, bad L1 entries are listed there and left out instead of refused.
+    """
     file_size = child.size()
     head_len = min(file_size, 1 << MIN_CLUSTER_BITS)
     head = bytes(await child.pread(0, head_len)) if head_len else b""
@@ -217,7 +220,7 @@ async def read_meta(child: Driver) -> Qcow2Meta:
         for _ in range(h.nb_snapshots):
             snap, pos = parse_snapshot(data, pos)
             meta.snapshots.append(snap)
-    _check_l1_entries(meta)
+    _check_l1_entries(meta, bad_l1)
     return meta
 
 
@@ -285,8 +288,12 @@ def _read_backing_name(meta: Qcow2Meta, head: bytes, cs: int) -> None:
         meta.backing_name = head[off : off + n].decode("utf-8", "surrogateescape")
 
 
-def _check_l1_entries(meta: Qcow2Meta) -> None:
-    """Every L2 table named by the L1 table is cluster-aligned and inside the file."""
+def _check_l1_entries(meta: Qcow2Meta, bad: list[str] | None = None) -> None:
+    """Every L2 table named by the L1 table is cluster-aligned and inside the file.
+
+    With ``bad`` (``info`` on a damaged image), a bad entry is described there and left
+    out (it reads as a hole) instead of refusing the image.
+    """
     h, cs = meta.header, meta.cluster_size
     rt_end = h.refcount_table_offset + h.refcount_table_clusters * cs
     l1_end = h.l1_table_offset + h.l1_size * 8
@@ -294,21 +301,25 @@ def _check_l1_entries(meta: Qcow2Meta) -> None:
         if not e:
             continue
         off = e & OFFSET_MASK
+        why = ""
         if e & L1E_RESERVED:
-            raise InvalidImageError(f"L1 entry {i} (0x{e:x}) has reserved bits set")
-        if off % cs:
-            raise InvalidImageError(
-                f"L1 entry {i} (0x{e:x}): L2 table offset not aligned to the cluster size {cs}"
-            )
-        if off < cs:
-            raise InvalidImageError(
-                f"L1 entry {i} (0x{e:x}) points into the header (the first cluster)"
-            )
-        if off + cs > meta.file_size:
-            raise InvalidImageError(
-                f"L1 entry {i} (0x{e:x}) points past the end of the file ({meta.file_size} bytes)"
-            )
-        if off < l1_end and h.l1_table_offset < off + cs:
-            raise InvalidImageError(f"L1 entry {i} (0x{e:x}) points into the L1 table")
-        if off < rt_end and h.refcount_table_offset < off + cs:
-            raise InvalidImageError(f"L1 entry {i} (0x{e:x}) points into the refcount table")
+            why = "has reserved bits set"
+        elif off % cs:
+            why = f"L2 table offset not aligned to the cluster size {cs}"
+        elif off < cs:
+            why = "points into the header (the first cluster)"
+        elif off + cs > meta.file_size:
+            why = f"points past the end of the file ({meta.file_size} bytes)"
+        elif off < l1_end and h.l1_table_offset < off + cs:
+            why = "points into the L1 table"
+        elif off < rt_end and h.refcount_table_offset < off + cs:
+            why = "points into the refcount table"
+        if not why:
+            continue
+        message = (
+            f"L1 entry {i} (0x{e:x}) {why}" if why[0] != "L" else f"L1 entry {i} (0x{e:x}): {why}"
+        )
+        if bad is None:
+            raise InvalidImageError(message)
+        bad.append(message)
+        meta.l1[i] = 0

@@ -7,6 +7,7 @@ qemu-img cannot handle QCOW v1.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 import signal
@@ -529,6 +530,45 @@ def test_info_of_a_qcow_with_a_bad_l1_entry(tmp_path: Path) -> None:
     tapnbd("create", over, "-b", qcreate(tmp_path / "b.raw", "raw", MiB), "-F", "raw")
     proc = tapnbd("info", over, check=False)
     assert proc.returncode == 1 and "was probed, not given" in proc.stderr
+
+
+def test_info_of_a_qcow2_with_bad_l1_entries(tmp_path: Path) -> None:
+    """qemu-img info shows a qcow2 whose L1 table names L2 tables past the end (exit 0);
+    so does tapnbd, with one warning line, the bad entries read as holes."""
+    image = qcreate(tmp_path / "g.qcow2", "qcow2", 4096 * MiB)
+    qwrite(image, "qcow2", "write -P 1 0 1M", "write -P 2 1G 1M", "write -P 3 2G 1M")
+    l1 = int.from_bytes(image.read_bytes()[40:48], "big")  # l1_table_offset
+    for i in (2, 4):  # 64 KiB clusters: an L2 table maps 512 MiB
+        patch(image, l1 + 8 * i, (0x7FFFFFF0000).to_bytes(8, "big"))
+    assert subprocess.run(["qemu-img", "info", "-f", "qcow2", image]).returncode == 0
+    proc = tapnbd("info", image)
+    assert proc.stderr.strip().splitlines() == [
+        f"warning: {image}: L1 entry 2 (0x7ffffff0000) points past the end of the file "
+        f"({image.stat().st_size} bytes) (and 1 more); bad L1 entries are left out "
+        "(they read as holes)"
+    ], proc.stderr
+    assert "virtual size: 4 GiB" in proc.stdout
+    out = json.loads(tapnbd("info", "--output=json", image).stdout)
+    assert out["virtual-size"] == 4096 * MiB and out["format"] == "qcow2"
+    # Only info salvages: serving the image still refuses it, naming the entry.
+    proc = tapnbd("map", image, check=False)
+    assert proc.returncode != 0 and "L1 entry 2" in proc.stderr
+    # The salvaged table never names the bad L2 tables (a read there would go past EOF).
+    from formats.qcow2.meta import read_meta
+    from formats.raw import RawDriver
+
+    async def salvaged() -> tuple[list[int], list[str]]:
+        child = RawDriver(str(image), read_only=True)
+        try:
+            bad: list[str] = []
+            meta = await read_meta(child, bad)
+            return list(meta.l1[:5]), bad
+        finally:
+            await child.close()
+
+    l1_entries, bad = asyncio.run(salvaged())
+    assert len(bad) == 2 and l1_entries[2] == l1_entries[4] == 0
+    assert l1_entries[0] and l1_entries[1] == 0  # the good entry stays, holes stay holes
 
 
 def test_commit_vhd_differencing_disk(tmp_path: Path) -> None:
