@@ -34,7 +34,9 @@ def attach_cmd(
     read_only: Annotated[
         bool, typer.Option("--read-only", "-r", help="A read-only device.")
     ] = False,
-    fmt: Annotated[str, typer.Option("--format", "-f", help="auto, raw or qcow.")] = "auto",
+    fmt: Annotated[
+        str, typer.Option("--format", "-f", help="auto (probed), raw, qcow, qcow2 or vhd (vpc).")
+    ] = "auto",
     via: Annotated[
         str,
         typer.Option(

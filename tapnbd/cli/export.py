@@ -28,7 +28,9 @@ def add_cmd(
         str | None, typer.Option(help="Export name. [default: the file's name]")
     ] = None,
     read_only: Annotated[bool, typer.Option("--read-only", "-r", help="Refuse writes.")] = False,
-    fmt: Annotated[str, typer.Option("--format", "-f", help="auto, raw or qcow.")] = "auto",
+    fmt: Annotated[
+        str, typer.Option("--format", "-f", help="auto (probed), raw, qcow, qcow2 or vhd (vpc).")
+    ] = "auto",
     snapshot: Annotated[
         str | None,
         typer.Option(

@@ -186,7 +186,7 @@ def convert_cmd(
         bool, typer.Option("--compress", "-c", help="qcow2: write compressed clusters.")
     ] = False,
 ) -> None:
-    """Copy an image into a new raw, qcow or qcow2 image, skipping zeros and holes.
+    """Copy an image into a new raw, qcow, qcow2 or VHD image, skipping zeros and holes.
 
     The destination's lock is taken before it is truncated: an image in use is refused.
     """
@@ -374,7 +374,9 @@ def backing_chain(info: dict[str, object]) -> list[dict[str, object]]:
 @app.command("info")
 def info_cmd(
     image: Annotated[str, typer.Argument(help="The image.")],
-    fmt: Annotated[str, typer.Option("--format", "-f", help="auto, raw or qcow.")] = "auto",
+    fmt: Annotated[
+        str, typer.Option("--format", "-f", help="auto (probed), raw, qcow, qcow2 or vhd (vpc).")
+    ] = "auto",
     output: OutputOpt = "human",
     as_json: JsonOpt = False,
     chain: Annotated[

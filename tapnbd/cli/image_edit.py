@@ -108,7 +108,7 @@ def commit_cmd(
 
 @app.command("resize", context_settings={"ignore_unknown_options": True})
 def resize_cmd(
-    image: Annotated[str, typer.Argument(help="The raw, qcow or qcow2 image.")],
+    image: Annotated[str, typer.Argument(help="The raw, qcow, qcow2 or VHD image.")],
     size: Annotated[
         str, typer.Argument(help="The new size (10G), or a change of it (+1G, -512M).")
     ],

@@ -53,7 +53,9 @@ def _size(text: str) -> int:
 def serve_cmd(
     image: Annotated[str, typer.Argument(help="Image to serve (a path, or ram:SIZE).")],
     path: PathOpt,
-    fmt: Annotated[str, typer.Option("--format", "-f", help="auto, raw or qcow.")] = "auto",
+    fmt: Annotated[
+        str, typer.Option("--format", "-f", help="auto (probed), raw, qcow, qcow2 or vhd (vpc).")
+    ] = "auto",
     read_only: Annotated[bool, typer.Option("--read-only", "-r", help="Refuse writes.")] = False,
     once: Annotated[bool, typer.Option(help="Exit after the first frontend disconnects.")] = False,
     domid: DomidOpt = 1,

@@ -38,7 +38,9 @@ def serve_cmd(
     ],
     name: Annotated[str | None, typer.Option(help="Export name, for a single image.")] = None,
     read_only: Annotated[bool, typer.Option("--read-only", "-r", help="Refuse writes.")] = False,
-    fmt: Annotated[str, typer.Option("--format", "-f", help="auto, raw or qcow.")] = "auto",
+    fmt: Annotated[
+        str, typer.Option("--format", "-f", help="auto (probed), raw, qcow, qcow2 or vhd (vpc).")
+    ] = "auto",
     description: Annotated[str, typer.Option(help="Export description.")] = "",
     bind: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[
