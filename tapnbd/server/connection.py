@@ -53,7 +53,7 @@ from tapnbd.protocol.transmission import (
 from tapnbd.runtime import eager_start
 from tapnbd.server import iothreads
 from tapnbd.server.budget import PayloadBudget
-from tapnbd.server.iothreads import THREAD_MIN, THREADS, Done, IOThreads, Job, Wire
+from tapnbd.server.iothreads import QUEUED, THREAD_MIN, Done, IOThreads, Job, Wire
 from tapnbd.server.replies import flatten, read_parts, zero_parts
 
 if TYPE_CHECKING:
@@ -443,7 +443,7 @@ class NBDConnection(asyncio.BufferedProtocol):
         iot, wire, waiting = self._iot, self._wire, self._waiting
         if iot is None or wire is None:
             return
-        while waiting and iot.submitted < THREADS and not wire.stalled and not iot.stopped:
+        while waiting and iot.submitted < QUEUED and not wire.stalled and not iot.stopped:
             job = waiting[0]
             if not job.charged:
                 n = job.req.length

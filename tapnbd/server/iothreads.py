@@ -18,10 +18,12 @@ written to again):
   so a reply appended while a thread held the lock is never left behind.
 
 What the loop still owns: admission, the payload budget, in-flight counts and
-statistics. The connection charges a READ when it gives it to a thread (at most
-THREADS at a time); the thread reports back with ``call_soon_threadsafe`` once the
-reply is read and handed to the socket, the point where the loop path hands a reply
-to its transport, and the connection releases the charge there, on the loop. A thread
+statistics. The connection charges a READ when it queues it for the threads (at most
+QUEUED at a time, so that a thread done with one READ takes the next without waiting
+for the loop); the thread reports back once the reply is read and handed to the
+socket, the point where the loop path hands a reply to its transport, and the
+connection releases the charge there, on the loop. Reports go in batches: one
+``call_soon_threadsafe`` wakes the loop for every job that finishes before it runs. A thread
 that has to wait for the socket says so once (``stalled``): the connection stops
 decoding, as it does when a transport calls ``pause_writing``, and takes back the
 READs still queued (``reclaim``), so a client that does not read holds no charge.
@@ -63,6 +65,9 @@ THREAD_MIN = 128 * 1024
 #: Threads per connection: one reads while the other sends. TAPNBD_IO_THREADS=0 keeps
 #: every request on the loop (to measure what the threads gain).
 THREADS = 2
+#: READs queued for the threads at once: fio's and nbdcopy's usual queue depth.
+#: TAPNBD_IO_QUEUED sets it, to measure again.
+QUEUED = max(1, int(os.environ.get("TAPNBD_IO_QUEUED", "8")))
 ENABLED = os.environ.get("TAPNBD_IO_THREADS", "2") != "0"
 #: Pieces in one writev (Linux's IOV_MAX is 1024).
 MAX_IOV = 1024
@@ -286,6 +291,10 @@ class IOThreads:
         self.submitted = 0
         self.stopped = False
         self._done = done
+        #: Finished jobs for the loop, taken in batches: one wake-up of the loop for
+        #: all the jobs that finish before it runs, not one per job.
+        self._finished: deque[Done] = deque()
+        self._told = False
         self._alive = THREADS
         self._alive_lock = threading.Lock()
         #: Per thread (one writer each): it holds a job, whose reply may be unwritten.
@@ -390,7 +399,20 @@ class IOThreads:
             return False
 
     def _report(self, job: Job, err: int, message: str) -> None:
+        # Append, then look at _told; the loop clears _told, then takes (_take_finished):
+        # a job appended while the loop takes is either taken now or wakes it again.
+        self._finished.append(Done(job, err, message))
+        if self._told:
+            return
+        self._told = True
         try:
-            self.wire.loop.call_soon_threadsafe(self._done, Done(job, err, message))
+            self.wire.loop.call_soon_threadsafe(self._take_finished)
         except RuntimeError:
             pass  # the loop is closed: the server is gone
+
+    def _take_finished(self) -> None:
+        """On the loop: report every finished job."""
+        self._told = False
+        finished, done = self._finished, self._done
+        while finished:
+            done(finished.popleft())
