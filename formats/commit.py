@@ -81,9 +81,16 @@ async def commit_image(
             base_path, base_fmt = _path(base_driver), base_driver.name
             if not base_path or not os.path.lexists(base_path):
                 raise ImageError(f"{path}: its backing file is not a local image")
+            facts = top.describe()
+            if not keep and at == 1 and facts.get("snapshots"):
+                # Emptying remakes the overlay (_make_empty), which would drop them;
+                # qemu-img discards the clusters instead. Refused before any change.
+                raise ImageError(
+                    f"{path}: the overlay has internal snapshots, which emptying it would "
+                    "drop; commit with -d to leave the overlay as it is"
+                )
             size = top.size()
             runs = complement(await unallocated_ranges(top, chain[at - 1]), size)
-            facts = top.describe()
             if base_driver.size() < size:
                 # As qemu-img commit: the base grows to the overlay's size first.
                 from formats.resize import resize_image

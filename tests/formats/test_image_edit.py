@@ -282,6 +282,32 @@ def test_commit_matches_qemu_img(tmp_path: Path, fmt: str, keep: bool) -> None:
         qemu_img("check", "-f", "qcow2", images["ours"][1])
 
 
+def test_commit_keeps_an_overlay_with_internal_snapshots(tmp_path: Path) -> None:
+    """Emptying remakes the overlay, which would drop its internal snapshots: refused,
+    with nothing changed; ``-d`` commits and keeps them (qemu-img commit -d agrees)."""
+    base = qcreate(tmp_path / "base.raw", "raw", 4 * MiB)
+    qwrite(base, "raw", "write -P 1 0 4M")
+    top = qcreate(tmp_path / "top.qcow2", "qcow2", None, "-b", "base.raw", "-F", "raw")
+    qwrite(top, "qcow2", "write -P 5 1M 64k")
+    qemu_img("snapshot", "-c", "s1", top)
+    qwrite(top, "qcow2", "write -P 6 2M 64k")
+    base_before, top_before = base.read_bytes(), top.read_bytes()
+    r = tapnbd("commit", "-q", "-f", "qcow2", top, check=False)
+    assert r.returncode != 0
+    assert "internal snapshots" in r.stderr and "-d" in r.stderr, r.stderr
+    assert base.read_bytes() == base_before and top.read_bytes() == top_before
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    shutil.copy(base, ref / "base.raw")
+    shutil.copy(top, ref / "top.qcow2")
+    tapnbd("commit", "-q", "-d", "-f", "qcow2", top)
+    qemu_img("commit", "-q", "-d", "-f", "qcow2", ref / "top.qcow2")
+    same(base, ref / "base.raw", "raw", "raw")
+    snaps = qinfo(top, "qcow2")["snapshots"]
+    assert isinstance(snaps, list) and [s["name"] for s in snaps] == ["s1"]
+    qemu_img("check", "-f", "qcow2", top)
+
+
 def test_commit_into_a_deeper_base(tmp_path: Path) -> None:
     images = {}
     for who in ("ours", "ref"):
