@@ -47,6 +47,15 @@ def attach_cmd(
     name: Annotated[
         str | None, typer.Option(help="Export name. [default: the file's name]")
     ] = None,
+    snapshot: Annotated[
+        str | None,
+        typer.Option(
+            "--snapshot",
+            "-l",
+            help="Show this internal qcow2 snapshot, read-only, as qemu-nbd -c with -l "
+            "does: an id or a name, or snapshot.id=ID,snapshot.name=NAME.",
+        ),
+    ] = None,
     state_dir: StateDirOpt = None,
 ) -> None:
     """Attach an image as a local block device; print the device's path."""
@@ -56,10 +65,19 @@ def attach_cmd(
         fail(f"--via must be auto, nbd, fuse or socket, not {via!r}")
     spec = image if _is_export_name(image) else image_spec(image)
     with errors_as_exit(), connect(state_dir) as conn:
-        req = AttachRequest(image=spec, name=name, read_only=read_only, format=fmt, via=_via(via))
+        req = AttachRequest(
+            image=spec,
+            name=name,
+            read_only=read_only,
+            format=fmt,
+            via=_via(via),
+            snapshot=snapshot,
+        )
         reply = conn.call(req, AttachReply)
     att = reply.attachment
     mode = ", read-only" if att.read_only else ""
+    if att.snapshot is not None:
+        mode = f", snapshot {att.snapshot!r}{mode}"
     report(f"attached {att.image} as {att.device} via {reply.reason}{mode}")
     print(att.device)
 

@@ -90,6 +90,7 @@ class Attachments:
             stats=self.stats_enabled,
             token=att.token,
             share=share,
+            snapshot=att.snapshot,
         )
         self.tap_procs[att.id] = proc
         att.tapdisk_pid = proc.pid
@@ -243,6 +244,7 @@ class Attachments:
             devices=[att.device] if att.device else [],
             uris=[],
             origin="attach",
+            snapshot=att.snapshot,
         )
 
     async def stats(self, att: Attachment) -> ExportStats:

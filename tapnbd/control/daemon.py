@@ -360,14 +360,19 @@ class Daemon:
                     raise TapnbdError(f"{other.image} is already attached as {other.device}")
             existing, image, name = self.exports.attach_target(req, self.attachments.names())
             via, reason = await asyncio.to_thread(devices.choose_via, req.via)
-            read_only = req.read_only
-            fmt = req.format
+            read_only = req.read_only or req.snapshot is not None
+            fmt, snapshot = req.format, req.snapshot
             if existing is not None:
                 fmt = self.exports.formats.get(existing.name, fmt)
+                # The device shows what the export shows.
+                snapshot = self.exports.snapshots.get(existing.name)
+                if snapshot is not None:
+                    read_only = True
                 if existing.backend.read_only and not read_only:
                     read_only = True
                     reason += "; read-only, as the export is"
             att = self.attachments.new(name, image, via, read_only)
+            att.snapshot = snapshot
             self._save()  # recorded before anything exists, so a crash is undone
             try:
                 # A raw export of ours and the device's data path may share the file

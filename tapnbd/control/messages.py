@@ -74,6 +74,8 @@ class Attachment(Record, kw_only=True):
     token: str = ""
     format: str = ""
     size: int = 0
+    #: The internal qcow2 snapshot the device shows (read-only), if any.
+    snapshot: str | None = None
 
 
 class ExportRecord(Record, kw_only=True):
@@ -235,6 +237,8 @@ class AttachRequest(Request, tag="attach"):
     read_only: bool = False
     format: str = "auto"
     via: Via = "auto"
+    #: An internal qcow2 snapshot to show instead of the active image (read-only).
+    snapshot: str | None = None
 
 
 class DetachReply(Reply, tag="detach_reply"):

@@ -64,6 +64,7 @@ def spawn(
     stats: bool,
     token: str,
     share: bool = False,
+    snapshot: str | None = None,
 ) -> tuple[subprocess.Popen[bytes], dict[str, Any]]:
     """Start a tapdisk in a session of its own and wait for its ready record."""
     with contextlib.suppress(FileNotFoundError):
@@ -71,6 +72,8 @@ def spawn(
     os.mkdir(directory, 0o700)
     cmd = [sys.executable, "-m", tapdisk.MODULE, directory, "--image", image, "--name", name]
     cmd += ["--token", token, "--format", fmt]
+    if snapshot is not None:
+        cmd += ["--snapshot", snapshot]
     if share:
         cmd.append("--share")
     if read_only:

@@ -79,10 +79,15 @@ class Tapdisk:
     async def start(self) -> None:
         a = self.args
         driver = await open_image(
-            a.image, fmt=a.format, read_only=a.read_only, rules=OpenRules(share=a.share)
+            a.image,
+            fmt=a.format,
+            read_only=a.read_only,
+            rules=OpenRules(share=a.share),
+            snapshot=a.snapshot,
         )
         try:
-            backend = Backend(driver, read_only=a.read_only)
+            # A snapshot opens read-only, so the Backend is read-only too.
+            backend = Backend(driver, read_only=a.read_only or a.snapshot is not None)
             backend.stats.enabled = a.stats
             # No path in the description: NBD clients see it.
             self.export = Export(a.name, backend, a.image, f"{a.name} ({driver.name})")
@@ -213,6 +218,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--name", required=True)
     p.add_argument("--token", required=True)
     p.add_argument("--format", default="auto")
+    p.add_argument("--snapshot", default=None, help="an internal qcow2 snapshot, read-only")
     p.add_argument("--read-only", action="store_true")
     p.add_argument("--share", action="store_true", help="skip the image lock (raw exports)")
     p.add_argument("--no-stats", dest="stats", action="store_false")

@@ -17,7 +17,7 @@ import pytest
 import formats
 from tapnbd.control.attach import pid_alive
 from tapnbd.control.state import StateDir
-from tests.control.tap import Tapnbd, tapdisk_pids
+from tests.control.tap import Tapnbd, need_tools, tapdisk_pids
 from tests.control.test_daemon import nbdfuse_pids
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
@@ -172,6 +172,37 @@ def test_read_only_attach_refuses_writes(devtap: Tapnbd) -> None:
     tap.umount(point)
     tap.ok("detach", dev)
     assert hashlib.sha256(image.read_bytes()).hexdigest() == before
+
+
+def test_attach_an_internal_snapshot(devtap: Tapnbd) -> None:
+    """``attach --snapshot`` shows the image as it was at the snapshot, read-only, as
+    qemu-nbd -c -l does; qemu-img convert -l is the referee."""
+    need_tools("qemu-img", "qemu-io")
+    tap = devtap
+    image = tap.base / "snap.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "16M"], check=True)
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 1 0 2M", str(image)], check=True)
+    subprocess.run(["qemu-img", "snapshot", "-c", "s1", str(image)], check=True)
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 2 1M 2M", str(image)], check=True)
+    want = tap.base / "want.raw"
+    subprocess.run(
+        ["qemu-img", "convert", "-l", "s1", "-O", "raw", str(image), str(want)], check=True
+    )
+    proc = tap.run("attach", "--snapshot", "s1", str(image))
+    assert proc.returncode == 0, proc.stderr
+    assert "snapshot 's1'" in proc.stderr and "read-only" in proc.stderr, proc.stderr
+    dev = proc.stdout.strip()
+    (export,) = tap.list()["exports"]
+    assert export["read_only"] is True and export["snapshot"] == "s1"
+    ro = subprocess.run(["blockdev", "--getro", dev], capture_output=True, text=True)
+    assert ro.stdout.strip() == "1"
+    with open(dev, "rb") as f:
+        assert f.read(16 << 20) == want.read_bytes()
+    tap.ok("detach", dev)
+    # An unknown snapshot is refused by name, and nothing stays attached.
+    err = tap.fails("attach", "--snapshot", "nope", str(image))
+    assert "nope" in err and "s1" in err, err
+    assert tap.list()["exports"] == []
 
 
 def test_detach_refused_while_mounted(devtap: Tapnbd) -> None:
