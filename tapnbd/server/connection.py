@@ -312,8 +312,11 @@ class NBDConnection(asyncio.BufferedProtocol):
     # Transmission
 
     def _process(self) -> None:
-        decoder = self.decoder
-        assert decoder is not None and self.transport is not None
+        decoder, backend = self.decoder, self.backend
+        assert decoder is not None and self.transport is not None and backend is not None
+        # Requests served at once are counted for the batch: one clock read at each end.
+        stats = backend.stats
+        t0 = stats.begin()
         # Replies of requests that complete right away are corked and go out in one
         # writelines call: one system call per batch of pipelined requests, not per reply.
         cork: list[bytes | bytearray | memoryview] = []
@@ -336,6 +339,7 @@ class NBDConnection(asyncio.BufferedProtocol):
             cork, self._cork = self._cork or [], None
             if cork:
                 self._write_now(cork)
+            stats.settle(t0)  # after the replies: their latency includes handing them over
         self._update_reading()
 
     def _admit(self, typ: int, length: int) -> bool:
