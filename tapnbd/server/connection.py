@@ -55,6 +55,7 @@ from tapnbd.server import iothreads
 from tapnbd.server.budget import PayloadBudget
 from tapnbd.server.iothreads import THREAD_MIN, THREADS, Done, IOThreads, Job, Wire
 from tapnbd.server.replies import flatten, read_parts, zero_parts
+from tapnbd.stats import now
 
 if TYPE_CHECKING:
     from tapnbd.backend import Backend
@@ -314,9 +315,10 @@ class NBDConnection(asyncio.BufferedProtocol):
     def _process(self) -> None:
         decoder, backend = self.decoder, self.backend
         assert decoder is not None and self.transport is not None and backend is not None
-        # Requests served at once are counted for the batch: one clock read at each end.
+        # Requests served at once are counted for the batch: one clock read at each end
+        # (Stats.begin, written out: a client at queue depth 1 pays it per request).
         stats = backend.stats
-        t0 = stats.begin()
+        t0 = now() if stats.enabled else 0
         # Replies of requests that complete right away are corked and go out in one
         # writelines call: one system call per batch of pipelined requests, not per reply.
         cork: list[bytes | bytearray | memoryview] = []
