@@ -17,9 +17,10 @@ With ``--fio RUNS`` it measures the same through a real client instead: ``tapnbd
 of a 256 MiB raw file warm in the page cache, with statistics on and off in turn
 (``TAPNBD_STATS=off``, as ``python -m bench fio``'s ``tapnbd-raw-nostats`` row), and
 fio's nbd engine reading (or writing, ``--op write``) every 4 KiB block of it once in
-random order at queue depth ``--batch``, 8 times over: a fixed number of requests. The figure is
-the server's CPU time (utime + stime from /proc/PID/stat) per request, the minimum
-over RUNS interleaved pairs, with fio's IOPS beside it (noisy on a shared machine).
+random order at queue depth ``--batch``, 8 times over: a fixed number of requests
+(``--seq``: 1 MiB requests in order, as the fio table's seq rows with ``--batch 8``).
+The figure is the server's CPU time (utime + stime from /proc/PID/stat) per request,
+the minimum over RUNS interleaved pairs, with fio's IOPS beside it (noisy here).
 
 Not part of ``python -m bench``: a micro-benchmark to read a code change by.
 """
@@ -185,9 +186,13 @@ async def _main(a: argparse.Namespace) -> None:
 def _fio(a: argparse.Namespace) -> None:
     size = 256 * MiB
     loops = 8  # every block 8 times: /proc's clock ticks (10 ms) are then under 0.5 %
-    requests = size // BS * loops
-    rw = "randread" if a.op == "read" else "randwrite"
-    print(f"fio {rw} 4k QD{a.batch} over {size // MiB} MiB raw: {requests} requests a run")
+    bs = MiB if a.seq else BS
+    requests = size // bs * loops
+    rw = ("" if a.seq else "rand") + a.op
+    print(
+        f"fio {rw} {bs // 1024}k QD{a.batch} over {size // MiB} MiB raw: "
+        f"{requests} requests a run, seed {a.seed}"
+    )
     cpu: dict[str, list[float]] = {"tapnbd": [], "tapnbd-nostats": []}
     iops: dict[str, list[float]] = {k: [] for k in cpu}
     with tempfile.TemporaryDirectory(prefix="statscost-") as tmp:
@@ -205,7 +210,7 @@ def _fio(a: argparse.Namespace) -> None:
                     out = run(
                         [
                             "fio", "--name=statscost", "--ioengine=nbd", f"--uri={s.uri}",
-                            f"--rw={rw}", "--bs=4k", f"--iodepth={a.batch}", f"--size={size}", f"--loops={loops}",
+                            f"--rw={rw}", f"--bs={bs}", f"--iodepth={a.batch}", f"--size={size}", f"--loops={loops}",
                             f"--randseed={a.seed}", "--output-format=json",
                         ],
                         what=f"fio against {key}",
@@ -237,6 +242,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rounds", type=int, default=11)
     ap.add_argument("--seed", type=int, default=int.from_bytes(os.urandom(4), "big"))
     ap.add_argument("--fio", type=int, metavar="RUNS", help="measure tapnbd serve under fio")
+    ap.add_argument("--seq", action="store_true", help="with --fio: 1 MiB in order, not 4k")
     a = ap.parse_args(argv)
     if a.fio:
         _fio(a)
