@@ -56,11 +56,15 @@ def main(out: Path, repo: Path) -> None:
                 incl[name] += n
         text = (out / f"fio-{mode}.json").read_text()
         job = json.loads(text[text.index("{") :])["jobs"][0]
-        print(f"statistics {mode}: fio {job['read']['iops']:.0f} IOPS under the profiler, "
-              f"client CPU usr {job['usr_cpu']:.1f} % sys {job['sys_cpu']:.1f} %")
+        print(
+            f"statistics {mode}: fio {job['read']['iops']:.0f} IOPS under the profiler, "
+            f"client CPU usr {job['usr_cpu']:.1f} % sys {job['sys_cpu']:.1f} %"
+        )
         print(f"  loop-thread samples {loop}, busy (not in epoll_pwait) {busy}")
-        print(f"  {100 * stats_lines / max(busy, 1):5.1f} % of busy  in counting (stats.py, "
-              f"backend.py lines {COUNTS})")
+        print(
+            f"  {100 * stats_lines / max(busy, 1):5.1f} % of busy  in counting (stats.py, "
+            f"backend.py lines {COUNTS})"
+        )
         for name in FUNCS:
             print(f"  {100 * incl[name] / max(busy, 1):5.1f} % of busy  {name}")
 
