@@ -14,13 +14,14 @@ minimum over rounds, in nanoseconds per request, with the median beside it.
                               [--requests 50000] [--rounds 11] [--seed N]
 
 With ``--fio RUNS`` it measures the same through a real client instead: ``tapnbd serve``
-of a 256 MiB raw file warm in the page cache, with statistics on and off in turn
-(``TAPNBD_STATS=off``, as ``python -m bench fio``'s ``tapnbd-raw-nostats`` row), and
-fio's nbd engine reading (or writing, ``--op write``) every 4 KiB block of it once in
-random order at queue depth ``--batch``, 8 times over: a fixed number of requests
-(``--seq``: 1 MiB requests in order, as the fio table's seq rows with ``--batch 8``).
-The figure is the server's CPU time (utime + stime from /proc/PID/stat) per request,
-the minimum over RUNS interleaved pairs, with fio's IOPS beside it (noisy here).
+of a 256 MiB raw file warm in the page cache (``--driver ram``: a 256 MiB RAM disk),
+with statistics on and off in turn (``TAPNBD_STATS=off``, as ``python -m bench fio``'s
+``tapnbd-raw-nostats`` row), and fio's nbd engine reading (or writing, ``--op write``)
+every 4 KiB block of it once in random order at queue depth ``--batch``, 8 times over:
+a fixed number of requests (``--seq``: 1 MiB requests in order, as the fio table's seq
+rows with ``--batch 8``). The figure is the server's CPU time (utime + stime from
+/proc/PID/stat) per request, the minimum over RUNS interleaved pairs, with fio's IOPS
+beside it (noisy here).
 
 Not part of ``python -m bench``: a micro-benchmark to read a code change by.
 """
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -37,10 +39,11 @@ import struct
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from bench.proc import cpu_seconds, run, warm
+from bench.proc import cpu_seconds, run, spawn, stop, tapnbd_command, wait_until, warm
 from bench.servers import serve
 from formats import open_image
 from tapnbd.backend import Backend
@@ -183,6 +186,30 @@ async def _main(a: argparse.Namespace) -> None:
     print(f"on - off: {on - off:+.0f} ns/request; off/on {off / on:.3f}")
 
 
+@contextlib.contextmanager
+def _server(driver: str, image: Path, key: str, work: Path) -> Iterator[tuple[int, str]]:
+    """``tapnbd serve`` (statistics off for key ``tapnbd-nostats``): its pid and URI."""
+    if driver == "raw":
+        with serve(key, image, "raw", logdir=work, transport="unix") as s:
+            yield s.pid, s.uri
+        return
+    sock, out = work / "ram.sock", work / "ram.uri"
+    sock.unlink(missing_ok=True)
+    env = {**os.environ, "TAPNBD_STATS": "off" if key == "tapnbd-nostats" else "on"}
+    cmd = [*tapnbd_command(), "serve", f"ram:{image.stat().st_size}", "--socket", str(sock)]
+    proc = spawn(cmd, log=work / "ram.log", stdout=out, env=env)
+    try:
+        wait_until(
+            lambda: "nbd" in out.read_text(),
+            what="tapnbd serve ram",
+            alive=lambda: proc.poll() is None,
+            log=work / "ram.log",
+        )
+        yield proc.pid, out.read_text().strip()
+    finally:
+        stop(proc)
+
+
 def _fio(a: argparse.Namespace) -> None:
     size = 256 * MiB
     loops = 8  # every block 8 times: /proc's clock ticks (10 ms) are then under 0.5 %
@@ -190,7 +217,7 @@ def _fio(a: argparse.Namespace) -> None:
     requests = size // bs * loops
     rw = ("" if a.seq else "rand") + a.op
     print(
-        f"fio {rw} {bs // 1024}k QD{a.batch} over {size // MiB} MiB raw: "
+        f"fio {rw} {bs // 1024}k QD{a.batch} over {size // MiB} MiB {a.driver}: "
         f"{requests} requests a run, seed {a.seed}"
     )
     cpu: dict[str, list[float]] = {"tapnbd": [], "tapnbd-nostats": []}
@@ -205,21 +232,20 @@ def _fio(a: argparse.Namespace) -> None:
         warm(image)
         for _ in range(a.fio):
             for key in cpu:  # A B A B ...: drift hits both alike
-                with serve(key, image, "raw", logdir=work, transport="unix") as s:
-                    cpu0 = cpu_seconds(s.pid)
+                with _server(a.driver, image, key, work) as (pid, uri):
+                    cpu0 = cpu_seconds(pid)
                     out = run(
                         [
-                            "fio", "--name=statscost", "--ioengine=nbd", f"--uri={s.uri}",
-                            f"--rw={rw}", f"--bs={bs}", f"--iodepth={a.batch}", f"--size={size}", f"--loops={loops}",
-                            f"--randseed={a.seed}", "--output-format=json",
+                            "fio", "--name=statscost", "--ioengine=nbd", f"--uri={uri}",
+                            f"--rw={rw}", f"--bs={bs}", f"--iodepth={a.batch}",
+                            f"--size={size}", f"--loops={loops}", f"--randseed={a.seed}",
+                            "--output-format=json",
                         ],
                         what=f"fio against {key}",
                         timeout=300,
                     )  # fmt: skip
-                    spent = cpu_seconds(s.pid) - cpu0
-                side = json.loads(out[out.index("{") :])["jobs"][0][
-                    "read" if a.op == "read" else "write"
-                ]
+                    spent = cpu_seconds(pid) - cpu0
+                side = json.loads(out[out.index("{") :])["jobs"][0][a.op]
                 if side["total_ios"] != requests:
                     raise SystemExit(f"fio made {side['total_ios']} requests, not {requests}")
                 cpu[key].append(spent / requests * 1e9)
