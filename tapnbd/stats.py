@@ -156,7 +156,11 @@ class Stats:
         # Written out for reads, the common case: a call or a loop here costs as much
         # as the rest, which matters to a client that sends one request at a time.
         reads, writes = self.inline_reads, self.inline_writes
-        if not t0 or not (reads or writes):
+        if not (reads or writes):
+            return
+        if not t0:  # off when the batch began: nothing to time them by, and no leak
+            reads.clear()
+            writes.clear()
             return
         dt = _now() - t0
         if reads:

@@ -74,6 +74,21 @@ def test_off_costs_no_clock_and_counts_nothing(monkeypatch: pytest.MonkeyPatch) 
     t0 = backend.stats.begin()
     assert t0 == 0
     assert backend.try_pread(0, 4096) is not None and backend.try_pwrite(0, b"x" * 512)
+    assert backend.stats.inline_reads == [] and backend.stats.inline_writes == []
+    backend.stats.settle(t0)
+    assert backend.stats.ops["read"].ops == 0 and backend.stats.ops["write"].ops == 0
+
+
+def test_settle_of_a_batch_begun_with_statistics_off_forgets_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Turned on in the middle of a batch (no t0): its requests are dropped, not kept."""
+    _clock(monkeypatch)
+    backend = Backend(RamDriver(1 << 20))
+    backend.stats.enabled = False
+    t0 = backend.stats.begin()
+    backend.stats.enabled = True
+    assert backend.try_pread(0, 4096) is not None
     backend.stats.settle(t0)
     assert backend.stats.inline_reads == [] and backend.stats.ops["read"].ops == 0
 
