@@ -7,7 +7,9 @@ request per connection, GET only, no keep-alive, which is all a scraper needs.
 Counters carry ``_total``. Latency is a real histogram per export and operation
 (``tapnbd_request_duration_seconds_bucket{le=...}``, ``_sum``, ``_count``), its bounds
 the power-of-two buckets tapnbd.stats counts into, from about 1 us to 34 s, so
-``histogram_quantile()`` works on it; ``_count`` is the requests that succeeded.
+``histogram_quantile()`` works on it; ``_count`` is the requests that succeeded. A
+request served at once is observed as the duration of its batch (tapnbd.stats): an
+upper bound on its own time in the server.
 """
 
 from __future__ import annotations
@@ -116,7 +118,10 @@ def prometheus_text(exports: list[ExportStats], daemon: dict[str, float]) -> str
             by_errno.append((f'{{export="{_label(e.name)}",errno="{_label(name)}"}}', count))
     family("tapnbd_errors_by_errno_total", "counter", "Requests failed, by errno.", by_errno)
     name = "tapnbd_request_duration_seconds"
-    out.append(f"# HELP {name} Request latency of requests that succeeded, by operation.")
+    out.append(
+        f"# HELP {name} Latency of requests that succeeded, by operation; a request served "
+        "at once counts the time of the batch of pipelined requests it came with."
+    )
     out.append(f"# TYPE {name} histogram")
     for e in exports:
         for op, c in e.ops.items():

@@ -55,6 +55,7 @@ from tapnbd.server import iothreads
 from tapnbd.server.budget import PayloadBudget
 from tapnbd.server.iothreads import QUEUED, THREAD_MIN, Done, IOThreads, Job, Wire
 from tapnbd.server.replies import flatten, read_parts, zero_parts
+from tapnbd.stats import now
 
 if TYPE_CHECKING:
     from tapnbd.backend import Backend
@@ -312,8 +313,12 @@ class NBDConnection(asyncio.BufferedProtocol):
     # Transmission
 
     def _process(self) -> None:
-        decoder = self.decoder
-        assert decoder is not None and self.transport is not None
+        decoder, backend = self.decoder, self.backend
+        assert decoder is not None and self.transport is not None and backend is not None
+        # Requests served at once are counted for the batch: one clock read at each end
+        # (Stats.begin, written out: a client at queue depth 1 pays it per request).
+        stats = backend.stats
+        t0 = now() if stats.enabled else 0
         # Replies of requests that complete right away are corked and go out in one
         # writelines call: one system call per batch of pipelined requests, not per reply.
         cork: list[bytes | bytearray | memoryview] = []
@@ -336,6 +341,7 @@ class NBDConnection(asyncio.BufferedProtocol):
             cork, self._cork = self._cork or [], None
             if cork:
                 self._write_now(cork)
+            stats.settle(t0)  # after the replies: their latency includes handing them over
         self._update_reading()
 
     def _admit(self, typ: int, length: int) -> bool:
