@@ -171,7 +171,7 @@ async def _check(child: RawDriver, res: CheckResult) -> None:
     g, fsize = meta.geometry, meta.file_size
     cs = res.cluster_size = g.cluster_size
     if meta.backing_name is not None:
-        from formats.qcow import resolve_backing
+        from formats.engine.opening import resolve_backing
 
         # Opening the image opens its backing file; one that is not there fails it.
         if not os.path.exists(resolve_backing(res.filename, meta.backing_name)):
