@@ -10,7 +10,6 @@ import os
 from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.console import Console
 
 from tapnbd import runtime
 from tapnbd.cli._output import JsonOpt, OutputOpt, human_value, print_json, wants_json
@@ -26,8 +25,6 @@ from tapnbd.driver import Driver
 
 if TYPE_CHECKING:
     from formats import OpenRules
-
-console = Console()
 
 
 def _size(text: str) -> int:
@@ -120,7 +117,7 @@ def create_cmd(
         elif fmt == "qcow":
             # The backing file is checked by opening it: its chain follows the rules.
             rules = open_rules(None, allow_probed_chain, allow_block_devices)
-            runtime.run(
+            runtime.run_command(
                 create_qcow(
                     image,
                     nbytes,
@@ -136,7 +133,7 @@ def create_cmd(
         elif fmt == "qcow2":
             from formats.qcow2.create import create_qcow2
 
-            runtime.run(
+            runtime.run_command(
                 create_qcow2(
                     image,
                     nbytes,
@@ -149,7 +146,7 @@ def create_cmd(
         elif fmt in ("vhd", "vpc"):
             from formats.vhd.create import create_vhd
 
-            runtime.run(
+            runtime.run_command(
                 create_vhd(
                     image,
                     nbytes,
@@ -190,6 +187,7 @@ def convert_cmd(
 
     The destination's lock is taken before it is truncated: an image in use is refused.
     """
+    from rich.console import Console
     from rich.progress import (  # only convert draws a bar (rich.progress costs ~20 ms)
         BarColumn,
         DownloadColumn,
@@ -274,26 +272,28 @@ async def image_info(
 
 
 async def _describe(path: str, driver: Driver) -> dict[str, object]:
-    from formats.qcow.driver import QcowDriver
-    from formats.qcow2.driver import Qcow2Driver
-    from formats.vhd.driver import VhdDriver
-
     info: dict[str, object] = {"filename": path}
     info.update(driver.describe())
     try:
         info["actual-size"] = os.stat(path).st_blocks * 512
     except OSError:
         pass
-    if isinstance(driver, QcowDriver):
-        alloc, comp = await driver.allocation()
-        info["allocated-clusters"] = alloc
-        info["allocated-size"] = alloc * driver.g.cluster_size
-        if comp:
-            info["compressed-clusters"] = comp
-        if driver.backing is not None:
-            bpath = str(info.get("full-backing-filename", ""))
-            info["backing-image"] = await _describe(bpath, driver.backing)
-    elif isinstance(driver, (Qcow2Driver, VhdDriver)) and driver.backing is not None:
+    if driver.name == "raw":
+        return info  # start-up: a raw image needs none of the table formats' modules
+    from formats.engine.image import ImageDriver
+
+    if not isinstance(driver, ImageDriver):
+        return info
+    if driver.name == "qcow":
+        from formats.qcow.driver import QcowDriver  # imported already: it is open
+
+        if isinstance(driver, QcowDriver):
+            alloc, comp = await driver.allocation()
+            info["allocated-clusters"] = alloc
+            info["allocated-size"] = alloc * driver.g.cluster_size
+            if comp:
+                info["compressed-clusters"] = comp
+    if driver.backing is not None:
         bpath = str(info.get("full-backing-filename", ""))
         info["backing-image"] = await _describe(bpath, driver.backing)
     return info
@@ -353,10 +353,10 @@ def _print_info(info: dict[str, object], indent: str = "") -> None:
     if "note" in info:
         lines.append(f"note: {info['note']}")
     for line in lines:
-        console.print(indent + line, highlight=False, soft_wrap=True)
+        print(indent + line)
     backing = info.get("backing-image")
     if isinstance(backing, dict):
-        console.print("")
+        print()
         _print_info(backing, indent)
 
 
@@ -393,7 +393,7 @@ def info_cmd(
     use_json = wants_json(output, as_json)
     rules = open_rules(backing_format, allow_probed_chain, allow_block_devices)
     with errors_as_exit():
-        info = runtime.run(image_info(image, fmt, rules))
+        info = runtime.run_command(image_info(image, fmt, rules))
     if use_json:
         print_json(backing_chain(info) if chain else info)
     else:
@@ -434,40 +434,39 @@ def check_cmd(
 
             if repair:
                 fail(f"{image}: --repair is for qcow and qcow2 images", 1)
-            res = runtime.run(check_vhd(image))
+            res = runtime.run_command(check_vhd(image))
         elif fmt == "qcow2":
             from formats.qcow2.check import check_qcow2
 
-            res = runtime.run(check_qcow2(image, repair=repair))
+            res = runtime.run_command(check_qcow2(image, repair=repair))
         elif fmt == "qcow" and repair:
             from formats.qcow.repair import repair_qcow
 
-            res = runtime.run(repair_qcow(image))
+            res = runtime.run_command(repair_qcow(image))
         elif fmt == "qcow":
-            res = runtime.run(check_qcow(image))
+            res = runtime.run_command(check_qcow(image))
         else:
             fail(f"{image}: not a qcow image (only qcow, qcow2 and vhd images can be checked)", 1)
     if use_json:
         print_json(res.to_json())
     else:
         for msg in res.check_errors:
-            console.print(f"ERROR: {msg}", highlight=False, soft_wrap=True)
+            print(f"ERROR: {msg}")
         for msg in res.corruptions:
-            console.print(f"ERROR: {msg}", highlight=False, soft_wrap=True)
+            print(f"ERROR: {msg}")
         if res.corruption_count > len(res.corruptions):
-            console.print(f"... and {res.corruption_count - len(res.corruptions)} more errors")
+            print(f"... and {res.corruption_count - len(res.corruptions)} more errors")
         for msg in res.notes:
-            console.print(f"note: {msg}", highlight=False, soft_wrap=True)
+            print(f"note: {msg}")
         if res.exit_code in (0, 4):
-            console.print("No errors were found on the image.")
+            print("No errors were found on the image.")
         counted = res.allocated_clusters or res.image_end_offset or res.corruption_count
         if res.check_errors and not counted:
             raise typer.Exit(res.exit_code)  # nothing was checked: no summary of zeros
-        console.print(
+        print(
             f"{res.allocated_clusters} clusters allocated"
             + (f" ({res.compressed_clusters} compressed)" if res.compressed_clusters else "")
-            + f", {res.leaked_clusters} leaked; cksum: {res.cksum or 'n/a'}",
-            highlight=False,
+            + f", {res.leaked_clusters} leaked; cksum: {res.cksum or 'n/a'}"
         )
-        console.print(f"Image end offset: {res.image_end_offset}")
+        print(f"Image end offset: {res.image_end_offset}")
     raise typer.Exit(res.exit_code)
