@@ -84,7 +84,6 @@ def create_cmd(
 
     An image in use (locked by a server) is refused and left as it was.
     """
-    from formats.qcow.create import create_qcow, create_raw
     from tapnbd.cli.image_flags import refuse_create_flags
 
     refuse_create_flags(
@@ -109,12 +108,16 @@ def create_cmd(
                 fail("--size is required")
             create_blocking(image, nbytes)
         elif fmt == "raw":
+            from formats.qcow.create import create_raw
+
             if backing is not None:
                 fail("a raw image cannot have a backing file")
             if nbytes is None:
                 fail("--size is required")
             create_raw(image, nbytes, reserve=reserve, share=force_share)
         elif fmt == "qcow":
+            from formats.qcow.create import create_qcow
+
             # The backing file is checked by opening it: its chain follows the rules.
             rules = open_rules(None, allow_probed_chain, allow_block_devices)
             runtime.run_command(
@@ -422,7 +425,9 @@ def check_cmd(
     Exit codes: 0 clean, 1 check failed, 2 corrupt, 3 leaked clusters, 4 checksum mismatch.
     """
     from formats import probe
-    from formats.qcow.check import CheckResult, check_qcow
+
+    if TYPE_CHECKING:
+        from formats.qcow.check import CheckResult
 
     use_json = wants_json(output, as_json)
     with errors_as_exit():
@@ -444,6 +449,8 @@ def check_cmd(
 
             res = runtime.run_command(repair_qcow(image))
         elif fmt == "qcow":
+            from formats.qcow.check import check_qcow
+
             res = runtime.run_command(check_qcow(image))
         else:
             fail(f"{image}: not a qcow image (only qcow, qcow2 and vhd images can be checked)", 1)
