@@ -265,7 +265,7 @@ def check_cmd(
     from formats import probe
 
     if TYPE_CHECKING:
-        from formats.qcow.check import CheckResult
+        from formats.engine.checks import CheckResult
 
     use_json = wants_json(output, as_json)
     with errors_as_exit():

@@ -1,4 +1,4 @@
-"""``tapnbd info``, ``map`` and ``--version`` import only what they use (issue 15, CLI
+"""``tapnbd info``, ``map``, ``check`` and ``--version`` import only what they use (issue 15, CLI
 start-up). The guard is the set of modules a real run leaves in ``sys.modules``, not a
 wall-clock time, so it fails the same way on a loaded machine.
 
@@ -105,6 +105,14 @@ def test_info_imports_only_the_opened_format(images: dict[str, Path], fmt: str) 
 def test_map_imports_only_the_opened_format(images: dict[str, Path], fmt: str) -> None:
     out, mods = run_cli("map", "--output=json", str(images[fmt]))
     assert json.loads(out)[0]["start"] == 0
+    others = [p for f, p in PACKAGES.items() if f != fmt]
+    assert not loaded(mods, *NEVER, *others)
+
+
+@pytest.mark.parametrize("fmt", ["qcow", "qcow2", "vhd"])
+def test_check_imports_only_the_checked_format(images: dict[str, Path], fmt: str) -> None:
+    out, mods = run_cli("check", str(images[fmt]))
+    assert "No errors were found on the image." in out
     others = [p for f, p in PACKAGES.items() if f != fmt]
     assert not loaded(mods, *NEVER, *others)
 
