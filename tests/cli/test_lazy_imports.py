@@ -117,6 +117,23 @@ def test_check_imports_only_the_checked_format(images: dict[str, Path], fmt: str
     assert not loaded(mods, *NEVER, *others)
 
 
+def test_probing_imports_no_driver(images: dict[str, Path]) -> None:
+    # formats.probe scores magic bytes (formats/probes.py), reading them through raw's
+    # checked open; the winner's module is imported only by open_image.
+    code = (
+        "import json, sys, formats\n"
+        "names = [formats.probe(p) for p in sys.argv[1:]]\n"
+        "print(json.dumps([names, sorted(sys.modules)]))"
+    )
+    paths = [str(images[f]) for f in QEMU_NAME]
+    proc = subprocess.run(
+        [sys.executable, "-c", code, *paths], capture_output=True, text=True, check=True
+    )
+    names, mods = json.loads(proc.stdout)
+    assert names == list(QEMU_NAME)
+    assert not loaded(set(mods), "construct", *NEVER, *PACKAGES.values())
+
+
 def test_help_still_lists_every_command() -> None:
     out = subprocess.run(
         [sys.executable, "-m", "tapnbd", "--help"], capture_output=True, text=True, check=True
