@@ -38,7 +38,6 @@ from tapnbd.protocol.client import (
 )
 from tapnbd.protocol.consts import Cmd, CmdFlag, ReplyType, TransmissionFlag
 
-SCHEMES = NBD_SCHEMES
 DEFAULT_PORT = 10809
 #: Connections opened when the server allows multi-conn.
 CONNECTIONS = 4
@@ -59,7 +58,7 @@ class NbdUri:
     @classmethod
     def parse(cls, uri: str) -> NbdUri:
         u = urllib.parse.urlsplit(uri)
-        if u.scheme not in SCHEMES:
+        if u.scheme not in NBD_SCHEMES:
             raise ImageError(f"{uri}: not an NBD URI (nbd://, nbd+unix://, nbds://...)")
         query = urllib.parse.parse_qs(u.query)
         export = urllib.parse.unquote(u.path[1:] if u.path.startswith("/") else u.path)
