@@ -4,6 +4,11 @@ Probing is a contest of scores, as in QEMU's block layer: each format scores the
 bytes of an image, and the highest wins. raw scores 1 so that it wins only when nothing
 else claims the image (QEMU raw_probe).
 
+The registry is lazy: ``PROBES`` holds every format's probe (formats.probes, magic bytes
+only), and ``BUILTIN`` names the module that defines each built-in ``Format``; that
+module, with its driver, is imported when an image of its format is opened
+(``get_format``). So ``tapnbd info x.qcow2`` imports the qcow2 driver and no other.
+
 The image trust rules live here too (README, "Security model"): ``open_image`` takes
 the admin's ``OpenRules`` and remembers, for the format's ``open`` running under it,
 whether the format was probed. A format opens its file with ``RawDriver.open`` and the
@@ -13,14 +18,14 @@ flags ``open_rules()`` gives (lock, block devices), and its backing file with
 
 from __future__ import annotations
 
-import asyncio
+import importlib
 import os
 import re
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 from dataclasses import dataclass, replace
-from fractions import Fraction
 
+from formats import probes
 from tapnbd.driver import Driver
 from tapnbd.errors import ImageError, MissingImageError
 
@@ -40,11 +45,38 @@ class Format:
     open_snapshot: Callable[[str, str], Awaitable[Driver]] | None = None
 
 
+#: Built-in formats: name -> "module:attribute" of its Format, imported on first use.
+BUILTIN: dict[str, str] = {
+    "raw": "formats.raw:FORMAT",
+    "qcow": "formats.qcow:FORMAT",
+    "qcow2": "formats.qcow2:FORMAT",
+    "vhd": "formats.vhd:FORMAT",
+    "vpc": "formats.vhd:VPC",  # qemu's name for VHD: accepted by --format, never probed
+}
+#: Every known format's probe, by name: ``name in PROBES`` is "a format we know".
+PROBES: dict[str, Callable[[bytes], int]] = {
+    "raw": probes.probe_raw,
+    "qcow": probes.probe_qcow,
+    "qcow2": probes.probe_qcow2,
+    "vhd": probes.probe_vhd,
+    "vpc": probes.never,
+}
+#: The formats imported so far, or registered whole (the foreign ones), by name.
 FORMATS: dict[str, Format] = {}
 
 
 def register(fmt: Format) -> None:
     FORMATS[fmt.name] = fmt
+    PROBES[fmt.name] = fmt.probe
+
+
+def get_format(name: str) -> Format:
+    """The format called ``name`` (a key of PROBES), importing its module on first use."""
+    fmt = FORMATS.get(name)
+    if fmt is None:
+        module, attr = BUILTIN[name].split(":")
+        fmt = FORMATS[name] = getattr(importlib.import_module(module), attr)
+    return fmt
 
 
 #: Binary suffixes accepted by ``parse_size`` (qemu-img's K, M, G, T, P, E).
@@ -67,6 +99,8 @@ def parse_size(text: str, *, allow_zero: bool = False) -> int:
             f"invalid size {text!r}: expected a number of bytes with an optional "
             "K, M, G, T, P or E suffix (binary units)"
         )
+    from fractions import Fraction  # here: decimal costs every CLI start ~3 ms
+
     value = Fraction(m["num"]) * _SIZE_UNITS[m["unit"]]
     if value.denominator != 1:
         raise ImageError(f"invalid size {text!r}: not a whole number of bytes")
@@ -132,7 +166,7 @@ def _read_probe_bytes(path: str, block_devices: bool) -> bytes:
 
 def probe_bytes(header: bytes) -> str | None:
     """The format that scores highest on ``header``, or None when none claims it."""
-    name, score = max(((f.name, f.probe(header)) for f in FORMATS.values()), key=lambda x: x[1])
+    name, score = max(((n, probe(header)) for n, probe in PROBES.items()), key=lambda x: x[1])
     return name if score > 0 else None
 
 
@@ -148,11 +182,17 @@ def probe(path: str, *, block_devices: bool = True) -> str:
     return name
 
 
+#: URI schemes of an NBD export as an image name (formats.nbd opens them).
+NBD_SCHEMES = ("nbd", "nbds", "nbd+unix", "nbds+unix")
+
+
+def is_nbd(spec: str) -> bool:
+    return spec.split("://", 1)[0] in NBD_SCHEMES and "://" in spec
+
+
 def is_local_path(spec: str) -> bool:
     """False for image names that are not files here (``ram:``, ``rbd:``, NBD URIs):
     those are kept as given, never made absolute or resolved."""
-    from formats.nbd import is_nbd
-
     return not (spec.startswith(("ram:", "rbd:")) or is_nbd(spec))
 
 
@@ -184,8 +224,6 @@ async def open_image(
         from formats.ram import RamDriver
 
         return RamDriver(parse_size(spec[4:]))
-    from formats.nbd import is_nbd
-
     if is_nbd(spec):
         if fmt not in ("auto", "nbd", "raw"):
             raise ImageError(f"{spec}: an NBD export is served as it is, not as {fmt!r}")
@@ -207,14 +245,16 @@ async def open_image(
     # The admin named the top image, so it may be a block device; a backing name comes
     # from a header, so it may be one only when the admin allowed it.
     rules = replace(rules, block_devices=depth == 0 or rules.allow_block_devices)
-    if fmt != "auto" and fmt not in FORMATS:
+    if fmt != "auto" and fmt not in PROBES:
         from formats.foreign import FOREIGN
 
-        known = ", ".join(sorted(set(FORMATS) - set(FOREIGN)))
+        known = ", ".join(sorted(set(PROBES) - set(FOREIGN)))
         raise ImageError(f"unknown format {fmt!r}; known: {known}")
     probed = fmt == "auto"
     if probed:
         # Off the event loop: a slow disk must not stall a daemon serving other exports.
+        import asyncio
+
         loop = asyncio.get_running_loop()
         header = await loop.run_in_executor(None, _read_probe_bytes, spec, rules.block_devices)
         name = probe_bytes(header)
@@ -222,7 +262,8 @@ async def open_image(
             raise ImageError(f"{spec}: unknown image format")
     else:
         name = fmt
-    open_snapshot = FORMATS[name].open_snapshot
+    format_ = get_format(name)
+    open_snapshot = format_.open_snapshot
     if snapshot is not None and open_snapshot is None:
         raise ImageError(
             f"{spec}: --snapshot {snapshot!r}: a {name} image has no internal snapshots "
@@ -233,7 +274,7 @@ async def open_image(
         if snapshot is not None and open_snapshot is not None:
             driver = await open_snapshot(spec, snapshot)
         else:
-            driver = await FORMATS[name].open(spec, read_only)
+            driver = await format_.open(spec, read_only)
     finally:
         _opening.reset(token)
     if probed and name == "raw" and not read_only:
@@ -276,21 +317,10 @@ async def open_backing(name: str, path: str, fmt: str | None = None) -> Driver |
         _opening.reset(token)
 
 
-def _register_builtin() -> None:
-    from formats import qcow, qcow2, raw
-
-    register(Format("raw", raw.probe, raw.open_raw))
-    if hasattr(qcow, "FORMAT"):
-        register(qcow.FORMAT)
-    register(qcow2.FORMAT)
-    from formats import vhd
-
-    register(vhd.FORMAT)
-    # qemu's name for VHD: accepted by --format, never the probe's answer.
-    register(replace(vhd.FORMAT, name="vpc", probe=lambda _head: 0))
-    from formats.foreign import register_all
+def _register_foreign() -> None:
+    from formats.foreign import register_all  # light: magics and a refusal, no driver
 
     register_all()
 
 
-_register_builtin()
+_register_foreign()

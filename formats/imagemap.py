@@ -145,20 +145,39 @@ async def _host_zero(child: Driver, host: int, n: int) -> tuple[bool, int]:
     return bool(first.flags & ExtentFlags.ZERO), min(n, first.length)
 
 
-async def _first_run(d: Driver, pos: int, end: int) -> tuple[int, int, int] | None:
-    """The (kind, host, n) of a format's table lookup at ``pos``, or None without tables."""
-    from formats.engine.runs import runs
-    from formats.qcow2.driver import Qcow2Driver
+def _is_vhd(d: Driver) -> bool:
+    if d.name != "vhd":
+        return False  # no VhdDriver, so its module need not be imported to know
     from formats.vhd.driver import VhdDriver
 
-    if isinstance(d, Qcow2Driver):
-        async for run in runs(d._lookup, d._load, pos, end):
-            return run
-    if isinstance(d, VhdDriver):
+    return isinstance(d, VhdDriver)
+
+
+async def _first_run(d: Driver, pos: int, end: int) -> tuple[int, int, int] | None:
+    """The (kind, host, n) of a format's table lookup at ``pos``, or None without tables.
+
+    The driver's name says which module to import: only the open format's (start-up).
+    """
+    if d.name not in ("qcow", "qcow2", "vhd"):
+        return None
+    from formats.engine.runs import runs
+
+    if d.name == "qcow2":
+        from formats.qcow2.driver import Qcow2Driver
+
+        if isinstance(d, Qcow2Driver):
+            async for run in runs(d._lookup, d._load, pos, end):
+                return run
+    if _is_vhd(d):
+        from formats.vhd.driver import VhdDriver
+
+        assert isinstance(d, VhdDriver)
         if d._fixed:
             return None
         async for run in runs(d._lookup, d._bitmaps.load, pos, end):
             return run
+    if d.name != "qcow":
+        return None
     from formats.qcow.driver import QcowDriver
 
     if isinstance(d, QcowDriver):
@@ -175,6 +194,14 @@ async def _first_run(d: Driver, pos: int, end: int) -> tuple[int, int, int] | No
     return None
 
 
+def _is_nbd_driver(d: Driver) -> bool:
+    if d.name != "nbd":
+        return False
+    from formats.nbd import NbdDriver
+
+    return isinstance(d, NbdDriver)
+
+
 async def layer_status(layer: Driver, pos: int, end: int, name: str, cache: ExtentCache) -> _Status:
     """What ``layer`` alone (not its backing file) holds at ``pos``."""
     from formats.engine.runs import COMPRESSED, DATA, SHARED, ZERO
@@ -189,14 +216,10 @@ async def layer_status(layer: Driver, pos: int, end: int, name: str, cache: Exte
         child = getattr(d, "child", None)
         if getattr(d, "_fixed", False) and isinstance(child, Driver):  # a fixed VHD
             return await _plain_status(child, pos, end, name, True, cache)
-        from formats.nbd import NbdDriver
-
-        return await _plain_status(d, pos, end, name, isinstance(d, NbdDriver), cache)
+        return await _plain_status(d, pos, end, name, _is_nbd_driver(d), cache)
     kind, host, n = run
     child = getattr(d, "child", None)
-    from formats.vhd.driver import VhdDriver
-
-    vhd = isinstance(d, VhdDriver)
+    vhd = _is_vhd(d)
     if vhd and kind not in (DATA, SHARED) and backing_of(d) is None:
         # A VHD with no parent: qemu's vpc calls a free block allocated zeros.
         return _Status(n, True, zero=True)

@@ -23,6 +23,8 @@ import urllib.parse
 from dataclasses import dataclass
 from typing import cast
 
+from formats import NBD_SCHEMES
+from formats import is_nbd as is_nbd
 from tapnbd.driver import BlockSize, Driver, Extent, ExtentFlags, FuaMode
 from tapnbd.errors import ImageError, ProtocolError
 from tapnbd.protocol.client import (
@@ -36,16 +38,11 @@ from tapnbd.protocol.client import (
 )
 from tapnbd.protocol.consts import Cmd, CmdFlag, ReplyType, TransmissionFlag
 
-SCHEMES = ("nbd", "nbds", "nbd+unix", "nbds+unix")
 DEFAULT_PORT = 10809
 #: Connections opened when the server allows multi-conn.
 CONNECTIONS = 4
 #: Seconds to connect and finish the handshake.
 CONNECT_TIMEOUT = 30.0
-
-
-def is_nbd(spec: str) -> bool:
-    return spec.split("://", 1)[0] in SCHEMES and "://" in spec
 
 
 @dataclass(frozen=True)
@@ -61,7 +58,7 @@ class NbdUri:
     @classmethod
     def parse(cls, uri: str) -> NbdUri:
         u = urllib.parse.urlsplit(uri)
-        if u.scheme not in SCHEMES:
+        if u.scheme not in NBD_SCHEMES:
             raise ImageError(f"{uri}: not an NBD URI (nbd://, nbd+unix://, nbds://...)")
         query = urllib.parse.parse_qs(u.query)
         export = urllib.parse.unquote(u.path[1:] if u.path.startswith("/") else u.path)

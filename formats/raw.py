@@ -12,8 +12,6 @@ RWF_DSYNC.
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import ctypes.util
 import errno
 import fcntl
 import functools
@@ -24,11 +22,14 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
+from formats import Format
+from formats.probes import probe_raw as probe
 from tapnbd import buffers
 from tapnbd.driver import BlockSize, Driver, Extent, ExtentFlags, FuaMode
 from tapnbd.errors import ImageError
 
 if TYPE_CHECKING:
+    import ctypes
     from collections.abc import Sequence
 
 # linux/falloc.h
@@ -39,8 +40,6 @@ FALLOC_FL_ZERO_RANGE = 0x10
 BLKDISCARD = 0x1277
 BLKZEROOUT = 0x127F
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 
 #: An inline buffered write slower than this means the kernel is throttling dirty pages
 #: (a slow disk); writes then go through the thread pool for WRITE_BACKOFF seconds.
@@ -51,8 +50,21 @@ WRITE_BACKOFF = 1.0
 EXECUTOR = ThreadPoolExecutor(max_workers=16, thread_name_prefix="tapnbd-io")
 
 
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    """libc for fallocate, loaded on first use: ctypes and find_library (which runs
+    ldconfig) would cost every CLI start about 10 ms."""
+    import ctypes.util
+
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    return libc
+
+
 def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
-    if _libc.fallocate(fd, mode, offset, length) != 0:
+    import ctypes
+
+    if _libc().fallocate(fd, mode, offset, length) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
 
@@ -126,11 +138,6 @@ def lock_image(fd: int, path: str) -> None:
         ) from None
 
 
-def probe(header: bytes) -> int:
-    """Anything is a raw image; score lowest so every real format wins (QEMU raw_probe)."""
-    return 1
-
-
 async def open_raw(path: str, read_only: bool) -> Driver:
     from formats import open_rules
 
@@ -141,6 +148,9 @@ async def open_raw(path: str, read_only: bool) -> Driver:
         exclusive=not read_only and not rules.share,
         block_devices=rules.block_devices,
     )
+
+
+FORMAT = Format("raw", probe, open_raw)
 
 
 class RawDriver(Driver):

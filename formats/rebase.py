@@ -19,9 +19,9 @@ from dataclasses import replace
 
 from formats import OpenRules, open_image, probe
 from formats.engine.backing import read_backing
+from formats.engine.opening import resolve_backing
 from formats.engine.topmap import unallocated_ranges
 from formats.locks import locked_target
-from formats.qcow import resolve_backing
 from tapnbd.driver import Driver, ExtentFlags
 from tapnbd.errors import ImageError
 

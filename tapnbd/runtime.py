@@ -36,6 +36,16 @@ def run(main: Coroutine[Any, Any, T]) -> T:
         return runner.run(main)
 
 
+def run_command(main: Coroutine[Any, Any, T]) -> T:
+    """Run a short command (``info``, ``check``, ``map``...) on asyncio's own loop.
+
+    uvloop pays off over many requests; a command that reads a few headers would spend
+    more on importing it (about 3 ms) than it saves. Servers and copies use ``run``.
+    """
+    with asyncio.Runner(loop_factory=asyncio.new_event_loop) as runner:
+        return runner.run(main)
+
+
 def eager_start(coro: Coroutine[Any, Any, None]) -> asyncio.Task[None] | None:
     """Run ``coro`` now, up to its first suspension; make a task only if it suspends.
 

@@ -11,5 +11,7 @@
 - ``compressed``: deflate-compressed clusters (QCOW v1 and qcow2);
 - ``image``: the driver set-up, capabilities and close every format shares, and the
   open sequence (image file, backing file, driver);
-- ``opening``: the image file under a format, with the chain and trust checks.
+- ``opening``: the image file under a format, with the chain and trust checks;
+- ``tables``: big-endian 64-bit table entries as host-order arrays;
+- ``checks``: what ``check`` found (problems, cluster use, the result and exit code).
 """

@@ -138,7 +138,7 @@ async def open_backing_file(image_path: str, name: str, fmt: str | None = None) 
     """The backing file ``name`` of the image at ``image_path`` (None when the open rules
     say to read the image alone); errors name the link."""
     from formats import open_backing
-    from formats.qcow import resolve_backing
+    from formats.engine.opening import resolve_backing
 
     try:
         return await open_backing(name, resolve_backing(image_path, name), fmt)

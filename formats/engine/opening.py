@@ -31,6 +31,17 @@ file_filter: ContextVar[Callable[[Driver], Driver] | None] = ContextVar(
 )
 
 
+def resolve_backing(image_path: str, name: str) -> str:
+    """A backing name as stored is relative to the image's directory (as in QEMU).
+
+    Joined to the image path as given, not made absolute: QEMU's path_combine does the
+    same, so ``full-backing-filename`` in ``tapnbd info`` matches ``qemu-img info``.
+    """
+    if os.path.isabs(name) or name.startswith("rbd:") or "://" in name:
+        return name
+    return os.path.join(os.path.dirname(image_path), name)
+
+
 @asynccontextmanager
 async def image_file(
     path: str, read_only: bool, *, link: str = "backing file", chain_name: str = "backing chain"

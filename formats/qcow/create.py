@@ -58,7 +58,7 @@ async def backing_facts(
     holding a whole chain can move. The file is opened to check it.
     """
     from formats import open_image
-    from formats.qcow import resolve_backing
+    from formats.engine.opening import resolve_backing
 
     url = _URL_LIKE.match(backing) is not None
     where = backing if url else resolve_backing(path, backing)

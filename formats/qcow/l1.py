@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import bisect
 import hashlib
-import sys
 from array import array
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import TYPE_CHECKING
 
+from formats.engine.tables import be_array as be_array
+from formats.engine.tables import to_be_bytes as to_be_bytes
 from tapnbd.driver import ExtentFlags
 
 if TYPE_CHECKING:
@@ -35,25 +36,6 @@ PIECE_BYTES = PIECE * 8
 #: Bytes read from the file at a time.
 READ_BYTES = 1 << 20
 _ZEROS = bytes(READ_BYTES)
-_LITTLE = sys.byteorder == "little"
-
-
-def be_array(data: bytes | bytearray | memoryview) -> array[int]:
-    """Big-endian 64-bit entries as a host-order ``array('Q')``."""
-    a = array("Q")
-    a.frombytes(data)
-    if _LITTLE:
-        a.byteswap()
-    return a
-
-
-def to_be_bytes(a: array[int]) -> bytes:
-    """The inverse of be_array."""
-    if not _LITTLE:
-        return a.tobytes()
-    b = array("Q", a)
-    b.byteswap()
-    return b.tobytes()
 
 
 class L1Table:

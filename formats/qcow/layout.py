@@ -16,11 +16,10 @@ from dataclasses import dataclass
 
 from construct import Const, ConstError, ConstructError, Int8ub, Int32ub, Int64ub, Padding, Struct
 
+from formats.probes import QCOW_MAGIC as QCOW_MAGIC
+from formats.probes import QCOW_VERSION as QCOW_VERSION
 from tapnbd.errors import InvalidImageError
 
-#: ('Q'<<24)|('F'<<16)|('I'<<8)|0xFB: bytes "QFI\xfb".
-QCOW_MAGIC = 0x514649FB
-QCOW_VERSION = 1
 #: ('X'<<24)|('E'<<16)|('N'<<8)|0xFB: bytes "XEN\xfb".
 XEN_MAGIC = 0x58454EFB
 

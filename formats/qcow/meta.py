@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from formats.engine.checks import MAX_LISTED, Problems
 from formats.qcow.geometry import MAX_BACKING_NAME, Geometry, round_up
 from formats.qcow.l1 import PIECE_BITS, L1Table, be_array, read_pieces, to_be_bytes
 from formats.qcow.layout import (
@@ -38,42 +39,9 @@ __all__ = ["MAX_LISTED", "Problems", "QcowMeta", "be_array", "read_meta", "to_be
 
 #: tapdisk reads the headers with one 512-byte (O_DIRECT) read.
 HEAD_READ = 512
-#: Problems listed in full up to this many; the rest are counted ("and N more").
-MAX_LISTED = 20
 #: The Xen extension's MD5 is checked for L1 tables up to this size: 8 Mi entries, 16 TiB
 #: at tapdisk's geometry, 0.1 s of hashing. A header may claim 2 GiB (3-5 s of MD5).
 CKSUM_MAX_BYTES = 64 << 20
-
-
-class Problems:
-    """What is wrong with an image: the first ``limit`` messages, and a count of all.
-
-    An image can be wrong in millions of places (an L1 table of 16 Mi bad entries);
-    keeping a message for each would cost gigabytes.
-    """
-
-    def __init__(self, limit: int = MAX_LISTED) -> None:
-        self.limit = limit
-        self.listed: list[str] = []
-        self.count = 0
-
-    def add(self, message: str) -> None:
-        self.count += 1
-        if len(self.listed) < self.limit:
-            self.listed.append(message)
-
-    @property
-    def full(self) -> bool:
-        """No more messages are kept: later problems are only counted."""
-        return len(self.listed) >= self.limit
-
-    def __bool__(self) -> bool:
-        return self.count > 0
-
-    def summary(self) -> str:
-        """The first problem, and how many more there are."""
-        more = f" (and {self.count - 1} more)" if self.count > 1 else ""
-        return self.listed[0] + more
 
 
 @dataclass(slots=True)

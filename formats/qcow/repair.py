@@ -22,8 +22,9 @@ from __future__ import annotations
 import os
 
 from formats import OpenRules, open_image
+from formats.engine.checks import PAGE_BITS, CheckResult, ClusterUse
 from formats.locks import locked_target
-from formats.qcow.check import PAGE_BITS, CheckResult, ClusterUse, check_qcow
+from formats.qcow.check import check_qcow
 from formats.qcow.driver import QcowDriver
 from formats.qcow.geometry import Geometry, l1_cksum
 from formats.qcow.layout import EXT_OFFSET, EXT_SIZE, QcowHeader, XenExtension

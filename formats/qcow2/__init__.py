@@ -9,20 +9,13 @@ from __future__ import annotations
 
 from formats import Format
 from formats.engine.image import open_backing_file, open_format
+from formats.probes import probe_qcow2 as probe
 from formats.qcow2.driver import Qcow2Driver
-from formats.qcow2.layout import QCOW2_MAGIC
 from formats.qcow2.meta import Qcow2Meta, check_features, read_meta
 from formats.qcow2.snapshot import at_snapshot
 from tapnbd.driver import Driver
 
 __all__ = ["FORMAT", "Qcow2Driver", "open_qcow2", "open_qcow2_snapshot", "probe"]
-
-
-def probe(header: bytes) -> int:
-    """100 on the magic ``QFI\\xfb`` and version 2 or 3 (QEMU qcow2_probe)."""
-    if len(header) < 8 or int.from_bytes(header[:4], "big") != QCOW2_MAGIC:
-        return 0
-    return 100 if int.from_bytes(header[4:8], "big") in (2, 3) else 0
 
 
 async def open_qcow2(path: str, read_only: bool, snapshot: str | None = None) -> Driver:

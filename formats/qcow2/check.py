@@ -14,8 +14,8 @@ import os
 from collections import Counter
 from dataclasses import dataclass
 
-from formats.qcow.check import CheckResult
-from formats.qcow.meta import be_array
+from formats.engine.checks import CheckResult
+from formats.engine.tables import be_array
 from formats.qcow2.layout import (
     INCOMPATIBLE_OFFSET,
     L2E_RESERVED,

@@ -15,8 +15,8 @@ import os
 from array import array
 from contextlib import ExitStack
 
+from formats.engine.tables import to_be_bytes
 from formats.locks import locked_target
-from formats.qcow.meta import to_be_bytes
 from formats.qcow2.layout import (
     MAX_BACKING_NAME,
     MAX_CLUSTER_BITS,
@@ -60,7 +60,7 @@ async def create_qcow2(
     ``share``, or the caller passes ``target_fd``, an fd whose lock it already holds.
     """
     from formats import open_image, probe
-    from formats.qcow import resolve_backing
+    from formats.engine.opening import resolve_backing
 
     cs = cluster_size or DEFAULT_CLUSTER_SIZE
     cb = cs.bit_length() - 1

@@ -65,7 +65,7 @@ from formats.engine.runs import (
     runs,
 )
 from formats.engine.table_cache import TableCache
-from formats.qcow.meta import be_array, to_be_bytes
+from formats.engine.tables import be_array, to_be_bytes
 from formats.qcow2.layout import (
     AUTOCLEAR_OFFSET,
     L2E_RESERVED,

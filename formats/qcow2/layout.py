@@ -26,10 +26,11 @@ from construct import (
     Struct,
 )
 
+from formats.probes import QCOW_MAGIC
 from tapnbd.errors import InvalidImageError
 
 #: "QFI\xfb", as QCOW v1.
-QCOW2_MAGIC = 0x514649FB
+QCOW2_MAGIC = QCOW_MAGIC
 V2_HEADER_SIZE = 72
 #: "header_length: Length of the header structure in bytes. For version 2 images, the
 #: length is always assumed to be 72 bytes. For version 3 it's at least 104 bytes and

@@ -15,7 +15,7 @@ from array import array
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from formats.qcow.meta import be_array
+from formats.engine.tables import be_array
 from formats.qcow2.layout import (
     AUTOCLEAR_NAMES,
     COMPRESSION_DEFLATE,

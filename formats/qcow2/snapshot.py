@@ -15,7 +15,7 @@ from array import array
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from formats.qcow.meta import be_array
+from formats.engine.tables import be_array
 from formats.qcow2.layout import MAX_L1_BYTES, Snapshot
 from formats.qcow2.meta import _check_area, _check_l1_entries, l1_entries_needed
 from tapnbd.errors import ImageError, InvalidImageError

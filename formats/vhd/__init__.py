@@ -11,22 +11,20 @@ the last 512 bytes of the disk). Give ``--format vhd`` to open it as VHD, as QEM
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 from formats import Format
 from formats.engine.image import open_format
-from formats.qcow import resolve_backing
+from formats.engine.opening import resolve_backing
+from formats.probes import never
+from formats.probes import probe_vhd as probe
 from formats.vhd.driver import VhdDriver
-from formats.vhd.layout import FOOTER_COOKIE, DiskType
+from formats.vhd.layout import DiskType
 from formats.vhd.meta import VhdMeta, read_meta
 from tapnbd.driver import Driver
 from tapnbd.errors import ImageError, InvalidImageError
 
-__all__ = ["FORMAT", "VhdDriver", "open_vhd", "probe"]
-
-
-def probe(header: bytes) -> int:
-    """100 on the footer copy's cookie ``conectix`` at offset 0 (QEMU vpc_probe)."""
-    return 100 if header[:8] == FOOTER_COOKIE else 0
+__all__ = ["FORMAT", "VPC", "VhdDriver", "open_vhd", "probe"]
 
 
 async def _open_parent(path: str, driver_meta_paths: list[tuple[str, str]]) -> Driver | None:
@@ -90,3 +88,5 @@ async def open_vhd(path: str, read_only: bool) -> Driver:
 
 
 FORMAT = Format("vhd", probe, open_vhd)
+#: qemu's name for VHD: accepted by --format, never the probe's answer.
+VPC = replace(FORMAT, name="vpc", probe=never)

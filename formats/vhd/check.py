@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from formats.qcow.check import CheckResult
+from formats.engine.checks import CheckResult
 from formats.raw import RawDriver
 from formats.vhd.layout import BAT_UNUSED, FOOTER_SIZE, HEADER_SIZE, SECTOR, bitmap_bytes
 from formats.vhd.meta import read_meta

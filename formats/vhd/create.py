@@ -101,7 +101,7 @@ async def create_vhd(
     caller passes ``target_fd``, an fd whose lock it already holds.
     """
     from formats import open_image
-    from formats.qcow import resolve_backing
+    from formats.engine.opening import resolve_backing
     from formats.vhd.driver import VhdDriver
 
     if subformat not in SUBFORMATS:

@@ -14,12 +14,12 @@ import enum
 import struct
 from dataclasses import dataclass, replace
 
+from formats.probes import FOOTER_COOKIE as FOOTER_COOKIE
 from tapnbd.errors import InvalidImageError
 
 SECTOR = 512
 FOOTER_SIZE = 512
 HEADER_SIZE = 1024
-FOOTER_COOKIE = b"conectix"
 HEADER_COOKIE = b"cxsparse"
 BATMAP_COOKIE = b"tdbatmap"
 #: "File Format Version ... must be initialized to 0x00010000".

@@ -18,7 +18,7 @@ COMMANDS: dict[str, str] = {
     "serve": "serve",
     "create": "image",
     "convert": "image",
-    "info": "image",
+    "info": "info",
     "check": "image",
     "rebase": "image_edit",
     "commit": "image_edit",

@@ -6,7 +6,6 @@ True or None, with qemu-img's four-space indentation.
 
 from __future__ import annotations
 
-import json
 from typing import Annotated
 
 import typer
@@ -25,6 +24,8 @@ def wants_json(output: str, as_json: bool) -> bool:
 
 
 def print_json(value: object) -> None:
+    import json  # only --output=json needs it
+
     print(json.dumps(value, indent=4))
 
 

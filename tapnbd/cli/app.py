@@ -21,30 +21,25 @@ PLAIN = None
 
 def _plain_metavars() -> None:
     """Help shows ``--port PORT`` and ``IMAGES...``, as click and qemu-img do, where
-    typer 0.2x prints Python types (``<str>``, ``<list[str]>``) and ``{images}``."""
+    typer 0.28 prints Python types (``<str>``) and ``{images}``. typer is pinned to 0.28
+    for start-up (README, "Dependencies"); these are its metavar hooks."""
 
-    def option_type(self: typer_core.TyperOption, ctx: object) -> str:
-        desc = self.type_descriptor
-        choices = desc.choices if desc.is_choice else None
+    def option_metavar(self: typer_core.TyperOption, ctx: object = None) -> str:
+        if self.metavar is not None:
+            return self.metavar
+        choices = getattr(self.type, "choices", None)
         if choices:
             return "[" + "|".join(str(getattr(c, "value", c)) for c in choices) + "]"
         return (self.name or "value").upper()
 
-    def argument_name(self: typer_core.TyperArgument) -> str:
-        name = self.metavar or (self.name or "arg").upper()
-        return name + ("..." if self.nargs != 1 else "")
+    def argument_metavar(
+        self: typer_core.TyperArgument, ctx: object = None, usage: bool = False
+    ) -> str:
+        name = (self.metavar or (self.name or "arg").upper()) + ("..." if self.nargs != 1 else "")
+        return f"[{name}]" if usage and not self.required else name
 
-    def argument_usage(self: typer_core.TyperArgument) -> str:
-        name = argument_name(self)
-        return name if self.required else f"[{name}]"
-
-    # Only where this typer has the hooks; another version keeps its own display.
-    if hasattr(typer_core.TyperOption, "display_type"):
-        typer_core.TyperOption.display_type = option_type  # type: ignore[method-assign,assignment]
-    if hasattr(typer_core.TyperArgument, "_usage_display_name"):
-        typer_core.TyperArgument.display_type = lambda self, ctx: ""  # type: ignore[method-assign]
-        typer_core.TyperArgument._rich_display_name = argument_name  # type: ignore[method-assign]
-        typer_core.TyperArgument._usage_display_name = argument_usage  # type: ignore[method-assign]
+    typer_core.TyperOption.make_metavar = option_metavar  # type: ignore[method-assign]
+    typer_core.TyperArgument.make_metavar = argument_metavar  # type: ignore[method-assign]
 
 
 _plain_metavars()

@@ -1,5 +1,5 @@
-"""``tapnbd create``, ``convert``, ``info`` and ``check``: blktap's qcow-create, img2qcow
-and qcow2raw, plus what ``qemu-img info``/``check`` tell about an image.
+"""``tapnbd create``, ``convert`` and ``check``: blktap's qcow-create, img2qcow and
+qcow2raw, plus what ``qemu-img check`` tells about an image (``info`` is in info.py).
 
 The commands only parse their options and call the library (formats.qcow.*).
 """
@@ -10,10 +10,9 @@ import os
 from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.console import Console
 
 from tapnbd import runtime
-from tapnbd.cli._output import JsonOpt, OutputOpt, human_value, print_json, wants_json
+from tapnbd.cli._output import JsonOpt, OutputOpt, print_json, wants_json
 from tapnbd.cli._trust import (
     AllowBlockOpt,
     AllowProbedChainOpt,
@@ -21,13 +20,7 @@ from tapnbd.cli._trust import (
     ForceShareOpt,
     open_rules,
 )
-from tapnbd.cli.app import app, err_console, errors_as_exit, fail
-from tapnbd.driver import Driver
-
-if TYPE_CHECKING:
-    from formats import OpenRules
-
-console = Console()
+from tapnbd.cli.app import app, errors_as_exit, fail
 
 
 def _size(text: str) -> int:
@@ -87,7 +80,6 @@ def create_cmd(
 
     An image in use (locked by a server) is refused and left as it was.
     """
-    from formats.qcow.create import create_qcow, create_raw
     from tapnbd.cli.image_flags import refuse_create_flags
 
     refuse_create_flags(
@@ -112,15 +104,19 @@ def create_cmd(
                 fail("--size is required")
             create_blocking(image, nbytes)
         elif fmt == "raw":
+            from formats.qcow.create import create_raw
+
             if backing is not None:
                 fail("a raw image cannot have a backing file")
             if nbytes is None:
                 fail("--size is required")
             create_raw(image, nbytes, reserve=reserve, share=force_share)
         elif fmt == "qcow":
+            from formats.qcow.create import create_qcow
+
             # The backing file is checked by opening it: its chain follows the rules.
             rules = open_rules(None, allow_probed_chain, allow_block_devices)
-            runtime.run(
+            runtime.run_command(
                 create_qcow(
                     image,
                     nbytes,
@@ -136,7 +132,7 @@ def create_cmd(
         elif fmt == "qcow2":
             from formats.qcow2.create import create_qcow2
 
-            runtime.run(
+            runtime.run_command(
                 create_qcow2(
                     image,
                     nbytes,
@@ -149,7 +145,7 @@ def create_cmd(
         elif fmt in ("vhd", "vpc"):
             from formats.vhd.create import create_vhd
 
-            runtime.run(
+            runtime.run_command(
                 create_vhd(
                     image,
                     nbytes,
@@ -190,6 +186,7 @@ def convert_cmd(
 
     The destination's lock is taken before it is truncated: an image in use is refused.
     """
+    from rich.console import Console
     from rich.progress import (  # only convert draws a bar (rich.progress costs ~20 ms)
         BarColumn,
         DownloadColumn,
@@ -244,162 +241,6 @@ def convert_cmd(
                 bar.stop()
 
 
-async def image_info(
-    path: str, fmt: str = "auto", rules: OpenRules | None = None
-) -> dict[str, object]:
-    """``qemu-img info``-style facts about an image and its backing chain."""
-    from formats.salvage import open_for_info
-
-    # A damaged image is shown as far as it can be, as qemu-img info does (exit 0).
-    driver, warnings = await open_for_info(path, fmt, rules)
-    for warning in warnings:
-        where = "" if warning.startswith(path) else f"{path}: "
-        err_console().print(f"warning: {where}{warning}", highlight=False, soft_wrap=True)
-    try:
-        info = await _describe(path, driver)
-        # A fixed VHD has its only footer at the end, which probing never reads.
-        if (
-            fmt == "auto"
-            and driver.name == "raw"
-            and driver.size() >= 512
-            and bytes(await driver.pread(driver.size() - 512, 8)) == b"conectix"
-        ):
-            info["note"] = (
-                "probed as raw, but the last 512 bytes are a VHD footer: if this is "
-                "a fixed VHD, give --format vhd"
-            )
-        return info
-    finally:
-        await driver.close()
-
-
-async def _describe(path: str, driver: Driver) -> dict[str, object]:
-    from formats.qcow.driver import QcowDriver
-    from formats.qcow2.driver import Qcow2Driver
-    from formats.vhd.driver import VhdDriver
-
-    info: dict[str, object] = {"filename": path}
-    info.update(driver.describe())
-    try:
-        info["actual-size"] = os.stat(path).st_blocks * 512
-    except OSError:
-        pass
-    if isinstance(driver, QcowDriver):
-        alloc, comp = await driver.allocation()
-        info["allocated-clusters"] = alloc
-        info["allocated-size"] = alloc * driver.g.cluster_size
-        if comp:
-            info["compressed-clusters"] = comp
-        if driver.backing is not None:
-            bpath = str(info.get("full-backing-filename", ""))
-            info["backing-image"] = await _describe(bpath, driver.backing)
-    elif isinstance(driver, (Qcow2Driver, VhdDriver)) and driver.backing is not None:
-        bpath = str(info.get("full-backing-filename", ""))
-        info["backing-image"] = await _describe(bpath, driver.backing)
-    return info
-
-
-def _human(n: int) -> str:
-    v = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if v < 1024:
-            return f"{n} B" if unit == "B" else f"{v:.3g} {unit}"
-        v /= 1024
-    return f"{v:.3g} TiB"
-
-
-def _int(info: dict[str, object], key: str) -> int:
-    value = info.get(key, 0)
-    return value if isinstance(value, int) else 0
-
-
-def _print_info(info: dict[str, object], indent: str = "") -> None:
-    vsize = _int(info, "virtual-size")
-    lines = [
-        f"image: {info['filename']}",
-        f"file format: {info['format']}",
-        f"virtual size: {_human(vsize)} ({vsize} bytes)",
-    ]
-    if "actual-size" in info:
-        lines.append(f"disk size: {_human(_int(info, 'actual-size'))}")
-    if "cluster-size" in info:
-        lines.append(f"cluster_size: {info['cluster-size']}")
-    if "allocated-size" in info:
-        lines.append(f"allocated: {_human(_int(info, 'allocated-size'))}")
-    if "backing-filename" in info:
-        full = info.get("full-backing-filename", "")
-        extra = f" (actual path: {full})" if full and full != info["backing-filename"] else ""
-        lines.append(f"backing file: {info['backing-filename']}{extra}")
-    if "backing-filename-format" in info:
-        lines.append(f"backing file format: {info['backing-filename-format']}")
-    snapshots = info.get("snapshots")
-    if isinstance(snapshots, list) and snapshots:
-        lines.append("Snapshot list:")
-        lines.append(f"{'ID':<8}{'TAG':<20}{'VM SIZE':>10}  DATE (seconds since the epoch)")
-        lines.extend(
-            f"{s['id']:<8}{s['name']:<20}{s['vm-state-size']:>10}  {s['date-sec']}"
-            for s in snapshots
-        )
-    specific = info.get("format-specific")
-    if isinstance(specific, dict):
-        lines.append("Format specific information:")
-        data = specific.get("data", {})
-        for k, v in data.items():
-            if isinstance(v, dict):
-                lines.append(f"    {k}:")
-                lines.extend(f"        {k2}: {human_value(v2)}" for k2, v2 in v.items())
-            else:
-                lines.append(f"    {k}: {human_value(v)}")
-    if "note" in info:
-        lines.append(f"note: {info['note']}")
-    for line in lines:
-        console.print(indent + line, highlight=False, soft_wrap=True)
-    backing = info.get("backing-image")
-    if isinstance(backing, dict):
-        console.print("")
-        _print_info(backing, indent)
-
-
-def backing_chain(info: dict[str, object]) -> list[dict[str, object]]:
-    """The chain as qemu-img info --backing-chain lists it: one flat entry per image."""
-    chain: list[dict[str, object]] = []
-    node: object = info
-    while isinstance(node, dict):
-        entry = dict(node)
-        node = entry.pop("backing-image", None)
-        chain.append(entry)
-    return chain
-
-
-@app.command("info")
-def info_cmd(
-    image: Annotated[str, typer.Argument(help="The image.")],
-    fmt: Annotated[
-        str, typer.Option("--format", "-f", help="auto (probed), raw, qcow, qcow2 or vhd (vpc).")
-    ] = "auto",
-    output: OutputOpt = "human",
-    as_json: JsonOpt = False,
-    chain: Annotated[
-        bool,
-        typer.Option(
-            "--backing-chain", help="Every image of the chain (JSON: a list, as qemu-img)."
-        ),
-    ] = False,
-    backing_format: BackingFormatOpt = None,
-    allow_probed_chain: AllowProbedChainOpt = False,
-    allow_block_devices: AllowBlockOpt = False,
-) -> None:
-    """Format, sizes, allocation, backing chain and the Xen extension of an image."""
-    use_json = wants_json(output, as_json)
-    rules = open_rules(backing_format, allow_probed_chain, allow_block_devices)
-    with errors_as_exit():
-        info = runtime.run(image_info(image, fmt, rules))
-    if use_json:
-        print_json(backing_chain(info) if chain else info)
-    else:
-        _print_info(info)
-
-
 @app.command("check")
 def check_cmd(
     image: Annotated[str, typer.Argument(help="The qcow, qcow2 or vhd image.")],
@@ -422,7 +263,9 @@ def check_cmd(
     Exit codes: 0 clean, 1 check failed, 2 corrupt, 3 leaked clusters, 4 checksum mismatch.
     """
     from formats import probe
-    from formats.qcow.check import CheckResult, check_qcow
+
+    if TYPE_CHECKING:
+        from formats.engine.checks import CheckResult
 
     use_json = wants_json(output, as_json)
     with errors_as_exit():
@@ -434,40 +277,41 @@ def check_cmd(
 
             if repair:
                 fail(f"{image}: --repair is for qcow and qcow2 images", 1)
-            res = runtime.run(check_vhd(image))
+            res = runtime.run_command(check_vhd(image))
         elif fmt == "qcow2":
             from formats.qcow2.check import check_qcow2
 
-            res = runtime.run(check_qcow2(image, repair=repair))
+            res = runtime.run_command(check_qcow2(image, repair=repair))
         elif fmt == "qcow" and repair:
             from formats.qcow.repair import repair_qcow
 
-            res = runtime.run(repair_qcow(image))
+            res = runtime.run_command(repair_qcow(image))
         elif fmt == "qcow":
-            res = runtime.run(check_qcow(image))
+            from formats.qcow.check import check_qcow
+
+            res = runtime.run_command(check_qcow(image))
         else:
             fail(f"{image}: not a qcow image (only qcow, qcow2 and vhd images can be checked)", 1)
     if use_json:
         print_json(res.to_json())
     else:
         for msg in res.check_errors:
-            console.print(f"ERROR: {msg}", highlight=False, soft_wrap=True)
+            print(f"ERROR: {msg}")
         for msg in res.corruptions:
-            console.print(f"ERROR: {msg}", highlight=False, soft_wrap=True)
+            print(f"ERROR: {msg}")
         if res.corruption_count > len(res.corruptions):
-            console.print(f"... and {res.corruption_count - len(res.corruptions)} more errors")
+            print(f"... and {res.corruption_count - len(res.corruptions)} more errors")
         for msg in res.notes:
-            console.print(f"note: {msg}", highlight=False, soft_wrap=True)
+            print(f"note: {msg}")
         if res.exit_code in (0, 4):
-            console.print("No errors were found on the image.")
+            print("No errors were found on the image.")
         counted = res.allocated_clusters or res.image_end_offset or res.corruption_count
         if res.check_errors and not counted:
             raise typer.Exit(res.exit_code)  # nothing was checked: no summary of zeros
-        console.print(
+        print(
             f"{res.allocated_clusters} clusters allocated"
             + (f" ({res.compressed_clusters} compressed)" if res.compressed_clusters else "")
-            + f", {res.leaked_clusters} leaked; cksum: {res.cksum or 'n/a'}",
-            highlight=False,
+            + f", {res.leaked_clusters} leaked; cksum: {res.cksum or 'n/a'}"
         )
-        console.print(f"Image end offset: {res.image_end_offset}")
+        print(f"Image end offset: {res.image_end_offset}")
     raise typer.Exit(res.exit_code)

@@ -76,7 +76,7 @@ def map_cmd(
     with errors_as_exit():
         start = parse_size(start_at, allow_zero=True)
         length = parse_size(max_length) if max_length is not None else None
-        entries = runtime.run(_map(image, fmt, rules, start, length))
+        entries = runtime.run_command(_map(image, fmt, rules, start, length))
     if use_json:
         print(format_json(entries))
         return
@@ -324,7 +324,7 @@ def measure_cmd(
             assert size is not None
             result = measure(out_fmt, parse_size(size), None, opts, False)
         else:
-            vsize, runs, v3 = runtime.run(_source_facts(image, fmt, rules))
+            vsize, runs, v3 = runtime.run_command(_source_facts(image, fmt, rules))
             result = measure(out_fmt, vsize, runs, opts, v3)
     if use_json:
         print_json(result.to_json())

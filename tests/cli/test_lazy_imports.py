@@ -1,4 +1,10 @@
-"""``tapnbd info`` and ``--version`` import only what they draw (issue 15, CLI start-up)."""
+"""``tapnbd info``, ``map``, ``check`` and ``--version`` import only what they use (issue 15, CLI
+start-up). The guard is the set of modules a real run leaves in ``sys.modules``, not a
+wall-clock time, so it fails the same way on a loaded machine.
+
+asyncio is imported by every image command: the drivers are coroutines (their tables
+load through futures), so even ``info`` runs one short loop. uvloop is not.
+"""
 
 from __future__ import annotations
 
@@ -7,40 +13,125 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 PROBE = """
 import json, sys
 sys.argv = ["tapnbd", *sys.argv[1:]]
 from tapnbd.cli import main
 try:
     main()
-except SystemExit:
-    pass
-print(json.dumps(sorted(sys.modules)), file=sys.stderr)
+except SystemExit as e:
+    code = e.code
+else:
+    code = 0
+print(json.dumps({"code": code, "modules": sorted(sys.modules)}), file=sys.stderr)
 """
 
-#: Modules a plain image command must never pay for.
-HEAVY = ("tapnbd.control.daemon", "tapnbd.control.attach", "tapnbd.xen", "rich.table")
+#: What no command on a local image pays for: typer 0.29's pydantic, uvloop, rich
+#: (nothing is drawn), the daemon, attach, the server, the ring, the NBD client and the
+#: remote drivers, and ctypes (libc is loaded for fallocate only).
+NEVER = (
+    "pydantic",
+    "uvloop",
+    "rich",
+    "tapnbd.control",
+    "tapnbd.server",
+    "tapnbd.xen",
+    "tapnbd.protocol",
+    "tapnbd.cli.daemon",
+    "tapnbd.cli.attach",
+    "tapnbd.cli.serve",
+    "tapnbd.cli.ring",
+    "formats.nbd",
+    "formats.rbd",
+    "formats.ram",
+    "ctypes",
+)
+#: Each format's package. raw is the file layer under every format, so it is always in.
+PACKAGES = {"qcow": "formats.qcow", "qcow2": "formats.qcow2", "vhd": "formats.vhd"}
+#: qemu-img's name for each format.
+QEMU_NAME = {"raw": "raw", "qcow": "qcow", "qcow2": "qcow2", "vhd": "vpc"}
 
 
-def loaded_modules(*args: str) -> set[str]:
+def run_cli(*args: str) -> tuple[str, set[str]]:
+    """The CLI's stdout, and every module it imported, from a fresh interpreter."""
     proc = subprocess.run(
-        [sys.executable, "-c", PROBE, *args], capture_output=True, text=True, check=True
+        [sys.executable, "-c", PROBE, *args], capture_output=True, text=True, timeout=120
     )
-    return set(json.loads(proc.stderr.strip().splitlines()[-1]))
+    report = json.loads(proc.stderr.strip().splitlines()[-1])
+    assert report["code"] in (0, None), proc.stderr
+    return proc.stdout, set(report["modules"])
+
+
+def loaded(mods: set[str], *packages: str) -> set[str]:
+    """The modules of ``mods`` that are one of ``packages`` or inside one."""
+    return {m for m in mods if any(m == p or m.startswith(p + ".") for p in packages)}
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One small image per format, made by qemu-img."""
+    d = tmp_path_factory.mktemp("lazy")
+    out = {}
+    for fmt, qemu in QEMU_NAME.items():
+        path = d / f"disk.{fmt}"
+        subprocess.run(["qemu-img", "create", "-q", "-f", qemu, str(path), "16M"], check=True)
+        out[fmt] = path
+    return out
 
 
 def test_version_imports_no_command_module() -> None:
-    mods = loaded_modules("--version")
+    out, mods = run_cli("--version")
+    assert out.startswith("tapnbd ")
     assert not {m for m in mods if m.startswith("tapnbd.cli.") and m != "tapnbd.cli.app"}
-    assert "rich.console" not in mods
+    assert not loaded(mods, "formats", "asyncio", *NEVER)
 
 
-def test_info_imports_only_the_image_commands(tmp_path: Path) -> None:
-    img = tmp_path / "disk.img"
-    img.write_bytes(bytes(65536))
-    mods = loaded_modules("info", str(img))
-    assert "tapnbd.cli.image" in mods
-    assert not [m for m in mods if m.startswith(HEAVY)]
+@pytest.mark.parametrize("fmt", ["raw", "qcow", "qcow2", "vhd"])
+def test_info_imports_only_the_opened_format(images: dict[str, Path], fmt: str) -> None:
+    out, mods = run_cli("info", str(images[fmt]))
+    assert f"file format: {fmt}\n" in out  # it did open and describe the image
+    assert PACKAGES.get(fmt, "formats.raw") in mods
+    others = [p for f, p in PACKAGES.items() if f != fmt]
+    assert not loaded(mods, *NEVER, *others)
+    # Nor the other image commands: typer inspects every registered command at start.
+    assert not loaded(mods, "tapnbd.cli.image", "tapnbd.cli.inspect", "tapnbd.cli.image_edit")
+    if fmt in ("raw", "vhd"):
+        assert not loaded(mods, "construct")  # only the QCOW layouts are construct structs
+
+
+@pytest.mark.parametrize("fmt", ["raw", "qcow", "qcow2", "vhd"])
+def test_map_imports_only_the_opened_format(images: dict[str, Path], fmt: str) -> None:
+    out, mods = run_cli("map", "--output=json", str(images[fmt]))
+    assert json.loads(out)[0]["start"] == 0
+    others = [p for f, p in PACKAGES.items() if f != fmt]
+    assert not loaded(mods, *NEVER, *others)
+
+
+@pytest.mark.parametrize("fmt", ["qcow", "qcow2", "vhd"])
+def test_check_imports_only_the_checked_format(images: dict[str, Path], fmt: str) -> None:
+    out, mods = run_cli("check", str(images[fmt]))
+    assert "No errors were found on the image." in out
+    others = [p for f, p in PACKAGES.items() if f != fmt]
+    assert not loaded(mods, *NEVER, *others)
+
+
+def test_probing_imports_no_driver(images: dict[str, Path]) -> None:
+    # formats.probe scores magic bytes (formats/probes.py), reading them through raw's
+    # checked open; the winner's module is imported only by open_image.
+    code = (
+        "import json, sys, formats\n"
+        "names = [formats.probe(p) for p in sys.argv[1:]]\n"
+        "print(json.dumps([names, sorted(sys.modules)]))"
+    )
+    paths = [str(images[f]) for f in QEMU_NAME]
+    proc = subprocess.run(
+        [sys.executable, "-c", code, *paths], capture_output=True, text=True, check=True
+    )
+    names, mods = json.loads(proc.stdout)
+    assert names == list(QEMU_NAME)
+    assert not loaded(set(mods), "construct", *NEVER, *PACKAGES.values())
 
 
 def test_help_still_lists_every_command() -> None:

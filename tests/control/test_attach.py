@@ -23,7 +23,7 @@ from tests.control.test_daemon import nbdfuse_pids
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
 #: qcow joins in as soon as its driver is registered.
-IMAGE_FORMATS = ["raw"] + (["qcow"] if "qcow" in formats.FORMATS else [])
+IMAGE_FORMATS = ["raw"] + (["qcow"] if "qcow" in formats.PROBES else [])
 
 
 def write_tree(root: Path, seed: int) -> dict[str, str]:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tapnbd.cli.image import image_info
+from tapnbd.cli.info import image_info
 from tests.formats.qcow_util import (
     MiB,
     make_qcow,
