@@ -291,6 +291,10 @@ def check_cmd(
 
             res = runtime.run_command(check_qcow(image))
         else:
+            from formats.foreign import FOREIGN, refusal
+
+            if fmt in FOREIGN:  # name the converter, as info and serve do
+                fail(refusal(image, fmt), 1)
             fail(f"{image}: not a qcow image (only qcow, qcow2 and vhd images can be checked)", 1)
     if use_json:
         print_json(res.to_json())

@@ -390,7 +390,7 @@ def test_foreign_formats_are_refused_with_the_converter(
 ) -> None:
     sh(tmp_path, "qemu-img", "create", "-f", fmt, *opts, f"x.{fmt}", "64M")
     hint = f"qemu-img convert -f {fmt} -O qcow2"
-    commands = [["info", f"x.{fmt}"], ["serve", f"x.{fmt}", "--port", "0"]]
+    commands = [["info", f"x.{fmt}"], ["check", f"x.{fmt}"], ["serve", f"x.{fmt}", "--port", "0"]]
     if fmt == "vmdk" and not opts:  # the same refusal, through the other openers
         commands += [["convert", "-q", f"x.{fmt}", "out.qcow"], ["map", f"x.{fmt}"]]
     for args in commands:
