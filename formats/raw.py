@@ -42,9 +42,15 @@ BLKZEROOUT = 0x127F
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 
-#: An inline buffered write slower than this means the kernel is throttling dirty pages
-#: (a slow disk); writes then go through the thread pool for WRITE_BACKOFF seconds.
+#: An inline buffered write slower than this stalled the loop: the kernel throttled dirty
+#: pages (a slow disk) or made the write wait for writeback or a journal commit. Writes
+#: then go through the thread pool for a while: FIRST_BACKOFF seconds, doubled for each
+#: slow write that comes within a back-off of the last one ending, up to WRITE_BACKOFF.
+#: A throttled disk (every write slow) reaches WRITE_BACKOFF after a handful of stalls,
+#: while the stalls of a writeback pass cost a few milliseconds of the pool, not a
+#: second of it: a hop to the pool costs ten times the CPU of a 4 KiB write.
 SLOW_WRITE = 0.002
+FIRST_BACKOFF = 0.01
 WRITE_BACKOFF = 1.0
 
 #: Blocking I/O runs here. Sized for queue depth, not for CPUs: the threads mostly wait.
@@ -181,7 +187,8 @@ class RawDriver(Driver):
         # Fast paths switch themselves off on their first ENOTSUP/EINVAL (nbdkit file_zero).
         self._nowait = True
         self._nowait_write = True
-        self._inline_after = 0.0
+        self._inline_after = 0.0  # writes go to the pool until then (see SLOW_WRITE)
+        self._backoff = 0.0  # the last back-off's length
         self._punch = not self.is_block
         self._zero_range = not self.is_block
         self._seek_data = not self.is_block
@@ -234,27 +241,33 @@ class RawDriver(Driver):
     def read_fd(self) -> int:
         return self.fd
 
+    def _back_off(self, now: float) -> None:
+        """An inline write that ended at ``now`` was slow: send writes to the pool."""
+        if now - self._inline_after < self._backoff:
+            self._backoff = min(2 * self._backoff, WRITE_BACKOFF)  # slow again: longer
+        else:
+            self._backoff = FIRST_BACKOFF
+        self._inline_after = now + self._backoff
+
     def pwrite_nowait(self, offset: int, data: bytes | memoryview) -> bool:
-        if self._nowait_write or time.monotonic() < self._inline_after:
+        if self._nowait_write or (t0 := time.monotonic()) < self._inline_after:
             return False  # the async path tries RWF_NOWAIT, or the pool is in charge
-        t0 = time.monotonic()
         _pwrite_all(self.fd, data, offset)
         if (t1 := time.monotonic()) - t0 > SLOW_WRITE:
-            self._inline_after = t1 + WRITE_BACKOFF
+            self._back_off(t1)
         return True
 
     def preadv_nowait(self, offset: int, length: int, bufs: Sequence[memoryview]) -> bool:
         return self._nowait and self._preadv_nowait(bufs, offset) == length
 
     def pwritev_nowait(self, offset: int, length: int, bufs: Sequence[memoryview]) -> bool:
-        if self._nowait_write or time.monotonic() < self._inline_after:
+        if self._nowait_write or (t0 := time.monotonic()) < self._inline_after:
             return False  # as pwrite_nowait
-        t0 = time.monotonic()
         n = os.pwritev(self.fd, bufs, offset)
         if n < length:  # short: finish from where it stopped
             _pwrite_all(self.fd, b"".join(bufs)[n:], offset + n)
         if (t1 := time.monotonic()) - t0 > SLOW_WRITE:
-            self._inline_after = t1 + WRITE_BACKOFF
+            self._back_off(t1)
         return True
 
     async def pread(self, offset: int, length: int) -> bytearray:
@@ -286,7 +299,7 @@ class RawDriver(Driver):
         elif not fua and self.pwrite_nowait(offset, data):
             # Without RWF_NOWAIT, a buffered write is a copy into the page cache and
             # returns at once, unless the kernel throttles dirty pages; pwrite_nowait
-            # times it, and one slow write sends the next second of writes to the pool.
+            # times it, and a slow write sends the next writes to the pool (_back_off).
             return
         if not fua:
             await self._blocking(_pwrite_all, self.fd, data, offset, 0)
