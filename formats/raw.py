@@ -18,6 +18,7 @@ import errno
 import fcntl
 import functools
 import os
+import resource
 import stat
 import struct
 import time
@@ -42,16 +43,27 @@ BLKZEROOUT = 0x127F
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 
-#: An inline buffered write slower than this stalled the loop: the kernel throttled dirty
-#: pages (a slow disk) or made the write wait for writeback or a journal commit. Writes
-#: then go through the thread pool for a while: FIRST_BACKOFF seconds, doubled for each
-#: slow write that comes within a back-off of the last one ending, up to WRITE_BACKOFF.
-#: A throttled disk (every write slow) reaches WRITE_BACKOFF after a handful of stalls,
-#: while the stalls of a writeback pass cost a few milliseconds of the pool, not a
-#: second of it: a hop to the pool costs ten times the CPU of a 4 KiB write.
+#: An inline buffered write slower than this stalled the loop. Either the kernel made the
+#: thread sleep (dirty-page throttling on a slow disk, a page under writeback, a journal
+#: commit), or another process had the CPU: on a busy machine a write is preempted every
+#: few tens of milliseconds. Only a sleep is worth the thread pool, whose hop costs ten
+#: times the CPU of a 4 KiB write: a preempted write would be preempted in the pool too.
+#: So a slow write opens a PROBE_TIME window in which every write is bracketed by
+#: getrusage (0.4 us each); a slow one that made a voluntary context switch (the kernel
+#: put the thread to sleep; preemption counts as involuntary) sends writes to the pool:
+#: FIRST_BACKOFF seconds, doubled for each sleep within a back-off of the last one
+#: ending, up to WRITE_BACKOFF. A throttled disk reaches WRITE_BACKOFF after a handful
+#: of sleeps; a one-off stall costs milliseconds of the pool, not a second.
 SLOW_WRITE = 0.002
+PROBE_TIME = 1.0
 FIRST_BACKOFF = 0.01
 WRITE_BACKOFF = 1.0
+
+
+def voluntary_switches() -> int:
+    """Times this thread has slept in the kernel (getrusage(2) ru_nvcsw)."""
+    return resource.getrusage(resource.RUSAGE_THREAD).ru_nvcsw
+
 
 #: Blocking I/O runs here. Sized for queue depth, not for CPUs: the threads mostly wait.
 EXECUTOR = ThreadPoolExecutor(max_workers=16, thread_name_prefix="tapnbd-io")
@@ -189,6 +201,7 @@ class RawDriver(Driver):
         self._nowait_write = True
         self._inline_after = 0.0  # writes go to the pool until then (see SLOW_WRITE)
         self._backoff = 0.0  # the last back-off's length
+        self._probe_until = 0.0  # writes are checked for sleeps until then
         self._punch = not self.is_block
         self._zero_range = not self.is_block
         self._seek_data = not self.is_block
@@ -241,20 +254,25 @@ class RawDriver(Driver):
     def read_fd(self) -> int:
         return self.fd
 
-    def _back_off(self, now: float) -> None:
-        """An inline write that ended at ``now`` was slow: send writes to the pool."""
+    def _slow_write(self, now: float, slept: bool) -> None:
+        """A write that ended at ``now`` was slow; ``slept``: probed, and it slept."""
+        if not slept:
+            self._probe_until = now + PROBE_TIME  # preempted, or not probed: look closer
+            return
         if now - self._inline_after < self._backoff:
-            self._backoff = min(2 * self._backoff, WRITE_BACKOFF)  # slow again: longer
+            self._backoff = min(2 * self._backoff, WRITE_BACKOFF)  # slept again: longer
         else:
             self._backoff = FIRST_BACKOFF
         self._inline_after = now + self._backoff
+        self._probe_until = self._inline_after + PROBE_TIME
 
     def pwrite_nowait(self, offset: int, data: bytes | memoryview) -> bool:
         if self._nowait_write or (t0 := time.monotonic()) < self._inline_after:
             return False  # the async path tries RWF_NOWAIT, or the pool is in charge
+        before = voluntary_switches() if t0 < self._probe_until else -1
         _pwrite_all(self.fd, data, offset)
         if (t1 := time.monotonic()) - t0 > SLOW_WRITE:
-            self._back_off(t1)
+            self._slow_write(t1, before >= 0 and voluntary_switches() != before)
         return True
 
     def preadv_nowait(self, offset: int, length: int, bufs: Sequence[memoryview]) -> bool:
@@ -263,11 +281,12 @@ class RawDriver(Driver):
     def pwritev_nowait(self, offset: int, length: int, bufs: Sequence[memoryview]) -> bool:
         if self._nowait_write or (t0 := time.monotonic()) < self._inline_after:
             return False  # as pwrite_nowait
+        before = voluntary_switches() if t0 < self._probe_until else -1
         n = os.pwritev(self.fd, bufs, offset)
         if n < length:  # short: finish from where it stopped
             _pwrite_all(self.fd, b"".join(bufs)[n:], offset + n)
         if (t1 := time.monotonic()) - t0 > SLOW_WRITE:
-            self._back_off(t1)
+            self._slow_write(t1, before >= 0 and voluntary_switches() != before)
         return True
 
     async def pread(self, offset: int, length: int) -> bytearray:
@@ -299,7 +318,7 @@ class RawDriver(Driver):
         elif not fua and self.pwrite_nowait(offset, data):
             # Without RWF_NOWAIT, a buffered write is a copy into the page cache and
             # returns at once, unless the kernel throttles dirty pages; pwrite_nowait
-            # times it, and a slow write sends the next writes to the pool (_back_off).
+            # times it, and one that slept sends the next writes to the pool for a while.
             return
         if not fua:
             await self._blocking(_pwrite_all, self.fd, data, offset, 0)
