@@ -16,6 +16,7 @@ import errno
 import fcntl
 import functools
 import os
+import resource
 import stat
 import struct
 import time
@@ -41,10 +42,27 @@ BLKDISCARD = 0x1277
 BLKZEROOUT = 0x127F
 
 
-#: An inline buffered write slower than this means the kernel is throttling dirty pages
-#: (a slow disk); writes then go through the thread pool for WRITE_BACKOFF seconds.
+#: An inline buffered write slower than this stalled the loop. Either the kernel made the
+#: thread sleep (dirty-page throttling on a slow disk, a page under writeback, a journal
+#: commit), or another process had the CPU: on a busy machine a write is preempted every
+#: few tens of milliseconds. Only a sleep is worth the thread pool, whose hop costs ten
+#: times the CPU of a 4 KiB write: a preempted write would be preempted in the pool too.
+#: So a slow write opens a PROBE_TIME window in which every write is bracketed by
+#: getrusage (0.4 us each); a slow one that made a voluntary context switch (the kernel
+#: put the thread to sleep; preemption counts as involuntary) sends writes to the pool:
+#: FIRST_BACKOFF seconds, doubled for each sleep within a back-off of the last one
+#: ending, up to WRITE_BACKOFF. A throttled disk reaches WRITE_BACKOFF after a handful
+#: of sleeps; a one-off stall costs milliseconds of the pool, not a second.
 SLOW_WRITE = 0.002
+PROBE_TIME = 1.0
+FIRST_BACKOFF = 0.01
 WRITE_BACKOFF = 1.0
+
+
+def voluntary_switches() -> int:
+    """Times this thread has slept in the kernel (getrusage(2) ru_nvcsw)."""
+    return resource.getrusage(resource.RUSAGE_THREAD).ru_nvcsw
+
 
 #: Blocking I/O runs here. Sized for queue depth, not for CPUs: the threads mostly wait.
 EXECUTOR = ThreadPoolExecutor(max_workers=16, thread_name_prefix="tapnbd-io")
@@ -191,7 +209,9 @@ class RawDriver(Driver):
         # Fast paths switch themselves off on their first ENOTSUP/EINVAL (nbdkit file_zero).
         self._nowait = True
         self._nowait_write = True
-        self._inline_after = 0.0
+        self._inline_after = 0.0  # writes go to the pool until then (see SLOW_WRITE)
+        self._backoff = 0.0  # the last back-off's length
+        self._probe_until = 0.0  # writes are checked for sleeps until then
         self._punch = not self.is_block
         self._zero_range = not self.is_block
         self._seek_data = not self.is_block
@@ -244,27 +264,39 @@ class RawDriver(Driver):
     def read_fd(self) -> int:
         return self.fd
 
+    def _slow_write(self, now: float, slept: bool) -> None:
+        """A write that ended at ``now`` was slow; ``slept``: probed, and it slept."""
+        if not slept:
+            self._probe_until = now + PROBE_TIME  # preempted, or not probed: look closer
+            return
+        if now - self._inline_after < self._backoff:
+            self._backoff = min(2 * self._backoff, WRITE_BACKOFF)  # slept again: longer
+        else:
+            self._backoff = FIRST_BACKOFF
+        self._inline_after = now + self._backoff
+        self._probe_until = self._inline_after + PROBE_TIME
+
     def pwrite_nowait(self, offset: int, data: bytes | memoryview) -> bool:
-        if self._nowait_write or time.monotonic() < self._inline_after:
+        if self._nowait_write or (t0 := time.monotonic()) < self._inline_after:
             return False  # the async path tries RWF_NOWAIT, or the pool is in charge
-        t0 = time.monotonic()
+        before = voluntary_switches() if t0 < self._probe_until else -1
         _pwrite_all(self.fd, data, offset)
         if (t1 := time.monotonic()) - t0 > SLOW_WRITE:
-            self._inline_after = t1 + WRITE_BACKOFF
+            self._slow_write(t1, before >= 0 and voluntary_switches() != before)
         return True
 
     def preadv_nowait(self, offset: int, length: int, bufs: Sequence[memoryview]) -> bool:
         return self._nowait and self._preadv_nowait(bufs, offset) == length
 
     def pwritev_nowait(self, offset: int, length: int, bufs: Sequence[memoryview]) -> bool:
-        if self._nowait_write or time.monotonic() < self._inline_after:
+        if self._nowait_write or (t0 := time.monotonic()) < self._inline_after:
             return False  # as pwrite_nowait
-        t0 = time.monotonic()
+        before = voluntary_switches() if t0 < self._probe_until else -1
         n = os.pwritev(self.fd, bufs, offset)
         if n < length:  # short: finish from where it stopped
             _pwrite_all(self.fd, b"".join(bufs)[n:], offset + n)
         if (t1 := time.monotonic()) - t0 > SLOW_WRITE:
-            self._inline_after = t1 + WRITE_BACKOFF
+            self._slow_write(t1, before >= 0 and voluntary_switches() != before)
         return True
 
     async def pread(self, offset: int, length: int) -> bytearray:
@@ -296,7 +328,7 @@ class RawDriver(Driver):
         elif not fua and self.pwrite_nowait(offset, data):
             # Without RWF_NOWAIT, a buffered write is a copy into the page cache and
             # returns at once, unless the kernel throttles dirty pages; pwrite_nowait
-            # times it, and one slow write sends the next second of writes to the pool.
+            # times it, and one that slept sends the next writes to the pool for a while.
             return
         if not fua:
             await self._blocking(_pwrite_all, self.fd, data, offset, 0)

@@ -13,8 +13,10 @@ offsets are those in ../shared/spec/blktap.md section 4.2, measured with gcc on 
 from __future__ import annotations
 
 import enum
+import operator
 import struct
 from dataclasses import dataclass
+from itertools import repeat
 from typing import NamedTuple
 
 PAGE_SIZE = 4096
@@ -301,6 +303,28 @@ def _segments(
 ) -> tuple[tuple[Segment, ...], int]:
     """Decode and check ``nseg`` segments (only those: the unused slots are not looked at)."""
     fields = _segment_array(nseg).unpack_from(raw, offset)
+    if nseg > MAX_SEGMENTS:
+        # An indirect request's hundreds of segments: the same checks as the loop below,
+        # as C-level passes over the fields (half the time at 256 segments, the most of
+        # a 1 MiB request's Python). A bad segment is found again by the loop, which
+        # names it.
+        grefs, firsts, lasts = fields[0::3], fields[1::3], fields[2::3]
+        if (
+            max(lasts) < SECTORS_PER_PAGE
+            and max(grefs) < nr_grefs
+            and not any(map(operator.gt, firsts, lasts))
+        ):
+            segs = tuple(
+                map(tuple.__new__, repeat(Segment), zip(grefs, firsts, lasts, strict=True))
+            )
+            return segs, sum(lasts) - sum(firsts) + nseg
+    return _check_segments(fields, nseg, req_id, op, nr_grefs)
+
+
+def _check_segments(
+    fields: tuple[int, ...], nseg: int, req_id: int, op: int, nr_grefs: int
+) -> tuple[tuple[Segment, ...], int]:
+    """Check the segments one by one: the reference, and the message for a bad one."""
     segments = []
     total = 0
     for i in range(0, 3 * nseg, 3):
