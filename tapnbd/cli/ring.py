@@ -61,6 +61,15 @@ def serve_cmd(
     domid: DomidOpt = 1,
     devid: DevidOpt = 51712,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log the handshake.")] = False,
+    snapshot: Annotated[
+        str | None,
+        typer.Option(
+            "--snapshot",
+            "-l",
+            help="Serve this internal qcow2 snapshot read-only: an id or a name, or "
+            "snapshot.id=ID,snapshot.name=NAME.",
+        ),
+    ] = None,
     backing_format: BackingFormatOpt = None,
     allow_probed_chain: AllowProbedChainOpt = False,
     allow_block_devices: AllowBlockOpt = False,
@@ -88,6 +97,7 @@ def serve_cmd(
                 devid=devid,
                 rules=open_rules(backing_format, allow_probed_chain, allow_block_devices),
                 on_ready=ready,
+                snapshot=snapshot,
             )
         )
 

@@ -29,10 +29,12 @@ async def serve_image(
     devid: int = DEFAULT_DEVID,
     rules: OpenRules | None = None,
     on_ready: Any = None,
+    snapshot: str | None = None,
 ) -> RingStats:
     """Open ``image`` and serve it as vbd ``domid``/``devid`` until SIGINT/SIGTERM.
 
     ``rules`` relax the image trust rules as ``serve``'s options do (default: the safe ones).
+    ``snapshot`` serves an internal qcow2 snapshot instead of the active image, read-only.
     """
     from formats import open_image
     from tapnbd.backend import Backend
@@ -40,7 +42,8 @@ async def serve_image(
     # The vbd directory holds the xenstore that decides what we map and write: ours
     # alone (made 0700, or an existing one that is ours and not writable by others).
     ensure_private_dir(os.fspath(directory))
-    driver = await open_image(image, fmt=fmt, read_only=read_only, rules=rules)
+    read_only = read_only or snapshot is not None
+    driver = await open_image(image, fmt=fmt, read_only=read_only, rules=rules, snapshot=snapshot)
     backend = Backend(driver, read_only=read_only)
     server = VbdServer(backend, directory, domid=domid, devid=devid, params=image, once=once)
     loop = asyncio.get_running_loop()

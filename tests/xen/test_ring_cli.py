@@ -53,6 +53,25 @@ async def test_ring_serve_backing_chain_opt_ins(tmp_path: Path, ring: RingFactor
         server.stop()
 
 
+def test_ring_serve_an_internal_snapshot(tmp_path: Path, ring: RingFactory) -> None:
+    """``ring serve --snapshot``: the frontend sees the image as it was at the snapshot,
+    read-only (qemu-img convert -l is the referee); an unknown one is refused by name."""
+    image = tmp_path / "snap.qcow2"
+    run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "4M"])
+    run(["qemu-io", "-f", "qcow2", "-c", "write -P 1 0 2M", str(image)])
+    run(["qemu-img", "snapshot", "-c", "s1", str(image)])
+    run(["qemu-io", "-f", "qcow2", "-c", "write -P 2 1M 2M", str(image)])
+    want = tmp_path / "want.raw"
+    run(["qemu-img", "convert", "-l", "s1", "-O", "raw", str(image), str(want)])
+    err = _refused(tmp_path, str(image), "--snapshot", "nope")
+    assert "nope" in err and "s1" in err, err
+    server = ring(str(image), "--snapshot", "s1")
+    with BlkFront(server.path) as front:
+        assert front.read_only
+        assert front.read(0, 4 * MiB) == want.read_bytes()
+    server.stop()
+
+
 def test_ring_serve_backing_block_device_needs_an_option(tmp_path: Path, ring: RingFactory) -> None:
     if os.geteuid() != 0 or not os.path.exists("/dev/loop-control"):
         pytest.skip("needs root and loop devices")
