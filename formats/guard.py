@@ -75,6 +75,9 @@ class ProbedRawGuard(FilterDriver):
     def read_fd(self) -> int:
         return self.child.read_fd()  # reads are not guarded
 
+    def read_at(self, offset: int, length: int) -> int:
+        return self.child.read_at(offset, length)
+
     async def pwrite(self, offset: int, data: bytes | memoryview, fua: bool = False) -> None:
         if offset >= PROBE_SIZE:
             await self.child.pwrite(offset, data, fua)

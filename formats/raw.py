@@ -264,6 +264,9 @@ class RawDriver(Driver):
     def read_fd(self) -> int:
         return self.fd
 
+    def read_at(self, offset: int, length: int) -> int:
+        return offset
+
     def _slow_write(self, now: float, slept: bool) -> None:
         """A write that ended at ``now`` was slow; ``slept``: probed, and it slept."""
         if not slept:

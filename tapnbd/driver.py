@@ -136,13 +136,19 @@ class Driver:
         return self.pwrite_nowait(offset, bufs[0] if len(bufs) == 1 else b"".join(bufs))
 
     def read_fd(self) -> int:
-        """A descriptor whose bytes at every offset are this driver's, or -1.
+        """A descriptor that ``read_at`` maps reads into, or -1.
 
-        Only a driver whose read is a plain pread of one file at the same offsets
-        says yes (raw): the connection's I/O threads then read it themselves, off
-        the loop (tapnbd.server.iothreads). Filters say no unless they override it,
-        so nothing they must see is bypassed.
+        Only a driver whose reads can be plain preads of one file says yes: raw (at the
+        same offsets) and QCOW v1 over exactly the raw driver (at its data clusters'
+        offsets). The connection's I/O threads then read that file themselves, off the
+        loop (tapnbd.server.iothreads). Filters say no unless they override it, so
+        nothing they must see is bypassed.
         """
+        return -1
+
+    def read_at(self, offset: int, length: int) -> int:
+        """Where in ``read_fd()`` the bytes [offset, offset + length) lie, as one run,
+        if known now without I/O; else -1 (the request takes the driver's own path)."""
         return -1
 
     async def flush(self) -> None:

@@ -374,6 +374,23 @@ class QcowDriver(ImageDriver[QcowMeta]):
             return -1
         return host if kind == DATA and n == length else -1
 
+    def read_fd(self) -> int:
+        # Only over exactly the raw driver: its file holds the data clusters as they are.
+        return self._raw.fd if self._raw is not None else -1
+
+    def read_at(self, offset: int, length: int) -> int:
+        """The data run's offset in the file (the fast path's sum, or a cached L2
+        entry), or -1: unallocated (backing file or zeros), compressed, or not one run."""
+        bases = self._bases
+        if bases is None:
+            return self._host_now(offset, length)
+        shift = self._shift
+        l1i = offset >> shift
+        base = bases[l1i]
+        if not base or (offset + length - 1) >> shift != l1i:
+            return -1
+        return base + (offset & self._cov_mask)
+
     def pread_nowait(self, offset: int, length: int) -> bytes | bytearray | None:
         bases = self._bases
         if bases is None:

@@ -435,12 +435,17 @@ class NBDConnection(asyncio.BufferedProtocol):
         assert backend is not None
         if req.offset + req.length > backend.size or req.flags & _NOT_DF:
             return False  # the loop's path gives the errors
+        # Where the bytes lie in the file, looked up now, on the loop (a qcow's mapping
+        # changes only on the loop); -1: not one known run, the driver's own path.
+        src = backend.driver.read_at(req.offset, req.length)
+        if src < 0:
+            return False
         iot = self._iot
         if iot is None:
             iot = self._start_threads()
             if iot is None:
                 return False
-        self._waiting.append(Job(req, cost, backend.stats.start()))
+        self._waiting.append(Job(req, cost, backend.stats.start(), src))
         self._pump()
         return True
 

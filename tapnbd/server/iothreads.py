@@ -78,12 +78,13 @@ Piece = bytes | bytearray | memoryview
 class Job:
     """One READ for a thread, and what the loop needs back when it is done."""
 
-    __slots__ = ("charged", "req", "t0")
+    __slots__ = ("charged", "req", "src", "t0")
 
-    def __init__(self, req: Request, charged: int, t0: int) -> None:
+    def __init__(self, req: Request, charged: int, t0: int, src: int) -> None:
         self.req = req
         self.charged = charged  # payload charged to the budget, set and cleared on the loop
         self.t0 = t0  # Stats.start()
+        self.src = src  # where the data lies in the file (Driver.read_at)
 
 
 class Done(NamedTuple):
@@ -360,12 +361,12 @@ class IOThreads:
         req = job.req
         buf: bytearray | None = None
         try:
-            if self._is_hole(req.offset, req.length):
+            if self._is_hole(job.src, req.length):
                 parts = zero_parts(req, self.structured)
             else:
                 buf = buffers.take(req.length)
                 view = memoryview(buf)
-                n = pread_all(self.file_fd, view, req.offset)
+                n = pread_all(self.file_fd, view, job.src)
                 if n < req.length:  # the file shrank under us; the rest reads as zeros
                     view[n:] = bytes(req.length - n)
                 del view

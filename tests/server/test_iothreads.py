@@ -17,8 +17,10 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from formats.raw import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, fallocate
-from tests.helpers import Server, fio_verify, nbdsh_script, need, run
+from tests.helpers import Server, fio_verify, nbdsh_script, need, run, tapnbd_cmd
 from tests.server import rawclient as rc
 from tests.server.flood import MiB, open_flood, vm_kib
 
@@ -195,3 +197,30 @@ def test_sigterm_with_every_read_handed_over(serve: Callable[..., Server], tmp_p
     assert server.stop(signal.SIGTERM, timeout=60) == 0
     assert "did not drain" not in server.stderr()
     flood.close()
+
+
+@pytest.mark.parametrize("optimise", [True, False], ids=["optimised", "overlay"])
+def test_qcow_big_reads_on_the_threads(
+    serve: Callable[..., Server], tmp_path: Path, optimise: bool
+) -> None:
+    """QCOW v1 over the raw driver: READs of allocated data go to the threads at the
+    data's offsets in the file (Driver.read_at), the rest to the loop (an overlay's
+    backing file, an optimised image's unallocated slots); nbdcopy reads back what it
+    wrote, over the backing bytes or zeros."""
+    need("nbdcopy")
+    base, src, out = tmp_path / "base.raw", tmp_path / "src.img", tmp_path / "out.img"
+    backing = seeded_image(base, 24 * MiB)
+    written = seeded_image(src, 10 * MiB)  # ends inside an L1 slot: both paths in one read
+    image = tmp_path / "disk.qcow"
+    if optimise:
+        run(tapnbd_cmd("create", "-f", "qcow", "--optimise", "-s", "24M", str(image)))
+        rest = bytes(len(backing) - len(written))
+        server = serve(str(image), "--format", "qcow", "--verbose")
+    else:
+        run(tapnbd_cmd("create", "-f", "qcow", "-b", str(base), "-F", "raw", str(image)))
+        rest = backing[len(written) :]
+        server = serve(str(image), "--format", "qcow", "-F", "raw", "--verbose")
+    run(["nbdcopy", "--request-size=1048576", str(src), server.uri])
+    run(["nbdcopy", "--request-size=1048576", server.uri, str(out)])
+    assert out.read_bytes() == written + rest
+    server.wait_for_log(THREADED)

@@ -36,7 +36,7 @@ def test_jobs_behind_a_full_socket_are_reclaimed(tmp_path: Path) -> None:
         fd = os.open(image, os.O_RDONLY)
         iot = IOThreads(wire, fd, structured=False, seek_holes=False, done=done.append)
         os.close(fd)
-        jobs = [Job(Request(0, 0, i, i * MiB, MiB), MiB, 0) for i in range(THREADS + 2)]
+        jobs = [Job(Request(0, 0, i, i * MiB, MiB), MiB, 0, i * MiB) for i in range(THREADS + 2)]
         for job in jobs:
             iot.submit(job)
         await asyncio.wait_for(stalled.wait(), 30)
