@@ -97,6 +97,10 @@ class RequestDecoder:
         self._discard = 0  # bytes of an oversized WRITE payload still to skip
         self._pending: Request | None = None  # an oversized WRITE, reported once drained
         self._scratch = memoryview(bytearray(_SCRATCH))
+        # After a big WRITE's payload, receive just the next header: if another big
+        # WRITE follows, its payload then comes straight into its own buffer, instead of
+        # its first 256 KiB landing in the scratch buffer and being copied twice.
+        self._header_next = False
         # A big WRITE payload being filled in place: the request, its buffer, bytes in.
         self._direct: Request | None = None
         self._direct_buf = bytearray()
@@ -117,6 +121,8 @@ class RequestDecoder:
             return memoryview(self._direct_buf)[self._direct_fill :]
         # A complete payload not yet collected: what follows it queues up behind it
         # (an empty buffer would hang feed() and is an error to asyncio).
+        if self._header_next and self._direct is None and self._pos == len(self._buf):
+            return self._scratch[:_REQ_SIZE]
         return self._scratch
 
     def buffer_updated(self, nbytes: int) -> None:
@@ -124,6 +130,7 @@ class RequestDecoder:
         if self._filling():
             self._direct_fill += nbytes
             return
+        self._header_next = False
         data = self._scratch[:nbytes]
         if self._discard:
             skip = min(self._discard, nbytes)
@@ -156,6 +163,7 @@ class RequestDecoder:
                 return None
             req = self._direct._replace(payload=memoryview(self._direct_buf))
             self._direct, self._direct_buf = None, bytearray()
+            self._header_next = True
             return req
         if self._pending is not None:
             if self._discard:

@@ -63,6 +63,33 @@ def test_big_write_payload_is_received_in_place() -> None:
     assert got[0].payload is not None and bytes(got[0].payload) == payload
 
 
+def test_a_stream_of_big_writes_is_received_without_copies() -> None:
+    """After a big WRITE's payload the decoder asks for just the next header, so each
+    following payload arrives in its own buffer: no payload byte passes through the
+    scratch buffer, however much the socket holds (a BufferedProtocol fills whatever
+    get_buffer returns, up to what is there)."""
+    payload = bytes(range(256)) * 4096  # 1 MiB
+    n = 6
+    stream = b"".join(req(Cmd.WRITE, i << 20, len(payload), i, payload=payload) for i in range(n))
+    dec = tx.RequestDecoder()
+    got: list[tx.Request] = []
+    pos = scratch_bytes = 0
+    while pos < len(stream):
+        buf = dec.get_buffer()
+        k = min(len(buf), len(stream) - pos)  # the socket always has more than asked
+        if not dec._filling():
+            scratch_bytes += k
+        buf[:k] = stream[pos : pos + k]
+        dec.buffer_updated(k)
+        pos += k
+        got += decode_all(dec)
+    assert [r.cookie for r in got] == list(range(n))
+    assert all(r.payload is not None and bytes(r.payload) == payload for r in got)
+    # The first request's header and the scratch's worth of payload behind it, then
+    # headers alone.
+    assert scratch_bytes == tx._SCRATCH + (n - 1) * 28
+
+
 def test_oversized_write_is_drained_not_buffered() -> None:
     dec = tx.RequestDecoder(max_payload=16, max_drain=64)
     dec.feed(req(Cmd.WRITE, 0, 40, 1) + b"x" * 10)
