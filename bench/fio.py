@@ -532,35 +532,18 @@ def targets_table(r: FioRun) -> Table:
                         _met(v, 10.0),
                     ]
                 )
-    _qcow2_goals(r, t)
-    for state in ("full", "fresh"):
-        mine, theirs = f"tapnbd-vhd-{state}", f"qemu-nbd-vhd-{state}"
-        if mine in ran and theirs in ran:
-            for j in jobs:
-                if state == "fresh" and not j.writes:
-                    continue
-                v = ratio(r.value(mine, j.key), r.value(theirs, j.key))
-                t.rows.append(
-                    [
-                        f"vhd ({state}) >= 1.0x qemu-nbd -f vpc, {j.label}",
-                        fmt_ratio(v),
-                        _met(v, 1.0),
-                    ]
-                )
-    if "tapnbd-vhd-full" in ran and "tapnbd-raw" in ran:
-        vhd = next(x for x in r.ran if x.key == "tapnbd-vhd-full")
-        for j in jobs:
-            v = r.vs_tapnbd_raw(vhd, j.key)
-            t.rows.append([f"vhd (full) >= 0.9x tapnbd raw, {j.label}", fmt_ratio(v), _met(v, 0.9)])
+    # Issues 13 and 17: >= 1.0x qemu-nbd on the same file, >= 0.9x tapnbd raw when full.
+    _format_goals(r, t, "qcow2", "qcow2", ("full", "fresh", "overlay"))
+    _format_goals(r, t, "vhd", "vpc", ("full", "fresh"))
     return t
 
 
-def _qcow2_goals(r: FioRun, t: Table) -> None:
-    """Issue 13: tapnbd qcow2 >= 1.0x qemu-nbd on the same file on every row, and >= 0.9x
-    tapnbd raw on every allocated row."""
+def _format_goals(r: FioRun, t: Table, fmt: str, qemu_fmt: str, states: tuple[str, ...]) -> None:
+    """tapnbd ``fmt`` >= 1.0x qemu-nbd -f ``qemu_fmt`` on the same file on every row it
+    ran (a fresh image only on the write rows), and >= 0.9x tapnbd raw when full."""
     ran = {x.key: x for x in r.ran}
-    for state in ("full", "fresh", "overlay"):
-        mine, theirs = f"tapnbd-qcow2-{state}", f"qemu-nbd-qcow2-{state}"
+    for state in states:
+        mine, theirs = f"tapnbd-{fmt}-{state}", f"qemu-nbd-{fmt}-{state}"
         if mine not in ran or theirs not in ran:
             continue
         for j in r.config.jobs:
@@ -569,16 +552,16 @@ def _qcow2_goals(r: FioRun, t: Table) -> None:
             v = ratio(r.value(mine, j.key), r.value(theirs, j.key))
             t.rows.append(
                 [
-                    f"qcow2 ({state}) >= 1.0x qemu-nbd -f qcow2, {j.label}",
+                    f"{fmt} ({state}) >= 1.0x qemu-nbd -f {qemu_fmt}, {j.label}",
                     fmt_ratio(v),
                     _met(v, 1.0),
                 ]
             )
-    if "tapnbd-qcow2-full" in ran and "tapnbd-raw" in ran:
+    if f"tapnbd-{fmt}-full" in ran and "tapnbd-raw" in ran:
         for j in r.config.jobs:
-            v = r.vs_tapnbd_raw(ran["tapnbd-qcow2-full"], j.key)
+            v = r.vs_tapnbd_raw(ran[f"tapnbd-{fmt}-full"], j.key)
             t.rows.append(
-                [f"qcow2 (full) >= 0.9x tapnbd raw, {j.label}", fmt_ratio(v), _met(v, 0.9)]
+                [f"{fmt} (full) >= 0.9x tapnbd raw, {j.label}", fmt_ratio(v), _met(v, 0.9)]
             )
 
 
