@@ -12,10 +12,10 @@ import pytest
 from tests.helpers import need
 
 
-@pytest.mark.slow
-def test_fio_quick_runs_tapnbd_and_a_peer(tmp_path: Path) -> None:
-    need("fio", "nbdkit")
-    out = tmp_path / "out"
+def fio_cells(tmp_path: Path, *args: str) -> tuple[set[tuple[str, str]], str]:
+    """Run ``python -m bench fio --quick ARGS``; the (target, job) cells with a figure,
+    and fio.md."""
+    out, work = tmp_path / "out", tmp_path / "work"
     proc = subprocess.run(
         [
             sys.executable,
@@ -23,20 +23,11 @@ def test_fio_quick_runs_tapnbd_and_a_peer(tmp_path: Path) -> None:
             "bench",
             "fio",
             "--quick",
-            "--runtime",
-            "0.5",
-            "--only",
-            "tapnbd-raw",
-            "--only",
-            "nbdkit-raw",
-            "--jobs",
-            "randread",
-            "--jobs",
-            "seqwrite",
+            *args,
             "--out",
             str(out),
             "--workdir",
-            str(tmp_path / "work"),
+            str(work),
         ],
         capture_output=True,
         text=True,
@@ -46,8 +37,18 @@ def test_fio_quick_runs_tapnbd_and_a_peer(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = list(csv.DictReader((out / "fio.csv").open()))
     cells = {(r["target"], r["job"]) for r in rows if float(r["value"] or 0) > 0}
+    return cells, (out / "fio.md").read_text()
+
+
+@pytest.mark.slow
+def test_fio_quick_runs_tapnbd_and_a_peer(tmp_path: Path) -> None:
+    need("fio", "nbdkit")
+    cells, md = fio_cells(
+        tmp_path,
+        *("--runtime", "0.5", "--only", "tapnbd-raw", "--only", "nbdkit-raw"),
+        *("--jobs", "randread", "--jobs", "seqwrite"),
+    )
     assert cells == {(t, j) for t in ("tapnbd-raw", "nbdkit-raw") for j in ("randread", "seqwrite")}
-    md = (out / "fio.md").read_text()
     assert "tapnbd raw" in md and "nbdkit file" in md and "x ref" in md
 
 
@@ -55,37 +56,11 @@ def test_fio_quick_runs_tapnbd_and_a_peer(tmp_path: Path) -> None:
 def test_fio_quick_runs_the_qcow2_rows(tmp_path: Path) -> None:
     """Issue 13's rows: qcow2 full, fresh and overlay, tapnbd beside qemu-nbd."""
     need("fio", "qemu-nbd", "qemu-img")
-    out = tmp_path / "out"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench",
-            "fio",
-            "--quick",
-            "--runtime",
-            "0.3",
-            "--size",
-            "32",
-            "--only",
-            "*-qcow2-*",
-            "--jobs",
-            "randread",
-            "--jobs",
-            "randwrite",
-            "--out",
-            str(out),
-            "--workdir",
-            str(tmp_path / "work"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        check=False,
+    cells, md = fio_cells(
+        tmp_path,
+        *("--runtime", "0.3", "--size", "32", "--only", "*-qcow2-*"),
+        *("--jobs", "randread", "--jobs", "randwrite"),
     )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    rows = list(csv.DictReader((out / "fio.csv").open()))
-    cells = {(r["target"], r["job"]) for r in rows if float(r["value"] or 0) > 0}
     want = {
         (f"{server}-qcow2-{state}", job)
         for server in ("tapnbd", "qemu-nbd")
@@ -94,6 +69,5 @@ def test_fio_quick_runs_the_qcow2_rows(tmp_path: Path) -> None:
         if state != "fresh" or job == "randwrite"
     }
     assert cells == want
-    md = (out / "fio.md").read_text()
     assert "qemu-nbd -f qcow2, overlay on raw" in md
     assert "qcow2 (fresh) >= 1.0x qemu-nbd -f qcow2" in md
