@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from tapnbd.cli._control import JsonOpt, StateDirOpt, connect, human_size, image_spec, report
+from tapnbd.cli._image_opts import ProbedFormatOpt, SnapshotOpt
 from tapnbd.cli.app import app, errors_as_exit
 from tapnbd.control.messages import (
     AttachReply,
@@ -34,9 +35,7 @@ def attach_cmd(
     read_only: Annotated[
         bool, typer.Option("--read-only", "-r", help="A read-only device.")
     ] = False,
-    fmt: Annotated[
-        str, typer.Option("--format", "-f", help="auto (probed), raw, qcow, qcow2 or vhd (vpc).")
-    ] = "auto",
+    fmt: ProbedFormatOpt = "auto",
     via: Annotated[
         str,
         typer.Option(
@@ -47,15 +46,7 @@ def attach_cmd(
     name: Annotated[
         str | None, typer.Option(help="Export name. [default: the file's name]")
     ] = None,
-    snapshot: Annotated[
-        str | None,
-        typer.Option(
-            "--snapshot",
-            "-l",
-            help="Show this internal qcow2 snapshot, read-only, as qemu-nbd -c with -l "
-            "does: an id or a name, or snapshot.id=ID,snapshot.name=NAME.",
-        ),
-    ] = None,
+    snapshot: SnapshotOpt = None,
     state_dir: StateDirOpt = None,
 ) -> None:
     """Attach an image as a local block device; print the device's path."""

@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 
 from tapnbd.cli._control import StateDirOpt, connect, human_size, image_spec, report
+from tapnbd.cli._image_opts import ProbedFormatOpt, SnapshotOpt
 from tapnbd.cli.app import PLAIN, app, errors_as_exit
 from tapnbd.control.messages import (
     ExportAddReply,
@@ -28,18 +29,8 @@ def add_cmd(
         str | None, typer.Option(help="Export name. [default: the file's name]")
     ] = None,
     read_only: Annotated[bool, typer.Option("--read-only", "-r", help="Refuse writes.")] = False,
-    fmt: Annotated[
-        str, typer.Option("--format", "-f", help="auto (probed), raw, qcow, qcow2 or vhd (vpc).")
-    ] = "auto",
-    snapshot: Annotated[
-        str | None,
-        typer.Option(
-            "--snapshot",
-            "-l",
-            help="Export this internal qcow2 snapshot read-only: an id or a name, or "
-            "snapshot.id=ID,snapshot.name=NAME.",
-        ),
-    ] = None,
+    fmt: ProbedFormatOpt = "auto",
+    snapshot: SnapshotOpt = None,
     state_dir: StateDirOpt = None,
 ) -> None:
     """Export an image from the daemon; print its NBD URIs."""

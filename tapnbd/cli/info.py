@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from tapnbd import runtime
+from tapnbd.cli._image_opts import ProbedFormatOpt
 from tapnbd.cli._output import JsonOpt, OutputOpt, human_value, print_json, wants_json
 from tapnbd.cli._trust import (
     AllowBlockOpt,
@@ -158,9 +159,7 @@ def backing_chain(info: dict[str, object]) -> list[dict[str, object]]:
 @app.command("info")
 def info_cmd(
     image: Annotated[str, typer.Argument(help="The image.")],
-    fmt: Annotated[
-        str, typer.Option("--format", "-f", help="auto (probed), raw, qcow, qcow2 or vhd (vpc).")
-    ] = "auto",
+    fmt: ProbedFormatOpt = "auto",
     output: OutputOpt = "human",
     as_json: JsonOpt = False,
     chain: Annotated[

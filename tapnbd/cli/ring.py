@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from tapnbd import runtime
+from tapnbd.cli._image_opts import ProbedFormatOpt, SnapshotOpt
 from tapnbd.cli._trust import (
     AllowBlockOpt,
     AllowProbedChainOpt,
@@ -53,23 +54,13 @@ def _size(text: str) -> int:
 def serve_cmd(
     image: Annotated[str, typer.Argument(help="Image to serve (a path, or ram:SIZE).")],
     path: PathOpt,
-    fmt: Annotated[
-        str, typer.Option("--format", "-f", help="auto (probed), raw, qcow, qcow2 or vhd (vpc).")
-    ] = "auto",
+    fmt: ProbedFormatOpt = "auto",
     read_only: Annotated[bool, typer.Option("--read-only", "-r", help="Refuse writes.")] = False,
     once: Annotated[bool, typer.Option(help="Exit after the first frontend disconnects.")] = False,
     domid: DomidOpt = 1,
     devid: DevidOpt = 51712,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log the handshake.")] = False,
-    snapshot: Annotated[
-        str | None,
-        typer.Option(
-            "--snapshot",
-            "-l",
-            help="Serve this internal qcow2 snapshot read-only: an id or a name, or "
-            "snapshot.id=ID,snapshot.name=NAME.",
-        ),
-    ] = None,
+    snapshot: SnapshotOpt = None,
     backing_format: BackingFormatOpt = None,
     allow_probed_chain: AllowProbedChainOpt = False,
     allow_block_devices: AllowBlockOpt = False,

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from tapnbd import runtime
+from tapnbd.cli._image_opts import ProbedFormatOpt, SnapshotOpt
 from tapnbd.cli._trust import (
     AllowBlockOpt,
     AllowProbedChainOpt,
@@ -38,9 +39,7 @@ def serve_cmd(
     ],
     name: Annotated[str | None, typer.Option(help="Export name, for a single image.")] = None,
     read_only: Annotated[bool, typer.Option("--read-only", "-r", help="Refuse writes.")] = False,
-    fmt: Annotated[
-        str, typer.Option("--format", "-f", help="auto (probed), raw, qcow, qcow2 or vhd (vpc).")
-    ] = "auto",
+    fmt: ProbedFormatOpt = "auto",
     description: Annotated[str, typer.Option(help="Export description.")] = "",
     bind: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[
@@ -123,15 +122,7 @@ def serve_cmd(
     inject_seed: Annotated[
         int | None, typer.Option(help="Seed of the injected errors, to replay a run.")
     ] = None,
-    snapshot: Annotated[
-        str | None,
-        typer.Option(
-            "--snapshot",
-            "-l",
-            help="Serve this internal qcow2 snapshot read-only, as qemu-nbd "
-            "--load-snapshot does: an id or a name, or snapshot.id=ID,snapshot.name=NAME.",
-        ),
-    ] = None,
+    snapshot: SnapshotOpt = None,
     verbose: Annotated[
         bool, typer.Option("--verbose", "-v", help="Log connections and failed requests.")
     ] = False,
