@@ -87,7 +87,7 @@ class Tapdisk:
         )
         try:
             # A snapshot opens read-only, so the Backend is read-only too.
-            backend = Backend(driver, read_only=a.read_only or a.snapshot is not None)
+            backend = Backend(driver, read_only=a.read_only)
             backend.stats.enabled = a.stats
             # No path in the description: NBD clients see it.
             self.export = Export(a.name, backend, a.image, f"{a.name} ({driver.name})")

@@ -42,7 +42,7 @@ async def serve_image(
     # The vbd directory holds the xenstore that decides what we map and write: ours
     # alone (made 0700, or an existing one that is ours and not writable by others).
     ensure_private_dir(os.fspath(directory))
-    read_only = read_only or snapshot is not None
+    # A snapshot opens read-only, so the Backend is read-only too.
     driver = await open_image(image, fmt=fmt, read_only=read_only, rules=rules, snapshot=snapshot)
     backend = Backend(driver, read_only=read_only)
     server = VbdServer(backend, directory, domid=domid, devid=devid, params=image, once=once)
