@@ -21,6 +21,7 @@ import stat
 import struct
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from typing import TYPE_CHECKING
 
 from formats import Format
@@ -154,6 +155,35 @@ def lock_image(fd: int, path: str) -> None:
             f"{path}: in use: another process (or export) has it open for writing "
             "(an image tool's --force-share, or serve's --share, skips the lock)"
         ) from None
+
+
+def create_raw(
+    path: str,
+    size: int,
+    *,
+    reserve: bool = False,
+    share: bool = False,
+    target_fd: int | None = None,
+) -> None:
+    """Create a raw image: sparse, or fully allocated with ``reserve``.
+
+    Locked first, as every image tool that writes (formats.locks).
+    """
+    from formats.locks import locked_target  # it imports this module
+
+    with ExitStack() as stack:
+        fd = target_fd
+        if fd is None:
+            fd = stack.enter_context(locked_target(path, share=share))
+        os.ftruncate(fd, 0)
+        if reserve:
+            try:
+                fallocate(fd, 0, 0, size)
+            except OSError as e:
+                raise ImageError(f"{path}: cannot reserve space: {e.strerror}") from None
+        else:
+            os.ftruncate(fd, size)
+        os.fsync(fd)
 
 
 async def open_raw(path: str, read_only: bool) -> Driver:

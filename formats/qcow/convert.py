@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from formats.locks import locked_target
-from formats.qcow.create import create_qcow, create_raw
+from formats.qcow.create import create_qcow
+from formats.raw import create_raw
 from tapnbd.backend import Backend
 from tapnbd.driver import Driver, ExtentFlags
 from tapnbd.errors import ImageError

@@ -145,30 +145,3 @@ async def create_qcow(
                 raise ImageError(f"{path}: cannot reserve space: {e.strerror}") from None
         os.fsync(fd)
     return g
-
-
-def create_raw(
-    path: str,
-    size: int,
-    *,
-    reserve: bool = False,
-    share: bool = False,
-    target_fd: int | None = None,
-) -> None:
-    """Create a raw image: sparse, or fully allocated with ``reserve``.
-
-    Locked first, as create_qcow.
-    """
-    with ExitStack() as stack:
-        fd = target_fd
-        if fd is None:
-            fd = stack.enter_context(locked_target(path, share=share))
-        os.ftruncate(fd, 0)
-        if reserve:
-            try:
-                fallocate(fd, 0, 0, size)
-            except OSError as e:
-                raise ImageError(f"{path}: cannot reserve space: {e.strerror}") from None
-        else:
-            os.ftruncate(fd, size)
-        os.fsync(fd)

@@ -104,7 +104,7 @@ def create_cmd(
                 fail("--size is required")
             create_blocking(image, nbytes)
         elif fmt == "raw":
-            from formats.qcow.create import create_raw
+            from formats.raw import create_raw
 
             if backing is not None:
                 fail("a raw image cannot have a backing file")

@@ -117,6 +117,21 @@ def test_check_imports_only_the_checked_format(images: dict[str, Path], fmt: str
     assert not loaded(mods, *NEVER, *others)
 
 
+@pytest.mark.parametrize("fmt", ["raw", "qcow", "qcow2", "vhd"])
+def test_create_imports_only_the_created_format(tmp_path: Path, fmt: str) -> None:
+    path = tmp_path / f"new.{fmt}"
+    mods = run_cli("create", "-f", fmt, str(path), "--size", "16M")[1]
+    made = subprocess.run(
+        ["qemu-img", "info", "--output=json", str(path)], capture_output=True, check=True
+    )
+    info = json.loads(made.stdout)
+    assert (info["format"], info["virtual-size"]) == (QEMU_NAME[fmt], 16 << 20)
+    others = [p for f, p in PACKAGES.items() if f != fmt]
+    assert not loaded(mods, *NEVER, *others)
+    if fmt in ("raw", "vhd"):
+        assert not loaded(mods, "construct")
+
+
 def test_probing_imports_no_driver(images: dict[str, Path]) -> None:
     # formats.probe scores magic bytes (formats/probes.py), reading them through raw's
     # checked open; the winner's module is imported only by open_image.

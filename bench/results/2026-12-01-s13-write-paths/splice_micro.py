@@ -8,7 +8,7 @@ fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
 os.ftruncate(fd, 1024 * MiB)
 ls = socket.socket(); ls.bind(("127.0.0.1", 0)); ls.listen()
 port = ls.getsockname()[1]
-def client():
+def client() -> None:
     c = socket.create_connection(("127.0.0.1", port))
     buf = os.urandom(MiB)
     for _ in range(N):
