@@ -48,16 +48,16 @@ for line in out.splitlines():
 if not ev: sys.exit("no server syscalls")
 T0 = min(e[0] for e in ev)
 # phase per second: by the server's bytes
-sec = collections.defaultdict(lambda: [0, 0])
+sec: collections.defaultdict[int, list[int]] = collections.defaultdict(lambda: [0, 0])
 for t0, t1, k, n, _ in ev:
     sec[int(t0 - T0)][0 if k == "read" else 1] += n
 WIN = [float(x) for x in sys.argv[2].split(":")] if len(sys.argv) > 2 else None
-def phase(t):
+def phase(t: float) -> str:
     if WIN: return "window" if WIN[0] <= t - T0 < WIN[1] else "idle"
     r, w = sec.get(int(t - T0), (0, 0))
     if r + w < 20 << 20: return "idle"
     return "read" if r > 3 * w else ("write" if w > 3 * r else "mixed")
-def occupancy(iv):  # time-averaged number in flight, over the intervals' span
+def occupancy(iv: list[tuple[float, float]] | list[tuple[float, float, str]] | list[tuple[float, float, str, int]]) -> float:  # time-averaged number in flight, over the intervals' span
     if not iv: return 0.0
     span = max(x[1] for x in iv) - min(x[0] for x in iv)
     return sum(x[1] - x[0] for x in iv) / span if span else 0.0
@@ -71,7 +71,7 @@ for ph in ("write", "mixed", "read", "window"):
     for k in ("read", "write"):
         K = [e for e in E if e[2] == k]
         if not K: continue
-        sizes = collections.Counter()
+        sizes: collections.Counter[str] = collections.Counter()
         for e in K:
             n = e[3]; b = "<128K" if n < 128 << 10 else ("<512K" if n < 512 << 10 else ("<1M" if n < 1 << 20 else "1M"))
             sizes[b] += 1
@@ -88,7 +88,7 @@ for ph in ("write", "mixed", "read", "window"):
             print(f"  fuse {op}: {len(X)} reqs, in flight (time avg) {occupancy(X):.2f}, us median {statistics.median(lat):.0f} mean {statistics.mean(lat):.0f} p10 {q[0]:.0f} p90 {q[-1]:.0f}")
     B = [b for b in blk_iv if phase(b[0]) == ph]
     for rw in ("R", "W"):
-        X = [b for b in B if b[2].startswith(rw)]
-        if X:
-            lat = [(b[1]-b[0])*1e6 for b in X]
-            print(f"  loop {rw}: {len(X)} rqs avg {statistics.mean(b[3] for b in X)/1024:.0f} KiB, in flight {occupancy(X):.2f}, us median {statistics.median(lat):.0f}")
+        XB = [b for b in B if b[2].startswith(rw)]
+        if XB:
+            lat = [(b[1]-b[0])*1e6 for b in XB]
+            print(f"  loop {rw}: {len(XB)} rqs avg {statistics.mean(b[3] for b in XB)/1024:.0f} KiB, in flight {occupancy(XB):.2f}, us median {statistics.median(lat):.0f}")

@@ -1,7 +1,9 @@
 import subprocess, sys, collections
 d, t0, t1, comm = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
 out = subprocess.run(["perf", "script", "-i", f"{d}/perf.data", "--time", f"{t0},{t1}", "--comms", comm, "-F", "tid,event,ip,sym"], capture_output=True, text=True).stdout
-leaf = collections.Counter(); incl = collections.Counter(); n = 0
+leaf: collections.Counter[str] = collections.Counter()
+incl: collections.Counter[str] = collections.Counter()
+n = 0
 for block in out.split("\n\n"):
     lines = block.strip().splitlines()
     if not lines or "cpu-clock" not in lines[0]: continue

@@ -1,7 +1,10 @@
 import subprocess, sys, collections
 f = sys.argv[1]
 out = subprocess.run(["perf", "script", "-i", f, "-F", "tid,comm,ip,sym"], capture_output=True, text=True).stdout
-leaf = collections.Counter(); incl = collections.Counter(); thr = collections.Counter(); n = 0
+leaf: collections.Counter[str] = collections.Counter()
+incl: collections.Counter[str] = collections.Counter()
+thr: collections.Counter[str] = collections.Counter()
+n = 0
 for block in out.split("\n\n"):
     lines = block.strip().splitlines()
     if not lines: continue

@@ -3,7 +3,9 @@ d = sys.argv[1]; step = float(sys.argv[2]) if len(sys.argv) > 2 else 1.0
 pids = dict(kv.split("=") for kv in open(f"{d}/pids").read().split()); server = int(pids["server"])
 out = subprocess.run(["perf", "script", "-i", f"{d}/perf.data", "-F", "pid,tid,time,event,trace"], capture_output=True, text=True).stdout
 rx = re.compile(r"^\s*(\d+)/(\d+)\s+([\d.]+):\s+(\S+):\s*(.*)$")
-op = {}; b = collections.defaultdict(lambda: collections.Counter()); T0 = None
+op: dict[int, tuple[str, float]] = {}
+b: collections.defaultdict[int, collections.Counter[str]] = collections.defaultdict(collections.Counter)
+T0: float | None = None
 for line in out.splitlines():
     m = rx.match(line)
     if not m: continue
