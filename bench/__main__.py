@@ -115,9 +115,15 @@ def _fio(
 
 
 def _bonnie(
-    out: Path, work: Path, quick: bool, only: list[str] | None, file_mib: int | None
+    out: Path,
+    work: Path,
+    quick: bool,
+    only: list[str] | None,
+    file_mib: int | None,
+    repeat: int = 1,
 ) -> bonnie.BonnieRun:
     cfg = bonnie.BonnieConfig.quick_config() if quick else bonnie.BonnieConfig()
+    cfg.repeat = repeat
     cfg.rows = bonnie.select(bonnie.ROWS, only)
     if not cfg.rows:
         raise typer.BadParameter("--only selects no row")
@@ -208,13 +214,17 @@ def bonnie_cmd(
     file_mib: Annotated[
         int | None, typer.Option(help="bonnie++ file size in MiB (blktap's table used 2048).")
     ] = None,
+    repeat: Annotated[
+        int,
+        typer.Option(min=1, help="Rounds of every row, in alternating order; report medians."),
+    ] = 1,
     out: OutOpt = None,
     workdir: WorkOpt = None,
 ) -> None:
     """blktap's Bonnie table: ext4 on each device, tapnbd rows beside loop and the peers."""
     with cleanup_on_signals(), _workdir(workdir) as work:
         try:
-            r = _bonnie(_out(out), work, quick, only, file_mib)
+            r = _bonnie(_out(out), work, quick, only, file_mib, repeat)
         except BenchError as e:
             err.print(f"[red]bench: {e}")
             raise typer.Exit(2) from None

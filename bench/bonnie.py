@@ -35,6 +35,11 @@ bigger file keeps the cache regime the same for every row and only makes the tim
 window long enough; direct I/O on the Loop row's image file would instead time the disk
 against the other rows' page cache. The price: the Loop row's write phases leave 8 GiB of
 dirty pages, more of which reach the disk, so its write columns are not like for like.
+
+One run is one figure per row, and on a shared machine the same row swings by 1.5x or
+more between runs. ``--repeat N`` runs N rounds, each in the opposite order to the one
+before (the first row always ran right after the daemon started, the last after Loop's
+8 GiB of writeback), and reports medians and each round's ratio.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import os
+import statistics
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -118,6 +124,10 @@ class BonnieConfig:
     #: The Loop row's file is this many times bigger, so bonnie++ can time its block
     #: read (see the module doc); -r stays the same.
     loop_file_factor: int = 4
+    #: Rounds of every row. A round runs the rows in order, the next in reverse, so each
+    #: row runs as often early as late in the run (the first row after the daemon
+    #: starts, and the row after Loop's 8 GiB of writeback, are not alike).
+    repeat: int = 1
 
     def sizes(self, row: str) -> tuple[int, int]:
         """bonnie's -s and -r for ``row``, in MiB."""
@@ -167,6 +177,7 @@ class BonnieResult:
     load1: float | None = None  # the 1-minute load average when the row started
     csv_line: str = ""
     error: str = ""
+    rep: int = 0  # the round it ran in (0-based)
 
 
 def _number(text: str) -> float | None:
@@ -227,15 +238,29 @@ class BonnieRun:
     notes: list[str]
     elapsed: float = 0.0
 
-    def get(self, key: str) -> BonnieResult | None:
-        for r in self.results:
-            if r.row == key and not r.error:
-                return r
-        return None
+    def runs(self, key: str) -> list[BonnieResult]:
+        """The row's results that did not fail, one per round, in the order they ran."""
+        return [r for r in self.results if r.row == key and not r.error]
 
-    def value(self, key: str, column: str) -> float | None:
-        r = self.get(key)
-        return None if r is None else r.values.get(column)
+    def value(self, key: str, column: str, rep: int | None = None) -> float | None:
+        """The row's figure in round ``rep``, or its median over the rounds.
+
+        A round whose phase printed ``+++++`` (too fast to time) has no figure, so the
+        median is over the rounds that timed it.
+        """
+        figures = [
+            v
+            for r in self.runs(key)
+            if (rep is None or r.rep == rep) and (v := r.values.get(column)) is not None
+        ]
+        return statistics.median(figures) if figures else None
+
+    def ratios(self, a: str, b: str, column: str) -> list[float | None]:
+        """a / b in each round (the figures of one round ran minutes apart, not hours)."""
+        return [
+            ratio(self.value(a, column, rep), self.value(b, column, rep))
+            for rep in range(self.config.repeat)
+        ]
 
 
 def row_unavailable(row: BonnieRow, cfg: BonnieConfig, workdir: Path) -> str | None:
@@ -354,18 +379,27 @@ def run_bonnie(cfg: BonnieConfig, workdir: Path, ui_console: Any = None) -> Bonn
             "which reach the disk, so WRITE vs Loop is not like for like"
         )
     needs_daemon = cfg.attach == "tapnbd-attach" and any(r.server == "tapnbd" for r in rows)
-    with UI("bonnie", len(rows), ui_console) as ui, contextlib.ExitStack() as stack:
+    if cfg.repeat > 1:
+        notes.append(
+            f"{cfg.repeat} rounds; a round runs the rows in order and the next in reverse, "
+            "so no row is always first or always after another; each figure is the median "
+            "over the rounds, and each ratio is also given per round"
+        )
+    with UI("bonnie", len(rows) * cfg.repeat, ui_console) as ui, contextlib.ExitStack() as stack:
         state_dir: Path | None = None
         if needs_daemon:
             ui.phase("tapnbd", "daemon start")
             state_dir = stack.enter_context(tapnbd_daemon(workdir / "tapnbd-state"))
-        for row in rows:
-            try:
-                results.append(_run_row(row, cfg, workdir, state_dir, ui))
-            except BenchError as e:
-                results.append(BonnieResult(row.key, error=str(e)))
-                ui.log(f"[red]{row.label}: {e}")
-            ui.advance()
+        for rep in range(cfg.repeat):
+            for row in rows if rep % 2 == 0 else rows[::-1]:
+                try:
+                    result = _run_row(row, cfg, workdir, state_dir, ui)
+                except BenchError as e:
+                    result = BonnieResult(row.key, error=str(e))
+                    ui.log(f"[red]{row.label}: {e}")
+                result.rep = rep
+                results.append(result)
+                ui.advance()
         if needs_daemon:
             ui.phase("tapnbd", "daemon stop")
     return BonnieRun(cfg, results, skipped, notes, time.monotonic() - started)
@@ -400,17 +434,19 @@ def _k(v: float | None) -> str:
 
 
 def full_table(r: BonnieRun) -> Table:
-    headers = ["row", "size"]
+    repeats = r.config.repeat > 1
+    headers = ["row", *(["round"] if repeats else []), "size"]
     for _, _, label in COLUMNS:
         headers += [f"{label} {'/s' if label == 'Seeks' else 'K/s'}", "%CPU"]
     t = Table("Bonnie, full table (seed layout)", headers)
     by_key = {row.key: row for row in r.config.rows}
     for res in r.results:
         label = by_key[res.row].label
+        first = [label, *([str(res.rep + 1)] if repeats else [])]
         if res.error:
-            t.rows.append([label, "error"] + [""] * (len(headers) - 2))
+            t.rows.append([*first, "error"] + [""] * (len(headers) - len(first) - 1))
             continue
-        row = [label, f"{r.config.sizes(res.row)[0]}M"]
+        row = [*first, f"{r.config.sizes(res.row)[0]}M"]
         for _, name, _ in COLUMNS:
             v = res.values.get(name)
             row.append(("+++++" if v is None else f"{v:.1f}") if name == "seeks" else _k(v))
@@ -421,16 +457,16 @@ def full_table(r: BonnieRun) -> Table:
 
 
 def summary_rows(r: BonnieRun) -> list[dict[str, object]]:
-    by_key = {row.key: row for row in r.config.rows}
+    """One line per row: its block figures (medians over the rounds) and the ratios."""
     out: list[dict[str, object]] = []
-    for res in r.results:
-        if res.error:
+    for row in r.config.rows:
+        if not r.runs(row.key):
             continue
-        rd, wr = res.values.get("read"), res.values.get("write")
+        rd, wr = r.value(row.key, "read"), r.value(row.key, "write")
         out.append(
             {
-                "row": res.row,
-                "label": by_key[res.row].label,
+                "row": row.key,
+                "label": row.label,
                 "read_kps": rd,
                 "write_kps": wr,
                 "read_vs_loop": ratio(rd, r.value("loop", "read")),
@@ -443,8 +479,10 @@ def summary_rows(r: BonnieRun) -> list[dict[str, object]]:
 
 
 def summary_table(r: BonnieRun) -> Table:
+    rounds = r.config.repeat
     t = Table(
-        "Bonnie, block I/O summarised (K/s)",
+        "Bonnie, block I/O summarised (K/s"
+        + (f", medians of {rounds} rounds)" if rounds > 1 else ")"),
         [
             "row",
             "READ",
@@ -480,9 +518,9 @@ def _mib(v: object) -> float | None:
 
 
 def targets_table(r: BonnieRun) -> Table:
-    t = Table(
-        "Bonnie targets (issues 6 and 15)", ["target", "measured", "met"], align=["l", "l", "l"]
-    )
+    repeats = r.config.repeat > 1
+    headers = ["target", "measured", "met"] + (["each round"] if repeats else [])
+    t = Table("Bonnie targets (issues 6 and 15)", headers, align=["l"] * len(headers))
     checks = [
         ("Tap raw >= 1.0x Loop, block read", "tap-raw", "loop", "read", 1.0),
         ("Tap raw >= 1.0x Loop, block write", "tap-raw", "loop", "write", 1.0),
@@ -502,15 +540,29 @@ def targets_table(r: BonnieRun) -> Table:
     for name, a, b, col, goal in checks:
         v = ratio(r.value(a, col), r.value(b, col))
         met = "n/a" if v is None else ("yes" if v >= goal else "no")
-        t.rows.append([name, fmt_ratio(v) or "n/a", met])
+        line = [name, fmt_ratio(v) or "n/a", met]
+        if repeats:
+            line.append(" ".join(fmt_ratio(x) or "n/a" for x in r.ratios(a, b, col)))
+        t.rows.append(line)
     return t
 
 
 def details_table(r: BonnieRun) -> Table:
     t = Table(
         "How each row was run",
-        ["row", "image", "device", "attach", "loop dio", "caches", "load", "seconds", "server"],
-        align=["l", "l", "l", "l", "l", "l", "r", "r", "l"],
+        [
+            "row",
+            "round",
+            "image",
+            "device",
+            "attach",
+            "loop dio",
+            "caches",
+            "load",
+            "seconds",
+            "server",
+        ],
+        align=["l", "r", "l", "l", "l", "l", "l", "r", "r", "l"],
     )
     by_key = {row.key: row for row in r.config.rows}
     for res in r.results:
@@ -518,6 +570,7 @@ def details_table(r: BonnieRun) -> Table:
         t.rows.append(
             [
                 by_key[res.row].label,
+                str(res.rep + 1),
                 res.image,
                 res.device,
                 res.how,
@@ -538,6 +591,7 @@ def csv_rows(r: BonnieRun) -> list[dict[str, object]]:
         d: dict[str, object] = {
             "row": res.row,
             "label": by_key[res.row].label,
+            "round": res.rep + 1,
             "size_mib": r.config.sizes(res.row)[0],
         }
         for _, name, _ in COLUMNS:

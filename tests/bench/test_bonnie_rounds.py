@@ -1,0 +1,76 @@
+"""bonnie --repeat: rounds in alternating order, medians, and a ratio per round."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+
+from bench import bonnie
+from bench.bonnie import BonnieConfig, BonnieResult, BonnieRow, BonnieRun
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+ROWS = bonnie.select(bonnie.ROWS, ["tap-raw", "loop", "nbdkit-file"])
+
+
+def test_rounds_alternate_the_order_of_the_rows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ran: list[str] = []
+
+    def fake_row(row: BonnieRow, cfg: BonnieConfig, *_: object) -> BonnieResult:
+        ran.append(row.key)
+        return BonnieResult(row.key, values={"read": float(len(ran))})
+
+    @contextmanager
+    def no_daemon(state_dir: Path) -> Iterator[Path]:
+        yield state_dir
+
+    monkeypatch.setattr(bonnie, "row_unavailable", lambda *_: None)
+    monkeypatch.setattr(bonnie, "_run_row", fake_row)
+    monkeypatch.setattr(bonnie, "tapnbd_daemon", no_daemon)
+    r = bonnie.run_bonnie(BonnieConfig(rows=ROWS, repeat=3), tmp_path)
+    keys = ["tap-raw", "loop", "nbdkit-file"]
+    assert ran == keys + keys[::-1] + keys
+    assert [res.rep for res in r.results] == [0] * 3 + [1] * 3 + [2] * 3
+    # tap-raw ran 1st, 6th and 7th: its median is 6; nbdkit-file 3rd, 4th and 9th.
+    assert r.value("tap-raw", "read") == 6.0
+    assert r.value("tap-raw", "read", rep=1) == 6.0
+    assert r.ratios("tap-raw", "nbdkit-file", "read") == [1 / 3, 6 / 4, 7 / 9]
+
+
+def _run(values: list[tuple[str, int, float | None]], repeat: int) -> BonnieRun:
+    results = [BonnieResult(key, values={"read": v}, rep=rep) for key, rep, v in values]
+    return BonnieRun(BonnieConfig(rows=ROWS, repeat=repeat), results, {}, [])
+
+
+def test_medians_skip_untimed_rounds_and_failed_rows() -> None:
+    r = _run([("loop", 0, None), ("loop", 1, 10.0), ("loop", 2, 30.0)], repeat=3)
+    r.results.append(BonnieResult("loop", values={"read": 1e9}, rep=2, error="umount"))
+    assert r.value("loop", "read") == 20.0  # "+++++" and the failed row are left out
+    assert r.value("loop", "read", rep=0) is None
+    assert r.value("tap-raw", "read") is None
+
+
+def test_targets_and_summary_show_each_round() -> None:
+    r = _run(
+        [
+            ("tap-raw", 0, 2.0),
+            ("nbdkit-file", 0, 4.0),
+            ("tap-raw", 1, 3.0),
+            ("nbdkit-file", 1, 2.0),
+        ],
+        repeat=2,
+    )
+    t = bonnie.targets_table(r)
+    assert t.headers[-1] == "each round"
+    line = next(row for row in t.rows if row[0] == "Tap raw >= 1.0x nbdkit file, block read")
+    assert line[1:] == ["0.83", "no", "0.50 1.50"]  # medians 2.5 / 3.0
+    summary = {s["row"]: s for s in bonnie.summary_rows(r)}
+    assert summary["tap-raw"]["read_kps"] == 2.5
+    assert "medians of 2 rounds" in bonnie.summary_table(r).title
+    assert [row[1] for row in bonnie.full_table(r).rows] == ["1", "1", "2", "2"]
