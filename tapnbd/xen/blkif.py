@@ -289,6 +289,9 @@ def parse_indirect(
 
 _SEGMENT_ARRAYS: dict[int, struct.Struct] = {}
 
+#: blkif_request_segment[n] for the n <= 11 a direct request carries, indexed by n.
+DIRECT_SEGMENTS = tuple(struct.Struct("<" + "IBB2x" * n) for n in range(MAX_SEGMENTS + 1))
+
 
 def _segment_array(n: int) -> struct.Struct:
     """blkif_request_segment[n], compiled once per count."""

@@ -36,7 +36,7 @@ import stat
 import struct
 from typing import TYPE_CHECKING
 
-from tapnbd.xen.blkif import PAGE_SIZE, SECTOR_SIZE
+from tapnbd.xen.blkif import PAGE_SIZE, SECTOR_SIZE, SECTORS_PER_PAGE
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -378,6 +378,52 @@ class GrantMapper:
             out.append(mem[start:end])
         self.maps += n
         return out
+
+    def map_kept(self, fields: tuple[int, ...]) -> tuple[list[memoryview], int] | None:
+        """``map_segments`` for segments whose refs are all kept (persistent grants).
+
+        ``fields`` is (ref, first_sect, last_sect) per segment, flat, as unpacked from a
+        request. Returns the buffers (adjacent runs merged) and the sectors they hold,
+        or None when grants are not persistent, a ref is not kept yet, or a segment is
+        malformed: the caller then takes the checked path, which maps or names the
+        fault. A kept ref was checked when it was first mapped, so nothing is read from
+        the grant table here.
+        """
+        kept = self._persistent
+        if not kept:
+            return None
+        mem = self._mem
+        if len(fields) == 3:  # one segment: a 4 KiB request
+            ref, first, last = fields
+            page = kept.get(ref)
+            # blkback: "last_sect >= (XEN_PAGE_SIZE >> 9) || last_sect < first_sect"
+            if page is None or last >= SECTORS_PER_PAGE or first > last:
+                return None
+            self.maps += 1
+            return [mem[page + first * SECTOR_SIZE : page + (last + 1) * SECTOR_SIZE]], (
+                last - first + 1
+            )
+        out: list[memoryview] = []
+        start = end = -1
+        total = 0
+        for i in range(0, len(fields), 3):
+            page = kept.get(fields[i])
+            first = fields[i + 1]
+            last = fields[i + 2]
+            if page is None or last >= SECTORS_PER_PAGE or first > last:
+                return None
+            a = page + first * SECTOR_SIZE
+            if a != end:
+                if end >= 0:
+                    out.append(mem[start:end])
+                start = a
+            end = page + (last + 1) * SECTOR_SIZE
+            total += last - first + 1
+        if end < 0:
+            return None
+        out.append(mem[start:end])
+        self.maps += len(fields) // 3
+        return out, total
 
     def close(self) -> None:
         """Unmap; pages still referenced by in-flight I/O keep the mapping alive."""
