@@ -31,6 +31,7 @@ from tapnbd.xen.blkif import (
     DIRECT_SEGMENTS,
     DISCARD_SECURE,
     ENTRY_SIZE,
+    INDIRECT_REQUEST,
     MAX_INDIRECT_SEGMENTS,
     MAX_SEGMENTS,
     REQUEST_HEADER,
@@ -47,6 +48,7 @@ from tapnbd.xen.blkif import (
     parse_indirect,
     parse_request,
     request_id,
+    segment_array,
 )
 from tapnbd.xen.evtchn import EventChannelClosed
 from tapnbd.xen.grant import GrantError
@@ -216,17 +218,28 @@ class BlkBack:
     def _serve_fast(self, buf: memoryview, off: int) -> bool:
         """Serve the slot at ``off`` here if it is the common case, else return False.
 
-        The common case: a READ or WRITE of at most 11 segments whose grants are kept
-        (persistent) and whose data the page cache holds, answered without a request
-        object or a coroutine. Each field is read from the shared slot once (the
+        The common case: a READ or WRITE (direct, or indirect with one indirect page)
+        whose grants are kept (persistent) and whose data the page cache holds,
+        answered without a request object or a coroutine. Each field is read from the shared slot once (the
         header, then the segments the header counts) and checked on that copy with
         parse_request's rules; anything else returns False before any I/O, and the
         general path copies the slot anew and checks it from the start.
         """
         op, nseg, _, req_id, sector = REQUEST_HEADER.unpack_from(buf, off)
-        if op > Op.WRITE or not 0 < nseg <= MAX_SEGMENTS:
+        if op == Op.INDIRECT and self.max_indirect:
+            # The header again in its indirect layout; its segments come from the
+            # indirect page (one: max_indirect is at most 512), copied out of it once.
+            _, op, nseg, req_id, sector, _, gref, *_ = INDIRECT_REQUEST.unpack_from(buf, off)
+            if op > Op.WRITE or not 0 < nseg <= min(self.max_indirect, SEGMENTS_PER_INDIRECT_PAGE):
+                return False
+            fields = self.grants.unpack_kept(gref, segment_array(nseg))
+            if fields is None:
+                return False
+        elif op > Op.WRITE or not 0 < nseg <= MAX_SEGMENTS:
             return False
-        mapped = self.grants.map_kept(DIRECT_SEGMENTS[nseg].unpack_from(buf, off + _SEGS_AT))
+        else:
+            fields = DIRECT_SEGMENTS[nseg].unpack_from(buf, off + _SEGS_AT)
+        mapped = self.grants.map_kept(fields)
         # vbd_translate: "(sector_number + nr_sects) > vbd_sz" -> access denied
         if mapped is None or sector + mapped[1] > self.sectors:
             return False

@@ -31,10 +31,11 @@ from __future__ import annotations
 import enum
 import fcntl
 import mmap
+import operator
 import os
 import stat
 import struct
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from tapnbd.xen.blkif import PAGE_SIZE, SECTOR_SIZE, SECTORS_PER_PAGE
 
@@ -58,6 +59,11 @@ SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 MAX_TABLE_SIZE = 1 << 30
 #: The persistent-grant map of a mapper that keeps none (never written).
 _NOTHING_KEPT: dict[int, int] = {}
+#: Segments past which map_kept checks in bulk (a direct request has at most 11).
+_BULK = 11
+#: first_sect and last_sect of the segments of whole pages, to compare in bulk.
+_FIRST_SECTS = (0,) * (PAGE_SIZE // 8)
+_LAST_SECTS = (SECTORS_PER_PAGE - 1,) * (PAGE_SIZE // 8)
 #: GTF_INVALID entries, to end access to a run of refs in one copy.
 _NO_ENTRIES = memoryview(bytes(PAGE_SIZE))
 
@@ -379,6 +385,14 @@ class GrantMapper:
         self.maps += n
         return out
 
+    def unpack_kept(self, ref: int, layout: struct.Struct) -> tuple[int, ...] | None:
+        """``layout`` unpacked from the start of kept ref ``ref``'s page (a private copy
+        of an indirect page's segments), or None if ``ref`` is not kept."""
+        page = self._persistent.get(ref) if self._persistent else None
+        if page is None or layout.size > PAGE_SIZE:
+            return None
+        return layout.unpack_from(self._mem, page)
+
     def map_kept(self, fields: tuple[int, ...]) -> tuple[list[memoryview], int] | None:
         """``map_segments`` for segments whose refs are all kept (persistent grants).
 
@@ -403,6 +417,30 @@ class GrantMapper:
             return [mem[page + first * SECTOR_SIZE : page + (last + 1) * SECTOR_SIZE]], (
                 last - first + 1
             )
+        n = len(fields) // 3
+        if n > _BULK:
+            # An indirect request's hundreds of segments, checked in C-level passes (as
+            # blkif._segments does); the usual case, consecutive whole pages from the
+            # first segment's start to the last one's end, is one buffer.
+            pages = list(map(kept.get, fields[0::3]))
+            firsts, lasts = fields[1::3], fields[2::3]
+            if (
+                None in pages
+                or max(lasts) >= SECTORS_PER_PAGE
+                or any(map(operator.gt, firsts, lasts))
+            ):
+                return None
+            total = sum(lasts) - sum(firsts) + n
+            p0, pn = cast("int", pages[0]), cast("int", pages[-1])
+            if (
+                pages == list(range(p0, p0 + n * PAGE_SIZE, PAGE_SIZE))
+                and firsts[1:] == _FIRST_SECTS[: n - 1]
+                and lasts[:-1] == _LAST_SECTS[: n - 1]
+            ):
+                self.maps += n
+                return [
+                    mem[p0 + firsts[0] * SECTOR_SIZE : pn + (lasts[-1] + 1) * SECTOR_SIZE]
+                ], total
         out: list[memoryview] = []
         start = end = -1
         total = 0
