@@ -48,7 +48,6 @@ from tapnbd.xen.blkif import (
     parse_indirect,
     parse_request,
     request_id,
-    segment_array,
 )
 from tapnbd.xen.evtchn import EventChannelClosed
 from tapnbd.xen.grant import GrantError
@@ -232,14 +231,11 @@ class BlkBack:
             _, op, nseg, req_id, sector, _, gref, *_ = INDIRECT_REQUEST.unpack_from(buf, off)
             if op > Op.WRITE or not 0 < nseg <= min(self.max_indirect, SEGMENTS_PER_INDIRECT_PAGE):
                 return False
-            fields = self.grants.unpack_kept(gref, segment_array(nseg))
-            if fields is None:
-                return False
+            mapped = self.grants.map_kept_indirect(gref, nseg)
         elif op > Op.WRITE or not 0 < nseg <= MAX_SEGMENTS:
             return False
         else:
-            fields = DIRECT_SEGMENTS[nseg].unpack_from(buf, off + _SEGS_AT)
-        mapped = self.grants.map_kept(fields)
+            mapped = self.grants.map_kept(DIRECT_SEGMENTS[nseg].unpack_from(buf, off + _SEGS_AT))
         # vbd_translate: "(sector_number + nr_sects) > vbd_sz" -> access denied
         if mapped is None or sector + mapped[1] > self.sectors:
             return False

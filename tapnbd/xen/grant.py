@@ -37,7 +37,7 @@ import stat
 import struct
 from typing import TYPE_CHECKING, cast
 
-from tapnbd.xen.blkif import PAGE_SIZE, SECTOR_SIZE, SECTORS_PER_PAGE
+from tapnbd.xen.blkif import PAGE_SIZE, SECTOR_SIZE, SECTORS_PER_PAGE, SEGMENT, segment_array
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -64,6 +64,10 @@ _BULK = 11
 #: first_sect and last_sect of the segments of whole pages, to compare in bulk.
 _FIRST_SECTS = (0,) * (PAGE_SIZE // 8)
 _LAST_SECTS = (SECTORS_PER_PAGE - 1,) * (PAGE_SIZE // 8)
+#: One blkif_request_segment in an indirect page.
+SEGMENT_SIZE = SEGMENT.size
+#: Segment arrays whose single buffer map_kept_indirect remembers (each up to 4 KiB).
+_MAX_RUNS = 64
 #: GTF_INVALID entries, to end access to a run of refs in one copy.
 _NO_ENTRIES = memoryview(bytes(PAGE_SIZE))
 
@@ -296,6 +300,8 @@ class GrantMapper:
         #: kept (``persist``); None when every map checks the table entry.
         self._persistent: dict[int, int] | None = None
         self._max_persistent = 0
+        #: map_kept_indirect's answers: segment descriptors -> (offset, sectors).
+        self._runs: dict[bytes, tuple[int, int]] = {}
 
     def _frame_of(self, ref: int, readonly: bool) -> int:
         """Xen's checks of a map request; the granted frame."""
@@ -385,13 +391,34 @@ class GrantMapper:
         self.maps += n
         return out
 
-    def unpack_kept(self, ref: int, layout: struct.Struct) -> tuple[int, ...] | None:
-        """``layout`` unpacked from the start of kept ref ``ref``'s page (a private copy
-        of an indirect page's segments), or None if ``ref`` is not kept."""
-        page = self._persistent.get(ref) if self._persistent else None
-        if page is None or layout.size > PAGE_SIZE:
+    def map_kept_indirect(self, ref: int, nseg: int) -> tuple[list[memoryview], int] | None:
+        """``map_kept`` of the ``nseg`` segments in kept ref ``ref``'s (indirect) page.
+
+        The descriptors are copied out of the page once. A copy seen before whose
+        segments made one buffer is answered from a small cache keyed by the bytes
+        themselves: a kept ref never changes, so neither does the answer, and a
+        frontend that reuses its slots (blkfront does) pays a copy and a dict lookup
+        instead of checking hundreds of segments. The cache holds at most
+        ``_MAX_RUNS`` entries, so a frontend that never repeats itself costs no memory.
+        """
+        kept = self._persistent
+        page = kept.get(ref) if kept else None
+        size = nseg * SEGMENT_SIZE
+        if page is None or size > PAGE_SIZE:
             return None
-        return layout.unpack_from(self._mem, page)
+        desc = bytes(self._mem[page : page + size])
+        run = self._runs.get(desc)
+        if run is not None:
+            start, nsect = run
+            self.maps += nseg
+            return [self._mem[start : start + nsect * SECTOR_SIZE]], nsect
+        fields = segment_array(nseg).unpack(desc)
+        mapped = self.map_kept(fields)
+        if mapped is not None and len(mapped[0]) == 1 and kept is not None:
+            if len(self._runs) >= _MAX_RUNS:
+                self._runs.clear()
+            self._runs[desc] = (kept[fields[0]] + fields[1] * SECTOR_SIZE, mapped[1])
+        return mapped
 
     def map_kept(self, fields: tuple[int, ...]) -> tuple[list[memoryview], int] | None:
         """``map_segments`` for segments whose refs are all kept (persistent grants).

@@ -194,15 +194,21 @@ def test_kept_grants_do_not_excuse_malformed_requests(ring: RingFactory, seed: i
         assert front.read(64 * 512, 12 * PAGE_SIZE) == data
         # Consecutive pages, but page 6 only half used: not one buffer.
         mem = b"".join(bytes(grants.frame(f)) for f in frames[:12])
+        # Each twice: blkback remembers the answer for descriptors it has seen. The page
+        # after the twelve must not be written.
+        grants.frame(frames[12])[:] = pattern(0x77, PAGE_SIZE)
         for half, want in (
+            ((0, 7), mem),
             ((0, 3), mem[: 6 * PAGE_SIZE + 2048] + mem[7 * PAGE_SIZE :]),
             ((4, 7), mem[: 6 * PAGE_SIZE] + mem[6 * PAGE_SIZE + 2048 :]),
-        ):
+        ) * 2:
             segs = [(r, 0, 7) for r in refs[:12]]
             segs[6] = (refs[6], *half)
             grants.frame(ind_frame)[: 12 * 8] = pack_segments(segs)
+            front.write(200 * 512, bytes(13 * PAGE_SIZE))
             assert run(pack_indirect(Op.WRITE, 0, 200, 12, [ind])) == Status.OKAY
-            assert front.read(200 * 512, len(want)) == want, half
+            got = front.read(200 * 512, 13 * PAGE_SIZE)
+            assert got == want + bytes(13 * PAGE_SIZE - len(want)), half
     assert backend.proc.poll() is None
     assert "bad request" in backend.stderr()
 
