@@ -207,8 +207,8 @@ def test_kept_grants_do_not_excuse_malformed_requests(ring: RingFactory, seed: i
             grants.frame(ind_frame)[: 12 * 8] = pack_segments(segs)
             front.write(200 * 512, bytes(13 * PAGE_SIZE))
             assert run(pack_indirect(Op.WRITE, 0, 200, 12, [ind])) == Status.OKAY
-            got = front.read(200 * 512, 13 * PAGE_SIZE)
-            assert got == want + bytes(13 * PAGE_SIZE - len(want)), half
+            back = front.read(200 * 512, 13 * PAGE_SIZE)
+            assert back == want + bytes(13 * PAGE_SIZE - len(want)), half
     assert backend.proc.poll() is None
     assert "bad request" in backend.stderr()
 
