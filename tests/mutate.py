@@ -62,7 +62,10 @@ TARGETS: dict[str, list[str]] = {
         "tests/xen/test_grant_map.py",
         "tests/xen/test_codec.py",
         "tests/xen/test_ring_persistent.py",
+        "tests/xen/test_fast_path.py",
     ],
+    # blkback's fast path (use --function _serve_fast).
+    "tapnbd/xen/blkback.py": ["tests/xen/test_fast_path.py", "tests/xen/test_batching.py"],
     "formats/vhd/driver.py": [
         "tests/formats/test_vhd_read.py::test_partial_sector_write_copies_nothing",
         "tests/formats/test_vhd_read.py::test_block_sizes_read_by_qemu",

@@ -28,9 +28,13 @@ from tapnbd import buffers
 from tapnbd.errors import RequestError
 from tapnbd.runtime import eager_start
 from tapnbd.xen.blkif import (
+    DIRECT_SEGMENTS,
     DISCARD_SECURE,
     ENTRY_SIZE,
+    INDIRECT_REQUEST,
     MAX_INDIRECT_SEGMENTS,
+    MAX_SEGMENTS,
+    REQUEST_HEADER,
     RESPONSE,
     SECTOR_SIZE,
     SEGMENT,
@@ -59,6 +63,9 @@ if TYPE_CHECKING:
     from tapnbd.xen.ring import BackRing
 
 log = logging.getLogger("tapnbd.xen")
+
+#: Where a direct request's segment array starts in its slot.
+_SEGS_AT = REQUEST_HEADER.size
 
 #: How long in-flight requests may take to finish once the frontend has gone.
 DRAIN_TIMEOUT = 10.0
@@ -161,6 +168,7 @@ class BlkBack:
         ring = self.ring
         sring = ring.sring
         buf = sring.buf
+        fast = self._serve_fast
         self._kicking = True
         try:
             while True:
@@ -178,11 +186,12 @@ class BlkBack:
                         self.stats.oo_req += 1
                         break
                     off = sring.offset(rc)
-                    # A private copy: the frontend may rewrite the slot while we look.
-                    raw = bytes(buf[off : off + ENTRY_SIZE])
                     rc = (rc + 1) & U32
                     ring.req_cons = rc
-                    self._dispatch(raw)
+                    if fast(buf, off):
+                        continue
+                    # A private copy: the frontend may rewrite the slot while we look.
+                    self._dispatch(bytes(buf[off : off + ENTRY_SIZE]))
                     if self._barrier or not self._consuming:
                         # A barrier holds back later requests until it is done.
                         if self._barrier:
@@ -204,6 +213,57 @@ class BlkBack:
             if ring.rsp_prod_pvt != sring.rsp_prod and not self._unmapped:
                 # Left early (a barrier, a lost frontend): what was answered goes now.
                 self._push_responses()
+
+    def _serve_fast(self, buf: memoryview, off: int) -> bool:
+        """Serve the slot at ``off`` here if it is the common case, else return False.
+
+        The common case: a READ or WRITE (direct, or indirect with one indirect page)
+        whose grants are kept (persistent) and whose data the page cache holds,
+        answered without a request object or a coroutine. Each field is read from the shared slot once (the
+        header, then the segments the header counts) and checked on that copy with
+        parse_request's rules; anything else returns False before any I/O, and the
+        general path copies the slot anew and checks it from the start.
+        """
+        op, nseg, _, req_id, sector = REQUEST_HEADER.unpack_from(buf, off)
+        if op == Op.INDIRECT and self.max_indirect:
+            # The header again in its indirect layout; its segments come from the
+            # indirect page (one: max_indirect is at most 512), copied out of it once.
+            _, op, nseg, req_id, sector, _, gref, *_ = INDIRECT_REQUEST.unpack_from(buf, off)
+            if op > Op.WRITE or not 0 < nseg <= min(self.max_indirect, SEGMENTS_PER_INDIRECT_PAGE):
+                return False
+            mapped = self.grants.map_kept_indirect(gref, nseg)
+        elif op > Op.WRITE or not 0 < nseg <= MAX_SEGMENTS:
+            return False
+        else:
+            mapped = self.grants.map_kept(DIRECT_SEGMENTS[nseg].unpack_from(buf, off + _SEGS_AT))
+        # vbd_translate: "(sector_number + nr_sects) > vbd_sz" -> access denied
+        if mapped is None or sector + mapped[1] > self.sectors:
+            return False
+        views, nsect = mapped
+        stats = self.stats
+        if op == Op.READ:
+            stats.rd_req += 1
+            stats.rd_sect += nsect
+            done = self.backend.try_preadv(sector * SECTOR_SIZE, nsect * SECTOR_SIZE, views)
+        else:
+            stats.wr_req += 1
+            stats.wr_sect += nsect
+            done = self.backend.try_pwritev(sector * SECTOR_SIZE, nsect * SECTOR_SIZE, views)
+        if done:
+            # make_response, inline: the batch is pushed when it is drained (_kick).
+            ring = self.ring
+            i = ring.rsp_prod_pvt
+            RESPONSE.pack_into(buf, ring.sring.offset(i), req_id, op, Status.OKAY)
+            ring.rsp_prod_pvt = (i + 1) & U32
+            return True
+        # The I/O has to wait: the general path's coroutine, over the pages mapped here
+        # (_rw needs no segments, so the request carries none).
+        req = Request(Op(op), 0, req_id, sector, (), nsect)
+        task = eager_start(self._serve(req, None, views))
+        if task is not None:
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        return True
 
     def _dispatch(self, raw: bytes) -> None:
         try:

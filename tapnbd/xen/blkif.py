@@ -289,8 +289,11 @@ def parse_indirect(
 
 _SEGMENT_ARRAYS: dict[int, struct.Struct] = {}
 
+#: blkif_request_segment[n] for the n <= 11 a direct request carries, indexed by n.
+DIRECT_SEGMENTS = tuple(struct.Struct("<" + "IBB2x" * n) for n in range(MAX_SEGMENTS + 1))
 
-def _segment_array(n: int) -> struct.Struct:
+
+def segment_array(n: int) -> struct.Struct:
     """blkif_request_segment[n], compiled once per count."""
     st = _SEGMENT_ARRAYS.get(n)
     if st is None:
@@ -302,7 +305,7 @@ def _segments(
     raw: bytes | bytearray | memoryview, offset: int, nseg: int, req_id: int, op: int, nr_grefs: int
 ) -> tuple[tuple[Segment, ...], int]:
     """Decode and check ``nseg`` segments (only those: the unused slots are not looked at)."""
-    fields = _segment_array(nseg).unpack_from(raw, offset)
+    fields = segment_array(nseg).unpack_from(raw, offset)
     if nseg > MAX_SEGMENTS:
         # An indirect request's hundreds of segments: the same checks as the loop below,
         # as C-level passes over the fields (half the time at 256 segments, the most of
@@ -386,7 +389,7 @@ def pack_indirect(
 
 def pack_segments(segments: list[tuple[int, int, int]] | tuple[tuple[int, int, int], ...]) -> bytes:
     """blkif_request_segment[], as an indirect page holds them."""
-    return _segment_array(len(segments)).pack(*(x for seg in segments for x in seg))
+    return segment_array(len(segments)).pack(*(x for seg in segments for x in seg))
 
 
 def pack_discard(

@@ -31,12 +31,13 @@ from __future__ import annotations
 import enum
 import fcntl
 import mmap
+import operator
 import os
 import stat
 import struct
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
-from tapnbd.xen.blkif import PAGE_SIZE, SECTOR_SIZE
+from tapnbd.xen.blkif import PAGE_SIZE, SECTOR_SIZE, SECTORS_PER_PAGE, SEGMENT, segment_array
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -58,6 +59,15 @@ SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 MAX_TABLE_SIZE = 1 << 30
 #: The persistent-grant map of a mapper that keeps none (never written).
 _NOTHING_KEPT: dict[int, int] = {}
+#: Segments past which map_kept checks in bulk (a direct request has at most 11).
+_BULK = 11
+#: first_sect and last_sect of the segments of whole pages, to compare in bulk.
+_FIRST_SECTS = (0,) * (PAGE_SIZE // 8)
+_LAST_SECTS = (SECTORS_PER_PAGE - 1,) * (PAGE_SIZE // 8)
+#: One blkif_request_segment in an indirect page.
+SEGMENT_SIZE = SEGMENT.size
+#: Segment arrays whose single buffer map_kept_indirect remembers (each up to 4 KiB).
+_MAX_RUNS = 64
 #: GTF_INVALID entries, to end access to a run of refs in one copy.
 _NO_ENTRIES = memoryview(bytes(PAGE_SIZE))
 
@@ -290,6 +300,8 @@ class GrantMapper:
         #: kept (``persist``); None when every map checks the table entry.
         self._persistent: dict[int, int] | None = None
         self._max_persistent = 0
+        #: map_kept_indirect's answers: segment descriptors -> (offset, sectors).
+        self._runs: dict[bytes, tuple[int, int]] = {}
 
     def _frame_of(self, ref: int, readonly: bool) -> int:
         """Xen's checks of a map request; the granted frame."""
@@ -378,6 +390,105 @@ class GrantMapper:
             out.append(mem[start:end])
         self.maps += n
         return out
+
+    def map_kept_indirect(self, ref: int, nseg: int) -> tuple[list[memoryview], int] | None:
+        """``map_kept`` of the ``nseg`` segments in kept ref ``ref``'s (indirect) page.
+
+        The descriptors are copied out of the page once. A copy seen before whose
+        segments made one buffer is answered from a small cache keyed by the bytes
+        themselves: a kept ref never changes, so neither does the answer, and a
+        frontend that reuses its slots (blkfront does) pays a copy and a dict lookup
+        instead of checking hundreds of segments. The cache holds at most
+        ``_MAX_RUNS`` entries, so a frontend that never repeats itself costs no memory.
+        """
+        kept = self._persistent
+        page = kept.get(ref) if kept else None
+        size = nseg * SEGMENT_SIZE
+        if page is None or size > PAGE_SIZE:
+            return None
+        desc = bytes(self._mem[page : page + size])
+        run = self._runs.get(desc)
+        if run is not None:
+            start, nsect = run
+            self.maps += nseg
+            return [self._mem[start : start + nsect * SECTOR_SIZE]], nsect
+        fields = segment_array(nseg).unpack(desc)
+        mapped = self.map_kept(fields)
+        if mapped is not None and len(mapped[0]) == 1 and kept is not None:
+            if len(self._runs) >= _MAX_RUNS:
+                self._runs.clear()
+            self._runs[desc] = (kept[fields[0]] + fields[1] * SECTOR_SIZE, mapped[1])
+        return mapped
+
+    def map_kept(self, fields: tuple[int, ...]) -> tuple[list[memoryview], int] | None:
+        """``map_segments`` for segments whose refs are all kept (persistent grants).
+
+        ``fields`` is (ref, first_sect, last_sect) per segment, flat, as unpacked from a
+        request. Returns the buffers (adjacent runs merged) and the sectors they hold,
+        or None when grants are not persistent, a ref is not kept yet, or a segment is
+        malformed: the caller then takes the checked path, which maps or names the
+        fault. A kept ref was checked when it was first mapped, so nothing is read from
+        the grant table here.
+        """
+        kept = self._persistent
+        if not kept:
+            return None
+        mem = self._mem
+        if len(fields) == 3:  # one segment: a 4 KiB request
+            ref, first, last = fields
+            page = kept.get(ref)
+            # blkback: "last_sect >= (XEN_PAGE_SIZE >> 9) || last_sect < first_sect"
+            if page is None or last >= SECTORS_PER_PAGE or first > last:
+                return None
+            self.maps += 1
+            return [mem[page + first * SECTOR_SIZE : page + (last + 1) * SECTOR_SIZE]], (
+                last - first + 1
+            )
+        n = len(fields) // 3
+        if n > _BULK:
+            # An indirect request's hundreds of segments, checked in C-level passes (as
+            # blkif._segments does); the usual case, consecutive whole pages from the
+            # first segment's start to the last one's end, is one buffer.
+            pages = list(map(kept.get, fields[0::3]))
+            firsts, lasts = fields[1::3], fields[2::3]
+            if (
+                None in pages
+                or max(lasts) >= SECTORS_PER_PAGE
+                or any(map(operator.gt, firsts, lasts))
+            ):
+                return None
+            total = sum(lasts) - sum(firsts) + n
+            p0, pn = cast("int", pages[0]), cast("int", pages[-1])
+            if (
+                pages == list(range(p0, p0 + n * PAGE_SIZE, PAGE_SIZE))
+                and firsts[1:] == _FIRST_SECTS[: n - 1]
+                and lasts[:-1] == _LAST_SECTS[: n - 1]
+            ):
+                self.maps += n
+                return [
+                    mem[p0 + firsts[0] * SECTOR_SIZE : pn + (lasts[-1] + 1) * SECTOR_SIZE]
+                ], total
+        out: list[memoryview] = []
+        start = end = -1
+        total = 0
+        for i in range(0, len(fields), 3):
+            page = kept.get(fields[i])
+            first = fields[i + 1]
+            last = fields[i + 2]
+            if page is None or last >= SECTORS_PER_PAGE or first > last:
+                return None
+            a = page + first * SECTOR_SIZE
+            if a != end:
+                if end >= 0:
+                    out.append(mem[start:end])
+                start = a
+            end = page + (last + 1) * SECTOR_SIZE
+            total += last - first + 1
+        if end < 0:
+            return None
+        out.append(mem[start:end])
+        self.maps += len(fields) // 3
+        return out, total
 
     def close(self) -> None:
         """Unmap; pages still referenced by in-flight I/O keep the mapping alive."""

@@ -20,9 +20,9 @@ from tapnbd.xen.blkif import (
     Request,
     Segment,
     _check_segments,
-    _segment_array,
     pack_segments,
     parse_indirect,
+    segment_array,
 )
 
 SEED = 20261201
@@ -32,7 +32,7 @@ SECTORS = 1 << 24
 
 def _one_by_one(desc: bytes, nseg: int) -> tuple[tuple[Segment, ...], int] | str:
     try:
-        fields = _segment_array(nseg).unpack_from(desc, 0)
+        fields = segment_array(nseg).unpack_from(desc, 0)
         return _check_segments(fields, nseg, 9, Op.WRITE, NR_GREFS)
     except BadRequest as e:
         return e.reason
