@@ -289,9 +289,6 @@ def parse_indirect(
 
 _SEGMENT_ARRAYS: dict[int, struct.Struct] = {}
 
-#: blkif_request_segment[n] for the n <= 11 a direct request carries, indexed by n.
-DIRECT_SEGMENTS = tuple(struct.Struct("<" + "IBB2x" * n) for n in range(MAX_SEGMENTS + 1))
-
 
 def segment_array(n: int) -> struct.Struct:
     """blkif_request_segment[n], compiled once per count."""
@@ -299,6 +296,11 @@ def segment_array(n: int) -> struct.Struct:
     if st is None:
         st = _SEGMENT_ARRAYS[n] = struct.Struct("<" + "IBB2x" * n)
     return st
+
+
+#: segment_array(n) for the n <= 11 a direct request carries, indexed by n (a tuple
+#: index on blkback's fast path instead of a call and a dict lookup).
+DIRECT_SEGMENTS = tuple(segment_array(n) for n in range(MAX_SEGMENTS + 1))
 
 
 def _segments(
