@@ -1,8 +1,8 @@
 """What each built-in format's first bytes look like: the probes, and nothing else.
 
 Probing runs every format's probe on an image's first bytes and imports only the
-winner's driver (formats.BUILTIN), so this module imports no driver, no construct and
-no asyncio: ``tapnbd info x.qcow2`` pays for the qcow2 driver alone. The magics are
+winner's driver (formats.BUILTIN), so this module imports no driver and no
+asyncio: ``tapnbd info x.qcow2`` pays for the qcow2 driver alone. The magics are
 defined here once; each format's layout module takes them from here.
 """
 
