@@ -7,6 +7,7 @@
     python -m bench all               # both, one results directory
     python -m bench fio --quick       # a smoke run: small image, 1 s cells (not a measurement)
     python -m bench ring              # the blkif ring against NBD, same driver and image
+    python -m bench startup           # CLI start-up against `import typer`, interleaved
 
 Results go to --out, by default bench/results/DATE-HOST/ (ignored by git: add a run
 you quote with git add -f), as Markdown, CSV and, with matplotlib, PNG charts.
@@ -26,7 +27,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from bench import bonnie, fio, rbd, ring
+from bench import bonnie, fio, rbd, ring, startup
 from bench.images import MiB
 from bench.proc import BenchError, cleanup_on_signals
 from bench.report import machine, machine_markdown, run_dir
@@ -272,6 +273,30 @@ def ring_cmd(
     for path in ring.write_outputs(r, dest, command, machine_markdown(machine())):
         console.print(f"wrote {path}")
     _failed(sum(1 for c in r.cells if c.error))
+
+
+@app.command("startup")
+def startup_cmd(
+    quick: QuickOpt = False,
+    rounds: Annotated[int | None, typer.Option(min=1, help="Measured rounds.")] = None,
+    out: OutOpt = None,
+    workdir: WorkOpt = None,
+) -> None:
+    """CLI start-up: tapnbd --version and info of each format against `import typer`."""
+    cfg = startup.StartupConfig.quick_config() if quick else startup.StartupConfig()
+    if rounds is not None:
+        cfg.rounds = rounds
+    command = " ".join(["python -m bench", *sys.argv[1:]])
+    dest = _out(out)
+    with cleanup_on_signals(), _workdir(workdir) as work:
+        try:
+            r = startup.run_startup(cfg, work)
+        except BenchError as e:
+            err.print(f"[red]bench: {e}")
+            raise typer.Exit(2) from None
+    console.print(startup.table(r).rich())
+    for path in startup.write_outputs(r, dest, command, machine_markdown(machine())):
+        console.print(f"wrote {path}")
 
 
 @app.command("all")
