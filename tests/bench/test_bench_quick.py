@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from bench import fio
 from tests.helpers import need
 
 
@@ -71,3 +72,16 @@ def test_fio_quick_runs_the_qcow2_rows(tmp_path: Path) -> None:
     assert cells == want
     assert "qemu-nbd -f qcow2, overlay on raw" in md
     assert "qcow2 (fresh) >= 1.0x qemu-nbd -f qcow2" in md
+
+
+def test_repetitions_rotate_each_jobs_targets() -> None:
+    """No target always runs in the same place within its job (fio.rotated)."""
+    jobs, targets = list(fio.JOBS[:2]), list(fio.TARGETS[:3])
+    todo = [(j, t) for j in jobs for t in targets]
+    firsts = set()
+    for rep in range(3):
+        cells = fio.rotated(todo, rep)
+        assert sorted(cells, key=todo.index) == todo  # the same cells, each once
+        assert [j for j, _ in cells] == [j for j, _ in todo]  # jobs stay in order
+        firsts.add(cells[0][1].key)
+    assert firsts == {t.key for t in targets}
