@@ -74,6 +74,18 @@ def _workdir(given: Path | None) -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
+@contextmanager
+def _bench_run(given: Path | None) -> Iterator[Path]:
+    """One run's scratch directory, cleaned up on a signal too; a BenchError ends the
+    command with its message and exit code 2."""
+    with cleanup_on_signals(), _workdir(given) as work:
+        try:
+            yield work
+        except BenchError as e:
+            err.print(f"[red]bench: {e}")
+            raise typer.Exit(2) from None
+
+
 def _out(out: Path | None) -> Path:
     if importlib.util.find_spec("matplotlib") is None:
         err.print(
@@ -170,12 +182,8 @@ def fio_cmd(
     if only == ["rbd"]:
         _rbd_rows(_out(out), workdir, quick, jobs, runtime, size, repeat)
         return
-    with cleanup_on_signals(), _workdir(workdir) as work:
-        try:
-            r = _fio(_out(out), work, quick, only, jobs, runtime, size, repeat, qemu_shared)
-        except BenchError as e:
-            err.print(f"[red]bench: {e}")
-            raise typer.Exit(2) from None
+    with _bench_run(workdir) as work:
+        r = _fio(_out(out), work, quick, only, jobs, runtime, size, repeat, qemu_shared)
     _failed(sum(1 for c in r.cells if c.error))
 
 
@@ -196,12 +204,8 @@ def _rbd_rows(
         cfg.size = size * MiB
     cfg.repeat = repeat
     command = " ".join(["python -m bench", *sys.argv[1:]])
-    with cleanup_on_signals(), _workdir(workdir) as work:
-        try:
-            r = rbd.run_rbd(cfg, work, err)
-        except BenchError as e:
-            err.print(f"[red]bench: {e}")
-            raise typer.Exit(2) from None
+    with _bench_run(workdir) as work:
+        r = rbd.run_rbd(cfg, work, err)
     console.print(rbd.table(r).rich())
     for path in rbd.write_outputs(r, out, command, machine_markdown(machine())):
         console.print(f"wrote {path}")
@@ -223,12 +227,8 @@ def bonnie_cmd(
     workdir: WorkOpt = None,
 ) -> None:
     """blktap's Bonnie table: ext4 on each device, tapnbd rows beside loop and the peers."""
-    with cleanup_on_signals(), _workdir(workdir) as work:
-        try:
-            r = _bonnie(_out(out), work, quick, only, file_mib, repeat)
-        except BenchError as e:
-            err.print(f"[red]bench: {e}")
-            raise typer.Exit(2) from None
+    with _bench_run(workdir) as work:
+        r = _bonnie(_out(out), work, quick, only, file_mib, repeat)
     _failed(sum(1 for x in r.results if x.error))
 
 
@@ -262,12 +262,8 @@ def ring_cmd(
     cfg.repeat = repeat
     command = " ".join(["python -m bench", *sys.argv[1:]])
     dest = _out(out)
-    with cleanup_on_signals(), _workdir(workdir) as work:
-        try:
-            r = ring.run_ring(cfg, work, err)
-        except BenchError as e:
-            err.print(f"[red]bench: {e}")
-            raise typer.Exit(2) from None
+    with _bench_run(workdir) as work:
+        r = ring.run_ring(cfg, work, err)
     for t in (ring.table(r), ring.cpu_table(r)):
         console.print(t.rich())
     for path in ring.write_outputs(r, dest, command, machine_markdown(machine())):
@@ -288,12 +284,8 @@ def startup_cmd(
         cfg.rounds = rounds
     command = " ".join(["python -m bench", *sys.argv[1:]])
     dest = _out(out)
-    with cleanup_on_signals(), _workdir(workdir) as work:
-        try:
-            r = startup.run_startup(cfg, work)
-        except BenchError as e:
-            err.print(f"[red]bench: {e}")
-            raise typer.Exit(2) from None
+    with _bench_run(workdir) as work:
+        r = startup.run_startup(cfg, work)
     console.print(startup.table(r).rich())
     for path in startup.write_outputs(r, dest, command, machine_markdown(machine())):
         console.print(f"wrote {path}")
@@ -303,13 +295,9 @@ def startup_cmd(
 def all_cmd(quick: QuickOpt = False, out: OutOpt = None, workdir: WorkOpt = None) -> None:
     """fio, then Bonnie, into one results directory."""
     dest = _out(out)
-    with cleanup_on_signals(), _workdir(workdir) as work:
-        try:
-            f = _fio(dest, work, quick, None, None, None, None, 1, 1)
-            b = _bonnie(dest, work, quick, None, None)
-        except BenchError as e:
-            err.print(f"[red]bench: {e}")
-            raise typer.Exit(2) from None
+    with _bench_run(workdir) as work:
+        f = _fio(dest, work, quick, None, None, None, None, 1, 1)
+        b = _bonnie(dest, work, quick, None, None)
     _failed(sum(1 for c in f.cells if c.error) + sum(1 for x in b.results if x.error))
 
 

@@ -45,3 +45,25 @@ def test_quick_run_times_every_command_each_round(
     paths = startup.write_outputs(run, tmp_path / "out", "python -m bench startup", "")
     assert "tapnbd info vpc" in paths[0].read_text()
     assert len(paths[1].read_text().splitlines()) == 1 + 2 * n
+
+
+def test_a_bench_error_ends_the_command_with_code_2(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from bench.__main__ import app
+    from bench.proc import BenchError
+
+    def fail(cfg: startup.StartupConfig, work: Path) -> startup.StartupRun:
+        assert work == tmp_path / "work"  # the scratch directory the command was given
+        raise BenchError("qemu-img is needed to make the images")
+
+    monkeypatch.setattr(startup, "run_startup", fail)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(
+        app, ["startup", "--out", str(out), "--workdir", str(tmp_path / "work")]
+    )
+    assert result.exit_code == 2
+    assert "bench: qemu-img is needed" in result.output
+    assert not out.exists()  # nothing written for a run that did not happen
