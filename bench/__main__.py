@@ -4,7 +4,7 @@
     python -m bench fio               # every row, 5 s per cell
     python -m bench fio --only 'tapnbd-raw' --only '*-raw' --jobs randread
     python -m bench bonnie            # blktap's Bonnie table (root, loop, FUSE)
-    python -m bench all               # both, one results directory
+    python -m bench all               # fio, Bonnie and start-up, one results directory
     python -m bench fio --quick       # a smoke run: small image, 1 s cells (not a measurement)
     python -m bench ring              # the blkif ring against NBD, same driver and image
     python -m bench startup           # CLI start-up against `import typer`, interleaved
@@ -271,6 +271,18 @@ def ring_cmd(
     _failed(sum(1 for c in r.cells if c.error))
 
 
+def _startup(out: Path, work: Path, quick: bool, rounds: int | None) -> startup.StartupRun:
+    cfg = startup.StartupConfig.quick_config() if quick else startup.StartupConfig()
+    if rounds is not None:
+        cfg.rounds = rounds
+    r = startup.run_startup(cfg, work)
+    console.print(startup.table(r).rich())
+    command = " ".join(["python -m bench", *sys.argv[1:]])
+    for path in startup.write_outputs(r, out, command, machine_markdown(machine())):
+        console.print(f"wrote {path}")
+    return r
+
+
 @app.command("startup")
 def startup_cmd(
     quick: QuickOpt = False,
@@ -279,25 +291,19 @@ def startup_cmd(
     workdir: WorkOpt = None,
 ) -> None:
     """CLI start-up: tapnbd --version and info of each format against `import typer`."""
-    cfg = startup.StartupConfig.quick_config() if quick else startup.StartupConfig()
-    if rounds is not None:
-        cfg.rounds = rounds
-    command = " ".join(["python -m bench", *sys.argv[1:]])
     dest = _out(out)
     with _bench_run(workdir) as work:
-        r = startup.run_startup(cfg, work)
-    console.print(startup.table(r).rich())
-    for path in startup.write_outputs(r, dest, command, machine_markdown(machine())):
-        console.print(f"wrote {path}")
+        _startup(dest, work, quick, rounds)
 
 
 @app.command("all")
 def all_cmd(quick: QuickOpt = False, out: OutOpt = None, workdir: WorkOpt = None) -> None:
-    """fio, then Bonnie, into one results directory."""
+    """fio, Bonnie and CLI start-up, into one results directory."""
     dest = _out(out)
     with _bench_run(workdir) as work:
         f = _fio(dest, work, quick, None, None, None, None, 1, 1)
         b = _bonnie(dest, work, quick, None, None)
+        _startup(dest, work, quick, None)
     _failed(sum(1 for c in f.cells if c.error) + sum(1 for x in b.results if x.error))
 
 
