@@ -258,6 +258,24 @@ def _map_sealed(fd: int) -> mmap.mmap:
         ) from None
 
 
+def _merged(mem: memoryview, runs: list[tuple[int, int, int]]) -> list[memoryview]:
+    """The sectors each (page offset, first_sect, last_sect) names, runs that are
+    adjacent in memory as one buffer, as the block layer merges bio_vecs: a request of
+    consecutive pages is one iovec for preadv."""
+    out: list[memoryview] = []
+    start = end = -1
+    for page, first, last in runs:
+        a = page + first * SECTOR_SIZE
+        if a != end:
+            if end >= 0:
+                out.append(mem[start:end])
+            start = a
+        end = page + (last + 1) * SECTOR_SIZE
+    if end >= 0:
+        out.append(mem[start:end])
+    return out
+
+
 class GrantMapper:
     """The backend's side: maps another domain's granted pages by reference."""
 
@@ -364,32 +382,16 @@ class GrantMapper:
     def map_segments(
         self, segments: Iterable[tuple[int, int, int]], *, readonly: bool
     ) -> list[memoryview]:
-        """Map each (ref, first_sect, last_sect) and return the sectors they name.
-
-        Runs that are adjacent in memory come back as one buffer, as the block layer
-        merges bio_vecs, so a request of consecutive pages is one iovec for preadv.
-        """
+        """Map each (ref, first_sect, last_sect) and return the sectors they name,
+        adjacent runs as one buffer (``_merged``)."""
         page_of = self._page_of
         kept = self._persistent if self._persistent is not None else _NOTHING_KEPT
-        mem = self._mem
-        out: list[memoryview] = []
-        start = end = -1
-        n = 0
+        runs = []
         for ref, first, last in segments:
             page = kept.get(ref)
-            if page is None:
-                page = page_of(ref, readonly)
-            a = page + first * SECTOR_SIZE
-            if a != end:
-                if end >= 0:
-                    out.append(mem[start:end])
-                start = a
-            end = page + (last + 1) * SECTOR_SIZE
-            n += 1
-        if end >= 0:
-            out.append(mem[start:end])
-        self.maps += n
-        return out
+            runs.append((page_of(ref, readonly) if page is None else page, first, last))
+        self.maps += len(runs)
+        return _merged(self._mem, runs)
 
     def map_kept_indirect(self, ref: int, nseg: int) -> tuple[list[memoryview], int] | None:
         """``map_kept`` of the ``nseg`` segments in kept ref ``ref``'s (indirect) page.
@@ -468,8 +470,7 @@ class GrantMapper:
                 return [
                     mem[p0 + firsts[0] * SECTOR_SIZE : pn + (lasts[-1] + 1) * SECTOR_SIZE]
                 ], total
-        out: list[memoryview] = []
-        start = end = -1
+        runs = []
         total = 0
         for i in range(0, len(fields), 3):
             page = kept.get(fields[i])
@@ -477,18 +478,12 @@ class GrantMapper:
             last = fields[i + 2]
             if page is None or last >= SECTORS_PER_PAGE or first > last:
                 return None
-            a = page + first * SECTOR_SIZE
-            if a != end:
-                if end >= 0:
-                    out.append(mem[start:end])
-                start = a
-            end = page + (last + 1) * SECTOR_SIZE
+            runs.append((page, first, last))
             total += last - first + 1
-        if end < 0:
+        if not runs:
             return None
-        out.append(mem[start:end])
-        self.maps += len(fields) // 3
-        return out, total
+        self.maps += len(runs)
+        return _merged(mem, runs), total
 
     def close(self) -> None:
         """Unmap; pages still referenced by in-flight I/O keep the mapping alive."""
