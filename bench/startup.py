@@ -63,8 +63,8 @@ def commands(images: dict[str, Path]) -> dict[str, list[str]]:
     }
     for fmt, path in images.items():
         cmds[f"tapnbd info {fmt}"] = [*tapnbd, "info", str(path)]
-    if have("qemu-img"):
-        cmds["qemu-img info qcow2"] = ["qemu-img", "info", str(images["qcow2"])]
+    # make_images needed qemu-img, so it is there.
+    cmds["qemu-img info qcow2"] = ["qemu-img", "info", str(images["qcow2"])]
     return cmds
 
 
