@@ -90,7 +90,8 @@ def test_overlay_reads_in_small_requests_match_qemu(
     base.write_bytes(rng.randbytes(4 << 20) + bytes(4 << 20) + rng.randbytes(3 << 20))
     img = tmp_path / "overlay.qcow2"
     qemu_img("create", "-f", "qcow2", "-b", base, "-F", "raw", img, str(12 << 20))
-    writes = [f"write -P 0x{rng.randrange(1, 256):02x} {rng.randrange(0, 12 << 20)} 5000"
+    # Each 5000-byte write must end inside the 12 MiB disk, or qemu-io fails it.
+    writes = [f"write -P 0x{rng.randrange(1, 256):02x} {rng.randrange(0, (12 << 20) - 5000)} 5000"
               for _ in range(20)]  # fmt: skip
     qemu_io(img, *writes, fmt="qcow2")
     expected = tmp_path / "qemu.raw"
