@@ -321,6 +321,22 @@ class RawDriver(Driver):
     def preadv_nowait(self, offset: int, length: int, bufs: Sequence[memoryview]) -> bool:
         return self._nowait and self._preadv_nowait(bufs, offset) == length
 
+    splices = True
+
+    def pwrite_from_pipe(self, pipe: int, offset: int, length: int) -> bool:
+        if self._nowait_write or (t0 := time.monotonic()) < self._inline_after:
+            return False  # as pwrite_nowait
+        before = voluntary_switches() if t0 < self._probe_until else -1
+        end = offset + length
+        while offset < end:
+            n = os.splice(pipe, self.fd, end - offset, offset_dst=offset)
+            if n == 0:
+                raise OSError(errno.EIO, "the pipe ran dry")  # the caller filled it
+            offset += n
+        if (t1 := time.monotonic()) - t0 > SLOW_WRITE:
+            self._slow_write(t1, before >= 0 and voluntary_switches() != before)
+        return True
+
     def pwritev_nowait(self, offset: int, length: int, bufs: Sequence[memoryview]) -> bool:
         if self._nowait_write or (t0 := time.monotonic()) < self._inline_after:
             return False  # as pwrite_nowait

@@ -198,6 +198,27 @@ class Backend:
             stats.inline_writes.append(length)
         return True
 
+    def try_pwrite_from(self, pipe: int, offset: int, length: int) -> bool:
+        """try_pwrite of the next ``length`` bytes of ``pipe`` (Driver.pwrite_from_pipe).
+        False: not now, and nothing was read. A failed write raises RequestError."""
+        if (
+            self.read_only
+            or offset < 0
+            or length <= 0
+            or offset + length > self.size
+            or self._lock is not None
+        ):
+            return False
+        try:
+            done = self.driver.pwrite_from_pipe(pipe, offset, length)
+        except Exception as e:
+            err = request_errno(e)
+            self.stats.fail("write", err, self.stats.start())
+            raise RequestError(err, str(e) or type(e).__name__) from e
+        if done and self.stats.enabled:
+            self.stats.inline_writes.append(length)
+        return done
+
     def try_preadv(self, offset: int, length: int, bufs: Sequence[memoryview]) -> bool:
         """try_pread into caller's buffers, ``length`` bytes in all (Driver.preadv_nowait)."""
         return self._try_vectored("read", offset, length, bufs)

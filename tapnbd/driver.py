@@ -151,6 +151,19 @@ class Driver:
         if known now without I/O; else -1 (the request takes the driver's own path)."""
         return -1
 
+    #: True when ``pwrite_from_pipe`` can take writes (splice(2) into one file).
+    #: Filters inherit False, so nothing they must see is bypassed.
+    splices: ClassVar[bool] = False
+
+    def pwrite_from_pipe(self, pipe: int, offset: int, length: int) -> bool:
+        """Write the next ``length`` bytes of ``pipe`` at ``offset``, now, without
+        waiting for anything but the write itself (``pwrite_nowait``'s contract). The
+        server splices a WRITE's payload from the socket into the pipe, so its bytes
+        reach the page cache in one copy instead of two. False: not now, and nothing
+        was read from the pipe. On an error, what is left in the pipe is the caller's.
+        """
+        return False
+
     async def flush(self) -> None:
         """Make every completed write durable, metadata included."""
         raise NotImplementedError

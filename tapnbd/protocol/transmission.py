@@ -105,6 +105,9 @@ class RequestDecoder:
         self._direct: Request | None = None
         self._direct_buf = bytearray()
         self._direct_fill = 0
+        # Offered each admitted big WRITE whose payload has not begun to arrive: True
+        # when it took the payload off the wire itself (and served the request).
+        self.divert: Callable[[Request], bool] | None = None
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         view = memoryview(data)
@@ -204,6 +207,14 @@ class RequestDecoder:
                     return None
                 # Take what is here; the rest arrives straight into the payload buffer.
                 have = len(buf) - start
+                if not have and self.divert is not None:
+                    self._pos = start
+                    self._compact()
+                    req = Request(flags, typ, cookie, offset, length)
+                    if self.divert(req):
+                        self._header_next = True
+                        return self.next_request()
+                    buf, start = self._buf, self._pos
                 payload = buffers.take(length)  # filled to the end before it is used
                 payload[:have] = memoryview(buf)[start:]
                 self._pos = len(buf)

@@ -139,3 +139,48 @@ def test_arbitrary_bytes_only_raise_protocol_errors(chunks: list[bytes]) -> None
             decode_all(dec)
     except ProtocolError:
         pass
+
+
+def test_divert_is_offered_big_writes_whose_payload_has_not_begun() -> None:
+    """``divert`` sees a big WRITE only when none of its payload is buffered yet (its
+    payload is still in the socket); taking it leaves the decoder waiting for a header."""
+    big = 200 * 1024
+    offered: list[tx.Request] = []
+    take = True
+
+    def divert(req: tx.Request) -> bool:
+        offered.append(req)
+        return take
+
+    dec = tx.RequestDecoder()
+    dec.divert = divert
+
+    def header(cookie: int, length: int, typ: int = Cmd.WRITE) -> bytes:
+        return struct.pack(">IHHQQI", REQUEST_MAGIC, 0, typ, cookie, 4096, length)
+
+    # Header and some payload together: not offered, received as usual.
+    dec.feed(header(1, big) + b"a" * 1000)
+    assert dec.next_request() is None and offered == []
+    dec.feed(b"a" * (big - 1000))
+    first = dec.next_request()
+    assert first is not None and first.payload is not None and bytes(first.payload) == b"a" * big
+    # After a big payload the decoder reads a lone header: the next WRITE is offered.
+    assert len(dec.get_buffer()) == 28
+    dec.feed(header(2, big))
+    assert dec.next_request() is None
+    assert [(r.cookie, r.length, r.payload) for r in offered] == [(2, big, None)]
+    assert dec.taken() is None and dec.buffered() == 0
+    assert len(dec.get_buffer()) == 28  # taken: the next bytes are a header again
+    # Refused: the payload then arrives into its own buffer.
+    take = False
+    dec.feed(header(3, big))
+    assert dec.next_request() is None and dec.taken() is not None
+    dec.feed(b"c" * big)
+    third = dec.next_request()
+    assert third is not None and third.cookie == 3 and bytes(third.payload or b"") == b"c" * big
+    # Small WRITEs and READs are never offered.
+    dec.feed(header(4, 0, Cmd.READ)[:-4] + struct.pack(">I", 4096))
+    assert dec.next_request() is not None
+    dec.feed(header(5, 512) + b"d" * 512)
+    assert dec.next_request() is not None
+    assert [r.cookie for r in offered] == [2, 3]

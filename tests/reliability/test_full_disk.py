@@ -136,3 +136,49 @@ def test_full_disk_gives_enospc_and_recovers(
     v = verify(out, both, crashed=False)
     assert not v.failures, v.failures
     assert v.must > 1000
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("small_fs", ["ext4", "tmpfs"], indirect=True)
+def test_full_disk_raw_big_writes(serve: Callable[..., Server], small_fs: Path) -> None:
+    """A sparse raw image, writes of up to 1 MiB: the big ones go from the socket to the
+    file by splice(2) (connection.SPLICE_MIN). A splice cut short by ENOSPC answers
+    ENOSPC and leaves the connection in step, and once there is room again the same
+    connection's writes land where they should."""
+    filler = small_fs / "filler"
+    with open(filler, "wb") as f:
+        f.write(os.urandom(1 << 20) * FILLER_MIB)
+    image = small_fs / "full.raw"
+    with open(image, "wb") as f:
+        f.truncate(256 << 20)
+    server = serve(str(image), "--format", "raw")
+    load = ("--max-len", str(1 << 20), "--final-flush", "--fua", "0.02")
+    full = _load(server.uri, "--count", "400", "--region", str(REGION), "--seed", "3", *load)
+    assert not full.hang and not full.dead, (full.hang, full.dead)
+    assert set(full.errors) == {"ENOSPC"}, full.errors
+    assert full.count("err") > 20 and full.count("ok") > 20
+
+    filler.unlink()  # 12 MiB of room: the next writes (40 of at most 256 KiB) fit
+    more = _load(
+        server.uri,
+        "--count",
+        "40",
+        "--region",
+        str(REGION + (4 << 20)),
+        "--start",
+        str(REGION),
+        "--seed",
+        "4",
+        "--gen-base",
+        str(len(full.writes)),
+        "--max-len",
+        str(256 << 10),
+        "--final-flush",
+    )
+    assert more.errors == {} and not more.flush_errors, (more.errors, more.flush_errors)
+    assert server.stop() == 0, server.stderr()[-2000:]
+    both = Journal(
+        full.size, full.writes + more.writes, full.acks + more.acks, [], {}, [], "", False
+    )
+    v = verify(image, both, crashed=False)
+    assert not v.failures, v.failures
