@@ -32,11 +32,9 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import fcntl
 import logging
 import os
 import socket
-import termios
 from collections import deque
 from typing import TYPE_CHECKING, cast
 
@@ -53,10 +51,11 @@ from tapnbd.protocol.transmission import (
     simple_reply,
 )
 from tapnbd.runtime import eager_start
-from tapnbd.server import iothreads
+from tapnbd.server import iothreads, splice
 from tapnbd.server.budget import PayloadBudget
 from tapnbd.server.iothreads import QUEUED, THREAD_MIN, Done, IOThreads, Job, Wire
 from tapnbd.server.replies import flatten, read_parts, zero_parts
+from tapnbd.server.splice import PayloadPipe
 from tapnbd.stats import now
 
 if TYPE_CHECKING:
@@ -94,14 +93,10 @@ SNDBUF = int(os.environ.get("TAPNBD_SNDBUF", str(4 << 20)))
 _MAX_IOV = 1024
 #: WRITEs this big, with no flags, whose payload is all queued in the socket when their
 #: header is decoded, go from the socket to the file by splice(2) through a pipe of the
-#: connection's: one copy (pipe to page cache) instead of two (socket to buffer, buffer
-#: to page cache). Drivers that write one file say so (Driver.splices: raw).
-#: TAPNBD_SPLICE=0 turns it off, to measure again.
+#: connection's (tapnbd.server.splice), if the driver writes one file (Driver.splices:
+#: raw). TAPNBD_SPLICE=0 turns it off, to measure again.
 SPLICE_MIN = 128 * 1024
-SPLICE_MAX = 1 << 20  # the pipe's size; fcntl(F_SETPIPE_SZ) may give less
 _SPLICE = os.environ.get("TAPNBD_SPLICE", "1") != "0"
-_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
-_F_GETPIPE_SZ = getattr(fcntl, "F_GETPIPE_SZ", 1032)
 
 
 # A plain int: ~ on an IntFlag keeps only known bits, which would hide unknown ones.
@@ -153,8 +148,7 @@ class NBDConnection(asyncio.BufferedProtocol):
         self._cork_bytes = 0
         self._hs_buf = memoryview(bytearray(65536))
         self._fd = -1
-        self._pipe: tuple[int, int] | None = None  # (read end, write end), made lazily
-        self._pipe_size = 0
+        self._pipe = PayloadPipe()  # for spliced WRITEs; no descriptors until the first
         self.spliced = 0  # WRITEs served by splice (tests look)
         self._idle: asyncio.Future[None] | None = None  # set by drain() to wait for idleness
         # I/O threads (tapnbd.server.iothreads): the image's descriptor when this
@@ -202,10 +196,7 @@ class NBDConnection(asyncio.BufferedProtocol):
                 if self.backend is not None:
                     self.backend.stats.abandon()
                 self._request_done(job.charged)
-        if self._pipe is not None:
-            for fd in self._pipe:
-                os.close(fd)
-            self._pipe = None
+        self._pipe.close()
         if self.export is not None:
             self.export.connections -= 1
             self.export.backend.stats.connections -= 1
@@ -456,76 +447,38 @@ class NBDConnection(asyncio.BufferedProtocol):
             task.add_done_callback(self._tasks.discard)
 
     def _splice_write(self, req: Request) -> bool:
-        """Serve a big WRITE whose payload is still in the socket by splicing it through
-        the connection's pipe into the file; False to receive it as usual."""
-        backend, cost = self.backend, self._charged
+        """Serve a big WRITE whose payload is still in the socket: spliced through the
+        connection's pipe into the file. False: receive it as usual."""
+        backend, cost, pipe = self.backend, self._charged, self._pipe
         assert backend is not None
         length = req.length
-        if req.flags or length < SPLICE_MIN or length > SPLICE_MAX or self.closing:
+        if req.flags or length < SPLICE_MIN or self.closing or self.server.shutting_down:
+            # (The usual path answers ESHUTDOWN; _validate's other WRITE checks are of
+            # flags, none here, and of a read-only export, never offered.)
             return False
-        queued = bytearray(4)
-        fcntl.ioctl(self._fd, termios.FIONREAD, queued)
-        if int.from_bytes(queued, "little") < length:
+        if splice.queued(self._fd) < length:
             return False  # a client that stalls mid-payload must not hold the loop
-        if self.server.shutting_down:
-            return False  # the usual path answers ESHUTDOWN (_validate's other WRITE
-            # checks: flags, none here; a read-only export, never diverted)
-        pipe = self._pipe or self._make_pipe()
-        if pipe is None or length > self._pipe_size:
+        if not pipe.open() or length > pipe.size:
             return False
-        rd, wr = pipe
-        got = 0
-        while got < length:
-            try:
-                n = os.splice(self._fd, wr, length - got, flags=os.SPLICE_F_NONBLOCK)
-            except OSError as e:  # not with the bytes queued; if so, the stream is lost
-                raise ProtocolError(f"splicing a WRITE payload failed: {e}") from e
-            if n == 0:
-                raise ProtocolError("end of file in a queued WRITE payload")
-            got += n
         try:
-            done = backend.try_pwrite_from(rd, req.offset, length)
+            pipe.fill(self._fd, length)
+        except (OSError, EOFError) as e:  # not with the bytes queued; the stream is lost
+            raise ProtocolError(f"splicing a WRITE payload failed: {e}") from e
+        try:
+            done = backend.try_pwrite_from(pipe.read_fd, req.offset, length)
         except RequestError as e:
-            self._drain_pipe(rd)
+            pipe.drain()
             self._reply_error(req, e.errno, str(e))
             self._request_done(cost)
             return True
-        if not done:
-            # Not now (the driver is backing off): the payload back out of the pipe,
-            # and the usual path.
-            buf = buffers.take(length)
-            view = memoryview(buf)
-            have = 0
-            while have < length:
-                have += os.readv(rd, [view[have:]])
-            self._dispatch(req._replace(payload=view), cost)
+        if not done:  # not now (the driver is backing off): the usual path after all
+            payload = pipe.take_back(length, buffers.take(length))
+            self._dispatch(req._replace(payload=payload), cost)
             return True
         self.spliced += 1
         self._write(simple_reply(req.cookie))
         self._release(cost)
         return True
-
-    def _make_pipe(self) -> tuple[int, int] | None:
-        try:
-            rd, wr = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        except OSError:
-            return None
-        try:
-            self._pipe_size = fcntl.fcntl(wr, _F_SETPIPE_SZ, SPLICE_MAX)
-        except OSError:  # over the user's pipe limits: what we got
-            self._pipe_size = fcntl.fcntl(wr, _F_GETPIPE_SZ)
-        self._pipe = (rd, wr)
-        return self._pipe
-
-    @staticmethod
-    def _drain_pipe(rd: int) -> None:
-        """Drop what a failed write left in the pipe, so the next WRITE starts empty."""
-        sink = bytearray(65536)
-        try:
-            while os.readv(rd, [sink]):
-                pass
-        except BlockingIOError:
-            pass
 
     def _threaded(self, req: Request, cost: int) -> bool:
         """Queue a big READ to the I/O threads; False to serve it on the loop."""
