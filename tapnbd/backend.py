@@ -177,8 +177,13 @@ class Backend:
             stats.inline_reads.append(length)
         return data
 
+    def _inline(self, offset: int, length: int) -> bool:
+        """The fast paths may take this request: inside the disk, driver unserialised."""
+        return offset >= 0 and length > 0 and offset + length <= self.size and self._lock is None
+
     def try_pwrite(self, offset: int, data: bytes | memoryview) -> bool:
         length = len(data)
+        # _inline and the read-only check, written out: a call costs the hot path.
         if (
             self.read_only
             or offset < 0
@@ -201,13 +206,7 @@ class Backend:
     def try_pwrite_from(self, pipe: int, offset: int, length: int) -> bool:
         """try_pwrite of the next ``length`` bytes of ``pipe`` (Driver.pwrite_from_pipe).
         False: not now, and nothing was read. A failed write raises RequestError."""
-        if (
-            self.read_only
-            or offset < 0
-            or length <= 0
-            or offset + length > self.size
-            or self._lock is not None
-        ):
+        if self.read_only or not self._inline(offset, length):
             return False
         try:
             done = self.driver.pwrite_from_pipe(pipe, offset, length)
@@ -229,13 +228,7 @@ class Backend:
 
     def _try_vectored(self, op: str, offset: int, length: int, bufs: Sequence[memoryview]) -> bool:
         # The Xen ring's path: timed per request, so its callers need no begin/settle.
-        if (
-            (op == "write" and self.read_only)
-            or offset < 0
-            or length <= 0
-            or offset + length > self.size
-            or self._lock is not None
-        ):
+        if (op == "write" and self.read_only) or not self._inline(offset, length):
             return False
         stats = self.stats
         t0 = now() if stats.enabled else 0
@@ -279,13 +272,7 @@ class Backend:
         costs no memory); when True the request is counted as a read. Any doubt, an
         error included, answers False and the caller reads as usual.
         """
-        if (
-            not self._zero_hint
-            or self._lock is not None
-            or offset < 0
-            or length <= 0
-            or offset + length > self.size
-        ):
+        if not self._zero_hint or not self._inline(offset, length):
             return False
         stats = self.stats
         t0 = stats.start()

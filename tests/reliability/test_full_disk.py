@@ -61,6 +61,29 @@ def _load(uri: str, *args: str) -> Journal:
     return Journal.from_json(json.loads(proc.stdout))
 
 
+def _load_more(uri: str, full: Journal, count: int, span: int, seed: int, *args: str) -> Journal:
+    """Once there is room again: ``count`` writes on from where ``full`` stopped, with
+    an allocating frontier from REGION to REGION + ``span``."""
+    more = _load(
+        uri,
+        *("--count", str(count), "--region", str(REGION + span), "--start", str(REGION)),
+        *("--seed", str(seed), "--gen-base", str(len(full.writes)), "--final-flush", *args),
+    )
+    assert more.errors == {} and not more.flush_errors, (more.errors, more.flush_errors)
+    assert not more.dead and not more.hang
+    return more
+
+
+def _verify_both(disk: Path, full: Journal, more: Journal) -> int:
+    """Every acknowledged write of both loads is on ``disk`` (raw); the sectors checked."""
+    both = Journal(
+        full.size, full.writes + more.writes, full.acks + more.acks, [], {}, [], "", False
+    )
+    v = verify(disk, both, crashed=False)
+    assert not v.failures, v.failures
+    return v.must
+
+
 @pytest.mark.root
 @pytest.mark.parametrize(
     ("small_fs", "layout"),
@@ -100,22 +123,7 @@ def test_full_disk_gives_enospc_and_recovers(
 
     # Free space: the same server allocates again, and FLUSH works.
     filler.unlink()
-    more = _load(
-        server.uri,
-        "--count",
-        "150",
-        "--region",
-        str(REGION + (16 << 20)),
-        "--start",
-        str(REGION),
-        "--final-flush",
-        "--seed",
-        "2",
-        "--gen-base",
-        str(len(full.writes)),
-    )
-    assert more.errors == {} and not more.flush_errors, more.errors
-    assert not more.dead and not more.hang
+    more = _load_more(server.uri, full, 150, 16 << 20, 2)
     assert any(w.offset >= REGION for w in more.writes)
     assert server.stop() == 0, server.stderr()[-2000:]
 
@@ -123,19 +131,7 @@ def test_full_disk_gives_enospc_and_recovers(
     assert proc.returncode in CHECK_OK, proc.stdout + proc.stderr
     out = tmp_path / "full.raw"
     run(["qemu-img", "convert", "-f", "qcow", "-O", "raw", str(image), str(out)])
-    both = Journal(
-        full.size,
-        full.writes + more.writes,
-        full.acks + more.acks,
-        [],
-        {},
-        [],
-        "",
-        False,
-    )
-    v = verify(out, both, crashed=False)
-    assert not v.failures, v.failures
-    assert v.must > 1000
+    assert _verify_both(out, full, more) > 1000
 
 
 @pytest.mark.root
@@ -159,26 +155,6 @@ def test_full_disk_raw_big_writes(serve: Callable[..., Server], small_fs: Path) 
     assert full.count("err") > 20 and full.count("ok") > 20
 
     filler.unlink()  # 12 MiB of room: the next writes (40 of at most 256 KiB) fit
-    more = _load(
-        server.uri,
-        "--count",
-        "40",
-        "--region",
-        str(REGION + (4 << 20)),
-        "--start",
-        str(REGION),
-        "--seed",
-        "4",
-        "--gen-base",
-        str(len(full.writes)),
-        "--max-len",
-        str(256 << 10),
-        "--final-flush",
-    )
-    assert more.errors == {} and not more.flush_errors, (more.errors, more.flush_errors)
+    more = _load_more(server.uri, full, 40, 4 << 20, 4, "--max-len", str(256 << 10))
     assert server.stop() == 0, server.stderr()[-2000:]
-    both = Journal(
-        full.size, full.writes + more.writes, full.acks + more.acks, [], {}, [], "", False
-    )
-    v = verify(image, both, crashed=False)
-    assert not v.failures, v.failures
+    assert _verify_both(image, full, more) > 1000
