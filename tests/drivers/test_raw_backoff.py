@@ -56,42 +56,64 @@ def driver(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[RawDriver, 
     thread = FakeThread()
     real_pwritev = os.pwritev
 
+    real_splice = os.splice
+
     def timed_pwritev(fd: int, bufs: object, offset: int, flags: int = 0) -> int:
         thread.now += thread.write_takes
         thread.nvcsw += thread.sleeps
         return real_pwritev(fd, bufs, offset, flags)  # type: ignore[arg-type]
 
+    def timed_splice(src: int, dst: int, count: int, **kw: int) -> int:
+        thread.now += thread.write_takes
+        thread.nvcsw += thread.sleeps
+        return real_splice(src, dst, count, **kw)
+
     monkeypatch.setattr(raw, "time", thread)
     monkeypatch.setattr(raw, "voluntary_switches", thread.voluntary_switches)
     monkeypatch.setattr(os, "pwritev", timed_pwritev)
+    monkeypatch.setattr(os, "splice", timed_splice)
     drv = RawDriver(str(path))
     # As on ext4, which refuses RWF_NOWAIT on buffered writes: the timed inline path.
     drv._nowait_write = False
     return drv, thread
 
 
-def _write(drv: RawDriver, block: int, vectored: bool = False) -> bool:
+def _write(drv: RawDriver, block: int, how: str = "pwrite") -> bool:
     data = bytes([block % 251 + 1]) * BLOCK
-    if vectored:
+    if how == "pwritev":
         return drv.pwritev_nowait(block * BLOCK, BLOCK, [memoryview(data)])
+    if how == "splice":  # the NBD server's path for big WRITEs (tapnbd.server.splice)
+        rd, wr = os.pipe()
+        try:
+            os.write(wr, data)
+            done = drv.pwrite_from_pipe(rd, block * BLOCK, BLOCK)
+            left = os.read(rd, BLOCK) if not done else b""
+            assert left == (b"" if done else data)  # refused: nothing read from the pipe
+            return done
+        finally:
+            os.close(rd)
+            os.close(wr)
     return drv.pwrite_nowait(block * BLOCK, data)
 
 
-@pytest.mark.parametrize("vectored", [False, True], ids=["pwrite", "pwritev"])
+WRITES = ["pwrite", "pwritev", "splice"]
+
+
+@pytest.mark.parametrize("how", WRITES)
 def test_a_write_that_slept_costs_a_short_backoff(
-    driver: tuple[RawDriver, FakeThread], vectored: bool
+    driver: tuple[RawDriver, FakeThread], how: str
 ) -> None:
     drv, th = driver
-    assert _write(drv, 0, vectored)  # fast: inline, not even probed
+    assert _write(drv, 0, how)  # fast: inline, not even probed
     assert th.probes == 0
     th.slow(sleeps=True)
-    assert _write(drv, 1, vectored)  # slow, unprobed: look closer from now on
-    assert _write(drv, 2, vectored)  # slow, probed, slept: done, then back off
+    assert _write(drv, 1, how)  # slow, unprobed: look closer from now on
+    assert _write(drv, 2, how)  # slow, probed, slept: done, then back off
     th.fast()
     th.now += FIRST_BACKOFF / 2
-    assert not _write(drv, 3, vectored)  # the pool's turn
+    assert not _write(drv, 3, how)  # the pool's turn
     th.now += FIRST_BACKOFF
-    assert _write(drv, 4, vectored)  # inline again after FIRST_BACKOFF, not a second
+    assert _write(drv, 4, how)  # inline again after FIRST_BACKOFF, not a second
     with open(drv.path, "rb") as f:
         got = f.read(5 * BLOCK)
     want = b"".join(bytes([b + 1]) * BLOCK for b in (0, 1, 2)) + bytes(BLOCK)
@@ -99,8 +121,8 @@ def test_a_write_that_slept_costs_a_short_backoff(
     assert got[4 * BLOCK :] == bytes([5]) * BLOCK
 
 
-@pytest.mark.parametrize("vectored", [False, True], ids=["pwrite", "pwritev"])
-def test_preempted_writes_stay_inline(driver: tuple[RawDriver, FakeThread], vectored: bool) -> None:
+@pytest.mark.parametrize("how", WRITES)
+def test_preempted_writes_stay_inline(driver: tuple[RawDriver, FakeThread], how: str) -> None:
     """Slow without sleeping is another process on the CPU: the pool would not help."""
     drv, th = driver
     for block in range(50):
@@ -108,7 +130,7 @@ def test_preempted_writes_stay_inline(driver: tuple[RawDriver, FakeThread], vect
             th.slow(sleeps=False)
         else:
             th.fast()
-        assert _write(drv, block, vectored)
+        assert _write(drv, block, how)
         th.now += 0.001
     assert th.probes > 0  # it looked
 
