@@ -5,8 +5,10 @@ Each cell is one fio job with the nbd engine, exactly as ../shared/bench/peers.m
     fio --name=J --ioengine=nbd --uri=URI --rw=RW --bs=BS --iodepth=QD \\
         --size=1g --time_based --runtime=5 --group_reporting --output-format=json
 
-The raw rows serve one 1 GiB image of random data, warm in the page cache, with tapnbd
-and each peer in turn. The qcow rows (issue 3) serve qcow images of the same size, in both
+The raw rows serve one 1 GiB image of random data with tapnbd and each peer in turn:
+warm in the page cache for read jobs, and for write jobs written back with its pages
+dropped, so that 4k writes do not land in the large folios that reads leave (ext4 pays
+for the whole folio on every write into it; see ``bench.proc.ready_for``). The qcow rows (issue 3) serve qcow images of the same size, in both
 layouts (normal and allocation-optimised), "full" (every cluster written, filled with the
 same random data) and "fresh" (just created, so every write allocates; recreated before
 each write job, and not read, since reads would only see holes). tapnbd and qemu-nbd serve
@@ -38,7 +40,7 @@ from typing import Any, Literal
 
 from bench import images
 from bench.images import GiB, MiB
-from bench.proc import BenchError, Unavailable, cpu_seconds, have, run, warm
+from bench.proc import BenchError, Unavailable, cpu_seconds, have, ready_for, run, warm
 from bench.report import Table, bar_chart, fmt_ratio, ratio, write_csv
 from bench.servers import SERVERS, ServerOptions, serve, unavailable_reason
 from bench.ui import UI
@@ -289,10 +291,11 @@ class FioRun:
 
 @contextlib.contextmanager
 def _image_for(
-    target: FioTarget, cfg: FioConfig, workdir: Path, shared: dict[str, Path]
+    target: FioTarget, job: FioJob, cfg: FioConfig, workdir: Path, shared: dict[str, Path]
 ) -> Iterator[Path]:
-    """The image a cell serves: the shared raw or full qcow image, or a fresh qcow one, or
-    a fresh overlay on the shared raw image."""
+    """The image a cell serves: the shared raw or full qcow image (warm for reads, its
+    pages dropped for writes: see ``ready_for``), or a fresh qcow one, or a fresh overlay
+    on the shared raw image (which it only reads)."""
     if target.state == "overlay":
         path = workdir / f"overlay-{target.key}.qcow2"
         images.create_qcow2(path, cfg.size, backing=shared[images.RAW])
@@ -304,7 +307,7 @@ def _image_for(
         return
     if target.state == "full":
         path = shared[target.layout]
-        warm(path)
+        ready_for(path, job.writes)
         yield path
         return
     path = workdir / f"fresh-{target.key}.{images.fmt_of(target.layout)}"
@@ -396,7 +399,11 @@ def run_fio(cfg: FioConfig, workdir: Path, ui_console: Any = None) -> FioRun:
         ui.phase("images", f"{cfg.size // MiB} MiB of random data")
         images.make_random(raw, cfg.size)
         shared[images.RAW] = raw
-        notes.append(f"raw image: {cfg.size // MiB} MiB of random data, warm in the page cache")
+        notes.append(
+            f"raw image: {cfg.size // MiB} MiB of random data; read cells start with it warm in "
+            "the page cache, write cells with its pages written back and dropped (4k writes "
+            "into the large folios that reads leave cost ext4 a walk of the whole folio)"
+        )
         if images.RAW in layouts_full:
             ui.advance()
         for layout in layouts_full:
@@ -447,7 +454,7 @@ def run_fio(cfg: FioConfig, workdir: Path, ui_console: Any = None) -> FioRun:
                     target.label, f"{job.label}" + (f" (run {rep + 1})" if cfg.repeat > 1 else "")
                 )
                 try:
-                    with _image_for(target, cfg, workdir, shared) as image:
+                    with _image_for(target, job, cfg, workdir, shared) as image:
                         cells.append(_run_cell(target, job, cfg, image, workdir, rep))
                 except BenchError as e:
                     cells.append(FioCell(target.key, job.key, rep, error=str(e)))

@@ -42,6 +42,7 @@ from bench.proc import (
     Unavailable,
     cpu_seconds,
     have,
+    ready_for,
     run,
     spawn,
     stop,
@@ -203,27 +204,12 @@ def _timed(cmd: list[str], what: str, pid: int, timeout: float) -> tuple[str, fl
     return text, 100 * (c1 - c0) / wall, 100 * (s1 - s0) / wall
 
 
-def settle(image: Path) -> None:
-    """Write the image's dirty pages back before a cell, outside its timing.
-
-    A cell that starts with the last cell's (or the image's creation's) dirty pages
-    meets their writeback: the kernel's flusher takes pages dirty for 30 s, and a
-    write to a page under writeback waits for it. That stall lands on whichever path
-    runs then, and the raw driver answers stalls by sending writes to its thread pool,
-    so it would be measured instead of the front end. Synced, each cell starts clean.
-    """
-    fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _run_cell(
     job: FioJob, path: Route, cfg: RingConfig, image: Path, workdir: Path, rep: int = 0
 ) -> RingCell:
     cell = RingCell(job.key, path, rep)
-    settle(image)
+    # Raw: the cell writes the served file; qcow: the same file under the format.
+    ready_for(image, job.writes)
     logs = workdir / "logs"
     timeout = cfg.runtime + 120
     figures: dict[str, Any]
@@ -401,7 +387,9 @@ def markdown(r: RingRun, command: str, machine_md: str) -> str:
         "- client CPU is the client process's user+system time over the cell's wall time; "
         "client and servers share the machine's cores",
         "- before each cell the image is fsynced (outside the timing), so that no cell "
-        "meets the writeback of pages an earlier one dirtied",
+        "meets the writeback of pages an earlier one dirtied; read cells then warm it, and "
+        "write cells drop its pages (4k writes into the large folios reads leave cost ext4 "
+        "a walk of the whole folio, and would measure that)",
     ]
     for c in r.cells:
         if c.error:

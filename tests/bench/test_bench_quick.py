@@ -85,3 +85,19 @@ def test_repetitions_rotate_each_jobs_targets() -> None:
         assert [j for j, _ in cells] == [j for j, _ in todo]  # jobs stay in order
         firsts.add(cells[0][1].key)
     assert firsts == {t.key for t in targets}
+
+
+def test_full_images_are_warm_for_reads_and_dropped_for_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """fio._image_for readies a shared image for the cell's job (bench.proc.ready_for)."""
+    image = tmp_path / "fio-random.raw"
+    image.write_bytes(b"\x01" * 4096)
+    readied: list[tuple[Path, bool]] = []
+    monkeypatch.setattr(fio, "ready_for", lambda p, writes: readied.append((p, writes)))
+    raw = next(t for t in fio.TARGETS if t.key == "tapnbd-raw")
+    for job in fio.JOBS:
+        with fio._image_for(raw, job, fio.FioConfig(), tmp_path, {raw.layout: image}) as got:
+            assert got == image
+    assert readied == [(image, job.writes) for job in fio.JOBS]
+    assert [w for _, w in readied] == [False, True, False, True]
