@@ -45,6 +45,8 @@ from tapnbd.errors import ProtocolError, RequestError
 from tapnbd.protocol.consts import Cmd, CmdFlag, TransmissionFlag
 from tapnbd.protocol.handshake import NEED_DATA, Abort, Handshake, Ready, StartTLS
 from tapnbd.protocol.transmission import (
+    SMALL_WRITE,
+    Request,
     RequestDecoder,
     block_status_chunk,
     error_chunk,
@@ -60,7 +62,6 @@ from tapnbd.stats import now
 
 if TYPE_CHECKING:
     from tapnbd.backend import Backend
-    from tapnbd.protocol.transmission import Request
     from tapnbd.server.exports import Export
     from tapnbd.server.listener import NBDServer
 
@@ -341,8 +342,31 @@ class NBDConnection(asyncio.BufferedProtocol):
         cork: list[bytes | bytearray | memoryview] = []
         self._cork, self._cork_bytes = cork, 0
         self._processing, self._blocked = True, False
+        budget, server = self.budget, self.server
         try:
             while not self.closing:
+                # The fast lane: a small plain WRITE, written and answered here and now.
+                # With room for it, admitting it (in flight, payload charged) and
+                # releasing it at once would change nothing, so neither is done.
+                if (
+                    not self._write_paused
+                    and self.in_flight < MAX_IN_FLIGHT
+                    and self.payload + SMALL_WRITE <= MAX_CONN_PAYLOAD
+                    and budget.used + SMALL_WRITE <= budget.limit
+                    and not server.shutting_down
+                    and (small := decoder.next_small_write()) is not None
+                ):
+                    cookie, offset, data = small
+                    if backend.try_pwrite(offset, data):
+                        self._write(simple_reply(cookie))
+                        continue
+                    # Not now (or an error to report): the usual way, admitted as usual.
+                    admitted = self._admit(_WRITE, len(data))
+                    assert admitted  # there was room
+                    self._dispatch(
+                        Request(0, _WRITE, cookie, offset, len(data), data), self._charged
+                    )
+                    continue
                 # None: more bytes needed, or _admit refused the next request.
                 req = decoder.next_request()
                 if req is None:

@@ -1,0 +1,296 @@
+"""Small WRITEs in the connection's fast lane (NBDConnection._process).
+
+A plain WRITE under SMALL_WRITE bytes whose payload is all buffered is written and
+answered as it is decoded, with no Request and no admission, but only while the
+connection has room for it: replies not backed up, requests and payload in flight
+under their bounds, and the server's payload budget able to hold it. A write the driver
+does not take at once (backing off, read-only, out of range) goes the usual way and gets
+the usual answer. Each case counts the writes the lane took, and checks every byte.
+
+The server runs in-process on a socket pair (tests/server/inproc.py), so what is queued
+in its socket when it next runs is exactly what the test queued.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import random
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tapnbd.protocol.transmission import SMALL_WRITE, RequestDecoder
+from tests.server import rawclient as rc
+from tests.server.inproc import Client, Reads, Served, header, loops, run, serve
+
+SIZE = 4 << 20
+FUA = 1
+
+
+class Lane:
+    """Counts the writes RequestDecoder.next_small_write handed to the fast lane."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.taken = 0
+        original = RequestDecoder.next_small_write
+
+        def counted(decoder: RequestDecoder) -> tuple[int, int, bytes] | None:
+            small = original(decoder)
+            self.taken += small is not None
+            return small
+
+        monkeypatch.setattr(RequestDecoder, "next_small_write", counted)
+
+
+class Disk:
+    """The image and what it must hold."""
+
+    def __init__(self, path: Path, seed: int) -> None:
+        self.path = path
+        self.rng = random.Random(seed)
+        self.expect = bytearray(self.rng.randbytes(SIZE))
+        path.write_bytes(self.expect)
+        self.cookies = iter(range(1, 100_000))
+
+    def write(self, flags: int = 0, length: int = 0, offset: int = -1) -> tuple[int, bytes]:
+        """A WRITE request at a random place (or ``offset``); what it writes is expected."""
+        length = length or self.rng.choice((4096, 512, self.rng.randrange(1, SMALL_WRITE)))
+        if offset < 0:
+            offset = self.rng.randrange(0, SIZE - length + 1)
+        cookie, data = next(self.cookies), self.rng.randbytes(length)
+        if offset + length <= SIZE:
+            self.expect[offset : offset + length] = data
+        return cookie, header(rc.CMD_WRITE, cookie, offset, length, flags) + data
+
+    def check(self) -> None:
+        assert self.path.read_bytes() == bytes(self.expect)
+
+
+async def _replies(client: Client, n: int) -> dict[int, int]:
+    """The next ``n`` simple replies (any order): cookie -> error."""
+    out = {}
+    for _ in range(n):
+        error, cookie, _ = await asyncio.to_thread(rc.simple_reply, client.sock, 0)
+        out[cookie] = error
+    return out
+
+
+async def _read_back(served: Served, disk: Disk) -> None:
+    """Every byte through the server, in 1 MiB READs."""
+    for offset in range(0, SIZE, 1 << 20):
+        cookie = next(disk.cookies)
+        served.client.queue(header(rc.CMD_READ, cookie, offset, 1 << 20))
+        got = await served.client.reply(cookie, 1 << 20)
+        assert got == (0, bytes(disk.expect[offset : offset + (1 << 20)])), offset
+
+
+def _idle(served: Served) -> None:
+    """Nothing in flight and nothing charged once every reply is in."""
+    assert served.conn.in_flight == 0 and served.conn.payload == 0
+    assert served.server.budget.used == 0
+
+
+def _seed() -> int:
+    seed = random.randrange(1 << 32)
+    print("seed", seed)
+    return seed
+
+
+@pytest.mark.parametrize("loop_factory", loops())
+def test_small_writes_take_the_fast_lane_and_land(
+    loop_factory: Callable[[], asyncio.AbstractEventLoop],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    disk = Disk(tmp_path / "disk.raw", _seed())
+    lane = Lane(monkeypatch)
+
+    async def main() -> None:
+        served = await serve(disk.path)
+        try:
+            writes = [disk.write() for _ in range(60)]
+            served.client.queue(b"".join(req for _, req in writes))
+            assert await _replies(served.client, 60) == {c: 0 for c, _ in writes}
+            if served.driver._nowait_write:
+                pytest.skip("this file system takes RWF_NOWAIT writes: no inline pwrite")
+            assert lane.taken == 60
+            # FUA, or a payload of SMALL_WRITE: the usual way.
+            writes = [disk.write(FUA), disk.write(length=SMALL_WRITE), disk.write()]
+            served.client.queue(b"".join(req for _, req in writes))
+            assert await _replies(served.client, 3) == {c: 0 for c, _ in writes}
+            assert lane.taken == 61
+            _idle(served)
+            await _read_back(served, disk)
+        finally:
+            await served.close()
+        disk.check()
+
+    run(loop_factory, main)
+
+
+@pytest.mark.parametrize("loop_factory", loops())
+def test_writes_the_driver_refuses_go_the_usual_way(
+    loop_factory: Callable[[], asyncio.AbstractEventLoop],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    disk = Disk(tmp_path / "disk.raw", _seed())
+    lane = Lane(monkeypatch)
+
+    async def main() -> None:
+        served = await serve(disk.path)
+        try:
+            cookie, req = disk.write()  # the first write finds out how the file takes them
+            served.client.queue(req)
+            assert await served.client.reply(cookie) == (0, b"")
+            if served.driver._nowait_write:
+                pytest.skip("this file system takes RWF_NOWAIT writes: no inline pwrite")
+            lane.taken = 0
+            # The driver backs off (a write slept): the lane takes each write, hands it
+            # on admitted, and the thread pool writes it.
+            served.driver._inline_after = time.monotonic() + 3600
+            writes = [disk.write() for _ in range(20)]
+            served.client.queue(b"".join(req for _, req in writes))
+            assert await _replies(served.client, 20) == {c: 0 for c, _ in writes}
+            assert lane.taken == 20
+            _idle(served)
+            served.driver._inline_after = 0.0
+            # Past the end: "ENOSPC", as a FUA write (never in the lane) gets it, and the
+            # stream stays in sync.
+            past = SIZE - 100
+            (c1, r1), (c2, r2) = disk.write(length=4096, offset=past), disk.write(FUA, 4096, past)
+            c3, r3 = disk.write()
+            served.client.queue(r1 + r2 + r3)
+            got = await _replies(served.client, 3)
+            assert got == {c1: errno.ENOSPC, c2: errno.ENOSPC, c3: 0}
+            assert lane.taken == 22
+            _idle(served)
+            await _read_back(served, disk)
+        finally:
+            await served.close()
+        disk.check()
+
+    run(loop_factory, main)
+
+
+@pytest.mark.parametrize("loop_factory", loops())
+def test_read_only_export_answers_eperm_in_sync(
+    loop_factory: Callable[[], asyncio.AbstractEventLoop],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    disk = Disk(tmp_path / "disk.raw", _seed())
+    before = bytes(disk.expect)
+    lane = Lane(monkeypatch)
+
+    async def main() -> None:
+        served = await serve(disk.path, read_only=True)
+        try:
+            writes = [disk.write() for _ in range(5)]
+            served.client.queue(b"".join(req for _, req in writes))
+            assert await _replies(served.client, 5) == {c: errno.EPERM for c, _ in writes}
+            assert lane.taken == 5
+            disk.expect[:] = before
+            _idle(served)
+            await _read_back(served, disk)
+        finally:
+            await served.close()
+        disk.check()
+
+    run(loop_factory, main)
+
+
+@pytest.mark.parametrize("loop_factory", loops())
+def test_no_fast_lane_while_replies_back_up(
+    loop_factory: Callable[[], asyncio.AbstractEventLoop],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A client that does not read its replies makes the transport pause us: small
+    WRITEs then wait in the buffer like every other request."""
+    disk = Disk(tmp_path / "disk.raw", _seed())
+    lane = Lane(monkeypatch)
+
+    async def main() -> None:
+        reads = Reads(monkeypatch)
+        served = await serve(disk.path)
+        conn, decoder = served.conn, served.conn.decoder
+        assert decoder is not None
+        try:
+            # As pause_writing would leave it, with the transport still reading, as it
+            # is when the pause comes in the middle of a batch of requests.
+            conn._write_paused = True
+            cookie, req = disk.write()
+            served.client.queue(req)
+            await reads.until(lambda: decoder.buffered() >= len(req))
+            assert lane.taken == 0 and conn.in_flight == 0
+            conn.resume_writing()
+            assert await served.client.reply(cookie) == (0, b"")
+            assert lane.taken == 1
+            _idle(served)
+        finally:
+            await served.close()
+        disk.check()
+
+    run(loop_factory, main)
+
+
+@pytest.mark.parametrize("loop_factory", loops())
+def test_no_fast_lane_without_budget_room(
+    loop_factory: Callable[[], asyncio.AbstractEventLoop],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A payload budget smaller than SMALL_WRITE: every write is admitted the usual
+    way, so the budget's bound holds for them as for everything else."""
+    disk = Disk(tmp_path / "disk.raw", _seed())
+    lane = Lane(monkeypatch)
+
+    async def main() -> None:
+        served = await serve(disk.path, payload_budget=SMALL_WRITE // 2)
+        try:
+            writes = [disk.write(length=4096) for _ in range(30)]
+            served.client.queue(b"".join(req for _, req in writes))
+            assert await _replies(served.client, 30) == {c: 0 for c, _ in writes}
+            assert lane.taken == 0
+            assert 0 < served.server.budget.peak <= SMALL_WRITE // 2
+            _idle(served)
+        finally:
+            await served.close()
+        disk.check()
+
+    run(loop_factory, main)
+
+
+@pytest.mark.parametrize("loop_factory", loops())
+def test_a_server_shutting_down_answers_eshutdown(
+    loop_factory: Callable[[], asyncio.AbstractEventLoop],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """ "ESHUTDOWN: the server is shutting down" (NBD spec, "Error values"): new WRITEs
+    during a soft disconnect are answered so, small ones too, and not written."""
+    disk = Disk(tmp_path / "disk.raw", _seed())
+    before = bytes(disk.expect)
+    lane = Lane(monkeypatch)
+
+    async def main() -> None:
+        served = await serve(disk.path)
+        try:
+            # As NBDServer.shutdown leaves it while it drains, without its timers.
+            served.server.shutting_down = True
+            writes = [disk.write() for _ in range(5)]
+            served.client.queue(b"".join(req for _, req in writes))
+            assert await _replies(served.client, 5) == {c: errno.ESHUTDOWN for c, _ in writes}
+            assert lane.taken == 0
+            disk.expect[:] = before
+            _idle(served)
+        finally:
+            served.server.shutting_down = False
+            await served.close()
+        disk.check()
+
+    run(loop_factory, main)
