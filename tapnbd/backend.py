@@ -81,6 +81,11 @@ class Backend:
         intercepts = getattr(driver, "intercepts", None)
         self._zero_hint = self.can_extents and not (callable(intercepts) and intercepts("read"))
         self._lock = None if driver.parallel else asyncio.Lock()
+        #: try_pwrite may succeed: a writable, parallel driver with a pwrite_nowait of
+        #: its own (the connection's small-write lane is for these only).
+        self.writes_inline = (
+            writable and driver.parallel and type(driver).pwrite_nowait is not Driver.pwrite_nowait
+        )
         self.stats = Stats()
         self.closed = False
         self.name = ""  # the export's, for log messages; set by whoever names it

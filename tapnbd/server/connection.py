@@ -349,7 +349,8 @@ class NBDConnection(asyncio.BufferedProtocol):
                 # With room for it, admitting it (in flight, payload charged) and
                 # releasing it at once would change nothing, so neither is done.
                 if (
-                    not self._write_paused
+                    backend.writes_inline
+                    and not self._write_paused
                     and self.in_flight < MAX_IN_FLIGHT
                     and self.payload + SMALL_WRITE <= MAX_CONN_PAYLOAD
                     and budget.used + SMALL_WRITE <= budget.limit

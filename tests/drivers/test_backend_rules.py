@@ -12,7 +12,7 @@ import pytest
 
 from formats.ram import RamDriver
 from tapnbd.backend import ZERO_CHUNK, Backend, request_errno
-from tapnbd.driver import Extent, ExtentFlags, FuaMode
+from tapnbd.driver import Driver, Extent, ExtentFlags, FuaMode
 from tapnbd.errors import RequestError
 
 SIZE = 4 * ZERO_CHUNK
@@ -347,3 +347,33 @@ async def test_capabilities_and_native_cache() -> None:
     await c.extents(0, 4096)
     assert c.stats.ops["flush"].bytes == 0 and c.stats.ops["extents"].bytes == 0
     assert c.stats.ops["extents"].ops == 1
+
+
+class NoInline(RamDriver):
+    """A RAM disk without a synchronous write (as the qcow2, vhd and nbd drivers)."""
+
+    pwrite_nowait = Driver.pwrite_nowait
+
+
+class Serial(RamDriver):
+    parallel = False
+
+
+@pytest.mark.parametrize(
+    ("driver", "read_only", "inline"),
+    [
+        (RamDriver(SIZE), False, True),
+        (RamDriver(SIZE), True, False),
+        (NoInline(SIZE), False, False),
+        (Serial(SIZE), False, False),
+    ],
+    ids=["ram", "read-only", "no-pwrite_nowait", "serial"],
+)
+def test_writes_inline_only_where_try_pwrite_can_succeed(
+    driver: RamDriver, read_only: bool, inline: bool
+) -> None:
+    """Backend.writes_inline opens the connection's small-write lane; where it is
+    False, try_pwrite never succeeds, so the lane would only cost time."""
+    backend = Backend(driver, read_only=read_only)
+    assert backend.writes_inline is inline
+    assert backend.try_pwrite(0, b"x" * 512) is inline

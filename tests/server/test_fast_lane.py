@@ -17,8 +17,9 @@ import asyncio
 import errno
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -99,173 +100,119 @@ def _seed() -> int:
     return seed
 
 
-@pytest.mark.parametrize("loop_factory", loops())
+Body = Callable[[Served, Disk, Lane, Reads], Awaitable[None]]
+LOOP = pytest.mark.parametrize("loop_factory", loops())
+
+
+def _case(
+    loop_factory: Callable[[], asyncio.AbstractEventLoop],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    body: Body,
+    **serve_args: Any,
+) -> None:
+    """Serve a random image, run ``body``; then nothing may be in flight or charged,
+    and the file must hold exactly what the test expects."""
+    disk = Disk(tmp_path / "disk.raw", _seed())
+    lane, reads = Lane(monkeypatch), Reads(monkeypatch)
+
+    async def main() -> None:
+        served = await serve(disk.path, **serve_args)
+        try:
+            await body(served, disk, lane, reads)
+            _idle(served)
+        finally:
+            await served.close()
+        disk.check()
+
+    run(loop_factory, main)
+
+
+@LOOP
 def test_small_writes_take_the_fast_lane_and_land(
     loop_factory: Callable[[], asyncio.AbstractEventLoop],
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    disk = Disk(tmp_path / "disk.raw", _seed())
-    lane = Lane(monkeypatch)
+    async def body(served: Served, disk: Disk, lane: Lane, reads: Reads) -> None:
+        writes = [disk.write() for _ in range(60)]
+        served.client.queue(b"".join(req for _, req in writes))
+        assert await _replies(served.client, 60) == {c: 0 for c, _ in writes}
+        if served.driver._nowait_write:
+            pytest.skip("this file system takes RWF_NOWAIT writes: no inline pwrite")
+        assert lane.taken == 60
+        # FUA, or a payload of SMALL_WRITE: the usual way.
+        writes = [disk.write(FUA), disk.write(length=SMALL_WRITE), disk.write()]
+        served.client.queue(b"".join(req for _, req in writes))
+        assert await _replies(served.client, 3) == {c: 0 for c, _ in writes}
+        assert lane.taken == 61
+        await _read_back(served, disk)
 
-    async def main() -> None:
-        served = await serve(disk.path)
-        try:
-            writes = [disk.write() for _ in range(60)]
-            served.client.queue(b"".join(req for _, req in writes))
-            assert await _replies(served.client, 60) == {c: 0 for c, _ in writes}
-            if served.driver._nowait_write:
-                pytest.skip("this file system takes RWF_NOWAIT writes: no inline pwrite")
-            assert lane.taken == 60
-            # FUA, or a payload of SMALL_WRITE: the usual way.
-            writes = [disk.write(FUA), disk.write(length=SMALL_WRITE), disk.write()]
-            served.client.queue(b"".join(req for _, req in writes))
-            assert await _replies(served.client, 3) == {c: 0 for c, _ in writes}
-            assert lane.taken == 61
-            _idle(served)
-            await _read_back(served, disk)
-        finally:
-            await served.close()
-        disk.check()
-
-    run(loop_factory, main)
+    _case(loop_factory, tmp_path, monkeypatch, body)
 
 
-@pytest.mark.parametrize("loop_factory", loops())
+@LOOP
 def test_writes_the_driver_refuses_go_the_usual_way(
     loop_factory: Callable[[], asyncio.AbstractEventLoop],
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    disk = Disk(tmp_path / "disk.raw", _seed())
-    lane = Lane(monkeypatch)
+    async def body(served: Served, disk: Disk, lane: Lane, reads: Reads) -> None:
+        cookie, req = disk.write()  # the first write finds out how the file takes them
+        served.client.queue(req)
+        assert await served.client.reply(cookie) == (0, b"")
+        if served.driver._nowait_write:
+            pytest.skip("this file system takes RWF_NOWAIT writes: no inline pwrite")
+        lane.taken = 0
+        # The driver backs off (a write slept): the lane takes each write, hands it on
+        # admitted, and the thread pool writes it.
+        served.driver._inline_after = time.monotonic() + 3600
+        writes = [disk.write() for _ in range(20)]
+        served.client.queue(b"".join(req for _, req in writes))
+        assert await _replies(served.client, 20) == {c: 0 for c, _ in writes}
+        assert lane.taken == 20
+        _idle(served)
+        served.driver._inline_after = 0.0
+        # Past the end: "ENOSPC", as a FUA write (never in the lane) gets it, and the
+        # stream stays in sync.
+        past = SIZE - 100
+        (c1, r1), (c2, r2) = disk.write(length=4096, offset=past), disk.write(FUA, 4096, past)
+        c3, r3 = disk.write()
+        served.client.queue(r1 + r2 + r3)
+        got = await _replies(served.client, 3)
+        assert got == {c1: errno.ENOSPC, c2: errno.ENOSPC, c3: 0}
+        assert lane.taken == 22
+        await _read_back(served, disk)
 
-    async def main() -> None:
-        served = await serve(disk.path)
-        try:
-            cookie, req = disk.write()  # the first write finds out how the file takes them
-            served.client.queue(req)
-            assert await served.client.reply(cookie) == (0, b"")
-            if served.driver._nowait_write:
-                pytest.skip("this file system takes RWF_NOWAIT writes: no inline pwrite")
-            lane.taken = 0
-            # The driver backs off (a write slept): the lane takes each write, hands it
-            # on admitted, and the thread pool writes it.
-            served.driver._inline_after = time.monotonic() + 3600
-            writes = [disk.write() for _ in range(20)]
-            served.client.queue(b"".join(req for _, req in writes))
-            assert await _replies(served.client, 20) == {c: 0 for c, _ in writes}
-            assert lane.taken == 20
-            _idle(served)
-            served.driver._inline_after = 0.0
-            # Past the end: "ENOSPC", as a FUA write (never in the lane) gets it, and the
-            # stream stays in sync.
-            past = SIZE - 100
-            (c1, r1), (c2, r2) = disk.write(length=4096, offset=past), disk.write(FUA, 4096, past)
-            c3, r3 = disk.write()
-            served.client.queue(r1 + r2 + r3)
-            got = await _replies(served.client, 3)
-            assert got == {c1: errno.ENOSPC, c2: errno.ENOSPC, c3: 0}
-            assert lane.taken == 22
-            _idle(served)
-            await _read_back(served, disk)
-        finally:
-            await served.close()
-        disk.check()
-
-    run(loop_factory, main)
+    _case(loop_factory, tmp_path, monkeypatch, body)
 
 
-@pytest.mark.parametrize("loop_factory", loops())
+async def _refused(served: Served, disk: Disk, err: int) -> None:
+    """Five small WRITEs, each answered ``err``, none written."""
+    before = bytes(disk.expect)
+    writes = [disk.write() for _ in range(5)]
+    served.client.queue(b"".join(req for _, req in writes))
+    assert await _replies(served.client, 5) == {c: err for c, _ in writes}
+    disk.expect[:] = before
+
+
+@LOOP
 def test_read_only_export_answers_eperm_in_sync(
     loop_factory: Callable[[], asyncio.AbstractEventLoop],
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    disk = Disk(tmp_path / "disk.raw", _seed())
-    before = bytes(disk.expect)
-    lane = Lane(monkeypatch)
+    async def body(served: Served, disk: Disk, lane: Lane, reads: Reads) -> None:
+        backend = served.conn.backend
+        assert backend is not None and not backend.writes_inline  # so the lane stays shut
+        await _refused(served, disk, errno.EPERM)
+        assert lane.taken == 0
+        await _read_back(served, disk)
 
-    async def main() -> None:
-        served = await serve(disk.path, read_only=True)
-        try:
-            writes = [disk.write() for _ in range(5)]
-            served.client.queue(b"".join(req for _, req in writes))
-            assert await _replies(served.client, 5) == {c: errno.EPERM for c, _ in writes}
-            assert lane.taken == 5
-            disk.expect[:] = before
-            _idle(served)
-            await _read_back(served, disk)
-        finally:
-            await served.close()
-        disk.check()
-
-    run(loop_factory, main)
+    _case(loop_factory, tmp_path, monkeypatch, body, read_only=True)
 
 
-@pytest.mark.parametrize("loop_factory", loops())
-def test_no_fast_lane_while_replies_back_up(
-    loop_factory: Callable[[], asyncio.AbstractEventLoop],
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """A client that does not read its replies makes the transport pause us: small
-    WRITEs then wait in the buffer like every other request."""
-    disk = Disk(tmp_path / "disk.raw", _seed())
-    lane = Lane(monkeypatch)
-
-    async def main() -> None:
-        reads = Reads(monkeypatch)
-        served = await serve(disk.path)
-        conn, decoder = served.conn, served.conn.decoder
-        assert decoder is not None
-        try:
-            # As pause_writing would leave it, with the transport still reading, as it
-            # is when the pause comes in the middle of a batch of requests.
-            conn._write_paused = True
-            cookie, req = disk.write()
-            served.client.queue(req)
-            await reads.until(lambda: decoder.buffered() >= len(req))
-            assert lane.taken == 0 and conn.in_flight == 0
-            conn.resume_writing()
-            assert await served.client.reply(cookie) == (0, b"")
-            assert lane.taken == 1
-            _idle(served)
-        finally:
-            await served.close()
-        disk.check()
-
-    run(loop_factory, main)
-
-
-@pytest.mark.parametrize("loop_factory", loops())
-def test_no_fast_lane_without_budget_room(
-    loop_factory: Callable[[], asyncio.AbstractEventLoop],
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """A payload budget smaller than SMALL_WRITE: every write is admitted the usual
-    way, so the budget's bound holds for them as for everything else."""
-    disk = Disk(tmp_path / "disk.raw", _seed())
-    lane = Lane(monkeypatch)
-
-    async def main() -> None:
-        served = await serve(disk.path, payload_budget=SMALL_WRITE // 2)
-        try:
-            writes = [disk.write(length=4096) for _ in range(30)]
-            served.client.queue(b"".join(req for _, req in writes))
-            assert await _replies(served.client, 30) == {c: 0 for c, _ in writes}
-            assert lane.taken == 0
-            assert 0 < served.server.budget.peak <= SMALL_WRITE // 2
-            _idle(served)
-        finally:
-            await served.close()
-        disk.check()
-
-    run(loop_factory, main)
-
-
-@pytest.mark.parametrize("loop_factory", loops())
+@LOOP
 def test_a_server_shutting_down_answers_eshutdown(
     loop_factory: Callable[[], asyncio.AbstractEventLoop],
     tmp_path: Path,
@@ -273,24 +220,59 @@ def test_a_server_shutting_down_answers_eshutdown(
 ) -> None:
     """ "ESHUTDOWN: the server is shutting down" (NBD spec, "Error values"): new WRITEs
     during a soft disconnect are answered so, small ones too, and not written."""
-    disk = Disk(tmp_path / "disk.raw", _seed())
-    before = bytes(disk.expect)
-    lane = Lane(monkeypatch)
 
-    async def main() -> None:
-        served = await serve(disk.path)
+    async def body(served: Served, disk: Disk, lane: Lane, reads: Reads) -> None:
+        # As NBDServer.shutdown leaves it while it drains, without its timers.
+        served.server.shutting_down = True
         try:
-            # As NBDServer.shutdown leaves it while it drains, without its timers.
-            served.server.shutting_down = True
-            writes = [disk.write() for _ in range(5)]
-            served.client.queue(b"".join(req for _, req in writes))
-            assert await _replies(served.client, 5) == {c: errno.ESHUTDOWN for c, _ in writes}
-            assert lane.taken == 0
-            disk.expect[:] = before
-            _idle(served)
+            await _refused(served, disk, errno.ESHUTDOWN)
         finally:
             served.server.shutting_down = False
-            await served.close()
-        disk.check()
+        assert lane.taken == 0
 
-    run(loop_factory, main)
+    _case(loop_factory, tmp_path, monkeypatch, body)
+
+
+@LOOP
+def test_no_fast_lane_while_replies_back_up(
+    loop_factory: Callable[[], asyncio.AbstractEventLoop],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A client that does not read its replies makes the transport pause us: small
+    WRITEs then wait in the buffer like every other request."""
+
+    async def body(served: Served, disk: Disk, lane: Lane, reads: Reads) -> None:
+        conn, decoder = served.conn, served.conn.decoder
+        assert decoder is not None
+        # As pause_writing would leave it, with the transport still reading, as it is
+        # when the pause comes in the middle of a batch of requests.
+        conn._write_paused = True
+        cookie, req = disk.write()
+        served.client.queue(req)
+        await reads.until(lambda: decoder.buffered() >= len(req))
+        assert lane.taken == 0 and conn.in_flight == 0
+        conn.resume_writing()
+        assert await served.client.reply(cookie) == (0, b"")
+        assert lane.taken == 1
+
+    _case(loop_factory, tmp_path, monkeypatch, body)
+
+
+@LOOP
+def test_no_fast_lane_without_budget_room(
+    loop_factory: Callable[[], asyncio.AbstractEventLoop],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A payload budget smaller than SMALL_WRITE: every write is admitted the usual
+    way, so the budget's bound holds for them as for everything else."""
+
+    async def body(served: Served, disk: Disk, lane: Lane, reads: Reads) -> None:
+        writes = [disk.write(length=4096) for _ in range(30)]
+        served.client.queue(b"".join(req for _, req in writes))
+        assert await _replies(served.client, 30) == {c: 0 for c, _ in writes}
+        assert lane.taken == 0
+        assert 0 < served.server.budget.peak <= SMALL_WRITE // 2
+
+    _case(loop_factory, tmp_path, monkeypatch, body, payload_budget=SMALL_WRITE // 2)
