@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -101,7 +102,7 @@ def _seed() -> int:
 
 
 Body = Callable[[Served, Disk, Lane, Reads], Awaitable[None]]
-LOOP = pytest.mark.parametrize("loop_factory", loops())
+Case = Callable[..., None]
 
 
 def _case(
@@ -128,12 +129,13 @@ def _case(
     run(loop_factory, main)
 
 
-@LOOP
-def test_small_writes_take_the_fast_lane_and_land(
-    loop_factory: Callable[[], asyncio.AbstractEventLoop],
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+@pytest.fixture(params=loops())
+def case(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Case:
+    """``case(body, **serve_args)``: _case on the asyncio loop, then on uvloop's."""
+    return functools.partial(_case, request.param, tmp_path, monkeypatch)
+
+
+def test_small_writes_take_the_fast_lane_and_land(case: Case) -> None:
     async def body(served: Served, disk: Disk, lane: Lane, reads: Reads) -> None:
         writes = [disk.write() for _ in range(60)]
         served.client.queue(b"".join(req for _, req in writes))
@@ -148,15 +150,10 @@ def test_small_writes_take_the_fast_lane_and_land(
         assert lane.taken == 61
         await _read_back(served, disk)
 
-    _case(loop_factory, tmp_path, monkeypatch, body)
+    case(body)
 
 
-@LOOP
-def test_writes_the_driver_refuses_go_the_usual_way(
-    loop_factory: Callable[[], asyncio.AbstractEventLoop],
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_writes_the_driver_refuses_go_the_usual_way(case: Case) -> None:
     async def body(served: Served, disk: Disk, lane: Lane, reads: Reads) -> None:
         cookie, req = disk.write()  # the first write finds out how the file takes them
         served.client.queue(req)
@@ -184,7 +181,7 @@ def test_writes_the_driver_refuses_go_the_usual_way(
         assert lane.taken == 22
         await _read_back(served, disk)
 
-    _case(loop_factory, tmp_path, monkeypatch, body)
+    case(body)
 
 
 async def _refused(served: Served, disk: Disk, err: int) -> None:
@@ -196,12 +193,7 @@ async def _refused(served: Served, disk: Disk, err: int) -> None:
     disk.expect[:] = before
 
 
-@LOOP
-def test_read_only_export_answers_eperm_in_sync(
-    loop_factory: Callable[[], asyncio.AbstractEventLoop],
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_read_only_export_answers_eperm_in_sync(case: Case) -> None:
     async def body(served: Served, disk: Disk, lane: Lane, reads: Reads) -> None:
         backend = served.conn.backend
         assert backend is not None and not backend.writes_inline  # so the lane stays shut
@@ -209,15 +201,10 @@ def test_read_only_export_answers_eperm_in_sync(
         assert lane.taken == 0
         await _read_back(served, disk)
 
-    _case(loop_factory, tmp_path, monkeypatch, body, read_only=True)
+    case(body, read_only=True)
 
 
-@LOOP
-def test_a_server_shutting_down_answers_eshutdown(
-    loop_factory: Callable[[], asyncio.AbstractEventLoop],
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_a_server_shutting_down_answers_eshutdown(case: Case) -> None:
     """ "ESHUTDOWN: the server is shutting down" (NBD spec, "Error values"): new WRITEs
     during a soft disconnect are answered so, small ones too, and not written."""
 
@@ -230,15 +217,10 @@ def test_a_server_shutting_down_answers_eshutdown(
             served.server.shutting_down = False
         assert lane.taken == 0
 
-    _case(loop_factory, tmp_path, monkeypatch, body)
+    case(body)
 
 
-@LOOP
-def test_no_fast_lane_while_replies_back_up(
-    loop_factory: Callable[[], asyncio.AbstractEventLoop],
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_no_fast_lane_while_replies_back_up(case: Case) -> None:
     """A client that does not read its replies makes the transport pause us: small
     WRITEs then wait in the buffer like every other request."""
 
@@ -256,15 +238,10 @@ def test_no_fast_lane_while_replies_back_up(
         assert await served.client.reply(cookie) == (0, b"")
         assert lane.taken == 1
 
-    _case(loop_factory, tmp_path, monkeypatch, body)
+    case(body)
 
 
-@LOOP
-def test_no_fast_lane_without_budget_room(
-    loop_factory: Callable[[], asyncio.AbstractEventLoop],
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_no_fast_lane_without_budget_room(case: Case) -> None:
     """A payload budget smaller than SMALL_WRITE: every write is admitted the usual
     way, so the budget's bound holds for them as for everything else."""
 
@@ -275,4 +252,4 @@ def test_no_fast_lane_without_budget_room(
         assert lane.taken == 0
         assert 0 < served.server.budget.peak <= SMALL_WRITE // 2
 
-    _case(loop_factory, tmp_path, monkeypatch, body, payload_budget=SMALL_WRITE // 2)
+    case(body, payload_budget=SMALL_WRITE // 2)
