@@ -235,7 +235,7 @@ class RequestDecoder:
 
     def next_small_write(self) -> tuple[int, int, bytes] | None:
         """The next request if it is a WRITE with no flags, a payload under
-        ``_DIRECT_MIN`` and all of it buffered: ``(cookie, offset, payload)``, taken
+        ``SMALL_WRITE`` bytes and all of it buffered: ``(cookie, offset, payload)``, taken
         without asking ``admit`` (the caller has room for it). Anything else is left
         for ``next_request``, untouched.
 
