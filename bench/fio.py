@@ -285,6 +285,16 @@ class FioRun:
     def vs_tapnbd_raw(self, target: FioTarget, job: str) -> float | None:
         return ratio(self.value(target.key, job), self.value("tapnbd-raw", job))
 
+    def per_repetition(self, a: str, b: str, job: str) -> list[float]:
+        """Target ``a`` over target ``b`` in each repetition where both have a figure:
+        cells of one repetition ran minutes apart at most, so drift over the run cancels."""
+        bs = {c.run: c.value for c in self.cells if c.target == b and c.job == job and c.value}
+        return [
+            c.value / bs[c.run]
+            for c in sorted(self.cells, key=lambda c: c.run)
+            if c.target == a and c.job == job and c.value and c.run in bs
+        ]
+
 
 # Running.
 
@@ -564,6 +574,38 @@ def targets_table(r: FioRun) -> Table:
     return t
 
 
+def repetitions_table(r: FioRun) -> Table:
+    """Issue 15's three ratios, repetition by repetition, with their median: on a noisy
+    machine the median of paired ratios is steadier than the ratio of two medians."""
+    t = Table(
+        "issue 15's ratios in each repetition",
+        ["ratio", "job", "each repetition", "median"],
+        align=["l", "l", "l", "r"],
+    )
+    if r.config.repeat < 2:
+        return t
+    ran = {x.key for x in r.ran}
+    for j in r.config.jobs:
+        peer, _ = r.best_peer("raw", j.key)
+        pairs = (
+            (
+                "tapnbd raw / " + (peer.label if peer else "?"),
+                "tapnbd-raw",
+                peer.key if peer else "",
+            ),
+            ("statistics on / off", "tapnbd-raw", "tapnbd-raw-nostats"),
+            ("qcow optimised (full) / tapnbd raw", "tapnbd-qcow-opt-full", "tapnbd-raw"),
+        )
+        for label, a, b in pairs:
+            each = r.per_repetition(a, b, j.key) if a in ran and b in ran else []
+            if each:
+                t.rows.append(
+                    [label, j.label, " ".join(f"{x:.2f}" for x in each),
+                     f"{statistics.median(each):.2f}"]
+                )  # fmt: skip
+    return t
+
+
 def _format_goals(r: FioRun, t: Table, fmt: str, qemu_fmt: str, states: tuple[str, ...]) -> None:
     """tapnbd ``fmt`` >= 1.0x qemu-nbd -f ``qemu_fmt`` on the same file on every row it
     ran (a fresh image only on the write rows), and >= 0.9x tapnbd raw when full."""
@@ -646,9 +688,9 @@ def markdown(r: FioRun, machine_md: str) -> str:
     ]
     for t in tables(r):
         parts += [f"## {t.title}", "", t.markdown(), ""]
-    tt = targets_table(r)
-    if tt.rows:
-        parts += [f"## {tt.title}", "", tt.markdown(), ""]
+    for tt in (targets_table(r), repetitions_table(r)):
+        if tt.rows:
+            parts += [f"## {tt.title}", "", tt.markdown(), ""]
     parts += ["## Images and notes", ""]
     parts += [f"- {n}" for n in r.notes]
     parts += [

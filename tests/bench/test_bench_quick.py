@@ -101,3 +101,33 @@ def test_full_images_are_warm_for_reads_and_dropped_for_writes(
             assert got == image
     assert readied == [(image, job.writes) for job in fio.JOBS]
     assert [w for _, w in readied] == [False, True, False, True]
+
+
+def test_repetitions_table_pairs_cells_of_the_same_repetition() -> None:
+    """Issue 15's ratios per repetition: a repetition missing either side is left out,
+    and the median is of the paired ratios, not a ratio of medians."""
+    keys = ("tapnbd-raw", "nbdkit-raw", "tapnbd-raw-nostats", "tapnbd-qcow-opt-full")
+    cfg = fio.FioConfig(
+        repeat=3,
+        targets=[t for t in fio.TARGETS if t.key in keys],
+        jobs=[j for j in fio.JOBS if j.key == "seqwrite"],
+    )
+    values: dict[str, list[float | None]] = {
+        "tapnbd-raw": [100.0, 200.0, 300.0],
+        "nbdkit-raw": [None, 400.0, 50.0],  # repetition 0 failed
+        "tapnbd-raw-nostats": [100.0, 100.0, 100.0],
+        "tapnbd-qcow-opt-full": [50.0, 200.0, 600.0],
+    }
+    cells = [
+        fio.FioCell(key, "seqwrite", rep, value=v)
+        for key, vs in values.items()
+        for rep, v in enumerate(vs)
+    ]
+    run = fio.FioRun(cfg, cells, {}, [])
+    assert run.per_repetition("tapnbd-raw", "nbdkit-raw", "seqwrite") == [0.5, 6.0]
+    rows = {row[0]: row[2:] for row in fio.repetitions_table(run).rows}
+    assert rows["tapnbd raw / nbdkit file"] == ["0.50 6.00", "3.25"]
+    assert rows["statistics on / off"] == ["1.00 2.00 3.00", "2.00"]
+    assert rows["qcow optimised (full) / tapnbd raw"] == ["0.50 1.00 2.00", "1.00"]
+    cfg.repeat = 1
+    assert fio.repetitions_table(run).rows == []
