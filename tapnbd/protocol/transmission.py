@@ -247,7 +247,7 @@ class RequestDecoder:
         if len(buf) < end or buf[pos + 7] != _WRITE or self._direct or self._pending:
             return None
         magic, flags, typ, cookie, offset, length = _REQ.unpack_from(buf, pos)
-        if typ != _WRITE or flags or magic != REQUEST_MAGIC or length >= _DIRECT_MIN:
+        if typ != _WRITE or flags or magic != REQUEST_MAGIC or length >= SMALL_WRITE:
             return None
         if len(buf) < end + length:
             return None

@@ -388,7 +388,11 @@ class NBDConnection(asyncio.BufferedProtocol):
 
     def _admit(self, typ: int, length: int) -> bool:
         """The decoder asks before it takes a request (before a WRITE's payload buffer
-        exists): count it as in flight and charge its payload, or stop decoding."""
+        exists): count it as in flight and charge its payload, or stop decoding.
+
+        The small-write lane in _process skips this only when every bound here would
+        let a SMALL_WRITE through: a new bound here must be checked there too.
+        """
         if self._write_paused or self.in_flight >= MAX_IN_FLIGHT:
             return self._hold("reply backlog" if self._write_paused else "requests in flight")
         self._charged = 0
