@@ -587,15 +587,12 @@ def repetitions_table(r: FioRun) -> Table:
     ran = {x.key for x in r.ran}
     for j in r.config.jobs:
         peer, _ = r.best_peer("raw", j.key)
-        pairs = (
-            (
-                "tapnbd raw / " + (peer.label if peer else "?"),
-                "tapnbd-raw",
-                peer.key if peer else "",
-            ),
+        pairs = [
             ("statistics on / off", "tapnbd-raw", "tapnbd-raw-nostats"),
             ("qcow optimised (full) / tapnbd raw", "tapnbd-qcow-opt-full", "tapnbd-raw"),
-        )
+        ]
+        if peer is not None:
+            pairs.insert(0, (f"tapnbd raw / {peer.label}", "tapnbd-raw", peer.key))
         for label, a, b in pairs:
             each = r.per_repetition(a, b, j.key) if a in ran and b in ran else []
             if each:

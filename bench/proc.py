@@ -232,39 +232,28 @@ def warm(path: Path, chunk: int = 8 << 20) -> None:
             pass
 
 
-def settle(path: Path) -> None:
-    """Write a file's dirty pages back (before a cell, outside its timing).
+def ready_for(path: Path, writes: bool) -> None:
+    """Put an image's page cache in the state a cell measures servers from.
 
-    A cell that starts with an earlier cell's dirty pages meets their writeback: a
-    write to a page under writeback waits for it, and that stall lands on whichever
-    server runs then.
+    First its dirty pages are written back (outside the cell's timing): a cell that
+    starts with an earlier cell's dirty pages meets their writeback, since a write to a
+    page under writeback waits for it, and that stall lands on whichever server runs
+    then. Reads are then measured from a warm cache. Writes start with the pages
+    dropped: on this kernel, pages cached by big reads (readahead) or big writes sit in
+    large folios, and ext4 walks every block of the folio on each 4k write into it
+    (``ext4_block_write_begin`` took 65 % of the server's CPU in such a cell). Every
+    server then ran 4k random writes at about 11k IOPS, against 40-60k from dropped
+    pages, so the cell measured ext4 and not the server.
     """
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         os.fsync(fd)
+        if writes:  # clean now, so all of them can go
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     finally:
         os.close(fd)
-
-
-def ready_for(path: Path, writes: bool) -> None:
-    """Put an image's page cache in the state a cell measures servers from.
-
-    Reads are measured from a warm cache. Writes start from a settled file whose pages
-    are dropped: on this kernel, pages cached by big reads (readahead) or big writes
-    sit in large folios, and ext4 walks every block of the folio on each 4k write into
-    it (``ext4_block_write_begin`` took 65 % of the server's CPU in such a cell). Every
-    server then ran 4k random writes at about 11k IOPS, against 40-60k from dropped
-    pages, so the cell measured ext4 and not the server.
-    """
-    settle(path)
     if not writes:
         warm(path)
-        return
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
 
 
 @contextlib.contextmanager

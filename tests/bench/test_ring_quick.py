@@ -1,5 +1,5 @@
-"""The ring benchmark in quick mode: both paths run, and every cell starts from a settled
-image, warm for reads and with its pages dropped for writes."""
+"""The ring benchmark in quick mode: both paths run, and every cell starts from an image
+written back, warm for reads and with its pages dropped for writes."""
 
 from __future__ import annotations
 
@@ -25,7 +25,10 @@ def _cached(path: Path) -> bool:
         os.close(fd)
 
 
-def test_settle_syncs_the_image(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("writes", [False, True])
+def test_ready_for_syncs_the_image(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, writes: bool
+) -> None:
     image = tmp_path / "disk.raw"
     image.write_bytes(b"x" * 4096)
     synced: list[int] = []
@@ -36,7 +39,7 @@ def test_settle_syncs_the_image(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
         real_fsync(fd)
 
     monkeypatch.setattr(os, "fsync", fsync)
-    proc.settle(image)
+    proc.ready_for(image, writes)
     assert synced == [image.stat().st_ino]
 
 
