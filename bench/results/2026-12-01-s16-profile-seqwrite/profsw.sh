@@ -2,7 +2,7 @@
 OUT=$1; IMG=/var/tmp/rw/a.raw; mkdir -p $OUT
 for srv in tap nk; do
   python3 /var/tmp/rw/drop.py $IMG
-  if [ $srv = tap ]; then /work/main/.venv/bin/python -m tapnbd serve $IMG --format raw --bind 127.0.0.1 --port 10898 >/dev/null 2>&1 & P=$!
+  if [ $srv = tap ]; then TAPNBD_SPLICE=${SPLICE:-1} /work/main/.venv/bin/python -m tapnbd serve $IMG --format raw --bind 127.0.0.1 --port 10898 >/dev/null 2>&1 & P=$!
   else nbdkit -f -p 10898 -i 127.0.0.1 file $IMG & P=$!; fi
   for i in $(seq 100); do nbdinfo --size nbd://127.0.0.1:10898/ >/dev/null 2>&1 && break; sleep 0.1; done
   fio --name=j --ioengine=nbd --uri=nbd://127.0.0.1:10898/ --rw=write --bs=1M --iodepth=8 --size=1g \
