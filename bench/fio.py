@@ -41,7 +41,7 @@ from typing import Any, Literal
 from bench import images
 from bench.images import GiB, MiB
 from bench.proc import BenchError, Unavailable, cpu_seconds, have, ready_for, run, warm
-from bench.report import Table, bar_chart, fmt_ratio, ratio, write_csv
+from bench.report import Table, bar_chart, fmt_ratio, median_interval, ratio, write_csv
 from bench.servers import SERVERS, ServerOptions, serve, unavailable_reason
 from bench.ui import UI
 
@@ -576,11 +576,13 @@ def targets_table(r: FioRun) -> Table:
 
 def repetitions_table(r: FioRun) -> Table:
     """Issue 15's three ratios, repetition by repetition, with their median: on a noisy
-    machine the median of paired ratios is steadier than the ratio of two medians."""
+    machine the median of paired ratios is steadier than the ratio of two medians. The
+    interval (``median_interval``, from 6 repetitions on) says whether the run tells the
+    median apart from a goal at all."""
     t = Table(
         "issue 15's ratios in each repetition",
-        ["ratio", "job", "each repetition", "median"],
-        align=["l", "l", "l", "r"],
+        ["ratio", "job", "each repetition", "median", "95 % interval"],
+        align=["l", "l", "l", "r", "r"],
     )
     if r.config.repeat < 2:
         return t
@@ -596,9 +598,11 @@ def repetitions_table(r: FioRun) -> Table:
         for label, a, b in pairs:
             each = r.per_repetition(a, b, j.key) if a in ran and b in ran else []
             if each:
+                ci = median_interval(each)
                 t.rows.append(
                     [label, j.label, " ".join(f"{x:.2f}" for x in each),
-                     f"{statistics.median(each):.2f}"]
+                     f"{statistics.median(each):.2f}",
+                     f"{ci[0]:.2f}-{ci[1]:.2f}" if ci else ""]
                 )  # fmt: skip
     return t
 

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import csv
+import math
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from bench import fio
+from bench import fio, report
 from tests.helpers import need
 
 
@@ -126,8 +127,43 @@ def test_repetitions_table_pairs_cells_of_the_same_repetition() -> None:
     run = fio.FioRun(cfg, cells, {}, [])
     assert run.per_repetition("tapnbd-raw", "nbdkit-raw", "seqwrite") == [0.5, 6.0]
     rows = {row[0]: row[2:] for row in fio.repetitions_table(run).rows}
-    assert rows["tapnbd raw / nbdkit file"] == ["0.50 6.00", "3.25"]
-    assert rows["statistics on / off"] == ["1.00 2.00 3.00", "2.00"]
-    assert rows["qcow optimised (full) / tapnbd raw"] == ["0.50 1.00 2.00", "1.00"]
+    assert rows["tapnbd raw / nbdkit file"] == ["0.50 6.00", "3.25", ""]
+    assert rows["statistics on / off"] == ["1.00 2.00 3.00", "2.00", ""]
+    assert rows["qcow optimised (full) / tapnbd raw"] == ["0.50 1.00 2.00", "1.00", ""]
     cfg.repeat = 1
     assert fio.repetitions_table(run).rows == []
+
+
+def test_repetitions_table_gives_the_medians_interval_from_six_repetitions() -> None:
+    keys = ("tapnbd-raw", "nbdkit-raw")
+    cfg = fio.FioConfig(
+        repeat=10,
+        targets=[t for t in fio.TARGETS if t.key in keys],
+        jobs=[j for j in fio.JOBS if j.key == "seqwrite"],
+    )
+    ratios = [0.7, 1.3, 0.9, 1.1, 0.95, 1.05, 0.8, 1.2, 1.0, 1.02]
+    cells = [fio.FioCell("nbdkit-raw", "seqwrite", rep, value=100.0) for rep in range(10)]
+    cells += [
+        fio.FioCell("tapnbd-raw", "seqwrite", rep, value=100 * x) for rep, x in enumerate(ratios)
+    ]
+    (row,) = fio.repetitions_table(fio.FioRun(cfg, cells, {}, [])).rows
+    # Ten values: the 2nd smallest and the 2nd largest (coverage 97.9 %; the 3rd
+    # would cover 89 %).
+    assert row[3:] == ["1.01", "0.80-1.20"]
+
+
+@pytest.mark.parametrize(("n", "k"), [(5, 0), (6, 1), (8, 1), (9, 2), (10, 2), (20, 6), (52, 19)])
+def test_median_interval_is_the_sign_tests(n: int, k: int) -> None:
+    """k-th smallest to k-th largest, for the largest k covering at least 95 %, checked
+    against the binomial sums written out."""
+    xs = [float(i) for i in range(n)][::-1]  # given in any order
+    got = report.median_interval(xs)
+    if k == 0:
+        assert got is None
+        return
+    assert got == (float(k - 1), float(n - k))
+
+    def cover(k: int) -> float:
+        return 1 - 2 * sum(math.comb(n, i) for i in range(k)) / (1 << n)
+
+    assert cover(k) >= 0.95 > cover(k + 1)
