@@ -93,6 +93,9 @@ class RequestDecoder:
     ) -> None:
         self.admit = admit
         self.max_payload = max_payload
+        # next_small_write's bound: a payload over max_payload is never taken there
+        # (next_request drains it and reports it), whatever max_payload is.
+        self._small_below = min(SMALL_WRITE, max_payload + 1)
         self.max_drain = max_drain
         self._buf = bytearray()
         self._pos = 0
@@ -235,9 +238,9 @@ class RequestDecoder:
 
     def next_small_write(self) -> tuple[int, int, bytes] | None:
         """The next request if it is a WRITE with no flags, a payload under
-        ``SMALL_WRITE`` bytes and all of it buffered: ``(cookie, offset, payload)``, taken
-        without asking ``admit`` (the caller has room for it). Anything else is left
-        for ``next_request``, untouched.
+        ``SMALL_WRITE`` bytes (and not over ``max_payload``) and all of it buffered:
+        ``(cookie, offset, payload)``, taken without asking ``admit`` (the caller has
+        room for it). Anything else is left for ``next_request``, untouched.
 
         The server's fast lane for small writes: no Request, no admission round trip.
         """
@@ -247,7 +250,7 @@ class RequestDecoder:
         if len(buf) < end or buf[pos + 7] != _WRITE or self._direct or self._pending:
             return None
         magic, flags, typ, cookie, offset, length = _REQ.unpack_from(buf, pos)
-        if typ != _WRITE or flags or magic != REQUEST_MAGIC or length >= SMALL_WRITE:
+        if typ != _WRITE or flags or magic != REQUEST_MAGIC or length >= self._small_below:
             return None
         if len(buf) < end + length:
             return None

@@ -13,8 +13,9 @@ first byte picks a target:
   UTF-8 and at most 4096 bytes.
 - the transmission phase: a stream of requests with fuzzed headers and payloads plus
   garbage, cut at random points and fed through ``feed`` or the BufferedProtocol pair,
-  is decoded and compared with a ten-line reference parser; each decoded request is
-  then answered with every reply encoder and the bytes parsed back.
+  is decoded (with or without the server's small-write lane, ``next_small_write``
+  before each ``next_request``) and compared with a ten-line reference parser; each
+  decoded request is then answered with every reply encoder and the bytes parsed back.
 
 The only exception allowed out of the codec is ProtocolError, and only where the spec
 says the connection dies. Buffers are checked after every step: the handshake never
@@ -523,6 +524,7 @@ def run_transmission(data: bytes) -> None:
     cfg, seed = src.uint(1), src.uint(2)
     max_payload = (1024, tx._DIRECT_MIN, 128 * 1024)[cfg % 3]
     buffered_protocol = bool(cfg & 4)
+    lane = bool(cfg & 32)  # the server's fast lane for small WRITEs first, as _process
     stream = build_request_stream(src, max_payload)
     expected, must_fail = reference_decode(stream, max_payload, 2 * max_payload)
 
@@ -544,6 +546,11 @@ def run_transmission(data: bytes) -> None:
             else:
                 dec.feed(chunk)
             for _ in range(len(chunk) // 28 + 3):
+                small = dec.next_small_write() if lane else None
+                if small is not None:
+                    cookie, offset, payload = small
+                    got.append(tx.Request(0, Cmd.WRITE, cookie, offset, len(payload), payload))
+                    continue
                 req = dec.next_request()
                 if req is None:
                     break

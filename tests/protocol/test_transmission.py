@@ -242,6 +242,18 @@ def test_small_writes_taken_by_the_fast_lane_keep_the_stream_in_sync() -> None:
     )
 
 
+def test_the_fast_lane_leaves_a_payload_over_max_payload_to_next_request() -> None:
+    """A decoder with a max_payload below SMALL_WRITE: a WRITE between the two is
+    drained and reported by next_request (payload None), never taken by the lane."""
+    dec = tx.RequestDecoder(max_payload=1024, max_drain=4096)
+    dec.feed(
+        req(Cmd.WRITE, 0, 2000, 7, 0, bytes(2000)) + req(Cmd.WRITE, 0, 1024, 8, 0, b"x" * 1024)
+    )
+    assert dec.next_small_write() is None
+    assert dec.next_request() == tx.Request(0, Cmd.WRITE, 7, 0, 2000, None)
+    assert dec.next_small_write() == (8, 0, b"x" * 1024)  # max_payload itself is taken
+
+
 def test_the_fast_lane_leaves_a_bad_magic_to_next_request() -> None:
     dec = tx.RequestDecoder()
     dec.feed(struct.pack(">IHHQQI", 0x12345678, 0, Cmd.WRITE, 1, 0, 3) + b"abc")

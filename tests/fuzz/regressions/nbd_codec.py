@@ -64,4 +64,12 @@ CASES: dict[str, tuple[str, str]] = {
             "0e79a62f67e8898332d89d"
         ),
     ),
+    "lane_takes_an_oversized_write": (
+        "next_small_write took a WRITE under SMALL_WRITE but over a smaller max_payload, which "
+        "next_request drains and reports (transmission.py)",
+        (
+            "01ff05daa1c127b43b252a27d1facf433cd79388fc46b43b252a27d1fa88fc919600010000e1c42f"
+            "0ce4336f5d88433cd79388fc91969d57fb58ffffffffe4336f5d89"
+        ),
+    ),
 }
