@@ -114,6 +114,7 @@ def fio_command(uri: str, jobs: int, region: int, duration: float, name: str) ->
         "--verify=crc32c",
         "--verify_backlog=32",
         "--verify_fatal=1",
+        "--verify_state_save=0",  # else each job leaves a *-verify.state file in the cwd
         "--time_based",
         f"--runtime={duration:g}",
         "--output-format=json",
