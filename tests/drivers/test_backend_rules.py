@@ -350,7 +350,7 @@ async def test_capabilities_and_native_cache() -> None:
 
 
 class NoInline(RamDriver):
-    """A RAM disk without a synchronous write (as the qcow2, vhd and nbd drivers)."""
+    """A RAM disk without a synchronous write (as the NBD client and RBD drivers)."""
 
     pwrite_nowait = Driver.pwrite_nowait
 
