@@ -68,6 +68,16 @@ class ClusterUse:
             page = self.pages[c >> PAGE_BITS] = bytearray(PAGE)
         page[c & (PAGE - 1)] = use
 
+    def claim(self, c: int, use: int) -> int:
+        """Mark cluster ``c``; what it was marked before (FREE if nothing)."""
+        page = self.pages.get(c >> PAGE_BITS)
+        if page is None:
+            page = self.pages[c >> PAGE_BITS] = bytearray(PAGE)
+        i = c & (PAGE - 1)
+        was = page[i]
+        page[i] = use
+        return was
+
     def fill(self, lo: int, hi: int, use: int) -> None:
         """Mark clusters [lo, hi)."""
         while lo < hi:

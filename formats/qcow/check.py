@@ -123,6 +123,15 @@ async def _check(child: RawDriver, res: CheckResult) -> None:
             if not e:
                 continue
             res.allocated_clusters += 1
+            # A cluster-aligned data cluster inside the file is the common case: one
+            # lookup in the map, and the message is only made for a finding.
+            if not e & (QCOW_OFLAG_COMPRESSED | (cs - 1)) and meta.data_start <= e <= end - cs:
+                if use.claim(e // cs, NORMAL):
+                    res.corrupt(
+                        f"L2 table at 0x{l2off:x} entry {j}: cluster at 0x{e:x} "
+                        "is also used by something else"
+                    )
+                continue
             where = f"L2 table at 0x{l2off:x} entry {j}"
             if e & QCOW_OFLAG_COMPRESSED:
                 res.compressed_clusters += 1
