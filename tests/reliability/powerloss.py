@@ -54,6 +54,7 @@ LAYOUTS = {"optimised": True, "normal": False}
 CHECK_OK = (0, 3, 4)
 #: A sector's value in the model: 0 is zeros, n > 0 is guest operation n - 1's stamp.
 ZERO = 0
+ZERO_SECTOR = bytes(SECTOR)
 
 
 @dataclass(frozen=True)
@@ -189,7 +190,9 @@ def allowed(rec: Recording, point: int) -> dict[int, set[int]]:
                 durable |= covers[i]
             elif op.fua:
                 durable.add(i)
-    history: dict[int, list[tuple[int, bool]]] = {}
+    # Per sector, in issue order: a write that is sure starts the set again, any other
+    # adds to it; a sector no sure write touched may still be zeros.
+    out: dict[int, set[int]] = {}
     for i in issued:
         op = rec.ops[i]
         if op.kind == "flush":
@@ -198,20 +201,18 @@ def allowed(rec: Recording, point: int) -> dict[int, set[int]]:
         # TRIM leaves the contents undefined: never a promise.
         sure = i in durable and op.kind != "trim"
         for s in range(op.offset // SECTOR, (op.offset + op.length) // SECTOR):
-            history.setdefault(s, []).append((value, sure))
-    out: dict[int, set[int]] = {}
-    for s, h in history.items():
-        last = max((k for k, (_, sure) in enumerate(h) if sure), default=-1)
-        values = {v for v, _ in h[max(last, 0) :]}
-        if last < 0:
-            values.add(ZERO)
-        out[s] = values
+            if sure:
+                out[s] = {value}
+            elif (values := out.get(s)) is not None:
+                values.add(value)
+            else:
+                out[s] = {ZERO, value}
     return out
 
 
 def decode(sector: int, data: bytes) -> int | None:
     """The model value of a sector's content, or None if it is nobody's stamp."""
-    if data.count(0) == SECTOR:
+    if data == ZERO_SECTOR:
         return ZERO
     op, where = struct.unpack_from("<QQ", data)
     if where != sector or op == 0 or data != stamp(op - 1, sector):
@@ -261,8 +262,8 @@ async def check_state(
             what = "garbage" if got is None else "zeros" if got == ZERO else f"op {got - 1}"
             bad.append(f"sector {s}: {what}, allowed {sorted(x - 1 for x in values)} (-1: zeros)")
         v.promised += len(values) == 1
-        rest[a : a + SECTOR] = bytes(SECTOR)
-    if rest.count(0) != len(rest):
+        rest[a : a + SECTOR] = ZERO_SECTOR
+    if rest != bytes(len(rest)):
         first = next(i for i, b in enumerate(rest) if b)
         bad.append(f"sector {first // SECTOR}: data where nothing was written")
     if bad:
