@@ -29,8 +29,9 @@ from tests.control.test_daemon import nbdfuse_pids
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
 JOBS = 2
-JOB_SIZE = 40 << 20
-#: A slow writer, so that three daemon restarts fit inside its write phase.
+JOB_SIZE = 24 << 20
+#: A slow writer, so that three daemon restarts fit inside its write phase (12 s): a
+#: kill at each quarter of it, 3 s apart, each followed by a CLI call that re-adopts.
 RATE = "2m"
 
 
@@ -95,7 +96,7 @@ def test_fio_on_ext4_survives_three_daemon_kills(devtap: Tapnbd) -> None:
     sd = StateDir(str(tap.state))
     for round_ in range(1, 4):
         print(f"round {round_}: {written(point)} bytes written")
-        mark = total * round_ // 5
+        mark = total * round_ // 4
         wait_until(f"{mark} bytes written", partial(grown, point, mark), fio)
         pid = tap.status()["pid"]
         os.killpg(os.getpgid(pid), signal.SIGKILL)  # the daemon and its whole group
