@@ -145,15 +145,16 @@ class BonnieConfig:
     @classmethod
     def quick_config(cls) -> BonnieConfig:
         # bonnie++ prints "+++++" instead of a figure for a phase that takes under half a
-        # second, so the quick file must still take that long through the NBD rows (about
-        # 500 MB/s here); the Loop row's reads usually stay too fast to time at this size.
+        # second, so the quick file must still take that long through the NBD rows (block
+        # writes run at about 250 MB/s here, so 256 MiB takes about a second; the 1 MiB
+        # per-character phase always times); the Loop row's reads stay too fast to time.
         # qemu-nbd's qcow driver allocates at about 3 MB/s through ext4 (a 384 MiB file
         # takes two minutes), so its quick row writes a smaller file. The Loop row keeps
         # the same file: a smoke run need not time its read.
         return cls(
-            file_mib=384,
-            ram_mib=96,
-            image_size=1152 * MiB,
+            file_mib=256,
+            ram_mib=64,
+            image_size=768 * MiB,
             per_char_mib=1,
             quick=True,
             row_file_mib={"qemu-nbd-qcow": 24},

@@ -20,5 +20,5 @@ def test_full_run_loop_row_writes_four_times_the_file() -> None:
 
 def test_quick_run_keeps_the_loop_file() -> None:
     cfg = BonnieConfig.quick_config()
-    assert cfg.sizes("loop") == cfg.sizes("tap-raw") == (384, 96)
+    assert cfg.sizes("loop") == cfg.sizes("tap-raw") == (256, 64)
     assert cfg.sizes("qemu-nbd-qcow") == (24, 6)
