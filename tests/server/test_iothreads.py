@@ -96,12 +96,13 @@ def test_replies_never_interleave(serve: Callable[..., Server], tmp_path: Path) 
     expect: dict[int, tuple[int, int]] = {}  # cookie: (offset, length) of a READ
     writes: set[int] = set()
     burst = bytearray()
+    # Writes land where no READ of this burst looks (the last MiB), each 4 KiB slot once:
+    # overlapping commands in flight are unordered (NBD spec), so they never overlap.
+    slots = rnd.sample(range(MiB // 4096), MiB // 4096)
     for cookie in range(300):
         if rnd.random() < 0.3:
-            off = rnd.randrange(0, len(data) // 4096) * 4096
             payload = rnd.randbytes(4096)
-            # Writes land where no READ of this burst looks (the last MiB).
-            off = len(data) - MiB + off % MiB
+            off = len(data) - MiB + slots.pop() * 4096
             data[off : off + 4096] = payload
             burst += struct.pack(">IHHQQI", rc.REQUEST_MAGIC, 0, rc.CMD_WRITE, cookie, off, 4096)
             burst += payload
