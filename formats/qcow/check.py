@@ -91,11 +91,11 @@ async def _check(child: RawDriver, res: CheckResult) -> None:
     # The header, extension, backing name and L1 table are one region.
     use.fill(0, (meta.data_start - 1) // cs + 1, NORMAL)
 
-    def mark(start: int, length: int, what: str) -> None:
-        for c in range(start // cs, (start + length - 1) // cs + 1):
-            if use.get(c):
-                res.corrupt(f"{what}: cluster at 0x{c * cs:x} is also used by something else")
-            use.set(c, NORMAL)
+    def used_twice(l2off: int, j: int, c: int) -> None:
+        res.corrupt(
+            f"L2 table at 0x{l2off:x} entry {j}: cluster at 0x{c * cs:x} "
+            "is also used by something else"
+        )
 
     # L2 tables, in file order. read_meta checked that they lie in the data area and
     # apart from each other (entries found bad are left out); a table may still share a
@@ -127,10 +127,7 @@ async def _check(child: RawDriver, res: CheckResult) -> None:
             # lookup in the map, and the message is only made for a finding.
             if not e & (QCOW_OFLAG_COMPRESSED | (cs - 1)) and meta.data_start <= e <= end - cs:
                 if use.claim(e // cs, NORMAL):
-                    res.corrupt(
-                        f"L2 table at 0x{l2off:x} entry {j}: cluster at 0x{e:x} "
-                        "is also used by something else"
-                    )
+                    used_twice(l2off, j, e // cs)
                 continue
             where = f"L2 table at 0x{l2off:x} entry {j}"
             if e & QCOW_OFLAG_COMPRESSED:
@@ -150,8 +147,10 @@ async def _check(child: RawDriver, res: CheckResult) -> None:
                 res.corrupt(f"{where}: cluster offset 0x{e:x} lies in the metadata")
             elif e + cs > end:
                 res.corrupt(f"{where}: cluster offset 0x{e:x} lies past the end of the file")
-            else:
-                mark(e, cs, where)
+            else:  # sector-aligned only: it spans two clusters
+                for c in range(e // cs, (e + cs - 1) // cs + 1):
+                    if use.claim(c, NORMAL):
+                        used_twice(l2off, j, c)
 
     compressed.sort()
     prev_end, prev_where = 0, ""

@@ -290,6 +290,9 @@ def _damaged(tmp_path: Path, damage: str) -> Path:
         _set_l2(img, 0, 1, 0)  # the cluster behind it is now unreferenced
     elif damage == "overlap":
         _set_l2(img, 0, 1, _l2(img, 2, 0))  # two guest clusters, one host cluster
+    elif damage == "overlap-unaligned":
+        # Sector-aligned only: it spans entry 0's cluster and its own old one.
+        _set_l2(img, 0, 1, _l2(img, 0, 0) + 512)
     elif damage == "l2-past-eof":
         _set_l2(img, 2, 0, eof + 64 * 4096)
     elif damage == "l1-past-eof":
@@ -306,6 +309,7 @@ def _damaged(tmp_path: Path, damage: str) -> Path:
         ("leak", 3, 1, ["1 clusters are not referenced by any table (leaked"]),
         # Each pointer moved away from its cluster also leaks that cluster.
         ("overlap", 2, 1, ["cluster at 0x", "is also used by something else"]),
+        ("overlap-unaligned", 2, 0, ["entry 1: cluster at 0x", "is also used by something else"]),
         ("l2-past-eof", 2, 1, ["entry 0: cluster offset 0x", "lies past the end of the file"]),
         ("l1-past-eof", 2, 2, ["L1 entry 2 (0x", "points past the end of the file"]),
         ("l2-in-metadata", 2, 1, ["entry 0: cluster offset 0x1000 lies in the metadata"]),
