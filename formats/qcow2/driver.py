@@ -10,14 +10,14 @@ memory; L2 tables and refcount blocks come and go through ``TableCache``s. Every
 over a guest range (read, write, zero, block status) goes through ``engine.runs.runs``
 over ``_lookup``, which answers from memory or asks for a table to be loaded.
 
-Allocation appends clusters at the end of the file, or takes back a single cluster that
-was freed (as qemu's free_cluster_index search): only once the flush that made its
-refcount 0 durable has completed; before that, a crash could leave an old L2 entry on
-disk naming it beside the new one. A reused cluster is written whole (it may hold old
-data where punching is not supported). Bit 63 of an entry (COPIED) says the
-refcount is exactly one: only such clusters and L2 tables are written in place. Anything
-else (a snapshot's, a compressed or zero cluster) is copied into a new cluster first,
-and the old one loses a reference.
+Allocation appends clusters at the end of the file, or takes back freed clusters (the
+lowest first, and as many as lie in a row after it, as qemu's free_cluster_index
+search): only once the flush that made their refcount 0 durable has completed; before
+that, a crash could leave an old L2 entry on disk naming one beside the new one. A
+reused cluster is written whole (it may hold old data where punching is not supported).
+Bit 63 of an entry (COPIED) says the refcount is exactly one: only such clusters and L2
+tables are written in place. Anything else (a snapshot's, a compressed or zero cluster)
+is copied into a new cluster first, and the old one loses a reference.
 
 Crash safety, by flush epochs (``engine.journal``), with refcounts in them. Changes are
 made in memory, data first; ``flush`` writes them in stages, syncing after each:
@@ -346,9 +346,9 @@ class Qcow2Driver(ImageDriver["Qcow2Meta"]):
         cb, cs = self._cb, self._cs
         n = len(data)
         c0, c1 = offset >> cb, (offset + n - 1) >> cb
-        if (c0 ^ c1) >> (cb - 3) or self._grow is None or (c0 == c1 and self._reusable):
-            # crosses an L2 table, or the file cannot grow, or a freed cluster is due
-            # for reuse (single clusters only: the asynchronous path takes it)
+        if (c0 ^ c1) >> (cb - 3) or self._grow is None or self._reusable:
+            # crosses an L2 table, or the file cannot grow, or freed clusters are due
+            # for reuse (the asynchronous path takes them)
             return False
         l1e = self.l1[offset >> self._shift]
         if not l1e & OFLAG_COPIED:
@@ -494,6 +494,19 @@ class Qcow2Driver(ImageDriver["Qcow2Meta"]):
         self._end = end
         return host
 
+    def _reserve_run(self, k: int) -> tuple[int, int]:
+        """Up to ``k`` data clusters in a row, and how many: freed ones first (the lowest
+        and those right after it), else ``k`` at the end of the file."""
+        heap = self._reusable
+        if not heap:
+            return self._reserve(k * self._cs), k
+        first = heapq.heappop(heap)
+        n = 1
+        while n < k and heap and heap[0] == first + n:
+            heapq.heappop(heap)
+            n += 1
+        return first << self._cb, n
+
     async def _writable_l2(self, l1i: int) -> tuple[int, array[int]]:
         """The L2 table for L1 slot ``l1i``, made if absent and copied if shared."""
         e = self.l1[l1i]
@@ -551,8 +564,13 @@ class Qcow2Driver(ImageDriver["Qcow2Meta"]):
             l1i = pos >> self._shift
             await self._writable_l2(l1i)
             old_end = self._end
-            new = self._reserve(k * cs)
-            reused = new < old_end  # a freed cluster: not a hole, so written whole
+            new, got = self._reserve_run(k)
+            if got < k:  # freed clusters, fewer in a row than asked: write what fits
+                for c in range(c0 + got, c0 + k):
+                    del self._pending[c]
+                k = got
+                lim = min(lim, (c0 + k) << cb)
+            reused = new < old_end  # freed clusters: not a hole, so written whole
             await self._incref(new >> cb, k)
             head = pos - (c0 << cb)
             tail = ((c0 + k) << cb) - lim

@@ -113,8 +113,9 @@ def _qemu_io_writeback(uri: str, cmds: list[str]) -> None:
 def test_freed_clusters_are_reused_after_the_flush(
     tmp_path: Path, serve: Callable[..., Server]
 ) -> None:
-    """Write, discard, flush, write elsewhere: the new single clusters are the freed ones,
-    so the file does not grow for them; qemu-io doing the same on a copy reads the same."""
+    """Write, discard, flush, write elsewhere: new clusters, single or several in a row,
+    are the freed ones, so the file grows only for what the freed ones cannot hold;
+    qemu-io doing the same on a copy reads the same."""
     need("qemu-img", "qemu-io")
     img = tmp_path / "reuse.qcow2"
     qemu_img("create", "-f", "qcow2", img, str(SIZE))
@@ -128,24 +129,35 @@ def test_freed_clusters_are_reused_after_the_flush(
     assert server.stop() == 0
     size = img.stat().st_size
     shutil.copy(img, ref)
-    # 4k writes in guest clusters never written, a few of them partial; a freed
-    # cluster holds old data unless it was punched, and must read as zeros around it.
-    # A write of three clusters appends even while freed ones wait (reuse is per cluster).
+    # 16 freed clusters (in a row in the file), then 16 new ones: three in one write,
+    # and 13 single ones written 4k at a time, a few of them partly. A freed cluster holds
+    # old data unless it was punched, and must read as zeros around the new data.
     second = [
         f"discard 0 {16 * CLUSTER}",
         "flush",
         f"write -P 0x33 {200 * CLUSTER} {3 * CLUSTER}",
     ] + [
         f"write -P 0x{rng.randrange(1, 256):02x} {(100 + i) * CLUSTER + rng.randrange(0, 60000)} 4096"
-        for i in range(16)
+        for i in range(13)
     ]
-    server = serve(str(img), "--format", "qcow2")
-    _qemu_io_writeback(server.uri, [*second, "flush"])
-    assert server.stop() == 0
-    qemu_io(ref, *second, fmt="qcow2")
-    qemu_img("compare", "-f", "qcow2", "-F", "qcow2", img, ref)
-    check_clean(img)
-    assert img.stat().st_size == size + 3 * CLUSTER
+    # Then 5 freed, 3 of them in a row, and one write of 7 clusters: 3 + 1 + 1 reused
+    # (a run never spans a cluster still in use), 2 appended.
+    third = [
+        f"discard {16 * CLUSTER} {3 * CLUSTER}",
+        f"discard {20 * CLUSTER} {CLUSTER}",
+        f"discard {22 * CLUSTER} {CLUSTER}",
+        "flush",
+        f"write -P 0x44 {300 * CLUSTER + 4096} {7 * CLUSTER - 8192}",
+    ]
+    for cmds, growth in ((second, 0), (third, 2 * CLUSTER)):
+        server = serve(str(img), "--format", "qcow2")
+        _qemu_io_writeback(server.uri, [*cmds, "flush"])
+        assert server.stop() == 0
+        qemu_io(ref, *cmds, fmt="qcow2")
+        qemu_img("compare", "-f", "qcow2", "-F", "qcow2", img, ref)
+        check_clean(img)
+        assert img.stat().st_size == size + growth
+        size = img.stat().st_size
 
 
 def _host_of(img: Path, guest: int) -> int:
