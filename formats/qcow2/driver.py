@@ -10,14 +10,15 @@ memory; L2 tables and refcount blocks come and go through ``TableCache``s. Every
 over a guest range (read, write, zero, block status) goes through ``engine.runs.runs``
 over ``_lookup``, which answers from memory or asks for a table to be loaded.
 
-Allocation appends clusters at the end of the file, or takes back freed clusters (the
-lowest first, and as many as lie in a row after it, as qemu's free_cluster_index
-search): only once the flush that made their refcount 0 durable has completed; before
-that, a crash could leave an old L2 entry on disk naming one beside the new one. A
-reused cluster is written whole (it may hold old data where punching is not supported).
-Bit 63 of an entry (COPIED) says the refcount is exactly one: only such clusters and L2
-tables are written in place. Anything else (a snapshot's, a compressed or zero cluster)
-is copied into a new cluster first, and the old one loses a reference.
+Allocation appends clusters at the end of the file, or takes back freed clusters, the
+lowest first (as qemu's free_cluster_index search); a write of several clusters takes a
+run of freed ones in a row, never a scattered set. Freed clusters are reused only once
+the flush that made their refcount 0 durable has completed; before that, a crash could
+leave an old L2 entry on disk naming one beside the new one. A reused cluster is written
+whole (it may hold old data where punching is not supported). Bit 63 of an entry
+(COPIED) says the refcount is exactly one: only such clusters and L2 tables are written
+in place. Anything else (a snapshot's, a compressed or zero cluster) is copied into a
+new cluster first, and the old one loses a reference.
 
 Crash safety, by flush epochs (``engine.journal``), with refcounts in them. Changes are
 made in memory, data first; ``flush`` writes them in stages, syncing after each:
@@ -40,7 +41,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import heapq
 import logging
 import os
 import struct
@@ -99,6 +99,9 @@ _ZERO_CHUNK = 1 << 20
 #: of allocation instead of an fstat and an ftruncate per allocating write. Space past
 #: the last cluster with a refcount is nothing to qemu-img check (it is not counted).
 GROW_AHEAD = 4 << 20
+#: How many freed clusters a write of several looks through for a run of its length
+#: (a bounded cost per allocating write while freed clusters are fragmented).
+_RUN_SCAN = 1024
 #: Bits of an L2 entry that make it anything but a plain data cluster.
 _NOT_PLAIN = OFLAG_COMPRESSED | OFLAG_ZERO | L2E_RESERVED
 
@@ -156,8 +159,8 @@ class Qcow2Driver(ImageDriver["Qcow2Meta"]):
         #: How far the file has been grown (``GROW_AHEAD``); 0 turns growing ahead off.
         self._grown = self._end
         self._grow_ahead = GROW_AHEAD
-        #: Freed host clusters (indices, a heap: lowest first) whose refcount 0 is
-        #: durable: they may be handed out again.
+        #: Freed host clusters (indices, sorted) whose refcount 0 is durable: they may
+        #: be handed out again.
         self._reusable: list[int] = []
         #: A table as read from disk cannot rightly point past the end at open, unless
         #: this driver changed it since (``_touched``).
@@ -346,10 +349,11 @@ class Qcow2Driver(ImageDriver["Qcow2Meta"]):
         cb, cs = self._cb, self._cs
         n = len(data)
         c0, c1 = offset >> cb, (offset + n - 1) >> cb
-        if (c0 ^ c1) >> (cb - 3) or self._grow is None or self._reusable:
-            # crosses an L2 table, or the file cannot grow, or freed clusters are due
-            # for reuse (the asynchronous path takes them)
-            return False
+        k = c1 - c0 + 1
+        if (c0 ^ c1) >> (cb - 3) or self._grow is None:
+            return False  # crosses an L2 table, or the file cannot grow
+        if self._reusable and self._freed_run(k) >= 0:
+            return False  # freed clusters are due for reuse: the asynchronous path
         l1e = self.l1[offset >> self._shift]
         if not l1e & OFLAG_COPIED:
             return False
@@ -368,7 +372,6 @@ class Qcow2Driver(ImageDriver["Qcow2Meta"]):
                 return False
         if pending and any(c in pending for c in range(c0, c1 + 1)):
             return False
-        k = c1 - c0 + 1
         host = self._end
         h0, h1 = host >> cb, (host >> cb) + k - 1
         ri = h0 >> self._rb_bits
@@ -482,7 +485,7 @@ class Qcow2Driver(ImageDriver["Qcow2Meta"]):
         """Claim ``n`` bytes (whole clusters) at the end of the file (``allocate``: with
         fallocate, else as a hole)."""
         if n == self._cs and not allocate and self._reusable:
-            return heapq.heappop(self._reusable) << self._cb
+            return self._reusable.pop(0) << self._cb
         if self._grow is None:
             raise OSError(errno.ENOSPC, "the image file cannot grow")
         host = self._end
@@ -494,18 +497,27 @@ class Qcow2Driver(ImageDriver["Qcow2Meta"]):
         self._end = end
         return host
 
-    def _reserve_run(self, k: int) -> tuple[int, int]:
-        """Up to ``k`` data clusters in a row, and how many: freed ones first (the lowest
-        and those right after it), else ``k`` at the end of the file."""
-        heap = self._reusable
-        if not heap:
-            return self._reserve(k * self._cs), k
-        first = heapq.heappop(heap)
-        n = 1
-        while n < k and heap and heap[0] == first + n:
-            heapq.heappop(heap)
-            n += 1
-        return first << self._cb, n
+    def _reserve_run(self, k: int) -> int:
+        """``k`` data clusters in a row: the lowest run of ``k`` freed ones, else at the
+        end of the file. A write's clusters stay together, as qemu keeps them: split over
+        two runs, one guest block would be two writes to the file, and a power cut could
+        keep one without the other."""
+        i = self._freed_run(k)
+        if i < 0:
+            return self._reserve(k * self._cs)
+        first = self._reusable[i]
+        del self._reusable[i : i + k]
+        return first << self._cb
+
+    def _freed_run(self, k: int) -> int:
+        """Where the lowest run of ``k`` freed clusters starts in ``_reusable``, or -1."""
+        free = self._reusable
+        # Sorted and distinct: free[i:i + k] is a run exactly when its ends are k - 1
+        # apart. The scan is bounded; past it, the file grows as it did before.
+        for i in range(min(len(free) - k + 1, _RUN_SCAN)):
+            if free[i + k - 1] - free[i] == k - 1:
+                return i
+        return -1
 
     async def _writable_l2(self, l1i: int) -> tuple[int, array[int]]:
         """The L2 table for L1 slot ``l1i``, made if absent and copied if shared."""
@@ -564,12 +576,7 @@ class Qcow2Driver(ImageDriver["Qcow2Meta"]):
             l1i = pos >> self._shift
             await self._writable_l2(l1i)
             old_end = self._end
-            new, got = self._reserve_run(k)
-            if got < k:  # freed clusters, fewer in a row than asked: write what fits
-                for c in range(c0 + got, c0 + k):
-                    del self._pending[c]
-                k = got
-                lim = min(lim, (c0 + k) << cb)
+            new = self._reserve_run(k)
             reused = new < old_end  # freed clusters: not a hole, so written whole
             await self._incref(new >> cb, k)
             head = pos - (c0 << cb)
@@ -904,8 +911,8 @@ class Qcow2Driver(ImageDriver["Qcow2Meta"]):
                         raise
             # Their refcount 0 is durable now (and so is the end of every L2 entry that
             # named them): from here on they may be handed out again.
-            for c in freed:
-                heapq.heappush(self._reusable, c)
+            self._reusable.extend(freed)
+            self._reusable.sort()
 
     async def finish(self) -> None:
         await self.flush()

@@ -113,8 +113,8 @@ def _qemu_io_writeback(uri: str, cmds: list[str]) -> None:
 def test_freed_clusters_are_reused_after_the_flush(
     tmp_path: Path, serve: Callable[..., Server]
 ) -> None:
-    """Write, discard, flush, write elsewhere: new clusters, single or several in a row,
-    are the freed ones, so the file grows only for what the freed ones cannot hold;
+    """Write, discard, flush, write elsewhere: new clusters, single or a write's several
+    in a row, are freed ones where they fit, so the file grows only for the rest;
     qemu-io doing the same on a copy reads the same."""
     need("qemu-img", "qemu-io")
     img = tmp_path / "reuse.qcow2"
@@ -140,16 +140,17 @@ def test_freed_clusters_are_reused_after_the_flush(
         f"write -P 0x{rng.randrange(1, 256):02x} {(100 + i) * CLUSTER + rng.randrange(0, 60000)} 4096"
         for i in range(13)
     ]
-    # Then 5 freed, 3 of them in a row, and one write of 7 clusters: 3 + 1 + 1 reused
-    # (a run never spans a cluster still in use), 2 appended.
+    # Then 6 freed: one alone, then 5 in a row. A write of 5 clusters takes the 5 (a
+    # write's clusters stay in one run, so the lone one does not do), and one of 3 finds
+    # no run of 3 left and appends.
     third = [
-        f"discard {16 * CLUSTER} {3 * CLUSTER}",
-        f"discard {20 * CLUSTER} {CLUSTER}",
-        f"discard {22 * CLUSTER} {CLUSTER}",
+        f"discard {16 * CLUSTER} {CLUSTER}",
+        f"discard {18 * CLUSTER} {5 * CLUSTER}",
         "flush",
-        f"write -P 0x44 {300 * CLUSTER + 4096} {7 * CLUSTER - 8192}",
+        f"write -P 0x44 {300 * CLUSTER + 4096} {5 * CLUSTER - 8192}",
+        f"write -P 0x55 {310 * CLUSTER} {3 * CLUSTER}",
     ]
-    for cmds, growth in ((second, 0), (third, 2 * CLUSTER)):
+    for cmds, growth in ((second, 0), (third, 3 * CLUSTER)):
         server = serve(str(img), "--format", "qcow2")
         _qemu_io_writeback(server.uri, [*cmds, "flush"])
         assert server.stop() == 0
