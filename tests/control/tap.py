@@ -14,7 +14,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from tapnbd.control.attach import cleanup_stale, cmdline, pid_alive
 from tapnbd.control.client import Client
 from tapnbd.control.state import StateDir
 from tapnbd.control.tapdisk import MODULE
+from tests.helpers import run, tapnbd_cmd
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -85,15 +85,7 @@ class Tapnbd:
         self.procs: list[subprocess.Popen[Any]] = []
 
     def run(self, *args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "tapnbd", *args],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            env=self.env,
-            cwd=ROOT,
-            check=False,
-        )
+        return run(tapnbd_cmd(*args), check=False, timeout=timeout, env=self.env, cwd=ROOT)
 
     def ok(self, *args: str, timeout: float = 180) -> str:
         """Run; it must succeed. Its stdout."""
