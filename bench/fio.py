@@ -365,22 +365,45 @@ def plan(cfg: FioConfig) -> list[tuple[FioJob, FioTarget]]:
     ]
 
 
+def williams_row(n: int, rep: int) -> list[int]:
+    """Row ``rep`` of a Williams design for ``n`` treatments: over ``n`` rows (``2n``
+    when ``n`` is odd) each one runs once in each place, and follows each other one
+    equally often."""
+    base = [0]
+    lo, hi = 1, n - 1
+    while len(base) < n:  # 0, 1, n-1, 2, n-2, ...
+        base.append(lo)
+        lo += 1
+        if len(base) < n:
+            base.append(hi)
+            hi -= 1
+    row = [(x + rep) % n for x in base]
+    if n % 2 and (rep // n) % 2:
+        row.reverse()
+    return row
+
+
 def rotated(todo: list[tuple[FioJob, FioTarget]], rep: int) -> list[tuple[FioJob, FioTarget]]:
-    """The cells of repetition ``rep``: each job's targets rotated by ``rep``.
+    """The cells of repetition ``rep``: each job's targets in the order of row ``rep``
+    of a Williams design.
 
     Cells run in a fixed order give each target a fixed place after the cells before
     it, and on a VM the place may show: in session 14's run of five repetitions,
     "tapnbd raw, statistics off", the same server as the first row and third in every
-    round, ran seq write at 0.72-1.02x of the first (median 0.85). Rotating gives each
-    target each place in turn, so the median over repetitions holds no place's bias.
+    round, ran seq write at 0.72-1.02x of the first (median 0.85). Rotating gave each
+    target each place in turn but kept who follows whom: tapnbd raw always came after
+    the qcow row, whose cells write another file, and in sessions 16, 17 and 19 its seq
+    write cells there ran at 1126-1720 MiB/s, where the raw rows' cells after a raw row
+    ran at 1650-2980 (sessions 16, 17 and 19's goal runs). A Williams design also
+    gives each target each predecessor equally often, over a whole number of squares
+    (``--repeat`` a multiple of the number of rows, or twice it when that is odd).
     """
     by_job: dict[str, list[tuple[FioJob, FioTarget]]] = {}
     for cell in todo:
         by_job.setdefault(cell[0].key, []).append(cell)
     out: list[tuple[FioJob, FioTarget]] = []
     for cells in by_job.values():
-        k = rep % len(cells)
-        out += cells[k:] + cells[:k]
+        out += [cells[i] for i in williams_row(len(cells), rep)]
     return out
 
 
@@ -696,8 +719,9 @@ def markdown(r: FioRun, machine_md: str) -> str:
     parts += [f"- {n}" for n in r.notes]
     parts += [
         "- every server is started for its cell and stopped after it; jobs run one at a time, "
-        "each job against every server in turn, the servers' order rotated by one in each "
-        "repetition; `sync` before each cell, so that no cell pays for the writeback of an "
+        "each job against every server in turn, the servers' order in each repetition a "
+        "row of a Williams design (each server in each place, and after each other server, "
+        "equally often over a whole number of squares); `sync` before each cell, so that no cell pays for the writeback of an "
         "earlier one",
         "- peers run with their defaults: plain `qemu-nbd -f FMT -t` (one client, so no "
         "multi-conn; qcow2 with `--cache=writeback --aio=threads`), `nbdkit file`, "

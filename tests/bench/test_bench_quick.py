@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import collections
 import csv
+import itertools
 import math
 import subprocess
 import sys
@@ -86,6 +88,19 @@ def test_repetitions_rotate_each_jobs_targets() -> None:
         assert [j for j, _ in cells] == [j for j, _ in todo]  # jobs stay in order
         firsts.add(cells[0][1].key)
     assert firsts == {t.key for t in targets}
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 6])
+def test_each_target_runs_in_each_place_and_after_each_other_equally(n: int) -> None:
+    """A Williams design: over n rows (2n when n is odd), a Latin square in places, and
+    every ordered pair of targets adjacent equally often (fio.williams_row)."""
+    rows = [fio.williams_row(n, rep) for rep in range(n if n % 2 == 0 else 2 * n)]
+    assert all(sorted(r) == list(range(n)) for r in rows)
+    for place in range(n):
+        counts = collections.Counter(r[place] for r in rows)
+        assert len(set(counts.values())) == 1 and len(counts) == n
+    pairs = collections.Counter((a, b) for r in rows for a, b in itertools.pairwise(r))
+    assert len(pairs) == n * (n - 1) and len(set(pairs.values())) <= 1
 
 
 def test_full_images_are_warm_for_reads_and_dropped_for_writes(
