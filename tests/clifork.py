@@ -16,6 +16,8 @@ else, and ``TAPNBD_TEST_FORK=0``, takes ``subprocess.run``.
 from __future__ import annotations
 
 import array
+import contextlib
+import locale
 import os
 import pickle
 import selectors
@@ -54,7 +56,7 @@ def _child(argv: list[str], cwd: str | None, env: dict[str, str], fds: list[int]
         for target, fd in enumerate(fds):
             os.dup2(fd, target)
             os.close(fd)
-        # The server's own standard streams were /dev/null: reopen Python's on 0-2.
+        # Python's stream objects were made for the server's 0-2: new ones for the call's.
         sys.stdin = open(0, closefd=False)  # noqa: SIM115
         sys.stdout = open(1, "w", closefd=False)  # noqa: SIM115
         sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115
@@ -89,8 +91,8 @@ def _child(argv: list[str], cwd: str | None, env: dict[str, str], fds: list[int]
 
 
 def serve(sock_fd: int) -> None:
-    """The server's loop: one call at a time, answered with the child's pid, then its
-    wait status."""
+    """The server's loop: one call at a time, answered with the child's pid (and a
+    pidfd), then its wait status."""
     import tapnbd.cli.app  # noqa: F401  (the point: imported once, inherited by forks)
 
     check_imports()
@@ -110,7 +112,14 @@ def serve(sock_fd: int) -> None:
             _child(argv, cwd, env, list(fds))
         for fd in fds:
             os.close(fd)
-        sock.sendall(pid.to_bytes(4, "little"))
+        # With a pidfd, opened before the child can be reaped: the caller's kill at a
+        # timeout then never reaches another process that took the pid since.
+        pidfd = os.pidfd_open(pid)
+        sock.sendmsg(
+            [pid.to_bytes(4, "little")],
+            [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [pidfd]).tobytes())],
+        )
+        os.close(pidfd)
         _, status = os.waitpid(pid, 0)
         sock.sendall(status.to_bytes(4, "little"))
 
@@ -179,29 +188,60 @@ class ForkServer:
             os.close(err_w)
             if stdin:
                 os.close(stdin)
-        pid = _word(sock)
+        pidfd = _pidfd(sock)
         try:
-            out, err = _read_both(out_r, err_r, timeout)
-        except subprocess.TimeoutExpired:
-            os.kill(pid, signal.SIGKILL)
-            _word(sock)
-            raise subprocess.TimeoutExpired(["tapnbd", *args], timeout) from None
+            try:
+                out, err = _read_both(out_r, err_r, timeout)
+            except subprocess.TimeoutExpired:
+                _kill(pidfd)
+                _word(sock)
+                raise subprocess.TimeoutExpired(["tapnbd", *args], timeout) from None
+            finally:
+                os.close(out_r)
+                os.close(err_r)
+            sock.settimeout(timeout)
+            try:
+                status = _word(sock)
+            except TimeoutError:
+                _kill(pidfd)
+                sock.settimeout(None)
+                _word(sock)
+                raise subprocess.TimeoutExpired(["tapnbd", *args], timeout) from None
+            finally:
+                sock.settimeout(None)
         finally:
-            os.close(out_r)
-            os.close(err_r)
-        sock.settimeout(timeout)
-        try:
-            status = _word(sock)
-        except TimeoutError:
-            os.kill(pid, signal.SIGKILL)
-            sock.settimeout(None)
-            _word(sock)
-            raise subprocess.TimeoutExpired(["tapnbd", *args], timeout) from None
-        finally:
-            sock.settimeout(None)
+            os.close(pidfd)
         code = os.waitstatus_to_exitcode(status)
         cmd = [sys.executable, "-m", "tapnbd", *args]
-        return subprocess.CompletedProcess(cmd, code, out.decode(), err.decode())
+        return subprocess.CompletedProcess(cmd, code, _text(out), _text(err))
+
+
+def _kill(pidfd: int) -> None:
+    """SIGKILL a call's process, which may have exited already (then the server reaps
+    it and answers, as after any exit)."""
+    with contextlib.suppress(ProcessLookupError):
+        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+
+
+def _pidfd(sock: socket.socket) -> int:
+    """The server's first answer to a call: a pidfd of the call's process."""
+    fds = array.array("i")
+    try:
+        _msg, ancdata, _flags, _addr = sock.recvmsg(4, socket.CMSG_SPACE(fds.itemsize))
+    except ConnectionError:
+        ancdata = []
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
+    if len(fds) != 1:
+        raise RuntimeError("the CLI fork server is gone")
+    return fds[0]
+
+
+def _text(data: bytes) -> str:
+    """As ``subprocess.run(text=True)`` decodes: the locale's encoding, universal newlines."""
+    text = data.decode(locale.getpreferredencoding(False))
+    return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
 def _valid(fd: int) -> bool:
