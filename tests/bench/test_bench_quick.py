@@ -103,6 +103,26 @@ def test_each_target_runs_in_each_place_and_after_each_other_equally(n: int) -> 
     assert len(pairs) == n * (n - 1) and len(set(pairs.values())) <= 1
 
 
+def test_a_write_job_warms_each_shared_image_with_one_unmeasured_cell() -> None:
+    """fio.with_warm_ups: before the first write cell of a job on each shared full image,
+    one unmeasured cell of the same target; read jobs and fresh images get none."""
+    by_key = {t.key: t for t in fio.TARGETS}
+    jobs = {j.key: j for j in fio.JOBS}
+    keys = ["tapnbd-qcow-opt-full", "tapnbd-raw", "nbdkit-raw", "tapnbd-qcow-opt-fresh"]
+    todo = [(jobs[j], by_key[k]) for j in ("seqread", "seqwrite", "randwrite") for k in keys]
+    got = [(j.key, t.key, m) for j, t, m in fio.with_warm_ups(todo)]
+    assert [(j, k) for j, k, m in got if m] == [(j.key, t.key) for j, t in todo]
+    assert [(j, k) for j, k, m in got if not m] == [
+        ("seqwrite", "tapnbd-qcow-opt-full"),
+        ("seqwrite", "tapnbd-raw"),
+        ("randwrite", "tapnbd-qcow-opt-full"),
+        ("randwrite", "tapnbd-raw"),
+    ]
+    for i, (j, k, m) in enumerate(got):  # each warm-up comes right before its own cell
+        if not m:
+            assert got[i + 1] == (j, k, True)
+
+
 def test_full_images_are_warm_for_reads_and_dropped_for_writes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
