@@ -202,6 +202,18 @@ async def test_a_reused_cluster_reads_as_zeros_around_new_data(tmp_path: Path) -
         want = bytes(8192) + b"\x55" * 4096 + bytes(CLUSTER - 8192 - 4096)
         assert bytes(await d.pread(10 * CLUSTER, CLUSTER)) == want
         assert bytes(await d.pread(0, CLUSTER)) == bytes(CLUSTER)
+        # A write of several clusters into a run of freed ones, unpunched: the bytes
+        # around its data read as zeros too, never what the clusters held before.
+        await d.pwrite(20 * CLUSTER, b"\xbb" * (3 * CLUSTER))
+        await d.flush()
+        run = _host_of(img, 20 * CLUSTER)
+        await d.trim(20 * CLUSTER, 3 * CLUSTER)
+        await d.flush()
+        await d.pwrite(30 * CLUSTER + 8192, b"\x66" * (3 * CLUSTER - 16384))
+        await d.flush()
+        assert _host_of(img, 30 * CLUSTER) == run
+        want = bytes(8192) + b"\x66" * (3 * CLUSTER - 16384) + bytes(8192)
+        assert bytes(await d.pread(30 * CLUSTER, 3 * CLUSTER)) == want
     finally:
         await d.close()
     check_clean(img)
