@@ -414,11 +414,11 @@ def with_warm_ups(
     The first seq write cell on the shared raw image after the read jobs ran at about
     0.6x the others, whichever server it was (four goal runs of sessions 16 to 19: medians
     of 1165 to 1641 MiB/s against 1806 to 2531 for the later cells of the same server;
-    the cause is not known). The qcow row writes another file, so the raw row behind it in the order
-    met that state too, and tapnbd raw was the first raw writer in about half of its
-    repetitions, the other raw rows in a quarter to a third: a bias in the goal rows'
-    seq write ratios. With a warm-up cell every measured cell follows a write cell on its
-    image.
+    the cause is not known). The qcow row writes another file, so the raw row behind it
+    in the order met that state too, and tapnbd raw was the first raw writer in about
+    half of its repetitions, the other raw rows in a quarter to a third: a bias in the
+    goal rows' seq write ratios. With a warm-up cell every measured cell follows a write
+    cell on its image.
     """
     out: list[tuple[FioJob, FioTarget, bool]] = []
     written: set[tuple[str, str]] = set()
@@ -502,11 +502,13 @@ def run_fio(cfg: FioConfig, workdir: Path, ui_console: Any = None) -> FioRun:
                 "image, made before every cell"
             )
         for rep in range(cfg.repeat):
-            for job, target, measured in with_warm_ups(rotated(todo, rep)):
-                if target.key in skipped:
-                    if measured:
-                        ui.advance()
-                    continue
+            order = rotated(todo, rep)
+            runs = [c for c in order if c[1].key not in skipped]
+            for _ in range(len(order) - len(runs)):
+                ui.advance()  # skipped cells count as done
+            # Warm-ups are placed among the cells that run: a skipped first writer of an
+            # image must not leave the next one without its warm-up.
+            for job, target, measured in with_warm_ups(runs):
                 ui.phase(
                     target.label,
                     f"{job.label}"
@@ -516,13 +518,11 @@ def run_fio(cfg: FioConfig, workdir: Path, ui_console: Any = None) -> FioRun:
                 try:
                     with _image_for(target, job, cfg, workdir, shared) as image:
                         cell = _run_cell(target, job, cfg, image, workdir, rep)
-                    if measured:
-                        cells.append(cell)
                 except BenchError as e:
-                    if measured:
-                        cells.append(FioCell(target.key, job.key, rep, error=str(e)))
+                    cell = FioCell(target.key, job.key, rep, error=str(e))
                     ui.log(f"[red]{target.label}, {job.label}: {e}")
                 if measured:
+                    cells.append(cell)
                     ui.advance()
     return FioRun(cfg, cells, skipped, notes, time.monotonic() - started)
 

@@ -40,6 +40,8 @@ def fio_cells(tmp_path: Path, *args: str) -> tuple[set[tuple[str, str]], str]:
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = list(csv.DictReader((out / "fio.csv").open()))
+    ran = [(r["target"], r["job"], r["run"]) for r in rows]
+    assert len(ran) == len(set(ran)), "a cell recorded twice (a warm-up cell counted?)"
     cells = {(r["target"], r["job"]) for r in rows if float(r["value"] or 0) > 0}
     return cells, (out / "fio.md").read_text()
 
