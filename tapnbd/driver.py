@@ -151,9 +151,11 @@ class Driver:
         if known now without I/O; else -1 (the request takes the driver's own path)."""
         return -1
 
-    #: True when ``pwrite_from_pipe`` can take writes (splice(2) into one file).
-    #: Filters inherit False, so nothing they must see is bypassed.
-    splices: ClassVar[bool] = False
+    @property
+    def splices(self) -> bool:
+        """True when ``pwrite_from_pipe`` can take writes (splice(2) into one file).
+        Filters inherit False, so nothing they must see is bypassed."""
+        return False
 
     def pwrite_from_pipe(self, pipe: int, offset: int, length: int) -> bool:
         """Write the next ``length`` bytes of ``pipe`` at ``offset``, now, without

@@ -440,6 +440,26 @@ class QcowDriver(ImageDriver[QcowMeta]):
             base = bases[l1i]
         return self.child.pwrite_nowait(base + (offset & self._cov_mask), data)
 
+    @property
+    def splices(self) -> bool:
+        # Over exactly the raw driver with the flat list of bases: a write's place in
+        # the file is a sum, as in pwrite_nowait, so the payload can go by splice too.
+        return self._raw is not None and self._bases is not None and not self.read_only
+
+    def pwrite_from_pipe(self, pipe: int, offset: int, length: int) -> bool:
+        bases, raw = self._bases, self._raw
+        if bases is None or raw is None or self.read_only:
+            return False
+        shift = self._shift
+        l1i = offset >> shift
+        if (offset + length - 1) >> shift != l1i:
+            return False  # two extents: the usual path, which splits it
+        base = bases[l1i]
+        if not base:
+            self._alloc_extent(l1i)  # as in pwrite_nowait
+            base = bases[l1i]
+        return raw.pwrite_from_pipe(pipe, base + (offset & self._cov_mask), length)
+
     # Reads.
 
     def pread(

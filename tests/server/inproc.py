@@ -20,6 +20,7 @@ import pytest
 
 from formats.raw import RawDriver
 from tapnbd.backend import Backend
+from tapnbd.driver import Driver
 from tapnbd.server.connection import NBDConnection
 from tapnbd.server.exports import Export, ExportRegistry
 from tapnbd.server.listener import NBDServer
@@ -89,20 +90,30 @@ class Reads:
 class Served:
     server: NBDServer
     conn: NBDConnection
-    driver: RawDriver
+    driver: RawDriver  # the image file's driver
     client: Client
+    top: Driver  # the export's driver: ``driver`` itself, or a format over it
 
     async def close(self) -> None:
         self.client.sock.close()
         await self.server.shutdown(timeout=TIMEOUT)
-        await self.driver.close()
+        await self.top.close()
 
 
-async def serve(image: Path, *, read_only: bool = False, **server_args: Any) -> Served:
-    """A raw export of ``image`` and one connection to it, past the handshake."""
-    driver = RawDriver(str(image))
+async def serve(
+    image: Path, *, read_only: bool = False, top: Driver | None = None, **server_args: Any
+) -> Served:
+    """A raw export of ``image`` and one connection to it, past the handshake; or an
+    export of ``top``, a driver over the raw driver of ``image``."""
+    if top is None:
+        driver = RawDriver(str(image))
+        top = driver
+    else:
+        child = getattr(top, "child", None)
+        assert isinstance(child, RawDriver), "top must be a format over the raw driver"
+        driver = child
     registry = ExportRegistry()
-    registry.add(Export("", Backend(driver, read_only=read_only)), default=True)
+    registry.add(Export("", Backend(top, read_only=read_only)), default=True)
     server = NBDServer(registry, **server_args)
     ours, theirs = socket.socketpair()
     ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
@@ -112,7 +123,7 @@ async def serve(image: Path, *, read_only: bool = False, **server_args: Any) -> 
     (conn,) = server.connections
     await asyncio.to_thread(rc.greet, ours)
     await asyncio.to_thread(rc.go, ours)
-    return Served(server, conn, driver, Client(ours))
+    return Served(server, conn, driver, Client(ours), top)
 
 
 def run(loop_factory: Callable[[], asyncio.AbstractEventLoop], main: Any) -> None:

@@ -243,3 +243,21 @@ def test_fio_verify_crc32c_four_connections(
         assert res.allocated_clusters > 0
         if spec == "qcow-optimised":
             assert res.cksum == "ok"
+
+
+def test_nbdcopy_big_writes_into_optimised_qcow(
+    serve: Callable[..., Server], tmp_path: Path
+) -> None:
+    """1 MiB WRITEs into a fresh allocation-optimised qcow (spliced into each extent's
+    place in the file when the payload is all queued: tests/server/test_splice.py), read
+    back by qemu-img from the closed image."""
+    need("nbdcopy", "qemu-img")
+    src = tmp_path / "src.img"
+    src.write_bytes(os.urandom(5 << 20) + bytes(2 << 20) + os.urandom(9 << 20))
+    disk = _qcow(tmp_path / "disk.qcow", 16 << 20)
+    server = serve(str(disk))
+    run(["nbdcopy", "--flush", "--request-size=1048576", str(src), server.uri])
+    assert server.stop() == 0
+    run(["qemu-img", "compare", "-f", "raw", "-F", "qcow", str(src), str(disk)])
+    res = asyncio.run(check_qcow(str(disk)))
+    assert res.exit_code == 0 and res.cksum == "ok", res.to_json()
