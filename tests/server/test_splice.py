@@ -14,7 +14,7 @@ import os
 import random
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -25,12 +25,21 @@ from formats.qcow.create import create_qcow
 from formats.qcow.driver import QcowDriver
 from tapnbd.server.connection import SPLICE_MIN
 from tests.server import rawclient as rc
-from tests.server.inproc import Reads, header, loops, run, serve
+from tests.server.inproc import Client, Reads, header, loops, run, serve
 
 KiB = 1024
 SIZE = 8 << 20
 #: Whole requests of this size fit in the socket pair's buffers (SO_SNDBUF in inproc).
 PAYLOAD = SPLICE_MIN + 40 * KiB
+
+
+async def read_back(client: Client, cookies: Iterator[int], expect: bytearray) -> None:
+    """Every byte of the disk reads back through the server as ``expect`` says."""
+    for offset in range(0, SIZE, 1 << 20):
+        cookie = next(cookies)
+        client.queue(header(rc.CMD_READ, cookie, offset, 1 << 20))
+        got = await client.reply(cookie, 1 << 20)
+        assert got == (0, bytes(expect[offset : offset + (1 << 20)])), offset
 
 
 @pytest.mark.parametrize("loop_factory", loops())
@@ -121,11 +130,7 @@ def test_queued_payloads_are_spliced_and_the_rest_is_not(
             assert conn.spliced == 4
 
             # Everything reads back, through the server and from the file.
-            for offset in range(0, SIZE, 1 << 20):
-                cookie = next(cookies)
-                client.queue(header(rc.CMD_READ, cookie, offset, 1 << 20))
-                got = await client.reply(cookie, 1 << 20)
-                assert got == (0, bytes(expect[offset : offset + (1 << 20)])), offset
+            await read_back(client, cookies, expect)
         finally:
             await served.close()
         assert image.read_bytes() == bytes(expect)
@@ -189,11 +194,7 @@ def test_optimised_qcow_splices_into_its_extents(
             for k, e in enumerate([3, 0, 1, 3, 2]):
                 await write(e * extent + rng.randrange(0, extent - PAYLOAD + 1))
                 assert conn.spliced == k + 1
-            for offset in range(0, SIZE, 1 << 20):
-                cookie = next(cookies)
-                client.queue(header(rc.CMD_READ, cookie, offset, 1 << 20))
-                got = await client.reply(cookie, 1 << 20)
-                assert got == (0, bytes(expect[offset : offset + (1 << 20)])), offset
+            await read_back(client, cookies, expect)
         finally:
             await served.close()
 
