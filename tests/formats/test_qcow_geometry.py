@@ -108,6 +108,7 @@ async def test_fast_path_reads_match_qemu(
     d = await open_qcow(img)
     try:
         assert d.fast_path == optimise and (d._bases is not None) == flat
+        assert d.splices == flat  # a splice needs the flat list's sum, as pwrite_nowait
         for off, data in random_writes(rng, size, 20):
             # Allocating writes through the synchronous path where they fit one slot.
             if not d.pwrite_nowait(off, data):
@@ -125,6 +126,7 @@ async def test_fast_path_reads_match_qemu(
     d = await open_qcow(img, read_only=True)
     try:
         assert d.fast_path == optimise and type(d.child) is RawDriver
+        assert not d.splices  # read-only
         answered = 0
         for _ in range(300):
             n = rng.choice((512, 4096, 65536))
