@@ -72,6 +72,16 @@ class ProbedRawGuard(FilterDriver):
     def preadv_nowait(self, offset: int, length: int, bufs: Sequence[memoryview]) -> bool:
         return self.child.preadv_nowait(offset, length, bufs)
 
+    # A probed raw image is what ``tapnbd serve disk.img`` serves, so big WRITEs past
+    # the probed bytes keep the child's splice path; one that touches them is refused
+    # before the pipe is read, and takes the checked path with its payload.
+    @property
+    def splices(self) -> bool:
+        return self.child.splices
+
+    def pwrite_from_pipe(self, pipe: int, offset: int, length: int) -> bool:
+        return offset >= PROBE_SIZE and self.child.pwrite_from_pipe(pipe, offset, length)
+
     def read_fd(self) -> int:
         return self.child.read_fd()  # reads are not guarded
 

@@ -10,6 +10,7 @@ written.
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import random
 import subprocess
@@ -19,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from formats import open_image
+from formats import PROBE_SIZE, OpenRules, open_image, probe, probe_bytes
+from formats.guard import ProbedRawGuard
 from formats.qcow.check import check_qcow
 from formats.qcow.create import create_qcow
 from formats.qcow.driver import QcowDriver
@@ -206,3 +208,77 @@ def test_optimised_qcow_splices_into_its_extents(
     )
     res = asyncio.run(check_qcow(str(image)))
     assert res.exit_code == 0, res.to_json()
+
+
+@pytest.mark.parametrize("loop_factory", loops())
+def test_a_probed_raw_image_splices_past_its_first_sector_only(
+    loop_factory: Callable[[], asyncio.AbstractEventLoop],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``tapnbd serve disk.img`` probes the image and guards its first sector
+    (formats/guard.py). Big WRITEs past it still splice; one that touches it is not
+    spliced, so the guard sees its payload: a QCOW header there is refused with EPERM
+    and the image still probes as raw."""
+    seed = random.randrange(1 << 32)
+    print("seed", seed)
+    rng = random.Random(seed)
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(SIZE))
+    header_file = tmp_path / "header.qcow"
+    asyncio.run(create_qcow(str(header_file), SIZE))
+    qcow_header = header_file.read_bytes()[:PROBE_SIZE]
+    assert probe_bytes(qcow_header) == "qcow"
+    expect = bytearray(SIZE)
+    cookies = iter(range(1, 1000))
+
+    async def main() -> None:
+        reads = Reads(monkeypatch)
+        top = await open_image(str(image), rules=OpenRules(share=True))
+        assert isinstance(top, ProbedRawGuard) and top.splices
+        served = await serve(image, top=top)
+        conn, driver, client = served.conn, served.driver, served.client
+        assert conn.decoder is not None
+        decoder = conn.decoder
+
+        async def write(offset: int, data: bytes, first: bool = False) -> int:
+            cookie = next(cookies)
+            req = header(rc.CMD_WRITE, cookie, offset, len(data)) + data
+            if first:  # as in the tests above: after it the server reads a lone header
+                client.queue(req[: 28 + 1000])
+                await reads.until(lambda: decoder.taken() is not None)
+                await asyncio.to_thread(client.sock.sendall, req[28 + 1000 :])
+            else:
+                client.queue(req)
+            error, _ = await client.reply(cookie)
+            if not error:
+                expect[offset : offset + len(data)] = data
+            return error
+
+        def payload() -> bytes:
+            return bytes(16) + rng.randbytes(PAYLOAD - 16)  # probes as raw
+
+        try:
+            assert await write(SIZE - PAYLOAD, payload(), first=True) == 0
+            assert conn.spliced == 0
+            if driver._nowait_write:
+                pytest.skip("this file system takes RWF_NOWAIT writes: they stay pwrites")
+            # Past the probed bytes: spliced.
+            assert await write(PROBE_SIZE + rng.randrange(SIZE // 2), payload()) == 0
+            assert conn.spliced == 1
+            # Over them: received, checked and written, not spliced.
+            assert await write(0, payload()) == 0
+            assert await write(PROBE_SIZE - 1, payload()) == 0
+            assert conn.spliced == 1
+            # A QCOW header over them: refused, whole.
+            assert await write(0, qcow_header + payload()) == errno.EPERM
+            assert conn.spliced == 1
+            assert await write(PROBE_SIZE, payload()) == 0
+            assert conn.spliced == 2
+            await read_back(client, cookies, expect)
+        finally:
+            await served.close()
+
+    run(loop_factory, main)
+    assert image.read_bytes() == bytes(expect)
+    assert probe(str(image)) == "raw"
