@@ -81,6 +81,10 @@ async def test_guest_cannot_turn_probed_raw_into_qcow(tmp_path: Path) -> None:
         assert guest_write(server.uri, tmp_path, head[:4], 0) == "EPERM"
         # Unaligned, inside the sector.
         assert guest_write(server.uri, tmp_path, head[:8], 0) == "EPERM"
+        # WRITEs of the size the server splices (tests/server/test_splice.py): checked
+        # when they touch the sector, and written when they start just past it.
+        assert guest_write(server.uri, tmp_path, head + bytes(MiB - 512), 0) == "EPERM"
+        assert guest_write(server.uri, tmp_path, bytes(MiB // 4), 512) == "ok"
         qemu_io(server.uri, "write -z 0 4k")  # zeroing sector 0 leaves it raw: allowed
     finally:
         server.stop()
