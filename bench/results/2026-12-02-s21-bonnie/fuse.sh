@@ -1,5 +1,6 @@
 #!/bin/bash
-# ext4 on loop (direct I/O) on nbdfuse on a server; dd 1 GiB with fsync; prints MB/s.
+# ext4 on loop (direct I/O) on nbdfuse on a server; dd 2 GiB with fsync; prints MB/s and the
+# server's CPU. PERF=1: perf -g of the server for 5 s of it; PERF=all: of the whole machine.
 # KIND: tap (tapnbd serve --format raw), tapp (probed), nk (nbdkit file)
 KIND=$1; IMG=/var/tmp/rw/fz.raw; M=/var/tmp/rw/fz; mkdir -p $M/fuse $M/mnt
 rm -f $M/pid $M/sock; rm -f $IMG; truncate -s 4G $IMG; rm -f /var/tmp/rw/fz.json
@@ -13,7 +14,8 @@ nbdfuse -P $M/pid $M/fuse/nbd "$URI" & F=$!
 for i in $(seq 100); do [ -s $M/pid ] && break; sleep 0.05; done
 D=$(losetup --find --show --direct-io=on $M/fuse/nbd)
 mkfs.ext4 -q -F $D; mount $D $M/mnt
-[ -n "$PERF" ] && { perf record -q -g -p $P -o /var/tmp/rw/fz.data -- sleep 5 >/dev/null 2>&1 & R=$!; }
+if [ "$PERF" = all ]; then W="-a"; else W="-p $P"; fi  # all: the whole machine (nbdfuse, kworkers)
+[ -n "$PERF" ] && { perf record -q -g $W -o /var/tmp/rw/fz.data -- sleep 5 >/dev/null 2>&1 & R=$!; }
 S0=$(awk "{print \$14+\$15}" /proc/$P/stat); T0=$(date +%s.%N)
 dd if=/dev/zero of=$M/mnt/f bs=1M count=2048 conv=fsync 2>&1 | tail -1
 S1=$(awk "{print \$14+\$15}" /proc/$P/stat); T1=$(date +%s.%N); echo "server cpu $(( S1 - S0 )) ticks over $(echo "$T1 - $T0" | bc) s"; [ -n "$R" ] && wait $R
