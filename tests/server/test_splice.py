@@ -25,6 +25,7 @@ from formats.guard import ProbedRawGuard
 from formats.qcow.check import check_qcow
 from formats.qcow.create import create_qcow
 from formats.qcow.driver import QcowDriver
+from tapnbd.protocol.transmission import RequestDecoder
 from tapnbd.server.connection import SPLICE_MIN
 from tests.server import rawclient as rc
 from tests.server.inproc import Client, Reads, header, loops, run, serve
@@ -42,6 +43,18 @@ async def read_back(client: Client, cookies: Iterator[int], expect: bytearray) -
         client.queue(header(rc.CMD_READ, cookie, offset, 1 << 20))
         got = await client.reply(cookie, 1 << 20)
         assert got == (0, bytes(expect[offset : offset + (1 << 20)])), offset
+
+
+async def send_split(
+    client: Client, reads: Reads, decoder: RequestDecoder, req: bytes, cut: int
+) -> None:
+    """Send the WRITE ``req`` in two: its first ``cut`` bytes, then the rest once the
+    server is receiving the payload into its buffer. With a cut just past the header,
+    the server's next read is a lone header, so the next WRITE's payload is still in
+    the socket when the connection is offered it."""
+    client.queue(req[:cut])
+    await reads.until(lambda: decoder.taken() is not None)
+    await asyncio.to_thread(client.sock.sendall, req[cut:])
 
 
 @pytest.mark.parametrize("loop_factory", loops())
@@ -73,17 +86,12 @@ def test_queued_payloads_are_spliced_and_the_rest_is_not(
         assert conn.decoder is not None
         decoder = conn.decoder
 
-        def receiving() -> bool:  # a WRITE's payload is being received into its buffer
-            return decoder.taken() is not None
-
         try:
             # 1. Part of the payload comes with the header (it is in the socket with
             # it): received as usual, into the payload's buffer. After it the server
             # reads a lone header, so the next WRITE's payload is still in the socket.
             cookie, req = write(place())
-            client.queue(req[: 28 + 1000])
-            await reads.until(receiving)  # the rest only then
-            await asyncio.to_thread(client.sock.sendall, req[28 + 1000 :])
+            await send_split(client, reads, decoder, req, 28 + 1000)
             assert await client.reply(cookie) == (0, b"")
             assert conn.spliced == 0
             if driver._nowait_write:
@@ -98,9 +106,8 @@ def test_queued_payloads_are_spliced_and_the_rest_is_not(
             # 3. The header and half the payload: a client that stalls mid-payload must
             # not hold the loop, so it is received as usual.
             cookie, req = write(place())
-            client.queue(req[: 28 + PAYLOAD // 2])
-            await reads.until(receiving)  # offered for splicing and refused, then the rest
-            await asyncio.to_thread(client.sock.sendall, req[28 + PAYLOAD // 2 :])
+            # (Offered for splicing and refused, then the rest.)
+            await send_split(client, reads, decoder, req, 28 + PAYLOAD // 2)
             assert await client.reply(cookie) == (0, b"")
             assert conn.spliced == 1
 
@@ -173,10 +180,8 @@ def test_optimised_qcow_splices_into_its_extents(
             cookie, data = next(cookies), rng.randbytes(PAYLOAD)
             expect[offset : offset + PAYLOAD] = data
             req = header(rc.CMD_WRITE, cookie, offset, PAYLOAD) + data
-            if first:  # as in the test above: after it the server reads a lone header
-                client.queue(req[: 28 + 1000])
-                await reads.until(lambda: decoder.taken() is not None)
-                await asyncio.to_thread(client.sock.sendall, req[28 + 1000 :])
+            if first:  # after it the server reads a lone header
+                await send_split(client, reads, decoder, req, 28 + 1000)
             else:
                 client.queue(req)
             assert await client.reply(cookie) == (0, b"")
@@ -244,10 +249,8 @@ def test_a_probed_raw_image_splices_past_its_first_sector_only(
         async def write(offset: int, data: bytes, first: bool = False) -> int:
             cookie = next(cookies)
             req = header(rc.CMD_WRITE, cookie, offset, len(data)) + data
-            if first:  # as in the tests above: after it the server reads a lone header
-                client.queue(req[: 28 + 1000])
-                await reads.until(lambda: decoder.taken() is not None)
-                await asyncio.to_thread(client.sock.sendall, req[28 + 1000 :])
+            if first:  # after it the server reads a lone header
+                await send_split(client, reads, decoder, req, 28 + 1000)
             else:
                 client.queue(req)
             error, _ = await client.reply(cookie)
