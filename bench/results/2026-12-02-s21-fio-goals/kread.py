@@ -8,19 +8,16 @@ import random
 import statistics
 import sys
 import time
+from pathlib import Path
 
-sys.path.insert(0, "/work/main")
+sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
+
+from bench.proc import warm
 from formats import open_image
 from tapnbd import buffers
 
 RAW, QCOW = sys.argv[1], sys.argv[2]
 BS = 4096
-
-
-def warm(path: str) -> None:
-    with open(path, "rb") as f:
-        while f.read(8 << 20):
-            pass
 
 
 async def main() -> None:
@@ -32,7 +29,7 @@ async def main() -> None:
     rfd = os.open(RAW, os.O_RDONLY)
     qfd = q.read_fd()
     for p in (RAW, QCOW):
-        warm(p)
+        warm(Path(p))
 
     misses = [0]
 
