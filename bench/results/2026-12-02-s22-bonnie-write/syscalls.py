@@ -1,8 +1,8 @@
-"""Time inside each system call from ``syscalls.sh``'s perf data: calls, seconds (and
-share of the span; above 100 % when several threads sit in it), bytes, and the median
-of calls moving 256 KiB or more.
+"""Time inside each system call from the ``syscalls`` hook's perf data (``hooks.sh``):
+calls, seconds (and share of the span; above 100 % when several threads sit in it),
+bytes, and the median of calls moving 256 KiB or more.
 
-    python3 syscalls.py /var/tmp/rw/sys-tap.data
+    python3 syscalls.py /var/tmp/rw/syscalls-tap.data
 """
 
 from __future__ import annotations
