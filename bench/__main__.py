@@ -134,9 +134,12 @@ def _bonnie(
     only: list[str] | None,
     file_mib: int | None,
     repeat: int = 1,
+    warm_up: bool | None = None,
 ) -> bonnie.BonnieRun:
     cfg = bonnie.BonnieConfig.quick_config() if quick else bonnie.BonnieConfig()
     cfg.repeat = repeat
+    if warm_up is not None:
+        cfg.warm_up = warm_up
     cfg.rows = bonnie.select(bonnie.ROWS, only)
     if not cfg.rows:
         raise typer.BadParameter("--only selects no row")
@@ -223,12 +226,19 @@ def bonnie_cmd(
         int,
         typer.Option(min=1, help="Rounds of every row, in alternating order; report medians."),
     ] = 1,
+    warm_up: Annotated[
+        bool | None,
+        typer.Option(
+            "--warm-up/--no-warm-up",
+            help="An unmeasured row before the first round (default: on, off with --quick).",
+        ),
+    ] = None,
     out: OutOpt = None,
     workdir: WorkOpt = None,
 ) -> None:
     """blktap's Bonnie table: ext4 on each device, tapnbd rows beside loop and the peers."""
     with _bench_run(workdir) as work:
-        r = _bonnie(_out(out), work, quick, only, file_mib, repeat)
+        r = _bonnie(_out(out), work, quick, only, file_mib, repeat, warm_up)
     _failed(sum(1 for x in r.results if x.error))
 
 

@@ -17,9 +17,9 @@ if TYPE_CHECKING:
 ROWS = bonnie.select(bonnie.ROWS, ["tap-raw", "loop", "nbdkit-file"])
 
 
-def test_rounds_alternate_the_order_of_the_rows(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.fixture
+def ran(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The rows run_bonnie runs, in order; each result's read figure is its place."""
     ran: list[str] = []
 
     def fake_row(row: BonnieRow, cfg: BonnieConfig, *_: object) -> BonnieResult:
@@ -33,7 +33,11 @@ def test_rounds_alternate_the_order_of_the_rows(
     monkeypatch.setattr(bonnie, "row_unavailable", lambda *_: None)
     monkeypatch.setattr(bonnie, "_run_row", fake_row)
     monkeypatch.setattr(bonnie, "tapnbd_daemon", no_daemon)
-    r = bonnie.run_bonnie(BonnieConfig(rows=ROWS, repeat=3), tmp_path)
+    return ran
+
+
+def test_rounds_alternate_the_order_of_the_rows(tmp_path: Path, ran: list[str]) -> None:
+    r = bonnie.run_bonnie(BonnieConfig(rows=ROWS, repeat=3, warm_up=False), tmp_path)
     keys = ["tap-raw", "loop", "nbdkit-file"]
     assert ran == keys + keys[::-1] + keys
     assert [res.rep for res in r.results] == [0] * 3 + [1] * 3 + [2] * 3
@@ -41,6 +45,19 @@ def test_rounds_alternate_the_order_of_the_rows(
     assert r.value("tap-raw", "read") == 6.0
     assert r.value("tap-raw", "read", rep=1) == 6.0
     assert r.ratios("tap-raw", "nbdkit-file", "read") == [1 / 3, 6 / 4, 7 / 9]
+
+
+def test_a_warm_up_row_runs_first_and_is_not_measured(tmp_path: Path, ran: list[str]) -> None:
+    r = bonnie.run_bonnie(BonnieConfig(rows=ROWS, repeat=2), tmp_path)
+    keys = ["tap-raw", "loop", "nbdkit-file"]
+    assert ran == ["tap-raw", *keys, *keys[::-1]]
+    assert [(res.row, res.rep) for res in r.results] == [(k, 0) for k in keys] + [
+        (k, 1) for k in keys[::-1]
+    ]
+    # tap-raw's measured rows ran 2nd and 7th; the warm-up (1st) counts for nothing.
+    assert r.value("tap-raw", "read") == 4.5
+    assert any("warm-up row of Tap raw" in note for note in r.notes)
+    assert not BonnieConfig.quick_config().warm_up  # a smoke run stays short
 
 
 def _run(values: list[tuple[str, int, float | None]], repeat: int) -> BonnieRun:
