@@ -10,6 +10,7 @@ import pytest
 
 from bench import bonnie
 from bench.bonnie import BonnieConfig, BonnieResult, BonnieRow, BonnieRun
+from bench.proc import BenchError
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -58,6 +59,25 @@ def test_a_warm_up_row_runs_first_and_is_not_measured(tmp_path: Path, ran: list[
     assert r.value("tap-raw", "read") == 4.5
     assert any("warm-up row of Tap raw" in note for note in r.notes)
     assert not BonnieConfig.quick_config().warm_up  # a smoke run stays short
+
+
+def test_a_failed_warm_up_is_logged_and_the_rounds_still_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[str] = []
+
+    def fail_first(row: BonnieRow, cfg: BonnieConfig, *_: object) -> BonnieResult:
+        calls.append(row.key)
+        if len(calls) == 1:
+            raise BenchError("mkfs.ext4 failed")
+        return BonnieResult(row.key, values={"read": 1.0})
+
+    monkeypatch.setattr(bonnie, "row_unavailable", lambda *_: None)
+    monkeypatch.setattr(bonnie, "_run_row", fail_first)
+    r = bonnie.run_bonnie(BonnieConfig(rows=ROWS, repeat=1), tmp_path)
+    assert calls == ["tap-raw", "tap-raw", "loop", "nbdkit-file"]
+    assert [res.row for res in r.results] == ["tap-raw", "loop", "nbdkit-file"]
+    assert not any(res.error for res in r.results)
 
 
 def _run(values: list[tuple[str, int, float | None]], repeat: int) -> BonnieRun:
