@@ -130,9 +130,10 @@ class BonnieConfig:
     repeat: int = 1
     #: Run the first row once, unmeasured, before the first round. The alternating
     #: order balances the first place of each round between the rows, but not the
-    #: run's first row, which met a cost no later one did: Tap raw, first in every run,
-    #: ran block write at 0.42-0.84 of nbdkit's in round 1 of six runs of sessions 21
-    #: and 22 (median 0.67), against 0.78-0.97 in the later rounds it also opened.
+    #: run's first row, which met a cost the later ones did not: Tap raw, first in every
+    #: run, ran block write at 0.42-0.84 of nbdkit's in round 1 of five runs of
+    #: sessions 21 and 22 (median 0.66), against 0.84-1.02 in the later rounds it also
+    #: opened.
     warm_up: bool = True
 
     def sizes(self, row: str) -> tuple[int, int]:
