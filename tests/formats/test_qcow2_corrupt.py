@@ -70,7 +70,12 @@ async def test_unsupported_features_refused_by_name(
     need("qemu-img")
     monkeypatch.chdir(tmp_path)  # data.raw goes there
     img = tmp_path / "f.qcow2"
-    out = qemu_img("create", "-f", "qcow2", *opts, img, "8M", check=False)
+    for _ in range(3):
+        out = qemu_img("create", "-f", "qcow2", *opts, img, "8M", check=False)
+        # LUKS times its key derivation first, and under load qemu-img can give up
+        # ("Unable to get accurate CPU usage"): only a refusal that repeats is a skip.
+        if img.exists() or "accurate CPU usage" not in out:
+            break
     if not img.exists():
         pytest.skip(f"this qemu-img cannot make it: {out}")
     await _refused(img, match, read_only=True)
