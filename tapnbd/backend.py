@@ -208,18 +208,22 @@ class Backend:
             stats.inline_writes.append(length)
         return True
 
-    def try_pwrite_from(self, pipe: int, offset: int, length: int) -> bool:
+    def try_pwrite_from(self, pipe: int, offset: int, length: int, part: bool = False) -> bool:
         """try_pwrite of the next ``length`` bytes of ``pipe`` (Driver.pwrite_from_pipe).
-        False: not now, and nothing was read. A failed write raises RequestError."""
+        False: not now, and nothing was read. A failed write raises RequestError.
+
+        ``part``: a part of a WRITE whose payload is still arriving; the caller counts
+        the WRITE, once, when it ends."""
         if self.read_only or not self._inline(offset, length):
             return False
         try:
             done = self.driver.pwrite_from_pipe(pipe, offset, length)
         except Exception as e:
             err = request_errno(e)
-            self.stats.fail("write", err, self.stats.start())
+            if not part:
+                self.stats.fail("write", err, self.stats.start())
             raise RequestError(err, str(e) or type(e).__name__) from e
-        if done and self.stats.enabled:
+        if done and not part and self.stats.enabled:
             self.stats.inline_writes.append(length)
         return done
 

@@ -57,7 +57,7 @@ from tapnbd.server import iothreads, splice
 from tapnbd.server.budget import PayloadBudget
 from tapnbd.server.iothreads import QUEUED, THREAD_MIN, Done, IOThreads, Job, Wire
 from tapnbd.server.replies import flatten, read_parts, zero_parts
-from tapnbd.server.splice import PayloadPipe
+from tapnbd.server.splice import Arriving, PayloadPipe
 from tapnbd.stats import now
 
 if TYPE_CHECKING:
@@ -92,10 +92,11 @@ DRAIN_STALL = 2.0
 SNDBUF = int(os.environ.get("TAPNBD_SNDBUF", str(4 << 20)))
 #: Pieces in one writev (Linux's IOV_MAX is 1024).
 _MAX_IOV = 1024
-#: WRITEs this big, with no flags, whose payload is all queued in the socket when their
-#: header is decoded, go from the socket to the file by splice(2) through a pipe of the
-#: connection's (tapnbd.server.splice), if the driver writes one file (Driver.splices:
-#: raw). TAPNBD_SPLICE=0 turns it off, to measure again.
+#: WRITEs this big, with no flags, go from the socket to the file by splice(2) through a
+#: pipe of the connection's (tapnbd.server.splice), if the driver writes one file
+#: (Driver.splices: raw) and none of the payload came in with the header: at once when
+#: it is all queued in the socket, else in parts as it arrives (splice.Arriving).
+#: TAPNBD_SPLICE=0 turns it off, to measure again.
 SPLICE_MIN = 128 * 1024
 _SPLICE = os.environ.get("TAPNBD_SPLICE", "1") != "0"
 
@@ -151,6 +152,10 @@ class NBDConnection(asyncio.BufferedProtocol):
         self._fd = -1
         self._pipe = PayloadPipe()  # for spliced WRITEs; no descriptors until the first
         self.spliced = 0  # WRITEs served by splice (tests look)
+        # A spliced WRITE whose payload is still arriving. The transport's reading is
+        # paused meanwhile; the loop watches a dup of the socket (_payload_fd) instead.
+        self._arriving: Arriving | None = None
+        self._payload_fd = -1
         self._idle: asyncio.Future[None] | None = None  # set by drain() to wait for idleness
         # I/O threads (tapnbd.server.iothreads): the image's descriptor when this
         # connection may use them, and, once it does, the socket they share.
@@ -198,6 +203,9 @@ class NBDConnection(asyncio.BufferedProtocol):
                     self.backend.stats.abandon()
                 self._request_done(job.charged)
         self._pipe.close()
+        if self._payload_fd >= 0:
+            os.close(self._payload_fd)
+            self._payload_fd = -1
         if self.export is not None:
             self.export.connections -= 1
             self.export.backend.stats.connections -= 1
@@ -422,6 +430,14 @@ class NBDConnection(asyncio.BufferedProtocol):
         taken = self.decoder.drop_taken() if self.decoder is not None else None
         if taken is not None:
             self._release(_payload_cost(taken.type, taken.length))
+        arriving = self._end_arriving()
+        if arriving is not None:
+            self._pipe.drain()
+            if arriving.buf is not None:
+                buffers.give(arriving.buf)
+            if self.backend is not None:
+                self.backend.stats.abandon()
+            self._release(arriving.cost)
 
     def _release(self, cost: int) -> None:
         self.in_flight -= 1
@@ -476,8 +492,9 @@ class NBDConnection(asyncio.BufferedProtocol):
             task.add_done_callback(self._tasks.discard)
 
     def _splice_write(self, req: Request) -> bool:
-        """Serve a big WRITE whose payload is still in the socket: spliced through the
-        connection's pipe into the file. False: receive it as usual."""
+        """Serve a big WRITE whose payload is still in the socket, spliced through the
+        connection's pipe into the file: at once if it is all queued, else as it
+        arrives. False: receive it as usual."""
         backend, cost, pipe = self.backend, self._charged, self._pipe
         assert backend is not None
         length = req.length
@@ -485,10 +502,18 @@ class NBDConnection(asyncio.BufferedProtocol):
             # (The usual path answers ESHUTDOWN; _validate's other WRITE checks are of
             # flags, none here, and of a read-only export, never offered.)
             return False
-        if splice.queued(self._fd) < length:
-            return False  # a client that stalls mid-payload must not hold the loop
         if not pipe.open() or length > pipe.size:
             return False
+        if splice.queued(self._fd) < length:
+            # Not all here: a client that stalls mid-payload must not hold the loop,
+            # so the loop takes what comes each time the socket is readable.
+            self._arriving = Arriving(req, cost, backend.stats.start())
+            if self._payload_fd < 0:
+                log.debug("%s: a big WRITE is spliced as its payload arrives", self.peer)
+                self._payload_fd = os.dup(self._fd)
+            asyncio.get_running_loop().add_reader(self._payload_fd, self._payload_more)
+            self._payload_more()
+            return True  # _process pauses the transport (_update_reading)
         try:
             pipe.fill(self._fd, length)
         except (OSError, EOFError) as e:  # not with the bytes queued; the stream is lost
@@ -508,6 +533,78 @@ class NBDConnection(asyncio.BufferedProtocol):
         self._write(simple_reply(req.cookie))
         self._release(cost)
         return True
+
+    def _payload_more(self) -> None:
+        """The socket is readable while a spliced WRITE's payload arrives."""
+        a = self._arriving
+        if a is None or self.transport is None:
+            return
+        length = a.req.length
+        try:
+            if a.buf is None:
+                a.got += self._pipe.fill_some(self._payload_fd, length - a.got)
+            else:
+                a.got += splice.recv_some(self._payload_fd, a.buf[a.got - a.put :])
+        except (OSError, EOFError) as e:
+            log.info("%s: dropped: receiving a WRITE payload failed: %s", self.peer, e)
+            self.closing = True
+            self.transport.abort()
+            return
+        if a.buf is None:
+            self._put_part(a)
+        if a.got < length:
+            return
+        self._end_arriving()
+        backend = self.backend
+        assert backend is not None
+        stats = backend.stats
+        if a.err is not None:
+            buffers.give(a.buf)
+            stats.fail("write", a.err.errno, a.t0)
+            self._reply_error(a.req, a.err.errno, str(a.err))
+            self._request_done(a.cost)
+        elif a.buf is None:
+            stats.done("write", length, a.t0)
+            self.spliced += 1
+            self._write(simple_reply(a.req.cookie))
+            self._request_done(a.cost)
+        else:  # the rest, the usual way: counted there, for what it writes
+            stats.abandon()
+            req = a.req
+            rest = req._replace(offset=req.offset + a.put, length=length - a.put, payload=a.buf)
+            t0 = stats.begin()
+            self._dispatch(rest, a.cost)
+            stats.settle(t0)
+        self._update_reading()
+
+    def _put_part(self, a: Arriving) -> None:
+        """Write the whole blocks that came of ``a``'s payload (all of it once it is in)."""
+        end = a.part_end()
+        n = end - a.put
+        if n <= 0:
+            return
+        backend = self.backend
+        assert backend is not None
+        offset = a.req.offset + a.put
+        try:
+            if backend.try_pwrite_from(self._pipe.read_fd, offset, n, part=True):
+                a.put = end
+                return
+        except RequestError as e:
+            # The rest is received and dropped, to keep the stream in step.
+            a.err = e
+            self._pipe.drain()
+        rest = a.req.length - a.put
+        a.buf = memoryview(buffers.take(a.req.length))[:rest]  # the pool's usual size
+        if a.err is None:  # refused, not now: what the pipe holds is the rest's start
+            self._pipe.take_back(a.got - a.put, a.buf)
+
+    def _end_arriving(self) -> Arriving | None:
+        """Stop watching the socket for a payload; the Arriving that was, if any."""
+        a, self._arriving = self._arriving, None
+        if a is not None:
+            asyncio.get_running_loop().remove_reader(self._payload_fd)
+        return a
 
     def _threaded(self, req: Request, cost: int) -> bool:
         """Queue a big READ to the I/O threads; False to serve it on the loop."""
@@ -863,7 +960,11 @@ class NBDConnection(asyncio.BufferedProtocol):
         if transport is None or transport.is_closing():
             return
         want_pause = (
-            self.closing or self._blocked or self._write_paused or self.in_flight >= MAX_IN_FLIGHT
+            self.closing
+            or self._blocked
+            or self._write_paused
+            or self.in_flight >= MAX_IN_FLIGHT
+            or self._arriving is not None  # its payload comes through _payload_fd
         )
         if want_pause and not self._read_paused:
             self._read_paused = True

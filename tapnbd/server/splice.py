@@ -3,8 +3,9 @@
 A big WRITE's payload normally costs two copies: socket to buffer (the receive) and
 buffer to page cache (``pwrite``). Spliced, the socket's pages go into a pipe without a
 copy and the driver splices the pipe into its file: one copy. The connection decides
-which WRITEs go this way (``NBDConnection._splice_write``); this module only moves
-bytes, and keeps the pipe empty between WRITEs.
+which WRITEs go this way (``NBDConnection._splice_write``); this module moves bytes,
+keeps the pipe empty between WRITEs, and holds the state of a payload that is still
+arriving (``Arriving``).
 """
 
 from __future__ import annotations
@@ -12,9 +13,19 @@ from __future__ import annotations
 import fcntl
 import os
 import termios
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tapnbd.errors import RequestError
+    from tapnbd.protocol.transmission import Request
 
 #: The pipe's size, and so the biggest payload spliced; F_SETPIPE_SZ may give less.
 PIPE_SIZE = 1 << 20
+#: A payload still arriving is written to the file in parts that end on a multiple of
+#: this (of the file's offset), so a WRITE cut short by a crash before its reply left
+#: whole blocks, as a disk would.
+PART_ALIGN = 4096
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 _F_GETPIPE_SZ = getattr(fcntl, "F_GETPIPE_SZ", 1032)
 
@@ -62,7 +73,22 @@ class PayloadPipe:
                 raise EOFError("end of stream in a queued WRITE payload")
             got += n
 
-    def take_back(self, length: int, buf: bytearray) -> memoryview:
+    def fill_some(self, sock_fd: int, want: int) -> int:
+        """Move up to ``want`` bytes, as many as the socket has queued and the pipe has
+        room for, into the pipe; 0 when there are none. EOFError at the end of the
+        stream, OSError if the socket failed."""
+        got = 0
+        while got < want:
+            try:
+                n = os.splice(sock_fd, self._write_fd, want - got, flags=os.SPLICE_F_NONBLOCK)
+            except BlockingIOError:
+                break
+            if n == 0:
+                raise EOFError("end of stream in a WRITE payload")
+            got += n
+        return got
+
+    def take_back(self, length: int, buf: bytearray | memoryview) -> memoryview:
         """The ``length`` bytes in the pipe, read into ``buf``; the pipe is empty after."""
         view = memoryview(buf)[:length]
         have = 0
@@ -84,3 +110,44 @@ class PayloadPipe:
             if fd >= 0:
                 os.close(fd)
         self.read_fd = self._write_fd = -1
+
+
+def recv_some(sock_fd: int, view: memoryview) -> int:
+    """Receive into ``view`` what the socket has queued (0 if nothing); EOFError at the
+    end of the stream."""
+    try:
+        n = os.readv(sock_fd, [view])
+    except BlockingIOError:
+        return 0
+    if n == 0 and len(view):
+        raise EOFError("end of stream in a WRITE payload")
+    return n
+
+
+@dataclass(slots=True)
+class Arriving:
+    """A big WRITE whose payload was not all in the socket when its header came.
+
+    The payload is spliced into the pipe as it arrives, and each time the whole blocks
+    in the pipe are spliced on into the file (``put``), so the pipe never holds more
+    than what one wake-up brought. If the driver refuses a part (it is backing off, or
+    the part is somewhere it must see the bytes), the rest of the payload is received
+    into ``buf`` instead, and written the usual way once it is all in; if a part fails,
+    the rest is received and dropped, and the WRITE answered with the error.
+    """
+
+    req: Request
+    cost: int  # what _admit charged for it
+    t0: int  # Stats.start() (0 with statistics off)
+    got: int = 0  # payload bytes taken from the socket
+    put: int = 0  # of those, written to the file
+    buf: memoryview | None = None  # the rest, [put, length), once parts stop
+    err: RequestError | None = None
+
+    def part_end(self) -> int:
+        """Where the next part ends: all that came, once all has; else the last block
+        boundary (of the file's offset) within it."""
+        req = self.req
+        if self.got == req.length:
+            return self.got
+        return ((req.offset + self.got) & -PART_ALIGN) - req.offset

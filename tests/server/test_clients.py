@@ -261,3 +261,35 @@ def test_nbdcopy_big_writes_into_optimised_qcow(
     run(["qemu-img", "compare", "-f", "raw", "-F", "qcow", str(src), str(disk)])
     res = asyncio.run(check_qcow(str(disk)))
     assert res.exit_code == 0 and res.cksum == "ok", res.to_json()
+
+
+@pytest.mark.parametrize("transport", ["unix", "tcp"])
+def test_fio_verify_big_writes_arriving_in_pieces(
+    serve: Callable[..., Server], tmp_path: Path, transport: str
+) -> None:
+    """1 MiB WRITEs over four connections, verified by crc32c. A unix socket queues at
+    most the sender's buffer (about 208 KiB), so every payload arrives in pieces and is
+    spliced into the file as it comes (tests/server/test_splice.py); over TCP, some
+    are all queued and some arrive."""
+    need("fio")
+    disk = tmp_path / "fio.img"
+    disk.write_bytes(bytes(64 << 20))
+    args = [str(disk), "--verbose"]
+    if transport == "unix":
+        args += ["--socket", str(tmp_path / "s.sock")]
+    server = serve(*args)
+    job = fio_verify(
+        server.uri,
+        "--rw=randwrite",
+        "--bs=1M",
+        "--iodepth=4",
+        "--numjobs=4",
+        "--size=16m",
+        "--offset_increment=16m",
+    )
+    assert job["error"] == 0
+    assert job["write"]["io_bytes"] >= 64 << 20
+    assert job["read"]["io_bytes"] >= 64 << 20
+    if transport == "unix":
+        server.wait_for_log("spliced as its payload arrives")
+    assert server.stop() == 0

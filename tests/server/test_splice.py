@@ -2,9 +2,10 @@
 
 An in-process server on one end of a unix socket pair (tests/server/inproc.py): the test
 writes whole requests into the socket from the loop's own thread, so when the server
-next runs, exactly what the test meant to be queued is queued. Each case checks the
-connection's splice count and, at the end, every byte of the file against what was
-written.
+next runs, exactly what the test meant to be queued is queued. A payload that is not
+all queued is spliced as it arrives: the test sends it in pieces, each once the server
+has taken the one before (``Arrivals``). Each case checks the connection's splice count
+and, at the end, every byte of the file against what was written.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from formats.qcow.check import check_qcow
 from formats.qcow.create import create_qcow
 from formats.qcow.driver import QcowDriver
 from tapnbd.protocol.transmission import RequestDecoder
-from tapnbd.server.connection import SPLICE_MIN
+from tapnbd.server.connection import SPLICE_MIN, NBDConnection
+from tapnbd.server.splice import PART_ALIGN
 from tests.server import rawclient as rc
 from tests.server.inproc import Client, Reads, header, loops, run, serve
 
@@ -57,8 +59,51 @@ async def send_split(
     await asyncio.to_thread(client.sock.sendall, req[cut:])
 
 
+class Arrivals:
+    """Wakes the test each time the server has taken bytes of an arriving payload."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.event = asyncio.Event()
+        original = NBDConnection._payload_more
+
+        def noticed(conn: NBDConnection) -> None:
+            original(conn)
+            self.event.set()
+
+        monkeypatch.setattr(NBDConnection, "_payload_more", noticed)
+
+    async def until(self, condition: Callable[[], bool]) -> None:
+        while not condition():
+            self.event.clear()
+            await asyncio.wait_for(self.event.wait(), 30)
+
+
+async def send_arriving(
+    client: Client,
+    conn: NBDConnection,
+    arrivals: Arrivals,
+    req: bytes,
+    cuts: list[int],
+    rest: bool = True,
+) -> None:
+    """Send the WRITE ``req`` (after a WRITE spliced or received whole, so the server
+    reads its header alone) in pieces ending at ``cuts`` (offsets in the payload), each
+    once the server has taken the one before; then the rest, if ``rest``."""
+    sent = 0
+    for cut in cuts:
+        client.queue(req[sent : 28 + cut])
+        sent = 28 + cut
+
+        def taken(cut: int = cut) -> bool:
+            return conn._arriving is not None and conn._arriving.got == cut
+
+        await arrivals.until(taken)
+    if rest:
+        client.queue(req[sent:])
+
+
 @pytest.mark.parametrize("loop_factory", loops())
-def test_queued_payloads_are_spliced_and_the_rest_is_not(
+def test_payloads_are_spliced_whole_or_as_they_arrive(
     loop_factory: Callable[[], asyncio.AbstractEventLoop],
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
@@ -80,7 +125,7 @@ def test_queued_payloads_are_spliced_and_the_rest_is_not(
         return rng.randrange(0, SIZE - PAYLOAD)
 
     async def main() -> None:
-        reads = Reads(monkeypatch)
+        reads, arrivals = Reads(monkeypatch), Arrivals(monkeypatch)
         served = await serve(image)
         conn, driver, client = served.conn, served.driver, served.client
         assert conn.decoder is not None
@@ -103,13 +148,20 @@ def test_queued_payloads_are_spliced_and_the_rest_is_not(
             assert await client.reply(cookie) == (0, b"")
             assert conn.spliced == 1
 
-            # 3. The header and half the payload: a client that stalls mid-payload must
-            # not hold the loop, so it is received as usual.
-            cookie, req = write(place())
-            # (Offered for splicing and refused, then the rest.)
-            await send_split(client, reads, decoder, req, 28 + PAYLOAD // 2)
+            # 3. The header and a third of the payload, then more: a client that
+            # stalls mid-payload must not hold the loop, so the payload is spliced as it
+            # comes, and the whole blocks of it that came are in the file before the
+            # rest does.
+            offset = place()
+            cookie, req = write(offset)
+            first = PAYLOAD // 3
+            await send_arriving(client, conn, arrivals, req, [first])
+            part = conn._arriving
+            assert part is not None and part.buf is None
+            assert part.put == ((offset + first) & -PART_ALIGN) - offset > 0
+            assert os.pread(driver.fd, part.put, offset) == req[28 : 28 + part.put]
             assert await client.reply(cookie) == (0, b"")
-            assert conn.spliced == 1
+            assert conn.spliced == 2 and conn._arriving is None
 
             # 4. The driver is backing off (a write slept): the payload is spliced
             # into the pipe, refused, read back out and written by the thread pool.
@@ -117,7 +169,28 @@ def test_queued_payloads_are_spliced_and_the_rest_is_not(
             cookie, req = write(place())
             client.queue(req)
             assert await client.reply(cookie) == (0, b"")
-            assert conn.spliced == 1
+            assert conn.spliced == 2
+            # 4b. The same with a payload arriving in three pieces: its first part is
+            # refused, so the rest of it is received into a buffer and written there.
+            cookie, req = write(place())
+            await send_arriving(client, conn, arrivals, req, [PAYLOAD // 4, PAYLOAD // 2])
+            assert await client.reply(cookie) == (0, b"")
+            assert conn.spliced == 2
+            # 4c. The back-off begins part-way through an arriving payload: the parts
+            # already written stay, the rest is written the usual way.
+            driver._inline_after = 0.0
+            offset = place()
+            cookie, req = write(offset)
+            await send_arriving(client, conn, arrivals, req, [PAYLOAD // 3], rest=False)
+            assert conn._arriving is not None and conn._arriving.put > 0
+            driver._inline_after = time.monotonic() + 3600
+            client.queue(req[28 + PAYLOAD // 3 : 28 + PAYLOAD // 2])
+            await arrivals.until(
+                lambda: conn._arriving is not None and conn._arriving.buf is not None
+            )
+            client.queue(req[28 + PAYLOAD // 2 :])
+            assert await client.reply(cookie) == (0, b"")
+            assert conn.spliced == 2
             driver._inline_after = 0.0
 
             # 5. The write fails half-way (a read-only descriptor under the driver):
@@ -131,12 +204,28 @@ def test_queued_payloads_are_spliced_and_the_rest_is_not(
             os.close(driver.fd)
             driver.fd = good_fd
             assert error == 5  # EIO
-            assert conn.spliced == 1
-            for _ in range(3):  # 6. and on as before
+            assert conn.spliced == 2
+            # 5b. The same while the payload arrives: EIO once all of it is read, and
+            # the stream stays in step.
+            driver.fd = os.open(image, os.O_RDONLY)
+            failed = place()
+            cookie = next(cookies)
+            req = header(rc.CMD_WRITE, cookie, failed, PAYLOAD) + bytes(PAYLOAD)
+            await send_arriving(client, conn, arrivals, req, [PAYLOAD // 3])
+            error, _ = await client.reply(cookie)
+            os.close(driver.fd)
+            driver.fd = good_fd
+            assert error == 5
+            assert conn.spliced == 2
+            for _ in range(3):  # 6. and on as before, whole and arriving
                 cookie, req = write(place())
                 client.queue(req)
                 assert await client.reply(cookie) == (0, b"")
-            assert conn.spliced == 4
+                cookie, req = write(place())
+                await send_arriving(client, conn, arrivals, req, [rng.randrange(1, PAYLOAD)])
+                assert await client.reply(cookie) == (0, b"")
+            assert conn.spliced == 8
+            assert served.server.budget.used == conn.payload == 0
 
             # Everything reads back, through the server and from the file.
             await read_back(client, cookies, expect)
@@ -165,7 +254,7 @@ def test_optimised_qcow_splices_into_its_extents(
     cookies = iter(range(1, 1000))
 
     async def main() -> None:
-        reads = Reads(monkeypatch)
+        reads, arrivals = Reads(monkeypatch), Arrivals(monkeypatch)
         top = await open_image(str(image), fmt="qcow")
         assert isinstance(top, QcowDriver) and top.splices
         extent = 1 << top.g.shift
@@ -201,6 +290,28 @@ def test_optimised_qcow_splices_into_its_extents(
             for k, e in enumerate([3, 0, 1, 3, 2]):
                 await write(e * extent + rng.randrange(0, extent - PAYLOAD + 1))
                 assert conn.spliced == k + 1
+            # Arriving in pieces across the boundary of extents 0 and 1: the parts in
+            # extent 0 are spliced to its place, the one over the boundary is refused,
+            # and the rest is received and split as usual.
+            offset = extent - PAYLOAD // 2
+            cookie, data = next(cookies), rng.randbytes(PAYLOAD)
+            expect[offset : offset + PAYLOAD] = data
+            req = header(rc.CMD_WRITE, cookie, offset, PAYLOAD) + data
+            cuts = [PAYLOAD // 4, 3 * PAYLOAD // 4]
+            await send_arriving(client, conn, arrivals, req, cuts, rest=False)
+            part = conn._arriving
+            assert part is not None and part.put > 0 and part.buf is not None
+            client.queue(req[28 + cuts[-1] :])
+            assert await client.reply(cookie) == (0, b"")
+            # Arriving within one extent: spliced.
+            await write(3 * extent)  # (whole: the next header comes alone)
+            offset = 3 * extent + rng.randrange(0, extent - PAYLOAD + 1)
+            cookie, data = next(cookies), rng.randbytes(PAYLOAD)
+            expect[offset : offset + PAYLOAD] = data
+            req = header(rc.CMD_WRITE, cookie, offset, PAYLOAD) + data
+            await send_arriving(client, conn, arrivals, req, [rng.randrange(1, PAYLOAD)])
+            assert await client.reply(cookie) == (0, b"")
+            assert conn.spliced == 7
             await read_back(client, cookies, expect)
         finally:
             await served.close()
@@ -238,7 +349,7 @@ def test_a_probed_raw_image_splices_past_its_first_sector_only(
     cookies = iter(range(1, 1000))
 
     async def main() -> None:
-        reads = Reads(monkeypatch)
+        reads, arrivals = Reads(monkeypatch), Arrivals(monkeypatch)
         top = await open_image(str(image), rules=OpenRules(share=True))
         assert isinstance(top, ProbedRawGuard) and top.splices
         served = await serve(image, top=top)
@@ -246,11 +357,15 @@ def test_a_probed_raw_image_splices_past_its_first_sector_only(
         assert conn.decoder is not None
         decoder = conn.decoder
 
-        async def write(offset: int, data: bytes, first: bool = False) -> int:
+        async def write(
+            offset: int, data: bytes, first: bool = False, arriving: bool = False
+        ) -> int:
             cookie = next(cookies)
             req = header(rc.CMD_WRITE, cookie, offset, len(data)) + data
             if first:  # after it the server reads a lone header
                 await send_split(client, reads, decoder, req, 28 + 1000)
+            elif arriving:  # in pieces, after a WRITE that went whole
+                await send_arriving(client, conn, arrivals, req, [PROBE_SIZE // 2, PAYLOAD // 2])
             else:
                 client.queue(req)
             error, _ = await client.reply(cookie)
@@ -278,6 +393,15 @@ def test_a_probed_raw_image_splices_past_its_first_sector_only(
             assert conn.spliced == 1
             assert await write(PROBE_SIZE, payload()) == 0
             assert conn.spliced == 2
+            # The same, arriving in pieces, the first of them all in the probed bytes:
+            # over them nothing is spliced, past them it is.
+            assert await write(0, qcow_header + payload(), arriving=True) == errno.EPERM
+            assert await write(PROBE_SIZE, payload()) == 0
+            assert await write(0, payload(), arriving=True) == 0
+            assert conn.spliced == 3
+            assert await write(PROBE_SIZE, payload()) == 0
+            assert await write(PROBE_SIZE + rng.randrange(SIZE // 2), payload(), arriving=True) == 0
+            assert conn.spliced == 5
             await read_back(client, cookies, expect)
         finally:
             await served.close()
@@ -285,3 +409,50 @@ def test_a_probed_raw_image_splices_past_its_first_sector_only(
     run(loop_factory, main)
     assert image.read_bytes() == bytes(expect)
     assert probe(str(image)) == "raw"
+
+
+@pytest.mark.parametrize("loop_factory", loops())
+def test_a_client_gone_mid_payload_leaves_nothing_held(
+    loop_factory: Callable[[], asyncio.AbstractEventLoop],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A client that sends a big WRITE's header and part of its payload, then hangs up:
+    the WRITE's charge, its statistics and the socket's watch all end with it."""
+    image = tmp_path / "disk.raw"
+    image.write_bytes(bytes(SIZE))
+    gone = asyncio.Event()
+    lost = NBDConnection.connection_lost
+
+    def noticed(conn: NBDConnection, exc: Exception | None) -> None:
+        lost(conn, exc)
+        gone.set()
+
+    monkeypatch.setattr(NBDConnection, "connection_lost", noticed)
+
+    async def main() -> None:
+        reads, arrivals = Reads(monkeypatch), Arrivals(monkeypatch)
+        served = await serve(image)
+        conn, driver, client = served.conn, served.driver, served.client
+        assert conn.decoder is not None
+        try:
+            req = header(rc.CMD_WRITE, 1, 0, PAYLOAD) + bytes(PAYLOAD)
+            await send_split(client, reads, conn.decoder, req, 28 + 1000)
+            assert await client.reply(1) == (0, b"")
+            if driver._nowait_write:
+                pytest.skip("this file system takes RWF_NOWAIT writes: they stay pwrites")
+            req = header(rc.CMD_WRITE, 2, 0, PAYLOAD) + bytes(PAYLOAD)
+            await send_arriving(client, conn, arrivals, req, [PAYLOAD // 2], rest=False)
+            assert conn._arriving is not None
+            assert served.server.budget.used == PAYLOAD
+            assert driver.size() == SIZE and conn.backend is not None
+            assert conn.backend.stats.in_flight == 1
+            client.sock.close()
+            await asyncio.wait_for(gone.wait(), 30)
+            assert conn._arriving is None and conn._payload_fd == -1
+            assert served.server.budget.used == 0 and conn.in_flight == 0
+            assert conn.backend is not None and conn.backend.stats.in_flight == 0
+        finally:
+            await served.close()
+
+    run(loop_factory, main)
