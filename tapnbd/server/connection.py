@@ -547,6 +547,8 @@ class NBDConnection(asyncio.BufferedProtocol):
                 a.got += splice.recv_some(self._payload_fd, a.buf[a.got - a.put :])
         except (OSError, EOFError) as e:
             log.info("%s: dropped: receiving a WRITE payload failed: %s", self.peer, e)
+            # Not woken again by the same end of stream; connection_lost releases it.
+            asyncio.get_running_loop().remove_reader(self._payload_fd)
             self.closing = True
             self.transport.abort()
             return
