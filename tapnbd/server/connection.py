@@ -95,8 +95,8 @@ _MAX_IOV = 1024
 #: WRITEs this big, with no flags, go from the socket to the file by splice(2) through a
 #: pipe of the connection's (tapnbd.server.splice), if the driver writes one file
 #: (Driver.splices: raw) and none of the payload came in with the header: at once when
-#: it is all queued in the socket, else in parts as it arrives (splice.Arriving).
-#: TAPNBD_SPLICE=0 turns it off, to measure again.
+#: it is all queued in the socket, else, on a unix socket, in parts as it arrives
+#: (splice.Arriving). TAPNBD_SPLICE=0 turns it off, to measure again.
 SPLICE_MIN = 128 * 1024
 _SPLICE = os.environ.get("TAPNBD_SPLICE", "1") != "0"
 
@@ -156,6 +156,7 @@ class NBDConnection(asyncio.BufferedProtocol):
         # paused meanwhile; the loop watches a dup of the socket (_payload_fd) instead.
         self._arriving: Arriving | None = None
         self._payload_fd = -1
+        self._unix = False  # a unix socket: payloads are spliced as they arrive
         self._idle: asyncio.Future[None] | None = None  # set by drain() to wait for idleness
         # I/O threads (tapnbd.server.iothreads): the image's descriptor when this
         # connection may use them, and, once it does, the socket they share.
@@ -184,6 +185,7 @@ class NBDConnection(asyncio.BufferedProtocol):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if sock is not None:
             self._fd = sock.fileno()  # for _send_lent; -1 again once TLS wraps the stream
+            self._unix = sock.family == socket.AF_UNIX
         transport.write(self.handshake.greeting())
         loop = asyncio.get_running_loop()
         self._timer = loop.call_later(self.server.handshake_timeout, self._handshake_timeout)
@@ -505,8 +507,15 @@ class NBDConnection(asyncio.BufferedProtocol):
         if not pipe.open() or length > pipe.size:
             return False
         if splice.queued(self._fd) < length:
-            # Not all here: a client that stalls mid-payload must not hold the loop,
-            # so the loop takes what comes each time the socket is readable.
+            # Not all here. A unix socket queues at most the sender's buffer (208 KiB
+            # by default), so a bigger payload is never all here: it is spliced as it
+            # arrives. A TCP socket's buffer grows to hold it, and splicing parts there
+            # costs a local sender more than the copy saves (loopback lends it the
+            # sender's pages, which it cannot reuse while they sit in the pipe).
+            if not self._unix:
+                return False
+            # A client that stalls mid-payload must not hold the loop, so the loop
+            # takes what comes each time the socket is readable.
             self._arriving = Arriving(req, cost, backend.stats.start())
             if self._payload_fd < 0:
                 log.debug("%s: a big WRITE is spliced as its payload arrives", self.peer)
