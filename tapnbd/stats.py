@@ -183,6 +183,17 @@ class Stats:
         if writes:
             _count(self.ops["write"], writes, dt)
 
+    def add_bytes(self, op: str, nbytes: int, whole: int) -> None:
+        """Bytes of one request that its count left out: a WRITE whose first parts were
+        spliced before the rest took the usual path, which counted the rest. ``whole``:
+        the request's length, for the largest seen."""
+        if not self.enabled:
+            return
+        s = self.ops[op]
+        s.bytes += nbytes
+        if whole > s.max_bytes:
+            s.max_bytes = whole
+
     def fail(self, op: str, err: int, t0: int) -> None:
         if not self.enabled:
             return

@@ -579,8 +579,9 @@ class NBDConnection(asyncio.BufferedProtocol):
             self.spliced += 1
             self._write(simple_reply(a.req.cookie))
             self._request_done(a.cost)
-        else:  # the rest, the usual way: counted there, for what it writes
+        else:  # the rest, the usual way: counted there, with the parts' bytes added
             stats.abandon()
+            stats.add_bytes("write", a.put, length)
             req = a.req
             rest = req._replace(offset=req.offset + a.put, length=length - a.put, payload=a.buf)
             t0 = stats.begin()

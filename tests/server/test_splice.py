@@ -312,6 +312,11 @@ def test_optimised_qcow_splices_into_its_extents(
             await send_arriving(client, conn, arrivals, req, [rng.randrange(1, PAYLOAD)])
             assert await client.reply(cookie) == (0, b"")
             assert conn.spliced == 7
+            # Every WRITE counted once, with all its bytes, whichever way it went (the
+            # one across extents partly spliced, partly not).
+            assert conn.backend is not None
+            writes = conn.backend.stats.ops["write"]
+            assert (writes.ops, writes.bytes, writes.max_bytes) == (10, 10 * PAYLOAD, PAYLOAD)
             await read_back(client, cookies, expect)
         finally:
             await served.close()
