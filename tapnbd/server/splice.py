@@ -10,6 +10,7 @@ arriving (``Arriving``).
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import termios
@@ -66,12 +67,9 @@ class PayloadPipe:
         Raises OSError or EOFError if the socket gives fewer: the stream is then out of
         step, and the caller must drop the connection.
         """
-        got = 0
-        while got < length:
-            n = os.splice(sock_fd, self._write_fd, length - got, flags=os.SPLICE_F_NONBLOCK)
-            if n == 0:
-                raise EOFError("end of stream in a queued WRITE payload")
-            got += n
+        got = self.fill_some(sock_fd, length)
+        if got < length:
+            raise OSError(errno.EAGAIN, f"{length - got} bytes of a queued payload did not come")
 
     def fill_some(self, sock_fd: int, want: int) -> int:
         """Move up to ``want`` bytes, as many as the socket has queued and the pipe has

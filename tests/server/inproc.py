@@ -66,24 +66,31 @@ class Client:
         return error, data
 
 
-class Reads:
-    """Wakes the test each time the server has taken bytes from its socket."""
+class Wakes:
+    """Wakes the test each time the server has run ``NBDConnection.<method>``."""
 
-    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, method: str) -> None:
         self.event = asyncio.Event()
-        original = NBDConnection.buffer_updated
+        original = getattr(NBDConnection, method)
 
-        def noticed(conn: NBDConnection, nbytes: int) -> None:
-            original(conn, nbytes)
+        def noticed(conn: NBDConnection, *args: Any) -> None:
+            original(conn, *args)
             self.event.set()
 
         # On the class: uvloop binds the protocol's method when the connection starts.
-        monkeypatch.setattr(NBDConnection, "buffer_updated", noticed)
+        monkeypatch.setattr(NBDConnection, method, noticed)
 
     async def until(self, condition: Callable[[], bool]) -> None:
         while not condition():
             self.event.clear()
             await asyncio.wait_for(self.event.wait(), TIMEOUT)
+
+
+class Reads(Wakes):
+    """Wakes the test each time the server has taken bytes from its socket."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        super().__init__(monkeypatch, "buffer_updated")
 
 
 @dataclass

@@ -30,7 +30,7 @@ from tapnbd.protocol.transmission import RequestDecoder
 from tapnbd.server.connection import SPLICE_MIN, NBDConnection
 from tapnbd.server.splice import PART_ALIGN
 from tests.server import rawclient as rc
-from tests.server.inproc import Client, Reads, header, loops, run, serve
+from tests.server.inproc import Client, Reads, Wakes, header, loops, run, serve
 
 KiB = 1024
 SIZE = 8 << 20
@@ -59,23 +59,11 @@ async def send_split(
     await asyncio.to_thread(client.sock.sendall, req[cut:])
 
 
-class Arrivals:
+class Arrivals(Wakes):
     """Wakes the test each time the server has taken bytes of an arriving payload."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.event = asyncio.Event()
-        original = NBDConnection._payload_more
-
-        def noticed(conn: NBDConnection) -> None:
-            original(conn)
-            self.event.set()
-
-        monkeypatch.setattr(NBDConnection, "_payload_more", noticed)
-
-    async def until(self, condition: Callable[[], bool]) -> None:
-        while not condition():
-            self.event.clear()
-            await asyncio.wait_for(self.event.wait(), 30)
+        super().__init__(monkeypatch, "_payload_more")
 
 
 async def send_arriving(
