@@ -60,7 +60,16 @@ def test_bonnie_quick_gives_figures_for_each_row(tmp_path: Path) -> None:
         assert rows[key]["attach"] == "tapnbd attach --via fuse", key
 
     summary = {r["row"]: r for r in csv.DictReader((out / "bonnie-summary.csv").open())}
-    assert _number(summary["qcow-opt"]["write_vs_tap_raw"]) is not None
+    # The ratio is there exactly when both rows timed their block write, and is their quotient.
+    qcow_w, raw_w = (
+        _number(summary["qcow-opt"]["write_kps"]),
+        _number(summary["tap-raw"]["write_kps"]),
+    )
+    ratio = _number(summary["qcow-opt"]["write_vs_tap_raw"])
+    if qcow_w is None or raw_w is None:
+        assert ratio is None, summary["qcow-opt"]
+    else:
+        assert ratio == pytest.approx(qcow_w / raw_w, rel=0.01), summary["qcow-opt"]
     md = (out / "bonnie.md").read_text()
     for label in ROWS.values():
         assert f"| {label} " in md, label
