@@ -14,6 +14,7 @@ import asyncio
 import errno
 import os
 import random
+import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -28,7 +29,7 @@ from formats.qcow.create import create_qcow
 from formats.qcow.driver import QcowDriver
 from tapnbd.protocol.transmission import RequestDecoder
 from tapnbd.server.connection import SPLICE_MIN, NBDConnection
-from tapnbd.server.splice import PART_ALIGN
+from tapnbd.server.splice import PART_ALIGN, PayloadPipe, queued
 from tests.server import rawclient as rc
 from tests.server.inproc import Client, Reads, Wakes, header, loops, run, serve
 
@@ -449,3 +450,33 @@ def test_a_client_gone_mid_payload_leaves_nothing_held(
             await served.close()
 
     run(loop_factory, main)
+
+
+def test_a_pipe_fill_that_comes_short_says_so() -> None:
+    """PayloadPipe.fill is for a payload that FIONREAD said is all queued: fewer bytes
+    than that is an error (the stream is out of step), and the end of the stream is
+    EOFError; fill_some takes what there is."""
+    a, b = socket.socketpair()
+    pipe = PayloadPipe()
+    try:
+        assert pipe.open()
+        a.setblocking(False)
+        b.sendall(b"x" * 1000)
+        assert queued(a.fileno()) == 1000
+        with pytest.raises(OSError) as e:
+            pipe.fill(a.fileno(), 1500)
+        assert e.value.errno == errno.EAGAIN and "500 bytes" in str(e.value)
+        assert bytes(pipe.take_back(1000, bytearray(1000))) == b"x" * 1000
+        b.sendall(b"y" * 300)
+        assert pipe.fill_some(a.fileno(), 1000) == 300
+        pipe.drain()
+        b.sendall(b"z" * 200)
+        pipe.fill(a.fileno(), 200)
+        assert bytes(pipe.take_back(200, bytearray(200))) == b"z" * 200
+        b.close()
+        with pytest.raises(EOFError):
+            pipe.fill(a.fileno(), 10)
+    finally:
+        pipe.close()
+        a.close()
+        b.close()
