@@ -3,7 +3,8 @@
 # one 7 s cell per variant, recorded for 4 s in its middle. Session 16's profsw.sh
 # (../2026-12-01-s16-profile-seqwrite) generalised to the jobs and variants of issue 15's
 # missed goals.
-#   JOB: write (seq write 1M QD8), randwrite (rand write 4k QD32) or randread (rand
+#   JOB: write (seq write 1M QD8), read (seq read 1M QD8, added in session 24),
+#   randwrite (rand write 4k QD32) or randread (rand
 #   read 4k QD32)
 #   VARIANT: tap (tapnbd raw), tapnostats (TAPNBD_STATS=off), tapqcow (tapnbd on the
 #   optimised qcow image $QCOW, all allocated), nk (nbdkit file)
@@ -18,6 +19,7 @@ case $JOB in
   write) FIO="--rw=write --bs=1M --iodepth=8";;
   randwrite) FIO="--rw=randwrite --bs=4k --iodepth=32";;
   randread) FIO="--rw=randread --bs=4k --iodepth=32";;
+  read) FIO="--rw=read --bs=1M --iodepth=8";;
   *) echo "unknown job $JOB" >&2; exit 2;;
 esac
 for v in "$@"; do
@@ -25,7 +27,7 @@ for v in "$@"; do
   [ "$v" = tapqcow ] && { img=$QCOW; fmt=qcow; }
   [ "$v" = tapnostats ] && env=TAPNBD_STATS=off
   [ "$v" = tapnosplice ] && env=TAPNBD_SPLICE=0
-  (cd /work/main && $PY -c "import sys; from pathlib import Path; from bench.proc import ready_for; ready_for(Path(sys.argv[1]), sys.argv[2] != 'randread')" "$img" "$JOB")
+  (cd /work/main && $PY -c "import sys; from pathlib import Path; from bench.proc import ready_for; ready_for(Path(sys.argv[1]), sys.argv[2] not in ('randread', 'read'))" "$img" "$JOB")
   if [ "$v" = nk ]; then nbdkit -f -p 10897 -i 127.0.0.1 file "$img" & P=$!
   else env $env $PY -m tapnbd serve "$img" --format $fmt --bind 127.0.0.1 --port 10897 >/dev/null 2>&1 & P=$!; fi
   for i in $(seq 100); do nbdinfo --size $URI >/dev/null 2>&1 && break; sleep 0.1; done
