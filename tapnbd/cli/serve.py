@@ -93,6 +93,16 @@ def serve_cmd(
             "writes being received); clients wait past it."
         ),
     ] = f"{DEFAULT_PAYLOAD_BUDGET >> 20}M",
+    poll_us: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            max=1000,
+            help="Wait up to this many microseconds for a client's next request before "
+            "sleeping, so that one-at-a-time requests find the CPU awake; the wait adapts "
+            "to each client, as QEMU's poll-max-ns (0: off).",
+        ),
+    ] = 0,
     inject_error: Annotated[
         list[str] | None,
         typer.Option(
@@ -159,6 +169,7 @@ def serve_cmd(
         max_handshakes=max_handshakes,
         handshake_grace=handshake_grace,
         payload_budget=payload_budget,
+        poll_us=poll_us,
         inject_error=inject_error or [],
         delay=delay or [],
         inject_at=inject_at,

@@ -56,6 +56,7 @@ from tapnbd.runtime import eager_start
 from tapnbd.server import iothreads, splice
 from tapnbd.server.budget import PayloadBudget
 from tapnbd.server.iothreads import QUEUED, THREAD_MIN, Done, IOThreads, Job, Wire
+from tapnbd.server.poll import Poller
 from tapnbd.server.replies import flatten, read_parts, zero_parts
 from tapnbd.server.splice import Arriving, PayloadPipe
 from tapnbd.stats import now
@@ -165,6 +166,8 @@ class NBDConnection(asyncio.BufferedProtocol):
         self._iot: IOThreads | None = None
         self._waiting: deque[Job] = deque()  # READs for the threads, not charged yet
         self._charged = 0  # what _admit charged for the request the decoder returns next
+        # serve --poll-us: wait for the next request before the loop sleeps (poll.py).
+        self._poller = Poller(server.poll_ns) if server.poll_ns else None
 
     # asyncio.Protocol
 
@@ -208,6 +211,8 @@ class NBDConnection(asyncio.BufferedProtocol):
         if self._payload_fd >= 0:
             os.close(self._payload_fd)
             self._payload_fd = -1
+        if self._poller is not None:
+            log.debug("%s: %d requests came while polling", self.peer, self._poller.caught)
         if self.export is not None:
             self.export.connections -= 1
             self.export.backend.stats.connections -= 1
@@ -224,8 +229,21 @@ class NBDConnection(asyncio.BufferedProtocol):
 
     def buffer_updated(self, nbytes: int) -> None:
         if self.decoder is not None:
+            poller = self._poller
+            if poller is not None:
+                poller.woken()
             self.decoder.buffer_updated(nbytes)
             self._process()
+            # Nothing left to do for this client: the loop would sleep until its next
+            # request. Not while a payload arrives elsewhere, nor over TLS (no _fd).
+            if (
+                poller is not None
+                and self.in_flight == 0
+                and self._fd >= 0
+                and self._arriving is None
+                and not self.closing
+            ):
+                poller.wait(self._fd)
         else:
             self._negotiate(bytes(self._hs_buf[:nbytes]))
 

@@ -139,6 +139,7 @@ class NBDServer:
         max_handshakes: int = DEFAULT_MAX_HANDSHAKES,
         handshake_grace: float = DEFAULT_HANDSHAKE_GRACE,
         payload_budget: int = DEFAULT_PAYLOAD_BUDGET,
+        poll_us: int = 0,
     ) -> None:
         if tls_mode is not TLSMode.OFF and ssl_context is None:
             raise ValueError("TLS needs a certificate and key")
@@ -150,6 +151,7 @@ class NBDServer:
         self.max_handshakes = max(1, max_handshakes)
         self.handshake_grace = handshake_grace
         self.budget = PayloadBudget(payload_budget)
+        self.poll_ns = max(0, poll_us) * 1000  # each connection's polling limit, 0: off
         self.shutting_down = False
         self.connections: set[NBDConnection] = set()
         # Connections still in the handshake and when they came, oldest first.

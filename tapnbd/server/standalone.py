@@ -58,6 +58,7 @@ class ServeOptions:
     max_handshakes: int = DEFAULT_MAX_HANDSHAKES
     handshake_grace: float = DEFAULT_HANDSHAKE_GRACE
     payload_budget: str = f"{DEFAULT_PAYLOAD_BUDGET >> 20}M"  # server-wide, see budget.py
+    poll_us: int = 0  # see tapnbd/server/poll.py
     # Fault injection (formats.filters): ERRNO:RATE[:OPS] rules, OP=TIME delays, where
     # ("export": in front of the whole stack; "file": between a format and its file),
     # and a file whose existence switches the errors on (nbdkit error-file).
@@ -245,6 +246,7 @@ async def serve(opts: ServeOptions) -> int:
         max_handshakes=opts.max_handshakes,
         handshake_grace=opts.handshake_grace,
         payload_budget=budget,
+        poll_us=opts.poll_us,
     )
     try:
         passed = activation_sockets()
