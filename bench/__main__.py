@@ -110,7 +110,7 @@ def _fio(
 ) -> fio.FioRun:
     cfg = fio.FioConfig.quick_config() if quick else fio.FioConfig()
     cfg.targets = fio.select(fio.TARGETS, only)
-    cfg.jobs = fio.select(fio.JOBS, jobs)
+    cfg.jobs = fio.select_jobs(jobs)
     if not cfg.targets or not cfg.jobs:
         raise typer.BadParameter("--only/--jobs select nothing")
     if runtime is not None:
@@ -169,7 +169,8 @@ def fio_cmd(
         list[str] | None, typer.Option(help="Rows to run (glob on the key, e.g. '*-raw').")
     ] = None,
     jobs: Annotated[
-        list[str] | None, typer.Option(help="Jobs: seqread seqwrite randread randwrite.")
+        list[str] | None,
+        typer.Option(help="Jobs: seqread seqwrite randread randwrite (the default), randread-qd1."),
     ] = None,
     runtime: Annotated[float | None, typer.Option(help="Seconds per cell.")] = None,
     size: Annotated[int | None, typer.Option(help="Image size in MiB.")] = None,
@@ -200,7 +201,7 @@ def _rbd_rows(
     repeat: int,
 ) -> None:
     cfg = rbd.RbdConfig(size=256 * MiB, runtime=1.0) if quick else rbd.RbdConfig()
-    cfg.jobs = fio.select(fio.JOBS, jobs)
+    cfg.jobs = fio.select_jobs(jobs)
     if runtime is not None:
         cfg.runtime = runtime
     if size is not None:
@@ -247,7 +248,8 @@ def ring_cmd(
     quick: QuickOpt = False,
     fmt: Annotated[str, typer.Option("--format", help="Image format: raw or qcow.")] = "raw",
     jobs: Annotated[
-        list[str] | None, typer.Option(help="Jobs: seqread seqwrite randread randwrite.")
+        list[str] | None,
+        typer.Option(help="Jobs: seqread seqwrite randread randwrite (the default), randread-qd1."),
     ] = None,
     runtime: Annotated[float | None, typer.Option(help="Seconds per cell.")] = None,
     size: Annotated[int | None, typer.Option(help="Image size in MiB.")] = None,
@@ -262,7 +264,7 @@ def ring_cmd(
         raise typer.BadParameter("--format must be raw or qcow")
     cfg = ring.RingConfig.quick_config() if quick else ring.RingConfig()
     cfg.fmt = "qcow" if fmt == "qcow" else "raw"
-    cfg.jobs = fio.select(fio.JOBS, jobs)
+    cfg.jobs = fio.select_jobs(jobs)
     if not cfg.jobs:
         raise typer.BadParameter("--jobs selects nothing")
     if runtime is not None:

@@ -68,6 +68,10 @@ JOBS: tuple[FioJob, ...] = (
     FioJob("randread", "rand read 4k QD32", "randread", "4k", 32, "IOPS"),
     FioJob("randwrite", "rand write 4k QD32", "randwrite", "4k", 32, "IOPS"),
 )
+#: Jobs run only when --jobs names them: one request at a time, what --poll-us is for.
+EXTRA_JOBS: tuple[FioJob, ...] = (
+    FioJob("randread-qd1", "rand read 4k QD1", "randread", "4k", 1, "IOPS"),
+)
 
 
 @dataclass(frozen=True)
@@ -151,6 +155,7 @@ TARGETS: tuple[FioTarget, ...] = (
     FioTarget("nbdkit-raw", "nbdkit file", "nbdkit", images.RAW),
     FioTarget("nbd-server-raw", "nbd-server", "nbd-server", images.RAW),
     FioTarget("tapnbd-raw-nostats", "tapnbd raw, statistics off", "tapnbd-nostats", images.RAW),
+    FioTarget("tapnbd-raw-poll", "tapnbd raw, polling", "tapnbd-poll", images.RAW),
     *_qcow_targets(),
     *_vhd_targets(),
     *_qcow2_targets(),
@@ -231,6 +236,11 @@ def parse_fio_json(text: str, job: FioJob) -> dict[str, float | None]:
         "lat_p99_us": None if p99 is None else float(p99) / 1000,
         "client_cpu_pct": float(j.get("usr_cpu", 0.0)) + float(j.get("sys_cpu", 0.0)),
     }
+
+
+def select_jobs(patterns: Sequence[str] | None) -> list[FioJob]:
+    """The jobs --jobs names (EXTRA_JOBS only when named), or the usual four."""
+    return select(JOBS + EXTRA_JOBS, patterns) if patterns else list(JOBS)
 
 
 def select(items: Sequence[Any], patterns: Sequence[str] | None) -> list[Any]:

@@ -58,12 +58,17 @@ class ServerKind:
     peer: bool
 
 
+#: The window of the tapnbd-poll rows, in µs: about one round trip of a 4 KiB READ.
+POLL_US = 50
+
 SERVERS: dict[str, ServerKind] = {
     k.key: k
     for k in (
         ServerKind("tapnbd", "tapnbd", ("raw", "qcow", "qcow2", "vhd"), "tapnbd", peer=False),
         # The same server with TAPNBD_STATS=off: what counting costs (issue 15).
         ServerKind("tapnbd-nostats", "tapnbd, statistics off", ("raw",), "tapnbd", peer=False),
+        # The same server polling for the next request (serve --poll-us, session 24).
+        ServerKind("tapnbd-poll", f"tapnbd, --poll-us {POLL_US}", ("raw",), "tapnbd", peer=False),
         ServerKind("qemu-nbd", "qemu-nbd", ("raw", "qcow", "qcow2", "vhd"), "qemu-nbd", peer=True),
         ServerKind("nbdkit", "nbdkit file", ("raw",), "nbdkit", peer=True),
         ServerKind("nbd-server", "nbd-server", ("raw",), "nbd-server", peer=True),
@@ -192,6 +197,8 @@ def _start_tapnbd(
         sock = logdir / f"nbd-{n}.sock"
         sock.unlink(missing_ok=True)
         cmd += ["--socket", str(sock)]
+    if key == "tapnbd-poll":
+        cmd += ["--poll-us", str(POLL_US)]
     env = {**os.environ, "TAPNBD_STATS": "off"} if key == "tapnbd-nostats" else None
     proc = spawn(cmd, log=log, stdout=out, env=env)
 
@@ -340,6 +347,7 @@ _STARTERS: dict[
 ] = {
     "tapnbd": _start_tapnbd,
     "tapnbd-nostats": functools.partial(_start_tapnbd, key="tapnbd-nostats"),
+    "tapnbd-poll": functools.partial(_start_tapnbd, key="tapnbd-poll"),
     "qemu-nbd": _start_qemu_nbd,
     "nbdkit": _start_nbdkit,
     "nbd-server": _start_nbd_server,

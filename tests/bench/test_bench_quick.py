@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import fio, report
+from bench import fio, report, servers
 from tests.helpers import need
 
 
@@ -56,6 +56,54 @@ def test_fio_quick_runs_tapnbd_and_a_peer(tmp_path: Path) -> None:
     )
     assert cells == {(t, j) for t in ("tapnbd-raw", "nbdkit-raw") for j in ("randread", "seqwrite")}
     assert "tapnbd raw" in md and "nbdkit file" in md and "x ref" in md
+
+
+@pytest.mark.slow
+def test_fio_quick_runs_the_polling_row_one_request_at_a_time(tmp_path: Path) -> None:
+    """The tapnbd-raw-poll row serves with --poll-us, and the QD 1 job runs when named."""
+    need("fio")
+    cells, md = fio_cells(
+        tmp_path,
+        *("--runtime", "0.5", "--only", "tapnbd-raw-poll", "--jobs", "randread-qd1"),
+    )
+    assert cells == {("tapnbd-raw-poll", "randread-qd1")}
+    assert "rand read 4k QD1" in md and "tapnbd raw, polling" in md
+
+
+def test_the_polling_row_serves_with_poll_us(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its server is tapnbd serve with --poll-us, and the statistics row's is not."""
+    commands: list[list[str]] = []
+
+    class Spawned(Exception):
+        pass
+
+    def spawn(cmd: list[str], **_: object) -> None:
+        commands.append(cmd)
+        raise Spawned
+
+    monkeypatch.setattr(servers, "spawn", spawn)
+    for key in ("tapnbd-poll", "tapnbd-nostats"):
+        with pytest.raises(Spawned):
+            servers._STARTERS[key](
+                tmp_path / "x.raw",
+                "raw",
+                tmp_path,
+                tmp_path / "log",
+                1,
+                "tcp",
+                servers.ServerOptions(),
+            )
+    poll, nostats = commands
+    assert poll[poll.index("--poll-us") + 1] == str(servers.POLL_US)
+    assert "--poll-us" not in nostats
+
+
+def test_the_queue_depth_one_job_runs_only_when_named() -> None:
+    assert fio.select_jobs(None) == list(fio.JOBS)
+    assert [j.key for j in fio.select_jobs(["randread"])] == ["randread"]
+    assert [j.key for j in fio.select_jobs(["randread*"])] == ["randread", "randread-qd1"]
 
 
 @pytest.mark.slow
