@@ -1,9 +1,12 @@
-"""Each repetition's ratios of this run's fio.csv, paired by repetition: python3 pairs.py"""
+"""Each repetition's ratios of this run's fio.csv, paired by repetition:
+``python3 poll_pairs.py`` in this directory."""
+
+from __future__ import annotations
 
 import csv
 import statistics as st
 
-v = {}
+v: dict[tuple[str, str, str], float] = {}
 for r in csv.DictReader(open("fio.csv")):
     if r["value"]:
         v[(r["run"], r["job"], r["target"])] = float(r["value"])
