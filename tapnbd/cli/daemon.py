@@ -12,6 +12,7 @@ from rich.console import Console
 
 from tapnbd import runtime
 from tapnbd.cli._control import JsonOpt, StateDirOpt, client, report
+from tapnbd.cli._server_opts import PollUsOpt
 from tapnbd.cli.app import PLAIN, app, errors_as_exit, fail
 from tapnbd.control.daemon import DaemonConfig
 from tapnbd.control.main import run_daemon
@@ -88,6 +89,7 @@ def start_cmd(
     stats: Annotated[
         bool, typer.Option("--stats/--no-stats", help="Count operations and latency.")
     ] = True,
+    poll_us: PollUsOpt = 0,
     max_connections: Annotated[
         int, typer.Option(help="Refuse NBD clients beyond this many.")
     ] = DEFAULT_MAX_CONNECTIONS,
@@ -109,6 +111,7 @@ def start_cmd(
         unix=unix,
         metrics=None if _off(metrics) else metrics,
         stats=stats,
+        poll_us=poll_us,
         max_connections=max_connections,
     )
     with errors_as_exit():
@@ -135,7 +138,7 @@ def start_cmd(
             return
         c.recover()
         args = ["--unix" if unix else "--no-unix", "--stats" if stats else "--no-stats"]
-        args += ["--max-connections", str(max_connections)]
+        args += ["--max-connections", str(max_connections), "--poll-us", str(poll_us)]
         if tcp is not None:
             args += ["--tcp", tcp or "none"]
         if insecure_tcp:
@@ -227,3 +230,5 @@ def _print_status(status: StatusReply) -> None:
     console.print(f"  exports    {status.exports}, attached devices {status.attachments}")
     if not status.stats_enabled:
         console.print("  statistics off")
+    if status.poll_us:
+        console.print(f"  polling    up to {status.poll_us} us for each client's next request")

@@ -9,6 +9,7 @@ import typer
 
 from tapnbd import runtime
 from tapnbd.cli._image_opts import ProbedFormatOpt, SnapshotOpt
+from tapnbd.cli._server_opts import PollUsOpt
 from tapnbd.cli._trust import (
     AllowBlockOpt,
     AllowProbedChainOpt,
@@ -93,16 +94,7 @@ def serve_cmd(
             "writes being received); clients wait past it."
         ),
     ] = f"{DEFAULT_PAYLOAD_BUDGET >> 20}M",
-    poll_us: Annotated[
-        int,
-        typer.Option(
-            min=0,
-            max=1000,
-            help="Wait up to this many microseconds for a client's next request before "
-            "sleeping, so that one-at-a-time requests find the CPU awake; the wait adapts "
-            "to each client, as QEMU's poll-max-ns (0: off).",
-        ),
-    ] = 0,
+    poll_us: PollUsOpt = 0,
     inject_error: Annotated[
         list[str] | None,
         typer.Option(

@@ -38,11 +38,13 @@ log = logging.getLogger("tapnbd.control")
 class Attachments:
     """Attachments by id, and the processes (tapdisk, nbdfuse) this daemon started."""
 
-    def __init__(self, state_path: str, run_dir: str, stats: bool) -> None:
+    def __init__(self, state_path: str, run_dir: str, stats: bool, *, poll_us: int = 0) -> None:
         self.run_dir = run_dir
         #: One directory per tapdisk (its sockets, record and log).
         self.tapdisk_root = os.path.join(state_path, "tapdisk")
         self.stats_enabled = stats
+        #: Given to each tapdisk this daemon starts; a re-adopted one keeps its own.
+        self.poll_us = poll_us
         self.by_id: dict[str, Attachment] = {}
         self.fuse_procs: dict[str, subprocess.Popen[bytes]] = {}
         self.tap_procs: dict[str, subprocess.Popen[bytes]] = {}
@@ -88,6 +90,7 @@ class Attachments:
             fmt=fmt,
             read_only=att.read_only,
             stats=self.stats_enabled,
+            poll_us=self.poll_us,
             token=att.token,
             share=share,
             snapshot=att.snapshot,

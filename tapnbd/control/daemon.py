@@ -66,6 +66,7 @@ from tapnbd.control.messages import (
 )
 from tapnbd.control.metrics import MetricsServer, check_address, prometheus_text, split_host_port
 from tapnbd.control.state import StateDir
+from tapnbd.control.tapdisk import POLL_US_MAX
 from tapnbd.errors import TapnbdError
 from tapnbd.protocol.handshake import TLSMode
 from tapnbd.server.exports import ExportRegistry
@@ -99,6 +100,9 @@ class DaemonConfig:
     #: Show image paths in NBD export descriptions.
     expose_paths: bool = False
     stats: bool = True
+    #: Microseconds each NBD connection, here and in every tapdisk, busy-waits for its
+    #: client's next request before sleeping (tapnbd.server.poll); 0: off.
+    poll_us: int = 0
     max_connections: int = DEFAULT_MAX_CONNECTIONS
 
     def check(self) -> None:
@@ -113,6 +117,8 @@ class DaemonConfig:
             raise TapnbdError("--tls-cert and --tls-key are for --tcp")
         if self.metrics:
             check_address(self.metrics)
+        if not 0 <= self.poll_us <= POLL_US_MAX:  # else every tapdisk would refuse it
+            raise TapnbdError(f"--poll-us {self.poll_us} is not in 0..{POLL_US_MAX}")
 
 
 class Daemon:
@@ -127,6 +133,7 @@ class Daemon:
         self.server = NBDServer(
             self.registry,
             max_connections=config.max_connections,
+            poll_us=config.poll_us,
             # TLS is the server's, so with TLS on TCP the unix socket asks for it too.
             tls_mode=TLSMode.REQUIRE if tls else TLSMode.OFF,
             ssl_context=(
@@ -137,7 +144,9 @@ class Daemon:
         )
         self.exports = Exports(self.server, self.registry, config.stats)
         self.exports.expose_paths = config.expose_paths
-        self.attachments = Attachments(self.dir.path, self.dir.run_dir, config.stats)
+        self.attachments = Attachments(
+            self.dir.path, self.dir.run_dir, config.stats, poll_us=config.poll_us
+        )
         self.lock = asyncio.Lock()
         self.stopping = False
         self.stopped = asyncio.Event()
@@ -250,6 +259,7 @@ class Daemon:
             exports=len(self.registry),
             attachments=len(self.attachments),
             stats_enabled=self.config.stats,
+            poll_us=self.config.poll_us,
             notes=list(self.notes),
         )
 

@@ -171,6 +171,8 @@ class StatusReply(Reply, tag="status_reply"):
     stats_enabled: bool
     #: What the daemon cleaned up or could not restore when it started.
     notes: list[str] = []
+    #: ``daemon start --poll-us``: 0 (off) from a daemon older than the option.
+    poll_us: int = 0
 
 
 class StatusRequest(Request, tag="status"):

@@ -65,6 +65,7 @@ def spawn(
     token: str,
     share: bool = False,
     snapshot: str | None = None,
+    poll_us: int = 0,
 ) -> tuple[subprocess.Popen[bytes], dict[str, Any]]:
     """Start a tapdisk in a session of its own and wait for its ready record."""
     with contextlib.suppress(FileNotFoundError):
@@ -80,6 +81,8 @@ def spawn(
         cmd.append("--read-only")
     if not stats:
         cmd.append("--no-stats")
+    if poll_us > 0:  # off is tapdisk's default: its command line stays as it was
+        cmd += ["--poll-us", str(poll_us)]
     logpath = os.path.join(directory, "tapdisk.log")
     logfd = os.open(logpath, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
     try:

@@ -4,7 +4,7 @@ blktap ran a ``tapdisk`` per disk, apart from blktapctrl, so that the control si
 crash without taking a disk away from a guest. This is ours::
 
     python -m tapnbd.control.tapdisk DIR --image IMG --name NAME --token T [--format F]
-                                         [--read-only] [--no-stats]
+                                         [--read-only] [--no-stats] [--poll-us N]
 
 It opens the image, serves it over NBD on ``DIR/nbd.sock`` (the device's client, nbdfuse
 or the kernel's, connects there and nowhere else) and answers the daemon on
@@ -56,6 +56,8 @@ NBD_SOCKET = "nbd.sock"
 CONTROL_SOCKET = "ctl.sock"
 #: Control lines are small; anything longer is hostile.
 MAX_CONTROL_LINE = 4096
+#: ``--poll-us`` at most, as the CLI's (tapnbd.cli._server_opts: typer is not loaded here).
+POLL_US_MAX = 1000
 
 
 def write_record(directory: str, record: dict[str, Any]) -> None:
@@ -69,7 +71,7 @@ class Tapdisk:
         self.dir: str = os.path.abspath(args.dir)
         self.args = args
         self.registry = ExportRegistry()
-        self.server = NBDServer(self.registry)
+        self.server = NBDServer(self.registry, poll_us=args.poll_us)
         self.export: Export | None = None
         self.control: asyncio.AbstractServer | None = None
         self.stop = asyncio.Event()
@@ -116,6 +118,8 @@ class Tapdisk:
             "size": backend.size,
             "read_only": backend.read_only,
             "multi_conn": backend.can_multi_conn,
+            # Read back from the server, not the arguments: what its connections do.
+            "poll_us": self.server.poll_ns // 1000,
             "socket": nbd_sock,
             "control": ctl_sock,
             "device": "",
@@ -222,7 +226,25 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--read-only", action="store_true")
     p.add_argument("--share", action="store_true", help="skip the image lock (raw exports)")
     p.add_argument("--no-stats", dest="stats", action="store_false")
+    p.add_argument(
+        "--poll-us",
+        type=_poll_us,
+        default=0,
+        metavar="N",
+        help="microseconds to wait for a client's next request before sleeping (0: off)",
+    )
     return p.parse_args(argv)
+
+
+def _poll_us(text: str) -> int:
+    """``--poll-us``: the range ``tapnbd serve`` and ``daemon start`` take."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if not 0 <= value <= POLL_US_MAX:
+        raise argparse.ArgumentTypeError(f"{value} is not in 0..{POLL_US_MAX}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,6 +1,6 @@
 """The daemon's CLI as a Unix tool: `list` and `stats` count the same clients, `stats
---watch` writes a document per interval into a pipe, and `daemon start` refuses options
-a running daemon would ignore."""
+--watch` writes a document per interval into a pipe, `daemon start` refuses options
+a running daemon would ignore, and its --poll-us reaches its server and every tapdisk."""
 
 from __future__ import annotations
 
@@ -8,12 +8,15 @@ import json
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 from tapnbd.cli.stats import WATCH_HEADER
-from tests.control.tap import Tapnbd
-from tests.helpers import SYSTEM_PYTHON, need, read_ready_lines
+from tapnbd.control.attach import cmdline
+from tests.control.tap import Tapnbd, tapdisk_pids
+from tests.helpers import SYSTEM_PYTHON, need, qemu_io, read_ready_lines
 
 #: Holds N libnbd connections to a URI open until stdin closes; "ready" once all are up.
 HOLD = """
@@ -111,6 +114,43 @@ def test_daemon_start_refuses_options_it_would_ignore(tap: Tapnbd) -> None:
     tap.env["TAPNBD_METRICS"] = "127.0.0.1:0"
     assert tap.run("daemon", "start").returncode == 0
     json.dumps(tap.status())
+
+
+def test_poll_us_reaches_the_daemon_and_every_data_path(tap: Tapnbd) -> None:
+    tap.ok("daemon", "start", "--poll-us", "50", "--verbose")
+    assert tap.status()["poll_us"] == 50
+    assert "polling    up to 50 us" in tap.ok("daemon", "status")
+    # The daemon's own server: a connection that polled says so (at DEBUG) as it ends.
+    uri = f"nbd+unix:///r?socket={tap.state / 'nbd.sock'}"
+    tap.ok("export", "add", "ram:4M", "--name", "r")
+    qemu_io(uri, "write -P 0x3c 0 64k", *(f"read -P 0x3c {i * 4}k 4k" for i in range(16)))
+    deadline = time.monotonic() + 30
+    while "requests came while polling" not in (tap.state / "tapnbd.log").read_text():
+        assert time.monotonic() < deadline, f"no connection polled: {tap.log_tail()}"
+        time.sleep(0.05)
+    # A data path (attach --via socket: a tapdisk, no device, no root needed) gets the
+    # flag on its command line, and its server takes it (its record reads it back).
+    sock = tap.ok("attach", "--via", "socket", "ram:8M").strip()
+    (pid,) = tapdisk_pids(tap.state)
+    cmd = cmdline(pid)
+    assert cmd[cmd.index("--poll-us") + 1] == "50", cmd
+    record = json.loads((Path(sock).parent / "tapdisk.json").read_text())
+    assert record["poll_us"] == 50 and record["socket"] == sock
+    qemu_io(f"nbd+unix:///ram?socket={sock}", "write -P 0x5a 0 64k", "read -P 0x5a 0 64k")
+    # Given to the running daemon, it would be ignored: refused, as the other options.
+    err = tap.fails("daemon", "start", "--poll-us", "50")
+    assert "already running" in err and "--poll-us would be ignored" in err, err
+    tap.ok("detach", sock)
+
+
+def test_poll_us_is_off_unless_asked(tap: Tapnbd) -> None:
+    tap.ok("daemon", "start")
+    assert tap.status()["poll_us"] == 0
+    assert "polling" not in tap.ok("daemon", "status")
+    tap.ok("attach", "--via", "socket", "ram:8M")
+    (pid,) = tapdisk_pids(tap.state)
+    assert "--poll-us" not in cmdline(pid)
+    assert "not in the range 0<=x<=1000" in tap.fails("daemon", "start", "--poll-us", "1001")
 
 
 def test_list_and_stats_agree_on_an_nbdfuse_device(devtap: Tapnbd) -> None:

@@ -83,6 +83,7 @@ EXAMPLES: list[Message] = [
         attachments=1,
         stats_enabled=True,
         notes=["restored export 'disk'"],
+        poll_us=50,
     ),
     ExportAddRequest(image="/srv/disk.img", name=None, read_only=True, format="qcow"),
     ExportAddReply(EXP),

@@ -7,21 +7,25 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sys
 import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import msgspec
 import pytest
 
-from tapnbd.control import tapctl
-from tapnbd.control.attach import AttachError, pid_alive
+from tapnbd.cli._server_opts import POLL_US_MAX
+from tapnbd.control import tapctl, tapdisk
+from tapnbd.control.attach import AttachError, cmdline, pid_alive
 from tapnbd.control.messages import Attachment
 from tests.helpers import need, qemu_io, run
 
 
-@pytest.fixture
-def att() -> Iterator[Attachment]:
+@contextmanager
+def spawned(poll_us: int = 0) -> Iterator[Attachment]:
+    """A tapdisk on a 1 MiB raw image, started as the daemon starts one."""
     base = Path(tempfile.mkdtemp(prefix="tnbd-tap-", dir="/tmp"))
     image = base / "disk.img"
     image.write_bytes(bytes(1 << 20))
@@ -37,6 +41,7 @@ def att() -> Iterator[Attachment]:
         read_only=False,
         stats=True,
         token=a.token,
+        poll_us=poll_us,
     )
     a.tapdisk_pid = proc.pid
     a.format = record["format"]
@@ -49,6 +54,12 @@ def att() -> Iterator[Attachment]:
         for p in sorted(base.rglob("*"), reverse=True):
             p.unlink() if not p.is_dir() else p.rmdir()
         base.rmdir()
+
+
+@pytest.fixture
+def att() -> Iterator[Attachment]:
+    with spawned() as a:
+        yield a
 
 
 def test_serves_records_and_stops(att: Attachment) -> None:
@@ -118,3 +129,38 @@ def test_hostile_control_lines_get_errors(att: Attachment) -> None:
     with pytest.raises(AttachError, match="unknown op"):
         tapctl.request(tapctl.control_socket(att), "nope")
     assert tapctl.why_not_ours(att) is None  # still serving
+
+
+def test_poll_us_reaches_the_data_path_server() -> None:
+    """``spawn(poll_us=...)`` puts --poll-us on the command line, and the tapdisk's
+    NBD server takes it (its record reads it back from the server); it serves as ever."""
+    need("qemu-io")
+    with spawned(poll_us=50) as a:
+        cmd = cmdline(a.tapdisk_pid)
+        assert cmd[cmd.index("--poll-us") + 1] == "50", cmd
+        record = json.loads((Path(a.tapdisk_dir) / "tapdisk.json").read_text())
+        assert record["poll_us"] == 50
+        uri = f"nbd+unix:///disk?socket={tapctl.nbd_socket(a)}"
+        qemu_io(uri, "write -P 0xa7 0 256k", "flush")
+        # One request at a time, each answered while the connection polls for the next.
+        qemu_io(uri, *(f"read -P 0xa7 {i * 4}k 4k" for i in range(64)))
+    # Off by default: no flag, and the server does not poll.
+    with spawned() as a:
+        assert "--poll-us" not in cmdline(a.tapdisk_pid)
+        record = json.loads((Path(a.tapdisk_dir) / "tapdisk.json").read_text())
+        assert record["poll_us"] == 0
+
+
+@pytest.mark.parametrize("value", ["1001", "-1", "5us"])
+def test_poll_us_out_of_range_is_refused(tmp_path: Path, value: str) -> None:
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(1 << 16))
+    cmd = [sys.executable, "-m", tapdisk.MODULE, str(tmp_path / "t"), "--image", str(image)]
+    cmd += ["--name", "disk", "--token", "t", "--poll-us", value]
+    proc = run(cmd, check=False, timeout=60)
+    assert proc.returncode == 2, proc  # argparse's usage error, before anything opens
+    assert "argument --poll-us:" in proc.stderr and value in proc.stderr, proc.stderr
+    assert not (tmp_path / "t").exists()
+    # The same bound as the CLI's (kept apart so the data path does not load typer).
+    assert tapdisk.POLL_US_MAX == POLL_US_MAX
+    assert tapdisk.parse_args([*cmd[3:-1], "1000"]).poll_us == 1000
