@@ -18,6 +18,7 @@ PollUsOpt = Annotated[
         max=POLL_US_MAX,
         help="Wait up to this many microseconds for a client's next request before "
         "sleeping, so that one-at-a-time requests find the CPU awake; the wait adapts "
-        "to each client, as QEMU's poll-max-ns (0: off).",
+        "to the client, as QEMU's poll-max-ns, and only a server's one client waits "
+        "(0: off).",
     ),
 ]

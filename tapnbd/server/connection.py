@@ -235,13 +235,15 @@ class NBDConnection(asyncio.BufferedProtocol):
             self.decoder.buffer_updated(nbytes)
             self._process()
             # Nothing left to do for this client: the loop would sleep until its next
-            # request. Not while a payload arrives elsewhere, nor over TLS (no _fd).
+            # request. Not while a payload arrives, nor over TLS (no _fd), nor while
+            # the server has other clients (poll.py).
             if (
                 poller is not None
                 and self.in_flight == 0
                 and self._fd >= 0
                 and self._arriving is None
                 and not self.closing
+                and len(self.server.connections) == 1
             ):
                 poller.wait(self._fd)
         else:

@@ -14,6 +14,14 @@ one. A gap a little over the limit does not shrink it: a client whose next reque
 comes just too late for the window comes sooner while the CPU stays awake, and sooner
 still once it does not halt. Off by default: it spends CPU that a machine running its
 clients on the same cores may not have.
+
+Only a server's one client polls. The loop serves every client, so while it watches one
+socket it serves none of the others; and other clients' requests keep the loop awake
+anyway, while they and the clients share the CPUs that a poll would spin on. Measured
+with four fio jobs, one READ at a time each over a unix socket: polling the whole
+server's sockets while it was idle still cost a fifth of the rate, and yielding the
+CPU in the spin (``sched_yield``) did not win it back
+(``bench/results/2026-12-03-s25-poll-clients``).
 """
 
 from __future__ import annotations

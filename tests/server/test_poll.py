@@ -1,6 +1,7 @@
 """``serve --poll-us``: the loop waits a moment for a client's next request before it
 sleeps (tapnbd/server/poll.py). The window's rule, the wait itself on a real socket,
-when the connection consults it, and qemu-io one request at a time through it."""
+when the connection consults it (alone on the server, nothing in flight), and qemu-io
+one request at a time through it."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from tapnbd.server.connection import NBDConnection
 from tapnbd.server.poll import SLOW, START_NS, Poller
 from tests.helpers import Server, qemu_io
 from tests.server import rawclient as rc
-from tests.server.inproc import header, loops, run, serve
+from tests.server.inproc import TIMEOUT, Wakes, header, loops, run, serve
 
 LIMIT = 50_000
 
@@ -102,6 +103,54 @@ def test_the_loop_polls_only_when_its_client_has_nothing_in_flight(
             assert err == 0 and data == image.read_bytes()[: 1 << 20]
             assert calls == [0], "polled with a READ still in flight"
         finally:
+            await served.close()
+
+    run(loop_factory, main)
+
+
+@pytest.mark.parametrize("loop_factory", loops())
+def test_the_loop_does_not_poll_while_the_server_has_another_client(
+    loop_factory: Callable[[], asyncio.AbstractEventLoop],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """While it polls for one client the loop serves no other: with a second client
+    connected the first's READs are answered without a wait, and once it has gone the
+    first polls again."""
+    image = tmp_path / "disk.raw"
+    image.write_bytes(bytes(range(256)) * 4096)  # 1 MiB
+    waits: list[int] = []
+    wait = Poller.wait
+
+    def recorded(p: Poller, fd: int) -> bool:
+        waits.append(fd)
+        return wait(p, fd)
+
+    monkeypatch.setattr(Poller, "wait", recorded)
+    lost = Wakes(monkeypatch, "connection_lost")
+
+    async def main() -> None:
+        served = await serve(image, poll_us=1000)
+        server, client = served.server, served.client
+        ours, theirs = socket.socketpair()
+        ours.settimeout(TIMEOUT)
+        try:
+            await asyncio.get_running_loop().connect_accepted_socket(server._factory, theirs)
+            await asyncio.to_thread(rc.greet, ours)
+            await asyncio.to_thread(rc.go, ours)
+            assert len(server.connections) == 2
+            for cookie in (1, 2):
+                client.queue(header(rc.CMD_READ, cookie, 4096 * cookie, 4096))
+                err, data = await client.reply(cookie, 4096)
+                assert err == 0 and data == image.read_bytes()[4096 * cookie : 4096 * (cookie + 1)]
+            assert waits == [], "polled with another client connected"
+            ours.close()
+            await lost.until(lambda: len(server.connections) == 1)
+            client.queue(header(rc.CMD_READ, 3, 0, 4096))
+            err, _ = await client.reply(3, 4096)
+            assert err == 0 and waits == [served.conn._fd]
+        finally:
+            ours.close()
             await served.close()
 
     run(loop_factory, main)
