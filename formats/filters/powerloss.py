@@ -26,7 +26,8 @@ import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from tapnbd.driver import BlockSize, Driver, Extent, FuaMode
+from formats.filters import FilterDriver
+from tapnbd.driver import Driver
 
 #: Torn writes are torn at this granularity (sector writes are atomic on real disks).
 SECTOR = 512
@@ -68,27 +69,22 @@ class CrashState:
     how: str = ""
 
 
-class PowerLossRecorder(Driver):
+class PowerLossRecorder(FilterDriver):
     """Passes everything to ``child`` and records writes and flushes (see the module).
 
-    Not a FilterDriver: the fast paths must be recorded too, so every method is here.
+    Every call that changes the file is overridden here, the fast paths included, so
+    none reaches the child unrecorded; the rest (extents, capabilities) pass through.
     ``base`` is the file's content when recording starts.
     """
 
     def __init__(self, child: Driver, base: bytes) -> None:
-        self.child = child
-        self.name = child.name  # type: ignore[misc]
+        super().__init__(child)
         self.base = base
         self.writes: list[FileWrite] = []
         self.events: list[Event] = []
         #: Writes not yet durable, and which of those have completed.
         self._pending: set[int] = set()
         self._done: set[int] = set()
-
-    def __getattr__(self, attr: str) -> object:
-        if attr == "child":  # not set yet: don't recurse
-            raise AttributeError(attr)
-        return getattr(self.child, attr)
 
     # Recording.
 
@@ -109,16 +105,7 @@ class PowerLossRecorder(Driver):
         else:
             self._done.add(i)
 
-    # The Driver interface.
-
-    def size(self) -> int:
-        return self.child.size()
-
-    async def pread(self, offset: int, length: int) -> bytes | bytearray | memoryview:
-        return await self.child.pread(offset, length)
-
-    def pread_nowait(self, offset: int, length: int) -> bytes | bytearray | None:
-        return self.child.pread_nowait(offset, length)
+    # What changes the file.
 
     async def pwrite(self, offset: int, data: bytes | memoryview, fua: bool = False) -> None:
         i = self._issue(FileWrite(offset, len(data), bytes(data), fua))
@@ -158,39 +145,6 @@ class PowerLossRecorder(Driver):
         i = self._issue(FileWrite(offset, length, None, fua))
         await self.child.zero(offset, length, may_trim=may_trim, fua=fua, fast=fast)
         self._complete(i)
-
-    async def extents(self, offset: int, length: int) -> list[Extent]:
-        return await self.child.extents(offset, length)
-
-    async def cache(self, offset: int, length: int) -> None:
-        await self.child.cache(offset, length)
-
-    async def close(self) -> None:
-        await self.child.close()
-
-    def can_write(self) -> bool:
-        return self.child.can_write()
-
-    def can_flush(self) -> bool:
-        return self.child.can_flush()
-
-    def can_trim(self) -> bool:
-        return self.child.can_trim()
-
-    def can_fast_zero(self) -> bool:
-        return self.child.can_fast_zero()
-
-    def can_fua(self) -> FuaMode:
-        return self.child.can_fua()
-
-    def can_extents(self) -> bool:
-        return self.child.can_extents()
-
-    def can_cache(self) -> bool:
-        return self.child.can_cache()
-
-    def block_size(self) -> BlockSize:
-        return self.child.block_size()
 
     # Crash states.
 
