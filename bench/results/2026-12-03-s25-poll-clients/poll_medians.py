@@ -14,8 +14,8 @@ def main(path: str) -> None:
     cells: defaultdict[tuple[int, str], list[float]] = defaultdict(list)
     with open(path) as f:
         for line in f:
-            jobs, _round, variant, iops = line.split()
-            cells[(int(jobs), variant)].append(float(iops))
+            fields = line.split()
+            cells[(int(fields[0]), fields[2])].append(float(fields[3]))
     for (jobs, variant), xs in sorted(cells.items()):
         med = statistics.median(xs)
         tap = statistics.median(cells[(jobs, "tap")])
