@@ -55,7 +55,16 @@ from tapnbd.protocol.transmission import (
 from tapnbd.runtime import eager_start
 from tapnbd.server import iothreads, splice
 from tapnbd.server.budget import PayloadBudget
-from tapnbd.server.iothreads import QUEUED, THREAD_MIN, Done, IOThreads, Job, Wire
+from tapnbd.server.iothreads import (
+    QUEUED,
+    SHARED_THREADS,
+    THREAD_MIN,
+    THREADS,
+    Done,
+    IOThreads,
+    Job,
+    Wire,
+)
 from tapnbd.server.poll import Poller
 from tapnbd.server.replies import flatten, read_parts, zero_parts
 from tapnbd.server.splice import Arriving, PayloadPipe
@@ -697,6 +706,7 @@ class NBDConnection(asyncio.BufferedProtocol):
             structured=self.structured,
             seek_holes=backend.can_extents,
             done=self._io_done,
+            threads=THREADS if len(self.server.connections) == 1 else SHARED_THREADS,
         )
         return self._iot
 

@@ -4,7 +4,9 @@ A 1 MiB READ costs two copies, the file's pages into a buffer (``preadv``) and t
 buffer into the socket (``writev``); on the loop thread they run back to back. Here two
 threads per connection each take a READ from a queue, read it into a pooled buffer and
 send the reply themselves, so one thread's read overlaps the other's send (one thread
-gained nothing in the prototype of issue 15; four were no better than two).
+gained nothing in the prototype of issue 15; four were no better than two). A
+connection that starts its threads while the server has other clients starts one
+(``SHARED_THREADS``): the clients' READs overlap one another's.
 
 The socket then has several writers, and no reply may be interleaved with another's
 bytes. ``Wire`` is the socket's one way out once threads exist (the transport is never
@@ -65,6 +67,11 @@ THREAD_MIN = 128 * 1024
 #: Threads per connection: one reads while the other sends. TAPNBD_IO_THREADS=0 keeps
 #: every request on the loop (to measure what the threads gain).
 THREADS = 2
+#: ... unless the server has other clients when they start: then each connection's
+#: READs overlap the others', and a second thread per connection only adds hand-offs
+#: (256 KiB READs one at a time on two to four connections: 1.16-1.30 times the rate
+#: with one thread, bench/results/2026-12-03-s25-big-reads).
+SHARED_THREADS = 1
 #: READs queued for the threads at once: fio's and nbdcopy's usual queue depth.
 #: TAPNBD_IO_QUEUED sets it, to measure again.
 QUEUED = max(1, int(os.environ.get("TAPNBD_IO_QUEUED", "8")))
@@ -281,8 +288,10 @@ class IOThreads:
         structured: bool,
         seek_holes: bool,
         done: Callable[[Done], None],
+        threads: int = THREADS,
     ) -> None:
         self.wire = wire
+        self.threads = threads
         self.file_fd = os.dup(file_fd)
         self.structured = structured
         self.seek_holes = seek_holes
@@ -296,11 +305,11 @@ class IOThreads:
         #: all the jobs that finish before it runs, not one per job.
         self._finished: deque[Done] = deque()
         self._told = False
-        self._alive = THREADS
+        self._alive = threads
         self._alive_lock = threading.Lock()
         #: Per thread (one writer each): it holds a job, whose reply may be unwritten.
-        self.busy = [False] * THREADS
-        for i in range(THREADS):
+        self.busy = [False] * threads
+        for i in range(threads):
             threading.Thread(
                 target=self._run, args=(i,), name=f"tapnbd-send-{i}", daemon=True
             ).start()
@@ -333,7 +342,7 @@ class IOThreads:
         """Called on the loop when the connection ends (see module doc)."""
         self.stopped = True
         with self._ready:
-            self.jobs.extend([None] * THREADS)
+            self.jobs.extend([None] * self.threads)
             self._ready.notify_all()
         self.wire.kill()
 
