@@ -7,8 +7,7 @@ from typing import Annotated
 
 import typer
 
-#: The longest busy-wait ``--poll-us`` takes; tapdisk's argparse refuses the same range.
-POLL_US_MAX = 1000
+from tapnbd.server.poll import POLL_US_MAX
 
 PollUsOpt = Annotated[
     int,

@@ -66,11 +66,11 @@ from tapnbd.control.messages import (
 )
 from tapnbd.control.metrics import MetricsServer, check_address, prometheus_text, split_host_port
 from tapnbd.control.state import StateDir
-from tapnbd.control.tapdisk import POLL_US_MAX
 from tapnbd.errors import TapnbdError
 from tapnbd.protocol.handshake import TLSMode
 from tapnbd.server.exports import ExportRegistry
 from tapnbd.server.listener import DEFAULT_MAX_CONNECTIONS, NBDServer, make_ssl_context
+from tapnbd.server.poll import POLL_US_MAX
 from tapnbd.server.standalone import export_name
 
 log = logging.getLogger("tapnbd.control")

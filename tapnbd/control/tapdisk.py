@@ -46,6 +46,7 @@ from tapnbd.control.auth import allowed, peer_uid
 from tapnbd.errors import TapnbdError
 from tapnbd.server.exports import Export, ExportRegistry
 from tapnbd.server.listener import NBDServer
+from tapnbd.server.poll import POLL_US_MAX
 
 log = logging.getLogger("tapnbd.tapdisk")
 
@@ -56,8 +57,6 @@ NBD_SOCKET = "nbd.sock"
 CONTROL_SOCKET = "ctl.sock"
 #: Control lines are small; anything longer is hostile.
 MAX_CONTROL_LINE = 4096
-#: ``--poll-us`` at most, as the CLI's (tapnbd.cli._server_opts: typer is not loaded here).
-POLL_US_MAX = 1000
 
 
 def write_record(directory: str, record: dict[str, Any]) -> None:

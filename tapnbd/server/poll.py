@@ -19,8 +19,8 @@ Only a server's one client polls. The loop serves every client, so while it watc
 socket it serves none of the others; and other clients' requests keep the loop awake
 anyway, while they and the clients share the CPUs that a poll would spin on. Measured
 with four fio jobs, one READ at a time each over a unix socket: polling the whole
-server's sockets while it was idle still cost a fifth of the rate, and yielding the
-CPU in the spin (``sched_yield``) did not win it back
+server's sockets while it was idle still cost 15 % of the rate, and yielding the CPU
+in the spin (``sched_yield``) did not win it back
 (``bench/results/2026-12-03-s25-poll-clients``).
 """
 
@@ -30,6 +30,8 @@ import time
 
 from tapnbd.server.splice import queued
 
+#: The longest window ``--poll-us`` takes, in µs (serve, daemon start and tapdisk).
+POLL_US_MAX = 1000
 #: The smallest window; below it polling stops until a shorter gap comes.
 START_NS = 4_000
 #: A gap longer than this many limits is a client that polling does not help.

@@ -12,14 +12,16 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import get_args
 
 import msgspec
 import pytest
 
-from tapnbd.cli._server_opts import POLL_US_MAX
+from tapnbd.cli._server_opts import PollUsOpt
 from tapnbd.control import tapctl, tapdisk
 from tapnbd.control.attach import AttachError, cmdline, pid_alive
 from tapnbd.control.messages import Attachment
+from tapnbd.server.poll import POLL_US_MAX
 from tests.helpers import need, qemu_io, run
 
 
@@ -161,6 +163,6 @@ def test_poll_us_out_of_range_is_refused(tmp_path: Path, value: str) -> None:
     assert proc.returncode == 2, proc  # argparse's usage error, before anything opens
     assert "argument --poll-us:" in proc.stderr and value in proc.stderr, proc.stderr
     assert not (tmp_path / "t").exists()
-    # The same bound as the CLI's (kept apart so the data path does not load typer).
-    assert tapdisk.POLL_US_MAX == POLL_US_MAX
+    # The same bound as the CLI's (one constant, in tapnbd.server.poll).
+    assert get_args(PollUsOpt)[1].max == POLL_US_MAX
     assert tapdisk.parse_args([*cmd[3:-1], "1000"]).poll_us == 1000
