@@ -188,7 +188,10 @@ def _start_tapnbd(
     transport: Transport,
     options: ServerOptions,
     key: str = "tapnbd",
+    args: tuple[str, ...] = (),
+    env: dict[str, str] | None = None,
 ) -> _Started:
+    """``tapnbd serve``; ``args`` and ``env`` make the variants (see _STARTERS)."""
     out = logdir / f"tapnbd-{n}.uri"
     cmd = [*tapnbd_command(), "serve", str(image), "--format", fmt]
     if transport == "tcp":
@@ -197,10 +200,8 @@ def _start_tapnbd(
         sock = logdir / f"nbd-{n}.sock"
         sock.unlink(missing_ok=True)
         cmd += ["--socket", str(sock)]
-    if key == "tapnbd-poll":
-        cmd += ["--poll-us", str(POLL_US)]
-    env = {**os.environ, "TAPNBD_STATS": "off"} if key == "tapnbd-nostats" else None
-    proc = spawn(cmd, log=log, stdout=out, env=env)
+    cmd += args
+    proc = spawn(cmd, log=log, stdout=out, env={**os.environ, **env} if env else None)
 
     def uri_line() -> str | None:
         try:
@@ -346,8 +347,12 @@ _STARTERS: dict[
     Callable[[Path, str, Path, Path, int, Transport, ServerOptions], _Started],
 ] = {
     "tapnbd": _start_tapnbd,
-    "tapnbd-nostats": functools.partial(_start_tapnbd, key="tapnbd-nostats"),
-    "tapnbd-poll": functools.partial(_start_tapnbd, key="tapnbd-poll"),
+    "tapnbd-nostats": functools.partial(
+        _start_tapnbd, key="tapnbd-nostats", env={"TAPNBD_STATS": "off"}
+    ),
+    "tapnbd-poll": functools.partial(
+        _start_tapnbd, key="tapnbd-poll", args=("--poll-us", str(POLL_US))
+    ),
     "qemu-nbd": _start_qemu_nbd,
     "nbdkit": _start_nbdkit,
     "nbd-server": _start_nbd_server,

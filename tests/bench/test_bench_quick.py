@@ -6,6 +6,7 @@ import collections
 import csv
 import itertools
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -73,14 +74,17 @@ def test_fio_quick_runs_the_polling_row_one_request_at_a_time(tmp_path: Path) ->
 def test_the_polling_row_serves_with_poll_us(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Its server is tapnbd serve with --poll-us, and the statistics row's is not."""
+    """Its server is tapnbd serve with --poll-us, and the statistics row's is not: that
+    one runs with TAPNBD_STATS=off in its environment instead."""
     commands: list[list[str]] = []
+    envs: list[object] = []
 
     class Spawned(Exception):
         pass
 
-    def spawn(cmd: list[str], **_: object) -> None:
+    def spawn(cmd: list[str], env: object = None, **_: object) -> None:
         commands.append(cmd)
+        envs.append(env)
         raise Spawned
 
     monkeypatch.setattr(servers, "spawn", spawn)
@@ -98,6 +102,10 @@ def test_the_polling_row_serves_with_poll_us(
     poll, nostats = commands
     assert poll[poll.index("--poll-us") + 1] == str(servers.POLL_US)
     assert "--poll-us" not in nostats
+    poll_env, nostats_env = envs
+    assert poll_env is None
+    assert isinstance(nostats_env, dict) and nostats_env["TAPNBD_STATS"] == "off"
+    assert nostats_env["PATH"] == os.environ["PATH"]  # added to the environment, not all of it
 
 
 def test_the_queue_depth_one_job_runs_only_when_named() -> None:
