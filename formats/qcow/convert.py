@@ -22,6 +22,7 @@ from tapnbd.errors import ImageError
 
 if TYPE_CHECKING:
     from formats import OpenRules
+    from formats.qcow2.create import Qcow2Options
 
 #: Bytes read per request.
 CHUNK = 2 << 20
@@ -57,12 +58,14 @@ async def convert_image(
     start: Callable[[int], None] | None = None,
     rules: OpenRules | None = None,
     compress: bool = False,
+    qcow2: Qcow2Options | None = None,
 ) -> ConvertStats:
     """Copy ``src`` (any supported format) to a new ``out_fmt`` image at ``dst``.
 
     ``start`` is called with the source's size once it is open, ``progress`` with the
     number of bytes of the source just dealt with. ``rules`` are for opening the
-    source's chain; ``rules.share`` also skips the destination's lock.
+    source's chain; ``rules.share`` also skips the destination's lock. ``qcow2``: a
+    qcow2 destination's creation options (qemu-img's -o).
     """
     from formats import OpenRules, open_image
     from formats.nbd import is_nbd
@@ -108,9 +111,15 @@ async def convert_image(
                 if out_fmt == "raw":
                     create_raw(dst, size, target_fd=fd)
                 elif out_fmt == "qcow2":
-                    from formats.qcow2.create import create_qcow2
+                    from formats.qcow2.create import Qcow2Options, create_qcow2
 
-                    await create_qcow2(dst, size, cluster_size=cluster_size, target_fd=fd)
+                    await create_qcow2(
+                        dst,
+                        size,
+                        cluster_size=cluster_size,
+                        options=qcow2 or Qcow2Options(),
+                        target_fd=fd,
+                    )
                 elif out_fmt == "vhd":
                     from formats.vhd.create import create_vhd
 
@@ -135,6 +144,7 @@ async def _copy_into(
     *,
     zero: bool = False,
     compress: bool = False,
+    qcow2: Qcow2Options | None = None,
 ) -> ConvertStats:
     """Copy into an opened target, flush it and close it."""
     try:
@@ -167,6 +177,7 @@ async def _copy(
     *,
     zero_target: bool = False,
     compress: bool = False,
+    qcow2: Qcow2Options | None = None,
 ) -> ConvertStats:
     stats = ConvertStats(size=size)
     slots = asyncio.Semaphore(DEPTH)

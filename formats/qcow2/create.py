@@ -14,28 +14,74 @@ from __future__ import annotations
 import os
 from array import array
 from contextlib import ExitStack
+from typing import TYPE_CHECKING, NamedTuple
 
 from formats.engine.tables import to_be_bytes
 from formats.locks import locked_target
 from formats.qcow2.layout import (
     MAX_BACKING_NAME,
     MAX_CLUSTER_BITS,
+    MAX_REFCOUNT_ORDER,
     MIN_CLUSTER_BITS,
     V2_HEADER_SIZE,
     V3_HEADER_SIZE_COMPRESSION,
+    Compatible,
     Ext,
     Qcow2Header,
     build_extension,
     build_feature_names,
 )
 from formats.qcow2.meta import l1_entries_needed
-from formats.qcow2.refcount import encode_block, entries_per_block
+from formats.qcow2.refcount import decode_block, encode_block, entries_per_block
 from tapnbd.errors import ImageError
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
 
 DEFAULT_CLUSTER_SIZE = 65536
 #: Refcounts are 16-bit unless asked otherwise (qemu's default).
 DEFAULT_REFCOUNT_ORDER = 4
 PREALLOCATION = ("off", "metadata", "falloc", "full")
+
+
+#: qemu's spellings of an on/off option (qapi_bool_parse), and of the two versions.
+_BOOLS = {"on": True, "yes": True, "true": True, "y": True}
+_BOOLS |= {"off": False, "no": False, "false": False, "n": False}
+_COMPAT = {"0.10": "0.10", "v2": "0.10", "1.1": "1.1", "v3": "1.1"}
+
+
+def parse_bool(key: str, text: str) -> bool:
+    if text not in _BOOLS:
+        raise ImageError(f"-o {key}={text}: use on or off")
+    return _BOOLS[text]
+
+
+def parse_compat(text: str) -> str:
+    """``0.10`` or ``1.1`` (qemu also takes ``v2`` and ``v3``)."""
+    if text not in _COMPAT:
+        raise ImageError(f"-o compat={text}: use 0.10 (v2) or 1.1 (v3)")
+    return _COMPAT[text]
+
+
+class Qcow2Options(NamedTuple):
+    """qemu-img's qcow2 creation options that have no flag of their own (``-o``).
+    Beyond the defaults, refcount_bits and lazy_refcounts need version 3 (compat 1.1)."""
+
+    compat: str = "1.1"
+    refcount_bits: int = 16
+    lazy_refcounts: bool = False
+
+    @classmethod
+    def from_keys(cls, opts: Mapping[str, str]) -> Qcow2Options:
+        """From ``-o``'s keys, as qemu-img spells their values."""
+        bits = opts.get("refcount_bits", "16")
+        if not bits.isdigit():
+            raise ImageError(f"-o refcount_bits={bits}: a power of two from 1 to 64")
+        lazy = parse_bool("lazy_refcounts", opts.get("lazy_refcounts", "off"))
+        return cls(parse_compat(opts.get("compat", "1.1")), int(bits), lazy)
+
+
+DEFAULT_OPTIONS = Qcow2Options()
 
 
 def _clusters(n: int, cs: int) -> int:
@@ -50,7 +96,7 @@ async def create_qcow2(
     backing_fmt: str | None = None,
     cluster_size: int | None = None,
     preallocation: str = "off",
-    compat: str = "1.1",
+    options: Qcow2Options = DEFAULT_OPTIONS,
     share: bool = False,
     target_fd: int | None = None,
 ) -> None:
@@ -68,9 +114,19 @@ async def create_qcow2(
         raise ImageError(f"cluster size {cs} must be a power of two from 512 B to 2 MiB")
     if preallocation not in PREALLOCATION:
         raise ImageError(f"preallocation {preallocation!r}: use {', '.join(PREALLOCATION)}")
+    compat, refcount_bits, lazy_refcounts = options
     if compat not in ("0.10", "1.1"):
         raise ImageError(f"compat {compat!r}: use 0.10 (version 2) or 1.1 (version 3)")
     version = 3 if compat == "1.1" else 2
+    order = refcount_bits.bit_length() - 1
+    if refcount_bits != 1 << order or not 0 <= order <= MAX_REFCOUNT_ORDER:
+        raise ImageError(f"refcount_bits {refcount_bits} must be a power of two from 1 to 64")
+    # qcow2.txt: version 2 images "must use refcount_order 4"; lazy refcounts are a
+    # compatible feature bit, a field version 2 does not have.
+    if version == 2 and order != DEFAULT_REFCOUNT_ORDER:
+        raise ImageError("refcount_bits other than 16 needs compat 1.1 (version 3)")
+    if version == 2 and lazy_refcounts:
+        raise ImageError("lazy_refcounts needs compat 1.1 (version 3)")
     if backing is not None:
         if len(backing.encode()) > MAX_BACKING_NAME:
             raise ImageError(f"backing file name is longer than {MAX_BACKING_NAME} bytes")
@@ -101,7 +157,6 @@ async def create_qcow2(
         raise ImageError(f"the header does not fit in one {cs}-byte cluster")
 
     # Refcount table, blocks and L1 table: grow the counts until they cover themselves.
-    order = DEFAULT_REFCOUNT_ORDER
     per_block = entries_per_block(cb, order)
     l1_entries = l1_entries_needed(size, cb)
     l1_clusters = _clusters(l1_entries * 8, cs)
@@ -130,13 +185,16 @@ async def create_qcow2(
         refcount_table_clusters=rt_clusters,
         nb_snapshots=0,
         snapshots_offset=0,
+        compatible_features=Compatible.LAZY_REFCOUNTS if lazy_refcounts else 0,
         refcount_order=order,
         header_length=hlen,
     )
     first = (header.build() + exts + name).ljust(cs, b"\0")
     reftable = array("Q", [blocks_off + i * cs for i in range(blocks)])
     reftable.extend([0] * (rt_clusters * cs // 8 - blocks))
-    counts = array("H", [1] * total + [0] * (blocks * per_block - total))
+    counts = decode_block(bytes(blocks * cs), order)  # zeros, each refcount_bits wide
+    for i in range(total):
+        counts[i] = 1
     with ExitStack() as stack:
         fd = target_fd
         if fd is None:

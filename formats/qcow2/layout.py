@@ -39,6 +39,8 @@ MAX_BACKING_NAME = 1023
 #: QEMU block/qcow2.h: QCOW_MAX_SNAPSHOTS, and the table's size bound.
 MAX_SNAPSHOTS = 65536
 MAX_SNAPSHOTS_BYTES = 64 << 20
+#: qcow2.txt: refcount_order "may not exceed 6" (64-bit refcounts).
+MAX_REFCOUNT_ORDER = 6
 
 # L1 and L2 entries ("Cluster mapping").
 #: Bits 9-55: an L2 table's or a data cluster's offset.

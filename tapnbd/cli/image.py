@@ -32,6 +32,10 @@ def _size(text: str) -> int:
 @app.command("create")
 def create_cmd(
     image: Annotated[str, typer.Argument(help="The image file to create (overwritten).")],
+    size_arg: Annotated[
+        str | None,
+        typer.Argument(metavar="SIZE", help="The virtual size, as qemu-img create takes it."),
+    ] = None,
     size: Annotated[
         str | None,
         typer.Option(
@@ -75,15 +79,46 @@ def create_cmd(
     allow_probed_chain: AllowProbedChainOpt = False,
     allow_block_devices: AllowBlockOpt = False,
     force_share: ForceShareOpt = False,
+    options: Annotated[
+        str | None,
+        typer.Option(
+            "-o",
+            "--options",
+            metavar="OPTS",
+            help="qemu-img's key=value,... qcow2: compat, refcount_bits, lazy_refcounts, "
+            "cluster_size, preallocation; all: size, backing_file (and backing_fmt); "
+            "qcow: cluster_size; vhd: subformat, block_size.",
+        ),
+    ] = None,
 ) -> None:
     """Create an empty image, as blktap's qcow-create did (optimised and sparse by default).
 
     An image in use (locked by a server) is refused and left as it was.
     """
-    from tapnbd.cli.image_flags import refuse_create_flags
+    from tapnbd.cli.image_flags import create_options, refuse_create_flags
 
+    kind = "rbd" if image.startswith("rbd:") else fmt
+    if size_arg is not None:
+        if size is not None:
+            fail("the size is given twice (SIZE and --size)")
+        size = size_arg
+    given, q2 = create_options(
+        kind,
+        options,
+        {
+            "--size": size,
+            "--backing": backing,
+            "--backing-format": backing_format,
+            "--cluster-size": cluster_size,
+            "--preallocation": preallocation,
+            "--subformat": subformat,
+        },
+    )
+    size, backing, backing_format = given["--size"], given["--backing"], given["--backing-format"]
+    cluster_size, preallocation = given["--cluster-size"], given["--preallocation"]
+    subformat = given["--subformat"]
     refuse_create_flags(
-        "rbd" if image.startswith("rbd:") else fmt,
+        kind,
         backing=backing,
         backing_format=backing_format,
         preallocation=preallocation,
@@ -130,7 +165,7 @@ def create_cmd(
                 )
             )
         elif fmt == "qcow2":
-            from formats.qcow2.create import create_qcow2
+            from formats.qcow2.create import Qcow2Options, create_qcow2
 
             runtime.run_command(
                 create_qcow2(
@@ -140,6 +175,7 @@ def create_cmd(
                     backing_fmt=backing_format,
                     cluster_size=csize,
                     preallocation=preallocation or "off",
+                    options=Qcow2Options.from_keys(q2),
                 )
             )
         elif fmt in ("vhd", "vpc"):
@@ -181,6 +217,16 @@ def convert_cmd(
     compress: Annotated[
         bool, typer.Option("--compress", "-c", help="qcow2: write compressed clusters.")
     ] = False,
+    options: Annotated[
+        str | None,
+        typer.Option(
+            "-o",
+            "--options",
+            metavar="OPTS",
+            help="qemu-img's key=value,... for the new image. qcow2: compat, refcount_bits, "
+            "lazy_refcounts, cluster_size; qcow: cluster_size; vhd: block_size.",
+        ),
+    ] = None,
 ) -> None:
     """Copy an image into a new raw, qcow, qcow2 or VHD image, skipping zeros and holes.
 
@@ -195,8 +241,14 @@ def convert_cmd(
         TimeRemainingColumn,
     )
 
+    from formats.nbd import is_nbd
     from formats.qcow.convert import convert_image
+    from formats.qcow2.create import Qcow2Options
+    from tapnbd.cli.image_flags import create_options
 
+    kind = "rbd" if dst.startswith("rbd:") else "nbd" if is_nbd(dst) else out_fmt
+    given, q2 = create_options(kind, options, {"--cluster-size": cluster_size}, command="convert")
+    cluster_size = given["--cluster-size"]
     with errors_as_exit():
         csize = _size(cluster_size) if cluster_size is not None else None
         bar = Progress(
@@ -234,6 +286,7 @@ def convert_cmd(
                         backing_format, allow_probed_chain, allow_block_devices, force_share
                     ),
                     compress=compress,
+                    qcow2=Qcow2Options.from_keys(q2) if q2 else None,
                 )
             )
         finally:

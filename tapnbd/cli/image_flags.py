@@ -60,3 +60,77 @@ def refuse_create_flags(
             "--optimise does not apply with a backing file: an overlay is never "
             "allocation-optimised (its preallocated zeros would hide the backing data)"
         )
+
+
+def parse_options(text: str | None) -> dict[str, str]:
+    """``-o key=value,key=value`` (qemu-img's creation options); ``-`` in a key is ``_``."""
+    out: dict[str, str] = {}
+    for item in (text or "").split(","):
+        if not item:
+            continue
+        key, sep, value = item.partition("=")
+        if not sep:
+            fail(f"-o {item!r}: expected key=value")
+        out[key.strip().replace("-", "_")] = value.strip()
+    return out
+
+
+#: ``create -o``'s keys per format, and the flag each one also has (None: -o only).
+_CREATE_KEYS: dict[str, dict[str, str | None]] = {
+    "qcow2": {
+        "size": "--size",
+        "backing_file": "--backing",
+        "backing_fmt": "--backing-format",
+        "cluster_size": "--cluster-size",
+        "preallocation": "--preallocation",
+        "compat": None,
+        "refcount_bits": None,
+        "lazy_refcounts": None,
+    },
+    "qcow": {
+        "size": "--size",
+        "backing_file": "--backing",
+        "backing_fmt": "--backing-format",
+        "cluster_size": "--cluster-size",
+    },
+    "vhd": {
+        "size": "--size",
+        "backing_file": "--backing",
+        "subformat": "--subformat",
+        "block_size": "--cluster-size",
+    },
+    "raw": {"size": "--size"},
+}
+_CREATE_KEYS["vpc"] = _CREATE_KEYS["vhd"]
+#: ``convert -o``'s keys: the destination's layout (its size and backing come from the
+#: source).
+_LAYOUT_KEYS = {"cluster_size", "block_size", "compat", "refcount_bits", "lazy_refcounts"}
+_CONVERT_KEYS: dict[str, dict[str, str | None]] = {
+    fmt: {k: v for k, v in keys.items() if k in _LAYOUT_KEYS} for fmt, keys in _CREATE_KEYS.items()
+}
+
+
+def create_options(
+    fmt: str, text: str | None, flags: dict[str, str | None], *, command: str = "create"
+) -> tuple[dict[str, str | None], dict[str, str]]:
+    """Fold ``-o`` into the flags' values (``flags``: flag name to value); the keys that
+    have no flag come back on their own (``Qcow2Options.from_keys`` reads them).
+
+    A key the format does not take, or one given both ways, is refused by name, as
+    qemu-img refuses an "Invalid parameter".
+    """
+    opts = parse_options(text)
+    keys = (_CREATE_KEYS if command == "create" else _CONVERT_KEYS).get(fmt, {})
+    merged, rest = dict(flags), dict[str, str]()
+    for key, value in opts.items():
+        if key not in keys:
+            takes = ", ".join(keys) or "no -o option"
+            fail(f"-o {key} does not apply to a {fmt} image (it takes {takes})")
+        flag = keys[key]
+        if flag is None:
+            rest[key] = value
+        elif merged.get(flag) is not None:
+            fail(f"-o {key} and {flag} are both given")
+        else:
+            merged[flag] = value
+    return merged, rest

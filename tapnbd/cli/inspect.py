@@ -15,6 +15,7 @@ from tapnbd import runtime
 from tapnbd.cli._output import JsonOpt, OutputOpt, print_json, wants_json
 from tapnbd.cli._trust import AllowBlockOpt, AllowProbedChainOpt, BackingFormatOpt, open_rules
 from tapnbd.cli.app import app, errors_as_exit, fail
+from tapnbd.cli.image_flags import parse_options
 
 if TYPE_CHECKING:
     from formats import OpenRules
@@ -202,19 +203,6 @@ def compare_cmd(
 # measure
 
 
-def _options(text: str | None) -> dict[str, str]:
-    """``-o key=value,key=value`` (qemu-img's creation options)."""
-    out: dict[str, str] = {}
-    for item in (text or "").split(","):
-        if not item:
-            continue
-        key, sep, value = item.partition("=")
-        if not sep:
-            fail(f"-o {item!r}: expected key=value")
-        out[key.strip().replace("-", "_")] = value.strip()
-    return out
-
-
 #: The -o keys each output format takes.
 _MEASURE_KEYS = {
     "qcow2": {"cluster_size", "refcount_bits", "preallocation", "compat"},
@@ -314,7 +302,7 @@ def measure_cmd(
         fail(
             "give either --size N or one image, not both" if image else "give --size N or an image"
         )
-    opts = _options(options)
+    opts = parse_options(options)
     unknown = sorted(set(opts) - _MEASURE_KEYS[out_fmt])
     if unknown:
         fail(f"-O {out_fmt} does not take -o {', '.join(unknown)}")

@@ -52,6 +52,71 @@ def test_create_passes_qemu_check(tmp_path: Path, opts: tuple[str, ...]) -> None
     check_clean(img)
 
 
+@pytest.mark.parametrize(
+    "opts",
+    [
+        "refcount_bits=1",
+        "refcount_bits=2,lazy_refcounts=on",
+        "refcount_bits=64,cluster_size=4k",
+        "lazy_refcounts=on,compat=v3",
+        "compat=0.10",
+        "refcount_bits=8,preallocation=metadata",
+    ],
+)
+def test_create_options_agree_with_qemu_img(tmp_path: Path, opts: str) -> None:
+    """``create -o`` takes qemu-img's qcow2 creation options: both images report the
+    same format-specific facts, pass qemu-img check, and stay clean once written."""
+    need("qemu-img", "qemu-io")
+    ours, ref = tmp_path / "ours.qcow2", tmp_path / "ref.qcow2"
+    tapnbd("create", "-f", "qcow2", "-o", opts, ours, "64M")  # the size where qemu-img has it
+    qemu_img("create", "-q", "-f", "qcow2", "-o", opts, ref, "64M")
+    got, want = qemu_info(ours), qemu_info(ref)
+    for key in ("format-specific", "cluster-size", "virtual-size"):
+        assert got[key] == want[key], key
+    check_clean(ours)
+    qemu_io(ours, "write -P 0x61 1M 300k", "read -P 0x61 1M 300k", fmt="qcow2")
+    check_clean(ours)
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (("-o", "compat=0.10,refcount_bits=8"), "refcount_bits other than 16 needs compat 1.1"),
+        (("-o", "compat=0.10,lazy_refcounts=on"), "lazy_refcounts needs compat 1.1"),
+        (("-o", "refcount_bits=3"), "power of two"),
+        (("-o", "refcount_bits=128"), "power of two"),
+        (("-o", "lazy_refcounts=maybe"), "lazy_refcounts=maybe"),
+        (("-o", "compat=2"), "compat=2"),
+        (("-o", "cluster_size=4k", "--cluster-size", "4k"), "both given"),
+        (("-o", "subformat=fixed"), "-o subformat does not apply to a qcow2 image"),
+        (("-o", "refcount_bits"), "expected key=value"),
+        (("-o", "size=2M"), "-o size and --size are both given"),
+    ],
+)
+def test_create_options_refused_by_name(tmp_path: Path, args: tuple[str, ...], says: str) -> None:
+    img = tmp_path / "new.qcow2"
+    r = run(tapnbd_cmd("create", "-f", "qcow2", "-s", "1M", *args, str(img)), check=False)
+    assert r.returncode == 1 and says in r.stderr, r.stderr
+    assert not img.exists()
+
+
+def test_create_size_given_twice_is_refused(tmp_path: Path) -> None:
+    img = tmp_path / "new.qcow2"
+    r = run(tapnbd_cmd("create", "-f", "qcow2", "-s", "1M", str(img), "2M"), check=False)
+    assert r.returncode == 1 and "the size is given twice" in r.stderr, r.stderr
+    assert not img.exists()
+
+
+def test_create_option_for_another_format_is_refused(tmp_path: Path) -> None:
+    img = tmp_path / "new.qcow"
+    r = run(
+        tapnbd_cmd("create", "-f", "qcow", "-s", "1M", "-o", "lazy_refcounts=on", str(img)),
+        check=False,
+    )
+    assert r.returncode == 1 and "-o lazy_refcounts does not apply to a qcow image" in r.stderr
+    assert not img.exists()
+
+
 def test_create_overlay_with_backing_format(tmp_path: Path) -> None:
     need("qemu-img")
     base = tmp_path / "base.raw"
@@ -90,6 +155,37 @@ def test_convert_both_ways(tmp_path: Path) -> None:
     tapnbd("convert", "-q", "-O", "qcow2", raw, back)
     qemu_img("compare", "-f", "qcow2", "-F", "raw", back, raw)
     check_clean(back)
+
+
+@pytest.mark.parametrize(
+    "opts", ["refcount_bits=1,cluster_size=4k", "compat=0.10,cluster_size=16k"]
+)
+def test_convert_options_agree_with_qemu_img(tmp_path: Path, opts: str) -> None:
+    """``convert -O qcow2 -o`` lays out the new image as qemu-img convert does."""
+    need("qemu-img")
+    src = make_image(tmp_path, "compressed")
+    ours, ref = tmp_path / "ours.qcow2", tmp_path / "ref.qcow2"
+    tapnbd("convert", "-q", "-O", "qcow2", "-o", opts, src, ours)
+    qemu_img("convert", "-O", "qcow2", "-o", opts, src, ref)
+    got, want = qemu_info(ours), qemu_info(ref)
+    for key in ("format-specific", "cluster-size", "virtual-size"):
+        assert got[key] == want[key], key
+    qemu_img("compare", "-f", "qcow2", "-F", "qcow2", ours, src)
+    check_clean(ours)
+
+
+def test_convert_option_the_destination_lacks_is_refused(tmp_path: Path) -> None:
+    src = make_image(tmp_path, "compressed")
+    for fmt, opt in (
+        ("raw", "cluster_size=4k"),
+        ("qcow", "lazy_refcounts=on"),
+        ("qcow2", "size=1M"),
+    ):
+        dst = tmp_path / f"out.{fmt}"
+        r = run(tapnbd_cmd("convert", "-q", "-O", fmt, "-o", opt, str(src), str(dst)), check=False)
+        key = opt.split("=")[0]
+        assert r.returncode == 1 and f"-o {key} does not apply to a {fmt} image" in r.stderr
+        assert not dst.exists()
 
 
 def _refcount_block(img: Path) -> int:
