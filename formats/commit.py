@@ -7,9 +7,11 @@ grows it). Then, as qemu-img commit does by default, the overlay is emptied so
 that it shows the base through again; ``keep`` (``-d``) leaves it as it was, and a base
 below the immediate backing file always does (qemu-img: "-b implies -d").
 
-An overlay is emptied by making it anew under its lock, with the same size, cluster
-size, version and backing name and format (QEMU discards every cluster instead; what
-the guest sees is the same). Both images are locked while they are written.
+A qcow2 overlay is emptied in place, as QEMU does it: every guest cluster is unmapped,
+so its header, options (refcount width, lazy refcounts) and internal snapshots stay. A
+qcow or VHD overlay is made anew under its lock, with the same size, cluster size and
+backing name and format (what the guest sees is the same). Both images are locked while
+they are written.
 """
 
 from __future__ import annotations
@@ -82,13 +84,6 @@ async def commit_image(
             if not base_path or not os.path.lexists(base_path):
                 raise ImageError(f"{path}: its backing file is not a local image")
             facts = top.describe()
-            if not keep and at == 1 and facts.get("snapshots"):
-                # Emptying remakes the overlay (_make_empty), which would drop them;
-                # qemu-img discards the clusters instead. Refused before any change.
-                raise ImageError(
-                    f"{path}: the overlay has internal snapshots, which emptying it would "
-                    "drop; commit with -d to leave the overlay as it is"
-                )
             size = top.size()
             runs = complement(await unallocated_ranges(top, chain[at - 1]), size)
             if base_driver.size() < size:
@@ -107,7 +102,10 @@ async def commit_image(
         finally:
             await top.close()
         if not keep and at == 1:
-            await _make_empty(path, kind, facts, base_fmt, top_fd, rules)
+            if kind == "qcow2":
+                await _unmap_all(path, rules)
+            else:
+                await _make_empty(path, kind, facts, base_fmt, top_fd, rules)
     return copied
 
 
@@ -137,33 +135,31 @@ async def _copy(top: Driver, target: Driver, runs: list[tuple[int, int]], size: 
     return copied
 
 
+async def _unmap_all(path: str, rules: OpenRules) -> None:
+    """Empty a qcow2 overlay in place, keeping its options and snapshots (as qemu)."""
+    from formats.qcow2.driver import Qcow2Driver
+
+    # The caller holds the overlay's lock: this open must not ask for it again.
+    d = await open_image(path, fmt="qcow2", read_only=False, rules=replace(rules, share=True))
+    try:
+        assert isinstance(d, Qcow2Driver)
+        await d.make_empty()
+        await d.flush()
+    finally:
+        await d.close()
+
+
 async def _make_empty(
     path: str, kind: str, facts: dict[str, object], base_fmt: str, fd: int, rules: OpenRules
 ) -> None:
-    """Make the overlay anew, empty, in the file whose lock ``fd`` holds."""
+    """Make a qcow or VHD overlay anew, empty, in the file whose lock ``fd`` holds (qemu
+    empties a QCOW v1 image by clearing its L1 table; the guest sees the same)."""
     size = facts["virtual-size"]
     cs = facts.get("cluster-size")
     name = facts.get("backing-filename")
     assert isinstance(size, int) and isinstance(name, str)
     assert cs is None or isinstance(cs, int)
-    bfmt = facts.get("backing-filename-format")
-    if kind == "qcow2":
-        from formats.qcow2.create import create_qcow2
-
-        specific = facts.get("format-specific")
-        compat = "1.1"
-        if isinstance(specific, dict) and isinstance(specific.get("data"), dict):
-            compat = str(specific["data"].get("compat", "1.1"))
-        await create_qcow2(
-            path,
-            size,
-            backing=name,
-            backing_fmt=bfmt if isinstance(bfmt, str) else None,
-            cluster_size=cs,
-            compat=compat,
-            target_fd=fd,
-        )
-    elif kind == "qcow":
+    if kind == "qcow":
         from formats.qcow.create import create_qcow
 
         await create_qcow(

@@ -853,6 +853,11 @@ class Qcow2Driver(ImageDriver["Qcow2Meta"]):
         value = OFLAG_ZERO if self.backing is not None else 0
         if kind == UNALLOC and value == 0:
             return
+        await self._set_clusters(a, b, value)
+
+    async def _set_clusters(self, a: int, b: int, value: int) -> None:
+        """Give whole clusters [a, b), in one L2 table, the entry ``value`` (zero or
+        unallocated); what they held loses a reference."""
         cb = self._cb
         for c in range(a >> cb, b >> cb):
             waiting = self._pending.get(c)
@@ -863,6 +868,24 @@ class Qcow2Driver(ImageDriver["Qcow2Meta"]):
         for i in range(i0, i0 + ((b - a) >> cb)):
             self._forget(t[i])
             self._set_l2(l2off, t, i, value)
+
+    async def make_empty(self) -> None:
+        """Unmap every guest cluster, so the backing file shows through everywhere: what
+        qemu-img commit does to the overlay (qcow2_make_empty, by discard). The header,
+        its options and internal snapshots stay; so do the L2 tables, and a cluster a
+        snapshot shares only loses this reference. Durable once flushed."""
+        cs = self._cs
+        end = (self._size + cs - 1) // cs * cs
+        pos = 0
+        while pos < end:
+            try:
+                kind, _host, n = self._lookup(pos, end)
+            except Miss as miss:
+                await self._l2.load(miss.offset)
+                continue
+            if kind != UNALLOC:
+                await self._set_clusters(pos, pos + n, 0)
+            pos += n
 
     # Block status.
 

@@ -282,30 +282,56 @@ def test_commit_matches_qemu_img(tmp_path: Path, fmt: str, keep: bool) -> None:
         qemu_img("check", "-f", "qcow2", images["ours"][1])
 
 
-def test_commit_keeps_an_overlay_with_internal_snapshots(tmp_path: Path) -> None:
-    """Emptying remakes the overlay, which would drop its internal snapshots: refused,
-    with nothing changed; ``-d`` commits and keeps them (qemu-img commit -d agrees)."""
-    base = qcreate(tmp_path / "base.raw", "raw", 4 * MiB)
-    qwrite(base, "raw", "write -P 1 0 4M")
-    top = qcreate(tmp_path / "top.qcow2", "qcow2", None, "-b", "base.raw", "-F", "raw")
-    qwrite(top, "qcow2", "write -P 5 1M 64k")
-    qemu_img("snapshot", "-c", "s1", top)
-    qwrite(top, "qcow2", "write -P 6 2M 64k")
-    base_before, top_before = base.read_bytes(), top.read_bytes()
-    r = tapnbd("commit", "-q", "-f", "qcow2", top, check=False)
-    assert r.returncode != 0
-    assert "internal snapshots" in r.stderr and "-d" in r.stderr, r.stderr
-    assert base.read_bytes() == base_before and top.read_bytes() == top_before
-    ref = tmp_path / "ref"
-    ref.mkdir()
-    shutil.copy(base, ref / "base.raw")
-    shutil.copy(top, ref / "top.qcow2")
-    tapnbd("commit", "-q", "-d", "-f", "qcow2", top)
-    qemu_img("commit", "-q", "-d", "-f", "qcow2", ref / "top.qcow2")
-    same(base, ref / "base.raw", "raw", "raw")
+def test_commit_empties_an_overlay_with_internal_snapshots_and_keeps_them(
+    tmp_path: Path,
+) -> None:
+    """The overlay is emptied in place, as qemu-img commit does: its snapshot keeps the
+    clusters it shares and reads as before, and both images match qemu-img's."""
+    images = {}
+    for who in ("ours", "ref"):
+        d = tmp_path / who
+        d.mkdir()
+        base = qcreate(d / "base.raw", "raw", 4 * MiB)
+        qwrite(base, "raw", "write -P 1 0 4M")
+        top = qcreate(d / "top.qcow2", "qcow2", None, "-b", "base.raw", "-F", "raw")
+        qwrite(top, "qcow2", "write -P 5 1M 64k")
+        qemu_img("snapshot", "-c", "s1", top)
+        qwrite(top, "qcow2", "write -P 6 2M 64k", "write -P 7 1M 4k")
+        images[who] = (base, top)
+    before = snapshot(images["ours"][1], "qcow2", tmp_path / "before.raw")
+    tapnbd("commit", "-q", "-f", "qcow2", images["ours"][1])
+    qemu_img("commit", "-q", "-f", "qcow2", images["ref"][1])
+    same(images["ours"][0], images["ref"][0], "raw", "raw")
+    same(images["ours"][0], before, "raw", "raw")  # the base now holds what the top read
+    same(images["ours"][1], images["ref"][1], "qcow2", "qcow2")
+    top = images["ours"][1]
     snaps = qinfo(top, "qcow2")["snapshots"]
     assert isinstance(snaps, list) and [s["name"] for s in snaps] == ["s1"]
+    for who in ("ours", "ref"):
+        qemu_img(
+            "convert", "-l", "snapshot.name=s1", "-O", "raw", images[who][1], tmp_path / who / "s1"
+        )
+    same(tmp_path / "ours" / "s1", tmp_path / "ref" / "s1", "raw", "raw")
+    alloc = json.loads(qemu_img("map", "-f", "qcow2", "--output=json", top))
+    assert not [e for e in alloc if e["depth"] == 0 and e["data"]]  # emptied
     qemu_img("check", "-f", "qcow2", top)
+
+
+def test_commit_keeps_the_qcow2_overlays_options(tmp_path: Path) -> None:
+    """Emptying keeps what qemu-img commit keeps: the refcount width, lazy refcounts,
+    the cluster size and version (it used to make the overlay anew with defaults)."""
+    base = qcreate(tmp_path / "base.raw", "raw", 4 * MiB)
+    qwrite(base, "raw", "write -P 1 0 4M")
+    opts = "refcount_bits=8,lazy_refcounts=on,cluster_size=4k"
+    top = qcreate(tmp_path / "top.qcow2", "qcow2", None, "-b", "base.raw", "-F", "raw", "-o", opts)
+    qwrite(top, "qcow2", "write -P 5 1M 100k", "write -z 3M 64k")
+    want = qinfo(top, "qcow2")
+    tapnbd("commit", "-q", "-f", "qcow2", top)
+    got = qinfo(top, "qcow2")
+    for key in ("format-specific", "cluster-size", "backing-filename", "backing-filename-format"):
+        assert got[key] == want[key], key
+    qemu_img("check", "-f", "qcow2", top)
+    same(top, base, "qcow2", "raw")
 
 
 def test_commit_into_a_deeper_base(tmp_path: Path) -> None:
@@ -693,3 +719,4 @@ def test_commit_grows_a_smaller_base_as_qemu_img(tmp_path: Path) -> None:
     same(images["ours"][0], images["ref"][0], "qcow2", "qcow2")
     same(images["ours"][1], images["ref"][1], "qcow2", "qcow2")
     qemu_img("check", "-f", "qcow2", images["ours"][0])
+
