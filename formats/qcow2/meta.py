@@ -25,6 +25,7 @@ from formats.qcow2.layout import (
     MAX_BACKING_NAME,
     MAX_CLUSTER_BITS,
     MAX_L1_BYTES,
+    MAX_REFCOUNT_ORDER,
     MAX_REFTABLE_BYTES,
     MAX_SNAPSHOTS,
     MAX_SNAPSHOTS_BYTES,
@@ -43,6 +44,8 @@ from formats.qcow2.layout import (
 from tapnbd.errors import InvalidImageError, UnsupportedImageError
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     from tapnbd.driver import Driver
 
 
@@ -155,8 +158,10 @@ async def read_meta(child: Driver, bad_l1: list[str] | None = None) -> Qcow2Meta
             raise InvalidImageError(
                 f"header_length {h.header_length} is larger than the cluster size {cs}"
             )
-        if h.refcount_order > 6:
-            raise InvalidImageError(f"refcount_order {h.refcount_order} is larger than 6")
+        if h.refcount_order > MAX_REFCOUNT_ORDER:
+            raise InvalidImageError(
+                f"refcount_order {h.refcount_order} is larger than {MAX_REFCOUNT_ORDER}"
+            )
     # The first cluster holds the header, its extensions and the backing name.
     if file_size > head_len:
         head = bytes(await child.pread(0, min(file_size, cs)))
@@ -245,9 +250,9 @@ def _check_overlap(a: str, aoff: int, alen: int, b: str, boff: int, blen: int) -
         raise InvalidImageError(f"{a} 0x{aoff:x} and {b} 0x{boff:x}: the tables overlap")
 
 
-def _read_extensions(meta: Qcow2Meta, head: bytes, cs: int) -> None:
-    """Header extensions follow the header, up to the end of the first cluster."""
-    h = meta.header
+def header_extensions(h: Qcow2Header, head: bytes, cs: int) -> Iterator[tuple[int, bytes]]:
+    """(type, data) of each header extension: they follow the header, up to the end of
+    the first cluster (or the backing name)."""
     pos = h.header_length if h.version >= 3 else V2_HEADER_SIZE
     end = min(len(head), cs)
     if h.backing_file_offset and h.backing_file_offset < end:
@@ -262,13 +267,17 @@ def _read_extensions(meta: Qcow2Meta, head: bytes, cs: int) -> None:
                 f"header extension 0x{ext_type:08x} (length {length}) at offset {pos} runs "
                 "past the end of the header cluster"
             )
-        data = head[data_at : data_at + length]
+        yield ext_type, head[data_at : data_at + length]
+        pos = data_at + length + (-length % 8)
+
+
+def _read_extensions(meta: Qcow2Meta, head: bytes, cs: int) -> None:
+    for ext_type, data in header_extensions(meta.header, head, cs):
         meta.extensions.append(ext_type)
         if ext_type == Ext.BACKING_FORMAT:
             meta.backing_format = data.decode("ascii", "replace")
         elif ext_type == Ext.FEATURE_TABLE:
             meta.feature_names = parse_feature_names(data)
-        pos = data_at + length + (-length % 8)
 
 
 def _read_backing_name(meta: Qcow2Meta, head: bytes, cs: int) -> None:

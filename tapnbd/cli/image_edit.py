@@ -1,8 +1,8 @@
-"""``tapnbd rebase``, ``commit`` and ``resize``: the commands that change an image in
-place, in qemu-img's spellings. Each takes the image's lock before it writes.
+"""``tapnbd rebase``, ``commit``, ``resize`` and ``amend``: the commands that change an
+image in place, in qemu-img's spellings. Each takes the image's lock before it writes.
 
 The commands only parse their options and call the library (formats.rebase,
-formats.commit, formats.resize).
+formats.commit, formats.resize, formats.qcow2.amend).
 """
 
 from __future__ import annotations
@@ -132,3 +132,35 @@ def resize_cmd(
         )
     if not quiet:
         typer.echo("Image resized.")
+
+
+@app.command("amend")
+def amend_cmd(
+    image: Annotated[str, typer.Argument(help="The qcow2 image to change.")],
+    options: Annotated[
+        str,
+        typer.Option(
+            "-o",
+            "--options",
+            metavar="OPTS",
+            help="key=value,...: compat (0.10 or 1.1) and lazy_refcounts (on or off).",
+        ),
+    ],
+    fmt: FormatOpt = "auto",
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No message.")] = False,
+    force_share: ForceShareOpt = False,
+) -> None:
+    """Change a qcow2 image's version or lazy refcounts in place (qemu-img amend)."""
+    from formats.qcow2.amend import amend_qcow2
+    from formats.rebase import image_format
+    from tapnbd.cli.image_flags import parse_options
+    from tapnbd.errors import ImageError
+
+    with errors_as_exit():
+        kind = image_format(image, fmt)
+        if kind != "qcow2":
+            raise ImageError(f"{image}: amend changes qcow2 images; this one is {kind}")
+        changed = runtime.run(amend_qcow2(image, parse_options(options), share=force_share))
+    if not quiet:
+        typer.echo("; ".join(changed) if changed else "Nothing to change.")
+

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import shutil
 import signal
 import subprocess
@@ -185,6 +186,7 @@ def test_rebase_qcow_v1_keeps_what_the_guest_reads(tmp_path: Path) -> None:
         ("o.qcow2", ["commit", "-f", "qcow2", "o.qcow2"]),
         ("base.qcow2", ["commit", "-f", "qcow2", "o.qcow2"]),
         ("o.qcow2", ["resize", "-f", "qcow2", "o.qcow2", "+1M"]),
+        ("o.qcow2", ["amend", "-f", "qcow2", "-o", "lazy_refcounts=on", "o.qcow2"]),
         ("o.qcow", ["check", "--repair", "o.qcow"]),
     ],
 )
@@ -720,3 +722,169 @@ def test_commit_grows_a_smaller_base_as_qemu_img(tmp_path: Path) -> None:
     same(images["ours"][1], images["ref"][1], "qcow2", "qcow2")
     qemu_img("check", "-f", "qcow2", images["ours"][0])
 
+
+# amend
+
+
+@pytest.mark.parametrize(
+    ("create", "opts"),
+    [
+        ("compat=0.10", "compat=1.1"),
+        ("compat=0.10", "compat=v3,lazy_refcounts=on"),
+        ("compat=1.1", "compat=0.10"),
+        ("compat=1.1", "lazy_refcounts=on"),
+        ("compat=1.1,lazy_refcounts=on", "lazy_refcounts=off"),
+        ("compat=1.1,lazy_refcounts=on", "lazy_refcounts=off,compat=0.10"),
+    ],
+)
+def test_amend_matches_qemu_img(tmp_path: Path, create: str, opts: str) -> None:
+    """The same amend on copies of an overlay with data: the same format-specific facts,
+    the same backing file, the same guest contents, and qemu-img check clean."""
+    images = {}
+    for who in ("ours", "ref"):
+        d = tmp_path / who
+        d.mkdir()
+        base = qcreate(d / "base.raw", "raw", 4 * MiB)
+        qwrite(base, "raw", "write -P 1 0 4M")
+        top = qcreate(d / "top.qcow2", "qcow2", None, "-b", "base.raw", "-F", "raw", "-o", create)
+        qwrite(top, "qcow2", "write -P 5 1M 100k", "write -P 6 3M 4k")
+        images[who] = top
+    before = snapshot(images["ours"], "qcow2", tmp_path / "before.raw")
+    tapnbd("amend", "-q", "-o", opts, images["ours"])
+    qemu_img("amend", "-f", "qcow2", "-o", opts, images["ref"])
+    ours, ref = qinfo(images["ours"], "qcow2"), qinfo(images["ref"], "qcow2")
+    for key in ("format-specific", "backing-filename", "backing-filename-format", "virtual-size"):
+        assert ours[key] == ref[key], key
+    same(images["ours"], images["ref"], "qcow2", "qcow2")
+    same(images["ours"], before, "qcow2", "raw")
+    qemu_img("check", "-f", "qcow2", images["ours"])
+    qwrite(images["ours"], "qcow2", "write -P 7 2M 64k")  # still writable, by qemu too
+    qemu_img("check", "-f", "qcow2", images["ours"])
+
+
+def test_amend_upgrade_keeps_internal_snapshots(tmp_path: Path) -> None:
+    top = qcreate(tmp_path / "top.qcow2", "qcow2", 4 * MiB, "-o", "compat=0.10")
+    qwrite(top, "qcow2", "write -P 5 1M 64k")
+    qemu_img("snapshot", "-c", "s1", top)
+    qwrite(top, "qcow2", "write -P 6 1M 64k")
+    tapnbd("amend", "-q", "-o", "compat=1.1", top)
+    info = qinfo(top, "qcow2")
+    assert info["format-specific"]["data"]["compat"] == "1.1"  # type: ignore[index]
+    snaps = info["snapshots"]
+    assert isinstance(snaps, list) and [s["name"] for s in snaps] == ["s1"]
+    qemu_img("convert", "-l", "snapshot.name=s1", "-O", "raw", top, tmp_path / "s1.raw")
+    assert (tmp_path / "s1.raw").read_bytes()[MiB : MiB + 65536] == b"\5" * 65536
+    qemu_img("check", "-f", "qcow2", top)
+
+
+@pytest.mark.parametrize(
+    ("create", "io", "opts", "says"),
+    [
+        ("compat=1.1", "write -z 1M 64k", "compat=0.10", "zero clusters"),
+        ("refcount_bits=8", "", "compat=0.10", "refcount_bits 8"),
+        ("compat=1.1,lazy_refcounts=on", "", "compat=0.10", "lazy_refcounts needs compat 1.1"),
+        ("compat=0.10", "", "lazy_refcounts=on", "lazy_refcounts needs compat 1.1"),
+        ("compat=1.1", "", "refcount_bits=8", "convert -O qcow2 -o refcount_bits"),
+        ("compat=1.1", "", "size=8M", "use tapnbd resize"),
+        ("compat=1.1", "", "compat=2", "compat=2"),
+        ("compat=1.1", "", "lazy_refcounts=maybe", "lazy_refcounts=maybe"),
+        ("compat=1.1", "", "colour=red", "unknown option"),
+    ],
+)
+def test_amend_refuses_by_name_and_leaves_the_image(
+    tmp_path: Path, create: str, io: str, opts: str, says: str
+) -> None:
+    top = qcreate(tmp_path / "top.qcow2", "qcow2", 4 * MiB, "-o", create)
+    qwrite(top, "qcow2", "write -P 5 0 64k", *([io] if io else []))
+    before = top.read_bytes()
+    r = tapnbd("amend", "-o", opts, top, check=False)
+    assert r.returncode == 1 and says in r.stderr, r.stderr
+    assert top.read_bytes() == before
+
+
+def test_amend_refuses_a_header_that_would_not_fit_one_sector(tmp_path: Path) -> None:
+    """The new header is written as one sector, so that a power cut leaves the old one or
+    the new one whole; a backing name that makes it longer is refused, untouched."""
+    d = tmp_path / ("d" * 200)
+    d.mkdir()
+    base = qcreate(d / ("b" * 200 + ".raw"), "raw", MiB)
+    top = qcreate(
+        tmp_path / "top.qcow2", "qcow2", None, "-b", str(base), "-F", "raw", "-o", "compat=0.10"
+    )
+    before = top.read_bytes()
+    r = tapnbd("amend", "-o", "compat=1.1", top, check=False)
+    assert r.returncode == 1 and "512-byte sector" in r.stderr, r.stderr
+    assert top.read_bytes() == before
+
+
+def test_amend_checks_a_hostile_snapshot_table_before_reading_it(tmp_path: Path) -> None:
+    """A downgrade reads every snapshot's tables: a snapshot whose L1 table claims 32 GiB
+    is refused by name, not read."""
+    top = qcreate(tmp_path / "top.qcow2", "qcow2", 4 * MiB)
+    qwrite(top, "qcow2", "write -P 5 0 64k")
+    qemu_img("snapshot", "-c", "s1", top)
+    snapshots_offset = int.from_bytes(top.read_bytes()[64:72], "big")
+    patch(top, snapshots_offset + 8, (0xFFFFFFF0).to_bytes(4, "big"))  # l1_size
+    before = top.read_bytes()
+    r = tapnbd("amend", "-o", "compat=0.10", top, check=False)
+    assert r.returncode == 1 and "l1_size" in r.stderr and "s1" in r.stderr, r.stderr
+    assert top.read_bytes() == before
+
+
+def test_amend_of_a_dirty_or_foreign_image_is_refused(tmp_path: Path) -> None:
+    top = qcreate(tmp_path / "top.qcow2", "qcow2", MiB)
+    patch(top, 72, (1).to_bytes(8, "big"))  # incompatible_features: the dirty bit
+    r = tapnbd("amend", "-o", "lazy_refcounts=on", top, check=False)
+    assert r.returncode == 1 and "check --repair" in r.stderr, r.stderr
+    raw = qcreate(tmp_path / "d.raw", "raw", MiB)
+    r = tapnbd("amend", "-o", "compat=1.1", raw, check=False)
+    assert r.returncode == 1 and "this one is raw" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("opts", ["compat=0.10", "compat=1.1,lazy_refcounts=on"])
+def test_amend_survives_a_power_cut_anywhere(tmp_path: Path, seed: int, opts: str) -> None:
+    """Every crash state of an amend (the power-loss model: durable writes, any subset of
+    the rest, torn at sectors) is the old image or the new one: qemu-img opens it, checks
+    it clean, finds the same backing file and reads the same guest contents.
+
+    The downgrade starts from qemu's own version 3 overlay, whose header, feature table
+    and backing name run past the first sector."""
+    from formats.filters import at_file_layer
+    from formats.filters.powerloss import PowerLossRecorder
+    from formats.qcow2.amend import amend_qcow2
+    from tapnbd.driver import Driver
+
+    base = qcreate(tmp_path / "base.raw", "raw", 4 * MiB)
+    qwrite(base, "raw", "write -P 1 0 4M")
+    create = "compat=1.1" if opts == "compat=0.10" else "compat=0.10"
+    top = qcreate(
+        tmp_path / "top.qcow2", "qcow2", None, "-b", "base.raw", "-F", "raw", "-o", create
+    )
+    qwrite(top, "qcow2", "write -P 5 1M 100k")
+    before = snapshot(top, "qcow2", tmp_path / "before.raw")
+    start = top.read_bytes()
+    recorders: list[PowerLossRecorder] = []
+
+    def wrap(child: Driver) -> Driver:
+        recorders.append(PowerLossRecorder(child, start))
+        return recorders[-1]
+
+    async def amend() -> list[str]:
+        with at_file_layer(wrap):
+            return await amend_qcow2(str(top), dict(o.split("=") for o in opts.split(",")))
+
+    assert asyncio.run(amend())
+    rec = recorders[0]
+    rng = random.Random(seed)
+    versions = set()
+    state = tmp_path / "state.qcow2"
+    for st in rec.states(rng, 40):
+        state.write_bytes(rec.materialise(st))
+        where = f"seed={seed} point={st.point} ({st.how})"
+        r = run(["qemu-img", "check", "-f", "qcow2", str(state)], check=False)
+        assert r.returncode == 0, f"{where}: {r.stdout}{r.stderr}"
+        info = qinfo(state, "qcow2")
+        assert info["backing-filename"] == "base.raw", where
+        versions.add(info["format-specific"]["data"]["compat"])  # type: ignore[index]
+        same(state, before, "qcow2", "raw")
+    assert versions <= {"0.10", "1.1"}

@@ -1,0 +1,206 @@
+"""``tapnbd amend``: change a qcow2 image's version or lazy refcounts in place
+(qemu-img amend).
+
+What changes, and how it stays crash-safe:
+
+- ``lazy_refcounts`` (version 3) is one bit of ``compatible_features``: one 8-byte write.
+- ``compat`` (0.10 is version 2, 1.1 version 3) moves everything after the header by 40
+  bytes. The new header, its extensions and the backing name are written as one
+  512-byte sector, the unit a disk writes whole, so a power cut leaves the old header or
+  the new one; a layout that would not fit in one sector is refused (convert instead).
+  Version 3's feature name table is optional, and is left out to make room.
+
+A downgrade is refused where version 2 cannot say what the image holds: zero clusters
+(qemu writes them out), a refcount width other than 16 bits, any feature bit, or a
+dirty image. An upgrade is refused if a snapshot lacks the 16 bytes of extra data that
+version 3 requires. Everything else (refcount_bits, size, the backing file) is refused
+by name, with the command that does it. The image's lock is taken first.
+
+References: QEMU docs/interop/qcow2.txt; block/qcow2.c ``qcow2_amend_options``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+from formats.engine.opening import file_filter
+from formats.engine.tables import be_array
+from formats.qcow2.create import parse_bool, parse_compat
+from formats.qcow2.layout import (
+    OFFSET_MASK,
+    OFLAG_COMPRESSED,
+    OFLAG_ZERO,
+    V2_HEADER_SIZE,
+    V3_HEADER_SIZE_COMPRESSION,
+    Compatible,
+    Ext,
+    Qcow2Header,
+    build_extension,
+)
+from formats.qcow2.meta import Qcow2Meta, header_extensions, read_meta
+from formats.qcow2.snapshot import snapshot_meta
+from formats.raw import RawDriver
+from tapnbd.errors import ImageError
+
+if TYPE_CHECKING:
+    from tapnbd.driver import Driver
+
+#: A disk writes a sector whole or not at all: the new header must fit in one.
+SECTOR = 512
+#: The byte offset of compatible_features (version 3).
+COMPATIBLE_OFFSET = 80
+#: Keys amend changes, and what to use for the ones qemu-img amend takes but we don't.
+AMEND_KEYS = ("compat", "lazy_refcounts")
+_ELSEWHERE = {
+    "refcount_bits": "convert -O qcow2 -o refcount_bits=N",
+    "size": "resize",
+    "backing_file": "rebase -u",
+    "backing_fmt": "rebase -u",
+    "cluster_size": "convert -O qcow2 -o cluster_size=N",
+}
+
+
+async def amend_qcow2(path: str, opts: dict[str, str], *, share: bool = False) -> list[str]:
+    """Apply ``opts`` (qemu-img amend's -o keys) to the qcow2 image at ``path``.
+
+    Returns what changed, in words (empty: the image already was so).
+    """
+    for key in opts:
+        if key in _ELSEWHERE:
+            raise ImageError(f"amend -o {key} is not supported here: use tapnbd {_ELSEWHERE[key]}")
+        if key not in AMEND_KEYS:
+            raise ImageError(
+                f"amend -o {key}: unknown option (qcow2 takes {', '.join(AMEND_KEYS)})"
+            )
+    child: Driver = RawDriver(path, read_only=False, exclusive=not share)
+    wrap = file_filter.get()  # power-loss tests record what reaches the file
+    if wrap is not None:
+        child = wrap(child)
+    try:
+        meta = await read_meta(child)
+        h = meta.header
+        if h.incompatible_features & 1:
+            raise ImageError(f"{path}: the dirty bit is set; run tapnbd check --repair first")
+        version = h.version
+        if "compat" in opts:
+            version = 3 if parse_compat(opts["compat"]) == "1.1" else 2
+        lazy = bool(h.compatible_features & Compatible.LAZY_REFCOUNTS)
+        if "lazy_refcounts" in opts:
+            lazy = parse_bool("lazy_refcounts", opts["lazy_refcounts"])
+        if lazy and version == 2:
+            raise ImageError("lazy_refcounts needs compat 1.1 (version 3)")
+        features = (h.compatible_features & ~Compatible.LAZY_REFCOUNTS) | (
+            Compatible.LAZY_REFCOUNTS if lazy else 0
+        )
+        changed: list[str] = []
+        if version != h.version:
+            await _change_version(child, meta, version, features, path)
+            changed.append(f"version {h.version} -> {version}")
+        elif features != h.compatible_features:
+            await child.pwrite(COMPATIBLE_OFFSET, features.to_bytes(8, "big"))
+            await child.flush()
+        if bool(features & Compatible.LAZY_REFCOUNTS) != bool(
+            h.compatible_features & Compatible.LAZY_REFCOUNTS
+        ):
+            changed.append(f"lazy refcounts {'on' if lazy else 'off'}")
+        return changed
+    finally:
+        await child.close()
+
+
+async def _change_version(
+    child: Driver, meta: Qcow2Meta, version: int, features: int, path: str
+) -> None:
+    h, cs = meta.header, meta.cluster_size
+    if version == 2:
+        await _refuse_downgrade(child, meta, path)
+        header = replace(
+            h,
+            version=2,
+            incompatible_features=0,
+            compatible_features=0,
+            autoclear_features=0,
+            header_length=V2_HEADER_SIZE,
+        )
+    else:
+        for s in meta.snapshots:
+            if len(s.extra) < 16:
+                raise ImageError(
+                    f"{path}: snapshot {s.name!r} has {len(s.extra)} bytes of extra data, and "
+                    "version 3 needs 16; convert the image instead"
+                )
+        header = replace(
+            h,
+            version=3,
+            incompatible_features=0,
+            compatible_features=features,
+            autoclear_features=0,
+            refcount_order=4,
+            header_length=V3_HEADER_SIZE_COMPRESSION,
+            compression_type=0,
+        )
+    head = bytes(await child.pread(0, min(cs, meta.file_size)))
+    exts = b"".join(
+        build_extension(t, data)
+        for t, data in header_extensions(h, head, cs)
+        if t != Ext.FEATURE_TABLE  # optional, and big: left out to fit the sector
+    )
+    exts += bytes(8)  # the end-of-extensions marker
+    name = meta.backing_name.encode("utf-8", "surrogateescape") if meta.backing_name else b""
+    fixed = len(header.build()) + len(exts)
+    header = replace(header, backing_file_offset=fixed if name else 0, backing_file_size=len(name))
+    new = header.build() + exts + name
+    if len(new) > SECTOR:
+        raise ImageError(
+            f"{path}: the version {version} header would take {len(new)} bytes, more than "
+            f"the {SECTOR}-byte sector it must fit in to be written safely; convert instead"
+        )
+    await child.pwrite(0, new.ljust(SECTOR, b"\0"))
+    await child.flush()
+    # The old layout's tail past the sector is no longer referenced; clear it.
+    old_end = _content_end(h, head, cs, meta)
+    if old_end > SECTOR:
+        await child.pwrite(SECTOR, bytes(old_end - SECTOR))
+        await child.flush()
+
+
+def _content_end(h: Qcow2Header, head: bytes, cs: int, meta: Qcow2Meta) -> int:
+    """Where the old header cluster's contents end: extensions, marker and name."""
+    end = h.header_length if h.version >= 3 else V2_HEADER_SIZE
+    for _t, data in header_extensions(h, head, cs):
+        end += 8 + len(data) + (-len(data) % 8)
+    end += 8
+    if h.backing_file_offset:
+        end = max(end, h.backing_file_offset + h.backing_file_size)
+    return min(end, cs)
+
+
+async def _refuse_downgrade(child: Driver, meta: Qcow2Meta, path: str) -> None:
+    """Refuse, by name, what version 2 cannot express."""
+    h, cs = meta.header, meta.cluster_size
+    if h.refcount_order != 4:
+        raise ImageError(
+            f"{path}: refcount_bits {1 << h.refcount_order}: version 2 has 16-bit refcounts only"
+        )
+    if h.incompatible_features or h.autoclear_features:
+        raise ImageError(
+            f"{path}: incompatible_features 0x{h.incompatible_features:x}, autoclear_features "
+            f"0x{h.autoclear_features:x}: version 2 has no feature bits"
+        )
+    l1s = [meta.l1]
+    for snap in meta.snapshots:  # each table checked as the active one is (hostile input)
+        l1s.append((await snapshot_meta(child, meta, snap)).l1)
+    seen: set[int] = set()
+    for l1 in l1s:
+        for e in l1:
+            l2off = e & OFFSET_MASK
+            if not l2off or l2off in seen:
+                continue
+            seen.add(l2off)
+            for le in be_array(await child.pread(l2off, cs)):
+                if le & OFLAG_ZERO and not le & OFLAG_COMPRESSED:
+                    raise ImageError(
+                        f"{path}: the image has zero clusters, which version 2 cannot "
+                        "express; convert -O qcow2 -o compat=0.10 writes them out"
+                    )
