@@ -40,6 +40,12 @@ def _shown(text: str) -> str:
     return repr(text[:_SHOWN]) + ("..." if len(text) > _SHOWN else "")
 
 
+def shown(text: str) -> str:
+    """A name or id as printed: as it is if it is printable and short, else quoted
+    with its control characters escaped and cut short."""
+    return text if text.isprintable() and len(text) <= _SHOWN else _shown(text)
+
+
 def describe_snapshot(snap: Snapshot) -> str:
     ident = snap.id_str
     if not (ident.isprintable() and len(ident) <= _SHOWN and "'" not in ident):

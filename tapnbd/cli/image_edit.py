@@ -1,13 +1,14 @@
-"""``tapnbd rebase``, ``commit``, ``resize`` and ``amend``: the commands that change an
-image in place, in qemu-img's spellings. Each takes the image's lock before it writes.
+"""``tapnbd rebase``, ``commit``, ``resize``, ``amend`` and ``snapshot``: the commands
+that change an image in place, in qemu-img's spellings. Each takes the image's lock
+before it writes.
 
 The commands only parse their options and call the library (formats.rebase,
-formats.commit, formats.resize, formats.qcow2.amend).
+formats.commit, formats.resize, formats.qcow2.amend, formats.qcow2.snapshot_edit).
 """
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -19,6 +20,9 @@ from tapnbd.cli._trust import (
     open_rules,
 )
 from tapnbd.cli.app import app, errors_as_exit
+
+if TYPE_CHECKING:
+    from formats.qcow2.layout import Snapshot
 
 FormatOpt = Annotated[
     str,
@@ -164,3 +168,72 @@ def amend_cmd(
     if not quiet:
         typer.echo("; ".join(changed) if changed else "Nothing to change.")
 
+
+@app.command("snapshot")
+def snapshot_cmd(
+    image: Annotated[str, typer.Argument(help="The qcow2 image.")],
+    list_: Annotated[bool, typer.Option("-l", "--list", help="List the snapshots.")] = False,
+    create: Annotated[
+        str | None, typer.Option("-c", "--create", metavar="NAME", help="Take a snapshot.")
+    ] = None,
+    delete: Annotated[
+        str | None,
+        typer.Option("-d", "--delete", metavar="ID|NAME", help="Delete a snapshot."),
+    ] = None,
+    apply: Annotated[
+        str | None,
+        typer.Option("-a", "--apply", metavar="ID|NAME", help="Revert the image to a snapshot."),
+    ] = None,
+    fmt: FormatOpt = "auto",
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No message.")] = False,
+    force_share: ForceShareOpt = False,
+) -> None:
+    """List, take, delete or apply internal qcow2 snapshots (qemu-img snapshot).
+
+    The image must not be in use; each change is made beside the old state and switched
+    to with one sector write, so a power cut leaves one or the other.
+    """
+    from formats.qcow2 import snapshot_edit as se
+    from formats.rebase import image_format
+    from tapnbd.cli.app import fail
+    from tapnbd.errors import ImageError
+
+    asked = [a for a in (list_ or None, create, delete, apply) if a is not None]
+    if len(asked) != 1:
+        fail("give exactly one of -l, -c NAME, -d ID|NAME and -a ID|NAME")
+    with errors_as_exit():
+        kind = image_format(image, fmt)
+        if kind != "qcow2":
+            raise ImageError(f"{image}: only qcow2 images have internal snapshots; this is {kind}")
+        if list_:
+            _print_snapshots(runtime.run(se.list_snapshots(image)))
+            return
+        if create is not None:
+            said = "Snapshot " + runtime.run(se.create_snapshot(image, create, share=force_share))
+            said += f" ({create!r}) taken."
+        elif delete is not None:
+            said = f"Snapshot {runtime.run(se.delete_snapshot(image, delete, share=force_share))}"
+            said += " deleted."
+        else:
+            assert apply is not None
+            said = f"Snapshot {runtime.run(se.apply_snapshot(image, apply, share=force_share))}"
+            said += " applied."
+    if not quiet:
+        typer.echo(said)
+
+
+def _print_snapshots(snaps: list[Snapshot]) -> None:
+    """qemu-img snapshot -l's columns; names and ids escaped (they come from the image)."""
+    import time
+
+    from formats.qcow2.snapshot import shown
+
+    print("Snapshot list:")
+    print(f"{'ID':<9} {'TAG':<17} {'VM SIZE':>7} {'DATE':>20} {'VM CLOCK':>15}")
+    for s in snaps:
+        date = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s.date_sec))
+        secs, ns = divmod(s.vm_clock_nsec, 10**9)
+        clock = f"{secs // 3600:02d}:{secs // 60 % 60:02d}:{secs % 60:02d}.{ns // 10**6:03d}"
+        print(
+            f"{shown(s.id_str):<9} {shown(s.name):<17} {s.vm_state_size:>7} {date:>20} {clock:>15}"
+        )

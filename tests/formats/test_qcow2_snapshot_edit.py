@@ -1,0 +1,276 @@
+"""``tapnbd snapshot -l|-c|-d|-a``: internal qcow2 snapshots taken, deleted and applied,
+with ``qemu-img snapshot`` as the referee.
+
+Each change is made on one copy by tapnbd and on another by qemu-img; then qemu-img
+compares the active images and every snapshot's contents (``convert -l``), and ``check``
+must be clean. A seeded run mixes both tools on one image against a model, and the
+power-loss model cuts each change at every point it may be cut.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+
+from formats.filters import at_file_layer
+from formats.filters.powerloss import PowerLossRecorder
+from formats.qcow2 import snapshot_edit
+from tapnbd.driver import Driver
+from tests.formats.qcow_util import need, patch, qemu_img
+from tests.helpers import qemu_io, run, start_server, tapnbd_cmd
+
+MiB = 1 << 20
+SIZE = 8 * MiB
+
+
+@pytest.fixture(autouse=True)
+def _tools() -> None:
+    need("qemu-img", "qemu-io")
+
+
+def tapnbd(*args: str | Path, check: bool = True) -> str:
+    r = run(tapnbd_cmd(*map(str, args)), check=False)
+    if check:
+        assert r.returncode == 0, r.stderr
+    return r.stdout + r.stderr
+
+
+def make(path: Path, *opts: str) -> Path:
+    qemu_img("create", "-q", "-f", "qcow2", *opts, path, str(SIZE))
+    qemu_io(path, "write -P 1 0 1M", "write -P 2 3M 200k", "write -c -P 3 6M 64k", fmt="qcow2")
+    return path
+
+
+def names(img: Path) -> list[tuple[str, str]]:
+    info = json.loads(qemu_img("info", "--output=json", "-f", "qcow2", img))
+    return [(s["id"], s["name"]) for s in info.get("snapshots", [])]
+
+
+def contents(img: Path, out: Path) -> dict[str, bytes]:
+    """The active image's bytes and each snapshot's, read by qemu."""
+    qemu_img("convert", "-f", "qcow2", "-O", "raw", img, out)
+    got = {"": out.read_bytes()}
+    for ident, _name in names(img):
+        qemu_img("convert", "-f", "qcow2", "-l", f"snapshot.id={ident}", "-O", "raw", img, out)
+        got[ident] = out.read_bytes()
+    return got
+
+
+def clean(img: Path) -> None:
+    r = run(["qemu-img", "check", "-f", "qcow2", str(img)], check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+@pytest.mark.parametrize(
+    "opts", [(), ("-o", "compat=0.10"), ("-o", "cluster_size=4k,refcount_bits=8")]
+)
+def test_each_change_matches_qemu_img(tmp_path: Path, opts: tuple[str, ...]) -> None:
+    ours, ref = make(tmp_path / "ours.qcow2", *opts), tmp_path / "ref.qcow2"
+    shutil.copy(ours, ref)
+    steps = [
+        ("-c", "s1"),
+        ("write", "write -P 4 512k 1M"),
+        ("-c", "s2"),
+        ("write", "write -z 0 64k"),
+        ("-a", "s1"),
+        ("write", "write -P 5 7M 64k"),
+        ("-d", "s1"),
+        ("-a", "2"),
+        ("-d", "s2"),
+    ]
+    for what, arg in steps:
+        if what == "write":
+            for img in (ours, ref):
+                qemu_io(img, arg, fmt="qcow2")
+            continue
+        tapnbd("snapshot", "-q", what, arg, ours)
+        qemu_img("snapshot", what, arg, ref)
+        assert names(ours) == names(ref), (what, arg)
+        assert contents(ours, tmp_path / "a.raw") == contents(ref, tmp_path / "b.raw"), (what, arg)
+        clean(ours)
+
+
+def test_list_shows_ids_and_names(tmp_path: Path) -> None:
+    img = make(tmp_path / "i.qcow2")
+    tapnbd("snapshot", "-c", "first", img)
+    tapnbd("snapshot", "-c", "second\x1b[31m", img)  # a hostile name is shown escaped
+    out = tapnbd("snapshot", "-l", img)
+    assert "first" in out and "\x1b" not in out and "\\x1b" in out, out
+    assert [i for i, _ in names(img)] == ["1", "2"]
+
+
+def test_a_seeded_mix_of_both_tools_follows_the_model(tmp_path: Path, seed: int) -> None:
+    """Random writes, takes, deletes and applies, each done by tapnbd or by qemu-img at
+    random on one image: what every snapshot and the active image read matches a model
+    of bytes, and check stays clean."""
+    rng = random.Random(seed)
+    print(f"seed {seed}")
+    img = make(tmp_path / "m.qcow2")
+    raw = tmp_path / "r.raw"
+    qemu_img("convert", "-f", "qcow2", "-O", "raw", img, raw)
+    model: dict[str, bytes] = {"": raw.read_bytes()}  # name -> bytes ("" is active)
+    made = 0
+    for step in range(14):
+        op = rng.choice(["write", "write", "create", "create", "delete", "apply"])
+        tool = rng.choice(["tapnbd", "qemu"])
+        snaps = [n for n in model if n]
+        if op == "write":
+            off, n, p = (
+                rng.randrange(0, SIZE - 256 * 1024, 512),
+                rng.choice([512, 4096, 65536, 200_000]),
+                rng.randrange(1, 250),
+            )
+            qemu_io(img, f"write -P {p} {off} {n}", fmt="qcow2")
+            b = bytearray(model[""])
+            b[off : off + n] = bytes([p]) * n
+            model[""] = bytes(b)
+            continue
+        if op != "create" and not snaps:
+            continue
+        name = f"s{made}" if op == "create" else rng.choice(snaps)
+        made += op == "create"
+        flag = {"create": "-c", "delete": "-d", "apply": "-a"}[op]
+        print(f"step {step}: {tool} snapshot {flag} {name}")
+        if tool == "tapnbd":
+            tapnbd("snapshot", "-q", flag, name, img)
+        else:
+            qemu_img("snapshot", flag, name, img)
+        if op == "create":
+            model[name] = model[""]
+        elif op == "delete":
+            del model[name]
+        else:
+            model[""] = model[name]
+        clean(img)
+    by_name = {name: ident for ident, name in names(img)}
+    assert sorted(by_name) == sorted(n for n in model if n)
+    qemu_img("convert", "-f", "qcow2", "-O", "raw", img, raw)
+    assert raw.read_bytes() == model[""]
+    for name, ident in by_name.items():
+        qemu_img("convert", "-f", "qcow2", "-l", f"snapshot.id={ident}", "-O", "raw", img, raw)
+        assert raw.read_bytes() == model[name], name
+
+
+def test_a_server_writes_after_our_snapshot_and_the_snapshot_stays(tmp_path: Path) -> None:
+    """The active tables are fresh copies whose shared clusters lack COPIED: tapnbd's
+    own writes through NBD copy them, and the snapshot reads as it was."""
+    img = make(tmp_path / "w.qcow2")
+    before = contents(img, tmp_path / "x.raw")[""]
+    tapnbd("snapshot", "-c", "keep", img)
+    server = start_server([str(img), "--format", "qcow2"], tmp_path / "serve.log")
+    try:
+        qemu_io(server.uris[0], "write -P 9 0 4M", "write -z 3M 64k", fmt="raw")
+    finally:
+        server.stop()
+    clean(img)
+    got = contents(img, tmp_path / "y.raw")
+    assert got["1"] == before
+    assert got[""][:4096] == b"\x09" * 4096
+
+
+@pytest.mark.parametrize(
+    ("prep", "args", "says"),
+    [
+        ("", ("-c", "s1"), "already exists"),
+        ("", ("-d", "nope"), "no snapshot with id or name 'nope'"),
+        ("", ("-a", "nope"), "no snapshot with id or name 'nope'"),
+        ("", ("-l", "-c", "x"), "exactly one of"),
+        ("", (), "exactly one of"),
+        ("refcount", ("-c", "s2"), "cannot count"),
+        ("dirty", ("-c", "s2"), "check --repair"),
+    ],
+)
+def test_refused_by_name_and_left_as_it_was(
+    tmp_path: Path, prep: str, args: tuple[str, ...], says: str
+) -> None:
+    opts = ("-o", "refcount_bits=1") if prep == "refcount" else ()
+    img = make(tmp_path / "r.qcow2", *opts)
+    if prep != "refcount":
+        qemu_img("snapshot", "-c", "s1", img)
+    if prep == "dirty":
+        patch(img, 72, (1).to_bytes(8, "big"))
+    before = img.read_bytes()
+    out = tapnbd("snapshot", *args, img, check=False)
+    assert says in out, out
+    assert img.read_bytes() == before
+
+
+def test_an_image_in_use_or_of_another_format_is_refused(tmp_path: Path) -> None:
+    img = make(tmp_path / "u.qcow2")
+    before = img.read_bytes()
+    server = start_server([str(img), "--format", "qcow2"], tmp_path / "serve.log")
+    try:
+        out = tapnbd("snapshot", "-c", "s1", img, check=False)
+    finally:
+        server.stop()
+    assert "in use" in out, out
+    assert img.read_bytes() == before
+    raw = tmp_path / "d.raw"
+    raw.write_bytes(bytes(MiB))
+    assert "only qcow2 images have internal snapshots" in tapnbd("snapshot", "-l", raw, check=False)
+
+
+def test_a_hostile_snapshot_table_is_refused_by_name(tmp_path: Path) -> None:
+    img = make(tmp_path / "h.qcow2")
+    qemu_img("snapshot", "-c", "s1", img)
+    snapshots_offset = int.from_bytes(img.read_bytes()[64:72], "big")
+    patch(img, snapshots_offset + 8, (0xFFFFFFF0).to_bytes(4, "big"))  # l1_size
+    before = img.read_bytes()
+    out = tapnbd("snapshot", "-c", "s2", img, check=False)
+    assert "l1_size" in out and "s1" in out, out
+    assert img.read_bytes() == before
+
+
+@pytest.mark.parametrize("op", ["create", "delete", "apply"])
+def test_a_power_cut_leaves_the_old_state_or_the_new(tmp_path: Path, seed: int, op: str) -> None:
+    """Every crash state the power-loss model allows (durable writes, any subset of the
+    rest, torn at sectors) checks clean and reads as the state before the change or the
+    one after it, snapshots and active image alike."""
+    print(f"seed {seed}")
+    img = make(tmp_path / "p.qcow2")
+    qemu_img("snapshot", "-c", "s1", img)
+    qemu_io(img, "write -P 7 0 2M", fmt="qcow2")
+    old = contents(img, tmp_path / "o.raw")
+    start = img.read_bytes()
+    after = tmp_path / "after.qcow2"
+    shutil.copy(img, after)
+    qemu_img(
+        "snapshot",
+        {"create": "-c", "delete": "-d", "apply": "-a"}[op],
+        "s1" if op != "create" else "s2",
+        after,
+    )
+    new = contents(after, tmp_path / "n.raw")
+    recorders: list[PowerLossRecorder] = []
+
+    def wrap(child: Driver) -> Driver:
+        recorders.append(PowerLossRecorder(child, start))
+        return recorders[-1]
+
+    async def change() -> str:
+        with at_file_layer(wrap):
+            if op == "create":
+                return await snapshot_edit.create_snapshot(str(img), "s2")
+            if op == "delete":
+                return await snapshot_edit.delete_snapshot(str(img), "s1")
+            return await snapshot_edit.apply_snapshot(str(img), "s1")
+
+    asyncio.run(change())
+    rec = recorders[0]
+    rng = random.Random(seed)
+    state = tmp_path / "state.qcow2"
+    seen = set()
+    for st in rec.states(rng, 24):
+        state.write_bytes(rec.materialise(st))
+        where = f"seed={seed} point={st.point} ({st.how})"
+        r = run(["qemu-img", "check", "-f", "qcow2", str(state)], check=False)
+        assert r.returncode == 0, f"{where}: {r.stdout}{r.stderr}"
+        got = contents(state, tmp_path / "s.raw")
+        assert got in (old, new), where
+        seen.add("old" if got == old else "new")
+    assert seen, "no crash state was tried"
