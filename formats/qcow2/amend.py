@@ -24,7 +24,6 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from formats.engine.opening import file_filter
 from formats.engine.tables import be_array
 from formats.qcow2.create import parse_bool, parse_compat
 from formats.qcow2.layout import (
@@ -38,9 +37,9 @@ from formats.qcow2.layout import (
     Qcow2Header,
     build_extension,
 )
-from formats.qcow2.meta import Qcow2Meta, header_extensions, read_meta
+from formats.qcow2.meta import Qcow2Meta, header_extensions
+from formats.qcow2.offline import rewritable
 from formats.qcow2.snapshot import snapshot_meta
-from formats.raw import RawDriver
 from tapnbd.errors import ImageError
 
 if TYPE_CHECKING:
@@ -73,15 +72,8 @@ async def amend_qcow2(path: str, opts: dict[str, str], *, share: bool = False) -
             raise ImageError(
                 f"amend -o {key}: unknown option (qcow2 takes {', '.join(AMEND_KEYS)})"
             )
-    child: Driver = RawDriver(path, read_only=False, exclusive=not share)
-    wrap = file_filter.get()  # power-loss tests record what reaches the file
-    if wrap is not None:
-        child = wrap(child)
-    try:
-        meta = await read_meta(child)
+    async with rewritable(path, share=share) as (child, meta):
         h = meta.header
-        if h.incompatible_features & 1:
-            raise ImageError(f"{path}: the dirty bit is set; run tapnbd check --repair first")
         version = h.version
         if "compat" in opts:
             version = 3 if parse_compat(opts["compat"]) == "1.1" else 2
@@ -105,8 +97,6 @@ async def amend_qcow2(path: str, opts: dict[str, str], *, share: bool = False) -
         ):
             changed.append(f"lazy refcounts {'on' if lazy else 'off'}")
         return changed
-    finally:
-        await child.close()
 
 
 async def _change_version(

@@ -30,7 +30,6 @@ from array import array
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
-from formats.engine.opening import file_filter
 from formats.engine.tables import be_array, to_be_bytes
 from formats.qcow2.layout import (
     L2E_RESERVED,
@@ -45,6 +44,7 @@ from formats.qcow2.layout import (
     parse_snapshot,
 )
 from formats.qcow2.meta import Qcow2Meta, l1_entries_needed, read_meta
+from formats.qcow2.offline import rewritable
 from formats.qcow2.refcount import decode_block, encode_block, entries_per_block, max_refcount
 from formats.qcow2.snapshot import describe_snapshot, find_snapshot, snapshot_meta
 from formats.raw import RawDriver
@@ -162,22 +162,10 @@ def _with_l1(entry: bytes, offset: int) -> bytes:
 
 
 async def _edit(path: str, share: bool, change: Change) -> str:
-    child: Driver = RawDriver(path, read_only=False, exclusive=not share)
-    wrap = file_filter.get()  # power-loss tests record what reaches the file
-    if wrap is not None:
-        child = wrap(child)
-    try:
-        meta = await read_meta(child)
-        h = meta.header
-        if h.incompatible_features & 1:
-            raise ImageError(f"{path}: the dirty bit is set; run tapnbd check --repair first")
-        if h.incompatible_features & 2:
-            raise ImageError(f"{path}: the image is marked corrupt; repair it first")
+    async with rewritable(path, share=share) as (child, meta):
         state, said = await change(child, meta, await _raw_entries(child, meta))
         await _switch(child, meta, state, path)
         return said
-    finally:
-        await child.close()
 
 
 async def _raw_entries(child: Driver, meta: Qcow2Meta) -> list[bytes]:

@@ -836,6 +836,9 @@ def test_amend_of_a_dirty_or_foreign_image_is_refused(tmp_path: Path) -> None:
     patch(top, 72, (1).to_bytes(8, "big"))  # incompatible_features: the dirty bit
     r = tapnbd("amend", "-o", "lazy_refcounts=on", top, check=False)
     assert r.returncode == 1 and "check --repair" in r.stderr, r.stderr
+    patch(top, 72, (2).to_bytes(8, "big"))  # the corrupt bit: qemu found bad metadata
+    r = tapnbd("amend", "-o", "lazy_refcounts=on", top, check=False)
+    assert r.returncode == 1 and "marked the image corrupt" in r.stderr, r.stderr
     raw = qcreate(tmp_path / "d.raw", "raw", MiB)
     r = tapnbd("amend", "-o", "compat=1.1", raw, check=False)
     assert r.returncode == 1 and "this one is raw" in r.stderr, r.stderr
