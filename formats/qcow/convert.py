@@ -59,13 +59,16 @@ async def convert_image(
     rules: OpenRules | None = None,
     compress: bool = False,
     qcow2: Qcow2Options | None = None,
+    window: tuple[int, int | None] | None = None,
 ) -> ConvertStats:
     """Copy ``src`` (any supported format) to a new ``out_fmt`` image at ``dst``.
 
     ``start`` is called with the source's size once it is open, ``progress`` with the
     number of bytes of the source just dealt with. ``rules`` are for opening the
     source's chain; ``rules.share`` also skips the destination's lock. ``qcow2``: a
-    qcow2 destination's creation options (qemu-img's -o).
+    qcow2 destination's creation options (qemu-img's -o). ``window``: (offset, length)
+    of the source to copy instead of all of it (``tapnbd dd``), cut at the source's end
+    as qemu-img dd cuts it; a length of None runs to the end.
     """
     from formats import OpenRules, open_image
     from formats.nbd import is_nbd
@@ -82,6 +85,18 @@ async def convert_image(
     if compress and out_fmt != "qcow2":
         raise ImageError("compressed output (-c) is for qcow2 only")
     driver = await open_image(src, fmt=src_fmt, read_only=True, rules=rules)
+    if window is not None:
+        from formats.filters.window import WindowFilter
+
+        offset, length = window
+        rest = driver.size() - offset
+        if rest <= 0 or length == 0:
+            await driver.close()
+            why = "the range is empty" if length == 0 else f"it starts at byte {offset}"
+            raise ImageError(
+                f"{src}: nothing to copy: {why}, and the image is {rest + offset} bytes"
+            )
+        driver = WindowFilter(driver, offset, rest if length is None else min(length, rest))
     source = Backend(driver, read_only=True)
     try:
         # Creating the destination truncates it: it must not be a file being read.
@@ -144,7 +159,6 @@ async def _copy_into(
     *,
     zero: bool = False,
     compress: bool = False,
-    qcow2: Qcow2Options | None = None,
 ) -> ConvertStats:
     """Copy into an opened target, flush it and close it."""
     try:
@@ -177,7 +191,6 @@ async def _copy(
     *,
     zero_target: bool = False,
     compress: bool = False,
-    qcow2: Qcow2Options | None = None,
 ) -> ConvertStats:
     stats = ConvertStats(size=size)
     slots = asyncio.Semaphore(DEPTH)

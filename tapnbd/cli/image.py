@@ -294,6 +294,65 @@ def convert_cmd(
                 bar.stop()
 
 
+@app.command("dd")
+def dd_cmd(
+    operands: Annotated[
+        list[str],
+        typer.Argument(
+            metavar="if=INPUT of=OUTPUT [bs=N] [count=N] [skip=N]",
+            help="dd's operands: bs is the block size (512 by default), count and skip are "
+            "in blocks; sizes take qemu's units.",
+        ),
+    ],
+    src_fmt: Annotated[str, typer.Option("-f", "--format", help="Input format.")] = "auto",
+    out_fmt: Annotated[
+        str, typer.Option("-O", "--output-format", help="raw, qcow, qcow2 or vhd (vpc).")
+    ] = "raw",
+    backing_format: BackingFormatOpt = None,
+    allow_probed_chain: AllowProbedChainOpt = False,
+    allow_block_devices: AllowBlockOpt = False,
+    force_share: ForceShareOpt = False,
+) -> None:
+    """Copy part of an image into a new image, in dd's terms (qemu-img dd).
+
+    The new image holds count blocks from block skip of the input, or up to its end.
+    """
+    from formats.qcow.convert import convert_image
+
+    ops: dict[str, str] = {}
+    for op in operands:
+        key, sep, value = op.partition("=")
+        if not sep or key not in ("if", "of", "bs", "count", "skip"):
+            fail(f"{op!r}: expected if=, of=, bs=, count= or skip=")
+        if key in ops:
+            fail(f"{key}= is given twice")
+        ops[key] = value
+    if "if" not in ops or "of" not in ops:
+        fail("give both if=INPUT and of=OUTPUT")
+    with errors_as_exit():
+        bs = _blocks(ops.get("bs", "512"))
+        if bs <= 0:
+            fail("bs must be at least 1")
+        count = _blocks(ops["count"]) * bs if "count" in ops else None
+        runtime.run(
+            convert_image(
+                ops["if"],
+                ops["of"],
+                out_fmt,
+                src_fmt=src_fmt,
+                rules=open_rules(
+                    backing_format, allow_probed_chain, allow_block_devices, force_share
+                ),
+                window=(_blocks(ops.get("skip", "0")) * bs, count),
+            )
+        )
+
+
+def _blocks(text: str) -> int:
+    """A count of blocks: a number, 0 included, or a size in qemu's units (30K)."""
+    return int(text) if text.isdigit() else _size(text)
+
+
 @app.command("check")
 def check_cmd(
     image: Annotated[str, typer.Argument(help="The qcow, qcow2 or vhd image.")],
