@@ -353,6 +353,47 @@ def _blocks(text: str) -> int:
     return int(text) if text.isdigit() else _size(text)
 
 
+@app.command("bench")
+def bench_cmd(
+    image: Annotated[str, typer.Argument(help="The image (any format tapnbd opens).")],
+    count: Annotated[int, typer.Option("-c", "--count", help="Requests in all.")] = 75000,
+    depth: Annotated[int, typer.Option("-d", "--depth", help="Requests in flight.")] = 64,
+    size: Annotated[
+        str, typer.Option("-s", "--size", metavar="SIZE", help="Bytes per request.")
+    ] = "4K",
+    step: Annotated[
+        str | None,
+        typer.Option("-S", "--step", metavar="SIZE", help="From one request's offset to the next."),
+    ] = None,
+    offset: Annotated[
+        str, typer.Option("-o", "--offset", metavar="OFFSET", help="The first request's offset.")
+    ] = "0",
+    write: Annotated[bool, typer.Option("-w", "--write", help="Write instead of read.")] = False,
+    pattern: Annotated[int, typer.Option("--pattern", help="The byte written (0-255).")] = 0,
+    fmt: Annotated[str, typer.Option("-f", "--format", help="The image's format.")] = "auto",
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only the time.")] = False,
+    force_share: ForceShareOpt = False,
+) -> None:
+    """Time a run of reads or writes straight to an image's driver (qemu-img bench)."""
+    from formats.iobench import BenchSpec, run_bench
+
+    with errors_as_exit():
+        spec = BenchSpec(
+            count=count,
+            depth=depth,
+            size=_size(size),
+            step=None if step is None else _blocks(step),
+            offset=_blocks(offset),
+            write=write,
+            pattern=pattern,
+        )
+        if not quiet:
+            print(spec.describe())
+        rules = open_rules(None, False, False, force_share)
+        seconds = runtime.run(run_bench(image, spec, fmt=fmt, rules=rules))
+    print(f"Run completed in {seconds:.3f} seconds.")
+
+
 @app.command("check")
 def check_cmd(
     image: Annotated[str, typer.Argument(help="The qcow, qcow2 or vhd image.")],

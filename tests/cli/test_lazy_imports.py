@@ -153,3 +153,13 @@ def test_help_still_lists_every_command() -> None:
     ).stdout
     for name in ("serve", "info", "attach", "daemon", "export", "ring", "stats"):
         assert name in out
+
+
+def test_every_command_is_in_the_lazy_table() -> None:
+    """A command missing from COMMANDS still runs, but by importing every module: its
+    start-up pays for the daemon, attach and the ring."""
+    from tapnbd.cli import COMMANDS, app, load_commands
+
+    load_commands()
+    names = {c.name for c in app.registered_commands} | {g.name for g in app.registered_groups}
+    assert names == set(COMMANDS)

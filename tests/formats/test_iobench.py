@@ -1,0 +1,87 @@
+"""``tapnbd bench``: qemu-img bench's runs straight to a driver stack. qemu-img bench
+is the referee: the same write run on copies of one image leaves the same guest bytes,
+and both print the same first line. Where the offsets wrap, qemu-img 7.2 (here) wraps
+modulo the whole image and can run past its end; tapnbd wraps as qemu does since 2025
+(commit ff2ab634, modulo the image size less the request size), checked on a model.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.formats.qcow_util import need, qemu_img
+from tests.helpers import run, tapnbd_cmd
+
+MiB = 1 << 20
+
+
+@pytest.fixture(autouse=True)
+def _tools() -> None:
+    need("qemu-img")
+
+
+@pytest.mark.parametrize(("fmt", "qemu_fmt"), [("raw", "raw"), ("qcow2", "qcow2"), ("vhd", "vpc")])
+@pytest.mark.parametrize(
+    "opts",
+    [
+        ("-c", "600", "-d", "8", "-s", "4k", "-S", "12k"),
+        ("-c", "50", "-d", "1", "-s", "64k", "-o", "1M"),
+    ],
+)
+def test_writes_leave_what_qemu_img_bench_leaves(
+    tmp_path: Path, fmt: str, qemu_fmt: str, opts: tuple[str, ...]
+) -> None:
+    ours, ref = tmp_path / f"ours.{fmt}", tmp_path / f"ref.{fmt}"
+    qemu_img("create", "-q", "-f", qemu_fmt, ours, str(8 * MiB))
+    shutil.copy(ours, ref)
+    mine = run(tapnbd_cmd("bench", "-w", "--pattern", "90", "-f", fmt, *opts, str(ours))).stdout
+    theirs = qemu_img("bench", "-w", "--pattern=90", "-f", qemu_fmt, *opts, ref)
+    assert mine.splitlines()[0] == theirs.splitlines()[0]
+    assert mine.splitlines()[1].startswith("Run completed in ")
+    qemu_img("compare", "-f", qemu_fmt, "-F", qemu_fmt, ours, ref)
+    if fmt == "qcow2":
+        qemu_img("check", "-f", "qcow2", ours)
+
+
+def test_wrapped_writes_land_where_qemus_fixed_rule_puts_them(tmp_path: Path) -> None:
+    img = tmp_path / "w.raw"
+    img.write_bytes(bytes(MiB))
+    size, step, count = 4096, 12288, 200  # 2.4 MiB of steps over a 1 MiB image
+    run(
+        tapnbd_cmd(
+            "bench", "-w", "--pattern", "7", "-c", str(count), "-s", "4k", "-S", "12k", str(img)
+        )
+    )
+    want, pos = bytearray(MiB), 0
+    for _ in range(count):
+        want[pos : pos + size] = b"\7" * size
+        pos = (pos + step) % (MiB - size)
+    assert img.read_bytes() == want
+
+
+def test_a_read_run_changes_nothing_and_quiet_prints_the_time(tmp_path: Path) -> None:
+    img = tmp_path / "r.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", img, str(4 * MiB))
+    before = img.read_bytes()
+    out = run(tapnbd_cmd("bench", "-q", "-c", "2000", "-d", "16", str(img))).stdout
+    assert out.startswith("Run completed in ") and len(out.splitlines()) == 1, out
+    assert img.read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    ("opts", "says"),
+    [
+        (("-o", "4M"), "does not fit"),
+        (("-s", "8M"), "does not fit"),
+        (("-d", "0"), "the depth and size 1 or more"),
+        (("-w", "--pattern", "256"), "pattern 0 to 255"),
+    ],
+)
+def test_refused_by_name(tmp_path: Path, opts: tuple[str, ...], says: str) -> None:
+    img = tmp_path / "x.raw"
+    img.write_bytes(bytes(4 * MiB))
+    r = run(tapnbd_cmd("bench", *opts, str(img)), check=False)
+    assert r.returncode == 1 and says in r.stderr, r.stderr
