@@ -40,6 +40,8 @@ from formats.qcow2.layout import (
     OFLAG_COPIED,
     SNAPSHOT,
     V2_HEADER_SIZE,
+    V3_HEADER_SIZE,
+    Autoclear,
     Snapshot,
     parse_snapshot,
 )
@@ -163,6 +165,12 @@ def _with_l1(entry: bytes, offset: int) -> bytes:
 
 async def _edit(path: str, share: bool, change: Change) -> str:
     async with rewritable(path, share=share) as (child, meta):
+        if meta.header.autoclear_features & Autoclear.BITMAPS:
+            # Their clusters are not counted here: refused, rather than dropped unasked.
+            raise ImageError(
+                f"{path}: the image has persistent dirty bitmaps, which tapnbd does not "
+                "keep; remove them first (qemu-img bitmap --remove) or use qemu-img snapshot"
+            )
         state, said = await change(child, meta, await _raw_entries(child, meta))
         await _switch(child, meta, state, path)
         return said
@@ -329,7 +337,8 @@ async def _switch(child: Driver, meta: Qcow2Meta, state: _NewState, path: str) -
         await child.pwrite(off, data)
     await child.flush()
 
-    # The switch: one sector. Every field it changes is in the first 72 bytes.
+    # The switch: one sector; every field it changes is in the fixed header. Autoclear
+    # bits tapnbd does not know are cleared, as on the driver's writable open.
     header = replace(
         h,
         size=state.size,
@@ -339,8 +348,10 @@ async def _switch(child: Driver, meta: Qcow2Meta, state: _NewState, path: str) -
         refcount_table_clusters=rt_clusters,
         nb_snapshots=len(snaps),
         snapshots_offset=table_off,
+        autoclear_features=0,
     )
     sector = bytearray(await child.pread(0, SECTOR))
-    sector[:V2_HEADER_SIZE] = header.build()[:V2_HEADER_SIZE]
+    fixed = header.build()[: V3_HEADER_SIZE if h.version >= 3 else V2_HEADER_SIZE]
+    sector[: len(fixed)] = fixed
     await child.pwrite(0, bytes(sector))
     await child.flush()
