@@ -99,7 +99,7 @@ async def create_snapshot(path: str, name: str, *, share: bool = False) -> str:
         state = _NewState(array("Q", meta.l1), meta.header.size)
         state.snapshots = await _kept(child, meta, raw)
         now = time.time_ns()
-        extra = EXTRA.pack(0, meta.header.size, -1)
+        extra = EXTRA.pack(0, meta.header.size, 0)  # icount 0, as qemu-img writes it
         entry = _entry(0, len(meta.l1), new_id, name, now, extra)
         state.snapshots.append((entry, array("Q", (e & ~OFLAG_COPIED for e in meta.l1)), None))
         return state, new_id

@@ -95,6 +95,13 @@ def test_each_change_matches_qemu_img(tmp_path: Path, opts: tuple[str, ...]) -> 
         clean(ours)
 
 
+def test_list_prints_what_qemu_img_prints(tmp_path: Path) -> None:
+    img = make(tmp_path / "l.qcow2")
+    tapnbd("snapshot", "-c", "ours", img)
+    qemu_img("snapshot", "-c", "theirs", img)
+    assert tapnbd("snapshot", "-l", img) == qemu_img("snapshot", "-l", img)
+
+
 def test_list_shows_ids_and_names(tmp_path: Path) -> None:
     img = make(tmp_path / "i.qcow2")
     tapnbd("snapshot", "-c", "first", img)
