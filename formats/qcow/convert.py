@@ -60,6 +60,7 @@ async def convert_image(
     compress: bool = False,
     qcow2: Qcow2Options | None = None,
     window: tuple[int, int | None] | None = None,
+    snapshot: str | None = None,
 ) -> ConvertStats:
     """Copy ``src`` (any supported format) to a new ``out_fmt`` image at ``dst``.
 
@@ -68,7 +69,8 @@ async def convert_image(
     source's chain; ``rules.share`` also skips the destination's lock. ``qcow2``: a
     qcow2 destination's creation options (qemu-img's -o). ``window``: (offset, length)
     of the source to copy instead of all of it (``tapnbd dd``), cut at the source's end
-    as qemu-img dd cuts it; a length of None runs to the end.
+    as qemu-img dd cuts it; a length of None runs to the end. ``snapshot``: copy that
+    internal qcow2 snapshot instead of the current state (qemu-img convert -l).
     """
     from formats import OpenRules, open_image
     from formats.nbd import is_nbd
@@ -84,7 +86,7 @@ async def convert_image(
         raise ImageError(f"unknown output format {out_fmt!r}: use raw, qcow, qcow2 or vhd")
     if compress and out_fmt != "qcow2":
         raise ImageError("compressed output (-c) is for qcow2 only")
-    driver = await open_image(src, fmt=src_fmt, read_only=True, rules=rules)
+    driver = await open_image(src, fmt=src_fmt, read_only=True, rules=rules, snapshot=snapshot)
     if window is not None:
         from formats.filters.window import WindowFilter
 

@@ -227,6 +227,16 @@ def convert_cmd(
             "lazy_refcounts, cluster_size; qcow: cluster_size; vhd: block_size.",
         ),
     ] = None,
+    snapshot: Annotated[
+        str | None,
+        typer.Option(
+            "-l",
+            "--snapshot",
+            metavar="SNAPSHOT",
+            help="Copy this internal qcow2 snapshot, not the current state (qemu-img "
+            "convert -l): an id or a name, or snapshot.id=ID,snapshot.name=NAME.",
+        ),
+    ] = None,
 ) -> None:
     """Copy an image into a new raw, qcow, qcow2 or VHD image, skipping zeros and holes.
 
@@ -287,6 +297,7 @@ def convert_cmd(
                     ),
                     compress=compress,
                     qcow2=Qcow2Options.from_keys(q2) if q2 else None,
+                    snapshot=snapshot,
                 )
             )
         finally:

@@ -471,3 +471,22 @@ def test_snapshot_of_a_dirty_image(tmp_path: Path, serve: Callable[..., Server])
     assert copy_out(server.uri, tmp_path / "nbd.raw") == expected
     server.stop()
     assert sha(img) == before  # not repaired, not cleaned: untouched
+
+
+@pytest.mark.parametrize("key", ["s1", "1", "snapshot.id=1", "snapshot.name=1"])
+def test_convert_copies_a_snapshot_as_qemu_img_convert_l(tmp_path: Path, key: str) -> None:
+    """convert -l: the snapshot's contents, as qemu-img convert -l copies them (the id
+    "1" and the name "1" are different snapshots here, ids first)."""
+    img = snapshot_image(tmp_path)
+    ours = tmp_path / "ours.raw"
+    run(*tapnbd_cmd("convert", "-q", "-O", "raw", "-l", key, str(img), str(ours)))
+    assert ours.read_bytes() == qemu_snapshot_raw(img, key, tmp_path / "ref.raw")
+
+
+def test_convert_of_an_unknown_snapshot_names_the_ones_there_are(tmp_path: Path) -> None:
+    img = snapshot_image(tmp_path)
+    out = tmp_path / "o.raw"
+    cmd = tapnbd_cmd("convert", "-q", "-O", "raw", "-l", "nope", str(img), str(out))
+    said = run(*cmd, check=False)
+    assert "no snapshot with id or name 'nope'" in said and "'s1' (id 1)" in said, said
+    assert not out.exists()
