@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from formats.locks import locked_target
@@ -61,6 +61,8 @@ async def convert_image(
     qcow2: Qcow2Options | None = None,
     window: tuple[int, int | None] | None = None,
     snapshot: str | None = None,
+    backing: str | None = None,
+    backing_format: str | None = None,
 ) -> ConvertStats:
     """Copy ``src`` (any supported format) to a new ``out_fmt`` image at ``dst``.
 
@@ -71,6 +73,9 @@ async def convert_image(
     of the source to copy instead of all of it (``tapnbd dd``), cut at the source's end
     as qemu-img dd cuts it; a length of None runs to the end. ``snapshot``: copy that
     internal qcow2 snapshot instead of the current state (qemu-img convert -l).
+    ``backing``: the new image is a qcow2 or qcow overlay on that file (stored as given,
+    relative to the new image), holding only what reads differently from it
+    (qemu-img convert -B).
     """
     from formats import OpenRules, open_image
     from formats.nbd import is_nbd
@@ -86,6 +91,8 @@ async def convert_image(
         raise ImageError(f"unknown output format {out_fmt!r}: use raw, qcow, qcow2 or vhd")
     if compress and out_fmt != "qcow2":
         raise ImageError("compressed output (-c) is for qcow2 only")
+    if backing is not None and out_fmt not in ("qcow2", "qcow"):
+        raise ImageError(f"a {out_fmt} image has no backing file (-B is for qcow2 and qcow)")
     driver = await open_image(src, fmt=src_fmt, read_only=True, rules=rules, snapshot=snapshot)
     if window is not None:
         from formats.filters.window import WindowFilter
@@ -133,6 +140,8 @@ async def convert_image(
                     await create_qcow2(
                         dst,
                         size,
+                        backing=backing,
+                        backing_fmt=backing_format,
                         cluster_size=cluster_size,
                         options=qcow2 or Qcow2Options(),
                         target_fd=fd,
@@ -141,13 +150,30 @@ async def convert_image(
                     from formats.vhd.create import create_vhd
 
                     await create_vhd(dst, size, block_size=cluster_size, target_fd=fd)
+                elif backing is not None:  # an overlay is never allocation-optimised
+                    await create_qcow(
+                        dst,
+                        size,
+                        backing=backing,
+                        backing_format=backing_format or "auto",
+                        optimise=False,
+                        cluster_size=cluster_size,
+                        target_fd=fd,
+                        rules=rules,
+                    )
                 else:
                     await create_qcow(
                         dst, size, optimise=optimise, cluster_size=cluster_size, target_fd=fd
                     )
                 # Our fd holds the lock; the target's own open must not ask for it again.
-                target = Backend(await open_image(dst, fmt=out_fmt, rules=OpenRules(share=True)))
-                stats = await _copy_into(target, source, size, progress, compress=compress)
+                # (QCOW v1 does not record its backing file's format: -F names it.)
+                mine = replace(rules, share=True, backing_format=backing_format)
+                opened = await open_image(
+                    dst, fmt=out_fmt, rules=mine if backing else replace(rules, share=True)
+                )
+                stats = await _copy_into(
+                    Backend(opened), source, size, progress, compress=compress, diff=bool(backing)
+                )
     finally:
         await source.close()
     return stats
@@ -161,12 +187,15 @@ async def _copy_into(
     *,
     zero: bool = False,
     compress: bool = False,
+    diff: bool = False,
 ) -> ConvertStats:
     """Copy into an opened target, flush it and close it."""
     try:
         if target.size < size:
             raise ImageError(f"target is {target.size} bytes, too small for {size} bytes")
-        stats = await _copy(source, target, size, progress, zero_target=zero, compress=compress)
+        stats = await _copy(
+            source, target, size, progress, zero_target=zero, compress=compress, diff=diff
+        )
         await target.flush()
     finally:
         await target.close()
@@ -193,7 +222,10 @@ async def _copy(
     *,
     zero_target: bool = False,
     compress: bool = False,
+    diff: bool = False,
 ) -> ConvertStats:
+    """``diff`` (an overlay's copy, -B): every range is compared with what the target
+    reads now, its backing file, and only the blocks that differ are written."""
     stats = ConvertStats(size=size)
     slots = asyncio.Semaphore(DEPTH)
     tasks: set[asyncio.Task[None]] = set()
@@ -250,13 +282,45 @@ async def _copy(
         finally:
             slots.release()
 
+    async def diff_chunk(pos: int, n: int) -> None:
+        try:
+            data = memoryview(await source.pread(pos, n))
+            under = memoryview(await target.pread(pos, n))
+            written, run_start, run_kind = 0, 0, "same"
+            # Runs of blocks of one kind: as the target reads, zeros to zero, or data.
+            for o in range(0, n + ZERO_BLOCK, ZERO_BLOCK):
+                block = data[o : o + ZERO_BLOCK]
+                if not block:
+                    kind = "end"
+                elif block == under[o : o + ZERO_BLOCK]:
+                    kind = "same"
+                else:
+                    kind = "zero" if block == _ZEROES[: len(block)] else "data"
+                if kind != run_kind:
+                    if run_kind == "zero":
+                        await target.zero(pos + run_start, o - run_start)
+                    elif run_kind == "data":
+                        await target.pwrite(pos + run_start, data[run_start:o])
+                    if run_kind != "same":
+                        written += o - run_start
+                    run_start, run_kind = o, kind
+                if kind == "end":
+                    break
+            done(n, written)
+        except BaseException as e:
+            failure.append(e)
+        finally:
+            slots.release()
+
     pos = 0
+    chunk = diff_chunk if diff else copy_chunk
     while pos < size and not failure:
         window = min(STATUS_WINDOW, size - pos)
         for ext in await source.extents(pos, window):
             if failure:
                 break
-            if ext.flags & ExtentFlags.ZERO:
+            # With diff, zeros are compared too: the backing file may hold data there.
+            if ext.flags & ExtentFlags.ZERO and not diff:
                 if zero_target:
                     await target.zero(ext.offset, ext.length)
                 done(ext.length, 0)
@@ -265,7 +329,7 @@ async def _copy(
             while p < end and not failure:
                 n = min(CHUNK, end - p)
                 await slots.acquire()
-                task = asyncio.get_running_loop().create_task(copy_chunk(p, n))
+                task = asyncio.get_running_loop().create_task(chunk(p, n))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
                 p += n

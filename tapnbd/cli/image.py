@@ -227,6 +227,16 @@ def convert_cmd(
             "lazy_refcounts, cluster_size; qcow: cluster_size; vhd: block_size.",
         ),
     ] = None,
+    backing: Annotated[
+        str | None,
+        typer.Option(
+            "-B",
+            "--backing",
+            metavar="BACKING",
+            help="Make a qcow2 or qcow overlay on BACKING holding only what reads "
+            "differently from it (qemu-img convert -B); -F is then BACKING's format.",
+        ),
+    ] = None,
     snapshot: Annotated[
         str | None,
         typer.Option(
@@ -293,11 +303,16 @@ def convert_cmd(
                     progress=progress,
                     start=start,
                     rules=open_rules(
-                        backing_format, allow_probed_chain, allow_block_devices, force_share
+                        None if backing else backing_format,
+                        allow_probed_chain,
+                        allow_block_devices,
+                        force_share,
                     ),
                     compress=compress,
                     qcow2=Qcow2Options.from_keys(q2) if q2 else None,
                     snapshot=snapshot,
+                    backing=backing,
+                    backing_format=backing_format if backing else None,
                 )
             )
         finally:

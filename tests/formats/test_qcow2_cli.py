@@ -264,3 +264,41 @@ def test_dirty_image_repaired_then_opens_writable(tmp_path: Path) -> None:
     check_clean(img)
     qemu_io(img, "read -P 0x42 0 1M", "write -P 0x43 2M 64k", fmt="qcow2")
     check_clean(img)
+
+
+@pytest.mark.parametrize("out_fmt", ["qcow2", "qcow"])
+def test_convert_onto_a_backing_file_writes_only_what_differs(tmp_path: Path, out_fmt: str) -> None:
+    """convert -B: an overlay on the named base that reads as the source, holding only
+    the blocks that read differently from the base (zeros over data as zero clusters on
+    qcow2, written zeros on qcow); qemu-img convert -B's overlay reads the same."""
+    need("qemu-img", "qemu-io")
+    base = tmp_path / "base.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", base, "8M")
+    qemu_io(base, "write -P 1 0 8M", fmt="qcow2")
+    src = tmp_path / "src.qcow2"
+    qemu_img("convert", "-O", "qcow2", base, src)
+    qemu_io(src, "write -P 2 1M 64k", "write -z 3M 128k", "write -P 3 5M 4k", fmt="qcow2")
+    ours, ref = tmp_path / f"ours.{out_fmt}", tmp_path / f"ref.{out_fmt}"
+    tapnbd("convert", "-q", "-O", out_fmt, "-B", "base.qcow2", "-F", "qcow2", src, ours)
+    qemu_img("convert", "-O", out_fmt, "-B", "base.qcow2", "-F", "qcow2", src, ref)
+    qemu_img("compare", "-F", "qcow2", ours, src)
+    qemu_img("compare", ours, ref)
+    info = qemu_info(ours)
+    assert info["backing-filename"] == "base.qcow2"
+    runs = json.loads(qemu_img("map", "--output=json", ours))
+    mine = [(r["start"], r["length"]) for r in runs if r["depth"] == 0]
+    # (64 KiB at 5M: the one 64 KiB block the 4 KiB write changed)
+    assert mine == [(1 << 20, 65536), (3 << 20, 131072), (5 << 20, 65536)], mine
+    if out_fmt == "qcow2":
+        check_clean(ours)
+
+
+@pytest.mark.parametrize("out_fmt", ["raw", "vhd"])
+def test_convert_onto_a_backing_file_needs_qcow2_or_qcow(tmp_path: Path, out_fmt: str) -> None:
+    src = make_image(tmp_path, "compressed")
+    out = tmp_path / "o"
+    r = run(
+        tapnbd_cmd("convert", "-q", "-O", out_fmt, "-B", str(src), str(src), str(out)), check=False
+    )
+    assert r.returncode == 1 and "-B is for qcow2 and qcow" in r.stderr, r.stderr
+    assert not out.exists()
