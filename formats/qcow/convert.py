@@ -63,6 +63,7 @@ async def convert_image(
     snapshot: str | None = None,
     backing: str | None = None,
     backing_format: str | None = None,
+    create: bool = True,
 ) -> ConvertStats:
     """Copy ``src`` (any supported format) to a new ``out_fmt`` image at ``dst``.
 
@@ -75,7 +76,9 @@ async def convert_image(
     internal qcow2 snapshot instead of the current state (qemu-img convert -l).
     ``backing``: the new image is a qcow2 or qcow overlay on that file (stored as given,
     relative to the new image), holding only what reads differently from it
-    (qemu-img convert -B).
+    (qemu-img convert -B). ``create=False`` (qemu-img convert -n): ``dst`` exists, in
+    ``out_fmt`` (``auto``: probed), at least as big as the source, and is written over,
+    its zero runs included.
     """
     from formats import OpenRules, open_image
     from formats.nbd import is_nbd
@@ -87,8 +90,10 @@ async def convert_image(
         out_fmt = "nbd"  # an existing export: written over, as qemu-img convert -n
     if out_fmt == "vpc":
         out_fmt = "vhd"  # qemu's name for it
-    if out_fmt not in OUTPUT_FORMATS:
+    if out_fmt not in OUTPUT_FORMATS and not (out_fmt == "auto" and not create):
         raise ImageError(f"unknown output format {out_fmt!r}: use raw, qcow, qcow2 or vhd")
+    if not create and backing is not None:
+        raise ImageError("-n writes into an existing image, which keeps its backing file (-B)")
     if compress and out_fmt != "qcow2":
         raise ImageError("compressed output (-c) is for qcow2 only")
     if backing is not None and out_fmt not in ("qcow2", "qcow"):
@@ -115,17 +120,22 @@ async def convert_image(
                 "converting onto it would destroy the data being read"
             )
         size = source.size
-        if out_fmt in ("nbd", "rbd"):
-            # Not a local file: nothing to lock here (RBD has its own exclusive lock).
-            if out_fmt == "rbd":
+        if out_fmt in ("nbd", "rbd") or not create:
+            # Not a new local file: its own open takes its lock (RBD has its own
+            # exclusive lock, an NBD export none here).
+            if out_fmt == "rbd" and create:
                 from formats.rbd.driver import create_blocking
 
                 await asyncio.to_thread(create_blocking, dst, size)
             if start is not None:
                 start(size)
-            target = Backend(await open_image(dst, fmt=out_fmt))
-            # An existing export may hold data: its zero runs must be written too.
-            stats = await _copy_into(target, source, size, progress, zero=out_fmt == "nbd")
+            # The source's -F is not the target's; the rest of the admin's rules are.
+            mine = replace(rules, backing_format=None)
+            target = Backend(await open_image(dst, fmt=out_fmt, rules=mine))
+            # An existing image may hold data: its zero runs must be written too.
+            stats = await _copy_into(
+                target, source, size, progress, zero=out_fmt == "nbd" or not create
+            )
         else:
             # The destination's lock is held from before it is truncated until the copy
             # is flushed: an image in use is refused untouched (formats.locks).

@@ -200,9 +200,24 @@ def convert_cmd(
     src: Annotated[str, typer.Argument(help="Source image (any supported format).")],
     dst: Annotated[str, typer.Argument(help="Destination image (created, or overwritten).")],
     out_fmt: Annotated[
-        str, typer.Option("-O", "--output-format", help="raw, qcow, qcow2 or vhd (vpc).")
-    ] = "qcow",
+        str | None,
+        typer.Option(
+            "-O",
+            "--output-format",
+            help="raw, qcow, qcow2 or vhd (vpc); qcow by default, or with -n the existing "
+            "image's format, probed.",
+        ),
+    ] = None,
     src_fmt: Annotated[str, typer.Option("-f", "--format", help="Source format.")] = "auto",
+    no_create: Annotated[
+        bool,
+        typer.Option(
+            "-n",
+            "--no-create",
+            help="Write into DST, an existing image at least as big, zeros included "
+            "(qemu-img convert -n).",
+        ),
+    ] = False,
     optimise: Annotated[
         bool, typer.Option("--optimise/--no-optimise", help="For a qcow destination.")
     ] = True,
@@ -266,6 +281,9 @@ def convert_cmd(
     from formats.qcow2.create import Qcow2Options
     from tapnbd.cli.image_flags import create_options
 
+    out_fmt = out_fmt or ("auto" if no_create else "qcow")
+    if no_create and (options or cluster_size or backing):
+        fail("-n writes into an existing image: -o, --cluster-size and -B do not apply")
     kind = "rbd" if dst.startswith("rbd:") else "nbd" if is_nbd(dst) else out_fmt
     given, q2 = create_options(kind, options, {"--cluster-size": cluster_size}, command="convert")
     cluster_size = given["--cluster-size"]
@@ -313,6 +331,7 @@ def convert_cmd(
                     snapshot=snapshot,
                     backing=backing,
                     backing_format=backing_format if backing else None,
+                    create=not no_create,
                 )
             )
         finally:

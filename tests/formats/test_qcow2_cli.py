@@ -302,3 +302,39 @@ def test_convert_onto_a_backing_file_needs_qcow2_or_qcow(tmp_path: Path, out_fmt
     )
     assert r.returncode == 1 and "-B is for qcow2 and qcow" in r.stderr, r.stderr
     assert not out.exists()
+
+
+@pytest.mark.parametrize("target_fmt", ["raw", "qcow2", "vhd"])
+def test_convert_into_an_existing_image_writes_its_zeros_too(
+    tmp_path: Path, target_fmt: str
+) -> None:
+    """convert -n: the existing image, full of other data, reads exactly as the source
+    afterwards (its holes and zero clusters included), in its own format."""
+    need("qemu-img", "qemu-io")
+    src = make_image(tmp_path, "zero-clusters")
+    size = qemu_info(src)["virtual-size"]
+    qemu_name = "vpc" if target_fmt == "vhd" else target_fmt
+    tgt = tmp_path / f"tgt.{target_fmt}"
+    qemu_img("create", "-q", "-f", qemu_name, tgt, str(size))
+    qemu_io(tgt, f"write -P 0xee 0 {size}", fmt=qemu_name)
+    tapnbd("convert", "-q", "-n", *(["-O", "vhd"] if target_fmt == "vhd" else []), src, tgt)
+    qemu_img("compare", "-f", "qcow2", "-F", qemu_name, src, tgt)
+    assert qemu_info(tgt)["format"] == qemu_name  # written into, not made anew
+
+
+def test_convert_into_an_existing_image_refuses_a_small_one_and_creation_options(
+    tmp_path: Path,
+) -> None:
+    src = make_image(tmp_path, "compressed")
+    small = tmp_path / "small.raw"
+    small.write_bytes(b"\x01" * 65536)
+    r = run(tapnbd_cmd("convert", "-q", "-n", str(src), str(small)), check=False)
+    assert r.returncode == 1 and "too small" in r.stderr, r.stderr
+    assert small.read_bytes() == b"\x01" * 65536
+    r = run(
+        tapnbd_cmd("convert", "-q", "-n", "-o", "compat=1.1", str(src), str(small)), check=False
+    )
+    assert r.returncode == 1 and "-o, --cluster-size and -B do not apply" in r.stderr, r.stderr
+    missing = tmp_path / "missing.qcow2"
+    r = run(tapnbd_cmd("convert", "-q", "-n", str(src), str(missing)), check=False)
+    assert r.returncode == 1 and "no such file" in r.stderr and not missing.exists(), r.stderr
