@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from formats.locks import locked_target
 from formats.qcow.create import create_qcow
@@ -268,62 +268,67 @@ async def _copy(
             o += m
 
     async def copy_chunk(pos: int, n: int) -> None:
-        try:
-            data = memoryview(await source.pread(pos, n))
-            written = 0
-            # Write only the runs of blocks that are not all zeros.
-            run_start = -1
-            for o in range(0, n + ZERO_BLOCK, ZERO_BLOCK):
-                block = data[o : o + ZERO_BLOCK]
-                zero = not block or block.tobytes() == _ZEROES[: len(block)]
-                if not zero and run_start < 0:
-                    run_start = o
-                elif zero and run_start >= 0:
-                    await write(pos + run_start, data[run_start:o])
-                    written += o - run_start
-                    run_start = -1
-                if zero and zero_target and block:
-                    await target.zero(pos + o, len(block))
-                if o >= n:
-                    break
-            done(n, written)
-        except BaseException as e:
-            failure.append(e)
-        finally:
-            slots.release()
+        data = memoryview(await source.pread(pos, n))
+        written = 0
+        # Write only the runs of blocks that are not all zeros.
+        run_start = -1
+        for o in range(0, n + ZERO_BLOCK, ZERO_BLOCK):
+            block = data[o : o + ZERO_BLOCK]
+            zero = not block or block.tobytes() == _ZEROES[: len(block)]
+            if not zero and run_start < 0:
+                run_start = o
+            elif zero and run_start >= 0:
+                await write(pos + run_start, data[run_start:o])
+                written += o - run_start
+                run_start = -1
+            if zero and zero_target and block:
+                await target.zero(pos + o, len(block))
+            if o >= n:
+                break
+        done(n, written)
 
     async def diff_chunk(pos: int, n: int) -> None:
-        try:
-            data = memoryview(await source.pread(pos, n))
-            under = memoryview(await target.pread(pos, n))
-            written, run_start, run_kind = 0, 0, "same"
-            # Runs of blocks of one kind: as the target reads, zeros to zero, or data.
-            for o in range(0, n + ZERO_BLOCK, ZERO_BLOCK):
-                block = data[o : o + ZERO_BLOCK]
-                if not block:
-                    kind = "end"
-                elif block == under[o : o + ZERO_BLOCK]:
-                    kind = "same"
-                else:
-                    kind = "zero" if block == _ZEROES[: len(block)] else "data"
-                if kind != run_kind:
-                    if run_kind == "zero":
-                        await target.zero(pos + run_start, o - run_start)
-                    elif run_kind == "data":
-                        await target.pwrite(pos + run_start, data[run_start:o])
-                    if run_kind != "same":
-                        written += o - run_start
-                    run_start, run_kind = o, kind
-                if kind == "end":
-                    break
-            done(n, written)
-        except BaseException as e:
-            failure.append(e)
-        finally:
-            slots.release()
+        data = memoryview(await source.pread(pos, n))
+        under = memoryview(await target.pread(pos, n))
+        written, run_start, run_kind = 0, 0, "same"
+        # Runs of blocks of one kind: as the target reads, zeros to zero, or data.
+        for o in range(0, n + ZERO_BLOCK, ZERO_BLOCK):
+            block = data[o : o + ZERO_BLOCK]
+            if not block:
+                kind = "end"
+            elif block == under[o : o + ZERO_BLOCK]:
+                kind = "same"
+            else:
+                kind = "zero" if block == _ZEROES[: len(block)] else "data"
+            if kind != run_kind:
+                if run_kind == "zero":
+                    await target.zero(pos + run_start, o - run_start)
+                elif run_kind == "data":
+                    await target.pwrite(pos + run_start, data[run_start:o])
+                if run_kind != "same":
+                    written += o - run_start
+                run_start, run_kind = o, kind
+            if kind == "end":
+                break
+        done(n, written)
+
+    def guarded(
+        chunk: Callable[[int, int], Awaitable[None]],
+    ) -> Callable[[int, int], Coroutine[Any, Any, None]]:
+        """``chunk``, its failure kept for the loop below and its slot given back."""
+
+        async def run(pos: int, n: int) -> None:
+            try:
+                await chunk(pos, n)
+            except BaseException as e:
+                failure.append(e)
+            finally:
+                slots.release()
+
+        return run
 
     pos = 0
-    chunk = diff_chunk if diff else copy_chunk
+    chunk = guarded(diff_chunk if diff else copy_chunk)
     while pos < size and not failure:
         window = min(STATUS_WINDOW, size - pos)
         for ext in await source.extents(pos, window):
