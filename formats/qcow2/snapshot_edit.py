@@ -269,6 +269,11 @@ async def _switch(child: Driver, meta: Qcow2Meta, state: _NewState, path: str) -
             for j, le in enumerate(await l2(l2off)):
                 if le & OFLAG_COMPRESSED:
                     off = le & c_off_mask
+                    if off < cs:  # inside the header cluster: as the driver refuses it
+                        raise InvalidImageError(
+                            f"L2 table 0x{l2off:x} entry {j} (0x{le:x}): compressed data "
+                            "in the header cluster"
+                        )
                     n = (((le >> c_shift) & c_nsect) + 1) * 512 - (off & 511)
                     add(off, min(n, file_size - off), f"{what} compressed cluster")
                     continue

@@ -244,6 +244,24 @@ def test_a_hostile_snapshot_table_is_refused_by_name(tmp_path: Path) -> None:
     assert img.read_bytes() == before
 
 
+def test_compressed_data_said_to_lie_in_the_header_is_refused(tmp_path: Path) -> None:
+    """A compressed L2 entry pointing into the header cluster would have the new
+    refcounts count the header twice: refused by name, untouched."""
+    img = make(tmp_path / "c.qcow2")  # a compressed cluster at 6M, in the first L2 table
+    data = img.read_bytes()
+    l1_offset = int.from_bytes(data[40:48], "big")
+    l2 = int.from_bytes(data[l1_offset : l1_offset + 8], "big") & ((1 << 56) - 512)
+    at = l2 + 8 * (6 * MiB // 65536)
+    entry = int.from_bytes(data[at : at + 8], "big")
+    assert entry >> 62 & 1, hex(entry)  # compressed
+    c_off_mask = (1 << (62 - 8)) - 1
+    patch(img, at, ((entry & ~c_off_mask) | 0x100).to_bytes(8, "big"))
+    before = img.read_bytes()
+    out = tapnbd("snapshot", "-c", "s", img, check=False)
+    assert "compressed data in the header cluster" in out, out
+    assert img.read_bytes() == before
+
+
 @pytest.mark.parametrize("op", ["create", "delete", "apply"])
 def test_a_power_cut_leaves_the_old_state_or_the_new(tmp_path: Path, seed: int, op: str) -> None:
     """Every crash state the power-loss model allows (durable writes, any subset of the
