@@ -42,13 +42,16 @@ class Qcow2CheckResult(CheckResult):
         return out
 
 
-async def check_qcow2(path: str, repair: bool = False) -> Qcow2CheckResult:
+async def check_qcow2(
+    path: str, repair: bool = False, *, leaks_only: bool = False
+) -> Qcow2CheckResult:
     """Check ``path`` (read-only unless ``repair``).
 
     ``repair`` sets every refcount that disagrees with the references to the count of
     references (leaks freed, missing increments made: what a crash with lazy refcounts
-    leaves), then clears the dirty bit, and checks again. A reference whose refcount
-    block does not exist cannot be repaired here.
+    leaves), then clears the dirty bit, and checks again; ``leaks_only`` (qemu-img
+    check -r leaks) lowers only the refcounts above their references. A reference
+    whose refcount block does not exist cannot be repaired here.
     """
     res = Qcow2CheckResult(filename=path)
     child = RawDriver(path, read_only=not repair, exclusive=repair)
@@ -151,7 +154,7 @@ async def check_qcow2(path: str, repair: bool = False) -> Qcow2CheckResult:
             have, want = stored.get(c, 0), refs.get(c, 0)
             if have > want and c >= file_clusters:
                 continue  # qemu-img check ignores refcounts past the end of the file
-            if have != want:
+            if have > want or (have < want and not leaks_only):
                 fixes[c] = want
             if have > want:
                 res.leaked_clusters += 1

@@ -225,6 +225,10 @@ def convert_cmd(
         str | None, typer.Option("--cluster-size", help="For a qcow destination.")
     ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    progress_bar: Annotated[
+        bool,
+        typer.Option("-p", "--progress", help="The progress bar (shown unless -q; qemu-img's -p)."),
+    ] = False,
     backing_format: BackingFormatOpt = None,
     allow_probed_chain: AllowProbedChainOpt = False,
     allow_block_devices: AllowBlockOpt = False,
@@ -280,6 +284,8 @@ def convert_cmd(
     from formats.qcow.convert import convert_image
     from formats.qcow2.create import Qcow2Options
     from tapnbd.cli.image_flags import create_options
+
+    del progress_bar  # the bar is drawn anyway, unless -q: -p is for qemu-img's command lines
 
     out_fmt = out_fmt or ("auto" if no_create else "qcow")
     if no_create and (options or cluster_size or backing):
@@ -455,6 +461,15 @@ def check_cmd(
     fmt: Annotated[
         str, typer.Option("--format", "-f", help="auto, or vhd for a fixed VHD.")
     ] = "auto",
+    repair_mode: Annotated[
+        str | None,
+        typer.Option(
+            "-r",
+            metavar="leaks|all",
+            help="qemu-img's spelling: all is --repair; leaks, on qcow2, only lowers "
+            "refcounts above their references.",
+        ),
+    ] = None,
 ) -> None:
     """Check a qcow image: leaks, overlaps, pointers past the end, checksum.
 
@@ -466,6 +481,9 @@ def check_cmd(
         from formats.engine.checks import CheckResult
 
     use_json = wants_json(output, as_json)
+    if repair_mode not in (None, "leaks", "all"):
+        fail(f"-r {repair_mode}: use leaks or all")
+    repair = repair or repair_mode is not None
     with errors_as_exit():
         if fmt == "auto":
             fmt = probe(image)
@@ -479,7 +497,8 @@ def check_cmd(
         elif fmt == "qcow2":
             from formats.qcow2.check import check_qcow2
 
-            res = runtime.run_command(check_qcow2(image, repair=repair))
+            leaks_only = repair_mode == "leaks"
+            res = runtime.run_command(check_qcow2(image, repair=repair, leaks_only=leaks_only))
         elif fmt == "qcow" and repair:
             from formats.qcow.repair import repair_qcow
 

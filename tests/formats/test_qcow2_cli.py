@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import struct
 from pathlib import Path
 from typing import Any
@@ -341,3 +342,47 @@ def test_convert_into_an_existing_image_refuses_a_small_one_and_creation_options
     missing = tmp_path / "missing.qcow2"
     r = run(tapnbd_cmd("convert", "-q", "-n", str(src), str(missing)), check=False)
     assert r.returncode == 1 and "no such file" in r.stderr and not missing.exists(), r.stderr
+
+
+def _leak_and_corruption(img: Path, corrupt: bool) -> None:
+    """Cluster 7 at refcount 1 with nothing naming it (a leak); with ``corrupt``, the
+    header's own refcount at 0 too (a corruption)."""
+    tapnbd("create", "--format", "qcow2", "--size", "16M", img)
+    qemu_io(img, "write -P 0x11 0 64k", fmt="qcow2")
+    block = _refcount_block(img)
+    with open(img, "r+b") as f:
+        f.truncate(8 << 16)
+        f.seek(block + 2 * 7)
+        f.write(struct.pack(">H", 1))
+        if corrupt:
+            f.seek(block)
+            f.write(struct.pack(">H", 0))
+
+
+def test_check_r_leaks_and_r_all_as_qemu_img_spells_them(tmp_path: Path) -> None:
+    """-r leaks lowers only refcounts above their references (qemu-img check -r leaks
+    on a copy agrees), leaving a corruption for -r all."""
+    need("qemu-img", "qemu-io")
+    ours, ref = tmp_path / "ours.qcow2", tmp_path / "ref.qcow2"
+    _leak_and_corruption(ours, corrupt=False)
+    shutil.copy(ours, ref)
+    assert run(tapnbd_cmd("check", "-r", "leaks", str(ours)), check=False).returncode == 0
+    qemu_img("check", "-r", "leaks", ref)
+    assert ours.read_bytes() == ref.read_bytes()  # the same refcount written back
+    both = tmp_path / "both.qcow2"
+    _leak_and_corruption(both, corrupt=True)
+    assert run(tapnbd_cmd("check", "-r", "leaks", str(both)), check=False).returncode == 2
+    after = run(["qemu-img", "check", str(both)], check=False)
+    assert after.returncode == 2 and "Leaked" not in after.stdout + after.stderr, after.stdout
+    assert run(tapnbd_cmd("check", "-r", "all", str(both)), check=False).returncode == 0
+    qemu_img("check", both)
+    r = run(tapnbd_cmd("check", "-r", "some", str(both)), check=False)
+    assert r.returncode == 1 and "use leaks or all" in r.stderr
+
+
+def test_convert_takes_qemu_imgs_progress_flag(tmp_path: Path) -> None:
+    src = make_image(tmp_path, "compressed")
+    out = tmp_path / "out.qcow2"
+    r = run(tapnbd_cmd("convert", "-p", "-O", "qcow2", str(src), str(out)))
+    assert r.returncode == 0 and out.exists()
+    qemu_img("compare", src, out)
