@@ -24,6 +24,7 @@ from formats.qcow2.layout import (
     OFLAG_COPIED,
     Incompatible,
     parse_snapshot,
+    snapshot_entry_end,
 )
 from formats.qcow2.meta import Qcow2Meta, read_meta
 from formats.qcow2.refcount import decode_block, encode_block, entries_per_block, max_refcount
@@ -77,10 +78,11 @@ async def check_qcow2(
             data = bytes(
                 await child.pread(h.snapshots_offset, min(file_size - h.snapshots_offset, 64 << 20))
             )
-            pos = 0
+            pos = last = 0
             for _ in range(h.nb_snapshots):
+                last = pos
                 _snap, pos = parse_snapshot(data, pos)
-            add(h.snapshots_offset, pos, "snapshot table")
+            add(h.snapshots_offset, snapshot_entry_end(data, last), "snapshot table")
         c_off_mask = (1 << (62 - (cb - 8))) - 1
         c_shift = 62 - (cb - 8)
         c_nsect = (1 << (cb - 8)) - 1

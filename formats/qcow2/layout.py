@@ -257,6 +257,14 @@ class Snapshot:
     extra: bytes = field(default=b"", repr=False)
 
 
+def snapshot_entry_end(data: bytes, pos: int) -> int:
+    """Where the entry at ``pos`` ends, before its padding: qemu counts a table up to
+    there (the last entry's padding need not be in the file)."""
+    fields = SNAPSHOT.unpack_from(data, pos)
+    id_size, name_size, extra_size = int(fields[2]), int(fields[3]), int(fields[8])
+    return pos + SNAPSHOT_FIXED + extra_size + id_size + name_size
+
+
 def parse_snapshot(data: bytes, pos: int) -> tuple[Snapshot, int]:
     """The snapshot entry at ``pos`` of ``data`` and the position of the next one.
 

@@ -186,7 +186,9 @@ async def _raw_entries(child: Driver, meta: Qcow2Meta) -> list[bytes]:
     out, pos = [], 0
     for _ in range(h.nb_snapshots):
         _snap, nxt = parse_snapshot(data, pos)
-        out.append(data[pos:nxt])
+        # The last entry's padding may lie past the end of the file (qemu-img snapshot
+        # writes the table last, unpadded): an entry copied short would shift the next.
+        out.append(data[pos:nxt].ljust(nxt - pos, b"\0"))
         pos = nxt
     return out
 

@@ -95,6 +95,20 @@ def test_each_change_matches_qemu_img(tmp_path: Path, opts: tuple[str, ...]) -> 
         clean(ours)
 
 
+def test_a_table_qemu_wrote_last_in_the_file_is_copied_whole(tmp_path: Path) -> None:
+    """qemu-img snapshot -c writes its table at the end of the file without the last
+    entry's padding (the file ends mid-cluster). Copied short, the entry shifted ours
+    by its missing bytes: a seeded run (seed 810715744) found it."""
+    img = make(tmp_path / "t.qcow2")
+    qemu_img("snapshot", "-c", "s0", img)
+    assert img.stat().st_size % 512, "the table no longer ends the file"
+    # tapnbd check counted the padding too: "lies past the end of the file".
+    assert run(tapnbd_cmd("check", str(img)), check=False).returncode == 0
+    tapnbd("snapshot", "-c", "s1", img)
+    clean(img)
+    assert names(img) == [("1", "s0"), ("2", "s1")]
+
+
 def test_list_prints_what_qemu_img_prints(tmp_path: Path) -> None:
     img = make(tmp_path / "l.qcow2")
     tapnbd("snapshot", "-c", "ours", img)
