@@ -178,9 +178,7 @@ async def convert_image(
                 # Our fd holds the lock; the target's own open must not ask for it again.
                 # (QCOW v1 does not record its backing file's format: -F names it.)
                 mine = replace(rules, share=True, backing_format=backing_format)
-                opened = await open_image(
-                    dst, fmt=out_fmt, rules=mine if backing else replace(rules, share=True)
-                )
+                opened = await open_image(dst, fmt=out_fmt, rules=mine)
                 stats = await _copy_into(
                     Backend(opened), source, size, progress, compress=compress, diff=bool(backing)
                 )

@@ -38,15 +38,13 @@ from formats.qcow2.layout import (
     build_extension,
 )
 from formats.qcow2.meta import Qcow2Meta, header_extensions
-from formats.qcow2.offline import rewritable
+from formats.qcow2.offline import SECTOR, rewritable
 from formats.qcow2.snapshot import snapshot_meta
 from tapnbd.errors import ImageError
 
 if TYPE_CHECKING:
     from tapnbd.driver import Driver
 
-#: A disk writes a sector whole or not at all: the new header must fit in one.
-SECTOR = 512
 #: The byte offset of compatible_features (version 3).
 COMPATIBLE_OFFSET = 80
 #: Keys amend changes, and what to use for the ones qemu-img amend takes but we don't.

@@ -23,6 +23,7 @@ from formats.qcow2.layout import (
     OFLAG_COMPRESSED,
     OFLAG_COPIED,
     Incompatible,
+    compressed_span,
     parse_snapshot,
     snapshot_entry_end,
 )
@@ -83,9 +84,6 @@ async def check_qcow2(
                 last = pos
                 _snap, pos = parse_snapshot(data, pos)
             add(h.snapshots_offset, snapshot_entry_end(data, last), "snapshot table")
-        c_off_mask = (1 << (62 - (cb - 8))) - 1
-        c_shift = 62 - (cb - 8)
-        c_nsect = (1 << (cb - 8)) - 1
         tables: dict[int, object] = {}
         copied_checks: list[tuple[int, str]] = []
         l1s = [(meta.l1, h.l1_table_offset, True, "active")]
@@ -115,8 +113,7 @@ async def check_qcow2(
                     if not le:
                         continue
                     if le & OFLAG_COMPRESSED:
-                        off = le & c_off_mask
-                        n = (((le >> c_shift) & c_nsect) + 1) * 512 - (off & 511)
+                        off, n = compressed_span(le, cb)
                         n = min(n, file_size - off) if off < file_size else n
                         add(off, n, f"{name} compressed cluster")
                         if active:

@@ -32,7 +32,7 @@ from formats.qcow2.layout import (
     build_feature_names,
 )
 from formats.qcow2.meta import l1_entries_needed
-from formats.qcow2.refcount import decode_block, encode_block, entries_per_block
+from formats.qcow2.refcount import covering, decode_block, encode_block
 from tapnbd.errors import ImageError
 
 if TYPE_CHECKING:
@@ -156,18 +156,12 @@ async def create_qcow2(
     if hlen + len(exts) + len(name) > cs:
         raise ImageError(f"the header does not fit in one {cs}-byte cluster")
 
-    # Refcount table, blocks and L1 table: grow the counts until they cover themselves.
-    per_block = entries_per_block(cb, order)
+    # Refcount table, blocks and L1 table: the refcounts cover the header, the L1 table
+    # and themselves.
     l1_entries = l1_entries_needed(size, cb)
     l1_clusters = _clusters(l1_entries * 8, cs)
-    rt_clusters = blocks = 1
-    while True:
-        total = 1 + rt_clusters + blocks + l1_clusters
-        need_blocks = _clusters(total, per_block)
-        need_rt = _clusters(need_blocks * 8, cs)
-        if (need_blocks, need_rt) == (blocks, rt_clusters):
-            break
-        blocks, rt_clusters = max(blocks, need_blocks), max(rt_clusters, need_rt)
+    rt_clusters, blocks = covering(1 + l1_clusters, cb, order)
+    total = 1 + rt_clusters + blocks + l1_clusters
     rt_off = cs
     blocks_off = rt_off + rt_clusters * cs
     l1_off = blocks_off + blocks * cs

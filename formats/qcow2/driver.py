@@ -75,6 +75,7 @@ from formats.qcow2.layout import (
     OFLAG_ZERO,
     REFTABLE_FIELDS_OFFSET,
     Incompatible,
+    compressed_span,
 )
 from formats.qcow2.refcount import decode_block, encode_block, entries_per_block, max_refcount
 from formats.raw import RawDriver
@@ -144,7 +145,6 @@ class Qcow2Driver(ImageDriver["Qcow2Meta"]):
         x = 62 - (cb - 8)
         self._c_off_mask = (1 << x) - 1
         self._c_shift = x
-        self._c_nsect_mask = (1 << (cb - 8)) - 1
         # data_first: should an epoch ever name new data without a refcount record of
         # its own, the data is still synced before the entries. Today every such epoch
         # has one (a write into a zero cluster that keeps its offset moves to a new
@@ -428,14 +428,8 @@ class Qcow2Driver(ImageDriver["Qcow2Meta"]):
         return buf
 
     def _compressed_location(self, entry: int) -> tuple[int, int]:
-        """(host offset, byte count) of a compressed cluster's data.
-
-        "Number of additional 512-byte sectors used for the compressed data, beyond the
-        sector containing the offset" (qcow2.txt).
-        """
-        off = entry & self._c_off_mask
-        nsect = ((entry >> self._c_shift) & self._c_nsect_mask) + 1
-        return off, nsect * 512 - (off & 511)
+        """(host offset, byte count) of a compressed cluster's data."""
+        return compressed_span(entry, self._cb)
 
     async def _decompress(self, entry: int) -> bytes:
         """The cluster stored compressed by ``entry`` (engine.compressed)."""
@@ -980,7 +974,7 @@ class Qcow2Driver(ImageDriver["Qcow2Meta"]):
                     "date-nsec": s.date_nsec,
                     "vm-clock-sec": s.vm_clock_nsec // 1_000_000_000,
                     "vm-clock-nsec": s.vm_clock_nsec % 1_000_000_000,
-                    "icount": int.from_bytes(s.extra[16:24], "big") if len(s.extra) >= 24 else -1,
+                    "icount": s.icount,
                 }
                 for s in m.snapshots
             ]

@@ -256,6 +256,24 @@ class Snapshot:
     disk_size: int | None = None
     extra: bytes = field(default=b"", repr=False)
 
+    @property
+    def icount(self) -> int:
+        """The guest's instruction count, extra data bytes 16-23; -1 if the entry has
+        none (as stored: an unset count reads 2**64 - 1)."""
+        return int.from_bytes(self.extra[16:24], "big") if len(self.extra) >= 24 else -1
+
+
+def compressed_span(entry: int, cluster_bits: int) -> tuple[int, int]:
+    """(host offset, byte count) of a compressed cluster's data, from its L2 entry.
+
+    "Number of additional 512-byte sectors used for the compressed data, beyond the
+    sector containing the offset" (qcow2.txt).
+    """
+    shift = 62 - (cluster_bits - 8)
+    off = entry & ((1 << shift) - 1)
+    nsect = ((entry >> shift) & ((1 << (cluster_bits - 8)) - 1)) + 1
+    return off, nsect * 512 - (off & 511)
+
 
 def snapshot_entry_end(data: bytes, pos: int) -> int:
     """Where the entry at ``pos`` ends, before its padding: qemu counts a table up to

@@ -21,6 +21,10 @@ from tapnbd.errors import ImageError
 if TYPE_CHECKING:
     from tapnbd.driver import Driver
 
+#: A disk writes a sector whole or not at all: each tool's header write is one, so a
+#: power cut leaves the old header or the new.
+SECTOR = 512
+
 
 @asynccontextmanager
 async def rewritable(path: str, *, share: bool = False) -> AsyncIterator[tuple[Driver, Qcow2Meta]]:

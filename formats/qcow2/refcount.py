@@ -62,3 +62,17 @@ def entries_per_block(cluster_bits: int, order: int) -> int:
 
 def max_refcount(order: int) -> int:
     return (1 << (1 << order)) - 1
+
+
+def covering(used: int, cluster_bits: int, order: int) -> tuple[int, int]:
+    """(refcount table clusters, refcount blocks) that count ``used`` clusters and
+    themselves: the counts grow until they cover their own clusters too."""
+    cs = 1 << cluster_bits
+    per_block = entries_per_block(cluster_bits, order)
+    rt_clusters = blocks = 1
+    while True:
+        need_blocks = -(-(used + rt_clusters + blocks) // per_block)
+        need_rt = -(-need_blocks * 8 // cs)
+        if (need_blocks, need_rt) == (blocks, rt_clusters):
+            return rt_clusters, blocks
+        blocks, rt_clusters = max(blocks, need_blocks), max(rt_clusters, need_rt)

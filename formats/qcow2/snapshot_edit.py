@@ -43,11 +43,12 @@ from formats.qcow2.layout import (
     V3_HEADER_SIZE,
     Autoclear,
     Snapshot,
+    compressed_span,
     parse_snapshot,
 )
 from formats.qcow2.meta import Qcow2Meta, l1_entries_needed, read_meta
-from formats.qcow2.offline import rewritable
-from formats.qcow2.refcount import decode_block, encode_block, entries_per_block, max_refcount
+from formats.qcow2.offline import SECTOR, rewritable
+from formats.qcow2.refcount import covering, decode_block, encode_block, max_refcount
 from formats.qcow2.snapshot import describe_snapshot, find_snapshot, snapshot_meta
 from formats.raw import RawDriver
 from tapnbd.errors import ImageError, InvalidImageError
@@ -59,8 +60,6 @@ if TYPE_CHECKING:
 
     Change = Callable[["Driver", Qcow2Meta, list[bytes]], Awaitable[tuple["_NewState", str]]]
 
-#: The unit a disk writes whole: the header's switch is one.
-SECTOR = 512
 #: What qemu writes as a snapshot's extra data: vm_state_size_large, disk_size, icount.
 EXTRA = struct.Struct(">QQq")
 
@@ -232,16 +231,7 @@ async def _switch(child: Driver, meta: Qcow2Meta, state: _NewState, path: str) -
         raise ImageError(f"{path}: the snapshot table would exceed {MAX_SNAPSHOTS_BYTES} bytes")
     table_off = lay.take(len(table)) if table else 0
     order = h.refcount_order
-    per_block = entries_per_block(cb, order)
-    structures = lay.next
-    rt_clusters = blocks = 1
-    while True:
-        total = (structures >> cb) + rt_clusters + blocks
-        need_blocks = -(-total // per_block)
-        need_rt = -(-need_blocks * 8 // cs)
-        if (need_blocks, need_rt) == (blocks, rt_clusters):
-            break
-        blocks, rt_clusters = max(blocks, need_blocks), max(rt_clusters, need_rt)
+    rt_clusters, blocks = covering(lay.next >> cb, cb, order)
     rt_off = lay.take(rt_clusters * cs)
     blocks_off = lay.take(blocks * cs)
     total = lay.next >> cb
@@ -255,10 +245,6 @@ async def _switch(child: Driver, meta: Qcow2Meta, state: _NewState, path: str) -
         for c in range(off >> cb, ((off + n - 1) >> cb) + 1):
             refs[c] += 1
 
-    c_shift = 62 - (cb - 8)
-    c_off_mask = (1 << c_shift) - 1
-    c_nsect = (1 << (cb - 8)) - 1
-
     async def walk(l1: array[int], what: str) -> None:
         """Count what the L2 tables of ``l1`` name (their own clusters are counted by the
         caller: the active state's are copies)."""
@@ -270,13 +256,12 @@ async def _switch(child: Driver, meta: Qcow2Meta, state: _NewState, path: str) -
                 raise InvalidImageError(f"{what} L1 entry {i} (0x{e:x}) is invalid")
             for j, le in enumerate(await l2(l2off)):
                 if le & OFLAG_COMPRESSED:
-                    off = le & c_off_mask
+                    off, n = compressed_span(le, cb)
                     if off < cs:  # inside the header cluster: as the driver refuses it
                         raise InvalidImageError(
                             f"L2 table 0x{l2off:x} entry {j} (0x{le:x}): compressed data "
                             "in the header cluster"
                         )
-                    n = (((le >> c_shift) & c_nsect) + 1) * 512 - (off & 511)
                     add(off, min(n, file_size - off), f"{what} compressed cluster")
                     continue
                 if le & L2E_RESERVED:

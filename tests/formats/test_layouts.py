@@ -178,3 +178,17 @@ def test_bad_magic_and_short_records_name_the_problem() -> None:
     with pytest.raises(InvalidImageError, match="header extension runs past"):
         v2.parse_ext_header(bytes(7))
     assert v1.XenExtension.parse(bytes(63)) is None
+
+
+@pytest.mark.parametrize(
+    ("offset", "extra_sectors", "nbytes"),
+    [(0x10200, 0, 512), (0x10250, 0, 432), (0x10250, 1, 944), (0x10000, 127, 65536)],
+)
+def test_compressed_span_as_qcow2_txt_defines_it(
+    offset: int, extra_sectors: int, nbytes: int
+) -> None:
+    """ "Number of additional 512-byte sectors used for the compressed data, beyond the
+    sector containing the offset": the data runs from the offset to the end of its
+    last sector (64 KiB clusters: the sector count sits above bit 54)."""
+    entry = v2.OFLAG_COMPRESSED | (extra_sectors << (62 - 8)) | offset
+    assert v2.compressed_span(entry, 16) == (offset, nbytes)

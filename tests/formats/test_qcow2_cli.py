@@ -79,6 +79,21 @@ def test_create_options_agree_with_qemu_img(tmp_path: Path, opts: str) -> None:
     check_clean(ours)
 
 
+def test_create_with_many_refcount_blocks_passes_qemu_check(tmp_path: Path) -> None:
+    """512-byte clusters with 64-bit refcounts: 8 GiB needs a 2 MiB L1 table, so its
+    refcounts take about 66 blocks and a two-cluster refcount table, which must count
+    themselves too (refcount.covering)."""
+    need("qemu-img", "qemu-io")
+    img = tmp_path / "many.qcow2"
+    tapnbd("create", "-f", "qcow2", "-o", "cluster_size=512,refcount_bits=64", img, "8G")
+    check_clean(img)
+    with open(img, "rb") as f:
+        head = f.read(64)
+    assert struct.unpack(">I", head[56:60])[0] >= 2  # refcount_table_clusters
+    qemu_io(img, "write -P 0x61 7G 300k", "read -P 0x61 7G 300k", fmt="qcow2")
+    check_clean(img)
+
+
 @pytest.mark.parametrize(
     ("args", "says"),
     [
@@ -386,3 +401,4 @@ def test_convert_takes_qemu_imgs_progress_flag(tmp_path: Path) -> None:
     r = run(tapnbd_cmd("convert", "-p", "-O", "qcow2", str(src), str(out)))
     assert r.returncode == 0 and out.exists()
     qemu_img("compare", src, out)
+
