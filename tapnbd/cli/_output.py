@@ -36,3 +36,16 @@ def human_value(value: object) -> str:
     if value is None:
         return "none"
     return str(value)
+
+
+def qemu_size(n: int) -> str:
+    """A size as qemu-img prints one: bytes as they are, else three significant digits
+    and a binary unit (``1.5 GiB``)."""
+    if n < 1024:
+        return f"{n} B"
+    v = float(n)
+    for unit in ("KiB", "MiB", "GiB", "TiB", "PiB"):
+        v /= 1024
+        if v < 1024:
+            return f"{v:.3g} {unit}"
+    return f"{v / 1024:.3g} EiB"

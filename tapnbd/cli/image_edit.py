@@ -228,6 +228,7 @@ def _print_snapshots(snaps: list[Snapshot]) -> None:
     import time
 
     from formats.qcow2.snapshot import shown
+    from tapnbd.cli._output import qemu_size
 
     print("Snapshot list:")
     print(f"{'ID':<10}{'TAG':<17}{'VM SIZE':>8}{'DATE':>20}{'VM CLOCK':>13}{'ICOUNT':>11}")
@@ -235,18 +236,8 @@ def _print_snapshots(snaps: list[Snapshot]) -> None:
         date = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s.date_sec))
         secs, ns = divmod(s.vm_clock_nsec, 10**9)
         clock = f"{secs // 3600:02d}:{secs // 60 % 60:02d}:{secs % 60:02d}.{ns // 10**6:03d}"
-        icount = int.from_bytes(s.extra[16:24], "big") if len(s.extra) >= 24 else -1
-        counted = "" if icount in (-1, (1 << 64) - 1) else str(icount)
-        size = _human(s.vm_state_size)
+        counted = "" if s.icount in (-1, (1 << 64) - 1) else str(s.icount)
+        size = qemu_size(s.vm_state_size)
         print(
             f"{shown(s.id_str):<9} {shown(s.name):<16} {size:>8}{date:>20}{clock:>13}{counted:>11}"
         )
-
-
-def _human(n: int) -> str:
-    """A size as qemu prints one: three significant digits and a binary unit."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
-        if n < 1024 or unit == "PiB":
-            return f"{n:.3g} {unit}" if unit != "B" else f"{n} B"
-        n /= 1024  # type: ignore[assignment]
-    raise AssertionError

@@ -13,7 +13,7 @@ import typer
 
 from tapnbd import runtime
 from tapnbd.cli._image_opts import ProbedFormatOpt
-from tapnbd.cli._output import JsonOpt, OutputOpt, human_value, print_json, wants_json
+from tapnbd.cli._output import JsonOpt, OutputOpt, human_value, print_json, qemu_size, wants_json
 from tapnbd.cli._trust import (
     AllowBlockOpt,
     AllowProbedChainOpt,
@@ -84,15 +84,6 @@ async def _describe(path: str, driver: Driver) -> dict[str, object]:
     return info
 
 
-def _human(n: int) -> str:
-    v = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if v < 1024:
-            return f"{n} B" if unit == "B" else f"{v:.3g} {unit}"
-        v /= 1024
-    return f"{v:.3g} TiB"
-
-
 def _int(info: dict[str, object], key: str) -> int:
     value = info.get(key, 0)
     return value if isinstance(value, int) else 0
@@ -103,14 +94,14 @@ def _print_info(info: dict[str, object], indent: str = "") -> None:
     lines = [
         f"image: {info['filename']}",
         f"file format: {info['format']}",
-        f"virtual size: {_human(vsize)} ({vsize} bytes)",
+        f"virtual size: {qemu_size(vsize)} ({vsize} bytes)",
     ]
     if "actual-size" in info:
-        lines.append(f"disk size: {_human(_int(info, 'actual-size'))}")
+        lines.append(f"disk size: {qemu_size(_int(info, 'actual-size'))}")
     if "cluster-size" in info:
         lines.append(f"cluster_size: {info['cluster-size']}")
     if "allocated-size" in info:
-        lines.append(f"allocated: {_human(_int(info, 'allocated-size'))}")
+        lines.append(f"allocated: {qemu_size(_int(info, 'allocated-size'))}")
     if "backing-filename" in info:
         full = info.get("full-backing-filename", "")
         extra = f" (actual path: {full})" if full and full != info["backing-filename"] else ""

@@ -402,3 +402,26 @@ def test_convert_takes_qemu_imgs_progress_flag(tmp_path: Path) -> None:
     assert r.returncode == 0 and out.exists()
     qemu_img("compare", src, out)
 
+
+@pytest.mark.parametrize(
+    ("fmt", "size", "opts"),
+    [
+        ("raw", "512", ()),
+        ("raw", "1536", ()),
+        ("raw", "10M", ()),
+        ("raw", "5T", ()),
+        ("qcow2", "3P", ("-o", "cluster_size=2M")),
+    ],
+)
+def test_info_prints_sizes_as_qemu_img_does(
+    tmp_path: Path, fmt: str, size: str, opts: tuple[str, ...]
+) -> None:
+    """The human sizes of info and snapshot -l (tapnbd.cli._output.qemu_size): 3 PiB
+    printed as "3.07e+03 TiB" before both used one formatter."""
+    img = tmp_path / f"s.{fmt}"
+    qemu_img("create", "-q", "-f", fmt, *opts, img, size)
+
+    def line(out: str) -> str:
+        return next(x for x in out.splitlines() if x.startswith("virtual size:"))
+
+    assert line(tapnbd("info", "-f", fmt, img)) == line(qemu_img("info", "-f", fmt, img))
