@@ -869,14 +869,8 @@ class Qcow2Driver(ImageDriver["Qcow2Meta"]):
         its options and internal snapshots stay; so do the L2 tables, and a cluster a
         snapshot shares only loses this reference. Durable once flushed."""
         cs = self._cs
-        end = (self._size + cs - 1) // cs * cs
         pos = 0
-        while pos < end:
-            try:
-                kind, _host, n = self._lookup(pos, end)
-            except Miss as miss:
-                await self._l2.load(miss.offset)
-                continue
+        async for kind, _host, n in runs(self._lookup, self._load, 0, -(-self._size // cs) * cs):
             if kind != UNALLOC:
                 await self._set_clusters(pos, pos + n, 0)
             pos += n
