@@ -1,11 +1,11 @@
 """``tapnbd check`` for qcow2: every reference counted, then compared with the refcounts.
 
-Walks the header cluster, the refcount table and blocks, the snapshot table, and each L1
-table (the active one and every snapshot's) down to its L2 tables and data clusters,
-counting one reference per L1 table that reaches a cluster (as qemu counts them). A
-stored refcount above the count is a leak, one below it a corruption (qemu-img check's
-rule); so is a COPIED flag on an active entry whose refcount isn't 1, or a pointer past
-the end of the file. Exit codes as ``qemu-img check``: 0, 1, 2 corrupt, 3 leaks only.
+Walks the header cluster, the refcount table and blocks, the snapshot table, the bitmaps
+(directory, tables, clusters of bits), and each L1 table (the active one and every
+snapshot's) down to its L2 tables and data clusters, counting one reference per L1 table
+that reaches a cluster (as qemu counts them). A stored refcount above the count is a
+leak, one below it a corruption (qemu-img check's rule); so is a COPIED flag on an
+active entry whose refcount isn't 1, or a pointer past the end of the file. Exit codes as ``qemu-img check``: 0, 1, 2 corrupt, 3 leaks only.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from formats.engine.checks import CheckResult
 from formats.engine.tables import be_array
+from formats.qcow2.bitmaps import data_clusters, read_table
 from formats.qcow2.layout import (
     INCOMPATIBLE_OFFSET,
     L2E_RESERVED,
@@ -30,7 +31,7 @@ from formats.qcow2.layout import (
 from formats.qcow2.meta import Qcow2Meta, read_meta
 from formats.qcow2.refcount import decode_block, encode_block, entries_per_block, max_refcount
 from formats.raw import RawDriver
-from tapnbd.errors import ImageError
+from tapnbd.errors import ImageError, InvalidImageError
 
 
 @dataclass
@@ -84,6 +85,18 @@ async def check_qcow2(
                 last = pos
                 _snap, pos = parse_snapshot(data, pos)
             add(h.snapshots_offset, snapshot_entry_end(data, last), "snapshot table")
+        if meta.bitmaps_ext is not None:  # valid: read_meta checked the directory
+            ext = meta.bitmaps_ext
+            add(ext.directory_offset, ext.directory_size, "bitmap directory")
+            for bm in meta.bitmaps:
+                try:
+                    table = await read_table(child, bm, cs, file_size)
+                except InvalidImageError as err:
+                    res.corrupt(str(err))
+                    continue
+                add(bm.table_offset, bm.table_size * 8, f"bitmap {bm.name!r} table")
+                for off in data_clusters(table):
+                    add(off, cs, f"bitmap {bm.name!r} data cluster")
         tables: dict[int, object] = {}
         copied_checks: list[tuple[int, str]] = []
         l1s = [(meta.l1, h.l1_table_offset, True, "active")]

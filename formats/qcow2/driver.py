@@ -947,6 +947,11 @@ class Qcow2Driver(ImageDriver["Qcow2Meta"]):
         if self._v3:
             data["compression-type"] = "zlib"
             data["lazy-refcounts"] = bool(h.compatible_features & 1)
+            if m.bitmaps:
+                data["bitmaps"] = [
+                    {"flags": b.flag_names(), "name": b.name, "granularity": b.granularity}
+                    for b in m.bitmaps
+                ]
         data["refcount-bits"] = 1 << h.refcount_order
         data["corrupt"] = bool(h.incompatible_features & Incompatible.CORRUPT)
         if self._v3:

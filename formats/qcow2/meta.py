@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from formats.engine.tables import be_array
+from formats.qcow2.bitmaps import Bitmap, BitmapsExt, parse_ext, read_directory
 from formats.qcow2.layout import (
     AUTOCLEAR_NAMES,
     COMPRESSION_DEFLATE,
@@ -33,6 +34,7 @@ from formats.qcow2.layout import (
     OFFSET_MASK,
     V2_HEADER_SIZE,
     V3_HEADER_SIZE,
+    Autoclear,
     Ext,
     Incompatible,
     Qcow2Header,
@@ -63,6 +65,10 @@ class Qcow2Meta:
     snapshots: list[Snapshot] = field(default_factory=list)
     #: Header extensions present, by type (unknown ones are kept as they are).
     extensions: list[int] = field(default_factory=list)
+    #: The bitmaps extension, if present and valid (its autoclear bit set), and the
+    #: bitmaps its directory lists.
+    bitmaps_ext: BitmapsExt | None = None
+    bitmaps: list[Bitmap] = field(default_factory=list)
 
     @property
     def cluster_bits(self) -> int:
@@ -226,6 +232,8 @@ async def read_meta(child: Driver, bad_l1: list[str] | None = None) -> Qcow2Meta
             snap, pos = parse_snapshot(data, pos)
             meta.snapshots.append(snap)
     _check_l1_entries(meta, bad_l1)
+    if meta.bitmaps_ext is not None:
+        meta.bitmaps = await read_directory(child, meta.bitmaps_ext, h.size, cs)
     return meta
 
 
@@ -278,6 +286,9 @@ def _read_extensions(meta: Qcow2Meta, head: bytes, cs: int) -> None:
             meta.backing_format = data.decode("ascii", "replace")
         elif ext_type == Ext.FEATURE_TABLE:
             meta.feature_names = parse_feature_names(data)
+        elif ext_type == Ext.BITMAPS and meta.header.autoclear_features & Autoclear.BITMAPS:
+            # Without its autoclear bit the extension is stale: ignored, as qemu does.
+            meta.bitmaps_ext = parse_ext(data, cs, meta.file_size)
 
 
 def _read_backing_name(meta: Qcow2Meta, head: bytes, cs: int) -> None:

@@ -119,13 +119,7 @@ def _print_info(info: dict[str, object], indent: str = "") -> None:
     specific = info.get("format-specific")
     if isinstance(specific, dict):
         lines.append("Format specific information:")
-        data = specific.get("data", {})
-        for k, v in data.items():
-            if isinstance(v, dict):
-                lines.append(f"    {k}:")
-                lines.extend(f"        {k2}: {human_value(v2)}" for k2, v2 in v.items())
-            else:
-                lines.append(f"    {k}: {human_value(v)}")
+        lines.extend(_nested(specific.get("data", {}), 1))
     if "note" in info:
         lines.append(f"note: {info['note']}")
     for line in lines:
@@ -134,6 +128,22 @@ def _print_info(info: dict[str, object], indent: str = "") -> None:
     if isinstance(backing, dict):
         print()
         _print_info(backing, indent)
+
+
+def _nested(value: dict[str, object] | list[object], depth: int) -> list[str]:
+    """A dict or list as qemu-img info prints one: ``key: value``, nested values under
+    ``key:`` four spaces further in, list items as ``[i]:``; dashes in keys are spaces."""
+    items = value.items() if isinstance(value, dict) else enumerate(value)
+    pad = "    " * depth
+    lines: list[str] = []
+    for k, v in items:
+        key = f"[{k}]" if isinstance(k, int) else k.replace("-", " ")  # as qemu's dump_qdict
+        if isinstance(v, (dict, list)):
+            lines.append(f"{pad}{key}:")
+            lines.extend(_nested(v, depth + 1))
+        else:
+            lines.append(f"{pad}{key}: {human_value(v)}")
+    return lines
 
 
 def backing_chain(info: dict[str, object]) -> list[dict[str, object]]:

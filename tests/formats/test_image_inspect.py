@@ -362,7 +362,7 @@ def test_info_json_has_qemu_img_keys_and_chain(tmp_path: Path, seed: int) -> Non
     one = json.loads(tap(tmp_path, "info", "-f", "qcow2", "--json", "base.qcow2").stdout)
     assert one == got[1]
     human = tap(tmp_path, "info", "-f", "qcow2", "--backing-chain", "top.qcow2").stdout
-    assert "lazy-refcounts: false" in human and "image: base.qcow2" in human
+    assert "lazy refcounts: false" in human and "image: base.qcow2" in human
     bad = tap(tmp_path, "info", "--output=xml", "base.qcow2", check=False)
     assert bad.returncode != 0 and "human or json" in bad.stderr
     # check speaks the same --output.

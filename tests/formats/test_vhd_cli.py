@@ -64,7 +64,7 @@ def test_info_of_a_chain(tmp_path: Path) -> None:
     assert out["backing-filename"] == "base.vhd"
     assert data["block-size"] == 2 * MiB
     text = tapnbd("info", "-f", "vhd", top)
-    assert "disk-type: differencing" in text and "backing file: base.vhd" in text
+    assert "disk type: differencing" in text and "backing file: base.vhd" in text
     # Probed, the child's parent is not followed (a probed header may be guest data).
     proc = run(tapnbd_cmd("info", str(top)), check=False)
     assert proc.returncode != 0 and "probed" in proc.stderr
