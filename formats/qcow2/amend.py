@@ -33,12 +33,9 @@ from formats.qcow2.layout import (
     V2_HEADER_SIZE,
     V3_HEADER_SIZE_COMPRESSION,
     Compatible,
-    Ext,
-    Qcow2Header,
-    build_extension,
 )
-from formats.qcow2.meta import Qcow2Meta, header_extensions
-from formats.qcow2.offline import SECTOR, rewritable
+from formats.qcow2.meta import Qcow2Meta
+from formats.qcow2.offline import clear_tail, header_sector, rewritable
 from formats.qcow2.snapshot import snapshot_meta
 from tapnbd.errors import ImageError
 
@@ -129,39 +126,9 @@ async def _change_version(
             compression_type=0,
         )
     head = bytes(await child.pread(0, min(cs, meta.file_size)))
-    exts = b"".join(
-        build_extension(t, data)
-        for t, data in header_extensions(h, head, cs)
-        if t != Ext.FEATURE_TABLE  # optional, and big: left out to fit the sector
-    )
-    exts += bytes(8)  # the end-of-extensions marker
-    name = meta.backing_name.encode("utf-8", "surrogateescape") if meta.backing_name else b""
-    fixed = len(header.build()) + len(exts)
-    header = replace(header, backing_file_offset=fixed if name else 0, backing_file_size=len(name))
-    new = header.build() + exts + name
-    if len(new) > SECTOR:
-        raise ImageError(
-            f"{path}: the version {version} header would take {len(new)} bytes, more than "
-            f"the {SECTOR}-byte sector it must fit in to be written safely; convert instead"
-        )
-    await child.pwrite(0, new.ljust(SECTOR, b"\0"))
+    await child.pwrite(0, header_sector(path, meta, head, header))
     await child.flush()
-    # The old layout's tail past the sector is no longer referenced; clear it.
-    old_end = _content_end(h, head, cs, meta)
-    if old_end > SECTOR:
-        await child.pwrite(SECTOR, bytes(old_end - SECTOR))
-        await child.flush()
-
-
-def _content_end(h: Qcow2Header, head: bytes, cs: int, meta: Qcow2Meta) -> int:
-    """Where the old header cluster's contents end: extensions, marker and name."""
-    end = h.header_length if h.version >= 3 else V2_HEADER_SIZE
-    for _t, data in header_extensions(h, head, cs):
-        end += 8 + len(data) + (-len(data) % 8)
-    end += 8
-    if h.backing_file_offset:
-        end = max(end, h.backing_file_offset + h.backing_file_size)
-    return min(end, cs)
+    await clear_tail(child, meta, head)
 
 
 async def _refuse_downgrade(child: Driver, meta: Qcow2Meta, path: str) -> None:

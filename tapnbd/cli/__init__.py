@@ -25,6 +25,7 @@ COMMANDS: dict[str, str] = {
     "resize": "image_edit",
     "amend": "image_edit",
     "snapshot": "image_edit",
+    "bitmap": "image_edit",
     "dd": "image",
     "bench": "image",
     "attach": "attach",

@@ -1,9 +1,10 @@
-"""``tapnbd rebase``, ``commit``, ``resize``, ``amend`` and ``snapshot``: the commands
+"""``tapnbd rebase``, ``commit``, ``resize``, ``amend``, ``snapshot`` and ``bitmap``: the commands
 that change an image in place, in qemu-img's spellings. Each takes the image's lock
 before it writes.
 
 The commands only parse their options and call the library (formats.rebase,
-formats.commit, formats.resize, formats.qcow2.amend, formats.qcow2.snapshot_edit).
+formats.commit, formats.resize, formats.qcow2.amend, formats.qcow2.snapshot_edit,
+formats.qcow2.bitmap_edit).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from tapnbd.cli._trust import (
 from tapnbd.cli.app import app, errors_as_exit
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from formats.qcow2.layout import Snapshot
 
 FormatOpt = Annotated[
@@ -220,6 +223,102 @@ def snapshot_cmd(
             said += " applied."
     if not quiet:
         typer.echo(said)
+
+
+def _op(name: str) -> Callable[[typer.Context, object], object]:
+    """A callback recording the operation ``name`` in ``ctx.meta``. click runs the
+    callbacks in command-line order, which is the order qemu-img bitmap applies them."""
+
+    def record(ctx: typer.Context, value: object) -> object:
+        if value:  # a flag given, or --merge's SOURCE
+            ctx.meta.setdefault("bitmap_ops", []).append((name, value))
+        return value
+
+    return record
+
+
+@app.command("bitmap")
+def bitmap_cmd(
+    ctx: typer.Context,
+    image: Annotated[str, typer.Argument(help="The qcow2 image.")],
+    name: Annotated[str, typer.Argument(metavar="BITMAP", help="The bitmap.")],
+    add: Annotated[
+        bool, typer.Option("--add", help="Add the bitmap, empty.", callback=_op("add"))
+    ] = False,
+    remove: Annotated[
+        bool, typer.Option("--remove", help="Remove it.", callback=_op("remove"))
+    ] = False,
+    clear: Annotated[
+        bool, typer.Option("--clear", help="Clear all its bits.", callback=_op("clear"))
+    ] = False,
+    enable: Annotated[
+        bool,
+        typer.Option("--enable", help="Record writes in it (the default).", callback=_op("enable")),
+    ] = False,
+    disable: Annotated[
+        bool,
+        typer.Option("--disable", help="Stop recording writes in it.", callback=_op("disable")),
+    ] = False,
+    merge: Annotated[
+        str | None,
+        typer.Option(
+            "--merge",
+            metavar="SOURCE",
+            help="Set the bits that bitmap SOURCE has set (of this image, or of -b).",
+            callback=_op("merge"),
+        ),
+    ] = None,
+    source_file: Annotated[
+        str | None,
+        typer.Option("--source-file", "-b", help="The qcow2 image --merge's SOURCE is in."),
+    ] = None,
+    source_fmt: Annotated[
+        str | None, typer.Option("--source-format", "-F", help="-b's format: qcow2.")
+    ] = None,
+    granularity: Annotated[
+        str | None,
+        typer.Option(
+            "--granularity",
+            "-g",
+            help="--add's bytes per bit: a power of two, 512 to 2G (default: the cluster "
+            "size, at least 4 KiB).",
+        ),
+    ] = None,
+    fmt: FormatOpt = "auto",
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No message.")] = False,
+    force_share: ForceShareOpt = False,
+) -> None:
+    """Add, remove, clear, enable, disable or merge a persistent dirty bitmap of a qcow2
+    image (qemu-img bitmap). The operations apply in the order given.
+
+    The image must not be in use; the change is made beside the old state and switched
+    to with one sector write, so a power cut leaves one or the other.
+    """
+    from formats import parse_size
+    from formats.qcow2.bitmap_edit import Op, edit_bitmap
+    from formats.rebase import image_format
+    from tapnbd.cli.app import fail
+    from tapnbd.errors import ImageError
+
+    del add, remove, clear, enable, disable, merge  # read in command-line order from ctx
+    ops = [
+        Op(op, str(value) if op == "merge" else "", source_file if op == "merge" else None)
+        for op, value in ctx.meta.get("bitmap_ops", [])
+    ]
+    if not ops:
+        fail("give at least one of --add, --remove, --clear, --enable, --disable, --merge")
+    if source_file is None and source_fmt is not None:
+        fail("-F (the source's format) needs -b")
+    with errors_as_exit():
+        kind = image_format(image, fmt)
+        if kind != "qcow2":
+            raise ImageError(f"{image}: only qcow2 images have persistent bitmaps; this is {kind}")
+        if source_file is not None and image_format(source_file, source_fmt or "auto") != "qcow2":
+            raise ImageError(f"{source_file}: only qcow2 images have persistent bitmaps")
+        g = parse_size(granularity) if granularity is not None else None
+        runtime.run(edit_bitmap(image, name, ops, granularity=g, share=force_share))
+    if not quiet:
+        typer.echo(f"Bitmap {name!r}: {', '.join(op.name for op in ops)}.")
 
 
 def _print_snapshots(snaps: list[Snapshot]) -> None:

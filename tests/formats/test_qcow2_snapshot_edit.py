@@ -221,17 +221,6 @@ def test_refused_by_name_and_left_as_it_was(
     assert img.read_bytes() == before
 
 
-def test_an_image_with_persistent_bitmaps_is_refused_and_left_as_it_was(tmp_path: Path) -> None:
-    """Persistent bitmaps' clusters are not counted by the new refcounts: going on would
-    leave qemu's bitmaps on clusters marked free (qemu-img check found three errors)."""
-    img = make(tmp_path / "b.qcow2")
-    qemu_img("bitmap", "--add", img, "b0")
-    before = img.read_bytes()
-    out = tapnbd("snapshot", "-c", "s1", img, check=False)
-    assert "persistent dirty bitmaps" in out, out
-    assert img.read_bytes() == before
-
-
 def test_an_image_in_use_or_of_another_format_is_refused(tmp_path: Path) -> None:
     img = make(tmp_path / "u.qcow2")
     before = img.read_bytes()
