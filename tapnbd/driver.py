@@ -19,6 +19,7 @@ driver stack.
 from __future__ import annotations
 
 import enum
+import errno
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
@@ -196,6 +197,17 @@ class Driver:
     async def cache(self, offset: int, length: int) -> None:
         """Prefetch a range (a hint; no change in meaning)."""
         raise NotImplementedError
+
+    # Persistent dirty bitmaps (qcow2's), for the qemu:dirty-bitmap:NAME context.
+
+    def bitmaps(self) -> list[str]:
+        """Names of the dirty bitmaps ``bitmap_extents`` can report."""
+        return []
+
+    async def bitmap_extents(self, name: str, offset: int, length: int) -> list[Extent]:
+        """Runs of bitmap ``name`` from ``offset``, contiguous and in order, flags 1
+        (dirty) or 0 (clean); as ``extents``, the list may stop early."""
+        raise OSError(errno.ENOTSUP, "this driver has no dirty bitmaps")
 
     async def close(self) -> None:
         """Release resources; called once, after a final flush."""

@@ -105,6 +105,13 @@ class FilterDriver(Driver):
         await self.before("cache")
         await self.child.cache(offset, length)
 
+    def bitmaps(self) -> list[str]:
+        return self.child.bitmaps()
+
+    async def bitmap_extents(self, name: str, offset: int, length: int) -> list[Extent]:
+        await self.before("extents")
+        return await self.child.bitmap_extents(name, offset, length)
+
     async def close(self) -> None:
         await self.child.close()
 

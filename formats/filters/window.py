@@ -45,6 +45,9 @@ class WindowFilter(FilterDriver):
                 out.append(Extent(start - self._offset, end - start, e.flags))
         return out
 
+    def bitmaps(self) -> list[str]:
+        return []  # its offsets are not the child's: none passed through
+
     def can_write(self) -> bool:
         return False
 

@@ -13,6 +13,7 @@ References: QEMU docs/interop/qcow2.txt "Bitmaps extension"; block/qcow2-bitmap.
 
 from __future__ import annotations
 
+import re
 import struct
 from array import array
 from dataclasses import dataclass
@@ -47,6 +48,8 @@ TYPE_DIRTY_TRACKING = 1
 TE_RESERVED = 0xFF000000000001FE
 TE_OFFSET = 0x00FFFFFFFFFFFE00
 TE_ALL_ONES = 1
+_NOT_ZEROS = re.compile(rb"[^\x00]")
+_NOT_ONES = re.compile(rb"[^\xff]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,13 +234,20 @@ def data_clusters(table: array[int]) -> Iterator[int]:
 
 
 async def read_bits(
-    child: Driver, bm: Bitmap, size: int, cluster_size: int, file_size: int
+    child: Driver,
+    bm: Bitmap,
+    size: int,
+    cluster_size: int,
+    file_size: int,
+    table: array[int] | None = None,
 ) -> bytearray:
-    """A bitmap's bits, ``bitmap_bytes(size)`` of them (bit j of byte i is granule 8i+j).
+    """A bitmap's bits, ``bitmap_bytes(size)`` of them (bit j of byte i is granule 8i+j),
+    through ``table`` if it was read already.
 
     Bounded by qemu's limit of MAX_PHYS bytes per bitmap, checked in the directory.
     """
-    table = await read_table(child, bm, cluster_size, file_size)
+    if table is None:
+        table = await read_table(child, bm, cluster_size, file_size)
     total = bitmap_bytes(size, bm.granularity_bits)
     bits = bytearray(total)
     for i, e in enumerate(table):
@@ -250,3 +260,38 @@ async def read_bits(
         elif e & TE_ALL_ONES:
             bits[start : start + n] = b"\xff" * n
     return bits
+
+
+def set_granules(bits: bytearray, first: int, last: int) -> None:
+    """Set granules ``first`` to ``last`` (inclusive)."""
+    b0, b1 = first >> 3, last >> 3
+    lo, hi = (0xFF << (first & 7)) & 0xFF, 0xFF >> (7 - (last & 7))
+    if b0 == b1:
+        bits[b0] |= lo & hi
+        return
+    bits[b0] |= lo
+    if b1 > b0 + 1:
+        bits[b0 + 1 : b1] = b"\xff" * (b1 - b0 - 1)
+    bits[b1] |= hi
+
+
+def granule_runs(bits: bytes | bytearray, first: int, last: int) -> Iterator[tuple[int, int, bool]]:
+    """(first granule, count, set) of each run of equal bits from ``first`` to ``last``
+    (inclusive); whole bytes of zeros or ones are passed over a byte at a time."""
+    g = first
+    while g <= last:
+        value = bits[g >> 3] >> (g & 7) & 1
+        start = g
+        while g <= last:
+            if not g & 7 and g + 7 <= last:
+                # Whole bytes of the same bits, found at C speed.
+                other = _NOT_ONES if value else _NOT_ZEROS
+                m = other.search(bits, g >> 3, (last + 1) >> 3)
+                nxt = m.start() << 3 if m else ((last + 1) >> 3) << 3
+                if nxt > g:
+                    g = nxt
+                    continue
+            if bits[g >> 3] >> (g & 7) & 1 != value:
+                break
+            g += 1
+        yield start, g - start, bool(value)

@@ -74,9 +74,11 @@ from formats.qcow2.layout import (
     OFLAG_COPIED,
     OFLAG_ZERO,
     REFTABLE_FIELDS_OFFSET,
+    Autoclear,
     Incompatible,
     compressed_span,
 )
+from formats.qcow2.live_bitmaps import LiveBitmaps
 from formats.qcow2.refcount import decode_block, encode_block, entries_per_block, max_refcount
 from formats.raw import RawDriver
 from tapnbd.driver import BlockSize, Driver, Extent, ExtentFlags
@@ -176,21 +178,28 @@ class Qcow2Driver(ImageDriver["Qcow2Meta"]):
         self._compress_lock = asyncio.Lock()
         self._zpos = 0
         self._inflater = Inflater(child, cs)
+        #: Persistent dirty bitmaps; ``_tracked`` (its list of bitmaps kept up to date)
+        #: is checked on the write paths, and is empty unless the image has some.
+        self._bitmaps = LiveBitmaps(self)
+        self._tracked = self._bitmaps.tracked
 
     # Open-time work.
 
     async def prepare(self) -> None:
-        """On a writable open, clear autoclear bits we don't maintain (qcow2.txt).
+        """On a writable open, clear autoclear bits we don't maintain (qcow2.txt), and
+        keep the persistent bitmaps up to date (``live_bitmaps``).
 
         "An implementation may only write to an image with unknown auto-clear features
-        if it clears the respective bits from this field first." Bitmaps are not kept up
-        to date here either, so their bit goes too (qemu then ignores them).
+        if it clears the respective bits from this field first."
         """
         h = self.meta.header
-        if self.read_only or not self._v3 or not h.autoclear_features:
+        if self.read_only or not self._v3:
             return
-        await self.child.pwrite(AUTOCLEAR_OFFSET, bytes(8))
-        await self.child.flush()
+        keep = Autoclear.BITMAPS if self.meta.bitmaps_ext is not None else 0
+        if h.autoclear_features & ~keep:
+            await self.child.pwrite(AUTOCLEAR_OFFSET, int(keep).to_bytes(8, "big"))
+            await self.child.flush()
+        await self._bitmaps.open()
 
     # Capabilities.
 
@@ -332,6 +341,8 @@ class Qcow2Driver(ImageDriver["Qcow2Meta"]):
     def pwrite_nowait(self, offset: int, data: bytes | memoryview) -> bool:
         if self.read_only:
             return False
+        if self._tracked:  # marked first: a bit set for a write that fails is harmless
+            self._bitmaps.mark(offset, len(data))
         host = self._host_now(offset, len(data), True)
         if host >= 0:
             return self.child.pwrite_nowait(host, data)
@@ -454,6 +465,8 @@ class Qcow2Driver(ImageDriver["Qcow2Meta"]):
     # Writes.
 
     async def pwrite(self, offset: int, data: bytes | memoryview, fua: bool = False) -> None:
+        if self._tracked:
+            self._bitmaps.mark(offset, len(data))
         view = memoryview(data)
         end = offset + len(view)
         pos = offset
@@ -657,6 +670,8 @@ class Qcow2Driver(ImageDriver["Qcow2Meta"]):
         """
         cs, cb = self._cs, self._cb
         assert offset % cs == 0 and len(data) <= cs
+        if self._tracked:
+            self._bitmaps.mark(offset, len(data))
         z = zlib.compressobj(6, zlib.DEFLATED, -12)
         packed = z.compress(bytes(data).ljust(cs, b"\0")) + z.flush()
         async with self._compress_lock:
@@ -805,6 +820,8 @@ class Qcow2Driver(ImageDriver["Qcow2Meta"]):
         through; a discard on an overlay never exposes the backing file's data. Partial
         clusters are written with zeros (a discard leaves them alone).
         """
+        if self._tracked:
+            self._bitmaps.mark(offset, length)
         end = offset + length
         cs = self._cs
         pos = offset
@@ -869,6 +886,8 @@ class Qcow2Driver(ImageDriver["Qcow2Meta"]):
         its options and internal snapshots stay; so do the L2 tables, and a cluster a
         snapshot shares only loses this reference. Durable once flushed."""
         cs = self._cs
+        if self._tracked:
+            self._bitmaps.mark(0, self._size)
         pos = 0
         async for kind, _host, n in runs(self._lookup, self._load, 0, -(-self._size // cs) * cs):
             if kind != UNALLOC:
@@ -926,8 +945,28 @@ class Qcow2Driver(ImageDriver["Qcow2Meta"]):
             self._reusable.sort()
 
     async def finish(self) -> None:
+        await self._bitmaps.store()
         await self.flush()
         self._trim_ahead()
+
+    async def new_cluster(self) -> int:
+        """A cluster for metadata outside the tables (a bitmap's), its refcount 1 once
+        the next flush completes: nothing may name it before that."""
+        host = self._reserve(self._cs)
+        await self._incref(host >> self._cb, 1)
+        return host
+
+    def free_clusters(self, clusters: list[int]) -> None:
+        """Clusters (indices) nothing on disk names any more: freed by the next flush."""
+        self._decrefs.extend((c, 1) for c in clusters)
+
+    # Persistent dirty bitmaps, for the qemu:dirty-bitmap:NAME block status context.
+
+    def bitmaps(self) -> list[str]:
+        return self._bitmaps.names()
+
+    async def bitmap_extents(self, name: str, offset: int, length: int) -> list[Extent]:
+        return await self._bitmaps.extents(name, offset, length)
 
     def _trim_ahead(self) -> None:
         """A clean close gives back the space grown ahead (``GROW_AHEAD``), so the file
