@@ -392,23 +392,21 @@ class Backend:
         if not self.can_extents:
             return [Extent(offset, length, ExtentFlags.DATA)]
         got = await self._call("extents", 0, lambda: self.driver.extents(offset, length))
-        end = offset + length
-        out: list[Extent] = []
-        pos = offset
-        for e in got:  # type: ignore[attr-defined]
-            if e.offset != pos or e.length <= 0:
-                raise RequestError(errno.EIO, "driver returned non-contiguous extents")
-            n = min(e.length, end - pos)
-            if out and out[-1].flags == e.flags:
-                out[-1] = Extent(out[-1].offset, out[-1].length + n, e.flags)
-            else:
-                out.append(Extent(pos, n, e.flags))
-            pos += n
-            if pos >= end or (req_one and out):
-                break
-        if not out:
-            raise RequestError(errno.EIO, "driver returned no extents")
-        return out[:1] if req_one else out
+        return _trimmed(got, offset, length, req_one)
+
+    async def bitmap_extents(
+        self, name: str, offset: int, length: int, req_one: bool = False
+    ) -> list[Extent]:
+        """Dirty (flags 1) and clean runs of the driver's bitmap ``name``, trimmed to
+        [offset, offset + length) as ``extents`` trims."""
+        try:
+            self._check_range(offset, length, errno.EINVAL)
+        except _Nothing:
+            raise RequestError(errno.EINVAL, "zero-length block status") from None
+        got = await self._call(
+            "extents", 0, lambda: self.driver.bitmap_extents(name, offset, length)
+        )
+        return _trimmed(got, offset, length, req_one)
 
     async def cache(self, offset: int, length: int) -> None:
         try:
@@ -439,3 +437,25 @@ class Backend:
 
 class _Nothing(Exception):
     """A zero-length request: nothing to do, and nothing wrong."""
+
+
+def _trimmed(got: object, offset: int, length: int, req_one: bool) -> list[Extent]:
+    """A driver's extents from ``offset``, checked contiguous, merged where the flags
+    repeat and trimmed to the request (one extent for REQ_ONE)."""
+    end = offset + length
+    out: list[Extent] = []
+    pos = offset
+    for e in got:  # type: ignore[attr-defined]
+        if e.offset != pos or e.length <= 0:
+            raise RequestError(errno.EIO, "driver returned non-contiguous extents")
+        n = min(e.length, end - pos)
+        if out and out[-1].flags == e.flags:
+            out[-1] = Extent(out[-1].offset, out[-1].length + n, e.flags)
+        else:
+            out.append(Extent(pos, n, e.flags))
+        pos += n
+        if pos >= end or (req_one and out):
+            break
+    if not out:
+        raise RequestError(errno.EIO, "driver returned no extents")
+    return out[:1] if req_one else out

@@ -41,6 +41,16 @@ def serve_cmd(
     name: Annotated[str | None, typer.Option(help="Export name, for a single image.")] = None,
     read_only: Annotated[bool, typer.Option("--read-only", "-r", help="Refuse writes.")] = False,
     fmt: ProbedFormatOpt = "auto",
+    bitmap: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--bitmap",
+            "-B",
+            metavar="NAME",
+            help="Export the qcow2 image's persistent dirty bitmap NAME as the "
+            "qemu:dirty-bitmap:NAME block status context (qemu-nbd -B); repeatable.",
+        ),
+    ] = None,
     description: Annotated[str, typer.Option(help="Export description.")] = "",
     bind: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[
@@ -145,6 +155,7 @@ def serve_cmd(
         name=name,
         read_only=read_only,
         fmt=fmt,
+        bitmaps=bitmap or [],
         description=description,
         bind=bind,
         port=port,

@@ -124,3 +124,5 @@ class Err(enum.IntEnum):
 
 #: The one metadata context we serve.
 BASE_ALLOCATION = "base:allocation"
+#: qemu's namespace for a persistent dirty bitmap's context: this prefix, then its name.
+DIRTY_BITMAP = "qemu:dirty-bitmap:"

@@ -63,6 +63,14 @@ class ExportInfo:
     flags: TransmissionFlag  # everything but SEND_DF, which depends on structured replies
     description: str = ""
     block_size: tuple[int, int, int] = (1, 4096, 32 << 20)
+    #: Metadata contexts beside base:allocation (qemu:dirty-bitmap:NAME), by id - 2.
+    contexts: tuple[str, ...] = ()
+
+    def context_id(self, context: str) -> int:
+        """The id a selected context is known by: base:allocation's, then the others'."""
+        if context == BASE_ALLOCATION:
+            return BASE_ALLOCATION_ID
+        return BASE_ALLOCATION_ID + 1 + self.contexts.index(context)
 
 
 class Catalog:
@@ -351,21 +359,30 @@ class Handshake:
             self._error(opt, Rep.ERR_INVALID, "malformed meta context request")
             return
         name, queries = parsed
-        if self.catalog.lookup(name) is None:
+        info = self.catalog.lookup(name)
+        if info is None:
             self._error(opt, Rep.ERR_UNKNOWN, f"no export named {name!r}")
             return
+        available = (BASE_ALLOCATION, *info.contexts)
         if setting:
-            # "base:" as a SET query is ignored; unknown leaves and namespaces too.
-            selected = BASE_ALLOCATION in queries
+            # Only whole names select: "base:" as a SET query is ignored, and unknown
+            # leaves and namespaces too.
+            selected = [c for c in available if c in queries]
         else:
-            # Zero queries list everything; "base:" is a wildcard for LIST.
-            selected = not queries or any(q in (BASE_ALLOCATION, "base:") for q in queries)
-        if selected:
-            ctx_id = BASE_ALLOCATION_ID if setting else 0
-            self._reply(opt, Rep.META_CONTEXT, wire.U32.pack(ctx_id) + BASE_ALLOCATION.encode())
-            if setting:
-                self.meta_contexts = {BASE_ALLOCATION_ID: BASE_ALLOCATION}
-                self.meta_export = name
+            # Zero queries list everything; "namespace:" (or "qemu:dirty-bitmap:") is a
+            # wildcard for LIST.
+            selected = [
+                c
+                for c in available
+                if not queries
+                or any(q == c or (q.endswith(":") and c.startswith(q)) for q in queries)
+            ]
+        for c in selected:
+            ctx_id = info.context_id(c) if setting else 0
+            self._reply(opt, Rep.META_CONTEXT, wire.U32.pack(ctx_id) + c.encode())
+        if setting and selected:
+            self.meta_contexts = {info.context_id(c): c for c in selected}
+            self.meta_export = name
         self._reply(opt, Rep.ACK)
 
     def _decode_name(self, raw: bytes) -> str | None:

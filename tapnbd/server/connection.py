@@ -42,7 +42,13 @@ from tapnbd import buffers
 from tapnbd.buffers import PooledBuffer
 from tapnbd.driver import MAX_PAYLOAD
 from tapnbd.errors import ProtocolError, RequestError
-from tapnbd.protocol.consts import Cmd, CmdFlag, TransmissionFlag
+from tapnbd.protocol.consts import (
+    BASE_ALLOCATION,
+    DIRTY_BITMAP,
+    Cmd,
+    CmdFlag,
+    TransmissionFlag,
+)
 from tapnbd.protocol.handshake import NEED_DATA, Abort, Handshake, Ready, StartTLS
 from tapnbd.protocol.transmission import (
     SMALL_WRITE,
@@ -144,7 +150,8 @@ class NBDConnection(asyncio.BufferedProtocol):
         self.backend: Backend | None = None
         self.flags = TransmissionFlag(0)
         self.structured = False
-        self.context_id = 0  # base:allocation's id, 0 when not negotiated
+        self.context_id = 0  # the first selected context's id, 0 when none was
+        self.contexts: list[tuple[int, str]] = []  # (id, name) of each selected context
         self.in_flight = 0  # admitted requests, fast path included
         self.payload = 0  # payload bytes those hold (see PayloadBudget)
         self.budget: PayloadBudget = server.budget
@@ -350,7 +357,8 @@ class NBDConnection(asyncio.BufferedProtocol):
         export.backend.stats.connections += 1
         self.flags = ready.flags
         self.structured = ready.structured
-        self.context_id = next(iter(ready.meta_contexts), 0)
+        self.contexts = sorted(ready.meta_contexts.items())
+        self.context_id = self.contexts[0][0] if self.contexts else 0
         self.decoder = RequestDecoder(admit=self._admit)
         if (
             self._fd >= 0
@@ -842,16 +850,22 @@ class NBDConnection(asyncio.BufferedProtocol):
             elif typ == Cmd.CACHE:
                 await backend.cache(req.offset, req.length)
             elif typ == Cmd.BLOCK_STATUS:
-                extents = await backend.extents(
-                    req.offset, req.length, req_one=bool(req.flags & CmdFlag.REQ_ONE)
-                )
-                self._write(
-                    block_status_chunk(
-                        req.cookie,
-                        self.context_id,
-                        [(e.length, int(e.flags)) for e in extents[:MAX_EXTENTS]],
-                    )
-                )
+                # One chunk per selected context, the last one done (replies are whole
+                # here: a failure before the first write leaves only the error).
+                req_one = bool(req.flags & CmdFlag.REQ_ONE)
+                chunks = []
+                for i, (cid, context) in enumerate(self.contexts):
+                    if context == BASE_ALLOCATION:
+                        extents = await backend.extents(req.offset, req.length, req_one=req_one)
+                    else:
+                        bitmap = context.removeprefix(DIRTY_BITMAP)
+                        extents = await backend.bitmap_extents(
+                            bitmap, req.offset, req.length, req_one=req_one
+                        )
+                    pairs = [(e.length, int(e.flags)) for e in extents[:MAX_EXTENTS]]
+                    done = i == len(self.contexts) - 1
+                    chunks.append(block_status_chunk(req.cookie, cid, pairs, done))
+                self._write(b"".join(chunks))
                 return
             self._write(simple_reply(req.cookie))
         except RequestError as e:

@@ -6,6 +6,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from tapnbd.backend import Backend
+from tapnbd.errors import ImageError
+from tapnbd.protocol.consts import DIRTY_BITMAP
 from tapnbd.protocol.consts import TransmissionFlag as TF
 from tapnbd.protocol.handshake import Catalog, ExportInfo
 
@@ -42,10 +44,19 @@ class Export:
     image: str = ""
     description: str = ""
     connections: int = 0
+    #: The driver's dirty bitmaps this export offers as qemu:dirty-bitmap:NAME.
+    bitmaps: tuple[str, ...] = ()
     info: ExportInfo = field(init=False)
 
     def __post_init__(self) -> None:
         self.backend.name = self.name
+        have = self.backend.driver.bitmaps()
+        for b in self.bitmaps:
+            if b not in have:
+                raise ImageError(
+                    f"{self.image or self.name}: no usable persistent bitmap named {b!r} "
+                    f"(it has: {', '.join(have) or 'none'})"
+                )
         bs = self.backend.block_size
         self.info = ExportInfo(
             name=self.name,
@@ -53,6 +64,7 @@ class Export:
             flags=transmission_flags(self.backend),
             description=self.description,
             block_size=(bs.minimum, bs.preferred, bs.maximum),
+            contexts=tuple(DIRTY_BITMAP + b for b in dict.fromkeys(self.bitmaps)),
         )
 
     @property

@@ -42,6 +42,8 @@ class ServeOptions:
     name: str | None = None
     read_only: bool = False
     fmt: str = "auto"
+    #: Persistent dirty bitmaps exported as qemu:dirty-bitmap:NAME (qemu-nbd -B).
+    bitmaps: list[str] = field(default_factory=list)
     description: str = ""
     bind: str = "127.0.0.1"
     port: int | None = None
@@ -157,9 +159,8 @@ async def open_exports(opts: ServeOptions) -> ExportRegistry:
                 driver.name if opts.snapshot is None else f"{driver.name} snapshot {opts.snapshot}"
             )
             description = opts.description or f"{image} ({what})"
-            registry.add(
-                Export(name, Backend(driver, read_only=opts.read_only), image, description)
-            )
+            backend = Backend(driver, read_only=opts.read_only)
+            registry.add(Export(name, backend, image, description, bitmaps=tuple(opts.bitmaps)))
     except BaseException:
         for driver in opened:
             await driver.close()
