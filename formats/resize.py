@@ -85,9 +85,10 @@ async def resize_image(
 
             await grow_vhd(fd, path, new)
         else:
-            from formats.qcow2.resize import set_qcow2_size
+            from formats.qcow2.resize import resize_with_bitmaps, set_qcow2_size
 
-            set_qcow2_size(fd, path, new)
+            if not await resize_with_bitmaps(path, new):
+                set_qcow2_size(fd, path, new)
         if new > current:
             await _zero_grown(path, fmt, current, new, rules)
     return current, new

@@ -141,7 +141,7 @@ async def switch(child: Driver, meta: Qcow2Meta, state: NewState, path: str) -> 
     tables: dict[int, array[int]] = {}
     bitmaps_changed = state.bitmaps is not None
     bitmaps = state.bitmaps if state.bitmaps is not None else await kept_bitmaps(child, meta)
-    if state.size != h.size and any(nb.bits is None for nb in bitmaps):
+    if state.size != h.size and any(nb.bits is None and not nb.bitmap.in_use for nb in bitmaps):
         raise ImageError(
             f"{path}: the image's bitmaps cover {h.size} bytes and the new size is "
             f"{state.size}; remove them first (tapnbd bitmap --remove)"

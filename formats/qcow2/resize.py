@@ -50,3 +50,41 @@ def set_qcow2_size(fd: int, path: str, size: int) -> None:
         l1_size = need
     os.pwrite(fd, replace(h, size=size, l1_size=l1_size).build(), 0)
     os.fsync(fd)
+
+
+async def resize_with_bitmaps(path: str, size: int) -> bool:
+    """Resize an image that has persistent bitmaps, and its bitmaps with it, in one
+    switch (``formats.qcow2.rebuild``); False if it has none (``set_qcow2_size``).
+
+    As qemu-img resize: a bitmap's bits past the old end start clean, and those past a
+    new, smaller end are dropped; a bitmap left in use keeps its table (it means
+    nothing). The caller holds the lock, and has checked ``size`` (check_qcow2_size).
+    """
+    from array import array
+
+    from formats.qcow2.bitmaps import bitmap_bytes, read_bits
+    from formats.qcow2.offline import rewritable
+    from formats.qcow2.rebuild import NewState, kept_bitmaps, kept_snapshots, switch
+
+    async with rewritable(path, share=True) as (child, meta):
+        if not meta.bitmaps:
+            return False
+        h, cs = meta.header, meta.cluster_size
+        bitmaps = await kept_bitmaps(child, meta)
+        for nb in bitmaps:
+            bm = nb.bitmap
+            if bm.in_use:
+                continue
+            bits = await read_bits(child, bm, h.size, cs, meta.file_size, nb.table)
+            n = bitmap_bytes(size, bm.granularity_bits)
+            bits = bits[:n].ljust(n, b"\0")
+            granules = -(-size >> bm.granularity_bits)
+            if granules % 8:  # no bit past the new end
+                bits[-1] &= (1 << (granules % 8)) - 1
+            nb.bits, nb.table = bytes(bits), None
+        l1 = array("Q", meta.l1)
+        need = l1_entries_needed(size, meta.cluster_bits)
+        l1.extend([0] * (need - len(l1)))
+        state = NewState(l1, size, await kept_snapshots(child, meta), bitmaps)
+        await switch(child, meta, state, path)
+        return True
