@@ -6,7 +6,9 @@ import os
 import random
 import shutil
 import subprocess
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -15,6 +17,9 @@ from formats.qcow import QcowDriver
 from formats.qcow.create import create_qcow
 from formats.qcow.layout import HEADER_SIZE, QcowHeader
 from tests import helpers
+
+if TYPE_CHECKING:
+    from tapnbd.driver import Driver
 
 MiB = 1 << 20
 
@@ -116,3 +121,36 @@ def random_writes(
             off &= ~4095
         out.append((off, rng.randbytes(n)))
     return out
+
+
+def crash_states(
+    start: bytes,
+    change: Callable[[], Awaitable[object]],
+    state: Path,
+    seed: int,
+    count: int,
+) -> Iterator[str]:
+    """Run ``change`` with the power-loss recorder between every image it opens and its
+    file (the first one opened is the one judged), then write ``count`` crash states of
+    it to ``state`` one after the other, yielding a description of each."""
+    import asyncio
+
+    from formats.filters import at_file_layer
+    from formats.filters.powerloss import PowerLossRecorder
+
+    recorders: list[PowerLossRecorder] = []
+
+    def wrap(child: Driver) -> Driver:
+        recorders.append(PowerLossRecorder(child, start))
+        return recorders[-1]
+
+    async def run_it() -> None:
+        with at_file_layer(wrap):
+            await change()
+
+    asyncio.run(run_it())
+    rec = recorders[0]
+    rng = random.Random(seed)
+    for st in rec.states(rng, count):
+        state.write_bytes(rec.materialise(st))
+        yield f"seed={seed} point={st.point} ({st.how})"

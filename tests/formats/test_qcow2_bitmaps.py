@@ -11,18 +11,16 @@ import asyncio
 import json
 import random
 import shutil
+import signal
 import struct
 from pathlib import Path
 
 import pytest
 
-from formats.filters import at_file_layer
-from formats.filters.powerloss import PowerLossRecorder
 from formats.qcow2 import bitmap_edit
 from formats.qcow2.bitmap_edit import Op, merge_bits
-from tapnbd.driver import Driver
-from tests.formats.qcow_util import need, patch, qemu_img
-from tests.helpers import qemu_io, run, tapnbd_cmd
+from tests.formats.qcow_util import crash_states, need, patch, qemu_img
+from tests.helpers import nbdsh_script, qemu_io, run, start_server, tapnbd_cmd
 
 MiB = 1 << 20
 SIZE = 8 * MiB
@@ -319,25 +317,15 @@ def test_a_power_cut_leaves_the_old_bitmaps_or_the_new(
         "clear": [Op("clear")],
     }[case]
     granularity = MiB if case == "add-then-merge" else None
-    recorders: list[PowerLossRecorder] = []
-
-    def wrap(child: Driver) -> Driver:
-        recorders.append(PowerLossRecorder(child, start))
-        return recorders[-1]
 
     async def change() -> None:
-        with at_file_layer(wrap):
-            await bitmap_edit.edit_bitmap(str(img), name, ops, granularity=granularity)
+        await bitmap_edit.edit_bitmap(str(img), name, ops, granularity=granularity)
 
-    asyncio.run(change())
-    assert bitmaps(img) == new
-    rec = recorders[0]
-    rng = random.Random(seed)
     state = tmp_path / "state.qcow2"
-    seen = set()
-    for st in rec.states(rng, 16):
-        state.write_bytes(rec.materialise(st))
-        where = f"seed={seed} point={st.point} ({st.how})"
+    seen: set[str] = set()
+    for where in crash_states(start, change, state, seed, 16):
+        if not seen:
+            assert bitmaps(img) == new  # the change itself, done
         r = run(["qemu-img", "check", "-f", "qcow2", str(state)], check=False)
         assert r.returncode == 0, f"{where}: {r.stdout}{r.stderr}"
         got = bitmaps(state)
@@ -369,3 +357,190 @@ def test_merge_bits_against_a_model(seed: int) -> None:
                     want[t >> 3] |= 1 << (t & 7)
         merge_bits(target, tb, bytes(source), sb, size)
         assert target == want, (size, tb, sb)
+
+
+# A writer keeps them up to date: tapnbd serve, written to through qemu-io over NBD,
+# against qemu-io writing to a copy of the image directly.
+GUEST_OPS = ("write -P 5 6M 4k", "write -z 1M 64k", "discard 128k 64k", "write 8388096 512")
+
+
+def test_a_server_keeps_the_enabled_bitmaps_up_to_date(tmp_path: Path) -> None:
+    ours = make(tmp_path / "ours.qcow2")
+    ref = tmp_path / "ref.qcow2"
+    shutil.copy(ours, ref)
+    qemu_io(ref, *GUEST_OPS, fmt="qcow2")
+    server = start_server([str(ours), "--format", "qcow2", "-B", "b0"], tmp_path / "s.log")
+    try:
+        # In use while the server has it: after a crash its bits mean nothing.
+        shown = qemu_img("info", "-U", "--output=json", ours)
+        assert '"in-use"' in shown, shown
+        qemu_io(server.uri, *GUEST_OPS)
+        live = _map(server.uri, "b0")
+    finally:
+        assert server.stop() == 0, server.stderr()
+    assert bitmaps(ours) == bitmaps(ref)
+    assert live == dirty(ref, "b0")  # what the server said while it ran
+    clean(ours)
+
+
+def test_a_crash_leaves_the_bitmap_in_use_and_the_image_clean(tmp_path: Path) -> None:
+    img = make(tmp_path / "k.qcow2")
+    server = start_server([str(img), "--format", "qcow2"], tmp_path / "s.log")
+    try:
+        qemu_io(server.uri, *GUEST_OPS)
+    finally:
+        server.stop(signal.SIGKILL)
+    got = bitmaps(img)
+    assert got["b0"][0] == ["in-use", "auto"] and got["b0"][2] is None
+    assert got["b1"][0] == []  # disabled: not written, still valid
+    r = run(["qemu-img", "check", "-f", "qcow2", str(img)], check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def _map(uri: str, name: str) -> list[tuple[int, int, str]]:
+    out = run(["nbdinfo", f"--map=qemu:dirty-bitmap:{name}", uri]).stdout
+    return [(int(a), int(b), d) for a, b, _n, d in (line.split() for line in out.splitlines())]
+
+
+def test_block_status_answers_every_selected_context(tmp_path: Path) -> None:
+    """base:allocation and two bitmaps in one BLOCK_STATUS: one chunk each, as libnbd
+    sees them, with REQ_ONE too."""
+    img = make(tmp_path / "m.qcow2")
+    want0, want1 = dirty(img, "b0"), dirty(img, "b1")
+    server = start_server(
+        [str(img), "--format", "qcow2", "-r", "-B", "b0", "-B", "b1"], tmp_path / "s.log"
+    )
+    try:
+        script = f"""
+import json
+import nbd
+h = nbd.NBD()
+h.add_meta_context("base:allocation")
+h.add_meta_context("qemu:dirty-bitmap:b0")
+h.add_meta_context("qemu:dirty-bitmap:b1")
+h.connect_uri({server.uri!r})
+got = {{}}
+def cb(ctx, off, entries, err):
+    got.setdefault(ctx, []).append(list(entries))
+    return 0
+h.block_status({SIZE}, 0, cb)
+h.block_status({SIZE}, 0, cb, nbd.CMD_FLAG_REQ_ONE)
+print(json.dumps(got))
+h.shutdown()
+"""
+        got = nbdsh_script(script)
+    finally:
+        server.stop()
+    assert isinstance(got, dict) and sorted(got) == [
+        "base:allocation",
+        "qemu:dirty-bitmap:b0",
+        "qemu:dirty-bitmap:b1",
+    ]
+    for ctx, want in (("qemu:dirty-bitmap:b0", want0), ("qemu:dirty-bitmap:b1", want1)):
+        full, one = got[ctx]
+        pairs = [(full[i], full[i + 1]) for i in range(0, len(full), 2)]
+        assert pairs == [(n, 1 if d == "dirty" else 0) for _a, n, d in want]
+        assert one == [want[0][1], 1 if want[0][2] == "dirty" else 0]
+
+
+def test_list_meta_context_lists_the_bitmaps_and_unknown_ones_are_refused(tmp_path: Path) -> None:
+    img = make(tmp_path / "l.qcow2")
+    server = start_server([str(img), "--format", "qcow2", "-r", "-B", "b1"], tmp_path / "s.log")
+    try:
+        listed = run(["nbdinfo", "--list", "--json", server.uri]).stdout
+        contexts = json.loads(listed)["exports"][0]["contexts"]
+        assert contexts == ["base:allocation", "qemu:dirty-bitmap:b1"]
+    finally:
+        server.stop()
+    for args, says in (
+        (["-B", "nope"], "no usable persistent bitmap named 'nope'"),
+        (["-B", "b0", "--format", "raw"], "no usable persistent bitmap named 'b0'"),
+    ):
+        r = run(tapnbd_cmd("serve", str(img), "--port", "0", *args), check=False)
+        assert r.returncode != 0 and says in r.stderr, r.stderr
+
+
+def test_too_many_bits_to_keep_are_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hostile image could list many big enabled bitmaps: memory is bounded."""
+    from formats.qcow2 import live_bitmaps, open_qcow2
+
+    img = make(tmp_path / "big.qcow2")
+    qemu_img("bitmap", "--add", "-g", "512", img, "fine")  # 2 KiB of bits for 8 MiB
+    monkeypatch.setattr(live_bitmaps, "MAX_LIVE_BYTES", 2048)
+    before = img.read_bytes()
+    with pytest.raises(Exception, match="need more than 2048 bytes"):
+        asyncio.run(open_qcow2(str(img), False))
+    assert img.read_bytes() == before
+    monkeypatch.setattr(live_bitmaps, "MAX_LIVE_BYTES", 4096)
+
+    async def opened() -> None:
+        d = await open_qcow2(str(img), False)
+        await d.close()
+
+    asyncio.run(opened())
+
+
+def test_a_power_cut_while_a_writer_stores_its_bitmaps(tmp_path: Path, seed: int) -> None:
+    """Every crash state of a session (open, writes, close) checks clean or with leaks
+    only, and its enabled bitmap is still in use (meaningless), or holds exactly the
+    bits the session left, or was cut before it was marked and before any guest write:
+    never stale bits marked valid."""
+    from formats.qcow2 import open_qcow2
+
+    print(f"seed {seed}")
+    img = make(tmp_path / "p.qcow2")
+    qemu_img("bitmap", "--clear", img, "b0")  # no cluster of bits: storing allocates one
+    start = img.read_bytes()
+    ref = tmp_path / "ref.qcow2"
+    shutil.copy(img, ref)
+    qemu_io(ref, *GUEST_OPS, fmt="qcow2")
+    final = bitmaps(ref)
+    initial = bitmaps(img)
+    guest0 = _guest(img, tmp_path / "g0.raw")
+
+    async def session() -> None:
+        d = await open_qcow2(str(img), False)
+        await d.pwrite(6 * MiB, b"\5" * 4096)
+        await d.zero(MiB, 64 << 10, may_trim=False, fua=False, fast=False)
+        await d.trim(128 << 10, 64 << 10)
+        await d.pwrite(8388096, bytes(512))
+        await d.close()
+
+    state = tmp_path / "state.qcow2"
+    seen: set[str] = set()
+    for where in crash_states(start, session, state, seed, 16):
+        if not seen:
+            assert bitmaps(img) == final
+        r = run(["qemu-img", "check", "-f", "qcow2", str(state)], check=False)
+        assert r.returncode in (0, 3), f"{where}: {r.stdout}{r.stderr}"
+        got = bitmaps(state)
+        flags, _gran, bits = got["b0"]
+        if "in-use" in flags:
+            seen.add("in use")
+        elif bits == initial["b0"][2]:  # cut before it was marked: nothing written yet
+            assert _guest(state, tmp_path / "g.raw") == guest0, where
+            seen.add("before")
+        else:
+            assert bits == final["b0"][2], where
+            seen.add("stored")
+        assert got["b1"] == final["b1"], where
+    assert {"in use", "stored"} <= seen, seen
+
+
+def _guest(img: Path, out: Path) -> bytes:
+    qemu_img("convert", "-f", "qcow2", "-O", "raw", img, out)
+    return out.read_bytes()
+
+
+@pytest.mark.parametrize("size", ["3G", "64M", "4M", "8392704"])
+def test_resize_resizes_the_bitmaps_as_qemu_img_does(tmp_path: Path, size: str) -> None:
+    """A bitmap whose table no longer covered the disk made the image one qemu would
+    not open; now the bits past an old end start clean and past a new end go."""
+    ours = make(tmp_path / "ours.qcow2")
+    ref = tmp_path / "ref.qcow2"
+    shutil.copy(ours, ref)
+    qemu_img("resize", "--shrink", "-f", "qcow2", ref, size)
+    tapnbd("resize", "--shrink", ours, size)
+    assert bitmaps(ours) == bitmaps(ref)
+    assert info(ours)["virtual-size"] == info(ref)["virtual-size"]
+    clean(ours)

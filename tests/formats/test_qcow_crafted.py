@@ -113,7 +113,7 @@ def test_huge_sparse_l1_opens_cheaply(
     rc, out, err, peak = measured("info", "--allow-probed-backing-chain", str(img))
     assert rc == 0, err
     assert f"virtual size: 8 TiB ({claimed} bytes)" in out
-    assert out.count("l1-size: 268435455") == (3 if "chain" in case else 1)
+    assert out.count("l1 size: 268435455") == (3 if "chain" in case else 1)
     assert peak < RSS_LIMIT_KIB, f"info peaked at {peak} KiB"
 
     rc, out, err, peak = measured("check", str(img))
