@@ -27,7 +27,7 @@ def round_up(n: int, align: int) -> int:
 class Measure:
     required: int
     fully_allocated: int
-    #: qcow2 output from a qcow2 v3 source: persistent bitmaps to copy (none here).
+    #: qcow2 output from a qcow2 v3 source: room for its persistent bitmaps, whole.
     bitmaps: int | None = None
 
     def to_json(self) -> dict[str, object]:
@@ -103,9 +103,14 @@ def measure_qcow2(
     cluster_size: int = 65536,
     refcount_bits: int = 16,
     preallocation: str = "off",
-    bitmaps: bool = False,
+    bitmaps: list[tuple[int, int]] | None = None,
 ) -> Measure:
-    """qemu's qcow2_measure: ``runs`` None measures an empty image of ``size`` bytes."""
+    """qemu's qcow2_measure: ``runs`` None measures an empty image of ``size`` bytes.
+
+    ``bitmaps``: the source's persistent bitmaps (name length, granularity bits), for
+    a qcow2 v3 source; as qemu, each is counted fully allocated, with its table and
+    its directory entry.
+    """
     if cluster_size & (cluster_size - 1) or not 512 <= cluster_size <= 2 << 20:
         raise ImageError(f"cluster_size {cluster_size} must be a power of two, 512 to 2M")
     if refcount_bits & (refcount_bits - 1) or not 1 <= refcount_bits <= 64:
@@ -119,7 +124,20 @@ def measure_qcow2(
     elif runs is not None:
         data = units_touched(runs, cluster_size) * cluster_size
     full = qcow2_full_size(vsize, cluster_size, refcount_bits)
-    return Measure(full - vsize + data, full, 0 if bitmaps else None)
+    return Measure(full - vsize + data, full, _bitmaps_size(size, bitmaps, cluster_size))
+
+
+def _bitmaps_size(size: int, bitmaps: list[tuple[int, int]] | None, cs: int) -> int | None:
+    from formats.qcow2.bitmaps import ENTRY, bitmap_bytes
+
+    if bitmaps is None:
+        return None
+    total = directory = 0
+    for name_len, gbits in bitmaps:
+        clusters = -(-bitmap_bytes(size, gbits) // cs)
+        total += clusters * cs + round_up(clusters * 8, cs)
+        directory += round_up(ENTRY.size + name_len, 8)
+    return total + round_up(directory, cs)
 
 
 def measure_raw(size: int) -> Measure:

@@ -214,8 +214,9 @@ _MEASURE_KEYS = {
 
 async def _source_facts(
     spec: str, fmt: str, rules: OpenRules
-) -> tuple[int, list[tuple[int, int]], bool]:
-    """(size, data runs, is a qcow2 v3 image) of a source image."""
+) -> tuple[int, list[tuple[int, int]], list[tuple[int, int]] | None]:
+    """(size, data runs, bitmaps) of a source image: each persistent bitmap's name
+    length and granularity bits if it is a qcow2 v3 image, else None."""
     from formats.imagemap import image_map, unwrap
     from formats.measure import data_runs
 
@@ -228,13 +229,22 @@ async def _source_facts(
             and specific.get("type") == "qcow2"
             and specific.get("data", {}).get("compat") == "1.1"
         )
-        return driver.size(), data_runs(entries), v3
+        meta = getattr(unwrap(driver), "meta", None)
+        bitmaps = getattr(meta, "bitmaps", [])
+        shape = [
+            (len(b.name.encode("utf-8", "surrogateescape")), b.granularity_bits) for b in bitmaps
+        ]
+        return driver.size(), data_runs(entries), shape if v3 else None
     finally:
         await driver.close()
 
 
 def measure(
-    out_fmt: str, size: int, runs: list[tuple[int, int]] | None, opts: dict[str, str], v3: bool
+    out_fmt: str,
+    size: int,
+    runs: list[tuple[int, int]] | None,
+    opts: dict[str, str],
+    bitmaps: list[tuple[int, int]] | None,
 ) -> Measure:
     from formats import parse_size
     from formats.measure import measure_qcow, measure_qcow2, measure_raw, measure_vhd
@@ -252,7 +262,7 @@ def measure(
             cluster_size=opt_size("cluster_size") or 65536,
             refcount_bits=int(opts.get("refcount_bits", "16")),
             preallocation=opts.get("preallocation", "off"),
-            bitmaps=v3 and compat in ("1.1", "v3"),
+            bitmaps=bitmaps if compat in ("1.1", "v3") else None,
         )
     if out_fmt == "raw":
         return measure_raw(size)
@@ -310,10 +320,10 @@ def measure_cmd(
     with errors_as_exit():
         if image is None:
             assert size is not None
-            result = measure(out_fmt, parse_size(size), None, opts, False)
+            result = measure(out_fmt, parse_size(size), None, opts, None)
         else:
-            vsize, runs, v3 = runtime.run_command(_source_facts(image, fmt, rules))
-            result = measure(out_fmt, vsize, runs, opts, v3)
+            vsize, runs, bitmaps = runtime.run_command(_source_facts(image, fmt, rules))
+            result = measure(out_fmt, vsize, runs, opts, bitmaps)
     if use_json:
         print_json(result.to_json())
     else:

@@ -544,3 +544,16 @@ def test_resize_resizes_the_bitmaps_as_qemu_img_does(tmp_path: Path, size: str) 
     assert bitmaps(ours) == bitmaps(ref)
     assert info(ours)["virtual-size"] == info(ref)["virtual-size"]
     clean(ours)
+
+
+@pytest.mark.parametrize("opts", [(), ("-o", "cluster_size=4k"), ("-o", "compat=0.10")])
+def test_measure_counts_the_bitmaps_as_qemu_img_does(tmp_path: Path, opts: tuple[str, ...]) -> None:
+    """qemu-img measure's "bitmaps size": room to copy them, each counted whole."""
+    img = make(tmp_path / "m.qcow2")
+    qemu_img("bitmap", "--add", img, "a-longer-name-for-its-entry")
+    for out in ("human", "json"):
+        ours = tapnbd("measure", "-O", "qcow2", *opts, f"--output={out}", img)
+        theirs = qemu_img("measure", "-O", "qcow2", *opts, f"--output={out}", img)
+        assert (json.loads(ours) if out == "json" else ours) == (
+            json.loads(theirs) if out == "json" else theirs
+        )
