@@ -193,3 +193,38 @@ def merge_bits(
             end = min(start + (1 << sbits), size)
             for g in range(start >> tbits, ((end - 1) >> tbits) + 1):
                 target[g >> 3] |= 1 << (g & 7)
+
+
+async def copy_bitmaps(src: str, dst: str, *, skip_broken: bool = False) -> list[str]:
+    """Give the qcow2 image ``dst`` (a convert's new target, of the same size) every
+    persistent bitmap of the qcow2 image ``src``, bits, granularity and enabled state
+    (qemu-img convert --bitmaps). A bitmap left in use is refused, or left out with
+    ``skip_broken``. Returns the names copied."""
+    child = RawDriver(src, read_only=True)
+    try:
+        meta = await read_meta(child)
+        copied: list[NewBitmap] = []
+        for bm in meta.bitmaps:
+            if bm.in_use:
+                if skip_broken:
+                    continue
+                raise ImageError(
+                    f"{src}: bitmap {bm.name!r} is inconsistent (left in use); give "
+                    "--skip-broken-bitmaps to copy the others"
+                )
+            bits = await read_bits(child, bm, meta.header.size, meta.cluster_size, meta.file_size)
+            entry = Bitmap(bm.name, bm.flags & FLAG_AUTO, bm.granularity_bits, 0, 0)
+            copied.append(NewBitmap(entry, bits=bytes(bits)))
+        size = meta.header.size
+    finally:
+        await child.close()
+    if not copied:
+        return []
+    async with rewritable(dst) as (out, target):
+        if target.header.version < 3:
+            raise ImageError(f"{dst}: persistent bitmaps need compat 1.1 (version 3)")
+        if target.header.size != size or target.bitmaps:
+            raise ImageError(f"{dst}: not a new image of {size} bytes: bitmaps not copied")
+        state = NewState(target.l1, size, await kept_snapshots(out, target), copied)
+        await switch(out, target, state, dst)
+    return [nb.bitmap.name for nb in copied]

@@ -266,6 +266,18 @@ def convert_cmd(
             "convert -l): an id or a name, or snapshot.id=ID,snapshot.name=NAME.",
         ),
     ] = None,
+    bitmaps: Annotated[
+        bool,
+        typer.Option(
+            "--bitmaps", help="qcow2 to qcow2: copy the source's persistent dirty bitmaps too."
+        ),
+    ] = False,
+    skip_broken: Annotated[
+        bool,
+        typer.Option(
+            "--skip-broken-bitmaps", help="With --bitmaps: leave out bitmaps left in use."
+        ),
+    ] = False,
 ) -> None:
     """Copy an image into a new raw, qcow, qcow2 or VHD image, skipping zeros and holes.
 
@@ -290,6 +302,10 @@ def convert_cmd(
     out_fmt = out_fmt or ("auto" if no_create else "qcow")
     if no_create and (options or cluster_size or backing):
         fail("-n writes into an existing image: -o, --cluster-size and -B do not apply")
+    if bitmaps and (out_fmt != "qcow2" or no_create or snapshot or backing):
+        fail("--bitmaps copies into a new qcow2 image (-O qcow2), without -n, -l or -B")
+    if skip_broken and not bitmaps:
+        fail("--skip-broken-bitmaps goes with --bitmaps")
     kind = "rbd" if dst.startswith("rbd:") else "nbd" if is_nbd(dst) else out_fmt
     given, q2 = create_options(kind, options, {"--cluster-size": cluster_size}, command="convert")
     cluster_size = given["--cluster-size"]
@@ -305,6 +321,12 @@ def convert_cmd(
             transient=False,
         )
         task = bar.add_task(os.path.basename(dst), total=None)
+        if bitmaps:
+            from formats.rebase import image_format
+            from tapnbd.errors import ImageError
+
+            if image_format(src, src_fmt) != "qcow2":
+                raise ImageError(f"{src}: --bitmaps copies a qcow2 image's bitmaps")
 
         def progress(n: int) -> None:
             bar.advance(task, n)
@@ -343,6 +365,10 @@ def convert_cmd(
         finally:
             if bar.live.is_started:
                 bar.stop()
+        if bitmaps:
+            from formats.qcow2.bitmap_edit import copy_bitmaps
+
+            runtime.run(copy_bitmaps(src, dst, skip_broken=skip_broken))
 
 
 @app.command("dd")

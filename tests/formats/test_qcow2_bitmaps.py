@@ -557,3 +557,24 @@ def test_measure_counts_the_bitmaps_as_qemu_img_does(tmp_path: Path, opts: tuple
         assert (json.loads(ours) if out == "json" else ours) == (
             json.loads(theirs) if out == "json" else theirs
         )
+
+
+def test_convert_bitmaps_copies_them_as_qemu_img_does(tmp_path: Path) -> None:
+    src = make(tmp_path / "src.qcow2")
+    ours, ref = tmp_path / "ours.qcow2", tmp_path / "ref.qcow2"
+    qemu_img("convert", "-O", "qcow2", "--bitmaps", src, ref)
+    tapnbd("convert", "-q", "-O", "qcow2", "--bitmaps", src, ours)
+    assert bitmaps(ours) == bitmaps(ref) == bitmaps(src)
+    clean(ours)
+    # A bitmap left in use is refused, or left out with --skip-broken-bitmaps.
+    _set_flags(src, 0, 3)
+    out = tapnbd(
+        "convert", "-q", "-O", "qcow2", "--bitmaps", src, tmp_path / "x.qcow2", check=False
+    )
+    assert "--skip-broken-bitmaps" in out, out
+    skipped = tmp_path / "s.qcow2"
+    tapnbd("convert", "-q", "-O", "qcow2", "--bitmaps", "--skip-broken-bitmaps", src, skipped)
+    assert list(bitmaps(skipped)) == ["b1"]
+    clean(skipped)
+    out = tapnbd("convert", "-q", "-O", "raw", "--bitmaps", src, tmp_path / "r.raw", check=False)
+    assert "-O qcow2" in out, out
