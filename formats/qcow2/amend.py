@@ -1,9 +1,13 @@
-"""``tapnbd amend``: change a qcow2 image's version or lazy refcounts in place
-(qemu-img amend).
+"""``tapnbd amend``: change a qcow2 image's version, refcount width or lazy refcounts in
+place (qemu-img amend).
 
 What changes, and how it stays crash-safe:
 
 - ``lazy_refcounts`` (version 3) is one bit of ``compatible_features``: one 8-byte write.
+- ``refcount_bits`` (version 3): new refcount structures of the new width are counted
+  from every reference and written past the end of the file, then the header switches
+  to them with one sector write (``formats.qcow2.rebuild``), done first when other keys
+  are given too.
 - ``compat`` (0.10 is version 2, 1.1 version 3) moves everything after the header by 40
   bytes. The new header, its extensions and the backing name are written as one
   512-byte sector, the unit a disk writes whole, so a power cut leaves the old header or
@@ -13,8 +17,8 @@ What changes, and how it stays crash-safe:
 A downgrade is refused where version 2 cannot say what the image holds: zero clusters
 (qemu writes them out), a refcount width other than 16 bits, any feature bit, or a
 dirty image. An upgrade is refused if a snapshot lacks the 16 bytes of extra data that
-version 3 requires. Everything else (refcount_bits, size, the backing file) is refused
-by name, with the command that does it. The image's lock is taken first.
+version 3 requires. Everything else (size, the backing file) is refused by name, with
+the command that does it. The image's lock is taken first.
 
 References: QEMU docs/interop/qcow2.txt; block/qcow2.c ``qcow2_amend_options``.
 """
@@ -25,8 +29,9 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from formats.engine.tables import be_array
-from formats.qcow2.create import parse_bool, parse_compat
+from formats.qcow2.create import Qcow2Options, parse_bool, parse_compat
 from formats.qcow2.layout import (
+    MAX_REFCOUNT_ORDER,
     OFFSET_MASK,
     OFLAG_COMPRESSED,
     OFLAG_ZERO,
@@ -45,9 +50,8 @@ if TYPE_CHECKING:
 #: The byte offset of compatible_features (version 3).
 COMPATIBLE_OFFSET = 80
 #: Keys amend changes, and what to use for the ones qemu-img amend takes but we don't.
-AMEND_KEYS = ("compat", "lazy_refcounts")
+AMEND_KEYS = ("compat", "lazy_refcounts", "refcount_bits")
 _ELSEWHERE = {
-    "refcount_bits": "convert -O qcow2 -o refcount_bits=N",
     "size": "resize",
     "backing_file": "rebase -u",
     "backing_fmt": "rebase -u",
@@ -67,6 +71,21 @@ async def amend_qcow2(path: str, opts: dict[str, str], *, share: bool = False) -
             raise ImageError(
                 f"amend -o {key}: unknown option (qcow2 takes {', '.join(AMEND_KEYS)})"
             )
+    changed: list[str] = []
+    if "refcount_bits" in opts:
+        bits = Qcow2Options.from_keys({"refcount_bits": opts["refcount_bits"]}).refcount_bits
+        order = bits.bit_length() - 1
+        if bits != 1 << order or order > MAX_REFCOUNT_ORDER:
+            raise ImageError(f"-o refcount_bits={bits}: a power of two from 1 to 64")
+        if bits != 16 and parse_compat(opts.get("compat", "1.1")) != "1.1":
+            raise ImageError("refcount_bits other than 16 needs compat 1.1 (version 3)")
+        async with rewritable(path, share=share) as (child, meta):
+            was = 1 << meta.header.refcount_order
+            if bits != was:
+                if meta.header.version < 3:
+                    raise ImageError("refcount_bits other than 16 needs compat 1.1 (version 3)")
+                await _change_refcount_order(child, meta, order, path)
+                changed.append(f"refcount bits {was} -> {bits}")
     async with rewritable(path, share=share) as (child, meta):
         h = meta.header
         version = h.version
@@ -80,7 +99,6 @@ async def amend_qcow2(path: str, opts: dict[str, str], *, share: bool = False) -
         features = (h.compatible_features & ~Compatible.LAZY_REFCOUNTS) | (
             Compatible.LAZY_REFCOUNTS if lazy else 0
         )
-        changed: list[str] = []
         if version != h.version:
             await _change_version(child, meta, version, features, path)
             changed.append(f"version {h.version} -> {version}")
@@ -92,6 +110,20 @@ async def amend_qcow2(path: str, opts: dict[str, str], *, share: bool = False) -
         ):
             changed.append(f"lazy refcounts {'on' if lazy else 'off'}")
         return changed
+
+
+async def _change_refcount_order(child: Driver, meta: Qcow2Meta, order: int, path: str) -> None:
+    """New refcount structures of the new width, counted from every reference, and a
+    header switched to them in one sector (``formats.qcow2.rebuild``): qemu-img amend
+    rewrites them in place, this writes them beside the old ones. A width too narrow
+    for the image's sharing is refused before any write."""
+    from array import array
+
+    from formats.qcow2.rebuild import NewState, kept_snapshots, switch
+
+    state = NewState(array("Q", meta.l1), meta.header.size, await kept_snapshots(child, meta))
+    state.refcount_order = order
+    await switch(child, meta, state, path)
 
 
 async def _change_version(

@@ -80,6 +80,8 @@ class NewState:
     size: int
     snapshots: list[tuple[bytes, array[int], int | None]] = field(default_factory=list)
     bitmaps: list[NewBitmap] | None = None
+    #: A new refcount width (amend -o refcount_bits), as an order; None keeps it.
+    refcount_order: int | None = None
 
 
 async def kept_bitmaps(child: Driver, meta: Qcow2Meta) -> list[NewBitmap]:
@@ -195,7 +197,7 @@ async def switch(child: Driver, meta: Qcow2Meta, state: NewState, path: str) -> 
         bm_writes.append((ext.directory_offset, directory))
     else:
         ext = meta.bitmaps_ext if directory else None
-    order = h.refcount_order
+    order = h.refcount_order if state.refcount_order is None else state.refcount_order
     rt_clusters, blocks = covering(lay.next >> cb, cb, order)
     rt_off = lay.take(rt_clusters * cs)
     blocks_off = lay.take(blocks * cs)
@@ -313,6 +315,7 @@ async def switch(child: Driver, meta: Qcow2Meta, state: NewState, path: str) -> 
         nb_snapshots=len(snaps),
         snapshots_offset=table_off,
         autoclear_features=Autoclear.BITMAPS if ext is not None else 0,
+        refcount_order=order,
     )
     head = bytes(await child.pread(0, min(cs, file_size)))
     if ext is meta.bitmaps_ext:  # the extensions stay: only the fixed header changes

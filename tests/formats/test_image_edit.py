@@ -735,6 +735,9 @@ def test_commit_grows_a_smaller_base_as_qemu_img(tmp_path: Path) -> None:
         ("compat=1.1", "lazy_refcounts=on"),
         ("compat=1.1,lazy_refcounts=on", "lazy_refcounts=off"),
         ("compat=1.1,lazy_refcounts=on", "lazy_refcounts=off,compat=0.10"),
+        ("compat=1.1", "refcount_bits=8"),
+        ("compat=1.1", "refcount_bits=2,lazy_refcounts=on"),
+        ("compat=1.1,refcount_bits=64", "refcount_bits=16,compat=0.10"),
     ],
 )
 def test_amend_matches_qemu_img(tmp_path: Path, create: str, opts: str) -> None:
@@ -784,7 +787,9 @@ def test_amend_upgrade_keeps_internal_snapshots(tmp_path: Path) -> None:
         ("refcount_bits=8", "", "compat=0.10", "refcount_bits 8"),
         ("compat=1.1,lazy_refcounts=on", "", "compat=0.10", "lazy_refcounts needs compat 1.1"),
         ("compat=0.10", "", "lazy_refcounts=on", "lazy_refcounts needs compat 1.1"),
-        ("compat=1.1", "", "refcount_bits=8", "convert -O qcow2 -o refcount_bits"),
+        ("compat=1.1", "", "refcount_bits=3", "a power of two from 1 to 64"),
+        ("compat=0.10", "", "refcount_bits=8", "needs compat 1.1"),
+        ("compat=1.1", "", "refcount_bits=8,compat=0.10", "needs compat 1.1"),
         ("compat=1.1", "", "size=8M", "use tapnbd resize"),
         ("compat=1.1", "", "compat=2", "compat=2"),
         ("compat=1.1", "", "lazy_refcounts=maybe", "lazy_refcounts=maybe"),
@@ -844,7 +849,24 @@ def test_amend_of_a_dirty_or_foreign_image_is_refused(tmp_path: Path) -> None:
     assert r.returncode == 1 and "this one is raw" in r.stderr, r.stderr
 
 
-@pytest.mark.parametrize("opts", ["compat=0.10", "compat=1.1,lazy_refcounts=on"])
+def test_amend_refuses_a_refcount_width_too_narrow_for_the_sharing(tmp_path: Path) -> None:
+    """A snapshot shares every cluster: a 1-bit refcount cannot say 2 (qemu-img amend
+    refuses it too), and nothing is written."""
+    top = qcreate(tmp_path / "top.qcow2", "qcow2", 4 * MiB)
+    qwrite(top, "qcow2", "write -P 5 0 64k")
+    qemu_img("snapshot", "-c", "s1", top)
+    before = top.read_bytes()
+    r = tapnbd("amend", "-o", "refcount_bits=1", top, check=False)
+    assert r.returncode == 1 and "refcount_bits 1 cannot count" in r.stderr, r.stderr
+    assert top.read_bytes() == before
+    tapnbd("amend", "-q", "-o", "refcount_bits=2", top)
+    info = qinfo(top, "qcow2")
+    assert info["format-specific"]["data"]["refcount-bits"] == 2  # type: ignore[index]
+    assert [s["name"] for s in info["snapshots"]] == ["s1"]  # type: ignore[attr-defined]
+    qemu_img("check", "-f", "qcow2", top)
+
+
+@pytest.mark.parametrize("opts", ["compat=0.10", "compat=1.1,lazy_refcounts=on", "refcount_bits=4"])
 def test_amend_survives_a_power_cut_anywhere(tmp_path: Path, seed: int, opts: str) -> None:
     """Every crash state of an amend (the power-loss model: durable writes, any subset of
     the rest, torn at sectors) is the old image or the new one: qemu-img opens it, checks
@@ -859,7 +881,7 @@ def test_amend_survives_a_power_cut_anywhere(tmp_path: Path, seed: int, opts: st
 
     base = qcreate(tmp_path / "base.raw", "raw", 4 * MiB)
     qwrite(base, "raw", "write -P 1 0 4M")
-    create = "compat=1.1" if opts == "compat=0.10" else "compat=0.10"
+    create = "compat=0.10" if "compat=1.1" in opts else "compat=1.1"
     top = qcreate(
         tmp_path / "top.qcow2", "qcow2", None, "-b", "base.raw", "-F", "raw", "-o", create
     )
