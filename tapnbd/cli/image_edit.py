@@ -150,14 +150,15 @@ def amend_cmd(
             "-o",
             "--options",
             metavar="OPTS",
-            help="key=value,...: compat (0.10 or 1.1) and lazy_refcounts (on or off).",
+            help="key=value,...: compat (0.10 or 1.1), lazy_refcounts (on or off) and "
+            "refcount_bits (1 to 64).",
         ),
     ],
     fmt: FormatOpt = "auto",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No message.")] = False,
     force_share: ForceShareOpt = False,
 ) -> None:
-    """Change a qcow2 image's version or lazy refcounts in place (qemu-img amend)."""
+    """Change a qcow2 image's version, refcount width or lazy refcounts in place (qemu-img amend)."""
     from formats.qcow2.amend import amend_qcow2
     from formats.rebase import image_format
     from tapnbd.cli.image_flags import parse_options
