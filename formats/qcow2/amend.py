@@ -170,6 +170,8 @@ async def _refuse_downgrade(child: Driver, meta: Qcow2Meta, path: str) -> None:
         raise ImageError(
             f"{path}: refcount_bits {1 << h.refcount_order}: version 2 has 16-bit refcounts only"
         )
+    if h.crypt_method == 2:
+        raise ImageError(f"{path}: crypt_method 2 (LUKS) needs version 3")
     if h.incompatible_features or h.autoclear_features:
         raise ImageError(
             f"{path}: incompatible_features 0x{h.incompatible_features:x}, autoclear_features "

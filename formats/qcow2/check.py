@@ -28,7 +28,7 @@ from formats.qcow2.layout import (
     parse_snapshot,
     snapshot_entry_end,
 )
-from formats.qcow2.meta import Qcow2Meta, read_meta
+from formats.qcow2.meta import Qcow2Meta, check_walkable, read_meta
 from formats.qcow2.refcount import decode_block, encode_block, entries_per_block, max_refcount
 from formats.raw import RawDriver
 from tapnbd.errors import ImageError, InvalidImageError
@@ -61,6 +61,7 @@ async def check_qcow2(
     fixes: dict[int, int] = {}
     try:
         meta = await read_meta(child)
+        check_walkable(meta, path)
         h, cs, cb = meta.header, meta.cluster_size, meta.cluster_bits
         res.cluster_size = cs
         file_size = meta.file_size
@@ -75,6 +76,8 @@ async def check_qcow2(
             return True
 
         add(0, cs, "header")
+        if meta.crypto_area is not None:
+            add(*meta.crypto_area, "crypto header")
         add(h.refcount_table_offset, h.refcount_table_clusters * cs, "refcount table")
         if h.nb_snapshots:
             data = bytes(

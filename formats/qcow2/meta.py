@@ -11,6 +11,7 @@ References: QEMU docs/interop/qcow2.txt; QEMU block/qcow2.c ``qcow2_do_open``.
 
 from __future__ import annotations
 
+import struct
 from array import array
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -69,6 +70,8 @@ class Qcow2Meta:
     #: bitmaps its directory lists.
     bitmaps_ext: BitmapsExt | None = None
     bitmaps: list[Bitmap] = field(default_factory=list)
+    #: (offset, length) of an encrypted image's crypto header (LUKS), in its clusters.
+    crypto_area: tuple[int, int] | None = None
 
     @property
     def cluster_bits(self) -> int:
@@ -88,6 +91,24 @@ def l1_entries_needed(size: int, cluster_bits: int) -> int:
 def feature_name(meta_names: dict[tuple[int, int], str], ftype: int, bit: int) -> str:
     known = (INCOMPATIBLE_NAMES if ftype == 0 else AUTOCLEAR_NAMES).get(bit)
     return meta_names.get((ftype, bit)) or known or f"unknown feature bit {bit}"
+
+
+def check_walkable(meta: Qcow2Meta, path: str) -> None:
+    """Refuse, by name, what the tools that count every reference cannot walk (check,
+    snapshot, bitmap, amend): they would call its clusters leaks, or free them. An
+    external data file holds the data clusters elsewhere, extended L2 entries are 16
+    bytes, and an unknown bit may mean anything."""
+    bits = meta.header.incompatible_features
+    for bit in range(64):
+        if bits & (1 << bit) and bit not in (0, 1, 3):  # dirty, corrupt, compression type
+            raise UnsupportedImageError(
+                f"{path}: incompatible feature '{feature_name(meta.feature_names, 0, bit)}' "
+                f"(incompatible_features bit {bit}) is not supported here"
+            )
+    if Ext.DATA_FILE in meta.extensions:
+        raise UnsupportedImageError(
+            f"{path}: header extension 'external data file' is not supported here"
+        )
 
 
 def check_features(meta: Qcow2Meta, read_only: bool) -> None:
@@ -286,6 +307,12 @@ def _read_extensions(meta: Qcow2Meta, head: bytes, cs: int) -> None:
             meta.backing_format = data.decode("ascii", "replace")
         elif ext_type == Ext.FEATURE_TABLE:
             meta.feature_names = parse_feature_names(data)
+        elif ext_type == Ext.CRYPTO:
+            if len(data) < 16:
+                raise InvalidImageError(f"crypto header extension: length {len(data)}, not 16")
+            off, n = struct.unpack_from(">QQ", data)
+            _check_area("crypto header offset", off, n, cs, meta.file_size)
+            meta.crypto_area = (off, n)
         elif ext_type == Ext.BITMAPS and meta.header.autoclear_features & Autoclear.BITMAPS:
             # Without its autoclear bit the extension is stale: ignored, as qemu does.
             meta.bitmaps_ext = parse_ext(data, cs, meta.file_size)

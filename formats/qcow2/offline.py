@@ -22,7 +22,7 @@ from formats.qcow2.layout import (
     Qcow2Header,
     build_extension,
 )
-from formats.qcow2.meta import Qcow2Meta, header_extensions, read_meta
+from formats.qcow2.meta import Qcow2Meta, check_walkable, header_extensions, read_meta
 from formats.raw import RawDriver
 from tapnbd.errors import ImageError
 
@@ -48,6 +48,7 @@ async def rewritable(path: str, *, share: bool = False) -> AsyncIterator[tuple[D
             raise ImageError(f"{path}: the dirty bit is set; run tapnbd check --repair first")
         if bits & Incompatible.CORRUPT:
             raise ImageError(f"{path}: qemu marked the image corrupt; repair it first")
+        check_walkable(meta, path)
         yield child, meta
     finally:
         await child.close()

@@ -23,6 +23,7 @@ References: QEMU docs/interop/qcow2.txt; block/qcow2-snapshot.c, block/qcow2-bit
 
 from __future__ import annotations
 
+import errno
 from array import array
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
@@ -242,6 +243,8 @@ async def switch(child: Driver, meta: Qcow2Meta, state: NewState, path: str) -> 
                     add(off, cs, f"{what} data cluster")
 
     add(0, cs, "header")
+    if meta.crypto_area is not None:
+        add(*meta.crypto_area, "crypto header")
     add(rt_off, rt_clusters * cs, "refcount table")
     add(blocks_off, blocks * cs, "refcount blocks")
     if table:
@@ -324,8 +327,29 @@ async def switch(child: Driver, meta: Qcow2Meta, state: NewState, path: str) -> 
         sector[: len(fixed)] = fixed
         await child.pwrite(0, bytes(sector))
         await child.flush()
-        return
-    one = header_sector(path, meta, head, header, {Ext.BITMAPS: ext.build() if ext else None})
-    await child.pwrite(0, one)
-    await child.flush()
-    await clear_tail(child, meta, head)
+    else:
+        one = header_sector(path, meta, head, header, {Ext.BITMAPS: ext.build() if ext else None})
+        await child.pwrite(0, one)
+        await child.flush()
+        await clear_tail(child, meta, head)
+    await _punch_free(child, refs, cb, file_size)
+
+
+async def _punch_free(child: Driver, refs: array[int], cb: int, file_size: int) -> None:
+    """Give back the space of the clusters nothing names any more (the old state's
+    tables among them): they read as zeros from then on, and the file keeps its length.
+    Only once the switch is durable, so the old state is never needed again."""
+    end = -(-file_size >> cb)
+    c = 0
+    while c < end:
+        if refs[c]:
+            c += 1
+            continue
+        start = c
+        while c < end and not refs[c]:
+            c += 1
+        try:
+            await child.trim(start << cb, (c - start) << cb)
+        except OSError as e:
+            if e.errno not in (errno.ENOTSUP, errno.EOPNOTSUPP):
+                raise
