@@ -10,6 +10,16 @@ import typer
 ProbedFormatOpt = Annotated[
     str, typer.Option("--format", "-f", help="auto (probed), raw, qcow, qcow2 or vhd (vpc).")
 ]
+BitmapOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--bitmap",
+        "-B",
+        metavar="NAME",
+        help="Offer the qcow2 image's persistent dirty bitmap NAME as the "
+        "qemu:dirty-bitmap:NAME block status context (qemu-nbd -B); repeatable.",
+    ),
+]
 SnapshotOpt = Annotated[
     str | None,
     typer.Option(

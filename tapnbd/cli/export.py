@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from tapnbd.cli._control import StateDirOpt, connect, human_size, image_spec, report
-from tapnbd.cli._image_opts import ProbedFormatOpt, SnapshotOpt
+from tapnbd.cli._image_opts import BitmapOpt, ProbedFormatOpt, SnapshotOpt
 from tapnbd.cli.app import PLAIN, app, errors_as_exit
 from tapnbd.control.messages import (
     ExportAddReply,
@@ -31,17 +31,25 @@ def add_cmd(
     read_only: Annotated[bool, typer.Option("--read-only", "-r", help="Refuse writes.")] = False,
     fmt: ProbedFormatOpt = "auto",
     snapshot: SnapshotOpt = None,
+    bitmap: BitmapOpt = None,
     state_dir: StateDirOpt = None,
 ) -> None:
     """Export an image from the daemon; print its NBD URIs."""
     with errors_as_exit(), connect(state_dir) as conn:
         req = ExportAddRequest(
-            image=image_spec(image), name=name, read_only=read_only, format=fmt, snapshot=snapshot
+            image=image_spec(image),
+            name=name,
+            read_only=read_only,
+            format=fmt,
+            snapshot=snapshot,
+            bitmaps=bitmap or [],
         )
         export = conn.call(req, ExportAddReply).export
     mode = "read-only" if export.read_only else "read-write"
     if export.snapshot is not None:
         mode = f"snapshot {export.snapshot!r}, {mode}"
+    if export.bitmaps:
+        mode += f", bitmaps {', '.join(export.bitmaps)}"
     report(
         f"exported {export.image} as {export.name!r} "
         f"({export.format}, {human_size(export.size)}, {mode})"

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from tapnbd import runtime
-from tapnbd.cli._image_opts import ProbedFormatOpt, SnapshotOpt
+from tapnbd.cli._image_opts import BitmapOpt, ProbedFormatOpt, SnapshotOpt
 from tapnbd.cli._server_opts import PollUsOpt
 from tapnbd.cli._trust import (
     AllowBlockOpt,
@@ -41,16 +41,7 @@ def serve_cmd(
     name: Annotated[str | None, typer.Option(help="Export name, for a single image.")] = None,
     read_only: Annotated[bool, typer.Option("--read-only", "-r", help="Refuse writes.")] = False,
     fmt: ProbedFormatOpt = "auto",
-    bitmap: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--bitmap",
-            "-B",
-            metavar="NAME",
-            help="Export the qcow2 image's persistent dirty bitmap NAME as the "
-            "qemu:dirty-bitmap:NAME block status context (qemu-nbd -B); repeatable.",
-        ),
-    ] = None,
+    bitmap: BitmapOpt = None,
     description: Annotated[str, typer.Option(help="Export description.")] = "",
     bind: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[

@@ -70,6 +70,7 @@ class Exports:
         self.origin: dict[str, str] = {}  # export name -> "export" | "attach"
         self.formats: dict[str, str] = {}  # export name -> format asked for
         self.snapshots: dict[str, str] = {}  # export name -> qcow2 snapshot served
+        self.bitmaps: dict[str, list[str]] = {}  # export name -> dirty bitmaps offered
         #: Whether NBD clients may see image paths in descriptions (``--expose-paths``).
         self.expose_paths = False
 
@@ -87,6 +88,7 @@ class Exports:
         fmt: str,
         origin: str,
         snapshot: str | None = None,
+        bitmaps: list[str] | None = None,
     ) -> Export:
         # A snapshot opens read-only, so the Backend is read-only too.
         driver = await open_image(image, fmt=fmt, read_only=read_only, snapshot=snapshot)
@@ -95,7 +97,9 @@ class Exports:
             backend.stats.enabled = self.stats_enabled
             # NBD_INFO_DESCRIPTION and LIST reach every client: no path unless configured.
             shown = image if self.expose_paths else name
-            export = Export(name, backend, image, f"{shown} ({driver.name})")
+            export = Export(
+                name, backend, image, f"{shown} ({driver.name})", bitmaps=tuple(bitmaps or ())
+            )
             self.registry.add(export)
         except BaseException:
             await driver.close()
@@ -104,6 +108,8 @@ class Exports:
         self.formats[name] = driver.name  # what was opened, never "auto": no re-probe
         if snapshot is not None:
             self.snapshots[name] = snapshot
+        if bitmaps:
+            self.bitmaps[name] = list(bitmaps)
         return export
 
     async def remove(self, export: Export) -> None:
@@ -120,6 +126,7 @@ class Exports:
         self.origin.pop(export.name, None)
         self.formats.pop(export.name, None)
         self.snapshots.pop(export.name, None)
+        self.bitmaps.pop(export.name, None)
         await export.backend.close()
 
     def attach_target(self, req: AttachRequest, taken: set[str]) -> tuple[Export | None, str, str]:
@@ -194,6 +201,7 @@ class Exports:
             uris=self.uris(export),
             origin=cast("Any", self.origin.get(export.name, "export")),
             snapshot=self.snapshots.get(export.name),
+            bitmaps=self.bitmaps.get(export.name, []),
         )
 
     def stats(self, export: Export) -> ExportStats:

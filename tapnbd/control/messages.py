@@ -90,6 +90,8 @@ class ExportRecord(Record, kw_only=True):
     origin: Origin = "export"
     #: The internal qcow2 snapshot served (read-only), if any.
     snapshot: str | None = None
+    #: Persistent dirty bitmaps offered as qemu:dirty-bitmap:NAME contexts.
+    bitmaps: list[str] = []
     size: int = 0
     #: NBD connections other than the ones carrying attachments.
     clients: int = 0
@@ -190,6 +192,7 @@ class ExportAddRequest(Request, tag="export_add"):
     read_only: bool = False
     format: str = "auto"
     snapshot: str | None = None
+    bitmaps: list[str] = []
 
 
 class ExportRemoveReply(Reply, tag="export_remove_reply"):

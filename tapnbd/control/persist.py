@@ -23,6 +23,7 @@ def snapshot(exports: Exports, attachments: list[Attachment]) -> State:
                 read_only=e.backend.read_only,
                 origin=cast("Any", exports.origin.get(e.name, "export")),
                 snapshot=exports.snapshots.get(e.name),
+                bitmaps=exports.bitmaps.get(e.name, []),
             )
             for e in exports
         ],
@@ -42,7 +43,13 @@ async def restore_exports(previous: State, exports: Exports) -> list[str]:
             continue  # made by an attach that is gone now
         try:
             await exports.open(
-                entry.image, entry.name, entry.read_only, entry.format, "export", entry.snapshot
+                entry.image,
+                entry.name,
+                entry.read_only,
+                entry.format,
+                "export",
+                entry.snapshot,
+                entry.bitmaps,
             )
         except (TapnbdError, OSError) as e:
             notes.append(f"could not restore export {entry.name!r} ({entry.image}): {e}")

@@ -465,3 +465,31 @@ def test_a_recorded_data_path_directory_outside_ours_is_never_deleted(tap: Tapnb
     assert started.returncode == 0, started.stderr
     assert started.stderr.count("ignored a recorded data-path directory") == 2
     assert (victim / "keep.txt").read_text() == "mine\n"
+
+
+def test_export_add_offers_a_bitmap_and_keeps_it_across_a_restart(tap: Tapnbd) -> None:
+    """``export add -B NAME`` (qemu-nbd's -B): the daemon's export offers the bitmap,
+    keeps it up to date while it writes, and offers it again once restored."""
+    image = tap.base / "b.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "8M"], check=True)
+    subprocess.run(["qemu-img", "bitmap", "--add", str(image), "b0"], check=True)
+    err = tap.fails("export", "add", str(image), "-B", "nope")
+    assert "no usable persistent bitmap named 'nope'" in err, err
+    uri = unix_uri(tap.ok("export", "add", str(image), "--name", "b", "-B", "b0"))
+    qemu_io(uri, "write 1M 4k")
+
+    def dirty() -> list[str]:
+        out = subprocess.run(
+            ["nbdinfo", "--map=qemu:dirty-bitmap:b0", uri],
+            capture_output=True, text=True, check=True,
+        ).stdout  # fmt: skip
+        return [line.split()[3] for line in out.splitlines()]
+
+    assert dirty() == ["clean", "dirty", "clean"]
+    listed = json.loads(tap.ok("list", "--json"))
+    assert next(e for e in listed["exports"] if e["name"] == "b")["bitmaps"] == ["b0"]
+    stopped = tap.run("daemon", "stop")
+    assert stopped.returncode == 0, stopped.stderr
+    restored = tap.run("list", "--json")
+    assert "restored export 'b'" in restored.stderr, restored.stderr
+    assert dirty() == ["clean", "dirty", "clean"]  # stored at stop, read back at restore
