@@ -154,3 +154,12 @@ def crash_states(
     for st in rec.states(rng, count):
         state.write_bytes(rec.materialise(st))
         yield f"seed={seed} point={st.point} ({st.how})"
+
+
+def tapnbd_out(*args: str | Path, check: bool = True) -> str:
+    """Run ``tapnbd ARGS``: its stdout and stderr together (it must succeed, unless
+    ``check`` is false)."""
+    r = helpers.run(helpers.tapnbd_cmd(*map(str, args)), check=False)
+    if check:
+        assert r.returncode == 0, r.stdout + r.stderr
+    return r.stdout + r.stderr

@@ -20,6 +20,7 @@ import pytest
 from formats.qcow2 import bitmap_edit
 from formats.qcow2.bitmap_edit import Op, merge_bits
 from tests.formats.qcow_util import crash_states, need, patch, qemu_img
+from tests.formats.qcow_util import tapnbd_out as tapnbd
 from tests.helpers import nbdsh_script, qemu_io, run, start_server, tapnbd_cmd
 
 MiB = 1 << 20
@@ -29,13 +30,6 @@ SIZE = 8 * MiB
 @pytest.fixture(autouse=True)
 def _tools() -> None:
     need("qemu-img", "qemu-io", "qemu-nbd", "nbdinfo")
-
-
-def tapnbd(*args: str | Path, check: bool = True) -> str:
-    r = run(tapnbd_cmd(*map(str, args)), check=False)
-    if check:
-        assert r.returncode == 0, r.stdout + r.stderr
-    return r.stdout + r.stderr
 
 
 def make(path: Path, *opts: str) -> Path:

@@ -18,6 +18,7 @@ import pytest
 
 from formats.qcow2 import snapshot_edit
 from tests.formats.qcow_util import crash_states, need, patch, qemu_img
+from tests.formats.qcow_util import tapnbd_out as tapnbd
 from tests.helpers import qemu_io, run, start_server, tapnbd_cmd
 
 MiB = 1 << 20
@@ -27,13 +28,6 @@ SIZE = 8 * MiB
 @pytest.fixture(autouse=True)
 def _tools() -> None:
     need("qemu-img", "qemu-io")
-
-
-def tapnbd(*args: str | Path, check: bool = True) -> str:
-    r = run(tapnbd_cmd(*map(str, args)), check=False)
-    if check:
-        assert r.returncode == 0, r.stderr
-    return r.stdout + r.stderr
 
 
 def make(path: Path, *opts: str) -> Path:

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from tests.formats.qcow_util import need, qemu_img
-from tests.helpers import qemu_io, run, tapnbd_cmd
+from tests.formats.qcow_util import tapnbd_out as tapnbd
+from tests.helpers import qemu_io, run
 
 SECRET = "secret,id=sec0,data=123456"
 
@@ -19,13 +20,6 @@ SECRET = "secret,id=sec0,data=123456"
 @pytest.fixture(autouse=True)
 def _tools() -> None:
     need("qemu-img", "qemu-io")
-
-
-def tapnbd(*args: str | Path, check: bool = True) -> str:
-    r = run(tapnbd_cmd(*map(str, args)), check=False)
-    if check:
-        assert r.returncode == 0, r.stdout + r.stderr
-    return r.stdout + r.stderr
 
 
 def qemu_check(img: Path) -> None:
