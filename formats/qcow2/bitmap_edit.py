@@ -81,7 +81,7 @@ async def edit_bitmap(
         async def bits_of(nb: NewBitmap) -> bytearray:
             if nb.bits is not None:
                 return bytearray(nb.bits)
-            return await read_bits(child, nb.bitmap, size, cs, meta.file_size)
+            return await read_bits(child, nb.bitmap, size, cs, meta.file_size, nb.table)
 
         def usable(what: str) -> NewBitmap:
             nb = bitmaps.get(what)
