@@ -11,25 +11,23 @@ active entry whose refcount isn't 1, or a pointer past the end of the file. Exit
 from __future__ import annotations
 
 import os
+from array import array
 from collections import Counter
 from dataclasses import dataclass
 
 from formats.engine.checks import CheckResult
 from formats.engine.tables import be_array
-from formats.qcow2.bitmaps import data_clusters, read_table
+from formats.qcow2.bitmaps import read_table
 from formats.qcow2.layout import (
     INCOMPATIBLE_OFFSET,
-    L2E_RESERVED,
     OFFSET_MASK,
-    OFLAG_COMPRESSED,
-    OFLAG_COPIED,
     Incompatible,
-    compressed_span,
     parse_snapshot,
     snapshot_entry_end,
 )
 from formats.qcow2.meta import Qcow2Meta, check_walkable, read_meta
 from formats.qcow2.refcount import decode_block, encode_block, entries_per_block, max_refcount
+from formats.qcow2.references import Bad, Kind, bitmap_refs, header_refs, l1_refs
 from formats.raw import RawDriver
 from tapnbd.errors import ImageError, InvalidImageError
 
@@ -75,9 +73,8 @@ async def check_qcow2(
                 refs[c] += 1
             return True
 
-        add(0, cs, "header")
-        if meta.crypto_area is not None:
-            add(*meta.crypto_area, "crypto header")
+        for ref in header_refs(meta):
+            add(ref.off, ref.length, ref.what)
         add(h.refcount_table_offset, h.refcount_table_clusters * cs, "refcount table")
         if h.nb_snapshots:
             data = bytes(
@@ -88,19 +85,22 @@ async def check_qcow2(
                 last = pos
                 _snap, pos = parse_snapshot(data, pos)
             add(h.snapshots_offset, snapshot_entry_end(data, last), "snapshot table")
-        if meta.bitmaps_ext is not None:  # valid: read_meta checked the directory
-            ext = meta.bitmaps_ext
-            add(ext.directory_offset, ext.directory_size, "bitmap directory")
-            for bm in meta.bitmaps:
-                try:
-                    table = await read_table(child, bm, cs, file_size)
-                except InvalidImageError as err:
-                    res.corrupt(str(err))
-                    continue
-                add(bm.table_offset, bm.table_size * 8, f"bitmap {bm.name!r} table")
-                for off in data_clusters(table):
-                    add(off, cs, f"bitmap {bm.name!r} data cluster")
-        tables: dict[int, object] = {}
+        bitmap_tables = []
+        for bm in meta.bitmaps:  # valid: read_meta checked the directory
+            try:
+                bitmap_tables.append((bm, await read_table(child, bm, cs, file_size)))
+            except InvalidImageError as err:
+                res.corrupt(str(err))
+        for ref in bitmap_refs(meta.bitmaps_ext, bitmap_tables, cs):
+            add(ref.off, ref.length, ref.what)
+        tables: dict[int, array[int]] = {}
+
+        async def read_l2(off: int) -> array[int]:
+            t = tables.get(off)
+            if t is None:
+                t = tables[off] = be_array(await child.pread(off, cs))
+            return t
+
         copied_checks: list[tuple[int, str]] = []
         l1s = [(meta.l1, h.l1_table_offset, True, "active")]
         for s in meta.snapshots:
@@ -112,43 +112,20 @@ async def check_qcow2(
         for l1, l1_off, active, name in l1s:
             if len(l1):
                 add(l1_off, len(l1) * 8, f"{name} L1 table")
-            for i, e in enumerate(l1):
-                l2off = e & OFFSET_MASK
-                if not l2off:
+            async for item in l1_refs(l1, read_l2, meta, name):
+                if isinstance(item, Bad):
+                    res.corrupt(item.message)
                     continue
-                if l2off % cs or not add(l2off, cs, f"{name} L1 entry {i}: L2 table"):
-                    res.corrupt(f"{name} L1 entry {i} (0x{e:x}) is invalid")
+                ref = item
+                add(ref.off, ref.length, ref.what)
+                if not active:
                     continue
-                if active and e & OFLAG_COPIED:
-                    copied_checks.append((l2off >> cb, f"L1 entry {i}: L2 table 0x{l2off:x}"))
-                t = tables.get(l2off)
-                if t is None:
-                    t = tables[l2off] = be_array(await child.pread(l2off, cs))
-                assert isinstance(t, type(l1))
-                for j, le in enumerate(t):
-                    if not le:
-                        continue
-                    if le & OFLAG_COMPRESSED:
-                        off, n = compressed_span(le, cb)
-                        n = min(n, file_size - off) if off < file_size else n
-                        add(off, n, f"{name} compressed cluster")
-                        if active:
-                            res.allocated_clusters += 1
-                            res.compressed_clusters += 1
-                        continue
-                    if le & L2E_RESERVED:
-                        res.corrupt(f"L2 table 0x{l2off:x} entry {j} (0x{le:x}): reserved bits set")
-                        continue
-                    off = le & OFFSET_MASK
-                    if not off:
-                        continue
-                    if off % cs or not add(off, cs, f"{name} data cluster"):
-                        res.corrupt(f"L2 table 0x{l2off:x} entry {j} (0x{le:x}) is invalid")
-                        continue
-                    if active:  # a zero cluster that keeps its cluster counts (as qemu's)
-                        res.allocated_clusters += 1
-                    if active and le & OFLAG_COPIED:
-                        copied_checks.append((off >> cb, f"data cluster 0x{off:x}"))
+                if ref.kind is not Kind.L2:  # a zero cluster that keeps its cluster counts
+                    res.allocated_clusters += 1
+                if ref.kind is Kind.COMPRESSED:
+                    res.compressed_clusters += 1
+                elif ref.copied:
+                    copied_checks.append((ref.off >> cb, f"{ref.what} 0x{ref.off:x}"))
 
         # The refcounts as stored.
         per_block = entries_per_block(cb, h.refcount_order)

@@ -33,12 +33,10 @@ from formats.qcow2.bitmaps import (
     MAX_DIRECTORY,
     Bitmap,
     BitmapsExt,
-    data_clusters,
     read_table,
     table_entries,
 )
 from formats.qcow2.layout import (
-    L2E_RESERVED,
     MAX_SNAPSHOTS_BYTES,
     OFFSET_MASK,
     OFLAG_COMPRESSED,
@@ -48,11 +46,11 @@ from formats.qcow2.layout import (
     Autoclear,
     Ext,
     Snapshot,
-    compressed_span,
     parse_snapshot,
 )
 from formats.qcow2.offline import SECTOR, clear_tail, header_sector
 from formats.qcow2.refcount import covering, decode_block, encode_block, max_refcount
+from formats.qcow2.references import Bad, Kind, bitmap_refs, header_refs, l1_refs
 from formats.qcow2.snapshot import snapshot_meta
 from tapnbd.errors import ImageError, InvalidImageError
 
@@ -213,38 +211,17 @@ async def switch(child: Driver, meta: Qcow2Meta, state: NewState, path: str) -> 
         for c in range(off >> cb, ((off + n - 1) >> cb) + 1):
             refs[c] += 1
 
-    async def walk(l1: array[int], what: str) -> None:
-        """Count what the L2 tables of ``l1`` name (their own clusters are counted by the
-        caller: the active state's are copies)."""
-        for i, e in enumerate(l1):
-            l2off = e & OFFSET_MASK
-            if not l2off:
-                continue
-            if l2off % cs or l2off + cs > file_size:
-                raise InvalidImageError(f"{what} L1 entry {i} (0x{e:x}) is invalid")
-            for j, le in enumerate(await l2(l2off)):
-                if le & OFLAG_COMPRESSED:
-                    off, n = compressed_span(le, cb)
-                    if off < cs:  # inside the header cluster: as the driver refuses it
-                        raise InvalidImageError(
-                            f"L2 table 0x{l2off:x} entry {j} (0x{le:x}): compressed data "
-                            "in the header cluster"
-                        )
-                    add(off, min(n, file_size - off), f"{what} compressed cluster")
-                    continue
-                if le & L2E_RESERVED:
-                    raise InvalidImageError(
-                        f"L2 table 0x{l2off:x} entry {j} (0x{le:x}): reserved bits set"
-                    )
-                off = le & OFFSET_MASK
-                if off:
-                    if off % cs or off + cs > file_size:
-                        raise InvalidImageError(f"L2 table 0x{l2off:x} entry {j} (0x{le:x})")
-                    add(off, cs, f"{what} data cluster")
+    async def walk(l1: array[int], what: str, *, l2_tables: bool) -> None:
+        """Count what ``l1`` names; its L2 tables only if ``l2_tables`` (the active
+        state's are counted as their copies)."""
+        async for ref in l1_refs(l1, l2, meta, what):
+            if isinstance(ref, Bad):
+                raise InvalidImageError(ref.message)
+            if l2_tables or ref.kind is not Kind.L2:
+                add(ref.off, ref.length, ref.what)
 
-    add(0, cs, "header")
-    if meta.crypto_area is not None:
-        add(*meta.crypto_area, "crypto header")
+    for ref in header_refs(meta):
+        add(ref.off, ref.length, ref.what)
     add(rt_off, rt_clusters * cs, "refcount table")
     add(blocks_off, blocks * cs, "refcount blocks")
     if table:
@@ -253,21 +230,14 @@ async def switch(child: Driver, meta: Qcow2Meta, state: NewState, path: str) -> 
         add(l1_off, len(state.l1) * 8, "active L1 table")
     for off in copies.values():
         add(off, cs, "active L2 table")
-    await walk(state.l1, "active")
+    await walk(state.l1, "active", l2_tables=False)
     for _entry, l1, off, _new in snaps:
         what = f"snapshot at 0x{off:x}"
         if len(l1):
             add(off, len(l1) * 8, f"{what} L1 table")
-        for e in l1:
-            if e & OFFSET_MASK:
-                add(e & OFFSET_MASK, cs, f"{what} L2 table")
-        await walk(l1, what)
-    if ext is not None:
-        add(ext.directory_offset, ext.directory_size, "bitmap directory")
-    for bm, bt in placed:
-        add(bm.table_offset, bm.table_size * 8, f"bitmap {bm.name!r} table")
-        for off in data_clusters(bt):
-            add(off, cs, f"bitmap {bm.name!r} data cluster")
+        await walk(l1, what, l2_tables=True)
+    for ref in bitmap_refs(ext, placed, cs):
+        add(ref.off, ref.length, ref.what)
     limit = max_refcount(order)
     if any(v > limit for v in refs):
         raise ImageError(
