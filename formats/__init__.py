@@ -43,6 +43,9 @@ class Format:
     #: Opens an image read-only at an internal snapshot (id or name), for formats that
     #: keep them (qcow2); None for the others.
     open_snapshot: Callable[[str, str], Awaitable[Driver]] | None = None
+    #: Opens an encrypted image to describe it only (info): reads of it fail. None for
+    #: formats without encryption.
+    open_encrypted: Callable[[str], Awaitable[Driver]] | None = None
 
 
 #: Built-in formats: name -> "module:attribute" of its Format, imported on first use.
@@ -203,8 +206,12 @@ async def open_image(
     read_only: bool = False,
     rules: OpenRules | None = None,
     snapshot: str | None = None,
+    encrypted: bool = False,
 ) -> Driver:
     """Open ``spec`` (a path, or ``ram:SIZE``) as a driver stack.
+
+    ``encrypted`` opens an encrypted image to be described (``info``): every read of it
+    fails, since tapnbd holds no keys.
 
     ``snapshot`` (an id or a name) opens a qcow2 image as it was at that internal
     snapshot (qemu-nbd's ``--load-snapshot``), read-only whatever ``read_only`` says;
@@ -269,9 +276,13 @@ async def open_image(
             f"{spec}: --snapshot {snapshot!r}: a {name} image has no internal snapshots "
             "(only qcow2 images have them)"
         )
+    if encrypted and format_.open_encrypted is None:
+        raise ImageError(f"{spec}: a {name} image is never encrypted")
     token = _opening.set(_Opening(spec, rules, probed, depth))
     try:
-        if snapshot is not None and open_snapshot is not None:
+        if encrypted and format_.open_encrypted is not None:
+            driver = await format_.open_encrypted(spec)
+        elif snapshot is not None and open_snapshot is not None:
             driver = await open_snapshot(spec, snapshot)
         else:
             driver = await format_.open(spec, read_only)

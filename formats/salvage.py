@@ -20,7 +20,7 @@ from dataclasses import replace
 
 from formats import OpenRules, open_image, probe
 from tapnbd.driver import Driver
-from tapnbd.errors import ImageError, InvalidImageError, MissingImageError
+from tapnbd.errors import EncryptedImageError, ImageError, InvalidImageError, MissingImageError
 
 
 async def open_for_info(
@@ -30,6 +30,9 @@ async def open_for_info(
     rules = rules or OpenRules()
     try:
         return await open_image(path, fmt=fmt, read_only=True, rules=rules), []
+    except EncryptedImageError:
+        # Described, as qemu-img info does without the key; never read.
+        return await open_image(path, fmt=fmt, read_only=True, rules=rules, encrypted=True), []
     except (MissingImageError, InvalidImageError) as first:
         problem: ImageError = first
     if not os.path.lexists(path):

@@ -42,6 +42,10 @@ class UnsupportedImageError(ImageError):
     """The image is valid but uses a feature tapnbd refuses (encryption, qcow2)."""
 
 
+class EncryptedImageError(UnsupportedImageError):
+    """The image is encrypted: tapnbd holds no keys, so only ``info`` describes it."""
+
+
 class UnsafePathError(TapnbdError):
     """A file or directory we were to trust is not ours alone (a symlink, another
     user's, writable by others); the message names the path and the reason."""

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 from formats import Format
+from formats.engine.described import DescribedOnly
 from formats.engine.image import open_backing_file, open_format
 from formats.engine.opening import MAX_CHAIN, file_filter, resolve_backing
 from formats.probes import probe_qcow as probe
@@ -29,15 +30,26 @@ __all__ = [
 # named here too because the filters and the tests import them from here.
 
 
-async def open_qcow(path: str, read_only: bool) -> Driver:
-    """Open a QCOW v1 image and its backing chain (backing files read-only)."""
+async def open_qcow(path: str, read_only: bool, *, encrypted_ok: bool = False) -> Driver:
+    """Open a QCOW v1 image and its backing chain (backing files read-only).
+
+    ``encrypted_ok`` is for ``open_qcow_encrypted`` alone: a driver over ciphertext.
+    """
+
+    async def checked_meta(child: Driver) -> QcowMeta:
+        return await read_meta(child, encrypted_ok=encrypted_ok)
 
     async def backing_of(meta: QcowMeta) -> Driver | None:
         # QCOW v1 records no backing format: open_backing applies the rules.
         name = meta.backing_name
         return await open_backing_file(path, name) if name else None
 
-    return await open_format(path, read_only, read_meta, backing_of, QcowDriver)
+    return await open_format(path, read_only, checked_meta, backing_of, QcowDriver)
 
 
-FORMAT = Format("qcow", probe, open_qcow)
+async def open_qcow_encrypted(path: str) -> Driver:
+    """An AES-encrypted image, for ``info``: its metadata, never its data."""
+    return DescribedOnly(await open_qcow(path, True, encrypted_ok=True))
+
+
+FORMAT = Format("qcow", probe, open_qcow, open_encrypted=open_qcow_encrypted)

@@ -837,7 +837,7 @@ class QcowDriver(ImageDriver[QcowMeta]):
             "format": self.name,
             "virtual-size": self._size,
             "cluster-size": self._cs,
-            "encrypted": False,
+            "encrypted": bool(h.crypt_method),
             "format-specific": {"type": "qcow", "data": specific},
         }
         if m.backing_name is not None:

@@ -30,7 +30,7 @@ from formats.qcow.layout import (
     QcowHeader,
     XenExtension,
 )
-from tapnbd.errors import InvalidImageError, UnsupportedImageError
+from tapnbd.errors import EncryptedImageError, InvalidImageError, UnsupportedImageError
 
 if TYPE_CHECKING:
     from tapnbd.driver import Driver
@@ -84,7 +84,7 @@ class QcowMeta:
         )
 
 
-def check_version_and_crypt(h: QcowHeader) -> None:
+def check_version_and_crypt(h: QcowHeader, *, encrypted_ok: bool = False) -> None:
     if h.version != QCOW_VERSION:
         if h.version in (2, 3):
             raise UnsupportedImageError(
@@ -92,16 +92,19 @@ def check_version_and_crypt(h: QcowHeader) -> None:
                 "reads QCOW v1 only (convert it first, e.g. qemu-img convert -O qcow)"
             )
         raise InvalidImageError(f"version {h.version} is unknown (QCOW v1 is version 1)")
-    if h.crypt_method == CRYPT_AES:
-        raise UnsupportedImageError(
-            "crypt_method 1: the image is encrypted (AES-CBC); encrypted images are not "
-            "supported (decrypt it first, e.g. with qemu-img convert)"
+    if h.crypt_method == CRYPT_AES and not encrypted_ok:
+        raise EncryptedImageError(
+            "crypt_method 1: the image is encrypted (AES-CBC); tapnbd holds no keys, so "
+            "it can describe it (tapnbd info) but not read it: decrypt it first, e.g. with "
+            "qemu-img convert"
         )
-    if h.crypt_method != CRYPT_NONE:
+    if h.crypt_method not in (CRYPT_NONE, CRYPT_AES):
         raise InvalidImageError(f"crypt_method {h.crypt_method} is unknown (0 none, 1 AES)")
 
 
-async def read_meta(child: Driver, problems: Problems | None = None) -> QcowMeta:
+async def read_meta(
+    child: Driver, problems: Problems | None = None, *, encrypted_ok: bool = False
+) -> QcowMeta:
     """Read and check the header, the extension, the backing name and the L1 table.
 
     Without ``problems`` (an open) the first fault raises ImageError. With it (a check),
@@ -110,7 +113,7 @@ async def read_meta(child: Driver, problems: Problems | None = None) -> QcowMeta
     file_size = child.size()
     head = bytes(await child.pread(0, min(HEAD_READ, file_size))) if file_size else b""
     h = QcowHeader.parse(head)
-    check_version_and_crypt(h)
+    check_version_and_crypt(h, encrypted_ok=encrypted_ok)
     g = Geometry.from_header(h)
 
     # The extension counts only where tapdisk looked for it (spec §2.2).

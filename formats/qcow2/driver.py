@@ -130,6 +130,8 @@ class Qcow2Driver(ImageDriver["Qcow2Meta"]):
         h = meta.header
         super().__init__(child, backing, meta, h.size, read_only=read_only, path=path)
         self._v3 = h.version >= 3
+        #: An encrypted image's ``encrypt`` block for info (``read_encryption``).
+        self.encrypt: dict[str, object] | None = None
         cb = self._cb = h.cluster_bits
         cs = self._cs = 1 << cb
         self._shift = cb + cb - 3  # bytes mapped by one L2 table, as a shift
@@ -979,6 +981,16 @@ class Qcow2Driver(ImageDriver["Qcow2Meta"]):
 
     # Facts for `tapnbd info`.
 
+    async def read_encryption(self) -> None:
+        """Read what info shows of the encryption: the LUKS header, as hostile input."""
+        from formats.qcow2.luks import SIZE, luks_info
+
+        if self.meta.header.crypt_method == 1:
+            self.encrypt = {"format": "aes"}
+        elif self.meta.crypto_area is not None:
+            off, n = self.meta.crypto_area
+            self.encrypt = luks_info(bytes(await self.child.pread(off, min(n, SIZE))), n)
+
     def describe(self) -> dict[str, object]:
         """Keys as ``qemu-img info --output=json`` spells them for qcow2."""
         m, h = self.meta, self.meta.header
@@ -992,6 +1004,8 @@ class Qcow2Driver(ImageDriver["Qcow2Meta"]):
                     for b in m.bitmaps
                 ]
         data["refcount-bits"] = 1 << h.refcount_order
+        if self.encrypt is not None:
+            data["encrypt"] = self.encrypt
         data["corrupt"] = bool(h.incompatible_features & Incompatible.CORRUPT)
         if self._v3:
             data["extended-l2"] = False
@@ -1002,6 +1016,8 @@ class Qcow2Driver(ImageDriver["Qcow2Meta"]):
             "dirty-flag": bool(h.incompatible_features & Incompatible.DIRTY),
             "format-specific": {"type": "qcow2", "data": data},
         }
+        if h.crypt_method:
+            info["encrypted"] = True
         if m.snapshots:
             info["snapshots"] = [
                 {

@@ -44,7 +44,7 @@ from formats.qcow2.layout import (
     parse_feature_names,
     parse_snapshot,
 )
-from tapnbd.errors import InvalidImageError, UnsupportedImageError
+from tapnbd.errors import EncryptedImageError, InvalidImageError, UnsupportedImageError
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -111,7 +111,7 @@ def check_walkable(meta: Qcow2Meta, path: str) -> None:
         )
 
 
-def check_features(meta: Qcow2Meta, read_only: bool) -> None:
+def check_features(meta: Qcow2Meta, read_only: bool, *, encrypted_ok: bool = False) -> None:
     """Refuse by name every incompatible feature this driver doesn't implement.
 
     "If an unknown bit is set in incompatible_features, the image must not be opened"
@@ -147,11 +147,16 @@ def check_features(meta: Qcow2Meta, read_only: bool) -> None:
                 f"incompatible feature '{feature_name(meta.feature_names, 0, bit)}' "
                 f"(incompatible_features bit {bit}) is not supported"
             )
-    if h.crypt_method != 0:
-        raise UnsupportedImageError(
+    if h.crypt_method > 2:
+        raise InvalidImageError(f"crypt_method {h.crypt_method} is unknown (0 none, 1 AES, 2 LUKS)")
+    if h.crypt_method == 2 and meta.crypto_area is None:
+        raise InvalidImageError("crypt_method 2 (LUKS) without a crypto header extension")
+    if h.crypt_method and not encrypted_ok:
+        raise EncryptedImageError(
             f"crypt_method {h.crypt_method}: the image is encrypted "
-            f"({'AES' if h.crypt_method == 1 else 'LUKS' if h.crypt_method == 2 else 'unknown'}); "
-            "encrypted images are not supported"
+            f"({'AES' if h.crypt_method == 1 else 'LUKS'}); tapnbd holds no keys, so it "
+            "can describe it (tapnbd info) but not read it: decrypt it first, e.g. with "
+            "qemu-img convert"
         )
     if Ext.DATA_FILE in meta.extensions:
         raise UnsupportedImageError("header extension 'external data file' is not supported")

@@ -68,7 +68,7 @@ async def _describe(path: str, driver: Driver) -> dict[str, object]:
     from formats.engine.image import ImageDriver
 
     if not isinstance(driver, ImageDriver):
-        return info
+        return await _with_backing(info, driver)
     if driver.name == "qcow":
         from formats.qcow.driver import QcowDriver  # imported already: it is open
 
@@ -78,9 +78,14 @@ async def _describe(path: str, driver: Driver) -> dict[str, object]:
             info["allocated-size"] = alloc * driver.g.cluster_size
             if comp:
                 info["compressed-clusters"] = comp
-    if driver.backing is not None:
+    return await _with_backing(info, driver)
+
+
+async def _with_backing(info: dict[str, object], driver: Driver) -> dict[str, object]:
+    backing = getattr(driver, "backing", None)  # an image driver, or one described only
+    if backing is not None:
         bpath = str(info.get("full-backing-filename", ""))
-        info["backing-image"] = await _describe(bpath, driver.backing)
+        info["backing-image"] = await _describe(bpath, backing)
     return info
 
 
@@ -98,6 +103,8 @@ def _print_info(info: dict[str, object], indent: str = "") -> None:
     ]
     if "actual-size" in info:
         lines.append(f"disk size: {qemu_size(_int(info, 'actual-size'))}")
+    if info.get("encrypted"):
+        lines.append("encrypted: yes")
     if "cluster-size" in info:
         lines.append(f"cluster_size: {info['cluster-size']}")
     if "allocated-size" in info:

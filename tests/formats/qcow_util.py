@@ -50,6 +50,26 @@ def qemu_img(*args: str | Path, check: bool = True) -> str:
     return run("qemu-img", *args, check=check)
 
 
+#: The key of the encrypted test images, as qemu's --object.
+SECRET = "secret,id=sec0,data=123456"
+
+
+def create_encrypted(img: Path, opts: str, size: str, fmt: str = "qcow2") -> None:
+    """qemu-img create of an encrypted image (``opts``: encrypt.format=... and more),
+    its key ``SECRET``."""
+    need("qemu-img")
+    cmd = ["qemu-img", "create", "-q", "--object", SECRET, "-f", fmt,
+           "-o", f"{opts},encrypt.key-secret=sec0", str(img), size]  # fmt: skip
+    for _ in range(5):
+        # qemu before 9.2.1 can fail its PBKDF benchmark on a busy or fast machine
+        # ("Unable to get accurate CPU usage", qemu commit "crypto: fix bogus error
+        # benchmarking pbkdf on fast machines"): that is qemu's to retry, not ours.
+        made = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        if made.returncode == 0 or "accurate CPU usage" not in made.stderr:
+            break
+    assert made.returncode == 0, made.stderr
+
+
 def compare(image: Path | str, raw: Path | str, fmt: str = "qcow") -> None:
     """qemu-img compare: the qcow image reads exactly like the raw reference."""
     qemu_img("compare", "-f", fmt, "-F", "raw", image, raw)
