@@ -26,11 +26,13 @@ if TYPE_CHECKING:
 
 #: Bytes read per request.
 CHUNK = 2 << 20
-#: Requests in flight.
+#: Requests in flight (qemu-img convert -m: 1 to MAX_DEPTH).
 DEPTH = 4
-#: Zero detection granularity: blocks of zeros this big are not written.
+MAX_DEPTH = 16
+#: Zero detection granularity: blocks of zeros this big are not written (-S: a
+#: multiple of 512 up to MAX_SPARSE, or 0 for no holes at all).
 ZERO_BLOCK = 64 << 10
-_ZEROES = bytes(ZERO_BLOCK)
+MAX_SPARSE = 16 << 20
 #: Block status is asked for this much at a time.
 STATUS_WINDOW = 1 << 30
 
@@ -64,6 +66,9 @@ async def convert_image(
     backing: str | None = None,
     backing_format: str | None = None,
     create: bool = True,
+    sparse_size: int = ZERO_BLOCK,
+    target_is_zero: bool = False,
+    depth: int = DEPTH,
 ) -> ConvertStats:
     """Copy ``src`` (any supported format) to a new ``out_fmt`` image at ``dst``.
 
@@ -78,9 +83,22 @@ async def convert_image(
     relative to the new image), holding only what reads differently from it
     (qemu-img convert -B). ``create=False`` (qemu-img convert -n): ``dst`` exists, in
     ``out_fmt`` (``auto``: probed), at least as big as the source, and is written over,
-    its zero runs included.
+    its zero runs included, unless ``target_is_zero`` (qemu-img's --target-is-zero: it
+    reads as zeros already). ``sparse_size`` (qemu-img -S): blocks of zeros this big
+    are left as holes; 0 writes every byte, zeros included (a fully allocated image).
+    ``depth`` (qemu-img -m): requests in flight.
     """
     from formats import OpenRules, open_image
+
+    if sparse_size < 0 or sparse_size % 512 or sparse_size > MAX_SPARSE:
+        raise ImageError(
+            f"-S {sparse_size}: the sparse size must be a multiple of 512 up to "
+            f"{MAX_SPARSE} (or 0: no holes)"
+        )
+    if not 1 <= depth <= MAX_DEPTH:
+        raise ImageError(f"-m {depth}: the number of requests in flight is 1 to {MAX_DEPTH}")
+    if target_is_zero and create:
+        raise ImageError("--target-is-zero is for -n, an existing image that reads as zeros")
     from formats.nbd import is_nbd
 
     rules = rules or OpenRules()
@@ -134,7 +152,13 @@ async def convert_image(
             target = Backend(await open_image(dst, fmt=out_fmt, rules=mine))
             # An existing image may hold data: its zero runs must be written too.
             stats = await _copy_into(
-                target, source, size, progress, zero=out_fmt == "nbd" or not create
+                target,
+                source,
+                size,
+                progress,
+                zero=(out_fmt == "nbd" or not create) and not target_is_zero,
+                sparse_size=sparse_size,
+                depth=depth,
             )
         else:
             # The destination's lock is held from before it is truncated until the copy
@@ -180,7 +204,14 @@ async def convert_image(
                 mine = replace(rules, share=True, backing_format=backing_format)
                 opened = await open_image(dst, fmt=out_fmt, rules=mine)
                 stats = await _copy_into(
-                    Backend(opened), source, size, progress, compress=compress, diff=bool(backing)
+                    Backend(opened),
+                    source,
+                    size,
+                    progress,
+                    compress=compress,
+                    diff=bool(backing),
+                    sparse_size=sparse_size,
+                    depth=depth,
                 )
     finally:
         await source.close()
@@ -196,13 +227,23 @@ async def _copy_into(
     zero: bool = False,
     compress: bool = False,
     diff: bool = False,
+    sparse_size: int = ZERO_BLOCK,
+    depth: int = DEPTH,
 ) -> ConvertStats:
     """Copy into an opened target, flush it and close it."""
     try:
         if target.size < size:
             raise ImageError(f"target is {target.size} bytes, too small for {size} bytes")
         stats = await _copy(
-            source, target, size, progress, zero_target=zero, compress=compress, diff=diff
+            source,
+            target,
+            size,
+            progress,
+            zero_target=zero,
+            compress=compress,
+            diff=diff,
+            sparse_size=sparse_size,
+            depth=depth,
         )
         await target.flush()
     finally:
@@ -231,11 +272,17 @@ async def _copy(
     zero_target: bool = False,
     compress: bool = False,
     diff: bool = False,
+    sparse_size: int = ZERO_BLOCK,
+    depth: int = DEPTH,
 ) -> ConvertStats:
     """``diff`` (an overlay's copy, -B): every range is compared with what the target
-    reads now, its backing file, and only the blocks that differ are written."""
+    reads now, its backing file, and only the blocks that differ are written.
+    ``sparse_size`` 0: every byte is written as data, the source's zeros too."""
     stats = ConvertStats(size=size)
-    slots = asyncio.Semaphore(DEPTH)
+    slots = asyncio.Semaphore(depth)
+    # The zero-detection block; with -S 0 one block is the whole chunk, never zeros.
+    zb = sparse_size or CHUNK
+    zeroes = bytes(zb) if sparse_size else b""
     tasks: set[asyncio.Task[None]] = set()
     failure: list[BaseException] = []
 
@@ -270,9 +317,9 @@ async def _copy(
         written = 0
         # Write only the runs of blocks that are not all zeros.
         run_start = -1
-        for o in range(0, n + ZERO_BLOCK, ZERO_BLOCK):
-            block = data[o : o + ZERO_BLOCK]
-            zero = not block or block.tobytes() == _ZEROES[: len(block)]
+        for o in range(0, n + zb, zb):
+            block = data[o : o + zb]
+            zero = not block or (sparse_size > 0 and block.tobytes() == zeroes[: len(block)])
             if not zero and run_start < 0:
                 run_start = o
             elif zero and run_start >= 0:
@@ -290,14 +337,14 @@ async def _copy(
         under = memoryview(await target.pread(pos, n))
         written, run_start, run_kind = 0, 0, "same"
         # Runs of blocks of one kind: as the target reads, zeros to zero, or data.
-        for o in range(0, n + ZERO_BLOCK, ZERO_BLOCK):
-            block = data[o : o + ZERO_BLOCK]
+        for o in range(0, n + zb, zb):
+            block = data[o : o + zb]
             if not block:
                 kind = "end"
-            elif block == under[o : o + ZERO_BLOCK]:
+            elif block == under[o : o + zb]:
                 kind = "same"
             else:
-                kind = "zero" if block == _ZEROES[: len(block)] else "data"
+                kind = "zero" if sparse_size and block == zeroes[: len(block)] else "data"
             if kind != run_kind:
                 if run_kind == "zero":
                     await target.zero(pos + run_start, o - run_start)
@@ -333,7 +380,7 @@ async def _copy(
             if failure:
                 break
             # With diff, zeros are compared too: the backing file may hold data there.
-            if ext.flags & ExtentFlags.ZERO and not diff:
+            if ext.flags & ExtentFlags.ZERO and not diff and sparse_size:
                 if zero_target:
                     await target.zero(ext.offset, ext.length)
                 done(ext.length, 0)

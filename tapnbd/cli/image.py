@@ -278,6 +278,30 @@ def convert_cmd(
             "--skip-broken-bitmaps", help="With --bitmaps: leave out bitmaps left in use."
         ),
     ] = False,
+    sparse_size: Annotated[
+        str | None,
+        typer.Option(
+            "-S",
+            "--sparse-size",
+            metavar="SIZE",
+            help="Blocks of zeros this big become holes (a multiple of 512, 64k by "
+            "default); 0 writes every byte, a fully allocated image (qemu-img -S).",
+        ),
+    ] = None,
+    target_is_zero: Annotated[
+        bool,
+        typer.Option(
+            "--target-is-zero",
+            help="With -n: the existing image reads as zeros, so its zero runs are not "
+            "written (qemu-img --target-is-zero).",
+        ),
+    ] = False,
+    coroutines: Annotated[
+        int,
+        typer.Option(
+            "-m", "--coroutines", metavar="N", help="Requests in flight, 1 to 16 (qemu-img -m)."
+        ),
+    ] = 4,
 ) -> None:
     """Copy an image into a new raw, qcow, qcow2 or VHD image, skipping zeros and holes.
 
@@ -293,7 +317,7 @@ def convert_cmd(
     )
 
     from formats.nbd import is_nbd
-    from formats.qcow.convert import convert_image
+    from formats.qcow.convert import ZERO_BLOCK, convert_image
     from formats.qcow2.create import Qcow2Options
     from tapnbd.cli.image_flags import create_options
 
@@ -360,6 +384,13 @@ def convert_cmd(
                     backing=backing,
                     backing_format=backing_format if backing else None,
                     create=not no_create,
+                    sparse_size=ZERO_BLOCK
+                    if sparse_size is None
+                    else 0
+                    if sparse_size == "0"  # parse_size takes no 0: it is -S's own value
+                    else _size(sparse_size),
+                    target_is_zero=target_is_zero,
+                    depth=coroutines,
                 )
             )
         finally:
