@@ -75,3 +75,12 @@ async def image_file(
         raise
     finally:
         _chain.reset(token)
+
+
+def check_unsafe_backing(size: int | None, backing_format: str | None) -> None:
+    """``create -u`` records a backing file without opening it (qemu-img create -u), so
+    it can neither probe it nor take its size: both must be given."""
+    if size is None:
+        raise ImageError("-u does not open the backing file: give the size")
+    if backing_format is None or backing_format == "auto":
+        raise ImageError("-u does not open the backing file: give its format (-F)")

@@ -21,6 +21,7 @@ import re
 from contextlib import ExitStack
 from typing import TYPE_CHECKING
 
+from formats.engine.opening import check_unsafe_backing
 from formats.locks import locked_target
 from formats.qcow.geometry import (
     MAX_BACKING_NAME,
@@ -83,6 +84,7 @@ async def create_qcow(
     share: bool = False,
     target_fd: int | None = None,
     rules: OpenRules | None = None,
+    unsafe: bool = False,
 ) -> Geometry:
     """Create a QCOW v1 image at ``path`` (overwriting it); returns its geometry.
 
@@ -93,16 +95,21 @@ async def create_qcow(
 
     The image's lock is taken before anything is written (formats.locks), unless
     ``share``, or the caller passes ``target_fd``, an fd whose lock it already holds.
+    ``unsafe`` (qemu-img create -u): the backing file is recorded without being opened
+    (its mtime as 0); the size and the backing format must then be given.
     """
     name = b""
     mtime = 0
     if backing is not None:
-        stored, bsize, mtime = await backing_facts(path, backing, backing_format, rules)
+        if unsafe:
+            check_unsafe_backing(size, backing_format)
+            stored = backing
+        else:
+            stored, bsize, mtime = await backing_facts(path, backing, backing_format, rules)
+            size = bsize if size is None else size
         name = os.fsencode(stored)
         if len(name) > MAX_BACKING_NAME:
             raise ImageError(f"backing file name is {len(name)} bytes; at most 1023 fit")
-        if size is None:
-            size = bsize
     if size is None:
         raise ImageError("a size is needed (or a backing file to take it from)")
     cb, l2b = default_bits(cluster_size, backing is not None)

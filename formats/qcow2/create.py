@@ -16,6 +16,7 @@ from array import array
 from contextlib import ExitStack
 from typing import TYPE_CHECKING, NamedTuple
 
+from formats.engine.opening import check_unsafe_backing
 from formats.engine.tables import to_be_bytes
 from formats.locks import locked_target
 from formats.qcow2.layout import (
@@ -99,8 +100,12 @@ async def create_qcow2(
     options: Qcow2Options = DEFAULT_OPTIONS,
     share: bool = False,
     target_fd: int | None = None,
+    unsafe: bool = False,
 ) -> None:
     """Create ``path`` (overwritten). ``size`` defaults to the backing file's.
+
+    ``unsafe`` (qemu-img create -u): the backing file is recorded without being opened,
+    so it may not exist yet; the size and the backing format must then be given.
 
     The image's lock is taken before anything is written (formats.locks), unless
     ``share``, or the caller passes ``target_fd``, an fd whose lock it already holds.
@@ -131,16 +136,19 @@ async def create_qcow2(
         if len(backing.encode()) > MAX_BACKING_NAME:
             raise ImageError(f"backing file name is longer than {MAX_BACKING_NAME} bytes")
         # The name is stored as given (relative to the image's directory, as in qemu).
-        bpath = resolve_backing(path, backing)
-        if backing_fmt is None:
-            backing_fmt = probe(bpath)
-        driver = await open_image(bpath, fmt=backing_fmt, read_only=True)
-        try:
-            bsize = driver.size()
-        finally:
-            await driver.close()
-        if size is None:
-            size = bsize
+        if unsafe:
+            check_unsafe_backing(size, backing_fmt)
+        else:
+            bpath = resolve_backing(path, backing)
+            if backing_fmt is None:
+                backing_fmt = probe(bpath)
+            driver = await open_image(bpath, fmt=backing_fmt, read_only=True)
+            try:
+                bsize = driver.size()
+            finally:
+                await driver.close()
+            if size is None:
+                size = bsize
     if size is None:
         raise ImageError("a size is needed (or a backing file to take it from)")
 

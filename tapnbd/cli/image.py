@@ -90,6 +90,15 @@ def create_cmd(
             "qcow: cluster_size; vhd: subformat, block_size.",
         ),
     ] = None,
+    unsafe: Annotated[
+        bool,
+        typer.Option(
+            "-u",
+            "--unsafe",
+            help="Record the backing file without opening it (it may not exist yet); "
+            "the size and -F are then needed (qemu-img create -u).",
+        ),
+    ] = False,
 ) -> None:
     """Create an empty image, as blktap's qcow-create did (optimised and sparse by default).
 
@@ -127,6 +136,10 @@ def create_cmd(
         subformat=subformat,
         reserve=reserve,
     )
+    if unsafe and backing is None:
+        fail("-u is for a backing file (-b) that is not to be opened")
+    if unsafe and fmt in ("vhd", "vpc"):
+        fail("-u: a differencing VHD records its parent's UUID, so the parent must be opened")
     with errors_as_exit():
         nbytes = _size(size) if size is not None else None
         csize = _size(cluster_size) if cluster_size is not None else None
@@ -162,6 +175,7 @@ def create_cmd(
                     reserve=reserve,
                     share=force_share,
                     rules=rules,
+                    unsafe=unsafe,
                 )
             )
         elif fmt == "qcow2":
@@ -176,6 +190,7 @@ def create_cmd(
                     cluster_size=csize,
                     preallocation=preallocation or "off",
                     options=Qcow2Options.from_keys(q2),
+                    unsafe=unsafe,
                 )
             )
         elif fmt in ("vhd", "vpc"):

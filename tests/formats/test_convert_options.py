@@ -99,7 +99,7 @@ class _Watched(RamDriver):
         super().__init__(size)
         self.now = self.most = 0
 
-    async def pread(self, offset: int, length: int) -> bytes | bytearray | memoryview:
+    async def pread(self, offset: int, length: int) -> bytes | bytearray:
         self.now += 1
         self.most = max(self.most, self.now)
         await asyncio.sleep(0)  # a read that yields, as a file read off the loop does
