@@ -19,8 +19,8 @@ from formats.qcow2.layout import (
     Ext,
     Qcow2Header,
     build_extension,
-    parse_ext_header,
 )
+from formats.qcow2.meta import header_extensions
 from tapnbd.errors import ImageError, InvalidImageError
 
 
@@ -33,25 +33,6 @@ def read_header(fd: int) -> tuple[Qcow2Header, bytes]:
     return h, os.pread(fd, 1 << h.cluster_bits, 0)
 
 
-def _extensions(h: Qcow2Header, head: bytes) -> list[tuple[int, bytes]]:
-    """The header extensions in order, up to the end marker."""
-    pos = h.header_length if h.version >= 3 else V2_HEADER_SIZE
-    end = h.backing_file_offset or len(head)
-    out: list[tuple[int, bytes]] = []
-    while pos + 8 <= end:
-        ext_type, length = parse_ext_header(head[pos : pos + 8])
-        if ext_type == Ext.END:
-            return out
-        if pos + 8 + length > end:
-            raise InvalidImageError(
-                f"header extension 0x{ext_type:08x} (length {length}) at offset {pos} runs "
-                "past the end of the header cluster"
-            )
-        out.append((ext_type, head[pos + 8 : pos + 8 + length]))
-        pos += 8 + length + (-length % 8)
-    return out
-
-
 def write_backing(fd: int, name: str, fmt: str | None) -> None:
     """Record ``name`` (empty: no backing file) and its format ``fmt`` in the header."""
     h, head = read_header(fd)
@@ -59,7 +40,9 @@ def write_backing(fd: int, name: str, fmt: str | None) -> None:
     if len(raw) > MAX_BACKING_NAME:
         raise ImageError(f"backing file name is {len(raw)} bytes; at most {MAX_BACKING_NAME}")
     exts = b"".join(
-        build_extension(t, data) for t, data in _extensions(h, head) if t != Ext.BACKING_FORMAT
+        build_extension(t, data)
+        for t, data in header_extensions(h, head, 1 << h.cluster_bits)
+        if t != Ext.BACKING_FORMAT
     )
     if raw and fmt:
         exts = build_extension(Ext.BACKING_FORMAT, fmt.encode()) + exts
