@@ -57,8 +57,11 @@ lint: venv
 typecheck: venv
 	$(BIN)/mypy
 
+# Two workers (pytest-xdist): tests/conftest.py groups what must not run side by side.
+PYTEST_WORKERS ?= -n 2 --dist loadgroup
+
 pytest: venv
-	$(BIN)/pytest $(PYTEST_ARGS)
+	$(BIN)/pytest $(PYTEST_WORKERS) $(PYTEST_ARGS)
 
 test: deps venv lint typecheck pytest
 

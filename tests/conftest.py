@@ -37,6 +37,27 @@ def pytest_configure(config: pytest.Config) -> None:
         env = os.environ.get("TAPNBD_TEST_SEED")
         seed = int(env) if env else random.randrange(1 << 31)
     config.stash[_seed_key] = seed
+    # pytest-xdist's workers start after this, from this environment: one run seed.
+    os.environ["TAPNBD_TEST_SEED"] = str(seed)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Groups for pytest-xdist's ``--dist loadgroup`` (make test runs two workers).
+
+    A module runs whole on one worker, so its module fixtures are made once. What the
+    machine has only one of runs on one worker, one test after another: every kernel
+    VM boot (run-guest unpacks its kernel into one shared cache) and the Ceph tests
+    (one cluster per worker would be two), and the tests that take loop devices, FUSE
+    mounts and the daemon's system paths.
+    """
+    for item in items:
+        if item.get_closest_marker("vm") or item.nodeid.startswith("tests/rbd/"):
+            group = "vm-and-ceph"
+        elif item.get_closest_marker("root"):
+            group = "root"
+        else:
+            group = item.nodeid.split("::", 1)[0]
+        item.add_marker(pytest.mark.xdist_group(group))
 
 
 def pytest_report_header(config: pytest.Config) -> str:

@@ -13,9 +13,13 @@ import random
 import shutil
 from pathlib import Path
 
+import pytest
+
 from tests.formats.vhd_util import vhdimount
 from tests.helpers import run, start_server, tapnbd_cmd
 from tests.kernel.vm import ext4_files, need_vm, run_guest, sha256, to_raw
+
+pytestmark = [pytest.mark.vm, pytest.mark.slow]
 
 SCRIPT = """
 t boot
