@@ -221,13 +221,19 @@ class NbdDriver(Driver):
     _read_only = False
 
     async def _request(
-        self, cmd: int, offset: int, length: int, flags: int = 0, payload: bytes | memoryview = b""
+        self,
+        cmd: int,
+        offset: int,
+        length: int,
+        flags: int = 0,
+        payload: bytes | memoryview = b"",
+        ctx: int | None = None,
     ) -> object:
         conn = self._conns[next(self._next)] if len(self._conns) > 1 else self._conns[0]
         if conn.lost is not None:
             raise OSError(errno.EIO, str(conn.lost))
         cookie = next(self._cookies)
-        req = _Request(cmd, offset, length, self._info.meta_id)
+        req = _Request(cmd, offset, length, self._info.meta_id if ctx is None else ctx)
         fut: asyncio.Future[object] = asyncio.get_running_loop().create_future()
         conn.waiting[cookie] = (fut, req)
         if cmd == Cmd.READ:
@@ -271,8 +277,22 @@ class NbdDriver(Driver):
         await self._request(Cmd.WRITE_ZEROES, offset, length, flags)
 
     async def extents(self, offset: int, length: int) -> list[Extent]:
+        return await self._status(offset, length, None, 3)
+
+    def bitmaps(self) -> list[str]:
+        return [name for name, _ctx in self._info.bitmaps]
+
+    async def bitmap_extents(self, name: str, offset: int, length: int) -> list[Extent]:
+        ctx = dict(self._info.bitmaps).get(name)
+        if ctx is None:
+            raise OSError(errno.ENOTSUP, f"the upstream server has no bitmap {name!r}")
+        return await self._status(offset, length, ctx, 1)  # bit 0: dirty
+
+    async def _status(self, offset: int, length: int, ctx: int | None, mask: int) -> list[Extent]:
+        """One BLOCK_STATUS: the runs of context ``ctx`` (None: base:allocation), their
+        flags masked to the bits that context defines."""
         length = min(length, 0xFFFFFFFF - 0xFFFFFFFF % 512, self.size() - offset)
-        found = await self._request(Cmd.BLOCK_STATUS, offset, length)
+        found = await self._request(Cmd.BLOCK_STATUS, offset, length, ctx=ctx)
         if not found:
             return [Extent(offset, length)]
         out, pos = [], offset
@@ -280,7 +300,7 @@ class NbdDriver(Driver):
         for n, flags in found:
             if n == 0:
                 break
-            out.append(Extent(pos, n, ExtentFlags(flags & 3)))
+            out.append(Extent(pos, n, ExtentFlags(flags & mask)))
             pos += n
         return out or [Extent(offset, length)]
 

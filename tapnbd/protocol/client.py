@@ -3,7 +3,9 @@
 ``ClientHandshake`` is fed the server's bytes and returns what to send next, until it
 reaches ``Connected`` (or raises ``ProtocolError`` naming what went wrong). It asks for
 what tapnbd's nbd driver uses: fixed newstyle with NO_ZEROES, STARTTLS when asked,
-structured replies, the ``base:allocation`` context, and GO with the block size info.
+structured replies, the ``base:allocation`` context and the server's dirty bitmaps
+(``qemu:dirty-bitmap:*``, listed first: "qemu:dirty-bitmap:" is a wildcard for LIST
+only), and GO with the block size info.
 
 ``encode_request`` builds a request; ``ReplyDecoder`` turns the server's bytes into
 ``Reply`` events, one per simple reply or structured chunk. A simple reply to a READ
@@ -20,6 +22,7 @@ from tapnbd.errors import ProtocolError
 from tapnbd.protocol import wire
 from tapnbd.protocol.consts import (
     BASE_ALLOCATION,
+    DIRTY_BITMAP,
     IHAVEOPT,
     MAX_STRING,
     NBDMAGIC,
@@ -39,6 +42,9 @@ from tapnbd.protocol.consts import (
 MAX_OPTION_REPLY = 64 * 1024
 #: The largest structured chunk payload: a READ's data, at most 32 MiB plus its offset.
 MAX_CHUNK = (32 << 20) + 64
+#: The server's dirty bitmaps selected at most: each one is a chunk in every
+#: BLOCK_STATUS reply, and a hostile server may list any number.
+MAX_BITMAPS = 16
 
 
 @dataclass(frozen=True)
@@ -52,6 +58,8 @@ class Connected:
     minimum: int = 1
     preferred: int = 4096
     maximum: int = 32 << 20
+    #: The server's dirty bitmaps selected: (bitmap name, context id).
+    bitmaps: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -67,6 +75,8 @@ class ClientHandshake:
     _step: str = "greeting"
     _structured: bool = False
     _meta_id: int | None = None
+    _listed: list[str] = field(default_factory=list)
+    _bitmaps: dict[str, int] = field(default_factory=dict)
     _size: int | None = None
     _flags: int = 0
     _block: tuple[int, int, int] = (1, 4096, 32 << 20)
@@ -91,10 +101,12 @@ class ClientHandshake:
     def _option(self, out: bytearray, opt: Opt, payload: bytes = b"") -> None:
         out += wire.OPTION.pack(IHAVEOPT, opt, len(payload)) + payload
 
-    def _meta_payload(self) -> bytes:
+    def _meta_payload(self, queries: list[str]) -> bytes:
         name = self.export.encode()
-        ctx = BASE_ALLOCATION.encode()
-        return wire.U32.pack(len(name)) + name + wire.U32.pack(1) + wire.U32.pack(len(ctx)) + ctx
+        out = wire.U32.pack(len(name)) + name + wire.U32.pack(len(queries))
+        for q in queries:
+            out += wire.U32.pack(len(q.encode())) + q.encode()
+        return out
 
     def _go_payload(self) -> bytes:
         name = self.export.encode()
@@ -162,17 +174,34 @@ class ClientHandshake:
             elif not rep & (1 << 31):
                 raise ProtocolError(f"unexpected reply {_rep_name(rep)} to STRUCTURED_REPLY")
             if self._structured:
-                self._option(out, Opt.SET_META_CONTEXT, self._meta_payload())
-                self._step = "meta"
+                self._option(out, Opt.LIST_META_CONTEXT, self._meta_payload([DIRTY_BITMAP]))
+                self._step = "list"
             else:
                 self._option(out, Opt.GO, self._go_payload())
                 self._step = "go"
             return None
+        if self._step == "list":
+            if rep == Rep.META_CONTEXT and len(payload) >= 4:
+                name = payload[4:].decode(errors="replace")
+                wanted = name.startswith(DIRTY_BITMAP) and len(name) > len(DIRTY_BITMAP)
+                if wanted and len(self._listed) < MAX_BITMAPS and name not in self._listed:
+                    self._listed.append(name)
+                return None
+            # ACK, or an error from a server without the qemu namespace: select anyway.
+            if rep != Rep.ACK and not rep & (1 << 31):
+                raise ProtocolError(f"unexpected reply {_rep_name(rep)} to LIST_META_CONTEXT")
+            queries = [BASE_ALLOCATION, *self._listed]
+            self._option(out, Opt.SET_META_CONTEXT, self._meta_payload(queries))
+            self._step = "meta"
+            return None
         if self._step == "meta":
             if rep == Rep.META_CONTEXT and len(payload) >= 4:
                 ctx_id = wire.U32.unpack_from(payload)[0]
-                if payload[4:].decode(errors="replace") == BASE_ALLOCATION:
+                name = payload[4:].decode(errors="replace")
+                if name == BASE_ALLOCATION:
                     self._meta_id = ctx_id
+                elif name in self._listed:  # only what was asked for
+                    self._bitmaps[name.removeprefix(DIRTY_BITMAP)] = ctx_id
                 return None
             if rep != Rep.ACK and not rep & (1 << 31):
                 raise ProtocolError(f"unexpected reply {_rep_name(rep)} to SET_META_CONTEXT")
@@ -187,7 +216,12 @@ class ClientHandshake:
                 if self._size is None:
                     raise ProtocolError("the server finished GO without NBD_INFO_EXPORT")
                 return Connected(
-                    self._size, self._flags, self._structured, self._meta_id, *self._block
+                    self._size,
+                    self._flags,
+                    self._structured,
+                    self._meta_id,
+                    *self._block,
+                    bitmaps=tuple(self._bitmaps.items()),
                 )
             message = payload.decode(errors="replace")[:MAX_STRING]
             raise ProtocolError(

@@ -246,3 +246,42 @@ def test_hostile_upstream_gives_eio_not_a_crash(tmp_path: Path) -> None:
         if proxy is not None:
             assert stop_process(proxy.proc, 15, 30) == 0
         listener.close()
+
+
+def bitmap_map(uri: str, name: str) -> list[tuple[int, int, int]]:
+    out = run(["nbdinfo", f"--map=qemu:dirty-bitmap:{name}", "--json", uri]).stdout
+    return [(e["offset"], e["length"], e["type"]) for e in json.loads(out)]
+
+
+def test_proxy_offers_the_upstreams_dirty_bitmap_live(tmp_path: Path) -> None:
+    """qemu-nbd -B b0 upstream, tapnbd serve nbd://... -B b0 in front: the bitmap reads
+    the same through both, and a write through the proxy shows up dirty in it."""
+    need("qemu-nbd", "qemu-img", "qemu-io", "nbdinfo")
+    image = tmp_path / "disk.qcow2"
+    run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "16M"])
+    run(["qemu-img", "bitmap", "--add", str(image), "b0"])
+    run(["qemu-io", "-f", "qcow2", "-c", "write -P 1 1M 64k", str(image)])
+    sock = tmp_path / "q.sock"
+    qemu = subprocess.Popen(
+        ["qemu-nbd", "-t", "-e", "8", "-f", "qcow2", "-B", "b0", "-k", str(sock), "-x", "q"]
+        + [str(image)]
+    )
+    try:
+        wait_for_socket(sock, qemu)
+        upstream = unix_uri(sock, "q")
+        refused = run(tapnbd_cmd("serve", upstream, "-B", "nope", "--port", "0"), check=False)
+        assert refused.returncode != 0 and "'nope'" in refused.stderr, refused.stderr
+        proxy = start_server(
+            [upstream, "--socket", str(tmp_path / "p.sock"), "-B", "b0"], tmp_path / "p.log"
+        )
+        try:
+            assert bitmap_map(proxy.uri, "b0") == bitmap_map(upstream, "b0")
+            assert (1 * MiB, 64 << 10, 1) in bitmap_map(proxy.uri, "b0")
+            qemu_io(proxy.uri, "write -P 2 8M 64k", "flush")
+            assert (8 * MiB, 64 << 10, 1) in bitmap_map(proxy.uri, "b0")
+            assert bitmap_map(proxy.uri, "b0") == bitmap_map(upstream, "b0")
+        finally:
+            proxy.stop()
+    finally:
+        qemu.terminate()
+        qemu.wait(10)

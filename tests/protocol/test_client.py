@@ -135,3 +135,42 @@ def test_reply_decoder_refuses_garbage_and_huge_chunks() -> None:
     huge = tx.data_chunk(1, 0, 1 << 30)  # a header claiming 1 GiB of data
     with pytest.raises(ProtocolError, match="too long"):
         ReplyDecoder().feed(huge)
+
+
+class WithBitmaps(Catalog):
+    def __init__(self, names: list[str]) -> None:
+        self.info = ExportInfo(
+            "disk",
+            1 << 20,
+            TransmissionFlag(0),
+            contexts=tuple(f"qemu:dirty-bitmap:{n}" for n in names),
+        )
+
+    def lookup(self, name: str) -> ExportInfo | None:
+        return self.info if name == "disk" else None
+
+    def exports(self) -> list[ExportInfo]:
+        return [self.info]
+
+
+def test_the_servers_dirty_bitmaps_are_listed_then_selected() -> None:
+    catalog = WithBitmaps(["b0", "b1"])
+    done = converse(ClientHandshake("disk"), Handshake(catalog))
+    assert done.meta_id is not None
+    assert dict(done.bitmaps) == {
+        "b0": catalog.info.context_id("qemu:dirty-bitmap:b0"),
+        "b1": catalog.info.context_id("qemu:dirty-bitmap:b1"),
+    }
+
+
+def test_a_server_listing_many_bitmaps_gets_at_most_max_bitmaps_selected() -> None:
+    from tapnbd.protocol.client import MAX_BITMAPS
+
+    names = [f"b{i}" for i in range(MAX_BITMAPS * 3)]
+    done = converse(ClientHandshake("disk"), Handshake(WithBitmaps(names)))
+    assert [n for n, _ in done.bitmaps] == names[:MAX_BITMAPS]
+
+
+def test_a_server_without_bitmaps_still_gets_base_allocation() -> None:
+    done = converse(ClientHandshake("disk"), Handshake(OneExport()))
+    assert done.meta_id is not None and done.bitmaps == ()
