@@ -262,10 +262,8 @@ def test_proxy_offers_the_upstreams_dirty_bitmap_live(tmp_path: Path) -> None:
     run(["qemu-img", "bitmap", "--add", str(image), "b0"])
     run(["qemu-io", "-f", "qcow2", "-c", "write -P 1 1M 64k", str(image)])
     sock = tmp_path / "q.sock"
-    qemu = subprocess.Popen(
-        ["qemu-nbd", "-t", "-e", "8", "-f", "qcow2", "-B", "b0", "-k", str(sock), "-x", "q"]
-        + [str(image)]
-    )
+    args = ["-t", "-e", "8", "-f", "qcow2", "-B", "b0", "-k", str(sock), "-x", "q", str(image)]
+    qemu = subprocess.Popen(["qemu-nbd", *args])
     try:
         wait_for_socket(sock, qemu)
         upstream = unix_uri(sock, "q")
