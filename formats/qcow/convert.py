@@ -17,8 +17,8 @@ from formats.locks import locked_target
 from formats.qcow.create import create_qcow
 from formats.raw import create_raw
 from tapnbd.backend import Backend
-from tapnbd.driver import Driver, ExtentFlags
-from tapnbd.errors import ImageError
+from tapnbd.driver import Driver, Extent, ExtentFlags
+from tapnbd.errors import ImageError, RequestError
 
 if TYPE_CHECKING:
     from formats import OpenRules
@@ -33,10 +33,35 @@ MAX_DEPTH = 16
 #: multiple of 512 up to MAX_SPARSE, or 0 for no holes at all).
 ZERO_BLOCK = 64 << 10
 MAX_SPARSE = 16 << 20
+#: --salvage reads a failed chunk again in pieces this big, then a failed piece by sector.
+SALVAGE_PIECE = 64 << 10
 #: Block status is asked for this much at a time.
 STATUS_WINDOW = 1 << 30
 
 OUTPUT_FORMATS = ("raw", "qcow", "qcow2", "vhd", "rbd", "nbd")
+
+
+@dataclass(frozen=True)
+class CopyTuning:
+    """qemu-img convert's tuning: ``sparse_size`` (-S), blocks of zeros this big become
+    holes, 0 writes every byte (a fully allocated image); ``depth`` (-m), requests in
+    flight; ``salvage`` (--salvage), a reader that cannot read a sector goes on, the
+    sector written as zeros, and each such range is told to this callback."""
+
+    sparse_size: int = ZERO_BLOCK
+    depth: int = DEPTH
+    salvage: Callable[[str], None] | None = None
+
+    def check(self) -> None:
+        if self.sparse_size < 0 or self.sparse_size % 512 or self.sparse_size > MAX_SPARSE:
+            raise ImageError(
+                f"-S {self.sparse_size}: the sparse size must be a multiple of 512 up to "
+                f"{MAX_SPARSE} (or 0: no holes)"
+            )
+        if not 1 <= self.depth <= MAX_DEPTH:
+            raise ImageError(
+                f"-m {self.depth}: the number of requests in flight is 1 to {MAX_DEPTH}"
+            )
 
 
 @dataclass
@@ -66,9 +91,8 @@ async def convert_image(
     backing: str | None = None,
     backing_format: str | None = None,
     create: bool = True,
-    sparse_size: int = ZERO_BLOCK,
     target_is_zero: bool = False,
-    depth: int = DEPTH,
+    tuning: CopyTuning = CopyTuning(),
 ) -> ConvertStats:
     """Copy ``src`` (any supported format) to a new ``out_fmt`` image at ``dst``.
 
@@ -84,19 +108,11 @@ async def convert_image(
     (qemu-img convert -B). ``create=False`` (qemu-img convert -n): ``dst`` exists, in
     ``out_fmt`` (``auto``: probed), at least as big as the source, and is written over,
     its zero runs included, unless ``target_is_zero`` (qemu-img's --target-is-zero: it
-    reads as zeros already). ``sparse_size`` (qemu-img -S): blocks of zeros this big
-    are left as holes; 0 writes every byte, zeros included (a fully allocated image).
-    ``depth`` (qemu-img -m): requests in flight.
+    reads as zeros already). ``tuning``: -S, -m and --salvage (``CopyTuning``).
     """
     from formats import OpenRules, open_image
 
-    if sparse_size < 0 or sparse_size % 512 or sparse_size > MAX_SPARSE:
-        raise ImageError(
-            f"-S {sparse_size}: the sparse size must be a multiple of 512 up to "
-            f"{MAX_SPARSE} (or 0: no holes)"
-        )
-    if not 1 <= depth <= MAX_DEPTH:
-        raise ImageError(f"-m {depth}: the number of requests in flight is 1 to {MAX_DEPTH}")
+    tuning.check()
     if target_is_zero and create:
         raise ImageError("--target-is-zero is for -n, an existing image that reads as zeros")
     from formats.nbd import is_nbd
@@ -157,8 +173,7 @@ async def convert_image(
                 size,
                 progress,
                 zero=(out_fmt == "nbd" or not create) and not target_is_zero,
-                sparse_size=sparse_size,
-                depth=depth,
+                tuning=tuning,
             )
         else:
             # The destination's lock is held from before it is truncated until the copy
@@ -210,8 +225,7 @@ async def convert_image(
                     progress,
                     compress=compress,
                     diff=bool(backing),
-                    sparse_size=sparse_size,
-                    depth=depth,
+                    tuning=tuning,
                 )
     finally:
         await source.close()
@@ -227,8 +241,7 @@ async def _copy_into(
     zero: bool = False,
     compress: bool = False,
     diff: bool = False,
-    sparse_size: int = ZERO_BLOCK,
-    depth: int = DEPTH,
+    tuning: CopyTuning = CopyTuning(),
 ) -> ConvertStats:
     """Copy into an opened target, flush it and close it."""
     try:
@@ -242,8 +255,7 @@ async def _copy_into(
             zero_target=zero,
             compress=compress,
             diff=diff,
-            sparse_size=sparse_size,
-            depth=depth,
+            tuning=tuning,
         )
         await target.flush()
     finally:
@@ -272,14 +284,14 @@ async def _copy(
     zero_target: bool = False,
     compress: bool = False,
     diff: bool = False,
-    sparse_size: int = ZERO_BLOCK,
-    depth: int = DEPTH,
+    tuning: CopyTuning = CopyTuning(),
 ) -> ConvertStats:
     """``diff`` (an overlay's copy, -B): every range is compared with what the target
     reads now, its backing file, and only the blocks that differ are written.
-    ``sparse_size`` 0: every byte is written as data, the source's zeros too."""
+    ``tuning.sparse_size`` 0: every byte is written as data, the source's zeros too."""
     stats = ConvertStats(size=size)
-    slots = asyncio.Semaphore(depth)
+    sparse_size = tuning.sparse_size
+    slots = asyncio.Semaphore(tuning.depth)
     # The zero-detection block; with -S 0 one block is the whole chunk, never zeros.
     zb = sparse_size or CHUNK
     zeroes = bytes(zb) if sparse_size else b""
@@ -312,8 +324,39 @@ async def _copy(
                 await target.pwrite(p, data[o : o + m])
             o += m
 
+    async def read(pos: int, n: int) -> memoryview:
+        try:
+            return memoryview(await source.pread(pos, n))
+        except RequestError as e:
+            if tuning.salvage is None:
+                raise
+            first = e
+        # --salvage: what can be read is, in 64 KiB pieces, then the failing pieces
+        # sector by sector (as qemu-img); a sector that fails reads as zeros.
+        buf = bytearray(n)
+        for o in range(0, n, SALVAGE_PIECE):
+            k = min(SALVAGE_PIECE, n - o)
+            try:
+                buf[o : o + k] = await source.pread(pos + o, k)
+                continue
+            except RequestError:
+                pass
+            lost = 0
+            for s in range(o, o + k, 512):
+                m = min(512, o + k - s)
+                try:
+                    buf[s : s + m] = await source.pread(pos + s, m)
+                except RequestError:
+                    lost += m
+            if lost:
+                tuning.salvage(
+                    f"error reading {pos + o}..{pos + o + k}: {first}; {lost} bytes of it "
+                    "written as zeros"
+                )
+        return memoryview(buf)
+
     async def copy_chunk(pos: int, n: int) -> None:
-        data = memoryview(await source.pread(pos, n))
+        data = await read(pos, n)
         written = 0
         # Write only the runs of blocks that are not all zeros.
         run_start = -1
@@ -333,7 +376,7 @@ async def _copy(
         done(n, written)
 
     async def diff_chunk(pos: int, n: int) -> None:
-        data = memoryview(await source.pread(pos, n))
+        data = await read(pos, n)
         under = memoryview(await target.pread(pos, n))
         written, run_start, run_kind = 0, 0, "same"
         # Runs of blocks of one kind: as the target reads, zeros to zero, or data.
@@ -376,7 +419,13 @@ async def _copy(
     chunk = guarded(diff_chunk if diff else copy_chunk)
     while pos < size and not failure:
         window = min(STATUS_WINDOW, size - pos)
-        for ext in await source.extents(pos, window):
+        try:
+            extents = await source.extents(pos, window)
+        except RequestError:
+            if tuning.salvage is None:
+                raise
+            extents = [Extent(pos, window)]  # --salvage: read it all, as data
+        for ext in extents:
             if failure:
                 break
             # With diff, zeros are compared too: the backing file may hold data there.

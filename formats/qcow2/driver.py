@@ -272,6 +272,8 @@ class Qcow2Driver(ImageDriver["Qcow2Meta"]):
         if e & OFLAG_COMPRESSED:
             return COMPRESSED, e, min(lim - pos, self._cs - in_cl)
         if e & L2E_RESERVED or (e & OFLAG_ZERO and not self._v3):
+            if e == _BAD:  # the entry as read was logged when the table was
+                raise _eio(f"L2 table 0x{l2off:x} entry {i} points outside the image file")
             raise _eio(f"L2 table 0x{l2off:x} entry {i} (0x{e:x}) is invalid")
         host = e & OFFSET_MASK
         j = i + 1

@@ -317,6 +317,14 @@ def convert_cmd(
             "-m", "--coroutines", metavar="N", help="Requests in flight, 1 to 16 (qemu-img -m)."
         ),
     ] = 4,
+    salvage: Annotated[
+        bool,
+        typer.Option(
+            "--salvage",
+            help="Go on past read errors: what cannot be read is written as zeros, and "
+            "each such range is reported unless -q (qemu-img --salvage).",
+        ),
+    ] = False,
 ) -> None:
     """Copy an image into a new raw, qcow, qcow2 or VHD image, skipping zeros and holes.
 
@@ -332,7 +340,7 @@ def convert_cmd(
     )
 
     from formats.nbd import is_nbd
-    from formats.qcow.convert import ZERO_BLOCK, convert_image
+    from formats.qcow.convert import ZERO_BLOCK, CopyTuning, convert_image
     from formats.qcow2.create import Qcow2Options
     from tapnbd.cli.image_flags import create_options
 
@@ -367,6 +375,9 @@ def convert_cmd(
             if image_format(src, src_fmt) != "qcow2":
                 raise ImageError(f"{src}: --bitmaps copies a qcow2 image's bitmaps")
 
+        def salvaged(message: str) -> None:
+            bar.console.print(f"{dst}: {message}", highlight=False, soft_wrap=True)
+
         def progress(n: int) -> None:
             bar.advance(task, n)
 
@@ -399,13 +410,16 @@ def convert_cmd(
                     backing=backing,
                     backing_format=backing_format if backing else None,
                     create=not no_create,
-                    sparse_size=ZERO_BLOCK
-                    if sparse_size is None
-                    else 0
-                    if sparse_size == "0"  # parse_size takes no 0: it is -S's own value
-                    else _size(sparse_size),
                     target_is_zero=target_is_zero,
-                    depth=coroutines,
+                    tuning=CopyTuning(
+                        sparse_size=ZERO_BLOCK
+                        if sparse_size is None
+                        else 0
+                        if sparse_size == "0"  # parse_size takes no 0: it is -S's own value
+                        else _size(sparse_size),
+                        depth=coroutines,
+                        salvage=None if not salvage else (lambda _m: None) if quiet else salvaged,
+                    ),
                 )
             )
         finally:

@@ -1,17 +1,20 @@
 """``tapnbd convert``'s qemu-img tuning options: -S (how big a block of zeros must be to
 become a hole; 0 for a fully allocated image), --target-is-zero (with -n: the target's
-zero runs are not written) and -m (requests in flight). qemu-img map and compare are the
+zero runs are not written), -m (requests in flight) and --salvage (past read errors,
+what cannot be read written as zeros). qemu-img map and compare are the
 referees; the depth is watched inside the copy, where it can be seen."""
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
+import random
 from pathlib import Path
 
 import pytest
 
-from formats.qcow.convert import _copy
+from formats.qcow.convert import CopyTuning, _copy
 from formats.ram import RamDriver
 from tapnbd.backend import Backend
 from tests.formats.qcow_util import need, qemu_img
@@ -114,6 +117,79 @@ async def test_depth_is_the_number_of_requests_in_flight(depth: int) -> None:
     src = _Watched(64 * MiB)
     await src.pwrite(0, b"\x01" * (64 * MiB))
     dst = Backend(RamDriver(64 * MiB))
-    stats = await _copy(Backend(src, read_only=True), dst, 64 * MiB, None, depth=depth)
+    tuning = CopyTuning(depth=depth)
+    stats = await _copy(Backend(src, read_only=True), dst, 64 * MiB, None, tuning=tuning)
     assert stats.written == 64 * MiB and src.most == depth
     assert bytes(await dst.pread(0, 64 * MiB)) == b"\x01" * (64 * MiB)
+
+
+def damaged_qcow2(tmp_path: Path) -> tuple[Path, Path]:
+    """A qcow2 image with data at 0 and at 1 MiB, whose second L2 entry is made to point
+    past the end of the file: reading its cluster fails (EIO), the rest reads. And the
+    raw image of what salvage must give: that cluster as zeros."""
+    img = tmp_path / "bad.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", img, "4M")
+    run_qemu_io(img, "write -P 0x11 0 64k", "write -P 0x22 1M 64k")
+    want = tmp_path / "want.raw"
+    qemu_img("convert", "-f", "qcow2", "-O", "raw", img, want)
+    data = bytearray(img.read_bytes())
+    l1_off = int.from_bytes(data[40:48], "big")
+    l2_off = int.from_bytes(data[l1_off : l1_off + 8], "big") & ((1 << 56) - 512)
+    entry = l2_off + 8 * 16  # guest cluster 16: 1 MiB
+    data[entry : entry + 8] = ((1 << 63) | (len(data) + (64 << 20))).to_bytes(8, "big")
+    img.write_bytes(data)
+    with open(want, "r+b") as f:
+        f.seek(MiB)
+        f.write(bytes(64 << 10))
+    return img, want
+
+
+def run_qemu_io(img: Path, *cmds: str) -> None:
+    args = ["qemu-io", "-f", "qcow2"]
+    for c in cmds:
+        args += ["-c", c]
+    from tests.formats.qcow_util import run
+
+    run(*args, img)
+
+
+def test_salvage_writes_what_cannot_be_read_as_zeros(tmp_path: Path) -> None:
+    img, want = damaged_qcow2(tmp_path)
+    out = tmp_path / "out.raw"
+    failed = tapnbd("convert", "-q", "-f", "qcow2", "-O", "raw", img, out, check=False)
+    assert "entry 16 points outside the image file" in failed, failed
+    said = tapnbd("convert", "-f", "qcow2", "-O", "raw", "--salvage", img, out)
+    assert f"error reading {MiB}..{MiB + (64 << 10)}" in said, said
+    assert "65536 bytes of it written as zeros" in said, said
+    qemu_img("compare", "-f", "raw", "-F", "raw", want, out)
+    quiet = tapnbd("convert", "-q", "-f", "qcow2", "-O", "raw", "--salvage", img, out)
+    assert "error reading" not in quiet
+
+
+class _BadSectors(RamDriver):
+    """A RAM disk whose sectors in ``bad`` fail to read."""
+
+    def __init__(self, size: int, bad: set[int]) -> None:
+        super().__init__(size)
+        self.bad = bad
+
+    async def pread(self, offset: int, length: int) -> bytes | bytearray:
+        if any(s in self.bad for s in range(offset // 512, (offset + length + 511) // 512)):
+            raise OSError(errno.EIO, "bad sector")
+        return await super().pread(offset, length)
+
+
+async def test_salvage_loses_only_the_unreadable_sectors(seed: int) -> None:
+    rng = random.Random(seed)
+    size = 8 * MiB
+    src = _BadSectors(size, set(rng.sample(range(size // 512), 20)))
+    await src.pwrite(0, rng.randbytes(size))
+    expect = bytearray(await RamDriver.pread(src, 0, size))
+    for s in src.bad:
+        expect[s * 512 : (s + 1) * 512] = bytes(512)
+    said: list[str] = []
+    dst = Backend(RamDriver(size))
+    tuning = CopyTuning(salvage=said.append)
+    await _copy(Backend(src, read_only=True), dst, size, None, tuning=tuning)
+    assert bytes(await dst.pread(0, size)) == bytes(expect)
+    assert sum(int(m.split("; ")[1].split()[0]) for m in said) == 512 * len(src.bad)
