@@ -79,7 +79,9 @@ class StateDir:
     def create(self) -> None:
         """Make (or check) the directory and its ``attach/``; UnsafePathError if either is
         not ours alone."""
-        for sock in (self.control, self.nbd_socket, self.attach_socket):
+        # A tapdisk's sockets are the deepest: tapdisk/ID/ctl.sock (attachments.py).
+        deepest = os.path.join(self.path, "tapdisk", "9" * 10, "ctl.sock")
+        for sock in (self.control, self.nbd_socket, self.attach_socket, deepest):
             if len(os.fsencode(sock)) > MAX_SOCKET_PATH:
                 raise TapnbdError(
                     f"state directory {self.path} is too long for a unix socket path "

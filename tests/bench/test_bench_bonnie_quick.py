@@ -8,8 +8,10 @@ path that tests/bench/test_bench_quick.py and the full run exercise.
 from __future__ import annotations
 
 import csv
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -35,8 +37,14 @@ def test_bonnie_quick_gives_figures_for_each_row(tmp_path: Path) -> None:
     cmd = [sys.executable, "-m", "bench", "bonnie", "--quick"]
     for key in ROWS:
         cmd += ["--only", key]
-    cmd += ["--out", str(out), "--workdir", str(tmp_path / "work")]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, check=False)
+    # A short work directory: the daemon's state directory is in it, and a tapdisk's
+    # socket path in that must fit AF_UNIX's 107 bytes however deep pytest's tmp is.
+    work = tempfile.mkdtemp(prefix="bq-", dir="/tmp")
+    try:
+        cmd += ["--out", str(out), "--workdir", work]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, check=False)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
     rows = {r["row"]: r for r in csv.DictReader((out / "bonnie.csv").open())}

@@ -20,6 +20,7 @@ import pytest
 from tapnbd.control import tapctl
 from tapnbd.control.messages import MAX_LINE, ErrorReply, StatusRequest, decode, encode
 from tapnbd.control.state import StateDir
+from tapnbd.errors import TapnbdError
 from tests.control.tap import Tapnbd, tapdisk_pids
 from tests.helpers import qemu_io
 
@@ -493,3 +494,14 @@ def test_export_add_offers_a_bitmap_and_keeps_it_across_a_restart(tap: Tapnbd) -
     restored = tap.run("list", "--json")
     assert "restored export 'b'" in restored.stderr, restored.stderr
     assert dirty() == ["clean", "dirty", "clean"]  # stored at stop, read back at restore
+
+
+def test_a_state_directory_too_deep_for_a_data_paths_socket_is_refused(tmp_path: Path) -> None:
+    """The daemon's own sockets would fit, a tapdisk's (tapdisk/ID/ctl.sock) would not:
+    refused at start, naming the limit, not at the first attach."""
+    base = len(os.fsencode(str(tmp_path))) + 1
+    deep = tmp_path / ("d" * (107 - base - len("/control.sock")))
+    assert len(os.fsencode(str(deep / "control.sock"))) <= 107
+    with pytest.raises(TapnbdError, match="too long for a unix socket path"):
+        StateDir(str(deep)).create()
+    assert not deep.exists()

@@ -120,13 +120,18 @@ class Cluster:
         self.run("ceph-osd", "-i", self.osd_id, timeout=120)
         self.wait_writable()
 
-    def wait_quorum(self, timeout: float = 120) -> None:
-        """Until the monitor answers commands (it says EPERM while it is still starting)."""
+    def new_osd(self, timeout: float = 120) -> tuple[str, str]:
+        """(id, uuid) of a new OSD, once the monitor answers (it says EPERM while it is
+        still starting).
+
+        On a loaded machine ``mon stat`` can answer while the OSD map's commands still
+        say "EPERM: problem getting command descriptions from mon", so the wait is on
+        ``osd new`` itself (the same uuid gives the same id: a retry is harmless)."""
+        osd_uuid = str(uuid.uuid4())
         deadline = time.monotonic() + timeout
         while True:
             try:
-                self.run("ceph", "mon", "stat", timeout=30)
-                return
+                return self.run("ceph", "osd", "new", osd_uuid, timeout=30).strip(), osd_uuid
             except (RuntimeError, subprocess.TimeoutExpired):
                 if time.monotonic() > deadline:
                     raise
@@ -184,9 +189,7 @@ def start(d: Path) -> Cluster:
         )  # fmt: skip
         cluster.run("ceph-mon", "--mkfs", "-i", "a", "--monmap", str(d / "monmap"))
         cluster.run("ceph-mon", "-i", "a")
-        cluster.wait_quorum()
-        osd_uuid = str(uuid.uuid4())
-        cluster.osd_id = cluster.run("ceph", "osd", "new", osd_uuid).strip()
+        cluster.osd_id, osd_uuid = cluster.new_osd()
         cluster.run("ceph-osd", "-i", cluster.osd_id, "--mkfs", "--osd-uuid", osd_uuid, timeout=180)
         cluster.run("ceph", "osd", "crush", "add", f"osd.{cluster.osd_id}", "1.0", "root=default")
         cluster.run("ceph-osd", "-i", cluster.osd_id, timeout=120)
