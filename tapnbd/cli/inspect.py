@@ -29,10 +29,10 @@ IO_BUF_SIZE = 2 << 20
 SECTOR = 512
 
 
-async def _open(spec: str, fmt: str, rules: OpenRules) -> Driver:
+async def _open(spec: str, fmt: str, rules: OpenRules, snapshot: str | None = None) -> Driver:
     from formats import open_image
 
-    return await open_image(spec, fmt=fmt, read_only=True, rules=rules)
+    return await open_image(spec, fmt=fmt, read_only=True, rules=rules, snapshot=snapshot)
 
 
 # map
@@ -213,14 +213,15 @@ _MEASURE_KEYS = {
 
 
 async def _source_facts(
-    spec: str, fmt: str, rules: OpenRules
+    spec: str, fmt: str, rules: OpenRules, snapshot: str | None = None
 ) -> tuple[int, list[tuple[int, int]], list[tuple[int, int]] | None]:
-    """(size, data runs, bitmaps) of a source image: each persistent bitmap's name
-    length and granularity bits if it is a qcow2 v3 image, else None."""
+    """(size, data runs, bitmaps) of a source image (at its internal ``snapshot``, if
+    given): each persistent bitmap's name length and granularity bits if it is a qcow2
+    v3 image, else None."""
     from formats.imagemap import image_map, unwrap
     from formats.measure import data_runs
 
-    driver = await _open(spec, fmt, rules)
+    driver = await _open(spec, fmt, rules, snapshot)
     try:
         entries = await image_map(driver, spec)
         specific = unwrap(driver).describe().get("format-specific")
@@ -298,6 +299,16 @@ def measure_cmd(
     backing_format: BackingFormatOpt = None,
     allow_probed_chain: AllowProbedChainOpt = False,
     allow_block_devices: AllowBlockOpt = False,
+    snapshot: Annotated[
+        str | None,
+        typer.Option(
+            "-l",
+            "--snapshot",
+            metavar="SNAPSHOT",
+            help="Measure this internal qcow2 snapshot's contents (qemu-img measure -l): "
+            "an id or a name, or snapshot.id=ID,snapshot.name=NAME.",
+        ),
+    ] = None,
 ) -> None:
     """How big a file an image converted to -O's format needs now (required), and once
     every byte is written (fully allocated), as qemu-img measure.
@@ -308,6 +319,8 @@ def measure_cmd(
     out_fmt = "vhd" if out_fmt == "vpc" else out_fmt
     if out_fmt not in _MEASURE_KEYS:
         fail(f"-O {out_fmt!r}: use qcow2, raw, qcow or vhd")
+    if snapshot is not None and image is None:
+        fail("-l measures a snapshot of an image: give the image")
     if (image is None) == (size is None):
         fail(
             "give either --size N or one image, not both" if image else "give --size N or an image"
@@ -322,7 +335,7 @@ def measure_cmd(
             assert size is not None
             result = measure(out_fmt, parse_size(size), None, opts, None)
         else:
-            vsize, runs, bitmaps = runtime.run_command(_source_facts(image, fmt, rules))
+            vsize, runs, bitmaps = runtime.run_command(_source_facts(image, fmt, rules, snapshot))
             result = measure(out_fmt, vsize, runs, opts, bitmaps)
     if use_json:
         print_json(result.to_json())

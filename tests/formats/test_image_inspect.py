@@ -292,6 +292,24 @@ def test_measure_matches_qemu_img(tmp_path: Path, seed: int) -> None:
     assert both.returncode == 1 and "not both" in both.stderr
 
 
+def test_measure_of_a_snapshot_matches_qemu_img(tmp_path: Path) -> None:
+    """-l measures what the internal snapshot holds, not the image as it is now."""
+    img = "snap.qcow2"
+    sh(tmp_path, "qemu-img", "create", "-q", "-f", "qcow2", img, "64M")
+    sh(tmp_path, "qemu-io", "-c", "write -P 1 0 8M", img)
+    sh(tmp_path, "qemu-img", "snapshot", "-c", "s1", img)
+    sh(tmp_path, "qemu-io", "-c", "write -P 2 16M 20M", img)
+    for snap in ("s1", "snapshot.name=s1", "1"):
+        case = ["-O", "qcow2", "-l", snap, img]
+        want = sh(tmp_path, "qemu-img", "measure", "--output=json", *case).stdout
+        got = tap_here(tmp_path, "measure", "--output=json", *case).stdout
+        assert got == want, (snap, got, want)
+    now = tap_here(tmp_path, "measure", "--output=json", "-O", "qcow2", img).stdout
+    assert json.loads(now)["required"] > json.loads(got)["required"]
+    missing = tap(tmp_path, "measure", "-O", "qcow2", "-l", "nope", img, check=False)
+    assert missing.returncode != 0 and "nope" in missing.stderr
+
+
 @pytest.mark.parametrize("fmt", ["qcow", "vhd"])
 def test_measure_is_enough_for_qcow_and_vhd(tmp_path: Path, seed: int, fmt: str) -> None:
     """No qemu-img measure for these: fill images and check the files fit the figures."""
