@@ -155,7 +155,7 @@ async def test_bad_l2_entry_fails_that_cluster_only(tmp_path: Path) -> None:
     _patch(img, l2, ">Q", (1 << 63) | (1 << 40))  # cluster 0 past the end of the file
     d = await open_image(str(img), read_only=True)
     assert isinstance(d, Qcow2Driver)
-    with pytest.raises(OSError, match="invalid"):
+    with pytest.raises(OSError, match="entry 0 points outside the image file"):
         await d.pread(0, 512)
     assert bytes(await d.pread(65536, 4)) == b"\x5a" * 4
     await d.close()
