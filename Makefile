@@ -57,8 +57,9 @@ lint: venv
 typecheck: venv
 	$(BIN)/mypy
 
-# Two workers (pytest-xdist): tests/conftest.py groups what must not run side by side.
-PYTEST_WORKERS ?= -n 2 --dist loadgroup
+# Two workers (pytest-xdist), each test module whole on one (its module fixtures are
+# made once); the kernel VM's first boot is locked (tests/kernel/vm.py).
+PYTEST_WORKERS ?= -n 2 --dist loadfile
 
 pytest: venv
 	$(BIN)/pytest $(PYTEST_WORKERS) $(PYTEST_ARGS)

@@ -41,30 +41,6 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ["TAPNBD_TEST_SEED"] = str(seed)
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Groups for pytest-xdist's ``--dist loadgroup`` (make test runs two workers).
-
-    A module runs whole on one worker, so its module fixtures are made once. What the
-    machine has only one of runs on one worker, one test after another: every kernel
-    VM boot (run-guest unpacks its kernel into one shared cache) and the Ceph tests
-    (one cluster per worker would be two), and the tests that take loop devices, FUSE
-    mounts and the daemon's system paths.
-    """
-    for item in items:
-        if item.get_closest_marker("vm") or item.nodeid.startswith("tests/rbd/"):
-            group = "vm-and-ceph"
-        elif item.get_closest_marker("root"):
-            group = "root"
-        else:
-            group = item.nodeid.split("::", 1)[0]
-        item.add_marker(pytest.mark.xdist_group(group))
-
-
-def pytest_report_header(config: pytest.Config) -> str:
-    seed = config.stash[_seed_key]
-    return f"tapnbd run seed: {seed} (replay: --seed {seed} or TAPNBD_TEST_SEED={seed})"
-
-
 @pytest.fixture
 def seed(request: pytest.FixtureRequest) -> int:
     """This test's seed: the run seed mixed with the test id (see the module docstring)."""

@@ -9,13 +9,15 @@ a doorbell export until the host has written to it (see ``DOORBELL``).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
 import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -96,6 +98,21 @@ class GuestRun:
         return "\n".join(self.lines[-80:])
 
 
+@contextlib.contextmanager
+def _first_boot() -> Iterator[None]:
+    """run-guest unpacks Debian's kernel into one cache on its first boot (its "kver"
+    file is written last): a boot by the other pytest-xdist worker at the same time
+    would unpack into it too, so the first boot holds a lock that the others wait on."""
+    cache = Path(os.environ.get("KERNEL_VM_CACHE", str(Path.home() / ".cache" / "kernel-vm")))
+    if (cache / "kver").exists():
+        yield
+        return
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    with open(cache.parent / "kernel-vm.tapnbd-tests.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 def run_guest(
     sock: Path,
     script: str,
@@ -105,6 +122,18 @@ def run_guest(
     qemu_options: tuple[str, ...] = (),
 ) -> GuestRun:
     """Boot the VM with ``PRELUDE + script`` as its guest script; call ``on_mark`` on marks."""
+    with _first_boot():
+        return _run_guest(sock, script, workdir, on_mark, timeout, qemu_options)
+
+
+def _run_guest(
+    sock: Path,
+    script: str,
+    workdir: Path,
+    on_mark: Callable[[str], None] | None,
+    timeout: float,
+    qemu_options: tuple[str, ...],
+) -> GuestRun:
     path = workdir / "guest.sh"
     path.write_text(PRELUDE + script)
     env = {**os.environ, "KERNEL_VM_TIMEOUT": str(int(timeout))}
