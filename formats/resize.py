@@ -44,8 +44,15 @@ async def resize_image(
     shrink: bool = False,
     share: bool = False,
     rules: OpenRules | None = None,
+    preallocation: str = "off",
 ) -> tuple[int, int]:
-    """Resize the image at ``path``; returns (old size, new size)."""
+    """Resize the image at ``path``; returns (old size, new size).
+
+    ``preallocation`` (qemu-img resize --preallocation) allocates the grown range:
+    ``falloc`` reserves its space, ``full`` writes its zeros, ``metadata`` (qcow2 only)
+    gives its clusters L2 entries. A qcow2 image preallocates whole new clusters: the
+    old last cluster stays as it was.
+    """
     rules = replace(rules or OpenRules(), share=True)  # we hold the lock ourselves
     kind = image_format(path, fmt)
     if kind == "vpc":
@@ -62,12 +69,15 @@ async def resize_image(
             )
         if kind in ("qcow", "vhd") and new < current:
             raise ImageError(f"{path}: a {kind} image cannot shrink (qemu-img cannot either)")
+        _check_preallocation(path, kind, preallocation, growing=new > current)
         if kind != "raw" and new % 512:
             raise ImageError(f"{path}: a {kind} image's size must be a multiple of 512 bytes")
         if new == current:
             return current, new
         if kind == "raw":
             os.ftruncate(fd, new)
+            if preallocation != "off":
+                _preallocate_raw(fd, current, new, preallocation)
             os.fsync(fd)
             return current, new
         if kind == "qcow2":
@@ -91,7 +101,45 @@ async def resize_image(
                 set_qcow2_size(fd, path, new)
         if new > current:
             await _zero_grown(path, fmt, current, new, rules)
+        if preallocation != "off":
+            await _preallocate_qcow2(path, current, preallocation, rules)
     return current, new
+
+
+def _check_preallocation(path: str, kind: str, mode: str, *, growing: bool) -> None:
+    from formats.qcow2.create import PREALLOCATION
+
+    if mode not in PREALLOCATION:
+        raise ImageError(f"--preallocation {mode!r}: use {', '.join(PREALLOCATION)}")
+    if mode == "off":
+        return
+    if not growing:
+        raise ImageError(f"{path}: --preallocation is for growing an image")
+    if kind not in ("raw", "qcow2"):
+        raise ImageError(f"{path}: --preallocation is for raw and qcow2 images, not {kind}")
+    if kind == "raw" and mode == "metadata":
+        raise ImageError(f"{path}: --preallocation metadata is for qcow2 (raw has no metadata)")
+
+
+def _preallocate_raw(fd: int, old: int, new: int, mode: str) -> None:
+    if mode == "falloc":
+        os.posix_fallocate(fd, old, new - old)
+        return
+    zeros = bytes(min(new - old, 1 << 20))  # full: written out
+    pos = old
+    while pos < new:
+        pos += os.pwrite(fd, zeros[: new - pos], pos)
+
+
+async def _preallocate_qcow2(path: str, old: int, mode: str, rules: OpenRules) -> None:
+    from formats.qcow2.driver import Qcow2Driver
+
+    d = await open_image(path, fmt="qcow2", read_only=False, rules=rules)
+    try:
+        assert isinstance(d, Qcow2Driver)
+        await d.preallocate(mode, start=-(-old // d.cluster_size) * d.cluster_size)
+    finally:
+        await d.close()
 
 
 async def _current_size(path: str, fmt: str, rules: OpenRules) -> int:

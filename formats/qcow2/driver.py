@@ -632,8 +632,9 @@ class Qcow2Driver(ImageDriver["Qcow2Meta"]):
         elif entry & OFFSET_MASK:
             self._decrefs.append(((entry & OFFSET_MASK) >> self._cb, 1))
 
-    async def preallocate(self, mode: str = "metadata") -> None:
-        """Give every unallocated guest cluster a data cluster.
+    async def preallocate(self, mode: str = "metadata", start: int = 0) -> None:
+        """Give every unallocated guest cluster from ``start`` (cluster-aligned) on a
+        data cluster.
 
         ``metadata``: the file grows sparse and the clusters read as zeros until
         written; ``falloc``: their space is reserved with fallocate; ``full``: zeros are
@@ -645,10 +646,12 @@ class Qcow2Driver(ImageDriver["Qcow2Meta"]):
         if mode != "metadata":
             # Space grown ahead as a hole would not be reserved by fallocate later.
             self._grow_ahead = 0
-        for l1i in range((clusters + per_table - 1) // per_table):
+        first = start >> cb
+        for l1i in range(first // per_table, (clusters + per_table - 1) // per_table):
             l2off, t = await self._writable_l2(l1i)
             n = min(per_table, clusters - l1i * per_table)
-            free = [i for i in range(n) if not t[i]]
+            lo = max(0, first - l1i * per_table)
+            free = [i for i in range(lo, n) if not t[i]]
             if not free:
                 continue
             host = self._reserve(len(free) * cs, allocate=mode != "metadata")

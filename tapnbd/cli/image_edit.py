@@ -128,6 +128,14 @@ def resize_cmd(
     allow_probed_chain: AllowProbedChainOpt = False,
     allow_block_devices: AllowBlockOpt = False,
     force_share: ForceShareOpt = False,
+    preallocation: Annotated[
+        str,
+        typer.Option(
+            "--preallocation",
+            help="Allocate the grown range (raw and qcow2): off, metadata (qcow2), falloc "
+            "or full (qemu-img resize --preallocation).",
+        ),
+    ] = "off",
 ) -> None:
     """Grow an image, or shrink it with --shrink (qemu-img resize)."""
     from formats.resize import resize_image
@@ -135,7 +143,15 @@ def resize_cmd(
     rules = open_rules(None, allow_probed_chain, allow_block_devices)
     with errors_as_exit():
         runtime.run(
-            resize_image(image, size, fmt=fmt, shrink=shrink, share=force_share, rules=rules)
+            resize_image(
+                image,
+                size,
+                fmt=fmt,
+                shrink=shrink,
+                share=force_share,
+                rules=rules,
+                preallocation=preallocation,
+            )
         )
     if not quiet:
         typer.echo("Image resized.")

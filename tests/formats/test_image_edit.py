@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 import shutil
 import signal
@@ -380,6 +381,61 @@ def test_resize_matches_qemu_img(tmp_path: Path, fmt: str, steps: list[str]) -> 
         same(ours, ref, fmt, fmt)
         if fmt == "qcow2":
             qemu_img("check", "-f", "qcow2", ours)
+
+
+def _map(image: Path, fmt: str) -> list[tuple[int, int, bool, bool]]:
+    """(start, length, present, data) of each run, as qemu-img map says (a raw file's
+    holes are found with SEEK_DATA)."""
+    out = json.loads(qemu_img("map", "--output=json", "-f", fmt, image))
+    return [(e["start"], e["length"], e["present"], e["data"]) for e in out]
+
+
+def _data_bytes(image: Path, fmt: str, start: int) -> int:
+    return sum(n for s, n, _p, d in _map(image, fmt) if d and s >= start)
+
+
+@pytest.mark.parametrize("mode", ["metadata", "falloc", "full"])
+def test_resize_preallocates_only_the_grown_range_of_a_qcow2(tmp_path: Path, mode: str) -> None:
+    ours = qcreate(tmp_path / "ours", "qcow2", MiB)
+    ref = tmp_path / "ref"
+    shutil.copy(ours, ref)
+    tapnbd("resize", "-q", "-f", "qcow2", f"--preallocation={mode}", ours, "+2M")
+    qemu_img("resize", "-q", "-f", "qcow2", f"--preallocation={mode}", ref, "+2M")
+    assert _map(ours, "qcow2") == _map(ref, "qcow2")  # old: a hole; new: allocated
+    assert _map(ours, "qcow2")[0] == (0, MiB, False, False)
+    qemu_img("check", "-f", "qcow2", ours)
+    same(ours, ref, "qcow2", "qcow2")
+    if mode != "metadata":  # the space is there: reserved or written
+        assert os.stat(ours).st_blocks * 512 >= 2 * MiB
+
+
+@pytest.mark.parametrize("mode", ["falloc", "full"])
+def test_resize_preallocates_the_grown_range_of_a_raw_file(tmp_path: Path, mode: str) -> None:
+    ours = qcreate(tmp_path / "ours.raw", "raw", MiB)
+    tapnbd("resize", "-q", "-f", "raw", f"--preallocation={mode}", ours, "+2M")
+    assert os.path.getsize(ours) == 3 * MiB
+    assert os.stat(ours).st_blocks * 512 >= 2 * MiB
+    if mode == "full":  # written zeros are data to SEEK_DATA; fallocated ones are not
+        assert _data_bytes(ours, "raw", MiB) == 2 * MiB
+
+
+@pytest.mark.parametrize(
+    ("fmt", "args", "says"),
+    [
+        ("raw", ["--preallocation=metadata", "+1M"], "metadata is for qcow2"),
+        ("qcow2", ["--preallocation=full", "--shrink", "-512K"], "is for growing"),
+        ("qcow", ["--preallocation=full", "+1M"], "for raw and qcow2"),
+        ("qcow2", ["--preallocation=some", "+1M"], "use off, metadata, falloc, full"),
+    ],
+)
+def test_resize_preallocation_refusals(
+    tmp_path: Path, fmt: str, args: list[str], says: str
+) -> None:
+    image = qcreate(tmp_path / "i", fmt, MiB)
+    before = image.read_bytes()
+    proc = tapnbd("resize", "-f", fmt, image, *args, check=False)
+    assert proc.returncode == 1 and says in proc.stderr, proc.stderr
+    assert image.read_bytes() == before
 
 
 def test_resize_refuses_to_shrink_without_the_flag_or_with_snapshots(tmp_path: Path) -> None:
