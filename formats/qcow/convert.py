@@ -74,7 +74,7 @@ class ConvertStats:
 
 
 async def convert_image(
-    src: str,
+    src: str | list[str],
     dst: str,
     out_fmt: str,
     *,
@@ -94,7 +94,8 @@ async def convert_image(
     target_is_zero: bool = False,
     tuning: CopyTuning = CopyTuning(),
 ) -> ConvertStats:
-    """Copy ``src`` (any supported format) to a new ``out_fmt`` image at ``dst``.
+    """Copy ``src`` (any supported format) to a new ``out_fmt`` image at ``dst``; a list
+    of several is copied back to back, as qemu-img convert copies several sources.
 
     ``start`` is called with the source's size once it is open, ``progress`` with the
     number of bytes of the source just dealt with. ``rules`` are for opening the
@@ -132,7 +133,13 @@ async def convert_image(
         raise ImageError("compressed output (-c) is for qcow2 only")
     if backing is not None and out_fmt not in ("qcow2", "qcow"):
         raise ImageError(f"a {out_fmt} image has no backing file (-B is for qcow2 and qcow)")
-    driver = await open_image(src, fmt=src_fmt, read_only=True, rules=rules, snapshot=snapshot)
+    if isinstance(src, list) and len(src) > 1:
+        if snapshot is not None or window is not None:
+            raise ImageError("several sources are copied whole: no -l, skip or count")
+        driver = await _open_all(src, src_fmt, rules)
+    else:
+        one = src[0] if isinstance(src, list) else src
+        driver = await open_image(one, fmt=src_fmt, read_only=True, rules=rules, snapshot=snapshot)
     if window is not None:
         from formats.filters.window import WindowFilter
 
@@ -263,8 +270,27 @@ async def _copy_into(
     return stats
 
 
+async def _open_all(srcs: list[str], fmt: str, rules: OpenRules) -> Driver:
+    """Each source opened (``fmt`` applies to all, as qemu-img -f), back to back."""
+    from formats import open_image
+    from formats.filters.concat import ConcatDriver
+
+    parts: list[Driver] = []
+    try:
+        for s in srcs:
+            parts.append(await open_image(s, fmt=fmt, read_only=True, rules=rules))
+    except BaseException:
+        await ConcatDriver(parts).close()
+        raise
+    return ConcatDriver(parts)
+
+
 def _chain_paths(driver: Driver) -> list[str]:
-    """The files of an opened image and of its backing chain."""
+    """The files of an opened image and of its backing chain (of each part's, for
+    several sources)."""
+    parts = getattr(driver, "parts", None)
+    if isinstance(parts, list):
+        return [p for part in parts for p in _chain_paths(part)]
     paths: list[str] = []
     d: object = driver
     while d is not None:

@@ -212,8 +212,15 @@ def create_cmd(
 
 @app.command("convert")
 def convert_cmd(
-    src: Annotated[str, typer.Argument(help="Source image (any supported format).")],
-    dst: Annotated[str, typer.Argument(help="Destination image (created, or overwritten).")],
+    images: Annotated[
+        list[str],
+        typer.Argument(
+            metavar="SRC... DST",
+            help="The source image (any supported format), or several copied back to "
+            "back (qemu-img convert's several sources), then the destination image "
+            "(created, or overwritten).",
+        ),
+    ],
     out_fmt: Annotated[
         str | None,
         typer.Option(
@@ -345,6 +352,12 @@ def convert_cmd(
     from tapnbd.cli.image_flags import create_options
 
     del progress_bar  # the bar is drawn anyway, unless -q: -p is for qemu-img's command lines
+    if len(images) < 2:
+        fail("give the source image(s), then the destination")
+    *sources, dst = images
+    src = sources[0]
+    if len(sources) > 1 and (snapshot or bitmaps or backing):
+        fail("several sources are copied whole into one image: no -l, --bitmaps or -B")
 
     out_fmt = out_fmt or ("auto" if no_create else "qcow")
     if no_create and (options or cluster_size or backing):
@@ -390,7 +403,7 @@ def convert_cmd(
         try:
             runtime.run(
                 convert_image(
-                    src,
+                    sources,
                     dst,
                     out_fmt,
                     src_fmt=src_fmt,
