@@ -7,6 +7,10 @@
 size and a request could run past the end). Writes carry ``pattern`` in every byte and end with
 a FLUSH. Every request goes through the Backend, as a client's would, so the time
 includes its checks.
+
+``flush_interval`` (qemu-img bench --flush-interval) adds a FLUSH after every that
+many writes: the writes in flight are waited for first (drained), unless ``drain`` is
+false (--no-drain), when the FLUSH goes out beside them (qemu-img.c, bench_cb).
 """
 
 from __future__ import annotations
@@ -30,14 +34,19 @@ class BenchSpec:
     offset: int = 0
     write: bool = False
     pattern: int = 0
+    flush_interval: int = 0
+    drain: bool = True
 
     def describe(self) -> str:
-        """qemu-img bench's first line."""
-        return (
+        """qemu-img bench's first line (and second, with a flush interval)."""
+        first = (
             f"Sending {self.count} {'write' if self.write else 'read'} requests, {self.size} "
             f"bytes each, {self.depth} in parallel (starting at offset {self.offset}, step "
             f"size {self.size if self.step is None else self.step})"
         )
+        if self.flush_interval:
+            return f"{first}\nSending flush every {self.flush_interval} requests"
+        return first
 
 
 async def run_bench(path: str, spec: BenchSpec, *, fmt: str, rules: OpenRules) -> float:
@@ -46,6 +55,10 @@ async def run_bench(path: str, spec: BenchSpec, *, fmt: str, rules: OpenRules) -
         raise ImageError(
             "the count must be 0 or more, the depth and size 1 or more, and the pattern 0 to 255"
         )
+    if spec.flush_interval < 0 or (spec.flush_interval and not spec.write):
+        raise ImageError("--flush-interval is a number of writes, for write runs (-w)")
+    if not spec.drain and not spec.flush_interval:
+        raise ImageError("--no-drain is for the flushes of --flush-interval")
     driver = await open_image(path, fmt=fmt, read_only=not spec.write, rules=rules)
     backend = Backend(driver, read_only=not spec.write)
     try:
@@ -59,19 +72,33 @@ async def run_bench(path: str, spec: BenchSpec, *, fmt: str, rules: OpenRules) -
         step = spec.size if spec.step is None else spec.step
         offsets = _offsets(spec.offset, step, spec.size, image)
         left = spec.count
+        interval = spec.flush_interval
+        done = 0
+        undrained: list[asyncio.Future[None]] = []
 
-        async def worker() -> None:
-            nonlocal left
-            while left > 0:
+        async def worker(batch: list[int]) -> None:
+            nonlocal left, done
+            while batch[0] > 0:
+                batch[0] -= 1
                 left -= 1
                 pos = next(offsets)
-                if spec.write:
-                    await backend.pwrite(pos, data)
-                else:
+                if not spec.write:
                     await backend.pread(pos, spec.size)
+                    continue
+                await backend.pwrite(pos, data)
+                done += 1
+                if interval and not spec.drain and done % interval == 0:
+                    undrained.append(asyncio.ensure_future(backend.flush()))
 
         t0 = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(spec.depth)))
+        while left > 0:
+            # Drained: one batch of `interval` requests, all done, then its FLUSH.
+            batch = [min(left, interval) if interval and spec.drain else left]
+            last = batch[0] == left
+            await asyncio.gather(*(worker(batch) for _ in range(spec.depth)))
+            if interval and spec.drain and not last:
+                await backend.flush()
+        await asyncio.gather(*undrained)
         if spec.write:
             await backend.flush()
         return time.perf_counter() - t0

@@ -523,6 +523,20 @@ def bench_cmd(
     fmt: Annotated[str, typer.Option("-f", "--format", help="The image's format.")] = "auto",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only the time.")] = False,
     force_share: ForceShareOpt = False,
+    flush_interval: Annotated[
+        int,
+        typer.Option(
+            "--flush-interval",
+            metavar="N",
+            help="A flush after every N writes, the writes in flight waited for first.",
+        ),
+    ] = 0,
+    no_drain: Annotated[
+        bool,
+        typer.Option(
+            "--no-drain", help="With --flush-interval: flush without waiting for the writes."
+        ),
+    ] = False,
 ) -> None:
     """Time a run of reads or writes straight to an image's driver (qemu-img bench)."""
     from formats.iobench import BenchSpec, run_bench
@@ -536,6 +550,8 @@ def bench_cmd(
             offset=_blocks(offset),
             write=write,
             pattern=pattern,
+            flush_interval=flush_interval,
+            drain=not no_drain,
         )
         if not quiet:
             print(spec.describe())

@@ -7,6 +7,7 @@ modulo the whole image and can run past its end; tapnbd wraps as qemu does since
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 from pathlib import Path
 
@@ -85,3 +86,58 @@ def test_refused_by_name(tmp_path: Path, opts: tuple[str, ...], says: str) -> No
     img.write_bytes(bytes(4 * MiB))
     r = run(tapnbd_cmd("bench", *opts, str(img)), check=False)
     assert r.returncode == 1 and says in r.stderr, r.stderr
+
+
+def test_flush_interval_prints_and_writes_what_qemu_img_bench_does(tmp_path: Path) -> None:
+    ours, theirs = tmp_path / "ours.raw", tmp_path / "theirs.raw"
+    for img in (ours, theirs):
+        qemu_img("create", "-q", "-f", "raw", img, str(MiB))
+    args = ["-w", "-c", "100", "-d", "4", "--pattern", "7", "--flush-interval=10"]
+    mine = run(tapnbd_cmd("bench", "-f", "raw", *args, str(ours))).stdout.splitlines()
+    qemu = run(["qemu-img", "bench", "-f", "raw", *args, str(theirs)]).stdout.splitlines()
+    assert mine[:2] == qemu[:2] and mine[1] == "Sending flush every 10 requests"
+    assert ours.read_bytes() == theirs.read_bytes()
+    for bad, says in (
+        (["-c", "10", "--flush-interval=5"], "for write runs"),
+        (["-w", "-c", "10", "--no-drain"], "--no-drain is for"),
+    ):
+        out = run(tapnbd_cmd("bench", "-f", "raw", *bad, str(ours)), check=False)
+        assert out.returncode != 0 and says in out.stderr, out.stderr
+
+
+@pytest.mark.parametrize(
+    ("interval", "drain", "flushes"), [(0, True, 1), (10, True, 10), (30, True, 4), (10, False, 11)]
+)
+async def test_flush_interval_sends_its_flushes_drained(
+    monkeypatch: pytest.MonkeyPatch, interval: int, drain: bool, flushes: int
+) -> None:
+    """The Backend's FLUSH calls counted, with the writes in flight at each: none when
+    drained (qemu-img bench waits for them, unless --no-drain)."""
+    from formats import OpenRules
+    from formats.iobench import BenchSpec, run_bench
+    from tapnbd.backend import Backend
+
+    in_flight, seen = [0], []
+    pwrite, flush = Backend.pwrite, Backend.flush
+
+    async def counted_pwrite(self: Backend, *a: object, **k: object) -> None:
+        in_flight[0] += 1
+        try:
+            await asyncio.sleep(0)  # a write that yields, as one to a disk does
+            await pwrite(self, *a, **k)  # type: ignore[arg-type]
+        finally:
+            in_flight[0] -= 1
+
+    async def counted_flush(self: Backend) -> None:
+        seen.append(in_flight[0])
+        await flush(self)
+
+    monkeypatch.setattr(Backend, "pwrite", counted_pwrite)
+    monkeypatch.setattr(Backend, "flush", counted_flush)
+    spec = BenchSpec(count=100, depth=4, write=True, flush_interval=interval, drain=drain)
+    await run_bench(f"ram:{MiB}", spec, fmt="auto", rules=OpenRules())
+    assert len(seen) == flushes
+    if drain:
+        assert seen == [0] * flushes
+    else:  # beside the writes: some were in flight when their FLUSH went out
+        assert max(seen) > 0
