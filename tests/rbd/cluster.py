@@ -26,6 +26,9 @@ def missing_binaries() -> list[str]:
     return [b for b in BINARIES if shutil.which(b) is None]
 
 
+MON_BUSY = "problem getting command descriptions from mon"
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -89,9 +92,17 @@ class Cluster:
         return {**os.environ, "CEPH_CONF": str(self.conf)}
 
     def run(self, *args: str, timeout: float = 60, check: bool = True) -> str:
-        proc = subprocess.run(
-            list(args), env=self.env(), capture_output=True, text=True, timeout=timeout
-        )
+        deadline = time.monotonic() + timeout
+        while True:
+            proc = subprocess.run(
+                list(args), env=self.env(), capture_output=True, text=True, timeout=timeout
+            )
+            # On a loaded machine the monitor now and then answers a `ceph` command with
+            # "EPERM: problem getting command descriptions from mon" (it is re-electing
+            # itself). That reply comes before the command is sent, so it is sent again.
+            if MON_BUSY not in proc.stderr or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)  # the monitor gives no event to wait on
         if check and proc.returncode != 0:
             raise RuntimeError(f"{' '.join(args)}: exit {proc.returncode}: {proc.stderr.strip()}")
         return proc.stdout
