@@ -11,7 +11,6 @@ active entry whose refcount isn't 1, or a pointer past the end of the file. Exit
 from __future__ import annotations
 
 import os
-from array import array
 from collections import Counter
 from dataclasses import dataclass
 
@@ -27,7 +26,7 @@ from formats.qcow2.layout import (
 )
 from formats.qcow2.meta import Qcow2Meta, check_walkable, read_meta
 from formats.qcow2.refcount import decode_block, encode_block, entries_per_block, max_refcount
-from formats.qcow2.references import Bad, Kind, bitmap_refs, header_refs, l1_refs
+from formats.qcow2.references import Bad, Kind, bitmap_refs, header_refs, l1_refs, l2_reader
 from formats.raw import RawDriver
 from tapnbd.errors import ImageError, InvalidImageError
 
@@ -93,14 +92,7 @@ async def check_qcow2(
                 res.corrupt(str(err))
         for ref in bitmap_refs(meta.bitmaps_ext, bitmap_tables, cs):
             add(ref.off, ref.length, ref.what)
-        tables: dict[int, array[int]] = {}
-
-        async def read_l2(off: int) -> array[int]:
-            t = tables.get(off)
-            if t is None:
-                t = tables[off] = be_array(await child.pread(off, cs))
-            return t
-
+        read_l2 = l2_reader(child, cs)
         copied_checks: list[tuple[int, str]] = []
         l1s = [(meta.l1, h.l1_table_offset, True, "active")]
         for s in meta.snapshots:

@@ -28,7 +28,7 @@ from array import array
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
-from formats.engine.tables import be_array, to_be_bytes
+from formats.engine.tables import to_be_bytes
 from formats.qcow2.bitmaps import (
     MAX_DIRECTORY,
     Bitmap,
@@ -50,7 +50,7 @@ from formats.qcow2.layout import (
 )
 from formats.qcow2.offline import SECTOR, clear_tail, header_sector
 from formats.qcow2.refcount import covering, decode_block, encode_block, max_refcount
-from formats.qcow2.references import Bad, Kind, bitmap_refs, header_refs, l1_refs
+from formats.qcow2.references import Bad, Kind, bitmap_refs, header_refs, l1_refs, l2_reader
 from formats.qcow2.snapshot import snapshot_meta
 from tapnbd.errors import ImageError, InvalidImageError
 
@@ -139,7 +139,7 @@ async def switch(child: Driver, meta: Qcow2Meta, state: NewState, path: str) -> 
     """Write ``state`` past the end of the file, then switch the header to it."""
     h, cs, cb = meta.header, meta.cluster_size, meta.cluster_bits
     file_size = meta.file_size
-    tables: dict[int, array[int]] = {}
+    l2 = l2_reader(child, cs)
     bitmaps_changed = state.bitmaps is not None
     bitmaps = state.bitmaps if state.bitmaps is not None else await kept_bitmaps(child, meta)
     if state.size != h.size and any(nb.bits is None and not nb.bitmap.in_use for nb in bitmaps):
@@ -147,12 +147,6 @@ async def switch(child: Driver, meta: Qcow2Meta, state: NewState, path: str) -> 
             f"{path}: the image's bitmaps cover {h.size} bytes and the new size is "
             f"{state.size}; remove them first (tapnbd bitmap --remove)"
         )
-
-    async def l2(off: int) -> array[int]:
-        t = tables.get(off)
-        if t is None:
-            t = tables[off] = be_array(await child.pread(off, cs))
-        return t
 
     # Where everything new goes, the refcount structures last (they cover themselves).
     lay = _Layout(-(-file_size // cs) * cs, cs)

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterat
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from formats.engine.tables import be_array
 from formats.qcow2.bitmaps import Bitmap, BitmapsExt, data_clusters
 from formats.qcow2.layout import (
     L2E_RESERVED,
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
     from array import array
 
     from formats.qcow2.meta import Qcow2Meta
+    from tapnbd.driver import Driver
 
 
 class Kind(enum.Enum):
@@ -68,6 +70,20 @@ def bitmap_refs(
         yield Ref(bm.table_offset, bm.table_size * 8, f"bitmap {bm.name!r} table")
         for off in data_clusters(table):
             yield Ref(off, cs, f"bitmap {bm.name!r} data cluster")
+
+
+def l2_reader(child: Driver, cs: int) -> Callable[[int], Awaitable[array[int]]]:
+    """Read an L2 table once: the snapshots' L1 tables share most of theirs with the
+    active one, and a rebuild reads the active tables again to copy them."""
+    tables: dict[int, array[int]] = {}
+
+    async def read(off: int) -> array[int]:
+        t = tables.get(off)
+        if t is None:
+            t = tables[off] = be_array(await child.pread(off, cs))
+        return t
+
+    return read
 
 
 async def l1_refs(
