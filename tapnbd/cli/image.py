@@ -23,10 +23,10 @@ from tapnbd.cli._trust import (
 from tapnbd.cli.app import app, errors_as_exit, fail
 
 
-def _size(text: str) -> int:
+def _size(text: str, *, allow_zero: bool = False) -> int:
     from formats import parse_size
 
-    return parse_size(text)
+    return parse_size(text, allow_zero=allow_zero)
 
 
 @app.command("create")
@@ -427,9 +427,7 @@ def convert_cmd(
                     tuning=CopyTuning(
                         sparse_size=ZERO_BLOCK
                         if sparse_size is None
-                        else 0
-                        if sparse_size == "0"  # parse_size takes no 0: it is -S's own value
-                        else _size(sparse_size),
+                        else _size(sparse_size, allow_zero=True),  # -S 0: no holes
                         depth=coroutines,
                         salvage=None if not salvage else (lambda _m: None) if quiet else salvaged,
                     ),
