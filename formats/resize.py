@@ -77,7 +77,7 @@ async def resize_image(
         if kind == "raw":
             os.ftruncate(fd, new)
             if preallocation != "off":
-                _preallocate_raw(fd, current, new, preallocation)
+                _preallocate_raw(fd, path, current, new, preallocation)
             os.fsync(fd)
             return current, new
         if kind == "qcow2":
@@ -121,9 +121,14 @@ def _check_preallocation(path: str, kind: str, mode: str, *, growing: bool) -> N
         raise ImageError(f"{path}: --preallocation metadata is for qcow2 (raw has no metadata)")
 
 
-def _preallocate_raw(fd: int, old: int, new: int, mode: str) -> None:
-    if mode == "falloc":
-        os.posix_fallocate(fd, old, new - old)
+def _preallocate_raw(fd: int, path: str, old: int, new: int, mode: str) -> None:
+    if mode == "falloc":  # as create --reserve: fallocate(2) itself, never emulated
+        from formats.raw import fallocate
+
+        try:
+            fallocate(fd, 0, old, new - old)
+        except OSError as e:
+            raise ImageError(f"{path}: cannot reserve space: {e.strerror}") from None
         return
     zeros = bytes(min(new - old, 1 << 20))  # full: written out
     pos = old
