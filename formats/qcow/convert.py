@@ -112,12 +112,12 @@ async def convert_image(
     reads as zeros already). ``tuning``: -S, -m and --salvage (``CopyTuning``).
     """
     from formats import OpenRules, open_image
+    from formats.nbd import is_nbd
 
     tuning.check()
     if target_is_zero and create:
         raise ImageError("--target-is-zero is for -n, an existing image that reads as zeros")
-    from formats.nbd import is_nbd
-
+    srcs = [src] if isinstance(src, str) else src
     rules = rules or OpenRules()
     if dst.startswith("rbd:"):
         out_fmt = "rbd"  # the name says where it goes
@@ -133,13 +133,14 @@ async def convert_image(
         raise ImageError("compressed output (-c) is for qcow2 only")
     if backing is not None and out_fmt not in ("qcow2", "qcow"):
         raise ImageError(f"a {out_fmt} image has no backing file (-B is for qcow2 and qcow)")
-    if isinstance(src, list) and len(src) > 1:
+    if len(srcs) > 1:
         if snapshot is not None or window is not None:
             raise ImageError("several sources are copied whole: no -l, skip or count")
-        driver = await _open_all(src, src_fmt, rules)
+        driver = await _open_all(srcs, src_fmt, rules)
     else:
-        one = src[0] if isinstance(src, list) else src
-        driver = await open_image(one, fmt=src_fmt, read_only=True, rules=rules, snapshot=snapshot)
+        driver = await open_image(
+            srcs[0], fmt=src_fmt, read_only=True, rules=rules, snapshot=snapshot
+        )
     if window is not None:
         from formats.filters.window import WindowFilter
 
