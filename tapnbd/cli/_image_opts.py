@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -20,12 +20,19 @@ BitmapOpt = Annotated[
         "qemu:dirty-bitmap:NAME block status context (qemu-nbd -B); repeatable.",
     ),
 ]
+
+
+def snapshot_option(what: str) -> Any:  # typer.Option is typed Any
+    """qemu's -l SNAPSHOT: ``what`` the command does with it, then how it is named."""
+    return typer.Option(
+        "-l",
+        "--snapshot",
+        metavar="SNAPSHOT",
+        help=f"{what}: an id or a name, or snapshot.id=ID,snapshot.name=NAME.",
+    )
+
+
 SnapshotOpt = Annotated[
     str | None,
-    typer.Option(
-        "--snapshot",
-        "-l",
-        help="Show this internal qcow2 snapshot, read-only, as qemu-nbd -l does: an id "
-        "or a name, or snapshot.id=ID,snapshot.name=NAME.",
-    ),
+    snapshot_option("Show this internal qcow2 snapshot, read-only, as qemu-nbd -l does"),
 ]

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from tapnbd import runtime
+from tapnbd.cli._image_opts import snapshot_option
 from tapnbd.cli._output import JsonOpt, OutputOpt, print_json, wants_json
 from tapnbd.cli._trust import (
     AllowBlockOpt,
@@ -280,12 +281,8 @@ def convert_cmd(
     ] = None,
     snapshot: Annotated[
         str | None,
-        typer.Option(
-            "-l",
-            "--snapshot",
-            metavar="SNAPSHOT",
-            help="Copy this internal qcow2 snapshot, not the current state (qemu-img "
-            "convert -l): an id or a name, or snapshot.id=ID,snapshot.name=NAME.",
+        snapshot_option(
+            "Copy this internal qcow2 snapshot, not the current state (qemu-img convert -l)"
         ),
     ] = None,
     bitmaps: Annotated[

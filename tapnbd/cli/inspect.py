@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from tapnbd import runtime
+from tapnbd.cli._image_opts import snapshot_option
 from tapnbd.cli._output import JsonOpt, OutputOpt, print_json, wants_json
 from tapnbd.cli._trust import AllowBlockOpt, AllowProbedChainOpt, BackingFormatOpt, open_rules
 from tapnbd.cli.app import app, errors_as_exit, fail
@@ -301,13 +302,7 @@ def measure_cmd(
     allow_block_devices: AllowBlockOpt = False,
     snapshot: Annotated[
         str | None,
-        typer.Option(
-            "-l",
-            "--snapshot",
-            metavar="SNAPSHOT",
-            help="Measure this internal qcow2 snapshot's contents (qemu-img measure -l): "
-            "an id or a name, or snapshot.id=ID,snapshot.name=NAME.",
-        ),
+        snapshot_option("Measure this internal qcow2 snapshot's contents (qemu-img measure -l)"),
     ] = None,
 ) -> None:
     """How big a file an image converted to -O's format needs now (required), and once
