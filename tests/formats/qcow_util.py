@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -48,6 +49,13 @@ def qemu_io(image: Path | str, *commands: str, fmt: str = "qcow") -> str:
 def qemu_img(*args: str | Path, check: bool = True) -> str:
     need("qemu-img")
     return run("qemu-img", *args, check=check)
+
+
+def data_bytes(image: Path, fmt: str, start: int = 0) -> int:
+    """Bytes of the runs from ``start`` on that qemu-img map calls data (a raw file's
+    holes are found with SEEK_DATA)."""
+    runs = json.loads(qemu_img("map", "--output=json", "-f", fmt, image))
+    return sum(e["length"] for e in runs if e["data"] and e["start"] >= start)
 
 
 #: The key of the encrypted test images, as qemu's --object.

@@ -17,7 +17,7 @@ import pytest
 from formats.qcow.convert import CopyTuning, _copy
 from formats.ram import RamDriver
 from tapnbd.backend import Backend
-from tests.formats.qcow_util import need, qemu_img
+from tests.formats.qcow_util import data_bytes, need, qemu_img, qemu_io
 from tests.formats.qcow_util import tapnbd_out as tapnbd
 
 MiB = 1 << 20
@@ -37,12 +37,6 @@ def source(tmp_path: Path) -> Path:
         f.seek(MiB)
         f.write(b"\x5a" * 4096 + bytes(60 << 10))
     return src
-
-
-def data_bytes(img: Path, fmt: str) -> int:
-    """Bytes qemu-img map calls data (a raw file's holes are found with SEEK_DATA)."""
-    extents = json.loads(qemu_img("map", "--output=json", "-f", fmt, img))
-    return sum(e["length"] for e in extents if e["data"])
 
 
 @pytest.mark.parametrize("fmt", ["raw", "qcow2"])
@@ -129,7 +123,7 @@ def damaged_qcow2(tmp_path: Path) -> tuple[Path, Path]:
     raw image of what salvage must give: that cluster as zeros."""
     img = tmp_path / "bad.qcow2"
     qemu_img("create", "-q", "-f", "qcow2", img, "4M")
-    run_qemu_io(img, "write -P 0x11 0 64k", "write -P 0x22 1M 64k")
+    qemu_io(img, "write -P 0x11 0 64k", "write -P 0x22 1M 64k", fmt="qcow2")
     want = tmp_path / "want.raw"
     qemu_img("convert", "-f", "qcow2", "-O", "raw", img, want)
     data = bytearray(img.read_bytes())
@@ -142,15 +136,6 @@ def damaged_qcow2(tmp_path: Path) -> tuple[Path, Path]:
         f.seek(MiB)
         f.write(bytes(64 << 10))
     return img, want
-
-
-def run_qemu_io(img: Path, *cmds: str) -> None:
-    args = ["qemu-io", "-f", "qcow2"]
-    for c in cmds:
-        args += ["-c", c]
-    from tests.formats.qcow_util import run
-
-    run(*args, img)
 
 
 def test_salvage_writes_what_cannot_be_read_as_zeros(tmp_path: Path) -> None:
@@ -202,7 +187,7 @@ def test_several_sources_are_copied_back_to_back_as_qemu_img_does(tmp_path: Path
         f.seek(256 << 10)
         f.write(b"\xaa" * (64 << 10))
     qemu_img("create", "-q", "-f", "qcow2", b, "2M")  # 2 MiB: 128 KiB of data at 1 MiB
-    run_qemu_io(b, "write -P 0xbb 1M 128k")
+    qemu_io(b, "write -P 0xbb 1M 128k", fmt="qcow2")
     for fmt in ("raw", "qcow2"):
         ours, theirs = tmp_path / f"ours.{fmt}", tmp_path / f"theirs.{fmt}"
         tapnbd("convert", "-q", "-O", fmt, a, b, ours)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.formats.qcow_util import need, patch, qemu_img, read_header
+from tests.formats.qcow_util import data_bytes, need, patch, qemu_img, read_header
 from tests.helpers import run, start_server, tapnbd_cmd
 
 MiB = 1 << 20
@@ -390,10 +390,6 @@ def _map(image: Path, fmt: str) -> list[tuple[int, int, bool, bool]]:
     return [(e["start"], e["length"], e["present"], e["data"]) for e in out]
 
 
-def _data_bytes(image: Path, fmt: str, start: int) -> int:
-    return sum(n for s, n, _p, d in _map(image, fmt) if d and s >= start)
-
-
 @pytest.mark.parametrize("mode", ["metadata", "falloc", "full"])
 def test_resize_preallocates_only_the_grown_range_of_a_qcow2(tmp_path: Path, mode: str) -> None:
     ours = qcreate(tmp_path / "ours", "qcow2", MiB)
@@ -416,7 +412,7 @@ def test_resize_preallocates_the_grown_range_of_a_raw_file(tmp_path: Path, mode:
     assert os.path.getsize(ours) == 3 * MiB
     assert os.stat(ours).st_blocks * 512 >= 2 * MiB
     if mode == "full":  # written zeros are data to SEEK_DATA; fallocated ones are not
-        assert _data_bytes(ours, "raw", MiB) == 2 * MiB
+        assert data_bytes(ours, "raw", MiB) == 2 * MiB
 
 
 @pytest.mark.parametrize(
