@@ -202,6 +202,7 @@ class NbdDriver(Driver):
         self._cookies = itertools.count(1)
         self._next = itertools.cycle(range(len(conns)))
         self._flags = TransmissionFlag(info.flags)
+        self._bitmap_ctx = dict(info.bitmaps)  # bitmap name -> its context id
 
     @classmethod
     async def open(cls, spec: str, read_only: bool) -> NbdDriver:
@@ -280,10 +281,10 @@ class NbdDriver(Driver):
         return await self._status(offset, length, None, 3)
 
     def bitmaps(self) -> list[str]:
-        return [name for name, _ctx in self._info.bitmaps]
+        return list(self._bitmap_ctx)
 
     async def bitmap_extents(self, name: str, offset: int, length: int) -> list[Extent]:
-        ctx = dict(self._info.bitmaps).get(name)
+        ctx = self._bitmap_ctx.get(name)
         if ctx is None:
             raise OSError(errno.ENOTSUP, f"the upstream server has no bitmap {name!r}")
         return await self._status(offset, length, ctx, 1)  # bit 0: dirty
