@@ -1,0 +1,10 @@
+#!/bin/bash
+KIND=$1; IMG=/var/tmp/rw/a.raw; PORT=10914
+sync; echo 1 > /proc/sys/vm/drop_caches
+if [ "$KIND" = nk ]; then nbdkit -f -p $PORT -i 127.0.0.1 file $IMG & P=$!; URI=nbd://127.0.0.1:$PORT/
+else env PYTHONPATH=${TAPDIR:-/work/main} $EXTRA /work/main/.venv/bin/python -m tapnbd serve --format raw --port $PORT a=$IMG >/dev/null 2>&1 & P=$!; URI=nbd://127.0.0.1:$PORT/a; fi
+for i in $(seq 100); do nbdinfo --size $URI >/dev/null 2>&1 && break; sleep 0.1; done
+nstat -n >/dev/null
+fio --name=w --ioengine=nbd --uri=$URI --rw=write --bs=1M --iodepth=8 --size=1G --runtime=4 --time_based --output-format=terse | awk -F';' 'NF > 48 {printf "MiB/s %s ", $48/1024}'
+nstat | grep -E "Drop|Timeout|Retrans|Recovery|OFO|Prune|Collapse|Reno|SACK|Lost|Backlog" | awk '{printf "%s=%s ", $1, $2}'; echo
+kill $P; wait $P 2>/dev/null
