@@ -24,6 +24,7 @@ from dataclasses import replace
 from formats import OpenRules, open_image
 from formats.engine.topmap import complement, unallocated_ranges
 from formats.locks import locked_target
+from formats.pacing import Pace
 from formats.rebase import CHUNK, image_format
 from tapnbd.driver import Driver, overrides
 from tapnbd.errors import ImageError
@@ -53,12 +54,15 @@ async def commit_image(
     keep: bool = False,
     share: bool = False,
     rules: OpenRules | None = None,
+    pace: Pace | None = None,
 ) -> int:
     """Commit the image at ``path`` into ``base`` (default: its backing file).
 
+    ``pace`` (-p and -r) begins with the bytes to copy and admits each read of them.
     Returns the number of bytes copied.
     """
     rules = rules or OpenRules()
+    pace = pace or Pace()
     kind = image_format(path, fmt)
     if kind not in COMMIT_FORMATS:
         raise ImageError(f"{path}: a {kind} image has no backing file to commit into")
@@ -96,7 +100,7 @@ async def commit_image(
                 base_path, fmt=base_fmt, read_only=False, rules=replace(rules, share=share)
             )
             try:
-                copied = await _copy(top, target, runs, size)
+                copied = await _copy(top, target, runs, size, pace)
             finally:
                 await target.close()
         finally:
@@ -109,16 +113,20 @@ async def commit_image(
     return copied
 
 
-async def _copy(top: Driver, target: Driver, runs: list[tuple[int, int]], size: int) -> int:
+async def _copy(
+    top: Driver, target: Driver, runs: list[tuple[int, int]], size: int, pace: Pace
+) -> int:
     if target.size() < size and any(s + n > target.size() for s, n in runs):
         raise ImageError(
             f"the base image ({target.size()} bytes) is smaller than the overlay ({size} bytes)"
         )
     copied = 0
+    pace.begin(sum(n for _, n in runs))
     for start, n in runs:
         pos, end = start, start + n
         while pos < end:
             m = min(end - pos, CHUNK)
+            await pace.admit(m)
             data = memoryview(await top.pread(pos, m))
             if data == _ZEROS[:m] and overrides(target, "zero"):
                 try:
@@ -131,6 +139,7 @@ async def _copy(top: Driver, target: Driver, runs: list[tuple[int, int]], size: 
                 await target.pwrite(pos, data)
             copied += m
             pos += m
+            pace.advance(m)
     await target.flush()
     return copied
 

@@ -22,6 +22,7 @@ from formats.engine.backing import read_backing
 from formats.engine.opening import resolve_backing
 from formats.engine.topmap import unallocated_ranges
 from formats.locks import locked_target
+from formats.pacing import Pace
 from tapnbd.driver import Driver, ExtentFlags
 from tapnbd.errors import ImageError
 
@@ -47,9 +48,14 @@ async def rebase_image(
     unsafe: bool = False,
     share: bool = False,
     rules: OpenRules | None = None,
+    pace: Pace | None = None,
 ) -> None:
-    """Make ``backing`` ("" for none) the backing file of the image at ``path``."""
+    """Make ``backing`` ("" for none) the backing file of the image at ``path``.
+
+    ``pace`` (-p) begins with the bytes the overlay does not hold, all compared.
+    """
     rules = rules or OpenRules()
+    pace = pace or Pace()
     asked, fmt = fmt, image_format(path, fmt)
     if fmt == "vpc":
         fmt = "vhd"
@@ -82,7 +88,7 @@ async def rebase_image(
             if not unsafe:
                 # A probed image is opened as probed: the trust rules then apply to its
                 # backing name (formats.open_backing).
-                await _copy_differences(path, asked, new, replace(rules, share=True))
+                await _copy_differences(path, asked, new, replace(rules, share=True), pace)
         finally:
             if new is not None:
                 await new.close()
@@ -101,24 +107,28 @@ async def rebase_image(
             write_qcow(fd, backing, mtime)
 
 
-async def _copy_differences(path: str, fmt: str, new: Driver | None, rules: OpenRules) -> None:
+async def _copy_differences(
+    path: str, fmt: str, new: Driver | None, rules: OpenRules, pace: Pace
+) -> None:
     """Copy into the image what its old backing file shows and ``new`` would not."""
     top = await open_image(path, fmt=fmt, read_only=False, rules=rules)
     try:
         cs = top.describe().get("cluster-size", 65536)
         assert isinstance(cs, int)
-        for start, n in await unallocated_ranges(top):
+        ranges = await unallocated_ranges(top)
+        pace.begin(sum(n for _, n in ranges))
+        for start, n in ranges:
             pos, end = start, start + n
             while pos < end:
                 m = min(end - pos, CHUNK)
-                if await _reads_zero(top, pos, m) and await _reads_zero(new, pos, m):
-                    pos += m  # zeros on both sides, by block status: nothing to read
-                    continue
-                old = bytes(await top.pread(pos, m))
-                now = bytes(await read_backing(new, pos, m)) if new is not None else bytes(m)
-                if old != now:
-                    await _write_changed(top, pos, old, now, cs)
+                if not (await _reads_zero(top, pos, m) and await _reads_zero(new, pos, m)):
+                    # (Zeros on both sides, by block status: nothing to read.)
+                    old = bytes(await top.pread(pos, m))
+                    now = bytes(await read_backing(new, pos, m)) if new is not None else bytes(m)
+                    if old != now:
+                        await _write_changed(top, pos, old, now, cs)
                 pos += m
+                pace.advance(m)
         await top.flush()
     finally:
         await top.close()

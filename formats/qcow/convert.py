@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from formats.locks import locked_target
+from formats.pacing import Pace
 from formats.qcow.create import create_qcow
 from formats.raw import create_raw
 from tapnbd.backend import Backend
@@ -81,8 +82,7 @@ async def convert_image(
     src_fmt: str = "auto",
     optimise: bool = True,
     cluster_size: int | None = None,
-    progress: Callable[[int], None] | None = None,
-    start: Callable[[int], None] | None = None,
+    pace: Pace | None = None,
     rules: OpenRules | None = None,
     compress: bool = False,
     qcow2: Qcow2Options | None = None,
@@ -97,8 +97,8 @@ async def convert_image(
     """Copy ``src`` (any supported format) to a new ``out_fmt`` image at ``dst``; a list
     of several is copied back to back, as qemu-img convert copies several sources.
 
-    ``start`` is called with the source's size once it is open, ``progress`` with the
-    number of bytes of the source just dealt with. ``rules`` are for opening the
+    ``pace`` (-p and -r, formats.pacing) begins with the source's size once it is open,
+    admits each read of the source and advances by each range dealt with. ``rules`` are for opening the
     source's chain; ``rules.share`` also skips the destination's lock. ``qcow2``: a
     qcow2 destination's creation options (qemu-img's -o). ``window``: (offset, length)
     of the source to copy instead of all of it (``tapnbd dd``), cut at the source's end
@@ -115,6 +115,7 @@ async def convert_image(
     from formats.nbd import is_nbd
 
     tuning.check()
+    pace = pace or Pace()
     if target_is_zero and create:
         raise ImageError("--target-is-zero is for -n, an existing image that reads as zeros")
     srcs = [src] if isinstance(src, str) else src
@@ -169,8 +170,7 @@ async def convert_image(
                 from formats.rbd.driver import create_blocking
 
                 await asyncio.to_thread(create_blocking, dst, size)
-            if start is not None:
-                start(size)
+            pace.begin(size)
             # The source's -F is not the target's; the rest of the admin's rules are.
             mine = replace(rules, backing_format=None)
             target = Backend(await open_image(dst, fmt=out_fmt, rules=mine))
@@ -179,7 +179,7 @@ async def convert_image(
                 target,
                 source,
                 size,
-                progress,
+                pace,
                 zero=(out_fmt == "nbd" or not create) and not target_is_zero,
                 tuning=tuning,
             )
@@ -187,8 +187,7 @@ async def convert_image(
             # The destination's lock is held from before it is truncated until the copy
             # is flushed: an image in use is refused untouched (formats.locks).
             with locked_target(dst, share=rules.share) as fd:
-                if start is not None:
-                    start(size)
+                pace.begin(size)
                 if out_fmt == "raw":
                     create_raw(dst, size, target_fd=fd)
                 elif out_fmt == "qcow2":
@@ -230,7 +229,7 @@ async def convert_image(
                     Backend(opened),
                     source,
                     size,
-                    progress,
+                    pace,
                     compress=compress,
                     diff=bool(backing),
                     tuning=tuning,
@@ -244,7 +243,7 @@ async def _copy_into(
     target: Backend,
     source: Backend,
     size: int,
-    progress: Callable[[int], None] | None,
+    pace: Pace,
     *,
     zero: bool = False,
     compress: bool = False,
@@ -259,7 +258,7 @@ async def _copy_into(
             source,
             target,
             size,
-            progress,
+            pace,
             zero_target=zero,
             compress=compress,
             diff=diff,
@@ -306,7 +305,7 @@ async def _copy(
     source: Backend,
     target: Backend,
     size: int,
-    progress: Callable[[int], None] | None,
+    pace: Pace,
     *,
     zero_target: bool = False,
     compress: bool = False,
@@ -328,8 +327,7 @@ async def _copy(
     def done(n: int, written: int) -> None:
         stats.written += written
         stats.skipped += n - written
-        if progress is not None:
-            progress(n)
+        pace.advance(n)
 
     async def write(pos: int, data: memoryview) -> None:
         if not compress:
@@ -464,6 +462,7 @@ async def _copy(
             p, end = ext.offset, ext.offset + ext.length
             while p < end and not failure:
                 n = min(CHUNK, end - p)
+                await pace.admit(n)
                 await slots.acquire()
                 task = asyncio.get_running_loop().create_task(chunk(p, n))
                 tasks.add(task)

@@ -42,6 +42,18 @@ ForceShareOpt = Annotated[
         help="Write the image without taking its lock, even while it is in use.",
     ),
 ]
+#: The read-only commands' -U: qemu-img asks for it to read an image that a running VM
+#: holds. Reads here never take an image's lock, so it changes nothing; it is accepted
+#: so that qemu-img's command lines run as they are.
+ReadShareOpt = Annotated[
+    bool,
+    typer.Option(
+        "--force-share",
+        "-U",
+        help="Read the image even while it is in use (the default here: reads take no "
+        "lock); what is read may be changing under it.",
+    ),
+]
 ShareOpt = Annotated[
     bool,
     typer.Option(

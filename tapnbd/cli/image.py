@@ -14,11 +14,13 @@ import typer
 from tapnbd import runtime
 from tapnbd.cli._image_opts import snapshot_option
 from tapnbd.cli._output import JsonOpt, OutputOpt, print_json, wants_json
+from tapnbd.cli._progress import RateOpt, parse_rate, progress_bar
 from tapnbd.cli._trust import (
     AllowBlockOpt,
     AllowProbedChainOpt,
     BackingFormatOpt,
     ForceShareOpt,
+    ReadShareOpt,
     open_rules,
 )
 from tapnbd.cli.app import app, errors_as_exit, fail
@@ -248,7 +250,7 @@ def convert_cmd(
         str | None, typer.Option("--cluster-size", help="For a qcow destination.")
     ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
-    progress_bar: Annotated[
+    show_progress: Annotated[
         bool,
         typer.Option("-p", "--progress", help="The progress bar (shown unless -q; qemu-img's -p)."),
     ] = False,
@@ -329,26 +331,18 @@ def convert_cmd(
             "each such range is reported unless -q (qemu-img --salvage).",
         ),
     ] = False,
+    rate: RateOpt = None,
 ) -> None:
     """Copy an image into a new raw, qcow, qcow2 or VHD image, skipping zeros and holes.
 
     The destination's lock is taken before it is truncated: an image in use is refused.
     """
-    from rich.console import Console
-    from rich.progress import (  # only convert draws a bar (rich.progress costs ~20 ms)
-        BarColumn,
-        DownloadColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-    )
-
     from formats.nbd import is_nbd
     from formats.qcow.convert import ZERO_BLOCK, CopyTuning, convert_image
     from formats.qcow2.create import Qcow2Options
     from tapnbd.cli.image_flags import create_options
 
-    del progress_bar  # the bar is drawn anyway, unless -q: -p is for qemu-img's command lines
+    del show_progress  # the bar is drawn anyway, unless -q: -p is for qemu-img's command lines
     if len(images) < 2:
         fail("give the source image(s), then the destination")
     *sources, dst = images
@@ -368,36 +362,13 @@ def convert_cmd(
     cluster_size = given["--cluster-size"]
     with errors_as_exit():
         csize = _size(cluster_size) if cluster_size is not None else None
-        bar = Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            DownloadColumn(binary_units=True),
-            TimeRemainingColumn(),
-            console=Console(stderr=True),
-            disable=quiet,
-            transient=False,
-        )
-        task = bar.add_task(os.path.basename(dst), total=None)
         if bitmaps:
             from formats.rebase import image_format
             from tapnbd.errors import ImageError
 
             if image_format(src, src_fmt) != "qcow2":
                 raise ImageError(f"{src}: --bitmaps copies a qcow2 image's bitmaps")
-
-        def salvaged(message: str) -> None:
-            bar.console.print(f"{dst}: {message}", highlight=False, soft_wrap=True)
-
-        def progress(n: int) -> None:
-            bar.advance(task, n)
-
-        def start(total: int) -> None:
-            # Drawn once the source is open and sized: a missing source fails bare.
-            bar.update(task, total=total)
-            if not bar.live.is_started:
-                bar.start()
-
-        try:
+        with progress_bar(os.path.basename(dst), not quiet, parse_rate(rate)) as (pace, note):
             runtime.run(
                 convert_image(
                     sources,
@@ -406,8 +377,7 @@ def convert_cmd(
                     src_fmt=src_fmt,
                     optimise=optimise,
                     cluster_size=csize,
-                    progress=progress,
-                    start=start,
+                    pace=pace,
                     rules=open_rules(
                         None if backing else backing_format,
                         allow_probed_chain,
@@ -426,13 +396,14 @@ def convert_cmd(
                         if sparse_size is None
                         else _size(sparse_size, allow_zero=True),  # -S 0: no holes
                         depth=coroutines,
-                        salvage=None if not salvage else (lambda _m: None) if quiet else salvaged,
+                        salvage=None
+                        if not salvage
+                        else (lambda _m: None)
+                        if quiet
+                        else (lambda m: note(f"{dst}: {m}")),
                     ),
                 )
             )
-        finally:
-            if bar.live.is_started:
-                bar.stop()
         if bitmaps:
             from formats.qcow2.bitmap_edit import copy_bitmaps
 
@@ -580,6 +551,7 @@ def check_cmd(
             "refcounts above their references.",
         ),
     ] = None,
+    force_share: ReadShareOpt = False,
 ) -> None:
     """Check a qcow image: leaks, overlaps, pointers past the end, checksum.
 
@@ -594,6 +566,9 @@ def check_cmd(
     if repair_mode not in (None, "leaks", "all"):
         fail(f"-r {repair_mode}: use leaks or all")
     repair = repair or repair_mode is not None
+    if repair and force_share:
+        # As qemu-img: -U is for reading; a repair writes, under the image's lock.
+        fail("-U reads an image in use; a repair writes it and takes its lock: drop -U", 1)
     with errors_as_exit():
         if fmt == "auto":
             fmt = probe(image)

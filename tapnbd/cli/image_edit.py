@@ -9,11 +9,13 @@ formats.qcow2.bitmap_edit).
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from tapnbd import runtime
+from tapnbd.cli._progress import ProgressOpt, RateOpt, parse_rate, progress_bar
 from tapnbd.cli._trust import (
     AllowBlockOpt,
     AllowProbedChainOpt,
@@ -61,6 +63,8 @@ def rebase_cmd(
     allow_probed_chain: AllowProbedChainOpt = False,
     allow_block_devices: AllowBlockOpt = False,
     force_share: ForceShareOpt = False,
+    show_progress: ProgressOpt = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Give an overlay a new backing file, keeping what it reads (qemu-img rebase).
 
@@ -71,17 +75,20 @@ def rebase_cmd(
 
     rules = open_rules(None, allow_probed_chain, allow_block_devices)
     with errors_as_exit():
-        runtime.run(
-            rebase_image(
-                image,
-                backing,
-                backing_format=backing_fmt,
-                fmt=fmt,
-                unsafe=unsafe,
-                share=force_share,
-                rules=rules,
+        shown = show_progress and not quiet and not unsafe
+        with progress_bar(os.path.basename(image), shown) as (pace, _):
+            runtime.run(
+                rebase_image(
+                    image,
+                    backing,
+                    backing_format=backing_fmt,
+                    fmt=fmt,
+                    unsafe=unsafe,
+                    share=force_share,
+                    rules=rules,
+                    pace=pace,
+                )
             )
-        )
 
 
 @app.command("commit")
@@ -100,15 +107,27 @@ def commit_cmd(
     allow_probed_chain: AllowProbedChainOpt = False,
     allow_block_devices: AllowBlockOpt = False,
     force_share: ForceShareOpt = False,
+    show_progress: ProgressOpt = False,
+    rate: RateOpt = None,
 ) -> None:
     """Write an overlay's data into its backing file, then empty it (qemu-img commit)."""
     from formats.commit import commit_image
 
     rules = open_rules(None, allow_probed_chain, allow_block_devices)
     with errors_as_exit():
-        runtime.run(
-            commit_image(image, base=base, fmt=fmt, keep=keep, share=force_share, rules=rules)
-        )
+        shown = show_progress and not quiet
+        with progress_bar(os.path.basename(image), shown, parse_rate(rate)) as (pace, _):
+            runtime.run(
+                commit_image(
+                    image,
+                    base=base,
+                    fmt=fmt,
+                    keep=keep,
+                    share=force_share,
+                    rules=rules,
+                    pace=pace,
+                )
+            )
     if not quiet:
         typer.echo("Image committed.")
 

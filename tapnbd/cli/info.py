@@ -18,6 +18,7 @@ from tapnbd.cli._trust import (
     AllowBlockOpt,
     AllowProbedChainOpt,
     BackingFormatOpt,
+    ReadShareOpt,
     open_rules,
 )
 from tapnbd.cli.app import app, err_console, errors_as_exit
@@ -179,8 +180,10 @@ def info_cmd(
     backing_format: BackingFormatOpt = None,
     allow_probed_chain: AllowProbedChainOpt = False,
     allow_block_devices: AllowBlockOpt = False,
+    force_share: ReadShareOpt = False,
 ) -> None:
     """Format, sizes, allocation, backing chain and the Xen extension of an image."""
+    del force_share  # reads take no lock (ReadShareOpt)
     use_json = wants_json(output, as_json)
     rules = open_rules(backing_format, allow_probed_chain, allow_block_devices)
     with errors_as_exit():

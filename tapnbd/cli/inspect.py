@@ -7,6 +7,7 @@ prints qemu-img map's table or JSON, compare exits 0 (identical), 1 (different) 
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -14,7 +15,14 @@ import typer
 from tapnbd import runtime
 from tapnbd.cli._image_opts import snapshot_option
 from tapnbd.cli._output import JsonOpt, OutputOpt, print_json, wants_json
-from tapnbd.cli._trust import AllowBlockOpt, AllowProbedChainOpt, BackingFormatOpt, open_rules
+from tapnbd.cli._progress import ProgressOpt, progress_bar
+from tapnbd.cli._trust import (
+    AllowBlockOpt,
+    AllowProbedChainOpt,
+    BackingFormatOpt,
+    ReadShareOpt,
+    open_rules,
+)
 from tapnbd.cli.app import app, errors_as_exit, fail
 from tapnbd.cli.image_flags import parse_options
 
@@ -22,6 +30,7 @@ if TYPE_CHECKING:
     from formats import OpenRules
     from formats.imagemap import MapEntry
     from formats.measure import Measure
+    from formats.pacing import Pace
     from tapnbd.driver import Driver
 
 #: qemu-img compare's buffer: the most it reads of each image at once.
@@ -66,6 +75,7 @@ def map_cmd(
     backing_format: BackingFormatOpt = None,
     allow_probed_chain: AllowProbedChainOpt = False,
     allow_block_devices: AllowBlockOpt = False,
+    force_share: ReadShareOpt = False,
 ) -> None:
     """Show where each run of the disk comes from: which layer of the backing chain, data
     or zeros, and where in which file (as qemu-img map).
@@ -73,6 +83,7 @@ def map_cmd(
     from formats import parse_size
     from formats.imagemap import format_human, format_json
 
+    del force_share  # reads take no lock (ReadShareOpt)
     use_json = wants_json(output, as_json)
     rules = open_rules(backing_format, allow_probed_chain, allow_block_devices)
     with errors_as_exit():
@@ -111,12 +122,17 @@ async def _nonzero_at(driver: Driver, pos: int, n: int) -> int | None:
 
 
 async def compare_drivers(
-    a: Driver, b: Driver, name_a: str, name_b: str, strict: bool
+    a: Driver, b: Driver, name_a: str, name_b: str, strict: bool, pace: Pace | None = None
 ) -> tuple[int, list[str]]:
-    """(exit code, lines to print), as img_compare walks the two images."""
+    """(exit code, lines to print), as img_compare walks the two images; ``pace`` (-p)
+    advances by each range compared, of the bigger image's size."""
+    from formats.pacing import Pace
+
+    pace = pace or Pace()
     size_a, size_b = a.size(), b.size()
     if strict and size_a != size_b:
         return 1, ["Strict mode: Image size mismatch!"]
+    pace.begin(max(size_a, size_b))
     total = min(size_a, size_b)
     pos = 0
     while pos < total:
@@ -142,6 +158,7 @@ async def compare_drivers(
             if at is not None:
                 return 1, [f"Content mismatch at offset {at}!"]
         pos += chunk
+        pace.advance(chunk)
     lines: list[str] = []
     if size_a != size_b:
         lines.append("Warning: Image size mismatch!")
@@ -155,17 +172,24 @@ async def compare_drivers(
                 if at is not None:
                     return 1, [*lines, f"Content mismatch at offset {at}!"]
             pos += chunk
+            pace.advance(chunk)
     return 0, [*lines, "Images are identical."]
 
 
 async def _compare(
-    spec_a: str, spec_b: str, fmt_a: str, fmt_b: str, rules: OpenRules, strict: bool
+    spec_a: str,
+    spec_b: str,
+    fmt_a: str,
+    fmt_b: str,
+    rules: OpenRules,
+    strict: bool,
+    pace: Pace,
 ) -> tuple[int, list[str]]:
     a = await _open(spec_a, fmt_a, rules)
     try:
         b = await _open(spec_b, fmt_b, rules)
         try:
-            return await compare_drivers(a, b, spec_a, spec_b, strict)
+            return await compare_drivers(a, b, spec_a, spec_b, strict, pace)
         finally:
             await b.close()
     finally:
@@ -185,16 +209,19 @@ def compare_cmd(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing.")] = False,
     allow_probed_chain: AllowProbedChainOpt = False,
     allow_block_devices: AllowBlockOpt = False,
+    force_share: ReadShareOpt = False,
+    show_progress: ProgressOpt = False,
 ) -> None:
     """Check whether two images hold the same disk contents (as qemu-img compare).
 
     A part only one image has must read as zeros (unless --strict). Exit codes: 0 the
     same, 1 different (with the first differing offset), 2 an error.
     """
+    del force_share  # reads take no lock (ReadShareOpt)
     rules = open_rules(None, allow_probed_chain, allow_block_devices)
     code, lines = 2, list[str]()
-    with errors_as_exit(2):
-        code, lines = runtime.run(_compare(image_a, image_b, fmt_a, fmt_b, rules, strict))
+    with errors_as_exit(2), progress_bar(os.path.basename(image_b), show_progress and not quiet) as (pace, _):
+        code, lines = runtime.run(_compare(image_a, image_b, fmt_a, fmt_b, rules, strict, pace))
     if not quiet:
         for line in lines:
             print(line)

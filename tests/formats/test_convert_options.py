@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from formats.pacing import Pace
 from formats.qcow.convert import CopyTuning, _copy
 from formats.ram import RamDriver
 from tapnbd.backend import Backend
@@ -112,7 +113,7 @@ async def test_depth_is_the_number_of_requests_in_flight(depth: int) -> None:
     await src.pwrite(0, b"\x01" * (64 * MiB))
     dst = Backend(RamDriver(64 * MiB))
     tuning = CopyTuning(depth=depth)
-    stats = await _copy(Backend(src, read_only=True), dst, 64 * MiB, None, tuning=tuning)
+    stats = await _copy(Backend(src, read_only=True), dst, 64 * MiB, Pace(), tuning=tuning)
     assert stats.written == 64 * MiB and src.most == depth
     assert bytes(await dst.pread(0, 64 * MiB)) == b"\x01" * (64 * MiB)
 
@@ -175,7 +176,7 @@ async def test_salvage_loses_only_the_unreadable_sectors(seed: int) -> None:
     said: list[str] = []
     dst = Backend(RamDriver(size))
     tuning = CopyTuning(salvage=said.append)
-    await _copy(Backend(src, read_only=True), dst, size, None, tuning=tuning)
+    await _copy(Backend(src, read_only=True), dst, size, Pace(), tuning=tuning)
     assert bytes(await dst.pread(0, size)) == bytes(expect)
     assert sum(int(m.split("; ")[1].split()[0]) for m in said) == 512 * len(src.bad)
 

@@ -1,5 +1,8 @@
-import sys, statistics as st, collections
-rows=collections.defaultdict(dict)
+import collections
+import statistics as st
+import sys
+
+rows: dict[int, dict[str, tuple[float, float, float]]] = collections.defaultdict(dict)
 for line in open(sys.argv[1]):
     p=line.split()
     if len(p)>=8 and p[0].isdigit():
