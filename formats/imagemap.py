@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import errno
 from bisect import bisect_right
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, replace
 
 from tapnbd.driver import Driver, Extent, ExtentFlags
@@ -236,7 +236,9 @@ async def layer_status(layer: Driver, pos: int, end: int, name: str, cache: Exte
     return _Status(n, False)
 
 
-async def block_status(top: Driver, pos: int, end: int, top_name: str) -> AsyncIterator[MapEntry]:
+async def block_status(
+    top: Driver, pos: int, end: int, top_name: str
+) -> AsyncGenerator[MapEntry, None]:
     """One unmerged entry per layer answer over [pos, end)."""
     cache = ExtentCache()
     while pos < end:

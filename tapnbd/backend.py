@@ -408,6 +408,16 @@ class Backend:
         )
         return _trimmed(got, offset, length, req_one)
 
+    async def depth_extents(self, offset: int, length: int, req_one: bool = False) -> list[Extent]:
+        """The qemu:allocation-depth runs of [offset, offset + length), trimmed as
+        ``extents`` trims."""
+        try:
+            self._check_range(offset, length, errno.EINVAL)
+        except _Nothing:
+            raise RequestError(errno.EINVAL, "zero-length block status") from None
+        got = await self._call("extents", 0, lambda: self.driver.allocation_depth(offset, length))
+        return _trimmed(got, offset, length, req_one)
+
     async def cache(self, offset: int, length: int) -> None:
         try:
             self._check_range(offset, length, errno.EINVAL)

@@ -209,6 +209,15 @@ class Driver:
         (dirty) or 0 (clean); as ``extents``, the list may stop early."""
         raise OSError(errno.ENOTSUP, "this driver has no dirty bitmaps")
 
+    # The qemu:allocation-depth context.
+
+    async def allocation_depth(self, offset: int, length: int) -> list[Extent]:
+        """Runs from ``offset`` whose flags say which layer of the backing chain answers
+        them: 1 this image, 2 its backing file and so on, 0 none (as ``extents``, the list
+        may stop early). An image with no chain answers everything itself, as qemu's raw
+        does: one run at depth 1."""
+        return [Extent(offset, length, ExtentFlags(1))]
+
     async def close(self) -> None:
         """Release resources; called once, after a final flush."""
 

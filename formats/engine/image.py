@@ -10,14 +10,17 @@ file, its backing file (opened and closed on error), the driver and its ``prepar
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from contextlib import aclosing
 from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
 
 from formats.engine.opening import image_file
-from tapnbd.driver import Driver, FuaMode
+from tapnbd.driver import Driver, Extent, ExtentFlags, FuaMode
 from tapnbd.errors import ImageError
 
 #: Memory for one cache of tables (dirty ones are pinned and may exceed it).
 CACHE_BYTES = 32 << 20
+#: Layer answers one qemu:allocation-depth request may take (ImageDriver.allocation_depth).
+DEPTH_STEPS = 4096
 
 M = TypeVar("M")
 M_contra = TypeVar("M_contra", contravariant=True)
@@ -68,6 +71,37 @@ class ImageDriver(Driver, Generic[M]):
 
     def can_extents(self) -> bool:
         return True
+
+    async def allocation_depth(self, offset: int, length: int) -> list[Extent]:
+        """The chain walk of ``tapnbd map`` (formats.imagemap): a run some layer holds is
+        at that layer's depth + 1, one that none holds at 0; neighbours at one depth
+        merge. Past the end of a backing file shorter than the layer above it, reads
+        are that backing file's zeros, and qemu-nbd names its depth. The walk stops
+        after DEPTH_STEPS answers (a fragmented image costs one step per run): the
+        client asks again for the rest."""
+        from formats.imagemap import backing_of, block_status
+
+        layers: list[Driver] = [self]
+        while (below := backing_of(layers[-1])) is not None:
+            layers.append(below)
+        out: list[Extent] = []
+        name = self.path or self.name
+        async with aclosing(block_status(self, offset, offset + length, name)) as walk:
+            steps = 0
+            async for e in walk:
+                if e.present:
+                    depth = e.depth + 1
+                else:  # the bottom's hole (0), or past its backing file's end
+                    depth = e.depth + 2 if e.depth + 1 < len(layers) else 0
+                if out and out[-1].flags == depth:
+                    last = out[-1]
+                    out[-1] = Extent(last.offset, last.length + e.length, last.flags)
+                else:
+                    out.append(Extent(e.start, e.length, ExtentFlags(depth)))
+                steps += 1
+                if steps == DEPTH_STEPS:
+                    break
+        return out
 
     async def prepare(self) -> None:
         """Open-time work once the driver exists (repairs a writable open owes)."""

@@ -112,6 +112,10 @@ class FilterDriver(Driver):
         await self.before("extents")
         return await self.child.bitmap_extents(name, offset, length)
 
+    async def allocation_depth(self, offset: int, length: int) -> list[Extent]:
+        await self.before("extents")
+        return await self.child.allocation_depth(offset, length)
+
     async def close(self) -> None:
         await self.child.close()
 

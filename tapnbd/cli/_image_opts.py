@@ -20,6 +20,15 @@ BitmapOpt = Annotated[
         "qemu:dirty-bitmap:NAME block status context (qemu-nbd -B); repeatable.",
     ),
 ]
+AllocationDepthOpt = Annotated[
+    bool,
+    typer.Option(
+        "--allocation-depth",
+        "-A",
+        help="Offer the qemu:allocation-depth block status context: which layer of the "
+        "backing chain holds each run (qemu-nbd -A).",
+    ),
+]
 
 
 def snapshot_option(what: str) -> Any:  # typer.Option is typed Any

@@ -7,7 +7,12 @@ from typing import Annotated
 import typer
 
 from tapnbd.cli._control import StateDirOpt, connect, human_size, image_spec, report
-from tapnbd.cli._image_opts import BitmapOpt, ProbedFormatOpt, SnapshotOpt
+from tapnbd.cli._image_opts import (
+    AllocationDepthOpt,
+    BitmapOpt,
+    ProbedFormatOpt,
+    SnapshotOpt,
+)
 from tapnbd.cli.app import PLAIN, app, errors_as_exit
 from tapnbd.control.messages import (
     ExportAddReply,
@@ -32,6 +37,7 @@ def add_cmd(
     fmt: ProbedFormatOpt = "auto",
     snapshot: SnapshotOpt = None,
     bitmap: BitmapOpt = None,
+    allocation_depth: AllocationDepthOpt = False,
     state_dir: StateDirOpt = None,
 ) -> None:
     """Export an image from the daemon; print its NBD URIs."""
@@ -43,6 +49,7 @@ def add_cmd(
             format=fmt,
             snapshot=snapshot,
             bitmaps=bitmap or [],
+            allocation_depth=allocation_depth,
         )
         export = conn.call(req, ExportAddReply).export
     mode = "read-only" if export.read_only else "read-write"
@@ -50,6 +57,8 @@ def add_cmd(
         mode = f"snapshot {export.snapshot!r}, {mode}"
     if export.bitmaps:
         mode += f", bitmaps {', '.join(export.bitmaps)}"
+    if export.allocation_depth:
+        mode += ", allocation depth"
     report(
         f"exported {export.image} as {export.name!r} "
         f"({export.format}, {human_size(export.size)}, {mode})"

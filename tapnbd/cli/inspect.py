@@ -220,7 +220,10 @@ def compare_cmd(
     del force_share  # reads take no lock (ReadShareOpt)
     rules = open_rules(None, allow_probed_chain, allow_block_devices)
     code, lines = 2, list[str]()
-    with errors_as_exit(2), progress_bar(os.path.basename(image_b), show_progress and not quiet) as (pace, _):
+    with (
+        errors_as_exit(2),
+        progress_bar(os.path.basename(image_b), show_progress and not quiet) as (pace, _),
+    ):
         code, lines = runtime.run(_compare(image_a, image_b, fmt_a, fmt_b, rules, strict, pace))
     if not quiet:
         for line in lines:

@@ -8,7 +8,12 @@ from typing import Annotated
 import typer
 
 from tapnbd import runtime
-from tapnbd.cli._image_opts import BitmapOpt, ProbedFormatOpt, SnapshotOpt
+from tapnbd.cli._image_opts import (
+    AllocationDepthOpt,
+    BitmapOpt,
+    ProbedFormatOpt,
+    SnapshotOpt,
+)
 from tapnbd.cli._server_opts import PollUsOpt
 from tapnbd.cli._trust import (
     AllowBlockOpt,
@@ -42,6 +47,7 @@ def serve_cmd(
     read_only: Annotated[bool, typer.Option("--read-only", "-r", help="Refuse writes.")] = False,
     fmt: ProbedFormatOpt = "auto",
     bitmap: BitmapOpt = None,
+    allocation_depth: AllocationDepthOpt = False,
     description: Annotated[str, typer.Option(help="Export description.")] = "",
     bind: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[
@@ -147,6 +153,7 @@ def serve_cmd(
         read_only=read_only,
         fmt=fmt,
         bitmaps=bitmap or [],
+        allocation_depth=allocation_depth,
         description=description,
         bind=bind,
         port=port,

@@ -321,7 +321,14 @@ class Daemon:
                     f"an export named {name!r} already exists; choose another with --name"
                 )
             export = await self.exports.open(
-                image, name, req.read_only, req.format, "export", req.snapshot, req.bitmaps
+                image,
+                name,
+                req.read_only,
+                req.format,
+                "export",
+                req.snapshot,
+                req.bitmaps,
+                req.allocation_depth,
             )
             self._save()
             log.info("added export %r (%s, %s)", name, image, export.format)

@@ -89,6 +89,7 @@ class Exports:
         origin: str,
         snapshot: str | None = None,
         bitmaps: list[str] | None = None,
+        allocation_depth: bool = False,
     ) -> Export:
         # A snapshot opens read-only, so the Backend is read-only too.
         driver = await open_image(image, fmt=fmt, read_only=read_only, snapshot=snapshot)
@@ -98,7 +99,12 @@ class Exports:
             # NBD_INFO_DESCRIPTION and LIST reach every client: no path unless configured.
             shown = image if self.expose_paths else name
             export = Export(
-                name, backend, image, f"{shown} ({driver.name})", bitmaps=tuple(bitmaps or ())
+                name,
+                backend,
+                image,
+                f"{shown} ({driver.name})",
+                bitmaps=tuple(bitmaps or ()),
+                allocation_depth=allocation_depth,
             )
             self.registry.add(export)
         except BaseException:
@@ -202,6 +208,7 @@ class Exports:
             origin=cast("Any", self.origin.get(export.name, "export")),
             snapshot=self.snapshots.get(export.name),
             bitmaps=self.bitmaps.get(export.name, []),
+            allocation_depth=export.allocation_depth,
         )
 
     def stats(self, export: Export) -> ExportStats:

@@ -92,6 +92,8 @@ class ExportRecord(Record, kw_only=True):
     snapshot: str | None = None
     #: Persistent dirty bitmaps offered as qemu:dirty-bitmap:NAME contexts.
     bitmaps: list[str] = []
+    #: The qemu:allocation-depth context is offered too.
+    allocation_depth: bool = False
     size: int = 0
     #: NBD connections other than the ones carrying attachments.
     clients: int = 0
@@ -193,6 +195,7 @@ class ExportAddRequest(Request, tag="export_add"):
     format: str = "auto"
     snapshot: str | None = None
     bitmaps: list[str] = []
+    allocation_depth: bool = False
 
 
 class ExportRemoveReply(Reply, tag="export_remove_reply"):

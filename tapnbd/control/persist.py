@@ -24,6 +24,7 @@ def snapshot(exports: Exports, attachments: list[Attachment]) -> State:
                 origin=cast("Any", exports.origin.get(e.name, "export")),
                 snapshot=exports.snapshots.get(e.name),
                 bitmaps=exports.bitmaps.get(e.name, []),
+                allocation_depth=e.allocation_depth,
             )
             for e in exports
         ],
@@ -50,6 +51,7 @@ async def restore_exports(previous: State, exports: Exports) -> list[str]:
                 "export",
                 entry.snapshot,
                 entry.bitmaps,
+                entry.allocation_depth,
             )
         except (TapnbdError, OSError) as e:
             notes.append(f"could not restore export {entry.name!r} ({entry.image}): {e}")

@@ -122,7 +122,12 @@ class Err(enum.IntEnum):
     ESHUTDOWN = 108
 
 
-#: The one metadata context we serve.
+#: The metadata context every export serves.
 BASE_ALLOCATION = "base:allocation"
+#: qemu's context of which layer of the backing chain answers (qemu-nbd -A): "the entire
+#: 32-bit value represents a depth of which layer in a thin-provisioned backing chain
+#: provided the data (0 for unallocated, 1 for the active layer, 2 for the first
+#: backing layer, and so forth)" (qemu's docs/interop/nbd.txt).
+ALLOCATION_DEPTH = "qemu:allocation-depth"
 #: qemu's namespace for a persistent dirty bitmap's context: this prefix, then its name.
 DIRTY_BITMAP = "qemu:dirty-bitmap:"

@@ -43,6 +43,7 @@ from tapnbd.buffers import PooledBuffer
 from tapnbd.driver import MAX_PAYLOAD
 from tapnbd.errors import ProtocolError, RequestError
 from tapnbd.protocol.consts import (
+    ALLOCATION_DEPTH,
     BASE_ALLOCATION,
     DIRTY_BITMAP,
     Cmd,
@@ -857,6 +858,10 @@ class NBDConnection(asyncio.BufferedProtocol):
                 for i, (cid, context) in enumerate(self.contexts):
                     if context == BASE_ALLOCATION:
                         extents = await backend.extents(req.offset, req.length, req_one=req_one)
+                    elif context == ALLOCATION_DEPTH:
+                        extents = await backend.depth_extents(
+                            req.offset, req.length, req_one=req_one
+                        )
                     else:
                         bitmap = context.removeprefix(DIRTY_BITMAP)
                         extents = await backend.bitmap_extents(

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from tapnbd.backend import Backend
 from tapnbd.errors import ImageError
-from tapnbd.protocol.consts import DIRTY_BITMAP
+from tapnbd.protocol.consts import ALLOCATION_DEPTH, DIRTY_BITMAP
 from tapnbd.protocol.consts import TransmissionFlag as TF
 from tapnbd.protocol.handshake import Catalog, ExportInfo
 
@@ -46,6 +46,8 @@ class Export:
     connections: int = 0
     #: The driver's dirty bitmaps this export offers as qemu:dirty-bitmap:NAME.
     bitmaps: tuple[str, ...] = ()
+    #: Offer the qemu:allocation-depth context (qemu-nbd -A).
+    allocation_depth: bool = False
     info: ExportInfo = field(init=False)
 
     def __post_init__(self) -> None:
@@ -64,7 +66,10 @@ class Export:
             flags=transmission_flags(self.backend),
             description=self.description,
             block_size=(bs.minimum, bs.preferred, bs.maximum),
-            contexts=tuple(DIRTY_BITMAP + b for b in dict.fromkeys(self.bitmaps)),
+            contexts=(
+                *((ALLOCATION_DEPTH,) if self.allocation_depth else ()),
+                *(DIRTY_BITMAP + b for b in dict.fromkeys(self.bitmaps)),
+            ),
         )
 
     @property

@@ -44,6 +44,8 @@ class ServeOptions:
     fmt: str = "auto"
     #: Persistent dirty bitmaps exported as qemu:dirty-bitmap:NAME (qemu-nbd -B).
     bitmaps: list[str] = field(default_factory=list)
+    #: The qemu:allocation-depth context too (qemu-nbd -A).
+    allocation_depth: bool = False
     description: str = ""
     bind: str = "127.0.0.1"
     port: int | None = None
@@ -160,7 +162,16 @@ async def open_exports(opts: ServeOptions) -> ExportRegistry:
             )
             description = opts.description or f"{image} ({what})"
             backend = Backend(driver, read_only=opts.read_only)
-            registry.add(Export(name, backend, image, description, bitmaps=tuple(opts.bitmaps)))
+            registry.add(
+                Export(
+                    name,
+                    backend,
+                    image,
+                    description,
+                    bitmaps=tuple(opts.bitmaps),
+                    allocation_depth=opts.allocation_depth,
+                )
+            )
     except BaseException:
         for driver in opened:
             await driver.close()

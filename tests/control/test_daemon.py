@@ -496,6 +496,42 @@ def test_export_add_offers_a_bitmap_and_keeps_it_across_a_restart(tap: Tapnbd) -
     assert dirty() == ["clean", "dirty", "clean"]  # stored at stop, read back at restore
 
 
+def test_export_add_A_offers_the_allocation_depth_and_keeps_it_across_a_restart(
+    tap: Tapnbd,
+) -> None:
+    """``export add -A`` (qemu-nbd's -A): the overlay's own run at depth 1, its backing
+    file's at 2; restored with the context after a restart, and absent without -A."""
+    base, image = tap.base / "d-base.raw", tap.base / "d.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(base), "4M"], check=True)
+    subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "raw", str(image)],
+        check=True,
+    )
+    uri = unix_uri(tap.ok("export", "add", str(image), "-f", "qcow2", "--name", "d", "-A"))
+    qemu_io(uri, "write 1M 64k")
+
+    def depths(uri: str) -> list[str]:
+        out = subprocess.run(
+            ["nbdinfo", "--map=qemu:allocation-depth", uri],
+            capture_output=True, text=True, check=True,
+        ).stdout  # fmt: skip
+        return [line.split()[2] for line in out.splitlines()]
+
+    assert depths(uri) == ["2", "1", "2"]
+    listed = json.loads(tap.ok("list", "--json"))
+    assert next(e for e in listed["exports"] if e["name"] == "d")["allocation_depth"] is True
+    stopped = tap.run("daemon", "stop")
+    assert stopped.returncode == 0, stopped.stderr
+    restored = tap.run("list", "--json")
+    assert "restored export 'd'" in restored.stderr, restored.stderr
+    assert depths(uri) == ["2", "1", "2"]
+    plain = unix_uri(tap.ok("export", "add", str(base), "-f", "raw", "--name", "p", "-r"))
+    refused = subprocess.run(
+        ["nbdinfo", "--map=qemu:allocation-depth", plain], capture_output=True, text=True
+    )
+    assert refused.returncode != 0, refused.stdout
+
+
 def test_a_state_directory_too_deep_for_a_data_paths_socket_is_refused(tmp_path: Path) -> None:
     """The daemon's own sockets would fit, a tapdisk's (tapdisk/ID/ctl.sock) would not:
     refused at start, naming the limit, not at the first attach."""
