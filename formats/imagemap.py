@@ -145,6 +145,17 @@ async def _host_zero(child: Driver, host: int, n: int) -> tuple[bool, int]:
     return bool(first.flags & ExtentFlags.ZERO), min(n, first.length)
 
 
+async def _asks_the_file(d: Driver) -> bool:
+    """Whether qemu asks the image file if a data cluster reads as zeros: only when the
+    format says BDRV_BLOCK_RECURSE, which qcow2 says for an image that looks
+    metadata-preallocated, and qcow and vpc never."""
+    if d.name != "qcow2":
+        return False
+    from formats.qcow2.driver import Qcow2Driver
+
+    return isinstance(d, Qcow2Driver) and await d.metadata_preallocated()
+
+
 def _is_vhd(d: Driver) -> bool:
     if d.name != "vhd":
         return False  # no VhdDriver, so its module need not be imported to know
@@ -225,7 +236,7 @@ async def layer_status(layer: Driver, pos: int, end: int, name: str, cache: Exte
         return _Status(n, True, zero=True)
     if kind in (DATA, SHARED):
         zero = False
-        if isinstance(child, Driver) and not vhd:  # qemu's vpc does not ask the file
+        if isinstance(child, Driver) and await _asks_the_file(d):
             zero, n = await _host_zero(child, host, n)
         return _Status(n, True, zero=zero, data=True, offset=host, filename=name)
     if kind == COMPRESSED:

@@ -163,6 +163,8 @@ class Qcow2Driver(ImageDriver["Qcow2Meta"]):
         #: How far the file has been grown (``GROW_AHEAD``); 0 turns growing ahead off.
         self._grown = self._end
         self._grow_ahead = GROW_AHEAD
+        #: metadata_preallocated(), once asked.
+        self._preallocated: bool | None = None
         #: Freed host clusters (indices, sorted) whose refcount 0 is durable: they may
         #: be handed out again.
         self._reusable: list[int] = []
@@ -983,6 +985,37 @@ class Qcow2Driver(ImageDriver["Qcow2Meta"]):
         if self._grown > self._end and isinstance(child, RawDriver) and not child.is_block:
             os.ftruncate(child.fd, self._end)
             self._grown = self._end
+
+    # Facts for `tapnbd map`.
+
+    async def metadata_preallocated(self) -> bool:
+        """qemu's guess that clusters were allocated without their space
+        (qcow2_detect_metadata_preallocation): at least max(10/9 of, 2 more than) the
+        clusters the file really holds have a refcount. Only then does qemu ask the
+        file whether a data cluster reads as zeros (BDRV_BLOCK_RECURSE), and so does
+        ``map``. A file whose real allocation is unknown (not a regular file) is not."""
+        if self._preallocated is not None:
+            return self._preallocated
+        self._preallocated = False
+        child = self.child
+        if not isinstance(child, RawDriver) or child.is_block:
+            return False
+        cs, per = self._cs, self._rb_mask + 1
+        real = os.fstat(child.fd).st_blocks * 512 // cs
+        threshold = max(real * 10 // 9, real + 2)
+        end = (child.size() + cs - 1) // cs
+        count = 0
+        # Block by block, counted in C (a hostile sparse file may be huge).
+        for ri, entry in enumerate(self.reftable):
+            if ri * per >= end or count >= threshold:
+                break
+            boff = entry & OFFSET_MASK
+            if boff:
+                block = await self._rb.load(boff)
+                used = block[: min(per, end - ri * per)]
+                count += len(used) - used.count(0)
+        self._preallocated = count >= threshold
+        return self._preallocated
 
     # Facts for `tapnbd info`.
 

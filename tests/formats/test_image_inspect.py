@@ -164,6 +164,25 @@ def test_map_preallocated_metadata_asks_the_file(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("fmt", ["qcow2", "qcow"])
+def test_map_does_not_ask_the_file_of_an_image_not_preallocated(tmp_path: Path, fmt: str) -> None:
+    """qemu asks the file whether a data cluster reads as zeros only for a qcow2 image
+    that looks metadata-preallocated (BDRV_BLOCK_RECURSE): a hole punched in the host
+    range of an ordinary image's cluster is still data that is not zeros to it. (A
+    small image always looks preallocated: its metadata clusters are mostly holes, and
+    qemu's threshold is at least the file's real clusters + 2; 4 MiB of data is not.)"""
+    sh(tmp_path, "qemu-img", "create", "-f", fmt, "p.img", "8M")
+    qio(tmp_path, fmt, "p.img", "write -P 1 64k 4M")
+    host = next(e["offset"] for e in json.loads(
+        sh(tmp_path, "qemu-img", "map", "-f", fmt, "--output=json", "p.img").stdout
+    ) if e["data"])  # fmt: skip
+    sh(tmp_path, "fallocate", "-p", "-o", str(host + 8192), "-l", "8192", "p.img")
+    want = sh(tmp_path, "qemu-img", "map", "-f", fmt, "--output=json", "p.img").stdout
+    got = tap(tmp_path, "map", "-f", fmt, "--output=json", "p.img").stdout
+    assert got == want, f"{got}\nqemu-img:\n{want}"
+    assert '"zero": true, "data": true' not in want
+
+
+@pytest.mark.parametrize("fmt", ["qcow2", "qcow"])
 def test_map_over_a_raw_backing_file(tmp_path: Path, seed: int, fmt: str) -> None:
     """A raw layer allocates everything: its holes are present zeros, with offsets."""
     rng = random.Random(seed)
