@@ -136,7 +136,7 @@ async def _plain_status(
 
 
 async def _host_zero(child: Driver, host: int, n: int) -> tuple[bool, int]:
-    """Whether the file holds a hole at ``host`` (qemu asks the file too), and for how long."""
+    """Whether the file holds a hole at ``host`` (asked when qemu asks), and for how long."""
     if not child.can_extents():
         return False, n
     first = (await child.extents(host, n))[0]
