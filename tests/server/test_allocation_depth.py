@@ -197,3 +197,35 @@ def _nbdsh(script: str, server: list[str]) -> dict[str, Any]:
     got = json.loads(out)
     assert isinstance(got, dict)
     return got
+
+
+def test_a_hostile_table_fails_the_request_not_the_server(tmp_path: Path) -> None:
+    """An L2 entry with a reserved bit set: the depth request gets EIO, and the same
+    connection goes on reading (the stream stays in step)."""
+    need("qemu-img", "qemu-io", "nbdsh")
+    bad = tmp_path / "bad.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", bad, "1M")
+    qemu_io(bad, "qcow2", "write -P 1 0 64k", "write -P 2 512k 64k")
+    with bad.open("r+b") as f:
+        f.seek(40)
+        l1 = int.from_bytes(f.read(8), "big")
+        f.seek(l1)
+        l2 = int.from_bytes(f.read(8), "big") & ((1 << 56) - 512)
+        f.seek(l2)
+        entry = int.from_bytes(f.read(8), "big")
+        f.seek(l2)
+        f.write((entry | 0x2).to_bytes(8, "big"))  # cluster 0's entry: a reserved bit
+    script = """
+import errno, json, nbd, sys
+h = nbd.NBD()
+h.add_meta_context("qemu:allocation-depth")
+h.connect_systemd_socket_activation(sys.argv[1:])
+try:
+    h.block_status(64 * 1024, 0, lambda *a: 0)
+    err = ""
+except nbd.Error as e:  # libnbd 1.14 names it; later ones may give the number
+    err = e.errno if isinstance(e.errno, str) else errno.errorcode[e.errno]
+print(json.dumps({"err": err, "read": h.pread(4, 512 * 1024).hex()}))
+"""
+    got = _nbdsh(script, tapnbd_cmd("serve", "-A", "-r", "-f", "qcow2", str(bad)))
+    assert got == {"err": "EIO", "read": "02020202"}
