@@ -48,6 +48,24 @@ def serve_cmd(
     fmt: ProbedFormatOpt = "auto",
     bitmap: BitmapOpt = None,
     allocation_depth: AllocationDepthOpt = False,
+    discard: Annotated[
+        str,
+        typer.Option(
+            "--discard",
+            metavar="MODE",
+            help="unmap: TRIM and WRITE_ZEROES may free space (the default here); ignore: "
+            "they succeed and keep it, qemu-nbd's default.",
+        ),
+    ] = "unmap",
+    detect_zeroes: Annotated[
+        str,
+        typer.Option(
+            "--detect-zeroes",
+            metavar="MODE",
+            help="off; on: a WRITE of zeros is stored as a zeroing, not data; unmap: and "
+            "may free the space (needs --discard=unmap). As qemu-nbd.",
+        ),
+    ] = "off",
     description: Annotated[str, typer.Option(help="Export description.")] = "",
     bind: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[
@@ -154,6 +172,8 @@ def serve_cmd(
         fmt=fmt,
         bitmaps=bitmap or [],
         allocation_depth=allocation_depth,
+        discard=discard,
+        detect_zeroes=detect_zeroes,
         description=description,
         bind=bind,
         port=port,

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from formats import OpenRules, open_image, parse_size
 from formats.filters import FaultSpec, at_file_layer
+from formats.filters.discard import DiscardFilter, check_modes
 from tapnbd import safefs
 from tapnbd.backend import Backend
 from tapnbd.driver import Driver
@@ -46,6 +47,9 @@ class ServeOptions:
     bitmaps: list[str] = field(default_factory=list)
     #: The qemu:allocation-depth context too (qemu-nbd -A).
     allocation_depth: bool = False
+    #: qemu-nbd's --discard (ignore, unmap) and --detect-zeroes (off, on, unmap).
+    discard: str = "unmap"
+    detect_zeroes: str = "off"
     description: str = ""
     bind: str = "127.0.0.1"
     port: int | None = None
@@ -114,6 +118,7 @@ async def open_exports(opts: ServeOptions) -> ExportRegistry:
     faults = FaultSpec.parse(
         opts.inject_error, opts.delay, trigger=opts.inject_error_file, seed=opts.inject_seed
     )
+    check_modes(opts.discard, opts.detect_zeroes)
     if opts.inject_at not in ("export", "file"):
         raise TapnbdError(f"--inject-at {opts.inject_at!r}: expected export or file")
     if opts.snapshot is not None and len(opts.images) != 1:
@@ -157,6 +162,8 @@ async def open_exports(opts: ServeOptions) -> ExportRegistry:
                 )
             if faults and not at_file:
                 driver = faults.wrap(driver)
+            if opts.discard != "unmap" or opts.detect_zeroes != "off":
+                driver = DiscardFilter(driver, discard=opts.discard, detect=opts.detect_zeroes)
             what = (
                 driver.name if opts.snapshot is None else f"{driver.name} snapshot {opts.snapshot}"
             )
