@@ -813,7 +813,7 @@ class Qcow2Driver(ImageDriver["Qcow2Meta"]):
     ) -> None:
         if fast and not self.can_fast_zero():
             raise OSError(errno.ENOTSUP, "zeroing needs writes on a v2 image with a backing file")
-        await self._zero(offset, length, discard=False)
+        await self._zero(offset, length, discard=False, keep=not may_trim)
         if fua:
             await self.flush()
 
@@ -822,12 +822,14 @@ class Qcow2Driver(ImageDriver["Qcow2Meta"]):
         if fua:
             await self.flush()
 
-    async def _zero(self, offset: int, length: int, *, discard: bool) -> None:
+    async def _zero(self, offset: int, length: int, *, discard: bool, keep: bool = False) -> None:
         """Make [offset, offset + length) read as zeros, or (``discard``) free what it can.
 
         Whole clusters become zero clusters (v3), or unallocated where nothing shows
         through; a discard on an overlay never exposes the backing file's data. Partial
-        clusters are written with zeros (a discard leaves them alone).
+        clusters are written with zeros (a discard leaves them alone). ``keep`` (NBD's
+        NO_HOLE: "the area MUST be fully provisioned"): a v3 image's data clusters stay
+        its own, flagged zero (qemu's QCOW2_CLUSTER_ZERO_ALLOC), not freed.
         """
         if self._tracked:
             self._bitmaps.mark(offset, length)
@@ -848,7 +850,10 @@ class Qcow2Driver(ImageDriver["Qcow2Meta"]):
                     if s < e:
                         await self._write_zeros(s, e - s)
             if a < b:
-                await self._zero_clusters(a, b, kind, discard)
+                if keep and kind == DATA and self._v3:
+                    await self._flag_zero(a, b)
+                else:
+                    await self._zero_clusters(a, b, kind, discard)
             pos += n
 
     async def _write_zeros(self, pos: int, n: int) -> None:
@@ -874,6 +879,25 @@ class Qcow2Driver(ImageDriver["Qcow2Meta"]):
         if kind == UNALLOC and value == 0:
             return
         await self._set_clusters(a, b, value)
+
+    async def _flag_zero(self, a: int, b: int) -> None:
+        """Whole clusters [a, b), in one L2 table, read as zeros and keep their host
+        clusters and references; one that stopped being plain data meanwhile (another
+        request changed it) is zeroed the usual way."""
+        cb = self._cb
+        for c in range(a >> cb, b >> cb):
+            waiting = self._pending.get(c)
+            if waiting is not None:
+                await waiting
+        l2off, t = await self._writable_l2(a >> self._shift)
+        i0 = (a >> cb) & self._l2_mask
+        for i in range(i0, i0 + ((b - a) >> cb)):
+            e = t[i]
+            if e & OFFSET_MASK and e & OFLAG_COPIED and not e & _NOT_PLAIN:
+                self._set_l2(l2off, t, i, e | OFLAG_ZERO)
+            else:
+                self._forget(e)
+                self._set_l2(l2off, t, i, OFLAG_ZERO if self.backing is not None else 0)
 
     async def _set_clusters(self, a: int, b: int, value: int) -> None:
         """Give whole clusters [a, b), in one L2 table, the entry ``value`` (zero or

@@ -107,7 +107,9 @@ async def _run_load(img: Path, seed: int) -> tuple[list[tuple[object, ...]], lis
         else:
             kind = "zero" if r < 0.9 else "trim"
             if kind == "zero":
-                await d.zero(b * BLOCK, n * BLOCK, may_trim=True, fua=False, fast=False)
+                # NO_HOLE half the time: data clusters are kept, flagged zero.
+                keep = rng.random() < 0.5
+                await d.zero(b * BLOCK, n * BLOCK, may_trim=not keep, fua=False, fast=False)
             else:
                 await d.trim(b * BLOCK, n * BLOCK)
             guest.append(
