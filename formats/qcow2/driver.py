@@ -884,14 +884,8 @@ class Qcow2Driver(ImageDriver["Qcow2Meta"]):
         """Whole clusters [a, b), in one L2 table, read as zeros and keep their host
         clusters and references; one that stopped being plain data meanwhile (another
         request changed it) is zeroed the usual way."""
-        cb = self._cb
-        for c in range(a >> cb, b >> cb):
-            waiting = self._pending.get(c)
-            if waiting is not None:
-                await waiting
-        l2off, t = await self._writable_l2(a >> self._shift)
-        i0 = (a >> cb) & self._l2_mask
-        for i in range(i0, i0 + ((b - a) >> cb)):
+        l2off, t, slots = await self._whole_clusters(a, b)
+        for i in slots:
             e = t[i]
             if e & OFFSET_MASK and e & OFLAG_COPIED and not e & _NOT_PLAIN:
                 self._set_l2(l2off, t, i, e | OFLAG_ZERO)
@@ -902,6 +896,14 @@ class Qcow2Driver(ImageDriver["Qcow2Meta"]):
     async def _set_clusters(self, a: int, b: int, value: int) -> None:
         """Give whole clusters [a, b), in one L2 table, the entry ``value`` (zero or
         unallocated); what they held loses a reference."""
+        l2off, t, slots = await self._whole_clusters(a, b)
+        for i in slots:
+            self._forget(t[i])
+            self._set_l2(l2off, t, i, value)
+
+    async def _whole_clusters(self, a: int, b: int) -> tuple[int, array[int], range]:
+        """The writable L2 table of whole clusters [a, b) and their slots in it, once
+        no allocating write of theirs is in flight."""
         cb = self._cb
         for c in range(a >> cb, b >> cb):
             waiting = self._pending.get(c)
@@ -909,9 +911,7 @@ class Qcow2Driver(ImageDriver["Qcow2Meta"]):
                 await waiting
         l2off, t = await self._writable_l2(a >> self._shift)
         i0 = (a >> cb) & self._l2_mask
-        for i in range(i0, i0 + ((b - a) >> cb)):
-            self._forget(t[i])
-            self._set_l2(l2off, t, i, value)
+        return l2off, t, range(i0, i0 + ((b - a) >> cb))
 
     async def make_empty(self) -> None:
         """Unmap every guest cluster, so the backing file shows through everywhere: what

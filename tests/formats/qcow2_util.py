@@ -159,3 +159,17 @@ def check_clean(img: Path) -> dict[str, object]:
     assert report.get("leaks", 0) == 0, report
     assert report.get("check-errors", 0) == 0, report
     return report
+
+
+def set_reserved_bit(img: Path) -> None:
+    """Set a reserved bit in the first L2 entry of the first L2 table: a hostile entry
+    that every reader must refuse by name."""
+    with img.open("r+b") as f:
+        f.seek(40)  # the header's l1_table_offset
+        l1 = int.from_bytes(f.read(8), "big")
+        f.seek(l1)
+        l2 = int.from_bytes(f.read(8), "big") & ((1 << 56) - 512)
+        f.seek(l2)
+        entry = int.from_bytes(f.read(8), "big")
+        f.seek(l2)
+        f.write((entry | 0x2).to_bytes(8, "big"))

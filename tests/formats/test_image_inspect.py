@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.formats.qcow2_util import set_reserved_bit
 from tests.formats.qcow_util import need
 from tests.helpers import Server, nbdsh_script, run, tapnbd_cmd
 
@@ -533,15 +534,7 @@ def test_map_and_compare_of_a_corrupt_qcow2_fail_cleanly(tmp_path: Path) -> None
     """A hostile L2 entry (reserved bits set) is a one-line error naming the table."""
     sh(tmp_path, "qemu-img", "create", "-f", "qcow2", "bad.qcow2", "1M")
     qio(tmp_path, "qcow2", "bad.qcow2", "write -P 1 0 64k")
-    with open(tmp_path / "bad.qcow2", "r+b") as f:
-        f.seek(40)
-        l1 = int.from_bytes(f.read(8), "big")
-        f.seek(l1)
-        l2 = int.from_bytes(f.read(8), "big") & ((1 << 56) - 512)
-        f.seek(l2)
-        entry = int.from_bytes(f.read(8), "big")
-        f.seek(l2)
-        f.write((entry | 0x2).to_bytes(8, "big"))  # a reserved bit
+    set_reserved_bit(tmp_path / "bad.qcow2")
     sh(tmp_path, "qemu-img", "create", "-f", "raw", "zero.raw", "1M")
     for args, code in (
         (["map", "-f", "qcow2", "bad.qcow2"], 1),

@@ -15,6 +15,7 @@ import pytest
 
 from formats import OpenRules, open_image
 from formats.engine.image import DEPTH_STEPS
+from tests.formats.qcow2_util import set_reserved_bit
 from tests.formats.qcow_util import need, qemu_img
 from tests.helpers import run, tapnbd_cmd
 
@@ -206,15 +207,7 @@ def test_a_hostile_table_fails_the_request_not_the_server(tmp_path: Path) -> Non
     bad = tmp_path / "bad.qcow2"
     qemu_img("create", "-q", "-f", "qcow2", bad, "1M")
     qemu_io(bad, "qcow2", "write -P 1 0 64k", "write -P 2 512k 64k")
-    with bad.open("r+b") as f:
-        f.seek(40)
-        l1 = int.from_bytes(f.read(8), "big")
-        f.seek(l1)
-        l2 = int.from_bytes(f.read(8), "big") & ((1 << 56) - 512)
-        f.seek(l2)
-        entry = int.from_bytes(f.read(8), "big")
-        f.seek(l2)
-        f.write((entry | 0x2).to_bytes(8, "big"))  # cluster 0's entry: a reserved bit
+    set_reserved_bit(bad)  # cluster 0's entry
     script = """
 import errno, json, nbd, sys
 h = nbd.NBD()
