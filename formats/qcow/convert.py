@@ -8,6 +8,7 @@ Memory stays constant: at most ``DEPTH`` chunks of ``CHUNK`` bytes are in flight
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, replace
@@ -16,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from formats.locks import locked_target
 from formats.pacing import Pace
 from formats.qcow.create import create_qcow
-from formats.raw import create_raw
+from formats.raw import RawDriver, create_raw
 from tapnbd.backend import Backend
 from tapnbd.driver import Driver, Extent, ExtentFlags
 from tapnbd.errors import ImageError, RequestError
@@ -47,11 +48,15 @@ class CopyTuning:
     """qemu-img convert's tuning: ``sparse_size`` (-S), blocks of zeros this big become
     holes, 0 writes every byte (a fully allocated image); ``depth`` (-m), requests in
     flight; ``salvage`` (--salvage), a reader that cannot read a sector goes on, the
-    sector written as zeros, and each such range is told to this callback."""
+    sector written as zeros, and each such range is told to this callback;
+    ``offload`` (-C), data runs are copied by the kernel (copy_file_range(2)) when
+    source and target are both plain files, else, or once the kernel refuses, the
+    usual way (as qemu-img falls back)."""
 
     sparse_size: int = ZERO_BLOCK
     depth: int = DEPTH
     salvage: Callable[[str], None] | None = None
+    offload: bool = False
 
     def check(self) -> None:
         if self.sparse_size < 0 or self.sparse_size % 512 or self.sparse_size > MAX_SPARSE:
@@ -72,6 +77,7 @@ class ConvertStats:
     size: int = 0
     written: int = 0
     skipped: int = 0
+    offloaded: int = 0  # of ``written``, copied by copy_file_range (-C)
 
 
 async def convert_image(
@@ -270,6 +276,30 @@ async def _copy_into(
     return stats
 
 
+#: copy_file_range's ways of saying "not between these two files": copy the usual way.
+_NO_OFFLOAD = frozenset(
+    {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EBADF}
+)
+
+
+def _plain_fds(source: Backend, target: Backend) -> tuple[int, int] | None:
+    """The two regular files' descriptors, if both ends are the raw driver itself."""
+    ends = (source.driver, target.driver)
+    if all(type(d) is RawDriver and not d.is_block for d in ends):
+        return ends[0].fd, ends[1].fd  # type: ignore[attr-defined]
+    return None
+
+
+def _copy_range(src: int, dst: int, pos: int, n: int) -> None:
+    """[pos, pos + n) of ``src`` to the same place in ``dst``, in the kernel."""
+    while n:
+        moved = os.copy_file_range(src, dst, n, pos, pos)
+        if moved <= 0:  # the source ends early: it was sized when opened
+            raise OSError(errno.EIO, f"copy_file_range stopped at offset {pos}")
+        pos += moved
+        n -= moved
+
+
 async def _open_all(srcs: list[str], fmt: str, rules: OpenRules) -> Driver:
     """Each source opened (``fmt`` applies to all, as qemu-img -f), back to back."""
     from formats import open_image
@@ -323,6 +353,8 @@ async def _copy(
     zeroes = bytes(zb) if sparse_size else b""
     tasks: set[asyncio.Task[None]] = set()
     failure: list[BaseException] = []
+    # -C: both ends plain files (not a format, not a filter), and the chunks whole.
+    fds = _plain_fds(source, target) if tuning.offload and not (diff or compress) else None
 
     def done(n: int, written: int) -> None:
         stats.written += written
@@ -425,6 +457,21 @@ async def _copy(
                 break
         done(n, written)
 
+    async def offload_chunk(pos: int, n: int) -> None:
+        nonlocal fds
+        if fds is not None:
+            try:
+                await asyncio.to_thread(_copy_range, *fds, pos, n)
+            except OSError as e:
+                if e.errno not in _NO_OFFLOAD:
+                    raise
+                fds = None  # the kernel will not: this chunk and the rest the usual way
+            else:
+                stats.offloaded += n
+                done(n, n)
+                return
+        await copy_chunk(pos, n)
+
     def guarded(
         chunk: Callable[[int, int], Awaitable[None]],
     ) -> Callable[[int, int], Coroutine[Any, Any, None]]:
@@ -441,7 +488,7 @@ async def _copy(
         return run
 
     pos = 0
-    chunk = guarded(diff_chunk if diff else copy_chunk)
+    chunk = guarded(diff_chunk if diff else offload_chunk if fds else copy_chunk)
     while pos < size and not failure:
         window = min(STATUS_WINDOW, size - pos)
         try:

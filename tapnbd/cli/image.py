@@ -332,6 +332,15 @@ def convert_cmd(
         ),
     ] = False,
     rate: RateOpt = None,
+    offload: Annotated[
+        bool,
+        typer.Option(
+            "-C",
+            "--copy-offloading",
+            help="Let the kernel copy the data (copy_file_range) when both images are raw "
+            "files; otherwise the usual copy (qemu-img -C). Not with -S or -c.",
+        ),
+    ] = False,
 ) -> None:
     """Copy an image into a new raw, qcow, qcow2 or VHD image, skipping zeros and holes.
 
@@ -357,6 +366,9 @@ def convert_cmd(
         fail("--bitmaps copies into a new qcow2 image (-O qcow2), without -n, -l or -B")
     if skip_broken and not bitmaps:
         fail("--skip-broken-bitmaps goes with --bitmaps")
+    if offload and (sparse_size is not None or compress):
+        # As qemu-img: the kernel copies whole runs, so nothing looks for zeros in them.
+        fail("-C copies data runs whole: it cannot go with -S or -c")
     kind = "rbd" if dst.startswith("rbd:") else "nbd" if is_nbd(dst) else out_fmt
     given, q2 = create_options(kind, options, {"--cluster-size": cluster_size}, command="convert")
     cluster_size = given["--cluster-size"]
@@ -396,6 +408,7 @@ def convert_cmd(
                         if sparse_size is None
                         else _size(sparse_size, allow_zero=True),  # -S 0: no holes
                         depth=coroutines,
+                        offload=offload,
                         salvage=None
                         if not salvage
                         else (lambda _m: None)

@@ -1,8 +1,9 @@
 """``tapnbd convert``'s qemu-img tuning options: -S (how big a block of zeros must be to
 become a hole; 0 for a fully allocated image), --target-is-zero (with -n: the target's
-zero runs are not written), -m (requests in flight) and --salvage (past read errors,
-what cannot be read written as zeros). qemu-img map and compare are the
-referees; the depth is watched inside the copy, where it can be seen."""
+zero runs are not written), -m (requests in flight), --salvage (past read errors,
+what cannot be read written as zeros) and -C (the kernel copies the data runs between
+two raw files). qemu-img map and compare are the referees; the depth and what was
+offloaded are watched inside the copy, where they can be seen."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import asyncio
 import errno
 import json
 import random
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -232,3 +235,59 @@ async def test_a_read_across_the_parts_is_each_parts_bytes(seed: int) -> None:
         n = rng.randrange(1, len(whole) - off + 1)
         assert bytes(await view.pread(off, n)) == whole[off : off + n], (off, n)
     await view.close()
+
+
+# -C: copy offloading
+
+
+@pytest.mark.parametrize(("fmt", "offloaded"), [("raw", True), ("qcow2", False)])
+async def test_copy_offloading_copies_the_data_runs_in_the_kernel(
+    tmp_path: Path, fmt: str, offloaded: bool
+) -> None:
+    """raw to raw: every data run by copy_file_range, holes left; to qcow2 the usual
+    copy (qemu-img falls back too). Either way the same disk, by qemu-img compare."""
+    from formats.qcow.convert import convert_image
+
+    src = source(tmp_path)
+    dst = tmp_path / f"out.{fmt}"
+    stats = await convert_image(
+        str(src), str(dst), fmt, src_fmt="raw", tuning=CopyTuning(offload=True)
+    )
+    data = data_bytes(src, "raw")  # the 64 KiB block with the data and written zeros
+    assert stats.offloaded == (data if offloaded else 0) and stats.written == data
+    qemu_img("compare", "-f", "raw", "-F", fmt, src, dst)
+    if offloaded:
+        assert data_bytes(dst, "raw") == data  # the holes stay holes
+
+
+def test_copy_offloading_on_the_command_line(tmp_path: Path) -> None:
+    src = source(tmp_path)
+    dst = tmp_path / "out.raw"
+    tapnbd("convert", "-q", "-C", "-f", "raw", "-O", "raw", src, dst)
+    qemu_img("compare", "-f", "raw", "-F", "raw", src, dst)
+    for extra in (["-S", "4k"], ["-c"]):
+        out = tapnbd(
+            "convert", "-q", "-C", *extra, "-f", "raw", "-O", "qcow2", src, dst, check=False
+        )
+        assert "cannot go with -S or -c" in out, out
+
+
+async def test_copy_offloading_falls_back_when_the_kernel_refuses(tmp_path: Path) -> None:
+    """From tmpfs to this filesystem copy_file_range says EXDEV: the copy goes on the
+    usual way, as qemu-img's does, and the result is the same disk."""
+    from formats.qcow.convert import convert_image
+
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or shm.stat().st_dev == tmp_path.stat().st_dev:
+        pytest.skip("needs /dev/shm on another filesystem than the test's directory")
+    src = Path(tempfile.mkdtemp(dir=shm)) / "src.raw"
+    try:
+        src.write_bytes(source(tmp_path).read_bytes())
+        dst = tmp_path / "out.raw"
+        stats = await convert_image(
+            str(src), str(dst), "raw", src_fmt="raw", tuning=CopyTuning(offload=True)
+        )
+        assert stats.offloaded == 0 and stats.written > 0
+        qemu_img("compare", "-f", "raw", "-F", "raw", src, dst)
+    finally:
+        shutil.rmtree(src.parent)
