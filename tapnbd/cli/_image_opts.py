@@ -20,6 +20,24 @@ BitmapOpt = Annotated[
         "qemu:dirty-bitmap:NAME block status context (qemu-nbd -B); repeatable.",
     ),
 ]
+DiscardOpt = Annotated[
+    str,
+    typer.Option(
+        "--discard",
+        metavar="MODE",
+        help="unmap: TRIM frees space (the default here); ignore: TRIM succeeds and "
+        "changes nothing, qemu-nbd's default.",
+    ),
+]
+DetectZeroesOpt = Annotated[
+    str,
+    typer.Option(
+        "--detect-zeroes",
+        metavar="MODE",
+        help="off; on: a WRITE of zeros is stored as a zeroing, not data; unmap: and may "
+        "free the space (needs --discard=unmap). As qemu-nbd.",
+    ),
+]
 AllocationDepthOpt = Annotated[
     bool,
     typer.Option(

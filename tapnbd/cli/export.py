@@ -10,6 +10,8 @@ from tapnbd.cli._control import StateDirOpt, connect, human_size, image_spec, re
 from tapnbd.cli._image_opts import (
     AllocationDepthOpt,
     BitmapOpt,
+    DetectZeroesOpt,
+    DiscardOpt,
     ProbedFormatOpt,
     SnapshotOpt,
 )
@@ -38,6 +40,8 @@ def add_cmd(
     snapshot: SnapshotOpt = None,
     bitmap: BitmapOpt = None,
     allocation_depth: AllocationDepthOpt = False,
+    discard: DiscardOpt = "unmap",
+    detect_zeroes: DetectZeroesOpt = "off",
     state_dir: StateDirOpt = None,
 ) -> None:
     """Export an image from the daemon; print its NBD URIs."""
@@ -50,6 +54,8 @@ def add_cmd(
             snapshot=snapshot,
             bitmaps=bitmap or [],
             allocation_depth=allocation_depth,
+            discard=discard,
+            detect_zeroes=detect_zeroes,
         )
         export = conn.call(req, ExportAddReply).export
     mode = "read-only" if export.read_only else "read-write"
@@ -59,6 +65,10 @@ def add_cmd(
         mode += f", bitmaps {', '.join(export.bitmaps)}"
     if export.allocation_depth:
         mode += ", allocation depth"
+    if export.discard != "unmap":
+        mode += f", discard {export.discard}"
+    if export.detect_zeroes != "off":
+        mode += f", detect-zeroes {export.detect_zeroes}"
     report(
         f"exported {export.image} as {export.name!r} "
         f"({export.format}, {human_size(export.size)}, {mode})"

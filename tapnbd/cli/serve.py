@@ -11,6 +11,8 @@ from tapnbd import runtime
 from tapnbd.cli._image_opts import (
     AllocationDepthOpt,
     BitmapOpt,
+    DetectZeroesOpt,
+    DiscardOpt,
     ProbedFormatOpt,
     SnapshotOpt,
 )
@@ -48,24 +50,8 @@ def serve_cmd(
     fmt: ProbedFormatOpt = "auto",
     bitmap: BitmapOpt = None,
     allocation_depth: AllocationDepthOpt = False,
-    discard: Annotated[
-        str,
-        typer.Option(
-            "--discard",
-            metavar="MODE",
-            help="unmap: TRIM and WRITE_ZEROES may free space (the default here); ignore: "
-            "they succeed and keep it, qemu-nbd's default.",
-        ),
-    ] = "unmap",
-    detect_zeroes: Annotated[
-        str,
-        typer.Option(
-            "--detect-zeroes",
-            metavar="MODE",
-            help="off; on: a WRITE of zeros is stored as a zeroing, not data; unmap: and "
-            "may free the space (needs --discard=unmap). As qemu-nbd.",
-        ),
-    ] = "off",
+    discard: DiscardOpt = "unmap",
+    detect_zeroes: DetectZeroesOpt = "off",
     description: Annotated[str, typer.Option(help="Export description.")] = "",
     bind: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[

@@ -329,6 +329,8 @@ class Daemon:
                 req.snapshot,
                 req.bitmaps,
                 req.allocation_depth,
+                req.discard,
+                req.detect_zeroes,
             )
             self._save()
             log.info("added export %r (%s, %s)", name, image, export.format)

@@ -14,8 +14,10 @@ from collections.abc import Iterator
 from typing import Any, cast
 
 from formats import is_local_path, open_image
+from formats.filters.discard import DiscardFilter, check_modes
 from tapnbd.backend import Backend
 from tapnbd.control.messages import AttachRequest, ExportRecord, ExportStats, OpCounters
+from tapnbd.driver import Driver
 from tapnbd.errors import TapnbdError
 from tapnbd.protocol.handshake import TLSMode
 from tapnbd.server.exports import Export, ExportRegistry
@@ -90,10 +92,15 @@ class Exports:
         snapshot: str | None = None,
         bitmaps: list[str] | None = None,
         allocation_depth: bool = False,
+        discard: str = "unmap",
+        detect_zeroes: str = "off",
     ) -> Export:
+        check_modes(discard, detect_zeroes)
         # A snapshot opens read-only, so the Backend is read-only too.
-        driver = await open_image(image, fmt=fmt, read_only=read_only, snapshot=snapshot)
+        driver: Driver = await open_image(image, fmt=fmt, read_only=read_only, snapshot=snapshot)
         try:
+            if discard != "unmap" or detect_zeroes != "off":
+                driver = DiscardFilter(driver, discard=discard, detect=detect_zeroes)
             backend = Backend(driver, read_only=read_only)
             backend.stats.enabled = self.stats_enabled
             # NBD_INFO_DESCRIPTION and LIST reach every client: no path unless configured.
@@ -105,6 +112,8 @@ class Exports:
                 f"{shown} ({driver.name})",
                 bitmaps=tuple(bitmaps or ()),
                 allocation_depth=allocation_depth,
+                discard=discard,
+                detect_zeroes=detect_zeroes,
             )
             self.registry.add(export)
         except BaseException:
@@ -209,6 +218,8 @@ class Exports:
             snapshot=self.snapshots.get(export.name),
             bitmaps=self.bitmaps.get(export.name, []),
             allocation_depth=export.allocation_depth,
+            discard=export.discard,
+            detect_zeroes=export.detect_zeroes,
         )
 
     def stats(self, export: Export) -> ExportStats:

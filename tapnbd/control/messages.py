@@ -94,6 +94,9 @@ class ExportRecord(Record, kw_only=True):
     bitmaps: list[str] = []
     #: The qemu:allocation-depth context is offered too.
     allocation_depth: bool = False
+    #: qemu-nbd's --discard and --detect-zeroes.
+    discard: str = "unmap"
+    detect_zeroes: str = "off"
     size: int = 0
     #: NBD connections other than the ones carrying attachments.
     clients: int = 0
@@ -196,6 +199,8 @@ class ExportAddRequest(Request, tag="export_add"):
     snapshot: str | None = None
     bitmaps: list[str] = []
     allocation_depth: bool = False
+    discard: str = "unmap"
+    detect_zeroes: str = "off"
 
 
 class ExportRemoveReply(Reply, tag="export_remove_reply"):

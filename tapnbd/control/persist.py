@@ -25,6 +25,8 @@ def snapshot(exports: Exports, attachments: list[Attachment]) -> State:
                 snapshot=exports.snapshots.get(e.name),
                 bitmaps=exports.bitmaps.get(e.name, []),
                 allocation_depth=e.allocation_depth,
+                discard=e.discard,
+                detect_zeroes=e.detect_zeroes,
             )
             for e in exports
         ],
@@ -52,6 +54,8 @@ async def restore_exports(previous: State, exports: Exports) -> list[str]:
                 entry.snapshot,
                 entry.bitmaps,
                 entry.allocation_depth,
+                entry.discard,
+                entry.detect_zeroes,
             )
         except (TapnbdError, OSError) as e:
             notes.append(f"could not restore export {entry.name!r} ({entry.image}): {e}")

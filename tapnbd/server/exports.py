@@ -48,6 +48,9 @@ class Export:
     bitmaps: tuple[str, ...] = ()
     #: Offer the qemu:allocation-depth context (qemu-nbd -A).
     allocation_depth: bool = False
+    #: The --discard and --detect-zeroes the driver was wrapped for (to show and keep).
+    discard: str = "unmap"
+    detect_zeroes: str = "off"
     info: ExportInfo = field(init=False)
 
     def __post_init__(self) -> None:

@@ -177,6 +177,8 @@ async def open_exports(opts: ServeOptions) -> ExportRegistry:
                     description,
                     bitmaps=tuple(opts.bitmaps),
                     allocation_depth=opts.allocation_depth,
+                    discard=opts.discard,
+                    detect_zeroes=opts.detect_zeroes,
                 )
             )
     except BaseException:

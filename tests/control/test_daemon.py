@@ -532,6 +532,36 @@ def test_export_add_A_offers_the_allocation_depth_and_keeps_it_across_a_restart(
     assert refused.returncode != 0, refused.stdout
 
 
+def test_export_add_detects_zeroes_and_keeps_doing_so_across_a_restart(tap: Tapnbd) -> None:
+    """``export add --detect-zeroes=unmap`` (qemu-nbd's): a WRITE of zeros over data
+    leaves no data behind, and the restored export still filters; a combination
+    qemu-nbd refuses is refused by name."""
+    image = tap.base / "z.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "4M"], check=True)
+    err = tap.fails("export", "add", str(image), "--discard=ignore", "--detect-zeroes=unmap")
+    assert "needs --discard=unmap" in err, err
+    uri = unix_uri(tap.ok("export", "add", str(image), "-f", "qcow2", "--name", "z",
+                          "--detect-zeroes=unmap"))  # fmt: skip
+
+    def data() -> list[tuple[int, int]]:
+        out = subprocess.run(
+            ["qemu-img", "map", "-U", "--output=json", "-f", "qcow2", str(image)],
+            capture_output=True, text=True, check=True,
+        ).stdout  # fmt: skip
+        return [(e["start"], e["length"]) for e in json.loads(out) if e["data"]]
+
+    qemu_io(uri, "write -P 1 0 1M", "write -P 0 0 512k", "flush")
+    assert data() == [(512 << 10, 512 << 10)]
+    listed = json.loads(tap.ok("list", "--json"))
+    assert next(e for e in listed["exports"] if e["name"] == "z")["detect_zeroes"] == "unmap"
+    stopped = tap.run("daemon", "stop")
+    assert stopped.returncode == 0, stopped.stderr
+    restored = tap.run("list", "--json")
+    assert "restored export 'z'" in restored.stderr, restored.stderr
+    qemu_io(uri, "write -P 0 512k 512k", "flush")
+    assert data() == []
+
+
 def test_a_state_directory_too_deep_for_a_data_paths_socket_is_refused(tmp_path: Path) -> None:
     """The daemon's own sockets would fit, a tapdisk's (tapdisk/ID/ctl.sock) would not:
     refused at start, naming the limit, not at the first attach."""
