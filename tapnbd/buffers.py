@@ -32,6 +32,20 @@ MAX_BYTES = 64 << 20
 #: is a hole is answered from here instead of from a fresh buffer. ``bytes(n)`` is
 #: calloc'd, so its pages are the kernel's shared zero page and cost no memory.
 ZEROES = memoryview(bytes(MAX_PAYLOAD))
+_ZERO_PROBE = bytes(64)
+
+
+def all_zero(data: bytes | bytearray | memoryview) -> bool:
+    """Whether ``data`` is non-empty and every byte of it is zero: a READ that may go
+    out as a hole (tapnbd.server.replies), a WRITE stored as a zeroing
+    (formats.filters.discard)."""
+    # Cheap rejection on the first bytes (no copy); count() then runs at memchr speed.
+    n = len(data)
+    if n >= 64 and data[:64] != _ZERO_PROBE:
+        return False
+    if isinstance(data, memoryview):
+        data = data.tobytes()
+    return n > 0 and data.count(0) == n
 
 
 class PooledBuffer(bytearray):

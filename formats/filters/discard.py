@@ -18,22 +18,12 @@ from __future__ import annotations
 import errno
 
 from formats.filters import FilterDriver
+from tapnbd.buffers import all_zero
 from tapnbd.driver import Driver
 from tapnbd.errors import TapnbdError
 
 DISCARD_MODES = ("ignore", "unmap")
 DETECT_MODES = ("off", "on", "unmap")
-_BLOCK = 64 << 10
-_ZEROS = memoryview(bytes(_BLOCK))
-
-
-def all_zero(data: bytes | bytearray | memoryview) -> bool:
-    """Whether every byte of ``data`` is zero (a data write fails on its first byte)."""
-    view = memoryview(data).cast("B")
-    n = len(view)
-    if n and (view[0] or view[n - 1]):
-        return False
-    return all(view[i : i + _BLOCK] == _ZEROS[: min(_BLOCK, n - i)] for i in range(0, n, _BLOCK))
 
 
 def check_modes(discard: str, detect: str) -> None:

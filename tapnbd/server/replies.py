@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from tapnbd import buffers
+from tapnbd.buffers import all_zero
 from tapnbd.protocol.consts import CmdFlag
 from tapnbd.protocol.transmission import data_chunk, hole_chunk, none_chunk, simple_reply
 
@@ -20,18 +21,6 @@ SPLIT_READ = 64 * 1024
 
 #: One reply chunk: its header, and the data that follows it if any.
 Part = tuple[bytes, bytes | bytearray | memoryview | None]
-
-_ZERO_PROBE = bytes(64)
-
-
-def all_zero(data: bytes | bytearray | memoryview) -> bool:
-    # Cheap rejection on the first bytes (no copy); count() then runs at memchr speed.
-    n = len(data)
-    if n >= 64 and data[:64] != _ZERO_PROBE:
-        return False
-    if isinstance(data, memoryview):
-        data = data.tobytes()
-    return n > 0 and data.count(0) == n
 
 
 def read_parts(req: Request, data: bytes | bytearray | memoryview, structured: bool) -> list[Part]:

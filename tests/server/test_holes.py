@@ -12,8 +12,8 @@ from pathlib import Path
 from hypothesis import given
 from hypothesis import strategies as st
 
+from tapnbd.buffers import all_zero as _all_zero
 from tapnbd.server.replies import SPLIT_READ
-from tapnbd.server.replies import all_zero as _all_zero
 from tests.helpers import Server, nbdsh_script
 
 
