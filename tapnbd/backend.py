@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+from functools import partial
 from typing import TYPE_CHECKING
 
 from tapnbd.driver import BlockSize, Driver, Extent, ExtentFlags, FuaMode
@@ -385,37 +386,39 @@ class Backend:
         The result is never empty and never runs past the request (so REQ_ONE and the
         NBD rule "the last extent may run past" are both satisfied by the front end).
         """
-        try:
-            self._check_range(offset, length, errno.EINVAL)
-        except _Nothing:
-            raise RequestError(errno.EINVAL, "zero-length block status") from None
-        if not self.can_extents:
-            return [Extent(offset, length, ExtentFlags.DATA)]
-        got = await self._call("extents", 0, lambda: self.driver.extents(offset, length))
-        return _trimmed(got, offset, length, req_one)
+        ask = partial(self.driver.extents, offset, length) if self.can_extents else None
+        return await self._status(offset, length, req_one, ask)
 
     async def bitmap_extents(
         self, name: str, offset: int, length: int, req_one: bool = False
     ) -> list[Extent]:
         """Dirty (flags 1) and clean runs of the driver's bitmap ``name``, trimmed to
         [offset, offset + length) as ``extents`` trims."""
-        try:
-            self._check_range(offset, length, errno.EINVAL)
-        except _Nothing:
-            raise RequestError(errno.EINVAL, "zero-length block status") from None
-        got = await self._call(
-            "extents", 0, lambda: self.driver.bitmap_extents(name, offset, length)
-        )
-        return _trimmed(got, offset, length, req_one)
+        ask = partial(self.driver.bitmap_extents, name, offset, length)
+        return await self._status(offset, length, req_one, ask)
 
     async def depth_extents(self, offset: int, length: int, req_one: bool = False) -> list[Extent]:
         """The qemu:allocation-depth runs of [offset, offset + length), trimmed as
         ``extents`` trims."""
+        ask = partial(self.driver.allocation_depth, offset, length)
+        return await self._status(offset, length, req_one, ask)
+
+    async def _status(
+        self,
+        offset: int,
+        length: int,
+        req_one: bool,
+        ask: Callable[[], Awaitable[list[Extent]]] | None,
+    ) -> list[Extent]:
+        """One metadata context's part of a BLOCK_STATUS: the range checked, then the
+        driver's answer (``ask``; None: all of it is data) trimmed to it."""
         try:
             self._check_range(offset, length, errno.EINVAL)
         except _Nothing:
             raise RequestError(errno.EINVAL, "zero-length block status") from None
-        got = await self._call("extents", 0, lambda: self.driver.allocation_depth(offset, length))
+        if ask is None:
+            return [Extent(offset, length, ExtentFlags.DATA)]
+        got = await self._call("extents", 0, ask)
         return _trimmed(got, offset, length, req_one)
 
     async def cache(self, offset: int, length: int) -> None:

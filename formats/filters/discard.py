@@ -36,6 +36,14 @@ def check_modes(discard: str, detect: str) -> None:
         raise TapnbdError("--detect-zeroes=unmap needs --discard=unmap (as qemu-nbd)")
 
 
+def with_modes(driver: Driver, discard: str, detect: str) -> Driver:
+    """``driver``, behind a DiscardFilter unless the modes are the defaults (an export
+    served as it always was pays for no filter)."""
+    if discard == "unmap" and detect == "off":
+        return driver
+    return DiscardFilter(driver, discard=discard, detect=detect)
+
+
 class DiscardFilter(FilterDriver):
     """What TRIM, WRITE_ZEROES and all-zero WRITEs do to ``child``'s allocation."""
 

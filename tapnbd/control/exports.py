@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from typing import Any, cast
 
 from formats import is_local_path, open_image
-from formats.filters.discard import DiscardFilter, check_modes
+from formats.filters.discard import check_modes, with_modes
 from tapnbd.backend import Backend
 from tapnbd.control.messages import AttachRequest, ExportRecord, ExportStats, OpCounters
 from tapnbd.driver import Driver
@@ -99,8 +99,7 @@ class Exports:
         # A snapshot opens read-only, so the Backend is read-only too.
         driver: Driver = await open_image(image, fmt=fmt, read_only=read_only, snapshot=snapshot)
         try:
-            if discard != "unmap" or detect_zeroes != "off":
-                driver = DiscardFilter(driver, discard=discard, detect=detect_zeroes)
+            driver = with_modes(driver, discard, detect_zeroes)
             backend = Backend(driver, read_only=read_only)
             backend.stats.enabled = self.stats_enabled
             # NBD_INFO_DESCRIPTION and LIST reach every client: no path unless configured.

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from formats import OpenRules, open_image, parse_size
 from formats.filters import FaultSpec, at_file_layer
-from formats.filters.discard import DiscardFilter, check_modes
+from formats.filters.discard import check_modes, with_modes
 from tapnbd import safefs
 from tapnbd.backend import Backend
 from tapnbd.driver import Driver
@@ -162,8 +162,7 @@ async def open_exports(opts: ServeOptions) -> ExportRegistry:
                 )
             if faults and not at_file:
                 driver = faults.wrap(driver)
-            if opts.discard != "unmap" or opts.detect_zeroes != "off":
-                driver = DiscardFilter(driver, discard=opts.discard, detect=opts.detect_zeroes)
+            driver = with_modes(driver, opts.discard, opts.detect_zeroes)
             what = (
                 driver.name if opts.snapshot is None else f"{driver.name} snapshot {opts.snapshot}"
             )
