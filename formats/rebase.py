@@ -121,8 +121,8 @@ async def _copy_differences(
             pos, end = start, start + n
             while pos < end:
                 m = min(end - pos, CHUNK)
+                # Zeros on both sides, by block status: nothing to read.
                 if not (await _reads_zero(top, pos, m) and await _reads_zero(new, pos, m)):
-                    # (Zeros on both sides, by block status: nothing to read.)
                     old = bytes(await top.pread(pos, m))
                     now = bytes(await read_backing(new, pos, m)) if new is not None else bytes(m)
                     if old != now:

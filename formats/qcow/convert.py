@@ -103,10 +103,11 @@ async def convert_image(
     """Copy ``src`` (any supported format) to a new ``out_fmt`` image at ``dst``; a list
     of several is copied back to back, as qemu-img convert copies several sources.
 
-    ``pace`` (-p and -r, formats.pacing) begins with the source's size once it is open,
-    admits each read of the source and advances by each range dealt with. ``rules`` are for opening the
-    source's chain; ``rules.share`` also skips the destination's lock. ``qcow2``: a
-    qcow2 destination's creation options (qemu-img's -o). ``window``: (offset, length)
+    ``pace`` (-p and -r, formats.pacing) begins with the source's size once it is
+    open, admits each read of the source and advances by each range dealt with.
+    ``rules`` are for opening the source's chain; ``rules.share`` also skips the
+    destination's lock. ``qcow2``: a qcow2 destination's creation options (qemu-img's
+    -o). ``window``: (offset, length)
     of the source to copy instead of all of it (``tapnbd dd``), cut at the source's end
     as qemu-img dd cuts it; a length of None runs to the end. ``snapshot``: copy that
     internal qcow2 snapshot instead of the current state (qemu-img convert -l).
@@ -115,7 +116,7 @@ async def convert_image(
     (qemu-img convert -B). ``create=False`` (qemu-img convert -n): ``dst`` exists, in
     ``out_fmt`` (``auto``: probed), at least as big as the source, and is written over,
     its zero runs included, unless ``target_is_zero`` (qemu-img's --target-is-zero: it
-    reads as zeros already). ``tuning``: -S, -m and --salvage (``CopyTuning``).
+    reads as zeros already). ``tuning``: -S, -m, --salvage and -C (``CopyTuning``).
     """
     from formats import OpenRules, open_image
     from formats.nbd import is_nbd
@@ -284,9 +285,9 @@ _NO_OFFLOAD = frozenset(
 
 def _plain_fds(source: Backend, target: Backend) -> tuple[int, int] | None:
     """The two regular files' descriptors, if both ends are the raw driver itself."""
-    ends = (source.driver, target.driver)
-    if all(type(d) is RawDriver and not d.is_block for d in ends):
-        return ends[0].fd, ends[1].fd  # type: ignore[attr-defined]
+    src, dst = source.driver, target.driver
+    if type(src) is RawDriver and type(dst) is RawDriver and not (src.is_block or dst.is_block):
+        return src.fd, dst.fd
     return None
 
 
