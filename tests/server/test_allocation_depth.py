@@ -7,7 +7,6 @@ started by socket activation (nbdinfo's ``[ CMD ]``), over the same backing chai
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,7 @@ from formats import OpenRules, open_image
 from formats.engine.image import DEPTH_STEPS
 from tests.formats.qcow2_util import set_reserved_bit
 from tests.formats.qcow_util import need, qemu_img
-from tests.helpers import run, tapnbd_cmd
+from tests.helpers import nbdsh_script, run, tapnbd_cmd
 
 KiB, MiB = 1 << 10, 1 << 20
 
@@ -25,6 +24,12 @@ KiB, MiB = 1 << 10, 1 << 20
 def qemu_io(img: Path, fmt: str, *commands: str) -> None:
     args = [a for c in commands for a in ("-c", c)]
     run(["qemu-io", "-f", fmt, *args, str(img)])
+
+
+def as_dict(got: object) -> dict[str, Any]:
+    """What a libnbd script printed (tests.helpers.nbdsh_script), a JSON object."""
+    assert isinstance(got, dict)
+    return got
 
 
 def depth_map(server: list[str], what: str = "qemu:allocation-depth") -> list[tuple[int, int, int]]:
@@ -177,27 +182,17 @@ if can:
     h.block_status(2 << 20, 1 << 20, cb)
 print(json.dumps({"listed": sorted(listed), "can": can, "seen": seen}))
 """
-    without = _nbdsh(script, tapnbd_cmd("serve", "-r", "-f", "qcow2", "-B", "b0", str(img)))
+    without = as_dict(
+        nbdsh_script(script, *tapnbd_cmd("serve", "-r", "-f", "qcow2", "-B", "b0", str(img)))
+    )
     assert without == {"listed": ["qemu:dirty-bitmap:b0"], "can": False, "seen": {}}
-    got = _nbdsh(script, tapnbd_cmd("serve", "-A", "-r", "-f", "qcow2", "-B", "b0", str(img)))
+    got = as_dict(
+        nbdsh_script(script, *tapnbd_cmd("serve", "-A", "-r", "-f", "qcow2", "-B", "b0", str(img)))
+    )
     assert got["listed"] == ["qemu:allocation-depth", "qemu:dirty-bitmap:b0"] and got["can"]
     # [1M, 3M): the raw base's data (depth 2) up to 2M, then the overlay's 64k (1).
     assert got["seen"]["qemu:allocation-depth"] == [1 * MiB, 2, 64 * KiB, 1, 960 * KiB, 2]
     assert got["seen"]["base:allocation"][:2] == [1 * MiB + 64 * KiB, 0]  # data to there
-
-
-def _nbdsh(script: str, server: list[str]) -> dict[str, Any]:
-    """What ``script`` prints as JSON, run by libnbd's Python bindings on ``server``."""
-    out = subprocess.run(
-        ["/usr/bin/python3", "-c", script, *server],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    ).stdout
-    got = json.loads(out)
-    assert isinstance(got, dict)
-    return got
 
 
 def test_a_hostile_table_fails_the_request_not_the_server(tmp_path: Path) -> None:
@@ -220,5 +215,5 @@ except nbd.Error as e:  # libnbd 1.14 names it; later ones may give the number
     err = e.errno if isinstance(e.errno, str) else errno.errorcode[e.errno]
 print(json.dumps({"err": err, "read": h.pread(4, 512 * 1024).hex()}))
 """
-    got = _nbdsh(script, tapnbd_cmd("serve", "-A", "-r", "-f", "qcow2", str(bad)))
+    got = as_dict(nbdsh_script(script, *tapnbd_cmd("serve", "-A", "-r", "-f", "qcow2", str(bad))))
     assert got == {"err": "EIO", "read": "02020202"}

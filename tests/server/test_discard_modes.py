@@ -10,13 +10,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from tests.formats.qcow_util import need, qemu_img
-from tests.helpers import run, tapnbd_cmd
+from tests.helpers import nbdsh_script, run, tapnbd_cmd
 
 KiB, MiB = 1 << 10, 1 << 20
 
@@ -33,6 +32,7 @@ h.trim(512 * 1024, 1 << 20)
 h.zero(64 * 1024, 1536 * 1024)
 h.flush()
 h.shutdown()
+print("null")
 """
 
 
@@ -65,7 +65,7 @@ def served(tmp_path: Path, fmt: str, opts: list[str], *create: str) -> dict[str,
             if who == "tapnbd"
             else ["qemu-nbd", "-f", fmt, *opts, str(img)]
         )
-        subprocess.run(["/usr/bin/python3", "-c", REQUESTS, *server], check=True, timeout=60)
+        nbdsh_script(REQUESTS, *server)
         out[who] = img
     return out
 
@@ -124,11 +124,7 @@ def test_a_spliced_write_of_zeroes_is_detected(tmp_path: Path) -> None:
     with img.open("wb") as f:
         f.write(b"\1" * (4 * MiB))
     opts = ["--discard=unmap", "--detect-zeroes=unmap"]
-    subprocess.run(
-        ["/usr/bin/python3", "-c", REQUESTS, *tapnbd_cmd("serve", "-f", "raw", *opts, str(img))],
-        check=True,
-        timeout=60,
-    )
+    nbdsh_script(REQUESTS, *tapnbd_cmd("serve", "-f", "raw", *opts, str(img)))
     fd = os.open(img, os.O_RDONLY)
     try:
         assert os.lseek(fd, 0, os.SEEK_DATA) >= MiB  # [0, 1M) is a hole now
