@@ -159,7 +159,10 @@ class QcowDriver(ImageDriver[QcowMeta]):
         #: Guest clusters whose allocation is in flight.
         self._pending: dict[int, asyncio.Future[None]] = {}
         self._inflater = Inflater(child, self._cs)
-        self._child_extents = child.can_extents()
+        # Allocation-optimised images hold whole extents of clusters never written:
+        # only there is the file asked which read as zeros. qemu's qcow driver never
+        # asks (a normal image's partly written cluster is data, as qemu-nbd says).
+        self._child_extents = child.can_extents() and meta.optimised
 
     # Open-time work: old-image conversion and the choice of the fast path.
 

@@ -847,7 +847,7 @@ class Qcow2Driver(ImageDriver["Qcow2Meta"]):
             reads_zero = kind == ZERO or (kind == UNALLOC and self.backing is None)
             if not discard and not reads_zero:
                 for s, e in ((pos, a), (b, pos + n)):
-                    if s < e:
+                    if s < e and not (kind == UNALLOC and await self._widen_zeroing(s, e)):
                         await self._write_zeros(s, e - s)
             if a < b:
                 if keep and kind == DATA and self._v3:
@@ -855,6 +855,27 @@ class Qcow2Driver(ImageDriver["Qcow2Meta"]):
                 else:
                     await self._zero_clusters(a, b, kind, discard)
             pos += n
+
+    async def _widen_zeroing(self, s: int, e: int) -> bool:
+        """Zero [s, e), part of one unallocated cluster of an overlay, by making the whole
+        cluster a zero cluster, if the rest of it reads as zeros from the backing file
+        (qemu's qcow2_co_pwrite_zeroes); False: it must be written."""
+        backing, cs = self.backing, self._cs
+        if backing is None or not self._v3:
+            return False
+        c0 = s // cs * cs
+        status: list[Extent] = []
+        for lo, hi in ((c0, s), (e, min(c0 + cs, self._size))):
+            if lo < hi:
+                await backing_status(backing, status, lo, hi - lo)
+        if any(not x.flags & ExtentFlags.ZERO for x in status):
+            return False
+        l2off, t, slots = await self._whole_clusters(c0, c0 + cs)
+        i = slots[0]
+        if t[i]:  # written meanwhile: no longer ours to flag
+            return False
+        self._set_l2(l2off, t, i, OFLAG_ZERO)
+        return True
 
     async def _write_zeros(self, pos: int, n: int) -> None:
         zeros = memoryview(bytes(min(n, _ZERO_CHUNK)))
@@ -940,7 +961,13 @@ class Qcow2Driver(ImageDriver["Qcow2Meta"]):
                     await backing_status(self.backing, out, pos, n)
             elif kind == ZERO:
                 add_extent(out, pos, n, HOLE_ZERO)
-            elif kind in (DATA, SHARED) and self.child.can_extents():
+            elif (
+                kind in (DATA, SHARED)
+                and self.child.can_extents()
+                and await self.metadata_preallocated()
+            ):
+                # Only then does qemu ask the file whether a data cluster reads as
+                # zeros (BDRV_BLOCK_RECURSE); otherwise data is data, as qemu-nbd says.
                 await host_status(self.child, out, pos, host, n)
             else:
                 add_extent(out, pos, n, ExtentFlags.DATA)
