@@ -54,6 +54,7 @@ def snapshot_option(what: str) -> Any:  # typer.Option is typed Any
     return typer.Option(
         "-l",
         "--snapshot",
+        "--load-snapshot",
         metavar="SNAPSHOT",
         help=f"{what}: an id or a name, or snapshot.id=ID,snapshot.name=NAME.",
     )

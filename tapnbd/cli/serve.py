@@ -136,6 +136,15 @@ def serve_cmd(
         int | None, typer.Option(help="Seed of the injected errors, to replay a run.")
     ] = None,
     snapshot: SnapshotOpt = None,
+    throwaway: Annotated[
+        bool,
+        typer.Option(
+            "--throwaway",
+            "-s",
+            help="Writes go to a temporary qcow2 overlay in $TMPDIR (else /var/tmp), "
+            "deleted at once and gone on exit; the image itself is only read (qemu-nbd -s).",
+        ),
+    ] = False,
     verbose: Annotated[
         bool, typer.Option("--verbose", "-v", help="Log connections and failed requests.")
     ] = False,
@@ -186,6 +195,7 @@ def serve_cmd(
         rules=open_rules(backing_format, allow_probed_chain, allow_block_devices, share),
         inject_seed=inject_seed,
         snapshot=snapshot,
+        throwaway=throwaway,
     )
     with errors_as_exit():
         code = runtime.run(serve(opts))

@@ -83,6 +83,8 @@ class ServeOptions:
     inject_seed: int | None = None  # None: a fresh random sequence each run
     # An internal qcow2 snapshot (id or name) to serve read-only (qemu-nbd -l).
     snapshot: str | None = None
+    # Writes go to a throwaway overlay; the image is only read (qemu-nbd -s).
+    throwaway: bool = False
 
 
 def export_name(image: str) -> str:
@@ -147,11 +149,16 @@ async def open_exports(opts: ServeOptions) -> ExportRegistry:
                 driver = await open_image(
                     image,
                     fmt=opts.fmt,
-                    read_only=opts.read_only,
+                    read_only=opts.read_only or opts.throwaway,
                     rules=opts.rules,
-                    # A snapshot opens read-only, so the Backend is read-only too.
+                    # A snapshot opens read-only: without an overlay, so is the Backend.
                     snapshot=opts.snapshot,
                 )
+                base_name = driver.name
+                if opts.throwaway and not opts.read_only:
+                    from formats.overlay import open_throwaway_overlay
+
+                    driver = await open_throwaway_overlay(driver)
             opened.append(driver)
             if opts.exclusive:
                 await _acquire_exclusive(image, driver, opts.lock_wait)
@@ -163,9 +170,9 @@ async def open_exports(opts: ServeOptions) -> ExportRegistry:
             if faults and not at_file:
                 driver = faults.wrap(driver)
             driver = with_modes(driver, opts.discard, opts.detect_zeroes)
-            what = (
-                driver.name if opts.snapshot is None else f"{driver.name} snapshot {opts.snapshot}"
-            )
+            what = base_name if opts.snapshot is None else f"{base_name} snapshot {opts.snapshot}"
+            if opts.throwaway and not opts.read_only:
+                what += ", writes to a throwaway overlay"
             description = opts.description or f"{image} ({what})"
             backend = Backend(driver, read_only=opts.read_only)
             registry.add(
