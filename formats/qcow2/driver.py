@@ -838,35 +838,37 @@ class Qcow2Driver(ImageDriver["Qcow2Meta"]):
         pos = offset
         while pos < end:
             try:
-                kind, _host, n = self._lookup(pos, end)
+                kind, host, n = self._lookup(pos, end)
             except Miss as miss:
                 await self._l2.load(miss.offset)
                 continue
             a = min(pos + n, (pos + cs - 1) // cs * cs)
             b = max(a, (pos + n) // cs * cs)
             reads_zero = kind == ZERO or (kind == UNALLOC and self.backing is None)
-            if not discard and not reads_zero:
-                for s, e in ((pos, a), (b, pos + n)):
-                    if s < e and not (kind == UNALLOC and await self._widen_zeroing(s, e)):
-                        await self._write_zeros(s, e - s)
+            for s, e in ((pos, a), (b, pos + n)) if not discard else ():
+                if s >= e or (kind == UNALLOC and await self._widen_zeroing(s, e)):
+                    continue
+                if not reads_zero:
+                    await self._write_zeros(s, e - s)
             if a < b:
                 if keep and kind == DATA and self._v3:
                     await self._flag_zero(a, b)
                 else:
-                    await self._zero_clusters(a, b, kind, discard)
+                    await self._zero_clusters(a, b, kind, discard, held=bool(host))
             pos += n
 
     async def _widen_zeroing(self, s: int, e: int) -> bool:
-        """Zero [s, e), part of one unallocated cluster of an overlay, by making the whole
-        cluster a zero cluster, if the rest of it reads as zeros from the backing file
-        (qemu's qcow2_co_pwrite_zeroes); False: it must be written."""
+        """Zero [s, e), part of one unallocated cluster, by making the whole cluster a
+        zero cluster (v3), if the rest of it reads as zeros: always without a backing
+        file, else if the backing file says so (qemu's qcow2_co_pwrite_zeroes). False:
+        it must be written, or (no backing file) may be left as it is."""
         backing, cs = self.backing, self._cs
-        if backing is None or not self._v3:
+        if not self._v3:
             return False
         c0 = s // cs * cs
         status: list[Extent] = []
         for lo, hi in ((c0, s), (e, min(c0 + cs, self._size))):
-            if lo < hi:
+            if lo < hi and backing is not None:
                 await backing_status(backing, status, lo, hi - lo)
         if any(not x.flags & ExtentFlags.ZERO for x in status):
             return False
@@ -885,21 +887,27 @@ class Qcow2Driver(ImageDriver["Qcow2Meta"]):
             pos += m
             n -= m
 
-    async def _zero_clusters(self, a: int, b: int, kind: int, discard: bool) -> None:
-        """Whole clusters [a, b) of one run: zero clusters, or unallocated."""
-        if kind == UNALLOC and self.backing is None:
-            return
-        if kind == ZERO and not discard:
-            return
-        if self.backing is not None and not self._v3:
+    async def _zero_clusters(self, a: int, b: int, kind: int, discard: bool, *, held: bool) -> None:
+        """Whole clusters [a, b) of one run (``held``: a ZERO run's cluster still holds
+        a host cluster) become zero clusters or unallocated, as qemu leaves them
+        (zero_in_l2_slice, discard_in_l2_slice): on v3, a zeroing flags every cluster
+        zero, and so does a discard, but for clusters that read as zeros already."""
+        if not self._v3:
             # v2 has no zero clusters: over a backing file, zeros must be written.
-            if not discard:
-                await self._write_zeros(a, b - a)
+            if self.backing is not None:
+                if not discard:
+                    await self._write_zeros(a, b - a)
+            elif kind != UNALLOC:
+                await self._set_clusters(a, b, 0)
             return
-        value = OFLAG_ZERO if self.backing is not None else 0
-        if kind == UNALLOC and value == 0:
+        if not discard:
+            if kind != ZERO:  # (a zero cluster reads as zeros already)
+                await self._set_clusters(a, b, OFLAG_ZERO)
             return
-        await self._set_clusters(a, b, value)
+        # A discard skips zero clusters, and unallocated ones with nothing to show.
+        if (kind == ZERO and not held) or (kind == UNALLOC and self.backing is None):
+            return
+        await self._set_clusters(a, b, OFLAG_ZERO)
 
     async def _flag_zero(self, a: int, b: int) -> None:
         """Whole clusters [a, b), in one L2 table, read as zeros and keep their host
@@ -912,7 +920,7 @@ class Qcow2Driver(ImageDriver["Qcow2Meta"]):
                 self._set_l2(l2off, t, i, e | OFLAG_ZERO)
             else:
                 self._forget(e)
-                self._set_l2(l2off, t, i, OFLAG_ZERO if self.backing is not None else 0)
+                self._set_l2(l2off, t, i, OFLAG_ZERO)
 
     async def _set_clusters(self, a: int, b: int, value: int) -> None:
         """Give whole clusters [a, b), in one L2 table, the entry ``value`` (zero or

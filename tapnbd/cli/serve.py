@@ -145,6 +145,15 @@ def serve_cmd(
             "deleted at once and gone on exit; the image itself is only read (qemu-nbd -s).",
         ),
     ] = False,
+    offset: Annotated[
+        str,
+        typer.Option(
+            "--offset",
+            "-o",
+            help="Serve the image from this byte on, e.g. 1M: the export is that much "
+            "smaller (qemu-nbd -o).",
+        ),
+    ] = "0",
     verbose: Annotated[
         bool, typer.Option("--verbose", "-v", help="Log connections and failed requests.")
     ] = False,
@@ -196,6 +205,7 @@ def serve_cmd(
         inject_seed=inject_seed,
         snapshot=snapshot,
         throwaway=throwaway,
+        offset=offset,
     )
     with errors_as_exit():
         code = runtime.run(serve(opts))

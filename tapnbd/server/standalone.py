@@ -85,6 +85,8 @@ class ServeOptions:
     snapshot: str | None = None
     # Writes go to a throwaway overlay; the image is only read (qemu-nbd -s).
     throwaway: bool = False
+    # Serve each image from this byte on (qemu-nbd -o): a size, e.g. 1M.
+    offset: str = "0"
 
 
 def export_name(image: str) -> str:
@@ -125,6 +127,7 @@ async def open_exports(opts: ServeOptions) -> ExportRegistry:
         raise TapnbdError(f"--inject-at {opts.inject_at!r}: expected export or file")
     if opts.snapshot is not None and len(opts.images) != 1:
         raise TapnbdError("--snapshot serves one image's snapshot; give exactly one image")
+    offset = parse_size(opts.offset, allow_zero=True)
     at_file = bool(faults) and opts.inject_at == "file"
     wrapped: list[Driver] = []  # files the fault filters went in front of
 
@@ -167,6 +170,8 @@ async def open_exports(opts: ServeOptions) -> ExportRegistry:
                     f"{image}: --inject-at file needs an image format with a file under "
                     f"it (qcow); a {driver.name} image has none, use --inject-at export"
                 )
+            if offset:
+                driver = _from_offset(image, driver, offset)
             if faults and not at_file:
                 driver = faults.wrap(driver)
             driver = with_modes(driver, opts.discard, opts.detect_zeroes)
@@ -192,6 +197,17 @@ async def open_exports(opts: ServeOptions) -> ExportRegistry:
             await driver.close()
         raise
     return registry
+
+
+def _from_offset(image: str, driver: Driver, offset: int) -> Driver:
+    """The image from ``offset`` on, as qemu-nbd -o serves it (a raw layer over the
+    image as the guest sees it, so over any format)."""
+    from formats.filters.window import WindowFilter
+
+    size = driver.size()
+    if offset > size:
+        raise TapnbdError(f"{image}: --offset {offset} is past the image's end ({size} bytes)")
+    return WindowFilter(driver, offset, size - offset, writable=True)
 
 
 async def _acquire_exclusive(image: str, driver: Driver, wait: float) -> None:

@@ -36,11 +36,11 @@ print("null")
 """
 
 
-def layout(img: Path) -> list[tuple[int, int, bool, bool, int]]:
-    """qemu-img map's runs (start, length, zero, data, depth), without host offsets
-    (the two servers may place clusters differently)."""
+def layout(img: Path) -> list[tuple[int, int, bool, bool, bool, int]]:
+    """qemu-img map's runs (start, length, present, zero, data, depth), without host
+    offsets (the two servers may place clusters differently)."""
     out = json.loads(qemu_img("map", "-f", "qcow2", "--output=json", img))
-    return [(e["start"], e["length"], e["zero"], e["data"], e["depth"]) for e in out]
+    return [(e["start"], e["length"], e["present"], e["zero"], e["data"], e["depth"]) for e in out]
 
 
 @pytest.mark.parametrize("compat", ["1.1", "0.10"])
@@ -66,8 +66,54 @@ def test_partial_zeroing_of_an_overlay_as_qemu_nbd(tmp_path: Path, compat: str) 
     ours, theirs = layout(images["tapnbd"]), layout(images["qemu"])
     assert ours == theirs
     if compat == "1.1":  # the case itself: cluster 1 is a zero cluster, not data
-        assert (64 * KiB, 64 * KiB, True, False, 0) in ours
+        assert (64 * KiB, 64 * KiB, True, True, False, 0) in ours
     run(["qemu-img", "compare", "-f", "qcow2", "-F", "qcow2", *map(str, images.values())])
+    qemu_img("check", "-q", images["tapnbd"])
+
+
+ALONE = """
+import nbd, sys
+h = nbd.NBD()
+h.connect_systemd_socket_activation(sys.argv[1:])
+K = 1024
+h.pwrite(b"\\1" * 65536, 64 * K)
+h.zero(64 * K, 0)                 # unallocated: a zero cluster all the same
+h.zero(64 * K, 64 * K)            # data, may be freed: a zero cluster
+h.pwrite(b"\\1" * 65536, 128 * K)
+h.trim(64 * K, 128 * K)           # data discarded: a zero cluster
+h.zero(4 * K, 260 * K)            # part of an unallocated cluster: the whole one
+h.trim(64 * K, 256 * K)           # a zero cluster stays one
+h.trim(64 * K, 320 * K)           # an unallocated one stays unallocated
+h.flush()
+h.shutdown()
+print("null")
+"""
+
+
+@pytest.mark.parametrize("compat", ["1.1", "0.10"])
+def test_zeroing_and_discard_without_backing_as_qemu_nbd(tmp_path: Path, compat: str) -> None:
+    """What each cluster becomes (zero cluster or unallocated), as qemu-img map shows it:
+    qemu's allocation depth and map tell the two apart."""
+    need("qemu-img", "qemu-nbd")
+    src = tmp_path / "src.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-o", f"compat={compat}", src, "1M")
+    images = {}
+    for who in ("tapnbd", "qemu"):
+        img = images[who] = tmp_path / f"{who}.qcow2"
+        shutil.copyfile(src, img)
+        server = (
+            tapnbd_cmd("serve", "-f", "qcow2", str(img))
+            if who == "tapnbd"
+            else ["qemu-nbd", "-f", "qcow2", "--discard=unmap", str(img)]
+        )
+        nbdsh_script(ALONE, *server)
+    assert layout(images["tapnbd"]) == layout(images["qemu"])
+    if compat == "1.1":
+        assert layout(images["tapnbd"])[:3] == [
+            (0, 192 * KiB, True, True, False, 0),
+            (192 * KiB, 64 * KiB, False, True, False, 0),
+            (256 * KiB, 64 * KiB, True, True, False, 0),
+        ]
     qemu_img("check", "-q", images["tapnbd"])
 
 
