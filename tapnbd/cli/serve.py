@@ -154,6 +154,16 @@ def serve_cmd(
             "smaller (qemu-nbd -o).",
         ),
     ] = "0",
+    cache: Annotated[
+        str,
+        typer.Option(
+            "--cache",
+            metavar="MODE",
+            help="writeback: writes are durable at FLUSH or FUA; writethrough: every "
+            "write is durable before its reply; unsafe: FLUSH and FUA do nothing (qemu-nbd "
+            "--cache; none and directsync need O_DIRECT and are refused).",
+        ),
+    ] = "writeback",
     verbose: Annotated[
         bool, typer.Option("--verbose", "-v", help="Log connections and failed requests.")
     ] = False,
@@ -206,6 +216,7 @@ def serve_cmd(
         snapshot=snapshot,
         throwaway=throwaway,
         offset=offset,
+        cache=cache,
     )
     with errors_as_exit():
         code = runtime.run(serve(opts))

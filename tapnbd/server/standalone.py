@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from formats import OpenRules, open_image, parse_size
 from formats.filters import FaultSpec, at_file_layer
+from formats.filters.cachemode import check_cache_mode, with_cache_mode
 from formats.filters.discard import check_modes, with_modes
 from tapnbd import safefs
 from tapnbd.backend import Backend
@@ -87,6 +88,8 @@ class ServeOptions:
     throwaway: bool = False
     # Serve each image from this byte on (qemu-nbd -o): a size, e.g. 1M.
     offset: str = "0"
+    # qemu-nbd's --cache: writeback, writethrough or unsafe (formats.filters.cachemode).
+    cache: str = "writeback"
 
 
 def export_name(image: str) -> str:
@@ -128,6 +131,7 @@ async def open_exports(opts: ServeOptions) -> ExportRegistry:
     if opts.snapshot is not None and len(opts.images) != 1:
         raise TapnbdError("--snapshot serves one image's snapshot; give exactly one image")
     offset = parse_size(opts.offset, allow_zero=True)
+    check_cache_mode(opts.cache)
     at_file = bool(faults) and opts.inject_at == "file"
     wrapped: list[Driver] = []  # files the fault filters went in front of
 
@@ -172,6 +176,7 @@ async def open_exports(opts: ServeOptions) -> ExportRegistry:
                 )
             if offset:
                 driver = _from_offset(image, driver, offset)
+            driver = with_cache_mode(driver, opts.cache)
             if faults and not at_file:
                 driver = faults.wrap(driver)
             driver = with_modes(driver, opts.discard, opts.detect_zeroes)
