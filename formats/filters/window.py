@@ -16,7 +16,18 @@ from typing import Any
 
 from formats.filters import FilterDriver
 from tapnbd.driver import Driver, Extent
-from tapnbd.errors import ImageError
+from tapnbd.errors import ImageError, TapnbdError
+
+
+def from_offset(driver: Driver, offset: int, image: str) -> Driver:
+    """``image`` (opened as ``driver``) from byte ``offset`` on, writable, as qemu-nbd -o
+    serves it: a raw layer over the image as the guest sees it, so over any format."""
+    if not offset:
+        return driver
+    size = driver.size()
+    if offset > size:
+        raise TapnbdError(f"{image}: --offset {offset} is past the image's end ({size} bytes)")
+    return WindowFilter(driver, offset, size - offset, writable=True)
 
 
 class WindowFilter(FilterDriver):

@@ -38,6 +38,25 @@ DetectZeroesOpt = Annotated[
         "free the space (needs --discard=unmap). As qemu-nbd.",
     ),
 ]
+CacheOpt = Annotated[
+    str,
+    typer.Option(
+        "--cache",
+        metavar="MODE",
+        help="writeback: writes are durable at FLUSH or FUA; writethrough: every write is "
+        "durable before its reply; unsafe: FLUSH and FUA do nothing (qemu-nbd --cache; "
+        "none and directsync need O_DIRECT and are refused).",
+    ),
+]
+OffsetOpt = Annotated[
+    str,
+    typer.Option(
+        "--offset",
+        "-o",
+        help="Serve the image from this byte on, e.g. 1M: the export is that much smaller "
+        "(qemu-nbd -o).",
+    ),
+]
 AllocationDepthOpt = Annotated[
     bool,
     typer.Option(

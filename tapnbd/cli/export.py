@@ -10,8 +10,10 @@ from tapnbd.cli._control import StateDirOpt, connect, human_size, image_spec, re
 from tapnbd.cli._image_opts import (
     AllocationDepthOpt,
     BitmapOpt,
+    CacheOpt,
     DetectZeroesOpt,
     DiscardOpt,
+    OffsetOpt,
     ProbedFormatOpt,
     SnapshotOpt,
 )
@@ -42,9 +44,13 @@ def add_cmd(
     allocation_depth: AllocationDepthOpt = False,
     discard: DiscardOpt = "unmap",
     detect_zeroes: DetectZeroesOpt = "off",
+    offset: OffsetOpt = "0",
+    cache: CacheOpt = "writeback",
     state_dir: StateDirOpt = None,
 ) -> None:
     """Export an image from the daemon; print its NBD URIs."""
+    from formats import parse_size
+
     with errors_as_exit(), connect(state_dir) as conn:
         req = ExportAddRequest(
             image=image_spec(image),
@@ -56,6 +62,8 @@ def add_cmd(
             allocation_depth=allocation_depth,
             discard=discard,
             detect_zeroes=detect_zeroes,
+            cache=cache,
+            offset=parse_size(offset, allow_zero=True),
         )
         export = conn.call(req, ExportAddReply).export
     mode = "read-only" if export.read_only else "read-write"
@@ -69,6 +77,10 @@ def add_cmd(
         mode += f", discard {export.discard}"
     if export.detect_zeroes != "off":
         mode += f", detect-zeroes {export.detect_zeroes}"
+    if export.offset:
+        mode += f", from byte {export.offset}"
+    if export.cache != "writeback":
+        mode += f", cache {export.cache}"
     report(
         f"exported {export.image} as {export.name!r} "
         f"({export.format}, {human_size(export.size)}, {mode})"

@@ -11,8 +11,10 @@ from tapnbd import runtime
 from tapnbd.cli._image_opts import (
     AllocationDepthOpt,
     BitmapOpt,
+    CacheOpt,
     DetectZeroesOpt,
     DiscardOpt,
+    OffsetOpt,
     ProbedFormatOpt,
     SnapshotOpt,
 )
@@ -145,25 +147,8 @@ def serve_cmd(
             "deleted at once and gone on exit; the image itself is only read (qemu-nbd -s).",
         ),
     ] = False,
-    offset: Annotated[
-        str,
-        typer.Option(
-            "--offset",
-            "-o",
-            help="Serve the image from this byte on, e.g. 1M: the export is that much "
-            "smaller (qemu-nbd -o).",
-        ),
-    ] = "0",
-    cache: Annotated[
-        str,
-        typer.Option(
-            "--cache",
-            metavar="MODE",
-            help="writeback: writes are durable at FLUSH or FUA; writethrough: every "
-            "write is durable before its reply; unsafe: FLUSH and FUA do nothing (qemu-nbd "
-            "--cache; none and directsync need O_DIRECT and are refused).",
-        ),
-    ] = "writeback",
+    offset: OffsetOpt = "0",
+    cache: CacheOpt = "writeback",
     verbose: Annotated[
         bool, typer.Option("--verbose", "-v", help="Log connections and failed requests.")
     ] = False,

@@ -331,6 +331,8 @@ class Daemon:
                 req.allocation_depth,
                 req.discard,
                 req.detect_zeroes,
+                cache=req.cache,
+                offset=req.offset,
             )
             self._save()
             log.info("added export %r (%s, %s)", name, image, export.format)

@@ -14,7 +14,9 @@ from collections.abc import Iterator
 from typing import Any, cast
 
 from formats import is_local_path, open_image
+from formats.filters.cachemode import check_cache_mode, with_cache_mode
 from formats.filters.discard import check_modes, with_modes
+from formats.filters.window import from_offset
 from tapnbd.backend import Backend
 from tapnbd.control.messages import AttachRequest, ExportRecord, ExportStats, OpCounters
 from tapnbd.driver import Driver
@@ -94,11 +96,16 @@ class Exports:
         allocation_depth: bool = False,
         discard: str = "unmap",
         detect_zeroes: str = "off",
+        *,
+        cache: str = "writeback",
+        offset: int = 0,
     ) -> Export:
         check_modes(discard, detect_zeroes)
+        check_cache_mode(cache)
         # A snapshot opens read-only, so the Backend is read-only too.
         driver: Driver = await open_image(image, fmt=fmt, read_only=read_only, snapshot=snapshot)
         try:
+            driver = with_cache_mode(from_offset(driver, offset, image), cache)
             driver = with_modes(driver, discard, detect_zeroes)
             backend = Backend(driver, read_only=read_only)
             backend.stats.enabled = self.stats_enabled
@@ -113,6 +120,8 @@ class Exports:
                 allocation_depth=allocation_depth,
                 discard=discard,
                 detect_zeroes=detect_zeroes,
+                cache=cache,
+                offset=offset,
             )
             self.registry.add(export)
         except BaseException:
@@ -219,6 +228,8 @@ class Exports:
             allocation_depth=export.allocation_depth,
             discard=export.discard,
             detect_zeroes=export.detect_zeroes,
+            cache=export.cache,
+            offset=export.offset,
         )
 
     def stats(self, export: Export) -> ExportStats:

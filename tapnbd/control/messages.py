@@ -97,6 +97,9 @@ class ExportRecord(Record, kw_only=True):
     #: qemu-nbd's --discard and --detect-zeroes.
     discard: str = "unmap"
     detect_zeroes: str = "off"
+    #: qemu-nbd's --cache, and -o: served from this byte of the image on.
+    cache: str = "writeback"
+    offset: int = 0
     size: int = 0
     #: NBD connections other than the ones carrying attachments.
     clients: int = 0
@@ -201,6 +204,8 @@ class ExportAddRequest(Request, tag="export_add"):
     allocation_depth: bool = False
     discard: str = "unmap"
     detect_zeroes: str = "off"
+    cache: str = "writeback"
+    offset: int = 0
 
 
 class ExportRemoveReply(Reply, tag="export_remove_reply"):

@@ -27,6 +27,8 @@ def snapshot(exports: Exports, attachments: list[Attachment]) -> State:
                 allocation_depth=e.allocation_depth,
                 discard=e.discard,
                 detect_zeroes=e.detect_zeroes,
+                cache=e.cache,
+                offset=e.offset,
             )
             for e in exports
         ],
@@ -56,6 +58,8 @@ async def restore_exports(previous: State, exports: Exports) -> list[str]:
                 entry.allocation_depth,
                 entry.discard,
                 entry.detect_zeroes,
+                cache=entry.cache,
+                offset=entry.offset,
             )
         except (TapnbdError, OSError) as e:
             notes.append(f"could not restore export {entry.name!r} ({entry.image}): {e}")

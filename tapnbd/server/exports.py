@@ -51,6 +51,9 @@ class Export:
     #: The --discard and --detect-zeroes the driver was wrapped for (to show and keep).
     discard: str = "unmap"
     detect_zeroes: str = "off"
+    #: qemu-nbd's --cache and -o the driver was wrapped for (to show and keep).
+    cache: str = "writeback"
+    offset: int = 0
     info: ExportInfo = field(init=False)
 
     def __post_init__(self) -> None:

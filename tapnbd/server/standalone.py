@@ -15,6 +15,7 @@ from formats import OpenRules, open_image, parse_size
 from formats.filters import FaultSpec, at_file_layer
 from formats.filters.cachemode import check_cache_mode, with_cache_mode
 from formats.filters.discard import check_modes, with_modes
+from formats.filters.window import from_offset
 from tapnbd import safefs
 from tapnbd.backend import Backend
 from tapnbd.driver import Driver
@@ -174,9 +175,7 @@ async def open_exports(opts: ServeOptions) -> ExportRegistry:
                     f"{image}: --inject-at file needs an image format with a file under "
                     f"it (qcow); a {driver.name} image has none, use --inject-at export"
                 )
-            if offset:
-                driver = _from_offset(image, driver, offset)
-            driver = with_cache_mode(driver, opts.cache)
+            driver = with_cache_mode(from_offset(driver, offset, image), opts.cache)
             if faults and not at_file:
                 driver = faults.wrap(driver)
             driver = with_modes(driver, opts.discard, opts.detect_zeroes)
@@ -202,17 +201,6 @@ async def open_exports(opts: ServeOptions) -> ExportRegistry:
             await driver.close()
         raise
     return registry
-
-
-def _from_offset(image: str, driver: Driver, offset: int) -> Driver:
-    """The image from ``offset`` on, as qemu-nbd -o serves it (a raw layer over the
-    image as the guest sees it, so over any format)."""
-    from formats.filters.window import WindowFilter
-
-    size = driver.size()
-    if offset > size:
-        raise TapnbdError(f"{image}: --offset {offset} is past the image's end ({size} bytes)")
-    return WindowFilter(driver, offset, size - offset, writable=True)
 
 
 async def _acquire_exclusive(image: str, driver: Driver, wait: float) -> None:

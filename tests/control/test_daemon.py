@@ -562,6 +562,30 @@ def test_export_add_detects_zeroes_and_keeps_doing_so_across_a_restart(tap: Tapn
     assert data() == []
 
 
+def test_export_add_offset_and_cache_are_kept_across_a_restart(tap: Tapnbd) -> None:
+    """``export add -o 64K --cache=unsafe`` (qemu-nbd's): the export starts at byte 64K
+    of the image, and the restored export still does; O_DIRECT modes are refused."""
+    image = tap.base / "o.raw"
+    image.write_bytes(bytes(1 << 20))
+    err = tap.fails("export", "add", str(image), "--cache=none")
+    assert "--cache=none needs O_DIRECT" in err, err
+    uri = unix_uri(tap.ok("export", "add", str(image), "-f", "raw", "--name", "o",
+                          "-o", "64K", "--cache=unsafe"))  # fmt: skip
+    qemu_io(uri, "write -P 7 0 4k", "flush")
+    assert image.read_bytes()[64 << 10 : 68 << 10] == b"\7" * 4096
+    listed = json.loads(tap.ok("list", "--json"))
+    entry = next(e for e in listed["exports"] if e["name"] == "o")
+    assert (entry["offset"], entry["cache"], entry["size"]) == (64 << 10, "unsafe", 960 << 10)
+    stopped = tap.run("daemon", "stop")
+    assert stopped.returncode == 0, stopped.stderr
+    restored = tap.run("list", "--json")
+    assert "restored export 'o'" in restored.stderr, restored.stderr
+    qemu_io(uri, "write -P 8 4k 4k", "flush")
+    assert image.read_bytes()[68 << 10 : 72 << 10] == b"\10" * 4096
+    entry = next(e for e in json.loads(restored.stdout)["exports"] if e["name"] == "o")
+    assert (entry["offset"], entry["cache"]) == (64 << 10, "unsafe")
+
+
 def test_a_state_directory_too_deep_for_a_data_paths_socket_is_refused(tmp_path: Path) -> None:
     """The daemon's own sockets would fit, a tapdisk's (tapdisk/ID/ctl.sock) would not:
     refused at start, naming the limit, not at the first attach."""
