@@ -253,11 +253,15 @@ class RawDriver(Driver):
     ) -> RawDriver:
         """The driver, with the open and fstat done in the thread pool: a daemon
         serving other exports never waits on an image's open(2) (NFS, a slow disk)."""
+        from formats.direct import DirectFile, wants_direct
+
         loop = asyncio.get_running_loop()
         fd = await loop.run_in_executor(
             EXECUTOR,
             functools.partial(open_file, path, read_only=read_only, block_devices=block_devices),
         )
+        if cls is RawDriver and wants_direct():  # --cache=none or directsync
+            return DirectFile(path, read_only=read_only, exclusive=exclusive, fd=fd)
         return cls(path, read_only=read_only, exclusive=exclusive, fd=fd)
 
     def size(self) -> int:

@@ -1,41 +1,46 @@
-"""CacheModeFilter: qemu-nbd's ``--cache`` modes that need no O_DIRECT.
+"""qemu-nbd's ``--cache`` modes: whether a write is durable before its reply, and whether
+the image files bypass the host's page cache.
 
-- ``writeback`` (the default, no filter): a write is durable once a FLUSH, or its own
-  FUA, says so.
-- ``writethrough``: every write, zeroing and trim is durable before its reply, as if
-  each carried FUA (nbdkit's fua filter, ``fuamode=force``).
-- ``unsafe``: FLUSH and FUA are accepted and do nothing (``fuamode=discard``): for
-  images nobody needs after a crash, such as a throwaway build disk.
+| mode | page cache | a write is durable | here |
+|---|---|---|---|
+| ``writeback`` (default) | used | at FLUSH, or with FUA | no filter |
+| ``writethrough`` | used | before its reply | CacheModeFilter, FUA forced |
+| ``directsync`` | bypassed | before its reply | DirectFile, and FUA forced |
+| ``none`` (``-n``) | bypassed | at FLUSH, or with FUA | DirectFile (formats.direct) |
+| ``unsafe`` | used | never: FLUSH and FUA do nothing | CacheModeFilter |
 
-``none`` and ``directsync`` bypass the host's page cache with O_DIRECT, which tapnbd does
-not use (its buffers are not aligned for it); they are refused with a message, never
-served as something else.
+Forcing FUA is nbdkit's fua filter with ``fuamode=force``; dropping it, ``fuamode=discard``.
+The page cache is bypassed by opening the image files inside ``formats.direct.direct_files``.
 """
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
+
+from formats.direct import direct_files
 from formats.filters import FilterDriver
 from tapnbd.driver import Driver, FuaMode
 from tapnbd.errors import TapnbdError
 
-CACHE_MODES = ("writeback", "writethrough", "unsafe")
-_DIRECT = ("none", "directsync")
+CACHE_MODES = ("writeback", "writethrough", "unsafe", "none", "directsync")
 
 
 def check_cache_mode(mode: str) -> None:
-    if mode in _DIRECT:
-        raise TapnbdError(
-            f"--cache={mode} needs O_DIRECT, which tapnbd does not use; writethrough makes "
-            "every write durable before its reply, through the page cache"
-        )
     if mode not in CACHE_MODES:
         raise TapnbdError(f"--cache {mode!r}: use {', '.join(CACHE_MODES)}")
 
 
+def files_for(mode: str) -> AbstractContextManager[None]:
+    """Where to open the image (files) for ``mode``: past the page cache or not."""
+    return direct_files(mode in ("none", "directsync"))
+
+
 def with_cache_mode(driver: Driver, mode: str) -> Driver:
-    """``driver`` behind a CacheModeFilter, unless ``mode`` is writeback."""
+    """``driver`` (opened inside ``files_for(mode)``) behind what ``mode`` needs on top."""
     check_cache_mode(mode)
-    return driver if mode == "writeback" else CacheModeFilter(driver, mode)
+    if mode in ("writeback", "none"):
+        return driver
+    return CacheModeFilter(driver, "unsafe" if mode == "unsafe" else "writethrough")
 
 
 class CacheModeFilter(FilterDriver):

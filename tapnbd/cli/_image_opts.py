@@ -44,8 +44,9 @@ CacheOpt = Annotated[
         "--cache",
         metavar="MODE",
         help="writeback: writes are durable at FLUSH or FUA; writethrough: every write is "
-        "durable before its reply; unsafe: FLUSH and FUA do nothing (qemu-nbd --cache; "
-        "none and directsync need O_DIRECT and are refused).",
+        "durable before its reply; none: as writeback, past the host's page cache "
+        "(O_DIRECT); directsync: as writethrough, past it; unsafe: FLUSH and FUA do "
+        "nothing (qemu-nbd --cache).",
     ),
 ]
 OffsetOpt = Annotated[

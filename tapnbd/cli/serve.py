@@ -149,6 +149,9 @@ def serve_cmd(
     ] = False,
     offset: OffsetOpt = "0",
     cache: CacheOpt = "writeback",
+    nocache: Annotated[
+        bool, typer.Option("--nocache", "-n", help="--cache=none (qemu-nbd -n).")
+    ] = False,
     verbose: Annotated[
         bool, typer.Option("--verbose", "-v", help="Log connections and failed requests.")
     ] = False,
@@ -164,6 +167,10 @@ def serve_cmd(
     )
     if port is not None and not 0 <= port <= 65535:
         fail(f"invalid port {port}")
+    if nocache:
+        if cache not in ("writeback", "none"):
+            fail(f"-n is --cache=none, and --cache={cache} was given too")
+        cache = "none"
     opts = ServeOptions(
         images=images,
         name=name,

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from typing import Any, cast
 
 from formats import is_local_path, open_image
-from formats.filters.cachemode import check_cache_mode, with_cache_mode
+from formats.filters.cachemode import check_cache_mode, files_for, with_cache_mode
 from formats.filters.discard import check_modes, with_modes
 from formats.filters.window import from_offset
 from tapnbd.backend import Backend
@@ -103,7 +103,10 @@ class Exports:
         check_modes(discard, detect_zeroes)
         check_cache_mode(cache)
         # A snapshot opens read-only, so the Backend is read-only too.
-        driver: Driver = await open_image(image, fmt=fmt, read_only=read_only, snapshot=snapshot)
+        with files_for(cache):
+            driver: Driver = await open_image(
+                image, fmt=fmt, read_only=read_only, snapshot=snapshot
+            )
         try:
             driver = with_cache_mode(from_offset(driver, offset, image), cache)
             driver = with_modes(driver, discard, detect_zeroes)

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from formats import OpenRules, open_image, parse_size
 from formats.filters import FaultSpec, at_file_layer
-from formats.filters.cachemode import check_cache_mode, with_cache_mode
+from formats.filters.cachemode import check_cache_mode, files_for, with_cache_mode
 from formats.filters.discard import check_modes, with_modes
 from formats.filters.window import from_offset
 from tapnbd import safefs
@@ -153,7 +153,7 @@ async def open_exports(opts: ServeOptions) -> ExportRegistry:
                     f"NAME=IMAGE, e.g. a={image}"
                 )
             wrapped.clear()
-            with at_file_layer(wrap_file if at_file else None):
+            with at_file_layer(wrap_file if at_file else None), files_for(opts.cache):
                 driver = await open_image(
                     image,
                     fmt=opts.fmt,

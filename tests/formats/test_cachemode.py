@@ -60,12 +60,11 @@ async def test_unsafe_drops_flush_and_fua() -> None:
     assert not any(e.kind == "flush" for e in rec.events)
 
 
-def test_modes_that_need_o_direct_are_refused() -> None:
-    for mode in ("none", "directsync"):
-        with pytest.raises(TapnbdError, match=f"--cache={mode} needs O_DIRECT"):
-            with_cache_mode(RamDriver(SIZE), mode)
-    with pytest.raises(TapnbdError, match="use writeback, writethrough, unsafe"):
+def test_what_each_mode_puts_on_top() -> None:
+    with pytest.raises(TapnbdError, match="use writeback, writethrough, unsafe, none"):
         with_cache_mode(RamDriver(SIZE), "sometimes")
     ram = RamDriver(SIZE)
     assert with_cache_mode(ram, "writeback") is ram
-    assert isinstance(with_cache_mode(ram, "unsafe"), CacheModeFilter)
+    assert with_cache_mode(ram, "none") is ram  # (the files it was opened on are direct)
+    for mode in ("unsafe", "writethrough", "directsync"):
+        assert isinstance(with_cache_mode(ram, mode), CacheModeFilter)
