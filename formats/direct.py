@@ -28,6 +28,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
+from typing import Any
 
 from formats.raw import RawDriver, pread_all
 from tapnbd.driver import BlockSize
@@ -70,18 +71,8 @@ class DirectFile(RawDriver):
 
     splices = False
 
-    def __init__(
-        self,
-        path: str,
-        *,
-        read_only: bool = False,
-        exclusive: bool = False,
-        block_devices: bool = True,
-        fd: int | None = None,
-    ) -> None:
-        super().__init__(
-            path, read_only=read_only, exclusive=exclusive, block_devices=block_devices, fd=fd
-        )
+    def __init__(self, path: str, **kw: Any) -> None:  # RawDriver's
+        super().__init__(path, **kw)
         try:
             flags = fcntl.fcntl(self.fd, fcntl.F_GETFL)
             fcntl.fcntl(self.fd, fcntl.F_SETFL, flags | os.O_DIRECT)

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,28 @@ def nbdsh_script(script: str, *args: str, timeout: float = 60) -> object:
         pytest.skip("python3-libnbd is not installed")
     out = run([SYSTEM_PYTHON, "-c", script, *args], timeout=timeout).stdout
     return json.loads(out.strip().splitlines()[-1])
+
+
+#: tapnbd and qemu-nbd, each over its copy of one qcow2 image (on_copies); both unmap
+#: on TRIM (qemu-nbd's default ignores it).
+QCOW2_SERVERS: dict[str, Callable[[Path], list[str]]] = {
+    "tapnbd": lambda img: tapnbd_cmd("serve", "-f", "qcow2", str(img)),
+    "qemu": lambda img: ["qemu-nbd", "-f", "qcow2", "--discard=unmap", str(img)],
+}
+
+
+def on_copies(
+    src: Path, servers: dict[str, Callable[[Path], list[str]]], script: str, *args: str
+) -> dict[str, tuple[Path, object]]:
+    """Run a libnbd ``script`` (nbdsh_script; ``args`` before the server's command)
+    against each server, each over its own copy of ``src`` named after it: the same
+    requests to tapnbd and its referee. Name -> (the copy, what the script printed)."""
+    out = {}
+    for who, server in servers.items():
+        img = src.with_name(f"{who}{src.suffix}")
+        shutil.copyfile(src, img)
+        out[who] = (img, nbdsh_script(script, *args, *server(img)))
+    return out
 
 
 def stop_process(proc: subprocess.Popen[str], sig: int, timeout: float) -> int:

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import os
 import random
-import shutil
 from pathlib import Path
 
 import pytest
 
 from tests.formats.qcow_util import need, qemu_img
-from tests.helpers import nbdsh_script, qemu_io, run, start_server, tapnbd_cmd
+from tests.helpers import nbdsh_script, on_copies, qemu_io, run, start_server, tapnbd_cmd
 from tests.server.test_throwaway_overlay import SCRIPT as REQUESTS
 from tests.server.test_throwaway_overlay import summary
 
@@ -106,17 +105,17 @@ def test_cache_none_as_qemu_nbd(tmp_path: Path, kind: str) -> None:
     qemu_io(src, "write -P 1 0 256k", "write -P 2 1M 1M", fmt=fmt)
     seed = random.SystemRandom().randrange(1 << 30)
     print("seed", seed)
-    got = {}
-    for who in ("tapnbd", "qemu"):
-        img = tmp_path / f"{who}.{fmt}"
-        shutil.copyfile(src, img)
-        if who == "tapnbd":
-            server = tapnbd_cmd("serve", "--cache=none", "-f", fmt, str(img))
-        elif kind == "odd raw":  # qemu-nbd rounds an export's size up to 512 bytes
-            server = ["nbdkit", "--exit-with-parent", "file", str(img)]
-        else:
-            server = ["qemu-nbd", "--cache=none", "--discard=unmap", "-f", fmt, str(img)]
-        got[who] = summary(nbdsh_script(REQUESTS, str(seed), *server))
+    servers = {
+        "tapnbd": lambda img: tapnbd_cmd("serve", "--cache=none", "-f", fmt, str(img)),
+        # qemu-nbd rounds an export's size up to 512 bytes: nbdkit referees the odd one.
+        "qemu": lambda img: (
+            ["nbdkit", "--exit-with-parent", "file", str(img)]
+            if kind == "odd raw"
+            else ["qemu-nbd", "--cache=none", "--discard=unmap", "-f", fmt, str(img)]
+        ),
+    }
+    runs = on_copies(src, servers, REQUESTS, str(seed))
+    got = {who: summary(out) for who, (_, out) in runs.items()}
     assert got["tapnbd"] == got["qemu"]
     files = [str(tmp_path / f"{who}.{fmt}") for who in ("tapnbd", "qemu")]
     run(["qemu-img", "compare", "-f", fmt, "-F", fmt, *files])

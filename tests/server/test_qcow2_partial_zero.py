@@ -11,13 +11,12 @@ one image:
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 
 from tests.formats.qcow_util import need, qemu_img
-from tests.helpers import nbdsh_script, qemu_io, run, tapnbd_cmd
+from tests.helpers import QCOW2_SERVERS, nbdsh_script, on_copies, qemu_io, run, tapnbd_cmd
 from tests.server.test_allocation_depth import depth_map
 
 KiB = 1 << 10
@@ -53,16 +52,7 @@ def test_partial_zeroing_of_an_overlay_as_qemu_nbd(tmp_path: Path, compat: str) 
     src = tmp_path / "src.qcow2"
     opts = ["-o", f"compat={compat}", "-F", "raw", "-b", "base.raw"]
     qemu_img("create", "-q", "-f", "qcow2", *opts, src)
-    images = {}
-    for who in ("tapnbd", "qemu"):
-        img = images[who] = tmp_path / f"{who}.qcow2"
-        shutil.copyfile(src, img)
-        server = (
-            tapnbd_cmd("serve", "-f", "qcow2", str(img))
-            if who == "tapnbd"
-            else ["qemu-nbd", "-f", "qcow2", str(img)]
-        )
-        nbdsh_script(ZEROES, *server)
+    images = {who: img for who, (img, _) in on_copies(src, QCOW2_SERVERS, ZEROES).items()}
     ours, theirs = layout(images["tapnbd"]), layout(images["qemu"])
     assert ours == theirs
     if compat == "1.1":  # the case itself: cluster 1 is a zero cluster, not data
@@ -97,16 +87,7 @@ def test_zeroing_and_discard_without_backing_as_qemu_nbd(tmp_path: Path, compat:
     need("qemu-img", "qemu-nbd")
     src = tmp_path / "src.qcow2"
     qemu_img("create", "-q", "-f", "qcow2", "-o", f"compat={compat}", src, "1M")
-    images = {}
-    for who in ("tapnbd", "qemu"):
-        img = images[who] = tmp_path / f"{who}.qcow2"
-        shutil.copyfile(src, img)
-        server = (
-            tapnbd_cmd("serve", "-f", "qcow2", str(img))
-            if who == "tapnbd"
-            else ["qemu-nbd", "-f", "qcow2", "--discard=unmap", str(img)]
-        )
-        nbdsh_script(ALONE, *server)
+    images = {who: img for who, (img, _) in on_copies(src, QCOW2_SERVERS, ALONE).items()}
     assert layout(images["tapnbd"]) == layout(images["qemu"])
     if compat == "1.1":
         assert layout(images["tapnbd"])[:3] == [

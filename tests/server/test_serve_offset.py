@@ -7,13 +7,12 @@ image, and then the data, the block status and the two files must agree.
 from __future__ import annotations
 
 import random
-import shutil
 from pathlib import Path
 
 import pytest
 
 from tests.formats.qcow_util import need, qemu_img
-from tests.helpers import nbdsh_script, qemu_io, run, tapnbd_cmd
+from tests.helpers import on_copies, qemu_io, run, tapnbd_cmd
 from tests.server.test_throwaway_overlay import SCRIPT, summary
 
 KiB, MiB = 1 << 10, 1 << 20
@@ -27,16 +26,14 @@ def test_offset_as_qemu_nbd(tmp_path: Path, fmt: str) -> None:
     qemu_io(src, "write -P 1 0 256k", "write -P 2 1M 1M", fmt=fmt)
     seed = random.SystemRandom().randrange(1 << 30)
     print("seed", seed)
-    got = {}
-    for who in ("tapnbd", "qemu"):
-        img = tmp_path / f"{who}.{fmt}"
-        shutil.copyfile(src, img)
-        server = (
-            tapnbd_cmd("serve", "-A", "-o", "192K", "-f", fmt, str(img))
-            if who == "tapnbd"
-            else ["qemu-nbd", "-A", "-o", str(192 * KiB), "--discard=unmap", "-f", fmt, str(img)]
-        )
-        got[who] = summary(nbdsh_script(SCRIPT, str(seed), *server))
+    servers = {
+        "tapnbd": lambda img: tapnbd_cmd("serve", "-A", "-o", "192K", "-f", fmt, str(img)),
+        "qemu": lambda img: ["qemu-nbd", "-A", "-o", str(192 * KiB), "--discard=unmap",
+                             "-f", fmt, str(img)],
+    }  # fmt: skip
+    got = {
+        who: summary(out) for who, (_, out) in on_copies(src, servers, SCRIPT, str(seed)).items()
+    }
     assert got["tapnbd"] == got["qemu"]
     files = [str(tmp_path / f"{who}.{fmt}") for who in ("tapnbd", "qemu")]
     run(["qemu-img", "compare", "-f", fmt, "-F", fmt, *files])

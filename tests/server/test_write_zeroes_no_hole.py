@@ -9,11 +9,10 @@ are the referees.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 from tests.formats.qcow_util import need, qemu_img
-from tests.helpers import nbdsh_script, run, tapnbd_cmd
+from tests.helpers import QCOW2_SERVERS, nbdsh_script, on_copies, run, tapnbd_cmd
 
 KiB = 1 << 10
 
@@ -49,16 +48,8 @@ def test_no_hole_keeps_the_clusters_as_qemu_nbd_does(tmp_path: Path) -> None:
     qemu_img("create", "-q", "-f", "qcow2", src, "1M")
     run(["qemu-io", "-f", "qcow2", "-c", "write -P 1 0 1M", str(src)])
     before = entries(src, 0, 128 * KiB)
-    images = {}
-    for who in ("tapnbd", "qemu"):
-        img = images[who] = tmp_path / f"{who}.qcow2"
-        shutil.copyfile(src, img)
-        server = (
-            tapnbd_cmd("serve", "-f", "qcow2", str(img))
-            if who == "tapnbd"
-            else ["qemu-nbd", "-f", "qcow2", "--discard=unmap", str(img)]
-        )
-        nbdsh_script(REQUESTS, *server)
+    images = {who: img for who, (img, _) in on_copies(src, QCOW2_SERVERS, REQUESTS).items()}
+    for img in images.values():
         qemu_img("check", "-f", "qcow2", img)
     ours, theirs = (entries(images[w], 0, 128 * KiB) for w in ("tapnbd", "qemu"))
     assert ours == theirs, f"tapnbd {ours}\nqemu-nbd {theirs}"
