@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
+from formats.filters.cachemode import check_cache_mode, files_for, with_cache_mode
 from formats.locks import locked_target
 from formats.pacing import Pace
 from formats.qcow.create import create_qcow
@@ -51,14 +52,20 @@ class CopyTuning:
     sector written as zeros, and each such range is told to this callback;
     ``offload`` (-C), data runs are copied by the kernel (copy_file_range(2)) when
     source and target are both plain files, else, or once the kernel refuses, the
-    usual way (as qemu-img falls back)."""
+    usual way (as qemu-img falls back); ``cache`` and ``src_cache`` (-t and -T), the
+    target's and the source's cache modes (formats.filters.cachemode: ``none`` reads or
+    writes them past the page cache; ``unsafe`` drops the target's final flush)."""
 
     sparse_size: int = ZERO_BLOCK
     depth: int = DEPTH
     salvage: Callable[[str], None] | None = None
     offload: bool = False
+    cache: str = "writeback"
+    src_cache: str = "writeback"
 
     def check(self) -> None:
+        check_cache_mode(self.cache)
+        check_cache_mode(self.src_cache)
         if self.sparse_size < 0 or self.sparse_size % 512 or self.sparse_size > MAX_SPARSE:
             raise ImageError(
                 f"-S {self.sparse_size}: the sparse size must be a multiple of 512 up to "
@@ -141,14 +148,15 @@ async def convert_image(
         raise ImageError("compressed output (-c) is for qcow2 only")
     if backing is not None and out_fmt not in ("qcow2", "qcow"):
         raise ImageError(f"a {out_fmt} image has no backing file (-B is for qcow2 and qcow)")
-    if len(srcs) > 1:
-        if snapshot is not None or window is not None:
-            raise ImageError("several sources are copied whole: no -l, skip or count")
-        driver = await _open_all(srcs, src_fmt, rules)
-    else:
-        driver = await open_image(
-            srcs[0], fmt=src_fmt, read_only=True, rules=rules, snapshot=snapshot
-        )
+    if len(srcs) > 1 and (snapshot is not None or window is not None):
+        raise ImageError("several sources are copied whole: no -l, skip or count")
+    with files_for(tuning.src_cache):
+        if len(srcs) > 1:
+            driver = await _open_all(srcs, src_fmt, rules)
+        else:
+            driver = await open_image(
+                srcs[0], fmt=src_fmt, read_only=True, rules=rules, snapshot=snapshot
+            )
     if window is not None:
         from formats.filters.window import WindowFilter
 
@@ -180,7 +188,7 @@ async def convert_image(
             pace.begin(size)
             # The source's -F is not the target's; the rest of the admin's rules are.
             mine = replace(rules, backing_format=None)
-            target = Backend(await open_image(dst, fmt=out_fmt, rules=mine))
+            target = Backend(await _open_target(dst, out_fmt, mine, tuning.cache))
             # An existing image may hold data: its zero runs must be written too.
             stats = await _copy_into(
                 target,
@@ -231,7 +239,7 @@ async def convert_image(
                 # Our fd holds the lock; the target's own open must not ask for it again.
                 # (QCOW v1 does not record its backing file's format: -F names it.)
                 mine = replace(rules, share=True, backing_format=backing_format)
-                opened = await open_image(dst, fmt=out_fmt, rules=mine)
+                opened = await _open_target(dst, out_fmt, mine, tuning.cache)
                 stats = await _copy_into(
                     Backend(opened),
                     source,
@@ -244,6 +252,15 @@ async def convert_image(
     finally:
         await source.close()
     return stats
+
+
+async def _open_target(dst: str, fmt: str, rules: OpenRules, cache: str) -> Driver:
+    """The destination, opened for ``cache`` (-t): past the page cache, or not, and
+    behind what the mode puts on top."""
+    from formats import open_image
+
+    with files_for(cache):
+        return with_cache_mode(await open_image(dst, fmt=fmt, rules=rules), cache)
 
 
 async def _copy_into(

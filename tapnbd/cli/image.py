@@ -341,6 +341,26 @@ def convert_cmd(
             "files; otherwise the usual copy (qemu-img -C). Not with -S or -c.",
         ),
     ] = False,
+    cache: Annotated[
+        str,
+        typer.Option(
+            "-t",
+            "--cache",
+            metavar="CACHE",
+            help="The destination's cache mode (qemu-img -t): writeback, writethrough, "
+            "none or directsync (past the page cache), or unsafe (no final flush).",
+        ),
+    ] = "writeback",
+    src_cache: Annotated[
+        str,
+        typer.Option(
+            "-T",
+            "--source-cache",
+            metavar="SRC_CACHE",
+            help="The source's cache mode (qemu-img -T): none and directsync read it past "
+            "the page cache.",
+        ),
+    ] = "writeback",
 ) -> None:
     """Copy an image into a new raw, qcow, qcow2 or VHD image, skipping zeros and holes.
 
@@ -409,6 +429,8 @@ def convert_cmd(
                         else _size(sparse_size, allow_zero=True),  # -S 0: no holes
                         depth=coroutines,
                         offload=offload,
+                        cache=cache,
+                        src_cache=src_cache,
                         salvage=None
                         if not salvage
                         else (lambda _m: None)
