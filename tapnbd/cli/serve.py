@@ -47,15 +47,20 @@ def serve_cmd(
             "named after its file, or NAME=IMAGE."
         ),
     ],
-    name: Annotated[str | None, typer.Option(help="Export name, for a single image.")] = None,
+    name: Annotated[
+        str | None,
+        typer.Option("--name", "-x", "--export-name", help="Export name, for a single image."),
+    ] = None,
     read_only: Annotated[bool, typer.Option("--read-only", "-r", help="Refuse writes.")] = False,
     fmt: ProbedFormatOpt = "auto",
     bitmap: BitmapOpt = None,
     allocation_depth: AllocationDepthOpt = False,
     discard: DiscardOpt = "unmap",
     detect_zeroes: DetectZeroesOpt = "off",
-    description: Annotated[str, typer.Option(help="Export description.")] = "",
-    bind: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    description: Annotated[
+        str, typer.Option("--description", "-D", help="Export description.")
+    ] = "",
+    bind: Annotated[str, typer.Option("--bind", "-b", help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[
         int | None,
         typer.Option("--port", "-p", help="TCP port; 0 picks a free one. [default: 10809]"),
@@ -67,8 +72,10 @@ def serve_cmd(
     pidfile: Annotated[
         str | None,
         typer.Option(
+            "--pidfile",
+            "--pid-file",
             help="Write the pid here once ready; an existing file is refused unless it is "
-            "a stale pidfile of ours. Removed on exit if it still holds our pid."
+            "a stale pidfile of ours. Removed on exit if it still holds our pid.",
         ),
     ] = None,
     stats_file: Annotated[
@@ -87,8 +94,27 @@ def serve_cmd(
         str | None, typer.Option(help="CA certificate; clients must present one it signed.")
     ] = None,
     max_connections: Annotated[
-        int, typer.Option(help="Refuse clients beyond this many.")
+        int,
+        typer.Option(
+            "--max-connections", "-e", "--shared", help="Refuse clients beyond this many."
+        ),
     ] = DEFAULT_MAX_CONNECTIONS,
+    persistent: Annotated[
+        bool,
+        typer.Option(
+            "--persistent",
+            "-t",
+            help="Serve on when the last client leaves: always so here (qemu-nbd -t).",
+        ),
+    ] = True,
+    fork: Annotated[
+        bool,
+        typer.Option(
+            "--fork",
+            help="Go to the background once clients can connect; exit 0 then, or with "
+            "the server's error (qemu-nbd --fork).",
+        ),
+    ] = False,
     handshake_timeout: Annotated[
         float, typer.Option(help="Seconds a client has to finish the handshake.")
     ] = DEFAULT_HANDSHAKE_TIMEOUT,
@@ -210,6 +236,27 @@ def serve_cmd(
         offset=offset,
         cache=cache,
     )
+    if fork:
+        opts.ready_fd = _fork()
     with errors_as_exit():
         code = runtime.run(serve(opts))
     raise typer.Exit(code)
+
+
+def _fork() -> int:
+    """The child's end of a pipe its parent waits on: the parent exits 0 once the child
+    says it serves (standalone.detach), else with the child's exit status."""
+    import os
+
+    rd, wr = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(rd)
+        os.setsid()  # not killed with the caller's terminal or process group
+        return wr
+    os.close(wr)
+    ready = os.read(rd, 1)
+    if ready == b"1":
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    os._exit(os.waitstatus_to_exitcode(status) or 1)

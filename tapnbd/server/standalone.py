@@ -91,6 +91,20 @@ class ServeOptions:
     offset: str = "0"
     # qemu-nbd's --cache: writeback, writethrough or unsafe (formats.filters.cachemode).
     cache: str = "writeback"
+    # --fork: a pipe to the parent, told once clients can connect (-1: not forked).
+    ready_fd: int = -1
+
+
+def detach(ready_fd: int) -> None:
+    """--fork: tell the waiting parent we serve, and let go of its terminal and pipes
+    (a caller reading our output until EOF would wait for us forever), as qemu-nbd
+    --fork does."""
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    os.close(devnull)
+    os.write(ready_fd, b"1")
+    os.close(ready_fd)
 
 
 def export_name(image: str) -> str:
@@ -336,6 +350,8 @@ async def serve(opts: ServeOptions) -> int:
         for uri in server.uris():
             print(uri)
         sys.stdout.flush()
+    if opts.ready_fd >= 0:
+        detach(opts.ready_fd)
 
     try:
         await stop.wait()
