@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from tapnbd.cli._control import JsonOpt, StateDirOpt, connect, human_size, image_spec, report
-from tapnbd.cli._image_opts import ProbedFormatOpt, SnapshotOpt
+from tapnbd.cli._image_opts import CacheOpt, ProbedFormatOpt, SnapshotOpt
 from tapnbd.cli.app import app, errors_as_exit
 from tapnbd.control.messages import (
     AttachReply,
@@ -47,12 +47,20 @@ def attach_cmd(
         str | None, typer.Option(help="Export name. [default: the file's name]")
     ] = None,
     snapshot: SnapshotOpt = None,
+    cache: CacheOpt = "writeback",
+    nocache: Annotated[
+        bool, typer.Option("--nocache", "-n", help="--cache=none (qemu-nbd -n).")
+    ] = False,
     state_dir: StateDirOpt = None,
 ) -> None:
     """Attach an image as a local block device; print the device's path."""
-    if via not in ("auto", "nbd", "fuse", "socket"):
-        from tapnbd.cli.app import fail
+    from tapnbd.cli.app import fail
 
+    if nocache:
+        if cache not in ("writeback", "none"):
+            fail(f"-n is --cache=none, and --cache={cache} was given too")
+        cache = "none"
+    if via not in ("auto", "nbd", "fuse", "socket"):
         fail(f"--via must be auto, nbd, fuse or socket, not {via!r}")
     spec = image if _is_export_name(image) else image_spec(image)
     with errors_as_exit(), connect(state_dir) as conn:
@@ -63,12 +71,15 @@ def attach_cmd(
             format=fmt,
             via=_via(via),
             snapshot=snapshot,
+            cache=cache,
         )
         reply = conn.call(req, AttachReply)
     att = reply.attachment
     mode = ", read-only" if att.read_only else ""
     if att.snapshot is not None:
         mode = f", snapshot {att.snapshot!r}{mode}"
+    if att.cache != "writeback":
+        mode += f", cache {att.cache}"
     report(f"attached {att.image} as {att.device} via {reply.reason}{mode}")
     print(att.device)
 

@@ -94,6 +94,7 @@ class Attachments:
             token=att.token,
             share=share,
             snapshot=att.snapshot,
+            cache=att.cache,
         )
         self.tap_procs[att.id] = proc
         att.tapdisk_pid = proc.pid

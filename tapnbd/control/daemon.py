@@ -36,6 +36,7 @@ import os
 import time
 from dataclasses import dataclass
 
+from formats.filters.cachemode import check_cache_mode
 from tapnbd.control import attach as devices
 from tapnbd.control import persist
 from tapnbd.control.attachments import Attachments
@@ -382,9 +383,11 @@ class Daemon:
             existing, image, name = self.exports.attach_target(req, self.attachments.names())
             via, reason = await asyncio.to_thread(devices.choose_via, req.via)
             read_only = req.read_only or req.snapshot is not None
-            fmt, snapshot = req.format, req.snapshot
+            fmt, snapshot, cache = req.format, req.snapshot, req.cache
+            check_cache_mode(cache)
             if existing is not None:
                 fmt = self.exports.formats.get(existing.name, fmt)
+                cache = existing.cache
                 # The device shows what the export shows.
                 snapshot = self.exports.snapshots.get(existing.name)
                 if snapshot is not None:
@@ -393,7 +396,7 @@ class Daemon:
                     read_only = True
                     reason += "; read-only, as the export is"
             att = self.attachments.new(name, image, via, read_only)
-            att.snapshot = snapshot
+            att.snapshot, att.cache = snapshot, cache
             self._save()  # recorded before anything exists, so a crash is undone
             try:
                 # A raw export of ours and the device's data path may share the file

@@ -76,6 +76,8 @@ class Attachment(Record, kw_only=True):
     size: int = 0
     #: The internal qcow2 snapshot the device shows (read-only), if any.
     snapshot: str | None = None
+    #: qemu-nbd's --cache for the data path (formats.filters.cachemode).
+    cache: str = "writeback"
 
 
 class ExportRecord(Record, kw_only=True):
@@ -257,6 +259,7 @@ class AttachRequest(Request, tag="attach"):
     via: Via = "auto"
     #: An internal qcow2 snapshot to show instead of the active image (read-only).
     snapshot: str | None = None
+    cache: str = "writeback"
 
 
 class DetachReply(Reply, tag="detach_reply"):

@@ -66,6 +66,7 @@ def spawn(
     share: bool = False,
     snapshot: str | None = None,
     poll_us: int = 0,
+    cache: str = "writeback",
 ) -> tuple[subprocess.Popen[bytes], dict[str, Any]]:
     """Start a tapdisk in a session of its own and wait for its ready record."""
     with contextlib.suppress(FileNotFoundError):
@@ -83,6 +84,8 @@ def spawn(
         cmd.append("--no-stats")
     if poll_us > 0:  # off is tapdisk's default: its command line stays as it was
         cmd += ["--poll-us", str(poll_us)]
+    if cache != "writeback":  # (likewise)
+        cmd += ["--cache", cache]
     logpath = os.path.join(directory, "tapdisk.log")
     logfd = os.open(logpath, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
     try:

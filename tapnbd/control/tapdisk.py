@@ -40,6 +40,7 @@ import sys
 from typing import Any
 
 from formats import OpenRules, open_image
+from formats.filters.cachemode import CACHE_MODES, files_for, with_cache_mode
 from tapnbd import runtime, safefs
 from tapnbd.backend import Backend
 from tapnbd.control.auth import allowed, peer_uid
@@ -79,14 +80,16 @@ class Tapdisk:
 
     async def start(self) -> None:
         a = self.args
-        driver = await open_image(
-            a.image,
-            fmt=a.format,
-            read_only=a.read_only,
-            rules=OpenRules(share=a.share),
-            snapshot=a.snapshot,
-        )
+        with files_for(a.cache):
+            driver = await open_image(
+                a.image,
+                fmt=a.format,
+                read_only=a.read_only,
+                rules=OpenRules(share=a.share),
+                snapshot=a.snapshot,
+            )
         try:
+            driver = with_cache_mode(driver, a.cache)
             # A snapshot opens read-only, so the Backend is read-only too.
             backend = Backend(driver, read_only=a.read_only)
             backend.stats.enabled = a.stats
@@ -224,6 +227,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--snapshot", default=None, help="an internal qcow2 snapshot, read-only")
     p.add_argument("--read-only", action="store_true")
     p.add_argument("--share", action="store_true", help="skip the image lock (raw exports)")
+    p.add_argument("--cache", default="writeback", choices=CACHE_MODES, help="qemu-nbd's")
     p.add_argument("--no-stats", dest="stats", action="store_false")
     p.add_argument(
         "--poll-us",

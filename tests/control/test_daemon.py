@@ -586,6 +586,24 @@ def test_export_add_offset_and_cache_are_kept_across_a_restart(tap: Tapnbd) -> N
     assert (entry["offset"], entry["cache"]) == (64 << 10, "unsafe")
 
 
+def test_attach_n_opens_the_data_paths_image_with_o_direct(tap: Tapnbd) -> None:
+    """``attach -n`` (qemu-nbd -c -n): the data path's descriptor on the image has
+    O_DIRECT, and unaligned writes through its socket land as written."""
+    from tests.server.test_cache_modes import image_fd_flags
+
+    image = tap.base / "direct.raw"
+    image.write_bytes(bytes(1 << 20))
+    sock = tap.ok("attach", "--via", "socket", "-n", str(image)).strip()
+    (tapdisk,) = tapdisk_pids(tap.state)
+    flags = image_fd_flags(tapdisk, image)
+    assert flags and all(f & os.O_DIRECT for f in flags), flags
+    qemu_io(f"nbd+unix:///?socket={sock}", "write -P 5 1000 3000", "flush")
+    assert image.read_bytes()[1000:4000] == b"\5" * 3000
+    listed = json.loads(tap.ok("list", "--json"))
+    assert [a["cache"] for a in listed["attachments"]] == ["none"]
+    tap.ok("detach", sock)
+
+
 def test_a_state_directory_too_deep_for_a_data_paths_socket_is_refused(tmp_path: Path) -> None:
     """The daemon's own sockets would fit, a tapdisk's (tapdisk/ID/ctl.sock) would not:
     refused at start, naming the limit, not at the first attach."""
