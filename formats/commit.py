@@ -23,6 +23,7 @@ from dataclasses import replace
 
 from formats import OpenRules, open_image
 from formats.engine.topmap import complement, unallocated_ranges
+from formats.filters.cachemode import check_cache_mode, files_for, with_cache_mode
 from formats.locks import locked_target
 from formats.pacing import Pace
 from formats.rebase import CHUNK, image_format
@@ -55,12 +56,15 @@ async def commit_image(
     share: bool = False,
     rules: OpenRules | None = None,
     pace: Pace | None = None,
+    cache: str = "writeback",
 ) -> int:
     """Commit the image at ``path`` into ``base`` (default: its backing file).
 
     ``pace`` (-p and -r) begins with the bytes to copy and admits each read of them.
+    ``cache`` (-t) is the base's cache mode while it is written (formats.filters.cachemode).
     Returns the number of bytes copied.
     """
+    check_cache_mode(cache)
     rules = rules or OpenRules()
     pace = pace or Pace()
     kind = image_format(path, fmt)
@@ -96,9 +100,11 @@ async def commit_image(
 
                 await resize_image(base_path, str(size), fmt=base_fmt, share=share, rules=rules)
             # The base's lock first: a base in use by a server is refused untouched.
-            target = await open_image(
-                base_path, fmt=base_fmt, read_only=False, rules=replace(rules, share=share)
-            )
+            with files_for(cache):
+                target = await open_image(
+                    base_path, fmt=base_fmt, read_only=False, rules=replace(rules, share=share)
+                )
+            target = with_cache_mode(target, cache)
             try:
                 copied = await _copy(top, target, runs, size, pace)
             finally:

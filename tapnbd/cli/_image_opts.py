@@ -38,6 +38,19 @@ DetectZeroesOpt = Annotated[
         "free the space (needs --discard=unmap). As qemu-nbd.",
     ),
 ]
+
+
+def cache_option(short: str, long: str, metavar: str, what: str) -> Any:  # typer.Option: Any
+    """qemu-img's -t/-T CACHE: ``what`` the mode is for."""
+    return typer.Option(
+        short,
+        long,
+        metavar=metavar,
+        help=f"{what}: writeback, writethrough, none or directsync (past the page cache), "
+        "or unsafe (no flushes).",
+    )
+
+
 CacheOpt = Annotated[
     str,
     typer.Option(

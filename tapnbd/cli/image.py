@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from tapnbd import runtime
-from tapnbd.cli._image_opts import snapshot_option
+from tapnbd.cli._image_opts import cache_option, snapshot_option
 from tapnbd.cli._output import JsonOpt, OutputOpt, print_json, wants_json
 from tapnbd.cli._progress import RateOpt, parse_rate, progress_bar
 from tapnbd.cli._trust import (
@@ -342,24 +342,11 @@ def convert_cmd(
         ),
     ] = False,
     cache: Annotated[
-        str,
-        typer.Option(
-            "-t",
-            "--cache",
-            metavar="CACHE",
-            help="The destination's cache mode (qemu-img -t): writeback, writethrough, "
-            "none or directsync (past the page cache), or unsafe (no final flush).",
-        ),
+        str, cache_option("-t", "--cache", "CACHE", "The destination's cache mode (qemu-img -t)")
     ] = "writeback",
     src_cache: Annotated[
         str,
-        typer.Option(
-            "-T",
-            "--source-cache",
-            metavar="SRC_CACHE",
-            help="The source's cache mode (qemu-img -T): none and directsync read it past "
-            "the page cache.",
-        ),
+        cache_option("-T", "--source-cache", "SRC_CACHE", "The source's cache mode (qemu-img -T)"),
     ] = "writeback",
 ) -> None:
     """Copy an image into a new raw, qcow, qcow2 or VHD image, skipping zeros and holes.

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from tapnbd import runtime
+from tapnbd.cli._image_opts import cache_option
 from tapnbd.cli._progress import ProgressOpt, RateOpt, parse_rate, progress_bar
 from tapnbd.cli._trust import (
     AllowBlockOpt,
@@ -109,6 +110,9 @@ def commit_cmd(
     force_share: ForceShareOpt = False,
     show_progress: ProgressOpt = False,
     rate: RateOpt = None,
+    cache: Annotated[
+        str, cache_option("-t", "--cache", "CACHE", "The base's cache mode (qemu-img -t)")
+    ] = "writeback",
 ) -> None:
     """Write an overlay's data into its backing file, then empty it (qemu-img commit)."""
     from formats.commit import commit_image
@@ -126,6 +130,7 @@ def commit_cmd(
                     share=force_share,
                     rules=rules,
                     pace=pace,
+                    cache=cache,
                 )
             )
     if not quiet:

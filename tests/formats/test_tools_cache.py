@@ -1,15 +1,17 @@
-"""convert -t/-T (qemu-img's cache modes for the destination and the source)."""
+"""convert -t/-T and commit -t (qemu-img's cache modes for what they write and read)."""
 
 from __future__ import annotations
 
+import asyncio
 import random
 from pathlib import Path
 
 import pytest
 
+from formats.commit import commit_image
 from formats.direct import DirectFile
 from formats.qcow.convert import CopyTuning, convert_image
-from tests.helpers import run, tapnbd_cmd
+from tests.helpers import qemu_io, run, tapnbd_cmd
 
 
 @pytest.mark.parametrize("out_fmt", ["raw", "qcow2"])
@@ -51,3 +53,24 @@ def test_the_cli_takes_t_and_T(tmp_path: Path) -> None:
         run(["qemu-img", "compare", "-f", "raw", "-F", "qcow2", str(src), str(dst)])
     out = run(tapnbd_cmd("convert", "-t", "bogus", str(src), str(tmp_path / "x")), check=False)
     assert out.returncode == 1 and "--cache 'bogus'" in out.stderr
+
+
+def test_commit_t_none_writes_the_base_past_the_page_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base, top = tmp_path / "base.raw", tmp_path / "top.qcow2"
+    with base.open("wb") as f:
+        f.truncate(4 << 20)
+    run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "raw", str(top)])
+    qemu_io(top, "write -P 9 1000 70000", fmt="qcow2")
+    opened: list[str] = []
+    real_init = DirectFile.__init__
+
+    def init(self: DirectFile, path: str, **kw: object) -> None:
+        opened.append(path)
+        real_init(self, path, **kw)
+
+    monkeypatch.setattr(DirectFile, "__init__", init)
+    asyncio.run(commit_image(str(top), fmt="qcow2", cache="none"))
+    assert opened == [str(base)]
+    qemu_io(base, "read -P 9 1000 70000", "read -P 0 0 1000")
