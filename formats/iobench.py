@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from formats import OpenRules, open_image
+from formats.filters.cachemode import check_cache_mode, files_for, with_cache_mode
 from tapnbd.backend import Backend
 from tapnbd.errors import ImageError
 
@@ -49,8 +50,12 @@ class BenchSpec:
         return first
 
 
-async def run_bench(path: str, spec: BenchSpec, *, fmt: str, rules: OpenRules) -> float:
-    """Run ``spec`` against the image at ``path``; returns the seconds it took."""
+async def run_bench(
+    path: str, spec: BenchSpec, *, fmt: str, rules: OpenRules, cache: str = "writeback"
+) -> float:
+    """Run ``spec`` against the image at ``path``, opened for ``cache`` (qemu-img bench
+    -t, formats.filters.cachemode); returns the seconds it took."""
+    check_cache_mode(cache)
     if spec.count < 0 or spec.depth < 1 or spec.size < 1 or not 0 <= spec.pattern <= 255:
         raise ImageError(
             "the count must be 0 or more, the depth and size 1 or more, and the pattern 0 to 255"
@@ -59,8 +64,9 @@ async def run_bench(path: str, spec: BenchSpec, *, fmt: str, rules: OpenRules) -
         raise ImageError("--flush-interval is a number of writes, for write runs (-w)")
     if not spec.drain and not spec.flush_interval:
         raise ImageError("--no-drain is for the flushes of --flush-interval")
-    driver = await open_image(path, fmt=fmt, read_only=not spec.write, rules=rules)
-    backend = Backend(driver, read_only=not spec.write)
+    with files_for(cache):
+        driver = await open_image(path, fmt=fmt, read_only=not spec.write, rules=rules)
+    backend = Backend(with_cache_mode(driver, cache), read_only=not spec.write)
     try:
         image = backend.size
         if spec.offset < 0 or spec.offset + spec.size > image:

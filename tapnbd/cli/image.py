@@ -525,6 +525,9 @@ def bench_cmd(
             "--no-drain", help="With --flush-interval: flush without waiting for the writes."
         ),
     ] = False,
+    cache: Annotated[
+        str, cache_option("-t", "--cache", "CACHE", "The image's cache mode (qemu-img -t)")
+    ] = "writeback",
 ) -> None:
     """Time a run of reads or writes straight to an image's driver (qemu-img bench)."""
     from formats.iobench import BenchSpec, run_bench
@@ -544,7 +547,7 @@ def bench_cmd(
         if not quiet:
             print(spec.describe())
         rules = open_rules(None, False, False, force_share)
-        seconds = runtime.run(run_bench(image, spec, fmt=fmt, rules=rules))
+        seconds = runtime.run(run_bench(image, spec, fmt=fmt, rules=rules, cache=cache))
     print(f"Run completed in {seconds:.3f} seconds.")
 
 

@@ -74,3 +74,26 @@ def test_commit_t_none_writes_the_base_past_the_page_cache(
     asyncio.run(commit_image(str(top), fmt="qcow2", cache="none"))
     assert opened == [str(base)]
     qemu_io(base, "read -P 9 1000 70000", "read -P 0 0 1000")
+
+
+@pytest.mark.parametrize("cache", ["none", "directsync"])
+async def test_bench_t_runs_past_the_page_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cache: str
+) -> None:
+    from formats import OpenRules
+    from formats.iobench import BenchSpec, run_bench
+
+    img = tmp_path / "a.raw"
+    img.write_bytes(bytes(1 << 20))
+    writes: list[int] = []
+    real_write = DirectFile._write_blocks
+
+    def write_blocks(self: DirectFile, offset: int, data: memoryview, fua: bool) -> None:
+        writes.append(offset)
+        real_write(self, offset, data, fua)
+
+    monkeypatch.setattr(DirectFile, "_write_blocks", write_blocks)
+    spec = BenchSpec(count=64, depth=4, size=4096, step=None, offset=0, write=True, pattern=7)
+    await run_bench(str(img), spec, fmt="raw", rules=OpenRules(), cache=cache)
+    assert len(writes) == 64
+    assert img.read_bytes()[: 64 * 4096] == b"\7" * (64 * 4096)
