@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
@@ -64,7 +65,26 @@ def nbdsh_script(script: str, *args: str, timeout: float = 60) -> object:
     need(SYSTEM_PYTHON)
     if run([SYSTEM_PYTHON, "-c", "import nbd"], check=False).returncode != 0:
         pytest.skip("python3-libnbd is not installed")
-    out = run([SYSTEM_PYTHON, "-c", script, *args], timeout=timeout).stdout
+    # A session of its own: on a timeout the servers it started (socket activation,
+    # its children) go with it, not left serving after the test.
+    proc = subprocess.Popen(
+        [SYSTEM_PYTHON, "-c", script, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise AssertionError(f"a libnbd script ran past {timeout}s\nstderr: {err}") from None
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # anything it left behind
+    if proc.returncode != 0:
+        raise AssertionError(f"a libnbd script exited {proc.returncode}\nstderr: {err}")
     return json.loads(out.strip().splitlines()[-1])
 
 
