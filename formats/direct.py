@@ -27,10 +27,9 @@ import os
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from contextvars import ContextVar
 from typing import Any
 
-from formats.raw import RawDriver, pread_all
+from formats.raw import DIRECT_IO, RawDriver, pread_all
 from tapnbd.driver import BlockSize
 from tapnbd.errors import ImageError
 
@@ -38,21 +37,15 @@ from tapnbd.errors import ImageError
 #: devices, and the block size of ext4 and XFS as they are usually made.
 ALIGN = 4096
 
-_direct: ContextVar[bool] = ContextVar("direct_files", default=False)
-
 
 @contextmanager
 def direct_files(on: bool = True) -> Iterator[None]:
-    """Image files opened inside are DirectFiles (when ``on``)."""
-    token = _direct.set(on)
+    """Image files opened inside are DirectFiles (when ``on``; RawDriver.open asks)."""
+    token = DIRECT_IO.set(on)
     try:
         yield
     finally:
-        _direct.reset(token)
-
-
-def wants_direct() -> bool:
-    return _direct.get()
+        DIRECT_IO.reset(token)
 
 
 def _aligned(n: int) -> memoryview:

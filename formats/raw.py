@@ -22,6 +22,7 @@ import struct
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
+from contextvars import ContextVar
 from typing import TYPE_CHECKING
 
 from formats import Format
@@ -200,6 +201,10 @@ async def open_raw(path: str, read_only: bool) -> Driver:
 
 FORMAT = Format("raw", probe, open_raw)
 
+#: Set inside formats.direct.direct_files: image files opened then are DirectFiles.
+#: (Here, so that an open asks without importing formats.direct.)
+DIRECT_IO: ContextVar[bool] = ContextVar("direct_io", default=False)
+
 
 class RawDriver(Driver):
     """A raw image file or block device."""
@@ -253,14 +258,14 @@ class RawDriver(Driver):
     ) -> RawDriver:
         """The driver, with the open and fstat done in the thread pool: a daemon
         serving other exports never waits on an image's open(2) (NFS, a slow disk)."""
-        from formats.direct import DirectFile, wants_direct
-
         loop = asyncio.get_running_loop()
         fd = await loop.run_in_executor(
             EXECUTOR,
             functools.partial(open_file, path, read_only=read_only, block_devices=block_devices),
         )
-        if cls is RawDriver and wants_direct():  # --cache=none or directsync
+        if cls is RawDriver and DIRECT_IO.get():  # --cache=none or directsync
+            from formats.direct import DirectFile
+
             return DirectFile(path, read_only=read_only, exclusive=exclusive, fd=fd)
         return cls(path, read_only=read_only, exclusive=exclusive, fd=fd)
 
