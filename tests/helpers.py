@@ -65,27 +65,33 @@ def nbdsh_script(script: str, *args: str, timeout: float = 60) -> object:
     need(SYSTEM_PYTHON)
     if run([SYSTEM_PYTHON, "-c", "import nbd"], check=False).returncode != 0:
         pytest.skip("python3-libnbd is not installed")
-    # A session of its own: on a timeout the servers it started (socket activation,
-    # its children) go with it, not left serving after the test.
+    # The servers it starts (socket activation) go with it, not left serving.
+    try:
+        proc = run_in_session([SYSTEM_PYTHON, "-c", script, *args], timeout)
+    except subprocess.TimeoutExpired as e:
+        raise AssertionError(f"a libnbd script ran past {timeout}s; stderr: {e.stderr!r}") from None
+    if proc.returncode != 0:
+        raise AssertionError(f"a libnbd script exited {proc.returncode}\nstderr: {proc.stderr}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run_in_session(cmd: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
+    """Run ``cmd`` in a session of its own, and end whatever it started in that session
+    when it returns or runs past ``timeout`` (then subprocess.TimeoutExpired, its
+    stderr kept)."""
     proc = subprocess.Popen(
-        [SYSTEM_PYTHON, "-c", script, *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
     )
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         out, err = proc.communicate()
-        raise AssertionError(f"a libnbd script ran past {timeout}s\nstderr: {err}") from None
+        raise subprocess.TimeoutExpired(cmd, timeout, out, err) from None
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)  # anything it left behind
-    if proc.returncode != 0:
-        raise AssertionError(f"a libnbd script exited {proc.returncode}\nstderr: {err}")
-    return json.loads(out.strip().splitlines()[-1])
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 #: tapnbd and qemu-nbd, each over its copy of one qcow2 image (on_copies); both unmap

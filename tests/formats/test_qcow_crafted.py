@@ -18,7 +18,6 @@ import asyncio
 import os
 import random
 import re
-import signal
 import struct
 import subprocess
 import sys
@@ -40,7 +39,7 @@ from formats.raw import RawDriver
 from tapnbd.errors import ImageError
 from tests.formats import crafted
 from tests.formats.qcow_util import MiB, make_qcow, need, open_qcow, random_writes
-from tests.helpers import Server, tapnbd_cmd
+from tests.helpers import Server, run_in_session, tapnbd_cmd
 
 #: The issue's goal for any image, whatever its header claims.
 RSS_LIMIT_KIB = 256 << 10
@@ -59,19 +58,9 @@ _MEASURED = (
 def measured(*args: str) -> tuple[int, str, str, int]:
     """Run ``tapnbd ARGS`` under a fresh interpreter that reports its child's peak RSS:
     (exit code, stdout, stderr without the report, peak RSS in KiB)."""
-    proc = subprocess.Popen(
-        [sys.executable, "-c", _MEASURED, *tapnbd_cmd(*args)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        out, err = proc.communicate(timeout=HANG_GUARD)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # the wrapper and tapnbd under it
-        proc.communicate()
-        raise
+    # (The wrapper and tapnbd under it are killed together past HANG_GUARD.)
+    proc = run_in_session([sys.executable, "-c", _MEASURED, *tapnbd_cmd(*args)], HANG_GUARD)
+    out, err = proc.stdout, proc.stderr
     err, _, peak = err.rstrip().rpartition("\npeak-rss-kib ")
     return proc.returncode, out, err, int(peak)
 
