@@ -23,7 +23,7 @@ from dataclasses import replace
 
 from formats import OpenRules, open_image
 from formats.engine.topmap import complement, unallocated_ranges
-from formats.filters.cachemode import check_cache_mode, files_for, with_cache_mode
+from formats.filters.cachemode import check_cache_mode, open_for_cache
 from formats.locks import locked_target
 from formats.pacing import Pace
 from formats.rebase import CHUNK, image_format
@@ -100,11 +100,9 @@ async def commit_image(
 
                 await resize_image(base_path, str(size), fmt=base_fmt, share=share, rules=rules)
             # The base's lock first: a base in use by a server is refused untouched.
-            with files_for(cache):
-                target = await open_image(
-                    base_path, fmt=base_fmt, read_only=False, rules=replace(rules, share=share)
-                )
-            target = with_cache_mode(target, cache)
+            target = await open_for_cache(
+                base_path, cache, fmt=base_fmt, read_only=False, rules=replace(rules, share=share)
+            )
             try:
                 copied = await _copy(top, target, runs, size, pace)
             finally:

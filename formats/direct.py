@@ -29,7 +29,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from formats.raw import DIRECT_IO, RawDriver, pread_all
+from formats.raw import DIRECT_IO, RawDriver, pread_all, pwrite_all
 from tapnbd.driver import BlockSize
 from tapnbd.errors import ImageError
 
@@ -51,12 +51,6 @@ def direct_files(on: bool = True) -> Iterator[None]:
 def _aligned(n: int) -> memoryview:
     """A page-aligned buffer of ``n`` bytes (``n`` a multiple of ALIGN)."""
     return memoryview(mmap.mmap(-1, n))
-
-
-def _pwrite_all(fd: int, view: memoryview, offset: int, flags: int) -> None:
-    while view:
-        n = os.pwritev(fd, [view], offset, flags)
-        view, offset = view[n:], offset + n
 
 
 class DirectFile(RawDriver):
@@ -136,13 +130,13 @@ class DirectFile(RawDriver):
         flags = os.RWF_DSYNC if fua else 0
         try:
             if b <= os.fstat(self.fd).st_size:
-                _pwrite_all(self.fd, view, a, flags)
+                pwrite_all(self.fd, view, a, flags)
                 return
             # The last block reaches past the end: the file must end where it did, or
             # where the write does. grow() waits meanwhile, so the size read here holds.
             with self._sizing:
                 size = os.fstat(self.fd).st_size
-                _pwrite_all(self.fd, view, a, flags)
+                pwrite_all(self.fd, view, a, flags)
                 if b > size:
                     os.ftruncate(self.fd, max(size, end))
         except OSError as e:

@@ -20,8 +20,8 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from formats import OpenRules, open_image
-from formats.filters.cachemode import check_cache_mode, files_for, with_cache_mode
+from formats import OpenRules
+from formats.filters.cachemode import open_for_cache
 from tapnbd.backend import Backend
 from tapnbd.errors import ImageError
 
@@ -55,7 +55,6 @@ async def run_bench(
 ) -> float:
     """Run ``spec`` against the image at ``path``, opened for ``cache`` (qemu-img bench
     -t, formats.filters.cachemode); returns the seconds it took."""
-    check_cache_mode(cache)
     if spec.count < 0 or spec.depth < 1 or spec.size < 1 or not 0 <= spec.pattern <= 255:
         raise ImageError(
             "the count must be 0 or more, the depth and size 1 or more, and the pattern 0 to 255"
@@ -64,9 +63,8 @@ async def run_bench(
         raise ImageError("--flush-interval is a number of writes, for write runs (-w)")
     if not spec.drain and not spec.flush_interval:
         raise ImageError("--no-drain is for the flushes of --flush-interval")
-    with files_for(cache):
-        driver = await open_image(path, fmt=fmt, read_only=not spec.write, rules=rules)
-    backend = Backend(with_cache_mode(driver, cache), read_only=not spec.write)
+    driver = await open_for_cache(path, cache, fmt=fmt, read_only=not spec.write, rules=rules)
+    backend = Backend(driver, read_only=not spec.write)
     try:
         image = backend.size
         if spec.offset < 0 or spec.offset + spec.size > image:

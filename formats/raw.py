@@ -100,7 +100,7 @@ def pread_all(fd: int, buf: memoryview, offset: int) -> int:
     return done
 
 
-def _pwrite_all(fd: int, data: bytes | memoryview, offset: int, flags: int = 0) -> None:
+def pwrite_all(fd: int, data: bytes | memoryview, offset: int, flags: int = 0) -> None:
     view = memoryview(data)
     while view:
         n = os.pwritev(fd, [view], offset, flags)
@@ -322,7 +322,7 @@ class RawDriver(Driver):
         if self._nowait_write or (t0 := time.monotonic()) < self._inline_after:
             return False  # the async path tries RWF_NOWAIT, or the pool is in charge
         before = voluntary_switches() if t0 < self._probe_until else -1
-        _pwrite_all(self.fd, data, offset)
+        pwrite_all(self.fd, data, offset)
         if (t1 := time.monotonic()) - t0 > SLOW_WRITE:
             self._slow_write(t1, before >= 0 and voluntary_switches() != before)
         return True
@@ -352,7 +352,7 @@ class RawDriver(Driver):
         before = voluntary_switches() if t0 < self._probe_until else -1
         n = os.pwritev(self.fd, bufs, offset)
         if n < length:  # short: finish from where it stopped
-            _pwrite_all(self.fd, b"".join(bufs)[n:], offset + n)
+            pwrite_all(self.fd, b"".join(bufs)[n:], offset + n)
         if (t1 := time.monotonic()) - t0 > SLOW_WRITE:
             self._slow_write(t1, before >= 0 and voluntary_switches() != before)
         return True
@@ -389,11 +389,11 @@ class RawDriver(Driver):
             # times it, and one that slept sends the next writes to the pool for a while.
             return
         if not fua:
-            await self._blocking(_pwrite_all, self.fd, data, offset, 0)
+            await self._blocking(pwrite_all, self.fd, data, offset, 0)
             return
         self._check_sync()
         try:
-            await self._blocking(_pwrite_all, self.fd, data, offset, os.RWF_DSYNC)
+            await self._blocking(pwrite_all, self.fd, data, offset, os.RWF_DSYNC)
         except OSError as e:
             if e.errno == errno.EIO:  # the sync part failed (ENOSPC refused the write)
                 self._sync_error = e

@@ -16,6 +16,7 @@ The page cache is bypassed by opening the image files inside ``formats.direct.di
 from __future__ import annotations
 
 from contextlib import AbstractContextManager
+from typing import Any
 
 from formats.direct import direct_files
 from formats.filters import FilterDriver
@@ -35,6 +36,18 @@ def files_for(mode: str) -> AbstractContextManager[None]:
     return direct_files(mode in ("none", "directsync"))
 
 
+async def open_for_cache(spec: str, mode: str, **kw: Any) -> Driver:
+    """``open_image(spec, **kw)`` for ``mode``: its files opened past the page cache or
+    not, and the driver behind what the mode puts on top. The mode is checked first, so
+    nothing is opened for one that does not exist."""
+    from formats import open_image
+
+    check_cache_mode(mode)
+    with files_for(mode):
+        driver = await open_image(spec, **kw)
+    return with_cache_mode(driver, mode)
+
+
 def with_cache_mode(driver: Driver, mode: str) -> Driver:
     """``driver`` (opened inside ``files_for(mode)``) behind what ``mode`` needs on top."""
     check_cache_mode(mode)
@@ -50,6 +63,8 @@ class CacheModeFilter(FilterDriver):
         super().__init__(child)
         self._through = mode == "writethrough"
         self._native = child.can_fua() == FuaMode.NATIVE
+        #: The FUA passed down: writethrough's, where the child honours it itself.
+        self._fua = self._through and self._native
 
     async def _settle(self) -> None:
         """Writethrough's durability for a write just done without native FUA."""
@@ -57,7 +72,7 @@ class CacheModeFilter(FilterDriver):
             await self.child.flush()
 
     async def pwrite(self, offset: int, data: bytes | memoryview, fua: bool = False) -> None:
-        await self.child.pwrite(offset, data, self._through and self._native)
+        await self.child.pwrite(offset, data, self._fua)
         await self._settle()
 
     def pwrite_nowait(self, offset: int, data: bytes | memoryview) -> bool:
@@ -65,14 +80,13 @@ class CacheModeFilter(FilterDriver):
         return not self._through and self.child.pwrite_nowait(offset, data)
 
     async def trim(self, offset: int, length: int, fua: bool = False) -> None:
-        await self.child.trim(offset, length, self._through and self._native)
+        await self.child.trim(offset, length, self._fua)
         await self._settle()
 
     async def zero(
         self, offset: int, length: int, *, may_trim: bool, fua: bool, fast: bool
     ) -> None:
-        through = self._through and self._native
-        await self.child.zero(offset, length, may_trim=may_trim, fua=through, fast=fast)
+        await self.child.zero(offset, length, may_trim=may_trim, fua=self._fua, fast=fast)
         await self._settle()
 
     async def flush(self) -> None:

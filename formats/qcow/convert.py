@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
-from formats.filters.cachemode import check_cache_mode, files_for, with_cache_mode
+from formats.filters.cachemode import check_cache_mode, files_for, open_for_cache
 from formats.locks import locked_target
 from formats.pacing import Pace
 from formats.qcow.create import create_qcow
@@ -188,7 +188,7 @@ async def convert_image(
             pace.begin(size)
             # The source's -F is not the target's; the rest of the admin's rules are.
             mine = replace(rules, backing_format=None)
-            target = Backend(await _open_target(dst, out_fmt, mine, tuning.cache))
+            target = Backend(await open_for_cache(dst, tuning.cache, fmt=out_fmt, rules=mine))
             # An existing image may hold data: its zero runs must be written too.
             stats = await _copy_into(
                 target,
@@ -239,7 +239,7 @@ async def convert_image(
                 # Our fd holds the lock; the target's own open must not ask for it again.
                 # (QCOW v1 does not record its backing file's format: -F names it.)
                 mine = replace(rules, share=True, backing_format=backing_format)
-                opened = await _open_target(dst, out_fmt, mine, tuning.cache)
+                opened = await open_for_cache(dst, tuning.cache, fmt=out_fmt, rules=mine)
                 stats = await _copy_into(
                     Backend(opened),
                     source,
@@ -252,15 +252,6 @@ async def convert_image(
     finally:
         await source.close()
     return stats
-
-
-async def _open_target(dst: str, fmt: str, rules: OpenRules, cache: str) -> Driver:
-    """The destination, opened for ``cache`` (-t): past the page cache, or not, and
-    behind what the mode puts on top."""
-    from formats import open_image
-
-    with files_for(cache):
-        return with_cache_mode(await open_image(dst, fmt=fmt, rules=rules), cache)
 
 
 async def _copy_into(

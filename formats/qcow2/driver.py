@@ -825,9 +825,10 @@ class Qcow2Driver(ImageDriver["Qcow2Meta"]):
     async def _zero(self, offset: int, length: int, *, discard: bool, keep: bool = False) -> None:
         """Make [offset, offset + length) read as zeros, or (``discard``) free what it can.
 
-        Whole clusters become zero clusters (v3), or unallocated where nothing shows
-        through; a discard on an overlay never exposes the backing file's data. Partial
-        clusters are written with zeros (a discard leaves them alone). ``keep`` (NBD's
+        Whole clusters become what qemu leaves (``_zero_clusters``); a discard on an
+        overlay never exposes the backing file's data. A partial cluster is written with
+        zeros, unless it reads as zeros already or, unallocated, can become a zero
+        cluster whole (``_widen_zeroing``); a discard leaves it alone. ``keep`` (NBD's
         NO_HOLE: "the area MUST be fully provisioned"): a v3 image's data clusters stay
         its own, flagged zero (qemu's QCOW2_CLUSTER_ZERO_ALLOC), not freed.
         """
@@ -866,12 +867,13 @@ class Qcow2Driver(ImageDriver["Qcow2Meta"]):
         if not self._v3:
             return False
         c0 = s // cs * cs
-        status: list[Extent] = []
-        for lo, hi in ((c0, s), (e, min(c0 + cs, self._size))):
-            if lo < hi and backing is not None:
-                await backing_status(backing, status, lo, hi - lo)
-        if any(not x.flags & ExtentFlags.ZERO for x in status):
-            return False
+        if backing is not None:
+            status: list[Extent] = []
+            for lo, hi in ((c0, s), (e, min(c0 + cs, self._size))):
+                if lo < hi:
+                    await backing_status(backing, status, lo, hi - lo)
+            if any(not x.flags & ExtentFlags.ZERO for x in status):
+                return False
         l2off, t, slots = await self._whole_clusters(c0, c0 + cs)
         i = slots[0]
         if t[i]:  # written meanwhile: no longer ours to flag

@@ -62,6 +62,20 @@ CacheOpt = Annotated[
         "nothing (qemu-nbd --cache).",
     ),
 ]
+NoCacheOpt = Annotated[bool, typer.Option("--nocache", "-n", help="--cache=none (qemu-nbd -n).")]
+
+
+def cache_mode(cache: str, nocache: bool) -> str:
+    """The mode --cache and -n ask for together (-n is --cache=none)."""
+    if not nocache:
+        return cache
+    if cache not in ("writeback", "none"):
+        from tapnbd.cli.app import fail
+
+        fail(f"-n is --cache=none, and --cache={cache} was given too")
+    return "none"
+
+
 OffsetOpt = Annotated[
     str,
     typer.Option(

@@ -11,7 +11,13 @@ from rich.console import Console
 from rich.table import Table
 
 from tapnbd.cli._control import JsonOpt, StateDirOpt, connect, human_size, image_spec, report
-from tapnbd.cli._image_opts import CacheOpt, ProbedFormatOpt, SnapshotOpt
+from tapnbd.cli._image_opts import (
+    CacheOpt,
+    NoCacheOpt,
+    ProbedFormatOpt,
+    SnapshotOpt,
+    cache_mode,
+)
 from tapnbd.cli.app import app, errors_as_exit
 from tapnbd.control.messages import (
     AttachReply,
@@ -48,19 +54,14 @@ def attach_cmd(
     ] = None,
     snapshot: SnapshotOpt = None,
     cache: CacheOpt = "writeback",
-    nocache: Annotated[
-        bool, typer.Option("--nocache", "-n", help="--cache=none (qemu-nbd -n).")
-    ] = False,
+    nocache: NoCacheOpt = False,
     state_dir: StateDirOpt = None,
 ) -> None:
     """Attach an image as a local block device; print the device's path."""
-    from tapnbd.cli.app import fail
-
-    if nocache:
-        if cache not in ("writeback", "none"):
-            fail(f"-n is --cache=none, and --cache={cache} was given too")
-        cache = "none"
+    cache = cache_mode(cache, nocache)
     if via not in ("auto", "nbd", "fuse", "socket"):
+        from tapnbd.cli.app import fail
+
         fail(f"--via must be auto, nbd, fuse or socket, not {via!r}")
     spec = image if _is_export_name(image) else image_spec(image)
     with errors_as_exit(), connect(state_dir) as conn:

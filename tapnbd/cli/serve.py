@@ -14,9 +14,11 @@ from tapnbd.cli._image_opts import (
     CacheOpt,
     DetectZeroesOpt,
     DiscardOpt,
+    NoCacheOpt,
     OffsetOpt,
     ProbedFormatOpt,
     SnapshotOpt,
+    cache_mode,
 )
 from tapnbd.cli._server_opts import PollUsOpt
 from tapnbd.cli._trust import (
@@ -175,9 +177,7 @@ def serve_cmd(
     ] = False,
     offset: OffsetOpt = "0",
     cache: CacheOpt = "writeback",
-    nocache: Annotated[
-        bool, typer.Option("--nocache", "-n", help="--cache=none (qemu-nbd -n).")
-    ] = False,
+    nocache: NoCacheOpt = False,
     verbose: Annotated[
         bool, typer.Option("--verbose", "-v", help="Log connections and failed requests.")
     ] = False,
@@ -193,10 +193,7 @@ def serve_cmd(
     )
     if port is not None and not 0 <= port <= 65535:
         fail(f"invalid port {port}")
-    if nocache:
-        if cache not in ("writeback", "none"):
-            fail(f"-n is --cache=none, and --cache={cache} was given too")
-        cache = "none"
+    cache = cache_mode(cache, nocache)
     opts = ServeOptions(
         images=images,
         name=name,

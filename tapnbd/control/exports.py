@@ -13,13 +13,12 @@ import os
 from collections.abc import Iterator
 from typing import Any, cast
 
-from formats import is_local_path, open_image
-from formats.filters.cachemode import check_cache_mode, files_for, with_cache_mode
+from formats import is_local_path
+from formats.filters.cachemode import open_for_cache
 from formats.filters.discard import check_modes, with_modes
 from formats.filters.window import from_offset
 from tapnbd.backend import Backend
 from tapnbd.control.messages import AttachRequest, ExportRecord, ExportStats, OpCounters
-from tapnbd.driver import Driver
 from tapnbd.errors import TapnbdError
 from tapnbd.protocol.handshake import TLSMode
 from tapnbd.server.exports import Export, ExportRegistry
@@ -101,15 +100,10 @@ class Exports:
         offset: int = 0,
     ) -> Export:
         check_modes(discard, detect_zeroes)
-        check_cache_mode(cache)
         # A snapshot opens read-only, so the Backend is read-only too.
-        with files_for(cache):
-            driver: Driver = await open_image(
-                image, fmt=fmt, read_only=read_only, snapshot=snapshot
-            )
+        driver = await open_for_cache(image, cache, fmt=fmt, read_only=read_only, snapshot=snapshot)
         try:
-            driver = with_cache_mode(from_offset(driver, offset, image), cache)
-            driver = with_modes(driver, discard, detect_zeroes)
+            driver = with_modes(from_offset(driver, offset, image), discard, detect_zeroes)
             backend = Backend(driver, read_only=read_only)
             backend.stats.enabled = self.stats_enabled
             # NBD_INFO_DESCRIPTION and LIST reach every client: no path unless configured.

@@ -39,8 +39,8 @@ import signal
 import sys
 from typing import Any
 
-from formats import OpenRules, open_image
-from formats.filters.cachemode import CACHE_MODES, files_for, with_cache_mode
+from formats import OpenRules
+from formats.filters.cachemode import CACHE_MODES, open_for_cache
 from tapnbd import runtime, safefs
 from tapnbd.backend import Backend
 from tapnbd.control.auth import allowed, peer_uid
@@ -80,16 +80,15 @@ class Tapdisk:
 
     async def start(self) -> None:
         a = self.args
-        with files_for(a.cache):
-            driver = await open_image(
-                a.image,
-                fmt=a.format,
-                read_only=a.read_only,
-                rules=OpenRules(share=a.share),
-                snapshot=a.snapshot,
-            )
+        driver = await open_for_cache(
+            a.image,
+            a.cache,
+            fmt=a.format,
+            read_only=a.read_only,
+            rules=OpenRules(share=a.share),
+            snapshot=a.snapshot,
+        )
         try:
-            driver = with_cache_mode(driver, a.cache)
             # A snapshot opens read-only, so the Backend is read-only too.
             backend = Backend(driver, read_only=a.read_only)
             backend.stats.enabled = a.stats

@@ -208,6 +208,8 @@ async def open_exports(opts: ServeOptions) -> ExportRegistry:
                     allocation_depth=opts.allocation_depth,
                     discard=opts.discard,
                     detect_zeroes=opts.detect_zeroes,
+                    cache=opts.cache,
+                    offset=offset,
                 )
             )
     except BaseException:

@@ -62,7 +62,7 @@ def test_a_refused_fua_write_does_not_stick(
     async def main() -> None:
         drv = RawDriver(str(path))
         with monkeypatch.context() as m:
-            m.setattr(raw, "_pwrite_all", full)
+            m.setattr(raw, "pwrite_all", full)
             with pytest.raises(OSError) as e:
                 await drv.pwrite(0, b"y" * 4096, fua=True)
             assert e.value.errno == errno.ENOSPC
