@@ -128,7 +128,8 @@ class OpenRules:
     allow_probed_backing: bool = False
     #: Backing files may be block devices (a top image given by the admin always may).
     allow_block_devices: bool = False
-    #: Writable opens take no lock (the admin shares the image on purpose).
+    #: Opens stop nobody and are stopped by nobody (formats.locks; the admin shares the
+    #: image on purpose: serve's --share, the tools' -U).
     share: bool = False
     #: Whether the file being opened now may be a block device (set per file).
     block_devices: bool = True

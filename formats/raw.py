@@ -26,6 +26,7 @@ from contextvars import ContextVar
 from typing import TYPE_CHECKING
 
 from formats import Format
+from formats.locks import lock_image
 from formats.probes import probe_raw as probe
 from tapnbd import buffers
 from tapnbd.driver import BlockSize, Driver, Extent, ExtentFlags, FuaMode
@@ -147,17 +148,6 @@ def open_file(path: str, *, read_only: bool = True, block_devices: bool = True) 
     return fd
 
 
-def lock_image(fd: int, path: str) -> None:
-    """Take the image's write lock (flock LOCK_EX, not waiting), or say who has it."""
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        raise ImageError(
-            f"{path}: in use: another process (or export) has it open for writing "
-            "(an image tool's --force-share, or serve's --share, skips the lock)"
-        ) from None
-
-
 def create_raw(
     path: str,
     size: int,
@@ -194,7 +184,8 @@ async def open_raw(path: str, read_only: bool) -> Driver:
     return await RawDriver.open(
         path,
         read_only=read_only,
-        exclusive=not read_only and not rules.share,
+        lock=True,
+        share=rules.share,
         block_devices=rules.block_devices,
     )
 
@@ -216,7 +207,8 @@ class RawDriver(Driver):
         path: str,
         *,
         read_only: bool = False,
-        exclusive: bool = False,
+        lock: bool = False,
+        share: bool = False,
         block_devices: bool = True,
         fd: int | None = None,
     ) -> None:
@@ -228,14 +220,12 @@ class RawDriver(Driver):
         self.read_only = read_only
         st = os.fstat(self.fd)
         self.is_block = stat.S_ISBLK(st.st_mode)
-        if exclusive:
-            # Two writers would corrupt an image (two qcow drivers allocating the same
-            # clusters, two servers under one guest file system), so every writable
-            # open takes an exclusive lock, as qemu does, unless the admin shares it.
-            # Readers (info, check, backing files) take none. The kernel drops the lock
-            # when we exit, so a successor can open the image once we are gone.
+        if lock:
+            # QEMU's locks for a reader or a writer (formats.locks), so that no other
+            # writer changes the image under us, nor we under its readers. The kernel
+            # drops them when we exit, so a successor can open the image once we are gone.
             try:
-                lock_image(self.fd, path)
+                lock_image(self.fd, path, write=not read_only, share=share)
             except BaseException:
                 os.close(self.fd)
                 raise
@@ -254,7 +244,7 @@ class RawDriver(Driver):
 
     @classmethod
     async def open(
-        cls, path: str, *, read_only: bool, exclusive: bool, block_devices: bool
+        cls, path: str, *, read_only: bool, lock: bool, share: bool, block_devices: bool
     ) -> RawDriver:
         """The driver, with the open and fstat done in the thread pool: a daemon
         serving other exports never waits on an image's open(2) (NFS, a slow disk)."""
@@ -266,8 +256,8 @@ class RawDriver(Driver):
         if cls is RawDriver and DIRECT_IO.get():  # --cache=none or directsync
             from formats.direct import DirectFile
 
-            return DirectFile(path, read_only=read_only, exclusive=exclusive, fd=fd)
-        return cls(path, read_only=read_only, exclusive=exclusive, fd=fd)
+            return DirectFile(path, read_only=read_only, lock=lock, share=share, fd=fd)
+        return cls(path, read_only=read_only, lock=lock, share=share, fd=fd)
 
     def size(self) -> int:
         return self._size

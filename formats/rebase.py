@@ -69,8 +69,9 @@ async def rebase_image(
     with locked_target(path, share=share) as fd:
         # The header is checked by an open before a byte of it is rewritten (also for
         # -u, which reads no data): a hostile header must fail with a message.
+        # (``share``: beside our own writer's lock, which would refuse another open.)
         alone = await open_image(
-            path, fmt=asked, read_only=True, rules=replace(rules, no_backing=True)
+            path, fmt=asked, read_only=True, rules=replace(rules, no_backing=True, share=True)
         )
         await alone.close()
         new: Driver | None = None

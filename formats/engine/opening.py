@@ -59,7 +59,8 @@ async def image_file(
     child: Driver = await RawDriver.open(
         path,
         read_only=read_only,
-        exclusive=not read_only and not rules.share,
+        lock=True,
+        share=rules.share,
         block_devices=rules.block_devices,
     )
     wrap = file_filter.get()

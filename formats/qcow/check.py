@@ -29,11 +29,11 @@ from tapnbd.errors import ImageError, UnsupportedImageError
 __all__ = ["MAX_LISTED", "CheckResult", "ClusterUse", "check_qcow"]
 
 
-async def check_qcow(path: str) -> CheckResult:
-    """Check the image at ``path`` without changing it."""
+async def check_qcow(path: str, *, share: bool = False) -> CheckResult:
+    """Check the image at ``path`` without changing it (as a reader: formats.locks)."""
     res = CheckResult(path)
     try:
-        child = RawDriver(path, read_only=True)
+        child = RawDriver(path, read_only=True, lock=True, share=share)
     except ImageError as e:
         res.check_errors.append(str(e))
         return res

@@ -37,7 +37,8 @@ async def repair_qcow(path: str, *, share: bool = False) -> CheckResult:
     if not os.path.lexists(path):
         raise ImageError(f"{path}: no such file or device")
     with locked_target(path, share=share) as fd:
-        res = await check_qcow(path)
+        # Read beside our own writer's lock (another open file, so it would refuse us).
+        res = await check_qcow(path, share=True)
         if res.check_errors or res.corruption_count:
             res.notes.insert(0, "not repaired: the image is corrupt, not only leaky")
             return res
@@ -48,7 +49,7 @@ async def repair_qcow(path: str, *, share: bool = False) -> CheckResult:
         if res.cksum == "mismatch":
             done.append(await _fix_cksum(fd, path))
         os.fsync(fd)
-        after = await check_qcow(path)
+        after = await check_qcow(path, share=True)
     if done:
         after.notes.insert(0, "repaired: " + "; ".join(done))
     return after

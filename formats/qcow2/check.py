@@ -43,7 +43,7 @@ class Qcow2CheckResult(CheckResult):
 
 
 async def check_qcow2(
-    path: str, repair: bool = False, *, leaks_only: bool = False
+    path: str, repair: bool = False, *, leaks_only: bool = False, share: bool = False
 ) -> Qcow2CheckResult:
     """Check ``path`` (read-only unless ``repair``).
 
@@ -54,7 +54,7 @@ async def check_qcow2(
     whose refcount block does not exist cannot be repaired here.
     """
     res = Qcow2CheckResult(filename=path)
-    child = RawDriver(path, read_only=not repair, exclusive=repair)
+    child = RawDriver(path, read_only=not repair, lock=True, share=share)
     fixes: dict[int, int] = {}
     try:
         meta = await read_meta(child)
@@ -158,7 +158,7 @@ async def check_qcow2(
     finally:
         await child.close()
     if repair and not res.check_errors:
-        after = await check_qcow2(path)
+        after = await check_qcow2(path, share=share)
         after.notes.insert(0, f"repaired {len(fixes)} refcounts; the dirty bit is clear")
         return after
     return res

@@ -37,7 +37,7 @@ SECTOR = 512
 @asynccontextmanager
 async def rewritable(path: str, *, share: bool = False) -> AsyncIterator[tuple[Driver, Qcow2Meta]]:
     """(file, metadata) of the qcow2 image at ``path``, its lock held unless ``share``."""
-    child: Driver = RawDriver(path, read_only=False, exclusive=not share)
+    child: Driver = RawDriver(path, read_only=False, lock=True, share=share)
     wrap = file_filter.get()
     if wrap is not None:
         child = wrap(child)

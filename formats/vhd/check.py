@@ -31,10 +31,10 @@ class VhdCheckResult(CheckResult):
         return out
 
 
-async def check_vhd(path: str) -> VhdCheckResult:
-    """Check ``path`` read-only."""
+async def check_vhd(path: str, *, share: bool = False) -> VhdCheckResult:
+    """Check ``path`` read-only (as a reader: formats.locks)."""
     res = VhdCheckResult(filename=path)
-    child = RawDriver(path, read_only=True)
+    child = RawDriver(path, read_only=True, lock=True, share=share)
     try:
         try:
             meta = await read_meta(child, path)

@@ -39,25 +39,26 @@ ForceShareOpt = Annotated[
     typer.Option(
         "--force-share",
         "-U",
-        help="Write the image without taking its lock, even while it is in use.",
+        help="Write the image even while it is in use, without asking its lock.",
     ),
 ]
-#: The read-only commands' -U: qemu-img asks for it to read an image that a running VM
-#: holds. Reads here never take an image's lock, so it changes nothing; it is accepted
-#: so that qemu-img's command lines run as they are.
+#: The read-only commands' -U, as qemu-img's: a reader takes the image's reader locks
+#: (formats.locks), which a writer in the way refuses; -U reads it anyway.
 ReadShareOpt = Annotated[
     bool,
     typer.Option(
         "--force-share",
         "-U",
-        help="Read the image even while it is in use (the default here: reads take no "
-        "lock); what is read may be changing under it.",
+        help="Read the image even while a writer (a VM, a server) has it open; what is "
+        "read may be changing under it.",
     ),
 ]
 ShareOpt = Annotated[
     bool,
     typer.Option(
-        "--share", help="Open images for writing without their lock (another writer is ok)."
+        "--share",
+        help="Open images beside other users, writers included (QEMU's locks still show "
+        "ours, but stop nobody).",
     ),
 ]
 

@@ -603,12 +603,14 @@ def check_cmd(
 
             if repair:
                 fail(f"{image}: --repair is for qcow and qcow2 images", 1)
-            res = runtime.run_command(check_vhd(image))
+            res = runtime.run_command(check_vhd(image, share=force_share))
         elif fmt == "qcow2":
             from formats.qcow2.check import check_qcow2
 
             leaks_only = repair_mode == "leaks"
-            res = runtime.run_command(check_qcow2(image, repair=repair, leaks_only=leaks_only))
+            res = runtime.run_command(
+                check_qcow2(image, repair=repair, leaks_only=leaks_only, share=force_share)
+            )
         elif fmt == "qcow" and repair:
             from formats.qcow.repair import repair_qcow
 
@@ -616,7 +618,7 @@ def check_cmd(
         elif fmt == "qcow":
             from formats.qcow.check import check_qcow
 
-            res = runtime.run_command(check_qcow(image))
+            res = runtime.run_command(check_qcow(image, share=force_share))
         else:
             from formats.foreign import FOREIGN, refusal
 

@@ -183,9 +183,8 @@ def info_cmd(
     force_share: ReadShareOpt = False,
 ) -> None:
     """Format, sizes, allocation, backing chain and the Xen extension of an image."""
-    del force_share  # reads take no lock (ReadShareOpt)
     use_json = wants_json(output, as_json)
-    rules = open_rules(backing_format, allow_probed_chain, allow_block_devices)
+    rules = open_rules(backing_format, allow_probed_chain, allow_block_devices, force_share)
     with errors_as_exit():
         info = runtime.run_command(image_info(image, fmt, rules))
     if use_json:

@@ -83,9 +83,8 @@ def map_cmd(
     from formats import parse_size
     from formats.imagemap import format_human, format_json
 
-    del force_share  # reads take no lock (ReadShareOpt)
     use_json = wants_json(output, as_json)
-    rules = open_rules(backing_format, allow_probed_chain, allow_block_devices)
+    rules = open_rules(backing_format, allow_probed_chain, allow_block_devices, force_share)
     with errors_as_exit():
         start = parse_size(start_at, allow_zero=True)
         length = parse_size(max_length) if max_length is not None else None
@@ -217,8 +216,7 @@ def compare_cmd(
     A part only one image has must read as zeros (unless --strict). Exit codes: 0 the
     same, 1 different (with the first differing offset), 2 an error.
     """
-    del force_share  # reads take no lock (ReadShareOpt)
-    rules = open_rules(None, allow_probed_chain, allow_block_devices)
+    rules = open_rules(None, allow_probed_chain, allow_block_devices, force_share)
     code, lines = 2, list[str]()
     with (
         errors_as_exit(2),

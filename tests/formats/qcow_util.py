@@ -104,11 +104,12 @@ async def make_qcow(
     return path
 
 
-async def open_qcow(path: Path | str, *, read_only: bool = False) -> QcowDriver:
+async def open_qcow(
+    path: Path | str, *, read_only: bool = False, share: bool = False
+) -> QcowDriver:
     # The tests make their chains themselves: they vouch for every header in them.
-    driver = await open_image(
-        str(path), fmt="qcow", read_only=read_only, rules=OpenRules(allow_probed_backing=True)
-    )
+    rules = OpenRules(allow_probed_backing=True, share=share)
+    driver = await open_image(str(path), fmt="qcow", read_only=read_only, rules=rules)
     assert isinstance(driver, QcowDriver)
     return driver
 

@@ -209,21 +209,23 @@ def test_p_draws_a_bar_that_ends_full_and_q_silences_it(
 
 
 def test_the_reading_commands_take_qemu_imgs_U_on_an_image_in_use(tmp_path: Path) -> None:
-    """A served image holds its lock; info, map, compare and check read it with -U as
-    qemu-img does (and without it: reads take no lock here). check's repair writes, so
-    it refuses -U."""
+    """A served image holds its lock; info, map, compare and check refuse it as
+    qemu-img does, and read it with -U. check's repair writes, so it refuses -U."""
     need("qemu-img", "qemu-io")
     base, top = _overlay(tmp_path)
     server = start_server([str(top), "--format", "qcow2"], tmp_path / "serve.log")
     try:
-        for extra in ([], ["-U"]):
-            info = json.loads(tapnbd("info", *extra, "--output=json", "-f", "qcow2", top).stdout)
-            assert info["virtual-size"] == 16 * MiB
-            got = tapnbd("map", *extra, "--output=json", "-f", "qcow2", top).stdout
-            assert json.loads(got)[0]["start"] == 0
-            r = tapnbd("compare", *extra, "-f", "qcow2", "-F", "qcow2", top, top)
-            assert r.stdout.strip() == "Images are identical."
-            tapnbd("check", *extra, "-f", "qcow2", top)
+        for cmd in (["info"], ["map"], ["check"], ["compare", "-F", "qcow2", top]):
+            r = tapnbd(*cmd, "-f", "qcow2", top, check=False)
+            assert r.returncode != 0 and 'shared "write" lock' in r.stderr, (cmd, r.stderr)
+        extra = ["-U"]
+        info = json.loads(tapnbd("info", *extra, "--output=json", "-f", "qcow2", top).stdout)
+        assert info["virtual-size"] == 16 * MiB
+        got = tapnbd("map", *extra, "--output=json", "-f", "qcow2", top).stdout
+        assert json.loads(got)[0]["start"] == 0
+        r = tapnbd("compare", *extra, "-f", "qcow2", "-F", "qcow2", top, top)
+        assert r.stdout.strip() == "Images are identical."
+        tapnbd("check", *extra, "-f", "qcow2", top)
         r = tapnbd("check", "-U", "-r", "all", top, check=False)
         assert r.returncode == 1 and "-U" in r.stderr, r.stderr
         # qemu-img, the referee, reads it the same way with -U.

@@ -165,15 +165,16 @@ async def test_metadata_order_data_then_l2_then_l1(tmp_path: Path) -> None:
 
 
 async def test_unflushed_metadata_is_not_on_disk(tmp_path: Path) -> None:
-    """Before a flush another reader sees the old image; after it, everything."""
+    """Before a flush another reader (-U: beside the writer) sees the old image; after
+    it, everything."""
     img = await make_qcow(tmp_path / "n.qcow", 8 * MiB, optimise=False)
     d = await open_qcow(img)
     await d.pwrite(5 * MiB, b"z" * 10000)
-    other = await open_qcow(img, read_only=True)
+    other = await open_qcow(img, read_only=True, share=True)
     assert bytes(await other.pread(5 * MiB, 10000)) == bytes(10000)
     await other.close()
     await d.flush()
-    other = await open_qcow(img, read_only=True)
+    other = await open_qcow(img, read_only=True, share=True)
     assert bytes(await other.pread(5 * MiB, 10000)) == b"z" * 10000
     await other.close()
     await d.close()

@@ -1,8 +1,9 @@
 """Tools that write an image take its lock first (issue 11).
 
-A server holds an exclusive flock on every image it has open for writing, raw ones
-included (as qemu does). ``create`` and ``convert`` take the same lock before they
-change a byte, so an image in use is refused and left byte-for-byte as it was.
+A server holds QEMU's writer locks on every image it has open for writing, raw ones
+included (formats.locks; tests/security/test_qemu_locks.py has QEMU as the referee).
+``create`` and ``convert`` take the same locks before they change a byte, so an image
+in use is refused and left byte-for-byte as it was.
 """
 
 from __future__ import annotations
@@ -70,14 +71,17 @@ def test_tools_refuse_a_served_image_and_leave_it_intact(
 def test_second_writer_is_refused_until_the_first_exits(
     tmp_path: Path, live: tuple[Path, Path]
 ) -> None:
-    """Raw images are locked too; --read-only and --share open without the lock; once
-    the first server has exited, its successor opens the image (the handover)."""
+    """Raw images are locked too; a reader is refused as well, unless it shares (as
+    --share does for a writer too); once the first server has exited, its successor
+    opens the image (the handover)."""
     _, raw = live
     first = start_server([str(raw)], tmp_path / "first.log")
     try:
         proc = run(tapnbd_cmd("serve", str(raw), "--port", "0"), check=False, timeout=60)
         assert proc.returncode == 1 and "in use" in proc.stderr, proc.stderr
-        reader = start_server([str(raw), "--read-only"], tmp_path / "reader.log")
+        proc = run(tapnbd_cmd("serve", str(raw), "-r", "--port", "0"), check=False, timeout=60)
+        assert proc.returncode == 1 and "in use" in proc.stderr, proc.stderr
+        reader = start_server([str(raw), "--read-only", "--share"], tmp_path / "reader.log")
         assert reader.stop() == 0
         shared = start_server([str(raw), "--share"], tmp_path / "shared.log")
         assert shared.stop() == 0

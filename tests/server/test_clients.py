@@ -45,7 +45,7 @@ def test_nbdinfo_json_reports_capabilities(serve: Callable[..., Server], raw_ima
 def test_nbdinfo_can_and_is(serve: Callable[..., Server], raw_image: Path) -> None:
     need("nbdinfo")
     rw = serve(str(raw_image))
-    ro = serve(str(raw_image), "--read-only")
+    ro = serve(str(raw_image), "--read-only", "--share")  # a reader beside the writer
     assert run(["nbdinfo", "--can", "multi-conn", rw.uri], check=False).returncode == 0
     assert run(["nbdinfo", "--can", "trim", rw.uri], check=False).returncode == 0
     assert run(["nbdinfo", "--is", "read-only", rw.uri], check=False).returncode == 2

@@ -95,7 +95,7 @@ print(json.dumps(res))
 
 def test_strict_mode_probes(serve: Callable[..., Server], raw_image: Path) -> None:
     rw = serve(str(raw_image))
-    ro = serve(str(raw_image), "--read-only")
+    ro = serve(str(raw_image), "--read-only", "--share")  # a reader beside the writer
     res = nbdsh_script(PROBES, rw.uri, ro.uri)
     assert isinstance(res, dict)
     expected = {

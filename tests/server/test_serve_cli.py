@@ -161,8 +161,9 @@ def test_requests_during_shutdown_get_eshutdown(serve: Callable[..., Server]) ->
 
 
 def test_one_writer_per_image(serve: Callable[..., Server], tmp_path: Path) -> None:
-    """A second writable open of an image is refused (two qcow writers would corrupt it);
-    read-only opens still work, and the lock goes with the process, even on kill -9."""
+    """A second writable open of an image is refused (two qcow writers would corrupt it),
+    and so is a reader (its data would change under it) unless it shares (-U, --share,
+    as qemu); the lock goes with the process, even on kill -9."""
     need("nbdinfo")
     image = tmp_path / "w.qcow"
     run(tapnbd_cmd("create", str(image), "--size", "16M"))
@@ -170,9 +171,12 @@ def test_one_writer_per_image(serve: Callable[..., Server], tmp_path: Path) -> N
     second = run(tapnbd_cmd("serve", str(image), "--port", "0"), check=False, timeout=30)
     assert second.returncode != 0
     assert "in use" in second.stderr and "w.qcow" in second.stderr
-    reader = serve(str(image), "--read-only")
+    refused = run(tapnbd_cmd("serve", str(image), "-r", "--port", "0"), check=False)
+    assert refused.returncode != 0 and 'shared "write" lock' in refused.stderr, refused.stderr
+    reader = serve(str(image), "--read-only", "--share")
     assert run(["nbdinfo", "--size", reader.uri]).stdout.strip() == str(16 << 20)
-    assert run(tapnbd_cmd("info", str(image))).returncode == 0
+    assert run(tapnbd_cmd("info", str(image)), check=False).returncode == 1
+    assert run(tapnbd_cmd("info", "-U", str(image))).returncode == 0
     first.stop(signal.SIGKILL)
     again = serve(str(image))
     assert run(["nbdinfo", "--size", again.uri]).stdout.strip() == str(16 << 20)
