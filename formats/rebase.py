@@ -10,6 +10,11 @@ The image's lock is held from before the first write to the end (formats.locks);
 driver that does the copying is opened under it with ``share``, as create_qcow2's
 preallocation is. A relative new name is relative to the image's directory, as qemu-img
 takes it, and stored as given.
+
+``cache`` (-t) is the image's cache mode while the differences are written into it;
+its old backing chain, read through it, opens the same way (QEMU's backing files
+inherit the cache mode). ``src_cache`` (-T) is the new backing file's, as qemu-img
+rebase opens it (formats.filters.cachemode).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from formats import OpenRules, open_image, probe
 from formats.engine.backing import read_backing
 from formats.engine.opening import resolve_backing
 from formats.engine.topmap import unallocated_ranges
+from formats.filters.cachemode import check_cache_mode, files_for, with_cache_mode
 from formats.locks import locked_target
 from formats.pacing import Pace
 from tapnbd.driver import Driver, ExtentFlags
@@ -49,11 +55,17 @@ async def rebase_image(
     share: bool = False,
     rules: OpenRules | None = None,
     pace: Pace | None = None,
+    cache: str = "writeback",
+    src_cache: str = "writeback",
 ) -> None:
     """Make ``backing`` ("" for none) the backing file of the image at ``path``.
 
     ``pace`` (-p) begins with the bytes the overlay does not hold, all compared.
+    ``cache`` and ``src_cache`` (-t and -T): the image's and the new backing file's
+    cache modes.
     """
+    check_cache_mode(cache)
+    check_cache_mode(src_cache)
     rules = rules or OpenRules()
     pace = pace or Pace()
     asked, fmt = fmt, image_format(path, fmt)
@@ -80,16 +92,17 @@ async def rebase_image(
                 if unsafe and not os.path.exists(where):
                     pass  # -u may name a file that is not there yet, as in qemu-img
                 else:
-                    new = await open_image(
-                        where, fmt=backing_format or "auto", read_only=True, rules=rules
-                    )
+                    with files_for(src_cache):
+                        new = await open_image(
+                            where, fmt=backing_format or "auto", read_only=True, rules=rules
+                        )
                     backing_format = backing_format or new.name
                     if fmt == "vhd" and new.name != "vhd":
                         raise ImageError(f"{where}: a VHD's parent must be a VHD, not {new.name}")
             if not unsafe:
                 # A probed image is opened as probed: the trust rules then apply to its
                 # backing name (formats.open_backing).
-                await _copy_differences(path, asked, new, replace(rules, share=True), pace)
+                await _copy_differences(path, asked, new, replace(rules, share=True), pace, cache)
         finally:
             if new is not None:
                 await new.close()
@@ -109,14 +122,18 @@ async def rebase_image(
 
 
 async def _copy_differences(
-    path: str, fmt: str, new: Driver | None, rules: OpenRules, pace: Pace
+    path: str, fmt: str, new: Driver | None, rules: OpenRules, pace: Pace, cache: str
 ) -> None:
     """Copy into the image what its old backing file shows and ``new`` would not."""
-    top = await open_image(path, fmt=fmt, read_only=False, rules=rules)
+    with files_for(cache):
+        image = await open_image(path, fmt=fmt, read_only=False, rules=rules)
+    top = with_cache_mode(image, cache)
     try:
         cs = top.describe().get("cluster-size", 65536)
         assert isinstance(cs, int)
-        ranges = await unallocated_ranges(top)
+        # The format's own driver: the map swaps its backing file, which a filter
+        # in front would only shadow.
+        ranges = await unallocated_ranges(image)
         pace.begin(sum(n for _, n in ranges))
         for start, n in ranges:
             pos, end = start, start + n

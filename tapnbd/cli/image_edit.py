@@ -66,6 +66,21 @@ def rebase_cmd(
     force_share: ForceShareOpt = False,
     show_progress: ProgressOpt = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    cache: Annotated[
+        str,
+        cache_option(
+            "-t",
+            "--cache",
+            "CACHE",
+            "The image's cache mode, and its old backing chain's (qemu-img -t)",
+        ),
+    ] = "writeback",
+    src_cache: Annotated[
+        str,
+        cache_option(
+            "-T", "--source-cache", "SRC_CACHE", "The new backing file's cache mode (qemu-img -T)"
+        ),
+    ] = "writeback",
 ) -> None:
     """Give an overlay a new backing file, keeping what it reads (qemu-img rebase).
 
@@ -88,6 +103,8 @@ def rebase_cmd(
                     share=force_share,
                     rules=rules,
                     pace=pace,
+                    cache=cache,
+                    src_cache=src_cache,
                 )
             )
 

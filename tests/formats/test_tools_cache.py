@@ -1,4 +1,5 @@
-"""convert -t/-T and commit -t (qemu-img's cache modes for what they write and read)."""
+"""convert -t/-T, commit -t, bench -t and rebase -t/-T (qemu-img's cache modes for what
+they write and read)."""
 
 from __future__ import annotations
 
@@ -97,3 +98,64 @@ async def test_bench_t_runs_past_the_page_cache(
     await run_bench(str(img), spec, fmt="raw", rules=OpenRules(), cache=cache)
     assert len(writes) == 64
     assert img.read_bytes()[: 64 * 4096] == b"\7" * (64 * 4096)
+
+
+def _rebase_chain(tmp_path: Path) -> tuple[Path, Path, Path, Path]:
+    """base.raw <- top.qcow2, a new.qcow2 that differs from base, and top's guest
+    contents as a raw file read by qemu-img (what the rebased image must still read)."""
+    rnd = random.Random(3)
+    base, new, top = tmp_path / "base.raw", tmp_path / "new.qcow2", tmp_path / "top.qcow2"
+    base.write_bytes(rnd.randbytes(3 << 20) + bytes(1 << 20))
+    run(["qemu-img", "create", "-q", "-f", "qcow2", str(new), "4M"])
+    qemu_io(new, "write -P 5 512k 2M", fmt="qcow2")
+    run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", str(top)])
+    qemu_io(top, "write -P 9 1000 70000", "write -P 0 3M 64k", fmt="qcow2")
+    before = tmp_path / "before.raw"
+    run(["qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(top), str(before)])
+    return base, new, top, before
+
+
+@pytest.mark.parametrize(("cache", "src_cache"), [("none", "writeback"), ("writeback", "none")])
+def test_rebase_t_opens_the_image_and_T_the_new_backing_past_the_page_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cache: str, src_cache: str
+) -> None:
+    from formats.rebase import rebase_image
+
+    base, new, top, before = _rebase_chain(tmp_path)
+    opened: list[str] = []
+    real_init = DirectFile.__init__
+
+    def init(self: DirectFile, path: str, **kw: object) -> None:
+        opened.append(path)
+        real_init(self, path, **kw)
+
+    monkeypatch.setattr(DirectFile, "__init__", init)
+    asyncio.run(
+        rebase_image(
+            str(top), "new.qcow2", backing_format="qcow2", fmt="qcow2", cache=cache,
+            src_cache=src_cache,
+        )
+    )  # fmt: skip
+    # -t: the image, and its old backing file read through it (QEMU's inheritance);
+    # -T: the new backing file alone.
+    want = [str(top), str(base)] if cache == "none" else [str(new)]
+    assert sorted(opened) == sorted(want)
+    run(["qemu-img", "compare", "-f", "raw", "-F", "qcow2", str(before), str(top)])
+    run(["qemu-img", "check", "-q", "-f", "qcow2", str(top)])
+
+
+def test_rebase_cli_takes_t_and_T_and_keeps_what_the_image_reads(tmp_path: Path) -> None:
+    for t in ("writeback", "writethrough", "unsafe", "none", "directsync"):
+        d = tmp_path / t
+        d.mkdir()
+        _base, _new, top, before = _rebase_chain(d)
+        run(tapnbd_cmd("rebase", "-f", "qcow2", "-t", t, "-T", t, "-b", "new.qcow2",
+                       "-F", "qcow2", str(top)))  # fmt: skip
+        run(["qemu-img", "compare", "-f", "raw", "-F", "qcow2", str(before), str(top)])
+        run(["qemu-img", "check", "-q", "-f", "qcow2", str(top)])
+    _base, _new, top, _before = _rebase_chain(tmp_path)
+    for flag in ("-t", "-T"):
+        out = run(tapnbd_cmd("rebase", flag, "bogus", "-b", "new.qcow2", str(top)), check=False)
+        assert out.returncode == 1 and "--cache 'bogus'" in out.stderr
+        info = run(["qemu-img", "info", "--output=json", "-f", "qcow2", str(top)]).stdout
+        assert '"backing-filename": "base.raw"' in info  # refused before any change
