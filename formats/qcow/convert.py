@@ -54,7 +54,10 @@ class CopyTuning:
     source and target are both plain files, else, or once the kernel refuses, the
     usual way (as qemu-img falls back); ``cache`` and ``src_cache`` (-t and -T), the
     target's and the source's cache modes (formats.filters.cachemode: ``none`` reads or
-    writes them past the page cache; ``unsafe`` drops the target's final flush)."""
+    writes them past the page cache; ``unsafe`` drops the target's final flush);
+    ``out_of_order`` (-W), the ``depth`` requests write as their reads finish. Without
+    it, as qemu-img without -W, reads still overlap but each chunk's writes wait for the
+    chunk before it, so a new image's clusters are laid out in the guest's order."""
 
     sparse_size: int = ZERO_BLOCK
     depth: int = DEPTH
@@ -62,6 +65,7 @@ class CopyTuning:
     offload: bool = False
     cache: str = "writeback"
     src_cache: str = "writeback"
+    out_of_order: bool = False
 
     def check(self) -> None:
         check_cache_mode(self.cache)
@@ -362,6 +366,17 @@ async def _copy(
     zeroes = bytes(zb) if sparse_size else b""
     tasks: set[asyncio.Task[None]] = set()
     failure: list[BaseException] = []
+    # In order (no -W): a chunk's position -> the chunk before it, once that is done.
+    # A chunk is done only after the one before it, so the chain holds end to end.
+    before: dict[int, asyncio.Future[None]] = {}
+    last: asyncio.Future[None] | None = None
+
+    async def my_turn(pos: int) -> None:
+        """Wait until the chunks before the one at ``pos`` have written (no -W)."""
+        prev = before.pop(pos, None)
+        if prev is not None:
+            await prev
+
     # -C: both ends plain files (not a format, not a filter), and the chunks whole.
     fds = _plain_fds(source, target) if tuning.offload and not (diff or compress) else None
 
@@ -423,6 +438,7 @@ async def _copy(
 
     async def copy_chunk(pos: int, n: int) -> None:
         data = await read(pos, n)
+        await my_turn(pos)
         written = 0
         # Write only the runs of blocks that are not all zeros.
         run_start = -1
@@ -444,6 +460,7 @@ async def _copy(
     async def diff_chunk(pos: int, n: int) -> None:
         data = await read(pos, n)
         under = memoryview(await target.pread(pos, n))
+        await my_turn(pos)
         written, run_start, run_kind = 0, 0, "same"
         # Runs of blocks of one kind: as the target reads, zeros to zero, or data.
         for o in range(0, n + zb, zb):
@@ -469,6 +486,8 @@ async def _copy(
     async def offload_chunk(pos: int, n: int) -> None:
         nonlocal fds
         if fds is not None:
+            await my_turn(pos)
+        if fds is not None:  # (a chunk before may have found that the kernel will not)
             try:
                 await asyncio.to_thread(_copy_range, *fds, pos, n)
             except OSError as e:
@@ -483,16 +502,24 @@ async def _copy(
 
     def guarded(
         chunk: Callable[[int, int], Awaitable[None]],
-    ) -> Callable[[int, int], Coroutine[Any, Any, None]]:
-        """``chunk``, its failure kept for the loop below and its slot given back."""
+    ) -> Callable[[int, int, asyncio.Future[None]], Coroutine[Any, Any, None]]:
+        """``chunk``, its failure kept for the loop below, its slot given back and its
+        future ``finished`` set."""
 
-        async def run(pos: int, n: int) -> None:
+        async def run(pos: int, n: int, finished: asyncio.Future[None]) -> None:
             try:
                 await chunk(pos, n)
             except BaseException as e:
                 failure.append(e)
             finally:
                 slots.release()
+                # Done once the chunk before is (a chunk that wrote nothing may not
+                # have waited for it).
+                prev = before.pop(pos, None)
+                if prev is None or prev.done():
+                    finished.set_result(None)
+                else:
+                    prev.add_done_callback(lambda _f: finished.set_result(None))
 
         return run
 
@@ -512,6 +539,8 @@ async def _copy(
             # With diff, zeros are compared too: the backing file may hold data there.
             if ext.flags & ExtentFlags.ZERO and not diff and sparse_size:
                 if zero_target:
+                    if last is not None and not tuning.out_of_order:
+                        await last
                     await target.zero(ext.offset, ext.length)
                 done(ext.length, 0)
                 continue
@@ -520,7 +549,12 @@ async def _copy(
                 n = min(CHUNK, end - p)
                 await pace.admit(n)
                 await slots.acquire()
-                task = asyncio.get_running_loop().create_task(chunk(p, n))
+                loop = asyncio.get_running_loop()
+                mine = loop.create_future()
+                if last is not None and not tuning.out_of_order:
+                    before[p] = last
+                last = mine
+                task = loop.create_task(chunk(p, n, mine))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
                 p += n

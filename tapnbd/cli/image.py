@@ -323,6 +323,16 @@ def convert_cmd(
             "-m", "--coroutines", metavar="N", help="Requests in flight, 1 to 16 (qemu-img -m)."
         ),
     ] = 4,
+    out_of_order: Annotated[
+        bool,
+        typer.Option(
+            "-W",
+            "--out-of-order",
+            help="Let the -m requests write as their reads finish (qemu-img -W). Without "
+            "it each chunk is written after the one before it, so a new qcow, qcow2 or "
+            "VHD image's clusters follow the guest's order.",
+        ),
+    ] = False,
     salvage: Annotated[
         bool,
         typer.Option(
@@ -415,6 +425,7 @@ def convert_cmd(
                         if sparse_size is None
                         else _size(sparse_size, allow_zero=True),  # -S 0: no holes
                         depth=coroutines,
+                        out_of_order=out_of_order,
                         offload=offload,
                         cache=cache,
                         src_cache=src_cache,

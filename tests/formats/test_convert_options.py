@@ -291,3 +291,96 @@ async def test_copy_offloading_falls_back_when_the_kernel_refuses(tmp_path: Path
         qemu_img("compare", "-f", "raw", "-F", "raw", src, dst)
     finally:
         shutil.rmtree(src.parent)
+
+
+# -W: out-of-order writes
+
+
+class _LateFirst(RamDriver):
+    """Reads that finish in reverse: the lower the offset, the longer it takes."""
+
+    async def pread(self, offset: int, length: int) -> bytes | bytearray:
+        await asyncio.sleep(0.02 * (self.size() - offset) / self.size())
+        return await super().pread(offset, length)
+
+
+class _Logged(RamDriver):
+    """Records the offset of each write and zeroing, in the order they reach it."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        self.log: list[int] = []
+
+    async def pwrite(self, offset: int, data: bytes | memoryview, fua: bool = False) -> None:
+        self.log.append(offset)
+        await super().pwrite(offset, data, fua)
+
+    async def zero(
+        self, offset: int, length: int, *, may_trim: bool, fua: bool, fast: bool
+    ) -> None:
+        self.log.append(offset)
+        await super().zero(offset, length, may_trim=may_trim, fua=fua, fast=fast)
+
+
+@pytest.mark.parametrize("zero_target", [False, True])
+@pytest.mark.parametrize("out_of_order", [False, True])
+async def test_writes_are_in_order_unless_w(zero_target: bool, out_of_order: bool) -> None:
+    """16 chunks in flight whose reads finish last-first: without -W they are written
+    first-first all the same (with -n, the zero run between them too); with -W as their
+    reads finish."""
+    size = 32 * MiB
+    src = _LateFirst(size)
+    await src.pwrite(0, b"\x05" * (14 * MiB))
+    await src.pwrite(18 * MiB, b"\x06" * (14 * MiB))  # 4 MiB of zeros between
+    dst = _Logged(size)
+    if zero_target:  # -n: an existing image, written over
+        await dst.pwrite(0, b"\xff" * size)
+        dst.log.clear()
+    tuning = CopyTuning(depth=16, out_of_order=out_of_order)
+    await _copy(
+        Backend(src, read_only=True), Backend(dst), size, Pace(), zero_target=zero_target,
+        tuning=tuning,
+    )  # fmt: skip
+    assert bytes(await dst.pread(0, size)) == bytes(await src.pread(0, size))
+    if out_of_order:
+        assert dst.log != sorted(dst.log)
+    else:
+        assert dst.log == sorted(dst.log) and len(dst.log) >= 14 + zero_target
+
+
+@pytest.mark.parametrize("out_of_order", [False, True])
+async def test_without_w_a_new_qcow2_image_is_laid_out_in_the_guests_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, out_of_order: bool
+) -> None:
+    """qemu-img map: the data clusters' host offsets rise with their guest offsets
+    (as qemu-img convert's, without -W), though the source's reads finish last-first;
+    with -W they need not. qemu-img compare: the same disk either way."""
+    from formats.qcow.convert import convert_image
+
+    src = tmp_path / "src.raw"
+    src.write_bytes(random.Random(7).randbytes(16 * MiB))
+    real = Backend.pread
+
+    async def late_first(self: Backend, offset: int, length: int) -> bytes | bytearray | memoryview:
+        if self.read_only:  # the source
+            await asyncio.sleep(0.02 * (16 * MiB - offset) / (16 * MiB))
+        return await real(self, offset, length)
+
+    monkeypatch.setattr(Backend, "pread", late_first)
+    dst = tmp_path / "dst.qcow2"
+    tuning = CopyTuning(depth=8, out_of_order=out_of_order)
+    await convert_image(str(src), str(dst), "qcow2", src_fmt="raw", tuning=tuning)
+    qemu_img("compare", "-f", "raw", "-F", "qcow2", src, dst)
+    runs = json.loads(qemu_img("map", "--output=json", "-f", "qcow2", dst))
+    hosts = [r["offset"] for r in runs if r["data"]]
+    assert (hosts == sorted(hosts)) is not out_of_order, hosts
+
+
+def test_w_on_the_command_line(tmp_path: Path) -> None:
+    src = tmp_path / "src.raw"
+    src.write_bytes(random.Random(8).randbytes(6 * MiB))
+    for args in (["-W"], ["--out-of-order", "-m", "16"], ["-W", "-c"]):
+        dst = tmp_path / "dst.qcow2"
+        tapnbd("convert", "-q", *args, "-f", "raw", "-O", "qcow2", src, dst)
+        qemu_img("compare", "-f", "raw", "-F", "qcow2", src, dst)
+        dst.unlink()
