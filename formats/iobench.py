@@ -11,6 +11,11 @@ includes its checks.
 ``flush_interval`` (qemu-img bench --flush-interval) adds a FLUSH after every that
 many writes: the writes in flight are waited for first (drained), unless ``drain`` is
 false (--no-drain), when the FLUSH goes out beside them (qemu-img.c, bench_cb).
+
+``aio`` (qemu-img bench -i, and -n for ``native``) names the I/O engine. tapnbd's image
+files have one, formats.raw's (RWF_NOWAIT inline, else a thread pool): ``threads`` is
+that; ``native`` (Linux AIO) and ``io_uring`` are refused, as a qemu-img built without
+them refuses them, rather than timing another engine under their name.
 """
 
 from __future__ import annotations
@@ -24,6 +29,20 @@ from formats import OpenRules
 from formats.filters.cachemode import open_for_cache
 from tapnbd.backend import Backend
 from tapnbd.errors import ImageError
+
+#: qemu-img bench -i's modes.
+AIO_MODES = ("threads", "native", "io_uring")
+
+
+def check_aio(aio: str) -> None:
+    """Refuse an I/O engine other than the one the image files have (threads)."""
+    if aio not in AIO_MODES:
+        raise ImageError(f"-i {aio!r}: invalid aio mode; qemu-img takes {', '.join(AIO_MODES)}")
+    if aio != "threads":
+        raise ImageError(
+            f"-i {aio}: tapnbd has no {aio} engine; its image files do their I/O in a "
+            "thread pool (after an RWF_NOWAIT try): -i threads"
+        )
 
 
 @dataclass(frozen=True)
@@ -51,10 +70,18 @@ class BenchSpec:
 
 
 async def run_bench(
-    path: str, spec: BenchSpec, *, fmt: str, rules: OpenRules, cache: str = "writeback"
+    path: str,
+    spec: BenchSpec,
+    *,
+    fmt: str,
+    rules: OpenRules,
+    cache: str = "writeback",
+    aio: str = "threads",
 ) -> float:
     """Run ``spec`` against the image at ``path``, opened for ``cache`` (qemu-img bench
-    -t, formats.filters.cachemode); returns the seconds it took."""
+    -t, formats.filters.cachemode) with the I/O engine ``aio`` (-i); returns the seconds
+    it took."""
+    check_aio(aio)
     if spec.count < 0 or spec.depth < 1 or spec.size < 1 or not 0 <= spec.pattern <= 255:
         raise ImageError(
             "the count must be 0 or more, the depth and size 1 or more, and the pattern 0 to 255"

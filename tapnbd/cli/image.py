@@ -539,11 +539,27 @@ def bench_cmd(
     cache: Annotated[
         str, cache_option("-t", "--cache", "CACHE", "The image's cache mode (qemu-img -t)")
     ] = "writeback",
+    aio: Annotated[
+        str,
+        typer.Option(
+            "-i",
+            "--aio",
+            metavar="AIO",
+            help="The I/O engine (qemu-img -i): threads, the only one here (a thread pool "
+            "after an RWF_NOWAIT try); native and io_uring are refused.",
+        ),
+    ] = "threads",
+    native: Annotated[
+        bool,
+        typer.Option("-n", "--native", help="qemu-img's -n, that is -i native: refused."),
+    ] = False,
 ) -> None:
     """Time a run of reads or writes straight to an image's driver (qemu-img bench)."""
-    from formats.iobench import BenchSpec, run_bench
+    from formats.iobench import BenchSpec, check_aio, run_bench
 
+    aio = "native" if native else aio
     with errors_as_exit():
+        check_aio(aio)  # before the first line, as qemu-img refuses before it
         spec = BenchSpec(
             count=count,
             depth=depth,
@@ -558,7 +574,7 @@ def bench_cmd(
         if not quiet:
             print(spec.describe())
         rules = open_rules(None, False, False, force_share)
-        seconds = runtime.run(run_bench(image, spec, fmt=fmt, rules=rules, cache=cache))
+        seconds = runtime.run(run_bench(image, spec, fmt=fmt, rules=rules, cache=cache, aio=aio))
     print(f"Run completed in {seconds:.3f} seconds.")
 
 

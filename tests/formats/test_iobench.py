@@ -141,3 +141,33 @@ async def test_flush_interval_sends_its_flushes_drained(
         assert seen == [0] * flushes
     else:  # beside the writes: some were in flight when their FLUSH went out
         assert max(seen) > 0
+
+
+def test_i_threads_runs_and_native_and_io_uring_are_refused(tmp_path: Path) -> None:
+    """-i threads is the engine tapnbd has; -i native (-n) and io_uring are refused by
+    name before a byte is written, not timed on threads under their name."""
+    img = tmp_path / "a.raw"
+    img.write_bytes(bytes(MiB))
+    run(tapnbd_cmd("bench", "-q", "-w", "-c", "8", "--pattern", "3", "-i", "threads", str(img)))
+    assert img.read_bytes()[: 8 * 4096] == b"\3" * (8 * 4096)
+    for opts, says in (
+        (("-i", "native"), "no native engine"),
+        (("-n", "-t", "none"), "no native engine"),
+        (("-i", "io_uring"), "no io_uring engine"),
+        (("-i", "bogus"), "invalid aio mode"),
+    ):
+        r = run(tapnbd_cmd("bench", "-w", "--pattern", "4", *opts, str(img)), check=False)
+        assert r.returncode == 1 and says in r.stderr and not r.stdout, (opts, r)
+        assert b"\4" not in img.read_bytes()
+
+
+async def test_run_bench_refuses_another_engine_before_it_opens(tmp_path: Path) -> None:
+    from formats import OpenRules
+    from formats.iobench import BenchSpec, run_bench
+    from tapnbd.errors import ImageError
+
+    spec = BenchSpec(count=1, write=True)
+    with pytest.raises(ImageError, match="no io_uring engine"):
+        await run_bench(
+            str(tmp_path / "absent"), spec, fmt="raw", rules=OpenRules(), aio="io_uring"
+        )
