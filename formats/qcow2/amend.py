@@ -25,10 +25,12 @@ References: QEMU docs/interop/qcow2.txt; block/qcow2.c ``qcow2_amend_options``.
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from formats.engine.tables import be_array
+from formats.pacing import Pace
 from formats.qcow2.create import Qcow2Options, parse_bool, parse_compat
 from formats.qcow2.layout import (
     MAX_REFCOUNT_ORDER,
@@ -59,9 +61,13 @@ _ELSEWHERE = {
 }
 
 
-async def amend_qcow2(path: str, opts: dict[str, str], *, share: bool = False) -> list[str]:
+async def amend_qcow2(
+    path: str, opts: dict[str, str], *, share: bool = False, pace: Pace | None = None
+) -> list[str]:
     """Apply ``opts`` (qemu-img amend's -o keys) to the qcow2 image at ``path``.
 
+    ``pace`` (-p) begins with the image file's size and advances by a share of it as
+    each step ends (the refcount width, then the header): no step reports within.
     Returns what changed, in words (empty: the image already was so).
     """
     for key in opts:
@@ -72,6 +78,9 @@ async def amend_qcow2(path: str, opts: dict[str, str], *, share: bool = False) -
                 f"amend -o {key}: unknown option (qcow2 takes {', '.join(AMEND_KEYS)})"
             )
     changed: list[str] = []
+    pace = pace or Pace()
+    total = os.path.getsize(path)
+    pace.begin(total)
     if "refcount_bits" in opts:
         bits = Qcow2Options.from_keys({"refcount_bits": opts["refcount_bits"]}).refcount_bits
         order = bits.bit_length() - 1
@@ -86,6 +95,7 @@ async def amend_qcow2(path: str, opts: dict[str, str], *, share: bool = False) -
                     raise ImageError("refcount_bits other than 16 needs compat 1.1 (version 3)")
                 await _change_refcount_order(child, meta, order, path)
                 changed.append(f"refcount bits {was} -> {bits}")
+        pace.advance(total // 2)
     async with rewritable(path, share=share) as (child, meta):
         h = meta.header
         version = h.version
@@ -109,6 +119,7 @@ async def amend_qcow2(path: str, opts: dict[str, str], *, share: bool = False) -
             h.compatible_features & Compatible.LAZY_REFCOUNTS
         ):
             changed.append(f"lazy refcounts {'on' if lazy else 'off'}")
+        pace.advance(total - total // 2 if "refcount_bits" in opts else total)
         return changed
 
 

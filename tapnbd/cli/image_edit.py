@@ -214,6 +214,15 @@ def amend_cmd(
     fmt: FormatOpt = "auto",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No message.")] = False,
     force_share: ForceShareOpt = False,
+    show_progress: Annotated[
+        bool,
+        typer.Option(
+            "--progress",
+            "-p",
+            help="Show a progress bar on stderr (qemu-img's -p); it moves as each step "
+            "ends (the refcount width, then the header), not within one.",
+        ),
+    ] = False,
 ) -> None:
     """Change a qcow2 image's version, refcount width or lazy refcounts in place (qemu-img amend)."""
     from formats.qcow2.amend import amend_qcow2
@@ -225,7 +234,10 @@ def amend_cmd(
         kind = image_format(image, fmt)
         if kind != "qcow2":
             raise ImageError(f"{image}: amend changes qcow2 images; this one is {kind}")
-        changed = runtime.run(amend_qcow2(image, parse_options(options), share=force_share))
+        with progress_bar(os.path.basename(image), show_progress and not quiet) as (pace, _):
+            changed = runtime.run(
+                amend_qcow2(image, parse_options(options), share=force_share, pace=pace)
+            )
     if not quiet:
         typer.echo("; ".join(changed) if changed else "Nothing to change.")
 

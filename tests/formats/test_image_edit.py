@@ -817,6 +817,36 @@ def test_amend_matches_qemu_img(tmp_path: Path, create: str, opts: str) -> None:
     qemu_img("check", "-f", "qcow2", images["ours"])
 
 
+@pytest.mark.parametrize(
+    ("opts", "steps"), [("lazy_refcounts=on", 1), ("refcount_bits=8,lazy_refcounts=on", 2)]
+)
+async def test_amend_p_fills_the_bar_step_by_step(tmp_path: Path, opts: str, steps: int) -> None:
+    """-p's bar: the file's size, filled by one share per step as each ends."""
+    from formats.pacing import Pace
+    from formats.qcow2.amend import amend_qcow2
+    from tapnbd.cli.image_flags import parse_options
+
+    top = qcreate(tmp_path / "top.qcow2", "qcow2", 4 * MiB)
+    qwrite(top, "qcow2", "write -P 5 1M 100k")
+    total = top.stat().st_size
+    began: list[int] = []
+    moved: list[int] = []
+    await amend_qcow2(str(top), parse_options(opts), pace=Pace(0, began.append, moved.append))
+    assert began == [total] and sum(moved) == total and len(moved) == steps
+    qemu_img("check", "-f", "qcow2", top)
+
+
+def test_amend_p_draws_a_bar_that_ends_full_and_q_silences_it(tmp_path: Path) -> None:
+    import re
+
+    for quiet in (False, True):
+        top = qcreate(tmp_path / f"q{quiet}.qcow2", "qcow2", 4 * MiB)
+        err = tapnbd("amend", "-p", *(["-q"] if quiet else []), "-o", "refcount_bits=8", top)
+        full = re.search(r"(\d+\.\d+)/\1 KiB", err.stderr)
+        assert (full is None) is quiet, err.stderr
+        assert qinfo(top, "qcow2")["format-specific"]["data"]["refcount-bits"] == 8  # type: ignore[index]
+
+
 def test_amend_upgrade_keeps_internal_snapshots(tmp_path: Path) -> None:
     top = qcreate(tmp_path / "top.qcow2", "qcow2", 4 * MiB, "-o", "compat=0.10")
     qwrite(top, "qcow2", "write -P 5 1M 64k")
