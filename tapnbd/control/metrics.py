@@ -28,6 +28,13 @@ from tapnbd.server.listener import remove_stale_socket
 log = logging.getLogger("tapnbd.control")
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+#: Scrapes served at once. A loopback port is open to every local user: without a cap,
+#: idle connections would take the process's file descriptors, and with them the NBD
+#: and control sockets' accepts. Newcomers over it are closed at once.
+MAX_CLIENTS = 8
+#: A scrape's whole exchange, request to last byte sent (Prometheus' own default
+#: scrape timeout is 10 s; a scraper reads a small page at once).
+EXCHANGE_TIMEOUT = 5.0
 #: The histogram's bounds: buckets 2**10 ns (1.024 us) to 2**35 ns (34.4 s) of
 #: tapnbd.stats, whose bucket i holds 2**(i-1) < ns <= 2**i. Fixed, so series stay.
 LE_BUCKETS = range(10, 36)
@@ -166,6 +173,7 @@ class MetricsServer:
         self.render = render
         self._server: asyncio.AbstractServer | None = None
         self.address = ""
+        self._clients = 0
 
     async def start(self, host: str, port: int) -> str:
         self._server = await asyncio.start_server(self._serve, host, port, reuse_address=True)
@@ -203,27 +211,39 @@ class MetricsServer:
             await self._server.wait_closed()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._clients >= MAX_CLIENTS:
+            writer.transport.abort()  # nothing said: it holds no descriptor of ours
+            return
+        self._clients += 1
         try:
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=10)
-            request_line = head.split(b"\r\n", 1)[0].decode("latin-1")
-            parts = request_line.split()
-            if len(parts) < 2 or parts[0] not in ("GET", "HEAD"):
-                status, body, ctype = "405 Method Not Allowed", "GET only\n", "text/plain"
-            elif parts[1].split("?", 1)[0] not in ("/metrics", "/"):
-                status, body, ctype = "404 Not Found", "try /metrics\n", "text/plain"
-            else:
-                status, body, ctype = "200 OK", await self.render(), CONTENT_TYPE
-            data = body.encode()
-            writer.write(
-                f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\n"
-                f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n".encode()
-            )
-            if parts and parts[0] != "HEAD":
-                writer.write(data)
-            await writer.drain()
+            async with asyncio.timeout(EXCHANGE_TIMEOUT):
+                await self._exchange(reader, writer)
         except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
             pass
         except OSError as e:
             log.debug("metrics client: %s", e)
         finally:
-            writer.close()
+            self._clients -= 1
+            writer.transport.abort()  # a no-op once closed; else drops a stalled client
+
+    async def _exchange(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        request_line = head.split(b"\r\n", 1)[0].decode("latin-1")
+        parts = request_line.split()
+        if len(parts) < 2 or parts[0] not in ("GET", "HEAD"):
+            status, body, ctype = "405 Method Not Allowed", "GET only\n", "text/plain"
+        elif parts[1].split("?", 1)[0] not in ("/metrics", "/"):
+            status, body, ctype = "404 Not Found", "try /metrics\n", "text/plain"
+        else:
+            status, body, ctype = "200 OK", await self.render(), CONTENT_TYPE
+        data = body.encode()
+        writer.write(
+            f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\n"
+            f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n".encode()
+        )
+        if parts and parts[0] != "HEAD":
+            writer.write(data)
+        await writer.drain()
+        writer.close()  # the rest is flushed before connection_lost
+        await writer.wait_closed()
+

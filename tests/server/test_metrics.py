@@ -4,6 +4,8 @@ curl after requests made by libnbd, so every count is known exactly."""
 from __future__ import annotations
 
 import re
+import select
+import socket
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -12,9 +14,9 @@ import pytest
 
 from tapnbd import stats as stats_mod
 from tapnbd.control.messages import ExportStats, OpCounters
-from tapnbd.control.metrics import LE_BUCKETS, prometheus_text
+from tapnbd.control.metrics import LE_BUCKETS, MAX_CLIENTS, prometheus_text
 from tapnbd.stats import Stats
-from tests.helpers import Server, nbdsh_script, need, run, tapnbd_cmd
+from tests.helpers import Server, nbdsh_script, need, open_fds, run, tapnbd_cmd
 
 #: 3 writes of 4 KiB, 5 reads of 4 KiB, 2 flushes, then one read past the end (EINVAL).
 REQUESTS = """
@@ -115,3 +117,42 @@ def test_prometheus_histogram_text() -> None:
     assert 'tapnbd_request_duration_seconds_sum{export="d",op="read"} 5e-06' in lines
     assert 'tapnbd_request_duration_seconds_count{export="d",op="read"} 7' in lines
     assert not any("p50" in line or "p99" in line for line in lines)
+
+
+def test_idle_scrapers_cannot_take_the_servers_descriptors(
+    serve: Callable[..., Server], raw_image: Path, tmp_path: Path
+) -> None:
+    """The attacker: another local user opens many connections to the metrics port (a
+    loopback port is open to every uid) and says nothing. Without a cap, each would
+    hold one of the server's descriptors until none is left for the NBD socket's
+    accept. Over MAX_CLIENTS, a newcomer is closed at once, and the ones let in are
+    closed when their exchange runs past its deadline."""
+    sock = tmp_path / "metrics.sock"
+    server = serve(str(raw_image), "--metrics", f"unix:{sock}")
+    before = open_fds(server.proc.pid)
+    idle = []
+    for _ in range(MAX_CLIENTS + 40):
+        c = socket.socket(socket.AF_UNIX)
+        c.connect(str(sock))
+        idle.append(c)
+    # Every newcomer over the cap sees its end of file (an event, no sleep).
+    open_ = set(idle)
+    while len(open_) > MAX_CLIENTS:
+        ready, _, _ = select.select(list(open_), [], [], 30)
+        assert ready, f"{len(open_)} idle connections still held after 30 s"
+        for c in ready:
+            assert c.recv(1) == b""
+            open_.discard(c)
+    # The server holds MAX_CLIENTS of them, no more, and still serves NBD.
+    assert len(open_) == MAX_CLIENTS
+    assert open_fds(server.proc.pid) <= before + MAX_CLIENTS
+    assert nbdsh_script(REQUESTS, server.uri) == "EINVAL"
+    # Those let in are dropped at their deadline (the count given back first), and a
+    # scraper gets in again.
+    while open_:
+        ready, _, _ = select.select(list(open_), [], [], 30)
+        assert ready, "an idle scraper let in was never dropped"
+        open_.difference_update(ready)
+    for c in idle:
+        c.close()
+    assert scrape(sock)[("tapnbd_up", frozenset())] == 1
