@@ -11,7 +11,9 @@ active entry whose refcount isn't 1, or a pointer past the end of the file. Exit
 from __future__ import annotations
 
 import os
+from array import array
 from collections import Counter
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from formats.engine.checks import CheckResult
@@ -19,6 +21,7 @@ from formats.engine.tables import be_array
 from formats.qcow2.bitmaps import read_table
 from formats.qcow2.layout import (
     INCOMPATIBLE_OFFSET,
+    MAX_L1_BYTES,
     OFFSET_MASK,
     Incompatible,
     parse_snapshot,
@@ -94,14 +97,20 @@ async def check_qcow2(
             add(ref.off, ref.length, ref.what)
         read_l2 = l2_reader(child, cs)
         copied_checks: list[tuple[int, str]] = []
-        l1s = [(meta.l1, h.l1_table_offset, True, "active")]
-        for s in meta.snapshots:
-            if s.l1_size * 8 > min(file_size, 32 << 20) or s.l1_table_offset % cs:
-                res.corrupt(f"snapshot {s.name!r}: L1 table 0x{s.l1_table_offset:x} is invalid")
-                continue
-            l1 = be_array(await child.pread(s.l1_table_offset, s.l1_size * 8))
-            l1s.append((l1, s.l1_table_offset, False, f"snapshot {s.name!r}"))
-        for l1, l1_off, active, name in l1s:
+
+        async def l1_tables() -> AsyncIterator[tuple[array[int], int, bool, str]]:
+            """The active L1, then each snapshot's, read one at a time: each may be 32
+            MiB, and a hostile table may name thousands of them (one area, many times)."""
+            yield meta.l1, h.l1_table_offset, True, "active"
+            for s in meta.snapshots:
+                if s.l1_size * 8 > min(file_size, MAX_L1_BYTES) or s.l1_table_offset % cs:
+                    where = f"L1 table 0x{s.l1_table_offset:x}"
+                    res.corrupt(f"snapshot {s.name!r}: {where} is invalid")
+                    continue
+                l1 = be_array(await child.pread(s.l1_table_offset, s.l1_size * 8))
+                yield l1, s.l1_table_offset, False, f"snapshot {s.name!r}"
+
+        async for l1, l1_off, active, name in l1_tables():
             if len(l1):
                 add(l1_off, len(l1) * 8, f"{name} L1 table")
             async for item in l1_refs(l1, read_l2, meta, name):

@@ -37,6 +37,7 @@ from formats.qcow2.bitmaps import (
     table_entries,
 )
 from formats.qcow2.layout import (
+    MAX_L1_BYTES,
     MAX_SNAPSHOTS_BYTES,
     OFFSET_MASK,
     OFLAG_COMPRESSED,
@@ -52,7 +53,7 @@ from formats.qcow2.offline import SECTOR, clear_tail, header_sector
 from formats.qcow2.refcount import covering, decode_block, encode_block, max_refcount
 from formats.qcow2.references import Bad, Kind, bitmap_refs, header_refs, l1_refs, l2_reader
 from formats.qcow2.snapshot import snapshot_meta
-from tapnbd.errors import ImageError, InvalidImageError
+from tapnbd.errors import ImageError, InvalidImageError, UnsupportedImageError
 
 if TYPE_CHECKING:
     from formats.qcow2.meta import Qcow2Meta
@@ -89,10 +90,25 @@ async def kept_bitmaps(child: Driver, meta: Qcow2Meta) -> list[NewBitmap]:
     return [NewBitmap(bm, await read_table(child, bm, cs, meta.file_size)) for bm in meta.bitmaps]
 
 
+#: The snapshot L1 tables a rewrite holds at once. Each may be MAX_L1_BYTES, and a
+#: hostile table may name one area thousands of times; a real one of a 1 TiB disk
+#: (64 KiB clusters) is 16 KiB, so this keeps 8192 such snapshots.
+MAX_KEPT_L1_BYTES = 4 * MAX_L1_BYTES
+
+
 async def kept_snapshots(
     child: Driver, meta: Qcow2Meta, drop: Snapshot | None = None
 ) -> list[tuple[bytes, array[int], int | None]]:
     """The snapshots that stay, each L1 table read and checked as the active one is."""
+    kept = [s for s in meta.snapshots if s is not drop]
+    # (One over the per-table limit is refused by name as it is read, below.)
+    total = sum(n for s in kept if (n := s.l1_size * 8) <= MAX_L1_BYTES)
+    if total > MAX_KEPT_L1_BYTES:
+        raise UnsupportedImageError(
+            f"snapshot table: the L1 tables (l1_size) of its {len(kept)} snapshots "
+            f"(nb_snapshots) add up to {total} bytes; a rewrite holds them all, and takes "
+            f"at most {MAX_KEPT_L1_BYTES}"
+        )
     out: list[tuple[bytes, array[int], int | None]] = []
     raw = await _raw_entries(child, meta)
     for entry, snap in zip(raw, meta.snapshots, strict=True):

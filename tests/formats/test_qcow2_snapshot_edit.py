@@ -10,8 +10,10 @@ power-loss model cuts each change at every point it may be cut.
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
+import struct
 from pathlib import Path
 
 import pytest
@@ -19,6 +21,7 @@ import pytest
 from formats.qcow2 import snapshot_edit
 from tests.formats.qcow_util import crash_states, need, patch, qemu_img
 from tests.formats.qcow_util import tapnbd_out as tapnbd
+from tests.formats.test_qcow_crafted import RSS_LIMIT_KIB, measured
 from tests.helpers import qemu_io, run, start_server, tapnbd_cmd
 
 MiB = 1 << 20
@@ -234,6 +237,45 @@ def test_a_hostile_snapshot_table_is_refused_by_name(tmp_path: Path) -> None:
     before = img.read_bytes()
     out = tapnbd("snapshot", "-c", "s2", img, check=False)
     assert "l1_size" in out and "s1" in out, out
+    assert img.read_bytes() == before
+
+
+def _many_snapshots_of_one_l1(img: Path, n: int) -> Path:
+    """The attacker's image: ``n`` snapshot entries that all name one 32 MiB L1 table (the
+    per-table limit), sparse, so the file is a few hundred KiB on disk."""
+    run(["qemu-img", "create", "-q", "-f", "qcow2", str(img), "64M"])
+    cs, entries = 65536, (32 << 20) // 8
+    with open(img, "r+b") as f:
+        table = -(-os.fstat(f.fileno()).st_size // cs) * cs
+        l1 = table + 64 * cs
+        out = b""
+        for i in range(n):
+            ident, name = str(i + 1).encode(), f"s{i}".encode()
+            extra = struct.pack(">QQ", 0, 64 << 20)  # vm_state_size_large, disk_size
+            e = struct.pack(">QIHHIIQII", l1, entries, len(ident), len(name), 0, 0, 0, 0, 16)
+            e += extra + ident + name
+            out += e + bytes(-len(e) % 8)
+        f.seek(table)
+        f.write(out)
+        f.truncate(l1 + entries * 8)
+        f.seek(60)
+        f.write(struct.pack(">IQ", n, table))  # nb_snapshots, snapshots_offset
+    return img
+
+
+def test_many_snapshots_of_one_huge_l1_stay_in_bounded_memory(tmp_path: Path) -> None:
+    """check reads one snapshot's L1 table at a time (it held all of them: 32 MiB
+    each), and a rewrite, which holds the kept ones, refuses more than its limit by
+    name, before it reads any."""
+    img = _many_snapshots_of_one_l1(tmp_path / "h.qcow2", 10)
+    code, out, err, peak = measured("check", "--output=json", str(img))
+    assert code in (0, 2, 3), err
+    assert json.loads(out)["corruptions"] > 0, out  # the shared table: overlaps
+    assert peak < RSS_LIMIT_KIB, f"check peaked at {peak} KiB"
+    before = img.read_bytes()
+    code, out, err, peak = measured("snapshot", "-c", "new", str(img))
+    assert code == 1 and "nb_snapshots" in err and "l1_size" in err, err
+    assert peak < RSS_LIMIT_KIB, f"snapshot -c peaked at {peak} KiB"
     assert img.read_bytes() == before
 
 
