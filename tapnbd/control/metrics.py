@@ -246,4 +246,3 @@ class MetricsServer:
         await writer.drain()
         writer.close()  # the rest is flushed before connection_lost
         await writer.wait_closed()
-
