@@ -89,6 +89,12 @@ def backing_of(driver: Driver) -> Driver | None:
     return backing if isinstance(backing, Driver) else None
 
 
+def image_format(driver: Driver, throwaway: bool) -> str:
+    """The format of the image ``driver`` serves (filters and all): under a throwaway
+    overlay (formats.overlay), the image's own, not the overlay's qcow2."""
+    return (backing_of(driver) or driver).name if throwaway else driver.name
+
+
 def layer_name(driver: Driver, default: str) -> str:
     path = getattr(unwrap(driver), "path", None)
     return path if isinstance(path, str) else default

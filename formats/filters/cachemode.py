@@ -36,15 +36,27 @@ def files_for(mode: str) -> AbstractContextManager[None]:
     return direct_files(mode in ("none", "directsync"))
 
 
-async def open_for_cache(spec: str, mode: str, **kw: Any) -> Driver:
+async def open_for_cache(spec: str, mode: str, *, throwaway: bool = False, **kw: Any) -> Driver:
     """``open_image(spec, **kw)`` for ``mode``: its files opened past the page cache or
     not, and the driver behind what the mode puts on top. The mode is checked first, so
-    nothing is opened for one that does not exist."""
+    nothing is opened for one that does not exist.
+
+    ``throwaway`` (qemu-nbd's -s): the image is opened read-only under a throwaway qcow2
+    overlay (formats.overlay) that takes the writes; the overlay's file is opened for
+    the mode too, and the mode's filter goes over the overlay.
+    """
     from formats import open_image
 
     check_cache_mode(mode)
     with files_for(mode):
-        driver = await open_image(spec, **kw)
+        if throwaway:
+            from formats.overlay import open_throwaway_overlay
+
+            driver = await open_throwaway_overlay(
+                await open_image(spec, **{**kw, "read_only": True})
+            )
+        else:
+            driver = await open_image(spec, **kw)
     return with_cache_mode(driver, mode)
 
 

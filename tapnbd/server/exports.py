@@ -54,6 +54,9 @@ class Export:
     #: qemu-nbd's --cache and -o the driver was wrapped for (to show and keep).
     cache: str = "writeback"
     offset: int = 0
+    #: Opened beside other users (--share), and over a throwaway overlay (-s).
+    share: bool = False
+    throwaway: bool = False
     info: ExportInfo = field(init=False)
 
     def __post_init__(self) -> None:
@@ -80,7 +83,10 @@ class Export:
 
     @property
     def format(self) -> str:
-        return self.backend.driver.name
+        """The image's format: under a throwaway overlay, the image's, not the overlay's."""
+        from formats.imagemap import image_format
+
+        return image_format(self.backend.driver, self.throwaway)
 
 
 class ExportRegistry(Catalog):

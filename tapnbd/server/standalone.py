@@ -210,6 +210,8 @@ async def open_exports(opts: ServeOptions) -> ExportRegistry:
                     detect_zeroes=opts.detect_zeroes,
                     cache=opts.cache,
                     offset=offset,
+                    share=opts.rules.share,
+                    throwaway=opts.throwaway and not opts.read_only,
                 )
             )
     except BaseException:
