@@ -11,12 +11,14 @@ from tapnbd.cli._image_opts import (
     AllocationDepthOpt,
     BitmapOpt,
     CacheOpt,
+    DaemonThrowawayOpt,
     DetectZeroesOpt,
     DiscardOpt,
     OffsetOpt,
     ProbedFormatOpt,
     SnapshotOpt,
 )
+from tapnbd.cli._trust import ShareOpt
 from tapnbd.cli.app import PLAIN, app, errors_as_exit
 from tapnbd.control.messages import (
     ExportAddReply,
@@ -46,6 +48,8 @@ def add_cmd(
     detect_zeroes: DetectZeroesOpt = "off",
     offset: OffsetOpt = "0",
     cache: CacheOpt = "writeback",
+    throwaway: DaemonThrowawayOpt = False,
+    share: ShareOpt = False,
     state_dir: StateDirOpt = None,
 ) -> None:
     """Export an image from the daemon; print its NBD URIs."""
@@ -64,6 +68,8 @@ def add_cmd(
             detect_zeroes=detect_zeroes,
             cache=cache,
             offset=parse_size(offset, allow_zero=True),
+            share=share,
+            throwaway=throwaway,
         )
         export = conn.call(req, ExportAddReply).export
     mode = "read-only" if export.read_only else "read-write"
@@ -81,6 +87,10 @@ def add_cmd(
         mode += f", from byte {export.offset}"
     if export.cache != "writeback":
         mode += f", cache {export.cache}"
+    if export.throwaway:
+        mode += ", writes to a throwaway overlay"
+    if export.share:
+        mode += ", shared"
     report(
         f"exported {export.image} as {export.name!r} "
         f"({export.format}, {human_size(export.size)}, {mode})"

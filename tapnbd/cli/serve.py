@@ -19,6 +19,7 @@ from tapnbd.cli._image_opts import (
     ProbedFormatOpt,
     SnapshotOpt,
     cache_mode,
+    throwaway_option,
 )
 from tapnbd.cli._server_opts import PollUsOpt
 from tapnbd.cli._trust import (
@@ -166,15 +167,7 @@ def serve_cmd(
         int | None, typer.Option(help="Seed of the injected errors, to replay a run.")
     ] = None,
     snapshot: SnapshotOpt = None,
-    throwaway: Annotated[
-        bool,
-        typer.Option(
-            "--throwaway",
-            "-s",
-            help="Writes go to a temporary qcow2 overlay in $TMPDIR (else /var/tmp), "
-            "deleted at once and gone on exit; the image itself is only read (qemu-nbd -s).",
-        ),
-    ] = False,
+    throwaway: Annotated[bool, throwaway_option("on exit")] = False,
     offset: OffsetOpt = "0",
     cache: CacheOpt = "writeback",
     nocache: NoCacheOpt = False,

@@ -334,6 +334,8 @@ class Daemon:
                 req.detect_zeroes,
                 cache=req.cache,
                 offset=req.offset,
+                share=req.share,
+                throwaway=req.throwaway,
             )
             self._save()
             log.info("added export %r (%s, %s)", name, image, export.format)

@@ -13,10 +13,11 @@ import os
 from collections.abc import Iterator
 from typing import Any, cast
 
-from formats import is_local_path
+from formats import OpenRules, is_local_path
 from formats.filters.cachemode import open_for_cache
 from formats.filters.discard import check_modes, with_modes
 from formats.filters.window import from_offset
+from formats.imagemap import image_format
 from tapnbd.backend import Backend
 from tapnbd.control.messages import AttachRequest, ExportRecord, ExportStats, OpCounters
 from tapnbd.errors import TapnbdError
@@ -98,34 +99,53 @@ class Exports:
         *,
         cache: str = "writeback",
         offset: int = 0,
+        share: bool = False,
+        throwaway: bool = False,
     ) -> Export:
+        """Open ``image`` and export it as ``name``. ``share`` opens it beside other
+        users (formats.locks); ``throwaway`` (without ``read_only``) sends the writes to
+        a throwaway overlay, which goes when the export closes (formats.overlay)."""
         check_modes(discard, detect_zeroes)
-        # A snapshot opens read-only, so the Backend is read-only too.
-        driver = await open_for_cache(image, cache, fmt=fmt, read_only=read_only, snapshot=snapshot)
+        throwaway = throwaway and not read_only  # -s -r: read-only, as serve -s -r
+        # A snapshot opens read-only: without an overlay, so is the Backend.
+        driver = await open_for_cache(
+            image,
+            cache,
+            fmt=fmt,
+            read_only=read_only,
+            rules=OpenRules(share=share),
+            snapshot=snapshot,
+            throwaway=throwaway,
+        )
         try:
             driver = with_modes(from_offset(driver, offset, image), discard, detect_zeroes)
             backend = Backend(driver, read_only=read_only)
             backend.stats.enabled = self.stats_enabled
             # NBD_INFO_DESCRIPTION and LIST reach every client: no path unless configured.
             shown = image if self.expose_paths else name
+            what = image_format(driver, throwaway)
+            if throwaway:
+                what += ", writes to a throwaway overlay"
             export = Export(
                 name,
                 backend,
                 image,
-                f"{shown} ({driver.name})",
+                f"{shown} ({what})",
                 bitmaps=tuple(bitmaps or ()),
                 allocation_depth=allocation_depth,
                 discard=discard,
                 detect_zeroes=detect_zeroes,
                 cache=cache,
                 offset=offset,
+                share=share,
+                throwaway=throwaway,
             )
             self.registry.add(export)
         except BaseException:
             await driver.close()
             raise
         self.origin[name] = origin
-        self.formats[name] = driver.name  # what was opened, never "auto": no re-probe
+        self.formats[name] = export.format  # what was opened, never "auto": no re-probe
         if snapshot is not None:
             self.snapshots[name] = snapshot
         if bitmaps:
@@ -227,6 +247,8 @@ class Exports:
             detect_zeroes=export.detect_zeroes,
             cache=export.cache,
             offset=export.offset,
+            share=export.share,
+            throwaway=export.throwaway,
         )
 
     def stats(self, export: Export) -> ExportStats:

@@ -102,6 +102,10 @@ class ExportRecord(Record, kw_only=True):
     #: qemu-nbd's --cache, and -o: served from this byte of the image on.
     cache: str = "writeback"
     offset: int = 0
+    #: ``--share`` (the image opened beside other users), and qemu-nbd's -s: writes go
+    #: to a throwaway overlay, made anew when a restarted daemon opens the export again.
+    share: bool = False
+    throwaway: bool = False
     size: int = 0
     #: NBD connections other than the ones carrying attachments.
     clients: int = 0
@@ -208,6 +212,8 @@ class ExportAddRequest(Request, tag="export_add"):
     detect_zeroes: str = "off"
     cache: str = "writeback"
     offset: int = 0
+    share: bool = False
+    throwaway: bool = False
 
 
 class ExportRemoveReply(Reply, tag="export_remove_reply"):

@@ -29,6 +29,8 @@ def snapshot(exports: Exports, attachments: list[Attachment]) -> State:
                 detect_zeroes=e.detect_zeroes,
                 cache=e.cache,
                 offset=e.offset,
+                share=e.share,
+                throwaway=e.throwaway,
             )
             for e in exports
         ],
@@ -60,6 +62,9 @@ async def restore_exports(previous: State, exports: Exports) -> list[str]:
                 entry.detect_zeroes,
                 cache=entry.cache,
                 offset=entry.offset,
+                share=entry.share,
+                # A fresh overlay: the old one's writes went with the daemon that held it.
+                throwaway=entry.throwaway,
             )
         except (TapnbdError, OSError) as e:
             notes.append(f"could not restore export {entry.name!r} ({entry.image}): {e}")

@@ -3,6 +3,7 @@ statistics and the Prometheus endpoint. Through the real CLI, as a user runs it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -602,6 +603,55 @@ def test_attach_n_opens_the_data_paths_image_with_o_direct(tap: Tapnbd) -> None:
     listed = json.loads(tap.ok("list", "--json"))
     assert [a["cache"] for a in listed["attachments"]] == ["none"]
     tap.ok("detach", sock)
+
+
+def overlay_fds(pid: int) -> list[str]:
+    """The throwaway overlays (formats.overlay) process ``pid`` holds open: deleted files,
+    so only its descriptors show them."""
+    out = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if "/tapnbd-overlay-" in target:
+                out.append(target)
+    return out
+
+
+def test_export_add_s_writes_to_a_throwaway_overlay_gone_with_the_export(tap: Tapnbd) -> None:
+    """``export add -s`` (serve -s, qemu-nbd -s): writes read back through NBD and never
+    reach the image; the overlay is a deleted file in the daemon's $TMPDIR, which closes
+    with the export. A restarted daemon opens it over a new, empty overlay."""
+    scratch = tap.base / "scratch"
+    scratch.mkdir()
+    tap.env["TMPDIR"] = str(scratch)  # the daemon's, and so its overlays'
+    image = tap.base / "t.raw"
+    image.write_bytes(b"\3" * (1 << 20))
+    uri = unix_uri(tap.ok("export", "add", "-s", "-f", "raw", "--name", "t", str(image)))
+    qemu_io(uri, "write -P 9 0 64k", "flush")
+    qemu_io(uri, "read -P 9 0 64k", "read -P 3 64k 960k")
+    assert image.read_bytes() == b"\3" * (1 << 20)
+    pid = tap.status()["pid"]
+    (held,) = overlay_fds(pid)
+    assert held.startswith(f"{scratch}/") and held.endswith(" (deleted)"), held
+    assert os.listdir(scratch) == []
+    entry = next(e for e in tap.list()["exports"] if e["name"] == "t")
+    # The image's format, not the overlay's qcow2 (the state file reopens it as that).
+    assert (entry["throwaway"], entry["format"], entry["read_only"]) == (True, "raw", False)
+
+    stopped = tap.run("daemon", "stop")
+    assert stopped.returncode == 0, stopped.stderr
+    restored = tap.run("list", "--json")
+    assert "restored export 't'" in restored.stderr, restored.stderr
+    entry = next(e for e in json.loads(restored.stdout)["exports"] if e["name"] == "t")
+    assert entry["throwaway"] is True
+    qemu_io(uri, "read -P 3 0 1M")  # the old overlay's writes went with its daemon
+    qemu_io(uri, "write -P 7 128k 4k", "flush", "read -P 7 128k 4k")
+    assert image.read_bytes() == b"\3" * (1 << 20)
+    pid = tap.status()["pid"]
+    assert len(overlay_fds(pid)) == 1
+    tap.ok("export", "remove", "t")
+    assert overlay_fds(pid) == [] and os.listdir(scratch) == []
+    assert image.read_bytes() == b"\3" * (1 << 20)
 
 
 def test_a_state_directory_too_deep_for_a_data_paths_socket_is_refused(tmp_path: Path) -> None:
