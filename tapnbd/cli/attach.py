@@ -13,11 +13,13 @@ from rich.table import Table
 from tapnbd.cli._control import JsonOpt, StateDirOpt, connect, human_size, image_spec, report
 from tapnbd.cli._image_opts import (
     CacheOpt,
+    DaemonThrowawayOpt,
     NoCacheOpt,
     ProbedFormatOpt,
     SnapshotOpt,
     cache_mode,
 )
+from tapnbd.cli._trust import ShareOpt
 from tapnbd.cli.app import app, errors_as_exit
 from tapnbd.control.messages import (
     AttachReply,
@@ -55,6 +57,8 @@ def attach_cmd(
     snapshot: SnapshotOpt = None,
     cache: CacheOpt = "writeback",
     nocache: NoCacheOpt = False,
+    throwaway: DaemonThrowawayOpt = False,
+    share: ShareOpt = False,
     state_dir: StateDirOpt = None,
 ) -> None:
     """Attach an image as a local block device; print the device's path."""
@@ -73,6 +77,8 @@ def attach_cmd(
             via=_via(via),
             snapshot=snapshot,
             cache=cache,
+            share=share,
+            throwaway=throwaway,
         )
         reply = conn.call(req, AttachReply)
     att = reply.attachment
@@ -81,6 +87,10 @@ def attach_cmd(
         mode = f", snapshot {att.snapshot!r}{mode}"
     if att.cache != "writeback":
         mode += f", cache {att.cache}"
+    if att.throwaway:
+        mode += ", writes to a throwaway overlay"
+    if att.share:
+        mode += ", shared"
     report(f"attached {att.image} as {att.device} via {reply.reason}{mode}")
     print(att.device)
 

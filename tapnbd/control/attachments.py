@@ -95,6 +95,7 @@ class Attachments:
             share=share,
             snapshot=att.snapshot,
             cache=att.cache,
+            throwaway=att.throwaway,
         )
         self.tap_procs[att.id] = proc
         att.tapdisk_pid = proc.pid
@@ -249,6 +250,9 @@ class Attachments:
             uris=[],
             origin="attach",
             snapshot=att.snapshot,
+            cache=att.cache,
+            share=att.share,
+            throwaway=att.throwaway,
         )
 
     async def stats(self, att: Attachment) -> ExportStats:

@@ -384,10 +384,25 @@ class Daemon:
                     raise TapnbdError(f"{other.image} is already attached as {other.device}")
             existing, image, name = self.exports.attach_target(req, self.attachments.names())
             via, reason = await asyncio.to_thread(devices.choose_via, req.via)
-            read_only = req.read_only or req.snapshot is not None
+            # A snapshot is shown read-only, unless a throwaway overlay takes the writes.
+            read_only = req.read_only or (req.snapshot is not None and not req.throwaway)
             fmt, snapshot, cache = req.format, req.snapshot, req.cache
             check_cache_mode(cache)
             if existing is not None:
+                # A device's throwaway overlay is its data path's own: it would not show
+                # what the export shows, nor the export what the device writes.
+                if existing.throwaway:
+                    raise TapnbdError(
+                        f"export {name!r} writes to a throwaway overlay in the daemon, which "
+                        f"a device's own data path cannot share; `tapnbd export remove "
+                        f"{name}`, then `tapnbd attach -s {image}`"
+                    )
+                if req.throwaway:
+                    raise TapnbdError(
+                        f"{image} is already exported as {name!r}, and a device's throwaway "
+                        f"overlay (-s) would not show what the export shows; attach it "
+                        f"without -s, or `tapnbd export remove {name}` first"
+                    )
                 fmt = self.exports.formats.get(existing.name, fmt)
                 cache = existing.cache
                 # The device shows what the export shows.
@@ -398,12 +413,14 @@ class Daemon:
                     read_only = True
                     reason += "; read-only, as the export is"
             att = self.attachments.new(name, image, via, read_only)
-            att.snapshot, att.cache = snapshot, cache
+            att.snapshot, att.cache, att.share = snapshot, cache, req.share
+            att.throwaway = req.throwaway and not read_only  # -s -r: read-only, as serve's
             self._save()  # recorded before anything exists, so a crash is undone
             try:
                 # A raw export of ours and the device's data path may share the file
-                # (one page cache); a qcow's tables may not, so its lock stays.
-                share = existing is not None and fmt == "raw"
+                # (one page cache); a qcow's tables may not, so its lock stays, unless
+                # the user shares the image (--share).
+                share = req.share or (existing is not None and fmt == "raw")
                 await self.attachments.start(att, fmt, self._save, share=share)
             except BaseException as e:
                 self.attachments.by_id.pop(att.id, None)

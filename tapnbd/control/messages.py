@@ -78,6 +78,10 @@ class Attachment(Record, kw_only=True):
     snapshot: str | None = None
     #: qemu-nbd's --cache for the data path (formats.filters.cachemode).
     cache: str = "writeback"
+    #: ``--share``: the data path opens the image beside other users (formats.locks).
+    share: bool = False
+    #: ``-s``: writes go to a throwaway overlay the data path holds (formats.overlay).
+    throwaway: bool = False
 
 
 class ExportRecord(Record, kw_only=True):
@@ -266,6 +270,8 @@ class AttachRequest(Request, tag="attach"):
     #: An internal qcow2 snapshot to show instead of the active image (read-only).
     snapshot: str | None = None
     cache: str = "writeback"
+    share: bool = False
+    throwaway: bool = False
 
 
 class DetachReply(Reply, tag="detach_reply"):

@@ -67,6 +67,7 @@ def spawn(
     snapshot: str | None = None,
     poll_us: int = 0,
     cache: str = "writeback",
+    throwaway: bool = False,
 ) -> tuple[subprocess.Popen[bytes], dict[str, Any]]:
     """Start a tapdisk in a session of its own and wait for its ready record."""
     with contextlib.suppress(FileNotFoundError):
@@ -86,6 +87,8 @@ def spawn(
         cmd += ["--poll-us", str(poll_us)]
     if cache != "writeback":  # (likewise)
         cmd += ["--cache", cache]
+    if throwaway:
+        cmd.append("--throwaway")
     logpath = os.path.join(directory, "tapdisk.log")
     logfd = os.open(logpath, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
     try:

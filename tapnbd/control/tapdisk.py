@@ -41,6 +41,7 @@ from typing import Any
 
 from formats import OpenRules
 from formats.filters.cachemode import CACHE_MODES, open_for_cache
+from formats.imagemap import image_format
 from tapnbd import runtime, safefs
 from tapnbd.backend import Backend
 from tapnbd.control.auth import allowed, peer_uid
@@ -80,6 +81,7 @@ class Tapdisk:
 
     async def start(self) -> None:
         a = self.args
+        overlay = a.throwaway and not a.read_only
         driver = await open_for_cache(
             a.image,
             a.cache,
@@ -87,13 +89,18 @@ class Tapdisk:
             read_only=a.read_only,
             rules=OpenRules(share=a.share),
             snapshot=a.snapshot,
+            # The overlay is this process's: it goes when the data path exits.
+            throwaway=overlay,
         )
         try:
-            # A snapshot opens read-only, so the Backend is read-only too.
+            # A snapshot opens read-only: without an overlay, so is the Backend.
             backend = Backend(driver, read_only=a.read_only)
             backend.stats.enabled = a.stats
             # No path in the description: NBD clients see it.
-            self.export = Export(a.name, backend, a.image, f"{a.name} ({driver.name})")
+            what = image_format(driver, overlay)
+            self.export = Export(
+                a.name, backend, a.image, f"{a.name} ({what})", share=a.share, throwaway=overlay
+            )
             self.registry.add(self.export, default=True)
         except BaseException:
             await driver.close()
@@ -225,7 +232,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--format", default="auto")
     p.add_argument("--snapshot", default=None, help="an internal qcow2 snapshot, read-only")
     p.add_argument("--read-only", action="store_true")
-    p.add_argument("--share", action="store_true", help="skip the image lock (raw exports)")
+    p.add_argument(
+        "--share", action="store_true", help="forbid nothing, test nothing (formats.locks)"
+    )
+    p.add_argument(
+        "--throwaway", action="store_true", help="writes go to a throwaway qcow2 overlay"
+    )
     p.add_argument("--cache", default="writeback", choices=CACHE_MODES, help="qemu-nbd's")
     p.add_argument("--no-stats", dest="stats", action="store_false")
     p.add_argument(

@@ -617,6 +617,52 @@ def overlay_fds(pid: int) -> list[str]:
     return out
 
 
+def reads_as(uri: str, byte: int, length: int) -> None:
+    """The export's first ``length`` bytes are ``byte`` (qemu-io -r: read-only exports too)."""
+    cmd = ["qemu-io", "-r", "-f", "raw", "-c", f"read -P {byte} 0 {length}", uri]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    assert "Pattern verification failed" not in out and f"read {length}/{length}" in out, out
+
+
+def test_export_add_and_attach_share_open_beside_a_writer_across_a_restart(tap: Tapnbd) -> None:
+    """``--share`` (serve's): a read-only export, and a read-only device, of an image a
+    qemu-nbd writer holds are refused without it (QEMU's locks) and work with it; the
+    restarted daemon opens the export beside the writer again, and lists both as shared."""
+    from tests.security.test_qemu_locks import qemu_nbd
+
+    image = tap.image("w.qcow2", fmt="qcow2", size="4M")
+    qemu_io(image, "write -P 0x3c 0 64k", fmt="qcow2")
+    with qemu_nbd(image, "-f", "qcow2"):
+        err = tap.fails("export", "add", "-r", "-f", "qcow2", "--name", "w", str(image))
+        assert 'Failed to get shared "write" lock' in err, err
+        uri = unix_uri(tap.ok("export", "add", "-r", "--share", "-f", "qcow2", "--name", "w",
+                              str(image)))  # fmt: skip
+        reads_as(uri, 0x3C, 64 << 10)
+        entry = next(e for e in tap.list()["exports"] if e["name"] == "w")
+        assert (entry["share"], entry["read_only"]) == (True, True)
+        stopped = tap.run("daemon", "stop")
+        assert stopped.returncode == 0, stopped.stderr
+        restored = tap.run("list", "--json")
+        assert "restored export 'w'" in restored.stderr, restored.stderr
+        entry = next(e for e in json.loads(restored.stdout)["exports"] if e["name"] == "w")
+        assert entry["share"] is True
+        reads_as(uri, 0x3C, 64 << 10)
+        tap.ok("export", "remove", "w")
+
+        err = tap.fails("attach", "--via", "socket", "-r", "-f", "qcow2", str(image))
+        assert 'Failed to get shared "write" lock' in err, err
+        sock = tap.ok("attach", "--via", "socket", "-r", "--share", "-f", "qcow2",
+                      str(image)).strip()  # fmt: skip
+        reads_as(f"nbd+unix:///?socket={sock}", 0x3C, 64 << 10)
+        (att,) = tap.list()["attachments"]
+        assert (att["share"], att["read_only"]) == (True, True)
+        stopped = tap.run("daemon", "stop")
+        assert stopped.returncode == 0, stopped.stderr
+        (att,) = tap.list()["attachments"]  # re-adopted from the state file
+        assert att["share"] is True
+        tap.ok("detach", sock)
+
+
 def test_export_add_s_writes_to_a_throwaway_overlay_gone_with_the_export(tap: Tapnbd) -> None:
     """``export add -s`` (serve -s, qemu-nbd -s): writes read back through NBD and never
     reach the image; the overlay is a deleted file in the daemon's $TMPDIR, which closes
@@ -652,6 +698,50 @@ def test_export_add_s_writes_to_a_throwaway_overlay_gone_with_the_export(tap: Ta
     tap.ok("export", "remove", "t")
     assert overlay_fds(pid) == [] and os.listdir(scratch) == []
     assert image.read_bytes() == b"\3" * (1 << 20)
+
+
+def test_attach_s_writes_to_a_throwaway_overlay_of_the_data_paths_own(tap: Tapnbd) -> None:
+    """``attach -s``: the data path holds the overlay (the daemon none), so it outlives
+    a daemon restart as the device does, and goes with the detach; the image is only
+    read. An export cannot lend its image to a device with an overlay of its own."""
+    scratch = tap.base / "scratch"
+    scratch.mkdir()
+    tap.env["TMPDIR"] = str(scratch)
+    image = tap.base / "a.raw"
+    image.write_bytes(b"\5" * (1 << 20))
+    sock = tap.ok("attach", "--via", "socket", "-s", str(image)).strip()
+    dev = f"nbd+unix:///?socket={sock}"
+    qemu_io(dev, "write -P 6 4k 8k", "flush")
+    qemu_io(dev, "read -P 5 0 4k", "read -P 6 4k 8k", "read -P 5 12k 1012k")
+    assert image.read_bytes() == b"\5" * (1 << 20)
+    (tapdisk,) = tapdisk_pids(tap.state)
+    (held,) = overlay_fds(tapdisk)
+    assert held.startswith(f"{scratch}/") and held.endswith(" (deleted)"), held
+    assert overlay_fds(tap.status()["pid"]) == [] and os.listdir(scratch) == []
+    listed = tap.list()
+    (att,) = listed["attachments"]
+    assert (att["throwaway"], att["read_only"], att["format"]) == (True, False, "raw")
+    assert [e["throwaway"] for e in listed["exports"]] == [True]
+
+    stopped = tap.run("daemon", "stop")
+    assert stopped.returncode == 0, stopped.stderr
+    (att,) = tap.list()["attachments"]  # re-adopted: the same data path, the same overlay
+    assert att["throwaway"] is True and tapdisk_pids(tap.state) == [tapdisk]
+    qemu_io(dev, "read -P 6 4k 8k")
+
+    other = tap.base / "e.raw"
+    other.write_bytes(bytes(1 << 20))
+    tap.ok("export", "add", "-f", "raw", "--name", "e", str(other))
+    err = tap.fails("attach", "--via", "socket", "-s", "e")
+    assert "would not show what the export shows" in err, err
+    tap.ok("export", "remove", "e")
+    tap.ok("export", "add", "-s", "-f", "raw", "--name", "e", str(other))
+    err = tap.fails("attach", "--via", "socket", "e")
+    assert "writes to a throwaway overlay in the daemon" in err, err
+
+    tap.ok("detach", sock)
+    assert tapdisk_pids(tap.state) == [] and os.listdir(scratch) == []
+    assert image.read_bytes() == b"\5" * (1 << 20)
 
 
 def test_a_state_directory_too_deep_for_a_data_paths_socket_is_refused(tmp_path: Path) -> None:
