@@ -87,24 +87,16 @@ OffsetOpt = Annotated[
 ]
 
 
-def throwaway_option(gone: str) -> Any:  # typer.Option is typed Any
-    """qemu-nbd's -s: ``gone`` says when the overlay goes."""
+def throwaway_option(where: str, gone: str) -> Any:  # typer.Option is typed Any
+    """qemu-nbd's -s: ``where`` the overlay is made, and when it is ``gone``."""
     return typer.Option(
         "--throwaway",
         "-s",
-        help="Writes go to a temporary qcow2 overlay in $TMPDIR (else /var/tmp), deleted "
+        help=f"Writes go to a temporary qcow2 overlay in {where} (else /var/tmp), deleted "
         f"at once and gone {gone}; the image itself is only read (qemu-nbd -s).",
     )
 
 
-#: The daemon's -s (export add, attach): the overlay is the export's, or the data path's.
-DaemonThrowawayOpt = Annotated[
-    bool,
-    throwaway_option(
-        "with the export (export remove, detach, the daemon's or the data path's exit; "
-        "a restarted daemon opens its exports over new, empty ones)"
-    ),
-]
 AllocationDepthOpt = Annotated[
     bool,
     typer.Option(

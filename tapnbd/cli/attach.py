@@ -13,11 +13,11 @@ from rich.table import Table
 from tapnbd.cli._control import JsonOpt, StateDirOpt, connect, human_size, image_spec, report
 from tapnbd.cli._image_opts import (
     CacheOpt,
-    DaemonThrowawayOpt,
     NoCacheOpt,
     ProbedFormatOpt,
     SnapshotOpt,
     cache_mode,
+    throwaway_option,
 )
 from tapnbd.cli._trust import ShareOpt
 from tapnbd.cli.app import app, errors_as_exit
@@ -57,7 +57,14 @@ def attach_cmd(
     snapshot: SnapshotOpt = None,
     cache: CacheOpt = "writeback",
     nocache: NoCacheOpt = False,
-    throwaway: DaemonThrowawayOpt = False,
+    throwaway: Annotated[
+        bool,
+        throwaway_option(
+            "the daemon's $TMPDIR",
+            "with the device's data path (detach); it outlives a daemon restart, as the "
+            "device does",
+        ),
+    ] = False,
     share: ShareOpt = False,
     state_dir: StateDirOpt = None,
 ) -> None:

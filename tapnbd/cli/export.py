@@ -11,12 +11,12 @@ from tapnbd.cli._image_opts import (
     AllocationDepthOpt,
     BitmapOpt,
     CacheOpt,
-    DaemonThrowawayOpt,
     DetectZeroesOpt,
     DiscardOpt,
     OffsetOpt,
     ProbedFormatOpt,
     SnapshotOpt,
+    throwaway_option,
 )
 from tapnbd.cli._trust import ShareOpt
 from tapnbd.cli.app import PLAIN, app, errors_as_exit
@@ -48,7 +48,14 @@ def add_cmd(
     detect_zeroes: DetectZeroesOpt = "off",
     offset: OffsetOpt = "0",
     cache: CacheOpt = "writeback",
-    throwaway: DaemonThrowawayOpt = False,
+    throwaway: Annotated[
+        bool,
+        throwaway_option(
+            "the daemon's $TMPDIR",
+            "with the export (export remove, daemon stop); a restarted daemon opens the "
+            "export over a new, empty one",
+        ),
+    ] = False,
     share: ShareOpt = False,
     state_dir: StateDirOpt = None,
 ) -> None:

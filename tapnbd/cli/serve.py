@@ -167,7 +167,7 @@ def serve_cmd(
         int | None, typer.Option(help="Seed of the injected errors, to replay a run.")
     ] = None,
     snapshot: SnapshotOpt = None,
-    throwaway: Annotated[bool, throwaway_option("on exit")] = False,
+    throwaway: Annotated[bool, throwaway_option("$TMPDIR", "on exit")] = False,
     offset: OffsetOpt = "0",
     cache: CacheOpt = "writeback",
     nocache: NoCacheOpt = False,
