@@ -97,7 +97,8 @@ def _in_use(path: str, what: str) -> ImageError:
     # QEMU's words, so that a search for its message finds the cause.
     return ImageError(
         f"{path}: in use: {what} (a server, an export, a VM or qemu-img has it open in a "
-        "way that conflicts; -U / --force-share, or serve's --share, shares it)"
+        "way that conflicts; -U / --force-share, or --share of serve, export add and "
+        "attach, shares it)"
     )
 
 
