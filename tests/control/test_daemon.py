@@ -15,6 +15,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -469,6 +470,19 @@ def test_a_recorded_data_path_directory_outside_ours_is_never_deleted(tap: Tapnb
     assert (victim / "keep.txt").read_text() == "mine\n"
 
 
+def restarted(tap: Tapnbd, name: str) -> dict[str, Any]:
+    """Stop the daemon, let the next command start it from its state file, and return
+    export ``name`` as it was restored."""
+    stopped = tap.run("daemon", "stop")
+    assert stopped.returncode == 0, stopped.stderr
+    restored = tap.run("list", "--json")
+    assert f"restored export '{name}'" in restored.stderr, restored.stderr
+    entry: dict[str, Any] = next(
+        e for e in json.loads(restored.stdout)["exports"] if e["name"] == name
+    )
+    return entry
+
+
 def test_export_add_offers_a_bitmap_and_keeps_it_across_a_restart(tap: Tapnbd) -> None:
     """``export add -B NAME`` (qemu-nbd's -B): the daemon's export offers the bitmap,
     keeps it up to date while it writes, and offers it again once restored."""
@@ -490,10 +504,7 @@ def test_export_add_offers_a_bitmap_and_keeps_it_across_a_restart(tap: Tapnbd) -
     assert dirty() == ["clean", "dirty", "clean"]
     listed = json.loads(tap.ok("list", "--json"))
     assert next(e for e in listed["exports"] if e["name"] == "b")["bitmaps"] == ["b0"]
-    stopped = tap.run("daemon", "stop")
-    assert stopped.returncode == 0, stopped.stderr
-    restored = tap.run("list", "--json")
-    assert "restored export 'b'" in restored.stderr, restored.stderr
+    restarted(tap, "b")
     assert dirty() == ["clean", "dirty", "clean"]  # stored at stop, read back at restore
 
 
@@ -521,10 +532,7 @@ def test_export_add_A_offers_the_allocation_depth_and_keeps_it_across_a_restart(
     assert depths(uri) == ["2", "1", "2"]
     listed = json.loads(tap.ok("list", "--json"))
     assert next(e for e in listed["exports"] if e["name"] == "d")["allocation_depth"] is True
-    stopped = tap.run("daemon", "stop")
-    assert stopped.returncode == 0, stopped.stderr
-    restored = tap.run("list", "--json")
-    assert "restored export 'd'" in restored.stderr, restored.stderr
+    restarted(tap, "d")
     assert depths(uri) == ["2", "1", "2"]
     plain = unix_uri(tap.ok("export", "add", str(base), "-f", "raw", "--name", "p", "-r"))
     refused = subprocess.run(
@@ -555,10 +563,7 @@ def test_export_add_detects_zeroes_and_keeps_doing_so_across_a_restart(tap: Tapn
     assert data() == [(512 << 10, 512 << 10)]
     listed = json.loads(tap.ok("list", "--json"))
     assert next(e for e in listed["exports"] if e["name"] == "z")["detect_zeroes"] == "unmap"
-    stopped = tap.run("daemon", "stop")
-    assert stopped.returncode == 0, stopped.stderr
-    restored = tap.run("list", "--json")
-    assert "restored export 'z'" in restored.stderr, restored.stderr
+    restarted(tap, "z")
     qemu_io(uri, "write -P 0 512k 512k", "flush")
     assert data() == []
 
@@ -577,13 +582,9 @@ def test_export_add_offset_and_cache_are_kept_across_a_restart(tap: Tapnbd) -> N
     listed = json.loads(tap.ok("list", "--json"))
     entry = next(e for e in listed["exports"] if e["name"] == "o")
     assert (entry["offset"], entry["cache"], entry["size"]) == (64 << 10, "unsafe", 960 << 10)
-    stopped = tap.run("daemon", "stop")
-    assert stopped.returncode == 0, stopped.stderr
-    restored = tap.run("list", "--json")
-    assert "restored export 'o'" in restored.stderr, restored.stderr
+    entry = restarted(tap, "o")
     qemu_io(uri, "write -P 8 4k 4k", "flush")
     assert image.read_bytes()[68 << 10 : 72 << 10] == b"\10" * 4096
-    entry = next(e for e in json.loads(restored.stdout)["exports"] if e["name"] == "o")
     assert (entry["offset"], entry["cache"]) == (64 << 10, "unsafe")
 
 
@@ -640,11 +641,7 @@ def test_export_add_and_attach_share_open_beside_a_writer_across_a_restart(tap: 
         reads_as(uri, 0x3C, 64 << 10)
         entry = next(e for e in tap.list()["exports"] if e["name"] == "w")
         assert (entry["share"], entry["read_only"]) == (True, True)
-        stopped = tap.run("daemon", "stop")
-        assert stopped.returncode == 0, stopped.stderr
-        restored = tap.run("list", "--json")
-        assert "restored export 'w'" in restored.stderr, restored.stderr
-        entry = next(e for e in json.loads(restored.stdout)["exports"] if e["name"] == "w")
+        entry = restarted(tap, "w")
         assert entry["share"] is True
         reads_as(uri, 0x3C, 64 << 10)
         tap.ok("export", "remove", "w")
@@ -684,11 +681,7 @@ def test_export_add_s_writes_to_a_throwaway_overlay_gone_with_the_export(tap: Ta
     # The image's format, not the overlay's qcow2 (the state file reopens it as that).
     assert (entry["throwaway"], entry["format"], entry["read_only"]) == (True, "raw", False)
 
-    stopped = tap.run("daemon", "stop")
-    assert stopped.returncode == 0, stopped.stderr
-    restored = tap.run("list", "--json")
-    assert "restored export 't'" in restored.stderr, restored.stderr
-    entry = next(e for e in json.loads(restored.stdout)["exports"] if e["name"] == "t")
+    entry = restarted(tap, "t")
     assert entry["throwaway"] is True
     qemu_io(uri, "read -P 3 0 1M")  # the old overlay's writes went with its daemon
     qemu_io(uri, "write -P 7 128k 4k", "flush", "read -P 7 128k 4k")

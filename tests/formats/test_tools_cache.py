@@ -15,6 +15,19 @@ from formats.qcow.convert import CopyTuning, convert_image
 from tests.helpers import qemu_io, run, tapnbd_cmd
 
 
+def direct_opens(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The paths opened as DirectFiles (past the page cache) from now on, in order."""
+    opened: list[str] = []
+    real_init = DirectFile.__init__
+
+    def init(self: DirectFile, path: str, **kw: object) -> None:
+        opened.append(path)
+        real_init(self, path, **kw)
+
+    monkeypatch.setattr(DirectFile, "__init__", init)
+    return opened
+
+
 @pytest.mark.parametrize("out_fmt", ["raw", "qcow2"])
 async def test_none_reads_and_writes_past_the_page_cache(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, out_fmt: str
@@ -64,14 +77,7 @@ def test_commit_t_none_writes_the_base_past_the_page_cache(
         f.truncate(4 << 20)
     run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "raw", str(top)])
     qemu_io(top, "write -P 9 1000 70000", fmt="qcow2")
-    opened: list[str] = []
-    real_init = DirectFile.__init__
-
-    def init(self: DirectFile, path: str, **kw: object) -> None:
-        opened.append(path)
-        real_init(self, path, **kw)
-
-    monkeypatch.setattr(DirectFile, "__init__", init)
+    opened = direct_opens(monkeypatch)
     asyncio.run(commit_image(str(top), fmt="qcow2", cache="none"))
     assert opened == [str(base)]
     qemu_io(base, "read -P 9 1000 70000", "read -P 0 0 1000")
@@ -122,14 +128,7 @@ def test_rebase_t_opens_the_image_and_T_the_new_backing_past_the_page_cache(
     from formats.rebase import rebase_image
 
     base, new, top, before = _rebase_chain(tmp_path)
-    opened: list[str] = []
-    real_init = DirectFile.__init__
-
-    def init(self: DirectFile, path: str, **kw: object) -> None:
-        opened.append(path)
-        real_init(self, path, **kw)
-
-    monkeypatch.setattr(DirectFile, "__init__", init)
+    opened = direct_opens(monkeypatch)
     asyncio.run(
         rebase_image(
             str(top), "new.qcow2", backing_format="qcow2", fmt="qcow2", cache=cache,
