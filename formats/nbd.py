@@ -43,6 +43,8 @@ DEFAULT_PORT = 10809
 CONNECTIONS = 4
 #: Seconds to connect and finish the handshake.
 CONNECT_TIMEOUT = 30.0
+#: Extents one BLOCK_STATUS gives its caller, as the image formats give (it asks again).
+MAX_EXTENTS = 1024
 
 
 @dataclass(frozen=True)
@@ -102,9 +104,19 @@ class _Connection(asyncio.Protocol):
         self.lost: BaseException | None = None
         self.handshake_data: asyncio.Queue[bytes] = asyncio.Queue()
         self.in_handshake = True
+        # Set while the transport takes more: a server that stops reading its socket
+        # must stop our sending (and so our clients' requests), not fill our memory.
+        self.can_send = asyncio.Event()
+        self.can_send.set()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+
+    def pause_writing(self) -> None:
+        self.can_send.clear()
+
+    def resume_writing(self) -> None:
+        self.can_send.set()
 
     def data_received(self, data: bytes) -> None:
         if self.in_handshake:
@@ -122,6 +134,7 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._fail(OSError(errno.EIO, "NBD server closed the connection"))
+        self.can_send.set()  # wakes the senders, which find the connection lost
         if self.in_handshake:
             self.handshake_data.put_nowait(b"")
 
@@ -178,7 +191,8 @@ class _Request:
                 # the buffer starts zeroed, so a hole needs no copy
                 self.covered += r.length
         elif r.kind == ReplyType.BLOCK_STATUS:
-            ctx, extents = parse_extents(r.data)
+            # As the formats' extents, at most MAX_EXTENTS per call (the caller asks again).
+            ctx, extents = parse_extents(r.data, covering=self.length, most=MAX_EXTENTS)
             if ctx == self.meta_id:
                 self.extents = extents
 
@@ -231,6 +245,8 @@ class NbdDriver(Driver):
         ctx: int | None = None,
     ) -> object:
         conn = self._conns[next(self._next)] if len(self._conns) > 1 else self._conns[0]
+        if not conn.can_send.is_set():
+            await conn.can_send.wait()
         if conn.lost is not None:
             raise OSError(errno.EIO, str(conn.lost))
         cookie = next(self._cookies)

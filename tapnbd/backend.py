@@ -32,6 +32,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tapnbd.backend")
 
+#: How long closing an export may take at shutdown or removal (its last FLUSH and the
+#: driver's close). One whose image or upstream never answers (an NBD server that
+#: ignores a FLUSH) is then left as a crash would leave it, which every format is
+#: written to survive, so that the process can still exit.
+CLOSE_TIMEOUT = 30.0
+
 #: Zeroes are emulated by writing this much at a time (nbdkit backend_zero).
 ZERO_CHUNK = 1 << 20
 _ZEROES = bytes(ZERO_CHUNK)
@@ -446,6 +452,18 @@ class Backend:
                 await self.driver.flush()
         finally:
             await self.driver.close()
+
+    async def close_within(self, name: str, timeout: float = CLOSE_TIMEOUT) -> None:
+        """``close``, given up after ``timeout`` seconds with an error in the log."""
+        try:
+            await asyncio.wait_for(self.close(), timeout)
+        except TimeoutError:
+            log.error(
+                "export %r: closing did not finish in %g s (its image or upstream does not "
+                "answer); left as a crash would leave it",
+                name,
+                timeout,
+            )
 
 
 class _Nothing(Exception):

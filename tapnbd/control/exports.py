@@ -167,7 +167,7 @@ class Exports:
         self.formats.pop(export.name, None)
         self.snapshots.pop(export.name, None)
         self.bitmaps.pop(export.name, None)
-        await export.backend.close()
+        await export.backend.close_within(export.name)
 
     def attach_target(self, req: AttachRequest, taken: set[str]) -> tuple[Export | None, str, str]:
         """What ``attach`` means: (the export it names, or None for a new image; the

@@ -42,6 +42,11 @@ from tapnbd.protocol.consts import (
 MAX_OPTION_REPLY = 64 * 1024
 #: The largest structured chunk payload: a READ's data, at most 32 MiB plus its offset.
 MAX_CHUNK = (32 << 20) + 64
+#: The extents a BLOCK_STATUS chunk may hold. NBD spec: a server "SHOULD NOT" send
+#: more than 2^20 per chunk; the few hundred MiB of Python tuples a 32 MiB chunk of
+#: them would parse into is what a hostile server would have us spend.
+MAX_STATUS_EXTENTS = 1 << 20
+MAX_STATUS_CHUNK = 4 + 8 * MAX_STATUS_EXTENTS
 #: The server's dirty bitmaps selected at most: each one is a chunk in every
 #: BLOCK_STATUS reply, and a hostile server may list any number.
 MAX_BITMAPS = 16
@@ -324,7 +329,7 @@ class ReplyDecoder:
         if len(buf) < _CHUNK.size:
             return None
         _, flags, kind, cookie, length = _CHUNK.unpack_from(buf)
-        if length > MAX_CHUNK:
+        if length > MAX_CHUNK or (kind == ReplyType.BLOCK_STATUS and length > MAX_STATUS_CHUNK):
             raise ProtocolError(f"structured chunk of {length} bytes is too long")
         if len(buf) < _CHUNK.size + length:
             return None
@@ -362,9 +367,21 @@ def _chunk(cookie: int, done: bool, kind: int, payload: bytes) -> Reply:
     raise ProtocolError(f"unknown structured reply type {kind}")
 
 
-def parse_extents(payload: bytes) -> tuple[int, list[tuple[int, int]]]:
-    """A BLOCK_STATUS payload: (context id, [(length, flags), ...])."""
+def parse_extents(
+    payload: bytes, covering: int | None = None, most: int | None = None
+) -> tuple[int, list[tuple[int, int]]]:
+    """A BLOCK_STATUS payload: (context id, [(length, flags), ...]), stopping once the
+    extents cover ``covering`` bytes or number ``most``: what lies past them would be
+    dropped anyway, and a chunk may hold 2^20 of them."""
     if len(payload) < 4 or (len(payload) - 4) % 8:
         raise ProtocolError("BLOCK_STATUS chunk of the wrong size")
     ctx = _U32.unpack_from(payload)[0]
-    return ctx, [wire.EXTENT.unpack_from(payload, o) for o in range(4, len(payload), 8)]
+    out: list[tuple[int, int]] = []
+    total = 0
+    for o in range(4, len(payload), 8):
+        n, flags = wire.EXTENT.unpack_from(payload, o)
+        out.append((n, flags))
+        total += n
+        if (covering is not None and total >= covering) or (most is not None and len(out) >= most):
+            break
+    return ctx, out

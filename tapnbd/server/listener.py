@@ -267,7 +267,7 @@ class NBDServer:
             await server.wait_closed()
         for export in self.registry:
             try:
-                await export.backend.close()
+                await export.backend.close_within(export.name)
             except Exception:
                 log.exception("closing export %r", export.name)
         for ep in self.endpoints:

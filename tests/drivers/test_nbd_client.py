@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import random
+import signal
 import socket
 import subprocess
 import threading
@@ -283,3 +286,100 @@ def test_proxy_offers_the_upstreams_dirty_bitmap_live(tmp_path: Path) -> None:
     finally:
         qemu.terminate()
         qemu.wait(10)
+
+
+async def test_an_upstream_that_stops_reading_stops_our_sending(tmp_path: Path) -> None:
+    """The attacker: an upstream server that stops reading its socket (here nbdkit,
+    stopped with SIGSTOP; a hostile one would also answer each WRITE unread, so that
+    our clients' writes complete and send more). Each connection then holds at most
+    one request past its transport's high-water mark; the rest wait unsent, with their
+    clients' payloads charged to the server's budget, instead of piling up in memory.
+    Once it reads again, every write lands."""
+    from formats.nbd import NbdDriver
+
+    need("nbdkit")
+    sock = tmp_path / "up.sock"
+    proc = subprocess.Popen(["nbdkit", "-f", "-U", str(sock), "memory", "128M"])
+    wait_for_socket(sock, proc)
+    drv = await NbdDriver.open(unix_uri(sock), read_only=False)
+    payload, n = 4 * MiB, 16
+    try:
+        os.kill(proc.pid, signal.SIGSTOP)
+        tasks = [
+            asyncio.create_task(drv.pwrite(i * payload, bytes([i + 1]) * payload)) for i in range(n)
+        ]
+        for _ in range(3):  # every task runs to its first wait (no clock involved)
+            await asyncio.sleep(0)
+        conns = drv._conns
+        assert len(conns) > 1 and n > 2 * len(conns), "the test needs queued requests"
+        for c in conns:
+            assert c.transport is not None
+            assert c.transport.get_write_buffer_size() <= payload + (64 << 10) + 32
+        assert not any(t.done() for t in tasks)
+        os.kill(proc.pid, signal.SIGCONT)
+        await asyncio.gather(*tasks)
+        for i in range(n):
+            assert bytes(await drv.pread(i * payload, payload)) == bytes([i + 1]) * payload
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+        await drv.close()
+        proc.terminate()
+        proc.wait(10)
+
+
+async def test_block_status_gives_at_most_max_extents_and_the_proxy_asks_again(
+    tmp_path: Path,
+) -> None:
+    """An upstream with more extents than one call gives (nbdkit sparse-random): the
+    driver parses no more than MAX_EXTENTS of a reply, and a proxy's clients still see
+    the upstream's whole map, the server asking again where a call stopped."""
+    from formats.nbd import MAX_EXTENTS, NbdDriver
+
+    need("nbdkit", "nbdinfo")
+    sock = tmp_path / "up.sock"
+    proc = subprocess.Popen(
+        ["nbdkit", "-f", "-U", str(sock), "sparse-random", "128M", "runlength=8192", "seed=7"]
+    )
+    wait_for_socket(sock, proc)
+    try:
+        upstream = unix_uri(sock)
+        assert len(map_of(upstream)) > 2 * MAX_EXTENTS, "the test needs a long map"
+        drv = await NbdDriver.open(upstream, read_only=True)
+        try:
+            got = await drv.extents(0, drv.size())
+            assert len(got) == MAX_EXTENTS and got[-1].offset + got[-1].length < drv.size()
+        finally:
+            await drv.close()
+        proxy = start_server([upstream, "--socket", str(tmp_path / "p.sock")], tmp_path / "p.log")
+        try:
+            assert map_of(proxy.uri) == map_of(upstream)
+        finally:
+            assert proxy.stop() == 0
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+async def test_closing_gives_up_on_an_upstream_that_never_answers(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An upstream that never answers the last FLUSH (stopped with SIGSTOP) cannot keep a
+    server from exiting: the close is given up at its deadline, with an error logged."""
+    from formats.nbd import NbdDriver
+    from tapnbd.backend import Backend
+
+    need("nbdkit")
+    sock = tmp_path / "up.sock"
+    proc = subprocess.Popen(["nbdkit", "-f", "-U", str(sock), "memory", "16M"])
+    wait_for_socket(sock, proc)
+    try:
+        backend = Backend(await NbdDriver.open(unix_uri(sock), read_only=False))
+        await backend.driver.pwrite(0, b"x" * 4096)
+        os.kill(proc.pid, signal.SIGSTOP)
+        await backend.close_within("up", timeout=0.5)
+        assert "closing did not finish in 0.5 s" in caplog.text
+        assert backend.closed
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+        proc.terminate()
+        proc.wait(10)

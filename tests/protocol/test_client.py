@@ -10,7 +10,13 @@ from hypothesis import strategies as st
 
 from tapnbd.errors import ProtocolError
 from tapnbd.protocol import transmission as tx
-from tapnbd.protocol.client import ClientHandshake, Connected, ReplyDecoder, parse_extents
+from tapnbd.protocol.client import (
+    MAX_STATUS_EXTENTS,
+    ClientHandshake,
+    Connected,
+    ReplyDecoder,
+    parse_extents,
+)
 from tapnbd.protocol.consts import ReplyType, TransmissionFlag
 from tapnbd.protocol.handshake import (
     NEED_DATA,
@@ -135,6 +141,23 @@ def test_reply_decoder_refuses_garbage_and_huge_chunks() -> None:
     huge = tx.data_chunk(1, 0, 1 << 30)  # a header claiming 1 GiB of data
     with pytest.raises(ProtocolError, match="too long"):
         ReplyDecoder().feed(huge)
+
+
+def test_a_block_status_chunk_is_held_to_the_spec_and_read_only_as_far_as_needed() -> None:
+    """The attacker: an upstream that answers a BLOCK_STATUS with millions of one-byte
+    extents running far past the request. NBD spec: a chunk "SHOULD NOT" hold more than
+    2^20 extents, so a longer one is refused; within that, only the extents that cover
+    the request (or the first ``most``) are parsed, not a Python tuple per extent."""
+    limit = MAX_STATUS_EXTENTS
+    at_limit = tx.block_status_chunk(1, 1, [(1, i & 1) for i in range(limit)])
+    assert len(ReplyDecoder().feed(at_limit)) == 1
+    over = tx.block_status_chunk(1, 1, [(1, i & 1) for i in range(limit + 1)])
+    with pytest.raises(ProtocolError, match="too long"):
+        ReplyDecoder().feed(over)
+    (reply,) = ReplyDecoder().feed(at_limit)
+    assert parse_extents(reply.data, covering=3) == (1, [(1, 0), (1, 1), (1, 0)])
+    assert parse_extents(reply.data, most=2) == (1, [(1, 0), (1, 1)])
+    assert len(parse_extents(reply.data)[1]) == limit  # unbounded when asked so
 
 
 class WithBitmaps(Catalog):
