@@ -5,9 +5,12 @@ appending to ``/etc/shadow`` by a symlink planted there, nor keep its socket in 
 directory another user created (and can empty or refill at will). The rules:
 
 - A private directory is made with mkdir at 0700. One that exists must be a real
-  directory (not a symlink), owned by us, and writable by nobody else; and no directory
-  above it may be replaceable by another user (owned by someone else, or writable by
-  others without the sticky bit).
+  directory (not a symlink), owned by us, and writable by nobody else. Every component
+  of the path as given (not its realpath) is checked from / down: no directory on the
+  way may be replaceable by another user (owned by someone else, or writable by others
+  without the sticky bit), and a symlink on the way must be root's or ours, its target
+  walked by the same rules; missing parents are made only after that, 0700, each
+  checked as it is made.
 - A private file is opened with O_NOFOLLOW (a symlink in the last component fails with
   ELOOP), O_CLOEXEC and O_NONBLOCK (a FIFO planted there cannot block the open), then
   checked with fstat on the descriptor itself: a regular file, ours, with one link.
@@ -31,6 +34,7 @@ __all__ = [
     "UnsafePathError",
     "atomic_write",
     "check_private_dir",
+    "check_private_path",
     "ensure_private_dir",
     "open_private",
     "read_capped",
@@ -63,37 +67,116 @@ def check_private_dir(path: str, st: os.stat_result) -> None:
         )
 
 
-def _check_ancestors(path: str) -> None:
-    """Refuse a directory whose parents another user could rename or refill.
+#: Symlinks followed in one path before giving up, as the kernel's ELOOP limit.
+MAX_SYMLINKS = 40
 
-    A parent is safe when root or we own it and it is not writable by others, or when it
-    is sticky (like /tmp): there only an entry's owner may rename or remove it.
+
+def _check_parent(path: str, component: str, st: os.stat_result) -> None:
+    """Refuse a directory on the way to ``path`` that another user could rename or refill.
+
+    A directory is safe when root or we own it and it is not writable by others, or when
+    it is sticky (like /tmp): there only an entry's owner may rename or remove it.
     """
-    parent = os.path.dirname(os.path.realpath(path))
-    while True:
-        st = os.stat(parent)
-        foreign = st.st_uid not in (0, os.geteuid())
-        open_to_others = bool(st.st_mode & 0o022) and not st.st_mode & stat.S_ISVTX
-        if foreign or open_to_others:
-            why = f"belongs to uid {st.st_uid}" if foreign else "is writable by others"
-            raise UnsafePathError(f"{path}: its parent {parent} {why}, so it could be swapped")
-        up = os.path.dirname(parent)
-        if up == parent:
-            return
-        parent = up
+    if not stat.S_ISDIR(st.st_mode):
+        raise UnsafePathError(f"{path}: its parent {component} is not a directory")
+    foreign = st.st_uid not in (0, os.geteuid())
+    open_to_others = bool(st.st_mode & 0o022) and not st.st_mode & stat.S_ISVTX
+    if foreign or open_to_others:
+        why = f"belongs to uid {st.st_uid}" if foreign else "is writable by others"
+        raise UnsafePathError(f"{path}: its parent {component} {why}, so it could be swapped")
+
+
+def _walk_parents(path: str, names: list[str], *, create: bool) -> str | None:
+    """Follow ``names`` from / as the kernel would, checking every step; the directory
+    they lead to, with no symlink in it.
+
+    Every directory passed through must be safe (``_check_parent``), and a symlink may
+    only be followed if root or we own it: it sits in a directory already checked, so no
+    one else can replace it, and its target is walked by the same rules. A missing
+    directory is made (mkdir 0700) if ``create``, and checked as it is made; otherwise
+    None is returned.
+    """
+    current = "/"
+    _check_parent(path, current, os.lstat(current))
+    pending = list(names)
+    followed = 0
+    while pending:
+        name = pending.pop(0)
+        if name in ("", "."):
+            continue
+        if name == "..":  # ``current`` holds no symlink: its parent is a checked prefix
+            current = os.path.dirname(current)
+            continue
+        component = os.path.join(current, name)
+        try:
+            st = os.lstat(component)
+        except FileNotFoundError:
+            if not create:
+                return None
+            with contextlib.suppress(FileExistsError):  # made meanwhile: checked below
+                os.mkdir(component, 0o700)
+            st = os.lstat(component)
+        if stat.S_ISLNK(st.st_mode):
+            if st.st_uid not in (0, os.geteuid()):
+                raise UnsafePathError(
+                    f"{path}: its parent {component} is a symlink belonging to uid "
+                    f"{st.st_uid}, so it could be pointed elsewhere"
+                )
+            followed += 1
+            if followed > MAX_SYMLINKS:
+                raise UnsafePathError(f"{path}: too many levels of symlinks at {component}")
+            target = os.readlink(component)
+            if target.startswith("/"):
+                current = "/"
+            pending[:0] = target.split("/")
+            continue
+        _check_parent(path, component, st)
+        current = component
+    return current
+
+
+def _split(path: str) -> tuple[list[str], str]:
+    """The directories leading to ``path`` (absolute, but not resolved) and its name."""
+    full = path if os.path.isabs(path) else os.path.join(os.getcwd(), path)
+    names = full.rstrip("/").split("/")
+    return names[:-1], names[-1]
 
 
 def ensure_private_dir(path: str) -> None:
-    """Make ``path`` a directory only we can change (mkdir 0700), or refuse it."""
-    parent = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(parent):
-        os.makedirs(parent, mode=0o700, exist_ok=True)
-    _check_ancestors(path)
+    """Make ``path`` a directory only we can change (mkdir 0700), or refuse it.
+
+    Every component of the path as given is checked from / down before anything is
+    made, and missing parents are made one at a time (mkdir 0700) and checked in turn.
+    """
+    parents, name = _split(path)
+    if name in ("", ".", ".."):
+        raise UnsafePathError(f"{path}: does not name a directory to make")
+    parent = _walk_parents(path, parents, create=True)
+    if parent is None:  # never: create=True makes what is missing
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), path)
+    full = os.path.join(parent, name)
     try:
-        os.mkdir(path, 0o700)
+        os.mkdir(full, 0o700)
     except FileExistsError:
         pass
-    check_private_dir(path, os.lstat(path))
+    check_private_dir(path, os.lstat(full))
+
+
+def check_private_path(path: str) -> bool:
+    """Whether ``path`` exists; UnsafePathError if it is not a directory of ours alone or
+    any component on the way to it is unsafe (as ``ensure_private_dir``, making nothing)."""
+    parents, name = _split(path)
+    if name in ("", ".", ".."):
+        raise UnsafePathError(f"{path}: does not name a directory")
+    parent = _walk_parents(path, parents, create=False)
+    if parent is None:
+        return False
+    try:
+        st = os.lstat(os.path.join(parent, name))
+    except FileNotFoundError:
+        return False
+    check_private_dir(path, st)
+    return True
 
 
 def _check_private_file(path: str, fd: int) -> None:

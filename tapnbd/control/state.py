@@ -92,13 +92,9 @@ class StateDir:
 
     def check(self) -> bool:
         """Whether the directory exists; UnsafePathError if it does and is not ours alone
-        (a client must not trust, or start a daemon in, someone else's directory)."""
-        try:
-            st = os.lstat(self.path)
-        except FileNotFoundError:
-            return False
-        safefs.check_private_dir(self.path, st)
-        return True
+        (a client must not trust, or start a daemon in, someone else's directory), or if
+        any directory or symlink on the way to it could be swapped by another user."""
+        return safefs.check_private_path(self.path)
 
     def open_log(self) -> int:
         """The log, opened for appending (never through a symlink)."""

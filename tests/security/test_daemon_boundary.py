@@ -252,6 +252,38 @@ def test_unsafe_state_directory_refused(
         os.chown(tap.state, 0, 0)
 
 
+@pytest.mark.parametrize("existing", [False, True], ids=["new", "existing"])
+@pytest.mark.parametrize("how", ["--state-dir", "TAPNBD_STATE_DIR"])
+def test_state_directory_behind_another_users_symlink_refused(
+    tap: Tapnbd, other: tuple[int, int], how: str, existing: bool
+) -> None:
+    """The audit's case: the other user's symlink vm1 -> our base (realpath base/st is
+    fine), which they could later point at a directory of theirs. Refused by name
+    before anything is made, through it or beside it; and a directory of ours already
+    there is not cleaned up through it (its stale socket stays)."""
+    link = tap.base / "vm1"
+    link.symlink_to(tap.base)
+    os.chown(link, *other, follow_symlinks=False)
+    given = link / "st"
+    if existing:
+        (tap.base / "st").mkdir(mode=0o700)
+        with socket.socket(socket.AF_UNIX) as stale:
+            stale.bind(str(tap.base / "st" / "control.sock"))
+    match = re.escape(f"{given}: its parent {link} is a symlink belonging to uid {other[0]}")
+    if how == "TAPNBD_STATE_DIR":
+        tap.env["TAPNBD_STATE_DIR"] = str(given)
+        assert_refused(tap, match=match)
+    else:
+        proc = tap.run("daemon", "start", "--state-dir", str(given))
+        assert proc.returncode != 0, (proc.stdout, proc.stderr)
+        assert re.search(match, proc.stderr), proc.stderr
+    if existing:
+        assert sorted(os.listdir(tap.base)) == ["st", "vm1"]
+        assert os.listdir(tap.base / "st") == ["control.sock"]
+    else:
+        assert sorted(os.listdir(tap.base)) == ["vm1"]
+
+
 @pytest.mark.parametrize(
     ("name", "match"),
     [

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +16,7 @@ import pytest
 from tapnbd.safefs import (
     UnsafePathError,
     atomic_write,
+    check_private_path,
     ensure_private_dir,
     open_private,
     read_capped,
@@ -85,6 +88,126 @@ def test_private_dir_refuses_swappable_parent(tmp_path: Path) -> None:
     with pytest.raises(UnsafePathError, match=r"its parent .*theirs belongs to uid"):
         ensure_private_dir(str(parent / "state"))
     assert not (parent / "state").exists()
+
+
+def theirs_symlink(link: Path, target: Path) -> Path:
+    """``link`` -> ``target``, the symlink itself owned by nobody (as if they made it)."""
+    link.symlink_to(target)
+    os.chown(link, NOBODY, NOBODY, follow_symlinks=False)
+    return link
+
+
+def sticky_dir(path: Path) -> Path:
+    """A /tmp-like directory: root's, mode 1777."""
+    path.mkdir()
+    path.chmod(0o1777)
+    return path
+
+
+@pytest.mark.parametrize("points_to", ["sticky", "ours", "missing"])
+def test_private_dir_refuses_another_users_symlink_on_the_way(
+    tmp_path: Path, points_to: str
+) -> None:
+    """The audit's case: nobody's /tmp/vm1 -> /tmp, so realpath(/tmp/vm1/vbd) is /tmp/vbd,
+    whose parents are all fine; nobody can later point vm1 at a directory of theirs."""
+    need_root()
+    if points_to == "sticky":
+        target = sticky_dir(tmp_path / "tmp")
+        link = theirs_symlink(target / "vm1", target)
+    elif points_to == "ours":
+        target = tmp_path / "real"
+        target.mkdir(mode=0o700)
+        link = theirs_symlink(tmp_path / "vm1", target)
+    else:
+        target = tmp_path / "real"
+        link = theirs_symlink(tmp_path / "vm1", target)
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    with pytest.raises(
+        UnsafePathError,
+        match=f"its parent {re.escape(str(link))} is a symlink belonging to uid {NOBODY}",
+    ):
+        ensure_private_dir(str(link / "vbd"))
+    # Nothing made, here or through the symlink, and not for missing parents either.
+    with pytest.raises(UnsafePathError, match=f"{re.escape(str(link))} is a symlink"):
+        ensure_private_dir(str(link / "a" / "b" / "vbd"))
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before
+    # A client checking an existing directory through it is refused the same way.
+    if points_to == "ours":
+        (target / "vbd").mkdir(mode=0o700)
+        with pytest.raises(UnsafePathError, match=f"uid {NOBODY}"):
+            check_private_path(str(link / "vbd"))
+        assert check_private_path(str(target / "vbd"))
+
+
+def test_private_dir_through_a_root_symlink(tmp_path: Path) -> None:
+    """A symlink of root's (or ours) to a good directory is fine, as /var/run -> /run;
+    relative targets and chains of them too."""
+    run = tmp_path / "run"
+    run.mkdir(mode=0o755)
+    var = tmp_path / "var"
+    var.mkdir(mode=0o755)
+    (var / "run").symlink_to("../run")
+    (tmp_path / "alias").symlink_to(var / "run")
+    for given in (var / "run" / "tapnbd", tmp_path / "alias" / "tapnbd"):
+        ensure_private_dir(str(given))
+        assert check_private_path(str(given))
+    st = (run / "tapnbd").lstat()
+    assert (st.st_mode & 0o777, st.st_uid) == (0o700, os.geteuid())
+    # Missing parents behind it are made 0700, ours.
+    ensure_private_dir(str(tmp_path / "alias" / "a" / "b" / "state"))
+    for made in (run / "a", run / "a" / "b", run / "a" / "b" / "state"):
+        st = made.lstat()
+        assert (stat.S_ISDIR(st.st_mode), st.st_mode & 0o777, st.st_uid) == (
+            True,
+            0o700,
+            os.geteuid(),
+        )
+    assert not check_private_path(str(tmp_path / "alias" / "nothing" / "here"))
+
+
+def test_private_dir_checks_a_root_symlinks_target_chain(tmp_path: Path) -> None:
+    """A symlink of ours is followed, and where it leads is checked as strictly: through
+    a directory of nobody's, or nobody's symlink further on, it is refused."""
+    need_root()
+    theirs = tmp_path / "theirs"
+    theirs.mkdir(mode=0o755)
+    (theirs / "run").mkdir(mode=0o755)
+    os.chown(theirs, NOBODY, NOBODY)
+    (tmp_path / "via").symlink_to(theirs / "run")
+    with pytest.raises(
+        UnsafePathError, match=f"its parent {re.escape(str(theirs))} belongs to uid"
+    ):
+        ensure_private_dir(str(tmp_path / "via" / "x" / "state"))
+    assert os.listdir(theirs / "run") == []
+
+    good = tmp_path / "good"
+    good.mkdir(mode=0o755)
+    hop = theirs_symlink(good / "hop", good)
+    (tmp_path / "chain").symlink_to(hop)
+    with pytest.raises(UnsafePathError, match=f"{re.escape(str(hop))} is a symlink belonging"):
+        ensure_private_dir(str(tmp_path / "chain" / "state"))
+    assert sorted(os.listdir(good)) == ["hop"]
+
+
+def test_private_dir_refuses_writable_parent_without_sticky(tmp_path: Path) -> None:
+    """A directory anyone may write to is refused on the way, even behind a symlink of
+    ours; a sticky one (as /tmp) is not."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    (tmp_path / "link").symlink_to(shared)
+    with pytest.raises(UnsafePathError, match=r"its parent .*shared is writable by others"):
+        ensure_private_dir(str(tmp_path / "link" / "state"))
+    assert os.listdir(shared) == []
+    sticky = sticky_dir(tmp_path / "sticky")
+    ensure_private_dir(str(sticky / "state"))
+
+
+def test_private_dir_refuses_symlink_loops(tmp_path: Path) -> None:
+    (tmp_path / "a").symlink_to("b")
+    (tmp_path / "b").symlink_to("a")
+    with pytest.raises(UnsafePathError, match="too many levels of symlinks"):
+        ensure_private_dir(str(tmp_path / "a" / "state"))
 
 
 def test_private_dir_refuses_a_file(tmp_path: Path) -> None:
