@@ -195,12 +195,18 @@ FORMAT = Format("raw", probe, open_raw)
 #: Set inside formats.direct.direct_files: image files opened then are DirectFiles.
 #: (Here, so that an open asks without importing formats.direct.)
 DIRECT_IO: ContextVar[bool] = ContextVar("direct_io", default=False)
+#: Set inside formats.filters.cachemode.files_for("unsafe"): image files opened then
+#: never sync (qemu's cache.no-flush, which cache=unsafe sets on every node): the
+#: formats' own flushes of their metadata do nothing either.
+NO_FLUSH: ContextVar[bool] = ContextVar("no_flush", default=False)
 
 
 class RawDriver(Driver):
     """A raw image file or block device."""
 
     name = "raw"
+    #: Never sync: FLUSH and FUA do nothing (see NO_FLUSH).
+    unsafe = False
 
     def __init__(
         self,
@@ -253,11 +259,15 @@ class RawDriver(Driver):
             EXECUTOR,
             functools.partial(open_file, path, read_only=read_only, block_devices=block_devices),
         )
+        drv: RawDriver
         if cls is RawDriver and DIRECT_IO.get():  # --cache=none or directsync
             from formats.direct import DirectFile
 
-            return DirectFile(path, read_only=read_only, lock=lock, share=share, fd=fd)
-        return cls(path, read_only=read_only, lock=lock, share=share, fd=fd)
+            drv = DirectFile(path, read_only=read_only, lock=lock, share=share, fd=fd)
+        else:
+            drv = cls(path, read_only=read_only, lock=lock, share=share, fd=fd)
+        drv.unsafe = NO_FLUSH.get()
+        return drv
 
     def size(self) -> int:
         return self._size
@@ -360,6 +370,7 @@ class RawDriver(Driver):
         return buf
 
     async def pwrite(self, offset: int, data: bytes | memoryview, fua: bool = False) -> None:
+        fua = fua and not self.unsafe
         if not fua and self._nowait_write:
             try:
                 n = os.pwritev(self.fd, [data], offset, os.RWF_NOWAIT)
@@ -395,6 +406,8 @@ class RawDriver(Driver):
         # lie (PostgreSQL's "fsyncgate"). Every flush after a failure fails, unretried,
         # until the image is reopened; formats that flush their file mid-request (qcow's
         # flush epochs) meet the same error.
+        if self.unsafe:
+            return
         self._check_sync()
         try:
             await self._blocking(os.fdatasync, self.fd)

@@ -7,19 +7,23 @@ the image files bypass the host's page cache.
 | ``writethrough`` | used | before its reply | CacheModeFilter, FUA forced |
 | ``directsync`` | bypassed | before its reply | DirectFile, and FUA forced |
 | ``none`` (``-n``) | bypassed | at FLUSH, or with FUA | DirectFile (formats.direct) |
-| ``unsafe`` | used | never: FLUSH and FUA do nothing | CacheModeFilter |
+| ``unsafe`` | used | never: FLUSH and FUA do nothing | CacheModeFilter, files unsynced |
 
 Forcing FUA is nbdkit's fua filter with ``fuamode=force``; dropping it, ``fuamode=discard``.
 The page cache is bypassed by opening the image files inside ``formats.direct.direct_files``.
+Under ``unsafe`` the image files never sync either (formats.raw.NO_FLUSH), so that the
+formats' own flushes of their metadata cost nothing, as qemu's cache.no-flush.
 """
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from formats.direct import direct_files
 from formats.filters import FilterDriver
+from formats.raw import NO_FLUSH
 from tapnbd.driver import Driver, FuaMode
 from tapnbd.errors import TapnbdError
 
@@ -31,9 +35,16 @@ def check_cache_mode(mode: str) -> None:
         raise TapnbdError(f"--cache {mode!r}: use {', '.join(CACHE_MODES)}")
 
 
-def files_for(mode: str) -> AbstractContextManager[None]:
-    """Where to open the image (files) for ``mode``: past the page cache or not."""
-    return direct_files(mode in ("none", "directsync"))
+@contextmanager
+def files_for(mode: str) -> Iterator[None]:
+    """How to open the image (files) for ``mode``: past the page cache or not, and
+    never synced (``unsafe``)."""
+    token = NO_FLUSH.set(mode == "unsafe")
+    try:
+        with direct_files(mode in ("none", "directsync")):
+            yield
+    finally:
+        NO_FLUSH.reset(token)
 
 
 async def open_for_cache(spec: str, mode: str, *, throwaway: bool = False, **kw: Any) -> Driver:
