@@ -383,3 +383,28 @@ async def test_closing_gives_up_on_an_upstream_that_never_answers(
         os.kill(proc.pid, signal.SIGCONT)
         proc.terminate()
         proc.wait(10)
+
+
+def test_sigterm_exits_when_the_upstream_never_answers_the_last_flush(tmp_path: Path) -> None:
+    """The attacker, end to end: a proxy's upstream stops answering (nbdkit under
+    SIGSTOP) after a write, so the shutdown's last FLUSH never returns. The server gives
+    the close up at its deadline (CLOSE_TIMEOUT, 30 s), says so, and exits."""
+    from tapnbd.backend import CLOSE_TIMEOUT
+
+    need("nbdkit")
+    sock = tmp_path / "up.sock"
+    proc = subprocess.Popen(["nbdkit", "-f", "-U", str(sock), "memory", "16M"])
+    wait_for_socket(sock, proc)
+    try:
+        proxy = start_server(
+            [unix_uri(sock), "--socket", str(tmp_path / "p.sock")], tmp_path / "p.log"
+        )
+        qemu_io(proxy.uri, "write -P 0x21 0 64k")
+        os.kill(proc.pid, signal.SIGSTOP)
+        proxy.proc.send_signal(signal.SIGTERM)
+        assert proxy.proc.wait(CLOSE_TIMEOUT + 60) == 0
+        assert f"closing did not finish in {CLOSE_TIMEOUT:g} s" in proxy.stderr()
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+        proc.terminate()
+        proc.wait(10)
