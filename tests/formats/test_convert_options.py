@@ -376,6 +376,34 @@ async def test_without_w_a_new_qcow2_image_is_laid_out_in_the_guests_order(
     assert (hosts == sorted(hosts)) is not out_of_order, hosts
 
 
+@pytest.mark.parametrize("w", [False, True])
+def test_the_cli_passes_w_through(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, w: bool) -> None:
+    """``tapnbd convert [-W]`` in process, the source's reads finishing last-first as
+    above: the layout says whether the command line's -W reached the copy."""
+    from typer.testing import CliRunner
+
+    from tapnbd.cli import app, load_commands
+
+    src = tmp_path / "src.raw"
+    src.write_bytes(random.Random(9).randbytes(16 * MiB))
+    real = Backend.pread
+
+    async def late_first(self: Backend, offset: int, length: int) -> bytes | bytearray | memoryview:
+        if self.read_only:
+            await asyncio.sleep(0.02 * (16 * MiB - offset) / (16 * MiB))
+        return await real(self, offset, length)
+
+    monkeypatch.setattr(Backend, "pread", late_first)
+    dst = tmp_path / "dst.qcow2"
+    load_commands()
+    args = ["convert", "-q", *(["-W"] if w else []), "-m", "8", "-f", "raw", "-O", "qcow2"]
+    res = CliRunner().invoke(app, [*args, str(src), str(dst)])
+    assert res.exit_code == 0, (res.stdout, res.exception)
+    runs = json.loads(qemu_img("map", "--output=json", "-f", "qcow2", dst))
+    hosts = [r["offset"] for r in runs if r["data"]]
+    assert (hosts == sorted(hosts)) is not w, hosts
+
+
 def test_w_on_the_command_line(tmp_path: Path) -> None:
     src = tmp_path / "src.raw"
     src.write_bytes(random.Random(8).randbytes(6 * MiB))
