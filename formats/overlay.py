@@ -16,13 +16,13 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from typing import TYPE_CHECKING, Any
 
-from formats.engine.image import open_format
-from formats.qcow2.create import create_qcow2
-from formats.qcow2.driver import Qcow2Driver
-from formats.qcow2.meta import Qcow2Meta, check_features, read_meta
 from tapnbd.driver import Driver
 from tapnbd.errors import TapnbdError
+
+if TYPE_CHECKING:
+    from formats.qcow2.meta import Qcow2Meta
 
 
 def overlay_dir() -> str:
@@ -31,12 +31,29 @@ def overlay_dir() -> str:
     return os.environ.get("TMPDIR") or "/var/tmp"
 
 
+async def open_image_or_overlay(spec: str, *, throwaway: bool, **kw: Any) -> Driver:
+    """``open_image(spec, **kw)``, or with ``throwaway`` (qemu-nbd's -s) the image opened
+    read-only under a throwaway overlay that takes the writes."""
+    from formats import open_image
+
+    if not throwaway:
+        return await open_image(spec, **kw)
+    return await open_throwaway_overlay(await open_image(spec, **{**kw, "read_only": True}))
+
+
 async def open_throwaway_overlay(base: Driver) -> Driver:
     """A writable qcow2 driver over ``base``, whose writes are lost when it closes.
 
     The overlay owns ``base`` from here on: closing it closes ``base``, and so does a
     failure to make it.
     """
+    # Here, not at the top: every open goes through open_image_or_overlay, and only -s
+    # needs qcow2.
+    from formats.engine.image import open_format
+    from formats.qcow2.create import create_qcow2
+    from formats.qcow2.driver import Qcow2Driver
+    from formats.qcow2.meta import check_features, read_meta
+
     where = overlay_dir()
     try:
         private = tempfile.mkdtemp(prefix="tapnbd-overlay-", dir=where)

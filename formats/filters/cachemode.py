@@ -56,18 +56,11 @@ async def open_for_cache(spec: str, mode: str, *, throwaway: bool = False, **kw:
     overlay (formats.overlay) that takes the writes; the overlay's file is opened for
     the mode too, and the mode's filter goes over the overlay.
     """
-    from formats import open_image
+    from formats.overlay import open_image_or_overlay
 
     check_cache_mode(mode)
     with files_for(mode):
-        if throwaway:
-            from formats.overlay import open_throwaway_overlay
-
-            driver = await open_throwaway_overlay(
-                await open_image(spec, **{**kw, "read_only": True})
-            )
-        else:
-            driver = await open_image(spec, **kw)
+        driver = await open_image_or_overlay(spec, throwaway=throwaway, **kw)
     return with_cache_mode(driver, mode)
 
 

@@ -11,11 +11,13 @@ import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from formats import OpenRules, open_image, parse_size
+from formats import OpenRules, parse_size
 from formats.filters import FaultSpec, at_file_layer
 from formats.filters.cachemode import check_cache_mode, files_for, with_cache_mode
 from formats.filters.discard import check_modes, with_modes
 from formats.filters.window import from_offset
+from formats.imagemap import image_format
+from formats.overlay import open_image_or_overlay
 from tapnbd import safefs
 from tapnbd.backend import Backend
 from tapnbd.driver import Driver
@@ -167,20 +169,18 @@ async def open_exports(opts: ServeOptions) -> ExportRegistry:
                     f"NAME=IMAGE, e.g. a={image}"
                 )
             wrapped.clear()
+            overlay = opts.throwaway and not opts.read_only  # -s -r: read-only, no overlay
             with at_file_layer(wrap_file if at_file else None), files_for(opts.cache):
-                driver = await open_image(
+                driver = await open_image_or_overlay(
                     image,
+                    throwaway=overlay,
                     fmt=opts.fmt,
-                    read_only=opts.read_only or opts.throwaway,
+                    read_only=opts.read_only,
                     rules=opts.rules,
                     # A snapshot opens read-only: without an overlay, so is the Backend.
                     snapshot=opts.snapshot,
                 )
-                base_name = driver.name
-                if opts.throwaway and not opts.read_only:
-                    from formats.overlay import open_throwaway_overlay
-
-                    driver = await open_throwaway_overlay(driver)
+            base_name = image_format(driver, overlay)
             opened.append(driver)
             if opts.exclusive:
                 await _acquire_exclusive(image, driver, opts.lock_wait)
@@ -194,7 +194,7 @@ async def open_exports(opts: ServeOptions) -> ExportRegistry:
                 driver = faults.wrap(driver)
             driver = with_modes(driver, opts.discard, opts.detect_zeroes)
             what = base_name if opts.snapshot is None else f"{base_name} snapshot {opts.snapshot}"
-            if opts.throwaway and not opts.read_only:
+            if overlay:
                 what += ", writes to a throwaway overlay"
             description = opts.description or f"{image} ({what})"
             backend = Backend(driver, read_only=opts.read_only)
@@ -211,7 +211,7 @@ async def open_exports(opts: ServeOptions) -> ExportRegistry:
                     cache=opts.cache,
                     offset=offset,
                     share=opts.rules.share,
-                    throwaway=opts.throwaway and not opts.read_only,
+                    throwaway=overlay,
                 )
             )
     except BaseException:
