@@ -26,7 +26,8 @@ from formats import OpenRules, open_image, probe
 from formats.engine.backing import read_backing
 from formats.engine.opening import resolve_backing
 from formats.engine.topmap import unallocated_ranges
-from formats.filters.cachemode import check_cache_mode, files_for, with_cache_mode
+from formats.filters.cachemode import check_cache_mode, files_for, open_for_cache
+from formats.imagemap import unwrap
 from formats.locks import locked_target
 from formats.pacing import Pace
 from tapnbd.driver import Driver, ExtentFlags
@@ -125,15 +126,13 @@ async def _copy_differences(
     path: str, fmt: str, new: Driver | None, rules: OpenRules, pace: Pace, cache: str
 ) -> None:
     """Copy into the image what its old backing file shows and ``new`` would not."""
-    with files_for(cache):
-        image = await open_image(path, fmt=fmt, read_only=False, rules=rules)
-    top = with_cache_mode(image, cache)
+    top = await open_for_cache(path, cache, fmt=fmt, read_only=False, rules=rules)
     try:
         cs = top.describe().get("cluster-size", 65536)
         assert isinstance(cs, int)
         # The format's own driver: the map swaps its backing file, which a filter
         # in front would only shadow.
-        ranges = await unallocated_ranges(image)
+        ranges = await unallocated_ranges(unwrap(top))
         pace.begin(sum(n for _, n in ranges))
         for start, n in ranges:
             pos, end = start, start + n
