@@ -46,6 +46,17 @@ def image_spec(image: str) -> str:
     return os.path.abspath(image)
 
 
+def data_path_words(cache: str, throwaway: bool, share: bool) -> str:
+    """What export add and attach both report of the options both take (--cache, -s,
+    --share), each as ", words", nothing for a default."""
+    words = f", cache {cache}" if cache != "writeback" else ""
+    if throwaway:
+        words += ", writes to a throwaway overlay"
+    if share:
+        words += ", shared"
+    return words
+
+
 def human_size(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":

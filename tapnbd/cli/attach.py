@@ -10,7 +10,15 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from tapnbd.cli._control import JsonOpt, StateDirOpt, connect, human_size, image_spec, report
+from tapnbd.cli._control import (
+    JsonOpt,
+    StateDirOpt,
+    connect,
+    data_path_words,
+    human_size,
+    image_spec,
+    report,
+)
 from tapnbd.cli._image_opts import (
     CacheOpt,
     NoCacheOpt,
@@ -92,12 +100,7 @@ def attach_cmd(
     mode = ", read-only" if att.read_only else ""
     if att.snapshot is not None:
         mode = f", snapshot {att.snapshot!r}{mode}"
-    if att.cache != "writeback":
-        mode += f", cache {att.cache}"
-    if att.throwaway:
-        mode += ", writes to a throwaway overlay"
-    if att.share:
-        mode += ", shared"
+    mode += data_path_words(att.cache, att.throwaway, att.share)
     report(f"attached {att.image} as {att.device} via {reply.reason}{mode}")
     print(att.device)
 

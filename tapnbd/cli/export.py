@@ -6,7 +6,14 @@ from typing import Annotated
 
 import typer
 
-from tapnbd.cli._control import StateDirOpt, connect, human_size, image_spec, report
+from tapnbd.cli._control import (
+    StateDirOpt,
+    connect,
+    data_path_words,
+    human_size,
+    image_spec,
+    report,
+)
 from tapnbd.cli._image_opts import (
     AllocationDepthOpt,
     BitmapOpt,
@@ -92,12 +99,7 @@ def add_cmd(
         mode += f", detect-zeroes {export.detect_zeroes}"
     if export.offset:
         mode += f", from byte {export.offset}"
-    if export.cache != "writeback":
-        mode += f", cache {export.cache}"
-    if export.throwaway:
-        mode += ", writes to a throwaway overlay"
-    if export.share:
-        mode += ", shared"
+    mode += data_path_words(export.cache, export.throwaway, export.share)
     report(
         f"exported {export.image} as {export.name!r} "
         f"({export.format}, {human_size(export.size)}, {mode})"

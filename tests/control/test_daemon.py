@@ -636,8 +636,10 @@ def test_export_add_and_attach_share_open_beside_a_writer_across_a_restart(tap: 
     with qemu_nbd(image, "-f", "qcow2"):
         err = tap.fails("export", "add", "-r", "-f", "qcow2", "--name", "w", str(image))
         assert 'Failed to get shared "write" lock' in err, err
-        uri = unix_uri(tap.ok("export", "add", "-r", "--share", "-f", "qcow2", "--name", "w",
-                              str(image)))  # fmt: skip
+        added = tap.run("export", "add", "-r", "--share", "-f", "qcow2", "--name", "w",
+                        str(image))  # fmt: skip
+        assert added.returncode == 0 and "read-only, shared)" in added.stderr, added.stderr
+        uri = unix_uri(added.stdout)
         reads_as(uri, 0x3C, 64 << 10)
         entry = next(e for e in tap.list()["exports"] if e["name"] == "w")
         assert (entry["share"], entry["read_only"]) == (True, True)
@@ -648,8 +650,11 @@ def test_export_add_and_attach_share_open_beside_a_writer_across_a_restart(tap: 
 
         err = tap.fails("attach", "--via", "socket", "-r", "-f", "qcow2", str(image))
         assert 'Failed to get shared "write" lock' in err, err
-        sock = tap.ok("attach", "--via", "socket", "-r", "--share", "-f", "qcow2",
-                      str(image)).strip()  # fmt: skip
+        attached = tap.run("attach", "--via", "socket", "-r", "--share", "-f", "qcow2",
+                           str(image))  # fmt: skip
+        assert attached.returncode == 0, attached.stderr
+        assert attached.stderr.rstrip().endswith(", read-only, shared"), attached.stderr
+        sock = attached.stdout.strip()
         reads_as(f"nbd+unix:///?socket={sock}", 0x3C, 64 << 10)
         (att,) = tap.list()["attachments"]
         assert (att["share"], att["read_only"]) == (True, True)
@@ -669,7 +674,10 @@ def test_export_add_s_writes_to_a_throwaway_overlay_gone_with_the_export(tap: Ta
     tap.env["TMPDIR"] = str(scratch)  # the daemon's, and so its overlays'
     image = tap.base / "t.raw"
     image.write_bytes(b"\3" * (1 << 20))
-    uri = unix_uri(tap.ok("export", "add", "-s", "-f", "raw", "--name", "t", str(image)))
+    added = tap.run("export", "add", "-s", "-f", "raw", "--name", "t", str(image))
+    assert added.returncode == 0, added.stderr
+    assert "read-write, writes to a throwaway overlay)" in added.stderr, added.stderr
+    uri = unix_uri(added.stdout)
     qemu_io(uri, "write -P 9 0 64k", "flush")
     qemu_io(uri, "read -P 9 0 64k", "read -P 3 64k 960k")
     assert image.read_bytes() == b"\3" * (1 << 20)
@@ -702,7 +710,10 @@ def test_attach_s_writes_to_a_throwaway_overlay_of_the_data_paths_own(tap: Tapnb
     tap.env["TMPDIR"] = str(scratch)
     image = tap.base / "a.raw"
     image.write_bytes(b"\5" * (1 << 20))
-    sock = tap.ok("attach", "--via", "socket", "-s", str(image)).strip()
+    attached = tap.run("attach", "--via", "socket", "-s", str(image))
+    assert attached.returncode == 0, attached.stderr
+    assert attached.stderr.rstrip().endswith(", writes to a throwaway overlay"), attached.stderr
+    sock = attached.stdout.strip()
     dev = f"nbd+unix:///?socket={sock}"
     qemu_io(dev, "write -P 6 4k 8k", "flush")
     qemu_io(dev, "read -P 5 0 4k", "read -P 6 4k 8k", "read -P 5 12k 1012k")
