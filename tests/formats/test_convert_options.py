@@ -348,6 +348,28 @@ async def test_writes_are_in_order_unless_w(zero_target: bool, out_of_order: boo
         assert dst.log == sorted(dst.log) and len(dst.log) >= 14 + zero_target
 
 
+def source_read_last_first(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, seed: int) -> Path:
+    """A 16 MiB raw source whose reads (through any read-only Backend) finish
+    last-first: a copy that writes as its reads finish writes out of order."""
+    src = tmp_path / "src.raw"
+    src.write_bytes(random.Random(seed).randbytes(16 * MiB))
+    real = Backend.pread
+
+    async def late_first(self: Backend, offset: int, length: int) -> bytes | bytearray | memoryview:
+        if self.read_only:  # the source
+            await asyncio.sleep(0.02 * (16 * MiB - offset) / (16 * MiB))
+        return await real(self, offset, length)
+
+    monkeypatch.setattr(Backend, "pread", late_first)
+    return src
+
+
+def host_offsets(image: Path) -> list[int]:
+    """Where qemu-img map finds the qcow2 image's data clusters, in guest order."""
+    runs = json.loads(qemu_img("map", "--output=json", "-f", "qcow2", image))
+    return [r["offset"] for r in runs if r["data"]]
+
+
 @pytest.mark.parametrize("out_of_order", [False, True])
 async def test_without_w_a_new_qcow2_image_is_laid_out_in_the_guests_order(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, out_of_order: bool
@@ -357,22 +379,12 @@ async def test_without_w_a_new_qcow2_image_is_laid_out_in_the_guests_order(
     with -W they need not. qemu-img compare: the same disk either way."""
     from formats.qcow.convert import convert_image
 
-    src = tmp_path / "src.raw"
-    src.write_bytes(random.Random(7).randbytes(16 * MiB))
-    real = Backend.pread
-
-    async def late_first(self: Backend, offset: int, length: int) -> bytes | bytearray | memoryview:
-        if self.read_only:  # the source
-            await asyncio.sleep(0.02 * (16 * MiB - offset) / (16 * MiB))
-        return await real(self, offset, length)
-
-    monkeypatch.setattr(Backend, "pread", late_first)
+    src = source_read_last_first(tmp_path, monkeypatch, 7)
     dst = tmp_path / "dst.qcow2"
     tuning = CopyTuning(depth=8, out_of_order=out_of_order)
     await convert_image(str(src), str(dst), "qcow2", src_fmt="raw", tuning=tuning)
     qemu_img("compare", "-f", "raw", "-F", "qcow2", src, dst)
-    runs = json.loads(qemu_img("map", "--output=json", "-f", "qcow2", dst))
-    hosts = [r["offset"] for r in runs if r["data"]]
+    hosts = host_offsets(dst)
     assert (hosts == sorted(hosts)) is not out_of_order, hosts
 
 
@@ -384,23 +396,13 @@ def test_the_cli_passes_w_through(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
 
     from tapnbd.cli import app, load_commands
 
-    src = tmp_path / "src.raw"
-    src.write_bytes(random.Random(9).randbytes(16 * MiB))
-    real = Backend.pread
-
-    async def late_first(self: Backend, offset: int, length: int) -> bytes | bytearray | memoryview:
-        if self.read_only:
-            await asyncio.sleep(0.02 * (16 * MiB - offset) / (16 * MiB))
-        return await real(self, offset, length)
-
-    monkeypatch.setattr(Backend, "pread", late_first)
+    src = source_read_last_first(tmp_path, monkeypatch, 9)
     dst = tmp_path / "dst.qcow2"
     load_commands()
     args = ["convert", "-q", *(["-W"] if w else []), "-m", "8", "-f", "raw", "-O", "qcow2"]
     res = CliRunner().invoke(app, [*args, str(src), str(dst)])
     assert res.exit_code == 0, (res.stdout, res.exception)
-    runs = json.loads(qemu_img("map", "--output=json", "-f", "qcow2", dst))
-    hosts = [r["offset"] for r in runs if r["data"]]
+    hosts = host_offsets(dst)
     assert (hosts == sorted(hosts)) is not w, hosts
 
 
