@@ -248,7 +248,8 @@ class NbdDriver(Driver):
         if not conn.can_send.is_set():
             await conn.can_send.wait()
         if conn.lost is not None:
-            raise OSError(errno.EIO, str(conn.lost))
+            lost = conn.lost
+            raise OSError(errno.EIO, getattr(lost, "strerror", None) or str(lost))
         cookie = next(self._cookies)
         req = _Request(cmd, offset, length, self._info.meta_id if ctx is None else ctx)
         fut: asyncio.Future[object] = asyncio.get_running_loop().create_future()

@@ -453,8 +453,12 @@ class Backend:
         finally:
             await self.driver.close()
 
-    async def close_within(self, name: str, timeout: float = CLOSE_TIMEOUT) -> None:
-        """``close``, given up after ``timeout`` seconds with an error in the log."""
+    async def close_within(self, name: str, timeout: float = CLOSE_TIMEOUT) -> bool:
+        """``close``, given up after ``timeout`` seconds with an error in the log.
+
+        True: closed, and what clients wrote is on stable storage (the last flush
+        worked, or nothing needed one). False, with the reason in the log: the image
+        is as a crash would leave it, so the caller's exit status must say so."""
         try:
             await asyncio.wait_for(self.close(), timeout)
         except TimeoutError:
@@ -464,6 +468,18 @@ class Backend:
                 name,
                 timeout,
             )
+            return False
+        except Exception as e:
+            log.error("export %r: closing failed: %s; left as a crash would leave it", name, e)
+            return False
+        if self.sync_error is not None:
+            log.error(
+                "export %r: closed without a last flush, as an earlier one failed (%s)",
+                name,
+                self.sync_error,
+            )
+            return False
+        return True
 
 
 class _Nothing(Exception):

@@ -28,7 +28,7 @@ from tapnbd.cli._image_opts import (
     throwaway_option,
 )
 from tapnbd.cli._trust import ShareOpt
-from tapnbd.cli.app import app, errors_as_exit
+from tapnbd.cli.app import app, errors_as_exit, fail
 from tapnbd.control.messages import (
     AttachReply,
     AttachRequest,
@@ -120,6 +120,8 @@ def detach_cmd(
     report(f"detached {att.device} ({att.image})")
     if reply.removed_export:
         report(f"closed export {att.export!r}")
+    if not reply.flushed:
+        fail(f"{att.image}: closed without a last flush, as a crash would leave it; see its log")
 
 
 @app.command("list")

@@ -195,6 +195,9 @@ def stop_cmd(
         if not c.wait_stopped():
             fail(f"the daemon (pid {status.pid}) did not exit; see {status.log}")
     report(f"stopped the daemon (pid {status.pid})")
+    if reply.unclean:
+        names = ", ".join(map(repr, reply.unclean))
+        fail(f"{names}: closed without a last flush, as a crash would leave it; see {status.log}")
 
 
 @daemon_app.command("status")

@@ -26,7 +26,7 @@ from tapnbd.cli._image_opts import (
     throwaway_option,
 )
 from tapnbd.cli._trust import ShareOpt
-from tapnbd.cli.app import PLAIN, app, errors_as_exit
+from tapnbd.cli.app import PLAIN, app, errors_as_exit, fail
 from tapnbd.control.messages import (
     ExportAddReply,
     ExportAddRequest,
@@ -125,3 +125,8 @@ def remove_cmd(
     if reply.disconnected:
         report(f"disconnected {reply.disconnected} client(s)")
     report(f"removed export {reply.name!r}")
+    if not reply.flushed:
+        fail(
+            f"export {reply.name!r}: closed without a last flush, as a crash would leave it;"
+            " see the daemon's log"
+        )

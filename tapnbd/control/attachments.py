@@ -122,8 +122,9 @@ class Attachments:
             await asyncio.to_thread(tapctl.stop, att, spawned, self.tapdisk_root)
             raise
 
-    async def detach(self, att: Attachment, lazy: bool = False) -> None:
+    async def detach(self, att: Attachment, lazy: bool = False) -> bool:
         """fsync the device, take it down, then stop its tapdisk (which flushes).
+        False: the tapdisk closed the image without its last flush.
 
         The caller has checked ``attachment_busy``: nothing here looks at mounts.
         """
@@ -135,8 +136,9 @@ class Attachments:
             proc = self.fuse_procs.pop(att.id, None)
             await asyncio.to_thread(devices.detach_fuse, att, proc, lazy=lazy)
         proc = self.tap_procs.pop(att.id, None)
-        await asyncio.to_thread(tapctl.stop, att, proc, self.tapdisk_root)
+        flushed = await asyncio.to_thread(tapctl.stop, att, proc, self.tapdisk_root)
         self.by_id.pop(att.id, None)
+        return flushed
 
     async def busy(self, att: Attachment) -> str | None:
         """Why ``att`` must not be taken down now, or None: its device is in use

@@ -150,6 +150,7 @@ class Daemon:
         )
         self.lock = asyncio.Lock()
         self.stopping = False
+        self.unclean = False  # stop() closed an export without its last flush
         self.stopped = asyncio.Event()
         self.notes: list[str] = []
         self.started = time.time()
@@ -221,22 +222,25 @@ class Daemon:
         (the caller has checked that none is in use), else leave them running."""
         self.stopping = True
         detached = []
+        unclean: list[str] = []
         if detach:
             for att in list(self.attachments):
                 try:
-                    await self._detach(att, lazy=lazy)
+                    if not await self._detach(att, lazy=lazy):
+                        unclean.append(att.export)
                     detached.append(att.device)
                 except (TapnbdError, OSError) as e:
                     log.error("detaching %s: %s", att.device, e)
         kept = [a.device or a.image for a in self.attachments]
         for device in kept:
             log.info("left %s attached: its data path runs on its own", device)
-        flushed = [e.name for e in self.registry]
-        await self.server.shutdown()
+        unclean += await self.server.shutdown()
+        self.unclean = bool(unclean)
+        flushed = [e.name for e in self.registry if e.name not in unclean]
         for name in flushed:
             log.info("flushed and closed %r", name)
         self._save()
-        return ShutdownReply(detached=detached, flushed=flushed, kept=kept)
+        return ShutdownReply(detached=detached, flushed=flushed, kept=kept, unclean=unclean)
 
     async def close(self) -> None:
         if self.control is not None:
@@ -366,7 +370,7 @@ class Daemon:
                 await self._detach(att)
                 detached.append(att.device)
             clients = self.exports.clients(export)
-            await self.exports.remove(export)
+            flushed = await self.exports.remove(export)
             self._save()
             log.info(
                 "removed export %r (detached %s, disconnected %d)",
@@ -374,7 +378,12 @@ class Daemon:
                 detached,
                 len(clients),
             )
-            return ExportRemoveReply(name=export.name, detached=detached, disconnected=len(clients))
+            return ExportRemoveReply(
+                name=export.name,
+                detached=detached,
+                disconnected=len(clients),
+                flushed=flushed,
+            )
 
     async def on_attach(self, req: AttachRequest) -> AttachReply:
         async with self.lock:
@@ -452,11 +461,11 @@ class Daemon:
             busy = await self.attachments.busy(att)
             if busy:
                 raise TapnbdError(f"cannot detach: {busy}")
-            await self._detach(att)
+            flushed = await self._detach(att)
             log.info("detached %s (%r)", att.device, att.export)
             # An export attach made lived in the tapdisk, and went with it.
             removed = self.registry.get(att.export) is None
-            return DetachReply(Attachments.record(att), removed_export=removed)
+            return DetachReply(Attachments.record(att), removed_export=removed, flushed=flushed)
 
     async def on_shutdown(self, req: ShutdownRequest) -> ShutdownReply:
         async with self.lock:
@@ -473,9 +482,12 @@ class Daemon:
 
     # Helpers.
 
-    async def _detach(self, att: Attachment, lazy: bool = False) -> None:
-        await self.attachments.detach(att, lazy=lazy)
+    async def _detach(self, att: Attachment, lazy: bool = False) -> bool:
+        flushed = await self.attachments.detach(att, lazy=lazy)
         self._save()
+        if not flushed:
+            log.error("%s (%r): its data path closed without a last flush", att.device, att.export)
+        return flushed
 
     def _record(self, name: str) -> ExportRecord:
         export = self.exports.get(name)

@@ -152,8 +152,9 @@ class Exports:
             self.bitmaps[name] = list(bitmaps)
         return export
 
-    async def remove(self, export: Export) -> None:
-        """Take the export out of the registry, disconnect its clients, flush, close."""
+    async def remove(self, export: Export) -> bool:
+        """Take the export out of the registry, disconnect its clients, flush, close.
+        False: the close did not flush (Backend.close_within)."""
         if self.registry.get(export.name) is export:
             self.registry.remove(export.name)
         conns = [c for c in self.server.connections if c.export is export]
@@ -167,7 +168,7 @@ class Exports:
         self.formats.pop(export.name, None)
         self.snapshots.pop(export.name, None)
         self.bitmaps.pop(export.name, None)
-        await export.backend.close_within(export.name)
+        return await export.backend.close_within(export.name)
 
     def attach_target(self, req: AttachRequest, taken: set[str]) -> tuple[Export | None, str, str]:
         """What ``attach`` means: (the export it names, or None for a new image; the

@@ -64,6 +64,9 @@ async def run_daemon(config: DaemonConfig, *, verbose: bool = False) -> int:
                     await daemon.stop()
             await daemon.close()
             log.info("stopped")
+            if daemon.unclean:
+                return 1  # an export's close did not flush; the log says which
+
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)

@@ -224,6 +224,8 @@ class ExportRemoveReply(Reply, tag="export_remove_reply"):
     name: str
     detached: list[str]
     disconnected: int
+    #: False: removed, but its close did not flush (Backend.close_within).
+    flushed: bool = True
 
 
 class ExportRemoveRequest(Request, tag="export_remove"):
@@ -277,6 +279,8 @@ class AttachRequest(Request, tag="attach"):
 class DetachReply(Reply, tag="detach_reply"):
     attachment: Attachment
     removed_export: bool
+    #: False: its data path closed the image without a last flush.
+    flushed: bool = True
 
 
 class DetachRequest(Request, tag="detach"):
@@ -290,6 +294,8 @@ class ShutdownReply(Reply, tag="shutdown_reply"):
     flushed: list[str]
     #: Attached devices left running (their data paths do not need the daemon).
     kept: list[str] = []
+    #: Exports whose close did not flush (Backend.close_within); not in ``flushed``.
+    unclean: list[str] = []
 
 
 class ShutdownRequest(Request, tag="shutdown"):

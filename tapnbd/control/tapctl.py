@@ -214,14 +214,18 @@ def tell_device(att: Attachment) -> None:
     request(control_socket(att), "device", device=att.device, mountdir=att.mountdir)
 
 
-def stop(att: Attachment, proc: subprocess.Popen[bytes] | None, root: str) -> None:
-    """Ask the tapdisk to drain, flush and exit; wait for it; remove its directory."""
+def stop(att: Attachment, proc: subprocess.Popen[bytes] | None, root: str) -> bool:
+    """Ask the tapdisk to drain, flush and exit; wait for it; remove its directory.
+    False: it closed the image without a last flush (its log says why)."""
     pid = att.tapdisk_pid
     alive = why_not_ours(att) is None
+    flushed = True
     if alive:
-        request(control_socket(att), "stop", timeout=STOP_TIMEOUT)
+        reply = request(control_socket(att), "stop", timeout=STOP_TIMEOUT)
+        flushed = reply.get("flushed") is not False
         wait_exit(pid, proc, patience=STOP_TIMEOUT)
     elif proc is not None:
         wait_exit(pid, proc, patience=1.0)
     if att.tapdisk_dir:
         remove_dir(att.tapdisk_dir, root)
+    return flushed

@@ -78,6 +78,7 @@ class Tapdisk:
         self.stop = asyncio.Event()
         self.record: dict[str, Any] = {}
         self.closed = False
+        self.unclean = False  # the last close did not flush (Backend.close_within)
 
     async def start(self) -> None:
         a = self.args
@@ -144,8 +145,10 @@ class Tapdisk:
             self.control.close()
             with contextlib.suppress(OSError):
                 os.unlink(os.path.join(self.dir, CONTROL_SOCKET))
-        await self.server.shutdown()  # drain, flush and close the image
-        log.info("tapdisk %d flushed and closed %r", os.getpid(), self.args.name)
+        # Drain, flush and close the image.
+        self.unclean = bool(await self.server.shutdown())
+        if not self.unclean:
+            log.info("tapdisk %d flushed and closed %r", os.getpid(), self.args.name)
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -193,7 +196,7 @@ class Tapdisk:
             return {"ok": True}
         if op == "stop":
             await self.close()
-            return {"ok": True}
+            return {"ok": True, "flushed": not self.unclean}
         return {"error": f"unknown op {op[:64]!r}"}
 
 
@@ -220,7 +223,7 @@ async def run(args: argparse.Namespace) -> int:
     if not tap.stop.is_set():
         log.info("signalled: stopping")
     await tap.close()
-    return 0
+    return 1 if tap.unclean else 0
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

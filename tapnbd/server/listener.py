@@ -249,8 +249,11 @@ class NBDServer:
         tls = self.tls_mode is TLSMode.REQUIRE
         return [ep.uri(export.name, tls) for ep in self.endpoints for export in self.registry]
 
-    async def shutdown(self, timeout: float = 30.0) -> None:
-        """Stop listening, let requests in flight finish, close connections and exports."""
+    async def shutdown(self, timeout: float = 30.0) -> list[str]:
+        """Stop listening, let requests in flight finish, close connections and exports.
+
+        Returns the exports not closed cleanly (Backend.close_within), for the exit
+        status: empty when every one was."""
         self.shutting_down = True
         for server in self._servers:
             server.close()
@@ -265,17 +268,17 @@ class NBDServer:
                 task.cancel()
         for server in self._servers:
             await server.wait_closed()
+        unclean = []
         for export in self.registry:
-            try:
-                await export.backend.close_within(export.name)
-            except Exception:
-                log.exception("closing export %r", export.name)
+            if not await export.backend.close_within(export.name):
+                unclean.append(export.name)
         for ep in self.endpoints:
             if ep.kind == "unix" and ep.path:
                 try:
                     os.unlink(ep.path)
                 except OSError:
                     pass
+        return unclean
 
 
 def remove_stale_socket(path: str) -> None:

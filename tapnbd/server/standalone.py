@@ -357,17 +357,22 @@ async def serve(opts: ServeOptions) -> int:
     if opts.ready_fd >= 0:
         detach(opts.ready_fd)
 
+    unclean: list[str] = []
     try:
         await stop.wait()
         log.info("shutting down")
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
             loop.remove_signal_handler(sig)
-        await server.shutdown()
+        unclean = await server.shutdown()
         if metrics is not None:
             await metrics.close()
         if opts.pidfile:
             safefs.remove_pidfile(opts.pidfile)  # only if it still holds our pid
         if opts.stats_file:
             write_stats(opts.stats_file, registry)  # after shutdown: nothing in flight
+    if unclean:
+        # A script must not take the image for consistent. The reasons are logged.
+        log.error("exiting with status 1: %s not closed cleanly", ", ".join(map(repr, unclean)))
+        return 1
     return 0

@@ -24,7 +24,7 @@ from tapnbd.control.messages import MAX_LINE, ErrorReply, StatusRequest, decode,
 from tapnbd.control.state import StateDir
 from tapnbd.errors import TapnbdError
 from tests.control.tap import Tapnbd, tapdisk_pids
-from tests.helpers import qemu_io
+from tests.helpers import need, qemu_io
 
 NOBODY = 65534
 
@@ -757,3 +757,61 @@ def test_a_state_directory_too_deep_for_a_data_paths_socket_is_refused(tmp_path:
     with pytest.raises(TapnbdError, match="too long for a unix socket path"):
         StateDir(str(deep)).create()
     assert not deep.exists()
+
+
+def test_a_close_without_its_last_flush_fails_the_command(tap: Tapnbd) -> None:
+    """``export remove``, ``detach`` and ``daemon stop`` each close an image with a last
+    flush. Where that flush cannot land (the export's NBD upstream was killed after a
+    write), the command says so and exits 1, rather than report a clean close."""
+    from tests.drivers.test_nbd_client import wait_for_socket
+
+    need("nbdkit", "qemu-io")
+    ups: list[subprocess.Popen[bytes]] = []
+
+    def upstream(name: str) -> str:
+        sock = tap.base / f"{name}.sock"
+        up = subprocess.Popen(["nbdkit", "-f", "-U", str(sock), "memory", "16M"])
+        ups.append(up)
+        wait_for_socket(sock, up)
+        return f"nbd+unix:///?socket={sock}"
+
+    def kill_last() -> None:
+        ups[-1].kill()
+        ups[-1].wait(10)
+
+    def kill_all() -> None:
+        for up in ups:
+            if up.poll() is None:
+                up.kill()
+            up.wait(10)
+
+    try:
+        daemon_sock = tap.state / "nbd.sock"
+        tap.ok("export", "add", upstream("a"), "--name", "a")
+        qemu_io(f"nbd+unix:///a?socket={daemon_sock}", "write -P 1 0 64k")
+        kill_last()
+        err = tap.fails("export", "remove", "a")
+        assert "export 'a': closed without a last flush" in err, err
+        assert "a" not in [e["name"] for e in tap.list()["exports"]]  # removed all the same
+
+        sock = tap.ok("attach", "--via", "socket", upstream("b")).strip()
+        qemu_io(f"nbd+unix:///?socket={sock}", "write -P 2 0 64k")
+        kill_last()
+        err = tap.fails("detach", sock)
+        assert "closed without a last flush" in err, err
+        assert tap.list()["attachments"] == []
+
+        # daemon stop --all: an export of the daemon's and an attachment's data path.
+        tap.ok("export", "add", upstream("c"), "--name", "c")
+        tap.ok("export", "add", "ram:1M", "--name", "fine")
+        qemu_io(f"nbd+unix:///c?socket={daemon_sock}", "write -P 3 0 64k")
+        sock = tap.ok("attach", "--via", "socket", upstream("d"), "--name", "d").strip()
+        qemu_io(f"nbd+unix:///?socket={sock}", "write -P 4 0 64k")
+        kill_all()
+        proc = tap.run("daemon", "stop", "--all")
+        assert proc.returncode == 1, proc
+        assert "flushed and closed 'fine'" in proc.stdout + proc.stderr
+        assert "'d', 'c': closed without a last flush" in proc.stderr, proc
+        assert tap.run("daemon", "status").returncode == 3  # it stopped all the same
+    finally:
+        kill_all()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -28,10 +29,20 @@ from tests.helpers import need, qemu_io, run
 @contextmanager
 def spawned(poll_us: int = 0) -> Iterator[Attachment]:
     """A tapdisk on a 1 MiB raw image, started as the daemon starts one."""
+    with spawned_proc(poll_us) as (a, _):
+        yield a
+
+
+@contextmanager
+def spawned_proc(
+    poll_us: int = 0, image: str = ""
+) -> Iterator[tuple[Attachment, subprocess.Popen[bytes]]]:
+    """``spawned``, with the process; on ``image`` if given."""
     base = Path(tempfile.mkdtemp(prefix="tnbd-tap-", dir="/tmp"))
-    image = base / "disk.img"
-    image.write_bytes(bytes(1 << 20))
-    a = Attachment(id="1", export="disk", image=str(image), via="fuse", read_only=False)
+    if not image:
+        image = str(base / "disk.img")
+        Path(image).write_bytes(bytes(1 << 20))
+    a = Attachment(id="1", export="disk", image=image, via="fuse", read_only=False)
     (base / "tapdisk").mkdir()
     a.tapdisk_dir = str(base / "tapdisk" / "1")
     a.token = tapctl.new_token()
@@ -48,7 +59,7 @@ def spawned(poll_us: int = 0) -> Iterator[Attachment]:
     a.tapdisk_pid = proc.pid
     a.format = record["format"]
     try:
-        yield a
+        yield a, proc
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -87,12 +98,34 @@ def test_serves_records_and_stops(att: Attachment) -> None:
     assert stats["snapshot"]["ops"]["write"]["ops"] >= 1
 
     assert tapctl.why_not_ours(att) is None
-    tapctl.stop(att, None, os.path.dirname(att.tapdisk_dir))
+    assert tapctl.stop(att, None, os.path.dirname(att.tapdisk_dir))  # flushed
     assert not pid_alive(att.tapdisk_pid)
     assert not os.path.exists(att.tapdisk_dir)
     with open(att.image, "rb") as f:
         f.seek(64 << 10)
         assert f.read(64 << 10) == b"\x5c" * (64 << 10)  # flushed to the file
+
+
+def test_a_close_without_its_last_flush_is_reported_and_exits_1(tmp_path: Path) -> None:
+    """A tapdisk whose image is an NBD upstream killed after a write cannot flush it:
+    its "stop" says so (tapctl.stop is False) and it exits with status 1."""
+    from tests.drivers.test_nbd_client import unix_uri, wait_for_socket
+
+    need("nbdkit", "qemu-io")
+    sock = tmp_path / "up.sock"
+    up = subprocess.Popen(["nbdkit", "-f", "-U", str(sock), "memory", "16M"])
+    try:
+        wait_for_socket(sock, up)
+        with spawned_proc(image=unix_uri(sock)) as (a, proc):
+            qemu_io(f"nbd+unix:///disk?socket={tapctl.nbd_socket(a)}", "write -P 9 0 64k")
+            up.kill()
+            up.wait(10)
+            assert not tapctl.stop(a, proc, os.path.dirname(a.tapdisk_dir))
+            assert proc.returncode == 1
+    finally:
+        if up.poll() is None:
+            up.kill()
+        up.wait(10)
 
 
 def test_only_our_tapdisk_is_recognised(att: Attachment) -> None:

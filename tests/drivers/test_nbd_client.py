@@ -247,7 +247,9 @@ def test_hostile_upstream_gives_eio_not_a_crash(tmp_path: Path) -> None:
         assert proxy.proc.poll() is None
     finally:
         if proxy is not None:
-            assert stop_process(proxy.proc, 15, 30) == 0
+            # qemu-io's FLUSH at its exit met the broken upstream too: nothing proves
+            # the image consistent, and the exit status says so.
+            assert stop_process(proxy.proc, 15, 30) == 1
         listener.close()
 
 
@@ -385,10 +387,38 @@ async def test_closing_gives_up_on_an_upstream_that_never_answers(
         proc.wait(10)
 
 
+def test_exit_status_says_whether_the_last_flush_reached_the_upstream(tmp_path: Path) -> None:
+    """A proxy whose upstream is gone by shutdown cannot flush what a client wrote: it
+    exits with status 1, naming the export. With the upstream alive, status 0."""
+    need("nbdkit", "qemu-io")
+    for gone in (False, True):
+        sock = tmp_path / f"up{gone}.sock"
+        up = subprocess.Popen(["nbdkit", "-f", "-U", str(sock), "memory", "16M"])
+        wait_for_socket(sock, up)
+        try:
+            proxy = start_server(
+                [unix_uri(sock), "--socket", str(tmp_path / f"p{gone}.sock")],
+                tmp_path / f"p{gone}.log",
+            )
+            qemu_io(proxy.uri, "write -P 0x21 0 64k")
+            if gone:
+                up.kill()
+                up.wait(10)
+            proxy.proc.send_signal(signal.SIGTERM)
+            assert proxy.proc.wait(60) == (1 if gone else 0), proxy.stderr()
+            said = "exiting with status 1: 'nbd' not closed cleanly" in proxy.stderr()
+            assert said == gone, proxy.stderr()
+        finally:
+            if up.poll() is None:
+                up.terminate()
+            up.wait(10)
+
+
 def test_sigterm_exits_when_the_upstream_never_answers_the_last_flush(tmp_path: Path) -> None:
     """The attacker, end to end: a proxy's upstream stops answering (nbdkit under
     SIGSTOP) after a write, so the shutdown's last FLUSH never returns. The server gives
-    the close up at its deadline (CLOSE_TIMEOUT, 30 s), says so, and exits."""
+    the close up at its deadline (CLOSE_TIMEOUT, 30 s), says so, and exits with status 1:
+    what the client wrote may not be in the image."""
     from tapnbd.backend import CLOSE_TIMEOUT
 
     need("nbdkit")
@@ -402,8 +432,9 @@ def test_sigterm_exits_when_the_upstream_never_answers_the_last_flush(tmp_path: 
         qemu_io(proxy.uri, "write -P 0x21 0 64k")
         os.kill(proc.pid, signal.SIGSTOP)
         proxy.proc.send_signal(signal.SIGTERM)
-        assert proxy.proc.wait(CLOSE_TIMEOUT + 60) == 0
+        assert proxy.proc.wait(CLOSE_TIMEOUT + 60) == 1
         assert f"closing did not finish in {CLOSE_TIMEOUT:g} s" in proxy.stderr()
+        assert "exiting with status 1: 'nbd' not closed cleanly" in proxy.stderr()
     finally:
         os.kill(proc.pid, signal.SIGCONT)
         proc.terminate()
