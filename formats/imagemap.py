@@ -95,6 +95,23 @@ def image_format(driver: Driver, throwaway: bool) -> str:
     return (backing_of(driver) or driver).name if throwaway else driver.name
 
 
+def overlay_wanted(throwaway: bool, read_only: bool) -> bool:
+    """Whether ``-s`` makes a throwaway overlay: not with ``-r``, which serves the image
+    read-only and so needs none (qemu-nbd -s -r)."""
+    return throwaway and not read_only
+
+
+def described(driver: Driver, throwaway: bool, snapshot: str | None = None) -> str:
+    """What an export's description says of its image, as serve, export add and attach
+    all say it: the format, the internal snapshot served, and where writes go."""
+    what = image_format(driver, throwaway)
+    if snapshot is not None:
+        what += f" snapshot {snapshot}"
+    if throwaway:
+        what += ", writes to a throwaway overlay"
+    return what
+
+
 def layer_name(driver: Driver, default: str) -> str:
     path = getattr(unwrap(driver), "path", None)
     return path if isinstance(path, str) else default

@@ -37,6 +37,7 @@ import time
 from dataclasses import dataclass
 
 from formats.filters.cachemode import check_cache_mode
+from formats.imagemap import overlay_wanted
 from tapnbd.control import attach as devices
 from tapnbd.control import persist
 from tapnbd.control.attachments import Attachments
@@ -423,7 +424,7 @@ class Daemon:
                     reason += "; read-only, as the export is"
             att = self.attachments.new(name, image, via, read_only)
             att.snapshot, att.cache, att.share = snapshot, cache, req.share
-            att.throwaway = req.throwaway and not read_only  # -s -r: read-only, as serve's
+            att.throwaway = overlay_wanted(req.throwaway, read_only)
             self._save()  # recorded before anything exists, so a crash is undone
             try:
                 # A raw export of ours and the device's data path may share the file

@@ -17,7 +17,7 @@ from formats import OpenRules, is_local_path
 from formats.filters.cachemode import open_for_cache
 from formats.filters.discard import check_modes, with_modes
 from formats.filters.window import from_offset
-from formats.imagemap import image_format
+from formats.imagemap import described, overlay_wanted
 from tapnbd.backend import Backend
 from tapnbd.control.messages import AttachRequest, ExportRecord, ExportStats, OpCounters
 from tapnbd.errors import TapnbdError
@@ -106,7 +106,7 @@ class Exports:
         users (formats.locks); ``throwaway`` (without ``read_only``) sends the writes to
         a throwaway overlay, which goes when the export closes (formats.overlay)."""
         check_modes(discard, detect_zeroes)
-        throwaway = throwaway and not read_only  # -s -r: read-only, as serve -s -r
+        throwaway = overlay_wanted(throwaway, read_only)
         # A snapshot opens read-only: without an overlay, so is the Backend.
         driver = await open_for_cache(
             image,
@@ -123,14 +123,11 @@ class Exports:
             backend.stats.enabled = self.stats_enabled
             # NBD_INFO_DESCRIPTION and LIST reach every client: no path unless configured.
             shown = image if self.expose_paths else name
-            what = image_format(driver, throwaway)
-            if throwaway:
-                what += ", writes to a throwaway overlay"
             export = Export(
                 name,
                 backend,
                 image,
-                f"{shown} ({what})",
+                f"{shown} ({described(driver, throwaway, snapshot)})",
                 bitmaps=tuple(bitmaps or ()),
                 allocation_depth=allocation_depth,
                 discard=discard,

@@ -41,7 +41,7 @@ from typing import Any
 
 from formats import OpenRules
 from formats.filters.cachemode import CACHE_MODES, open_for_cache
-from formats.imagemap import image_format
+from formats.imagemap import described, overlay_wanted
 from tapnbd import runtime, safefs
 from tapnbd.backend import Backend
 from tapnbd.control.auth import allowed, peer_uid
@@ -82,7 +82,7 @@ class Tapdisk:
 
     async def start(self) -> None:
         a = self.args
-        overlay = a.throwaway and not a.read_only
+        overlay = overlay_wanted(a.throwaway, a.read_only)
         driver = await open_for_cache(
             a.image,
             a.cache,
@@ -98,7 +98,7 @@ class Tapdisk:
             backend = Backend(driver, read_only=a.read_only)
             backend.stats.enabled = a.stats
             # No path in the description: NBD clients see it.
-            what = image_format(driver, overlay)
+            what = described(driver, overlay, a.snapshot)
             self.export = Export(
                 a.name, backend, a.image, f"{a.name} ({what})", share=a.share, throwaway=overlay
             )

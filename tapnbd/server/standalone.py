@@ -16,7 +16,7 @@ from formats.filters import FaultSpec, at_file_layer
 from formats.filters.cachemode import check_cache_mode, files_for, with_cache_mode
 from formats.filters.discard import check_modes, with_modes
 from formats.filters.window import from_offset
-from formats.imagemap import image_format
+from formats.imagemap import described, overlay_wanted
 from formats.overlay import open_image_or_overlay
 from tapnbd import safefs
 from tapnbd.backend import Backend
@@ -169,7 +169,7 @@ async def open_exports(opts: ServeOptions) -> ExportRegistry:
                     f"NAME=IMAGE, e.g. a={image}"
                 )
             wrapped.clear()
-            overlay = opts.throwaway and not opts.read_only  # -s -r: read-only, no overlay
+            overlay = overlay_wanted(opts.throwaway, opts.read_only)
             with at_file_layer(wrap_file if at_file else None), files_for(opts.cache):
                 driver = await open_image_or_overlay(
                     image,
@@ -180,7 +180,7 @@ async def open_exports(opts: ServeOptions) -> ExportRegistry:
                     # A snapshot opens read-only: without an overlay, so is the Backend.
                     snapshot=opts.snapshot,
                 )
-            base_name = image_format(driver, overlay)
+            what = described(driver, overlay, opts.snapshot)
             opened.append(driver)
             if opts.exclusive:
                 await _acquire_exclusive(image, driver, opts.lock_wait)
@@ -193,9 +193,6 @@ async def open_exports(opts: ServeOptions) -> ExportRegistry:
             if faults and not at_file:
                 driver = faults.wrap(driver)
             driver = with_modes(driver, opts.discard, opts.detect_zeroes)
-            what = base_name if opts.snapshot is None else f"{base_name} snapshot {opts.snapshot}"
-            if overlay:
-                what += ", writes to a throwaway overlay"
             description = opts.description or f"{image} ({what})"
             backend = Backend(driver, read_only=opts.read_only)
             registry.add(

@@ -24,7 +24,7 @@ from tapnbd.control.messages import MAX_LINE, ErrorReply, StatusRequest, decode,
 from tapnbd.control.state import StateDir
 from tapnbd.errors import TapnbdError
 from tests.control.tap import Tapnbd, tapdisk_pids
-from tests.helpers import need, qemu_io
+from tests.helpers import need, qemu_io, run
 
 NOBODY = 65534
 
@@ -606,6 +606,42 @@ def test_attach_n_opens_the_data_paths_image_with_o_direct(tap: Tapnbd) -> None:
     tap.ok("detach", sock)
 
 
+def test_attach_s_l_writes_over_an_internal_snapshot(tap: Tapnbd) -> None:
+    """``attach -s -l SNAPSHOT`` (qemu-nbd -s -l): the device reads the image as it was
+    at the snapshot and takes writes into the data path's throwaway overlay; the image,
+    its snapshot and its current state, are unchanged. qemu-img is the referee."""
+    need("qemu-img", "qemu-io", "nbdinfo")
+    image = tap.base / "snap.qcow2"
+    run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "4M"])
+    run(["qemu-io", "-f", "qcow2", "-c", "write -P 1 0 2M", str(image)])
+    run(["qemu-img", "snapshot", "-c", "s1", str(image)])
+    run(["qemu-io", "-f", "qcow2", "-c", "write -P 2 1M 2M", str(image)])
+
+    def states() -> list[bytes]:
+        """The image at s1 and now, as qemu-img reads them."""
+        out = []
+        for args in (["-l", "s1"], []):
+            flat = tap.base / "flat.raw"
+            run(["qemu-img", "convert", *args, "-O", "raw", str(image), str(flat)])
+            out.append(flat.read_bytes())
+        return out
+
+    before = states()
+    attached = tap.run("attach", "--via", "socket", "-s", "-l", "s1", str(image))
+    assert attached.returncode == 0, attached.stderr
+    dev = f"nbd+unix:///?socket={attached.stdout.strip()}"
+    (shown,) = json.loads(run(["nbdinfo", "--json", dev]).stdout)["exports"]
+    assert shown["description"].endswith("(qcow2 snapshot s1, writes to a throwaway overlay)")
+    assert shown["is_read_only"] is False, shown
+    qemu_io(dev, "read -P 1 0 2M", "read -P 0 2M 2M")  # the snapshot, not the image now
+    qemu_io(dev, "write -P 7 1M 64k", "flush", "read -P 7 1M 64k", "read -P 1 0 1M")
+    (att,) = tap.list()["attachments"]
+    assert (att["throwaway"], att["read_only"], att["snapshot"]) == (True, False, "s1")
+    tap.ok("detach", attached.stdout.strip())
+    assert states() == before
+    run(["qemu-img", "check", str(image)])
+
+
 def overlay_fds(pid: int) -> list[str]:
     """The throwaway overlays (formats.overlay) process ``pid`` holds open: deleted files,
     so only its descriptors show them."""
@@ -715,6 +751,8 @@ def test_attach_s_writes_to_a_throwaway_overlay_of_the_data_paths_own(tap: Tapnb
     assert attached.stderr.rstrip().endswith(", writes to a throwaway overlay"), attached.stderr
     sock = attached.stdout.strip()
     dev = f"nbd+unix:///?socket={sock}"
+    (shown,) = json.loads(run(["nbdinfo", "--json", dev]).stdout)["exports"]
+    assert shown["description"].endswith("(raw, writes to a throwaway overlay)"), shown
     qemu_io(dev, "write -P 6 4k 8k", "flush")
     qemu_io(dev, "read -P 5 0 4k", "read -P 6 4k 8k", "read -P 5 12k 1012k")
     assert image.read_bytes() == b"\5" * (1 << 20)

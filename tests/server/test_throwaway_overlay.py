@@ -155,20 +155,24 @@ def test_throwaway_overlay_leaves_nothing_after_kill(tmp_path: Path, scratch: Pa
 
 
 def test_throwaway_overlay_read_only_and_errors(tmp_path: Path, scratch: Path) -> None:
-    """With -r the export is read-only as ever; an overlay with nowhere to go fails the
-    start with a message that names the directory."""
+    """With -r the export is read-only as ever, and no overlay is made (qemu-nbd -s -r);
+    an overlay with nowhere to go fails the start with a message that names the
+    directory."""
     img, fmt = images(tmp_path)["raw"]
     script = r"""
 import json, sys
 import nbd
 h = nbd.NBD()
+h.set_full_info(True)
 h.connect_systemd_socket_activation(sys.argv[1:])
-print(json.dumps(h.is_read_only()))
+print(json.dumps([h.is_read_only(), h.get_export_description()]))
 """
-    assert nbdsh_script(script, *tapnbd_cmd("serve", "-s", "-r", "-f", fmt, str(img))) is True
-    assert nbdsh_script(script, *tapnbd_cmd("serve", "-s", "-f", fmt, str(img))) is False
     gone = tmp_path / "gone"
     env = {**os.environ, "TMPDIR": str(gone)}
+    ro = ["env", f"TMPDIR={gone}", *tapnbd_cmd("serve", "-s", "-r", "-f", fmt, str(img))]
+    assert nbdsh_script(script, *ro) == [True, f"{img} (raw)"]  # TMPDIR unused
+    rw = nbdsh_script(script, *tapnbd_cmd("serve", "-s", "-f", fmt, str(img)))
+    assert rw == [False, f"{img} (raw, writes to a throwaway overlay)"]
     out = run(tapnbd_cmd("serve", "-s", "-f", fmt, "-p", "0", str(img)), check=False, env=env)
     assert out.returncode == 1
     assert f"no room for the throwaway overlay in {gone}" in out.stderr
