@@ -135,6 +135,11 @@ class OpenRules:
     block_devices: bool = True
     #: Open no backing file at all: the image alone, to describe a damaged chain.
     no_backing: bool = False
+    #: The image is opened as "raw" because it was probed as raw before (the daemon
+    #: records the format it found, so that a restore or a device's data path does not
+    #: probe the guest's bytes again): it keeps the probed-raw guard (formats.guard),
+    #: as "--format raw" from the admin would not.
+    guard_raw: bool = False
 
 
 @dataclass(frozen=True)
@@ -289,7 +294,9 @@ async def open_image(
             driver = await format_.open(spec, read_only)
     finally:
         _opening.reset(token)
-    if probed and name == "raw" and not read_only:
+    # A probed raw image stays raw: so does one probed earlier and recorded as raw.
+    guarded = probed or (rules.guard_raw and depth == 0)
+    if guarded and name == "raw" and not read_only:
         from formats.guard import ProbedRawGuard
 
         driver = ProbedRawGuard(driver, spec)

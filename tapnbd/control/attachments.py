@@ -72,9 +72,18 @@ class Attachments:
     # Making and taking down.
 
     async def start(
-        self, att: Attachment, fmt: str, save: Callable[[], None], *, share: bool = False
+        self,
+        att: Attachment,
+        fmt: str,
+        save: Callable[[], None],
+        *,
+        share: bool = False,
+        probed_raw: bool = False,
     ) -> None:
         """Start the tapdisk, then the device on its socket; undone if either fails.
+
+        ``probed_raw``: ``fmt`` is "raw" as the daemon's export probed it, so the data
+        path guards it as a probed raw image (formats.guard), as the export does.
 
         ``save`` records each step, so that a daemon killed half-way leaves enough in
         its state file for the next one to adopt or undo what exists.
@@ -96,6 +105,7 @@ class Attachments:
             snapshot=att.snapshot,
             cache=att.cache,
             throwaway=att.throwaway,
+            probed_raw=probed_raw,
         )
         self.tap_procs[att.id] = proc
         att.tapdisk_pid = proc.pid

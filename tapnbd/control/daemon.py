@@ -397,6 +397,7 @@ class Daemon:
             # A snapshot is shown read-only, unless a throwaway overlay takes the writes.
             read_only = req.read_only or (req.snapshot is not None and not req.throwaway)
             fmt, snapshot, cache = req.format, req.snapshot, req.cache
+            probed_raw = False
             check_cache_mode(cache)
             if existing is not None:
                 # A device's throwaway overlay is its data path's own: it would not show
@@ -414,6 +415,7 @@ class Daemon:
                         f"without -s, or `tapnbd export remove {name}` first"
                     )
                 fmt = self.exports.formats.get(existing.name, fmt)
+                probed_raw = existing.name in self.exports.probed_raw
                 cache = existing.cache
                 # The device shows what the export shows.
                 snapshot = self.exports.snapshots.get(existing.name)
@@ -431,7 +433,9 @@ class Daemon:
                 # (one page cache); a qcow's tables may not, so its lock stays, unless
                 # the user shares the image (--share).
                 share = req.share or (existing is not None and fmt == "raw")
-                await self.attachments.start(att, fmt, self._save, share=share)
+                await self.attachments.start(
+                    att, fmt, self._save, share=share, probed_raw=probed_raw
+                )
             except BaseException as e:
                 self.attachments.by_id.pop(att.id, None)
                 self._save()

@@ -75,6 +75,10 @@ class Exports:
         self.formats: dict[str, str] = {}  # export name -> format asked for
         self.snapshots: dict[str, str] = {}  # export name -> qcow2 snapshot served
         self.bitmaps: dict[str, list[str]] = {}  # export name -> dirty bitmaps offered
+        #: Exports whose image was probed as raw: recorded as "raw" (never probed again),
+        #: still guarded as a probed raw image (formats.guard), here and in a device's
+        #: data path.
+        self.probed_raw: set[str] = set()
         #: Whether NBD clients may see image paths in descriptions (``--expose-paths``).
         self.expose_paths = False
 
@@ -101,10 +105,13 @@ class Exports:
         offset: int = 0,
         share: bool = False,
         throwaway: bool = False,
+        probed_raw: bool = False,
     ) -> Export:
         """Open ``image`` and export it as ``name``. ``share`` opens it beside other
         users (formats.locks); ``throwaway`` (without ``read_only``) sends the writes to
-        a throwaway overlay, which goes when the export closes (formats.overlay)."""
+        a throwaway overlay, which goes when the export closes (formats.overlay).
+        ``probed_raw``: its format ("raw") was probed when it was first added (a
+        restore), so its guest still may not make it probe as another format."""
         check_modes(discard, detect_zeroes)
         throwaway = overlay_wanted(throwaway, read_only)
         # A snapshot opens read-only: without an overlay, so is the Backend.
@@ -113,7 +120,7 @@ class Exports:
             cache,
             fmt=fmt,
             read_only=read_only,
-            rules=OpenRules(share=share),
+            rules=OpenRules(share=share, guard_raw=probed_raw),
             snapshot=snapshot,
             throwaway=throwaway,
         )
@@ -143,6 +150,8 @@ class Exports:
             raise
         self.origin[name] = origin
         self.formats[name] = export.format  # what was opened, never "auto": no re-probe
+        if export.format == "raw" and (fmt == "auto" or probed_raw):
+            self.probed_raw.add(name)
         if snapshot is not None:
             self.snapshots[name] = snapshot
         if bitmaps:
@@ -163,6 +172,7 @@ class Exports:
                 task.cancel()
         self.origin.pop(export.name, None)
         self.formats.pop(export.name, None)
+        self.probed_raw.discard(export.name)
         self.snapshots.pop(export.name, None)
         self.bitmaps.pop(export.name, None)
         return await export.backend.close_within(export.name)
@@ -247,6 +257,7 @@ class Exports:
             offset=export.offset,
             share=export.share,
             throwaway=export.throwaway,
+            probed_raw=export.name in self.probed_raw,
         )
 
     def stats(self, export: Export) -> ExportStats:

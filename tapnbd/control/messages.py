@@ -110,6 +110,9 @@ class ExportRecord(Record, kw_only=True):
     #: to a throwaway overlay, made anew when a restarted daemon opens the export again.
     share: bool = False
     throwaway: bool = False
+    #: The format ("raw") was probed, not given: the image stays guarded as a probed
+    #: raw image (formats.guard) after a restore and in a device's data path.
+    probed_raw: bool = False
     size: int = 0
     #: NBD connections other than the ones carrying attachments.
     clients: int = 0

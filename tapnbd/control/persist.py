@@ -31,6 +31,7 @@ def snapshot(exports: Exports, attachments: list[Attachment]) -> State:
                 offset=e.offset,
                 share=e.share,
                 throwaway=e.throwaway,
+                probed_raw=e.name in exports.probed_raw,
             )
             for e in exports
         ],
@@ -65,6 +66,7 @@ async def restore_exports(previous: State, exports: Exports) -> list[str]:
                 share=entry.share,
                 # A fresh overlay: the old one's writes went with the daemon that held it.
                 throwaway=entry.throwaway,
+                probed_raw=entry.probed_raw,
             )
         except (TapnbdError, OSError) as e:
             notes.append(f"could not restore export {entry.name!r} ({entry.image}): {e}")

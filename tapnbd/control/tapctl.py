@@ -68,6 +68,7 @@ def spawn(
     poll_us: int = 0,
     cache: str = "writeback",
     throwaway: bool = False,
+    probed_raw: bool = False,
 ) -> tuple[subprocess.Popen[bytes], dict[str, Any]]:
     """Start a tapdisk in a session of its own and wait for its ready record."""
     with contextlib.suppress(FileNotFoundError):
@@ -89,6 +90,8 @@ def spawn(
         cmd += ["--cache", cache]
     if throwaway:
         cmd.append("--throwaway")
+    if probed_raw:
+        cmd.append("--probed-raw")
     logpath = os.path.join(directory, "tapdisk.log")
     logfd = os.open(logpath, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
     try:

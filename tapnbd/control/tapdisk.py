@@ -88,7 +88,7 @@ class Tapdisk:
             a.cache,
             fmt=a.format,
             read_only=a.read_only,
-            rules=OpenRules(share=a.share),
+            rules=OpenRules(share=a.share, guard_raw=a.probed_raw),
             snapshot=a.snapshot,
             # The overlay is this process's: it goes when the data path exits.
             throwaway=overlay,
@@ -240,6 +240,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     p.add_argument(
         "--throwaway", action="store_true", help="writes go to a throwaway qcow2 overlay"
+    )
+    p.add_argument(
+        "--probed-raw",
+        action="store_true",
+        help="--format raw was probed by the daemon: guard it as a probed raw image",
     )
     p.add_argument("--cache", default="writeback", choices=CACHE_MODES, help="qemu-nbd's")
     p.add_argument("--no-stats", dest="stats", action="store_false")

@@ -169,6 +169,37 @@ async def test_planted_header_through_the_daemon(tap: Tapnbd) -> None:
     qemu_io(uri, "read -P 0 0 4k")
 
 
+async def test_probed_raw_stays_guarded_after_a_restart_and_in_a_device(tap: Tapnbd) -> None:
+    """The daemon records a probed raw export as "raw" so that it never probes the
+    guest's bytes again; the record also says it was probed, so neither the export a
+    restart restores nor a device's data path attached to it (which both open it as
+    "raw") lets the guest write the header. (Both took it as the admin's --format raw.)"""
+    head = await evil_sector(tap.base)
+    clean = tap.base / "clean.img"
+    with open(clean, "wb") as f:
+        f.truncate(4 * MiB)
+    uri = next(u for u in tap.ok("export", "add", str(clean)).split() if u.startswith("nbd"))
+    given = tap.base / "given.img"
+    with open(given, "wb") as f:
+        f.truncate(4 * MiB)
+    tap.ok("export", "add", "-f", "raw", str(given))
+    state = json.loads((tap.state / "state.json").read_text())
+    by_image = {e["image"]: e for e in state["exports"]}
+    assert by_image[str(clean)]["format"] == "raw" and by_image[str(clean)]["probed_raw"]
+    assert not by_image[str(given)]["probed_raw"]
+    assert tap.run("daemon", "stop").returncode == 0
+    assert "restored export" in tap.run("list").stderr
+    assert guest_write(uri, tap.base, head, 0) == "EPERM"
+    tap.ok("attach", "clean.img", "--via", "socket")
+    (att,) = tap.list()["attachments"]
+    assert (
+        guest_write(f"nbd+unix:///clean.img?socket={att['device']}", tap.base, head, 0) == "EPERM"
+    )
+    assert clean.read_bytes()[:512] == bytes(512)
+    assert "would probe as qcow" in tap.log_tail()
+    tap.ok("detach", "clean.img")
+
+
 async def test_planted_header_through_attach(tap: Tapnbd) -> None:
     """``attach`` makes its export through the same open: refused, no device made."""
     need_devices()
