@@ -27,7 +27,7 @@ from formats.qcow2.layout import (
     parse_snapshot,
     snapshot_entry_end,
 )
-from formats.qcow2.meta import Qcow2Meta, check_walkable, read_meta
+from formats.qcow2.meta import Qcow2Meta, check_walkable, read_meta, refcount_block_problem
 from formats.qcow2.refcount import decode_block, encode_block, entries_per_block, max_refcount
 from formats.qcow2.references import Bad, Kind, bitmap_refs, header_refs, l1_refs, l2_reader
 from formats.raw import RawDriver
@@ -131,17 +131,28 @@ async def check_qcow2(
         # The refcounts as stored.
         per_block = entries_per_block(cb, h.refcount_order)
         stored: dict[int, int] = {}
+        # A block in the header cluster, a table, or a cluster something else uses is
+        # read for what it says, but a repair never writes into it (_repair).
+        bad_blocks: set[int] = set()
+        blocks: list[tuple[int, int]] = []
         for ri, be in enumerate(meta.reftable):
             boff = be & OFFSET_MASK
             if not boff:
                 continue
-            if boff % cs or not add(boff, cs, f"refcount block {ri}"):
-                res.corrupt(f"refcount table entry {ri} (0x{be:x}) is invalid")
+            why = refcount_block_problem(meta, boff)
+            if why or not add(boff, cs, f"refcount block {ri}"):
+                res.corrupt(f"refcount table entry {ri} (0x{be:x}) {why or 'is invalid'}")
+                bad_blocks.add(ri)
                 continue
+            blocks.append((ri, boff))
             block = decode_block(await child.pread(boff, cs), h.refcount_order)
             for i, v in enumerate(block):
                 if v:
                     stored[ri * per_block + i] = v
+        for ri, boff in blocks:
+            if refs[boff >> cb] > 1:
+                res.corrupt(f"refcount block {ri} at 0x{boff:x} shares its cluster")
+                bad_blocks.add(ri)
         file_clusters = (file_size + cs - 1) >> cb
         for c in sorted(set(refs) | set(stored)):
             have, want = stored.get(c, 0), refs.get(c, 0)
@@ -161,7 +172,7 @@ async def check_qcow2(
         used = max(refs) + 1 if refs else 0
         res.image_end_offset = max(used * cs, 0)
         if repair and not res.check_errors:
-            await _repair(child, meta, fixes, per_block)
+            await _repair(child, meta, fixes, per_block, bad_blocks)
     except OSError as e:
         res.check_errors.append(f"{path}: {os.strerror(e.errno or 5)}")
     finally:
@@ -173,8 +184,17 @@ async def check_qcow2(
     return res
 
 
-async def _repair(child: RawDriver, meta: Qcow2Meta, fixes: dict[int, int], per_block: int) -> None:
-    """Write the corrected refcounts, sync, then clear the dirty bit."""
+async def _repair(
+    child: RawDriver,
+    meta: Qcow2Meta,
+    fixes: dict[int, int],
+    per_block: int,
+    bad_blocks: set[int],
+) -> None:
+    """Write the corrected refcounts, sync, then clear the dirty bit.
+
+    Never into a refcount block whose table entry is invalid (``bad_blocks``): it may
+    lie in the header cluster or another table, which the "repair" would overwrite."""
     h, cs = meta.header, meta.cluster_size
     by_block: dict[int, list[tuple[int, int]]] = {}
     for c, want in fixes.items():
@@ -186,6 +206,11 @@ async def _repair(child: RawDriver, meta: Qcow2Meta, fixes: dict[int, int], per_
             raise ImageError(
                 f"cluster {ri * per_block + changes[0][0]} is referenced but has no refcount "
                 "block; repair it with qemu-img check -r all"
+            )
+        if ri in bad_blocks:
+            raise ImageError(
+                f"refcount table entry {ri} (0x{meta.reftable[ri]:x}) is invalid, and its "
+                "refcounts are not written there; repair it with qemu-img check -r all"
             )
         block = decode_block(await child.pread(boff, cs), h.refcount_order)
         for i, want in changes:

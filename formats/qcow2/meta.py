@@ -160,6 +160,38 @@ def check_features(meta: Qcow2Meta, read_only: bool, *, encrypted_ok: bool = Fal
         )
     if Ext.DATA_FILE in meta.extensions:
         raise UnsupportedImageError("header extension 'external data file' is not supported")
+    if not read_only:
+        check_refcount_blocks(meta)
+
+
+def refcount_block_problem(meta: Qcow2Meta, boff: int) -> str:
+    """What is wrong with a refcount block at ``boff`` ('' if nothing): a writer updates
+    refcounts there, so a block in the header cluster, the L1 table or the refcount
+    table would have the guest's allocations write over them (qemu refuses the same:
+    "Refblock offset ... unaligned", and its overlap check)."""
+    h, cs = meta.header, meta.cluster_size
+    l1_end = h.l1_table_offset + h.l1_size * 8
+    rt_end = h.refcount_table_offset + h.refcount_table_clusters * cs
+    if boff % cs:
+        return f"is not aligned to the cluster size {cs}"
+    if boff < cs:
+        return "points into the header (the first cluster)"
+    if boff + cs > meta.file_size:
+        return f"points past the end of the file ({meta.file_size} bytes)"
+    if boff < l1_end and h.l1_table_offset < boff + cs:
+        return "points into the L1 table"
+    if boff < rt_end and h.refcount_table_offset < boff + cs:
+        return "points into the refcount table"
+    return ""
+
+
+def check_refcount_blocks(meta: Qcow2Meta) -> None:
+    """Refuse, naming the entry, a refcount table entry a writer may not use."""
+    for i, e in enumerate(meta.reftable):
+        boff = e & OFFSET_MASK
+        why = refcount_block_problem(meta, boff) if boff else ""
+        if why:
+            raise InvalidImageError(f"refcount table entry {i} (0x{e:x}) {why}")
 
 
 async def read_meta(child: Driver, bad_l1: list[str] | None = None) -> Qcow2Meta:
