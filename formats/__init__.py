@@ -13,7 +13,8 @@ The image trust rules live here too (README, "Security model"): ``open_image`` t
 the admin's ``OpenRules`` and remembers, for the format's ``open`` running under it,
 whether the format was probed. A format opens its file with ``RawDriver.open`` and the
 flags ``open_rules()`` gives (lock, block devices), and its backing file with
-``open_backing``, which refuses a name read from a probed header.
+``open_backing``, which refuses a name read from a probed header, and a name that is
+not a local file (an NBD URI, ``rbd:``, ``ram:``) unless the admin allowed those.
 """
 
 from __future__ import annotations
@@ -128,6 +129,13 @@ class OpenRules:
     allow_probed_backing: bool = False
     #: Backing files may be block devices (a top image given by the admin always may).
     allow_block_devices: bool = False
+    #: Follow backing names read from headers that are NBD URIs or ``rbd:`` names
+    #: (without options): the admin trusts the headers to name servers and Ceph images.
+    allow_remote_backing: bool = False
+    #: The backing name the admin gave in this command for the image it has just written
+    #: (create's -b, convert's -B): that image's header names it because the admin did,
+    #: so the top image's backing name is followed when it is exactly this one.
+    given_backing: str | None = None
     #: Opens stop nobody and are stopped by nobody (formats.locks; the admin shares the
     #: image on purpose: serve's --share, the tools' -U).
     share: bool = False
@@ -307,13 +315,50 @@ class UnsafeBackingError(ImageError):
     """A backing name the trust rules do not let us follow."""
 
 
+def _check_remote_backing(cur: _Opening, name: str, path: str) -> None:
+    """Refuse the backing name ``name`` (resolved to ``path``, not a local file) of the
+    image ``cur`` unless the admin allowed it (README, "Security model"): a header may
+    come from anyone, and would reach servers, sockets and Ceph images as the host."""
+    if cur.depth == 0 and cur.rules.given_backing is not None and name == cur.rules.given_backing:
+        return  # the admin's own name, written into the header by this very command
+    where = f"not opened: {cur.path} names {name!r} as its backing file"
+    if path.startswith("ram:"):
+        # Nothing to trust: it would only allocate memory the header asked for.
+        raise UnsafeBackingError(f"{where}; a ram: name from a header is never followed")
+    if not cur.rules.allow_remote_backing:
+        kind = "an rbd: name" if path.startswith("rbd:") else "an NBD URI"
+        raise UnsafeBackingError(
+            f"{where}, {kind}, not a local file: a header may come from anyone, so it is "
+            "not followed to a server or a Ceph image (--allow-remote-backing if you "
+            "trust the image's header to name them)"
+        )
+    if path.startswith("rbd:"):
+        from formats.rbd.spec import parse
+
+        spec = parse(path)
+        given = [
+            *(["conf="] if spec.conf is not None else []),
+            *(["id="] if spec.user is not None else []),
+            *(f"{key}=" for key in spec.options),
+        ]
+        if given:
+            # They would go to librados: conf= reads a host file as a ceph.conf, and a
+            # key such as log_file= makes it write one.
+            raise UnsafeBackingError(
+                f"{where}, an rbd: name with options ({', '.join(given)}): options are "
+                "never taken from a header, even with --allow-remote-backing (librados "
+                "takes them from the admin's ceph.conf, CEPH_CONF or CEPH_ARGS)"
+            )
+
+
 async def open_backing(name: str, path: str, fmt: str | None = None) -> Driver | None:
     """Open the backing file ``name`` (resolved to ``path``) of the image being opened.
 
     ``fmt`` is the backing format recorded in the image, for formats that record one
     (QCOW v1 does not). A name read from a probed header is followed only when the
     admin allowed it: a guest that wrote a header into its raw disk must not make us
-    open a host path (the CVE-2008-2004 class).
+    open a host path (the CVE-2008-2004 class). A name that is not a local file is
+    followed only as ``_check_remote_backing`` allows, whatever the format.
     """
     # A format's open called directly, not through open_image: its caller chose the
     # format, so the image counts as given, with the default rules.
@@ -327,6 +372,8 @@ async def open_backing(name: str, path: str, fmt: str | None = None) -> Driver |
             "(give the image's format: --format for the image, --backing-format for its "
             "backing file; or --allow-probed-backing-chain if you trust the whole chain)"
         )
+    if not is_local_path(path):
+        _check_remote_backing(cur, name, path)
     if fmt is None and cur.depth == 0 and cur.rules.backing_format is not None:
         fmt = cur.rules.backing_format
     token = _opening.set(cur)  # the same, unless made up above: depth 1 below it

@@ -36,8 +36,12 @@ def resolve_backing(image_path: str, name: str) -> str:
 
     Joined to the image path as given, not made absolute: QEMU's path_combine does the
     same, so ``full-backing-filename`` in ``tapnbd info`` matches ``qemu-img info``.
+    A name that is not a local file (``rbd:``, ``ram:``, an NBD URI) is kept as it is,
+    whatever the image's directory, so the trust rules see it as what it names.
     """
-    if os.path.isabs(name) or name.startswith("rbd:") or "://" in name:
+    from formats import is_local_path
+
+    if os.path.isabs(name) or not is_local_path(name) or "://" in name:
         return name
     return os.path.join(os.path.dirname(image_path), name)
 

@@ -28,8 +28,12 @@ __all__ = ["FORMAT", "VPC", "VhdDriver", "open_vhd", "probe"]
 
 
 async def _open_parent(path: str, driver_meta_paths: list[tuple[str, str]]) -> Driver | None:
-    """The first parent locator that names an existing file, opened as VHD."""
-    from formats import open_backing, open_rules
+    """The first parent locator that names an existing file, opened as VHD.
+
+    A locator naming something else than a local file (an NBD URI, ``rbd:``, ``ram:``)
+    goes to ``open_backing`` as it is, never looked for as a file: the trust rules
+    refuse it there, with a message, rather than leave it to what happens to exist."""
+    from formats import is_local_path, open_backing, open_rules
 
     if open_rules().no_backing:
         return None
@@ -37,7 +41,7 @@ async def _open_parent(path: str, driver_meta_paths: list[tuple[str, str]]) -> D
     tried: list[str] = []
     for platform, name in driver_meta_paths:
         ppath = resolve_backing(path, name)
-        if not os.path.lexists(ppath):
+        if is_local_path(ppath) and not os.path.lexists(ppath):
             tried.append(f"{platform} {name!r}")
             continue
         try:
