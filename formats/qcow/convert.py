@@ -220,6 +220,7 @@ async def convert_image(
                         cluster_size=cluster_size,
                         options=qcow2 or Qcow2Options(),
                         target_fd=fd,
+                        rules=rules,
                     )
                 elif out_fmt == "vhd":
                     from formats.vhd.create import create_vhd
@@ -241,8 +242,11 @@ async def convert_image(
                         dst, size, optimise=optimise, cluster_size=cluster_size, target_fd=fd
                     )
                 # Our fd holds the lock; the target's own open must not ask for it again.
-                # (QCOW v1 does not record its backing file's format: -F names it.)
-                mine = replace(rules, share=True, backing_format=backing_format)
+                # (QCOW v1 does not record its backing file's format: -F names it.) Its
+                # header names -B because the admin did: followed as the admin's name.
+                mine = replace(
+                    rules, share=True, backing_format=backing_format, given_backing=backing
+                )
                 opened = await open_for_cache(dst, tuning.cache, fmt=out_fmt, rules=mine)
                 stats = await _copy_into(
                     Backend(opened),

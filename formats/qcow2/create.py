@@ -39,6 +39,8 @@ from tapnbd.errors import ImageError
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
+    from formats import OpenRules
+
 DEFAULT_CLUSTER_SIZE = 65536
 #: Refcounts are 16-bit unless asked otherwise (qemu's default).
 DEFAULT_REFCOUNT_ORDER = 4
@@ -101,8 +103,12 @@ async def create_qcow2(
     share: bool = False,
     target_fd: int | None = None,
     unsafe: bool = False,
+    rules: OpenRules | None = None,
 ) -> None:
     """Create ``path`` (overwritten). ``size`` defaults to the backing file's.
+
+    ``rules`` are the admin's for the backing file's own chain (formats.OpenRules); the
+    backing file itself is the admin's name, opened as such.
 
     ``unsafe`` (qemu-img create -u): the backing file is recorded without being opened,
     so it may not exist yet; the size and the backing format must then be given.
@@ -142,7 +148,7 @@ async def create_qcow2(
             bpath = resolve_backing(path, backing)
             if backing_fmt is None:
                 backing_fmt = probe(bpath)
-            driver = await open_image(bpath, fmt=backing_fmt, read_only=True)
+            driver = await open_image(bpath, fmt=backing_fmt, read_only=True, rules=rules)
             try:
                 bsize = driver.size()
             finally:
@@ -209,11 +215,15 @@ async def create_qcow2(
         os.ftruncate(fd, l1_off + l1_clusters * cs)
         os.fsync(fd)
         if preallocation != "off":
+            from dataclasses import replace
+
             from formats import OpenRules, open_image
             from formats.qcow2.driver import Qcow2Driver
 
-            # We hold the lock: the driver's own open must not ask for it again.
-            d = await open_image(path, fmt="qcow2", rules=OpenRules(share=True))
+            # We hold the lock: the driver's own open must not ask for it again. Its
+            # header names the backing file because the admin did: followed as theirs.
+            mine = replace(rules or OpenRules(), share=True, given_backing=backing)
+            d = await open_image(path, fmt="qcow2", rules=mine)
             try:
                 assert isinstance(d, Qcow2Driver)
                 await d.preallocate(preallocation)

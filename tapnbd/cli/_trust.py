@@ -34,6 +34,14 @@ AllowBlockOpt = Annotated[
         "--allow-block-devices", help="Backing files may be block devices, not only files."
     ),
 ]
+AllowRemoteOpt = Annotated[
+    bool,
+    typer.Option(
+        "--allow-remote-backing",
+        help="Follow backing file names that are NBD URIs or rbd: names: you trust the "
+        "image's header to name servers and Ceph images.",
+    ),
+]
 ForceShareOpt = Annotated[
     bool,
     typer.Option(
@@ -68,6 +76,8 @@ def open_rules(
     allow_probed_chain: bool = False,
     allow_block_devices: bool = False,
     share: bool = False,
+    *,
+    allow_remote_backing: bool = False,
 ) -> OpenRules:
     """The OpenRules the options ask for."""
     from formats import OpenRules
@@ -76,5 +86,6 @@ def open_rules(
         backing_format=backing_format,
         allow_probed_backing=allow_probed_chain,
         allow_block_devices=allow_block_devices,
+        allow_remote_backing=allow_remote_backing,
         share=share,
     )

@@ -18,6 +18,7 @@ from tapnbd.cli._progress import RateOpt, parse_rate, progress_bar
 from tapnbd.cli._trust import (
     AllowBlockOpt,
     AllowProbedChainOpt,
+    AllowRemoteOpt,
     BackingFormatOpt,
     ForceShareOpt,
     ReadShareOpt,
@@ -81,6 +82,7 @@ def create_cmd(
     backing_format: BackingFormatOpt = None,
     allow_probed_chain: AllowProbedChainOpt = False,
     allow_block_devices: AllowBlockOpt = False,
+    allow_remote_backing: AllowRemoteOpt = False,
     force_share: ForceShareOpt = False,
     options: Annotated[
         str | None,
@@ -166,7 +168,12 @@ def create_cmd(
             from formats.qcow.create import create_qcow
 
             # The backing file is checked by opening it: its chain follows the rules.
-            rules = open_rules(None, allow_probed_chain, allow_block_devices)
+            rules = open_rules(
+                None,
+                allow_probed_chain,
+                allow_block_devices,
+                allow_remote_backing=allow_remote_backing,
+            )
             runtime.run_command(
                 create_qcow(
                     image,
@@ -194,6 +201,12 @@ def create_cmd(
                     preallocation=preallocation or "off",
                     options=Qcow2Options.from_keys(q2),
                     unsafe=unsafe,
+                    rules=open_rules(
+                        None,
+                        allow_probed_chain,
+                        allow_block_devices,
+                        allow_remote_backing=allow_remote_backing,
+                    ),
                 )
             )
         elif fmt in ("vhd", "vpc"):
@@ -257,6 +270,7 @@ def convert_cmd(
     backing_format: BackingFormatOpt = None,
     allow_probed_chain: AllowProbedChainOpt = False,
     allow_block_devices: AllowBlockOpt = False,
+    allow_remote_backing: AllowRemoteOpt = False,
     force_share: ForceShareOpt = False,
     compress: Annotated[
         bool, typer.Option("--compress", "-c", help="qcow2: write compressed clusters.")
@@ -412,6 +426,7 @@ def convert_cmd(
                         allow_probed_chain,
                         allow_block_devices,
                         force_share,
+                        allow_remote_backing=allow_remote_backing,
                     ),
                     compress=compress,
                     qcow2=Qcow2Options.from_keys(q2) if q2 else None,
@@ -460,6 +475,7 @@ def dd_cmd(
     backing_format: BackingFormatOpt = None,
     allow_probed_chain: AllowProbedChainOpt = False,
     allow_block_devices: AllowBlockOpt = False,
+    allow_remote_backing: AllowRemoteOpt = False,
     force_share: ForceShareOpt = False,
 ) -> None:
     """Copy part of an image into a new image, in dd's terms (qemu-img dd).
@@ -490,7 +506,11 @@ def dd_cmd(
                 out_fmt,
                 src_fmt=src_fmt,
                 rules=open_rules(
-                    backing_format, allow_probed_chain, allow_block_devices, force_share
+                    backing_format,
+                    allow_probed_chain,
+                    allow_block_devices,
+                    force_share,
+                    allow_remote_backing=allow_remote_backing,
                 ),
                 window=(_blocks(ops.get("skip", "0")) * bs, count),
             )

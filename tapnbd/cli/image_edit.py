@@ -20,6 +20,7 @@ from tapnbd.cli._progress import ProgressOpt, RateOpt, parse_rate, progress_bar
 from tapnbd.cli._trust import (
     AllowBlockOpt,
     AllowProbedChainOpt,
+    AllowRemoteOpt,
     ForceShareOpt,
     open_rules,
 )
@@ -63,6 +64,7 @@ def rebase_cmd(
     fmt: FormatOpt = "auto",
     allow_probed_chain: AllowProbedChainOpt = False,
     allow_block_devices: AllowBlockOpt = False,
+    allow_remote_backing: AllowRemoteOpt = False,
     force_share: ForceShareOpt = False,
     show_progress: ProgressOpt = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
@@ -89,7 +91,9 @@ def rebase_cmd(
     """
     from formats.rebase import rebase_image
 
-    rules = open_rules(None, allow_probed_chain, allow_block_devices)
+    rules = open_rules(
+        None, allow_probed_chain, allow_block_devices, allow_remote_backing=allow_remote_backing
+    )
     with errors_as_exit():
         shown = show_progress and not quiet and not unsafe
         with progress_bar(os.path.basename(image), shown) as (pace, _):
@@ -124,6 +128,7 @@ def commit_cmd(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No message.")] = False,
     allow_probed_chain: AllowProbedChainOpt = False,
     allow_block_devices: AllowBlockOpt = False,
+    allow_remote_backing: AllowRemoteOpt = False,
     force_share: ForceShareOpt = False,
     show_progress: ProgressOpt = False,
     rate: RateOpt = None,
@@ -134,7 +139,9 @@ def commit_cmd(
     """Write an overlay's data into its backing file, then empty it (qemu-img commit)."""
     from formats.commit import commit_image
 
-    rules = open_rules(None, allow_probed_chain, allow_block_devices)
+    rules = open_rules(
+        None, allow_probed_chain, allow_block_devices, allow_remote_backing=allow_remote_backing
+    )
     with errors_as_exit():
         shown = show_progress and not quiet
         with progress_bar(os.path.basename(image), shown, parse_rate(rate)) as (pace, _):
@@ -168,6 +175,7 @@ def resize_cmd(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No message.")] = False,
     allow_probed_chain: AllowProbedChainOpt = False,
     allow_block_devices: AllowBlockOpt = False,
+    allow_remote_backing: AllowRemoteOpt = False,
     force_share: ForceShareOpt = False,
     preallocation: Annotated[
         str,
@@ -181,7 +189,9 @@ def resize_cmd(
     """Grow an image, or shrink it with --shrink (qemu-img resize)."""
     from formats.resize import resize_image
 
-    rules = open_rules(None, allow_probed_chain, allow_block_devices)
+    rules = open_rules(
+        None, allow_probed_chain, allow_block_devices, allow_remote_backing=allow_remote_backing
+    )
     with errors_as_exit():
         runtime.run(
             resize_image(

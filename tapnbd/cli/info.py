@@ -17,6 +17,7 @@ from tapnbd.cli._output import JsonOpt, OutputOpt, human_value, print_json, qemu
 from tapnbd.cli._trust import (
     AllowBlockOpt,
     AllowProbedChainOpt,
+    AllowRemoteOpt,
     BackingFormatOpt,
     ReadShareOpt,
     open_rules,
@@ -180,11 +181,18 @@ def info_cmd(
     backing_format: BackingFormatOpt = None,
     allow_probed_chain: AllowProbedChainOpt = False,
     allow_block_devices: AllowBlockOpt = False,
+    allow_remote_backing: AllowRemoteOpt = False,
     force_share: ReadShareOpt = False,
 ) -> None:
     """Format, sizes, allocation, backing chain and the Xen extension of an image."""
     use_json = wants_json(output, as_json)
-    rules = open_rules(backing_format, allow_probed_chain, allow_block_devices, force_share)
+    rules = open_rules(
+        backing_format,
+        allow_probed_chain,
+        allow_block_devices,
+        force_share,
+        allow_remote_backing=allow_remote_backing,
+    )
     with errors_as_exit():
         info = runtime.run_command(image_info(image, fmt, rules))
     if use_json:

@@ -19,6 +19,7 @@ from tapnbd.cli._progress import ProgressOpt, progress_bar
 from tapnbd.cli._trust import (
     AllowBlockOpt,
     AllowProbedChainOpt,
+    AllowRemoteOpt,
     BackingFormatOpt,
     ReadShareOpt,
     open_rules,
@@ -75,6 +76,7 @@ def map_cmd(
     backing_format: BackingFormatOpt = None,
     allow_probed_chain: AllowProbedChainOpt = False,
     allow_block_devices: AllowBlockOpt = False,
+    allow_remote_backing: AllowRemoteOpt = False,
     force_share: ReadShareOpt = False,
 ) -> None:
     """Show where each run of the disk comes from: which layer of the backing chain, data
@@ -84,7 +86,13 @@ def map_cmd(
     from formats.imagemap import format_human, format_json
 
     use_json = wants_json(output, as_json)
-    rules = open_rules(backing_format, allow_probed_chain, allow_block_devices, force_share)
+    rules = open_rules(
+        backing_format,
+        allow_probed_chain,
+        allow_block_devices,
+        force_share,
+        allow_remote_backing=allow_remote_backing,
+    )
     with errors_as_exit():
         start = parse_size(start_at, allow_zero=True)
         length = parse_size(max_length) if max_length is not None else None
@@ -208,6 +216,7 @@ def compare_cmd(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing.")] = False,
     allow_probed_chain: AllowProbedChainOpt = False,
     allow_block_devices: AllowBlockOpt = False,
+    allow_remote_backing: AllowRemoteOpt = False,
     force_share: ReadShareOpt = False,
     show_progress: ProgressOpt = False,
 ) -> None:
@@ -216,7 +225,13 @@ def compare_cmd(
     A part only one image has must read as zeros (unless --strict). Exit codes: 0 the
     same, 1 different (with the first differing offset), 2 an error.
     """
-    rules = open_rules(None, allow_probed_chain, allow_block_devices, force_share)
+    rules = open_rules(
+        None,
+        allow_probed_chain,
+        allow_block_devices,
+        force_share,
+        allow_remote_backing=allow_remote_backing,
+    )
     code, lines = 2, list[str]()
     with (
         errors_as_exit(2),
@@ -328,6 +343,7 @@ def measure_cmd(
     backing_format: BackingFormatOpt = None,
     allow_probed_chain: AllowProbedChainOpt = False,
     allow_block_devices: AllowBlockOpt = False,
+    allow_remote_backing: AllowRemoteOpt = False,
     snapshot: Annotated[
         str | None,
         snapshot_option("Measure this internal qcow2 snapshot's contents (qemu-img measure -l)"),
@@ -352,7 +368,12 @@ def measure_cmd(
     unknown = sorted(set(opts) - _MEASURE_KEYS[out_fmt])
     if unknown:
         fail(f"-O {out_fmt} does not take -o {', '.join(unknown)}")
-    rules = open_rules(backing_format, allow_probed_chain, allow_block_devices)
+    rules = open_rules(
+        backing_format,
+        allow_probed_chain,
+        allow_block_devices,
+        allow_remote_backing=allow_remote_backing,
+    )
     with errors_as_exit():
         if image is None:
             assert size is not None

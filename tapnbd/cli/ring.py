@@ -14,6 +14,7 @@ from tapnbd.cli._image_opts import ProbedFormatOpt, SnapshotOpt
 from tapnbd.cli._trust import (
     AllowBlockOpt,
     AllowProbedChainOpt,
+    AllowRemoteOpt,
     BackingFormatOpt,
     open_rules,
 )
@@ -64,6 +65,7 @@ def serve_cmd(
     backing_format: BackingFormatOpt = None,
     allow_probed_chain: AllowProbedChainOpt = False,
     allow_block_devices: AllowBlockOpt = False,
+    allow_remote_backing: AllowRemoteOpt = False,
 ) -> None:
     """Serve IMAGE as a blkif vbd in DIR until SIGTERM/SIGINT; print DIR when ready."""
     from tapnbd.xen.app import serve_image
@@ -86,7 +88,12 @@ def serve_cmd(
                 once=once,
                 domid=domid,
                 devid=devid,
-                rules=open_rules(backing_format, allow_probed_chain, allow_block_devices),
+                rules=open_rules(
+                    backing_format,
+                    allow_probed_chain,
+                    allow_block_devices,
+                    allow_remote_backing=allow_remote_backing,
+                ),
                 on_ready=ready,
                 snapshot=snapshot,
             )

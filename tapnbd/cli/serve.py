@@ -25,6 +25,7 @@ from tapnbd.cli._server_opts import PollUsOpt
 from tapnbd.cli._trust import (
     AllowBlockOpt,
     AllowProbedChainOpt,
+    AllowRemoteOpt,
     BackingFormatOpt,
     ShareOpt,
     open_rules,
@@ -177,6 +178,7 @@ def serve_cmd(
     backing_format: BackingFormatOpt = None,
     allow_probed_chain: AllowProbedChainOpt = False,
     allow_block_devices: AllowBlockOpt = False,
+    allow_remote_backing: AllowRemoteOpt = False,
     share: ShareOpt = False,
 ) -> None:
     """Serve images over NBD until SIGTERM or SIGINT; print each export's URI when ready."""
@@ -219,7 +221,13 @@ def serve_cmd(
         inject_error_file=inject_error_file,
         exclusive=exclusive,
         lock_wait=lock_wait,
-        rules=open_rules(backing_format, allow_probed_chain, allow_block_devices, share),
+        rules=open_rules(
+            backing_format,
+            allow_probed_chain,
+            allow_block_devices,
+            share,
+            allow_remote_backing=allow_remote_backing,
+        ),
         inject_seed=inject_seed,
         snapshot=snapshot,
         throwaway=throwaway,
