@@ -157,9 +157,20 @@ def test_info_and_qcow_backing_over_nbd(nbdkit_memory: Path, tmp_path: Path) -> 
     info = json.loads(run(tapnbd_cmd("info", "--json", upstream)).stdout)
     assert info["format"] == "nbd" and info["virtual-size"] == 64 * MiB
     overlay = tmp_path / "o.qcow"
-    run(tapnbd_cmd("create", str(overlay), "-b", upstream))
+    run(tapnbd_cmd("create", str(overlay), "-b", upstream))  # the admin's name: opened
+    # The header names an NBD export: followed only when the admin says so.
+    refused = run(tapnbd_cmd("info", "-f", "qcow", str(overlay)), check=False)
+    assert refused.returncode != 0 and "--allow-remote-backing" in refused.stderr
     server = start_server(
-        [str(overlay), "--format", "qcow", "--socket", str(tmp_path / "o.sock")], tmp_path / "o.log"
+        [
+            str(overlay),
+            "--format",
+            "qcow",
+            "--allow-remote-backing",
+            "--socket",
+            str(tmp_path / "o.sock"),
+        ],
+        tmp_path / "o.log",
     )
     try:
         qemu_io(server.uri, "read -P 0x77 0 2M", "write -P 0x78 0 4k", "flush")
