@@ -192,9 +192,9 @@ def test_nbd_backing_name_through_the_daemon(upstream: Upstream, tap: Tapnbd) ->
 @pytest.mark.parametrize(
     ("backing", "without", "with_option"),
     [
-        ("rbd:pool/img:conf=/etc/passwd", OPTION, "conf="),
-        ("rbd:pool/img:id=admin", OPTION, "id="),
-        ("rbd:pool/img:log_file=LOG", OPTION, "log_file="),
+        ("rbd:pool/img:conf=/etc/passwd", OPTION, "with options (conf=)"),
+        ("rbd:pool/img:id=admin", OPTION, "with options (id=)"),
+        ("rbd:pool/img:log_file=LOG", OPTION, "with options (log_file=)"),
         ("ram:1G", "never followed", "never followed"),
     ],
 )
