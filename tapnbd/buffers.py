@@ -16,6 +16,8 @@ too (tapnbd.server.iothreads), so the pool has a lock.
 from __future__ import annotations
 
 import threading
+from functools import cache
+from typing import Any
 
 from tapnbd.driver import MAX_PAYLOAD
 
@@ -27,6 +29,13 @@ PER_SIZE = 8
 MAX_SIZES = 8
 #: Bytes kept in all, whatever the sizes: two 32 MiB buffers, or 64 of 1 MiB.
 MAX_BYTES = 64 << 20
+#: Pooled buffers start on a page boundary. The kernel copies a page-cache page into a
+#: read buffer with ``rep movsb``, and a destination 8 to 40 bytes past a 4 KiB boundary
+#: (a fresh big bytearray starts 16 bytes into the pages malloc maps for it) has every
+#: load alias the store just before it ("4K aliasing"): that copy ran five times slower
+#: on this VM (bench/results/2026-12-04-s32-convert/NOTES.md), and a pooled buffer
+#: would keep it slow for ever.
+PAGE = 4096
 
 #: Zeros to send from, shared and never written: a read that the driver's extents say
 #: is a hole is answered from here instead of from a fresh buffer. ``bytes(n)`` is
@@ -69,7 +78,41 @@ def take(length: int) -> bytearray:
         if free:
             _held -= length
             return free.pop()
-    return PooledBuffer(length)
+    return _aligned(length)
+
+
+def _aligned(length: int) -> PooledBuffer:
+    """A new pooled buffer of ``length`` bytes whose first byte is on a page boundary
+    (where the interpreter cannot say, it is simply not aligned)."""
+    buf = PooledBuffer(length + PAGE)
+    skip = -_address(buf) % PAGE
+    # CPython's bytearray moves its start to cut its head, and only its length to cut a
+    # small tail: the bytes stay where they were, now aligned.
+    del buf[:skip]
+    del buf[length:]
+    return buf
+
+
+def _address(buf: bytearray) -> int:
+    """Where ``buf``'s bytes are in memory (0 if ctypes cannot say)."""
+    ct = _ctypes()
+    if ct is None:
+        return 0
+    view = ct.c_char.from_buffer(buf)
+    try:
+        return int(ct.addressof(view))
+    finally:
+        del view  # its export of ``buf`` would forbid the cuts
+
+
+@cache
+def _ctypes() -> Any:
+    """ctypes, imported for the first pooled buffer rather than at every start-up."""
+    try:
+        import ctypes
+    except ImportError:
+        return None
+    return ctypes
 
 
 def give(buf: object) -> None:
