@@ -19,6 +19,7 @@ from formats.locks import locked_target
 from formats.pacing import Pace
 from formats.qcow.create import create_qcow
 from formats.raw import RawDriver, create_raw
+from tapnbd import buffers
 from tapnbd.backend import Backend
 from tapnbd.driver import Driver, Extent, ExtentFlags
 from tapnbd.errors import ImageError, RequestError
@@ -460,6 +461,9 @@ async def _copy(
             if o >= n:
                 break
         done(n, written)
+        # The drivers kept no reference to it: the next chunk's read reuses it instead
+        # of a fresh buffer's memset and page faults.
+        buffers.give(data)
 
     async def diff_chunk(pos: int, n: int) -> None:
         data = await read(pos, n)

@@ -121,6 +121,34 @@ async def test_depth_is_the_number_of_requests_in_flight(depth: int) -> None:
     assert bytes(await dst.pread(0, 64 * MiB)) == b"\x01" * (64 * MiB)
 
 
+async def test_read_buffers_are_reused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each chunk's read buffer goes back to the pool once written: a copy allocates
+    about as many as it has chunks in flight, not one per chunk (each a memset and page
+    faults)."""
+    from formats.raw import RawDriver
+    from tapnbd import buffers
+
+    path = tmp_path / "src.raw"
+    path.write_bytes(random.Random(5).randbytes(32 * MiB))
+    made: list[int] = []
+    real = buffers._aligned
+
+    def counted(length: int) -> buffers.PooledBuffer:
+        made.append(length)
+        return real(length)
+
+    monkeypatch.setattr(buffers, "_free", {})
+    monkeypatch.setattr(buffers, "_aligned", counted)
+    src = RawDriver(str(path), read_only=True)
+    dst = Backend(RamDriver(32 * MiB))
+    try:
+        await _copy(Backend(src, read_only=True), dst, 32 * MiB, Pace(), tuning=CopyTuning())
+    finally:
+        await src.close()
+    assert bytes(await dst.pread(0, 32 * MiB)) == path.read_bytes()
+    assert 1 <= len(made) <= CopyTuning().depth + 1, made
+
+
 def damaged_qcow2(tmp_path: Path) -> tuple[Path, Path]:
     """A qcow2 image with data at 0 and at 1 MiB, whose second L2 entry is made to point
     past the end of the file: reading its cluster fails (EIO), the rest reads. And the
