@@ -368,7 +368,23 @@ async def _copy(
     slots = asyncio.Semaphore(tuning.depth)
     # The zero-detection block; with -S 0 one block is the whole chunk, never zeros.
     zb = sparse_size or CHUNK
-    zeroes = bytes(zb) if sparse_size else b""
+    # Blocks are compared with a bytearray: it compares with any buffer by memcmp, which
+    # stops at the first byte that differs and copies nothing, where a memoryview on the
+    # left compares byte by byte and ``tobytes`` copies the block first.
+    zeroes = bytearray(zb if sparse_size else 0)
+    scratch = bytearray(zb)
+
+    def is_zero(block: memoryview) -> bool:
+        if len(block) == zb:
+            return zeroes == block
+        return block.tobytes() == bytes(len(block))  # a chunk's short tail
+
+    def same(block: memoryview, other: memoryview) -> bool:
+        if len(block) != zb:
+            return block.tobytes() == other.tobytes()
+        memoryview(scratch)[:] = block
+        return scratch == other
+
     tasks: set[asyncio.Task[None]] = set()
     failure: list[BaseException] = []
     # In order (no -W): a chunk's position -> the chunk before it, once that is done.
@@ -449,7 +465,7 @@ async def _copy(
         run_start = -1
         for o in range(0, n + zb, zb):
             block = data[o : o + zb]
-            zero = not block or (sparse_size > 0 and block.tobytes() == zeroes[: len(block)])
+            zero = not block or (sparse_size > 0 and is_zero(block))
             if not zero and run_start < 0:
                 run_start = o
             elif zero and run_start >= 0:
@@ -475,10 +491,10 @@ async def _copy(
             block = data[o : o + zb]
             if not block:
                 kind = "end"
-            elif block == under[o : o + zb]:
+            elif same(block, under[o : o + zb]):
                 kind = "same"
             else:
-                kind = "zero" if sparse_size and block == zeroes[: len(block)] else "data"
+                kind = "zero" if sparse_size and is_zero(block) else "data"
             if kind != run_kind:
                 if run_kind == "zero":
                     await target.zero(pos + run_start, o - run_start)

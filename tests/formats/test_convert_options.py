@@ -376,6 +376,45 @@ async def test_writes_are_in_order_unless_w(zero_target: bool, out_of_order: boo
         assert dst.log == sorted(dst.log) and len(dst.log) >= 14 + zero_target
 
 
+class _AllData(RamDriver):
+    """A RAM disk with no block status: all of it is one data run, zeros included."""
+
+    def can_extents(self) -> bool:
+        return False
+
+
+@pytest.mark.parametrize("sparse", [64 << 10, 8 << 10])
+async def test_zero_blocks_in_data_are_holes_the_short_last_one_too(sparse: int) -> None:
+    """64 KiB of data, then zeros read as data to the disk's end, which is not a whole
+    block: only the data is written, the zeros of the short last block included."""
+    size = (192 << 10) + (4 << 10)
+    src = _AllData(size)
+    await src.pwrite(0, b"\x11" * (64 << 10))
+    dst = _Logged(size)
+    stats = await _copy(
+        Backend(src, read_only=True), Backend(dst), size, Pace(), tuning=CopyTuning(sparse)
+    )
+    assert dst.log == [0] and stats.written == 64 << 10
+    assert bytes(await dst.pread(0, size)) == bytes(await src.pread(0, size))
+
+
+@pytest.mark.parametrize("differs", [False, True])
+async def test_an_overlays_short_last_block_is_written_only_if_it_differs(differs: bool) -> None:
+    """-B: each block is compared with what the target reads now (its backing file);
+    the disk's short last block too."""
+    size = (64 << 10) + (4 << 10)
+    src = _AllData(size)
+    await src.pwrite(0, b"\x07" * size)
+    if differs:
+        await src.pwrite(size - 4096, b"\x08" * 4096)
+    dst = _Logged(size)
+    await dst.pwrite(0, b"\x07" * size)  # what the backing file reads
+    dst.log.clear()
+    await _copy(Backend(src, read_only=True), Backend(dst), size, Pace(), diff=True)
+    assert dst.log == ([64 << 10] if differs else [])
+    assert bytes(await dst.pread(0, size)) == bytes(await src.pread(0, size))
+
+
 def source_read_last_first(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, seed: int) -> Path:
     """A 16 MiB raw source whose reads (through any read-only Backend) finish
     last-first: a copy that writes as its reads finish writes out of order."""
