@@ -130,8 +130,7 @@ async def convert_image(
     its zero runs included, unless ``target_is_zero`` (qemu-img's --target-is-zero: it
     reads as zeros already). ``tuning``: -S, -m, --salvage and -C (``CopyTuning``).
     """
-    from formats import OpenRules, open_image
-    from formats.nbd import is_nbd
+    from formats import OpenRules, is_nbd, open_image
 
     tuning.check()
     pace = pace or Pace()

@@ -26,6 +26,9 @@ from tapnbd.cli._trust import (
 )
 from tapnbd.cli.app import app, errors_as_exit, fail
 
+if TYPE_CHECKING:
+    from formats.qcow2.create import Qcow2Options
+
 
 def _size(text: str, *, allow_zero: bool = False) -> int:
     from formats import parse_size
@@ -226,6 +229,16 @@ def create_cmd(
             fail(f"unknown format {fmt!r}: use qcow, qcow2, vhd or raw")
 
 
+def _qcow2_options(keys: dict[str, str]) -> Qcow2Options | None:
+    """-o's qcow2 keys; the qcow2 modules are imported only when there are some (a raw
+    or qcow destination, or none given, never needs them)."""
+    if not keys:
+        return None
+    from formats.qcow2.create import Qcow2Options
+
+    return Qcow2Options.from_keys(keys)
+
+
 @app.command("convert")
 def convert_cmd(
     images: Annotated[
@@ -377,9 +390,9 @@ def convert_cmd(
 
     The destination's lock is taken before it is truncated: an image in use is refused.
     """
-    from formats.nbd import is_nbd
+    # is_nbd from formats itself: formats.nbd would import the NBD client for a name.
+    from formats import is_nbd
     from formats.qcow.convert import ZERO_BLOCK, CopyTuning, convert_image
-    from formats.qcow2.create import Qcow2Options
     from tapnbd.cli.image_flags import create_options
 
     del show_progress  # the bar is drawn anyway, unless -q: -p is for qemu-img's command lines
@@ -429,7 +442,7 @@ def convert_cmd(
                         allow_remote_backing=allow_remote_backing,
                     ),
                     compress=compress,
-                    qcow2=Qcow2Options.from_keys(q2) if q2 else None,
+                    qcow2=_qcow2_options(q2),
                     snapshot=snapshot,
                     backing=backing,
                     backing_format=backing_format if backing else None,
