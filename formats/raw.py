@@ -148,6 +148,23 @@ def open_file(path: str, *, read_only: bool = True, block_devices: bool = True) 
     return fd
 
 
+def truncate_to_empty(fd: int) -> None:
+    """Cut a new image's file to 0 bytes, without leaving ext4 to write it back at close.
+
+    ext4 (auto_da_alloc) marks an inode cut to 0 bytes, even one that was empty, and
+    the first close of the file after that writes back every dirty page of it, in the
+    closing process's time: the close of a 1 GiB convert's target took 0.3-0.4 s, most
+    of it sys CPU. qemu-img closes the file it created before writing the image, which
+    clears the mark while nothing is dirty; closing a second open of it here does the
+    same (the image locks are OFD locks: this close drops none).
+    """
+    os.ftruncate(fd, 0)
+    try:
+        os.close(os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY))
+    except OSError:
+        pass  # no /proc: the target's close writes it back, as before
+
+
 def create_raw(
     path: str,
     size: int,
@@ -166,7 +183,7 @@ def create_raw(
         fd = target_fd
         if fd is None:
             fd = stack.enter_context(locked_target(path, share=share))
-        os.ftruncate(fd, 0)
+        truncate_to_empty(fd)
         if reserve:
             try:
                 fallocate(fd, 0, 0, size)

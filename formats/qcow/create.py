@@ -39,7 +39,7 @@ from formats.qcow.layout import (
     XenExtension,
     XenFlags,
 )
-from formats.raw import FALLOC_FL_KEEP_SIZE, fallocate
+from formats.raw import FALLOC_FL_KEEP_SIZE, fallocate, truncate_to_empty
 from tapnbd.errors import ImageError
 
 if TYPE_CHECKING:
@@ -140,7 +140,7 @@ async def create_qcow(
         fd = target_fd
         if fd is None:
             fd = stack.enter_context(locked_target(path, share=share))
-        os.ftruncate(fd, 0)  # locked: nobody else is using it
+        truncate_to_empty(fd)  # locked: nobody else is using it
         os.pwrite(fd, header.build() + ext.build() + name, 0)
         os.ftruncate(fd, file_len)  # the L1 table: zeros, as a hole
         if reserve:

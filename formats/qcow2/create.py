@@ -34,6 +34,7 @@ from formats.qcow2.layout import (
 )
 from formats.qcow2.meta import l1_entries_needed
 from formats.qcow2.refcount import covering, decode_block, encode_block
+from formats.raw import truncate_to_empty
 from tapnbd.errors import ImageError
 
 if TYPE_CHECKING:
@@ -207,7 +208,7 @@ async def create_qcow2(
         fd = target_fd
         if fd is None:
             fd = stack.enter_context(locked_target(path, share=share))
-        os.ftruncate(fd, 0)  # locked: nobody else is using it
+        truncate_to_empty(fd)  # locked: nobody else is using it
         data = memoryview(first + to_be_bytes(reftable) + encode_block(counts, order))
         pos = 0
         while pos < len(data):

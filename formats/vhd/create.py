@@ -20,6 +20,7 @@ from contextlib import ExitStack
 from urllib.parse import quote
 
 from formats.locks import locked_target
+from formats.raw import truncate_to_empty
 from formats.vhd.layout import (
     BAT_UNUSED,
     DEFAULT_BLOCK_SIZE,
@@ -139,7 +140,7 @@ async def create_vhd(
             fd = target_fd
             if fd is None:
                 fd = stack.enter_context(locked_target(path, share=share))
-            os.ftruncate(fd, 0)
+            truncate_to_empty(fd)
             os.ftruncate(fd, size)
             os.pwrite(fd, footer.build(), size)
             os.fsync(fd)
@@ -178,7 +179,7 @@ async def create_vhd(
         fd = target_fd
         if fd is None:
             fd = stack.enter_context(locked_target(path, share=share))
-        os.ftruncate(fd, 0)
+        truncate_to_empty(fd)
         writes = [
             (0, fbytes),
             (FOOTER_SIZE, header.build()),
