@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Any
 from formats.filters.cachemode import check_cache_mode, files_for, open_for_cache
 from formats.locks import locked_target
 from formats.pacing import Pace
-from formats.qcow.create import create_qcow
 from formats.raw import RawDriver, create_raw
 from tapnbd import buffers
 from tapnbd.backend import Backend
@@ -227,6 +226,8 @@ async def convert_image(
 
                     await create_vhd(dst, size, block_size=cluster_size, target_fd=fd)
                 elif backing is not None:  # an overlay is never allocation-optimised
+                    from formats.qcow.create import create_qcow
+
                     await create_qcow(
                         dst,
                         size,
@@ -238,6 +239,8 @@ async def convert_image(
                         rules=rules,
                     )
                 else:
+                    from formats.qcow.create import create_qcow
+
                     await create_qcow(
                         dst, size, optimise=optimise, cluster_size=cluster_size, target_fd=fd
                     )

@@ -130,19 +130,22 @@ def test_create_imports_only_the_created_format(tmp_path: Path, fmt: str) -> Non
     assert not loaded(mods, *NEVER, *others)
 
 
-@pytest.mark.parametrize("out_fmt", ["raw", "qcow"])
+@pytest.mark.parametrize("out_fmt", ["raw", "qcow", "qcow2"])
 def test_convert_imports_only_the_formats_it_uses(
     tmp_path: Path, images: dict[str, Path], out_fmt: str
 ) -> None:
-    """A raw image copied to a raw or qcow one: no qcow2 module (its -o keys are read
-    only when given) and no NBD client (an NBD URI is told by its name). The copy lives
-    in formats.qcow, so that package is in; so are uvloop (a copy runs on it) and ctypes
+    """A raw image copied to a raw, qcow or qcow2 one: no other format's module (qcow2's
+    -o keys are read only when given) and no NBD client (an NBD URI is told by its
+    name). The copy lives in formats.qcow, so that package is in, but not the QCOW
+    driver unless the copy is to QCOW; so are uvloop (a copy runs on it) and ctypes
     (the first pooled read buffer asks it, to page-align it: tapnbd.buffers)."""
     dst = tmp_path / f"out.{out_fmt}"
     mods = run_cli("convert", "-q", "-f", "raw", "-O", out_fmt, str(images["raw"]), str(dst))[1]
     assert dst.exists()
     others = [p for f, p in PACKAGES.items() if f not in (out_fmt, "qcow")]
     assert not loaded(mods, *(m for m in NEVER if m not in ("ctypes", "uvloop")), *others)
+    if out_fmt != "qcow":
+        assert loaded(mods, "formats.qcow") == {"formats.qcow", "formats.qcow.convert"}
 
 
 def test_probing_imports_no_driver(images: dict[str, Path]) -> None:
