@@ -181,3 +181,25 @@ def test_every_command_is_in_the_lazy_table() -> None:
     load_commands()
     names = {c.name for c in app.registered_commands} | {g.name for g in app.registered_groups}
     assert names == set(COMMANDS)
+
+
+def test_start_up_leaves_the_collector_on_and_its_objects_frozen(images: dict[str, Path]) -> None:
+    """The cyclic collector is off while the CLI imports (it would find nothing in what
+    they build), and on again once the command runs, start-up's objects frozen out of
+    its sight; importing the CLI (as the tests do) leaves it as it was."""
+    code = (
+        "import gc, json, sys\n"
+        "from tapnbd.cli import main\n"
+        "after_import = gc.isenabled()\n"
+        "sys.argv = ['tapnbd', 'info', sys.argv[1]]\n"
+        "try:\n"
+        "    main()\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "print(json.dumps([after_import, gc.isenabled(), gc.get_freeze_count()]), file=sys.stderr)"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(images["raw"])], capture_output=True, text=True
+    )
+    after_import, after_main, frozen = json.loads(proc.stderr.strip().splitlines()[-1])
+    assert after_import and after_main and frozen > 10_000, proc.stderr
