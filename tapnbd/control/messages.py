@@ -111,8 +111,9 @@ class ExportRecord(Record, kw_only=True):
     share: bool = False
     throwaway: bool = False
     #: The format ("raw") was probed, not given: the image stays guarded as a probed
-    #: raw image (formats.guard) after a restore and in a device's data path.
-    probed_raw: bool = False
+    #: raw image (formats.guard) after a restore and in a device's data path. None: a
+    #: state file from before session 32, which did not say; restored guarded.
+    probed_raw: bool | None = None
     size: int = 0
     #: NBD connections other than the ones carrying attachments.
     clients: int = 0

@@ -66,7 +66,9 @@ async def restore_exports(previous: State, exports: Exports) -> list[str]:
                 share=entry.share,
                 # A fresh overlay: the old one's writes went with the daemon that held it.
                 throwaway=entry.throwaway,
-                probed_raw=entry.probed_raw,
+                # Unrecorded (an older state file): guarded, as if probed. Only the
+                # admin's --format raw lifts the guard, and nothing says it was given.
+                probed_raw=entry.probed_raw is not False,
             )
         except (TapnbdError, OSError) as e:
             notes.append(f"could not restore export {entry.name!r} ({entry.image}): {e}")

@@ -132,13 +132,19 @@ def test_snapshot_is_served_read_only(
 
 
 def test_qcow_overlay_on_rbd_backing(rbd_image: str, tmp_path: Path) -> None:
+    """An overlay whose header names an RBD image: followed only where the admin says
+    the header may name one (--allow-remote-backing; README, "Security model")."""
     qemu_io(rbd_image, "write -P 0x11 0 2M")
     overlay = tmp_path / "overlay.qcow"
     run(tapnbd_cmd("create", str(overlay), "-b", rbd_image))
-    info = json.loads(run(tapnbd_cmd("info", "--json", "-f", "qcow", str(overlay))).stdout)
+    refused = run(tapnbd_cmd("info", "-f", "qcow", str(overlay)), check=False)
+    assert refused.returncode == 1 and "--allow-remote-backing" in refused.stderr, refused
+    allow = "--allow-remote-backing"
+    info = json.loads(run(tapnbd_cmd("info", "--json", allow, "-f", "qcow", str(overlay))).stdout)
     assert info["backing-filename"] == rbd_image
     server = start_server(
-        [str(overlay), "--format", "qcow", "--socket", str(tmp_path / "s")], tmp_path / "log"
+        [str(overlay), "--format", "qcow", allow, "--socket", str(tmp_path / "s")],
+        tmp_path / "log",
     )
     try:
         qemu_io(server.uri, "read -P 0x11 0 2M", "write -P 0x22 0 64k", "flush")

@@ -198,6 +198,29 @@ async def test_probed_raw_stays_guarded_after_a_restart_and_in_a_device(tap: Tap
     assert clean.read_bytes()[:512] == bytes(512)
     assert "would probe as qcow" in tap.log_tail()
     tap.ok("detach", "clean.img")
+    # The admin's --format raw is no guess: the guard stays off after a restart.
+    given_uri = f"nbd+unix:///given.img?socket={tap.state / 'nbd.sock'}"
+    assert guest_write(given_uri, tap.base, head, 0) == "ok"
+
+
+async def test_a_state_file_that_does_not_say_restores_raw_guarded(tap: Tapnbd) -> None:
+    """A state file written before the daemon recorded ``probed_raw`` cannot tell a
+    probed raw export from one the admin gave as raw: it is restored guarded, so a
+    guest of a probed one cannot write a header into sector 0 after the upgrade."""
+    head = await evil_sector(tap.base)
+    disk = tap.base / "old.img"
+    with open(disk, "wb") as f:
+        f.truncate(4 * MiB)
+    uri = next(u for u in tap.ok("export", "add", str(disk)).split() if u.startswith("nbd"))
+    assert tap.run("daemon", "stop").returncode == 0
+    path = tap.state / "state.json"
+    state = json.loads(path.read_text())
+    for entry in state["exports"]:
+        del entry["probed_raw"]  # as the daemon of session 31 wrote it
+    path.write_text(json.dumps(state))
+    assert "restored export" in tap.run("list").stderr
+    assert guest_write(uri, tap.base, head, 0) == "EPERM"
+    assert disk.read_bytes()[:512] == bytes(512)
 
 
 async def test_planted_header_through_attach(tap: Tapnbd) -> None:
