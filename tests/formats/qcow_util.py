@@ -161,11 +161,13 @@ def crash_states(
 ) -> Iterator[str]:
     """Run ``change`` with the power-loss recorder between every image it opens and its
     file (the first one opened is the one judged), then write ``count`` crash states of
-    it to ``state`` one after the other, yielding a description of each."""
+    it to ``state`` one after the other, yielding a description of each; then, always,
+    the state after the last event with only what was made durable (a cut once
+    ``change`` is done), so a test that wants to see the end does not hang on the seed."""
     import asyncio
 
     from formats.filters import at_file_layer
-    from formats.filters.powerloss import PowerLossRecorder
+    from formats.filters.powerloss import CrashState, PowerLossRecorder
 
     recorders: list[PowerLossRecorder] = []
 
@@ -180,7 +182,8 @@ def crash_states(
     asyncio.run(run_it())
     rec = recorders[0]
     rng = random.Random(seed)
-    for st in rec.states(rng, count):
+    end = CrashState(len(rec.events), frozenset(), how="after the end, durable only")
+    for st in [*rec.states(rng, count), end]:
         state.write_bytes(rec.materialise(st))
         yield f"seed={seed} point={st.point} ({st.how})"
 
