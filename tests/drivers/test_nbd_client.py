@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -32,6 +33,24 @@ MiB = 1 << 20
 
 def unix_uri(sock: Path, export: str = "") -> str:
     return f"nbd+unix:///{export}?socket={sock}"
+
+
+def stop_all_threads(pid: int, timeout: float = 30) -> None:
+    """SIGSTOP ``pid`` and return once every thread of it is stopped: kill(2) returns
+    before a thread running on another CPU stops, and meanwhile it may still answer."""
+    import time
+
+    os.kill(pid, signal.SIGSTOP)
+    deadline = time.monotonic() + timeout
+    while True:
+        states = []
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(FileNotFoundError), open(f"/proc/{pid}/task/{tid}/stat") as f:
+                states.append(f.read().rsplit(")", 1)[1].split()[0])
+        if states and all(st in ("T", "t") for st in states):
+            return
+        assert time.monotonic() < deadline, f"pid {pid} not stopped: {states}"
+        os.sched_yield()
 
 
 def wait_for_socket(sock: Path, proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
@@ -317,7 +336,7 @@ async def test_an_upstream_that_stops_reading_stops_our_sending(tmp_path: Path) 
     drv = await NbdDriver.open(unix_uri(sock), read_only=False)
     payload, n = 4 * MiB, 16
     try:
-        os.kill(proc.pid, signal.SIGSTOP)
+        stop_all_threads(proc.pid)
         tasks = [
             asyncio.create_task(drv.pwrite(i * payload, bytes([i + 1]) * payload)) for i in range(n)
         ]
@@ -388,7 +407,7 @@ async def test_closing_gives_up_on_an_upstream_that_never_answers(
     try:
         backend = Backend(await NbdDriver.open(unix_uri(sock), read_only=False))
         await backend.driver.pwrite(0, b"x" * 4096)
-        os.kill(proc.pid, signal.SIGSTOP)
+        stop_all_threads(proc.pid)
         await backend.close_within("up", timeout=0.5)
         assert "closing did not finish in 0.5 s" in caplog.text
         assert backend.closed
@@ -441,7 +460,7 @@ def test_sigterm_exits_when_the_upstream_never_answers_the_last_flush(tmp_path: 
             [unix_uri(sock), "--socket", str(tmp_path / "p.sock")], tmp_path / "p.log"
         )
         qemu_io(proxy.uri, "write -P 0x21 0 64k")
-        os.kill(proc.pid, signal.SIGSTOP)
+        stop_all_threads(proc.pid)
         proxy.proc.send_signal(signal.SIGTERM)
         assert proxy.proc.wait(CLOSE_TIMEOUT + 60) == 1
         assert f"closing did not finish in {CLOSE_TIMEOUT:g} s" in proxy.stderr()
