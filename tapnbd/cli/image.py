@@ -151,6 +151,13 @@ def create_cmd(
     with errors_as_exit():
         nbytes = _size(size) if size is not None else None
         csize = _size(cluster_size) if cluster_size is not None else None
+        # A backing file is checked by opening it: its chain follows the rules.
+        rules = open_rules(
+            None,
+            allow_probed_chain,
+            allow_block_devices,
+            allow_remote_backing=allow_remote_backing,
+        )
         if image.startswith("rbd:"):
             from formats.rbd.driver import create_blocking
 
@@ -170,13 +177,6 @@ def create_cmd(
         elif fmt == "qcow":
             from formats.qcow.create import create_qcow
 
-            # The backing file is checked by opening it: its chain follows the rules.
-            rules = open_rules(
-                None,
-                allow_probed_chain,
-                allow_block_devices,
-                allow_remote_backing=allow_remote_backing,
-            )
             runtime.run_command(
                 create_qcow(
                     image,
@@ -204,12 +204,7 @@ def create_cmd(
                     preallocation=preallocation or "off",
                     options=Qcow2Options.from_keys(q2),
                     unsafe=unsafe,
-                    rules=open_rules(
-                        None,
-                        allow_probed_chain,
-                        allow_block_devices,
-                        allow_remote_backing=allow_remote_backing,
-                    ),
+                    rules=rules,
                 )
             )
         elif fmt in ("vhd", "vpc"):
