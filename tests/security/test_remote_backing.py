@@ -318,3 +318,19 @@ def test_names_the_admin_gives_are_the_admins(upstream: Upstream, tmp_path: Path
         assert_refused(run(tapnbd_cmd("info", "-f", fmt, str(image)), check=False), OPTION)
         run(tapnbd_cmd("info", "-f", fmt, OPTION, str(image)))
     run(["qemu-img", "compare", "-f", "raw", "-F", "qcow2", str(src), str(dst)])
+
+
+def test_create_follows_its_backing_files_chain_by_the_admins_rules(tmp_path: Path) -> None:
+    """``create -f qcow2 -b MID``: MID is the admin's name, but the NBD URI in MID's own
+    header is not, so it is refused unless --allow-remote-backing (then it is tried,
+    and fails here only because nothing listens there)."""
+    need("qemu-img")
+    mid = tmp_path / "mid.qcow2"
+    uri = f"nbd+unix:///?socket={tmp_path / 'none.sock'}"
+    run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", uri, "-u", str(mid), "1M"])
+    top = tmp_path / "top.qcow2"
+    refused = run(tapnbd_cmd("create", "-f", "qcow2", "-b", str(mid), str(top)), check=False)
+    assert refused.returncode == 1 and OPTION in refused.stderr, refused.stderr
+    tried = run(tapnbd_cmd("create", "-f", "qcow2", OPTION, "-b", str(mid), str(top)), check=False)
+    assert tried.returncode == 1 and "not opened" not in tried.stderr, tried.stderr
+    assert "No such file or directory" in tried.stderr, tried.stderr
