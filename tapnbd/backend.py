@@ -24,7 +24,7 @@ from functools import partial
 from typing import TYPE_CHECKING
 
 from tapnbd.driver import BlockSize, Driver, Extent, ExtentFlags, FuaMode
-from tapnbd.errors import RequestError
+from tapnbd.errors import RefusedIOError, RequestError
 from tapnbd.stats import Stats, now
 
 if TYPE_CHECKING:
@@ -137,9 +137,10 @@ class Backend:
             # EIO from a flush or a FUA request: the sync failed, and writes acknowledged
             # before it may be lost. ENOSPC (a format that could not write its metadata,
             # a full disk) or EPERM refused the request itself: nothing acknowledged was
-            # lost, and a later flush may succeed once there is room. (The raw driver
-            # makes any failure of fdatasync itself stick, as EIO.)
-            if durable and err == errno.EIO:
+            # lost, and a later flush may succeed once there is room; nor did a
+            # RefusedIOError, EIO for a request refused before it reached the image. (The
+            # raw driver makes any failure of fdatasync itself stick, as EIO.)
+            if durable and err == errno.EIO and not isinstance(e, RefusedIOError):
                 self.sync_failed(op, e)
             if isinstance(e, RequestError):
                 raise

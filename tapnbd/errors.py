@@ -26,6 +26,15 @@ class RequestError(TapnbdError):
         self.errno = err
 
 
+class RefusedIOError(OSError):
+    """EIO for a request a driver refused before it touched the image (a damaged table
+    entry, found when the table was read): nothing written before is lost by it, so it
+    does not make later flushes fail (Backend.sync_failed)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(errno.EIO, message)
+
+
 class ImageError(TapnbdError):
     """An image cannot be opened or created."""
 

@@ -229,10 +229,10 @@ def fio_verify(uri: str, *options: str, timeout: float = 300) -> dict[str, Any]:
     return job
 
 
-def qemu_io(target: str | Path, *commands: str, fmt: str = "raw") -> str:
+def qemu_io(target: str | Path, *commands: str, fmt: str = "raw", read_only: bool = False) -> str:
     """Run qemu-io commands on a file or URI; a failed command or ``read -P`` check fails."""
     need("qemu-io")
-    args: list[str] = ["qemu-io", "-f", fmt]
+    args: list[str] = ["qemu-io", "-f", fmt, *(["-r"] if read_only else [])]
     for c in commands:
         args += ["-c", c]
     out = run([*args, str(target)]).stdout

@@ -79,9 +79,11 @@ from formats.qcow2.layout import (
     compressed_span,
 )
 from formats.qcow2.live_bitmaps import LiveBitmaps
+from formats.qcow2.meta import metadata_clusters
 from formats.qcow2.refcount import decode_block, encode_block, entries_per_block, max_refcount
 from formats.raw import RawDriver
 from tapnbd.driver import BlockSize, Driver, Extent, ExtentFlags
+from tapnbd.errors import RefusedIOError
 
 if TYPE_CHECKING:
     from collections.abc import Coroutine
@@ -95,6 +97,10 @@ MAX_EXTENTS = 1024
 #: An L2 entry found bad when its table was read is replaced by this (reserved bit 1):
 #: using it fails with EIO, the rest of the table still works.
 _BAD = 2
+#: Likewise (reserved bit 2), for an entry whose data lies on the image's own metadata
+#: (Qcow2Driver._metadata): a write there would change the tables, and the copy-on-write
+#: of a shared one would free them; a writable open refuses both with EIO.
+_ON_META = 4
 #: Journal stages (see the module docstring).
 S_NEW, S_REFTABLE, S_MAP = 0, 1, 2
 _ZERO_CHUNK = 1 << 20
@@ -172,6 +178,10 @@ class Qcow2Driver(ImageDriver["Qcow2Meta"]):
         #: this driver changed it since (``_touched``).
         self._open_end = self._end
         self._touched: set[int] = set()
+        #: Host clusters (indices) of the metadata at open (meta.metadata_clusters), on
+        #: a writable open; an L2 entry whose data lies there is refused (``_read_l2``).
+        #: The bitmaps kept up to date add their clusters of bits (live_bitmaps).
+        self._metadata: set[int] = set() if read_only else metadata_clusters(meta)
         #: Guest clusters whose allocation is in flight.
         self._pending: dict[int, asyncio.Future[None]] = {}
         #: Host clusters that lost a reference, (first cluster index, count): decremented
@@ -224,22 +234,41 @@ class Qcow2Driver(ImageDriver["Qcow2Meta"]):
     # Tables.
 
     async def _read_l2(self, off: int) -> array[int]:
-        """Read an L2 table, marking entries that point outside the file as bad."""
+        """Read an L2 table, marking entries that point outside the file as bad, and on
+        a writable open those whose data lies on the image's metadata."""
         t = be_array(await self.child.pread(off, self._cs))
         limit = self._end if off in self._touched else self._open_end
-        cs = self._cs
+        cs, cb, on_meta = self._cs, self._cb, self._metadata
         for i, e in enumerate(t):
             if not e:
                 continue
+            mark = 0
             if e & OFLAG_COMPRESSED:
                 host = e & self._c_off_mask
-                bad = host < cs or host >= limit
+                if host < cs or host >= limit:
+                    mark = _BAD
+                elif on_meta:
+                    at, n = self._compressed_location(e)
+                    if not on_meta.isdisjoint(range(at >> cb, ((at + n - 1) >> cb) + 1)):
+                        mark = _ON_META
             else:
                 host = e & OFFSET_MASK
-                bad = bool(host) and (host % cs != 0 or host < cs or host + cs > limit)
-            if bad:
+                if host and (host % cs != 0 or host < cs or host + cs > limit):
+                    mark = _BAD
+                elif host >> cb in on_meta:
+                    mark = _ON_META
+            if mark == _ON_META:
+                log.error(
+                    "%s: L2 table 0x%x entry %d (0x%x) points at the image's own metadata",
+                    self.path,
+                    off,
+                    i,
+                    e,
+                )
+            elif mark:
                 log.error("%s: L2 table 0x%x entry %d (0x%x) is invalid", self.path, off, i, e)
-                t[i] = _BAD
+            if mark:
+                t[i] = mark
         return t
 
     async def _read_rb(self, off: int) -> array[int]:
@@ -275,7 +304,14 @@ class Qcow2Driver(ImageDriver["Qcow2Meta"]):
             return COMPRESSED, e, min(lim - pos, self._cs - in_cl)
         if e & L2E_RESERVED or (e & OFLAG_ZERO and not self._v3):
             if e == _BAD:  # the entry as read was logged when the table was
-                raise _eio(f"L2 table 0x{l2off:x} entry {i} points outside the image file")
+                raise RefusedIOError(
+                    f"L2 table 0x{l2off:x} entry {i} points outside the image file"
+                )
+            if e == _ON_META:
+                raise RefusedIOError(
+                    f"L2 table 0x{l2off:x} entry {i} points at the image's own metadata "
+                    "(a table, the header); not used by a writer"
+                )
             raise _eio(f"L2 table 0x{l2off:x} entry {i} (0x{e:x}) is invalid")
         host = e & OFFSET_MASK
         j = i + 1
@@ -450,7 +486,7 @@ class Qcow2Driver(ImageDriver["Qcow2Meta"]):
 
     async def _decompress(self, entry: int) -> bytes:
         """The cluster stored compressed by ``entry`` (engine.compressed)."""
-        if entry == _BAD:
+        if entry in (_BAD, _ON_META):
             raise _eio("invalid compressed cluster descriptor")
         off, csize = self._compressed_location(entry)
         return await self._inflater.cluster(entry, off, csize)
@@ -625,8 +661,8 @@ class Qcow2Driver(ImageDriver["Qcow2Meta"]):
 
     def _forget(self, entry: int) -> None:
         """The entry is being replaced: its cluster(s) lose a reference."""
-        if not entry or entry == _BAD:
-            return
+        if not entry or entry in (_BAD, _ON_META):
+            return  # never a reference to drop: nothing may be freed by it
         if entry & OFLAG_COMPRESSED:
             off, n = self._compressed_location(entry)
             first = off >> self._cb

@@ -64,6 +64,8 @@ class Qcow2Meta:
     backing_format: str | None = None
     feature_names: dict[tuple[int, int], str] = field(default_factory=dict)
     snapshots: list[Snapshot] = field(default_factory=list)
+    #: Bytes of the snapshot table its entries take (up to the last one's padding).
+    snapshots_size: int = 0
     #: Header extensions present, by type (unknown ones are kept as they are).
     extensions: list[int] = field(default_factory=list)
     #: The bitmaps extension, if present and valid (its autoclear bit set), and the
@@ -194,6 +196,37 @@ def check_refcount_blocks(meta: Qcow2Meta) -> None:
             raise InvalidImageError(f"refcount table entry {i} (0x{e:x}) {why}")
 
 
+def metadata_clusters(meta: Qcow2Meta, *, bitmaps: bool = True) -> set[int]:
+    """The host clusters (indices) that hold the image's own metadata as read at open:
+    the header cluster, the L1 and refcount tables, the refcount blocks, the L2 tables
+    the L1 table names, the snapshot table and each snapshot's L1 table, the bitmap
+    directory and each bitmap's table (unless not ``bitmaps``), and a LUKS header. A writer lets no guest data
+    land there (qemu's overlap check, in its default "cached" mode, which does not read
+    the snapshots' L2 tables either)."""
+    h, cb = meta.header, meta.cluster_bits
+    out = {0}
+
+    def area(off: int, n: int) -> None:
+        if n > 0:
+            out.update(range(off >> cb, ((off + n - 1) >> cb) + 1))
+
+    area(h.l1_table_offset, h.l1_size * 8)
+    area(h.refcount_table_offset, h.refcount_table_clusters << cb)
+    out.update((e & OFFSET_MASK) >> cb for e in meta.reftable if e & OFFSET_MASK)
+    out.update((e & OFFSET_MASK) >> cb for e in meta.l1 if e & OFFSET_MASK)
+    if meta.snapshots:
+        area(h.snapshots_offset, meta.snapshots_size)
+    for snap in meta.snapshots:
+        area(snap.l1_table_offset, snap.l1_size * 8)
+    if bitmaps and meta.bitmaps_ext is not None:
+        area(meta.bitmaps_ext.directory_offset, meta.bitmaps_ext.directory_size)
+    for bm in meta.bitmaps if bitmaps else ():
+        area(bm.table_offset, bm.table_size * 8)
+    if meta.crypto_area is not None:
+        area(*meta.crypto_area)
+    return out
+
+
 async def read_meta(child: Driver, bad_l1: list[str] | None = None) -> Qcow2Meta:
     """Read and check the header, its extensions, the L1 and refcount tables.
 
@@ -289,6 +322,7 @@ async def read_meta(child: Driver, bad_l1: list[str] | None = None) -> Qcow2Meta
         for _ in range(h.nb_snapshots):
             snap, pos = parse_snapshot(data, pos)
             meta.snapshots.append(snap)
+        meta.snapshots_size = pos
     _check_l1_entries(meta, bad_l1)
     if meta.bitmaps_ext is not None:
         meta.bitmaps = await read_directory(child, meta.bitmaps_ext, h.size, cs)
