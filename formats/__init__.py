@@ -252,8 +252,10 @@ async def open_image(
 
         return await open_nbd(spec, read_only)
     if spec.startswith("rbd:"):
-        if fmt not in ("auto", "rbd"):
-            raise ImageError(f"{spec}: an rbd: name is always format rbd, not {fmt!r}")
+        # "raw" too: QEMU's rbd is a protocol, so its overlays record the backing
+        # format of an rbd: name as raw (qemu-img create -b rbd:... -F raw).
+        if fmt not in ("auto", "rbd", "raw"):
+            raise ImageError(f"{spec}: an rbd: name is served as it is, not as {fmt!r}")
         from formats.rbd.driver import open_rbd
 
         return await open_rbd(spec, read_only)

@@ -117,7 +117,7 @@ async def create_qcow2(
     The image's lock is taken before anything is written (formats.locks), unless
     ``share``, or the caller passes ``target_fd``, an fd whose lock it already holds.
     """
-    from formats import open_image, probe
+    from formats import is_local_path, open_image, probe
     from formats.engine.opening import resolve_backing
 
     cs = cluster_size or DEFAULT_CLUSTER_SIZE
@@ -148,7 +148,9 @@ async def create_qcow2(
         else:
             bpath = resolve_backing(path, backing)
             if backing_fmt is None:
-                backing_fmt = probe(bpath)
+                # An NBD export or an rbd: image is served as it is, never probed: its
+                # format is raw over QEMU's nbd or rbd protocol, as qemu-img records it.
+                backing_fmt = probe(bpath) if is_local_path(bpath) else "raw"
             driver = await open_image(bpath, fmt=backing_fmt, read_only=True, rules=rules)
             try:
                 bsize = driver.size()

@@ -154,6 +154,29 @@ def test_qcow_overlay_on_rbd_backing(rbd_image: str, tmp_path: Path) -> None:
     qemu_io(rbd_image, "read -P 0x11 0 2M")  # the base is untouched
 
 
+def test_qcow2_overlay_on_rbd_backing_as_qemu_img_records_it(
+    rbd_image: str, tmp_path: Path
+) -> None:
+    """QEMU's rbd is a protocol, so qemu-img records an rbd: backing file's format as
+    raw; tapnbd opens such an overlay, and its own create (without -F) records the same."""
+    qemu_io(rbd_image, "write -P 0x33 0 1M")
+    by_qemu, by_us = tmp_path / "q.qcow2", tmp_path / "t.qcow2"
+    run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", rbd_image, str(by_qemu)])
+    run(tapnbd_cmd("create", "-f", "qcow2", "-b", rbd_image, str(by_us)))
+    for overlay in (by_qemu, by_us):
+        info = json.loads(run(["qemu-img", "info", "-U", "--output=json", str(overlay)]).stdout)
+        assert info["backing-filename-format"] == "raw", info
+        sock, log = tmp_path / f"{overlay.stem}.sock", tmp_path / f"{overlay.stem}.log"
+        args = [str(overlay), "-f", "qcow2", "--allow-remote-backing", "--socket", str(sock)]
+        server = start_server(args, log)
+        try:
+            qemu_io(server.uri, "read -P 0x33 0 1M", "write -P 0x44 0 64k", "flush")
+        finally:
+            server.stop()
+        qemu_io(overlay, "read -P 0x44 0 64k", "read -P 0x33 64k 960k", fmt="qcow2")
+    qemu_io(rbd_image, "read -P 0x33 0 1M")  # the base is untouched
+
+
 WRITE_AND_FLUSH = """
 import json, sys, nbd
 h = nbd.NBD()
