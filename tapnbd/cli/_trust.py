@@ -11,6 +11,7 @@ import typer
 
 if TYPE_CHECKING:
     from formats import OpenRules
+    from tapnbd.control.messages import Trust
 
 BackingFormatOpt = Annotated[
     str | None,
@@ -69,6 +70,23 @@ ShareOpt = Annotated[
         "ours, but stop nobody).",
     ),
 ]
+
+
+def daemon_trust(
+    backing_format: str | None,
+    allow_probed_chain: bool,
+    allow_block_devices: bool,
+    allow_remote_backing: bool,
+) -> Trust:
+    """The same options as the daemon carries them (``export add``, ``attach``)."""
+    from tapnbd.control.messages import Trust
+
+    return Trust(
+        backing_format=backing_format,
+        allow_probed_chain=allow_probed_chain,
+        allow_block_devices=allow_block_devices,
+        allow_remote_backing=allow_remote_backing,
+    )
 
 
 def open_rules(

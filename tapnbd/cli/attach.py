@@ -27,7 +27,14 @@ from tapnbd.cli._image_opts import (
     cache_mode,
     throwaway_option,
 )
-from tapnbd.cli._trust import ShareOpt
+from tapnbd.cli._trust import (
+    AllowBlockOpt,
+    AllowProbedChainOpt,
+    AllowRemoteOpt,
+    BackingFormatOpt,
+    ShareOpt,
+    daemon_trust,
+)
 from tapnbd.cli.app import app, errors_as_exit, fail
 from tapnbd.control.messages import (
     AttachReply,
@@ -74,6 +81,10 @@ def attach_cmd(
         ),
     ] = False,
     share: ShareOpt = False,
+    backing_format: BackingFormatOpt = None,
+    allow_probed_chain: AllowProbedChainOpt = False,
+    allow_block_devices: AllowBlockOpt = False,
+    allow_remote_backing: AllowRemoteOpt = False,
     state_dir: StateDirOpt = None,
 ) -> None:
     """Attach an image as a local block device; print the device's path."""
@@ -94,6 +105,9 @@ def attach_cmd(
             cache=cache,
             share=share,
             throwaway=throwaway,
+            trust=daemon_trust(
+                backing_format, allow_probed_chain, allow_block_devices, allow_remote_backing
+            ),
         )
         reply = conn.call(req, AttachReply)
     att = reply.attachment

@@ -25,7 +25,14 @@ from tapnbd.cli._image_opts import (
     SnapshotOpt,
     throwaway_option,
 )
-from tapnbd.cli._trust import ShareOpt
+from tapnbd.cli._trust import (
+    AllowBlockOpt,
+    AllowProbedChainOpt,
+    AllowRemoteOpt,
+    BackingFormatOpt,
+    ShareOpt,
+    daemon_trust,
+)
 from tapnbd.cli.app import PLAIN, app, errors_as_exit, fail
 from tapnbd.control.messages import (
     ExportAddReply,
@@ -64,6 +71,10 @@ def add_cmd(
         ),
     ] = False,
     share: ShareOpt = False,
+    backing_format: BackingFormatOpt = None,
+    allow_probed_chain: AllowProbedChainOpt = False,
+    allow_block_devices: AllowBlockOpt = False,
+    allow_remote_backing: AllowRemoteOpt = False,
     state_dir: StateDirOpt = None,
 ) -> None:
     """Export an image from the daemon; print its NBD URIs."""
@@ -84,6 +95,9 @@ def add_cmd(
             offset=parse_size(offset, allow_zero=True),
             share=share,
             throwaway=throwaway,
+            trust=daemon_trust(
+                backing_format, allow_probed_chain, allow_block_devices, allow_remote_backing
+            ),
         )
         export = conn.call(req, ExportAddReply).export
     mode = "read-only" if export.read_only else "read-write"

@@ -106,6 +106,7 @@ class Attachments:
             cache=att.cache,
             throwaway=att.throwaway,
             probed_raw=probed_raw,
+            trust=att.trust,
         )
         self.tap_procs[att.id] = proc
         att.tapdisk_pid = proc.pid
@@ -265,6 +266,7 @@ class Attachments:
             cache=att.cache,
             share=att.share,
             throwaway=att.throwaway,
+            trust=att.trust,
         )
 
     async def stats(self, att: Attachment) -> ExportStats:

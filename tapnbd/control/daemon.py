@@ -65,6 +65,7 @@ from tapnbd.control.messages import (
     StatsRequest,
     StatusReply,
     StatusRequest,
+    Trust,
 )
 from tapnbd.control.metrics import MetricsServer, check_address, prometheus_text, split_host_port
 from tapnbd.control.state import StateDir
@@ -341,6 +342,7 @@ class Daemon:
                 offset=req.offset,
                 share=req.share,
                 throwaway=req.throwaway,
+                trust=req.trust,
             )
             self._save()
             log.info("added export %r (%s, %s)", name, image, export.format)
@@ -397,7 +399,7 @@ class Daemon:
             # A snapshot is shown read-only, unless a throwaway overlay takes the writes.
             read_only = req.read_only or (req.snapshot is not None and not req.throwaway)
             fmt, snapshot, cache = req.format, req.snapshot, req.cache
-            probed_raw = False
+            probed_raw, trust = False, req.trust
             check_cache_mode(cache)
             if existing is not None:
                 # A device's throwaway overlay is its data path's own: it would not show
@@ -416,6 +418,8 @@ class Daemon:
                     )
                 fmt = self.exports.formats.get(existing.name, fmt)
                 probed_raw = existing.name in self.exports.probed_raw
+                # The device opens the chain as the export did.
+                trust = self.exports.trust.get(existing.name, Trust())
                 cache = existing.cache
                 # The device shows what the export shows.
                 snapshot = self.exports.snapshots.get(existing.name)
@@ -427,6 +431,7 @@ class Daemon:
             att = self.attachments.new(name, image, via, read_only)
             att.snapshot, att.cache, att.share = snapshot, cache, req.share
             att.throwaway = overlay_wanted(req.throwaway, read_only)
+            att.trust = trust
             self._save()  # recorded before anything exists, so a crash is undone
             try:
                 # A raw export of ours and the device's data path may share the file

@@ -19,7 +19,7 @@ from formats.filters.discard import check_modes, with_modes
 from formats.filters.window import from_offset
 from formats.imagemap import described, overlay_wanted
 from tapnbd.backend import Backend
-from tapnbd.control.messages import AttachRequest, ExportRecord, ExportStats, OpCounters
+from tapnbd.control.messages import AttachRequest, ExportRecord, ExportStats, OpCounters, Trust
 from tapnbd.errors import TapnbdError
 from tapnbd.protocol.handshake import TLSMode
 from tapnbd.server.exports import Export, ExportRegistry
@@ -45,6 +45,19 @@ def check_name(name: str) -> str:
     if len(name.encode()) > MAX_NAME or not name.isprintable():
         raise TapnbdError(f"invalid export name {name!r}: printable, at most {MAX_NAME} bytes")
     return name
+
+
+def open_rules(trust: Trust, *, share: bool, guard_raw: bool) -> OpenRules:
+    """The rules an export or a device's data path opens its image by: the admin's
+    trust options (``export add``/``attach``), the share, the probed-raw guard."""
+    return OpenRules(
+        backing_format=trust.backing_format,
+        allow_probed_backing=trust.allow_probed_chain,
+        allow_block_devices=trust.allow_block_devices,
+        allow_remote_backing=trust.allow_remote_backing,
+        share=share,
+        guard_raw=guard_raw,
+    )
 
 
 def export_stats(
@@ -79,6 +92,8 @@ class Exports:
         #: still guarded as a probed raw image (formats.guard), here and in a device's
         #: data path.
         self.probed_raw: set[str] = set()
+        #: The admin's trust options each export was added with (none: the defaults).
+        self.trust: dict[str, Trust] = {}
         #: Whether NBD clients may see image paths in descriptions (``--expose-paths``).
         self.expose_paths = False
 
@@ -106,12 +121,15 @@ class Exports:
         share: bool = False,
         throwaway: bool = False,
         probed_raw: bool = False,
+        trust: Trust | None = None,
     ) -> Export:
         """Open ``image`` and export it as ``name``. ``share`` opens it beside other
         users (formats.locks); ``throwaway`` (without ``read_only``) sends the writes to
         a throwaway overlay, which goes when the export closes (formats.overlay).
         ``probed_raw``: its format ("raw") was probed when it was first added (a
-        restore), so its guest still may not make it probe as another format."""
+        restore), so its guest still may not make it probe as another format.
+        ``trust``: what the admin allowed its backing chain (formats.OpenRules)."""
+        trust = trust if trust is not None else Trust()
         check_modes(discard, detect_zeroes)
         throwaway = overlay_wanted(throwaway, read_only)
         # A snapshot opens read-only: without an overlay, so is the Backend.
@@ -120,7 +138,7 @@ class Exports:
             cache,
             fmt=fmt,
             read_only=read_only,
-            rules=OpenRules(share=share, guard_raw=probed_raw),
+            rules=open_rules(trust, share=share, guard_raw=probed_raw),
             snapshot=snapshot,
             throwaway=throwaway,
         )
@@ -152,6 +170,8 @@ class Exports:
         self.formats[name] = export.format  # what was opened, never "auto": no re-probe
         if export.format == "raw" and (fmt == "auto" or probed_raw):
             self.probed_raw.add(name)
+        if trust != Trust():
+            self.trust[name] = trust
         if snapshot is not None:
             self.snapshots[name] = snapshot
         if bitmaps:
@@ -173,6 +193,7 @@ class Exports:
         self.origin.pop(export.name, None)
         self.formats.pop(export.name, None)
         self.probed_raw.discard(export.name)
+        self.trust.pop(export.name, None)
         self.snapshots.pop(export.name, None)
         self.bitmaps.pop(export.name, None)
         return await export.backend.close_within(export.name)
@@ -258,6 +279,7 @@ class Exports:
             share=export.share,
             throwaway=export.throwaway,
             probed_raw=export.name in self.probed_raw,
+            trust=self.trust.get(export.name, Trust()),
         )
 
     def stats(self, export: Export) -> ExportStats:

@@ -51,6 +51,21 @@ class Record(msgspec.Struct, forbid_unknown_fields=True):
 # Records.
 
 
+class Trust(Record, kw_only=True):
+    """What the admin allowed an image's backing chain (formats.OpenRules; README,
+    "Security model"): the trust options of ``export add`` and ``attach``, kept with the
+    export or attachment so that a restore and a device's data path open the chain by
+    the same rules. Only the daemon's owner or root can send them (control.auth)."""
+
+    #: ``-F``: the backing file's format (QCOW v1 cannot record it).
+    backing_format: str | None = None
+    #: ``--allow-probed-backing-chain``, ``--allow-block-devices``,
+    #: ``--allow-remote-backing``.
+    allow_probed_chain: bool = False
+    allow_block_devices: bool = False
+    allow_remote_backing: bool = False
+
+
 class Attachment(Record, kw_only=True):
     """One attached device and everything needed to undo or re-adopt it, even after a
     crash. Recorded in the state file as soon as each resource exists, so a daemon that
@@ -82,6 +97,8 @@ class Attachment(Record, kw_only=True):
     share: bool = False
     #: ``-s``: writes go to a throwaway overlay the data path holds (formats.overlay).
     throwaway: bool = False
+    #: The admin's trust options, for the data path's open.
+    trust: Trust = msgspec.field(default_factory=Trust)
 
 
 class ExportRecord(Record, kw_only=True):
@@ -114,6 +131,8 @@ class ExportRecord(Record, kw_only=True):
     #: raw image (formats.guard) after a restore and in a device's data path. None: a
     #: state file from before session 32, which did not say; restored guarded.
     probed_raw: bool | None = None
+    #: The admin's trust options for the image's backing chain (defaults: none).
+    trust: Trust = msgspec.field(default_factory=Trust)
     size: int = 0
     #: NBD connections other than the ones carrying attachments.
     clients: int = 0
@@ -222,6 +241,7 @@ class ExportAddRequest(Request, tag="export_add"):
     offset: int = 0
     share: bool = False
     throwaway: bool = False
+    trust: Trust = msgspec.field(default_factory=Trust)
 
 
 class ExportRemoveReply(Reply, tag="export_remove_reply"):
@@ -278,6 +298,8 @@ class AttachRequest(Request, tag="attach"):
     cache: str = "writeback"
     share: bool = False
     throwaway: bool = False
+    #: The admin's trust options for a new export's chain (an existing export keeps its own).
+    trust: Trust = msgspec.field(default_factory=Trust)
 
 
 class DetachReply(Reply, tag="detach_reply"):

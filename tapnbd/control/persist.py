@@ -6,7 +6,7 @@ import logging
 from typing import Any, cast
 
 from tapnbd.control.exports import Exports
-from tapnbd.control.messages import Attachment, ExportRecord
+from tapnbd.control.messages import Attachment, ExportRecord, Trust
 from tapnbd.control.state import State, StateDir
 from tapnbd.errors import TapnbdError
 
@@ -32,6 +32,7 @@ def snapshot(exports: Exports, attachments: list[Attachment]) -> State:
                 share=e.share,
                 throwaway=e.throwaway,
                 probed_raw=e.name in exports.probed_raw,
+                trust=exports.trust.get(e.name, Trust()),
             )
             for e in exports
         ],
@@ -69,6 +70,7 @@ async def restore_exports(previous: State, exports: Exports) -> list[str]:
                 # Unrecorded (an older state file): guarded, as if probed. Only the
                 # admin's --format raw lifts the guard, and nothing says it was given.
                 probed_raw=entry.probed_raw is not False,
+                trust=entry.trust,
             )
         except (TapnbdError, OSError) as e:
             notes.append(f"could not restore export {entry.name!r} ({entry.image}): {e}")

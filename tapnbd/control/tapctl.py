@@ -22,7 +22,7 @@ from typing import Any
 from tapnbd.control import tapdisk
 from tapnbd.control.attach import AttachError, cmdline, pid_alive, tail_of, wait_exit
 from tapnbd.control.auth import allowed, peer_uid
-from tapnbd.control.messages import Attachment
+from tapnbd.control.messages import Attachment, Trust
 
 #: Seconds for a tapdisk to open its image and listen.
 START_TIMEOUT = 30.0
@@ -69,6 +69,7 @@ def spawn(
     cache: str = "writeback",
     throwaway: bool = False,
     probed_raw: bool = False,
+    trust: Trust | None = None,
 ) -> tuple[subprocess.Popen[bytes], dict[str, Any]]:
     """Start a tapdisk in a session of its own and wait for its ready record."""
     with contextlib.suppress(FileNotFoundError):
@@ -92,6 +93,7 @@ def spawn(
         cmd.append("--throwaway")
     if probed_raw:
         cmd.append("--probed-raw")
+    cmd += tapdisk.trust_argv(trust or Trust())
     logpath = os.path.join(directory, "tapdisk.log")
     logfd = os.open(logpath, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
     try:

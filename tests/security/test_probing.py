@@ -261,6 +261,30 @@ async def test_probed_backing_may_not_name_a_backing_file(tmp_path: Path) -> Non
         server.stop()
 
 
+async def test_the_daemon_takes_the_chain_options(tap: Tapnbd) -> None:
+    """``export add`` and ``attach`` refuse the probed chain as the tools do, and take
+    the admin's -F and --allow-probed-backing-chain as the tools do; a device's data
+    path on the export opens the chain by the export's options."""
+    base = tap.base / "base.raw"
+    base.write_bytes(b"B" * MiB)
+    mid, top = tap.base / "mid.qcow", tap.base / "top.qcow"
+    await create_qcow(str(mid), backing=str(base), backing_format="raw")
+    await create_qcow(str(top), backing=str(mid), backing_format="qcow")
+    for cmd in (["export", "add"], ["attach", "--via", "socket"]):
+        err = tap.fails(*cmd, "-f", "qcow", str(top))
+        assert f"the format of {mid} was probed" in err, err
+    assert tap.list()["exports"] == [] and tap.list()["attachments"] == []
+    for extra in (["-F", "qcow"], ["--allow-probed-backing-chain"]):
+        out = tap.ok("export", "add", "-r", "-f", "qcow", *extra, str(top))
+        uri = next(u for u in out.split() if u.startswith("nbd+unix"))
+        qemu_io(uri, "read -P 0x42 0 1M", read_only=True)
+        tap.ok("attach", "top.qcow", "--via", "socket")
+        (att,) = tap.list()["attachments"]
+        qemu_io(f"nbd+unix:///top.qcow?socket={att['device']}", "read -P 0x42 0 1M", read_only=True)
+        tap.ok("detach", "top.qcow")
+        tap.ok("export", "remove", "top.qcow")
+
+
 def make_overlay(tmp: Path, backing: Path) -> Path:
     """An overlay whose backing file is a regular file now, replaced by ``backing`` after."""
     stand_in = tmp / "stand-in.raw"

@@ -12,6 +12,7 @@ names the admin gives on the command line are the admin's own and work as before
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -180,13 +181,40 @@ def test_nbd_backing_name_is_refused_and_never_connected(
 
 
 def test_nbd_backing_name_through_the_daemon(upstream: Upstream, tap: Tapnbd) -> None:
-    """The daemon takes no trust options: export add refuses the header's NBD URI."""
+    """``export add`` and ``attach`` refuse the header's NBD URI as the tools do, and
+    take the admin's --allow-remote-backing as the tools do. The option is kept with
+    the export: a restarted daemon restores it by the same rules, and a device's data
+    path (its own process) opens the chain by them, whether it is attached to the
+    export or to the image anew."""
     evil = evil_qcow2(tap.base, upstream.uri)
     before = upstream.connections()
-    err = tap.fails("export", "add", "-f", "qcow2", str(evil))
-    assert upstream.uri in err and OPTION in err, err
+    for cmd in (["export", "add"], ["attach", "--via", "socket"]):
+        err = tap.fails(*cmd, "-f", "qcow2", str(evil))
+        assert upstream.uri in err and OPTION in err, err
     assert upstream.connections() == before
-    assert tap.list()["exports"] == []
+    assert tap.list()["exports"] == [] and tap.list()["attachments"] == []
+
+    # A device of its own: its data path follows the URI because the admin said so.
+    tap.ok("attach", "--via", "socket", "-f", "qcow2", OPTION, str(evil))
+    (att,) = tap.list()["attachments"]
+    qemu_io(f"nbd+unix:///{att['export']}?socket={att['device']}", f"read -P {PATTERN} 0 1M")
+    tap.ok("detach", str(evil))
+
+    out = tap.ok("export", "add", "-r", "-f", "qcow2", OPTION, str(evil), "--name", "evil")
+    uri = next(u for u in out.split() if u.startswith("nbd+unix"))
+    qemu_io(uri, f"read -P {PATTERN} 0 1M", read_only=True)
+    (rec,) = json.loads((tap.state / "state.json").read_text())["exports"]
+    assert rec["trust"]["allow_remote_backing"], rec
+    (listed,) = tap.list()["exports"]
+    assert listed["trust"] == rec["trust"], listed
+    assert tap.run("daemon", "stop").returncode == 0
+    assert "restored export 'evil'" in tap.run("list").stderr, tap.log_tail()
+    qemu_io(uri, f"read -P {PATTERN} 0 1M", read_only=True)
+    # A device on the export opens the chain as the export does.
+    tap.ok("attach", "evil", "--via", "socket")
+    (att,) = tap.list()["attachments"]
+    qemu_io(f"nbd+unix:///evil?socket={att['device']}", f"read -P {PATTERN} 0 1M", read_only=True)
+    tap.ok("detach", "evil")
 
 
 @pytest.mark.parametrize(
@@ -314,7 +342,14 @@ def test_names_the_admin_gives_are_the_admins(upstream: Upstream, tmp_path: Path
             str(dst),
         ]
     )
-    for image, fmt in ((o1, "qcow"), (o2, "qcow2"), (dst, "qcow2")):
+    # Without -F: an NBD export is never probed; it is raw over QEMU's nbd protocol,
+    # which qemu-img then reads through.
+    o3 = tmp_path / "no-f.qcow2"
+    run(tapnbd_cmd("create", "-f", "qcow2", "-b", upstream.uri, str(o3)))
+    info = json.loads(run(["qemu-img", "info", "-U", "--output=json", str(o3)]).stdout)
+    assert info["backing-filename-format"] == "raw", info
+    qemu_io(o3, f"read -P {PATTERN} 0 1M", fmt="qcow2")
+    for image, fmt in ((o1, "qcow"), (o2, "qcow2"), (dst, "qcow2"), (o3, "qcow2")):
         assert_refused(run(tapnbd_cmd("info", "-f", fmt, str(image)), check=False), OPTION)
         run(tapnbd_cmd("info", "-f", fmt, OPTION, str(image)))
     run(["qemu-img", "compare", "-f", "raw", "-F", "qcow2", str(src), str(dst)])
