@@ -58,10 +58,16 @@ async def _check(child: RawDriver, res: CheckResult) -> None:
     g, fsize = meta.geometry, meta.file_size
     cs = res.cluster_size = g.cluster_size
     if meta.backing_name is not None:
+        from formats import is_local_path
         from formats.engine.opening import resolve_backing
 
-        # Opening the image opens its backing file; one that is not there fails it.
-        if not os.path.exists(resolve_backing(res.filename, meta.backing_name)):
+        where = resolve_backing(res.filename, meta.backing_name)
+        if not is_local_path(where):
+            # An NBD export or an rbd: image: not a file to look for, and a header's
+            # name is not followed to a server here (README, "Security model").
+            res.notes.append(f"backing file {meta.backing_name[:256]!r} is not a local file")
+        elif not os.path.exists(where):
+            # Opening the image opens its backing file; one that is not there fails it.
             res.check_errors.append(f"backing file {meta.backing_name[:256]!r} does not exist")
     res.image_end_offset = fsize
     if meta.ext_applies:

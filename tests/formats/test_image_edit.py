@@ -574,6 +574,26 @@ def test_repair_qcow_frees_leaked_clusters(tmp_path: Path) -> None:
     tapnbd("check", image)
 
 
+def test_repair_qcow_with_a_backing_name_that_is_no_file(tmp_path: Path) -> None:
+    """An NBD URI as the backing name is not a missing file: check says so and goes on,
+    and --repair frees the leaks on the image alone, never reaching for the server
+    (nothing listens there)."""
+    image = tmp_path / "r.qcow"
+    uri = f"nbd+unix:///?socket={tmp_path / 'none.sock'}"
+    tapnbd("create", "-u", "-b", uri, "-F", "raw", "-s", "8M", "--cluster-size", "4K", image)
+    header = image.read_bytes()
+    with open(image, "ab") as f:  # clusters the file grew by, never referenced
+        f.write(b"\x01" * 2 * 4096)
+    out = json.loads(tapnbd("check", "--json", image, check=False).stdout)
+    assert (out["exit-code"], out["leaks"], out["check-errors"]) == (3, 2, 0), out
+    assert f"backing file {uri!r} is not a local file" in out["messages"], out
+    proc = tapnbd("check", "--repair", image)
+    assert "repaired: 2 leaked clusters freed" in proc.stdout, proc.stdout
+    out = json.loads(tapnbd("check", "--json", image).stdout)
+    assert (out["exit-code"], out["leaks"]) == (0, 0), out
+    assert image.read_bytes() == header
+
+
 def test_repair_qcow2_after_kill9_agrees_with_qemu_img(tmp_path: Path) -> None:
     image = tmp_path / "k.qcow2"
     tapnbd("create", "-f", "qcow2", image, "-s", "64M")
