@@ -255,7 +255,7 @@ class Qcow2Driver(ImageDriver["Qcow2Meta"]):
                 host = e & OFFSET_MASK
                 if host and (host % cs != 0 or host < cs or host + cs > limit):
                     mark = _BAD
-                elif host >> cb in on_meta:
+                elif host and host >> cb in on_meta:  # (0: a hole or a zero cluster)
                     mark = _ON_META
             if mark == _ON_META:
                 log.error(
