@@ -79,7 +79,6 @@ from formats.qcow2.layout import (
     compressed_span,
 )
 from formats.qcow2.live_bitmaps import LiveBitmaps
-from formats.qcow2.meta import metadata_clusters
 from formats.qcow2.refcount import decode_block, encode_block, entries_per_block, max_refcount
 from formats.raw import RawDriver
 from tapnbd.driver import BlockSize, Driver, Extent, ExtentFlags
@@ -178,10 +177,12 @@ class Qcow2Driver(ImageDriver["Qcow2Meta"]):
         #: this driver changed it since (``_touched``).
         self._open_end = self._end
         self._touched: set[int] = set()
-        #: Host clusters (indices) of the metadata at open (meta.metadata_clusters), on
-        #: a writable open; an L2 entry whose data lies there is refused (``_read_l2``).
-        #: The bitmaps kept up to date add their clusters of bits (live_bitmaps).
-        self._metadata: set[int] = set() if read_only else metadata_clusters(meta)
+        #: Host clusters (indices) of the metadata at open (meta.claim_metadata), on a
+        #: writable open; an L2 entry whose data lies there is refused (``_read_l2``).
+        #: The bitmaps kept up to date add their clusters of bits (live_bitmaps). New
+        #: metadata is only ever appended (``_reserve``), never in a freed cluster that
+        #: another entry of a hostile image may still name.
+        self._metadata = meta.metadata
         #: Guest clusters whose allocation is in flight.
         self._pending: dict[int, asyncio.Future[None]] = {}
         #: Host clusters that lost a reference, (first cluster index, count): decremented
@@ -532,9 +533,9 @@ class Qcow2Driver(ImageDriver["Qcow2Meta"]):
 
     def _reserve(self, n: int, allocate: bool = False) -> int:
         """Claim ``n`` bytes (whole clusters) at the end of the file (``allocate``: with
-        fallocate, else as a hole)."""
-        if n == self._cs and not allocate and self._reusable:
-            return self._reusable.pop(0) << self._cb
+        fallocate, else as a hole). Metadata comes from here only: a freed cluster may
+        still be named by another entry of a hostile image (two entries, refcount 1),
+        and a table put there would be rewritten by the guest's writes through it."""
         if self._grow is None:
             raise OSError(errno.ENOSPC, "the image file cannot grow")
         host = self._end
@@ -731,7 +732,7 @@ class Qcow2Driver(ImageDriver["Qcow2Meta"]):
             used = self._zpos & (cs - 1)
             fresh = not used or cs - used < len(packed)
             if fresh:
-                self._zpos = self._reserve(cs)
+                self._zpos = self._reserve_run(1)
             off = self._zpos
             self._zpos += len(packed)
             if fresh:

@@ -39,7 +39,6 @@ from formats.qcow2.bitmaps import (
     read_table,
     set_granules,
 )
-from formats.qcow2.meta import metadata_clusters
 from tapnbd.driver import Extent, ExtentFlags
 from tapnbd.errors import InvalidImageError, UnsupportedImageError
 
@@ -65,18 +64,11 @@ class LiveBitmap:
     bits: bytearray
 
 
-def _claim(
-    bm: Bitmap, table: array[int], cs: int, others: set[int], metadata: set[int], claimed: set[int]
-) -> None:
-    """Refuse a bitmap kept up to date whose table or clusters of bits lie on the
-    image's other metadata (``others``: no bitmap's; ``metadata``: every table at open)
-    or on another such bitmap's (``claimed``, which gets this one's clusters of bits)."""
-    first, last = bm.table_offset // cs, (bm.table_offset + bm.table_size * 8 - 1) // cs
-    if bm.table_size and not others.isdisjoint(range(first, last + 1)):
-        raise InvalidImageError(
-            f"bitmap {bm.name!r}: bitmap_table_offset 0x{bm.table_offset:x} lies on the "
-            "image's other metadata"
-        )
+def _claim(bm: Bitmap, table: array[int], cs: int, metadata: set[int], claimed: set[int]) -> None:
+    """Refuse a bitmap kept up to date whose clusters of bits lie on the image's metadata
+    (``metadata``, every table at open, bitmap tables included: claim_metadata already
+    refused tables that share a cluster) or on another such bitmap's (``claimed``, which
+    gets this one's clusters of bits)."""
     for i, e in enumerate(table):
         off = e & TE_OFFSET
         if not off:
@@ -110,9 +102,8 @@ class LiveBitmaps:
             return
         at = ext.directory_offset
         total = 0
-        # Their clusters are rewritten at close: never over the image's other metadata,
-        # nor over each other's (nor, below, under the guest's data: the driver's set).
-        others = metadata_clusters(meta, bitmaps=False)
+        # Their clusters are rewritten at close: never over the image's metadata, nor
+        # over each other's (nor, below, under the guest's data: the driver's set).
         claimed: set[int] = set()
         for bm in meta.bitmaps:
             entry_at, at = at, at + len(bm.entry())
@@ -125,7 +116,7 @@ class LiveBitmaps:
                     "to be kept up to date; disable or remove some (tapnbd bitmap)"
                 )
             table = await read_table(d.child, bm, cs, meta.file_size)
-            _claim(bm, table, cs, others, d._metadata, claimed)
+            _claim(bm, table, cs, d._metadata, claimed)
             bits = await read_bits(d.child, bm, d.size(), cs, meta.file_size, table)
             self.tracked.append(LiveBitmap(bm, entry_at, table, bits))
         d._metadata |= claimed

@@ -74,6 +74,9 @@ class Qcow2Meta:
     bitmaps: list[Bitmap] = field(default_factory=list)
     #: (offset, length) of an encrypted image's crypto header (LUKS), in its clusters.
     crypto_area: tuple[int, int] | None = None
+    #: On a writable open, the host clusters (indices) of the metadata above
+    #: (``claim_metadata``), to which the driver adds the live bitmaps' bits.
+    metadata: set[int] = field(default_factory=set)
 
     @property
     def cluster_bits(self) -> int:
@@ -164,6 +167,7 @@ def check_features(meta: Qcow2Meta, read_only: bool, *, encrypted_ok: bool = Fal
         raise UnsupportedImageError("header extension 'external data file' is not supported")
     if not read_only:
         check_refcount_blocks(meta)
+        meta.metadata = claim_metadata(meta)
 
 
 def refcount_block_problem(meta: Qcow2Meta, boff: int) -> str:
@@ -196,35 +200,76 @@ def check_refcount_blocks(meta: Qcow2Meta) -> None:
             raise InvalidImageError(f"refcount table entry {i} (0x{e:x}) {why}")
 
 
-def metadata_clusters(meta: Qcow2Meta, *, bitmaps: bool = True) -> set[int]:
-    """The host clusters (indices) that hold the image's own metadata as read at open:
-    the header cluster, the L1 and refcount tables, the refcount blocks, the L2 tables
-    the L1 table names, the snapshot table and each snapshot's L1 table, the bitmap
-    directory and each bitmap's table (unless not ``bitmaps``), and a LUKS header. A writer lets no guest data
-    land there (qemu's overlap check, in its default "cached" mode, which does not read
-    the snapshots' L2 tables either)."""
-    h, cb = meta.header, meta.cluster_bits
-    out = {0}
+def metadata_areas(meta: Qcow2Meta) -> Iterator[tuple[str, int, int, int]]:
+    """(what, entry, offset, length) of each piece of the image's own metadata as read
+    at open: the header cluster, the L1 and refcount tables, the refcount blocks, each
+    L2 table the L1 table names (once), the snapshot table and each snapshot's L1
+    table, the bitmap directory and each bitmap's table, and a LUKS header. ``what``
+    names it with ``.format(entry)`` (a string per piece only when one is shown: an
+    image may have millions of L2 tables). Lengths are clipped to the file."""
+    h, cs, size = meta.header, meta.cluster_size, meta.file_size
 
-    def area(off: int, n: int) -> None:
+    def areas() -> Iterator[tuple[str, int, int, int]]:
+        yield "the header", 0, 0, cs
+        yield "the L1 table", 0, h.l1_table_offset, h.l1_size * 8
+        yield "the refcount table", 0, h.refcount_table_offset, h.refcount_table_clusters * cs
+        for i, e in enumerate(meta.reftable):
+            if e & OFFSET_MASK:
+                yield "refcount table entry {}'s refcount block", i, e & OFFSET_MASK, cs
+        # Two L1 entries may name one L2 table: the guest's own aliasing, not a collision.
+        first: dict[int, int] = {}
+        for i, e in enumerate(meta.l1):
+            if e & OFFSET_MASK:
+                first.setdefault(e & OFFSET_MASK, i)
+        for off, i in first.items():
+            yield "L1 entry {}'s L2 table", i, off, cs
+        if meta.snapshots:
+            yield "the snapshot table", 0, h.snapshots_offset, meta.snapshots_size
+        for i, snap in enumerate(meta.snapshots):
+            name = _literal(repr(snap.name))
+            yield f"snapshot {name}'s L1 table", i, snap.l1_table_offset, snap.l1_size * 8
+        if meta.bitmaps_ext is not None:
+            ext = meta.bitmaps_ext
+            yield "the bitmap directory", 0, ext.directory_offset, ext.directory_size
+        for i, bm in enumerate(meta.bitmaps):
+            yield f"bitmap {_literal(repr(bm.name))}'s table", i, bm.table_offset, bm.table_size * 8
+        if meta.crypto_area is not None:
+            yield "the LUKS header", 0, *meta.crypto_area
+
+    for what, entry, off, n in areas():
+        n = min(n, size - off)
         if n > 0:
-            out.update(range(off >> cb, ((off + n - 1) >> cb) + 1))
+            yield what, entry, off, n
 
-    area(h.l1_table_offset, h.l1_size * 8)
-    area(h.refcount_table_offset, h.refcount_table_clusters << cb)
-    out.update((e & OFFSET_MASK) >> cb for e in meta.reftable if e & OFFSET_MASK)
-    out.update((e & OFFSET_MASK) >> cb for e in meta.l1 if e & OFFSET_MASK)
-    if meta.snapshots:
-        area(h.snapshots_offset, meta.snapshots_size)
-    for snap in meta.snapshots:
-        area(snap.l1_table_offset, snap.l1_size * 8)
-    if bitmaps and meta.bitmaps_ext is not None:
-        area(meta.bitmaps_ext.directory_offset, meta.bitmaps_ext.directory_size)
-    for bm in meta.bitmaps if bitmaps else ():
-        area(bm.table_offset, bm.table_size * 8)
-    if meta.crypto_area is not None:
-        area(*meta.crypto_area)
-    return out
+
+def _literal(text: str) -> str:
+    """``text`` inside a ``str.format`` template (a name from the image may hold braces)."""
+    return text.replace("{", "{{").replace("}", "}}")
+
+
+def claim_metadata(meta: Qcow2Meta) -> set[int]:
+    """The host clusters (indices) of the image's metadata (``metadata_areas``), each
+    checked to hold one piece only: a writer lets no guest data land there, and refuses
+    an image whose tables share a cluster, naming both (a write to one would rewrite
+    the other: an L2 table on a refcount block turns guest allocations into refcounts).
+    qemu refuses the same writes with its overlap check, in its default "cached" mode,
+    which does not read the snapshots' L2 tables either. Each cluster is taken once and a
+    second claim stops the walk, so the work is bounded by the file's clusters."""
+    cb = meta.cluster_bits
+    owner: dict[int, int] = {}  # cluster -> which piece (its place in the walk)
+    pieces: list[tuple[str, int]] = []
+    for what, entry, off, n in metadata_areas(meta):
+        piece = len(pieces)
+        pieces.append((what, entry))
+        for c in range(off >> cb, ((off + n - 1) >> cb) + 1):
+            other = owner.setdefault(c, piece)
+            if other != piece:
+                theirs, their_entry = pieces[other]
+                raise InvalidImageError(
+                    f"{what.format(entry)} and {theirs.format(their_entry)} share the "
+                    f"cluster at 0x{c << cb:x}: a write to one would rewrite the other"
+                )
+    return set(owner)
 
 
 async def read_meta(child: Driver, bad_l1: list[str] | None = None) -> Qcow2Meta:

@@ -14,23 +14,24 @@ no byte of the file changes. qemu-io plays the guest through ``tapnbd serve``.
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 from pathlib import Path
 
 import pytest
 
 from formats import open_image
-from formats.qcow2.meta import read_meta
+from formats.qcow2.meta import Qcow2Meta, read_meta
 from tests.helpers import qemu_io, run, start_server
 
 CS = 65536
 COPIED = 1 << 63
 
 
-def _qcow2(tmp: Path, *extra: str) -> Path:
+def _qcow2(tmp: Path, *extra: str, size: str = "64M") -> Path:
     img = tmp / "o.qcow2"
     subprocess.run(
-        ["qemu-img", "create", "-q", "-f", "qcow2", "-o", f"cluster_size={CS}", img, "64M"],
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-o", f"cluster_size={CS}", img, size],
         check=True,
     )
     for cmd in extra:
@@ -127,20 +128,111 @@ def test_a_bitmap_whose_bits_lie_on_the_tables_is_refused(tmp_path: Path) -> Non
 
     at = asyncio.run(table_offset())
     before = _patch(img, at, _offsets(img)["l1"])
+    error = _refused_for_writing(img, tmp_path, before, "read -P 0x11 0 64k")
+    assert "bitmap 'b0': table entry 0" in error, error
+    assert "points at the image's metadata" in error, error
+
+
+def _refused_for_writing(img: Path, tmp: Path, before: bytes, *reads: str) -> str:
+    """The error a writable serve of ``img`` fails with; a read-only serve then does
+    ``reads``, and the file stays ``before``."""
     try:
-        server = start_server([str(img), "--format", "qcow2"], tmp_path / "serve.log")
+        server = start_server([str(img), "--format", "qcow2"], tmp / "serve.log")
     except AssertionError as e:
-        assert "bitmap 'b0': table entry 0" in str(e), e
-        assert "points at the image's metadata" in str(e), e
-        assert "Traceback" not in str(e)
+        error = str(e)
     else:
         server.stop()
-        pytest.fail("a writable open with that bitmap was allowed")
+        pytest.fail("a writable open was allowed")
+    assert "Traceback" not in error, error
     assert img.read_bytes() == before
-    server = start_server([str(img), "--format", "qcow2", "-r"], tmp_path / "ro.log")
+    server = start_server([str(img), "--format", "qcow2", "-r"], tmp / "ro.log")
     try:
-        got = run(["qemu-io", "-r", "-f", "raw", "-c", "read -P 0x11 0 64k", server.uri])
-        assert "Pattern verification failed" not in got.stdout, got.stdout
+        qemu_io(server.uri, *reads, read_only=True)
     finally:
         server.stop()
     assert img.read_bytes() == before
+    return error
+
+
+def _meta(img: Path) -> Qcow2Meta:
+    async def go() -> Qcow2Meta:
+        d = await open_image(str(img), fmt="raw", read_only=True)
+        try:
+            return await read_meta(d)
+        finally:
+            await d.close()
+
+    return asyncio.run(go())
+
+
+#: Where L1 entry 1 (guest 512M-1G, unallocated) is pointed, by the name the refusal
+#: gives that table.
+SHARED = [
+    "refcount table entry 0's refcount block",
+    "the snapshot table",
+    "snapshot 's1''s L1 table",
+    "the bitmap directory",
+    "bitmap 'b{0}''s table",  # (braces: a name from the image is no template)
+]
+
+
+def _offset_of(meta: Qcow2Meta, name: str) -> int:
+    ext = meta.bitmaps_ext
+    assert ext is not None
+    return {
+        SHARED[0]: meta.reftable[0],
+        SHARED[1]: meta.header.snapshots_offset,
+        SHARED[2]: meta.snapshots[0].l1_table_offset,
+        SHARED[3]: ext.directory_offset,
+        SHARED[4]: meta.bitmaps[0].table_offset,
+    }[name]
+
+
+@pytest.mark.parametrize("name", SHARED)
+def test_an_l2_table_on_other_metadata_is_refused_for_writing(tmp_path: Path, name: str) -> None:
+    """An L1 entry whose L2 table is another table's cluster: the guest's allocations
+    there would write mapping entries into it (and its updates would rewrite the
+    mapping). A writable open is refused naming both; read-only opens, and the rest
+    of the image reads."""
+    img = _qcow2(
+        tmp_path,
+        "qemu-img snapshot -c s1 IMG",
+        "qemu-img bitmap --add IMG b{0}",
+        "qemu-img bitmap --disable IMG b{0}",
+        size="1G",
+    )
+    # A cluster past the tables: the directory ends the file, and an L2 table there
+    # would otherwise be refused as running past its end.
+    os.truncate(img, img.stat().st_size + CS)
+    meta = _meta(img)
+    before = _patch(img, meta.header.l1_table_offset + 8, _offset_of(meta, name) | COPIED)
+    error = _refused_for_writing(img, tmp_path, before, "read -P 0x11 0 64k", "read -P 0x22 1M 64k")
+    message = error.split(f"{img}: ", 1)[-1]
+    assert message.endswith("a write to one would rewrite the other\n"), error
+    assert {"L1 entry 1's L2 table", name} == set(message.split(" share ")[0].split(" and "))
+
+
+def test_a_freed_cluster_two_entries_name_never_holds_a_table(tmp_path: Path) -> None:
+    """A hostile image names one data cluster X from two L2 entries (refcount 1). The
+    guest discards one: X's refcount drops to 0 and X is free for reuse. A new L2 table
+    put there would be rewritten by the guest's writes through the other entry; new
+    tables are only ever appended, so the guest rewrites no more than its own data."""
+    img = _qcow2(tmp_path, size="2G")
+    l2 = _offsets(img)["l2"]
+    x = int.from_bytes(img.read_bytes()[l2 : l2 + 8], "big") & ((1 << 56) - 512)
+    _patch(img, l2 + 8, x | COPIED)  # guest 64k names guest 0's cluster too
+    server = start_server([str(img), "--format", "qcow2"], tmp_path / "serve.log")
+    try:
+        qemu_io(server.uri, "discard 0 64k", "flush")  # X is freed
+        # Guest 1G needs a new L2 table (and a data cluster), then guest 64k writes X.
+        qemu_io(server.uri, "write -P 0x33 1G 64k", "flush", "write -P 0x44 64k 64k", "flush")
+    finally:
+        server.stop()
+    data = img.read_bytes()
+    l1 = int.from_bytes(data[40:48], "big")
+    table = int.from_bytes(data[l1 + 16 : l1 + 24], "big") & ((1 << 56) - 512)
+    assert table and table != x, (hex(table), hex(x))
+    # The tables read as they were written: qemu finds every mapping sound.
+    out = run(["qemu-io", "-r", "-f", "qcow2", "-c", "read 1G 64k", "-c", "read 0 64k", str(img)])
+    assert "error" not in out.stdout.lower(), out.stdout
+    qemu_io(img, "read -P 0x44 64k 64k", "read -P 0 0 64k", "read -P 0x22 1M 64k", fmt="qcow2")
