@@ -72,23 +72,6 @@ ShareOpt = Annotated[
 ]
 
 
-def daemon_trust(
-    backing_format: str | None,
-    allow_probed_chain: bool,
-    allow_block_devices: bool,
-    allow_remote_backing: bool,
-) -> Trust:
-    """The same options as the daemon carries them (``export add``, ``attach``)."""
-    from tapnbd.control.messages import Trust
-
-    return Trust(
-        backing_format=backing_format,
-        allow_probed_chain=allow_probed_chain,
-        allow_block_devices=allow_block_devices,
-        allow_remote_backing=allow_remote_backing,
-    )
-
-
 def open_rules(
     backing_format: str | None = None,
     allow_probed_chain: bool = False,
@@ -107,3 +90,21 @@ def open_rules(
         allow_remote_backing=allow_remote_backing,
         share=share,
     )
+
+
+def daemon_trust(
+    backing_format: str | None,
+    allow_probed_chain: bool,
+    allow_block_devices: bool,
+    allow_remote_backing: bool,
+) -> Trust:
+    """The same options as the daemon keeps them (``export add``, ``attach``)."""
+    from tapnbd.control.messages import Trust
+
+    rules = open_rules(
+        backing_format,
+        allow_probed_chain,
+        allow_block_devices,
+        allow_remote_backing=allow_remote_backing,
+    )
+    return Trust.of(rules)

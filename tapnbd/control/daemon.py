@@ -65,7 +65,6 @@ from tapnbd.control.messages import (
     StatsRequest,
     StatusReply,
     StatusRequest,
-    Trust,
 )
 from tapnbd.control.metrics import MetricsServer, check_address, prometheus_text, split_host_port
 from tapnbd.control.state import StateDir
@@ -416,13 +415,13 @@ class Daemon:
                         f"overlay (-s) would not show what the export shows; attach it "
                         f"without -s, or `tapnbd export remove {name}` first"
                     )
-                fmt = self.exports.formats.get(existing.name, fmt)
-                probed_raw = existing.name in self.exports.probed_raw
+                kept = self.exports.kept[existing.name]
+                fmt, probed_raw = kept.format, kept.probed_raw
                 # The device opens the chain as the export did.
-                trust = self.exports.trust.get(existing.name, Trust())
+                trust = kept.trust
                 cache = existing.cache
                 # The device shows what the export shows.
-                snapshot = self.exports.snapshots.get(existing.name)
+                snapshot = kept.snapshot
                 if snapshot is not None:
                     read_only = True
                 if existing.backend.read_only and not read_only:

@@ -11,9 +11,10 @@ import asyncio
 import itertools
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any, cast
 
-from formats import OpenRules, is_local_path
+from formats import is_local_path
 from formats.filters.cachemode import open_for_cache
 from formats.filters.discard import check_modes, with_modes
 from formats.filters.window import from_offset
@@ -47,19 +48,6 @@ def check_name(name: str) -> str:
     return name
 
 
-def open_rules(trust: Trust, *, share: bool, guard_raw: bool) -> OpenRules:
-    """The rules an export or a device's data path opens its image by: the admin's
-    trust options (``export add``/``attach``), the share, the probed-raw guard."""
-    return OpenRules(
-        backing_format=trust.backing_format,
-        allow_probed_backing=trust.allow_probed_chain,
-        allow_block_devices=trust.allow_block_devices,
-        allow_remote_backing=trust.allow_remote_backing,
-        share=share,
-        guard_raw=guard_raw,
-    )
-
-
 def export_stats(
     name: str, image: str, fmt: str, snap: dict[str, Any], enabled: bool
 ) -> ExportStats:
@@ -77,23 +65,31 @@ def export_stats(
     )
 
 
+@dataclass(slots=True)
+class Kept:
+    """What the daemon keeps about an export beside the server's Export: who made it and
+    how it was opened, so that a restore and a device's data path open it the same way."""
+
+    origin: str  # "export" | "attach"
+    #: The format opened, never "auto": a restore or a device does not probe again.
+    format: str
+    snapshot: str | None = None  # the qcow2 snapshot served
+    bitmaps: list[str] = field(default_factory=list)  # dirty bitmaps offered
+    #: The image was probed as raw: recorded as "raw", still guarded as a probed raw
+    #: image (formats.guard), here and in a device's data path.
+    probed_raw: bool = False
+    #: The admin's trust options it was added with.
+    trust: Trust = field(default_factory=Trust)
+
+
 class Exports:
-    """The registry of the daemon's exports, with who made each and its format."""
+    """The registry of the daemon's exports, with what it keeps about each (``Kept``)."""
 
     def __init__(self, server: NBDServer, registry: ExportRegistry, stats: bool) -> None:
         self.server = server
         self.registry = registry
         self.stats_enabled = stats
-        self.origin: dict[str, str] = {}  # export name -> "export" | "attach"
-        self.formats: dict[str, str] = {}  # export name -> format asked for
-        self.snapshots: dict[str, str] = {}  # export name -> qcow2 snapshot served
-        self.bitmaps: dict[str, list[str]] = {}  # export name -> dirty bitmaps offered
-        #: Exports whose image was probed as raw: recorded as "raw" (never probed again),
-        #: still guarded as a probed raw image (formats.guard), here and in a device's
-        #: data path.
-        self.probed_raw: set[str] = set()
-        #: The admin's trust options each export was added with (none: the defaults).
-        self.trust: dict[str, Trust] = {}
+        self.kept: dict[str, Kept] = {}  # by export name
         #: Whether NBD clients may see image paths in descriptions (``--expose-paths``).
         self.expose_paths = False
 
@@ -138,7 +134,7 @@ class Exports:
             cache,
             fmt=fmt,
             read_only=read_only,
-            rules=open_rules(trust, share=share, guard_raw=probed_raw),
+            rules=trust.rules(share=share, guard_raw=probed_raw),
             snapshot=snapshot,
             throwaway=throwaway,
         )
@@ -166,16 +162,14 @@ class Exports:
         except BaseException:
             await driver.close()
             raise
-        self.origin[name] = origin
-        self.formats[name] = export.format  # what was opened, never "auto": no re-probe
-        if export.format == "raw" and (fmt == "auto" or probed_raw):
-            self.probed_raw.add(name)
-        if trust != Trust():
-            self.trust[name] = trust
-        if snapshot is not None:
-            self.snapshots[name] = snapshot
-        if bitmaps:
-            self.bitmaps[name] = list(bitmaps)
+        self.kept[name] = Kept(
+            origin,
+            export.format,
+            snapshot,
+            list(bitmaps or ()),
+            probed_raw=export.format == "raw" and (fmt == "auto" or probed_raw),
+            trust=trust,
+        )
         return export
 
     async def remove(self, export: Export) -> bool:
@@ -190,12 +184,7 @@ class Exports:
             )
             for task in pending:
                 task.cancel()
-        self.origin.pop(export.name, None)
-        self.formats.pop(export.name, None)
-        self.probed_raw.discard(export.name)
-        self.trust.pop(export.name, None)
-        self.snapshots.pop(export.name, None)
-        self.bitmaps.pop(export.name, None)
+        self.kept.pop(export.name, None)
         return await export.backend.close_within(export.name)
 
     def attach_target(self, req: AttachRequest, taken: set[str]) -> tuple[Export | None, str, str]:
@@ -258,19 +247,18 @@ class Exports:
         tls = self.server.tls_mode is TLSMode.REQUIRE
         return [ep.uri(export.name, tls=tls) for ep in self.server.endpoints]
 
-    def record(self, export: Export, devices: list[str]) -> ExportRecord:
-        return ExportRecord(
+    def record(self, export: Export, devices: list[str] | None = None) -> ExportRecord:
+        """The export as the state file keeps it (how to open it again); with
+        ``devices``, as ``list`` shows it, with its size, clients and URIs too."""
+        k = self.kept[export.name]
+        rec = ExportRecord(
             name=export.name,
             image=export.image,
-            format=export.format,
-            size=export.backend.size,
+            format=k.format,
             read_only=export.backend.read_only,
-            clients=len(self.clients(export)),
-            devices=devices,
-            uris=self.uris(export),
-            origin=cast("Any", self.origin.get(export.name, "export")),
-            snapshot=self.snapshots.get(export.name),
-            bitmaps=self.bitmaps.get(export.name, []),
+            origin=cast("Any", k.origin),
+            snapshot=k.snapshot,
+            bitmaps=list(k.bitmaps),
             allocation_depth=export.allocation_depth,
             discard=export.discard,
             detect_zeroes=export.detect_zeroes,
@@ -278,9 +266,15 @@ class Exports:
             offset=export.offset,
             share=export.share,
             throwaway=export.throwaway,
-            probed_raw=export.name in self.probed_raw,
-            trust=self.trust.get(export.name, Trust()),
+            probed_raw=k.probed_raw,
+            trust=k.trust,
         )
+        if devices is not None:
+            rec.size = export.backend.size
+            rec.clients = len(self.clients(export))
+            rec.devices = devices
+            rec.uris = self.uris(export)
+        return rec
 
     def stats(self, export: Export) -> ExportStats:
         stats = export.backend.stats

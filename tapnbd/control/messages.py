@@ -23,11 +23,14 @@ raises it as a ``TapnbdError``.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal, TypeVar, Union
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar, Union
 
 import msgspec
 
 from tapnbd.errors import TapnbdError
+
+if TYPE_CHECKING:
+    from formats import OpenRules
 
 #: The longest line either side accepts (a list of many exports fits easily).
 MAX_LINE = 1 << 20
@@ -64,6 +67,30 @@ class Trust(Record, kw_only=True):
     allow_probed_chain: bool = False
     allow_block_devices: bool = False
     allow_remote_backing: bool = False
+
+    @classmethod
+    def of(cls, rules: OpenRules) -> Trust:
+        """The admin's part of ``rules`` (the CLI's options), to send and keep."""
+        return cls(
+            backing_format=rules.backing_format,
+            allow_probed_chain=rules.allow_probed_backing,
+            allow_block_devices=rules.allow_block_devices,
+            allow_remote_backing=rules.allow_remote_backing,
+        )
+
+    def rules(self, *, share: bool, guard_raw: bool) -> OpenRules:
+        """The rules an export or a device's data path opens its image by: these
+        options, the share, the probed-raw guard."""
+        from formats import OpenRules
+
+        return OpenRules(
+            backing_format=self.backing_format,
+            allow_probed_backing=self.allow_probed_chain,
+            allow_block_devices=self.allow_block_devices,
+            allow_remote_backing=self.allow_remote_backing,
+            share=share,
+            guard_raw=guard_raw,
+        )
 
 
 class Attachment(Record, kw_only=True):

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, cast
 
 from tapnbd.control.exports import Exports
-from tapnbd.control.messages import Attachment, ExportRecord, Trust
+from tapnbd.control.messages import Attachment
 from tapnbd.control.state import State, StateDir
 from tapnbd.errors import TapnbdError
 
@@ -14,30 +13,7 @@ log = logging.getLogger("tapnbd.control")
 
 
 def snapshot(exports: Exports, attachments: list[Attachment]) -> State:
-    return State(
-        exports=[
-            ExportRecord(
-                name=e.name,
-                image=e.image,
-                format=exports.formats.get(e.name, "auto"),
-                read_only=e.backend.read_only,
-                origin=cast("Any", exports.origin.get(e.name, "export")),
-                snapshot=exports.snapshots.get(e.name),
-                bitmaps=exports.bitmaps.get(e.name, []),
-                allocation_depth=e.allocation_depth,
-                discard=e.discard,
-                detect_zeroes=e.detect_zeroes,
-                cache=e.cache,
-                offset=e.offset,
-                share=e.share,
-                throwaway=e.throwaway,
-                probed_raw=e.name in exports.probed_raw,
-                trust=exports.trust.get(e.name, Trust()),
-            )
-            for e in exports
-        ],
-        attachments=list(attachments),
-    )
+    return State(exports=[exports.record(e) for e in exports], attachments=list(attachments))
 
 
 def save(state_dir: StateDir, exports: Exports, attachments: list[Attachment]) -> None:

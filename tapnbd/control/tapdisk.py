@@ -39,12 +39,13 @@ import signal
 import sys
 from typing import Any
 
+import msgspec
+
 from formats.filters.cachemode import CACHE_MODES, open_for_cache
 from formats.imagemap import described, overlay_wanted
 from tapnbd import runtime, safefs
 from tapnbd.backend import Backend
 from tapnbd.control.auth import allowed, peer_uid
-from tapnbd.control.exports import open_rules
 from tapnbd.control.messages import Trust
 from tapnbd.errors import TapnbdError
 from tapnbd.server.exports import Export, ExportRegistry
@@ -89,7 +90,7 @@ class Tapdisk:
             a.cache,
             fmt=a.format,
             read_only=a.read_only,
-            rules=open_rules(trust_of(a), share=a.share, guard_raw=a.probed_raw),
+            rules=a.trust.rules(share=a.share, guard_raw=a.probed_raw),
             snapshot=a.snapshot,
             # The overlay is this process's: it goes when the data path exits.
             throwaway=overlay,
@@ -228,25 +229,16 @@ async def run(args: argparse.Namespace) -> int:
 
 
 def trust_argv(trust: Trust) -> list[str]:
-    """The command-line words that give a tapdisk the admin's trust options (the
-    CLI's own spellings; none for the defaults)."""
-    argv = [] if trust.backing_format is None else ["--backing-format", trust.backing_format]
-    if trust.allow_probed_chain:
-        argv.append("--allow-probed-backing-chain")
-    if trust.allow_block_devices:
-        argv.append("--allow-block-devices")
-    if trust.allow_remote_backing:
-        argv.append("--allow-remote-backing")
-    return argv
+    """The command-line words that give a tapdisk the admin's trust options (none for
+    the defaults: its command line stays as it was)."""
+    return [] if trust == Trust() else ["--trust", msgspec.json.encode(trust).decode()]
 
 
-def trust_of(args: argparse.Namespace) -> Trust:
-    return Trust(
-        backing_format=args.backing_format,
-        allow_probed_chain=args.allow_probed_chain,
-        allow_block_devices=args.allow_block_devices,
-        allow_remote_backing=args.allow_remote_backing,
-    )
+def _trust(text: str) -> Trust:
+    try:
+        return msgspec.json.decode(text, type=Trust)
+    except msgspec.DecodeError as e:
+        raise argparse.ArgumentTypeError(f"--trust: {e}") from None
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -271,10 +263,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     p.add_argument("--cache", default="writeback", choices=CACHE_MODES, help="qemu-nbd's")
     # The admin's trust options for the image's backing chain (formats.OpenRules).
-    p.add_argument("--backing-format", default=None)
-    p.add_argument("--allow-probed-backing-chain", dest="allow_probed_chain", action="store_true")
-    p.add_argument("--allow-block-devices", action="store_true")
-    p.add_argument("--allow-remote-backing", action="store_true")
+    p.add_argument("--trust", type=_trust, default=Trust(), help="messages.Trust, as JSON")
     p.add_argument("--no-stats", dest="stats", action="store_false")
     p.add_argument(
         "--poll-us",
