@@ -25,7 +25,8 @@ from tapnbd.driver import MAX_PAYLOAD
 POOL_MIN = 128 * 1024
 #: Buffers kept per size; queue depth 8-32 of one request size is the common case.
 PER_SIZE = 8
-#: Sizes kept at once (a client that varies its request size must not grow the pool).
+#: Sizes kept at once (a client that varies its request size must not grow the pool);
+#: past it, the size given back longest ago goes.
 MAX_SIZES = 8
 #: Bytes kept in all, whatever the sizes: two 32 MiB buffers, or 64 of 1 MiB.
 MAX_BYTES = 64 << 20
@@ -124,12 +125,16 @@ def give(buf: object) -> None:
         return
     size = len(buf)
     with _lock:
-        free = _free.get(size)
+        # The sizes in order of their last give: a ninth one drops only the size given
+        # back longest ago, so a client that tries many sizes costs the common one
+        # nothing.
+        free = _free.pop(size, None)
         if free is None:
             if len(_free) >= MAX_SIZES:
-                _free.clear()
-                _held = 0
-            free = _free[size] = []
+                stale = next(iter(_free))
+                _held -= stale * len(_free.pop(stale))
+            free = []
+        _free[size] = free
         if len(free) < PER_SIZE and _held + size <= MAX_BYTES:
             free.append(buf)
             _held += size

@@ -29,6 +29,24 @@ def test_many_sizes_do_not_grow_the_pool() -> None:
     for i in range(buffers.MAX_SIZES * 3):
         buffers.give(buffers.take(buffers.POOL_MIN + 512 * i))
     assert len(buffers._free) <= buffers.MAX_SIZES
+    assert buffers._held == sum(size * len(f) for size, f in buffers._free.items())
+
+
+def test_a_new_size_drops_only_the_stalest() -> None:
+    """A client cycling through more sizes than the pool keeps must not empty it: the
+    size in steady use keeps its buffers, and the one given back longest ago goes."""
+    buffers._free.clear()
+    buffers._held = 0
+    common = 1 << 20
+    kept = buffers.take(common)
+    buffers.give(kept)
+    for i in range(buffers.MAX_SIZES * 2):
+        buffers.give(buffers.take(buffers.POOL_MIN + 512 * i))
+        again = buffers.take(common)  # the steady size, between the odd ones
+        assert again is kept, i
+        buffers.give(again)
+    assert len(buffers._free) == buffers.MAX_SIZES
+    assert buffers._held == sum(size * len(f) for size, f in buffers._free.items())
 
 
 def test_pool_is_bounded_in_bytes() -> None:
