@@ -72,6 +72,7 @@ class Stats:
 
     __slots__ = (
         "_read",
+        "_write",
         "connections",
         "enabled",
         "errors_by_errno",
@@ -86,6 +87,7 @@ class Stats:
     def __init__(self) -> None:
         self.ops = {op: OpStats() for op in OPS}
         self._read = self.ops["read"]  # for settle(), without a dict lookup
+        self._write = self.ops["write"]
         self.errors_by_errno: dict[int, int] = {}
         self.in_flight = 0
         #: Lengths of the requests served at once since begin(), counted by settle().
@@ -153,35 +155,38 @@ class Stats:
 
     def settle(self, t0: int) -> None:
         """Count the batch's requests served at once, each with the batch's duration."""
-        # Written out for reads, the common case: a call or a loop here costs as much
-        # as the rest, which matters to a client that sends one request at a time.
+        # Written out: a call or a loop here costs as much as the rest, which matters to
+        # a client that sends one request at a time. A batch is nearly always all reads
+        # or all writes; the other kind of a mixed one is counted by _count.
         reads, writes = self.inline_reads, self.inline_writes
-        if not (reads or writes):
+        if reads:
+            lengths, s = reads, self._read
+        elif writes:
+            lengths, s = writes, self._write
+        else:
             return
         if not t0:  # off when the batch began: nothing to time them by, and no leak
             reads.clear()
             writes.clear()
             return
         dt = _now() - t0
-        if reads:
-            s = self._read
-            n = len(reads)
-            if n == 1:
-                nbytes = reads[0]
-                s.bytes += nbytes
-                if nbytes > s.max_bytes:
-                    s.max_bytes = nbytes
-            else:
-                s.bytes += sum(reads)
-                if (nbytes := max(reads)) > s.max_bytes:
-                    s.max_bytes = nbytes
-            s.sum_ns += dt * n
-            s.hist[(dt - 1).bit_length()] += n
-            if dt > s.max_ns:
-                s.max_ns = dt
-            reads.clear()
-        if writes:
-            _count(self.ops["write"], writes, dt)
+        n = len(lengths)
+        if n == 1:
+            nbytes = lengths[0]
+            s.bytes += nbytes
+            if nbytes > s.max_bytes:
+                s.max_bytes = nbytes
+        else:
+            s.bytes += sum(lengths)
+            if (nbytes := max(lengths)) > s.max_bytes:
+                s.max_bytes = nbytes
+        s.sum_ns += dt * n
+        s.hist[(dt - 1).bit_length()] += n
+        if dt > s.max_ns:
+            s.max_ns = dt
+        lengths.clear()
+        if writes:  # (a mixed batch's)
+            _count(self._write, writes, dt)
 
     def add_bytes(self, op: str, nbytes: int, whole: int) -> None:
         """Bytes of one request that its count left out: a WRITE whose first parts were

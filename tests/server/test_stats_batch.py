@@ -67,6 +67,25 @@ def test_one_request_batch(monkeypatch: pytest.MonkeyPatch) -> None:
     )
 
 
+def test_write_batches_one_and_several(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Batches of writes alone (the fast lane's), of one request and of several."""
+    _clock(monkeypatch, 1, 1 + 1025, 100, 100 + 5000)
+    backend = Backend(RamDriver(1 << 20))
+    stats = backend.stats
+    stats.enabled = True
+    t0 = stats.begin()
+    assert backend.try_pwrite(0, b"a" * 4096)
+    stats.settle(t0)
+    t0 = stats.begin()
+    for length in (512, 8192, 1024):
+        assert backend.try_pwrite(65536, b"b" * length)
+    stats.settle(t0)
+    write, read = stats.ops["write"], stats.ops["read"]
+    assert (write.ops, write.bytes, write.max_bytes) == (4, 4096 + 512 + 8192 + 1024, 8192)
+    assert (write.hist[11], write.hist[13], write.sum_ns, write.max_ns) == (1, 3, 16025, 5000)
+    assert read.ops == 0 and stats.inline_writes == []
+
+
 def test_off_costs_no_clock_and_counts_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
     _clock(monkeypatch)  # any clock read raises StopIteration
     backend = Backend(RamDriver(1 << 20))
