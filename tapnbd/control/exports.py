@@ -177,6 +177,9 @@ class Exports:
         False: the close did not flush (Backend.close_within)."""
         if self.registry.get(export.name) is export:
             self.registry.remove(export.name)
+            # Now, not after the wait: an export added under the name meanwhile keeps
+            # its own record.
+            self.kept.pop(export.name, None)
         conns = [c for c in self.server.connections if c.export is export]
         if conns:
             _, pending = await asyncio.wait(
@@ -184,7 +187,6 @@ class Exports:
             )
             for task in pending:
                 task.cancel()
-        self.kept.pop(export.name, None)
         return await export.backend.close_within(export.name)
 
     def attach_target(self, req: AttachRequest, taken: set[str]) -> tuple[Export | None, str, str]:
