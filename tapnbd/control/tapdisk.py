@@ -238,7 +238,7 @@ def _trust(text: str) -> Trust:
     try:
         return msgspec.json.decode(text, type=Trust)
     except msgspec.DecodeError as e:
-        raise argparse.ArgumentTypeError(f"--trust: {e}") from None
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

@@ -21,7 +21,7 @@ import pytest
 from tapnbd.cli._server_opts import PollUsOpt
 from tapnbd.control import tapctl, tapdisk
 from tapnbd.control.attach import AttachError, cmdline, pid_alive
-from tapnbd.control.messages import Attachment
+from tapnbd.control.messages import Attachment, Trust
 from tapnbd.server.poll import POLL_US_MAX
 from tests.helpers import need, qemu_io, run
 
@@ -199,3 +199,28 @@ def test_poll_us_out_of_range_is_refused(tmp_path: Path, value: str) -> None:
     # The same bound as the CLI's (one constant, in tapnbd.server.poll).
     assert get_args(PollUsOpt)[1].max == POLL_US_MAX
     assert tapdisk.parse_args([*cmd[3:-1], "1000"]).poll_us == 1000
+
+
+@pytest.mark.parametrize(
+    ("value", "error"),
+    [
+        ("{bad", "JSON is malformed"),
+        ('{"allow_probed_chain": 3}', "Expected `bool`, got `int` - at `$.allow_probed_chain`"),
+        ('{"allow_everything": true}', "Object contains unknown field `allow_everything`"),
+    ],
+)
+def test_a_bad_trust_word_is_refused(tmp_path: Path, value: str, error: str) -> None:
+    """The daemon gives a tapdisk its trust options as one JSON word (messages.Trust):
+    anything else is argparse's usage error, before the image opens."""
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(1 << 16))
+    cmd = [sys.executable, "-m", tapdisk.MODULE, str(tmp_path / "t"), "--image", str(image)]
+    cmd += ["--name", "disk", "--token", "t", "--trust", value]
+    proc = run(cmd, check=False, timeout=60)
+    assert proc.returncode == 2, proc
+    assert f"argument --trust: {error}" in proc.stderr, proc.stderr
+    assert not (tmp_path / "t").exists()
+    trust = Trust(backing_format="qcow2", allow_remote_backing=True)
+    argv = [*cmd[3:-2], *tapdisk.trust_argv(trust)]
+    assert tapdisk.parse_args(argv).trust == trust
+    assert tapdisk.trust_argv(Trust()) == []  # the defaults: the command line as it was
