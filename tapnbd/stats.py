@@ -155,9 +155,10 @@ class Stats:
 
     def settle(self, t0: int) -> None:
         """Count the batch's requests served at once, each with the batch's duration."""
-        # Written out: a call or a loop here costs as much as the rest, which matters to
-        # a client that sends one request at a time. A batch is nearly always all reads
-        # or all writes; the other kind of a mixed one is counted by _count.
+        # A batch of one request is counted written out: a call here costs as much as
+        # the rest, which matters to a client that sends one request at a time. A batch
+        # is nearly always all reads or all writes; the other kind of a mixed one is
+        # counted by _count.
         reads, writes = self.inline_reads, self.inline_writes
         if reads:
             lengths, s = reads, self._read
@@ -170,21 +171,18 @@ class Stats:
             writes.clear()
             return
         dt = _now() - t0
-        n = len(lengths)
-        if n == 1:
+        if len(lengths) == 1:  # _count written out for one request
             nbytes = lengths[0]
             s.bytes += nbytes
             if nbytes > s.max_bytes:
                 s.max_bytes = nbytes
+            s.sum_ns += dt
+            s.hist[(dt - 1).bit_length()] += 1
+            if dt > s.max_ns:
+                s.max_ns = dt
+            lengths.clear()
         else:
-            s.bytes += sum(lengths)
-            if (nbytes := max(lengths)) > s.max_bytes:
-                s.max_bytes = nbytes
-        s.sum_ns += dt * n
-        s.hist[(dt - 1).bit_length()] += n
-        if dt > s.max_ns:
-            s.max_ns = dt
-        lengths.clear()
+            _count(s, lengths, dt)
         if writes:  # (a mixed batch's)
             _count(self._write, writes, dt)
 
