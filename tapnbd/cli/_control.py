@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import os
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from tapnbd.cli.app import err_console
 from tapnbd.control.client import Client, Connection
 from tapnbd.control.state import default_state_dir
+
+if TYPE_CHECKING:
+    from tapnbd.control.messages import ExportRecord
 
 StateDirOpt = Annotated[
     str | None,
@@ -46,14 +49,40 @@ def image_spec(image: str) -> str:
     return os.path.abspath(image)
 
 
-def data_path_words(cache: str, throwaway: bool, share: bool) -> str:
+def data_path_words(cache: str, throwaway: bool, share: bool) -> list[str]:
     """What export add and attach both report of the options both take (--cache, -s,
-    --share), each as ", words", nothing for a default."""
-    words = f", cache {cache}" if cache != "writeback" else ""
+    --share), a phrase each, none for a default."""
+    words = [f"cache {cache}"] if cache != "writeback" else []
     if throwaway:
-        words += ", writes to a throwaway overlay"
+        words.append("writes to a throwaway overlay")
     if share:
-        words += ", shared"
+        words.append("shared")
+    return words
+
+
+def export_words(e: ExportRecord) -> list[str]:
+    """How export add's options set ``e`` apart from the defaults, a phrase each:
+    ``export add`` reports them and ``list`` shows them, the trust options included."""
+    words = [] if e.snapshot is None else [f"snapshot {e.snapshot!r}"]
+    words += [f"bitmap {b}" for b in e.bitmaps]
+    if e.allocation_depth:
+        words.append("allocation depth")
+    if e.discard != "unmap":
+        words.append(f"discard {e.discard}")
+    if e.detect_zeroes != "off":
+        words.append(f"detect-zeroes {e.detect_zeroes}")
+    if e.offset:
+        words.append(f"from byte {e.offset}")
+    words += data_path_words(e.cache, e.throwaway, e.share)
+    t = e.trust
+    if t.backing_format is not None:
+        words.append(f"backing format {t.backing_format}")
+    if t.allow_probed_chain:
+        words.append("probed backing chain allowed")
+    if t.allow_block_devices:
+        words.append("block devices allowed")
+    if t.allow_remote_backing:
+        words.append("remote backing allowed")
     return words
 
 

@@ -15,6 +15,7 @@ from tapnbd.cli._control import (
     StateDirOpt,
     connect,
     data_path_words,
+    export_words,
     human_size,
     image_spec,
     report,
@@ -111,11 +112,10 @@ def attach_cmd(
         )
         reply = conn.call(req, AttachReply)
     att = reply.attachment
-    mode = ", read-only" if att.read_only else ""
-    if att.snapshot is not None:
-        mode = f", snapshot {att.snapshot!r}{mode}"
-    mode += data_path_words(att.cache, att.throwaway, att.share)
-    report(f"attached {att.image} as {att.device} via {reply.reason}{mode}")
+    words = [] if att.snapshot is None else [f"snapshot {att.snapshot!r}"]
+    words += ["read-only"] if att.read_only else []
+    words += data_path_words(att.cache, att.throwaway, att.share)
+    report(f"attached {att.image} as {att.device} via {', '.join([reply.reason, *words])}")
     print(att.device)
 
 
@@ -140,14 +140,15 @@ def detach_cmd(
 
 @app.command("list")
 def list_cmd(state_dir: StateDirOpt = None, as_json: JsonOpt = False) -> None:
-    """Exports and attached devices: image, format, device, connections, read-only."""
+    """Exports and attached devices: image, format, device, connections, read-only,
+    and the options each export was added with (trust options too) where not the defaults."""
     with errors_as_exit(), connect(state_dir) as conn:
         reply = conn.call(ListRequest(), ListReply)
     if as_json:
         print(json.dumps(to_builtins(reply), indent=2))
         return
     table = Table(title=None, box=None, header_style="bold", pad_edge=False)
-    for col in ("EXPORT", "IMAGE", "FORMAT", "SIZE", "DEVICE", "VIA", "CLIENTS", "RO"):
+    for col in ("EXPORT", "IMAGE", "FORMAT", "SIZE", "DEVICE", "VIA", "CLIENTS", "RO", "OPTIONS"):
         table.add_column(col, justify="right" if col in ("SIZE", "CLIENTS") else "left")
     via = {a.device: a.via for a in reply.attachments}
     for e in reply.exports:
@@ -160,6 +161,7 @@ def list_cmd(state_dir: StateDirOpt = None, as_json: JsonOpt = False) -> None:
             ", ".join(via.get(d, "") for d in e.devices) or "-",
             str(e.clients),
             "yes" if e.read_only else "no",
+            ", ".join(export_words(e)) or "-",
         )
     if not reply.exports:
         report("no exports; add one with `tapnbd export add IMAGE` or `tapnbd attach IMAGE`")

@@ -9,7 +9,7 @@ import typer
 from tapnbd.cli._control import (
     StateDirOpt,
     connect,
-    data_path_words,
+    export_words,
     human_size,
     image_spec,
     report,
@@ -100,20 +100,7 @@ def add_cmd(
             ),
         )
         export = conn.call(req, ExportAddReply).export
-    mode = "read-only" if export.read_only else "read-write"
-    if export.snapshot is not None:
-        mode = f"snapshot {export.snapshot!r}, {mode}"
-    if export.bitmaps:
-        mode += f", bitmaps {', '.join(export.bitmaps)}"
-    if export.allocation_depth:
-        mode += ", allocation depth"
-    if export.discard != "unmap":
-        mode += f", discard {export.discard}"
-    if export.detect_zeroes != "off":
-        mode += f", detect-zeroes {export.detect_zeroes}"
-    if export.offset:
-        mode += f", from byte {export.offset}"
-    mode += data_path_words(export.cache, export.throwaway, export.share)
+    mode = ", ".join(["read-only" if export.read_only else "read-write", *export_words(export)])
     report(
         f"exported {export.image} as {export.name!r} "
         f"({export.format}, {human_size(export.size)}, {mode})"

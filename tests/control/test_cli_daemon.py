@@ -16,7 +16,7 @@ from pathlib import Path
 from tapnbd.cli.stats import WATCH_HEADER
 from tapnbd.control.attach import cmdline
 from tests.control.tap import Tapnbd, tapdisk_pids
-from tests.helpers import SYSTEM_PYTHON, need, qemu_io, read_ready_lines
+from tests.helpers import SYSTEM_PYTHON, need, qemu_io, read_ready_lines, run, tapnbd_cmd
 
 #: Holds N libnbd connections to a URI open until stdin closes; "ready" once all are up.
 HOLD = """
@@ -70,6 +70,28 @@ def test_list_and_stats_count_the_same_clients(tap: Tapnbd) -> None:
     with clients(tap, uri, 2):
         assert counts(tap, "c") == (2, 2)
     assert counts(tap, "c") == (0, 0)
+
+
+def test_list_shows_what_an_export_was_added_with(tap: Tapnbd) -> None:
+    """`list`'s table names each export's options that are not the defaults, trust
+    options included, as `export add` reported them; JSON was the only place before."""
+    tap.ok("export", "add", str(tap.image("p.img", size="8M")), "--name", "plain")
+    added = tap.run(
+        "export", "add", str(tap.image("t.img", size="8M")), "--name", "tuned",
+        "--detect-zeroes", "on", "--cache", "writethrough", "--share",
+        "-F", "raw", "--allow-block-devices", "--allow-remote-backing",
+    )  # fmt: skip
+    words = (
+        "detect-zeroes on, cache writethrough, shared, backing format raw, "
+        "block devices allowed, remote backing allowed"
+    )
+    assert added.returncode == 0 and f"read-write, {words})" in added.stderr, added.stderr
+    wide = {**tap.env, "COLUMNS": "500"}  # rich wraps cells to the terminal's width
+    table = run(tapnbd_cmd("list"), check=True, env=wide).stdout.splitlines()
+    assert table[0].split()[-1] == "OPTIONS", table
+    rows = {line.split()[0]: line.rstrip() for line in table[1:]}
+    assert rows["tuned"].endswith(f" {words}"), rows
+    assert rows["plain"].endswith(" -"), rows
 
 
 def test_watch_into_a_pipe_writes_a_document_per_interval(tap: Tapnbd) -> None:
