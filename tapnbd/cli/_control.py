@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from tapnbd.cli.app import err_console
+from tapnbd.cli.app import say
 from tapnbd.control.client import Client, Connection
 from tapnbd.control.state import default_state_dir
 
@@ -28,7 +28,7 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a t
 
 def report(message: str) -> None:
     """Progress and notes go to stderr, so stdout stays clean for scripts."""
-    err_console().print(f"[dim]tapnbd:[/] {message}", highlight=False, soft_wrap=True)
+    say("tapnbd:", "dim", message)
 
 
 def client(state_dir: str | None) -> Client:

@@ -14,6 +14,7 @@ from tapnbd.errors import TapnbdError
 
 if TYPE_CHECKING:
     from rich.console import Console
+    from rich.text import Text
 
 #: Plain help (click's formatter): no rich boxes padded to the terminal's width.
 PLAIN = None
@@ -63,12 +64,39 @@ def err_console() -> Console:
     return Console(stderr=True)
 
 
+#: C0 and C1 controls but tab and newline, and DEL: shown as escapes. Messages quote
+#: names from image headers and from the file system, and such a name must not move the
+#: cursor, recolour or retitle the terminal (ESC, CSI), whatever way it reached the text.
+_CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0)) if c not in (9, 10)}
+
+
+def printable(text: str) -> str:
+    """``text`` with its control characters escaped, for a terminal."""
+    return text.translate(_CONTROLS)
+
+
+def plain(text: str, style: str = "") -> Text:
+    """``text`` for rich as it is: never read as markup (``disk [old].img`` would lose
+    its ``[old]``, and ``[/x]`` raises), its control characters escaped."""
+    from rich.text import Text
+
+    return Text(printable(text), style=style)
+
+
+def say(prefix: str, style: str, message: str) -> None:
+    """One line on stderr: a styled ``tapnbd:``-like prefix, then ``message`` as it is."""
+    from rich.text import Text
+
+    line = Text.assemble(plain(prefix, style), " ", plain(message))
+    err_console().print(line, highlight=False, soft_wrap=True)
+
+
 T = TypeVar("T")
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
     """Print a one-line error and exit non-zero."""
-    err_console().print(f"[bold red]tapnbd:[/] {message}", highlight=False, soft_wrap=True)
+    say("tapnbd:", "bold red", message)
     raise typer.Exit(code)
 
 

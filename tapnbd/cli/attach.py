@@ -36,7 +36,7 @@ from tapnbd.cli._trust import (
     ShareOpt,
     daemon_trust,
 )
-from tapnbd.cli.app import app, errors_as_exit, fail
+from tapnbd.cli.app import app, errors_as_exit, fail, plain
 from tapnbd.control.messages import (
     AttachReply,
     AttachRequest,
@@ -153,15 +153,15 @@ def list_cmd(state_dir: StateDirOpt = None, as_json: JsonOpt = False) -> None:
     via = {a.device: a.via for a in reply.attachments}
     for e in reply.exports:
         table.add_row(
-            e.name,
-            e.image,
+            plain(e.name),
+            plain(e.image),
             e.format,
             human_size(e.size),
-            ", ".join(e.devices) or "-",
+            plain(", ".join(e.devices) or "-"),
             ", ".join(via.get(d, "") for d in e.devices) or "-",
             str(e.clients),
             "yes" if e.read_only else "no",
-            ", ".join(export_words(e)) or "-",
+            plain(", ".join(export_words(e)) or "-"),
         )
     if not reply.exports:
         report("no exports; add one with `tapnbd export add IMAGE` or `tapnbd attach IMAGE`")

@@ -13,7 +13,7 @@ from rich.console import Console
 from tapnbd import runtime
 from tapnbd.cli._control import JsonOpt, StateDirOpt, client, report
 from tapnbd.cli._server_opts import PollUsOpt
-from tapnbd.cli.app import PLAIN, app, errors_as_exit, fail
+from tapnbd.cli.app import PLAIN, app, errors_as_exit, fail, plain
 from tapnbd.control.daemon import DaemonConfig
 from tapnbd.control.main import run_daemon
 from tapnbd.control.messages import (
@@ -220,16 +220,16 @@ def status_cmd(state_dir: StateDirOpt = None, as_json: JsonOpt = False) -> None:
 def _print_status(status: StatusReply) -> None:
     uptime = time.time() - status.started
     console.print(f"[bold]tapnbd daemon[/] {status.version}, pid {status.pid}, up {uptime:.0f} s")
-    console.print(f"  state dir  {status.state_dir}", highlight=False)
-    console.print(f"  log        {status.log}", highlight=False)
-    console.print(f"  NBD        {', '.join(status.listen) or 'nowhere'}", highlight=False)
+    console.print(plain(f"  state dir  {status.state_dir}"), highlight=False)
+    console.print(plain(f"  log        {status.log}"), highlight=False)
+    console.print(plain(f"  NBD        {', '.join(status.listen) or 'nowhere'}"), highlight=False)
     if status.metrics:
         where = (
             f"{status.metrics} (GET /metrics)"
             if status.metrics.startswith("unix:")
             else f"http://{status.metrics}/metrics"
         )
-        console.print(f"  metrics    {where}", highlight=False)
+        console.print(plain(f"  metrics    {where}"), highlight=False)
     console.print(f"  exports    {status.exports}, attached devices {status.attachments}")
     if not status.stats_enabled:
         console.print("  statistics off")

@@ -24,7 +24,7 @@ from tapnbd.cli._trust import (
     ReadShareOpt,
     open_rules,
 )
-from tapnbd.cli.app import app, errors_as_exit, fail
+from tapnbd.cli.app import app, errors_as_exit, fail, printable
 
 if TYPE_CHECKING:
     from formats.qcow2.create import Qcow2Options
@@ -684,13 +684,13 @@ def check_cmd(
         print_json(res.to_json())
     else:
         for msg in res.check_errors:
-            print(f"ERROR: {msg}")
+            print(f"ERROR: {printable(msg)}")
         for msg in res.corruptions:
-            print(f"ERROR: {msg}")
+            print(f"ERROR: {printable(msg)}")
         if res.corruption_count > len(res.corruptions):
             print(f"... and {res.corruption_count - len(res.corruptions)} more errors")
         for msg in res.notes:
-            print(f"note: {msg}")
+            print(f"note: {printable(msg)}")
         if res.exit_code in (0, 4):
             print("No errors were found on the image.")
         counted = res.allocated_clusters or res.image_end_offset or res.corruption_count

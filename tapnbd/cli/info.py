@@ -22,7 +22,7 @@ from tapnbd.cli._trust import (
     ReadShareOpt,
     open_rules,
 )
-from tapnbd.cli.app import app, err_console, errors_as_exit
+from tapnbd.cli.app import app, errors_as_exit, printable, say
 
 if TYPE_CHECKING:
     from formats import OpenRules
@@ -39,7 +39,7 @@ async def image_info(
     driver, warnings = await open_for_info(path, fmt, rules)
     for warning in warnings:
         where = "" if warning.startswith(path) else f"{path}: "
-        err_console().print(f"warning: {where}{warning}", highlight=False, soft_wrap=True)
+        say("warning:", "", f"{where}{warning}")
     try:
         info = await _describe(path, driver)
         # A fixed VHD has its only footer at the end, which probing never reads.
@@ -132,7 +132,7 @@ def _print_info(info: dict[str, object], indent: str = "") -> None:
     if "note" in info:
         lines.append(f"note: {info['note']}")
     for line in lines:
-        print(indent + line)
+        print(indent + printable(line))  # the backing file's name is the header's
     backing = info.get("backing-image")
     if isinstance(backing, dict):
         print()

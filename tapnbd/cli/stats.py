@@ -15,7 +15,7 @@ from rich.table import Table
 from rich.text import Text
 
 from tapnbd.cli._control import JsonOpt, StateDirOpt, connect, human_size
-from tapnbd.cli.app import app, errors_as_exit
+from tapnbd.cli.app import app, errors_as_exit, plain
 from tapnbd.control.messages import ExportStats, StatsReply, StatsRequest, to_builtins
 
 console = Console()
@@ -43,9 +43,10 @@ def render(
     for e in exports:
         before = (previous or {}).get(e.name)
         state = "" if e.enabled else "  [statistics off]"
-        title = (
-            f"[bold]{e.name}[/]  {e.image} ({e.format})  connections {e.connections}  "
-            f"in flight {e.in_flight}{state}"
+        title = Text.assemble(
+            plain(e.name, "bold"),
+            plain(f"  {e.image} ({e.format})  connections {e.connections}  "),
+            f"in flight {e.in_flight}{state}",
         )
         table = Table(title=title, title_justify="left", box=None, header_style="bold")
         table.add_column("OP")
