@@ -19,39 +19,24 @@ from rich.console import Console
 from tapnbd.cli.stats import render
 from tapnbd.control.messages import ExportStats
 from tests.control.tap import Tapnbd
-from tests.helpers import need, run, tapnbd_cmd
+from tests.helpers import run, tapnbd_cmd
+from tests.security.test_remote_backing import evil_qcow2
 
 MARKUP = "/nonexistent/[/x][bold]evil"
 ESCAPES = "/nonexistent/\x1b[31mred\x1b]0;title\x07"
 
 
 def qcow2_naming(path: Path, backing: str) -> Path:
-    """A qcow2 image whose header names ``backing`` as its raw backing file (unchecked:
-    qemu-img's -u), the name written into the header byte for byte."""
-    need("qemu-img")
-    stand_in = "/" + "b" * (len(backing.encode()) - 1)  # qemu-img -o cannot carry ESC
-    run(
-        [
-            "qemu-img",
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-u",
-            "-b",
-            stand_in,
-            "-F",
-            "raw",
-            str(path),
-            "1M",
-        ]
-    )
-    data = bytearray(path.read_bytes())
+    """A qcow2 image whose header names ``backing`` as its raw backing file, the name
+    written into the header byte for byte (qemu-img's -b cannot carry ESC)."""
+    stand_in = "/" + "b" * (len(backing.encode()) - 1)
+    evil = evil_qcow2(path.parent, stand_in, path.name)
+    data = bytearray(evil.read_bytes())
     offset, size = struct.unpack(">QI", data[8:20])
     assert data[offset : offset + size] == stand_in.encode()
     data[offset : offset + size] = backing.encode()
-    path.write_bytes(data)
-    return path
+    evil.write_bytes(data)
+    return evil
 
 
 def test_markup_in_a_backing_name_is_an_error_not_a_traceback(tmp_path: Path) -> None:
