@@ -31,6 +31,7 @@ BACKLOG_HIGH plus the replies of what was in flight when it filled up.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import os
@@ -113,7 +114,8 @@ _MAX_IOV = 1024
 #: pipe of the connection's (tapnbd.server.splice), if the driver writes one file
 #: (Driver.splices: raw) and none of the payload came in with the header: at once when
 #: it is all queued in the socket, else, on a unix socket, in parts as it arrives
-#: (splice.Arriving). TAPNBD_SPLICE=0 turns it off, to measure again.
+#: (splice.Arriving). Never for a TCP client on this host (splice.same_host).
+#: TAPNBD_SPLICE=0 turns it off, to measure again.
 SPLICE_MIN = 128 * 1024
 _SPLICE = os.environ.get("TAPNBD_SPLICE", "1") != "0"
 
@@ -175,6 +177,7 @@ class NBDConnection(asyncio.BufferedProtocol):
         self._arriving: Arriving | None = None
         self._payload_fd = -1
         self._unix = False  # a unix socket: payloads are spliced as they arrive
+        self._local_tcp = False  # TCP from this host: never spliced (splice.same_host)
         self._idle: asyncio.Future[None] | None = None  # set by drain() to wait for idleness
         # I/O threads (tapnbd.server.iothreads): the image's descriptor when this
         # connection may use them, and, once it does, the socket they share.
@@ -206,6 +209,9 @@ class NBDConnection(asyncio.BufferedProtocol):
         if sock is not None:
             self._fd = sock.fileno()  # for _send_lent; -1 again once TLS wraps the stream
             self._unix = sock.family == socket.AF_UNIX
+            if not self._unix:
+                with contextlib.suppress(OSError, ValueError):
+                    self._local_tcp = splice.same_host(sock.getsockname()[0], sock.getpeername()[0])
         transport.write(self.handshake.greeting())
         loop = asyncio.get_running_loop()
         self._timer = loop.call_later(self.server.handshake_timeout, self._handshake_timeout)
@@ -364,6 +370,7 @@ class NBDConnection(asyncio.BufferedProtocol):
         if (
             self._fd >= 0
             and _SPLICE
+            and not self._local_tcp
             and export.backend.driver.splices
             and not export.backend.read_only
         ):

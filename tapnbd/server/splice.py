@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import ipaddress
 import os
 import termios
 from dataclasses import dataclass
@@ -29,6 +30,19 @@ PIPE_SIZE = 1 << 20
 PART_ALIGN = 4096
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 _F_GETPIPE_SZ = getattr(fcntl, "F_GETPIPE_SZ", 1032)
+
+
+def same_host(local: str, peer: str) -> bool:
+    """Whether a TCP peer at ``peer`` runs on this host (a loopback address, or the
+    socket's own). Its bytes then come through loopback, which hands the receiver the
+    sender's own pages: spliced into a pipe they stay there until the file takes them,
+    so the sender cannot reuse them and copies into colder ones. Measured with fio over
+    127.0.0.1, splicing its queued payloads made the sender's CPU per MiB and the rate
+    worse in three runs of three (bench/results/2026-12-04-s35-qcow-seqwrite)."""
+    addr = ipaddress.ip_address(peer.partition("%")[0])
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return addr.is_loopback or peer == local
 
 
 def queued(sock_fd: int) -> int:

@@ -136,10 +136,13 @@ def test_full_disk_gives_enospc_and_recovers(
 
 @pytest.mark.root
 @pytest.mark.parametrize("small_fs", ["ext4", "tmpfs"], indirect=True)
-def test_full_disk_raw_big_writes(serve: Callable[..., Server], small_fs: Path) -> None:
-    """A sparse raw image, writes of up to 1 MiB: the big ones go from the socket to the
-    file by splice(2) (connection.SPLICE_MIN). A splice cut short by ENOSPC answers
-    ENOSPC and leaves the connection in step, and once there is room again the same
+def test_full_disk_raw_big_writes(
+    serve: Callable[..., Server], small_fs: Path, tmp_path: Path
+) -> None:
+    """A sparse raw image, writes of up to 1 MiB over a unix socket: the big ones go
+    from the socket to the file by splice(2) as they arrive (connection.SPLICE_MIN; a
+    TCP client on this host is not spliced). A splice cut short by ENOSPC answers ENOSPC
+    and leaves the connection in step, and once there is room again the same
     connection's writes land where they should."""
     filler = small_fs / "filler"
     with open(filler, "wb") as f:
@@ -147,7 +150,7 @@ def test_full_disk_raw_big_writes(serve: Callable[..., Server], small_fs: Path) 
     image = small_fs / "full.raw"
     with open(image, "wb") as f:
         f.truncate(256 << 20)
-    server = serve(str(image), "--format", "raw")
+    server = serve(str(image), "--format", "raw", "--socket", str(tmp_path / "s.sock"))
     load = ("--max-len", str(1 << 20), "--final-flush", "--fua", "0.02")
     full = _load(server.uri, "--count", "400", "--region", str(REGION), "--seed", "3", *load)
     assert not full.hang and not full.dead, (full.hang, full.dead)

@@ -107,11 +107,25 @@ class Served:
         await self.top.close()
 
 
+def tcp_pair() -> tuple[socket.socket, socket.socket]:
+    """A connected pair of TCP sockets on 127.0.0.1 (client, server)."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client = socket.create_connection(listener.getsockname())
+        server, _ = listener.accept()
+    return client, server
+
+
 async def serve(
-    image: Path, *, read_only: bool = False, top: Driver | None = None, **server_args: Any
+    image: Path,
+    *,
+    read_only: bool = False,
+    top: Driver | None = None,
+    pair: Callable[[], tuple[socket.socket, socket.socket]] = socket.socketpair,
+    **server_args: Any,
 ) -> Served:
-    """A raw export of ``image`` and one connection to it, past the handshake; or an
-    export of ``top``, a driver over the raw driver of ``image``."""
+    """A raw export of ``image`` and one connection to it (a unix socket pair, or
+    ``pair``'s), past the handshake; or an export of ``top``, a driver over the raw
+    driver of ``image``."""
     if top is None:
         driver = RawDriver(str(image))
         top = driver
@@ -122,7 +136,7 @@ async def serve(
     registry = ExportRegistry()
     registry.add(Export("", Backend(top, read_only=read_only)), default=True)
     server = NBDServer(registry, **server_args)
-    ours, theirs = socket.socketpair()
+    ours, theirs = pair()
     ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
     ours.settimeout(TIMEOUT)
     loop = asyncio.get_running_loop()

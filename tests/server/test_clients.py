@@ -268,8 +268,8 @@ def test_fio_verify_big_writes_arriving_in_pieces(
 ) -> None:
     """1 MiB WRITEs over four connections, verified by crc32c. A unix socket queues at
     most the sender's buffer (about 208 KiB), so every payload arrives in pieces and is
-    spliced into the file as it comes (tests/server/test_splice.py). Over TCP a payload
-    is spliced only when it is all queued; the others are received into buffers."""
+    spliced into the file as it comes (tests/server/test_splice.py). Over TCP from this
+    host no payload is spliced (splice.same_host): all are received into buffers."""
     need("fio")
     disk = tmp_path / "fio.img"
     disk.write_bytes(bytes(64 << 20))

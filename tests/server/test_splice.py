@@ -28,15 +28,25 @@ from formats.qcow.check import check_qcow
 from formats.qcow.create import create_qcow
 from formats.qcow.driver import QcowDriver
 from tapnbd.protocol.transmission import RequestDecoder
+from tapnbd.server import splice
 from tapnbd.server.connection import SPLICE_MIN, NBDConnection
 from tapnbd.server.splice import PART_ALIGN, PayloadPipe, queued
 from tests.server import rawclient as rc
-from tests.server.inproc import Client, Reads, Wakes, header, loops, run, serve
+from tests.server.inproc import Client, Reads, Wakes, header, loops, run, serve, tcp_pair
 
 KiB = 1024
 SIZE = 8 << 20
 #: Whole requests of this size fit in the socket pair's buffers (SO_SNDBUF in inproc).
 PAYLOAD = SPLICE_MIN + 40 * KiB
+
+
+def seeded_disk(tmp_path: Path) -> tuple[random.Random, Path, bytearray]:
+    """A seeded generator (the seed printed), a zeroed raw disk, and what it holds."""
+    seed = random.randrange(1 << 32)
+    print("seed", seed)
+    image = tmp_path / "disk.raw"
+    image.write_bytes(bytes(SIZE))
+    return random.Random(seed), image, bytearray(SIZE)
 
 
 async def read_back(client: Client, cookies: Iterator[int], expect: bytearray) -> None:
@@ -97,12 +107,7 @@ def test_payloads_are_spliced_whole_or_as_they_arrive(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    seed = random.randrange(1 << 32)
-    print("seed", seed)
-    rng = random.Random(seed)
-    image = tmp_path / "disk.raw"
-    image.write_bytes(bytes(SIZE))
-    expect = bytearray(SIZE)
+    rng, image, expect = seeded_disk(tmp_path)
     cookies = iter(range(1, 1000))
 
     def write(offset: int) -> tuple[int, bytes]:
@@ -223,6 +228,52 @@ def test_payloads_are_spliced_whole_or_as_they_arrive(
         assert image.read_bytes() == bytes(expect)
 
     run(loop_factory, main)
+
+
+@pytest.mark.parametrize("loop_factory", loops())
+def test_a_tcp_client_on_this_host_is_never_spliced(
+    loop_factory: Callable[[], asyncio.AbstractEventLoop],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Over loopback TCP the WRITEs that a unix socket splices (the test above, steps 1
+    and 2) take the usual path: spliced, the sender's pages would stay in the pipe
+    (splice.same_host)."""
+    rng, image, expect = seeded_disk(tmp_path)
+
+    async def main() -> None:
+        reads = Reads(monkeypatch)
+        served = await serve(image, pair=tcp_pair)
+        conn, client = served.conn, served.client
+        assert conn.decoder is not None
+        try:
+            assert conn._local_tcp and conn.decoder.divert is None
+            for cookie in (1, 2):
+                offset = rng.randrange(0, SIZE - PAYLOAD)
+                data = rng.randbytes(PAYLOAD)
+                expect[offset : offset + PAYLOAD] = data
+                req = header(rc.CMD_WRITE, cookie, offset, PAYLOAD) + data
+                if cookie == 1:  # so that the server reads the next header alone
+                    await send_split(client, reads, conn.decoder, req, 28 + 1000)
+                else:  # all queued: a unix socket splices this one
+                    client.queue(req)
+                assert await client.reply(cookie) == (0, b"")
+            assert conn.spliced == 0
+            await read_back(client, iter(range(3, 1000)), expect)
+        finally:
+            await served.close()
+
+    run(loop_factory, main)
+
+
+def test_which_peers_are_on_this_host() -> None:
+    assert splice.same_host("127.0.0.1", "127.0.0.1")
+    assert splice.same_host("10.0.0.5", "127.0.0.2")
+    assert splice.same_host("::1", "::1")
+    assert splice.same_host("::ffff:10.0.0.5", "::ffff:127.0.0.1")
+    assert splice.same_host("10.0.0.5", "10.0.0.5")  # the host's own address: loopback
+    assert not splice.same_host("10.0.0.5", "10.0.0.6")
+    assert not splice.same_host("fe80::1%eth0", "fe80::2%eth0")
 
 
 @pytest.mark.parametrize("loop_factory", loops())
