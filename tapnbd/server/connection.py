@@ -554,9 +554,9 @@ class NBDConnection(asyncio.BufferedProtocol):
         if splice.queued(self._fd) < length:
             # Not all here. A unix socket queues at most the sender's buffer (208 KiB
             # by default), so a bigger payload is never all here: it is spliced as it
-            # arrives. A TCP socket's buffer grows to hold it, and splicing parts there
-            # costs a local sender more than the copy saves (loopback lends it the
-            # sender's pages, which it cannot reuse while they sit in the pipe).
+            # arrives. A TCP socket's buffer grows to hold it, so only a unix socket
+            # splices parts (measured on loopback, which never comes here now: see
+            # splice.same_host; a remote client's parts are not measured).
             if not self._unix:
                 return False
             # A client that stalls mid-payload must not hold the loop, so the loop
