@@ -31,7 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 ENABLED = os.environ.get("TAPNBD_TEST_FORK", "1") != "0"
 #: tapnbd modules the server may hold: the CLI's entry, which reads no environment.
-PRELOADED = ("tapnbd", "tapnbd.cli", "tapnbd.cli.app", "tapnbd.errors")
+PRELOADED = ("tapnbd", "tapnbd.cli", "tapnbd.cli.app", "tapnbd.errors", "tapnbd.text")
 
 
 def check_imports() -> None:

@@ -11,6 +11,7 @@ import typer
 from typer import core as typer_core
 
 from tapnbd.errors import TapnbdError
+from tapnbd.text import printable
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -62,17 +63,6 @@ def err_console() -> Console:
     from rich.console import Console
 
     return Console(stderr=True)
-
-
-#: C0 and C1 controls but tab and newline, and DEL: shown as escapes. Messages quote
-#: names from image headers and from the file system, and such a name must not move the
-#: cursor, recolour or retitle the terminal (ESC, CSI), whatever way it reached the text.
-_CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0)) if c not in (9, 10)}
-
-
-def printable(text: str) -> str:
-    """``text`` with its control characters escaped, for a terminal."""
-    return text.translate(_CONTROLS)
 
 
 def plain(text: str, style: str = "") -> Text:

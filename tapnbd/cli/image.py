@@ -24,7 +24,8 @@ from tapnbd.cli._trust import (
     ReadShareOpt,
     open_rules,
 )
-from tapnbd.cli.app import app, errors_as_exit, fail, printable
+from tapnbd.cli.app import app, errors_as_exit, fail
+from tapnbd.text import printable
 
 if TYPE_CHECKING:
     from formats.qcow2.create import Qcow2Options

@@ -22,7 +22,8 @@ from tapnbd.cli._trust import (
     ReadShareOpt,
     open_rules,
 )
-from tapnbd.cli.app import app, errors_as_exit, printable, say
+from tapnbd.cli.app import app, errors_as_exit, say
+from tapnbd.text import printable
 
 if TYPE_CHECKING:
     from formats import OpenRules

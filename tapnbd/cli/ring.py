@@ -19,6 +19,7 @@ from tapnbd.cli._trust import (
     open_rules,
 )
 from tapnbd.cli.app import PLAIN, app, errors_as_exit, fail
+from tapnbd.logformat import log_to_stderr
 
 if TYPE_CHECKING:
     from tapnbd.xen.xenbus import VbdServer
@@ -70,10 +71,7 @@ def serve_cmd(
     """Serve IMAGE as a blkif vbd in DIR until SIGTERM/SIGINT; print DIR when ready."""
     from tapnbd.xen.app import serve_image
 
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING,
-        format="tapnbd: %(levelname)s %(message)s",
-    )
+    log_to_stderr(logging.INFO if verbose else logging.WARNING, "tapnbd: %(levelname)s %(message)s")
 
     def ready(server: VbdServer) -> None:
         print(os.path.abspath(path), flush=True)

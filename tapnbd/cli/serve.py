@@ -31,6 +31,7 @@ from tapnbd.cli._trust import (
     open_rules,
 )
 from tapnbd.cli.app import app, errors_as_exit, fail
+from tapnbd.logformat import log_to_stderr
 from tapnbd.protocol.handshake import TLSMode
 from tapnbd.server.budget import DEFAULT_PAYLOAD_BUDGET
 from tapnbd.server.listener import (
@@ -182,9 +183,8 @@ def serve_cmd(
     share: ShareOpt = False,
 ) -> None:
     """Serve images over NBD until SIGTERM or SIGINT; print each export's URI when ready."""
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.WARNING,
-        format="tapnbd: %(levelname)s %(message)s",
+    log_to_stderr(
+        logging.DEBUG if verbose else logging.WARNING, "tapnbd: %(levelname)s %(message)s"
     )
     if port is not None and not 0 <= port <= 65535:
         fail(f"invalid port {port}")

@@ -12,6 +12,7 @@ import sys
 from tapnbd.control.daemon import Daemon, DaemonConfig
 from tapnbd.control.state import StateDir
 from tapnbd.errors import TapnbdError
+from tapnbd.logformat import LogFormatter
 
 log = logging.getLogger("tapnbd.control")
 
@@ -21,11 +22,11 @@ def setup_logging(d: StateDir, verbose: bool) -> None:
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
     # Opened by safefs (no symlink followed), not by FileHandler's open(path).
     handler = logging.StreamHandler(open(d.open_log(), "a", buffering=1))  # noqa: SIM115
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(LogFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root.addHandler(handler)
     if sys.stderr.isatty():
         console = logging.StreamHandler()
-        console.setFormatter(logging.Formatter("tapnbd: %(message)s"))
+        console.setFormatter(LogFormatter("tapnbd: %(message)s"))
         root.addHandler(console)
 
 

@@ -48,6 +48,7 @@ from tapnbd.backend import Backend
 from tapnbd.control.auth import allowed, peer_uid
 from tapnbd.control.messages import Trust
 from tapnbd.errors import TapnbdError
+from tapnbd.logformat import log_to_stderr
 from tapnbd.server.exports import Export, ExportRegistry
 from tapnbd.server.listener import NBDServer
 from tapnbd.server.poll import POLL_US_MAX
@@ -288,9 +289,7 @@ def _poll_us(text: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    log_to_stderr(logging.INFO, "%(asctime)s %(levelname)s %(name)s: %(message)s")
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     return runtime.run(run(args))
 

@@ -11,6 +11,8 @@ with a traceback instead of the message naming the field, ``disk [old].img`` los
 
 from __future__ import annotations
 
+import io
+import logging
 import struct
 from pathlib import Path
 
@@ -18,12 +20,17 @@ from rich.console import Console
 
 from tapnbd.cli.stats import render
 from tapnbd.control.messages import ExportStats
+from tapnbd.logformat import LogFormatter
 from tests.control.tap import Tapnbd
-from tests.helpers import run, tapnbd_cmd
+from tests.helpers import run, start_server, tapnbd_cmd
 from tests.security.test_remote_backing import evil_qcow2
 
 MARKUP = "/nonexistent/[/x][bold]evil"
 ESCAPES = "/nonexistent/\x1b[31mred\x1b]0;title\x07"
+#: A file name that, logged raw, recolours and retitles the terminal and ends the record's
+#: line to start one that reads like the daemon's own.
+FORGED = "2026-12-04 12:00:00,000 ERROR tapnbd.control: forged"
+HOSTILE_FILE = "d\x1b[31m\x1b]0;title\x07\u202e\n" + FORGED
 
 
 def qcow2_naming(path: Path, backing: str) -> Path:
@@ -82,3 +89,60 @@ def test_stats_says_statistics_are_off() -> None:
     console.print(render([off]))
     words = " ".join(console.export_text().split())  # the title wraps to the table's width
     assert words.startswith("e /i (raw) connections 0 in flight 0 [statistics off] OP"), words
+
+
+def assert_logged_as_text(log: str, anchor: str) -> None:
+    """The record holding ``anchor`` shows HOSTILE_FILE escaped, on its own one line."""
+    assert "\x1b" not in log and "\x07" not in log and "\u202e" not in log, log
+    assert not any(line.startswith(FORGED) for line in log.splitlines()), log
+    (line,) = [line for line in log.splitlines() if anchor in line]
+    assert "d\\x1b[31m\\x1b]0;title\\x07\\u202e\\x0a" + FORGED in line, line
+
+
+def test_a_hostile_file_name_cannot_forge_a_line_in_the_daemons_log(tap: Tapnbd) -> None:
+    """The daemon logs each export's image path; a file in a shared directory names it."""
+    image = tap.image(HOSTILE_FILE + ".img", size="8M")
+    tap.ok("export", "add", str(image), "--name", "d")
+    assert_logged_as_text((tap.state / "tapnbd.log").read_text(), "added export 'd'")
+
+
+def test_a_hostile_file_name_reaches_serves_stderr_as_text(tmp_path: Path) -> None:
+    """``tapnbd serve`` logs to the terminal; a VHD whose last footer is damaged makes it
+    warn with the file's name."""
+    vhd = tmp_path / (HOSTILE_FILE + ".vhd")
+    run(["qemu-img", "create", "-q", "-f", "vpc", "-o", "subformat=dynamic", str(vhd), "8M"])
+    data = bytearray(vhd.read_bytes())
+    data[-512 + 64] ^= 0xFF  # the footer's checksum: the copy at offset 0 is used
+    vhd.write_bytes(data)
+    server = start_server(["--socket", str(tmp_path / "s.sock"), str(vhd)], tmp_path / "serve.log")
+    assert server.stop() == 0
+    assert_logged_as_text(server.stderr(), "using the footer's copy at offset 0")
+
+
+def test_a_traceback_keeps_its_lines_but_no_escapes() -> None:
+    """``log.exception`` of an error quoting a hostile name: the record's first line is
+    the formatter's, the traceback follows indented, and no escape reaches the log."""
+    log = logging.getLogger("tapnbd.test.hostile")
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(LogFormatter("%(levelname)s %(message)s"))
+    # A plain formatter before ours caches the raw traceback on the record.
+    raw = logging.StreamHandler(io.StringIO())
+    for h in (raw, handler):
+        log.addHandler(h)
+    try:
+        try:
+            raise OSError(f"cannot open {HOSTILE_FILE!s}")
+        except OSError:
+            log.exception("opening %s", HOSTILE_FILE)
+    finally:
+        for h in (raw, handler):
+            log.removeHandler(h)
+    text = stream.getvalue()
+    first, *trace = text.splitlines()
+    assert first.startswith("ERROR opening d\\x1b[31m") and first.endswith(FORGED), first
+    assert trace[0] == "  Traceback (most recent call last):", trace
+    assert trace[-2].startswith("  OSError: cannot open d\\x1b[31m"), trace
+    assert trace[-1] == "  " + FORGED, trace  # the name's newline, kept but indented
+    assert all(line.startswith("  ") for line in trace), trace
+    assert "\x1b" not in text and "\u202e" not in text, text
