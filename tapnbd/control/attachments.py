@@ -19,7 +19,6 @@ import itertools
 import logging
 import os
 import subprocess
-import urllib.parse
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -31,6 +30,7 @@ from tapnbd.control import tapctl, tapdisk
 from tapnbd.control.exports import export_stats
 from tapnbd.control.messages import Attachment, ExportRecord, ExportStats
 from tapnbd.errors import TapnbdError
+from tapnbd.protocol.uri import unix_uri
 
 log = logging.getLogger("tapnbd.control")
 
@@ -120,8 +120,7 @@ class Attachments:
             elif att.via == "nbd":
                 await asyncio.to_thread(devices.attach_nbd, att, socket=socket_path, connections=4)
             else:
-                quoted = urllib.parse.quote(att.export, safe="")
-                uri = f"nbd+unix:///{quoted}?socket={socket_path}"
+                uri = unix_uri(att.export, socket_path)
                 mountdir = os.path.join(self.run_dir, att.id)
                 self.fuse_procs[att.id] = await asyncio.to_thread(
                     devices.attach_fuse, att, uri=uri, mountdir=mountdir

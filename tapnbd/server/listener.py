@@ -10,13 +10,13 @@ import ssl
 import stat
 import struct
 import time
-import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
 from tapnbd.errors import TapnbdError
 from tapnbd.protocol.handshake import TLSMode
+from tapnbd.protocol.uri import tcp_uri, unix_uri
 from tapnbd.server.budget import DEFAULT_PAYLOAD_BUDGET, PayloadBudget
 from tapnbd.server.connection import NBDConnection
 from tapnbd.server.exports import ExportRegistry
@@ -48,16 +48,9 @@ class Endpoint:
     path: str = ""
 
     def uri(self, export: str, tls: bool = False) -> str:
-        name = urllib.parse.quote(export, safe="")
         if self.kind == "unix":
-            scheme = "nbds+unix" if tls else "nbd+unix"
-            return f"{scheme}:///{name}?socket={self.path}"
-        host = self.host
-        if host in ("", "0.0.0.0"):
-            host = "localhost"
-        elif ":" in host:
-            host = f"[{host}]"
-        return f"{'nbds' if tls else 'nbd'}://{host}:{self.port}/{name}"
+            return unix_uri(export, self.path, tls)
+        return tcp_uri(export, self.host, self.port, tls)
 
 
 def make_ssl_context(cert: str, key: str, ca: str | None) -> ssl.SSLContext:

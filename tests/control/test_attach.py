@@ -9,6 +9,7 @@ import os
 import random
 import signal
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import pytest
 import formats
 from tapnbd.control.attach import pid_alive
 from tapnbd.control.state import StateDir
-from tests.control.tap import Tapnbd, need_tools, tapdisk_pids
+from tests.control.tap import Tapnbd, need_devices, need_tools, tapdisk_pids
 from tests.control.test_daemon import nbdfuse_pids
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
@@ -323,3 +324,23 @@ def test_dead_data_path_under_a_mount_is_left_alone(devtap: Tapnbd) -> None:
     tap.ok("detach", dev)
     assert tap.list()["attachments"] == [] and nbdfuse_pids(tap.state) == []
     assert backing_under(tap.state) == []
+
+
+def test_attach_via_fuse_under_a_state_directory_named_oddly() -> None:
+    """nbdfuse finds the data path's socket through a URI, in which the state
+    directory's path is percent-encoded: before, a space or ``%20`` in it made the
+    attach fail (libnbd unescapes ``?socket=``)."""
+    need_devices()
+    tap = Tapnbd(Path(tempfile.mkdtemp(prefix="tnbd a&b%20+", dir="/tmp")))
+    try:
+        image = tap.image("d.img", size="8M")
+        with open(image, "r+b") as f:
+            f.seek(5 << 20)
+            f.write(b"found through the socket")
+        dev = tap.ok("attach", "--via", "fuse", str(image)).strip()
+        with open(dev, "rb") as f:
+            f.seek(5 << 20)
+            assert f.read(24) == b"found through the socket"
+        tap.ok("detach", dev)
+    finally:
+        tap.cleanup()

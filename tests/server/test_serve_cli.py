@@ -10,7 +10,7 @@ import subprocess
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from urllib.parse import urlparse
+from urllib.parse import quote, urlparse
 
 from tests.helpers import Server, nbdsh_script, need, run, tapnbd_cmd
 
@@ -27,6 +27,22 @@ def test_unix_socket_and_pidfile(
     assert run(["nbdinfo", "--size", server.uri]).stdout.strip() == str(64 << 20)
     assert server.stop() == 0
     assert not pid.exists() and not sock.exists()
+
+
+def test_a_socket_path_with_odd_characters_is_encoded_in_the_uri(
+    serve: Callable[..., Server], raw_image: Path, tmp_path: Path
+) -> None:
+    """libnbd and QEMU unescape ``?socket=``, and ``&`` or ``#`` would end it."""
+    need("nbdinfo", "qemu-img")
+    where = tmp_path / "my disks & 100%20+#1"
+    where.mkdir()
+    sock = where / "nbd.sock"
+    server = serve(str(raw_image), "--socket", str(sock), "--name", "disk")
+    assert server.uri == f"nbd+unix:///disk?socket={quote(str(sock), safe='/')}"
+    assert run(["nbdinfo", "--size", server.uri]).stdout.strip() == str(64 << 20)
+    info = json.loads(run(["qemu-img", "info", "--output=json", server.uri]).stdout)
+    assert info["virtual-size"] == 64 << 20
+    assert server.stop() == 0
 
 
 def test_unix_and_tcp_together(serve: Callable[..., Server], tmp_path: Path) -> None:
