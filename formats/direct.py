@@ -97,6 +97,9 @@ class DirectFile(RawDriver):
     def read_at(self, offset: int, length: int) -> int:
         return -1
 
+    def write_fd(self) -> int:
+        return -1  # every write goes through an aligned buffer
+
     # Aligned I/O.
 
     def _read_blocks(self, view: memoryview, a: int) -> None:

@@ -88,6 +88,13 @@ class ProbedRawGuard(FilterDriver):
     def read_at(self, offset: int, length: int) -> int:
         return self.child.read_at(offset, length)
 
+    def write_fd(self) -> int:
+        return self.child.write_fd()
+
+    def write_at(self, offset: int, length: int) -> int:
+        # The first sector is where a probed image's format lies: seen and checked here.
+        return self.child.write_at(offset, length) if offset >= PROBE_SIZE else -1
+
     async def pwrite(self, offset: int, data: bytes | memoryview, fua: bool = False) -> None:
         if offset >= PROBE_SIZE:
             await self.child.pwrite(offset, data, fua)

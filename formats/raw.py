@@ -323,6 +323,12 @@ class RawDriver(Driver):
     def read_at(self, offset: int, length: int) -> int:
         return offset
 
+    def write_fd(self) -> int:
+        return self.fd
+
+    def write_at(self, offset: int, length: int) -> int:
+        return offset
+
     def _slow_write(self, now: float, slept: bool) -> None:
         """A write that ended at ``now`` was slow; ``slept``: probed, and it slept."""
         if not slept:

@@ -235,6 +235,14 @@ class Backend:
             self.stats.inline_writes.append(length)
         return done
 
+    def write_at(self, offset: int, length: int) -> int:
+        """Where in ``driver.write_fd()`` another thread may write [offset, offset +
+        length) itself (Driver.write_at), or -1: read-only, out of range, or serialised.
+        The caller counts the WRITE."""
+        if self.read_only or not self._inline(offset, length):
+            return -1
+        return self.driver.write_at(offset, length)
+
     def try_preadv(self, offset: int, length: int, bufs: Sequence[memoryview]) -> bool:
         """try_pread into caller's buffers, ``length`` bytes in all (Driver.preadv_nowait)."""
         return self._try_vectored("read", offset, length, bufs)

@@ -152,6 +152,21 @@ class Driver:
         if known now without I/O; else -1 (the request takes the driver's own path)."""
         return -1
 
+    def write_fd(self) -> int:
+        """A descriptor that ``write_at`` maps writes into, or -1.
+
+        Only the raw driver says yes (at the same offsets): a connection's writer thread
+        then splices big WRITE payloads into that file itself, off the loop
+        (tapnbd.server.pipewriter). Filters say no unless they override it, so nothing
+        they must see is bypassed.
+        """
+        return -1
+
+    def write_at(self, offset: int, length: int) -> int:
+        """Where in ``write_fd()`` a write of [offset, offset + length) goes, as one run,
+        if it may go there with no more said; else -1 (the driver's own path)."""
+        return -1
+
     @property
     def splices(self) -> bool:
         """True when ``pwrite_from_pipe`` can take writes (splice(2) into one file).

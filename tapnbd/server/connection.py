@@ -61,7 +61,7 @@ from tapnbd.protocol.transmission import (
     simple_reply,
 )
 from tapnbd.runtime import eager_start
-from tapnbd.server import iothreads, splice
+from tapnbd.server import iothreads, pipewriter, splice
 from tapnbd.server.budget import PayloadBudget
 from tapnbd.server.iothreads import (
     QUEUED,
@@ -73,6 +73,7 @@ from tapnbd.server.iothreads import (
     Job,
     Wire,
 )
+from tapnbd.server.pipewriter import PipeJob, PipeWriter
 from tapnbd.server.poll import Poller
 from tapnbd.server.replies import flatten, read_parts, zero_parts
 from tapnbd.server.splice import Arriving, PayloadPipe
@@ -177,6 +178,12 @@ class NBDConnection(asyncio.BufferedProtocol):
         self._arriving: Arriving | None = None
         self._payload_fd = -1
         self._unix = False  # a unix socket: payloads are spliced as they arrive
+        # The writer thread (tapnbd.server.pipewriter): the image's descriptor when this
+        # connection may use one, and the pipes of the payloads it has or may have next.
+        self._write_fd = -1
+        self._writer: PipeWriter | None = None
+        self._spare_pipes: list[PayloadPipe] = []
+        self._pipes_out = 0
         self._local_tcp = False  # TCP from this host: never spliced (splice.same_host)
         self._idle: asyncio.Future[None] | None = None  # set by drain() to wait for idleness
         # I/O threads (tapnbd.server.iothreads): the image's descriptor when this
@@ -231,6 +238,11 @@ class NBDConnection(asyncio.BufferedProtocol):
                     self.backend.stats.abandon()
                 self._request_done(job.charged)
         self._pipe.close()
+        if self._writer is not None:
+            self._writer.stop()  # what it has is written, and reported to _written
+        for pipe in self._spare_pipes:
+            pipe.close()
+        self._spare_pipes.clear()
         if self._payload_fd >= 0:
             os.close(self._payload_fd)
             self._payload_fd = -1
@@ -375,6 +387,8 @@ class NBDConnection(asyncio.BufferedProtocol):
             and not export.backend.read_only
         ):
             self.decoder.divert = self._splice_write
+            if self._unix and pipewriter.ENABLED:
+                self._write_fd = export.backend.driver.write_fd()
         if self._fd >= 0 and export.backend.driver.parallel and iothreads.ENABLED:
             # (TLS keeps the inline path: every byte must go through the SSL object.)
             self._read_fd = export.backend.driver.read_fd()
@@ -479,7 +493,8 @@ class NBDConnection(asyncio.BufferedProtocol):
             self._release(_payload_cost(taken.type, taken.length))
         arriving = self._end_arriving()
         if arriving is not None:
-            self._pipe.drain()
+            arriving.pipe.drain()
+            self._pipe_back(arriving.pipe)
             if arriving.buf is not None:
                 buffers.give(arriving.buf)
             if self.backend is not None:
@@ -561,7 +576,8 @@ class NBDConnection(asyncio.BufferedProtocol):
                 return False
             # A client that stalls mid-payload must not hold the loop, so the loop
             # takes what comes each time the socket is readable.
-            self._arriving = Arriving(req, cost, backend.stats.start())
+            pipe, dest = self._pipe_for(req)
+            self._arriving = Arriving(req, cost, backend.stats.start(), pipe, dest)
             if self._payload_fd < 0:
                 log.debug("%s: a big WRITE is spliced as its payload arrives", self.peer)
                 self._payload_fd = os.dup(self._fd)
@@ -594,9 +610,11 @@ class NBDConnection(asyncio.BufferedProtocol):
         if a is None or self.transport is None:
             return
         length = a.req.length
+        n = 0
         try:
             if a.buf is None:
-                a.got += self._pipe.fill_some(self._payload_fd, length - a.got)
+                n = a.pipe.fill_some(self._payload_fd, length - a.got)
+                a.got += n
             else:
                 a.got += splice.recv_some(self._payload_fd, a.buf[a.got - a.put :])
         except (OSError, EOFError) as e:
@@ -607,10 +625,18 @@ class NBDConnection(asyncio.BufferedProtocol):
             self.transport.abort()
             return
         if a.buf is None:
-            self._put_part(a)
+            if a.dest >= 0 and not n and a.got < length and splice.queued(self._payload_fd):
+                a.dest = -1  # the pipe is full before the payload is in: parts, after all
+            if a.dest < 0:
+                self._put_part(a)
         if a.got < length:
             return
         self._end_arriving()
+        if a.dest >= 0:
+            self._to_writer(a)
+            self._update_reading()
+            return
+        self._pipe_back(a.pipe)
         backend = self.backend
         assert backend is not None
         stats = backend.stats
@@ -634,6 +660,58 @@ class NBDConnection(asyncio.BufferedProtocol):
             stats.settle(t0)
         self._update_reading()
 
+    def _pipe_for(self, req: Request) -> tuple[PayloadPipe, int]:
+        """A pipe of the WRITE's own and where its writer thread writes it, or the
+        connection's pipe and -1 (the loop puts its parts)."""
+        backend = self.backend
+        assert backend is not None
+        if self._write_fd < 0 or self._pipes_out >= pipewriter.PIPES:
+            return self._pipe, -1
+        dest = backend.write_at(req.offset, req.length)
+        if dest < 0:
+            return self._pipe, -1
+        pipe = self._spare_pipes.pop() if self._spare_pipes else PayloadPipe()
+        if not pipe.open() or req.length > pipe.size:
+            pipe.close()
+            return self._pipe, -1
+        self._pipes_out += 1
+        return pipe, dest
+
+    def _pipe_back(self, pipe: PayloadPipe) -> None:
+        """A pipe of _pipe_for's, empty again (the connection's own stays where it is)."""
+        if pipe is self._pipe:
+            return
+        self._pipes_out -= 1
+        if self.transport is None or self.transport.is_closing():
+            pipe.close()
+        else:
+            self._spare_pipes.append(pipe)
+
+    def _to_writer(self, a: Arriving) -> None:
+        """The whole payload is in its pipe: the writer thread takes it from here."""
+        writer = self._writer
+        if writer is None:
+            loop = asyncio.get_running_loop()
+            writer = self._writer = PipeWriter(loop, self._write_fd, self._written)
+        writer.submit(PipeJob(a.req, a.cost, a.t0, a.pipe, a.dest))
+
+    def _written(self, jobs: list[PipeJob]) -> None:
+        """The writer thread's report: answer each WRITE it wrote, or failed to."""
+        backend = self.backend
+        for job in jobs:
+            self._pipe_back(job.pipe)
+            req = job.req
+            if job.err:
+                if backend is not None:
+                    backend.stats.fail("write", job.err, job.t0)
+                self._reply_error(req, job.err, job.message)
+            else:
+                if backend is not None:
+                    backend.stats.done("write", req.length, job.t0)
+                self.spliced += 1
+                self._write(simple_reply(req.cookie))
+            self._request_done(job.cost)
+
     def _put_part(self, a: Arriving) -> None:
         """Write the whole blocks that came of ``a``'s payload (all of it once it is in)."""
         end = a.part_end()
@@ -644,17 +722,17 @@ class NBDConnection(asyncio.BufferedProtocol):
         assert backend is not None
         offset = a.req.offset + a.put
         try:
-            if backend.try_pwrite_from(self._pipe.read_fd, offset, n, part=True):
+            if backend.try_pwrite_from(a.pipe.read_fd, offset, n, part=True):
                 a.put = end
                 return
         except RequestError as e:
             # The rest is received and dropped, to keep the stream in step.
             a.err = e
-            self._pipe.drain()
+            a.pipe.drain()
         rest = a.req.length - a.put
         a.buf = memoryview(buffers.take(a.req.length))[:rest]  # the pool's usual size
         if a.err is None:  # refused, not now: what the pipe holds is the rest's start
-            self._pipe.take_back(a.got - a.put, a.buf)
+            a.pipe.take_back(a.got - a.put, a.buf)
 
     def _end_arriving(self) -> Arriving | None:
         """Stop watching the socket for a payload; the Arriving that was, if any."""

@@ -140,9 +140,11 @@ def recv_some(sock_fd: int, view: memoryview) -> int:
 class Arriving:
     """A big WRITE whose payload was not all in the socket when its header came.
 
-    The payload is spliced into the pipe as it arrives, and each time the whole blocks
-    in the pipe are spliced on into the file (``put``), so the pipe never holds more
-    than what one wake-up brought. If the driver refuses a part (it is backing off, or
+    The payload is spliced into the pipe as it arrives. With a writer thread
+    (tapnbd.server.pipewriter) the pipe is the WRITE's own, and the whole payload goes
+    to the thread once it is in; else, or if the pipe fills first, each time the whole
+    blocks in the pipe are spliced on into the file by the loop (``put``), so the pipe
+    never holds more than what one wake-up brought. If the driver refuses a part (it is backing off, or
     the part is somewhere it must see the bytes), the rest of the payload is received
     into ``buf`` instead, and written the usual way once it is all in; if a part fails,
     the rest is received and dropped, and the WRITE answered with the error.
@@ -151,6 +153,8 @@ class Arriving:
     req: Request
     cost: int  # what _admit charged for it
     t0: int  # Stats.start() (0 with statistics off)
+    pipe: PayloadPipe  # the connection's, or one of its own for a writer thread
+    dest: int = -1  # for the writer thread: where in its file; -1: the loop puts parts
     got: int = 0  # payload bytes taken from the socket
     put: int = 0  # of those, written to the file
     buf: memoryview | None = None  # the rest, [put, length), once parts stop

@@ -28,7 +28,7 @@ from formats.qcow.check import check_qcow
 from formats.qcow.create import create_qcow
 from formats.qcow.driver import QcowDriver
 from tapnbd.protocol.transmission import RequestDecoder
-from tapnbd.server import splice
+from tapnbd.server import pipewriter, splice
 from tapnbd.server.connection import SPLICE_MIN, NBDConnection
 from tapnbd.server.splice import PART_ALIGN, PayloadPipe, queued
 from tests.server import rawclient as rc
@@ -117,6 +117,9 @@ def test_payloads_are_spliced_whole_or_as_they_arrive(
 
     def place() -> int:
         return rng.randrange(0, SIZE - PAYLOAD)
+
+    # The loop's own path: the writer thread's is the next test's.
+    monkeypatch.setattr(pipewriter, "ENABLED", False)
 
     async def main() -> None:
         reads, arrivals = Reads(monkeypatch), Arrivals(monkeypatch)
@@ -228,6 +231,113 @@ def test_payloads_are_spliced_whole_or_as_they_arrive(
         assert image.read_bytes() == bytes(expect)
 
     run(loop_factory, main)
+
+
+@pytest.mark.parametrize("loop_factory", loops())
+def test_arriving_payloads_are_written_by_the_connections_writer_thread(
+    loop_factory: Callable[[], asyncio.AbstractEventLoop],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Over a unix socket an arriving payload goes into a pipe of its own, and once it is
+    all in, a thread of the connection's own writes it (tapnbd.server.pipewriter) while
+    the loop reads on. If that pipe fills first, the loop writes the parts, as without
+    the thread. A failed write is answered with EIO, and the stream stays in step."""
+    rng, image, expect = seeded_disk(tmp_path)
+    cookies = iter(range(1, 1000))
+
+    def write(offset: int) -> tuple[int, bytes]:
+        cookie, data = next(cookies), rng.randbytes(PAYLOAD)
+        expect[offset : offset + PAYLOAD] = data
+        return cookie, header(rc.CMD_WRITE, cookie, offset, PAYLOAD) + data
+
+    def place() -> int:
+        return rng.randrange(0, SIZE - PAYLOAD)
+
+    async def main() -> None:
+        reads, arrivals = Reads(monkeypatch), Arrivals(monkeypatch)
+        served = await serve(image)
+        conn, driver, client = served.conn, served.driver, served.client
+        assert conn.decoder is not None
+        try:
+            # A WRITE received as usual, so that the next header is read alone.
+            cookie, req = write(place())
+            await send_split(client, reads, conn.decoder, req, 28 + 1000)
+            assert await client.reply(cookie) == (0, b"")
+            if driver._nowait_write:
+                pytest.skip("this file system takes RWF_NOWAIT writes: they stay pwrites")
+
+            # 1. Nothing reaches the file before the whole payload is in its pipe.
+            offset = place()
+            cookie, req = write(offset)
+            await send_arriving(client, conn, arrivals, req, [PAYLOAD // 3], rest=False)
+            a = conn._arriving
+            assert a is not None and a.dest == offset and a.pipe is not conn._pipe
+            assert a.put == 0 and os.pread(driver.fd, a.got, offset) != req[28 : 28 + a.got]
+            client.queue(req[28 + PAYLOAD // 3 :])
+            assert await client.reply(cookie) == (0, b"")
+            assert conn._writer is not None and conn.spliced == 1 and conn._pipes_out == 0
+
+            # 2. More of them, cut at random: each pipe is used again.
+            for _ in range(4):
+                cookie, req = write(place())
+                await send_arriving(client, conn, arrivals, req, [rng.randrange(1, PAYLOAD)])
+                assert await client.reply(cookie) == (0, b"")
+            assert conn.spliced == 5 and conn._pipes_out == 0
+            assert len(conn._spare_pipes) == 1
+
+            # 3. The pipe is full before the payload is in: the loop puts the parts.
+            real_fill = PayloadPipe.fill_some
+            full = [True]
+
+            def fill_some(pipe: PayloadPipe, sock_fd: int, want: int) -> int:
+                if pipe is not conn._pipe and full and queued(sock_fd):
+                    full.clear()
+                    return 0
+                return real_fill(pipe, sock_fd, want)
+
+            monkeypatch.setattr(PayloadPipe, "fill_some", fill_some)
+            offset = place()
+            cookie, req = write(offset)
+            await send_arriving(client, conn, arrivals, req, [PAYLOAD // 3], rest=False)
+            a = conn._arriving
+            assert not full and a is not None and a.dest == -1 and a.put > 0
+            assert os.pread(driver.fd, a.put, offset) == req[28 : 28 + a.put]
+            client.queue(req[28 + PAYLOAD // 3 :])
+            assert await client.reply(cookie) == (0, b"")
+            assert conn.spliced == 6 and conn._pipes_out == 0
+
+            # 4. The thread's write fails (its descriptor is read-only): EIO once the
+            # payload is all in, and the pipe is emptied for the next one.
+            conn._writer.stop()
+            conn._writer, conn._write_fd = None, os.open(image, os.O_RDONLY)
+            failed = place()
+            cookie = next(cookies)
+            req = header(rc.CMD_WRITE, cookie, failed, PAYLOAD) + rng.randbytes(PAYLOAD)
+            await send_arriving(client, conn, arrivals, req, [PAYLOAD // 2])
+            error, _ = await client.reply(cookie)
+            os.close(conn._write_fd)
+            assert error == errno.EIO
+            cookie = next(cookies)
+            client.queue(header(rc.CMD_READ, cookie, failed, PAYLOAD))
+            assert await client.reply(cookie, PAYLOAD) == (
+                0,
+                bytes(expect[failed : failed + PAYLOAD]),
+            )
+            assert conn._pipes_out == 0 and all(queued_in(p) == 0 for p in conn._spare_pipes)
+            assert served.server.budget.used == conn.payload == 0
+
+            await read_back(client, cookies, expect)
+        finally:
+            await served.close()
+        assert image.read_bytes() == bytes(expect)
+
+    run(loop_factory, main)
+
+
+def queued_in(pipe: PayloadPipe) -> int:
+    """Bytes waiting in ``pipe`` (FIONREAD works on pipes as on sockets)."""
+    return queued(pipe.read_fd)
 
 
 @pytest.mark.parametrize("loop_factory", loops())
