@@ -18,6 +18,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -47,6 +48,24 @@ def seeded_disk(tmp_path: Path) -> tuple[random.Random, Path, bytearray]:
     image = tmp_path / "disk.raw"
     image.write_bytes(bytes(SIZE))
     return random.Random(seed), image, bytearray(SIZE)
+
+
+@dataclass
+class Writes:
+    """WRITEs of PAYLOAD random bytes at random places, ``expect`` kept as the disk reads."""
+
+    rng: random.Random
+    expect: bytearray
+    cookies: Iterator[int] = field(default_factory=lambda: iter(range(1, 1000)))
+
+    def write(self, offset: int) -> tuple[int, bytes]:
+        """A cookie and the whole request: header and payload."""
+        cookie, data = next(self.cookies), self.rng.randbytes(PAYLOAD)
+        self.expect[offset : offset + PAYLOAD] = data
+        return cookie, header(rc.CMD_WRITE, cookie, offset, PAYLOAD) + data
+
+    def place(self) -> int:
+        return self.rng.randrange(0, SIZE - PAYLOAD)
 
 
 async def read_back(client: Client, cookies: Iterator[int], expect: bytearray) -> None:
@@ -108,15 +127,8 @@ def test_payloads_are_spliced_whole_or_as_they_arrive(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     rng, image, expect = seeded_disk(tmp_path)
-    cookies = iter(range(1, 1000))
-
-    def write(offset: int) -> tuple[int, bytes]:
-        cookie, data = next(cookies), rng.randbytes(PAYLOAD)
-        expect[offset : offset + PAYLOAD] = data
-        return cookie, header(rc.CMD_WRITE, cookie, offset, PAYLOAD) + data
-
-    def place() -> int:
-        return rng.randrange(0, SIZE - PAYLOAD)
+    writes = Writes(rng, expect)
+    write, place, cookies = writes.write, writes.place, writes.cookies
 
     # The loop's own path: the writer thread's is the next test's.
     monkeypatch.setattr(pipewriter, "ENABLED", False)
@@ -244,15 +256,8 @@ def test_arriving_payloads_are_written_by_the_connections_writer_thread(
     the loop reads on. If that pipe fills first, the loop writes the parts, as without
     the thread. A failed write is answered with EIO, and the stream stays in step."""
     rng, image, expect = seeded_disk(tmp_path)
-    cookies = iter(range(1, 1000))
-
-    def write(offset: int) -> tuple[int, bytes]:
-        cookie, data = next(cookies), rng.randbytes(PAYLOAD)
-        expect[offset : offset + PAYLOAD] = data
-        return cookie, header(rc.CMD_WRITE, cookie, offset, PAYLOAD) + data
-
-    def place() -> int:
-        return rng.randrange(0, SIZE - PAYLOAD)
+    writes = Writes(rng, expect)
+    write, place, cookies = writes.write, writes.place, writes.cookies
 
     async def main() -> None:
         reads, arrivals = Reads(monkeypatch), Arrivals(monkeypatch)
