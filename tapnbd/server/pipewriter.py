@@ -59,12 +59,10 @@ class PipeWriter:
         self._queue: queue.SimpleQueue[PipeJob | None] = queue.SimpleQueue()
         self._finished: deque[PipeJob] = deque()
         self._woken = False
-        self.pending = 0  # queued and not yet reported
         self._thread = threading.Thread(target=self._run, name="tapnbd-pipewriter", daemon=True)
         self._thread.start()
 
     def submit(self, job: PipeJob) -> None:
-        self.pending += 1
         self._queue.put(job)
 
     def stop(self) -> None:
@@ -96,7 +94,6 @@ class PipeWriter:
         jobs = []
         while self._finished:
             jobs.append(self._finished.popleft())
-        self.pending -= len(jobs)
         if jobs:
             self._done(jobs)
 

@@ -144,10 +144,11 @@ class Arriving:
     (tapnbd.server.pipewriter) the pipe is the WRITE's own, and the whole payload goes
     to the thread once it is in; else, or if the pipe fills first, each time the whole
     blocks in the pipe are spliced on into the file by the loop (``put``), so the pipe
-    never holds more than what one wake-up brought. If the driver refuses a part (it is backing off, or
-    the part is somewhere it must see the bytes), the rest of the payload is received
-    into ``buf`` instead, and written the usual way once it is all in; if a part fails,
-    the rest is received and dropped, and the WRITE answered with the error.
+    never holds more than what one wake-up brought. If the driver refuses a part (it is
+    backing off, or the part is somewhere it must see the bytes), the rest of the
+    payload is received into ``buf`` instead, and written the usual way once it is all
+    in; if a part fails, the rest is received and dropped, and the WRITE answered with
+    the error.
     """
 
     req: Request
