@@ -564,6 +564,10 @@ class NBDConnection(asyncio.BufferedProtocol):
             # (The usual path answers ESHUTDOWN; _validate's other WRITE checks are of
             # flags, none here, and of a read-only export, never offered.)
             return False
+        if req.offset + length > backend.size:
+            # "The server SHOULD return ENOSPC" for a write past the end, and writes none
+            # of it: the usual path checks the whole range before any byte goes down.
+            return False
         if not pipe.open() or length > pipe.size:
             return False
         if splice.queued(self._fd) < length:

@@ -312,7 +312,20 @@ def test_arriving_payloads_are_written_by_the_connections_writer_thread(
             assert await client.reply(cookie) == (0, b"")
             assert conn.spliced == 6 and conn._pipes_out == 0
 
-            # 4. The thread's write fails (its descriptor is read-only): EIO once the
+            # 4. A WRITE that runs past the end of the disk is spliced by nobody: the
+            # usual path answers ENOSPC and writes none of it (the parts inside the
+            # disk were written before, by the loop's path).
+            cookie = next(cookies)
+            past = SIZE - PAYLOAD // 2
+            req = header(rc.CMD_WRITE, cookie, past, PAYLOAD) + rng.randbytes(PAYLOAD)
+            decoder = conn.decoder
+            client.queue(req[: 28 + PAYLOAD // 3])  # its header read alone, as above
+            await reads.until(lambda: decoder.taken() is not None)
+            client.queue(req[28 + PAYLOAD // 3 :])
+            assert (await client.reply(cookie))[0] == errno.ENOSPC
+            assert os.path.getsize(image) == SIZE and conn._pipes_out == 0
+
+            # 5. The thread's write fails (its descriptor is read-only): EIO once the
             # payload is all in, and the pipe is emptied for the next one.
             conn._writer.stop()
             conn._writer, conn._write_fd = None, os.open(image, os.O_RDONLY)
