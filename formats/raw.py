@@ -108,6 +108,17 @@ def pwrite_all(fd: int, data: bytes | memoryview, offset: int, flags: int = 0) -
         view, offset = view[n:], offset + n
 
 
+def splice_all(pipe: int, fd: int, offset: int, length: int) -> None:
+    """The next ``length`` bytes of ``pipe`` into ``fd`` at ``offset``; the caller put
+    at least that many into the pipe."""
+    end = offset + length
+    while offset < end:
+        n = os.splice(pipe, fd, end - offset, offset_dst=offset)
+        if n == 0:
+            raise OSError(errno.EIO, "the pipe ran dry")
+        offset += n
+
+
 #: File types by ``stat.S_IFMT``, for refusals that say what the path was.
 _FILE_TYPES = {
     stat.S_IFDIR: "a directory",
@@ -359,12 +370,7 @@ class RawDriver(Driver):
         if self._nowait_write or (t0 := time.monotonic()) < self._inline_after:
             return False  # as pwrite_nowait
         before = voluntary_switches() if t0 < self._probe_until else -1
-        end = offset + length
-        while offset < end:
-            n = os.splice(pipe, self.fd, end - offset, offset_dst=offset)
-            if n == 0:
-                raise OSError(errno.EIO, "the pipe ran dry")  # the caller filled it
-            offset += n
+        splice_all(pipe, self.fd, offset, length)
         if (t1 := time.monotonic()) - t0 > SLOW_WRITE:
             self._slow_write(t1, before >= 0 and voluntary_switches() != before)
         return True

@@ -16,7 +16,6 @@ one wake-up of the loop for all that finished meanwhile.
 from __future__ import annotations
 
 import asyncio
-import errno
 import os
 import queue
 import threading
@@ -24,6 +23,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from formats.raw import splice_all
 from tapnbd.backend import request_errno
 from tapnbd.protocol.transmission import Request
 from tapnbd.server.splice import PayloadPipe
@@ -74,7 +74,7 @@ class PipeWriter:
         try:
             while (job := self._queue.get()) is not None:
                 try:
-                    _splice_all(job.pipe.read_fd, fd, job.dest, job.req.length)
+                    splice_all(job.pipe.read_fd, fd, job.dest, job.req.length)
                 except OSError as e:
                     job.err, job.message = request_errno(e), str(e)
                     job.pipe.drain()  # the next payload starts in an empty pipe
@@ -96,12 +96,3 @@ class PipeWriter:
             jobs.append(self._finished.popleft())
         if jobs:
             self._done(jobs)
-
-
-def _splice_all(pipe: int, fd: int, offset: int, length: int) -> None:
-    end = offset + length
-    while offset < end:
-        n = os.splice(pipe, fd, end - offset, offset_dst=offset)
-        if n == 0:
-            raise OSError(errno.EIO, "the pipe ran dry")  # the loop filled it
-        offset += n
